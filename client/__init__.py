@@ -1,0 +1,1 @@
+"""Partner side: the ClientApp (local DP-SGD training and evaluation)."""

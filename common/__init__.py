@@ -1,0 +1,1 @@
+"""Code shared by server, client and simulations: data, models, metrics, privacy math."""

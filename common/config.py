@@ -1,0 +1,80 @@
+"""Run configuration: the defaults of ``[tool.flwr.app.config]`` and their validation.
+
+``pyproject.toml`` is the source users edit; this mirror exists because Flower's
+``run_simulation`` hands apps an empty ``run_config``. A test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    # Federation
+    "num-server-rounds": 5,
+    "fraction-train": 1.0,
+    "min-nodes": 2,
+    "round-timeout": 600.0,
+    "seed": 42,
+    # Data
+    "dataset": "synthetic",
+    "partitioning": "iid",
+    "synthetic-users": 1000,
+    "synthetic-items": 300,
+    "max-seq-len": 50,
+    # Model
+    "model": "sasrec",
+    "embedding-dim": 64,
+    "num-blocks": 2,
+    "num-heads": 1,
+    "dropout": 0.2,
+    "tied-output": False,
+    # Local training
+    "local-epochs": 2,
+    "batch-size": 64,
+    "learning-rate": 0.002,
+    "device": "auto",
+    # DP-SGD
+    "dp": True,
+    "target-epsilon": 8.0,
+    "target-delta": 0.0,
+    "max-grad-norm": 1.0,
+    "accountant": "rdp",
+    "grad-sample-mode": "auto",
+    # Evaluation
+    "top-k": 10,
+    # Output
+    "run-dir": "runs",
+    "run-name": "",
+}
+
+
+def resolve_config(run_config: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then ``run_config`` (from Flower), then ``overrides``; unknown keys are an error."""
+    cfg = dict(DEFAULTS)
+    for source in (run_config or {}), (overrides or {}):
+        for key, value in source.items():
+            if key not in DEFAULTS:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
+            cfg[key] = _coerce(key, value)
+    return cfg
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = DEFAULTS[key]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r} is not a valid {type(default).__name__}") from None

@@ -1,0 +1,17 @@
+"""Errors a user can cause, each rendered as one clear line."""
+
+
+class FedRecError(Exception):
+    """Base class for errors caused by input or configuration, not by a bug."""
+
+
+class DataError(FedRecError):
+    """An interaction log, catalogue or partition cannot be used; the message names the file and the problem."""
+
+
+class ConfigError(FedRecError):
+    """A run-config or node-config value is invalid; the message names the key."""
+
+
+class PrivacyError(FedRecError):
+    """A privacy precondition fails (budget exhausted, too few users for the target epsilon)."""

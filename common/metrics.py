@@ -1,0 +1,86 @@
+"""Full-ranking evaluation: HR@K and NDCG@K over the whole catalogue, history excluded.
+
+Every catalogue item except padding and the items already in the user's history is a
+candidate (the held-out target stays a candidate even if it was seen before). A target's
+rank is the number of candidates with a strictly higher score. Sums and counts are
+returned so that partners' results combine into exactly the all-users figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from common.data.sequences import SequenceData
+
+
+def pad_left(histories: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
+    """Left-pad (with item 0) or truncate to the last ``max_len`` items."""
+    out = np.zeros((len(histories), max_len), dtype=np.int64)
+    for row, h in enumerate(histories):
+        h = h[-max_len:]
+        if len(h):
+            out[row, -len(h):] = h
+    return torch.from_numpy(out)
+
+
+def target_ranks(scores: torch.Tensor, histories: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each target among candidates (catalogue minus padding and history)."""
+    scores = scores.detach().float().clone()
+    t = torch.as_tensor(targets, dtype=torch.long)
+    rows = torch.arange(len(t))
+    target_scores = scores[rows, t].clone()  # kept: a target seen before is still a candidate
+    scores[:, 0] = float("-inf")
+    for row, h in enumerate(histories):
+        if len(h):
+            scores[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
+    return (scores > target_scores.unsqueeze(1)).sum(dim=1).cpu().numpy()
+
+
+def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
+    """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means."""
+    out: dict[str, float] = {"num-users": float(len(ranks))}
+    for k in ks:
+        hit = ranks < k
+        out[f"hit@{k}-sum"] = float(hit.sum())
+        out[f"ndcg@{k}-sum"] = float((hit / np.log2(ranks + 2.0)).sum())
+    return out
+
+
+def means_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Turn combined sums into HR@K/NDCG@K means."""
+    n = sums.get("num-users", 0.0)
+    out = {}
+    for key, value in sums.items():
+        if key.endswith("-sum"):
+            name = key[: -len("-sum")].replace("hit@", "hr@")
+            out[name] = value / n if n else 0.0
+    return out
+
+
+@torch.no_grad()
+def evaluate_ranking(
+    model: torch.nn.Module,
+    data: SequenceData,
+    *,
+    split: str = "test",
+    max_len: int = 50,
+    ks: Sequence[int] = (10,),
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Ranking sums (see :func:`ranking_sums`) of ``model`` on ``data``'s ``split`` targets."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    histories, targets = data.eval_cases(split)
+    ranks = []
+    for start in range(0, len(targets), batch_size):
+        h = histories[start:start + batch_size]
+        seq = pad_left(h, max_len).to(device)
+        scores = model.score(seq).cpu()
+        ranks.append(target_ranks(scores, h, targets[start:start + batch_size]))
+    if was_training:
+        model.train()
+    return ranking_sums(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), ks)

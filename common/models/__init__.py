@@ -1,0 +1,24 @@
+"""Recommenders: plain ``nn.Module``s with ``score(histories) -> scores over the catalogue``."""
+
+from common.models.popularity import Popularity
+from common.models.sasrec import SASRec
+
+__all__ = ["Popularity", "SASRec", "build_model"]
+
+
+def build_model(config: dict, num_items: int) -> SASRec:
+    """The recommender named by ``config['model']`` for a catalogue of ``num_items``."""
+    from common.errors import ConfigError
+
+    name = config["model"]
+    if name == "sasrec":
+        return SASRec(
+            num_items,
+            max_len=int(config["max-seq-len"]),
+            dim=int(config["embedding-dim"]),
+            num_blocks=int(config["num-blocks"]),
+            num_heads=int(config["num-heads"]),
+            dropout=float(config["dropout"]),
+            tied_output=bool(config["tied-output"]),
+        )
+    raise ConfigError(f"model = {name!r} is unknown; available: sasrec")

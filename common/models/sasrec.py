@@ -1,0 +1,110 @@
+"""SASRec: a causal self-attention sequential recommender written for Opacus.
+
+Attention is built from ``nn.Linear``/``nn.LayerNorm`` (Opacus rejects
+``nn.MultiheadAttention`` and ``DPMultiheadAttention`` has no causal mask). The output
+layer is tied to the item embedding through an ``nn.Linear`` that *shares the embedding's
+Parameter*, so both uses go through modules Opacus hooks see: Opacus accumulates the two
+per-sample gradient contributions of the shared weight (checked in
+``tests/test_per_sample_gradients.py`` against one-user-at-a-time back-propagation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention from plain linear layers."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding-dim {dim} must be divisible by num-heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h)
+        att = att.masked_fill(~allowed[:, None], float("-inf"))
+        att = self.dropout(torch.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        return self.out(y)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + feed-forward block with residual connections."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, dim)
+        self.ff2 = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), allowed))
+        return x + self.dropout(self.ff2(self.dropout(torch.relu(self.ff1(self.norm2(x))))))
+
+
+class SASRec(nn.Module):
+    """Scores the whole catalogue after each position of a left-padded item sequence.
+
+    Item index 0 is padding. ``forward(seq)`` returns logits of shape (batch, length,
+    num_items + 1); column 0 is never a valid target.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        max_len: int = 50,
+        dim: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        tied_output: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.max_len = max_len
+        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, dim)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_blocks))
+        self.final_norm = nn.LayerNorm(dim)
+        self.output = nn.Linear(dim, num_items + 1, bias=False)
+        self.tied_output = tied_output
+        nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
+        if tied_output:
+            self.output.weight = self.item_emb.weight  # one Parameter, two modules
+
+    def hidden(self, seq: torch.Tensor) -> torch.Tensor:
+        b, t = seq.shape
+        pad = seq == 0
+        positions = torch.arange(t, device=seq.device).expand(b, t).contiguous()
+        x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
+        x = self.emb_dropout(x) * (~pad).unsqueeze(-1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=seq.device).tril()
+        # Keys: earlier non-padding positions; every query may see itself so no row is empty.
+        allowed = (causal & ~pad[:, None, :]) | torch.eye(t, dtype=torch.bool, device=seq.device)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_norm(x)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(seq))
+
+    @torch.no_grad()
+    def score(self, histories: torch.Tensor) -> torch.Tensor:
+        """Scores over item indices 0..V for the next item after each left-padded history."""
+        return self.output(self.hidden(histories)[:, -1])

@@ -1,0 +1,60 @@
+"""What a round needs on either side: the federation's data set, one partner's data, a fresh model.
+
+Data is loaded and partitioned once per process (cached), not once per round.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.data.loaders import load_interactions, resolve_data_path
+from common.data.partition import load_partition
+from common.data.sequences import SequenceData, build_sequences
+from common.data.synthetic import generate_synthetic
+from common.errors import ConfigError
+from common.models import build_model
+
+
+@functools.lru_cache(maxsize=4)
+def _federation_data(dataset: str, users: int, items: int, seed: int) -> SequenceData:
+    if dataset == "synthetic":
+        return build_sequences(generate_synthetic(num_users=users, num_items=items, seed=seed), name="synthetic")
+    return build_sequences(load_interactions(dataset), name=str(resolve_data_path(dataset)))
+
+
+def federation_data(cfg: Mapping[str, Any]) -> SequenceData:
+    """The whole data set a simulation partitions (``dataset`` = ``synthetic`` or a path)."""
+    return _federation_data(str(cfg["dataset"]), int(cfg["synthetic-users"]), int(cfg["synthetic-items"]), int(cfg["seed"]))
+
+
+def catalogue(cfg: Mapping[str, Any]) -> np.ndarray:
+    """The ordered item ids the federation agreed on (derived from the data set in simulation)."""
+    return federation_data(cfg).catalogue
+
+
+@functools.lru_cache(maxsize=16)
+def _partner_log(path: str, catalogue_key: tuple[str, ...]) -> SequenceData:
+    return build_sequences(load_interactions(path), np.array(catalogue_key, dtype=str))
+
+
+def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> SequenceData:
+    """One partner's users: its own log (``data-path`` in node config) or a simulated partition."""
+    if node_config.get("data-path"):
+        return _partner_log(str(node_config["data-path"]), tuple(catalogue(cfg).tolist()))
+    try:
+        pid = int(node_config["partition-id"])
+        n = int(node_config["num-partitions"])
+    except (KeyError, ValueError):
+        raise ConfigError("node config needs data-path (a partner's log) or partition-id and num-partitions (simulation)") from None
+    return load_partition(federation_data(cfg), pid, n, scheme=str(cfg["partitioning"]), seed=int(cfg["seed"]))
+
+
+def new_model(cfg: Mapping[str, Any], num_items: int) -> torch.nn.Module:
+    """A freshly initialised model, identical for the same seed on every machine."""
+    torch.manual_seed(int(cfg["seed"]))
+    return build_model(dict(cfg), num_items)

@@ -1,0 +1,169 @@
+"""Local training of a sequential recommender, plain or with Opacus DP-SGD (one sample = one user)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.data.sequences import SequenceData
+from common.errors import PrivacyError
+from common.metrics import pad_left
+from common.privacy import Mechanism
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when available (or requested), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class SequenceLoss(nn.Module):
+    """Full-softmax cross-entropy of next-item prediction, averaged over each user's positions.
+
+    ``reduction="none"`` gives one loss per user (shape ``(batch,)``), which is what
+    Opacus' ghost clipping needs for a per-user clipping unit.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        b, t, v = logits.shape
+        ce = nn.functional.cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t), ignore_index=0, reduction="none")
+        valid = (targets != 0).sum(dim=1).clamp(min=1)
+        per_user = ce.view(b, t).sum(dim=1) / valid
+        if self.reduction == "none":
+            return per_user
+        if self.reduction == "sum":
+            return per_user.sum()
+        return per_user.mean()
+
+
+def training_pairs(data: SequenceData, max_len: int) -> TensorDataset:
+    """One (input, target) pair per user with at least two training items: inputs are the
+    history shifted by one, left-padded to ``max_len``."""
+    histories = [h[-(max_len + 1):] for h in data.train_sequences() if len(h) >= 2]
+    inputs = pad_left([h[:-1] for h in histories], max_len)
+    targets = pad_left([h[1:] for h in histories], max_len)
+    return TensorDataset(inputs, targets)
+
+
+@dataclass
+class DPSettings:
+    """DP-SGD parameters of one training call (units: noise as a multiple of the clip norm)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+    grad_sample_mode: str = "auto"  # auto | hooks | ghost
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    num_examples: int
+    mechanisms: list[Mechanism]  # what this call spent; append to the ledger
+    seconds: float
+
+
+def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
+    """``auto``: ghost clipping unless the model ties weights across modules.
+
+    NOTE: Opacus' ghost clipping sums per-layer norms, which is wrong for one Parameter
+    used by two modules (the tied SASRec output layer); hooks mode accumulates the
+    per-sample gradients of both uses correctly.
+    """
+    if requested != "auto":
+        return requested
+    return "hooks" if getattr(model, "tied_output", False) else "ghost"
+
+
+def train_local(
+    model: nn.Module,
+    data: SequenceData,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_len: int,
+    dp: DPSettings | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
+
+    With ``dp``, each step Poisson-samples users (expected ``batch_size``), clips each
+    user's gradient to ``max_grad_norm`` and adds Gaussian noise; ``mechanisms`` lists
+    (noise_multiplier, sample_rate, steps) for the privacy ledger.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    dataset = training_pairs(data, max_len)
+    if len(dataset) == 0:
+        raise PrivacyError(f"{data.name}: no user has two or more training interactions")
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    criterion: nn.Module = SequenceLoss()
+    hooks = None
+    engine = None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
+            engine = PrivacyEngine(accountant=dp.accountant)
+            prepared = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
+            )
+        if mode == "ghost":
+            hooks, optimizer, criterion, loader = prepared
+        else:
+            hooks, optimizer, loader = prepared
+    total, batches, steps = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            for inputs, targets in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if len(inputs) == 0:  # an empty Poisson batch still counts as a noisy step
+                    optimizer.step()
+                    steps += 1
+                    continue
+                inputs, targets = inputs.to(device), targets.to(device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = criterion(model(inputs), targets)
+                    loss.backward()
+                optimizer.step()
+                total += float(loss.item())
+                batches += 1
+                steps += 1
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+    mechanisms = [tuple(m) for m in engine.accountant.history] if engine is not None else []
+    model.eval()
+    return TrainResult(
+        loss=total / max(batches, 1),
+        steps=steps,
+        num_examples=len(dataset),
+        mechanisms=[(float(s), float(q), int(n)) for s, q, n in mechanisms],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def user_count_for_training(data: SequenceData) -> int:
+    """Users that contribute a training example (the DP population size)."""
+    return int(np.sum([len(h) >= 2 for h in data.train_sequences()]))

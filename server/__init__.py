@@ -1,0 +1,1 @@
+"""Coordinator side: the ServerApp (strategy, evaluation aggregation, run reports)."""

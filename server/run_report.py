@@ -1,0 +1,147 @@
+"""The run directory: config.json, metrics.jsonl (one line per round), model.pt, summary.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from common.metrics import means_from_sums
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename so that a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
+    """A fresh directory under ``base`` named ``name`` or a timestamp (never reused)."""
+    stem = name or time.strftime("%Y%m%d-%H%M%S")
+    root = Path(base)
+    path = root / stem
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stem}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+class RunRecorder:
+    """Collects each round's aggregated train and evaluation metrics and writes the run directory.
+
+    Its two aggregation functions plug into any ``flwr.serverapp.strategy`` strategy;
+    ``end_round`` plugs in as ``evaluate_fn`` (Flower calls it after every round).
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], catalogue: np.ndarray, top_k: int = 10) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.catalogue = catalogue
+        self.top_k = top_k
+        self.rounds: list[dict[str, Any]] = []
+        self._train: dict[str, float] = {}
+        self._eval: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    # -- plugged into the strategy ---------------------------------------------------------
+    def aggregate_train_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Example-weighted mean loss; the worst (largest) epsilon over partners; summed examples."""
+        metrics = [next(iter(c.metric_records.values())) for c in contents if c.metric_records]
+        weights = np.array([float(m.get(weight_key, 0)) for m in metrics])
+        total = float(weights.sum())
+        losses = np.array([float(m.get("train-loss", 0.0)) for m in metrics])
+        out = {
+            "train-loss": float((losses * weights).sum() / total) if total else 0.0,
+            "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),
+            "delta": max((float(m.get("delta", 0.0)) for m in metrics), default=0.0),
+            "num-examples": total,
+            "num-partners": float(len(metrics)),
+        }
+        self._train = out
+        return MetricRecord(out)
+
+    def aggregate_evaluate_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Sum the partners' ranking sums and counts: the result equals evaluating all users at once."""
+        sums: dict[str, float] = {}
+        for c in contents:
+            for record in c.metric_records.values():
+                for key, value in record.items():
+                    if key.endswith("-sum") or key == "num-users":
+                        sums[key] = sums.get(key, 0.0) + float(value)
+        out = {**means_from_sums(sums), "num-users": sums.get("num-users", 0.0)}
+        self._eval = out
+        return MetricRecord(out)
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Log one JSON line and a readable line per round; keep the latest global model."""
+        if server_round == 0:
+            return None
+        k = self.top_k
+        line = {
+            "round": server_round,
+            f"hr@{k}": self._eval.get(f"hr@{k}"),
+            f"ndcg@{k}": self._eval.get(f"ndcg@{k}"),
+            "epsilon": self._train.get("epsilon"),
+            "delta": self._train.get("delta"),
+            "train-loss": self._train.get("train-loss"),
+            "num-partners": self._train.get("num-partners"),
+            "eval-users": self._eval.get("num-users"),
+            "seconds": round(time.perf_counter() - self._t0, 2),
+        }
+        self.rounds.append(line)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self.save_model(arrays)
+        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f  epsilon %.3f (delta %.2g)  loss %.4f",
+            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0,
+            line["epsilon"] or 0.0, line["delta"] or 0.0, line["train-loss"] or 0.0)
+        self._train, self._eval = {}, {}
+        return None
+
+    # -- outputs -----------------------------------------------------------------------------
+    def save_model(self, arrays: ArrayRecord) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"state_dict": arrays.to_torch_state_dict(), "catalogue": self.catalogue.tolist(),
+                    "config": self.config}, buf)
+        atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
+
+    def write_summary(self) -> Path:
+        k = self.top_k
+        last = self.rounds[-1] if self.rounds else {}
+        cfg = self.config
+        if cfg.get("dp"):
+            guarantee = (f"Each partner's training is ({last.get('epsilon', 0):.3f}, {last.get('delta', 0):.2g})-DP "
+                         "for any one of its users' whole interaction history (user-level DP-SGD; worst partner shown).")
+        else:
+            guarantee = "No differential privacy: the released model carries no formal guarantee (dp = false)."
+        text = "\n".join([
+            f"# Run {self.run_dir.name}",
+            "",
+            guarantee,
+            "",
+            f"- data: {cfg.get('dataset')}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
+            f"- final HR@{k}: {last.get(f'hr@{k}') or 0:.4f}, NDCG@{k}: {last.get(f'ndcg@{k}') or 0:.4f} "
+            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users)",
+            f"- wall time: {last.get('seconds', 0):.1f} s",
+            "",
+        ])
+        path = self.run_dir / "summary.md"
+        path.write_text(text)
+        return path

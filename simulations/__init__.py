@@ -1,0 +1,1 @@
+"""Researcher tools: run, sweep, audit and benchmarks on Flower's simulation engine."""
