@@ -1,0 +1,39 @@
+"""Shared fixtures: small data sets, the shared MovieLens folder, Flower's environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simulations.flower_env import set_flower_env
+
+set_flower_env()
+
+# Real MovieLens data lives outside the repository (never copied in): ../shared/data by default.
+SHARED_DATA = Path(os.environ.get("FEDREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    path = SHARED_DATA / "ml-100k"
+    if not (path / "u.data").is_file():
+        pytest.skip(f"MovieLens 100K not found at {path} (set FEDREC_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml1m_dir() -> Path:
+    path = SHARED_DATA / "ml-1m"
+    if not (path / "ratings.users_1-2999.dat").is_file():
+        pytest.skip(f"partial MovieLens 1M not found at {path} (set FEDREC_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """A small deterministic synthetic data set (200 users, 60 items)."""
+    from common.data import build_sequences, generate_synthetic
+
+    return build_sequences(generate_synthetic(num_users=200, num_items=60, mean_length=15, seed=3), name="small")
