@@ -15,3 +15,11 @@ class ConfigError(FedRecError):
 
 class PrivacyError(FedRecError):
     """A privacy precondition fails (budget exhausted, too few users for the target epsilon)."""
+
+
+class FederationError(FedRecError):
+    """A round cannot proceed: too few partners connected in time, or too few valid updates."""
+
+
+class CheckpointError(FedRecError):
+    """A checkpoint is missing, corrupt, or belongs to a different model, catalogue or config."""

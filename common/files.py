@@ -1,0 +1,75 @@
+"""Private local files: ledgers, checkpoints and stores readable by their owner only (mode 0600).
+
+A partner's ledger or a coordinator's checkpoint says something about the data it was
+computed from, so nothing here is ever created world- or group-readable, not even for
+the instant between creation and a later ``chmod``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+PRIVATE_FILE_MODE = 0o600  # owner read/write only
+PRIVATE_DIR_MODE = 0o700  # owner only
+
+
+def write_private_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (write-then-rename) with mode 0600.
+
+    The temporary file is created with ``O_EXCL`` and mode 0600 in the same folder, synced
+    to disk and renamed over ``path``; a crash leaves either the old file or the new one,
+    never a mix. Returns ``path``.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, PRIVATE_FILE_MODE)  # the umask may have removed bits, never added: make it exact
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(target.parent)
+    return target
+
+
+def ensure_private(path: str | os.PathLike) -> Path:
+    """Restrict an existing file to 0600 (a folder to 0700); e.g. after SQLite created a ledger.
+
+    A path that does not exist yet is created empty with mode 0600, so that a store opened
+    afterwards (SQLite, ``open(..., "a")``) inherits the mode instead of the umask's.
+    """
+    p = Path(path)
+    if p.is_dir():
+        os.chmod(p, PRIVATE_DIR_MODE)
+    elif p.exists():
+        os.chmod(p, PRIVATE_FILE_MODE)
+    else:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    return p
+
+
+def is_private(path: str | os.PathLike) -> bool:
+    """True when neither the group nor others have any permission on ``path``."""
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+
+
+def _sync_folder(folder: Path) -> None:
+    # NOTE: the rename itself is durable only once the folder entry is synced (POSIX).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
