@@ -21,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     # Data
     "dataset": "synthetic",
     "partitioning": "iid",
+    "dirichlet-alpha": 0.5,
+    "size-skew-power": 2.0,
+    "holdout-fraction": 0.0,
     "synthetic-users": 1000,
     "synthetic-items": 300,
     "max-seq-len": 50,
@@ -31,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "num-heads": 1,
     "dropout": 0.2,
     "tied-output": False,
+    "mf-fold-in-steps": 20,
+    "mf-l2": 0.001,
     # Local training
     "local-epochs": 2,
     "batch-size": 64,
@@ -43,11 +48,27 @@ DEFAULTS: dict[str, Any] = {
     "max-grad-norm": 1.0,
     "accountant": "rdp",
     "grad-sample-mode": "auto",
+    # Privacy mode, ledger, central DP (client/privacy_budget.py, server/central_dp.py)
+    "dp-mode": "local",
+    "ledger-dir": "",
+    "central-noise-multiplier": 1.0,
+    "central-clipping-norm": 1.0,
+    "central-clipping": "server",
     # Evaluation
     "top-k": 10,
     # Output
     "run-dir": "runs",
     "run-name": "",
+    # Reliability (server/validation.py, server/checkpoint.py, server/strategy_factory.py)
+    "aggregation": "fedavg",
+    "proximal-mu": 0.0,
+    "server-learning-rate": 0.01,
+    "trim-fraction": 0.2,
+    "num-malicious-nodes": 0,
+    "max-update-norm": 100.0,
+    "max-num-examples": 1000000,
+    "node-wait-timeout": 300.0,
+    "resume": False,
 }
 
 

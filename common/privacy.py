@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -17,6 +18,9 @@ from opacus.accountants.utils import get_noise_multiplier
 from common.errors import ConfigError, PrivacyError
 
 ACCOUNTANTS = ("rdp", "prv")
+# Where noise is added: local = DP-SGD at each partner (user-level), central = Flower's DP
+# wrapper on the aggregate (partner-level), both, or off. ``dp = false`` forces "off".
+DP_MODES = ("local", "central", "both", "off")
 # One step of a history: (noise_multiplier, sample_rate, num_steps), Opacus' own format.
 Mechanism = tuple[float, float, int]
 
@@ -26,13 +30,39 @@ def default_delta(num_users: int) -> float:
     return min(1e-5, 0.1 / max(num_users, 1))
 
 
+def dp_mode(cfg: Mapping[str, Any]) -> str:
+    """The effective ``dp-mode`` of a run config; the older ``dp = false`` switch means "off"."""
+    mode = str(cfg.get("dp-mode", "local"))
+    if mode not in DP_MODES:
+        raise ConfigError(f"dp-mode = {mode!r} is unknown; use one of {', '.join(DP_MODES)}")
+    return mode if cfg.get("dp", True) else "off"
+
+
+def uses_local_dp(mode: str) -> bool:
+    """DP-SGD at each partner (user-level guarantee, ledger, budget)."""
+    return mode in ("local", "both")
+
+
+def uses_central_dp(mode: str) -> bool:
+    """Flower's central DP wrapper on the aggregate (partner-level guarantee)."""
+    return mode in ("central", "both")
+
+
 def steps_per_epoch(num_users: int, batch_size: int) -> tuple[float, int]:
     """(sample_rate, steps) of one epoch of Poisson sampling with expected ``batch_size``.
 
     Matches Opacus' ``make_private``: steps = ceil(users / batch) and sample_rate = 1/steps.
+    A partner with fewer users than ``batch_size`` would sample everyone every step (no
+    amplification by sampling, sample rate 1): a :class:`PrivacyError` says so with the numbers.
     """
     if num_users < 1:
         raise PrivacyError("no users to train on")
+    if num_users < batch_size:
+        raise PrivacyError(
+            f"only {num_users} users with training data, fewer than batch-size {batch_size}: every user would be in "
+            f"every DP-SGD step (sample rate 1, no privacy amplification); set batch-size to at most {max(1, num_users // 4)} "
+            "(a few steps per epoch) or join more users"
+        )
     steps = max(1, math.ceil(num_users / max(batch_size, 1)))
     return 1.0 / steps, steps
 
@@ -66,6 +96,51 @@ def calibrate_noise(
             f"cannot reach epsilon={target_epsilon} at delta={target_delta:g} with sample rate {sample_rate:.3g} "
             f"over {total_steps} steps ({exc}); use fewer rounds/epochs, a smaller batch or more users"
         ) from None
+
+
+def calibrate_noise_after(
+    history: Iterable[Mechanism],
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.005,
+) -> float:
+    """Like :func:`calibrate_noise`, but the new steps come after an already spent ``history``.
+
+    Finds (by bisection; epsilon falls as noise grows) the smallest noise multiplier, within
+    ``epsilon_tolerance``, for which history + ``total_steps`` new steps stay within
+    ``target_epsilon``. This is how a ledger that carries spend from earlier runs plans a new run.
+    """
+    history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not history:
+        return calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta,
+                               sample_rate=sample_rate, total_steps=total_steps, accountant=accountant)
+    spent = epsilon_of(history, target_delta, accountant)
+    if spent >= target_epsilon - epsilon_tolerance:
+        raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} already spent")
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(history + [(sigma, sample_rate, total_steps)], target_delta, accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:  # unreachable in practice: epsilon tends to the spent part as noise grows
+            raise PrivacyError(f"cannot fit {total_steps} more steps in the remaining budget "
+                               f"{target_epsilon - spent:.3f} of {target_epsilon:g}")
+    for _ in range(60):  # hi stays feasible throughout
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if e >= target_epsilon - epsilon_tolerance:
+                break
+    return hi
 
 
 def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rdp") -> float:

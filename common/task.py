@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from common.data.loaders import load_interactions, resolve_data_path
-from common.data.partition import load_partition
 from common.data.sequences import SequenceData, build_sequences
 from common.data.synthetic import generate_synthetic
 from common.errors import ConfigError
@@ -51,7 +50,9 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
         n = int(node_config["num-partitions"])
     except (KeyError, ValueError):
         raise ConfigError("node config needs data-path (a partner's log) or partition-id and num-partitions (simulation)") from None
-    return load_partition(federation_data(cfg), pid, n, scheme=str(cfg["partitioning"]), seed=int(cfg["seed"]))
+    from common.partners import simulated_partner  # lazy: common.partners imports this module
+
+    return simulated_partner(cfg, pid, n)
 
 
 def new_model(cfg: Mapping[str, Any], num_items: int) -> torch.nn.Module:

@@ -78,9 +78,9 @@ class TrainResult:
 def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
     """``auto``: ghost clipping unless the model ties weights across modules.
 
-    NOTE: Opacus' ghost clipping sums per-layer norms, which is wrong for one Parameter
-    used by two modules (the tied SASRec output layer); hooks mode accumulates the
-    per-sample gradients of both uses correctly.
+    NOTE: Opacus' ghost clipping refuses one Parameter used by two modules (the tied
+    SASRec output layer: "Parameter tying is not supported"); hooks mode accumulates the
+    per-sample gradients of both uses correctly (tests/test_per_sample_gradients.py).
     """
     if requested != "auto":
         return requested

@@ -26,7 +26,7 @@ def generate_synthetic(
     rng = np.random.default_rng(seed)
     topic_of = rng.integers(0, num_topics, size=num_items)
     # Long-tail popularity within the whole catalogue.
-    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 1.0
     popularity = popularity[rng.permutation(num_items)]
     members = [np.flatnonzero(topic_of == t) for t in range(num_topics)]
     members = [m if len(m) else np.arange(num_items) for m in members]

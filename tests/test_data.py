@@ -1,0 +1,134 @@
+"""Data layer: parsing of every supported format, bad rows, catalogue, leave-one-out split, partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.data import build_sequences, generate_synthetic, load_interactions, load_item_titles
+from common.data.partition import iid_partition, load_partition
+from common.errors import DataError
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_csv_with_aliases_and_extra_columns(tmp_path):
+    p = write(tmp_path, "log.csv", "userId,movieId,rating,timestamp,device\n1,10,4,100,tv\n1,11,5,101,tv\n2,10,3,50,phone\n")
+    log = load_interactions(p)
+    assert log.user.tolist() == ["1", "1", "2"]
+    assert log.item.tolist() == ["10", "11", "10"]
+    assert log.timestamp.tolist() == [100, 101, 50]
+    assert log.rating.tolist() == [4.0, 5.0, 3.0]
+
+
+def test_parquet(tmp_path):
+    p = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["x", "y", "x"], "timestamp": [3, 1, 2]}).to_parquet(p)
+    log = load_interactions(p)
+    assert sorted(log.item.tolist()) == ["x", "x", "y"]
+    assert log.rating is None
+
+
+def test_missing_column_is_one_clear_line(tmp_path):
+    p = write(tmp_path, "log.csv", "user_id,item_id\n1,2\n")
+    with pytest.raises(DataError, match=r"log.csv: missing column\(s\) timestamp") as exc:
+        load_interactions(p)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_timestamps_are_dropped_and_counted(tmp_path):
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n1,2,100\n1,3,yesterday-ish\n1,4,2020-01-02\n")
+    log = load_interactions(p)
+    assert log.dropped == {"bad-timestamp": 1}
+    assert log.timestamp.tolist() == [100, 1577923200]
+
+
+def test_all_rows_bad_is_an_error(tmp_path):
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n1,2,x\n1,3,y\n")
+    with pytest.raises(DataError, match="no valid rows"):
+        load_interactions(p)
+
+
+def test_nonexistent_path_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_interactions(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="empty"):
+        load_interactions(write(tmp_path, "e.csv", ""))
+
+
+def test_unknown_items_and_short_users_are_counted(tmp_path):
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 99, 4), (2, 1, 1), (2, 2, 2)]))
+    data = build_sequences(load_interactions(p), np.array(["1", "2", "3"]))
+    assert data.dropped["unknown-item"] == 1
+    assert data.dropped["short-user"] == 1  # user 2 has only two interactions
+    assert data.user_ids.tolist() == ["1"]
+
+
+def test_no_usable_user_is_an_error(tmp_path):
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n1,1,1\n1,2,2\n")
+    with pytest.raises(DataError, match="no user has at least 3"):
+        build_sequences(load_interactions(p))
+
+
+def test_time_order_and_stable_tie_break(tmp_path):
+    # Items 30 and 20 share the last timestamp: file order decides, so 20 (later in file) is the test item.
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n1,10,5\n1,30,9\n1,40,1\n1,20,9\n")
+    data = build_sequences(load_interactions(p))
+    cat = data.catalogue.tolist()
+    assert cat == ["10", "20", "30", "40"]  # numeric order
+    seq = [cat[i - 1] for i in data.sequences[0]]
+    assert seq == ["40", "10", "30", "20"]
+    hist, target = data.eval_cases("test")
+    assert cat[target[0] - 1] == "20" and [cat[i - 1] for i in hist[0]] == ["40", "10", "30"]
+    hist, target = data.eval_cases("valid")
+    assert cat[target[0] - 1] == "30" and [cat[i - 1] for i in hist[0]] == ["40", "10"]
+    assert [cat[i - 1] for i in data.train_sequences()[0]] == ["40", "10"]
+
+
+def test_movielens_100k(ml100k_dir):
+    log = load_interactions(ml100k_dir)
+    assert len(log) == 100_000
+    data = build_sequences(log)
+    assert (data.num_users, data.num_items) == (943, 1682)
+    titles = load_item_titles(ml100k_dir)
+    assert titles["1"][0] == "Toy Story (1995)" and "Animation" in titles["1"][1]
+    assert any("Mis" in t for t, _ in titles.values())  # latin-1 decoded
+
+
+def test_movielens_1m_partial(ml1m_dir):
+    log = load_interactions(ml1m_dir / "ratings.users_1-2999.dat")
+    assert len(log) == 487_650
+    assert len(np.unique(log.user)) == 2999
+    assert load_item_titles(ml1m_dir)["1"][0] == "Toy Story (1995)"
+
+
+def test_synthetic_is_deterministic_and_learnable_shape():
+    a = generate_synthetic(num_users=50, num_items=30, seed=1)
+    b = generate_synthetic(num_users=50, num_items=30, seed=1)
+    c = generate_synthetic(num_users=50, num_items=30, seed=2)
+    assert np.array_equal(a.item, b.item) and not np.array_equal(a.item, c.item)
+    assert all(np.all(np.diff(t) >= 0) for t in build_sequences(a).timestamps)
+    # Long tail: the most popular item is far more frequent than the median one.
+    data = build_sequences(generate_synthetic(num_users=300, num_items=200, seed=1))
+    counts = np.bincount(np.concatenate(data.sequences))[1:]
+    assert counts.max() > 3 * np.median(counts)
+
+
+def test_iid_partition_covers_every_user_once():
+    parts = iid_partition(103, 5, seed=0)
+    allu = np.concatenate(parts)
+    assert sorted(allu.tolist()) == list(range(103))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_partition_errors(small_data):
+    with pytest.raises(DataError, match="outside"):
+        load_partition(small_data, 5, 5)
+    with pytest.raises(DataError, match="some would be empty"):
+        iid_partition(3, 5)

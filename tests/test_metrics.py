@@ -1,0 +1,50 @@
+"""Full-ranking HR@K/NDCG@K against a brute-force computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from common.metrics import means_from_sums, ranking_sums, target_ranks
+
+
+def brute_force(scores: np.ndarray, history: list[int], target: int, k: int) -> tuple[float, float]:
+    candidates = [i for i in range(1, len(scores)) if i not in history or i == target]
+    ranked = sorted(candidates, key=lambda i: -scores[i])
+    better = sum(1 for i in candidates if scores[i] > scores[target])
+    assert ranked.index(target) >= better  # ties resolved in the target's favour
+    if better < k:
+        return 1.0, 1.0 / math.log2(better + 2)
+    return 0.0, 0.0
+
+
+def test_against_brute_force():
+    rng = np.random.default_rng(0)
+    n_items, k = 30, 5
+    scores = rng.normal(size=(40, n_items + 1)).astype(np.float32)
+    histories = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, 10), replace=False) for _ in range(40)]
+    targets = np.array([rng.integers(1, n_items + 1) for _ in range(40)])
+    ranks = target_ranks(torch.from_numpy(scores), histories, targets)
+    sums = ranking_sums(ranks, ks=(k,))
+    expected = [brute_force(scores[u], list(histories[u]), int(targets[u]), k) for u in range(40)]
+    assert sums["hit@5-sum"] == sum(e[0] for e in expected)
+    assert math.isclose(sums["ndcg@5-sum"], sum(e[1] for e in expected), rel_tol=1e-9)
+    means = means_from_sums(sums)
+    assert math.isclose(means["hr@5"], sum(e[0] for e in expected) / 40)
+
+
+def test_history_items_are_excluded():
+    scores = torch.tensor([[0.0, 9.0, 8.0, 1.0, 0.5]])
+    # Items 1 and 2 score highest but were seen: the target (3) ranks first.
+    assert target_ranks(scores, [np.array([1, 2])], np.array([3])).tolist() == [0]
+    assert target_ranks(scores, [np.array([])], np.array([3])).tolist() == [2]
+
+
+def test_partner_sums_combine_to_the_global_figure():
+    ranks = np.array([0, 3, 12, 1, 7, 40])
+    whole = means_from_sums(ranking_sums(ranks))
+    a, b = ranking_sums(ranks[:2]), ranking_sums(ranks[2:])
+    merged = means_from_sums({key: a[key] + b[key] for key in a})
+    assert merged == whole

@@ -1,0 +1,56 @@
+"""SASRec shapes, causal masking (no future leakage), padding and tied weights."""
+
+from __future__ import annotations
+
+import torch
+
+from common.models import Popularity, SASRec
+
+
+def make(tied=True, **kw):
+    torch.manual_seed(0)
+    return SASRec(25, max_len=8, dim=16, num_blocks=2, num_heads=2, dropout=0.0, tied_output=tied, **kw).eval()
+
+
+def test_shapes_and_score():
+    m = make()
+    seq = torch.randint(1, 26, (4, 8))
+    assert m(seq).shape == (4, 8, 26)
+    assert m.score(seq).shape == (4, 26)
+    assert torch.allclose(m.score(seq), m(seq)[:, -1])
+
+
+def test_no_future_leakage():
+    m = make()
+    seq = torch.randint(1, 26, (1, 8))
+    changed = seq.clone()
+    changed[0, 5:] = torch.randint(1, 26, (3,))
+    a, b = m(seq), m(changed)
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-5)  # positions before the change see nothing of it
+    assert not torch.allclose(a[0, 5:], b[0, 5:])
+
+
+def test_padding_is_ignored():
+    m = make()
+    seq = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7]])
+    other_pad_emb = m.item_emb.weight.detach().clone()
+    out1 = m.score(seq)
+    with torch.no_grad():
+        m.item_emb.weight[0] += 1.0  # padding row must not matter
+    out2 = m.score(seq)
+    with torch.no_grad():
+        m.item_emb.weight.copy_(other_pad_emb)
+    # Column 0 of the scores uses the padding row itself; all real items are unaffected.
+    assert torch.allclose(out1[:, 1:], out2[:, 1:], atol=1e-5)
+
+
+def test_tied_output_shares_one_parameter():
+    tied, untied = make(True), make(False)
+    assert tied.output.weight is tied.item_emb.weight
+    assert untied.output.weight is not untied.item_emb.weight
+    assert sum(p.numel() for p in tied.parameters()) < sum(p.numel() for p in untied.parameters())
+
+
+def test_popularity_scores_are_counts():
+    pop = Popularity(torch.tensor([0, 5, 1, 9]))
+    assert pop.score(torch.zeros(2, 3, dtype=torch.long)).tolist() == [[0, 5, 1, 9]] * 2
