@@ -6,13 +6,16 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
 from common.config import resolve_config
 from common.errors import FedRecError
 from common.metrics import evaluate_ranking
-from common.privacy import calibrate_noise, default_delta, epsilon_of, history_from_json, history_to_json, steps_per_epoch
+from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 from common.task import new_model, partner_data
-from common.training import DPSettings, pick_device, train_local, user_count_for_training
+from common.training import pick_device, train_local
 
 LOG = logging.getLogger("fedrec.client")
 USER_ERROR = 400  # Error code for a problem the partner can fix (data, config, budget)
@@ -22,7 +25,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     """A ClientApp whose config is pyproject defaults + run config + ``overrides``."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
         try:
             return _train(msg, context, resolve_config(context.run_config, overrides))
@@ -39,6 +42,21 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     return app
 
 
+def central_dp_clipping_mod(overrides: dict | None = None) -> Mod:
+    """Central DP with clipping on the client: Flower's ``fixedclipping_mod`` bounds the update
+    sent to the server, only when the run asks for it (``dp-mode`` central/both, ``central-clipping = client``)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        try:
+            cfg = resolve_config(context.run_config, overrides)
+            clip_here = uses_central_dp(dp_mode(cfg)) and cfg["central-clipping"] == "client"
+        except FedRecError:
+            clip_here = False  # the handler itself replies with the config error
+        return fixedclipping_mod(msg, context, call_next) if clip_here else call_next(msg, context)
+
+    return mod
+
+
 def _train(msg: Message, context: Context, cfg: dict) -> Message:
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)
@@ -47,49 +65,40 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"].get("server-round", 1))
 
-    # Restore the privacy state: every mechanism this partner ever ran
-    state = context.state.config_records.get("privacy", ConfigRecord())
-    history = history_from_json(str(state.get("history", "[]")))
-    dp = None
-    delta = 0.0
-    if cfg["dp"]:
-        users = user_count_for_training(data)
-        delta = cfg["target-delta"] or default_delta(users)
-        rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
-        planned = int(cfg["num-server-rounds"]) * int(cfg["local-epochs"]) * steps
-        # Calibrated once for the whole planned run, then reused every round.
-        noise = float(state["noise-multiplier"]) if "noise-multiplier" in state else calibrate_noise(
-            target_epsilon=float(cfg["target-epsilon"]), target_delta=delta,
-            sample_rate=rate, total_steps=planned, accountant=cfg["accountant"],
-        )
-        dp = DPSettings(noise, float(cfg["max-grad-norm"]), cfg["accountant"], cfg["grad-sample-mode"])
+    # Open this partner's privacy ledger; refuse to train if the round would pass the budget
+    budget = None
+    if uses_local_dp(dp_mode(cfg)):
+        run = str(msg.content["config"].get("run-name", "")) or cfg["run-name"] or f"flwr-run-{context.run_id}"
+        budget = PartnerBudget.open(cfg, context, data, run)
+    try:
+        if budget is not None:
+            budget.check_next_round()
 
-    # Train (DP-SGD when enabled)
-    result = train_local(
-        model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-        learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp,
-        device=device, seed=int(cfg["seed"]) * 1000 + server_round,
-    )
-
-    # Account over the whole history, then persist it
-    history += result.mechanisms
-    epsilon = epsilon_of(history, delta, cfg["accountant"]) if dp else 0.0
-    if dp:
-        context.state.config_records["privacy"] = ConfigRecord(
-            {"history": history_to_json(history), "noise-multiplier": dp.noise_multiplier, "delta": delta}
+        # Train (DP-SGD with the run's calibrated noise when local DP is on)
+        result = train_local(
+            model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+            learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
+            dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
         )
+
+        # Record the spend on the ledger before anything leaves; epsilon is over the whole ledger
+        privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS
+        details = budget.details() if budget else {"partner": partner_label(context.node_config, data)}
+    finally:
+        if budget is not None:
+            budget.close()
 
     # Reply
     metrics = MetricRecord({
         "train-loss": result.loss,
         "num-examples": result.num_examples,
-        "epsilon": epsilon,
-        "delta": delta,
-        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
+        **privacy,
         "steps": result.steps,
         "seconds": result.seconds,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics,
+                          "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg)})})
+    return Message(content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:

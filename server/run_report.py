@@ -69,7 +69,8 @@ class RunRecorder:
             "train-loss": float((losses * weights).sum() / total) if total else 0.0,
             "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),
             "delta": max((float(m.get("delta", 0.0)) for m in metrics), default=0.0),
-            "num-examples": total,
+            # NOTE: central DP weighs partners uniformly, so the weights are not always example counts
+            "num-examples": float(sum(float(m.get("num-examples", 0)) for m in metrics)),
             "num-partners": float(len(metrics)),
         }
         self._train = out
@@ -122,11 +123,14 @@ class RunRecorder:
                     "config": self.config}, buf)
         atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
 
-    def write_summary(self) -> Path:
+    def write_summary(self, guarantee: str | None = None) -> Path:
+        """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py)."""
         k = self.top_k
         last = self.rounds[-1] if self.rounds else {}
         cfg = self.config
-        if cfg.get("dp"):
+        if guarantee:
+            pass
+        elif cfg.get("dp"):
             guarantee = (f"Each partner's training is ({last.get('epsilon', 0):.3f}, {last.get('delta', 0):.2g})-DP "
                          "for any one of its users' whole interaction history (user-level DP-SGD; worst partner shown).")
         else:

@@ -1,6 +1,6 @@
 """Run one federated simulation on Flower's simulation engine and print per-round metrics.
 
-    python -m simulations.run --num-partners 5 --run-config "num-server-rounds=3 dp=false"
+    python -m simulations.run --num-partners 5 --run-config "num-server-rounds=3 dp-mode=off"
 
 Knobs are those of ``[tool.flwr.app.config]``; ``--run-config`` overrides them.
 """
@@ -21,6 +21,8 @@ from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
+from simulations.population import describe_partners, write_population  # noqa: E402
+from common.privacy import dp_mode  # noqa: E402
 
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> Path:
@@ -39,29 +41,34 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
     }
+    print(describe_partners(cfg, num_partners), flush=True)
     run_simulation(
         server_app=make_server_app(overrides),
         client_app=make_client_app(overrides),
         num_supernodes=num_partners,
         backend_config=backend,
     )
+    if cfg["resume"]:  # a resumed run continues in its own directory (server/resume.py)
+        return base / cfg["run-name"]
     created = sorted(set(base.glob(f"{cfg['run-name']}*")) - before, key=lambda p: p.stat().st_mtime)
     if not created:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
+    write_population(created[-1], cfg, num_partners)  # holdout.json (audit non-members), partitions.json
     return created[-1]
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:
     import time
 
-    dp = f"eps{cfg['target-epsilon']:g}" if cfg["dp"] else "nodp"
+    mode = dp_mode(cfg)
+    dp = {"off": "nodp", "central": "central"}.get(mode, f"eps{cfg['target-epsilon']:g}") + ("-central" if mode == "both" else "")
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['model']}-{num_partners}p-{dp}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=int, default=5, help="simulated partner organisations (default 5)")
-    parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp=false num-server-rounds=3"')
+    parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp-mode=central num-server-rounds=3"')
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,162 @@
+"""A partner's privacy budget for one run: where its ledger is, the run's noise, the pre-round check.
+
+Policy on top of :class:`client.privacy_ledger.PrivacyLedger`: the noise multiplier is
+calibrated once per run for the partner's target (epsilon, delta) over all planned rounds x
+local epochs, taking earlier runs' spend in the same ledger into account; before each round
+the partner checks that the round keeps its whole-ledger epsilon within the target and
+refuses with ``budget exhausted: epsilon X of Y`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+
+from client.privacy_ledger import Calibration, PrivacyLedger
+from common.data.sequences import SequenceData
+from common.errors import PrivacyError
+from common.privacy import Mechanism, calibrate_noise_after, default_delta, steps_per_epoch
+from common.training import DPSettings, user_count_for_training
+
+LOG = logging.getLogger("fedrec.client")
+STATE_KEY = "privacy-ledger"  # context.state record: which ledger this client has written to
+EPSILON_SLACK = 1e-9  # float noise between the calibration's and the ledger's accounting
+
+
+def partner_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
+    """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``."""
+    if "partition-id" in node_config:
+        return f"partner-{int(node_config['partition-id'])}"
+    return f"partner-{data.fingerprint()}"
+
+
+def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str, label: str) -> Path:
+    """Node config ``ledger-path`` when the partner set it; else ``ledger-dir`` (run config);
+    else ``<run-dir>/<run>/ledgers``, i.e. inside the run's directory."""
+    if node_config.get("ledger-path"):
+        return Path(str(node_config["ledger-path"]))
+    folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
+    return folder / f"{label}.sqlite"
+
+
+class PartnerBudget:
+    """The DP state of one partner in one run; open it with :meth:`open` at the start of a round."""
+
+    def __init__(self, ledger: PrivacyLedger, calibration: Calibration, *, run: str, label: str, users: int) -> None:
+        self.ledger = ledger
+        self.calibration = calibration
+        self.run = run
+        self.label = label
+        self.users = users
+
+    @classmethod
+    def open(cls, cfg: Mapping[str, Any], context: Context, data: SequenceData, run: str) -> PartnerBudget:
+        """Open (or create) this partner's ledger and fix the run's noise, once.
+
+        Raises :class:`PrivacyError` for a partner too small for its batch size or target, and
+        for a ledger that is corrupt, foreign, or gone after this client wrote to it.
+        """
+        label = partner_label(context.node_config, data)
+        users = user_count_for_training(data)
+        batch = int(cfg["batch-size"])
+        delta = float(cfg["target-delta"]) or default_delta(users)
+        try:
+            rate, steps = steps_per_epoch(users, batch)
+        except PrivacyError as exc:
+            raise PrivacyError(f"{label}: {exc}") from None
+        steps_per_round = int(cfg["local-epochs"]) * steps
+        path = ledger_path(cfg, context.node_config, run, label)
+
+        # A ledger this client already wrote to must still be there: never start afresh.
+        state = context.state.config_records.get(STATE_KEY, ConfigRecord())
+        used_before = str(state.get("path", "")) == str(path) and int(state.get("steps", 0)) > 0
+        ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before)
+        if ledger.created:
+            LOG.warning("%s: new privacy ledger %s (no spend recorded before)", label, path)
+
+        cal = ledger.calibration(run)
+        if cal is None:
+            planned = int(cfg["num-server-rounds"])
+            target = float(cfg["target-epsilon"])
+            try:
+                noise = calibrate_noise_after(
+                    ledger.history(), target_epsilon=target, target_delta=delta, sample_rate=rate,
+                    total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
+            except PrivacyError as exc:
+                ledger.close()
+                raise PrivacyError(f"{label} ({users} users, batch-size {batch}, {planned} rounds x "
+                                   f"{steps_per_round} steps): {exc}") from None
+            cal = Calibration(noise, target, delta, str(cfg["accountant"]), rate, steps_per_round, planned)
+            ledger.save_calibration(run, cal)
+        elif (cal.sample_rate, cal.steps_per_round) != (rate, steps_per_round):
+            ledger.close()
+            raise PrivacyError(f"{label}: batch-size or local-epochs changed mid-run (ledger {path} planned "
+                               f"{cal.steps_per_round} steps at rate {cal.sample_rate:.4g} per round); start a new run")
+        return cls(ledger, cal, run=run, label=label, users=users)
+
+    @property
+    def delta(self) -> float:
+        return self.calibration.target_delta
+
+    @property
+    def accountant(self) -> str:
+        return self.calibration.accountant
+
+    def spent(self) -> float:
+        """Epsilon of the whole ledger so far."""
+        return self.ledger.epsilon(self.delta, self.accountant)
+
+    def check_next_round(self) -> None:
+        """Refuse (``budget exhausted: epsilon X of Y``) when one more round would pass the target."""
+        target = self.calibration.target_epsilon
+        after = self.ledger.epsilon(self.delta, self.accountant, extra=[self.calibration.round_mechanism()])
+        if after > target + EPSILON_SLACK:
+            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
+                               f"({self.label}; one more round would reach {after:.3f}, ledger {self.ledger.path})")
+
+    def dp_settings(self, cfg: Mapping[str, Any]) -> DPSettings:
+        return DPSettings(self.calibration.noise_multiplier, float(cfg["max-grad-norm"]), self.accountant,
+                          str(cfg["grad-sample-mode"]))
+
+    def record(self, context: Context, server_round: int, mechanisms: list[Mechanism]) -> float:
+        """Write the round's spend to the ledger (before the reply leaves) and return the new epsilon."""
+        self.ledger.record(run=self.run, server_round=server_round, mechanisms=mechanisms, accountant=self.accountant)
+        context.state.config_records[STATE_KEY] = ConfigRecord(
+            {"path": str(self.ledger.path), "steps": self.ledger.total_steps()})
+        return self.spent()
+
+    def metrics(self, epsilon: float) -> dict[str, float]:
+        """Numbers for the reply's MetricRecord (every partner sends the same keys)."""
+        cal = self.calibration
+        return {
+            "epsilon": epsilon,
+            "delta": cal.target_delta,
+            "target-epsilon": cal.target_epsilon,
+            "noise-multiplier": cal.noise_multiplier,
+            "sample-rate": cal.sample_rate,
+            "ledger-steps": self.ledger.total_steps(),
+            "ledger-rounds": self.ledger.rounds_trained(),
+            "dp-users": self.users,
+        }
+
+    def details(self) -> dict[str, str]:
+        """Strings for the reply's ConfigRecord: who this is and where its ledger lives."""
+        return {
+            "partner": self.label,
+            "accountant": self.accountant,
+            "fingerprint": self.ledger.fingerprint,
+            "ledger-path": str(self.ledger.path),
+            "ledger-created": str(self.ledger.created).lower(),
+            "run": self.run,
+        }
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+NO_LOCAL_DP_METRICS = {"epsilon": 0.0, "delta": 0.0, "target-epsilon": 0.0, "noise-multiplier": 0.0,
+                       "sample-rate": 0.0, "ledger-steps": 0, "ledger-rounds": 0, "dp-users": 0}

@@ -1,0 +1,211 @@
+"""PrivacyLedger: a partner's persistent record of every DP-SGD mechanism it ran (SQLite).
+
+The ledger is the single source of a partner's privacy spend: epsilon is always computed
+from all of its rows, so spend composes across rounds, runs and process restarts. One
+ledger belongs to one data set (its fingerprint); it is never reset or silently recreated.
+
+Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-user clipping
+norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
+optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whole history.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import PrivacyError
+from common.privacy import Mechanism, epsilon_of
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE calibrations (
+    run TEXT PRIMARY KEY,            -- one noise level per run, fixed before its first round
+    noise_multiplier REAL NOT NULL,
+    target_epsilon REAL NOT NULL,
+    target_delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps_per_round INTEGER NOT NULL,
+    planned_rounds INTEGER NOT NULL,
+    recorded REAL NOT NULL           -- unix time, seconds
+);
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    accountant TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    recorded REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The noise chosen for one run: ``target_epsilon`` is reached after ``planned_rounds`` rounds."""
+
+    noise_multiplier: float
+    target_epsilon: float
+    target_delta: float
+    accountant: str
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+
+    def round_mechanism(self) -> Mechanism:
+        """What one round of local training spends."""
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+class PrivacyLedger:
+    """One partner's privacy ledger file.
+
+    Opening checks the file: a ledger that is not a SQLite ledger, has a bad schema or
+    impossible rows is *corrupt*; one written for another data set is *foreign*. Both raise
+    :class:`PrivacyError` naming the file, and the file is left untouched. A missing file is
+    created (atomically, so a crash never leaves a half-made ledger) only with ``create=True``.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.created = False
+        if not self.path.exists():
+            if not create:
+                raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
+                                   "(a partner's spend is never reset)")
+            self._create()
+            self.created = True
+        self._conn = self._open_checked()
+
+    # -- reading ---------------------------------------------------------------------------
+    def history(self) -> list[Mechanism]:
+        """Every mechanism ever recorded, in order."""
+        rows = self._query("SELECT noise_multiplier, sample_rate, steps FROM batches ORDER BY id")
+        return [(float(s), float(q), int(n)) for s, q, n in rows]
+
+    def epsilon(self, delta: float, accountant: str = "rdp", extra: Iterable[Mechanism] = ()) -> float:
+        """Epsilon of the whole ledger at ``delta`` (plus ``extra`` mechanisms not yet run)."""
+        return epsilon_of(self.history() + list(extra), delta, accountant)
+
+    def calibration(self, run: str) -> Calibration | None:
+        """The noise fixed for ``run``, if it has one (a restarted client reuses it)."""
+        rows = self._query(
+            "SELECT noise_multiplier, target_epsilon, target_delta, accountant, sample_rate, steps_per_round, "
+            "planned_rounds FROM calibrations WHERE run = ?", (run,))
+        if not rows:
+            return None
+        s, eps, delta, acc, q, steps, rounds = rows[0]
+        return Calibration(float(s), float(eps), float(delta), str(acc), float(q), int(steps), int(rounds))
+
+    def rounds_trained(self, run: str | None = None) -> int:
+        """Rounds with recorded spend (of one run, or of all runs)."""
+        if run is None:
+            return int(self._query("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches")[0][0])
+        return int(self._query("SELECT COUNT(DISTINCT server_round) FROM batches WHERE run = ?", (run,))[0][0])
+
+    def total_steps(self) -> int:
+        return int(self._query("SELECT COALESCE(SUM(steps), 0) FROM batches")[0][0])
+
+    # -- writing ---------------------------------------------------------------------------
+    def save_calibration(self, run: str, cal: Calibration) -> None:
+        """Fix the noise of ``run``; a second, different calibration for the same run is refused."""
+        old = self.calibration(run)
+        if old is not None:
+            if old != cal:
+                raise PrivacyError(f"privacy ledger {self.path}: run {run!r} is already calibrated with "
+                                   f"noise {old.noise_multiplier:.4g}; refusing to change it mid-run")
+            return
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, cal.noise_multiplier, cal.target_epsilon, cal.target_delta, cal.accountant,
+                 cal.sample_rate, cal.steps_per_round, cal.planned_rounds, time.time()))
+
+    def record(self, *, run: str, server_round: int, mechanisms: Iterable[Mechanism], accountant: str) -> None:
+        """Append what one round spent, in one transaction (all rows or none).
+
+        Called after training and before the reply leaves the client, so every released
+        update is on the ledger.
+        """
+        rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, time.time())
+                for s, q, n in mechanisms]
+        for _, _, s, q, n, *_ in rows:
+            if not (s > 0 and 0 < q <= 1 and n >= 0):
+                raise ValueError(f"not a DP mechanism: noise {s}, sample rate {q}, steps {n}")
+        with self._conn:
+            self._conn.executemany(
+                "INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
+                "fingerprint, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        conn = sqlite3.connect(tmp)
+        try:
+            with conn:
+                conn.executescript(_SCHEMA)
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("schema-version", str(SCHEMA_VERSION)),
+                    ("fingerprint", self.fingerprint),
+                    ("created", str(time.time())),
+                ])
+        finally:
+            conn.close()
+        # NOTE: link-then-unlink, not replace: two processes creating the same ledger must not
+        # overwrite one another's (possibly already used) file.
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            bad = conn.execute(
+                "SELECT COUNT(*) FROM batches WHERE NOT (noise_multiplier > 0 AND sample_rate > 0 "
+                "AND sample_rate <= 1 AND steps >= 0)").fetchone()[0]
+            conn.execute("SELECT run, noise_multiplier FROM calibrations LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise PrivacyError(f"privacy ledger {self.path} is corrupt ({exc}); restore it from a backup "
+                               "(a partner's spend is never reset)") from None
+        if meta.get("schema-version") != str(SCHEMA_VERSION) or "fingerprint" not in meta or bad:
+            conn.close()
+            raise PrivacyError(f"privacy ledger {self.path} is corrupt (schema {meta.get('schema-version')!r}, "
+                               f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
+        if meta["fingerprint"] != self.fingerprint:
+            conn.close()
+            raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
+                               f"{meta['fingerprint']}, this partner's data is {self.fingerprint}); "
+                               "give this data set its own ledger-path")
+        return conn
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise PrivacyError(f"privacy ledger {self.path} cannot be read ({exc})") from None

@@ -1,0 +1,146 @@
+"""Privacy wrappers around the server's strategy: refusal logging for local DP, Flower's central DP.
+
+``dp-mode`` local/off: :class:`PrivacyReportingStrategy` records each partner's privacy numbers
+and logs partners that refuse to train (budget exhausted), then lets the inner strategy
+aggregate the others. central/both: Flower's ``DifferentialPrivacy{Server,Client}SideFixedClipping``
+(clip each partner's update to ``central-clipping-norm``, add Gaussian noise with std
+``central-noise-multiplier * clipping-norm / partners`` to the mean) with Flower's RDP accountant
+when the inner strategy is plain FedAvg; refusals are screened out first, since Flower's
+wrapper would otherwise skip the whole round on any error reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from common.errors import ConfigError
+from common.privacy import default_delta, dp_mode, uses_central_dp
+from server.privacy_report import PrivacyReport
+
+# Central DP's sensitivity argument needs the plain mean of clipped updates, so the inner
+# FedAvg weighs every partner by this key, set to 1 on each accepted reply.
+UNIT_WEIGHT_KEY = "central-dp-weight"
+CLIPPING_SIDES = ("server", "client")
+
+
+class PrivacyReportingStrategy(Strategy):
+    """Delegates everything to ``strategy``; records privacy numbers and drops refusals before aggregation."""
+
+    def __init__(self, strategy: Strategy, report: PrivacyReport) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.report = report
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.report.screen(server_round, list(replies))
+        result = self.strategy.aggregate_train(server_round, valid)
+        self.report.write()
+        return result
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class _CentralDP:
+    """What our central DP wrappers add to Flower's: refusal screening, a sample size that follows
+    the partners actually aggregated, a lazily sized accountant, and the per-round report."""
+
+    report: PrivacyReport
+    accountant: RdpAccountant | None
+    num_sampled_clients: int
+    noise_multiplier: float
+    clipping_norm: float
+    strategy: Strategy
+
+    def _setup(self, report: PrivacyReport, *, account: bool, delta: float, side: str) -> None:
+        self.report = report
+        self._account = account
+        self._delta = delta
+        self._side = side
+        self._population = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._population = max(self._population, len(list(grid.get_node_ids())))
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _prepare_accounting(self, server_round: int, messages: Iterable[Message]) -> Iterable[Message]:
+        messages = list(messages)
+        if messages:
+            self.num_sampled_clients = len(messages)
+            if self._account and self.accountant is None:
+                # NOTE: no amplification by sampling: partners are not a random sample of a
+                # population, so the population size is only metadata for Flower's accountant.
+                self.accountant = RdpAccountant(PrivacyConfig(
+                    target_delta=self._delta, population_size=max(self._population, len(messages)),
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        return super()._prepare_accounting(server_round, messages)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.report.screen(server_round, list(replies))
+        for msg in valid:
+            next(iter(msg.content.metric_records.values()))[UNIT_WEIGHT_KEY] = 1.0
+        # Noise std = multiplier * clip / (partners averaged): the mean of the m partners that
+        # replied has sensitivity clip / m, so the noise must follow m, not the sampled count.
+        self.num_sampled_clients = max(1, len(valid))
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        spent = self.privacy_spent() if arrays is not None else None  # type: ignore[attr-defined]
+        if arrays is not None:
+            self.report.note_central(
+                server_round, noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm,
+                clipping=self._side, partners=len(valid),
+                epsilon=spent.epsilon if spent else None, delta=spent.delta if spent else None)
+        self.report.write()
+        return arrays, metrics
+
+
+class CentralDPServerClipping(_CentralDP, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping + Gaussian noise, with our screening and reporting."""
+
+
+class CentralDPClientClipping(_CentralDP, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping (partners run ``fixedclipping_mod``) + Gaussian noise."""
+
+
+def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport) -> Strategy:
+    """Wrap ``strategy`` for the run's ``dp-mode`` (see the module docstring)."""
+    mode = dp_mode(cfg)
+    if not uses_central_dp(mode):
+        return PrivacyReportingStrategy(strategy, report)
+    side = str(cfg["central-clipping"])
+    if side not in CLIPPING_SIDES:
+        raise ConfigError(f"central-clipping = {side!r} is unknown; use server or client")
+    noise, clip = float(cfg["central-noise-multiplier"]), float(cfg["central-clipping-norm"])
+    if noise < 0 or clip <= 0:
+        raise ConfigError(f"central DP needs central-noise-multiplier >= 0 and central-clipping-norm > 0; "
+                          f"got {noise:g} and {clip:g}")
+    if hasattr(strategy, "weighted_by_key"):
+        strategy.weighted_by_key = UNIT_WEIGHT_KEY
+    # Flower's accountant covers exactly FedAvg's (uniformly weighted) mean with positive noise.
+    account = noise > 0 and isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
+    delta = float(cfg["target-delta"]) or default_delta(max(int(cfg["min-nodes"]), 1))
+    cls = CentralDPServerClipping if side == "server" else CentralDPClientClipping
+    wrapped = cls(strategy, noise, clip, max(int(cfg["min-nodes"]), 1))
+    wrapped._setup(report, account=account, delta=delta, side=side)
+    return wrapped

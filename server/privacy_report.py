@@ -1,0 +1,123 @@
+"""The run's privacy report: privacy.json (per partner mechanism and final epsilon) and the guarantee sentence.
+
+Partners report their ledger's numbers in each training reply (MetricRecord ``metrics``) and
+who they are in a ConfigRecord ``privacy``; a partner that refuses to train (budget
+exhausted, too small) replies with an error, which is logged here and listed per partner.
+Central DP adds the organisation-level epsilon of Flower's accountant after each round.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.logger import log
+
+from common.privacy import dp_mode, uses_central_dp, uses_local_dp
+from server.run_report import atomic_write_bytes
+
+# Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
+PARTNER_METRICS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
+                   "ledger-steps", "ledger-rounds", "dp-users", "num-examples")
+
+
+class PrivacyReport:
+    """Collects every partner's privacy numbers and refusals; writes ``privacy.json`` after each round."""
+
+    def __init__(self, run_dir: Path, cfg: dict[str, Any]) -> None:
+        self.path = run_dir / "privacy.json"
+        self.cfg = cfg
+        self.mode = dp_mode(cfg)
+        self.partners: dict[str, dict[str, Any]] = {}
+        self.node_labels: dict[int, str] = {}
+        self.central: dict[str, Any] = {}
+        self.central_rounds: list[dict[str, Any]] = []
+
+    # -- fed by the strategy wrappers (server/central_dp.py) ----------------------------------
+    def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Record accepted replies' privacy numbers, log refusals; returns the replies without errors."""
+        valid = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                label = self.node_labels.get(node, f"node-{node}")
+                log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
+                entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+                entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
+                continue
+            valid.append(msg)
+            details = msg.content.config_records.get("privacy")
+            label = str(details.get("partner")) if details and details.get("partner") else f"node-{node}"
+            self.node_labels[node] = label
+            entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+            entry.update({k: v for k, v in (details or {}).items() if k != "partner"})
+            metrics = next(iter(msg.content.metric_records.values()), None)
+            if metrics is not None:
+                entry.update({k: metrics[k] for k in PARTNER_METRICS if k in metrics})
+            entry.setdefault("rounds-trained", []).append(server_round)
+        return valid
+
+    def note_central(self, server_round: int, *, noise_multiplier: float, clipping_norm: float, clipping: str,
+                     partners: int, epsilon: float | None, delta: float | None) -> None:
+        """One round of central DP noise on the aggregate; ``epsilon`` from Flower's accountant when it applies."""
+        self.central = {"noise-multiplier": noise_multiplier, "clipping-norm": clipping_norm, "clipping": clipping,
+                        "accountant": "flower-rdp (no amplification)" if epsilon is not None else "none",
+                        "epsilon": epsilon, "delta": delta}
+        self.central_rounds.append({"round": server_round, "partners": partners, "epsilon": epsilon})
+        if epsilon is not None:
+            log(INFO, "round %d: central DP, organisation-level epsilon %.3f (delta %.2g) after %d releases",
+                server_round, epsilon, delta, len(self.central_rounds))
+
+    # -- outputs -----------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {
+            "dp-mode": self.mode,
+            "guarantee": self.guarantee(),
+            "unit": "one user's whole interaction history at one partner (local); one partner's whole update (central)",
+        }
+        if uses_local_dp(self.mode):
+            out["local"] = {
+                "target-epsilon": cfg["target-epsilon"], "accountant": cfg["accountant"],
+                "max-grad-norm": cfg["max-grad-norm"], "batch-size": cfg["batch-size"],
+                "local-epochs": cfg["local-epochs"], "planned-rounds": cfg["num-server-rounds"],
+                "sampling": "poisson",
+            }
+            out["partners"] = dict(sorted(self.partners.items()))
+        if uses_central_dp(self.mode):
+            out["central"] = {**self.central, "rounds": self.central_rounds}
+        return out
+
+    def write(self) -> Path:
+        atomic_write_bytes(self.path, json.dumps(self.as_dict(), indent=2, sort_keys=True).encode())
+        return self.path
+
+    def guarantee(self) -> str:
+        """One sentence stating what the run guarantees, with its numbers."""
+        parts = []
+        if uses_local_dp(self.mode):
+            spent = [p for p in self.partners.values() if "epsilon" in p]
+            if spent:
+                worst = max(spent, key=lambda p: float(p["epsilon"]))
+                parts.append(
+                    f"each partner's training is (epsilon, delta)-DP for any one of its users' whole interaction "
+                    f"history (user-level DP-SGD, {self.cfg['accountant']} accountant, whole ledger), at most "
+                    f"({float(worst['epsilon']):.3f}, {float(worst['delta']):.2g}) over {len(spent)} partners "
+                    f"(worst: {worst['partner']}; targets {self.cfg['target-epsilon']:g})")
+            else:
+                parts.append("no partner completed a DP-SGD round")
+        if uses_central_dp(self.mode):
+            eps = self.central.get("epsilon")
+            bound = (f"({eps:.3f}, {self.central.get('delta'):.2g})-DP" if eps is not None
+                     else "noised but not accounted (Flower's accountant needs FedAvg)")
+            parts.append(f"the sequence of global models is {bound} for any one partner's whole contribution "
+                         f"(central DP, clipping {self.central.get('clipping', self.cfg['central-clipping'])}-side "
+                         f"at {self.cfg['central-clipping-norm']:g}, noise multiplier {self.cfg['central-noise-multiplier']:g}, "
+                         "trusting the coordinator to add the noise)")
+        if not parts:
+            return "No differential privacy: the released model carries no formal guarantee (dp-mode = off)."
+        text = "; and ".join(parts)
+        return text[0].upper() + text[1:] + "."

@@ -1,0 +1,209 @@
+"""Central DP (server/central_dp.py): the aggregate's noise, the clipping bound, refusals, Flower's accountant.
+
+The wrappers are driven the way Flower's strategy loop drives them (configure_train, then
+aggregate_train on reply messages), with a stand-in Grid; no simulation is started.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import central_dp_clipping_mod
+from common.config import resolve_config
+from server.central_dp import CentralDPClientClipping, CentralDPServerClipping, PrivacyReportingStrategy, with_privacy
+from server.privacy_report import PrivacyReport
+
+DIM = 20_000  # noise samples per round and partner-free coordinate
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower stamps messages with the running task's identity; pretend to be one."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+class FakeGrid:
+    """Just enough of a Grid for FedAvg.configure_train: ``n`` connected partners."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.n + 1))
+
+
+def _strategy(tmp_path, n: int, **overrides):
+    cfg = resolve_config(None, {"min-nodes": n, **overrides})
+    report = PrivacyReport(tmp_path, cfg)
+    return with_privacy(FedAvg(min_train_nodes=n, min_available_nodes=n), cfg, report), report
+
+
+def _reply(msg: Message, weights: np.ndarray, num_examples: int = 10) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(weights.astype(np.float32))}),
+        "metrics": MetricRecord({"num-examples": num_examples, "epsilon": 0.0, "delta": 0.0}),
+        "privacy": ConfigRecord({"partner": f"partner-{msg.metadata.dst_node_id}"}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def _round(strategy, server_round: int, n: int, global_w: np.ndarray, updates: list[np.ndarray | None], weights=None):
+    """Configure one round for ``n`` partners, reply with global + update (None = refuse), aggregate."""
+    msgs = list(strategy.configure_train(server_round, ArrayRecord({"w": Array(global_w)}), ConfigRecord({}), FakeGrid(n)))
+    replies = []
+    for i, (msg, upd) in enumerate(zip(msgs, updates)):
+        if upd is None:
+            replies.append(Message(Error(code=400, reason="budget exhausted: epsilon 8.000 of 8"), reply_to=msg))
+        else:
+            replies.append(_reply(msg, global_w + upd, (weights or [10] * n)[i]))
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return None if arrays is None else arrays["w"].numpy()
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_aggregate_noise_has_the_configured_std(tmp_path, side):
+    # Prepare: 4 partners send the same update of norm 5, clipped to C = 1 (on the server, or
+    # here by hand as fixedclipping_mod would on the client); sigma = 2 -> std = 2 * 1 / 4.
+    n, sigma, clip = 4, 2.0, 1.0
+    strategy, _ = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma,
+                                            "central-clipping-norm": clip, "central-clipping": side})
+    assert isinstance(strategy, CentralDPServerClipping if side == "server" else CentralDPClientClipping)
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=DIM).astype(np.float32)
+    update = 5.0 * direction / np.linalg.norm(direction)
+    sent = update if side == "server" else update * clip / np.linalg.norm(update)
+    np.random.seed(0)  # Flower draws the noise from numpy's global generator
+
+    # Execute: three rounds
+    residuals = []
+    for r in (1, 2, 3):
+        out = _round(strategy, r, n, np.zeros(DIM, np.float32), [sent] * n)
+        residuals.append(out - update * clip / np.linalg.norm(update))
+    noise = np.concatenate(residuals).astype(np.float64)
+
+    # Assert: sample std within 5 standard errors of sigma*C/n (SE of a std ~ std / sqrt(2N))
+    expected = sigma * clip / n
+    se = expected / math.sqrt(2 * noise.size)
+    assert abs(noise.std() - expected) < 5 * se, (noise.std(), expected)
+    assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
+
+
+def test_refused_partners_are_skipped_and_noise_follows_the_partners_averaged(tmp_path):
+    # Prepare: 4 sampled, one refuses (budget): Flower's own wrapper would skip the round
+    n, sigma = 4, 2.0
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
+    update = np.full(DIM, 0.5 / math.sqrt(DIM), np.float32)  # norm 0.5 < C: unclipped
+    np.random.seed(1)
+
+    # Execute
+    out = _round(strategy, 1, n, np.zeros(DIM, np.float32), [update, None, update, update])
+
+    # Assert: aggregated over the 3 that trained, noise std sigma * C / 3, refusal recorded
+    assert out is not None
+    noise = (out - update).astype(np.float64)
+    expected = sigma * 1.0 / 3
+    assert abs(noise.std() - expected) < 5 * expected / math.sqrt(2 * DIM)
+    refused = [p for p in report.partners.values() if "refused" in p]
+    assert len(refused) == 1 and refused[0]["refused"][0]["reason"].startswith("budget exhausted")
+    assert report.central_rounds[0]["partners"] == 3
+
+
+def test_server_side_clipping_bounds_every_update_and_weighs_partners_equally(tmp_path):
+    # Prepare: no noise, updates of norms 0.3, 1, 4 and 40 with unequal example counts
+    n, clip = 4, 1.0
+    strategy, _ = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": 0.0,
+                                            "central-clipping-norm": clip})
+    seen = []
+    inner_aggregate = strategy.strategy.aggregate_train
+
+    def spy(server_round, replies):
+        replies = list(replies)
+        seen.extend(r.content["arrays"]["w"].numpy().copy() for r in replies)
+        return inner_aggregate(server_round, replies)
+
+    strategy.strategy.aggregate_train = spy
+    rng = np.random.default_rng(2)
+    updates = []
+    for norm in (0.3, 1.0, 4.0, 40.0):
+        v = rng.normal(size=DIM)
+        updates.append((norm * v / np.linalg.norm(v)).astype(np.float32))
+    global_w = rng.normal(size=DIM).astype(np.float32)
+
+    # Execute
+    out = _round(strategy, 1, n, global_w, updates, weights=[1, 10, 100, 1000])
+
+    # Assert: every update the aggregator sees is within C; small ones untouched; plain mean
+    norms = [np.linalg.norm(w.astype(np.float64) - global_w) for w in seen]
+    assert all(x <= clip * (1 + 1e-5) for x in norms), norms
+    assert norms[0] == pytest.approx(0.3, rel=1e-4)
+    clipped = [u * min(1.0, clip / np.linalg.norm(u)) for u in updates]
+    np.testing.assert_allclose(out, global_w + np.mean(clipped, axis=0), atol=1e-5)
+
+
+def test_client_mod_clips_only_when_the_run_asks_for_it(tmp_path):
+    # Prepare: the client-side wrapper injects the clipping norm into the train config
+    clip = 0.5
+    overrides = {"dp-mode": "central", "central-clipping": "client", "central-clipping-norm": clip, "min-nodes": 1}
+    strategy, _ = _strategy(tmp_path, 1, **{k: v for k, v in overrides.items() if k != "min-nodes"})
+    global_w = np.zeros(100, np.float32)
+    msg = next(iter(strategy.configure_train(1, ArrayRecord({"w": Array(global_w)}), ConfigRecord({}), FakeGrid(1))))
+    big = np.full(100, 3.0, np.float32)  # norm 30
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def handler(m: Message, ctx: Context) -> Message:
+        return _reply(m, global_w + big)
+
+    # Execute
+    clipped = central_dp_clipping_mod(overrides)(msg, context, handler)
+    untouched = central_dp_clipping_mod({**overrides, "dp-mode": "local"})(msg, context, handler)
+
+    # Assert
+    assert np.linalg.norm(clipped.content["arrays"]["w"].numpy()) == pytest.approx(clip, rel=1e-5)
+    assert np.linalg.norm(untouched.content["arrays"]["w"].numpy()) == pytest.approx(30.0, rel=1e-5)
+
+
+def test_organisation_level_epsilon_matches_dp_accounting(tmp_path):
+    from dp_accounting import dp_event, rdp
+
+    # Prepare
+    n, sigma, rounds = 3, 1.5, 4
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
+    update = np.full(10, 0.1, np.float32)  # NOTE: Flower's clipping divides by the norm: never send exactly zero
+
+    # Execute
+    for r in range(1, rounds + 1):
+        _round(strategy, r, n, np.zeros(10, np.float32), [update] * n)
+
+    # Assert: Gaussian mechanism with noise multiplier sigma, composed once per round, no amplification
+    epsilons = [r["epsilon"] for r in report.central_rounds]
+    assert epsilons == sorted(epsilons) and len(epsilons) == rounds
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), rounds)
+    assert epsilons[-1] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+    assert (tmp_path / "privacy.json").is_file()
+    assert "for any one partner's whole contribution" in report.guarantee()
+
+
+def test_local_mode_logs_refusals_and_aggregates_the_rest(tmp_path):
+    strategy, report = _strategy(tmp_path, 3)
+    assert isinstance(strategy, PrivacyReportingStrategy)
+    upd = np.ones(10, np.float32)
+    out = _round(strategy, 1, 3, np.zeros(10, np.float32), [upd, None, 3 * upd])
+    np.testing.assert_allclose(out, 2 * upd)  # FedAvg of the two that trained (equal weights here)
+    assert sum("refused" in p for p in report.partners.values()) == 1
+
+
+def test_bad_central_settings_are_one_clear_error(tmp_path):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="central-clipping"):
+        _strategy(tmp_path, 2, **{"dp-mode": "central", "central-clipping": "middle"})
+    with pytest.raises(ConfigError, match="dp-mode"):
+        _strategy(tmp_path, 2, **{"dp-mode": "global"})
