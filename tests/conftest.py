@@ -37,3 +37,15 @@ def small_data():
     from common.data import build_sequences, generate_synthetic
 
     return build_sequences(generate_synthetic(num_users=200, num_items=60, mean_length=15, seed=3), name="small")
+
+
+def flower_message(content, message_type: str = "train", *, src_node_id: int = 0, dst_node_id: int = 1):
+    """A Message as a SuperNode would hand it to a ClientApp (outside a Flower runtime)."""
+    import time
+    import uuid
+
+    from flwr.app import Message, Metadata
+
+    meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=src_node_id, dst_node_id=dst_node_id,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content=content, metadata=meta)
