@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
+from client.safe_errors import error_reply
 from common.config import resolve_config
 from common.errors import FedRecError
 from common.metrics import evaluate_ranking
@@ -29,15 +30,15 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         try:
             return _train(msg, context, resolve_config(context.run_config, overrides))
-        except FedRecError as exc:
-            return Message(Error(code=USER_ERROR, reason=str(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
+            return error_reply(msg, exc)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             return _evaluate(msg, context, resolve_config(context.run_config, overrides))
-        except FedRecError as exc:
-            return Message(Error(code=USER_ERROR, reason=str(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
+            return error_reply(msg, exc)
 
     return app
 
@@ -79,6 +80,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
+            **_proximal(msg),
         )
 
         # Record the spend on the ledger before anything leaves; epsilon is over the whole ledger
@@ -99,6 +101,12 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics,
                           "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg)})})
     return Message(content, reply_to=msg)
+
+
+def _proximal(msg: Message) -> dict:
+    """FedProx: the server's proximal-mu, passed on only when set (aggregation = fedprox)."""
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    return {"proximal_mu": mu} if mu else {}
 
 
 def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:

@@ -15,6 +15,7 @@ from common.data.sequences import SequenceData
 from common.errors import PrivacyError
 from common.metrics import pad_left
 from common.privacy import Mechanism
+from common.proximal import ProximalAnchor
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -98,8 +99,12 @@ def train_local(
     dp: DPSettings | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
+
+    ``proximal_mu`` > 0 (FedProx) pulls the weights toward the received global model after
+    every step (common/proximal.py; no privacy cost).
 
     With ``dp``, each step Poisson-samples users (expected ``batch_size``), clips each
     user's gradient to ``max_grad_norm`` and adds Gaussian noise; ``mechanisms`` lists
@@ -111,6 +116,7 @@ def train_local(
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()
+    proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     criterion: nn.Module = SequenceLoss()
@@ -139,6 +145,7 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 if len(inputs) == 0:  # an empty Poisson batch still counts as a noisy step
                     optimizer.step()
+                    proximal.step()
                     steps += 1
                     continue
                 inputs, targets = inputs.to(device), targets.to(device)
@@ -147,6 +154,7 @@ def train_local(
                     loss = criterion(model(inputs), targets)
                     loss.backward()
                 optimizer.step()
+                proximal.step()
                 total += float(loss.item())
                 batches += 1
                 steps += 1

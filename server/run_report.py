@@ -58,6 +58,12 @@ class RunRecorder:
         self._t0 = time.perf_counter()
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
+    def restore(self, rounds: list[dict[str, Any]]) -> None:
+        """Continue a resumed run (server/resume.py): earlier rounds count in the summary and wall time."""
+        self.rounds = list(rounds)
+        if rounds:
+            self._t0 = time.perf_counter() - float(rounds[-1].get("seconds") or 0.0)
+
     # -- plugged into the strategy ---------------------------------------------------------
     def aggregate_train_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         """Example-weighted mean loss; the worst (largest) epsilon over partners; summed examples."""

@@ -1,0 +1,57 @@
+"""Error replies that never carry a partner's data to the server.
+
+Flower forwards a ClientApp's exception text to the server, and exception texts quote what
+they choke on: a pandas parser error quotes the offending line, a ``KeyError`` the user id,
+a headerless CSV's "columns" are its first data row, a path names the partner's folders.
+``error_reply`` turns any exception into a reply whose reason is safe to send; the full text
+goes to the partner's own log only.
+
+* Our own errors (``FedRecError``: budget, config, data problems) keep their sentence, which
+  says what to fix, with absolute paths cut to the file name, and quoted values and
+  parenthesised details (where messages put found columns or a parser's words) removed.
+* Anything else (a bug, a library error) becomes its exception type and a fixed sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flwr.app import Error, Message
+
+from common.errors import FedRecError
+
+LOG = logging.getLogger("fedrec.client")
+USER_ERROR = 400  # the partner can fix it (data, config, budget)
+INTERNAL_ERROR = 500  # a bug or an environment problem at the partner
+MAX_REASON_CHARS = 300
+
+# An absolute path (or ~/...): a "/" not preceded by a word character, then path segments.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])~?(?:/[\w.@+=-]+)+/?")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PARENTHESISED = re.compile(r"\s\([^()]*\)")  # " (found a, b)" but not "column(s)"
+
+
+def safe_reason(exc: BaseException) -> str:
+    """The reason the server may see for ``exc``: one line, no data values, no absolute paths."""
+    kind = type(exc).__name__
+    if not isinstance(exc, FedRecError):
+        return f"{kind}: internal error at the partner; its operator has the details in the partner's log"
+    text = " ".join(str(exc).split())
+    text = _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    text = _QUOTED.sub("<value>", text)
+    text = _PARENTHESISED.sub("", text)
+    if len(text) > MAX_REASON_CHARS:
+        text = text[:MAX_REASON_CHARS] + "..."
+    return text
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """Log ``exc`` in full locally, reply to ``msg`` with a sanitised :class:`Error`."""
+    if isinstance(exc, FedRecError):
+        LOG.warning("round failed at this partner: %s", exc)
+        code = USER_ERROR
+    else:
+        LOG.exception("round failed at this partner with an unexpected error")
+        code = INTERNAL_ERROR
+    return Message(Error(code=code, reason=safe_reason(exc)), reply_to=msg)

@@ -1,0 +1,181 @@
+"""Start or resume a run: its directory, the model to start from, and the checkpoint after each round.
+
+Fresh run (``resume = false``): a new run directory, the freshly initialised model, rounds
+1..num-server-rounds. Resumed run (``resume = true``, ``run-name`` naming the directory under
+``run-dir``): the last checkpoint is verified (checksum, model shape, catalogue, config), its
+model and strategy state are restored, ``metrics.jsonl`` is cut back to exactly the
+checkpointed rounds (a crash between logging a round and checkpointing it must not count that
+round twice), and the run continues with round ``checkpoint + 1``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
+
+from common.errors import CheckpointError, ConfigError
+from common.files import write_private_bytes
+from server.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    check_compatible,
+    fingerprint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
+from server.rounds import RoundControl
+from server.run_report import RunRecorder, new_run_dir
+from server.validation import ValidatingStrategy
+
+
+@dataclass
+class RunStart:
+    """Where this process starts: the run directory, the global model and the rounds left."""
+
+    run_dir: Path
+    arrays: ArrayRecord
+    first_round: int  # federation round number of this process' first round
+    num_rounds: int  # rounds this process runs
+    fingerprint: dict[str, Any]
+    checkpoint: Checkpoint | None = None
+
+
+def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
+    """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
+    state = model.state_dict()
+    fp = fingerprint(cfg, catalogue, state)
+    total = int(cfg["num-server-rounds"])
+    if not cfg["resume"]:
+        run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])
+        return RunStart(run_dir, ArrayRecord(state), 1, total, fp)
+    if not cfg["run-name"]:
+        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
+    run_dir = Path(cfg["run-dir"]) / str(cfg["run-name"])
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory to resume")
+    ckpt = load_checkpoint(run_dir)
+    check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
+    if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):
+        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: metrics for rounds 1..{ckpt.round} are incomplete")
+    _rewrite_metrics(run_dir, ckpt.rounds)
+    left = max(total - ckpt.round, 0)
+    if left == 0:
+        log(WARNING, "%s already completed round %d of %d; nothing left to run", run_dir, ckpt.round, total)
+    log(INFO, "resuming %s after round %d: %d round(s) left", run_dir, ckpt.round, left)
+    return RunStart(run_dir, ArrayRecord(ckpt.arrays), ckpt.round + 1, left, fp, ckpt)
+
+
+def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy) -> None:
+    """Hand a resumed run's history to the recorder and its learned state to the strategies."""
+    if start.checkpoint is None:
+        return
+    recorder.restore(start.checkpoint.rounds)
+    for level, saved in _by_level(start.checkpoint.strategy_state).items():
+        chain = _chain(strategy)
+        if level >= len(chain):
+            raise CheckpointError(f"checkpointed strategy state for wrapper level {level} has no strategy to go to")
+        restore_strategy_state(chain[level], saved)
+    validating = _find(strategy, ValidatingStrategy)
+    if validating is not None:
+        validating.rejections = list(start.checkpoint.rejections)
+
+
+class RoundCheckpointer:
+    """Plugs into ``Strategy.start`` as ``evaluate_fn``: records each round, then checkpoints it.
+
+    Flower calls it with this process' round numbers (0 = before training, ignored); the
+    :class:`RoundControl` turns them into the federation's.
+    """
+
+    def __init__(self, start: RunStart, recorder: RunRecorder, strategy: RoundControl, cfg: Mapping[str, Any]) -> None:
+        self.start = start
+        self.recorder = recorder
+        self.strategy = strategy
+        self.cfg = cfg
+
+    def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0:
+            return None
+        server_round = self.strategy.federation_round(local_round)
+        self.recorder.end_round(server_round, arrays)
+        validating = _find(self.strategy, ValidatingStrategy)
+        rejections = list(validating.rejections) if validating else []
+        ckpt = Checkpoint(
+            round=server_round,
+            arrays=arrays.to_torch_state_dict(),
+            fingerprint=self.start.fingerprint,
+            strategy_state=_all_state(self.strategy),
+            rounds=list(self.recorder.rounds),
+            privacy=privacy_summary(self.start.run_dir, self.recorder.rounds, self.cfg),
+            rejections=rejections,
+        )
+        save_checkpoint(self.start.run_dir, ckpt)
+        if rejections:
+            write_private_bytes(self.start.run_dir / "rejections.json", json.dumps(rejections, indent=1).encode())
+        return None
+
+
+def privacy_summary(run_dir: Path, rounds: list[dict[str, Any]], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The privacy spent so far: worst-partner (epsilon, delta) per round, plus privacy.json if written."""
+    summary: dict[str, Any] = {
+        "dp": bool(cfg.get("dp")),
+        "dp-mode": cfg.get("dp-mode"),
+        "epsilon-by-round": [line.get("epsilon") for line in rounds],
+        "delta": rounds[-1].get("delta") if rounds else None,
+    }
+    report = run_dir / "privacy.json"
+    if report.is_file():
+        try:
+            summary["privacy.json"] = json.loads(report.read_text())
+        except (OSError, json.JSONDecodeError):
+            summary["privacy.json"] = None  # being rewritten right now; the next round's checkpoint has it
+    return summary
+
+
+# -- strategy chains -------------------------------------------------------------------------
+def _chain(strategy: Strategy) -> list[Strategy]:
+    """The wrapper chain, outermost first (ours hold ``inner``, Flower's DP wrappers ``strategy``)."""
+    chain = [strategy]
+    while True:
+        inner = getattr(chain[-1], "inner", None) or getattr(chain[-1], "strategy", None)
+        if not isinstance(inner, Strategy):
+            return chain
+        chain.append(inner)
+
+
+def _find(strategy: Strategy, kind: type) -> Any:
+    return next((s for s in _chain(strategy) if isinstance(s, kind)), None)
+
+
+def _all_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """Learned arrays of every level of the chain, keyed ``"<level>.<attribute>"``."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for level, s in enumerate(_chain(strategy)):
+        for name, arrays in strategy_state(s).items():
+            out[f"{level}.{name}"] = arrays
+    return out
+
+
+def _by_level(state: Mapping[str, Mapping[str, np.ndarray]]) -> dict[int, dict[str, Mapping[str, np.ndarray]]]:
+    out: dict[int, dict[str, Mapping[str, np.ndarray]]] = {}
+    for key, arrays in state.items():
+        level, _, name = key.partition(".")
+        out.setdefault(int(level), {})[name] = arrays
+    return out
+
+
+def _rewrite_metrics(run_dir: Path, rounds: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in rounds)
+    write_private_bytes(run_dir / "metrics.jsonl", text.encode())

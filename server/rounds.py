@@ -1,0 +1,91 @@
+"""How a round starts: bounded waiting for partners, and round numbers that continue across a resume.
+
+Flower's ``Strategy.start`` numbers rounds 1..num_rounds and its node sampler waits forever
+for ``min_available_nodes``. ``RoundControl`` wraps a strategy so that
+
+* round ``r`` of this process is round ``first_round - 1 + r`` of the federation, for the
+  inner strategy (FedAdam's bias correction), the ``server-round`` sent to clients (their
+  seeds) and the run directory; and
+* each sampling step waits at most ``node_wait_timeout`` seconds for enough partners, then
+  fails with one clear line instead of hanging.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.errors import FederationError
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, poll: float = 1.0) -> int:
+    """Wait until ``needed`` nodes are connected; returns how many are. Raises after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FederationError(
+                f"only {connected} of the {needed} partners needed (min-nodes) connected within "
+                f"node-wait-timeout = {timeout:g} s; start more SuperNodes or lower min-nodes"
+            )
+        log(INFO, "waiting for partners: %d connected, %d needed (%.0f s left)", connected, needed, left)
+        time.sleep(min(poll, left))
+    return connected
+
+
+class RoundControl(Strategy):
+    """Offset round numbers and bound the wait for partners; everything else is delegated.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The wrapped strategy (typically a :class:`server.validation.ValidatingStrategy`).
+    first_round : int
+        The federation's number for this process' round 1 (1 for a fresh run, last
+        checkpointed round + 1 when resuming).
+    min_nodes : int
+        Partners that must be connected before a round samples (Flower's
+        ``max(min_available_nodes, min_train_nodes)``).
+    node_wait_timeout : float
+        Seconds to wait for ``min_nodes`` partners before failing the run.
+    """
+
+    def __init__(self, inner: Strategy, *, first_round: int = 1, min_nodes: int, node_wait_timeout: float) -> None:
+        if first_round < 1:
+            raise ValueError("first_round must be at least 1")
+        if node_wait_timeout <= 0:
+            raise ValueError("node_wait_timeout must be positive (seconds)")
+        self.inner = inner
+        self.offset = first_round - 1
+        self.min_nodes = min_nodes
+        self.node_wait_timeout = node_wait_timeout
+
+    def federation_round(self, local_round: int) -> int:
+        """The federation's round number of this process' round ``local_round``."""
+        return local_round + self.offset
+
+    def summary(self) -> None:
+        """Log the round settings, then the inner strategy's."""
+        log(INFO, "\t├──> Rounds: first round %d, wait for %d partners at most %g s",
+            self.offset + 1, self.min_nodes, self.node_wait_timeout)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
+        return self.inner.configure_train(self.federation_round(server_round), arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(self.federation_round(server_round), replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
+        return self.inner.configure_evaluate(self.federation_round(server_round), arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(self.federation_round(server_round), replies)

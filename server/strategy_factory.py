@@ -1,0 +1,109 @@
+"""The server's strategy stack, built from the run config.
+
+    RoundControl( ValidatingStrategy( <aggregation> ) )
+
+``aggregation`` picks the inner strategy from ``flwr.serverapp.strategy``. Every option
+except ``fedavg``/``fedprox``/``fedadam`` needs the individual updates (median, trimmed
+mean and Krum compare partners), and so does update validation: none of this works on
+the single sum that secure aggregation reveals (see the README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+
+from common.errors import ConfigError
+from server.rounds import RoundControl
+from server.validation import UpdateBounds, ValidatingStrategy
+
+AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum")
+# Options that aggregate individual updates; secure aggregation only ever reveals their sum.
+NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed-mean", "krum")
+
+MetricsFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def aggregation_strategy(
+    cfg: Mapping[str, Any], *, train_metrics_aggr_fn: MetricsFn | None = None,
+    evaluate_metrics_aggr_fn: MetricsFn | None = None,
+) -> Strategy:
+    """The inner (aggregating) strategy named by ``cfg["aggregation"]``."""
+    name = str(cfg["aggregation"])
+    min_nodes = int(cfg["min-nodes"])
+    common = dict(
+        fraction_train=float(cfg["fraction-train"]),
+        fraction_evaluate=1.0,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
+        train_metrics_aggr_fn=train_metrics_aggr_fn,
+        evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+    )
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        mu = float(cfg["proximal-mu"])
+        if mu < 0:
+            raise ConfigError(f"proximal-mu = {mu:g} must be >= 0")
+        return FedProx(**common, proximal_mu=mu)
+    if name == "fedadam":
+        # eta_l is only reported by Flower, the clients' rate is learning-rate.
+        return FedAdam(**common, eta=float(cfg["server-learning-rate"]), eta_l=float(cfg["learning-rate"]))
+    if name == "median":
+        return FedMedian(**common)
+    if name == "trimmed-mean":
+        beta = float(cfg["trim-fraction"])
+        if not 0.0 <= beta < 0.5:
+            raise ConfigError(f"trim-fraction = {beta:g} must be in [0, 0.5)")
+        return FedTrimmedAvg(**common, beta=beta)
+    if name == "krum":
+        f = int(cfg["num-malicious-nodes"])
+        # Krum scores each update by its n - f - 2 nearest neighbours: needs n > f + 2.
+        if f < 0 or min_nodes < f + 3:
+            raise ConfigError(f"krum with num-malicious-nodes = {f} needs min-nodes >= {f + 3} (has {min_nodes})")
+        return Krum(**common, num_malicious_nodes=f)
+    raise ConfigError(f"aggregation = {name!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def build_strategy(
+    cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,
+    evaluate_metrics_aggr_fn: MetricsFn | None = None, wrap_aggregation: Callable[[Strategy], Strategy] | None = None,
+) -> RoundControl:
+    """The full stack: round control over update validation over the chosen aggregation.
+
+    ``wrap_aggregation`` may wrap the aggregating strategy (e.g. central DP), so that
+    validation sees the partners' raw updates before any clipping or noise.
+    """
+    min_nodes = int(cfg["min-nodes"])
+    max_norm = float(cfg["max-update-norm"])
+    max_examples = int(cfg["max-num-examples"])
+    if max_norm < 0:
+        raise ConfigError(f"max-update-norm = {max_norm:g} must be >= 0 (0 = no bound)")
+    if max_examples < 1:
+        raise ConfigError(f"max-num-examples = {max_examples} must be >= 1")
+    inner = aggregation_strategy(
+        cfg, train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn
+    )
+    if wrap_aggregation is not None:
+        inner = wrap_aggregation(inner)
+    validating = ValidatingStrategy(
+        inner, bounds=UpdateBounds(max_update_norm=max_norm, max_num_examples=max_examples), min_train_nodes=min_nodes
+    )
+    wait = float(cfg["node-wait-timeout"])
+    if wait <= 0:
+        raise ConfigError(f"node-wait-timeout = {wait:g} must be > 0 seconds")
+    return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait)
+
+
+def unwrap(strategy: Strategy) -> Strategy:
+    """The innermost (aggregating) strategy under wrappers holding it as ``inner`` (ours) or
+    ``strategy`` (Flower's DP wrappers)."""
+    while True:
+        inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+        if not isinstance(inner, Strategy):
+            return strategy
+        strategy = inner
