@@ -32,7 +32,10 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cfg = resolve_config(None, overrides)  # fail fast on bad keys, before Ray starts
+    from common.task import federation_data
+
+    cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before Ray starts
+    federation_data(cfg)
     cfg["run-name"] = cfg["run-name"] or _auto_name(cfg, num_partners)
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])

@@ -1,0 +1,148 @@
+"""PNG plots of runs and sweeps (matplotlib, headless).
+
+- ``plot_run(run_dir)``: ``rounds.png`` (HR@10/NDCG@10 per round) and ``partners.png``
+  (final NDCG@10 of each partner) in the run directory.
+- ``plot_sweep(csv)``: beside the CSV, ``<stem>_ndcg_vs_epsilon.png`` (mean over seeds,
+  each seed a dot, bars = min..max), ``<stem>_rounds.png`` (NDCG@10 per round, mean over
+  seeds, per configuration) and ``<stem>_partners.png`` (per-partner NDCG@10 spread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon"}
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Metric per round and the per-partner distribution of one run; returns the files written."""
+    lines = _rounds(run_dir)
+    if not lines:
+        return []
+    out = []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("hr@10", "ndcg@10"):
+        ax.plot([x["round"] for x in lines], [x.get(key) or 0 for x in lines], marker="o", label=key.upper())
+    ax.set_xlabel("round")
+    ax.set_ylabel("test metric")
+    ax.set_title(Path(run_dir).name, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "rounds.png", dpi=110)
+    plt.close(fig)
+    out.append(run_dir / "rounds.png")
+    partners = lines[-1].get("partner-ndcg@10") or []
+    if partners:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(range(len(partners)), partners)
+        ax.set_xlabel("partner (partition id)")
+        ax.set_ylabel("NDCG@10 (final round)")
+        fig.tight_layout()
+        fig.savefig(run_dir / "partners.png", dpi=110)
+        plt.close(fig)
+        out.append(run_dir / "partners.png")
+    return out
+
+
+def _epsilon_x(value: object, finite_max: float) -> float:
+    eps = float(value) if str(value).lower() not in ("inf", "none", "") else math.inf
+    return eps if math.isfinite(eps) else finite_max * 2
+
+
+def _label(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys) or "all"
+
+
+def plot_sweep(csv_path: Path) -> list[Path]:
+    """The sweep's three plots beside ``csv_path``; returns the files written."""
+    csv_path = Path(csv_path)
+    frame = pd.read_csv(csv_path, dtype={"target-epsilon": str})
+    frame = frame[frame["status"] == "ok"]
+    if frame.empty:
+        return []
+    varying = [c for c in frame.columns if c not in IGNORED and c not in _metric_columns(frame)
+               and frame[c].nunique(dropna=False) > 1]
+    groups = frame.groupby(varying, dropna=False) if varying else [((), frame)]
+    written = []
+    stem = csv_path.with_suffix("")
+
+    if "target-epsilon" in frame.columns:
+        finite = [float(e) for e in frame["target-epsilon"].astype(str) if e.lower() not in ("inf", "none", "nan")]
+        fmax = max(finite) if finite else 1.0
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, g in groups:
+            xs = g["target-epsilon"].map(lambda e: _epsilon_x(e, fmax))
+            stats = g.assign(x=xs).groupby("x")["ndcg@10"].agg(["mean", "min", "max"]).sort_index()
+            line = ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                               marker="o", capsize=3, label=_label(g.iloc[0], varying))
+            ax.scatter(xs, g["ndcg@10"], s=10, alpha=0.5, color=line[0].get_color())
+        ticks = sorted({_epsilon_x(e, fmax) for e in frame["target-epsilon"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
+        ax.set_xlabel("target epsilon per partner (user-level)")
+        ax.set_ylabel("NDCG@10 (test, full ranking)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(f"{stem}_ndcg_vs_epsilon.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    per_config = [c for c in frame.columns if c not in IGNORED and c not in _metric_columns(frame) and frame[c].nunique(dropna=False) > 1]
+    config_keys = per_config + (["target-epsilon"] if "target-epsilon" in frame.columns else [])
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    partners: dict[str, list[float]] = defaultdict(list)
+    for _, row in frame.iterrows():
+        label = _label(row, config_keys)
+        lines = _rounds(Path(str(row["run-dir"])))
+        for x in lines:
+            curves[label][x["round"]].append(x.get("ndcg@10") or 0.0)
+        if lines:
+            partners[label].extend(lines[-1].get("partner-ndcg@10") or [])
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, by_round in curves.items():
+            rs = sorted(by_round)
+            ax.plot(rs, [sum(by_round[r]) / len(by_round[r]) for r in rs], marker=".", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel("NDCG@10 (mean over seeds)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = Path(f"{stem}_rounds.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if any(partners.values()):
+        labels = [k for k, v in partners.items() if v]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4))
+        ax.boxplot([partners[k] for k in labels])
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("per-partner NDCG@10 (final round, all seeds)")
+        fig.tight_layout()
+        path = Path(f"{stem}_partners.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _metric_columns(frame: pd.DataFrame) -> set[str]:
+    from simulations.sweep import METRICS
+
+    return set(METRICS) & set(frame.columns)

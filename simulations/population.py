@@ -1,0 +1,34 @@
+"""Who is in a simulation: partition statistics (printed by the runner) and the held-out users.
+
+``holdout.json`` in the run directory lists the raw ids of users never trained on (the
+non-members of ``simulations.audit``); ``partitions.json`` the partners' statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.data.partition import format_statistics
+from common.partners import simulated_statistics, split_population
+
+
+def describe_partners(cfg: Mapping[str, Any], num_partners: int) -> str:
+    """One line: partner sizes and attribute skew of this configuration."""
+    stats = simulated_statistics(cfg, num_partners)
+    return format_statistics(stats, label=f"partitioning {cfg['partitioning']}: ")
+
+
+def write_population(run_dir: Path, cfg: Mapping[str, Any], num_partners: int) -> None:
+    """Write ``holdout.json`` and ``partitions.json`` into ``run_dir``."""
+    population, held = split_population(cfg)
+    (run_dir / "holdout.json").write_text(json.dumps({
+        "holdout-fraction": float(cfg.get("holdout-fraction", 0.0)),
+        "seed": int(cfg["seed"]),
+        "members": len(population.user_ids),
+        "user-ids": held.user_ids.tolist(),
+    }))
+    stats = simulated_statistics(cfg, num_partners)
+    (run_dir / "partitions.json").write_text(json.dumps({"partitioning": cfg["partitioning"], **stats}, indent=1))

@@ -1,0 +1,238 @@
+"""Experiment sweeps: a grid of federated simulations, one CSV row per run, resumable.
+
+    nice -n 5 python -m simulations.sweep simulations/configs/privacy_utility_ml100k.toml
+
+A config (TOML) has three tables::
+
+    [sweep]                        # how to run
+    output = "simulations/results/x.csv"   # the CSV (plots are written beside it)
+    runs-dir = "runs/sweeps/x"     # run directories of the single runs
+    seeds = [1, 2, 3]              # every cell runs once per seed
+    [fixed]                        # run-config keys shared by all cells (any key of [tool.flwr.app.config])
+    dataset = "../shared/data/ml-100k"
+    [grid]                         # run-config keys -> lists of values; the cells are their product
+    target-epsilon = [1, 8, "inf"] # "inf" = no DP (dp = false)
+    model = ["sasrec", "mf"]
+    num-partners = [5]             # not a run-config key: the number of simulated partners
+
+Each run is a separate ``python -m simulations.run`` process (Flower's simulation engine
+starts and stops its own Ray instance there, so one run's Ray state, caches or crash
+cannot leak into the next). A run whose ``run-id`` (a hash of its full configuration)
+is already in the CSV is skipped, so re-running the command resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import DEFAULTS
+from common.errors import ConfigError, FedRecError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SWEEP_ONLY = ("num-partners", "seed")
+METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
+           "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
+ROUND_LINE = re.compile(r"round (\d+): HR@")
+
+
+def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a sweep config; every key must be a run-config key (or num-partners)."""
+    p = Path(path)
+    try:
+        spec = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read sweep config ({exc})") from None
+    sweep = spec.get("sweep", {})
+    fixed = spec.get("fixed", {})
+    grid = spec.get("grid", {})
+    for key in [*fixed, *grid]:
+        if key not in DEFAULTS and key not in SWEEP_ONLY:
+            raise ConfigError(f"{p}: unknown key {key!r} (not in [tool.flwr.app.config])")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{p}: grid key {key!r} needs a non-empty list of values")
+    if "output" not in sweep:
+        raise ConfigError(f"{p}: [sweep] needs output = \"path/to/results.csv\"")
+    seeds = sweep.get("seeds", [fixed.get("seed", DEFAULTS["seed"])])
+    return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
+            "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": [int(s) for s in seeds],
+            "fixed": fixed, "grid": grid, "timeout": float(sweep.get("run-timeout", 3600))}
+
+
+def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every run of the sweep: fixed keys + one grid combination + a seed (cells in grid order)."""
+    keys = list(spec["grid"])
+    for combo in itertools.product(*(spec["grid"][k] for k in keys)):
+        for seed in spec["seeds"]:
+            run = {**spec["fixed"], **dict(zip(keys, combo)), "seed": seed}
+            run.setdefault("num-partners", 5)
+            yield run
+
+
+def is_no_dp(run: Mapping[str, Any]) -> bool:
+    eps = run.get("target-epsilon")
+    return isinstance(eps, str) and eps.lower() in ("inf", "none") or (isinstance(eps, float) and math.isinf(eps))
+
+
+def run_id(run: Mapping[str, Any]) -> str:
+    """A stable id of a run's full configuration (the resume key)."""
+    return hashlib.sha1(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_overrides(run: Mapping[str, Any]) -> dict[str, Any]:
+    """Run-config overrides of one run: ``target-epsilon = "inf"`` becomes ``dp = false``."""
+    out = {k: v for k, v in run.items() if k != "num-partners"}
+    if is_no_dp(run):
+        out.pop("target-epsilon")
+        out["dp"] = False
+        if "dp-mode" in DEFAULTS and out.get("dp-mode", "local") == "local":
+            out["dp-mode"] = "off"
+    return out
+
+
+def _config_arg(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"{key}={value}"
+    return f'{key}="{value}"'
+
+
+def finished_runs(csv_path: Path, retry_failed: bool = False) -> set[str]:
+    """Run ids already in the CSV (failed ones too unless ``retry_failed``)."""
+    if not csv_path.exists():
+        return set()
+    with open(csv_path, newline="") as fh:
+        return {r["run-id"] for r in csv.DictReader(fh) if not (retry_failed and r.get("status") != "ok")}
+
+
+def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
+    """Append one row (header first if the file is new); a changed column set is an error."""
+    new = not csv_path.exists()
+    if not new:
+        with open(csv_path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != columns:
+            raise ConfigError(f"{csv_path}: its columns differ from this sweep's; use another output file")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow({c: row.get(c, "") for c in columns})
+
+
+def columns_of(spec: Mapping[str, Any]) -> list[str]:
+    config_keys = sorted({*spec["fixed"], *spec["grid"], "seed", "num-partners"})
+    return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
+
+
+def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
+    """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
+    runs_dir = spec["runs-dir"]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{spec['name']}-{rid}"
+    overrides = {**run_overrides(run), "run-dir": str(runs_dir), "run-name": name}
+    cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(int(run["num-partners"]))]
+    for key, value in overrides.items():
+        cmd += ["--run-config", _config_arg(key, value)]
+    log_path = runs_dir / f"{name}.log"
+    start = time.perf_counter()
+    run_dir, last_error = None, ""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own process group: a timeout stops Ray with it
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if (m := ROUND_LINE.search(line)) and on_round:
+                    on_round(int(m.group(1)))
+                if line.startswith("run directory: "):
+                    run_dir = Path(line.split(": ", 1)[1].strip())
+                if line.startswith("error:") or "ERROR" in line:
+                    last_error = line.strip()[-300:]
+                if time.perf_counter() - start > spec["timeout"]:
+                    raise TimeoutError
+            proc.wait()
+        except (TimeoutError, KeyboardInterrupt) as exc:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            last_error = f"timed out after {spec['timeout']:.0f} s"
+    row: dict[str, Any] = {**run, "run-id": rid, "seconds": round(time.perf_counter() - start, 1)}
+    if run_dir is None or proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():
+        row["status"] = f"failed (exit {proc.returncode}): {last_error or 'see ' + str(log_path)}"
+        return row
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = lines[-1]
+    row.update({k: last.get(k) for k in METRICS})
+    row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
+    if is_no_dp(run):
+        row["epsilon"] = "inf"
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
+    parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0 = all)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    try:
+        spec = load_sweep(args.config)
+        runs = list(expand(spec))
+        columns = columns_of(spec)
+        done = finished_runs(spec["output"], args.retry_failed)
+        todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
+        print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
+              f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
+        if args.max_runs:
+            todo = todo[: args.max_runs]
+        bar = tqdm(total=len(todo), desc="runs", unit="run", position=0)
+        for rid, run in todo:
+            rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
+            rounds = tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} eps={run.get('target-epsilon', '-')} "
+                          f"seed={run['seed']}", unit="round", position=1, leave=False)
+            row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
+            rounds.close()
+            append_row(spec["output"], row, columns)
+            if row["status"] == "ok" and not args.no_plots:
+                from simulations.plots import plot_run
+
+                plot_run(Path(row["run-dir"]))
+            bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
+            bar.update(1)
+        bar.close()
+        if not args.no_plots and spec["output"].exists():
+            from simulations.plots import plot_sweep
+
+            for path in plot_sweep(spec["output"]):
+                print(f"plot: {path}")
+    except FedRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results: {spec['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

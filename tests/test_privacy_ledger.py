@@ -1,0 +1,248 @@
+"""The privacy ledger and budget (client/privacy_ledger.py, client/privacy_budget.py).
+
+Epsilon is checked against Google's dp-accounting (independent of Opacus): RDP within 1%
+relative, PRV against dp-accounting's PLD accountant within 2% (both are numerical
+approximations of the same tight privacy curve; they agree to ~0.2% here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from dp_accounting import dp_event, pld, rdp
+from flwr.app import Context, RecordDict
+
+from client.privacy_budget import PartnerBudget
+from client.privacy_ledger import PrivacyLedger
+from common.config import resolve_config
+from common.errors import PrivacyError
+from common.privacy import calibrate_noise_after
+
+ROOT = Path(__file__).resolve().parents[1]
+DELTA = 1e-5
+HISTORIES = [
+    [(1.1, 0.05, 40)],
+    [(1.0083, 1 / 3, 9), (1.5, 0.1, 50)],
+    [(0.9, 0.1, 30), (2.0, 0.02, 100), (0.9, 0.1, 30)],
+]
+
+
+def _rdp_epsilon(history, delta=DELTA) -> float:
+    acc = rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+def _pld_epsilon(history, delta=DELTA) -> float:
+    acc = pld.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+def _ledger_with(path: Path, history) -> None:
+    """A ledger holding ``history``, one round per mechanism, over two runs."""
+    with PrivacyLedger(path, "fp") as ledger:
+        for i, mech in enumerate(history):
+            ledger.record(run="a" if i % 2 == 0 else "b", server_round=i + 1, mechanisms=[mech], accountant="rdp")
+
+
+def _context(**node_config) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1, **node_config},
+                   state=RecordDict(), run_config={})
+
+
+def _cfg(tmp_path: Path, **overrides) -> dict:
+    return resolve_config(None, {"ledger-dir": str(tmp_path / "ledgers"), "batch-size": 32,
+                                 "num-server-rounds": 4, "local-epochs": 1, **overrides})
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_ledger_epsilon_matches_dp_accounting_rdp(tmp_path, history):
+    _ledger_with(tmp_path / "l.sqlite", history)
+    with PrivacyLedger(tmp_path / "l.sqlite", "fp") as reopened:  # a fresh handle reads the file
+        assert reopened.history() == [(float(s), float(q), int(n)) for s, q, n in history]
+        assert reopened.epsilon(DELTA, "rdp") == pytest.approx(_rdp_epsilon(history), rel=0.01)
+
+
+@pytest.mark.parametrize("history", HISTORIES[1:])
+def test_ledger_epsilon_matches_dp_accounting_pld_for_prv(tmp_path, history):
+    _ledger_with(tmp_path / "l.sqlite", history)
+    with PrivacyLedger(tmp_path / "l.sqlite", "fp") as ledger:
+        assert ledger.epsilon(DELTA, "prv") == pytest.approx(_pld_epsilon(history), rel=0.02)
+
+
+def test_calibration_after_earlier_spend_lands_on_the_target():
+    spent = [(1.2, 0.1, 60)]
+    sigma = calibrate_noise_after(spent, target_epsilon=8.0, target_delta=DELTA, sample_rate=0.2, total_steps=40)
+    total = _rdp_epsilon(spent + [(sigma, 0.2, 40)])
+    assert 8.0 - 0.01 <= total <= 8.0 * 1.01, (sigma, total)
+    assert _rdp_epsilon(spent) < 8.0 - 0.5  # the earlier spend alone leaves room
+
+
+def test_budget_stops_training_after_the_planned_rounds(tmp_path, small_data):
+    # Prepare: a partner planning 4 rounds at epsilon 8
+    cfg, context = _cfg(tmp_path), _context()
+    trained, epsilons = 0, []
+
+    # Execute: try 6 rounds, recording what each round would spend
+    for server_round in range(1, 7):
+        budget = PartnerBudget.open(cfg, context, small_data, "run-1")
+        try:
+            budget.check_next_round()
+        except PrivacyError as exc:
+            refusal = str(exc)
+            budget.close()
+            break
+        epsilons.append(budget.record(context, server_round, [budget.calibration.round_mechanism()]))
+        trained += 1
+        budget.close()
+
+    # Assert: exactly the planned rounds ran; epsilon rose to (not past) the target
+    assert trained == 4
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 8.0
+    assert re.match(r"^budget exhausted: epsilon \d+\.\d{3} of 8 ", refusal), refusal
+    with PrivacyLedger(tmp_path / "ledgers" / "partner-0.sqlite", small_data.fingerprint()) as ledger:
+        assert _rdp_epsilon(ledger.history()) == pytest.approx(epsilons[-1], rel=0.01)
+        assert epsilons[-1] >= 8.0 - 0.01
+
+
+def test_a_second_run_composes_with_the_first(tmp_path, small_data):
+    # Run "a" trains 2 of its 4 planned rounds; run "b" on the same ledger plans 4 rounds in what is left
+    cfg, context = _cfg(tmp_path), _context()
+    for run, rounds in (("a", 2), ("b", 4)):
+        for r in range(1, rounds + 1):
+            budget = PartnerBudget.open(cfg, context, small_data, run)
+            budget.check_next_round()
+            budget.record(context, r, [budget.calibration.round_mechanism()])
+            budget.close()
+    budget = PartnerBudget.open(cfg, context, small_data, "b")
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        budget.check_next_round()
+    history = budget.ledger.history()
+    budget.close()
+
+    # Six rounds recorded, noise of "b" larger than "a", total within the target per dp-accounting
+    assert len(history) == 6 and history[-1][0] > history[0][0]
+    assert 8.0 - 0.02 <= _rdp_epsilon(history) <= 8.0 * 1.01
+
+
+def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a ledger at all" * 100)
+    empty_db = tmp_path / "other.sqlite"
+    sqlite3.connect(empty_db).execute("CREATE TABLE t (x)").connection.commit()
+    bad_rows = tmp_path / "bad.sqlite"
+    _ledger_with(bad_rows, [(1.0, 0.1, 10)])
+    with sqlite3.connect(bad_rows) as conn:
+        conn.execute("UPDATE batches SET noise_multiplier = -1")
+    for path in (garbage, empty_db, bad_rows):
+        before = path.read_bytes()
+        with pytest.raises(PrivacyError, match=f"privacy ledger {re.escape(str(path))} is corrupt"):
+            PrivacyLedger(path, "fp")
+        assert path.read_bytes() == before
+
+
+def test_ledger_of_another_data_set_is_refused(tmp_path):
+    _ledger_with(tmp_path / "l.sqlite", [(1.0, 0.1, 10)])
+    with pytest.raises(PrivacyError, match="belongs to another data set"):
+        PrivacyLedger(tmp_path / "l.sqlite", "other-fingerprint")
+
+
+def test_ledger_deleted_after_use_is_reported_not_recreated(tmp_path, small_data):
+    cfg, context = _cfg(tmp_path), _context()
+    budget = PartnerBudget.open(cfg, context, small_data, "run-1")
+    assert budget.ledger.created
+    budget.record(context, 1, [budget.calibration.round_mechanism()])
+    path = budget.ledger.path
+    budget.close()
+    path.unlink()
+    with pytest.raises(PrivacyError, match="is missing"):
+        PartnerBudget.open(cfg, context, small_data, "run-1")
+    assert not path.exists()
+
+
+def test_node_config_ledger_path_wins(tmp_path, small_data):
+    budget = PartnerBudget.open(_cfg(tmp_path), _context(**{"ledger-path": str(tmp_path / "mine.sqlite")}),
+                                small_data, "r")
+    assert budget.ledger.path == tmp_path / "mine.sqlite"
+    budget.close()
+
+
+def test_small_partner_gets_the_numbers(tmp_path, small_data):
+    users = sum(len(s) >= 4 for s in small_data.sequences)  # >= 2 training items
+    with pytest.raises(PrivacyError, match=rf"only {users} users .* fewer than batch-size 500"):
+        PartnerBudget.open(_cfg(tmp_path, **{"batch-size": 500}), _context(), small_data, "r")
+    with pytest.raises(PrivacyError, match=rf"partner-0 \({users} users, batch-size 32, 4 rounds.*cannot reach epsilon=0.05"):
+        PartnerBudget.open(_cfg(tmp_path, **{"target-epsilon": 0.05}), _context(), small_data, "r")
+
+
+# -- a client process restarted mid-run ----------------------------------------------------------
+_ROUNDS_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from client.app import _train
+    from common.config import resolve_config
+    from common.task import new_model
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = resolve_config(None, json.loads(sys.argv[1]))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    model = new_model(cfg, cfg["synthetic-items"])
+    out = []
+    for r in json.loads(sys.argv[2]):
+        msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                  "config": ConfigRecord({"server-round": r, "run-name": "restart"})}),
+                      dst_node_id=1, message_type="train")
+        m = _train(msg, context, cfg).content["metrics"]
+        out.append([m["epsilon"], m["noise-multiplier"], m["ledger-steps"]])
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _run_rounds(overrides: dict, rounds: list[int]) -> list[list[float]]:
+    """Train ``rounds`` at the handler level in a new Python process; (epsilon, noise, steps) per round."""
+    proc = subprocess.run([sys.executable, "-c", _ROUNDS_SCRIPT, json.dumps(overrides), json.dumps(rounds)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.slow
+def test_restarted_client_continues_from_its_ledger(tmp_path):
+    tiny = {"synthetic-users": 120, "synthetic-items": 30, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+            "batch-size": 10, "local-epochs": 1, "num-server-rounds": 3}
+    # Execute: rounds 1-2 in one process, round 3 in a new one (same ledger); reference: 1-3 in one
+    first = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "restarted")}, [1, 2])
+    second = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "restarted")}, [3])
+    reference = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "reference")}, [1, 2, 3])
+
+    # Assert: epsilon never goes down, the restart reused the run's noise, totals equal
+    restarted = first + second
+    assert [e for e, _, _ in restarted] == sorted(e for e, _, _ in restarted)
+    assert restarted == pytest.approx(reference, rel=1e-9)
+    assert second[0][2] == 3 * first[0][2]  # steps continue from the ledger, not from zero
+    with PrivacyLedger(tmp_path / "restarted" / "partner-0.sqlite", _fingerprint(tiny)) as ledger:
+        assert ledger.rounds_trained() == 3
+        assert restarted[-1][0] == pytest.approx(_rdp_epsilon(ledger.history()), rel=0.01)
+        assert restarted[-1][0] <= 8.0
+
+
+def _fingerprint(overrides: dict) -> str:
+    from common.task import partner_data
+
+    return partner_data(resolve_config(None, overrides), {"partition-id": 0, "num-partitions": 3}).fingerprint()

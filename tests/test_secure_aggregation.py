@@ -1,0 +1,236 @@
+"""SecAgg+ on the Message API, in process: the server wrapper (server/secure_aggregation.py) against
+Flower's own ``secaggplus_mod`` on the clients (client/secure_aggregation.py), through a grid that
+delivers messages to in-process ClientApps. Real Flower crypto, no network, no training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.secure_aggregation import make_secure_aggregation_mod
+from common.config import resolve_config
+from common.errors import ConfigError
+from server.secagg_protocol import SecAggPlusParams
+from server.secure_aggregation import SecureAggregation, secagg_params
+
+SHAPES = {"emb.weight": (7, 3), "block.bias": (3,), "out": (2, 2, 2)}
+SCALE = 100.0
+CLIP = 8.0
+Q = 2**22
+MAX_WEIGHT = 1000.0
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    # Messages created outside a running ServerApp need a task identity (Flower sets it in a real run).
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def _arrays(rng: np.random.Generator, spread: float) -> dict[str, np.ndarray]:
+    return {k: (rng.standard_normal(s) * spread).astype(np.float32) for k, s in SHAPES.items()}
+
+
+class Partner:
+    """A ClientApp whose 'training' adds a known delta, behind our SecAgg+ mod; records what it sent."""
+
+    def __init__(self, node_id: int, delta: dict[str, np.ndarray], num_examples: int, overrides: dict) -> None:
+        self.node_id = node_id
+        self.delta = delta
+        self.num_examples = num_examples
+        self.context = Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={})
+        self.sent: list[RecordDict] = []
+        self.app = ClientApp()
+
+        @self.app.train(mods=[make_secure_aggregation_mod(overrides)])
+        def train(msg: Message, context: Context) -> Message:
+            new = ArrayRecord({k: Array(msg.content["arrays"][k].numpy() + d) for k, d in self.delta.items()})
+            metrics = MetricRecord({"num-examples": self.num_examples, "train-loss": float(node_id)})
+            return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
+
+    def handle(self, msg: Message) -> Message:
+        reply = self.app(msg, self.context)
+        if reply.has_content():
+            self.sent.append(reply.content)
+        return reply
+
+
+class InProcessGrid:
+    """Delivers each message to its partner; partners in ``drop_after`` stop answering after that many train messages."""
+
+    def __init__(self, partners: list[Partner], drop_after: dict[int, int] | None = None) -> None:
+        self.partners = {p.node_id: p for p in partners}
+        self.drop_after = drop_after or {}
+        self.seen: dict[int, int] = {}
+
+    def get_node_ids(self):
+        return list(self.partners)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            self.seen[nid] = self.seen.get(nid, 0) + 1
+            if nid in self.drop_after and self.seen[nid] > self.drop_after[nid]:
+                continue  # a partner that went away: no reply at all (the stage's timeout passes)
+            replies.append(self.partners[nid].handle(msg))
+        return replies
+
+
+def _federation(n: int, seed: int = 0, spread: float = 0.01, examples=None, overrides=None):
+    rng = np.random.default_rng(seed)
+    overrides = {"secure-aggregation": True, "secagg-delta-scale": SCALE, **(overrides or {})}
+    examples = examples or [int(x) for x in rng.integers(20, 400, size=n)]
+    partners = [Partner(101 + i, _arrays(rng, spread), examples[i], overrides) for i in range(n)]
+    global_arrays = ArrayRecord({k: Array(v) for k, v in _arrays(rng, 1.0).items()})
+    return partners, global_arrays
+
+
+def _secure_round(partners, global_arrays, *, drop_after=None, threshold=0.67):
+    grid = InProcessGrid(partners, drop_after)
+    inner = FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = SecureAggregation(
+        inner, SecAggPlusParams(num_shares=1.0, threshold=threshold, clipping_range=CLIP, max_weight=MAX_WEIGHT),
+        delta_scale=SCALE,
+    )
+    messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), grid))
+    replies = grid.send_and_receive(messages)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return strategy, arrays, metrics, grid
+
+
+def _fedavg(partners, global_arrays) -> dict[str, np.ndarray]:
+    """Plain FedAvg of the partners' new weights, computed here independently (float64)."""
+    total = sum(p.num_examples for p in partners)
+    return {k: global_arrays[k].numpy().astype(np.float64)
+            + sum(p.num_examples * p.delta[k].astype(np.float64) for p in partners) / total for k in SHAPES}
+
+
+def _tolerance(partners) -> float:
+    """Bound on SecAgg+'s error in weight units: each partner's stochastic rounding moves a value by
+    < one quantisation step 2C/Q; the sum is divided by the summed weights, then by the delta scale;
+    quantising the weights themselves adds a relative 1/(w_i Q) at most (negligible, included)."""
+    weights = [round(p.num_examples / MAX_WEIGHT * Q) / Q for p in partners]
+    step = 2 * CLIP / Q
+    return len(partners) * step / sum(weights) / SCALE + 1e-6
+
+
+def test_aggregate_equals_fedavg_within_quantisation_error():
+    # Prepare
+    partners, global_arrays = _federation(4, seed=1)
+
+    # Execute
+    strategy, arrays, metrics, _ = _secure_round(partners, global_arrays)
+
+    # Assert
+    expected = _fedavg(partners, global_arrays)
+    tol = _tolerance(partners)
+    for k in SHAPES:
+        assert np.max(np.abs(arrays[k].numpy() - expected[k])) <= tol
+    # ... and it is not merely the global model: the deltas are ~1000x the tolerance
+    assert max(np.max(np.abs(expected[k] - global_arrays[k].numpy())) for k in SHAPES) > 100 * tol
+
+
+def test_server_never_holds_an_individual_update():
+    partners, global_arrays = _federation(4, seed=2)
+    strategy, _, _, _ = _secure_round(partners, global_arrays)
+    received = strategy.last_received
+    assert len(received) == 4
+    for msg, partner in zip(sorted(received, key=lambda m: m.metadata.src_node_id), partners):
+        content = msg.content
+        # What reached the server: a masked vector and metrics, no weights or deltas ...
+        assert not content.array_records or all(len(a) == 0 for a in content.array_records.values())
+        assert set(content.keys()) <= {RECORD_KEY_CONFIGS, "metrics"}
+        # ... and the masked vector is uniform noise, unrelated to the partner's quantised delta
+        masked = np.concatenate([np.frombuffer(b, dtype=np.uint8) for b in partner.sent[-1][RECORD_KEY_CONFIGS]["masked_params"]])
+        assert masked.size > 0
+    # The stand-ins handed to the inner strategy all carry the same aggregate
+    firsts = {tuple(np.round(m.content["arrays"]["out"].numpy().ravel(), 9)) for m in received}
+    assert len(firsts) == 1
+
+
+def test_masked_vectors_hide_the_update():
+    # Two rounds with identical deltas: masks are fresh each round, so the masked vectors differ
+    partners, global_arrays = _federation(3, seed=3)
+    _secure_round(partners, global_arrays)
+    first = partners[0].sent[-1][RECORD_KEY_CONFIGS]["masked_params"]
+    _secure_round(partners, global_arrays)
+    second = partners[0].sent[-1][RECORD_KEY_CONFIGS]["masked_params"]
+    assert first != second
+
+
+def test_one_of_four_dropping_out_still_completes():
+    # Prepare: partner 104 shares its keys, then never returns a masked vector (dies while training)
+    partners, global_arrays = _federation(4, seed=4)
+
+    # Execute: setup (1) and share_keys (2) answered, train/collect (3) not
+    strategy, arrays, _, _ = _secure_round(partners, global_arrays, drop_after={104: 2})
+
+    # Assert: FedAvg over the three survivors, the dropped partner's masks removed
+    survivors = partners[:3]
+    expected = _fedavg(survivors, global_arrays)
+    assert arrays is not None
+    for k in SHAPES:
+        assert np.max(np.abs(arrays[k].numpy() - expected[k])) <= _tolerance(survivors)
+
+
+def test_dropout_before_sharing_keys_is_left_out():
+    # Flower 1.42's workflow would ask for shares a partner that died at setup never made
+    partners, global_arrays = _federation(4, seed=5)
+    _, arrays, _, _ = _secure_round(partners, global_arrays, drop_after={102: 1})
+    survivors = [p for p in partners if p.node_id != 102]
+    expected = _fedavg(survivors, global_arrays)
+    for k in SHAPES:
+        assert np.max(np.abs(arrays[k].numpy() - expected[k])) <= _tolerance(survivors)
+
+
+def test_too_many_dropouts_keep_the_global_model():
+    partners, global_arrays = _federation(4, seed=6)
+    # threshold 0.67 of 4 shares = 3: two partners gone is one too many
+    _, arrays, metrics, _ = _secure_round(partners, global_arrays, drop_after={101: 2, 102: 2})
+    assert arrays is None and metrics is None
+
+
+def test_no_value_is_clipped_and_peak_is_reported():
+    partners, global_arrays = _federation(4, seed=7, spread=0.01)
+    strategy, _, _, _ = _secure_round(partners, global_arrays)
+    for msg in strategy.last_received:
+        partner = next(p for p in partners if p.node_id == msg.metadata.src_node_id)
+        # Independent: largest |delta| x scale x quantised weight, over the clipping range
+        w = round(partner.num_examples / MAX_WEIGHT * Q) / Q
+        peak = max(float(np.max(np.abs(d.astype(np.float64)))) for d in partner.delta.values()) * SCALE * w / CLIP
+        assert msg.content["metrics"]["secagg-peak"] == pytest.approx(peak, rel=1e-6)
+        assert msg.content["metrics"]["secagg-peak"] < 1.0
+
+
+def test_update_that_would_be_clipped_is_refused_not_clipped():
+    # deltas ~1.0 x scale 100 x weight ~0.4 >> clipping range 8
+    partners, global_arrays = _federation(4, seed=8, spread=1.0, examples=[400, 400, 400, 400])
+    strategy, arrays, _, _ = _secure_round(partners, global_arrays)
+    assert arrays is None  # nobody sent a (clipped) masked vector
+    reasons = [m.error.reason for m in strategy.last_received if m.has_error()]
+    assert reasons and all("would clip" in r for r in reasons)
+
+
+def test_partner_requiring_secagg_refuses_plain_train_message():
+    partners, global_arrays = _federation(2, seed=9)
+    msg = Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord({})}), dst_node_id=101, message_type="train")
+    reply = partners[0].handle(msg)
+    assert reply.has_error() and "only under secure aggregation" in reply.error.reason
+
+
+def test_config_refuses_what_a_sum_cannot_do():
+    with pytest.raises(ConfigError, match="individual updates"):
+        secagg_params(resolve_config(None, {"secure-aggregation": True, "aggregation": "median"}), timeout=10)
+    with pytest.raises(ConfigError, match="central-clipping"):
+        secagg_params(resolve_config(None, {"secure-aggregation": True, "dp-mode": "central"}), timeout=10)
+    with pytest.raises(ConfigError, match="secagg-threshold"):
+        secagg_params(resolve_config(None, {"secagg-threshold": 1.5}), timeout=10)
+    params = secagg_params(resolve_config(None, {"dp-mode": "central", "central-clipping": "client"}), timeout=10)
+    assert params.shares_and_threshold(5) == (5, 3)
