@@ -11,6 +11,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
 from client.safe_errors import error_reply
+from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
 from common.errors import FedRecError
 from common.metrics import evaluate_ranking
@@ -26,7 +27,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     """A ClientApp whose config is pyproject defaults + run config + ``overrides``."""
     app = ClientApp()
 
-    @app.train(mods=[central_dp_clipping_mod(overrides)])
+    # SecAgg+ outermost: central-DP clipping and DP-SGD happen before the update is masked
+    @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
         try:
             return _train(msg, context, resolve_config(context.run_config, overrides))

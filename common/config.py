@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "synthetic-users": 1000,
     "synthetic-items": 300,
     "max-seq-len": 50,
+    "catalogue": "",  # published catalogue file (one item id per line); "" = derive from the data set
     # Model
     "model": "sasrec",
     "embedding-dim": 64,
@@ -54,6 +55,13 @@ DEFAULTS: dict[str, Any] = {
     "central-noise-multiplier": 1.0,
     "central-clipping-norm": 1.0,
     "central-clipping": "server",
+    # SecAgg+ (server/secure_aggregation.py, client/secure_aggregation.py)
+    "secure-aggregation": False,
+    "secagg-num-shares": 1.0,
+    "secagg-threshold": 0.67,
+    "secagg-clipping-range": 8.0,
+    "secagg-max-weight": 1000.0,
+    "secagg-delta-scale": 100.0,
     # Evaluation
     "top-k": 10,
     # Output

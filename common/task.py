@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.data.catalogue import load_catalogue
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import SequenceData, build_sequences
 from common.data.synthetic import generate_synthetic
@@ -32,8 +33,16 @@ def federation_data(cfg: Mapping[str, Any]) -> SequenceData:
 
 
 def catalogue(cfg: Mapping[str, Any]) -> np.ndarray:
-    """The ordered item ids the federation agreed on (derived from the data set in simulation)."""
+    """The ordered item ids the federation agreed on: the published ``catalogue`` file when set
+    (deployment), else derived from the data set (simulation)."""
+    if cfg.get("catalogue"):
+        return _published_catalogue(str(cfg["catalogue"]))
     return federation_data(cfg).catalogue
+
+
+@functools.lru_cache(maxsize=4)
+def _published_catalogue(path: str) -> np.ndarray:
+    return load_catalogue(path)
 
 
 @functools.lru_cache(maxsize=16)

@@ -14,6 +14,7 @@ from server.central_dp import with_privacy
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
 from server.run_report import RunRecorder
+from server.secure_aggregation import with_secure_aggregation
 from server.strategy_factory import build_strategy
 
 
@@ -44,6 +45,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate_metrics,
             wrap_aggregation=lambda inner: with_privacy(inner, cfg, privacy),
         )
+        # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
+        strategy.inner = with_secure_aggregation(strategy.inner, cfg)
         restore(start, recorder, strategy)
         strategy.start(
             grid=grid,

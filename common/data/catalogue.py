@@ -1,0 +1,60 @@
+"""The published item catalogue: one item id per line, in the order the model indexes them.
+
+The coordinator exports it once (``fedrec-server catalogue``) and publishes it with the run
+config (``catalogue = "PATH"``); every partner and the server then build models over the
+same ordered list, whatever items each partner's own log happens to contain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+from common.private_files import PUBLIC_MODE, write_file
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_catalogue_path(path: str | os.PathLike) -> Path:
+    """``path`` as given, else relative to the app's folder (where ``flwr run`` ships the project)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (PROJECT_ROOT / p).is_file():
+        return PROJECT_ROOT / p
+    raise DataError(f"catalogue {path}: no such file; copy the coordinator's published catalogue there "
+                    "or set the catalogue config key to where it is")
+
+
+def load_catalogue(path: str | os.PathLike) -> np.ndarray:
+    """Item ids (str) in file order; blank lines and ``#`` comments are ignored, duplicates are an error."""
+    p = resolve_catalogue_path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"catalogue {p}: cannot be read ({exc})") from None
+    items = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not items:
+        raise DataError(f"catalogue {p}: no item ids (expected one item id per line)")
+    seen: set[str] = set()
+    for i in items:
+        if i in seen:
+            raise DataError(f"catalogue {p}: item id {i!r} appears more than once")
+        seen.add(i)
+    return np.array(items, dtype=str)
+
+
+def save_catalogue(items: np.ndarray, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``items`` one per line (refuses to overwrite unless ``force``); returns the path."""
+    p = Path(path)
+    write_file(p, ("\n".join(np.asarray(items, dtype=str).tolist()) + "\n").encode("utf-8"), mode=PUBLIC_MODE, force=force)
+    return p
+
+
+def catalogue_fingerprint(items: np.ndarray) -> str:
+    """A short hash that two parties compare to know they hold the same catalogue."""
+    return hashlib.sha256("\x1f".join(np.asarray(items, dtype=str).tolist()).encode()).hexdigest()[:16]
