@@ -48,6 +48,21 @@ class SequenceLoss(nn.Module):
         return per_user.mean()
 
 
+def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The :class:`SequenceLoss` objective, scoring the catalogue only at real (non-padding)
+    positions: same value and gradient, a fraction of the cost for short histories.
+
+    Non-private training only: Opacus needs the (batch, length, ...) layout to attribute
+    gradients to users.
+    """
+    mask = targets > 0
+    logits = model.output(model.hidden(inputs)[mask])
+    ce = nn.functional.cross_entropy(logits, targets[mask], reduction="none")
+    owner = torch.arange(len(targets), device=targets.device).unsqueeze(1).expand_as(targets)[mask]
+    per_user = torch.zeros(len(targets), device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce)
+    return (per_user / mask.sum(dim=1).clamp(min=1)).mean()
+
+
 def training_pairs(data: SequenceData, max_len: int) -> TensorDataset:
     """One (input, target) pair per user with at least two training items: inputs are the
     history shifted by one, left-padded to ``max_len``."""
@@ -151,7 +166,10 @@ def train_local(
                 inputs, targets = inputs.to(device), targets.to(device)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    loss = criterion(model(inputs), targets)
+                    if dp is None and hasattr(model, "hidden"):
+                        loss = positions_only_loss(model, inputs, targets)
+                    else:
+                        loss = criterion(model(inputs), targets)
                     loss.backward()
                 optimizer.step()
                 proximal.step()

@@ -54,3 +54,19 @@ def test_tied_output_shares_one_parameter():
 def test_popularity_scores_are_counts():
     pop = Popularity(torch.tensor([0, 5, 1, 9]))
     assert pop.score(torch.zeros(2, 3, dtype=torch.long)).tolist() == [[0, 5, 1, 9]] * 2
+
+
+def test_positions_only_loss_equals_full_sequence_loss():
+    from common.training import SequenceLoss, positions_only_loss
+
+    m = make(tied=False)
+    seq = torch.randint(1, 26, (3, 8))
+    tgt = torch.randint(1, 26, (3, 8))
+    seq[0, :3] = 0
+    tgt[0, :3] = 0
+    full = SequenceLoss()(m(seq), tgt)
+    fast = positions_only_loss(m, seq, tgt)
+    torch.testing.assert_close(fast, full)
+    g_full = torch.autograd.grad(full, m.item_emb.weight)[0]
+    g_fast = torch.autograd.grad(positions_only_loss(m, seq, tgt), m.item_emb.weight)[0]
+    torch.testing.assert_close(g_fast, g_full)
