@@ -1,0 +1,68 @@
+"""``fedrec-client``: what a partner organisation runs on its own machine.
+
+    fedrec-client keys --out keys --name partner-1         # SuperNode authentication key pair
+    fedrec-client data check --data-path log.csv --catalogue catalogue.txt
+
+Every user mistake is one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.errors import FedRecError
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from client.keys import create_node_keys
+
+    keys = create_node_keys(args.out, name=args.name, force=args.force)
+    print(f"private key (keep it; flower-supernode --auth-supernode-private-key): {keys.private_key}")
+    print(f"public key (send it to the coordinator for `flwr supernode register`): {keys.public_key}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from client.data_check import check_partner_log
+
+    report = check_partner_log(args.data_path, args.catalogue)
+    print("\n".join(report.lines()))
+    if report.train_users == 0:
+        print("error: no user has a training item; this log cannot train the model", file=sys.stderr)
+        return 2
+    print("ok: this log can join a run")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands register their handler as ``func``)."""
+    parser = argparse.ArgumentParser(prog="fedrec-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="create this partner's SuperNode authentication key pair (ECDSA P-384, OpenSSH)")
+    keys.add_argument("--out", required=True, help="folder for NAME (private, 0600) and NAME.pub")
+    keys.add_argument("--name", required=True, help="partner name, e.g. partner-1 (becomes the file name)")
+    keys.add_argument("--force", action="store_true", help="overwrite existing key files")
+    keys.set_defaults(func=_keys)
+
+    data = sub.add_parser("data", help="inspect this partner's interaction log")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate a log: columns, catalogue coverage, users per split")
+    check.add_argument("--data-path", required=True, help="the log (CSV/Parquet/MovieLens), as in --node-config data-path")
+    check.add_argument("--catalogue", default=None, help="the coordinator's published catalogue (one item id per line)")
+    check.set_defaults(func=_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

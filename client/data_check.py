@@ -1,0 +1,77 @@
+"""``fedrec-client data check``: what a partner's log will contribute, before it joins a run.
+
+Reads the log with the same loader the ClientApp uses, maps it onto the published catalogue
+and reports rows kept and dropped (with reasons), catalogue coverage and how many users
+land in each leave-one-out split. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.data.catalogue import catalogue_fingerprint, load_catalogue
+from common.data.loaders import load_interactions
+from common.data.sequences import MIN_INTERACTIONS, build_sequences
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """Counts for one partner log (interactions = rows, users, items are distinct ids)."""
+
+    source: str
+    rows: int
+    dropped: dict[str, int]
+    log_items: int
+    catalogue_items: int
+    catalogue_fingerprint: str
+    known_items: int  # distinct log items that are in the catalogue
+    covered_items: int  # catalogue items in the kept users' sequences
+    users: int  # users kept (>= MIN_INTERACTIONS interactions with catalogue items): each has 1 validation + 1 test item
+    train_users: int  # users with at least one training item
+    train_interactions: int
+
+    def lines(self) -> list[str]:
+        """The report as printed, one fact per line."""
+        drops = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items())) or "none"
+        return [
+            f"log: {self.source}",
+            f"rows read: {self.rows}; dropped: {drops}",
+            f"catalogue: {self.catalogue_items} items (fingerprint {self.catalogue_fingerprint})",
+            f"items in the log: {self.log_items}, of which in the catalogue: {self.known_items}"
+            f" ({self.log_items - self.known_items} unknown, their interactions are dropped)",
+            f"catalogue coverage: {self.covered_items} of {self.catalogue_items} items"
+            f" ({100.0 * self.covered_items / max(self.catalogue_items, 1):.1f}%)",
+            f"users kept: {self.users} (at least {MIN_INTERACTIONS} interactions with catalogue items)",
+            f"leave-one-out split: train {self.train_users} users ({self.train_interactions} interactions),"
+            f" validation {self.users} users, test {self.users} users (one item each)",
+        ]
+
+
+def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.PathLike | None = None) -> DataReport:
+    """Validate a partner's log; raises :class:`~common.errors.DataError` (one line) when unusable.
+
+    Without ``catalogue_path`` the log's own items are the catalogue (coverage is then 100%).
+    """
+    log = load_interactions(data_path)
+    items = load_catalogue(catalogue_path) if catalogue_path else None
+    data = build_sequences(log, items, name=log.source)
+    catalogue = data.catalogue
+    log_items = set(np.unique(log.item).tolist())
+    known = log_items & set(catalogue.tolist())
+    train = data.train_sequences()
+    return DataReport(
+        source=log.source,
+        rows=len(log) + sum(v for k, v in log.dropped.items()),
+        dropped=dict(data.dropped),
+        log_items=len(log_items),
+        catalogue_items=len(catalogue),
+        catalogue_fingerprint=catalogue_fingerprint(catalogue),
+        known_items=len(known),
+        covered_items=len(np.unique(np.concatenate(data.sequences))),
+        users=data.num_users,
+        train_users=sum(1 for s in train if len(s) > 0),
+        train_interactions=int(sum(len(s) for s in train)),
+    )

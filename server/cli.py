@@ -1,0 +1,76 @@
+"""``fedrec-server``: what the coordinator runs besides Flower's own commands.
+
+    fedrec-server certs --out certs --host localhost --host 127.0.0.1 --host superlink.example.org
+    fedrec-server catalogue --out catalogue.txt --run-config 'dataset="ml-100k"'
+
+Every user mistake is one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.errors import FedRecError
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from server.credentials import create_server_credentials
+
+    paths = create_server_credentials(args.out, hosts=args.host, days=args.days, force=args.force)
+    print(f"CA certificate (give to every partner: flower-supernode --root-certificates): {paths.ca_cert}")
+    print(f"CA private key (keep offline): {paths.ca_key}")
+    print(f"SuperLink certificate (--ssl-certfile, valid for {', '.join(args.host)}): {paths.server_cert}")
+    print(f"SuperLink private key (--ssl-keyfile): {paths.server_key}")
+    return 0
+
+
+def _catalogue(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
+    from common.config import resolve_config
+    from common.data.catalogue import catalogue_fingerprint, save_catalogue
+    from common.task import catalogue
+
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    cfg = resolve_config(None, {**overrides, "catalogue": ""})  # derive from the data set, never from a file
+    items = catalogue(cfg)
+    path = save_catalogue(items, args.out, force=args.force)
+    print(f"catalogue: {len(items)} items from dataset {cfg['dataset']!r} -> {path} (fingerprint {catalogue_fingerprint(items)})")
+    print(f'publish it to partners and run with --run-config \'catalogue="{path}"\'')
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands register their handler as ``func``)."""
+    parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    certs = sub.add_parser("certs", help="create a CA and a SuperLink TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
+    certs.add_argument("--host", action="append", required=True,
+                       help="DNS name or IP partners use to reach the SuperLink (repeat for several)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(func=_certs)
+
+    cat = sub.add_parser("catalogue", help="export the federation's item catalogue (one item id per line)")
+    cat.add_argument("--out", required=True, help="file to write, e.g. catalogue.txt")
+    cat.add_argument("--run-config", action="append", default=[],
+                     help='data set knobs, e.g. \'dataset="ml-100k"\' or "synthetic-items=300"')
+    cat.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cat.set_defaults(func=_catalogue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

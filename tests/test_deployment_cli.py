@@ -1,0 +1,142 @@
+"""fedrec-server certs / catalogue and fedrec-client keys / data check: files, permissions, clear errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+import threading
+
+import pandas as pd
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.cli import main as client_main
+from common.data import generate_synthetic
+from common.data.catalogue import load_catalogue
+from common.errors import DataError
+from server.cli import main as server_main
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _tls_handshake(certs, server_name: str) -> None:
+    """A real TLS handshake: a server with server.crt/key, a client trusting only ca.crt."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
+    client_ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True):
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname=server_name):
+                pass
+    finally:
+        t.join(timeout=10)
+        listener.close()
+
+
+def test_certs_are_valid_for_the_given_hosts_only(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    assert server_main(["certs", "--out", str(certs), "--host", "localhost", "--host", "127.0.0.1"]) == 0
+    # Private keys owner-only, certificates readable
+    assert _mode(certs / "ca.key") == 0o600 and _mode(certs / "server.key") == 0o600
+    assert _mode(certs / "server.crt") == 0o644
+    cert = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # TLS as the SuperNodes will check it: the names work, another name does not
+    _tls_handshake(certs, "localhost")
+    _tls_handshake(certs, "127.0.0.1")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(certs, "superlink.example.org")
+
+
+def test_certs_refuse_to_overwrite_unless_forced(tmp_path, capsys):
+    out = str(tmp_path / "certs")
+    assert server_main(["certs", "--out", out, "--host", "localhost"]) == 0
+    before = (tmp_path / "certs" / "ca.key").read_bytes()
+    assert server_main(["certs", "--out", out, "--host", "localhost"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0]
+    assert (tmp_path / "certs" / "ca.key").read_bytes() == before
+    assert server_main(["certs", "--out", out, "--host", "localhost", "--force"]) == 0
+    assert (tmp_path / "certs" / "ca.key").read_bytes() != before
+
+
+def test_node_keys_are_what_flower_expects(tmp_path, capsys):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert client_main(["keys", "--out", str(tmp_path), "--name", "partner-1"]) == 0
+    private, public = tmp_path / "partner-1", tmp_path / "partner-1.pub"
+    assert _mode(private) == 0o600
+    # What flower-supernode --auth-supernode-private-key loads, and what `flwr supernode register` loads
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    registered = try_load_public_key(public)
+    pub = serialization.load_pem_public_key(registered)
+    assert pub.public_numbers() == key.public_key().public_numbers()
+    # Refuse to overwrite; a bad name is one line
+    assert client_main(["keys", "--out", str(tmp_path), "--name", "partner-1"]) == 2
+    assert client_main(["keys", "--out", str(tmp_path), "--name", "../escape"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "already exists" in err[0] and "--name" in err[1]
+
+
+@pytest.fixture()
+def partner_log(tmp_path):
+    log = generate_synthetic(num_users=60, num_items=30, seed=5)
+    frame = pd.DataFrame({"user_id": log.user, "item_id": log.item, "timestamp": log.timestamp})
+    path = tmp_path / "log.csv"
+    frame.to_csv(path, index=False)
+    return path, frame
+
+
+def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys):
+    path, frame = partner_log
+    cat = tmp_path / "catalogue.txt"
+    assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 0
+    items = load_catalogue(cat)
+    assert sorted(items.tolist(), key=int) == sorted(set(frame["item_id"].astype(str)), key=int)
+    # A catalogue missing a third of the items: their interactions are dropped and counted
+    kept = items[: 2 * len(items) // 3]
+    (tmp_path / "partial.txt").write_text("\n".join(kept) + "\n")
+    capsys.readouterr()
+    assert client_main(["data", "check", "--data-path", str(path), "--catalogue", str(tmp_path / "partial.txt")]) == 0
+    out = capsys.readouterr().out
+    unknown = int((~frame["item_id"].astype(str).isin(set(kept))).sum())
+    assert f"{unknown} unknown-item" in out
+    users = frame[frame["item_id"].astype(str).isin(set(kept))].groupby("user_id").size()
+    assert f"users kept: {int((users >= 3).sum())} " in out
+    assert "ok: this log can join a run" in out
+
+
+def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,when\n1,2\n")
+    assert client_main(["data", "check", "--data-path", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing column" in err[0] and "item_id" in err[0]
+    dup = tmp_path / "dup.txt"
+    dup.write_text("1\n2\n1\n")
+    assert client_main(["data", "check", "--data-path", str(partner_log[0]), "--catalogue", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(DataError, match="more than once"):
+        load_catalogue(dup)
