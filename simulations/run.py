@@ -25,9 +25,15 @@ from simulations.population import describe_partners, write_population  # noqa: 
 from common.privacy import dp_mode  # noqa: E402
 
 
-def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> Path:
+def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
+                   client_app=None) -> Path:  # noqa: ANN001 (flwr ClientApp; simulations.fault_injection passes one)
     """Run a simulation with ``num_partners`` virtual partners; returns the run directory."""
+    import logging
+
     from flwr.simulation import run_simulation
+
+    # NOTE: Ray configures the root logger; without this every Flower line prints twice.
+    logging.getLogger("flwr").propagate = False
 
     from client.app import make_client_app
     from server.app import make_server_app
@@ -47,7 +53,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     print(describe_partners(cfg, num_partners), flush=True)
     run_simulation(
         server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides),
+        client_app=client_app or make_client_app(overrides),
         num_supernodes=num_partners,
         backend_config=backend,
     )
