@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "num-heads": 1,
     "dropout": 0.2,
     "tied-output": False,
+    # Item understanding (common/item_text.py, common/models/text_sasrec.py)
+    "item-features": "id",
+    "item-text-model": "all-MiniLM-L6-v2",
+    "item-text-features": "",
     "mf-fold-in-steps": 20,
     "mf-l2": 0.001,
     # Local training

