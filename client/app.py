@@ -9,12 +9,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.private_factors import evaluate_partner, mf_trainer
 from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
 from client.safe_errors import error_reply
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
 from common.errors import FedRecError
-from common.metrics import evaluate_ranking
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 from common.task import new_model, partner_data
 from common.training import pick_device, train_local
@@ -78,7 +78,8 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             budget.check_next_round()
 
         # Train (DP-SGD with the run's calibrated noise when local DP is on)
-        result = train_local(
+        trainer = mf_trainer(context) if cfg["model"] == "mf" else train_local  # MF: user factors stay here
+        result = trainer(
             model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
@@ -116,7 +117,7 @@ def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items).to(device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    sums = evaluate_ranking(model, data, split="test", max_len=int(cfg["max-seq-len"]), ks=(int(cfg["top-k"]),), device=device)
+    sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
     metrics = MetricRecord({**sums, "num-examples": int(sums["num-users"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

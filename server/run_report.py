@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from common.evaluation import combine_partner_metrics
 from common.metrics import means_from_sums
 
 
@@ -91,6 +92,9 @@ class RunRecorder:
                     if key.endswith("-sum") or key == "num-users":
                         sums[key] = sums.get(key, 0.0) + float(value)
         out = {**means_from_sums(sums), "num-users": sums.get("num-users", 0.0)}
+        # Coverage and per-partner NDCG spread (not additive): common/evaluation.py
+        out.update(combine_partner_metrics([r for c in contents for r in c.metric_records.values()],
+                                           len(self.catalogue), self.top_k))
         self._eval = out
         return MetricRecord(out)
 
@@ -110,6 +114,7 @@ class RunRecorder:
             "eval-users": self._eval.get("num-users"),
             "seconds": round(time.perf_counter() - self._t0, 2),
         }
+        line.update({key: v for key, v in self._eval.items() if key not in line and key != "num-users"})  # HR/NDCG@5,20...
         self.rounds.append(line)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")

@@ -155,8 +155,11 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     start = time.perf_counter()
     run_dir, last_error = None, ""
     with open(log_path, "w") as log:
+        # One math thread per process: Ray runs one client per core, and on a shared machine a second
+        # OpenMP thread per process spins against the others (measured 60x slower MF steps).
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # its own process group: a timeout stops Ray with it
+                                env=env, start_new_session=True)  # its own process group: a timeout stops Ray with it
         try:
             for line in proc.stdout:
                 log.write(line)

@@ -25,4 +25,14 @@ def build_model(config: dict, num_items: int) -> SASRec:
             dropout=float(config["dropout"]),
             tied_output=bool(config["tied-output"]),
         )
-    raise ConfigError(f"model = {name!r} is unknown; available: sasrec")
+    if name == "mf":
+        from common.models.mf import MatrixFactorization
+
+        return MatrixFactorization(
+            num_items,
+            dim=int(config["embedding-dim"]),
+            fold_in_steps=int(config.get("mf-fold-in-steps", 20)),
+            l2=float(config.get("mf-l2", 1e-3)),
+            max_len=int(config["max-seq-len"]),
+        )
+    raise ConfigError(f"model = {name!r} is unknown; available: sasrec, mf")

@@ -1,0 +1,160 @@
+"""Membership-inference audit of a released global model (``model.pt`` in a run directory).
+
+    python -m simulations.audit runs/<run>           # needs a run with holdout-fraction > 0
+
+Members are the users the federation trained on (two or more training items, i.e. the
+DP samples); non-members are the held-out users listed in ``holdout.json``, never
+trained on. The attacker holds a candidate user's training history and the released
+model, and scores membership by
+
+- **loss**: the model's training loss on the user's history (lower = member; Yeom et al.);
+  for MF the attacker first fits the user's factor against the released item factors;
+- **calibrated loss**: loss minus the same history's loss under a population popularity
+  model (difficulty calibration, Watson et al. 2022): users with easy, popular histories
+  no longer look like members.
+
+Attack AUC (0.5 = no better than chance) with a bootstrap 95% interval, next to the
+epsilon the run claims. A DP guarantee of (epsilon, delta) bounds any attack's TPR at
+FPR x by e^epsilon * x + delta, so only small epsilon forces AUC near 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import DEFAULTS, resolve_config
+from common.data.sequences import SequenceData
+from common.errors import DataError, FedRecError
+from common.metrics import pad_left
+from common.task import federation_data, new_model
+
+
+def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+    """P(score of a random member > score of a random non-member), ties counted half (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    m, n = len(member_scores), len(nonmember_scores)
+    if m == 0 or n == 0:
+        raise DataError("the audit needs at least one member and one non-member")
+    ranks = rankdata(np.concatenate([member_scores, nonmember_scores]))
+    return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def bootstrap_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, rounds: int = 1000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(AUC, 2.5th, 97.5th percentile) over ``rounds`` resamples of members and non-members."""
+    rng = np.random.default_rng(seed)
+    values = [auc(rng.choice(member_scores, len(member_scores)), rng.choice(nonmember_scores, len(nonmember_scores)))
+              for _ in range(rounds)]
+    return auc(member_scores, nonmember_scores), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+@torch.no_grad()
+def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_size: int = 256) -> np.ndarray:
+    """Per-user training loss of ``model`` on each user's training history (the training objective)."""
+    from common.models.mf import MatrixFactorization, MultinomialLoss
+    from common.training import SequenceLoss
+
+    model.eval()
+    train = data.train_sequences()
+    out = []
+    for start in range(0, len(train), batch_size):
+        hist = [h[-(max_len + 1):] for h in train[start:start + batch_size]]
+        if isinstance(model, MatrixFactorization):
+            items = pad_left([h[-max_len:] for h in hist], max_len)
+            factors = model.fit_users(items)
+            out.append(MultinomialLoss("none")(model(factors), items).numpy())
+        else:
+            inputs, targets = pad_left([h[:-1] for h in hist], max_len), pad_left([h[1:] for h in hist], max_len)
+            out.append(SequenceLoss("none")(model(inputs), targets).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def popularity_losses(data: SequenceData, counts: np.ndarray, max_len: int) -> np.ndarray:
+    """Per-user mean -log p(item) under add-one smoothed item popularity ``counts`` (0..V)."""
+    p = (counts[1:] + 1.0) / (counts[1:].sum() + len(counts) - 1)
+    logp = np.concatenate([[0.0], np.log(p)])
+    return np.array([-logp[h[-max_len:]].mean() if len(h) else 0.0 for h in data.train_sequences()])
+
+
+def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
+    """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "model.pt", "holdout.json"):
+        if not (run_dir / name).is_file():
+            raise DataError(f"{run_dir}: no {name} (run with holdout-fraction > 0 through simulations.run/sweep)")
+    saved_cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})  # keys of older versions dropped
+    held = set(json.loads((run_dir / "holdout.json").read_text())["user-ids"])
+    if not held:
+        raise DataError(f"{run_dir}: holdout.json lists no user (holdout-fraction was 0)")
+    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+    data = federation_data(cfg)
+    if list(saved["catalogue"]) != data.catalogue.tolist():
+        raise DataError(f"{run_dir}: the model's catalogue differs from the data set's; was the data changed?")
+    model = new_model(cfg, data.num_items)
+    model.load_state_dict(saved["state_dict"])
+    max_len = int(cfg["max-seq-len"])
+    eligible = np.array([len(h) >= 2 for h in data.train_sequences()])
+    is_held = np.array([u in held for u in data.user_ids.tolist()])
+    members = np.flatnonzero(eligible & ~is_held)
+    nonmembers = np.flatnonzero(eligible & is_held)
+    rng = np.random.default_rng(seed)
+    if len(members) > max_members:
+        members = np.sort(rng.choice(members, max_members, replace=False))
+    subset = data.subset(np.concatenate([members, nonmembers]))
+    m = len(members)
+    loss = user_losses(model, subset, max_len)
+    calibrated = loss - popularity_losses(subset, data.item_counts(), max_len)
+    result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers)}
+    for name, score in (("loss", -loss), ("calibrated", -calibrated)):
+        value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)
+        result[f"auc-{name}"], result[f"auc-{name}-ci"] = value, [low, high]
+    result.update(_claimed_privacy(run_dir, cfg))
+    (run_dir / "audit.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _claimed_privacy(run_dir: Path, cfg: dict) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    eps = float(lines[-1].get("epsilon") or 0.0) if lines else 0.0
+    private = bool(cfg.get("dp", True)) and str(cfg.get("dp-mode", "local")) != "off" and eps > 0
+    return {"epsilon": eps if private else float("inf"), "delta": float(lines[-1].get("delta") or 0.0) if lines else 0.0,
+            "ndcg@10": lines[-1].get("ndcg@10") if lines else None}
+
+
+def format_result(r: dict) -> str:
+    eps = "inf (no DP)" if r["epsilon"] == float("inf") else f"{r['epsilon']:.2f} (delta {r['delta']:.1g})"
+    return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
+            f"  loss attack        AUC {r['auc-loss']:.3f}  95% CI [{r['auc-loss-ci'][0]:.3f}, {r['auc-loss-ci'][1]:.3f}]\n"
+            f"  calibrated attack  AUC {r['auc-calibrated']:.3f}  95% CI [{r['auc-calibrated-ci'][0]:.3f}, "
+            f"{r['auc-calibrated-ci'][1]:.3f}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="run directories (with model.pt, config.json, holdout.json)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (default 1000)")
+    parser.add_argument("--max-members", type=int, default=2000, help="members sampled for the attack (default 2000)")
+    args = parser.parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine
+    try:
+        for run_dir in args.run_dirs:
+            print(format_result(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap)))
+    except FedRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

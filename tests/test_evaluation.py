@@ -1,0 +1,94 @@
+"""Metrics beyond accuracy against brute force: HR/NDCG@5,10,20, coverage, popularity, per-partner
+spread; and the membership-inference AUC against pairwise counting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.sequences import SequenceData
+from common.evaluation import combine_partner_metrics, item_popularity, recommendation_metrics
+from simulations.audit import auc, bootstrap_auc
+
+
+def random_data(num_users: int, num_items: int, seed: int) -> SequenceData:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.choice(np.arange(1, num_items + 1), size=int(rng.integers(3, 9)), replace=False) for _ in range(num_users)]
+    return SequenceData(np.arange(1, num_items + 1).astype(str), np.arange(num_users).astype(str), seqs, seqs)
+
+
+def brute_force(scores: np.ndarray, data: SequenceData, k: int) -> dict:
+    """Sort each user's candidates explicitly (catalogue minus padding and history, target kept)."""
+    hits, ndcgs, pops, items = [], [], [], set()
+    pop = np.zeros(data.num_items + 1)
+    for s in data.sequences:
+        for i in set(s[:-2].tolist()):
+            pop[i] += 1
+    pop /= data.num_users
+    for u, seq in enumerate(data.sequences):
+        history, target = set(seq[:-1].tolist()), int(seq[-1])
+        candidates = [i for i in range(1, data.num_items + 1) if i not in history or i == target]
+        ordered = sorted(candidates, key=lambda i: -scores[u, i])
+        rank = sum(1 for i in candidates if scores[u, i] > scores[u, target])
+        hits.append(rank < k)
+        ndcgs.append(1 / math.log2(rank + 2) if rank < k else 0.0)
+        top = [i for i in ordered if i not in history][:k]  # the top-K list excludes everything seen
+        pops.append(np.mean([pop[i] for i in top]))
+        items.update(top)
+    return {"hr": np.mean(hits), "ndcg": np.mean(ndcgs), "pop": np.mean(pops), "items": items}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_metrics_match_brute_force_at_every_k(seed):
+    data = random_data(40, 30, seed)
+    scores = np.random.default_rng(seed + 10).normal(size=(data.num_users, data.num_items + 1))
+    got = recommendation_metrics(lambda a, b, h: torch.tensor(scores[a:b]), data, top_k=10, batch_size=7)
+    n = got["num-users"]
+    assert n == data.num_users
+    for k in (5, 10, 20):
+        want = brute_force(scores, data, k)
+        assert got[f"hit@{k}-sum"] / n == pytest.approx(want["hr"])
+        assert got[f"ndcg@{k}-sum"] / n == pytest.approx(want["ndcg"])
+    want = brute_force(scores, data, 10)
+    assert got["pop@10-sum"] / n == pytest.approx(want["pop"])
+    assert set(got["rec-items@10"]) == want["items"]
+
+
+def test_popularity_is_the_share_of_users_with_the_item():
+    seqs = [np.array([1, 2, 9, 9]), np.array([2, 2, 9, 9]), np.array([3, 9, 9])]
+    data = SequenceData(np.array(list("abcdefghi")), np.array(["x", "y", "z"]), seqs, seqs)
+    pop = item_popularity(data)
+    assert pop[1] == pytest.approx(1 / 3) and pop[2] == pytest.approx(2 / 3) and pop[9] == 0.0
+
+
+def test_partners_combine_into_coverage_and_spread():
+    records = [
+        {"num-users": 10.0, "ndcg@10-sum": 2.0, "rec-items@10": [1, 2, 3], "partition-id": 1},
+        {"num-users": 5.0, "ndcg@10-sum": 2.5, "rec-items@10": [3, 4], "partition-id": 0},
+    ]
+    got = combine_partner_metrics(records, num_items=8, top_k=10)
+    assert got["coverage@10"] == pytest.approx(4 / 8)
+    assert got["partner-ndcg@10"] == [0.5, 0.2]  # ordered by partition id
+    assert got["partner-ndcg@10-std"] == pytest.approx(np.std([0.5, 0.2]))
+    assert got["partner-ndcg@10-min"] == pytest.approx(0.2) and got["partner-ndcg@10-max"] == pytest.approx(0.5)
+
+
+def test_auc_equals_pairwise_counting_with_ties():
+    rng = np.random.default_rng(4)
+    members, non = rng.integers(0, 5, 30).astype(float), rng.integers(0, 5, 20).astype(float)
+    pairs = [(1.0 if m > x else 0.5 if m == x else 0.0) for m in members for x in non]
+    assert auc(members, non) == pytest.approx(np.mean(pairs))
+    assert auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_data():
+    rng = np.random.default_rng(0)
+    small = bootstrap_auc(rng.normal(0.5, 1, 30), rng.normal(0, 1, 30), rounds=300)
+    large = bootstrap_auc(rng.normal(0.5, 1, 600), rng.normal(0, 1, 600), rounds=300)
+    for value, low, high in (small, large):
+        assert low <= value <= high
+    assert large[2] - large[1] < small[2] - small[1]
+    assert 0.55 < large[0] < 0.75  # Phi(0.5 / sqrt 2) = 0.638

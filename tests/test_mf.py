@@ -1,0 +1,95 @@
+"""The MF baseline: only item factors and biases are federated, user factors stay in the partner's
+state, training learns, DP-SGD treats one user as one sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from client.app import make_client_app
+from client.private_factors import STATE_KEY, load_user_factors
+from common.config import resolve_config
+from common.evaluation import evaluate_model
+from common.models import build_model
+from common.models.mf import MatrixFactorization, MultinomialLoss, train_mf_local
+from common.privacy import steps_per_epoch
+from common.task import new_model, partner_data
+from common.training import DPSettings, user_count_for_training
+from tests.conftest import flower_message
+
+TINY = {"model": "mf", "synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16,
+        "num-blocks": 1, "local-epochs": 2, "batch-size": 16, "num-server-rounds": 2, "dp-mode": "off", "dp": False}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """NOTE: on the shared 2-core machine, torch's second thread spins against other jobs (60x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_federated_weights_hold_no_user_factor():
+    small = build_model(resolve_config(None, {**TINY}), 40)
+    assert isinstance(small, MatrixFactorization)
+    assert set(small.state_dict()) == {"items.weight", "items.bias"}
+    assert small.state_dict()["items.weight"].shape == (41, 16)  # items x dim, whatever the number of users
+
+
+def test_loss_is_the_mean_negative_log_likelihood_per_user():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    targets = torch.tensor([[0, 1, 3]])  # padding ignored
+    logp = torch.log_softmax(logits, dim=-1)[0]
+    want = -(logp[1] + logp[3]) / 2
+    assert MultinomialLoss("none")(logits, targets).item() == pytest.approx(want.item())
+
+
+def test_training_learns_and_private_factors_beat_fold_in_from_nothing(small_data):
+    torch.manual_seed(0)
+    model = MatrixFactorization(small_data.num_items, dim=16, max_len=20)
+    before = evaluate_model(model, small_data, max_len=20)
+    result, factors = train_mf_local(model, small_data, None, epochs=15, batch_size=32, learning_rate=0.02, max_len=20)
+    after = evaluate_model(model, small_data, max_len=20, user_factors=factors)
+    assert factors.shape == (small_data.num_users, 16)
+    assert result.mechanisms == [] and result.num_examples == user_count_for_training(small_data)
+    assert after["ndcg@10-sum"] > 1.3 * before["ndcg@10-sum"], (before["ndcg@10-sum"], after["ndcg@10-sum"])
+
+
+def test_dp_training_samples_users_at_the_accounted_rate(small_data):
+    model = MatrixFactorization(small_data.num_items, dim=8, max_len=20)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    result, _ = train_mf_local(model, small_data, None, epochs=2, batch_size=32, learning_rate=0.01, max_len=20, dp=dp)
+    rate, steps = steps_per_epoch(user_count_for_training(small_data), 32)
+    assert sum(n for _, _, n in result.mechanisms) == 2 * steps == result.steps
+    assert all(q == pytest.approx(rate) and s == 1.0 for s, q, _ in result.mechanisms)
+
+
+def test_client_keeps_user_factors_in_its_state_and_sends_only_items():
+    app = make_client_app(TINY)
+    cfg = resolve_config(None, TINY)
+    node = {"partition-id": 0, "num-partitions": 2}
+    data = partner_data(cfg, node)
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    arrays = ArrayRecord(new_model(cfg, data.num_items).state_dict())
+    for server_round in (1, 2):
+        msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}))
+        reply = app(msg, context)
+        assert not reply.has_error(), reply.error
+        assert set(reply.content["arrays"].keys()) == {"items.weight", "items.bias"}
+        factors = load_user_factors(context, data, 16)
+        assert factors is not None and factors.shape == (data.num_users, 16)
+        assert STATE_KEY in context.state.array_records
+        arrays = reply.content["arrays"]
+    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({})}), "evaluate")
+    metrics = app(msg, context).content["metrics"]
+    assert metrics["num-users"] == data.num_users and metrics["partition-id"] == 0
+    assert 0.0 <= metrics["ndcg@10-sum"] <= metrics["num-users"]
+    # The evaluation used the private factors: the same sums as evaluating with them directly.
+    model = new_model(cfg, data.num_items)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    direct = evaluate_model(model, data, max_len=20, user_factors=load_user_factors(context, data, 16))
+    assert metrics["ndcg@10-sum"] == pytest.approx(direct["ndcg@10-sum"])
+    assert np.isfinite(metrics["pop@10-sum"])
