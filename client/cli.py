@@ -2,6 +2,8 @@
 
     fedrec-client keys --out keys --name partner-1         # SuperNode authentication key pair
     fedrec-client data check --data-path log.csv --catalogue catalogue.txt
+    fedrec-client recommend --model runs/RUN --data-path log.csv --user 42   # top-K with reasons
+    fedrec-client serve --model runs --store events.sqlite                    # HTTP API on 127.0.0.1
 
 Every user mistake is one ``error: ...`` line and exit status 2.
 """
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--data-path", required=True, help="the log (CSV/Parquet/MovieLens), as in --node-config data-path")
     check.add_argument("--catalogue", default=None, help="the coordinator's published catalogue (one item id per line)")
     check.set_defaults(func=_data_check)
+
+    from client.serving_cli import add_serving_commands  # recommend, serve, finetune
+
+    add_serving_commands(sub)
     return parser
 
 

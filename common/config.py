@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "item-text-features": "",
     "mf-fold-in-steps": 20,
     "mf-l2": 0.001,
+    # Context inputs of SASRec (common/models/context.py)
+    "time-features": False,
+    "genre-features": False,
     # Local training
     "local-epochs": 2,
     "batch-size": 64,

@@ -75,10 +75,20 @@ def evaluate_ranking(
     was_training = getattr(model, "training", False)
     model.eval()
     histories, targets = data.eval_cases(split)
+    gaps = None
+    if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
+        from common.models.context import history_gaps
+
+        gaps = history_gaps(histories, data.timestamps)
     ranks = []
     for start in range(0, len(targets), batch_size):
         h = histories[start:start + batch_size]
-        seq = pad_left(h, max_len).to(device)
+        if gaps is None:
+            seq = pad_left(h, max_len).to(device)
+        else:
+            from common.models.context import model_inputs
+
+            seq = model_inputs(model, h, max_len, gaps[start:start + batch_size]).to(device)
         scores = model.score(seq).cpu()
         ranks.append(target_ranks(scores, h, targets[start:start + batch_size]))
     if was_training:

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from common.data.catalogue import load_catalogue
+from common.data.event_store import is_event_store, store_identity
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import SequenceData, build_sequences
 from common.data.synthetic import generate_synthetic
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.models import build_model
 
 
@@ -46,14 +47,27 @@ def _published_catalogue(path: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _partner_log(path: str, catalogue_key: tuple[str, ...]) -> SequenceData:
-    return build_sequences(load_interactions(path), np.array(catalogue_key, dtype=str))
+def _partner_log(path: str, version: tuple[int, int], catalogue_key: tuple[str, ...]) -> SequenceData:
+    data = build_sequences(load_interactions(path), np.array(catalogue_key, dtype=str))
+    if is_event_store(path):
+        data.identity = store_identity(resolve_data_path(path))
+    return data
+
+
+def _file_version(path: str) -> tuple[int, int]:
+    """(mtime ns, size): a log that changed (an event store receiving feedback) is read again."""
+    try:
+        st = resolve_data_path(path).stat()
+    except (OSError, DataError):
+        return (0, 0)  # the loader reports the problem
+    return (st.st_mtime_ns, st.st_size)
 
 
 def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> SequenceData:
     """One partner's users: its own log (``data-path`` in node config) or a simulated partition."""
     if node_config.get("data-path"):
-        return _partner_log(str(node_config["data-path"]), tuple(catalogue(cfg).tolist()))
+        path = str(node_config["data-path"])
+        return _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
     try:
         pid = int(node_config["partition-id"])
         n = int(node_config["num-partitions"])
@@ -67,4 +81,13 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
 def new_model(cfg: Mapping[str, Any], num_items: int) -> torch.nn.Module:
     """A freshly initialised model, identical for the same seed on every machine."""
     torch.manual_seed(int(cfg["seed"]))
-    return build_model(dict(cfg), num_items)
+    return build_model(dict(cfg), num_items, item_genres=_item_genres(cfg) if cfg.get("genre-features") else None)
+
+
+def _item_genres(cfg: Mapping[str, Any]) -> torch.Tensor | None:
+    """``genre-features``: the catalogue's genre matrix from the metadata beside ``dataset`` (None if absent)."""
+    from common.data.attributes import metadata_path
+    from common.models.context import item_genre_matrix
+
+    meta = metadata_path(str(cfg["dataset"]))
+    return None if meta is None else item_genre_matrix(catalogue(cfg), meta)

@@ -63,11 +63,19 @@ def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     return (per_user / mask.sum(dim=1).clamp(min=1)).mean()
 
 
-def training_pairs(data: SequenceData, max_len: int) -> TensorDataset:
+def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False) -> TensorDataset:
     """One (input, target) pair per user with at least two training items: inputs are the
-    history shifted by one, left-padded to ``max_len``."""
-    histories = [h[-(max_len + 1):] for h in data.train_sequences() if len(h) >= 2]
+    history shifted by one, left-padded to ``max_len``; with ``time_features`` inputs are
+    (users, max_len, 2), channel 1 the time-gap buckets (common/models/context.py)."""
+    train = data.train_sequences()
+    keep = [u for u, h in enumerate(train) if len(h) >= 2]
+    histories = [train[u][-(max_len + 1):] for u in keep]
     inputs = pad_left([h[:-1] for h in histories], max_len)
+    if time_features:
+        from common.models.context import history_gaps
+
+        gaps = history_gaps([train[u] for u in keep], [data.timestamps[u] for u in keep])
+        inputs = torch.stack([inputs, pad_left([g[-(max_len + 1):][:-1] for g in gaps], max_len)], dim=-1)
     targets = pad_left([h[1:] for h in histories], max_len)
     return TensorDataset(inputs, targets)
 
@@ -127,7 +135,7 @@ def train_local(
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
-    dataset = training_pairs(data, max_len)
+    dataset = training_pairs(data, max_len, time_features=getattr(model, "time_features", False))
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.data.event_store import is_event_store, read_event_store
 from common.errors import DataError
 
 LOG = logging.getLogger("fedrec.data")
@@ -98,6 +99,8 @@ def _read_frame(p: Path) -> pd.DataFrame:
         raise DataError(f"{p}: file is empty")
     if name.endswith(".parquet"):
         return pd.read_parquet(p)
+    if is_event_store(p):  # a partner's SQLite event store (serving feedback), common/data/event_store.py
+        return read_event_store(p)
     if name == "u.data":
         return pd.read_csv(p, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
                            dtype=str, keep_default_na=False)

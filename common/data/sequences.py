@@ -35,6 +35,7 @@ class SequenceData:
     timestamps: list[np.ndarray]
     dropped: dict[str, int] = field(default_factory=dict)
     name: str = "data"
+    identity: str = ""  # a growing source's permanent id (event store); "" = identified by content
 
     @property
     def num_items(self) -> int:
@@ -70,8 +71,15 @@ class SequenceData:
         raise ValueError(f"unknown split {split!r}; use 'valid' or 'test'")
 
     def fingerprint(self) -> str:
-        """A short hash of catalogue and sequences: identifies this data set in ledgers and checkpoints."""
+        """A short hash of catalogue and sequences: identifies this data set in ledgers and checkpoints.
+
+        A growing event store is one data set for its whole life (its ledger keeps counting
+        as events arrive), so its fingerprint hashes the store's id, not the content.
+        """
         h = hashlib.sha256()
+        if self.identity:
+            h.update(f"identity:{self.identity}".encode())
+            return h.hexdigest()[:16]
         h.update("\x1f".join(self.catalogue.tolist()).encode())
         for uid, seq in zip(self.user_ids.tolist(), self.sequences):
             h.update(str(uid).encode())

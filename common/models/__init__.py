@@ -1,16 +1,23 @@
 """Recommenders: plain ``nn.Module``s with ``score(histories) -> scores over the catalogue``."""
 
+import torch
+
 from common.models.popularity import Popularity
 from common.models.sasrec import SASRec
 
 __all__ = ["Popularity", "SASRec", "build_model"]
 
 
-def build_model(config: dict, num_items: int) -> SASRec:
-    """The recommender named by ``config['model']`` for a catalogue of ``num_items``."""
+def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None = None) -> torch.nn.Module:
+    """The recommender named by ``config['model']`` for a catalogue of ``num_items``.
+
+    ``item_genres`` (V+1, G): SASRec's genre input when ``genre-features`` is on (common/models/context.py).
+    """
     from common.errors import ConfigError
 
     name = config["model"]
+    if config.get("genre-features", False) and item_genres is None:
+        raise ConfigError("genre-features = true needs item metadata (u.item, movies.dat or movies.csv beside the dataset)")
     if name == "sasrec":
         if config.get("item-features", "id") != "id":  # frozen text-encoder item features
             from common.models.text_sasrec import build_text_sasrec
@@ -24,6 +31,8 @@ def build_model(config: dict, num_items: int) -> SASRec:
             num_heads=int(config["num-heads"]),
             dropout=float(config["dropout"]),
             tied_output=bool(config["tied-output"]),
+            time_features=bool(config.get("time-features", False)),
+            item_genres=item_genres if config.get("genre-features", False) else None,
         )
     if name == "mf":
         from common.models.mf import MatrixFactorization

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from common.models.context import NUM_TIME_BUCKETS
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention from plain linear layers."""
@@ -73,6 +75,8 @@ class SASRec(nn.Module):
         num_heads: int = 1,
         dropout: float = 0.2,
         tied_output: bool = True,
+        time_features: bool = False,
+        item_genres: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -84,15 +88,29 @@ class SASRec(nn.Module):
         self.final_norm = nn.LayerNorm(dim)
         self.output = nn.Linear(dim, num_items + 1, bias=False)
         self.tied_output = tied_output
+        # Context inputs (common/models/context.py), off by default: gap buckets and item genres
+        self.time_features = time_features
+        self.time_emb = nn.Embedding(NUM_TIME_BUCKETS, dim, padding_idx=0) if time_features else None
+        self.genre_proj = None
+        if item_genres is not None:
+            self.register_buffer("item_genres", item_genres.float())  # public metadata; travels with the weights
+            self.genre_proj = nn.Linear(item_genres.shape[1], dim, bias=False)
         nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
         if tied_output:
             self.output.weight = self.item_emb.weight  # one Parameter, two modules
 
     def hidden(self, seq: torch.Tensor) -> torch.Tensor:
+        gaps = None
+        if seq.dim() == 3:  # (batch, length, 2): item indices and time-gap buckets
+            seq, gaps = seq[..., 0], seq[..., 1]
         b, t = seq.shape
         pad = seq == 0
         positions = torch.arange(t, device=seq.device).expand(b, t).contiguous()
         x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
+        if self.time_emb is not None and gaps is not None:
+            x = x + self.time_emb(gaps)
+        if self.genre_proj is not None:
+            x = x + self.genre_proj(self.item_genres[seq])
         x = self.emb_dropout(x) * (~pad).unsqueeze(-1)
         causal = torch.ones(t, t, dtype=torch.bool, device=seq.device).tril()
         # Keys: earlier non-padding positions; every query may see itself so no row is empty.

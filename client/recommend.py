@@ -1,0 +1,206 @@
+"""Top-K recommendations for one of a partner's users from the latest global model.
+
+The model file is a run directory's ``model.pt`` (``server/run_report.py``: state dict,
+catalogue, run config). A user's history comes from the partner's own log or event store
+and never leaves the partner. Items the user has already seen are excluded; a user with no
+usable history (unknown, or only items outside the catalogue) gets the partner's most
+popular items, labelled ``cold_start``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from client.explain import Explanation, explain_items
+from common.data.loaders import Interactions
+from common.errors import DataError
+from common.models import build_model
+from common.models.context import model_inputs, time_gap_buckets
+
+
+class HistorySource(Protocol):
+    """Where users' histories come from: an :class:`~common.data.event_store.EventStore` or a :class:`LogHistory`."""
+
+    def history(self, user_id: str) -> tuple[list[str], np.ndarray]: ...
+
+    def item_counts(self) -> dict[str, int]: ...
+
+
+class LogHistory:
+    """Histories from an interaction log already in memory (the ``recommend`` CLI on a CSV/MovieLens log)."""
+
+    def __init__(self, log: Interactions) -> None:
+        # Stable sort: ties at one timestamp keep file order, as in common/data/sequences.py
+        order = np.lexsort((np.arange(len(log)), log.timestamp, log.user))
+        self._users, self._items, self._times = log.user[order], log.item[order], log.timestamp[order]
+        uniq, first, counts = np.unique(self._users, return_index=True, return_counts=True)
+        self._start = {u: (int(f), int(f + c)) for u, f, c in zip(uniq.tolist(), first, counts)}
+
+    def history(self, user_id: str) -> tuple[list[str], np.ndarray]:
+        lo, hi = self._start.get(str(user_id), (0, 0))
+        return self._items[lo:hi].tolist(), self._times[lo:hi]
+
+    def item_counts(self) -> dict[str, int]:
+        items, counts = np.unique(self._items, return_counts=True)
+        return dict(zip(items.tolist(), counts.tolist()))
+
+
+@dataclass
+class GlobalModel:
+    """A loaded global model: the network, its catalogue and where it came from."""
+
+    model: torch.nn.Module
+    catalogue: np.ndarray  # raw item ids; item index i+1 <-> catalogue[i]
+    config: dict[str, Any]
+    path: Path
+    version: float  # the file's modification time (unix seconds): a newer file is a newer model
+    index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.config.get("max-seq-len", 50))
+
+
+def find_model_file(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file; in a folder its ``model.pt``, else the newest ``*/model.pt``
+    (a folder of run directories: the latest run's model)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "model.pt").is_file():
+            return p / "model.pt"
+        candidates = [c for c in p.glob("*/model.pt") if c.is_file()]
+        if candidates:
+            return max(candidates, key=lambda c: c.stat().st_mtime)
+        raise DataError(f"{p}: no model.pt in this folder or its run directories (train a run first)")
+    raise DataError(f"model {p}: no such file or directory")
+
+
+def load_global_model(path: str | os.PathLike) -> GlobalModel:
+    """Load ``model.pt`` (or the newest one under a folder); a bad file is one :class:`DataError` line."""
+    file = find_model_file(path)
+    version = file.stat().st_mtime
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=False)
+        state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), dict(blob["config"])
+    except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
+        raise DataError(f"model {file}: not a fedrec model file (expected state_dict, catalogue, config; {exc})") from None
+    try:
+        model = build_model(config, len(catalogue), item_genres=state.get("item_genres"))
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DataError(f"model {file}: weights do not match its config ({first})") from None
+    model.eval()
+    index = {item: i + 1 for i, item in enumerate(catalogue.tolist())}
+    return GlobalModel(model, catalogue, config, file, version, index)
+
+
+@dataclass
+class Recommendation:
+    item_id: str
+    title: str | None
+    score: float
+    explanation: Explanation | None = None
+
+
+@dataclass
+class RecommendationList:
+    user_id: str
+    items: list[Recommendation]
+    cold_start: bool
+    strategy: str  # "model" or "popularity" (cold start)
+    history_length: int  # the user's events, all of them (including items outside the catalogue)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "cold_start": self.cold_start,
+            "strategy": self.strategy,
+            "history_length": self.history_length,
+            "items": [
+                {"rank": r, "item_id": rec.item_id, "title": rec.title, "score": round(rec.score, 6),
+                 **({"explanation": rec.explanation.to_dict()} if rec.explanation is not None else {})}
+                for r, rec in enumerate(self.items, start=1)
+            ],
+        }
+
+
+class Recommender:
+    """Scores a user's history with a :class:`GlobalModel`; ``titles`` maps item id -> title."""
+
+    def __init__(self, model: GlobalModel, titles: dict[str, str] | None = None) -> None:
+        self.gm = model
+        self.titles = titles or {}
+
+    def title(self, item_id: str) -> str | None:
+        return self.titles.get(item_id)
+
+    @torch.no_grad()
+    def recommend(self, user_id: str, source: HistorySource, k: int = 10, *, explain: bool = True,
+                  popularity: dict[str, int] | None = None) -> RecommendationList:
+        """Top ``k`` unseen items for ``user_id``; ``popularity`` (item id -> count) for cold start
+        defaults to ``source.item_counts()``."""
+        items, times = source.history(user_id)
+        known = [(self.gm.index[i], t) for i, t in zip(items, times.tolist()) if i in self.gm.index]
+        if not known:
+            return self._cold_start(user_id, items, k, popularity if popularity is not None else source.item_counts())
+        history = np.array([i for i, _ in known], dtype=np.int64)
+        gaps = time_gap_buckets(np.array([t for _, t in known], dtype=np.int64))
+        scores = self.gm.model.score(model_inputs(self.gm.model, [history], self.gm.max_len, [gaps]))[0].clone()
+        scores[0] = float("-inf")
+        scores[torch.as_tensor(history)] = float("-inf")  # exclude everything seen, not only the last max-len
+        k = min(k, int(torch.isfinite(scores).sum()))
+        top = torch.topk(scores, k).indices.tolist()
+        explanations = explain_items(self.gm.model, history, gaps, top, self.gm.max_len,
+                                     name=lambda i: self._label(i)) if explain else [None] * len(top)
+        recs = [Recommendation(self._item(i), self.title(self._item(i)), float(scores[i]), e)
+                for i, e in zip(top, explanations)]
+        return RecommendationList(str(user_id), recs, cold_start=False, strategy="model", history_length=len(items))
+
+    def _item(self, index: int) -> str:
+        return str(self.gm.catalogue[index - 1])
+
+    def _label(self, index: int) -> str:
+        item = self._item(index)
+        return self.title(item) or f"item {item}"
+
+    def _cold_start(self, user_id: str, seen: list[str], k: int, counts: dict[str, int]) -> RecommendationList:
+        """Most popular catalogue items at this partner that the user has not seen (ties: catalogue order)."""
+        seen_set = set(seen)
+        ranked = sorted(((c, -self.gm.index[i], i) for i, c in counts.items() if i in self.gm.index and i not in seen_set),
+                        reverse=True)
+        recs = [Recommendation(i, self.title(i), float(c)) for c, _, i in ranked[:k]]
+        if len(recs) < k:  # a partner with few events: fill up in catalogue order
+            taken = seen_set | {r.item_id for r in recs}
+            recs += [Recommendation(i, self.title(i), 0.0) for i in self.gm.catalogue.tolist() if i not in taken][: k - len(recs)]
+        return RecommendationList(str(user_id), recs, cold_start=True, strategy="popularity", history_length=len(seen))
+
+
+def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
+    """Item id -> title from MovieLens metadata (``u.item``, ``movies.dat``, or their folder); {} if none."""
+    if not metadata:
+        return {}
+    from common.data.loaders import load_item_titles
+
+    return {item: title for item, (title, _) in load_item_titles(metadata).items()}
+
+
+def format_table(result: RecommendationList) -> str:
+    """A readable table: rank, item, title, score and the one-line reason."""
+    head = f"user {result.user_id}: " + (
+        f"cold start (popularity at this partner; {result.history_length} known events)" if result.cold_start
+        else f"{len(result.items)} recommendations from {result.history_length} events")
+    lines = [head, f"{'rank':>4}  {'item':>8}  {'score':>9}  title / reason"]
+    for r, rec in enumerate(result.items, start=1):
+        lines.append(f"{r:>4}  {rec.item_id:>8}  {rec.score:>9.3f}  {rec.title or '-'}")
+        if rec.explanation is not None:
+            lines.append(f"{'':>27}{rec.explanation.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The partner's recommendation API (FastAPI on uvicorn, 127.0.0.1 by default).
+
+    GET  /users/{user_id}/recommendations?k=10&explain=true   top-K unseen items, with reasons
+    POST /events   {"user_id": "42", "item_id": "50", "timestamp": 890000000}   record feedback
+    GET  /health   model file and version, events in the store
+
+Events go to the partner's SQLite event store, which is also its training log
+(``data-path = events.sqlite``), so feedback trains the next federated round. The API
+reloads the model when a newer file appears at ``--model`` (a ``model.pt`` or a folder of
+run directories), checking at most every ``reload_interval`` seconds. A request the API
+cannot serve gets a 4xx with ``{"error": "..."}`` naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+
+from client.recommend import GlobalModel, Recommender, find_model_file, load_global_model
+from common.data.event_store import EventStore
+from common.errors import FedRecError
+
+LOG = logging.getLogger("fedrec.serve")
+MAX_K = 200  # larger lists are a batch job, not a request
+
+
+class EventIn(BaseModel):
+    """One interaction a user just had (``timestamp``: unix seconds, default now)."""
+
+    user_id: str = Field(min_length=1, max_length=200)
+    item_id: str = Field(min_length=1, max_length=200)
+    timestamp: int | None = Field(default=None, ge=0)
+    rating: float | None = None
+    event: str = Field(default="interaction", min_length=1, max_length=50)
+
+    @field_validator("rating")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("rating must be a finite number")
+        return v
+
+
+class ModelWatcher:
+    """Holds the current :class:`Recommender`; swaps in a newer model file when one appears.
+
+    A newer file that cannot be loaded (half-copied, wrong format) is logged and the
+    current model keeps serving; the next check tries again.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, titles: dict[str, str], reload_interval: float) -> None:
+        self.model_path = Path(model_path)
+        self.titles = titles
+        self.reload_interval = reload_interval
+        self.recommender = Recommender(load_global_model(model_path), titles)
+        self.reloads = 0
+        self.last_error: str | None = None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> GlobalModel:
+        return self.recommender.gm
+
+    def maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.reload_interval:
+            return
+        with self._lock:
+            if now - self._checked < self.reload_interval:
+                return
+            self._checked = now
+            try:
+                file = find_model_file(self.model_path)
+                if file == self.current.path and file.stat().st_mtime <= self.current.version:
+                    return
+                self.recommender = Recommender(load_global_model(file), self.titles)
+                self.reloads += 1
+                self.last_error = None
+                LOG.info("loaded model %s (version %.3f)", file, self.current.version)
+            except (FedRecError, OSError) as exc:
+                self.last_error = str(exc)
+                LOG.warning("keeping the current model: %s", exc)
+
+
+def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,
+               reload_interval: float = 2.0) -> FastAPI:
+    """The API over ``model`` (file or folder) and ``store``; raises :class:`FedRecError` if the model cannot load."""
+    watcher = ModelWatcher(model, titles or {}, reload_interval)
+    app = FastAPI(title="fedrec partner recommendations", version="1")
+    app.state.watcher = watcher
+    app.state.store = store
+    popularity = {"version": -1, "counts": {}}
+    events_version = [0]  # bumped by POST /events; cold-start popularity is recomputed after a change
+
+    def counts() -> dict[str, int]:
+        if popularity["version"] != events_version[0]:
+            popularity["counts"], popularity["version"] = store.item_counts(), events_version[0]
+        return popularity["counts"]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")) or "request"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(status_code=422, content={"error": "; ".join(problems)})
+
+    @app.exception_handler(FedRecError)
+    async def _user_error(request: Request, exc: FedRecError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": str(exc)})
+
+    @app.get("/health")
+    def health() -> dict:
+        watcher.maybe_reload()
+        gm = watcher.current
+        return {"status": "ok", "model": {"path": str(gm.path), "version": gm.version, "items": len(gm.catalogue),
+                                          "reloads": watcher.reloads, "last_error": watcher.last_error},
+                "events": store.count()}
+
+    @app.get("/users/{user_id}/recommendations")
+    def recommendations(user_id: str, k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> dict:
+        watcher.maybe_reload()
+        recommender = watcher.recommender  # one model for the whole request, even if a reload lands meanwhile
+        result = recommender.recommend(user_id, store, k, explain=explain, popularity=counts())
+        return {**result.to_dict(), "model_version": recommender.gm.version}
+
+    @app.post("/events", status_code=201, response_model=None)
+    def post_event(event: EventIn) -> JSONResponse | dict:
+        gm = watcher.current
+        if event.item_id not in gm.index:
+            return JSONResponse(status_code=422, content={
+                "error": f"item_id: {event.item_id!r} is not in the model's catalogue ({len(gm.catalogue)} items)"})
+        ts = int(time.time()) if event.timestamp is None else event.timestamp
+        event_id = store.add(event.user_id, event.item_id, timestamp=ts, rating=event.rating, event=event.event)
+        events_version[0] += 1
+        return {"id": event_id, "user_id": event.user_id, "item_id": event.item_id, "timestamp": ts}
+
+    return app
+
+
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run ``app`` on uvicorn until interrupted (Ctrl-C / SIGTERM stop it cleanly)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,137 @@
+"""``fedrec-client recommend | serve | finetune``: a partner's own users, served from the global model.
+
+    fedrec-client recommend --model runs/RUN --data-path ml-100k --user 42 --format table
+    fedrec-client serve --model runs --store events.sqlite --import-log ml-100k --port 8000
+    fedrec-client finetune --model runs/RUN --data-path events.sqlite --ledger-path ledger.sqlite --since 1700000000
+
+Registered on ``client/cli.py``'s parser by :func:`add_serving_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _metadata_for(data_path: str | None, metadata: str | None) -> str | None:
+    """``--metadata`` if given, else MovieLens metadata beside the log (``u.item``/``movies.dat``), else None."""
+    if metadata:
+        return metadata
+    if not data_path:
+        return None
+    from common.data.attributes import metadata_path
+    from common.data.event_store import is_event_store
+
+    if is_event_store(data_path):
+        return None
+    found = metadata_path(data_path)
+    return str(found) if found else None
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from client.recommend import LogHistory, Recommender, format_table, load_global_model, load_titles
+    from common.data.event_store import EventStore, is_event_store
+    from common.data.loaders import load_interactions
+
+    model = load_global_model(args.model)
+    if is_event_store(args.data_path):
+        source = EventStore(args.data_path)
+    else:
+        source = LogHistory(load_interactions(args.data_path))
+    recommender = Recommender(model, load_titles(_metadata_for(args.data_path, args.metadata)))
+    result = recommender.recommend(args.user, source, args.k, explain=not args.no_explain)
+    if args.format == "json":
+        print(json.dumps({**result.to_dict(), "model": str(model.path)}, indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from client.recommend import load_titles
+    from client.serve import create_app, serve
+    from common.data.event_store import EventStore
+    from common.data.loaders import load_interactions
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    store = EventStore(args.store, create=True)
+    if args.import_log:
+        if store.count():
+            print(f"{args.store}: already holds {store.count()} events; --import-log skipped", file=sys.stderr)
+        else:
+            log = load_interactions(args.import_log)
+            ratings = log.rating if log.rating is not None else [None] * len(log)
+            n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
+            print(f"imported {n} events from {log.source} into {args.store}")
+    titles = load_titles(_metadata_for(args.import_log, args.metadata))
+    app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval)
+    print(f"serving {app.state.watcher.current.path} on http://{args.host}:{args.port} "
+          f"(events: {args.store}, {store.count()} so far)", flush=True)
+    serve(app, host=args.host, port=args.port)
+    store.close()
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from client.finetune import finetune_partner
+
+    report = finetune_partner(
+        model=args.model, data_path=args.data_path, ledger_path=args.ledger_path, out=args.out, since=args.since,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
+        dp=not args.no_dp, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``recommend``, ``serve`` and ``finetune`` to ``fedrec-client``'s subcommands."""
+    rec = sub.add_parser("recommend", help="top-K recommendations with reasons for one of this partner's users")
+    rec.add_argument("--model", required=True, help="model.pt, a run directory, or a folder of runs (newest model)")
+    rec.add_argument("--data-path", required=True, help="this partner's log (CSV/Parquet/MovieLens) or event store (.sqlite)")
+    rec.add_argument("--user", required=True, help="the user id as it appears in the log")
+    rec.add_argument("--k", type=_positive, default=10, help="how many items (default 10)")
+    rec.add_argument("--no-explain", action="store_true", help="skip the leave-one-out reasons")
+    rec.add_argument("--format", choices=("table", "json"), default="table")
+    rec.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside the log")
+    rec.set_defaults(func=_recommend)
+
+    srv = sub.add_parser("serve", help="HTTP API: recommendations, feedback events, health (127.0.0.1)")
+    srv.add_argument("--model", required=True, help="model.pt, a run directory, or a folder of runs (reloads when newer)")
+    srv.add_argument("--store", required=True, help="SQLite event store (created if missing); use it as data-path")
+    srv.add_argument("--import-log", default=None, help="fill an empty store from this log first")
+    srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks for a newer model")
+    srv.set_defaults(func=_serve)
+
+    ft = sub.add_parser("finetune", help="DP fine-tune the global model on this partner's newest events (kept local)")
+    ft.add_argument("--model", required=True, help="the global model.pt or run directory")
+    ft.add_argument("--data-path", required=True, help="this partner's log or event store")
+    ft.add_argument("--ledger-path", required=True, help="this partner's privacy ledger (the one its supernode uses)")
+    ft.add_argument("--out", default=None, help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
+    ft.add_argument("--since", type=int, default=None, help="unix seconds: train users with events at or after this "
+                    "(default: the global model file's time)")
+    ft.add_argument("--epochs", type=int, default=1)
+    ft.add_argument("--batch-size", type=int, default=16, help="expected users per DP-SGD step")
+    ft.add_argument("--learning-rate", type=float, default=0.001)
+    ft.add_argument("--target-epsilon", type=float, default=8.0, help="the partner's whole-ledger budget")
+    ft.add_argument("--target-delta", type=float, default=0.0, help="0 = min(1e-5, 0.1 / users)")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0)
+    ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.set_defaults(func=_finetune)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+

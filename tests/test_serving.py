@@ -1,0 +1,296 @@
+"""Partner serving: recommendations, leave-one-out explanations, the HTTP API and its event store."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from client.explain import leave_one_out
+from client.recommend import LogHistory, Recommender, load_global_model
+from common.config import resolve_config
+from common.data import build_sequences, generate_synthetic
+from common.data.event_store import EventStore
+from common.metrics import pad_left
+from common.task import new_model
+from common.training import train_local
+
+CFG = {"embedding-dim": 16, "num-blocks": 1, "max-seq-len": 20, "dropout": 0.0, "seed": 5}
+
+
+def save_model(path: Path, model: torch.nn.Module, catalogue: np.ndarray, cfg: dict) -> Path:
+    """model.pt exactly as the server writes it (server/run_report.py)."""
+    from flwr.app import ArrayRecord
+
+    from server.run_report import RunRecorder
+
+    path.mkdir(parents=True, exist_ok=True)
+    RunRecorder(path, cfg, catalogue).save_model(ArrayRecord(model.state_dict()))
+    return path / "model.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny forward passes: one thread is 10-50x faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def log():
+    return generate_synthetic(num_users=150, num_items=50, mean_length=12, seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, log):
+    """A small SASRec trained for a few epochs (no DP) and saved as a run directory's model.pt."""
+    data = build_sequences(log)
+    cfg = resolve_config(None, CFG)
+    model = new_model(cfg, data.num_items)
+    train_local(model, data, epochs=8, batch_size=32, learning_rate=0.01, max_len=20, seed=1)
+    run = tmp_path_factory.mktemp("run")
+    save_model(run, model, data.catalogue, cfg)
+    return run, data
+
+
+def test_recommendations_exclude_seen_and_follow_model_scores(trained, log):
+    # Prepare
+    run, data = trained
+    gm = load_global_model(run)
+    source = LogHistory(log)
+    user = str(data.user_ids[3])
+
+    # Execute
+    result = Recommender(gm, {"1": "Item One"}).recommend(user, source, 5, explain=False)
+
+    # Assert: the top 5 unseen items by an independent full-catalogue scoring
+    seen = [gm.index[i] for i in source.history(user)[0]]
+    scores = gm.model.score(pad_left([np.array(seen)], 20))[0]
+    scores[[0, *seen]] = float("-inf")
+    expected = [str(data.catalogue[i - 1]) for i in torch.topk(scores, 5).indices.tolist()]
+    assert [r.item_id for r in result.items] == expected
+    assert not set(expected) & set(source.history(user)[0])
+    assert not result.cold_start and result.strategy == "model"
+
+
+def test_removing_the_top_explaining_item_lowers_that_items_score(trained, log):
+    # Prepare
+    run, data = trained
+    gm = load_global_model(run)
+    source = LogHistory(log)
+    checked = 0
+    for user in data.user_ids[:10].tolist():
+        result = Recommender(gm).recommend(user, source, 3, explain=True)
+        history = np.array([gm.index[i] for i in source.history(user)[0]])
+        for rec in result.items:
+            if not rec.explanation.because:
+                continue
+            top = rec.explanation.because[0]
+            target = gm.index[rec.item_id]
+            # Execute: drop the top explaining item from the history and rescore independently
+            without = np.delete(history, np.flatnonzero(history == top.index)[0])
+            full = float(gm.model.score(pad_left([history], 20))[0, target])
+            reduced = float(gm.model.score(pad_left([without], 20))[0, target])
+            # Assert: the score falls, by the influence the explanation reports
+            assert reduced < full
+            assert full - reduced == pytest.approx(top.influence, abs=1e-4)
+            assert rec.explanation.reason.startswith("because you watched " + top.name)
+            checked += 1
+    assert checked >= 10
+
+
+def test_leave_one_out_matches_one_removal_at_a_time(trained):
+    run, _ = trained
+    gm = load_global_model(run)
+    history = np.array([3, 9, 4, 17, 22, 5])
+    positions, influence = leave_one_out(gm.model, history, None, [7, 11], 20)
+    base = gm.model.score(pad_left([history], 20))[0]
+    for row, p in enumerate(positions):
+        reduced = gm.model.score(pad_left([np.delete(history, p)], 20))[0]
+        assert influence[row].tolist() == pytest.approx((base[[7, 11]] - reduced[[7, 11]]).tolist(), abs=1e-5)
+
+
+def test_unknown_user_gets_labelled_popularity(trained, log):
+    run, _ = trained
+    gm = load_global_model(run)
+    result = Recommender(gm).recommend("no-such-user", LogHistory(log), 4)
+    items, counts = np.unique(log.item, return_counts=True)
+    order = sorted(zip(counts.tolist(), [-gm.index[i] for i in items.tolist()], items.tolist()), reverse=True)
+    assert result.cold_start and result.strategy == "popularity"
+    assert [r.item_id for r in result.items] == [i for _, _, i in order[:4]]
+
+
+def test_bad_model_file_is_one_clear_error(tmp_path):
+    from common.errors import DataError
+
+    (tmp_path / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a fedrec model file"):
+        load_global_model(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no model.pt"):
+        load_global_model(tmp_path / "empty")
+
+
+def test_event_store_is_a_training_log_that_grows(tmp_path, log):
+    # Prepare: a store holding the log, used as a partner's data-path
+    from common.task import partner_data
+
+    store_path = tmp_path / "events.sqlite"
+    with EventStore(store_path, create=True) as store:
+        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+    cfg = resolve_config(None, {"dataset": "synthetic"})
+    node = {"data-path": str(store_path)}
+    catalogue = build_sequences(log).catalogue
+    cfg["catalogue"] = ""
+    before = partner_data({**cfg, "synthetic-users": 150, "synthetic-items": 50, "seed": 7}, node)
+
+    # Execute: one more event for the first user, later than all others
+    user = str(before.user_ids[0])
+    new_item = next(i for i in catalogue.tolist() if i not in set(log.item[log.user == user].tolist()))
+    time.sleep(0.01)
+    with EventStore(store_path) as store:
+        store.add(user, new_item, timestamp=int(log.timestamp.max()) + 10)
+    after = partner_data({**cfg, "synthetic-users": 150, "synthetic-items": 50, "seed": 7}, node)
+
+    # Assert: the next round sees the event; the data set keeps its identity (same privacy ledger)
+    assert str(after.catalogue[after.sequences[0][-1] - 1]) == new_item
+    assert len(after.sequences[0]) == len(before.sequences[0]) + 1
+    assert after.fingerprint() == before.fingerprint()
+
+
+def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
+    from client.cli import main
+
+    run, data = trained
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
+    user = str(data.user_ids[0])
+    assert main(["recommend", "--model", str(run), "--data-path", str(csv), "--user", user, "--k", "3", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["items"]) == 3 and out["items"][0]["explanation"]["reason"]
+    assert main(["recommend", "--model", str(run), "--data-path", str(csv), "--user", user, "--k", "2"]) == 0
+    assert "because you watched" in capsys.readouterr().out
+    assert main(["recommend", "--model", str(tmp_path / "nothing"), "--data-path", str(csv), "--user", user]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# -- the HTTP API on a real uvicorn server ------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def api(trained, log, tmp_path):
+    """uvicorn serving the API on 127.0.0.1 in a thread; stopped after the test."""
+    import uvicorn
+
+    from client.serve import create_app
+
+    run, _ = trained
+    model_dir = tmp_path / "runs" / "r1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.pt").write_bytes((run / "model.pt").read_bytes())
+    store = EventStore(tmp_path / "events.sqlite", create=True)
+    store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+    app = create_app(model=tmp_path / "runs", store=store, reload_interval=0.0)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield client, store, tmp_path
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.close()
+
+
+def test_api_round_trip_feedback_is_stored_and_excluded(api, trained):
+    client, store, tmp_path = api
+    _, data = trained
+    user = str(data.user_ids[2])
+
+    first = client.get(f"/users/{user}/recommendations", params={"k": 5})
+    assert first.status_code == 200
+    body = first.json()
+    assert not body["cold_start"] and len(body["items"]) == 5
+    assert all(item["explanation"]["reason"] for item in body["items"])
+    top = body["items"][0]["item_id"]
+
+    posted = client.post("/events", json={"user_id": user, "item_id": top, "timestamp": 2_000_000_000})
+    assert posted.status_code == 201
+
+    with EventStore(tmp_path / "events.sqlite") as reader:  # a second connection: the row is committed
+        items, times = reader.history(user)
+    assert items[-1] == top and times[-1] == 2_000_000_000
+
+    again = client.get(f"/users/{user}/recommendations", params={"k": 5, "explain": "false"}).json()
+    assert top not in [item["item_id"] for item in again["items"]]
+    assert "explanation" not in again["items"][0]
+    assert client.get("/health").json()["events"] == store.count()
+
+
+def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
+    client, _, _ = api
+    _, data = trained
+    cold = client.get("/users/brand-new/recommendations", params={"k": 3}).json()
+    assert cold["cold_start"] and cold["strategy"] == "popularity" and len(cold["items"]) == 3
+    item = str(data.catalogue[0])
+    assert client.post("/events", json={"user_id": "brand-new", "item_id": item}).status_code == 201
+    warm = client.get("/users/brand-new/recommendations", params={"k": 3}).json()
+    assert not warm["cold_start"] and item not in [i["item_id"] for i in warm["items"]]
+    assert warm["items"][0]["explanation"]["because"][0]["item"] == f"item {item}"
+
+
+@pytest.mark.parametrize("request_args, field", [
+    (("GET", "/users/1/recommendations", {"params": {"k": 0}}), "k"),
+    (("GET", "/users/1/recommendations", {"params": {"k": "ten"}}), "k"),
+    (("GET", "/users/1/recommendations", {"params": {"explain": "maybe"}}), "explain"),
+    (("POST", "/events", {"json": {"user_id": "1"}}), "item_id"),
+    (("POST", "/events", {"json": {"user_id": "", "item_id": "1"}}), "user_id"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "no-such-item"}}), "item_id"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": -5}}), "timestamp"),
+    (("POST", "/events", {"content": b"{not json", "headers": {"content-type": "application/json"}}), "JSON"),
+])
+def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):
+    client, store, _ = api
+    before = store.count()
+    method, url, kwargs = request_args
+    response = client.request(method, url, **kwargs)
+    assert 400 <= response.status_code < 500
+    assert field in response.json()["error"]
+    assert store.count() == before
+
+
+def test_api_hot_reloads_a_newer_model(api, trained):
+    client, _, tmp_path = api
+    run, data = trained
+    before = client.get("/health").json()["model"]
+    cfg = resolve_config(None, CFG)
+    other = new_model({**cfg, "seed": 99}, data.num_items)  # different weights, same catalogue
+    time.sleep(0.02)
+    save_model(tmp_path / "runs" / "r2", other, data.catalogue, cfg)
+    after = client.get("/health").json()["model"]
+    assert after["path"].endswith("r2/model.pt") and after["version"] > before["version"] and after["reloads"] == 1
+    user = str(data.user_ids[0])
+    served = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"}).json()
+    assert served["model_version"] == after["version"]
