@@ -39,7 +39,7 @@ def test_iid_covers_every_user_once_with_near_equal_sizes(users, parts, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(users=st.integers(60, 400), parts=st.integers(2, 6), power=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 99))
+@given(users=st.integers(100, 400), parts=st.integers(2, 6), power=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 99))
 def test_size_skew_sizes_are_as_requested(users, parts, power, seed):
     got = size_skew_partition(users, parts, power=power, seed=seed)
     assert_exact_cover(got, users)
