@@ -80,7 +80,7 @@ def _finetune(args: argparse.Namespace) -> int:
     report = finetune_partner(
         model=args.model, data_path=args.data_path, ledger_path=args.ledger_path, out=args.out, since=args.since,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
         dp=not args.no_dp, seed=args.seed)
     print(json.dumps(report, indent=2))
     return 0
@@ -118,7 +118,8 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--epochs", type=int, default=1)
     ft.add_argument("--batch-size", type=int, default=16, help="expected users per DP-SGD step")
     ft.add_argument("--learning-rate", type=float, default=0.001)
-    ft.add_argument("--target-epsilon", type=float, default=8.0, help="the partner's whole-ledger budget")
+    ft.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise std / clipping norm")
+    ft.add_argument("--target-epsilon", type=float, default=8.0, help="the partner's whole-ledger budget (refused beyond it)")
     ft.add_argument("--target-delta", type=float, default=0.0, help="0 = min(1e-5, 0.1 / users)")
     ft.add_argument("--max-grad-norm", type=float, default=1.0)
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")

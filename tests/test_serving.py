@@ -294,3 +294,57 @@ def test_api_hot_reloads_a_newer_model(api, trained):
     user = str(data.user_ids[0])
     served = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"}).json()
     assert served["model_version"] == after["version"]
+
+
+# -- incremental update: DP fine-tune on the newest events, on the partner's ledger --------------
+
+
+def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained, log, tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from client.finetune import finetune_partner
+    from client.privacy_ledger import PrivacyLedger
+    from common.errors import PrivacyError
+
+    # Prepare: the partner's store, then new events for 40 users after the model was published
+    run, data = trained
+    store_path = tmp_path / "events.sqlite"
+    since = int(log.timestamp.max()) + 1
+    with EventStore(store_path, create=True) as store:
+        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+        for n, user in enumerate(data.user_ids[:40].tolist()):
+            store.add(user, str(data.catalogue[n % data.num_items]), timestamp=since + n)
+    ledger = tmp_path / "ledger.sqlite"
+
+    # Execute
+    report = finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2,
+                              batch_size=8, noise_multiplier=1.2, target_epsilon=20.0, seed=3)
+
+    # Assert: the ledger holds exactly this fine-tune, and its epsilon is Opacus' for that history
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        history = opened.history()
+    steps = -(-report["train-users"] // 8)
+    assert sum(n for _, _, n in history) == 2 * steps == report["steps"]
+    assert all(s == 1.2 and q == pytest.approx(1 / steps) for s, q, _ in history)
+    acc = RDPAccountant()
+    acc.history = [(s, q, n) for s, q, n in history]
+    assert report["epsilon-ledger"] == pytest.approx(acc.get_epsilon(report["delta"]), rel=1e-3)
+    assert report["users"] == 40 and set(report["global"]) == set(report["finetuned"]) == {"hr@10", "ndcg@10"}
+    tuned = load_global_model(report["finetuned-model"])
+    assert not torch.equal(tuned.model.item_emb.weight, load_global_model(run).model.item_emb.weight)
+
+    # A second fine-tune that would pass a lower budget is refused and spends nothing
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
+                         noise_multiplier=1.2, target_epsilon=report["epsilon-ledger"] + 0.01)
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        assert opened.history() == history
+
+
+def report_fingerprint(store_path: Path, run: Path) -> str:
+    """The fingerprint the partner's supernode would give this store (common/task.py)."""
+    from common.task import partner_data
+
+    catalogue = load_global_model(run).catalogue
+    (run / "catalogue.txt").write_text("\n".join(catalogue.tolist()) + "\n")
+    return partner_data(resolve_config(None, {"catalogue": str(run / "catalogue.txt")}), {"data-path": str(store_path)}).fingerprint()

@@ -1,0 +1,123 @@
+"""Incremental update: a partner fine-tunes the global model on its newest events, between rounds.
+
+The fine-tuned model stays with the partner (it serves its own users; nothing is sent to
+the federation) and is reported separately from the global model: HR@10/NDCG@10 of both
+on the fine-tuned users' held-out last items. Training is DP-SGD (one sample = one user's
+whole history) and its mechanisms go to the partner's **same** privacy ledger as its
+federated rounds, so the partner's whole-ledger epsilon covers both; a fine-tune that
+would push the ledger past ``target_epsilon`` is refused before it runs, and it leaves
+that much less budget for later rounds (whose pre-round check sees the same ledger).
+
+Units: ``since`` unix seconds; epsilon/delta as in (epsilon, delta)-DP per user.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.privacy_ledger import Calibration, PrivacyLedger
+from client.recommend import load_global_model
+from common.data.event_store import is_event_store, store_identity
+from common.data.loaders import load_interactions, resolve_data_path
+from common.data.sequences import build_sequences
+from common.errors import PrivacyError
+from common.metrics import evaluate_ranking, means_from_sums
+from common.privacy import default_delta, epsilon_of, steps_per_epoch
+from common.private_files import PRIVATE_MODE, write_file
+from common.training import DPSettings, train_local, user_count_for_training
+
+ACCOUNTANT = "rdp"
+
+
+def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, ledger_path: str | os.PathLike,
+                     out: str | os.PathLike | None = None, since: int | None = None, epochs: int = 1,
+                     batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
+                     target_epsilon: float = 8.0, target_delta: float = 0.0, max_grad_norm: float = 1.0,
+                     dp: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
+    (default: the model file's time) and write it to ``out``; returns the report.
+
+    Raises :class:`PrivacyError` when the ledger has no room for it (or too few recent users
+    for ``batch_size``), :class:`DataError` for a bad model or log.
+    """
+    gm = load_global_model(model)
+    since = int(gm.version) if since is None else int(since)
+    log = load_interactions(data_path)
+    # The same data set (and fingerprint) as the partner's supernode builds for its ledger
+    data = build_sequences(log, gm.catalogue)
+    if is_event_store(data_path):
+        data.identity = store_identity(resolve_data_path(data_path))
+    recent_users = set(log.user[log.timestamp >= since].tolist())
+    rows = [u for u, uid in enumerate(data.user_ids.tolist()) if uid in recent_users]
+    if not rows:
+        raise PrivacyError(f"{data_path}: no user has events at or after {since} (unix seconds); nothing to fine-tune")
+    recent = data.subset(rows, name=f"{data.name} (events since {since})")
+    max_len = gm.max_len
+
+    # The global model's quality on these users, for the separate report
+    before = means_from_sums(evaluate_ranking(gm.model, recent, split="test", max_len=max_len))
+    tuned = copy.deepcopy(gm.model)
+
+    ledger = None
+    settings = None
+    users = user_count_for_training(recent)
+    delta = target_delta or default_delta(user_count_for_training(data))
+    if dp:
+        rate, steps = steps_per_epoch(users, batch_size)
+        planned = (noise_multiplier, rate, epochs * steps)
+        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True)
+        spent = ledger.epsilon(delta, ACCOUNTANT)
+        after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
+        if after > target_epsilon:
+            ledger.close()
+            raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this fine-tune "
+                               f"({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) would reach {after:.3f} "
+                               f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
+        settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto")
+    run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = train_local(tuned, recent, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             max_len=max_len, dp=settings, seed=seed)
+        if ledger is not None:
+            # Recorded before the model is written: every released fine-tuned model is on the ledger
+            ledger.save_calibration(run, Calibration(noise_multiplier, target_epsilon, delta, ACCOUNTANT,
+                                                     planned[1], planned[2], 1))
+            ledger.record(run=run, server_round=0, mechanisms=result.mechanisms, accountant=ACCOUNTANT)
+            total = ledger.epsilon(delta, ACCOUNTANT)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+    after_metrics = means_from_sums(evaluate_ranking(tuned, recent, split="test", max_len=max_len))
+    out_path = Path(out) if out else Path(ledger_path).with_name("partner-finetuned.pt")
+    report = {
+        "global-model": str(gm.path),
+        "finetuned-model": str(out_path),
+        "since": since,
+        "users": len(rows),
+        "train-users": users,
+        "epochs": epochs,
+        "steps": result.steps,
+        "train-loss": result.loss,
+        "global": {"hr@10": before.get("hr@10", 0.0), "ndcg@10": before.get("ndcg@10", 0.0)},
+        "finetuned": {"hr@10": after_metrics.get("hr@10", 0.0), "ndcg@10": after_metrics.get("ndcg@10", 0.0)},
+        "dp": dp,
+        "noise-multiplier": noise_multiplier if dp else 0.0,
+        "epsilon-finetune": epsilon_of(result.mechanisms, delta, ACCOUNTANT) if dp else float("inf"),
+        "epsilon-ledger": total if dp else None,
+        "delta": delta if dp else None,
+        "ledger": str(ledger_path) if dp else None,
+        "ledger-run": run if dp else None,
+    }
+    buf = io.BytesIO()
+    torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,
+                "finetune": report}, buf)
+    write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data
+    return report
