@@ -7,12 +7,15 @@ unit of privacy is one user's whole interaction history at one partner (user-lev
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError, PrivacyError
@@ -149,9 +152,21 @@ def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rd
     history = [(float(s), float(q), int(n)) for s, q, n in history]
     if not history:
         return 0.0
+    if accountant == "rdp":
+        # Same math as Opacus' RDPAccountant; RDP is linear in steps, so one step's curve is cached
+        # (the ledger re-accounts the same mechanisms every round and calibration bisects).
+        rdp = sum(n * _rdp_one_step(s, q) for s, q, n in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
     acc = create_accountant(accountant)
     acc.history = _merge(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                    orders=RDPAccountant.DEFAULT_ALPHAS)
 
 
 def _merge(history: list[Mechanism]) -> list[Mechanism]:

@@ -104,7 +104,15 @@ class _CentralDP:
         # Noise std = multiplier * clip / (partners averaged): the mean of the m partners that
         # replied has sensitivity clip / m, so the noise must follow m, not the sampled count.
         self.num_sampled_clients = max(1, len(valid))
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        # Weigh partners equally for this mean only (evaluation keeps its own weights)
+        weight_key = getattr(self.strategy, "weighted_by_key", None)
+        if weight_key is not None:
+            self.strategy.weighted_by_key = UNIT_WEIGHT_KEY
+        try:
+            arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        finally:
+            if weight_key is not None:
+                self.strategy.weighted_by_key = weight_key
         spent = self.privacy_spent() if arrays is not None else None  # type: ignore[attr-defined]
         if arrays is not None:
             self.report.note_central(
@@ -135,8 +143,6 @@ def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport)
     if noise < 0 or clip <= 0:
         raise ConfigError(f"central DP needs central-noise-multiplier >= 0 and central-clipping-norm > 0; "
                           f"got {noise:g} and {clip:g}")
-    if hasattr(strategy, "weighted_by_key"):
-        strategy.weighted_by_key = UNIT_WEIGHT_KEY
     # Flower's accountant covers exactly FedAvg's (uniformly weighted) mean with positive noise.
     account = noise > 0 and isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
     delta = float(cfg["target-delta"]) or default_delta(max(int(cfg["min-nodes"]), 1))

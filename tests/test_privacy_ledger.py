@@ -13,7 +13,6 @@ import re
 import sqlite3
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -187,62 +186,68 @@ def test_small_partner_gets_the_numbers(tmp_path, small_data):
 
 
 # -- a client process restarted mid-run ----------------------------------------------------------
-_ROUNDS_SCRIPT = textwrap.dedent("""
-    import json, sys, warnings
-    warnings.simplefilter("ignore")
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+TINY = {"synthetic-users": 120, "synthetic-items": 30, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+        "batch-size": 10, "local-epochs": 1, "num-server-rounds": 3}
+
+
+def train_rounds(overrides: dict, rounds: list[int]) -> list[tuple[float, float, int]]:
+    """Call the ClientApp's train handler for ``rounds`` with a fresh Context (as a new process has);
+    returns (epsilon, noise multiplier, ledger steps) per round."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message
     from flwr.supercore.task_identity import TaskIdentity
+
     from client.app import _train
-    from common.config import resolve_config
     from common.task import new_model
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    cfg = resolve_config(None, json.loads(sys.argv[1]))
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
-                      state=RecordDict(), run_config={})
+    cfg = resolve_config(None, overrides)
+    context = _context(**{"num-partitions": 3})
     model = new_model(cfg, cfg["synthetic-items"])
     out = []
-    for r in json.loads(sys.argv[2]):
+    for r in rounds:
         msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
                                   "config": ConfigRecord({"server-round": r, "run-name": "restart"})}),
                       dst_node_id=1, message_type="train")
         m = _train(msg, context, cfg).content["metrics"]
-        out.append([m["epsilon"], m["noise-multiplier"], m["ledger-steps"]])
-    print("RESULT" + json.dumps(out))
-""")
+        out.append((m["epsilon"], m["noise-multiplier"], m["ledger-steps"]))
+    return out
 
 
-def _run_rounds(overrides: dict, rounds: list[int]) -> list[list[float]]:
-    """Train ``rounds`` at the handler level in a new Python process; (epsilon, noise, steps) per round."""
-    proc = subprocess.run([sys.executable, "-c", _ROUNDS_SCRIPT, json.dumps(overrides), json.dumps(rounds)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+_RESTART = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[3])
+from test_privacy_ledger import train_rounds
+print("RESULT" + json.dumps(train_rounds(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))
+"""
 
 
 @pytest.mark.slow
 def test_restarted_client_continues_from_its_ledger(tmp_path):
-    tiny = {"synthetic-users": 120, "synthetic-items": 30, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
-            "batch-size": 10, "local-epochs": 1, "num-server-rounds": 3}
-    # Execute: rounds 1-2 in one process, round 3 in a new one (same ledger); reference: 1-3 in one
-    first = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "restarted")}, [1, 2])
-    second = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "restarted")}, [3])
-    reference = _run_rounds({**tiny, "ledger-dir": str(tmp_path / "reference")}, [1, 2, 3])
+    # Execute: rounds 1-2 here, round 3 in a new process on the same ledger; reference: 1-3 here
+    restarted_cfg = {**TINY, "ledger-dir": str(tmp_path / "restarted")}
+    first = train_rounds(restarted_cfg, [1, 2])
+    proc = subprocess.run([sys.executable, "-c", _RESTART, json.dumps(restarted_cfg), "[3]", str(ROOT / "tests")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = [tuple(x) for x in json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])]
+    reference = train_rounds({**TINY, "ledger-dir": str(tmp_path / "reference")}, [1, 2, 3])
 
-    # Assert: epsilon never goes down, the restart reused the run's noise, totals equal
+    # Assert: epsilon never goes down, the restart reused the run's noise and continued the steps
     restarted = first + second
     assert [e for e, _, _ in restarted] == sorted(e for e, _, _ in restarted)
-    assert restarted == pytest.approx(reference, rel=1e-9)
+    for got, want in zip(restarted, reference):
+        assert got == pytest.approx(want, rel=1e-9)
     assert second[0][2] == 3 * first[0][2]  # steps continue from the ledger, not from zero
-    with PrivacyLedger(tmp_path / "restarted" / "partner-0.sqlite", _fingerprint(tiny)) as ledger:
+    fingerprint = _partner_fingerprint(TINY)
+    with PrivacyLedger(tmp_path / "restarted" / "partner-0.sqlite", fingerprint) as ledger:
         assert ledger.rounds_trained() == 3
         assert restarted[-1][0] == pytest.approx(_rdp_epsilon(ledger.history()), rel=0.01)
         assert restarted[-1][0] <= 8.0
 
 
-def _fingerprint(overrides: dict) -> str:
+def _partner_fingerprint(overrides: dict) -> str:
     from common.task import partner_data
 
     return partner_data(resolve_config(None, overrides), {"partition-id": 0, "num-partitions": 3}).fingerprint()
