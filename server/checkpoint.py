@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
 
+from common.config import DEFAULTS
 from common.errors import CheckpointError
 from common.files import write_private_bytes
 
@@ -77,8 +78,10 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
     if saved["catalogue-sha256"] != current["catalogue-sha256"]:
         raise CheckpointError(f"{path}: the checkpoint was trained on a different item catalogue "
                               f"({saved['catalogue-size']} items, now {current['catalogue-size']})")
+    # A knob added by a newer version is compatible while it keeps its default (the old behaviour).
     keys = sorted(k for k in set(saved["config"]) | set(current["config"])
-                  if saved["config"].get(k) != current["config"].get(k))
+                  if saved["config"].get(k) != current["config"].get(k)
+                  and not (k not in saved["config"] and current["config"].get(k) == DEFAULTS.get(k)))
     if keys:
         shown = ", ".join(f"{k} = {saved['config'].get(k)!r} (now {current['config'].get(k)!r})" for k in keys[:4])
         raise CheckpointError(f"{path}: run config differs from the checkpointed run: {shown}; "

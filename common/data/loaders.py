@@ -126,17 +126,22 @@ def _canonical(column: object) -> str:
 
 
 def _validate(frame: pd.DataFrame, source: str) -> Interactions:
+    # Aliases can collide (userId and user_id); pandas would then return a frame, not a column.
+    twice = sorted({str(c) for c in frame.columns[frame.columns.duplicated()] if c in (*REQUIRED_COLUMNS, "rating")})
+    if twice:
+        raise DataError(f"{source}: more than one column means {', '.join(twice)} (e.g. userId and user_id); keep one")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(
             f"{source}: missing column(s) {', '.join(missing)}; expected user_id,item_id,timestamp[,rating] "
-            f"(found {', '.join(map(str, frame.columns)) or 'none'})"
+            f"(found {', '.join(' '.join(str(c).split()) for c in frame.columns) or 'none'})"  # one line
         )
     if len(frame) == 0:
         raise DataError(f"{source}: no rows")
     dropped: dict[str, int] = {}
-    user = frame["user_id"].astype(str).str.strip()
-    item = frame["item_id"].astype(str).str.strip()
+    # NOTE: NUL characters go too: numpy's fixed-width strings drop trailing NULs, so "\x00" would become "".
+    user = frame["user_id"].astype(str).str.replace("\x00", "", regex=False).str.strip()
+    item = frame["item_id"].astype(str).str.replace("\x00", "", regex=False).str.strip()
     ts = _parse_timestamps(frame["timestamp"])
     ok = (user != "") & (item != "") & (user.str.lower() != "nan") & (item.str.lower() != "nan")
     _count(dropped, "missing-id", int((~ok).sum()))
@@ -146,7 +151,8 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     rating = None
     if "rating" in frame.columns:
         r = pd.to_numeric(frame["rating"], errors="coerce")
-        bad_r = r.isna() | ~np.isfinite(r.to_numpy(dtype=float, na_value=np.nan))
+        # NOTE: finite as float64 is not enough: ratings are stored as float32 (3.5e38 overflows to inf)
+        bad_r = r.isna() | ~np.isfinite(r.to_numpy(dtype=float, na_value=np.nan).astype(np.float32))
         _count(dropped, "bad-rating", int((bad_r & ok).sum()))
         ok &= ~bad_r
         rating = r[ok].to_numpy(dtype=np.float32)

@@ -1,0 +1,192 @@
+"""Checkpoints: atomic, private, checksummed; refused when corrupt or mismatched; FedAdam resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import resolve_config
+from common.errors import CheckpointError, ConfigError
+from common.files import ensure_private, is_private, write_private_bytes
+from common.task import new_model
+from server.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    check_compatible,
+    fingerprint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
+from server.resume import start_run
+from server.strategy_factory import build_strategy, unwrap
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+TINY = {"synthetic-users": 60, "synthetic-items": 20, "max-seq-len": 8, "embedding-dim": 8, "num-blocks": 1}
+CATALOGUE = np.array([str(i) for i in range(1, 21)])
+
+
+def tiny(**extra):
+    cfg = resolve_config(None, {**TINY, **extra})
+    return cfg, new_model(cfg, len(CATALOGUE))
+
+
+def a_checkpoint(cfg, model, round_=2) -> Checkpoint:
+    state = model.state_dict()
+    rounds = [{"round": r, "train-loss": 1.0 / r, "epsilon": 0.5 * r, "delta": 1e-5} for r in range(1, round_ + 1)]
+    return Checkpoint(round=round_, arrays=state, fingerprint=fingerprint(cfg, CATALOGUE, state),
+                      strategy_state={"2.m_t": {"w": np.arange(4, dtype=np.float32)}}, rounds=rounds,
+                      privacy={"epsilon-by-round": [0.5, 1.0]}, rejections=[{"round": 1, "node": 7, "reason": "NaN"}])
+
+
+def test_roundtrip_keeps_everything_and_the_file_is_private(tmp_path):
+    cfg, model = tiny()
+    save_checkpoint(tmp_path, a_checkpoint(cfg, model))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.round == 2 and [r["round"] for r in loaded.rounds] == [1, 2]
+    assert all(torch.equal(loaded.arrays[k], v) for k, v in model.state_dict().items())
+    assert np.array_equal(loaded.strategy_state["2.m_t"]["w"], np.arange(4))
+    assert loaded.rejections[0]["node"] == 7 and loaded.privacy["epsilon-by-round"] == [0.5, 1.0]
+    assert is_private(tmp_path / CHECKPOINT_NAME)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "header"])
+def test_a_corrupt_checkpoint_is_refused(tmp_path, damage):
+    cfg, model = tiny()
+    path = save_checkpoint(tmp_path, a_checkpoint(cfg, model))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip-byte":
+        raw[len(raw) // 2] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 100]
+    else:
+        raw[:6] = b"PICKLE"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch|not a fedrec checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_mismatched_model_catalogue_or_config_is_refused_with_what_differs(tmp_path):
+    cfg, model = tiny()
+    saved = fingerprint(cfg, CATALOGUE, model.state_dict())
+    other_cfg, other_model = tiny(**{"embedding-dim": 16})
+    with pytest.raises(CheckpointError, match="different arrays .*item_emb|different arrays"):
+        check_compatible(saved, fingerprint(other_cfg, CATALOGUE, other_model.state_dict()), tmp_path)
+    with pytest.raises(CheckpointError, match="different item catalogue"):
+        check_compatible(saved, fingerprint(cfg, CATALOGUE[::-1], model.state_dict()), tmp_path)
+    lr_cfg = resolve_config(None, {**TINY, "learning-rate": 0.1})
+    with pytest.raises(CheckpointError, match="learning-rate = 0.002 \\(now 0.1\\)"):
+        check_compatible(saved, fingerprint(lr_cfg, CATALOGUE, model.state_dict()), tmp_path)
+    # A knob added by a newer version is fine at its default, not otherwise
+    older = {**saved, "config": {k: v for k, v in saved["config"].items() if k != "top-k"}}
+    check_compatible(older, saved, tmp_path)
+    with pytest.raises(CheckpointError, match="top-k = None \\(now 20\\)"):
+        check_compatible(older, fingerprint(resolve_config(None, {**TINY, "top-k": 20}), CATALOGUE, model.state_dict()),
+                         tmp_path)
+    # How the run is operated may change: timeouts, more rounds, the resume flag itself
+    ops = resolve_config(None, {**TINY, "round-timeout": 5.0, "num-server-rounds": 9, "resume": True})
+    check_compatible(saved, fingerprint(ops, CATALOGUE, model.state_dict()), tmp_path)
+
+
+def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 4})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    save_checkpoint(run_dir, a_checkpoint(cfg, model, round_=2))
+    # A crash after round 3 was logged but before it was checkpointed: round 3 must not count twice
+    lines = [json.dumps({"round": r}) for r in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    assert (start.first_round, start.num_rounds) == (3, 2)
+    assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_start_run_refuses_to_resume_nothing(tmp_path):
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "resume": True})
+    with pytest.raises(ConfigError, match="resume = true needs run-name"):
+        start_run(cfg, CATALOGUE, model)
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        start_run({**cfg, "run-name": "ghost"}, CATALOGUE, model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        start_run({**cfg, "run-name": "empty"}, CATALOGUE, model)
+
+
+class TwoNodes:
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def fedadam_round(strategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    """One FedAdam round; partner updates depend on the server-round they receive, like clients' seeds."""
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), TwoNodes()))
+    replies = []
+    for msg in messages:
+        i = msg.metadata.dst_node_id - 11  # by node, not by the (random) sampling order
+        r = msg.content["config"]["server-round"]  # as a client sees it (its seed)
+        new = {k: v.numpy() + np.float32(0.01 * (i + 1) * r) for k, v in arrays.items()}
+        body = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+                           "metrics": MetricRecord({"num-examples": 5 + i, "train-loss": 1.0})})
+        replies.append(Message(body, reply_to=Message(RecordDict(), dst_node_id=msg.metadata.dst_node_id,
+                                                      message_type=MessageType.TRAIN)))
+    out, _ = strategy.aggregate_train(server_round, replies)
+    return out
+
+
+def test_fedadam_moments_survive_a_checkpoint_so_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = resolve_config(None, {"aggregation": "fedadam", "server-learning-rate": 0.05})
+    start = ArrayRecord({"w": Array(np.linspace(-1, 1, 6, dtype=np.float32))})
+
+    # Uninterrupted: rounds 1..4
+    straight = build_strategy(cfg)
+    arrays = start
+    for r in range(1, 5):
+        arrays = fedadam_round(straight, r, arrays)
+
+    # Interrupted after round 2: checkpoint the moments, restore them into a new process' strategy
+    first = build_strategy(cfg)
+    mid = start
+    for r in (1, 2):
+        mid = fedadam_round(first, r, mid)
+    state = strategy_state(unwrap(first))
+    assert set(state) == {"m_t", "v_t"}
+    fp = {"arrays": {}, "catalogue-sha256": "", "catalogue-size": 0, "config": {}}
+    save_checkpoint(tmp_path, Checkpoint(round=2, arrays=mid.to_torch_state_dict(), fingerprint=fp, strategy_state=state))
+    loaded = load_checkpoint(tmp_path)
+    resumed = build_strategy(cfg, first_round=3)
+    restore_strategy_state(unwrap(resumed), loaded.strategy_state)
+    arrays2 = ArrayRecord(loaded.arrays)
+    for local in (1, 2):
+        arrays2 = fedadam_round(resumed, local, arrays2)
+
+    # Forgetting the moments gives a different model: the check above can fail
+    forgetful = build_strategy(cfg, first_round=3)
+    arrays3 = ArrayRecord(loaded.arrays)
+    for local in (1, 2):
+        arrays3 = fedadam_round(forgetful, local, arrays3)
+
+    assert np.array_equal(arrays["w"].numpy(), arrays2["w"].numpy())
+    assert not np.allclose(arrays["w"].numpy(), arrays3["w"].numpy())
+
+
+def test_private_file_helpers(tmp_path):
+    path = write_private_bytes(tmp_path / "ledger.bin", b"secret")
+    assert path.read_bytes() == b"secret" and is_private(path)
+    write_private_bytes(path, b"second")  # replaces atomically, stays private
+    assert path.read_bytes() == b"second" and is_private(path)
+    loose = tmp_path / "store.sqlite"
+    loose.write_bytes(b"")
+    os.chmod(loose, 0o644)
+    assert not is_private(loose)
+    assert is_private(ensure_private(loose))
+    assert is_private(ensure_private(tmp_path / "new" / "ledger.sqlite"))  # created empty, 0600

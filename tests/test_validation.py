@@ -1,0 +1,228 @@
+"""Update validation, robust aggregation options and round control, on hand-made Flower messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import resolve_config
+from common.errors import ConfigError, FederationError
+from server.rounds import RoundControl, wait_for_nodes
+from server.strategy_factory import AGGREGATIONS, aggregation_strategy, build_strategy
+from server.validation import UpdateBounds, ValidatingStrategy, check_update
+from simulations.fault_injection import corrupt
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+GLOBAL = {"w": np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), "b": np.array([0.5, -0.5], dtype=np.float32)}
+# Three honest partners: small moves away from the global model, different sizes.
+HONEST = [
+    ({"w": GLOBAL["w"] + 0.1, "b": GLOBAL["b"] - 0.2}, 10),
+    ({"w": GLOBAL["w"] - 0.3, "b": GLOBAL["b"] + 0.1}, 30),
+    ({"w": GLOBAL["w"] * 1.05, "b": GLOBAL["b"]}, 60),
+]
+MALICIOUS_NODE = 666
+
+
+class NodesOnly:
+    """The part of a Flower Grid that sampling uses."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(101, 101 + n))
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+def content(arrays: dict[str, np.ndarray], examples: float, **metrics: float) -> RecordDict:
+    return RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"train-loss": 1.0, "num-examples": examples, **metrics}),
+    })
+
+
+def reply(node: int, body: RecordDict | Error) -> Message:
+    ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(body, reply_to=ins)
+
+
+def honest_replies() -> list[Message]:
+    return [reply(101 + i, content(a, n)) for i, (a, n) in enumerate(HONEST)]
+
+
+def global_record() -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+
+
+def validating(inner=None, min_nodes: int = 2, max_norm: float = 100.0) -> ValidatingStrategy:
+    inner = inner or FedAvg(min_train_nodes=min_nodes, min_available_nodes=min_nodes)
+    strategy = ValidatingStrategy(inner, bounds=UpdateBounds(max_update_norm=max_norm, max_num_examples=10_000),
+                                  min_train_nodes=min_nodes)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    return strategy
+
+
+def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def bad_reply(kind: str) -> Message:
+    """Partner 1's honest reply, poisoned by ``kind``."""
+    arrays, n = HONEST[0]
+    honest = content(arrays, n)
+    if kind in ("nan", "shape", "scale", "examples"):
+        return reply(MALICIOUS_NODE, corrupt(honest, global_record(), kind))
+    bad = {k: v.copy() for k, v in arrays.items()}
+    if kind == "inf":
+        bad["b"][1] = np.inf
+        return reply(MALICIOUS_NODE, content(bad, n))
+    if kind == "dtype":
+        bad["w"] = bad["w"].astype(np.float64)
+        return reply(MALICIOUS_NODE, content(bad, n))
+    if kind == "missing-key":
+        return reply(MALICIOUS_NODE, content({"w": bad["w"]}, n))
+    if kind == "extra-key":
+        return reply(MALICIOUS_NODE, content({**bad, "backdoor": np.ones(3, np.float32)}, n))
+    if kind == "zero-examples":
+        return reply(MALICIOUS_NODE, content(bad, 0))
+    if kind == "fractional-examples":
+        return reply(MALICIOUS_NODE, content(bad, 2.5))
+    if kind == "nan-loss":
+        return reply(MALICIOUS_NODE, content(bad, n, **{"train-loss": float("nan")}))
+    if kind == "extra-metric":
+        return reply(MALICIOUS_NODE, content(bad, n, sneaky=1.0))
+    if kind == "two-array-records":
+        body = content(bad, n)
+        body["more"] = ArrayRecord({"x": Array(np.zeros(1, np.float32))})
+        return reply(MALICIOUS_NODE, body)
+    raise AssertionError(kind)
+
+
+FAULTS = ["nan", "inf", "shape", "dtype", "scale", "examples", "missing-key", "extra-key", "zero-examples",
+          "fractional-examples", "nan-loss", "extra-metric", "two-array-records"]
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_each_bad_update_is_rejected_and_fedavg_equals_the_run_without_it(kind):
+    # Prepare
+    with_bad = validating()
+    without = validating()
+    replies = honest_replies()
+
+    # Execute
+    arrays, metrics = with_bad.aggregate_train(1, replies[:1] + [bad_reply(kind)] + replies[1:])
+    reference, ref_metrics = without.aggregate_train(1, honest_replies())
+
+    # Assert: rejected with the node id, result bit-identical to the run without that partner
+    assert [r["node"] for r in with_bad.rejections] == [MALICIOUS_NODE]
+    assert with_bad.rejections[0]["round"] == 1 and with_bad.rejections[0]["reason"]
+    got, ref = as_numpy(arrays), as_numpy(reference)
+    assert all(np.array_equal(got[k], ref[k]) for k in GLOBAL)
+    assert dict(metrics) == dict(ref_metrics)
+
+
+def test_fedavg_result_is_the_example_weighted_mean_computed_independently():
+    arrays, _ = validating().aggregate_train(1, honest_replies())
+    total = sum(n for _, n in HONEST)
+    for key in GLOBAL:
+        expected = sum(a[key].astype(np.float64) * n for a, n in HONEST) / total
+        np.testing.assert_allclose(as_numpy(arrays)[key], expected, rtol=1e-6)
+
+
+def test_result_does_not_depend_on_arrival_order():
+    forward, _ = validating().aggregate_train(1, honest_replies())
+    backward, _ = validating().aggregate_train(1, honest_replies()[::-1])
+    assert all(np.array_equal(as_numpy(forward)[k], as_numpy(backward)[k]) for k in GLOBAL)
+
+
+def test_norm_bound_uses_distance_to_the_global_model():
+    # ||honest[1] - global|| = sqrt(4 * 0.09 + 2 * 0.01) = 0.616...
+    update = content(*HONEST[1])
+    assert check_update(update, GLOBAL, UpdateBounds(max_update_norm=0.62)) is None
+    reason = check_update(update, GLOBAL, UpdateBounds(max_update_norm=0.61))
+    assert reason is not None and "0.6164" in reason
+    assert check_update(update, GLOBAL, UpdateBounds(max_update_norm=0.0)) is None  # 0 = no bound
+
+
+def test_too_few_valid_updates_fail_the_round_and_keep_the_model():
+    strategy = validating(min_nodes=3)
+    replies = honest_replies()[:2] + [bad_reply("nan")]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.failed_rounds == [1]
+
+
+def test_error_replies_are_not_counted_as_valid_and_do_not_crash():
+    strategy = validating(min_nodes=2)
+    replies = honest_replies()[:2] + [reply(103, Error(code=400, reason="budget exhausted"))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = (HONEST[0][0]["b"] * 10 + HONEST[1][0]["b"] * 30) / 40
+    np.testing.assert_allclose(as_numpy(arrays)["b"], expected, rtol=1e-6)
+    assert strategy.rejections == []
+
+
+def test_evaluation_replies_with_non_finite_metrics_are_dropped():
+    strategy = validating()
+    good = [reply(101 + i, RecordDict({"metrics": MetricRecord({"hit-sum": float(i), "num-examples": 10})}))
+            for i in range(2)]
+    bad = reply(MALICIOUS_NODE, RecordDict({"metrics": MetricRecord({"hit-sum": float("nan"), "num-examples": 10})}))
+    metrics = strategy.aggregate_evaluate(1, good + [bad])
+    assert metrics["hit-sum"] == pytest.approx(0.5)
+    assert [r["node"] for r in strategy.rejections] == [MALICIOUS_NODE]
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum"])
+def test_robust_aggregations_run_after_validation(name):
+    cfg = resolve_config(None, {"aggregation": name, "min-nodes": 3, "trim-fraction": 0.0})
+    strategy = validating(aggregation_strategy(cfg), min_nodes=3)
+    arrays, _ = strategy.aggregate_train(1, honest_replies() + [bad_reply("nan")])
+    got = as_numpy(arrays)
+    if name == "median":
+        expected = {k: np.median([a[k] for a, _ in HONEST], axis=0) for k in GLOBAL}
+    elif name == "trimmed-mean":
+        expected = {k: np.mean([a[k] for a, _ in HONEST], axis=0) for k in GLOBAL}  # beta 0: plain mean
+    else:  # Krum picks one partner's update unchanged
+        expected = next(a for a, _ in HONEST if np.array_equal(a["w"], got["w"]))
+    for key in GLOBAL:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6)
+
+
+def test_every_aggregation_option_builds_and_bad_ones_are_one_clear_line():
+    for name in AGGREGATIONS:
+        build_strategy(resolve_config(None, {"aggregation": name, "min-nodes": 3, "proximal-mu": 0.1}))
+    with pytest.raises(ConfigError, match="aggregation = 'fedsgd' is unknown"):
+        build_strategy(resolve_config(None, {"aggregation": "fedsgd"}))
+    with pytest.raises(ConfigError, match="needs min-nodes >= 4"):
+        build_strategy(resolve_config(None, {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 3}))
+    with pytest.raises(ConfigError, match="trim-fraction"):
+        build_strategy(resolve_config(None, {"aggregation": "trimmed-mean", "trim-fraction": 0.5}))
+
+
+def test_fedprox_sends_proximal_mu_to_clients():
+    strategy = build_strategy(resolve_config(None, {"aggregation": "fedprox", "proximal-mu": 0.25}))
+    messages = list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(2)))
+    assert messages and all(m.content["config"]["proximal-mu"] == 0.25 for m in messages)
+
+
+def test_node_wait_gives_up_with_a_clear_error():
+    with pytest.raises(FederationError, match="only 1 of the 2 partners needed .* node-wait-timeout = 0.05 s"):
+        wait_for_nodes(NodesOnly(1), 2, timeout=0.05, poll=0.01)
+    assert wait_for_nodes(NodesOnly(3), 2, timeout=0.05) == 3
+
+
+def test_round_control_continues_round_numbers_after_a_resume():
+    seen = []
+
+    class Recording(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            seen.append(server_round)
+            return super().aggregate_train(server_round, replies)
+
+    strategy = RoundControl(Recording(), first_round=3, min_nodes=2, node_wait_timeout=1.0)
+    messages = list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(2)))
+    strategy.aggregate_train(2, honest_replies())
+    assert {m.content["config"]["server-round"] for m in messages} == {3}  # the clients' seeds continue
+    assert seen == [4] and strategy.federation_round(1) == 3
