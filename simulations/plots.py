@@ -133,7 +133,7 @@ def plot_sweep(csv_path: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4))
         ax.boxplot([partners[k] for k in labels])
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("per-partner NDCG@10 (final round, all seeds)")
+        ax.set_ylabel("partner NDCG@10 (final, all seeds)")
         fig.tight_layout()
         path = Path(f"{stem}_partners.png")
         fig.savefig(path, dpi=120)

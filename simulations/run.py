@@ -63,6 +63,9 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     if not created:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
     write_population(created[-1], cfg, num_partners)  # holdout.json (audit non-members), partitions.json
+    from simulations.plots import plot_run
+
+    plot_run(created[-1])  # rounds.png, partners.png
     return created[-1]
 
 

@@ -75,10 +75,14 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every run of the sweep: fixed keys + one grid combination + a seed (cells in grid order)."""
+    """Every run of the sweep: fixed keys + one grid combination + a seed.
+
+    Seed-major order: a sweep stopped early has the whole grid for its first seeds,
+    not every seed of its first cells.
+    """
     keys = list(spec["grid"])
-    for combo in itertools.product(*(spec["grid"][k] for k in keys)):
-        for seed in spec["seeds"]:
+    for seed in spec["seeds"]:
+        for combo in itertools.product(*(spec["grid"][k] for k in keys)):
             run = {**spec["fixed"], **dict(zip(keys, combo)), "seed": seed}
             run.setdefault("num-partners", 5)
             yield run
