@@ -143,7 +143,7 @@ class Recommender:
     def title(self, item_id: str) -> str | None:
         return self.titles.get(item_id)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def recommend(self, user_id: str, source: HistorySource, k: int = 10, *, explain: bool = True,
                   popularity: dict[str, int] | None = None) -> RecommendationList:
         """Top ``k`` unseen items for ``user_id``; ``popularity`` (item id -> count) for cold start

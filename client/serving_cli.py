@@ -55,7 +55,12 @@ def _serve(args: argparse.Namespace) -> int:
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
 
+    import torch
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # NOTE: one request is a few small matrix products; with more threads than free cores
+    # torch's thread pool spins and a 5 ms request takes 100+ ms on a loaded machine.
+    torch.set_num_threads(args.torch_threads)
     store = EventStore(args.store, create=True)
     if args.import_log:
         if store.count():
@@ -106,6 +111,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks for a newer model")
+    srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1: lowest latency)")
     srv.set_defaults(func=_serve)
 
     ft = sub.add_parser("finetune", help="DP fine-tune the global model on this partner's newest events (kept local)")

@@ -2,6 +2,7 @@
 
     fedrec-server certs --out certs --host localhost --host 127.0.0.1 --host superlink.example.org
     fedrec-server catalogue --out catalogue.txt --run-config 'dataset="ml-100k"'
+    fedrec-server item-text --out item_text.npz --run-config 'dataset="ml-100k"'
 
 Every user mistake is one ``error: ...`` line and exit status 2.
 """
@@ -41,6 +42,23 @@ def _catalogue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _item_text(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
+    from common.config import resolve_config
+    from common.item_text import catalogue_text_features, save_features
+    from common.task import catalogue
+
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
+    items = catalogue(cfg)
+    embeddings, texts = catalogue_text_features(cfg)
+    path = save_features(args.out, items, embeddings, model=cfg["item-text-model"], texts=texts)
+    print(f"item text features: {embeddings.shape[0]} items x {embeddings.shape[1]} dims ({cfg['item-text-model']}) -> {path}")
+    print(f'publish it with the catalogue and run with --run-config \'item-features="text" item-text-features="{path}"\'')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands register their handler as ``func``)."""
     parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help='data set knobs, e.g. \'dataset="ml-100k"\' or "synthetic-items=300"')
     cat.add_argument("--force", action="store_true", help="overwrite an existing file")
     cat.set_defaults(func=_catalogue)
+
+    text = sub.add_parser("item-text", help="encode the catalogue's titles/genres once with a frozen sentence encoder")
+    text.add_argument("--out", required=True, help="features file to publish, e.g. item_text.npz")
+    text.add_argument("--run-config", action="append", default=[],
+                      help='data set / catalogue / encoder knobs, e.g. \'dataset="ml-100k"\' \'catalogue="catalogue.txt"\'')
+    text.set_defaults(func=_item_text)
     return parser
 
 
