@@ -54,7 +54,7 @@ def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
     # NOTE: a removed item's successor keeps its own recorded gap (the time it actually happened after its predecessor)
     variant_gaps = [gaps] + [np.delete(gaps, p) for p in positions]
     inputs = model_inputs(model, variants, max_len, variant_gaps)
-    if isinstance(model, SASRec) and model.output.bias is None:
+    if isinstance(model, SASRec) and isinstance(model.output, torch.nn.Linear) and model.output.bias is None:
         # Same numbers as score()[:, targets], without scoring the whole catalogue for every variant
         scores = model.hidden(inputs)[:, -1] @ model.output.weight[targets].T
     else:
@@ -73,7 +73,13 @@ def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
         order = np.argsort(-influence[:, col], kind="stable")
         top = [Influence(int(history[positions[r]]), name(int(history[positions[r]])), float(influence[r, col]))
                for r in order[:keep] if influence[r, col] > 0]
-        out.append(Explanation(top, _reason(top)))
+        reason = _reason(top)
+        if hasattr(model, "item_text"):  # item-features text / id+text: say which watched item's text is closest
+            from common.models.text_sasrec import closest_in_text
+
+            if (close := closest_in_text(model, history, targets[col])) is not None:
+                reason += f"; its title and genres are closest to {name(close[0])} (text similarity {close[1]:.2f})"
+        out.append(Explanation(top, reason))
     return out
 
 

@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
-from common.errors import PrivacyError
+from common.errors import ConfigError, PrivacyError
 from common.metrics import pad_left
+from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
 from common.privacy import Mechanism
 from common.proximal import ProximalAnchor
 
@@ -87,7 +88,7 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
     accountant: str = "rdp"
-    grad_sample_mode: str = "auto"  # auto | hooks | ghost
+    grad_sample_mode: str = "auto"  # auto | fused | hooks | ghost
 
 
 @dataclass
@@ -100,14 +101,19 @@ class TrainResult:
 
 
 def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
-    """``auto``: ghost clipping unless the model ties weights across modules.
+    """``auto``: our fused per-user clipping for SASRec (common/per_user_clipping.py, tied or
+    not), else Opacus ghost clipping unless the model ties weights across modules.
 
     NOTE: Opacus' ghost clipping refuses one Parameter used by two modules (the tied
     SASRec output layer: "Parameter tying is not supported"); hooks mode accumulates the
     per-sample gradients of both uses correctly (tests/test_per_sample_gradients.py).
     """
+    if requested == "fused" and not supports_fused(model):
+        raise ConfigError(f"grad-sample-mode = fused needs SASRec, not {type(model).__name__}; use auto, ghost or hooks")
     if requested != "auto":
         return requested
+    if supports_fused(model):
+        return "fused"
     return "hooks" if getattr(model, "tied_output", False) else "ghost"
 
 
@@ -152,21 +158,31 @@ def train_local(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
             engine = PrivacyEngine(accountant=dp.accountant)
-            prepared = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
-            )
-        if mode == "ghost":
-            hooks, optimizer, criterion, loader = prepared
+        if mode == "fused":  # our clipping, Opacus' loader/noise/accountant (common/per_user_clipping.py)
+            optimizer, loader = make_fused_private(engine, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
         else:
-            hooks, optimizer, loader = prepared
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prepared = engine.make_private(
+                    module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                    poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
+                )
+            if mode == "ghost":
+                hooks, optimizer, criterion, loader = prepared
+            else:
+                hooks, optimizer, loader = prepared
+    fused = engine is not None and mode == "fused"
     total, batches, steps = 0.0, 0, 0
     try:
         for _ in range(epochs):
             for inputs, targets in loader:
                 optimizer.zero_grad(set_to_none=True)
                 if len(inputs) == 0:  # an empty Poisson batch still counts as a noisy step
+                    if fused:  # noise alone: Opacus' fast-clipping optimizer needs a (zero) p.grad
+                        for p in model.parameters():
+                            p.grad = torch.zeros_like(p) if p.requires_grad else None
                     optimizer.step()
                     proximal.step()
                     steps += 1
@@ -174,11 +190,14 @@ def train_local(
                 inputs, targets = inputs.to(device), targets.to(device)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if dp is None and hasattr(model, "hidden"):
+                    if fused:  # sets p.grad to the sum of per-user clipped gradients
+                        loss = fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm).loss.mean()
+                    elif dp is None and hasattr(model, "hidden"):
                         loss = positions_only_loss(model, inputs, targets)
                     else:
                         loss = criterion(model(inputs), targets)
-                    loss.backward()
+                    if not fused:
+                        loss.backward()
                 optimizer.step()
                 proximal.step()
                 total += float(loss.item())

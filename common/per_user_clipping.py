@@ -1,0 +1,283 @@
+"""Fused DP-SGD gradient for SASRec: every user's gradient clipped, in one forward and one backward.
+
+Why not Opacus here: its ghost clipping refuses the tied output layer ("Parameter tying is not
+supported") and gets the output layer's per-user norm from (length x length) Gram matrices over
+the catalogue (batch * length^2 * catalogue multiply-adds, more than the whole non-private step
+at length 200); its hooks mode stores a dense (batch x catalogue x dim) per-sample gradient and
+scores every padding position.
+
+What this does (book-keeping ghost clipping, Bu et al. 2023, specialised to SASRec):
+
+1. Forward once, scoring the catalogue only at real (non-padding) positions, like
+   ``common.training.positions_only_loss``; forward hooks keep each parametrised module's
+   input and output.
+2. Backward once with ``torch.autograd.grad`` with respect to those module *outputs*: autograd
+   then skips every weight-gradient product, so this pass costs only the activation gradients.
+3. Per user u, from the inputs and output gradients:
+   - small layers (attention and feed-forward ``nn.Linear``, ``nn.LayerNorm``): the per-user
+     gradient itself, (batch x parameter size), a few MB;
+   - embeddings (item when untied, position): sparse per-user rows, one per (user, item) pair;
+   - the catalogue matrix (the output layer, which *is* the item embedding when tied): one user
+     at a time, G_u^T A_u (catalogue x dim) plus, when tied, the user's item-embedding rows, so
+     no (batch x catalogue x dim) tensor ever exists.
+4. c_u = min(1, C / (||g_u|| + 1e-6)) (Opacus' rule) and ``p.grad = sum_u c_u g_u``, the sum
+   Opacus' ``DPOptimizerFastGradientClipping`` expects before it adds noise and averages.
+
+The catalogue matrix's clipped sum is accumulated inside the per-user loop, so its weight
+gradient costs what the non-private backward spends on it; the extra work is the small layers'
+per-user products and one (catalogue x dim) norm and add per user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+
+CLIP_EPS = 1e-6  # Opacus' denominator guard in max_grad_norm / (norm + eps)
+
+
+@dataclass
+class ClippedBatch:
+    """What one fused step measured; ``p.grad`` holds the clipped sum."""
+
+    loss: torch.Tensor  # (batch,) per-user mean cross-entropy, detached
+    norms: torch.Tensor  # (batch,) per-user gradient L2 norm before clipping
+    factors: torch.Tensor  # (batch,) clipping factors c_u in (0, 1]
+
+
+def supports_fused(model: nn.Module) -> bool:
+    """Whether ``model`` exposes SASRec's ``hidden(seq)`` and an ``output`` ``nn.Linear``."""
+    return hasattr(model, "hidden") and isinstance(getattr(model, "output", None), nn.Linear)
+
+
+class _Capture:
+    """Forward hooks keeping (module, input, output) for every module that owns a trainable Parameter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+                raise ConfigError(f"grad-sample-mode = fused supports Linear, LayerNorm and Embedding layers, "
+                                  f"not {type(module).__name__} ({name}); use grad-sample-mode = ghost")
+            self.handles.append(module.register_forward_hook(self._keep))
+
+    def _keep(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.records.append((module, args[0].detach(), output))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _dense_per_user(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-user gradients (batch, *param.shape) of a small layer seen as (batch, length, features)."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if isinstance(module, nn.Linear):
+        if module.weight.requires_grad:
+            out[module.weight] = torch.einsum("bto,bti->boi", gy, x)
+        if module.bias is not None and module.bias.requires_grad:
+            out[module.bias] = gy.sum(1)
+    else:  # LayerNorm: recompute the normalised input rather than keep another activation
+        xhat = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+        if module.weight is not None and module.weight.requires_grad:
+            out[module.weight] = (gy * xhat).sum(1)
+        if module.bias is not None and module.bias.requires_grad:
+            out[module.bias] = gy.sum(1)
+    return out
+
+
+def _embedding_rows(module: nn.Embedding, ids: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse per-user gradient of an embedding: (user, row, vector) with one entry per distinct
+    (user, row), repeated uses of an item by one user summed; the padding row gets none."""
+    b = ids.shape[0]
+    users = torch.arange(b, device=ids.device).view(b, *([1] * (ids.dim() - 1))).expand_as(ids).reshape(-1)
+    rows = ids.reshape(-1)
+    vecs = gy.reshape(-1, gy.shape[-1])
+    if module.padding_idx is not None:
+        keep = rows != module.padding_idx
+        users, rows, vecs = users[keep], rows[keep], vecs[keep]
+    keys, inverse = torch.unique(users * module.num_embeddings + rows, return_inverse=True)
+    summed = torch.zeros(len(keys), vecs.shape[1], device=vecs.device, dtype=vecs.dtype).index_add_(0, inverse, vecs)
+    return keys // module.num_embeddings, keys % module.num_embeddings, summed
+
+
+def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                           max_grad_norm: float, ghost_below: float | None = None) -> ClippedBatch:
+    """Set ``p.grad`` of every trainable parameter to the sum over users of their clipped gradients.
+
+    ``inputs``/``targets``: (batch, length) left-padded item indices, 0 = padding; a user's loss is
+    the mean cross-entropy over its real positions (``SequenceLoss``). ``max_grad_norm`` is the
+    per-user L2 clipping bound C (same units as the gradient). ``ghost_below``: users with fewer
+    real positions get the catalogue norm by Gram matrices instead of materialising it (default
+    V*D/(V+D), where the two cost the same; tests force either way).
+    """
+    if not supports_fused(model):
+        raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")
+    b = inputs.shape[0]
+    catalogue = model.output.weight
+    # Forward: every parametrised module's input/output recorded.
+    capture = _Capture(model)
+    try:
+        mask = targets > 0
+        counts = mask.sum(1)
+        logits = model.output(model.hidden(inputs)[mask])
+        owner = torch.arange(b, device=inputs.device).unsqueeze(1).expand_as(targets)[mask]
+        ce = nn.functional.cross_entropy(logits, targets[mask], reduction="none")
+        per_user = torch.zeros(b, device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce) / counts.clamp(min=1)
+    finally:
+        capture.close()
+    records = capture.records
+    # Backward to module outputs only: no weight-gradient products are computed here.
+    grads = torch.autograd.grad(per_user.sum(), [r[2] for r in records], allow_unused=True)
+
+    dense: dict[nn.Parameter, torch.Tensor] = {}
+    sparse: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    head: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, G) of the output layer, rows grouped by user
+    for (module, x, _), gy in zip(records, grads):
+        if gy is None:
+            continue
+        if module is model.output:
+            head = (x, gy)
+            if module.bias is not None and module.bias.requires_grad:
+                bias = torch.zeros(b, gy.shape[1], device=gy.device, dtype=gy.dtype).index_add_(0, owner, gy)
+                dense[module.bias] = dense.get(module.bias, 0) + bias
+        elif isinstance(module, nn.Embedding):
+            sparse.setdefault(module.weight, []).append(_embedding_rows(module, x, gy))
+        else:
+            if x.dim() != 3:
+                raise ConfigError(f"grad-sample-mode = fused expects (batch, length, features) inputs, got {tuple(x.shape)}")
+            for p, g in _dense_per_user(module, x, gy).items():
+                dense[p] = dense[p] + g if p in dense else g
+
+    # Squared per-user norms of everything but the catalogue matrix.
+    sq = torch.zeros(b, device=inputs.device, dtype=per_user.dtype)
+    for g in dense.values():
+        sq += g.pow(2).flatten(1).sum(1)
+    merged: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for p, parts in sparse.items():
+        users, rows, vecs = (torch.cat(t) for t in zip(*parts))
+        if len(parts) > 1:  # one module called twice: merge duplicate (user, row) pairs
+            keys, inverse = torch.unique(users * p.shape[0] + rows, return_inverse=True)
+            vecs = torch.zeros(len(keys), vecs.shape[1], device=vecs.device, dtype=vecs.dtype).index_add_(0, inverse, vecs)
+            users, rows = keys // p.shape[0], keys % p.shape[0]
+        merged[p] = (users, rows, vecs)
+        if p is not catalogue:
+            sq.index_add_(0, users, vecs.pow(2).sum(1))
+
+    # The catalogue matrix, one user at a time; clip factors are final once its norm is known.
+    factors = torch.ones(b, device=inputs.device, dtype=sq.dtype)
+    norms = torch.zeros(b, device=inputs.device, dtype=sq.dtype)
+    head_grad = _catalogue_clipped_sum(catalogue, head, merged.get(catalogue), counts, sq, factors, norms,
+                                       max_grad_norm, ghost_below) if catalogue.requires_grad else None
+    if not catalogue.requires_grad:
+        norms.copy_(sq.sqrt())
+        factors.copy_((max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0))
+
+    # Clipped sums of the rest.
+    for p, g in dense.items():
+        p.grad = torch.einsum("b,b...->...", factors, g).contiguous()
+    for p, (users, rows, vecs) in merged.items():
+        if p is catalogue:
+            continue
+        p.grad = torch.zeros_like(p).index_add_(0, rows, vecs * factors[users].unsqueeze(1))
+    if head_grad is not None:
+        catalogue.grad = head_grad
+    for p in model.parameters():  # parameters the loss does not reach (e.g. unused positions)
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return ClippedBatch(loss=per_user.detach(), norms=norms, factors=factors)
+
+
+def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader: torch.utils.data.DataLoader,  # noqa: ANN001
+                       noise_multiplier: float, max_grad_norm: float):  # noqa: ANN201
+    """Opacus' own Poisson loader, noise-adding optimizer and accountant hook, wired exactly as
+    ``PrivacyEngine.make_private(poisson_sampling=True, grad_sample_mode="ghost")`` wires them
+    (sample rate 1 / len(loader), expected batch = int(users * sample rate)), so the accountant's
+    history is Opacus' own; only the per-user clipping is ours (:func:`fused_clipped_backward`).
+
+    Returns ``(optimizer, data_loader)``.
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    if engine.dataset is None:
+        engine.dataset = data_loader.dataset
+    loader = DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng)
+    sample_rate = 1 / len(loader)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",
+        generator=engine.secure_rng if engine.secure_mode else None, secure_mode=engine.secure_mode,
+    )
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return dp_optimizer, loader
+
+
+def _catalogue_clipped_sum(catalogue: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor] | None,
+                           tied: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, counts: torch.Tensor,
+                           sq_rest: torch.Tensor, factors: torch.Tensor, norms: torch.Tensor,
+                           max_grad_norm: float, ghost_below: float | None) -> torch.Tensor:
+    """Sum over users of c_u times their catalogue-matrix gradient, filling ``norms``/``factors``.
+
+    User u's gradient is M_u = G_u^T A_u (+ its item-embedding rows S_u at items r_u when tied),
+    A_u (n_u x dim) the output layer's inputs and G_u (n_u x catalogue) its output gradients.
+    Its squared norm is taken whichever way is cheaper for n_u positions:
+    - ghost (n_u < V*D/(V+D)): <G G^T, A A^T> + 2 <G[:, r], A S^T> + ||S||^2, n_u^2 (V + D)
+      multiply-adds, no (V x D) matrix; these users' clipped sum is one matmul at the end;
+    - materialised: M_u itself (n_u*V*D, the share of the non-private weight gradient), whose
+      norm is read off and which is added straight into the sum.
+    """
+    v, d = catalogue.shape
+    threshold = v * d / (v + d) if ghost_below is None else ghost_below
+    grad = torch.zeros_like(catalogue)
+    counts_l = counts.tolist()
+    starts_l = (torch.cumsum(counts, 0) - counts).tolist()
+    empty = catalogue.new_zeros(0, dtype=torch.long), catalogue.new_zeros(0, d)
+    if tied is not None:  # tied rows grouped by user
+        order = torch.argsort(tied[0], stable=True)
+        t_users, t_rows, t_vecs = (t[order] for t in tied)
+        bounds = torch.searchsorted(t_users, torch.arange(len(counts) + 1, device=t_users.device)).tolist()
+    ghost_users: list[int] = []
+    for u, (s, n) in enumerate(zip(starts_l, counts_l)):
+        a_u, g_u = (head[0][s:s + n], head[1][s:s + n]) if head is not None else (None, None)
+        rows, vecs = (t_rows[bounds[u]:bounds[u + 1]], t_vecs[bounds[u]:bounds[u + 1]]) if tied is not None else empty
+        own = None
+        if n < threshold:
+            total = sq_rest[u] + vecs.pow(2).sum()
+            if n:
+                total = total + ((g_u @ g_u.T) * (a_u @ a_u.T)).sum()
+                if len(rows):
+                    total = total + 2 * (g_u[:, rows] * (a_u @ vecs.T)).sum()
+            ghost_users.append(u)
+        else:
+            own = g_u.T @ a_u
+            if len(rows):
+                own.index_add_(0, rows, vecs)
+            flat = own.view(-1)
+            total = sq_rest[u] + torch.dot(flat, flat)
+        norms[u] = total.clamp(min=0).sqrt()
+        factors[u] = (max_grad_norm / (norms[u] + CLIP_EPS)).clamp(max=1.0)
+        if own is not None:
+            grad.add_(own, alpha=float(factors[u]))
+    if ghost_users and head is not None:
+        idx = torch.tensor(ghost_users, device=counts.device)
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        scale = factors[owner]
+        if len(ghost_users) < len(counts):  # keep only the ghost users' rows
+            keep = torch.zeros(len(counts), dtype=torch.bool, device=counts.device)
+            keep[idx] = True
+            row_keep = keep[owner]
+            grad.addmm_((head[1][row_keep] * scale[row_keep, None]).T, head[0][row_keep])
+        else:
+            grad.addmm_((head[1] * scale[:, None]).T, head[0])
+        if tied is not None:
+            sel = torch.isin(t_users, idx)
+            grad.index_add_(0, t_rows[sel], t_vecs[sel] * factors[t_users[sel], None])
+    return grad

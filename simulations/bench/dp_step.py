@@ -1,0 +1,206 @@
+"""One SASRec training step, DP-SGD against non-private: time and peak memory, side by side.
+
+    nice -n 5 python -m simulations.bench.dp_step                   # batch 256, length 200, 3,706 and 37,060 items
+    nice -n 5 python -m simulations.bench.dp_step --preset small    # batch 64, length 50 (2-core machines)
+
+Modes: ``nonprivate`` (positions-only loss, as ``train_local`` without DP), ``fused`` (our
+per-user clipping, common/per_user_clipping.py), Opacus ``ghost`` (fast gradient clipping;
+untied output only, it refuses tied weights) and Opacus ``hooks`` (dense per-sample gradients).
+Every DP mode includes Opacus' noise, averaging, accountant step and Adam.
+
+Method: each (catalogue, mode) runs in a fresh subprocess (so one mode's memory high-water mark
+cannot hide another's): one warm-up step, then ``--steps`` timed steps on one fixed synthetic
+batch (lengths uniform in [length/10, length], items uniform). Time: best and median step
+(best is the least disturbed by other processes on a shared machine; ratios use it). Memory on
+CPU: peak resident set during the steps (``ru_maxrss``) minus the resident set before the first
+step, i.e. what the step itself allocates (activations, gradients, per-user state); tracemalloc
+cannot see PyTorch's allocator. On CUDA: ``torch.cuda.max_memory_allocated`` over the steps
+minus what is allocated before. Writes simulations/bench/results/dp_step[-PRESET].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+PRESETS = {"full": {"batch": 256, "length": 200, "items": [3706, 37060]},
+           "small": {"batch": 64, "length": 50, "items": [3706, 37060]}}
+MODES = ["nonprivate", "fused", "ghost", "hooks"]
+
+
+def synthetic_batch(batch: int, length: int, items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (inputs, targets) of ``batch`` users, real lengths uniform in [length/10, length]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, length // 10), length + 1, (batch,), generator=g)
+    pad = torch.arange(length)[None, :] < (length - lengths)[:, None]
+    inputs = torch.randint(1, items + 1, (batch, length), generator=g).masked_fill(pad, 0)
+    targets = torch.randint(1, items + 1, (batch, length), generator=g).masked_fill(pad, 0)
+    return inputs, targets
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):  # noqa: ANN202
+    """A zero-argument callable doing one full optimiser step in ``mode``."""
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.per_user_clipping import fused_clipped_backward, make_fused_private
+    from common.training import SequenceLoss, positions_only_loss
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if mode == "nonprivate":
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            positions_only_loss(model, inputs, targets).backward()
+            optimizer.step()
+        return step
+    loader = DataLoader(TensorDataset(inputs.cpu(), targets.cpu()), batch_size=len(inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
+        if mode == "fused":
+            dp_opt, _ = make_fused_private(engine, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+
+            def step() -> None:
+                dp_opt.zero_grad(set_to_none=True)
+                fused_clipped_backward(model, inputs, targets, max_grad_norm=1.0)
+                dp_opt.step()
+            return step
+        prepared = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, criterion=SequenceLoss(),
+                                       noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                                       grad_sample_mode=mode, wrap_model=False)
+    dp_opt, criterion = prepared[1], (prepared[2] if mode == "ghost" else SequenceLoss())
+
+    def step() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            criterion(model(inputs), targets).backward()
+        dp_opt.step()
+    return step
+
+
+def measure(mode: str, *, items: int, batch: int, length: int, steps: int, tied: bool, device: str) -> dict:
+    """Time and peak extra memory of ``steps`` optimiser steps in ``mode`` (run in a fresh process)."""
+    from common.config import DEFAULTS
+    from common.models import SASRec
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = SASRec(items, max_len=length, dim=int(DEFAULTS["embedding-dim"]), num_blocks=int(DEFAULTS["num-blocks"]),
+                   num_heads=int(DEFAULTS["num-heads"]), dropout=float(DEFAULTS["dropout"]), tied_output=tied).to(dev).train()
+    inputs, targets = (t.to(dev) for t in synthetic_batch(batch, length, items))
+    step = _step_function(mode, model, inputs, targets)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    times = []
+    for i in range(steps + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    times.sort()
+    return {"mode": mode, "items": items, "tied": tied, "best_s": times[0], "median_s": times[len(times) // 2],
+            "peak_extra_mb": max(peak, 0) / 2**20, "threads": torch.get_num_threads(), "device": str(dev)}
+
+
+def _run_worker(mode: str, args: argparse.Namespace, items: int, tied: bool) -> dict:
+    cmd = [sys.executable, "-m", "simulations.bench.dp_step", "--worker", mode, "--items", str(items), "--batch",
+           str(args.batch), "--length", str(args.length), "--steps", str(args.steps), "--device", args.device]
+    if tied:
+        cmd.append("--tied")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"mode": mode, "items": items, "tied": tied, "error": tail[:200]}
+    return json.loads(lines[-1])
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table with ratios to the non-private row of the same catalogue and tying."""
+    base = {(r["items"], r["tied"]): r for r in rows if r["mode"] == "nonprivate" and "error" not in r}
+    out = ["| items | output | mode | step best (s) | median (s) | time vs non-private | peak extra MB | memory vs non-private |",
+           "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tie = "tied" if r["tied"] else "untied"
+        if "error" in r:
+            out.append(f"| {r['items']} | {tie} | {r['mode']} | failed: {r['error']} | | | | |")
+            continue
+        b = base.get((r["items"], r["tied"]))
+        tr = f"{r['best_s'] / b['best_s']:.2f}x" if b else "-"
+        mr = f"{r['peak_extra_mb'] / b['peak_extra_mb']:.2f}x" if b and b["peak_extra_mb"] > 0 else "-"
+        out.append(f"| {r['items']} | {tie} | {r['mode']} | {r['best_s']:.3f} | {r['median_s']:.3f} | {tr} | "
+                   f"{r['peak_extra_mb']:.0f} | {mr} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--items", type=str, default=None, help="catalogue sizes, comma-separated (default: the preset's)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--tied", action="store_true", help="tied output layer (Opacus ghost is skipped: it refuses tying)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode before it is reported failed")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset["batch"]
+    args.length = args.length or preset["length"]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(args.worker, items=int(args.items), batch=args.batch, length=args.length,
+                                 steps=args.steps, tied=args.tied, device=args.device)))
+        return 0
+    sizes = [int(x) for x in (args.items.split(",") if args.items else preset["items"])]
+    modes = [m for m in args.modes.split(",") if not (args.tied and m == "ghost")]
+    rows = []
+    for items in sizes:
+        for mode in modes:
+            rows.append(_run_worker(mode, args, items, args.tied))
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"dp_step-{args.preset}{'-tied' if args.tied else ''}.json"
+    meta = {"batch": args.batch, "length": args.length, "steps": args.steps, "device": args.device,
+            "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv)}
+    (RESULTS / name).write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
