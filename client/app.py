@@ -11,7 +11,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.private_factors import evaluate_partner, mf_trainer
 from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
-from client.safe_errors import error_reply
+from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
 from common.errors import FedRecError
@@ -25,7 +25,7 @@ USER_ERROR = 400  # Error code for a problem the partner can fix (data, config, 
 
 def make_client_app(overrides: dict | None = None) -> ClientApp:
     """A ClientApp whose config is pyproject defaults + run config + ``overrides``."""
-    app = ClientApp()
+    app = ClientApp(mods=[sanitising_mod])  # no exception text reaches the server (client/safe_errors.py)
 
     # SecAgg+ outermost: central-DP clipping and DP-SGD happen before the update is masked
     @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])

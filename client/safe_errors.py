@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import re
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 from common.errors import FedRecError
 
@@ -55,3 +56,12 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
         LOG.exception("round failed at this partner with an unexpected error")
         code = INTERNAL_ERROR
     return Message(Error(code=code, reason=safe_reason(exc)), reply_to=msg)
+
+
+def sanitising_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A ClientApp-wide mod: an exception anywhere below it (handlers and other mods) becomes a
+    sanitised error reply instead of Flower forwarding its text to the server."""
+    try:
+        return call_next(msg, context)
+    except Exception as exc:  # noqa: BLE001 -- that is the point
+        return error_reply(msg, exc)

@@ -79,12 +79,9 @@ def corrupt(content: RecordDict, global_arrays: ArrayRecord, kind: str) -> Recor
 def _crashing(msg: Message) -> Message:
     """``msg`` with a server-round the ClientApp cannot parse: its ``int()`` raises a ValueError
     that quotes the value, standing in for any library error that quotes a user's data."""
-    content = RecordDict({k: v for k, v in msg.content.items() if k != "config"})
-    content["config"] = ConfigRecord({**dict(msg.content["config"]), "server-round": CRASH_TEXT})
-    out = Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
-    out.metadata.__dict__.update({k: v for k, v in msg.metadata.__dict__.items() if k != "_message_id"})
-    out.metadata.__dict__["_message_id"] = msg.metadata.message_id
-    return out
+    # NOTE: changed in place; a ClientApp cannot build a new instruction Message (no task identity).
+    msg.content["config"] = ConfigRecord({**dict(msg.content["config"]), "server-round": CRASH_TEXT})
+    return msg
 
 
 def make_faulty_client_app(overrides: dict | None, plan: Plan, *, sleep_seconds: float = 60.0) -> ClientApp:

@@ -56,24 +56,28 @@ def test_malicious_partner_has_no_effect_on_fedavg(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_hung_crashing_and_poisoning_partners_do_not_stop_a_simulation(tmp_path):
-    # Partner 3 sleeps 90 s in round 2 (timeout 45 s): round 2 must close without it. Round 1 is
-    # left clean because it includes starting Ray's actors, which takes a while on a busy machine.
-    faults = "0:nan@1 0:shape@2 0:scale@3 3:sleep@2 1:crash@3"
-    config = " ".join(f"{k}={json.dumps(v)}" for k, v in TINY.items())
+    # Round 1 is a clean warm-up: it includes starting Ray's actors, which on a busy machine can
+    # itself outlast the round timeout (the round then fails cleanly, which is fine here).
+    # Round 2: partner 0 sends NaN, partner 3 sleeps 90 s past the 45 s timeout.
+    # Round 3: partner 0 sends a wrong shape, partner 1 crashes with "user data" in the exception.
+    # Round 4: partner 0 sends a 1000x-scaled update.
+    faults = "0:nan@2 3:sleep@2 0:shape@3 1:crash@3 0:scale@4"
+    config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**TINY, "num-server-rounds": 4}.items())
     config += f' round-timeout=45.0 run-dir="{tmp_path}" run-name="faulty"'
     log = tmp_path / "sim.log"
     run_to_end(start("simulations.fault_injection", config, log, "--num-partners", "4", "--faults", faults,
                      "--sleep-seconds", "90"), log)
 
     lines = [json.loads(x) for x in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2, 3]
-    assert lines[1]["num-partners"] == 2  # partner 0 rejected, partner 3 still asleep
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]
+    assert lines[1]["num-partners"] == 2  # partner 0 rejected, partner 3 still asleep: round 2 did not wait
+    assert lines[2]["num-partners"] == 2 and lines[3]["num-partners"] == 3
     rejections = json.loads((tmp_path / "faulty" / "rejections.json").read_text())
-    kinds = {r["round"]: r["reason"] for r in rejections}
-    assert "non-finite" in kinds[1] and "has shape" in kinds[2] and "exceeds max-update-norm" in kinds[3]
+    reasons = {r["round"]: r["reason"] for r in rejections}
+    assert "non-finite" in reasons[2] and "has shape" in reasons[3] and "exceeds max-update-norm" in reasons[4]
     assert len({r["node"] for r in rejections}) == 1  # always the same partner
     text = log.read_text()
     # The crash reached the server as a sanitised reason: the exception's data never left the partner
-    assert re.search(r"RuntimeError: internal error at the partner", text)
     server_lines = [x for x in text.splitlines() if "Received error in reply" in x]
-    assert server_lines and not any("u-4711" in x for x in server_lines)
+    assert any("ValueError: internal error at the partner" in x for x in server_lines)
+    assert not any("u-4711" in x for x in server_lines)
