@@ -94,6 +94,11 @@ class SecureAggregation(Strategy):
             log(WARNING, "round %d: global model kept (secure aggregation failed: %s)", server_round, rnd.failure)
             return None, None
         aggregate = self._apply(mean)
+        peaks = [float(c[METRICS_KEY].get("secagg-peak", 0.0)) for _, c in self.last_received
+                 if c is not None and METRICS_KEY in c.metric_records]
+        if peaks:  # evidence that nothing was clipped (partners refuse above 100%)
+            log(INFO, "round %d: largest value sent under SecAgg+ was %.1f%% of secagg-clipping-range",
+                server_round, 100.0 * max(peaks))
         # Every contributor's reply now carries the aggregate (never its own update) + its metrics
         stand_ins = []
         for msg in replies:

@@ -1,0 +1,125 @@
+"""End-to-end deployment on 127.0.0.1: real flower-superlink (TLS, node authentication, database),
+real flower-supernode processes each on its own log, real ``flwr run``.
+
+One federation (SuperLink + three registered partners) serves the module; tests run in file
+order and the last one restarts the SuperLink. Every process is stopped by the fixture, also
+when a test fails (simulations/deployment.py kills whole process trees).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from common.config import resolve_config
+from common.data.catalogue import save_catalogue
+from common.task import catalogue
+from simulations.deployment import LocalFederation, write_partner_logs
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
+    "local-epochs": 1, "batch-size": 8, "seed": 42,
+}
+# Explicit timeouts: a round waits at most ROUND_TIMEOUT s for replies, a run at most RUN_TIMEOUT s.
+ROUND_TIMEOUT = 240.0  # generous: a dead partner is detected by its missed heartbeats (<= 60 s) well before
+RUN_TIMEOUT = 900.0
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    fed = LocalFederation(root)
+    try:
+        # The coordinator publishes the catalogue; each partner holds its own log
+        cat = save_catalogue(catalogue(resolve_config(None, TINY)), root / "catalogue.txt")
+        logs = write_partner_logs(root / "data", 4, users=150, items=40, seed=42)
+        fed.start_superlink()
+        nodes = {}
+        for i in range(3):
+            private, public = fed.partner_keys(f"partner-{i + 1}")
+            nodes[fed.register(public)] = fed.start_supernode(f"partner-{i + 1}", private, logs[i])
+        yield SimpleNamespace(fed=fed, root=root, catalogue=cat, logs=logs, nodes=nodes)
+    finally:
+        fed.close()
+
+
+def _run_config(env, name: str, **extra) -> dict:
+    return {**TINY, "catalogue": str(env.catalogue), "run-dir": str(env.root / "runs"), "run-name": name,
+            "round-timeout": ROUND_TIMEOUT, "node-wait-timeout": 120.0, **extra}
+
+
+def _rounds(env, name: str, res) -> list[dict]:
+    path = env.root / "runs" / name / "metrics.jsonl"
+    assert path.exists(), f"run {name} wrote no metrics:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tls_and_node_auth_run_with_three_partners(federation):
+    env, fed = federation, federation.fed
+    # TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs)
+    assert "Uvicorn running on https://" in fed.superlink.output()
+
+    # A SuperNode whose key was never registered is turned away
+    rogue_key, _ = fed.partner_keys("rogue")
+    rogue = fed.start_supernode("rogue", rogue_key, env.logs[0])
+    rogue.popen.wait(timeout=120)
+    assert rogue.popen.returncode != 0
+    assert "Failed to activate SuperNode" in rogue.output()
+
+    # The registered partners train 2 rounds
+    res = fed.run(_run_config(env, "plain", **{"num-server-rounds": 2, "min-nodes": 3}), timeout=RUN_TIMEOUT)
+    rounds = _rounds(env, "plain", res)
+    assert [r["round"] for r in rounds] == [1, 2], res.stdout[-3000:]
+    assert all(r["num-partners"] == 3 for r in rounds)
+    assert all(r["eval-users"] > 0 for r in rounds)
+    run_dir = env.root / "runs" / "plain"
+    assert (run_dir / "config.json").exists() and (run_dir / "model.pt").exists()
+    assert json.loads((run_dir / "config.json").read_text())["catalogue"] == str(env.catalogue)
+    # Each partner trained on its own file (its node config reached the ClientApp)
+    for proc in env.nodes.values():
+        assert proc.output().count("Receiving: train message") == 2
+
+
+def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
+    env, fed = federation, federation.fed
+    # A fourth registered partner joins, and dies while training (SIGKILL: no goodbye to the SuperLink)
+    private, public = fed.partner_keys("victim")
+    fed.register(public)
+    victim = fed.start_supernode("victim", private, env.logs[3])
+    assert victim.wait_for("SuperNode ID:", timeout=120), victim.output()[-2000:]  # activated: it will be sampled
+    outcome = {}
+    # min-nodes 3: after the victim dies, evaluation must not wait for a fourth partner
+    config = _run_config(env, "secagg", **{"num-server-rounds": 1, "min-nodes": 3, "secure-aggregation": True})
+    runner = threading.Thread(target=lambda: outcome.update(res=fed.run(config, timeout=RUN_TIMEOUT)))
+    runner.start()
+    try:
+        # SecAgg+ sends 'train' messages for setup, share_keys, then the real training: kill at the third
+        assert victim.wait_for("Receiving: train message", timeout=RUN_TIMEOUT, count=3), victim.output()[-2000:]
+        victim.stop(signal.SIGKILL, grace=5)
+    finally:
+        runner.join(timeout=RUN_TIMEOUT)
+    assert not runner.is_alive()
+    res = outcome["res"]
+    rounds = _rounds(env, "secagg", res)
+    assert [r["round"] for r in rounds] == [1], res.stdout[-3000:]
+    assert rounds[0]["num-partners"] == 3, res.stdout[-3000:]
+    # The server unmasked the sum of the three survivors, removing the dead partner's masks
+    assert "summed 3 masked updates (1 dropped out)" in res.stdout
+    # Nothing was clipped: a partner would have refused (error reply) instead of sending
+    assert "would clip" not in res.stdout
+    assert "largest value sent under SecAgg+ was" in res.stdout
+
+
+def test_superlink_restart_keeps_registered_nodes(federation):
+    fed = federation.fed
+    before = fed.registered_nodes()
+    assert set(federation.nodes) <= before and len(before) == 4  # three partners and the victim
+    fed.superlink.stop()
+    fed.start_superlink()
+    assert fed.registered_nodes() == before
