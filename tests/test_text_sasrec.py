@@ -148,3 +148,21 @@ def test_cold_items_are_recommended_through_text_only(mode):
         assert rates["hr@3-among-cold"] > 0.8
     else:
         assert abs(rates["hr@3-among-cold"] - rates["random-among-cold"]) < 0.15
+
+
+def test_explanations_of_a_text_model_name_the_closest_title():
+    from client.explain import explain_items
+
+    # Prepare: item 7's text is a near copy of item 3's, so of the history {1, 2, 7} it is closest to target 3
+    text = table()
+    text[7] = torch.nn.functional.normalize(text[3] + 0.05 * text[1], dim=0)
+    m = model("text", text=text)
+    history = np.array([1, 2, 7])
+    # Execute
+    (expl,) = explain_items(m, history, None, [3], T, name=lambda i: f"item-{i}")
+    # Assert: the influences are real score differences, and the text note names item 7
+    full = m.score(torch.tensor([[0, 0, 0, 1, 2, 7]]))[0, 3]
+    for b in expl.because:
+        without = m.score(torch.tensor([[0, 0, 0, 0] + [h for h in history.tolist() if h != b.index]]))[0, 3]
+        assert abs(float(full - without) - b.influence) < 1e-4
+    assert "closest to item-7" in expl.reason

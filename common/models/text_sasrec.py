@@ -148,3 +148,16 @@ def build_text_sasrec(config: Mapping[str, Any], num_items: int) -> TextSASRec:
 def trainable_parameters(model: nn.Module) -> int:
     """Parameters DP-SGD clips and noises (frozen buffers excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def closest_in_text(model: TextSASRec, history: Any, target: int) -> tuple[int, float] | None:
+    """(history item index, cosine) of the history item whose frozen text embedding is closest to
+    ``target``'s: what the text features contribute to an explanation. None for an empty history."""
+    items = torch.as_tensor(sorted({int(i) for i in history if int(i) > 0 and int(i) != int(target)}), dtype=torch.long)
+    if len(items) == 0:
+        return None
+    table = model.item_text.table
+    sims = torch.nn.functional.cosine_similarity(table[items], table[int(target)].unsqueeze(0), dim=1)
+    best = int(torch.argmax(sims))
+    return int(items[best]), float(sims[best])
