@@ -1,0 +1,73 @@
+"""Each simulated partner's planned privacy spend: noise calibrated for the run, epsilon after chosen rounds.
+
+    python -m simulations.epsilon_plan --num-partners 5 --rounds 5,20 --run-config 'num-server-rounds=20 accountant="prv"'
+
+No training: the same calibration the ClientApp makes (client/privacy_budget.py) on each
+partner's users, then epsilon after each listed round of ``local-epochs`` Poisson-sampled
+epochs, with both accountants (RDP and PRV) for the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simulations.flower_env import set_flower_env
+
+set_flower_env()
+
+import click  # noqa: E402
+from flwr.common.config import parse_config_args  # noqa: E402
+
+from common.config import resolve_config  # noqa: E402
+from common.errors import FedRecError  # noqa: E402
+from common.privacy import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
+from common.task import partner_data  # noqa: E402
+from common.training import user_count_for_training  # noqa: E402
+
+
+def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
+    """One row per partner: users, delta, sample rate, steps per round, noise, epsilon per accountant and round."""
+    rows = []
+    for pid in range(num_partners):
+        data = partner_data(cfg, {"partition-id": pid, "num-partitions": num_partners})
+        users = user_count_for_training(data)
+        delta = float(cfg["target-delta"]) or default_delta(users)
+        rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
+        per_round = int(cfg["local-epochs"]) * steps
+        noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
+                                total_steps=int(cfg["num-server-rounds"]) * per_round, accountant=str(cfg["accountant"]))
+        row = {"partner": pid, "users": users, "delta": delta, "sample-rate": rate, "steps-per-round": per_round,
+               "noise-multiplier": noise}
+        for acc in ACCOUNTANTS:
+            for r in rounds:
+                row[f"eps-{acc}@{r}"] = epsilon_of([(noise, rate, r * per_round)], delta, acc)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-partners", type=int, default=5)
+    parser.add_argument("--rounds", default="5,20", help="comma-separated rounds to report epsilon after")
+    parser.add_argument("--run-config", action="append", default=[])
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(None, parse_config_args(args.run_config) if args.run_config else {})
+        rounds = [int(x) for x in args.rounds.split(",")]
+        rows = plan(cfg, args.num_partners, rounds)
+    except (FedRecError, ValueError, click.ClickException) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    print(f"noise calibrated with the {cfg['accountant']} accountant for target epsilon {cfg['target-epsilon']:g} "
+          f"over {cfg['num-server-rounds']} rounds x {cfg['local-epochs']} local epochs, batch {cfg['batch-size']}")
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
