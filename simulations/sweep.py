@@ -195,13 +195,45 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     return row
 
 
+def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
+    """A markdown table of ``metric``: rows = the varying config keys but epsilon, columns = epsilon,
+    cells = mean +- std over seeds (n = number of finished seeds)."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path, dtype={"target-epsilon": str})
+    frame = frame[frame["status"] == "ok"]
+    if frame.empty:
+        return "(no finished run)"
+    skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", *METRICS}
+    rows = [c for c in frame.columns if c not in skip and frame[c].nunique(dropna=False) > 1]
+    eps = sorted(frame["target-epsilon"].unique(), key=lambda e: math.inf if str(e).lower() == "inf" else float(e))
+    lines = [f"| {' / '.join(rows) or 'config'} | " + " | ".join(f"eps={e}" for e in eps) + " |",
+             "|---" * (len(eps) + 1) + "|"]
+    for key, g in (frame.groupby(rows) if rows else [("all", frame)]):
+        cells = []
+        for e in eps:
+            v = g[g["target-epsilon"] == e][metric].astype(float)
+            cells.append(f"{v.mean():.4f} ± {v.std(ddof=0):.4f} (n={len(v)})" if len(v) else "-")
+        label = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0 = all)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--table", metavar="METRIC", help="only print a markdown table of METRIC (e.g. ndcg@10) from the CSV")
     args = parser.parse_args(argv)
+    if args.table:
+        try:
+            print(results_table(load_sweep(args.config)["output"], args.table))
+        except (FedRecError, OSError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from tqdm import tqdm
 
     try:

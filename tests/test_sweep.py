@@ -86,3 +86,14 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     assert calls == [2]  # nothing left
     rows = list(csv.DictReader(open(results)))
     assert [r["seed"] for r in rows] == ["1", "2"] and rows[0] == first
+
+
+def test_results_table_averages_seeds_per_epsilon(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10\n"
+                    "a,ok,mf,1,8,0.1\nb,ok,mf,2,8,0.3\nc,ok,mf,1,inf,0.5\n"
+                    "d,failed (exit 1): x,mf,2,inf,\ne,ok,sasrec,1,1,0.2\n")
+    table = sweep.results_table(path).splitlines()
+    assert table[0] == "| model | eps=1 | eps=8 | eps=inf |"
+    assert table[2] == "| mf | - | 0.2000 ± 0.1000 (n=2) | 0.5000 ± 0.0000 (n=1) |"
+    assert table[3].startswith("| sasrec | 0.2000 ± 0.0000 (n=1) | - |")
