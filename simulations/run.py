@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     from server.app import make_server_app
 
     from common.task import federation_data
+    from simulations.resources import backend_config
 
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before Ray starts
     federation_data(cfg)
@@ -46,10 +46,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])
     before = set(base.glob(f"{cfg['run-name']}*")) if base.exists() else set()
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
-    }
+    backend = backend_config(cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)  # simulations/resources.py
     print(describe_partners(cfg, num_partners), flush=True)
     run_simulation(
         server_app=make_server_app(overrides),
@@ -82,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-partners", type=int, default=5, help="simulated partner organisations (default 5)")
     parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp-mode=central num-server-rounds=3"')
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs (and torch threads) per simulated client (default 1)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_config_args(args.run_config) if args.run_config else {}
-        run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus)
+        run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus,
+                                 cpus_per_client=args.cpus_per_client)
     except FedRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
