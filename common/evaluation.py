@@ -84,10 +84,19 @@ def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, 
     """:func:`recommendation_metrics` of ``model.score`` (or of known private ``user_factors``,
     rows in ``data`` order, for a model with ``score_users``)."""
     model.eval()
+    gaps = None
+    if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
+        from common.models.context import history_gaps
+
+        gaps = history_gaps(data.eval_cases("test")[0], data.timestamps)
 
     def score_batch(start: int, stop: int, h: list[np.ndarray]) -> torch.Tensor:
         if user_factors is not None:
             return model.score_users(user_factors[start:stop].to(device))
+        if gaps is not None:
+            from common.models.context import model_inputs
+
+            return model.score(model_inputs(model, h, max_len, gaps[start:stop]).to(device))
         return model.score(pad_left(h, max_len).to(device))
 
     return recommendation_metrics(score_batch, data, top_k=top_k)

@@ -16,6 +16,15 @@ from common.training import SequenceLoss, training_pairs
 V, T, B, G = 20, 6, 4, 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is much faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_gap_buckets_by_hand():
     # gaps: (first), 0 s, 1 s, 63 s, -64 s (clock skew counts as 0)
     assert time_gap_buckets(np.array([100, 100, 101, 164, 100])).tolist() == [1, 2, 3, 8, 2]
@@ -110,3 +119,23 @@ def test_genre_matrix_from_movielens_metadata(ml100k_dir):
     assert matrix.shape[0] == 4 and matrix.shape[1] >= 18
     assert matrix[0].sum() == 0 and matrix[3].sum() == 0  # padding, an item without metadata
     assert matrix[1].sum() == pytest.approx(1.0) and (matrix[1] > 0).sum() == 3  # Toy Story: 3 genres
+
+
+def test_dp_training_and_both_evaluations_use_the_gap_channel(small_data):
+    small_data = small_data.subset(range(64))
+    from common.evaluation import evaluate_model
+    from common.metrics import evaluate_ranking
+    from common.training import DPSettings, train_local
+
+    cfg = resolve_config(None, {"embedding-dim": 8, "num-blocks": 1, "time-features": True, "genre-features": True})
+    genres = torch.rand(small_data.num_items + 1, G)
+    m = build_model(cfg, small_data.num_items, item_genres=genres)
+    before = m.time_emb.weight.detach().clone()
+    result = train_local(m, small_data, epochs=1, batch_size=16, learning_rate=0.01, max_len=10,
+                         dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert result.steps > 0 and result.mechanisms and not torch.equal(before, m.time_emb.weight)
+    ranked = evaluate_ranking(m, small_data, split="test", max_len=10)
+    federated = evaluate_model(m, small_data, max_len=10, top_k=10)
+    assert federated["ndcg@10-sum"] == pytest.approx(ranked["ndcg@10-sum"])
+    m.time_features = False  # the same weights without the gap channel rank differently
+    assert evaluate_ranking(m, small_data, split="test", max_len=10)["ndcg@10-sum"] != pytest.approx(ranked["ndcg@10-sum"])
