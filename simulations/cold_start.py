@@ -107,6 +107,12 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
     start = time.perf_counter()
     result = train_local(model, split.train, epochs=epochs, batch_size=int(cfg["batch-size"]),
                          learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=seed)
+    if getattr(model.item_emb, "ids", None) is not None:
+        # id+text: a cold item gets the zero ID rows of an item added to the catalogue after training
+        # (TextSASRec._load_from_state_dict), not rows that full-softmax training pushed down as negatives
+        with torch.no_grad():
+            model.item_emb.ids.weight[split.cold_items] = 0.0
+            model.output.ids.weight[split.cold_items] = 0.0
     out = cold_hit_rates(model, split, k=int(cfg["top-k"]), max_len=int(cfg["max-seq-len"]))
     return {"item-features": cfg["item-features"], "epsilon": epsilon, "epochs": epochs, "train-loss": round(result.loss, 4),
             "trainable-parameters": trainable_parameters(model), "train-seconds": round(time.perf_counter() - start, 1), **out}
