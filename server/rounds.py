@@ -76,14 +76,20 @@ class RoundControl(Strategy):
             self.offset + 1, self.min_nodes, self.node_wait_timeout)
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         return self.inner.configure_train(self.federation_round(server_round), arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.inner.aggregate_train(self.federation_round(server_round), replies)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         return self.inner.configure_evaluate(self.federation_round(server_round), arrays, config, grid)
 

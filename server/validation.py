@@ -144,12 +144,16 @@ class ValidatingStrategy(Strategy):
         log(INFO, "\t│\t└── min valid replies per round: %d", self.min_train_nodes)
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global model the replies must be compared with, then delegate."""
         self._global = {key: array.numpy() for key, array in arrays.items()}
         return self.inner.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop invalid replies (logged with node id); aggregate the rest if enough remain."""
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
@@ -170,7 +174,9 @@ class ValidatingStrategy(Strategy):
         valid.sort(key=lambda m: content_digest(m.content))
         return self.inner.aggregate_train(server_round, valid + errors)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Delegate."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 

@@ -108,7 +108,8 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=int, default=3, help="in-process partners (default 3)")
-    parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp=false num-server-rounds=3"')
+    parser.add_argument("--run-config", action="append", default=[],
+                        help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)
     try:
         overrides = parse_config_args(args.run_config) if args.run_config else {}

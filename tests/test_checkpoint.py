@@ -161,7 +161,8 @@ def test_fedadam_moments_survive_a_checkpoint_so_resume_equals_an_uninterrupted_
     state = strategy_state(unwrap(first))
     assert set(state) == {"m_t", "v_t"}
     fp = {"arrays": {}, "catalogue-sha256": "", "catalogue-size": 0, "config": {}}
-    save_checkpoint(tmp_path, Checkpoint(round=2, arrays=mid.to_torch_state_dict(), fingerprint=fp, strategy_state=state))
+    save_checkpoint(tmp_path, Checkpoint(round=2, arrays=mid.to_torch_state_dict(), fingerprint=fp,
+                                         strategy_state=state))
     loaded = load_checkpoint(tmp_path)
     resumed = build_strategy(cfg, first_round=3)
     restore_strategy_state(unwrap(resumed), loaded.strategy_state)

@@ -112,7 +112,8 @@ def test_ml1m_ratings_dat(rows, garbage):
 def test_valid_rows_survive_next_to_bad_ones(tmp_path):
     """The property is not vacuous: good rows in a messy file are kept, bad ones counted."""
     p = tmp_path / "log.csv"
-    p.write_text("user_id,item_id,timestamp,rating\n1,10,100,4\n1,nan,101,5\n2,11,not-a-time,3\n2,12,102,inf\n3,13,103,2\n")
+    p.write_text("user_id,item_id,timestamp,rating\n1,10,100,4\n1,nan,101,5\n2,11,not-a-time,3\n"
+                 "2,12,102,inf\n3,13,103,2\n")
     log = load_interactions(p)
     assert log.user.tolist() == ["1", "3"] and log.item.tolist() == ["10", "13"]
     assert log.dropped == {"missing-id": 1, "bad-timestamp": 1, "bad-rating": 1}

@@ -37,7 +37,8 @@ def crash_and_resume(tmp_path: Path, module: str, extra: str, *args: str) -> tup
     assert killed_at >= 2 and killed_at < 4, "the kill came too late to test anything"
     run_to_end(start(module, f'{base} run-name="crashed" resume=true', tmp_path / "resume.log", *args),
                tmp_path / "resume.log")
-    run_to_end(start(module, f'{base} run-name="straight"', tmp_path / "straight.log", *args), tmp_path / "straight.log")
+    straight_log = tmp_path / "straight.log"
+    run_to_end(start(module, f'{base} run-name="straight"', straight_log, *args), straight_log)
     return crashed, tmp_path / "straight"
 
 
@@ -54,7 +55,8 @@ def test_killed_server_resumes_to_the_same_model_in_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FEDREC_RAY_E2E"), reason="3 Ray simulations (~3 min on 2 cores); set FEDREC_RAY_E2E=1")
+@pytest.mark.skipif(not os.environ.get("FEDREC_RAY_E2E"),
+                    reason="3 Ray simulations (~3 min on 2 cores); set FEDREC_RAY_E2E=1")
 def test_killed_simulation_resumes_on_flower_simulation_engine(tmp_path):
     """The real thing: Flower's simulation engine (Ray) in a subprocess, SIGKILLed after round 2.
 
