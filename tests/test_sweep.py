@@ -72,6 +72,16 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     assert json.loads((run_dir / "holdout.json").read_text())["user-ids"]
     assert (run_dir / "rounds.png").is_file() and (tmp_path / "results_ndcg_vs_epsilon.png").is_file()
 
+    # The released model can be audited: members vs the held-out users of holdout.json
+    from simulations.audit import run_audit
+
+    audit = run_audit(run_dir, rounds=50)
+    assert audit["members"] > 0 and audit["non-members"] > 0 and audit["epsilon"] == float("inf")
+    for name in ("loss", "calibrated"):
+        low, high = audit[f"auc-{name}-ci"]
+        assert 0.0 <= low <= audit[f"auc-{name}"] <= high <= 1.0
+    assert (run_dir / "audit.json").is_file()
+
     # Resume: only the missing seed runs (recorded here instead of simulated)
     calls = []
 
