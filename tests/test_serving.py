@@ -348,3 +348,52 @@ def report_fingerprint(store_path: Path, run: Path) -> str:
     catalogue = load_global_model(run).catalogue
     (run / "catalogue.txt").write_text("\n".join(catalogue.tolist()) + "\n")
     return partner_data(resolve_config(None, {"catalogue": str(run / "catalogue.txt")}), {"data-path": str(store_path)}).fingerprint()
+
+
+# -- the feedback loop through the ClientApp: a store as data-path, one ledger across rounds ------
+
+
+@pytest.mark.slow
+def test_clientapp_trains_next_round_on_feedback_with_the_same_ledger(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from client.app import make_client_app
+    from client.privacy_ledger import PrivacyLedger
+    from common.task import partner_data
+    from tests.conftest import flower_message
+
+    # Prepare: a partner whose data-path is its event store, a published catalogue, its own ledger
+    log = generate_synthetic(num_users=64, num_items=30, mean_length=8, seed=2)
+    store_path, ledger = tmp_path / "events.sqlite", tmp_path / "ledger.sqlite"
+    with EventStore(store_path, create=True) as store:
+        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+    catalogue = build_sequences(log).catalogue
+    (tmp_path / "catalogue.txt").write_text("\n".join(catalogue.tolist()) + "\n")
+    overrides = {**CFG, "catalogue": str(tmp_path / "catalogue.txt"), "local-epochs": 1, "batch-size": 8,
+                 "num-server-rounds": 3, "run-dir": str(tmp_path / "runs")}
+    cfg = resolve_config(None, overrides)
+    node = {"data-path": str(store_path), "ledger-path": str(ledger)}
+    app = make_client_app(overrides)
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    arrays = ArrayRecord(new_model(cfg, len(catalogue)).state_dict())
+
+    def train(server_round: int):
+        msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}))
+        reply = app(msg, context)
+        assert not reply.has_error(), reply.error
+        return reply.content["metrics"]
+
+    first = train(1)
+    # Execute: feedback arrives between rounds (a new user with 4 events via the API's store)
+    time.sleep(0.01)
+    with EventStore(store_path) as store:
+        for n, item in enumerate(catalogue[:4].tolist()):
+            store.add("new-user", item, timestamp=2_000_000_000 + n)
+    second = train(2)
+
+    # Assert: round 2 trained on one more user, and both rounds are on one ledger
+    assert second["num-examples"] == first["num-examples"] + 1
+    assert partner_data(cfg, node).user_ids.tolist().count("new-user") == 1
+    with PrivacyLedger(ledger, partner_data(cfg, node).fingerprint()) as opened:
+        assert opened.rounds_trained() == 2
+    assert second["epsilon"] > first["epsilon"]
