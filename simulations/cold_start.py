@@ -10,8 +10,11 @@ before that first cold interaction, the cold item). HR@K is reported two ways:
 - among the cold items only (the question "which new item next?"): random = K / #cold;
 - over the full catalogue minus the history: random ~ K / V.
 
-Training is central and non-private by default (``--epsilon`` adds DP-SGD at user level);
-the question is whether the *item representation* generalises, not how the federation runs.
+The cold items are *added to the catalogue after training*: during training their text rows
+are zero (so full-softmax training cannot push them down as negatives) and afterwards their ID
+rows are those a newly added item gets. Training is central and non-private by default
+(``--epsilon`` adds DP-SGD at user level): the question is whether the *item representation*
+generalises, not how the federation runs.
 """
 
 from __future__ import annotations
@@ -104,18 +107,31 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
         sigma = calibrate_noise(target_epsilon=epsilon, target_delta=default_delta(users), sample_rate=rate,
                                 total_steps=epochs * steps, accountant=str(cfg["accountant"]))
         dp = DPSettings(noise_multiplier=sigma, max_grad_norm=float(cfg["max-grad-norm"]))
+    cold = torch.as_tensor(split.cold_items)
+    fresh = {name: p.detach()[cold].clone() for name, p in _catalogue_rows(model).items()}
+    text = getattr(model, "item_text", None)
+    real_text = text.table[cold].clone() if text is not None else None
+    if text is not None:
+        text.table[cold] = 0.0  # not in the catalogue yet: a zero text row gets no score gradient
     start = time.perf_counter()
     result = train_local(model, split.train, epochs=epochs, batch_size=int(cfg["batch-size"]),
                          learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=seed)
-    if getattr(model.item_emb, "ids", None) is not None:
-        # id+text: a cold item gets the zero ID rows of an item added to the catalogue after training
-        # (TextSASRec._load_from_state_dict), not rows that full-softmax training pushed down as negatives
-        with torch.no_grad():
-            model.item_emb.ids.weight[split.cold_items] = 0.0
-            model.output.ids.weight[split.cold_items] = 0.0
+    # The cold items join the catalogue now: their text rows arrive, their ID rows are those of a new item
+    # (id: a fresh initialisation; id+text: zero, as TextSASRec._load_from_state_dict gives an added item).
+    with torch.no_grad():
+        if text is not None:
+            text.table[cold] = real_text
+        for name, p in _catalogue_rows(model).items():
+            p[cold] = 0.0 if text is not None else fresh[name]
     out = cold_hit_rates(model, split, k=int(cfg["top-k"]), max_len=int(cfg["max-seq-len"]))
     return {"item-features": cfg["item-features"], "epsilon": epsilon, "epochs": epochs, "train-loss": round(result.loss, 4),
             "trainable-parameters": trainable_parameters(model), "train-seconds": round(time.perf_counter() - start, 1), **out}
+
+
+def _catalogue_rows(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The model's per-item parameter tables (rows indexed by item): ID embeddings and ID output rows."""
+    return {name: p for name, p in model.named_parameters()
+            if name in ("item_emb.weight", "output.weight", "item_emb.ids.weight", "output.ids.weight")}
 
 
 def main(argv: list[str] | None = None) -> int:
