@@ -93,3 +93,20 @@ def test_client_keeps_user_factors_in_its_state_and_sends_only_items():
     direct = evaluate_model(model, data, max_len=20, user_factors=load_user_factors(context, data, 16))
     assert metrics["ndcg@10-sum"] == pytest.approx(direct["ndcg@10-sum"])
     assert np.isfinite(metrics["pop@10-sum"])
+
+
+def test_ghost_clipping_norms_are_per_user_gradient_norms():
+    """The clipping unit is one user: Opacus' per-sample norms equal one-user-at-a-time back-propagation."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    torch.manual_seed(0)
+    m = MatrixFactorization(12, dim=4)
+    factors = torch.randn(5, 4)
+    targets = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 7], [8, 9, 1], [0, 2, 11]])
+    reference = []
+    for i in range(5):
+        grads = torch.autograd.grad(MultinomialLoss("sum")(m(factors[i:i + 1]), targets[i:i + 1]), list(m.parameters()))
+        reference.append(torch.sqrt(sum((g**2).sum() for g in grads)))
+    gsm = GradSampleModuleFastGradientClipping(m, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
+    MultinomialLoss("sum")(gsm(factors), targets).backward()
+    torch.testing.assert_close(gsm.get_norm_sample(), torch.stack(reference), atol=1e-5, rtol=1e-4)
