@@ -14,6 +14,7 @@ import pytest
 import torch
 from tests.flower_processes import run_to_end, start
 
+from common.errors import FederationError
 from simulations.fault_injection import make_faulty_client_app, parse_faults
 from simulations.local_grid import run_local
 
@@ -83,3 +84,11 @@ def test_hung_crashing_and_poisoning_partners_do_not_stop_a_simulation(tmp_path)
     assert any("ValueError: internal error at the partner" in x for x in server_lines)
     assert not any("u-4711" in x for x in server_lines)
     assert any("u-4711" in x for x in text.splitlines() if "ClientAppActor" in x)  # the partner's log has it
+
+
+def test_too_few_partners_fail_the_run_with_one_line_instead_of_waiting_forever(tmp_path):
+    overrides = {**TINY, "min-nodes": 3, "node-wait-timeout": 0.5, "run-dir": str(tmp_path), "run-name": "lonely"}
+    with pytest.raises(FederationError, match=r"only 2 of the 3 partners needed \(min-nodes\) connected within "
+                                              r"node-wait-timeout = 0.5 s"):
+        run_local(overrides, 2)
+    assert not (tmp_path / "lonely" / "checkpoint.pt").exists()  # nothing was trained, nothing to resume
