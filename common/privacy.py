@@ -63,7 +63,8 @@ def steps_per_epoch(num_users: int, batch_size: int) -> tuple[float, int]:
     if num_users < batch_size:
         raise PrivacyError(
             f"only {num_users} users with training data, fewer than batch-size {batch_size}: every user would be in "
-            f"every DP-SGD step (sample rate 1, no privacy amplification); set batch-size to at most {max(1, num_users // 4)} "
+            "every DP-SGD step (sample rate 1, no privacy amplification); "
+            f"set batch-size to at most {max(1, num_users // 4)} "
             "(a few steps per epoch) or join more users"
         )
     steps = max(1, math.ceil(num_users / max(batch_size, 1)))

@@ -43,16 +43,22 @@ class PrivacyReportingStrategy(Strategy):
         self.strategy = strategy
         self.report = report
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = self.report.screen(server_round, list(replies))
         result = self.strategy.aggregate_train(server_round, valid)
         self.report.write()
         return result
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -80,7 +86,9 @@ class _CentralDP:
         self._side = side
         self._population = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._population = max(self._population, len(list(grid.get_node_ids())))
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
@@ -97,7 +105,9 @@ class _CentralDP:
                     sampling_method=SamplingMethod.NO_AMPLIFICATION))
         return super()._prepare_accounting(server_round, messages)  # type: ignore[misc]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = self.report.screen(server_round, list(replies))
         for msg in valid:
             next(iter(msg.content.metric_records.values()))[UNIT_WEIGHT_KEY] = 1.0

@@ -53,7 +53,10 @@ class PrivacyReport:
             label = str(details.get("partner")) if details and details.get("partner") else f"node-{node}"
             self.node_labels[node] = label
             entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+            created = entry.get("ledger-created") == "true"  # keep "true" once a round created the ledger
             entry.update({k: v for k, v in (details or {}).items() if k != "partner"})
+            if created:
+                entry["ledger-created"] = "true"
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is not None:
                 entry.update({k: metrics[k] for k in PARTNER_METRICS if k in metrics})
@@ -115,7 +118,8 @@ class PrivacyReport:
                      else "noised but not accounted (Flower's accountant needs FedAvg)")
             parts.append(f"the sequence of global models is {bound} for any one partner's whole contribution "
                          f"(central DP, clipping {self.central.get('clipping', self.cfg['central-clipping'])}-side "
-                         f"at {self.cfg['central-clipping-norm']:g}, noise multiplier {self.cfg['central-noise-multiplier']:g}, "
+                         f"at {self.cfg['central-clipping-norm']:g}, "
+                         f"noise multiplier {self.cfg['central-noise-multiplier']:g}, "
                          "trusting the coordinator to add the noise)")
         if not parts:
             return "No differential privacy: the released model carries no formal guarantee (dp-mode = off)."

@@ -36,7 +36,8 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
         rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
         per_round = int(cfg["local-epochs"]) * steps
         noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
-                                total_steps=int(cfg["num-server-rounds"]) * per_round, accountant=str(cfg["accountant"]))
+                                total_steps=int(cfg["num-server-rounds"]) * per_round,
+                                accountant=str(cfg["accountant"]))
         row = {"partner": pid, "users": users, "delta": delta, "sample-rate": rate, "steps-per-round": per_round,
                "noise-multiplier": noise}
         for acc in ACCOUNTANTS:

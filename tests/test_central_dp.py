@@ -56,7 +56,8 @@ def _reply(msg: Message, weights: np.ndarray, num_examples: int = 10) -> Message
 
 def _round(strategy, server_round: int, n: int, global_w: np.ndarray, updates: list[np.ndarray | None], weights=None):
     """Configure one round for ``n`` partners, reply with global + update (None = refuse), aggregate."""
-    msgs = list(strategy.configure_train(server_round, ArrayRecord({"w": Array(global_w)}), ConfigRecord({}), FakeGrid(n)))
+    arrays = ArrayRecord({"w": Array(global_w)})
+    msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), FakeGrid(n)))
     replies = []
     for i, (msg, upd) in enumerate(zip(msgs, updates)):
         if upd is None:

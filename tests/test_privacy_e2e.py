@@ -25,7 +25,8 @@ TINY = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embed
 @pytest.mark.slow
 def test_exhausted_partner_stops_and_the_run_completes(tmp_path):
     # Prepare: partner 0 already spent one of this run's two planned rounds (e.g. before a restart)
-    overrides = {**TINY, "run-dir": str(tmp_path / "runs"), "run-name": "budget", "ledger-dir": str(tmp_path / "ledgers"),
+    overrides = {**TINY, "run-dir": str(tmp_path / "runs"), "run-name": "budget",
+                 "ledger-dir": str(tmp_path / "ledgers"),
                  "dp-mode": "both", "central-clipping": "client", "central-noise-multiplier": 0.5}
     cfg = resolve_config(None, overrides)
     node = {"partition-id": 0, "num-partitions": 3}
@@ -50,6 +51,8 @@ def test_exhausted_partner_stops_and_the_run_completes(tmp_path):
     (refusal,) = partners["partner-0"]["refused"]
     assert refusal["round"] == 2 and refusal["reason"].startswith("budget exhausted: epsilon ")
     assert partners["partner-1"]["rounds-trained"] == partners["partner-2"]["rounds-trained"] == [1, 2]
+    assert partners["partner-0"]["ledger-created"] == "false"  # seeded before the run
+    assert partners["partner-1"]["ledger-created"] == partners["partner-2"]["ledger-created"] == "true"
 
     # Every partner's final epsilon is within target, and equals dp-accounting on its mechanism
     for p in partners.values():
