@@ -56,7 +56,7 @@ def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
     inputs = model_inputs(model, variants, max_len, variant_gaps)
     if isinstance(model, SASRec) and isinstance(model.output, torch.nn.Linear) and model.output.bias is None:
         # Same numbers as score()[:, targets], without scoring the whole catalogue for every variant
-        scores = model.hidden(inputs)[:, -1] @ model.output.weight[targets].T
+        scores = model.hidden(inputs, last_only=True)[:, -1] @ model.output.weight[targets].T
     else:
         scores = model.score(inputs)[:, targets]
     return positions, (scores[:1] - scores[1:]).cpu().numpy()

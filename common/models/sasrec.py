@@ -30,14 +30,16 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         b, t, d = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if last_only:  # only the last position's output is wanted (inference, client/explain.py)
+            q, allowed = q[:, :, -1:], allowed[:, -1:]
         att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h)
         att = att.masked_fill(~allowed[:, None], float("-inf"))
         att = self.dropout(torch.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        y = (att @ v).transpose(1, 2).reshape(b, q.shape[2], d)
         return self.out(y)
 
 
@@ -53,8 +55,9 @@ class TransformerBlock(nn.Module):
         self.ff2 = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), allowed))
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        attended = self.dropout(self.attn(self.norm1(x), allowed, last_only))
+        x = (x[:, -1:] if last_only else x) + attended
         return x + self.dropout(self.ff2(self.dropout(torch.relu(self.ff1(self.norm2(x))))))
 
 
@@ -99,7 +102,9 @@ class SASRec(nn.Module):
         if tied_output:
             self.output.weight = self.item_emb.weight  # one Parameter, two modules
 
-    def hidden(self, seq: torch.Tensor) -> torch.Tensor:
+    def hidden(self, seq: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        """Hidden states (batch, length, dim); ``last_only``: the last position's, (batch, 1, dim),
+        with the final block computed for that position alone (same numbers, less work)."""
         gaps = None
         if seq.dim() == 3:  # (batch, length, 2): item indices and time-gap buckets
             seq, gaps = seq[..., 0], seq[..., 1]
@@ -115,8 +120,8 @@ class SASRec(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool, device=seq.device).tril()
         # Keys: earlier non-padding positions; every query may see itself so no row is empty.
         allowed = (causal & ~pad[:, None, :]) | torch.eye(t, dtype=torch.bool, device=seq.device)
-        for block in self.blocks:
-            x = block(x, allowed)
+        for n, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and n == len(self.blocks) - 1)
         return self.final_norm(x)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
