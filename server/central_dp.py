@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.errors import ConfigError
@@ -99,10 +99,17 @@ class _CentralDP:
             if self._account and self.accountant is None:
                 # NOTE: no amplification by sampling: partners are not a random sample of a
                 # population, so the population size is only metadata for Flower's accountant.
+                population = max(self._population, len(messages))
                 self.accountant = RdpAccountant(PrivacyConfig(
-                    target_delta=self._delta, population_size=max(self._population, len(messages)),
+                    target_delta=self._delta, population_size=population,
                     neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                     sampling_method=SamplingMethod.NO_AMPLIFICATION))
+                # A resumed run: releases made before the restart still count
+                for earlier in self.report.central_rounds:
+                    if earlier.get("epsilon") is not None:
+                        self.accountant.compose(GaussianPrivacyEvent(
+                            noise_multiplier=float(earlier.get("noise-multiplier", self.noise_multiplier)),
+                            sample_size=min(int(earlier["partners"]), population), population_size=population))
         return super()._prepare_accounting(server_round, messages)  # type: ignore[misc]
 
     def aggregate_train(

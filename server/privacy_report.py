@@ -35,6 +35,23 @@ class PrivacyReport:
         self.node_labels: dict[int, str] = {}
         self.central: dict[str, Any] = {}
         self.central_rounds: list[dict[str, Any]] = []
+        self._load_earlier()
+
+    def _load_earlier(self) -> None:
+        """A resumed run (same directory) continues its report: central releases already made
+        stay accounted (server/central_dp.py replays them), partners' history stays listed."""
+        if not self.path.is_file():
+            return
+        try:
+            earlier = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            log(WARNING, "%s is unreadable; the privacy report restarts (partners' ledgers are unaffected)", self.path)
+            return
+        self.partners = dict(earlier.get("partners", {}))
+        self.node_labels = {int(p["node-id"]): label for label, p in self.partners.items() if "node-id" in p}
+        central = dict(earlier.get("central", {}))
+        self.central_rounds = list(central.pop("rounds", []))
+        self.central = central
 
     # -- fed by the strategy wrappers (server/central_dp.py) ----------------------------------
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -69,7 +86,8 @@ class PrivacyReport:
         self.central = {"noise-multiplier": noise_multiplier, "clipping-norm": clipping_norm, "clipping": clipping,
                         "accountant": "flower-rdp (no amplification)" if epsilon is not None else "none",
                         "epsilon": epsilon, "delta": delta}
-        self.central_rounds.append({"round": server_round, "partners": partners, "epsilon": epsilon})
+        self.central_rounds.append({"round": server_round, "partners": partners, "epsilon": epsilon,
+                                    "noise-multiplier": noise_multiplier})
         if epsilon is not None:
             log(INFO, "round %d: central DP, organisation-level epsilon %.3f (delta %.2g) after %d releases",
                 server_round, epsilon, delta, len(self.central_rounds))

@@ -208,3 +208,21 @@ def test_bad_central_settings_are_one_clear_error(tmp_path):
         _strategy(tmp_path, 2, **{"dp-mode": "central", "central-clipping": "middle"})
     with pytest.raises(ConfigError, match="dp-mode"):
         _strategy(tmp_path, 2, **{"dp-mode": "global"})
+
+
+def test_resumed_server_keeps_counting_central_releases(tmp_path):
+    from dp_accounting import dp_event, rdp
+
+    # Prepare: a server process makes 2 releases, a resumed one (same run directory) 2 more
+    n, sigma = 3, 1.5
+    update = np.full(10, 0.1, np.float32)
+    for first_round in (1, 3):
+        strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
+        for r in (first_round, first_round + 1):
+            _round(strategy, r, n, np.zeros(10, np.float32), [update] * n)
+
+    # Assert: the last epsilon accounts for all 4 releases, not just this process' 2
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), 4)
+    assert [r["round"] for r in report.central_rounds] == [1, 2, 3, 4]
+    assert report.central_rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
