@@ -50,7 +50,7 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.recommend import load_titles
+    from client.recommend import find_model_file, load_titles
     from client.serve import create_app, serve
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
@@ -61,6 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     # NOTE: one request is a few small matrix products; with more threads than free cores
     # torch's thread pool spins and a 5 ms request takes 100+ ms on a loaded machine.
     torch.set_num_threads(args.torch_threads)
+    find_model_file(args.model)  # a wrong --model fails before the store is created or filled
     store = EventStore(args.store, create=True)
     if args.import_log:
         if store.count():

@@ -397,3 +397,42 @@ def test_clientapp_trains_next_round_on_feedback_with_the_same_ledger(tmp_path):
     with PrivacyLedger(ledger, partner_data(cfg, node).fingerprint()) as opened:
         assert opened.rounds_trained() == 2
     assert second["epsilon"] > first["epsilon"]
+
+
+@pytest.mark.slow
+def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path):
+    import subprocess
+    import sys
+
+    run, data = trained
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
+    port = _free_port()
+    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", str(run), "--store", str(tmp_path / "e.sqlite"),
+           "--import-log", str(csv), "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    health = client.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.communicate()[1]
+                    time.sleep(0.2)
+            assert health.json()["events"] == len(log)
+            user = str(data.user_ids[0])
+            assert len(client.get(f"/users/{user}/recommendations").json()["items"]) == 10
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=20)
+    # NOTE: uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit status -15)
+    assert server.returncode in (0, -15) and f"imported {len(log)} events" in out
+
+    # A model path that does not exist: one error line, exit status 2, no server
+    bad = subprocess.run([*cmd[:5], str(tmp_path / "missing"), "--store", str(tmp_path / "other.sqlite")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model") and "Traceback" not in bad.stderr
+    assert not (tmp_path / "other.sqlite").exists()
