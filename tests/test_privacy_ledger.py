@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 from dp_accounting import dp_event, pld, rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flwr.app import Context, RecordDict
 
 from client.privacy_budget import PartnerBudget
 from client.privacy_ledger import PrivacyLedger
 from common.config import resolve_config
 from common.errors import PrivacyError
-from common.privacy import calibrate_noise_after
+from common.privacy import calibrate_noise_after, epsilon_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -252,3 +254,20 @@ def _partner_fingerprint(overrides: dict) -> str:
     from common.task import partner_data
 
     return partner_data(resolve_config(None, overrides), {"partition-id": 0, "num-partitions": 3}).fingerprint()
+
+
+mechanisms = st.lists(st.tuples(st.floats(0.6, 5.0), st.floats(0.01, 0.5), st.integers(1, 200)), min_size=1, max_size=4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(history=mechanisms)
+def test_ledger_epsilon_never_decreases_and_ignores_order(history):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, PrivacyLedger(Path(folder) / "l.sqlite", "fp") as ledger:
+        epsilons = []
+        for i, mech in enumerate(history):
+            ledger.record(run="r", server_round=i + 1, mechanisms=[mech], accountant="rdp")
+            epsilons.append(ledger.epsilon(DELTA, "rdp"))
+        assert all(b >= a for a, b in zip(epsilons, epsilons[1:]))
+        assert epsilon_of(list(reversed(ledger.history())), DELTA, "rdp") == pytest.approx(epsilons[-1], rel=1e-9)
