@@ -238,6 +238,10 @@ class SecAggPlusRound:
                 log(WARNING, "secure aggregation: partner %d failed a stage: %s", reply.metadata.src_node_id,
                     reply.error.reason)
                 continue
+            if RECORD_KEY_CONFIGS not in reply.content.config_records:
+                log(WARNING, "secure aggregation: partner %d replied without SecAgg+ data (is its ClientApp "
+                    "missing the secure aggregation mod?)", reply.metadata.src_node_id)
+                continue
             out[reply.metadata.src_node_id] = reply.content.config_records[RECORD_KEY_CONFIGS]
         return out
 
