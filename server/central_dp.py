@@ -96,15 +96,17 @@ class _CentralDP:
         messages = list(messages)
         if messages:
             self.num_sampled_clients = len(messages)
-            if self._account and self.accountant is None:
+            too_small = self.accountant is not None and self.accountant.config.population_size < len(messages)
+            if self._account and (self.accountant is None or too_small):
                 # NOTE: no amplification by sampling: partners are not a random sample of a
-                # population, so the population size is only metadata for Flower's accountant.
+                # population, so the population size is only metadata for Flower's accountant
+                # (rebuilt, with every release so far replayed, if more partners join later).
                 population = max(self._population, len(messages))
                 self.accountant = RdpAccountant(PrivacyConfig(
                     target_delta=self._delta, population_size=population,
                     neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                     sampling_method=SamplingMethod.NO_AMPLIFICATION))
-                # A resumed run: releases made before the restart still count
+                # Releases already made (before a resume, or before the rebuild) still count
                 for earlier in self.report.central_rounds:
                     if earlier.get("epsilon") is not None:
                         self.accountant.compose(GaussianPrivacyEvent(

@@ -226,3 +226,16 @@ def test_resumed_server_keeps_counting_central_releases(tmp_path):
     acc.compose(dp_event.GaussianDpEvent(sigma), 4)
     assert [r["round"] for r in report.central_rounds] == [1, 2, 3, 4]
     assert report.central_rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+
+
+def test_more_partners_joining_later_keeps_the_accounting(tmp_path):
+    from dp_accounting import dp_event, rdp
+
+    strategy, report = _strategy(tmp_path, 2, **{"dp-mode": "central", "central-noise-multiplier": 2.0})
+    update = np.full(10, 0.1, np.float32)
+    for r, n in ((1, 2), (2, 4), (3, 4)):  # two more partners connect before round 2
+        _round(strategy, r, n, np.zeros(10, np.float32), [update] * n)
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(2.0), 3)
+    assert [r["partners"] for r in report.central_rounds] == [2, 4, 4]
+    assert report.central_rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
