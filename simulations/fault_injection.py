@@ -79,8 +79,11 @@ def corrupt(content: RecordDict, global_arrays: ArrayRecord, kind: str) -> Recor
 def _crashing(msg: Message) -> Message:
     """``msg`` with a server-round the ClientApp cannot parse: its ``int()`` raises a ValueError
     that quotes the value, standing in for any library error that quotes a user's data."""
-    # NOTE: changed in place; a ClientApp cannot build a new instruction Message (no task identity).
-    msg.content["config"] = ConfigRecord({**dict(msg.content["config"]), "server-round": CRASH_TEXT})
+    # NOTE: a ClientApp cannot build a new instruction Message (no task identity), so this one
+    # gets new content; the old RecordDict may be shared with other partners' messages (in process).
+    content = RecordDict({k: v for k, v in msg.content.items() if k != "config"})
+    content["config"] = ConfigRecord({**dict(msg.content["config"]), "server-round": CRASH_TEXT})
+    msg.content = content
     return msg
 
 
