@@ -161,7 +161,10 @@ def test_event_store_is_a_training_log_that_grows(tmp_path, log):
         store.add(user, new_item, timestamp=int(log.timestamp.max()) + 10)
     after = partner_data({**cfg, "synthetic-users": 150, "synthetic-items": 50, "seed": 7}, node)
 
-    # Assert: the next round sees the event; the data set keeps its identity (same privacy ledger)
+    # Assert: the store is private; the next round sees the event; the data set keeps its identity (same ledger)
+    from common.files import is_private
+
+    assert is_private(store_path)
     assert str(after.catalogue[after.sequences[0][-1] - 1]) == new_item
     assert len(after.sequences[0]) == len(before.sequences[0]) + 1
     assert after.fingerprint() == before.fingerprint()

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
+from common.files import ensure_private
 
 SCHEMA_VERSION = "1"
 SUFFIXES = (".sqlite", ".sqlite3", ".db")
@@ -61,7 +62,8 @@ class EventStore:
         self.path = Path(path)
         if not self.path.exists() and not create:
             raise DataError(f"event store {self.path}: no such file (create it with `fedrec-client serve --store PATH`)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            ensure_private(self.path)  # users' interactions: owner-only from the first byte (SQLite keeps the mode)
         self._lock = threading.Lock()
         try:
             # NOTE: one connection shared by the API's worker threads, serialised by the lock.
