@@ -269,14 +269,15 @@ def _catalogue_clipped_sum(catalogue: torch.Tensor, head: tuple[torch.Tensor, to
     if ghost_users and head is not None:
         idx = torch.tensor(ghost_users, device=counts.device)
         owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-        scale = factors[owner]
-        if len(ghost_users) < len(counts):  # keep only the ghost users' rows
-            keep = torch.zeros(len(counts), dtype=torch.bool, device=counts.device)
-            keep[idx] = True
-            row_keep = keep[owner]
-            grad.addmm_((head[1][row_keep] * scale[row_keep, None]).T, head[0][row_keep])
+        keep = torch.zeros(len(counts), dtype=factors.dtype, device=counts.device)
+        keep[idx] = 1.0
+        scale = (factors * keep)[owner]  # c_u on ghost users' rows, 0 on the materialised ones (already added)
+        # Scale the (rows x dim) side, never copy the (rows x catalogue) one; gather rows only when few are ghost.
+        rows_g = keep[owner] > 0
+        if 2 * int(rows_g.sum()) < len(owner):
+            grad.addmm_(head[1][rows_g].T, head[0][rows_g] * scale[rows_g, None])
         else:
-            grad.addmm_((head[1] * scale[:, None]).T, head[0])
+            grad.addmm_(head[1].T, head[0] * scale[:, None])
         if tied is not None:
             sel = torch.isin(t_users, idx)
             grad.index_add_(0, t_rows[sel], t_vecs[sel] * factors[t_users[sel], None])

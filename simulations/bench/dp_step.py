@@ -8,14 +8,16 @@ per-user clipping, common/per_user_clipping.py), Opacus ``ghost`` (fast gradient
 untied output only, it refuses tied weights) and Opacus ``hooks`` (dense per-sample gradients).
 Every DP mode includes Opacus' noise, averaging, accountant step and Adam.
 
-Method: each (catalogue, mode) runs in a fresh subprocess (so one mode's memory high-water mark
-cannot hide another's): one warm-up step, then ``--steps`` timed steps on one fixed synthetic
-batch (lengths uniform in [length/10, length], items uniform). Time: best and median step
-(best is the least disturbed by other processes on a shared machine; ratios use it). Memory on
-CPU: peak resident set during the steps (``ru_maxrss``) minus the resident set before the first
-step, i.e. what the step itself allocates (activations, gradients, per-user state); tracemalloc
-cannot see PyTorch's allocator. On CUDA: ``torch.cuda.max_memory_allocated`` over the steps
-minus what is allocated before. Writes simulations/bench/results/dp_step[-PRESET].json.
+Method. Time: all modes in one process, each on its own copy of the model and optimiser, one
+warm-up step each, then ``--steps`` rounds that run one step of every mode in turn (round-robin,
+so load from other processes on a shared machine hits all modes alike); reported are the best
+and median step (ratios use the best, the least disturbed). One fixed synthetic batch (real
+lengths uniform in [length/10, length], items uniform). Memory: each mode in a fresh subprocess
+(so one mode's high-water mark cannot hide another's), one warm-up and one measured step; on CPU
+the peak resident set (VmHWM, reset before the step) minus the resident set before it, i.e. what
+the step itself allocates (activations, gradients, per-user state; tracemalloc cannot see
+PyTorch's allocator); on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before,
+and time is on CUDA too (synchronised). Writes simulations/bench/results/dp_step[-PRESET].json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,25 @@ def synthetic_batch(batch: int, length: int, items: int, seed: int = 0) -> tuple
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Start a new high-water mark (Linux >= 4.0: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then VmHWM still counts from process start, which _setup keeps small
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM of this address space. NOTE: not ``ru_maxrss``, which Linux carries over from the
+    forking parent across exec, so a worker started by a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):  # noqa: ANN202
@@ -95,68 +116,75 @@ def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targ
     return step
 
 
-def measure(mode: str, *, items: int, batch: int, length: int, steps: int, tied: bool, device: str) -> dict:
-    """Time and peak extra memory of ``steps`` optimiser steps in ``mode`` (run in a fresh process)."""
+def _setup(mode: str, *, items: int, batch: int, length: int, tied: bool, dev: torch.device):  # noqa: ANN202
     from common.config import DEFAULTS
     from common.models import SASRec
 
     torch.manual_seed(0)
-    dev = torch.device(device)
     model = SASRec(items, max_len=length, dim=int(DEFAULTS["embedding-dim"]), num_blocks=int(DEFAULTS["num-blocks"]),
                    num_heads=int(DEFAULTS["num-heads"]), dropout=float(DEFAULTS["dropout"]), tied_output=tied).to(dev).train()
     inputs, targets = (t.to(dev) for t in synthetic_batch(batch, length, items))
-    step = _step_function(mode, model, inputs, targets)
+    return _step_function(mode, model, inputs, targets)
+
+
+def time_modes(modes: list[str], *, items: int, batch: int, length: int, steps: int, tied: bool, device: str) -> dict:
+    """Step seconds per mode, measured round-robin in this process (see the module docstring)."""
+    dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    runners = {m: _setup(m, items=items, batch=batch, length=length, tied=tied, dev=dev) for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(steps + 1):  # the first round is a warm-up
+        for mode, step in runners.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if i:
+                times[mode].append(time.perf_counter() - start)
+    return {m: sorted(t) for m, t in times.items()}
+
+
+def peak_memory(mode: str, *, items: int, batch: int, length: int, tied: bool, device: str) -> float:
+    """MiB the step allocates at its peak beyond what was resident before it (run in a fresh process)."""
+    dev = torch.device(device)
+    step = _setup(mode, items=items, batch=batch, length=length, tied=tied, dev=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    times = []
-    for i in range(steps + 1):  # the first is a warm-up
-        sync()
-        start = time.perf_counter()
+        _reset_peak_rss()
+    for _ in range(2):
         step()
-        sync()
-        if i:
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
-    times.sort()
-    return {"mode": mode, "items": items, "tied": tied, "best_s": times[0], "median_s": times[len(times) // 2],
-            "peak_extra_mb": max(peak, 0) / 2**20, "threads": torch.get_num_threads(), "device": str(dev)}
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss_bytes()) - before
+    return max(peak, 0) / 2**20
 
 
-def _run_worker(mode: str, args: argparse.Namespace, items: int, tied: bool) -> dict:
+def _memory_worker(mode: str, args: argparse.Namespace, items: int) -> float | str:
     cmd = [sys.executable, "-m", "simulations.bench.dp_step", "--worker", mode, "--items", str(items), "--batch",
-           str(args.batch), "--length", str(args.length), "--steps", str(args.steps), "--device", args.device]
-    if tied:
-        cmd.append("--tied")
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+           str(args.batch), "--length", str(args.length), "--device", args.device]
+    cmd += ["--tied"] if args.tied else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"mode": mode, "items": items, "tied": tied, "error": tail[:200]}
-    return json.loads(lines[-1])
+        return "failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return float(json.loads(lines[-1])["peak_extra_mb"])
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table with ratios to the non-private row of the same catalogue and tying."""
-    base = {(r["items"], r["tied"]): r for r in rows if r["mode"] == "nonprivate" and "error" not in r}
+    base = {(r["items"], r["tied"]): r for r in rows if r["mode"] == "nonprivate"}
     out = ["| items | output | mode | step best (s) | median (s) | time vs non-private | peak extra MB | memory vs non-private |",
            "|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         tie = "tied" if r["tied"] else "untied"
-        if "error" in r:
-            out.append(f"| {r['items']} | {tie} | {r['mode']} | failed: {r['error']} | | | | |")
-            continue
         b = base.get((r["items"], r["tied"]))
         tr = f"{r['best_s'] / b['best_s']:.2f}x" if b else "-"
-        mr = f"{r['peak_extra_mb'] / b['peak_extra_mb']:.2f}x" if b and b["peak_extra_mb"] > 0 else "-"
-        out.append(f"| {r['items']} | {tie} | {r['mode']} | {r['best_s']:.3f} | {r['median_s']:.3f} | {tr} | "
-                   f"{r['peak_extra_mb']:.0f} | {mr} |")
+        ok = b and isinstance(r["peak_extra_mb"], float) and isinstance(b["peak_extra_mb"], float) and b["peak_extra_mb"] > 0
+        mr = f"{r['peak_extra_mb'] / b['peak_extra_mb']:.2f}x" if ok else "-"
+        mem = f"{r['peak_extra_mb']:.0f}" if isinstance(r["peak_extra_mb"], float) else r["peak_extra_mb"]
+        out.append(f"| {r['items']} | {tie} | {r['mode']} | {r['best_s']:.3f} | {r['median_s']:.3f} | {tr} | {mem} | {mr} |")
     return "\n".join(out)
 
 
@@ -168,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=None)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tied", action="store_true", help="tied output layer (Opacus ghost is skipped: it refuses tying)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds of every mode (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode before it is reported failed")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per memory subprocess before it is reported failed")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -182,15 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure(args.worker, items=int(args.items), batch=args.batch, length=args.length,
-                                 steps=args.steps, tied=args.tied, device=args.device)))
+        print(json.dumps({"peak_extra_mb": peak_memory(args.worker, items=int(args.items), batch=args.batch,
+                                                        length=args.length, tied=args.tied, device=args.device)}))
         return 0
     sizes = [int(x) for x in (args.items.split(",") if args.items else preset["items"])]
     modes = [m for m in args.modes.split(",") if not (args.tied and m == "ghost")]
     rows = []
     for items in sizes:
+        times = time_modes(modes, items=items, batch=args.batch, length=args.length, steps=args.steps,
+                           tied=args.tied, device=args.device)
         for mode in modes:
-            rows.append(_run_worker(mode, args, items, args.tied))
+            t = times[mode]
+            rows.append({"mode": mode, "items": items, "tied": args.tied, "best_s": t[0], "median_s": t[len(t) // 2],
+                         "steps_s": t, "peak_extra_mb": _memory_worker(mode, args, items),
+                         "threads": torch.get_num_threads(), "device": args.device})
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
