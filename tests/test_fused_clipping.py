@@ -168,3 +168,29 @@ def test_auto_picks_fused_for_sasrec_and_refuses_it_elsewhere():
     with pytest.raises(ConfigError, match="fused"):
         resolve_grad_sample_mode(torch.nn.Sequential(torch.nn.Embedding(5, 2)), "fused")
     assert resolve_grad_sample_mode(torch.nn.Sequential(torch.nn.Embedding(5, 2)), "auto") == "ghost"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_context_inputs_time_gaps_and_genres(tied):
+    """SASRec with time-gap buckets (inputs (batch, length, 2)) and genre projection."""
+    from common.models.context import NUM_TIME_BUCKETS
+
+    torch.manual_seed(0)
+    genres = torch.rand(V + 1, 4)
+    m = SASRec(V, max_len=T, dim=D, num_blocks=1, num_heads=2, dropout=0.0, tied_output=tied,
+               time_features=True, item_genres=genres)
+    seq, tgt = batch()
+    gaps = torch.randint(1, NUM_TIME_BUCKETS, seq.shape, generator=torch.Generator().manual_seed(2)).masked_fill(seq == 0, 0)
+    inputs = torch.stack([seq, gaps], dim=-1)
+    params = dict(m.named_parameters())
+    ref = []
+    for i in range(B):
+        loss = SequenceLoss(reduction="sum")(m(inputs[i:i + 1]), tgt[i:i + 1])
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        ref.append({k: g if g is not None else torch.zeros_like(params[k]) for k, g in zip(params, grads)})
+    ref_norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in r.values())) for r in ref])
+    out = fused_clipped_backward(m, inputs, tgt, max_grad_norm=float(ref_norms.median()))
+    torch.testing.assert_close(out.norms, ref_norms, atol=1e-5, rtol=1e-4)
+    for name, p in m.named_parameters():
+        expected = sum(out.factors[i] * ref[i][name] for i in range(B))
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=name)
