@@ -111,6 +111,9 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                problems.append(f"body: not valid JSON ({err.get('ctx', {}).get('error', 'cannot be parsed')})")
+                continue
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")) or "request"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
         return JSONResponse(status_code=422, content={"error": "; ".join(problems)})
