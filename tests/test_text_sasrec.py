@@ -128,8 +128,17 @@ def topic_data(num_users: int = 240, topics: int = 6, per_topic: int = 10, lengt
     return data, item_text_table(torch.nn.functional.normalize(torch.as_tensor(text, dtype=torch.float32), dim=1))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second intra-op thread only spins against other processes on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mode", ["id", "text"])
-def test_cold_items_are_recommended_through_text_only(mode):
+def test_cold_items_are_recommended_through_text_only(mode, one_thread):
     # Prepare: 12 of 60 items never appear in training
     data, text = topic_data()
     split = hold_out_items(data, fraction=0.2, seed=1)
