@@ -78,7 +78,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         if after > target_epsilon:
             ledger.close()
             raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this fine-tune "
-                               f"({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) would reach {after:.3f} "
+                               f"({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) "
+                               f"would reach {after:.3f} "
                                f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
         settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto")
     run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -91,7 +91,8 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
         blob = torch.load(file, map_location="cpu", weights_only=False)
         state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), dict(blob["config"])
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
-        raise DataError(f"model {file}: not a fedrec model file (expected state_dict, catalogue, config; {exc})") from None
+        raise DataError(f"model {file}: not a fedrec model file "
+                        f"(expected state_dict, catalogue, config; {exc})") from None
     try:
         model = build_model(config, len(catalogue), item_genres=state.get("item_genres"))
         model.load_state_dict(state)
@@ -175,12 +176,14 @@ class Recommender:
     def _cold_start(self, user_id: str, seen: list[str], k: int, counts: dict[str, int]) -> RecommendationList:
         """Most popular catalogue items at this partner that the user has not seen (ties: catalogue order)."""
         seen_set = set(seen)
-        ranked = sorted(((c, -self.gm.index[i], i) for i, c in counts.items() if i in self.gm.index and i not in seen_set),
+        ranked = sorted(((c, -self.gm.index[i], i) for i, c in counts.items()
+                         if i in self.gm.index and i not in seen_set),
                         reverse=True)
         recs = [Recommendation(i, self.title(i), float(c)) for c, _, i in ranked[:k]]
         if len(recs) < k:  # a partner with few events: fill up in catalogue order
             taken = seen_set | {r.item_id for r in recs}
-            recs += [Recommendation(i, self.title(i), 0.0) for i in self.gm.catalogue.tolist() if i not in taken][: k - len(recs)]
+            fill = [i for i in self.gm.catalogue.tolist() if i not in taken][: k - len(recs)]
+            recs += [Recommendation(i, self.title(i), 0.0) for i in fill]
         return RecommendationList(str(user_id), recs, cold_start=True, strategy="popularity", history_length=len(seen))
 
 

@@ -86,7 +86,8 @@ def _finetune(args: argparse.Namespace) -> int:
     report = finetune_partner(
         model=args.model, data_path=args.data_path, ledger_path=args.ledger_path, out=args.out, since=args.since,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+        target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
         dp=not args.no_dp, seed=args.seed)
     print(json.dumps(report, indent=2))
     return 0
@@ -96,7 +97,8 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``recommend``, ``serve`` and ``finetune`` to ``fedrec-client``'s subcommands."""
     rec = sub.add_parser("recommend", help="top-K recommendations with reasons for one of this partner's users")
     rec.add_argument("--model", required=True, help="model.pt, a run directory, or a folder of runs (newest model)")
-    rec.add_argument("--data-path", required=True, help="this partner's log (CSV/Parquet/MovieLens) or event store (.sqlite)")
+    rec.add_argument("--data-path", required=True,
+                     help="this partner's log (CSV/Parquet/MovieLens) or event store (.sqlite)")
     rec.add_argument("--user", required=True, help="the user id as it appears in the log")
     rec.add_argument("--k", type=_positive, default=10, help="how many items (default 10)")
     rec.add_argument("--no-explain", action="store_true", help="skip the leave-one-out reasons")
@@ -105,28 +107,32 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     rec.set_defaults(func=_recommend)
 
     srv = sub.add_parser("serve", help="HTTP API: recommendations, feedback events, health (127.0.0.1)")
-    srv.add_argument("--model", required=True, help="model.pt, a run directory, or a folder of runs (reloads when newer)")
+    srv.add_argument("--model", required=True,
+                     help="model.pt, a run directory, or a folder of runs (reloads when newer)")
     srv.add_argument("--store", required=True, help="SQLite event store (created if missing); use it as data-path")
     srv.add_argument("--import-log", default=None, help="fill an empty store from this log first")
     srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks for a newer model")
-    srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1: lowest latency)")
+    srv.add_argument("--torch-threads", type=int, default=1,
+                     help="torch threads per process (default 1: lowest latency)")
     srv.set_defaults(func=_serve)
 
     ft = sub.add_parser("finetune", help="DP fine-tune the global model on this partner's newest events (kept local)")
     ft.add_argument("--model", required=True, help="the global model.pt or run directory")
     ft.add_argument("--data-path", required=True, help="this partner's log or event store")
     ft.add_argument("--ledger-path", required=True, help="this partner's privacy ledger (the one its supernode uses)")
-    ft.add_argument("--out", default=None, help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
+    ft.add_argument("--out", default=None,
+                    help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
     ft.add_argument("--since", type=int, default=None, help="unix seconds: train users with events at or after this "
                     "(default: the global model file's time)")
     ft.add_argument("--epochs", type=int, default=1)
     ft.add_argument("--batch-size", type=int, default=16, help="expected users per DP-SGD step")
     ft.add_argument("--learning-rate", type=float, default=0.001)
     ft.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise std / clipping norm")
-    ft.add_argument("--target-epsilon", type=float, default=8.0, help="the partner's whole-ledger budget (refused beyond it)")
+    ft.add_argument("--target-epsilon", type=float, default=8.0,
+                    help="the partner's whole-ledger budget (refused beyond it)")
     ft.add_argument("--target-delta", type=float, default=0.0, help="0 = min(1e-5, 0.1 / users)")
     ft.add_argument("--max-grad-norm", type=float, default=1.0)
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")

@@ -178,7 +178,8 @@ def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
         f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
     user = str(data.user_ids[0])
-    assert main(["recommend", "--model", str(run), "--data-path", str(csv), "--user", user, "--k", "3", "--format", "json"]) == 0
+    args = ["recommend", "--model", str(run), "--data-path", str(csv), "--user", user]
+    assert main([*args, "--k", "3", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["items"]) == 3 and out["items"][0]["explanation"]["reason"]
     assert main(["recommend", "--model", str(run), "--data-path", str(csv), "--user", user, "--k", "2"]) == 0
@@ -350,7 +351,8 @@ def report_fingerprint(store_path: Path, run: Path) -> str:
 
     catalogue = load_global_model(run).catalogue
     (run / "catalogue.txt").write_text("\n".join(catalogue.tolist()) + "\n")
-    return partner_data(resolve_config(None, {"catalogue": str(run / "catalogue.txt")}), {"data-path": str(store_path)}).fingerprint()
+    cfg = resolve_config(None, {"catalogue": str(run / "catalogue.txt")})
+    return partner_data(cfg, {"data-path": str(store_path)}).fingerprint()
 
 
 # -- the feedback loop through the ClientApp: a store as data-path, one ledger across rounds ------

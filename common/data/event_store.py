@@ -61,7 +61,8 @@ class EventStore:
     def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
         self.path = Path(path)
         if not self.path.exists() and not create:
-            raise DataError(f"event store {self.path}: no such file (create it with `fedrec-client serve --store PATH`)")
+            raise DataError(f"event store {self.path}: no such file "
+                            "(create it with `fedrec-client serve --store PATH`)")
         if not self.path.exists():
             ensure_private(self.path)  # users' interactions: owner-only from the first byte (SQLite keeps the mode)
         self._lock = threading.Lock()
@@ -77,7 +78,8 @@ class EventStore:
             raise DataError(f"event store {self.path}: not a usable SQLite event store ({exc})") from None
         if meta.get("schema-version") != SCHEMA_VERSION:
             self._conn.close()
-            raise DataError(f"event store {self.path}: schema {meta.get('schema-version')!r}, expected {SCHEMA_VERSION}")
+            raise DataError(f"event store {self.path}: schema {meta.get('schema-version')!r}, "
+                            f"expected {SCHEMA_VERSION}")
         self.store_id = meta["store-id"]
 
     # -- writing ---------------------------------------------------------------------------
@@ -97,7 +99,8 @@ class EventStore:
         data = [(str(u), str(i), int(t), None if r is None else float(r), "interaction", now) for u, i, t, r in rows]
         with self._lock, self._conn:
             self._conn.executemany(
-                "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) VALUES (?, ?, ?, ?, ?, ?)", data)
+                "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) "
+                "VALUES (?, ?, ?, ?, ?, ?)", data)
         return len(data)
 
     # -- reading ---------------------------------------------------------------------------
@@ -105,7 +108,8 @@ class EventStore:
         """(item ids, timestamps) of one user's events in time order (ties: arrival order)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY timestamp, id", (str(user_id),)).fetchall()
+                "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY timestamp, id",
+                (str(user_id),)).fetchall()
         return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64)
 
     def item_counts(self) -> dict[str, int]:

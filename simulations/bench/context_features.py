@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name in args.variants:
         mine = [r for r in rows if r["variant"] == name]
-        print(f"| {name} | {np.mean([r['test-ndcg@10'] for r in mine]):.4f} | {np.mean([r['test-hr@10'] for r in mine]):.4f} "
+        ndcg, hr = np.mean([r["test-ndcg@10"] for r in mine]), np.mean([r["test-hr@10"] for r in mine])
+        print(f"| {name} | {ndcg:.4f} | {hr:.4f} "
               f"| {', '.join(str(r['epoch']) for r in mine)} |")
     return 0
 

@@ -42,7 +42,10 @@ def prepare(folder: Path, data: str | None, model: str | None) -> tuple[Path, Pa
     from common.task import new_model
     from server.run_report import RunRecorder
 
-    log = load_interactions(data) if data else generate_synthetic(num_users=943, num_items=1682, mean_length=106, seed=0)
+    if data:
+        log = load_interactions(data)
+    else:
+        log = generate_synthetic(num_users=943, num_items=1682, mean_length=106, seed=0)
     store_path = folder / "events.sqlite"
     with EventStore(store_path, create=True) as store:
         store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
@@ -112,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"{os.cpu_count()} CPU cores, server pid {server.pid}")
                 print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share these cores)")
                 # server CPU ms/request: what a request costs the server, whatever else runs on the machine
-                print(f"{'explain':>8} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU ms/req':>18}")
+                print(f"{'explain':>8} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+                      f"{'server CPU ms/req':>18}")
                 for explain in (False, True):
                     measure(client, users, args.warmup, explain, rng)
                     cpu0 = cpu_seconds(server.pid)
                     ms = measure(client, users, args.requests, explain, rng)
                     cpu = (cpu_seconds(server.pid) - cpu0) * 1000 / len(ms)
                     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-                    print(f"{str(explain).lower():>8} {len(ms):>6} {p50:>8.2f} {p90:>8.2f} {p99:>8.2f} {ms.max():>8.2f} {cpu:>18.2f}")
+                    print(f"{str(explain).lower():>8} {len(ms):>6} {p50:>8.2f} {p90:>8.2f} {p99:>8.2f} "
+                          f"{ms.max():>8.2f} {cpu:>18.2f}")
                 print(f"load average after: {os.getloadavg()[0]:.1f}")
         finally:
             server.terminate()  # uvicorn shuts down cleanly on SIGTERM
