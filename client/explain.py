@@ -84,7 +84,7 @@ def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
 
 
 def _reason(top: list[Influence]) -> str:
-    names = [t.name for t in top[:MAX_REASONS]]
+    names = list(dict.fromkeys(t.name for t in top))[:MAX_REASONS]  # an item seen twice is named once
     if not names:
         return "recommended from your history as a whole (no single item raises its score)"
     return "because you watched " + " and ".join(names)
