@@ -8,11 +8,14 @@ scores every padding position.
 
 What this does (book-keeping ghost clipping, Bu et al. 2023, specialised to SASRec):
 
-1. Forward once, scoring the catalogue only at real (non-padding) positions, like
-   ``common.training.positions_only_loss``; forward hooks keep each parametrised module's
-   input and output.
-2. Backward once with ``torch.autograd.grad`` with respect to those module *outputs*: autograd
-   then skips every weight-gradient product, so this pass costs only the activation gradients.
+1. Forward once through the body (embeddings, attention blocks, final norm), forward hooks
+   keeping each parametrised module's input and output; the catalogue is scored only at real
+   (non-padding) positions, like ``common.training.positions_only_loss``, and the softmax
+   cross-entropy gradient G = (softmax - onehot) / n_u is formed in closed form, in place, in the
+   one (positions x catalogue) buffer of the scores (autograd would hold three such buffers).
+2. Backward once from the output layer's input with ``torch.autograd.grad`` with respect to the
+   body modules' *outputs*: autograd then skips every weight-gradient product, so this pass
+   costs only the activation gradients.
 3. Per user u, from the inputs and output gradients:
    - small layers (attention and feed-forward ``nn.Linear``, ``nn.LayerNorm``): the per-user
      gradient itself, (batch x parameter size), a few MB;
@@ -57,11 +60,11 @@ def supports_fused(model: nn.Module) -> bool:
 class _Capture:
     """Forward hooks keeping (module, input, output) for every module that owns a trainable Parameter."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, skip: nn.Module) -> None:
         self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.handles = []
         for name, module in model.named_modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            if module is skip or not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
                 raise ConfigError(f"grad-sample-mode = fused supports Linear, LayerNorm and Embedding layers, "
@@ -122,33 +125,50 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
         raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")
     b = inputs.shape[0]
     catalogue = model.output.weight
-    # Forward: every parametrised module's input/output recorded.
-    capture = _Capture(model)
+    # Forward through the body: every parametrised module's input/output recorded.
+    head_module = model.output
+    capture = _Capture(model, skip=head_module)
     try:
         mask = targets > 0
         counts = mask.sum(1)
-        logits = model.output(model.hidden(inputs)[mask])
-        owner = torch.arange(b, device=inputs.device).unsqueeze(1).expand_as(targets)[mask]
-        ce = nn.functional.cross_entropy(logits, targets[mask], reduction="none")
-        per_user = torch.zeros(b, device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce) / counts.clamp(min=1)
+        hidden = model.hidden(inputs)[mask]  # (rows, dim): real positions only, grouped by user
     finally:
         capture.close()
+    owner = torch.arange(b, device=inputs.device).unsqueeze(1).expand_as(targets)[mask]
+    # The output layer and its softmax gradient in closed form, in place on one (rows x catalogue)
+    # buffer: autograd would keep logits, log-probabilities and their gradient (three such buffers).
+    with torch.no_grad():
+        a = hidden.detach()
+        scores = a @ head_module.weight.T
+        if head_module.bias is not None:
+            scores += head_module.bias
+        rows = torch.arange(len(scores), device=scores.device)
+        target_score = scores[rows, targets[mask]]
+        top = scores.max(dim=1).values
+        probs = scores.sub_(top[:, None]).exp_()
+        total = probs.sum(dim=1)
+        ce = total.log() - (target_score - top)  # cross-entropy of each real position
+        weight = 1.0 / counts.clamp(min=1).to(ce.dtype)[owner]  # a user's loss is its mean over positions
+        per_user = torch.zeros(b, device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce * weight)
+        g_out = probs.div_(total[:, None])
+        g_out[rows, targets[mask]] -= 1.0
+        g_out.mul_(weight[:, None])  # d(sum of per-user losses) / d scores
+        g_hidden = g_out @ head_module.weight
     records = capture.records
-    # Backward to module outputs only: no weight-gradient products are computed here.
-    grads = torch.autograd.grad(per_user.sum(), [r[2] for r in records], allow_unused=True)
+    # Backward through the body to module outputs only: no weight-gradient products are computed here.
+    grads = torch.autograd.grad(hidden, [r[2] for r in records], grad_outputs=g_hidden, allow_unused=True)
+    head = (a, g_out) if len(a) else None  # (A, G) of the output layer, rows grouped by user
+    if head_module.bias is not None and head_module.bias.requires_grad:
+        bias_rows = torch.zeros(b, g_out.shape[1], device=g_out.device, dtype=g_out.dtype).index_add_(0, owner, g_out)
 
     dense: dict[nn.Parameter, torch.Tensor] = {}
+    if head_module.bias is not None and head_module.bias.requires_grad:
+        dense[head_module.bias] = bias_rows
     sparse: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    head: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, G) of the output layer, rows grouped by user
     for (module, x, _), gy in zip(records, grads):
         if gy is None:
             continue
-        if module is model.output:
-            head = (x, gy)
-            if module.bias is not None and module.bias.requires_grad:
-                bias = torch.zeros(b, gy.shape[1], device=gy.device, dtype=gy.dtype).index_add_(0, owner, gy)
-                dense[module.bias] = dense.get(module.bias, 0) + bias
-        elif isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding):
             sparse.setdefault(module.weight, []).append(_embedding_rows(module, x, gy))
         else:
             if x.dim() != 3:
