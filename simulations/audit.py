@@ -113,8 +113,14 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     m = len(members)
     loss = user_losses(model, subset, max_len)
     calibrated = loss - popularity_losses(subset, data.item_counts(), max_len)
+    # Control: the same attacks on the initial global model (same seed, trained on nobody) should give
+    # AUC ~0.5; a gap from 0.5 there would be a bias of the attack or of the member/non-member split.
+    initial = new_model(cfg, data.num_items)
+    control = user_losses(initial, subset, max_len)
+    control_calibrated = control - popularity_losses(subset, data.item_counts(), max_len)
     result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers)}
-    for name, score in (("loss", -loss), ("calibrated", -calibrated)):
+    for name, score in (("loss", -loss), ("calibrated", -calibrated),
+                        ("control-loss", -control), ("control-calibrated", -control_calibrated)):
         value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)
         result[f"auc-{name}"], result[f"auc-{name}-ci"] = value, [low, high]
     result.update(_claimed_privacy(run_dir, cfg))
@@ -136,7 +142,9 @@ def format_result(r: dict) -> str:
     return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
             f"  loss attack        AUC {r['auc-loss']:.3f}  95% CI [{r['auc-loss-ci'][0]:.3f}, {r['auc-loss-ci'][1]:.3f}]\n"
             f"  calibrated attack  AUC {r['auc-calibrated']:.3f}  95% CI [{r['auc-calibrated-ci'][0]:.3f}, "
-            f"{r['auc-calibrated-ci'][1]:.3f}]")
+            f"{r['auc-calibrated-ci'][1]:.3f}]\n"
+            f"  control (initial model, trained on nobody): loss AUC {r['auc-control-loss']:.3f}, "
+            f"calibrated AUC {r['auc-control-calibrated']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
