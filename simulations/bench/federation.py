@@ -78,7 +78,7 @@ def centralised(overrides: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--partners", default="5,20")
+    parser.add_argument("--partners", default="5,20", help='partner counts ("" = cross-device only)')
     parser.add_argument("--dp", default="off,local", help="dp-mode values to compare")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "run-dir": "runs/bench",
             **(parse_config_args([args.run_config]) if args.run_config else {})}
     rows = []
-    for mode in args.dp.split(","):
+    for mode in [m for m in args.dp.split(",") if m and args.partners]:
         central = centralised({**base, "dp-mode": mode})
         print(json.dumps({"setting": "centralised", "dp-mode": mode, **central}), flush=True)
         for partners in [int(x) for x in args.partners.split(",")]:
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     cross = None
     if args.cross_device:
-        from common.data import load_interactions
+        from common.config import resolve_config
+        from common.task import federation_data
 
-        users = int(load_interactions(args.cross_device)["user_id"].nunique())
+        users = federation_data(resolve_config(None, {**base, "dataset": args.cross_device})).num_users
         over = {**base, "dataset": args.cross_device, "partitioning": "cross-device", "local-epochs": 1, "dp-mode": "off",
                 "fraction-train": args.clients_per_round / users, "min-nodes": 1}
         fed = federated(over, users)
@@ -132,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['dp-mode']} | {r['partners']} | {r['federated_s']:.1f} | {r['centralised_s']:.1f} | {r['ratio']:.2f}x | {steady} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "threads": args.threads, "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv), **base}
-    (RESULTS / "federation.json").write_text(json.dumps({"settings": meta, "rows": rows, "cross_device": cross}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'federation.json'}")
+    name = "federation.json" if rows else "federation-cross-device.json"
+    (RESULTS / name).write_text(json.dumps({"settings": meta, "rows": rows, "cross_device": cross}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / name}")
     return 0
 
 
