@@ -43,7 +43,8 @@ def federation(tmp_path_factory):
         nodes = {}
         for i in range(3):
             private, public = fed.partner_keys(f"partner-{i + 1}")
-            nodes[fed.register(public)] = fed.start_supernode(f"partner-{i + 1}", private, logs[i])
+            ledger = root / f"ledger-{i + 1}.sqlite"  # the partner's own privacy ledger (README's node config)
+            nodes[fed.register(public)] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger})
         yield SimpleNamespace(fed=fed, root=root, catalogue=cat, logs=logs, nodes=nodes)
     finally:
         fed.close()
@@ -81,9 +82,10 @@ def test_tls_and_node_auth_run_with_three_partners(federation):
     run_dir = env.root / "runs" / "plain"
     assert (run_dir / "config.json").exists() and (run_dir / "model.pt").exists()
     assert json.loads((run_dir / "config.json").read_text())["catalogue"] == str(env.catalogue)
-    # Each partner trained on its own file (its node config reached the ClientApp)
-    for proc in env.nodes.values():
+    # Each partner trained on its own file and kept its privacy ledger where its node config said
+    for i, proc in enumerate(env.nodes.values()):
         assert proc.output().count("Receiving: train message") == 2
+        assert (env.root / f"ledger-{i + 1}.sqlite").is_file()
 
 
 def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
@@ -95,7 +97,10 @@ def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
     assert victim.wait_for("SuperNode ID:", timeout=120), victim.output()[-2000:]  # activated: it will be sampled
     outcome = {}
     # min-nodes 3: after the victim dies, evaluation must not wait for a fourth partner
-    config = _run_config(env, "secagg", **{"num-server-rounds": 1, "min-nodes": 3, "secure-aggregation": True})
+    # The partners' ledgers (ledger-path) remember the plain run's spend (epsilon ~8): a lifetime budget
+    # of 16 leaves room for this run's round, which DP-SGD noises before SecAgg+ masks it.
+    config = _run_config(env, "secagg", **{"num-server-rounds": 1, "min-nodes": 3, "secure-aggregation": True,
+                                           "target-epsilon": 16.0})
     runner = threading.Thread(target=lambda: outcome.update(res=fed.run(config, timeout=RUN_TIMEOUT)))
     runner.start()
     try:
@@ -112,7 +117,7 @@ def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
     # The server unmasked the sum of the three survivors, removing the dead partner's masks
     assert "summed 3 masked updates (1 dropped out)" in res.stdout
     # Nothing was clipped: a partner would have refused (error reply) instead of sending
-    assert "would clip" not in res.stdout
+    assert "would clip" not in res.stdout and "budget exhausted" not in res.stdout
     assert "largest value sent under SecAgg+ was" in res.stdout
 
 
