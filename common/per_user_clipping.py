@@ -158,12 +158,10 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     # Backward through the body to module outputs only: no weight-gradient products are computed here.
     grads = torch.autograd.grad(hidden, [r[2] for r in records], grad_outputs=g_hidden, allow_unused=True)
     head = (a, g_out) if len(a) else None  # (A, G) of the output layer, rows grouped by user
-    if head_module.bias is not None and head_module.bias.requires_grad:
-        bias_rows = torch.zeros(b, g_out.shape[1], device=g_out.device, dtype=g_out.dtype).index_add_(0, owner, g_out)
 
     dense: dict[nn.Parameter, torch.Tensor] = {}
-    if head_module.bias is not None and head_module.bias.requires_grad:
-        dense[head_module.bias] = bias_rows
+    if head_module.bias is not None and head_module.bias.requires_grad:  # (batch, catalogue): per-user sums of G
+        dense[head_module.bias] = torch.zeros(b, g_out.shape[1], device=g_out.device, dtype=g_out.dtype).index_add_(0, owner, g_out)
     sparse: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for (module, x, _), gy in zip(records, grads):
         if gy is None:

@@ -194,3 +194,15 @@ def test_context_inputs_time_gaps_and_genres(tied):
     for name, p in m.named_parameters():
         expected = sum(out.factors[i] * ref[i][name] for i in range(B))
         torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_output_layer_with_bias():
+    m = sasrec(tied=False)
+    m.output = torch.nn.Linear(D, V + 1, bias=True)  # per-user bias gradients: sums of G over positions
+    seq, tgt = batch()
+    ref = reference(m, seq, tgt)
+    ref_norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in r.values())) for r in ref])
+    out = fused_clipped_backward(m, seq, tgt, max_grad_norm=float(ref_norms.median()))
+    torch.testing.assert_close(out.norms, ref_norms, atol=1e-5, rtol=1e-4)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, sum(out.factors[i] * ref[i][name] for i in range(B)), atol=1e-5, rtol=1e-4)
