@@ -30,7 +30,7 @@ from common.data.sequences import build_sequences
 from common.errors import PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, steps_per_epoch
-from common.private_files import PRIVATE_MODE, write_file
+from common.files import PRIVATE_MODE, write_file
 from common.training import DPSettings, train_local, user_count_for_training
 
 ACCOUNTANT = "rdp"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import ConfigError
-from common.private_files import PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
+from common.files import PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

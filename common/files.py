@@ -1,4 +1,4 @@
-"""Private local files: ledgers, checkpoints and stores readable by their owner only (mode 0600).
+"""Local files with exact permissions: private ledgers, checkpoints, stores and keys (0600), public certificates.
 
 A partner's ledger or a coordinator's checkpoint says something about the data it was
 computed from, so nothing here is ever created world- or group-readable, not even for
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
+from common.errors import ConfigError
 
 PRIVATE_FILE_MODE = 0o600  # owner read/write only
 PRIVATE_DIR_MODE = 0o700  # owner only
@@ -73,3 +75,33 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -- credentials: exact modes from creation, never overwritten by accident -----------------
+PRIVATE_MODE = PRIVATE_FILE_MODE  # private keys, same as ledgers
+PUBLIC_MODE = 0o644  # certificates and public keys
+
+
+def refuse_existing(paths: list[Path], *, force: bool) -> None:
+    """One clear line when any of ``paths`` exists and ``force`` is not set (checked before writing any)."""
+    for p in paths:
+        if p.exists() and not force:
+            raise ConfigError(f"{p} already exists; pass --force to overwrite it (the old credentials stop working)")
+
+
+def write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
+    """Create ``path`` with permissions ``mode``; refuse to overwrite unless ``force``."""
+    refuse_existing([path], force=force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    # O_EXCL + mode: a private key is never readable by others, not even for an instant.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)  # the umask may have removed bits we asked for
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

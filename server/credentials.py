@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-from common.private_files import PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
+from common.files import PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
 
 @dataclass(frozen=True)
 class ServerCredentials:

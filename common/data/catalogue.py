@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from common.private_files import PUBLIC_MODE, write_file
+from common.files import PUBLIC_MODE, write_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
