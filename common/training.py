@@ -117,6 +117,23 @@ def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
     return "hooks" if getattr(model, "tied_output", False) else "ghost"
 
 
+def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, criterion: nn.Module,  # noqa: ANN001
+                   dp: DPSettings, mode: str) -> tuple:
+    """Opacus' ``make_private`` with Poisson sampling, unwrapped model and the run's noise:
+    returns (hooks, optimizer, criterion, loader); the criterion is Opacus' wrapper in ghost mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
+        prepared = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
+        )
+    if mode == "ghost":
+        return prepared
+    hooks, optimizer, loader = prepared
+    return hooks, optimizer, criterion, loader
+
+
 def train_local(
     model: nn.Module,
     data: SequenceData,
@@ -162,17 +179,7 @@ def train_local(
             optimizer, loader = make_fused_private(engine, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                prepared = engine.make_private(
-                    module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                    poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
-                )
-            if mode == "ghost":
-                hooks, optimizer, criterion, loader = prepared
-            else:
-                hooks, optimizer, loader = prepared
+            hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
     fused = engine is not None and mode == "fused"
     total, batches, steps = 0.0, 0, 0
     try:

@@ -124,7 +124,7 @@ def train_mf_local(
     on that user's data and the current public item factors, so clipping bounds it.
     ``user_factors`` (num_users x dim, rows in ``data`` order) warm-starts the fit.
     """
-    from common.training import TrainResult, resolve_grad_sample_mode  # lazy: training imports models
+    from common.training import TrainResult, opacus_private, resolve_grad_sample_mode  # lazy: training imports models
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -146,15 +146,7 @@ def train_mf_local(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=dp.accountant)
-            prepared = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
-            )
-        if mode == "ghost":
-            hooks, optimizer, criterion, loader = prepared
-        else:
-            hooks, optimizer, loader = prepared
+        hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
     total, batches, steps = 0.0, 0, 0
     try:
         for _ in range(epochs):
