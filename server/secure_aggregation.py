@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import ConfigError
+from common.privacy import dp_mode, uses_central_dp
 from server.secagg_protocol import SecAggPlusParams, SecAggPlusRound
 
 ARRAYS_KEY = "arrays"  # the record names our ClientApp uses
@@ -142,7 +143,7 @@ def secagg_params(cfg: Mapping[str, Any], *, timeout: float | None) -> SecAggPlu
     if aggregation in NEEDS_INDIVIDUAL_UPDATES:
         raise ConfigError(f"aggregation = {aggregation!r} needs individual updates, which secure aggregation hides; "
                           "use fedavg, fedprox or fedadam with secure-aggregation = true")
-    if str(cfg.get("dp-mode", "local")) in ("central", "both") and str(cfg.get("central-clipping", "server")) == "server":
+    if uses_central_dp(dp_mode(cfg)) and str(cfg.get("central-clipping", "server")) == "server":
         raise ConfigError("central DP with central-clipping = \"server\" clips individual updates, which secure "
                           "aggregation hides; set central-clipping = \"client\" (clipping happens before masking)")
     try:

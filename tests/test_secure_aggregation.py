@@ -245,6 +245,19 @@ def test_config_refuses_what_a_sum_cannot_do():
     assert params.shares_and_threshold(5) == (5, 3)
 
 
+def test_config_reads_the_effective_dp_mode():
+    # dp = false switches every DP mode off (common.privacy.dp_mode): no central clipping to refuse
+    params = secagg_params(resolve_config(None, {"secure-aggregation": True, "dp": False, "dp-mode": "central"}),
+                           timeout=10)
+    assert params.shares_and_threshold(4) == (4, 3)
+    # both = local + central: server-side clipping is refused as for central
+    with pytest.raises(ConfigError, match="central-clipping"):
+        secagg_params(resolve_config(None, {"secure-aggregation": True, "dp-mode": "both"}), timeout=10)
+    # an unknown mode is the shared one-line error, not silently "no central DP"
+    with pytest.raises(ConfigError, match="dp-mode = 'centrol' is unknown"):
+        secagg_params(resolve_config(None, {"secure-aggregation": True, "dp-mode": "centrol"}), timeout=10)
+
+
 @pytest.mark.slow
 def test_real_apps_secure_round_matches_plain_round(tmp_path):
     """The whole stack (our ServerApp with validation and privacy report, our ClientApp with DP-SGD)
