@@ -6,18 +6,16 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from client.private_factors import evaluate_partner, mf_trainer
-from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
+from client.central_clipping import central_dp_clipping_mod
 from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
-from common.errors import FedRecError
-from common.privacy import dp_mode, uses_central_dp, uses_local_dp
-from common.task import new_model, partner_data
-from common.training import pick_device, train_local
+from common.privacy import dp_mode, uses_local_dp
+
+# NOTE: torch, Opacus and pandas are imported inside the handlers. A SuperNode starts one
+# ClientApp process per message, and SecAgg+'s key set-up and unmasking messages (three of
+# five per round) are answered by Flower's mod without ever reaching a handler.
 
 LOG = logging.getLogger("fedrec.client")
 USER_ERROR = 400  # Error code for a problem the partner can fix (data, config, budget)
@@ -45,22 +43,12 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     return app
 
 
-def central_dp_clipping_mod(overrides: dict | None = None) -> Mod:
-    """Central DP with clipping on the client: Flower's ``fixedclipping_mod`` bounds the update
-    sent to the server, only when the run asks for it (``dp-mode`` central/both, ``central-clipping = client``)."""
-
-    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        try:
-            cfg = resolve_config(context.run_config, overrides)
-            clip_here = uses_central_dp(dp_mode(cfg)) and cfg["central-clipping"] == "client"
-        except FedRecError:
-            clip_here = False  # the handler itself replies with the config error
-        return fixedclipping_mod(msg, context, call_next) if clip_here else call_next(msg, context)
-
-    return mod
-
-
 def _train(msg: Message, context: Context, cfg: dict) -> Message:
+    from client.private_factors import mf_trainer
+    from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
+    from common.task import new_model, partner_data
+    from common.training import pick_device, train_local
+
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)
     device = pick_device(cfg["device"])
@@ -113,6 +101,10 @@ def _proximal(msg: Message) -> dict:
 
 
 def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
+    from client.private_factors import evaluate_partner
+    from common.task import new_model, partner_data
+    from common.training import pick_device
+
     data = partner_data(cfg, context.node_config)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items).to(device)

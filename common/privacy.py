@@ -14,11 +14,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError, PrivacyError
+
+# NOTE: Opacus (and so torch) is imported inside the functions that account: dp_mode and
+# the other config helpers are used where no accounting happens (SecAgg+ key set-up messages
+# each start a ClientApp process, and an Opacus import costs seconds there).
 
 ACCOUNTANTS = ("rdp", "prv")
 # Where noise is added: local = DP-SGD at each partner (user-level), central = Flower's DP
@@ -87,19 +88,23 @@ def calibrate_noise(
     if target_epsilon <= 0 or not 0 < target_delta < 1:
         raise ConfigError(f"target-epsilon must be > 0 and delta in (0, 1); got epsilon={target_epsilon}, delta={target_delta}")
     try:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
-        ))
+        return _calibrated_noise(float(target_epsilon), float(target_delta), float(sample_rate), int(total_steps), accountant)
     except ValueError as exc:
         raise PrivacyError(
             f"cannot reach epsilon={target_epsilon} at delta={target_delta:g} with sample rate {sample_rate:.3g} "
             f"over {total_steps} steps ({exc}); use fewer rounds/epochs, a smaller batch or more users"
         ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated_noise(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int,
+                      accountant: str) -> float:
+    """Opacus' search, cached per process: it takes seconds (tens of accountant evaluations) and
+    the partners a simulation actor serves mostly share (rate, steps, delta), e.g. IID partitions."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                                      steps=total_steps, accountant=accountant, epsilon_tolerance=0.005))
 
 
 def calibrate_noise_after(
@@ -153,6 +158,9 @@ def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rd
     history = [(float(s), float(q), int(n)) for s, q, n in history]
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant, create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         # Same math as Opacus' RDPAccountant; RDP is linear in steps, so one step's curve is cached
         # (the ledger re-accounts the same mechanisms every round and calibration bisects).
@@ -166,6 +174,9 @@ def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rd
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                     orders=RDPAccountant.DEFAULT_ALPHAS)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
@@ -142,7 +144,42 @@ class _CentralDP:
         return arrays, metrics
 
 
-class CentralDPServerClipping(_CentralDP, DifferentialPrivacyServerSideFixedClipping):
+def clip_update_inplace(new: list[np.ndarray], old: list[np.ndarray], clipping_norm: float) -> bool:
+    """Flower's ``compute_clip_model_update``: scale ``new - old`` to L2 norm <= ``clipping_norm`` and
+    write ``old + clipped`` back into ``new``. An exactly unchanged update (norm 0) is within any bound
+    and is left as it is; returns False then.
+
+    NOTE: Flower 1.42 computes ``clipping_norm / norm`` and raises ZeroDivisionError on a zero
+    update (a partner with nothing to train on, an optimiser that made no step), failing the round.
+    """
+    if get_norm([np.subtract(x, y) for x, y in zip(new, old, strict=True)]) == 0.0:
+        return False
+    compute_clip_model_update(param1=new, param2=old, clipping_norm=clipping_norm)
+    return True
+
+
+class _ZeroSafeServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping with :func:`clip_update_inplace` per reply."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        current = self.current_arrays.to_numpy_ndarrays()
+        for reply in replies:
+            if reply.has_error():
+                continue  # Flower's checks below decide what an error reply means
+            for name, record in list(reply.content.array_records.items()):
+                arrays = record.to_numpy_ndarrays()
+                if clip_update_inplace(arrays, current, self.clipping_norm):
+                    reply.content[name] = ArrayRecord(dict(zip(record.keys(), (Array(np.asarray(v)) for v in arrays),
+                                                               strict=True)))
+        # NOTE: the replies are clipped now; the rest of Flower's server-side aggregate_train (reply
+        # checks, aggregation, noise, accounting) is exactly its client-side one, which never clips.
+        return DifferentialPrivacyClientSideFixedClipping.aggregate_train(self, server_round, replies)
+
+
+class CentralDPServerClipping(_CentralDP, _ZeroSafeServerSideClipping):
     """Flower's server-side fixed clipping + Gaussian noise, with our screening and reporting."""
 
 

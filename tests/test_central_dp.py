@@ -170,13 +170,42 @@ def test_client_mod_clips_only_when_the_run_asks_for_it(tmp_path):
     assert np.linalg.norm(untouched.content["arrays"]["w"].numpy()) == pytest.approx(30.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_an_unchanged_model_is_sent_and_aggregated_unclipped(tmp_path, side):
+    # Prepare: partner 1 sends the global model back exactly (update of norm 0; Flower's own clipping
+    # divides by that norm), partner 2 an update of norm 4 that is clipped to C = 1; no noise
+    n, clip = 2, 1.0
+    overrides = {"dp-mode": "central", "central-noise-multiplier": 0.0, "central-clipping-norm": clip,
+                 "central-clipping": side}
+    strategy, report = _strategy(tmp_path, n, **overrides)
+    rng = np.random.default_rng(3)
+    global_w = rng.normal(size=DIM).astype(np.float32)
+    v = rng.normal(size=DIM)
+    moved = (4.0 * v / np.linalg.norm(v)).astype(np.float32)
+    arrays = ArrayRecord({"w": Array(global_w)})
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid(n)))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    mod = central_dp_clipping_mod({**overrides, "min-nodes": n})
+
+    # Execute: each partner's reply goes through the client mod (a pass-through for server-side clipping)
+    replies = [mod(m, context, lambda m_, _c, u=u: _reply(m_, global_w + u)) for m, u in zip(msgs, [0 * moved, moved])]
+    out, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the unchanged reply left the partner as the global model itself, and the aggregate is
+    # the plain mean of (0, clipped update): nothing divided by zero, the round was not lost
+    assert np.array_equal(replies[0].content["arrays"]["w"].numpy(), global_w)
+    expected = global_w + (moved * clip / np.linalg.norm(moved)) / 2
+    np.testing.assert_allclose(out["w"].numpy(), expected, atol=1e-5)
+    assert report.central_rounds[0]["partners"] == 2
+
+
 def test_organisation_level_epsilon_matches_dp_accounting(tmp_path):
     from dp_accounting import dp_event, rdp
 
     # Prepare
     n, sigma, rounds = 3, 1.5, 4
     strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
-    update = np.full(10, 0.1, np.float32)  # NOTE: Flower's clipping divides by the norm: never send exactly zero
+    update = np.full(10, 0.1, np.float32)
 
     # Execute
     for r in range(1, rounds + 1):
