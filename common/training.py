@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,58 @@ def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, crit
     return hooks, optimizer, criterion, loader
 
 
+def run_epochs(
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[..., torch.Tensor],
+    *,
+    epochs: int,
+    before_epoch: Callable[[], None] = lambda: None,
+    before_empty_step: Callable[[], None] = lambda: None,
+    after_step: Callable[[], None] = lambda: None,
+    hooks=None,  # noqa: ANN001 -- Opacus' GradSampleModule hooks, removed at the end
+) -> tuple[float, int]:
+    """The loop every local trainer shares: ``epochs`` passes over ``loader``, one optimiser step per batch.
+
+    ``batch_loss(*batch)`` returns the batch's loss with its gradients already in ``p.grad``
+    (``backward`` done, or the fused DP clipper's sum). An empty Poisson batch (DP) still takes
+    a step, the noise alone, after ``before_empty_step``. ``after_step`` runs after every step
+    (FedProx's pull). Opacus' ``hooks`` are removed at the end, also on an error.
+    Returns (mean loss over the non-empty batches, optimiser steps taken).
+    """
+    total, batches, steps = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            before_epoch()
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if len(batch[0]) == 0:  # an empty Poisson batch still counts as a noisy step
+                    before_empty_step()
+                    optimizer.step()
+                    after_step()
+                    steps += 1
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = batch_loss(*batch)
+                optimizer.step()
+                after_step()
+                total += float(loss.item())
+                batches += 1
+                steps += 1
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+    return total / max(batches, 1), steps
+
+
+def spent_mechanisms(engine) -> list[Mechanism]:  # noqa: ANN001 -- an Opacus PrivacyEngine or None
+    """What the engine's accountant recorded, as ledger rows (noise, sample rate, steps); [] without DP."""
+    if engine is None:
+        return []
+    return [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+
+
 def train_local(
     model: nn.Module,
     data: SequenceData,
@@ -181,47 +234,27 @@ def train_local(
         else:
             hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
     fused = engine is not None and mode == "fused"
-    total, batches, steps = 0.0, 0, 0
-    try:
-        for _ in range(epochs):
-            for inputs, targets in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(inputs) == 0:  # an empty Poisson batch still counts as a noisy step
-                    if fused:  # noise alone: Opacus' fast-clipping optimizer needs a (zero) p.grad
-                        for p in model.parameters():
-                            p.grad = torch.zeros_like(p) if p.requires_grad else None
-                    optimizer.step()
-                    proximal.step()
-                    steps += 1
-                    continue
-                inputs, targets = inputs.to(device), targets.to(device)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if fused:  # sets p.grad to the sum of per-user clipped gradients
-                        loss = fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm).loss.mean()
-                    elif dp is None and hasattr(model, "hidden"):
-                        loss = positions_only_loss(model, inputs, targets)
-                    else:
-                        loss = criterion(model(inputs), targets)
-                    if not fused:
-                        loss.backward()
-                optimizer.step()
-                proximal.step()
-                total += float(loss.item())
-                batches += 1
-                steps += 1
-    finally:
-        if hooks is not None:
-            hooks.cleanup()
-    mechanisms = [tuple(m) for m in engine.accountant.history] if engine is not None else []
+
+    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        inputs, targets = inputs.to(device), targets.to(device)
+        if fused:  # sets p.grad to the sum of per-user clipped gradients
+            return fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm).loss.mean()
+        if dp is None and hasattr(model, "hidden"):
+            loss = positions_only_loss(model, inputs, targets)
+        else:
+            loss = criterion(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    def zero_grads() -> None:  # noise alone: Opacus' fast-clipping optimizer needs a (zero) p.grad
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+
+    loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
+                             before_empty_step=zero_grads if fused else lambda: None)
     model.eval()
-    return TrainResult(
-        loss=total / max(batches, 1),
-        steps=steps,
-        num_examples=len(dataset),
-        mechanisms=[(float(s), float(q), int(n)) for s, q, n in mechanisms],
-        seconds=time.perf_counter() - start,
-    )
+    return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),
+                       seconds=time.perf_counter() - start)
 
 
 def user_count_for_training(data: SequenceData) -> int:

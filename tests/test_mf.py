@@ -95,6 +95,26 @@ def test_client_keeps_user_factors_in_its_state_and_sends_only_items():
     assert np.isfinite(metrics["pop@10-sum"])
 
 
+def test_fedprox_pulls_the_item_factors_toward_the_global_model():
+    # aggregation = fedprox sends proximal-mu with each train message; MF trains through the same
+    # loop as SASRec (common.training.run_epochs), so FedProx's pull applies to its item factors too
+    app = make_client_app(TINY)
+    cfg = resolve_config(None, TINY)
+    node = {"partition-id": 0, "num-partitions": 2}
+    data = partner_data(cfg, node)
+    arrays = ArrayRecord(new_model(cfg, data.num_items).state_dict())
+    start = arrays.to_torch_state_dict()
+    distance = {}
+    for mu in (0.0, 100.0):  # learning-rate 0.002 x 100: each step pulls 20% of the way back
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        config = ConfigRecord({"server-round": 1, **({"proximal-mu": mu} if mu else {})})
+        reply = app(flower_message(RecordDict({"arrays": arrays, "config": config})), context)
+        assert not reply.has_error(), reply.error
+        new = reply.content["arrays"].to_torch_state_dict()
+        distance[mu] = float(sum(((new[k] - start[k]) ** 2).sum() for k in start) ** 0.5)
+    assert 0 < distance[100.0] < 0.5 * distance[0.0], distance
+
+
 def test_ghost_clipping_norms_are_per_user_gradient_norms():
     """The clipping unit is one user: Opacus' per-sample norms equal one-user-at-a-time back-propagation."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping

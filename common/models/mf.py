@@ -115,6 +115,7 @@ def train_mf_local(
     dp=None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ):
     """Train item factors with (DP-)SGD and refit private user factors; returns (TrainResult, factors).
 
@@ -123,8 +124,17 @@ def train_mf_local(
     factors and biases with user factors fixed. A user's per-sample gradient depends only
     on that user's data and the current public item factors, so clipping bounds it.
     ``user_factors`` (num_users x dim, rows in ``data`` order) warm-starts the fit.
+    ``proximal_mu`` > 0 (FedProx) pulls the item factors toward the received global ones after
+    every step, as for SASRec (common/proximal.py).
     """
-    from common.training import TrainResult, opacus_private, resolve_grad_sample_mode  # lazy: training imports models
+    from common.proximal import ProximalAnchor
+    from common.training import (  # lazy: training imports models
+        TrainResult,
+        opacus_private,
+        resolve_grad_sample_mode,
+        run_epochs,
+        spent_mechanisms,
+    )
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -135,6 +145,7 @@ def train_mf_local(
     model.to(device).train()
     factors = user_factors.to(device) if user_factors is not None else torch.zeros(data.num_users, model.dim, device=device)
     dataset = TensorDataset(torch.from_numpy(users), targets)
+    proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     criterion: nn.Module = MultinomialLoss()
@@ -147,31 +158,20 @@ def train_mf_local(
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=dp.accountant)
         hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
-    total, batches, steps = 0.0, 0, 0
-    try:
-        for _ in range(epochs):
-            factors = model.fit_users(all_histories, init=factors)
-            for idx, tgt in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(idx) == 0:  # an empty Poisson batch still counts as a noisy step
-                    optimizer.step()
-                    steps += 1
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    loss = criterion(model(factors[idx.to(device)]), tgt.to(device))
-                    loss.backward()
-                optimizer.step()
-                total += float(loss.item())
-                batches += 1
-                steps += 1
-    finally:
-        if hooks is not None:
-            hooks.cleanup()
+
+    def refit_users() -> None:  # each epoch: user factors for the current item factors (never sent)
+        nonlocal factors
+        factors = model.fit_users(all_histories, init=factors)
+
+    def batch_loss(idx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        loss = criterion(model(factors[idx.to(device)]), tgt.to(device))
+        loss.backward()
+        return loss
+
+    loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, before_epoch=refit_users,
+                             after_step=proximal.step)
     factors = model.fit_users(all_histories, init=factors)  # match the final item factors
-    mechanisms = [tuple(m) for m in engine.accountant.history] if engine is not None else []
     model.eval()
-    result = TrainResult(loss=total / max(batches, 1), steps=steps, num_examples=len(users),
-                         mechanisms=[(float(s), float(q), int(n)) for s, q, n in mechanisms],
+    result = TrainResult(loss=loss, steps=steps, num_examples=len(users), mechanisms=spent_mechanisms(engine),
                          seconds=time.perf_counter() - start)
     return result, factors.cpu()
