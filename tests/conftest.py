@@ -6,10 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from simulations.flower_env import set_flower_env
 
 set_flower_env()
+
+# Hypothesis: "ci" (default) keeps the property tests to 150 random inputs each; the loader
+# properties' known regressions are explicit @examples, run every time. HYPOTHESIS_PROFILE=thorough
+# runs 500 per test (what found those bugs) when a loader changes.
+settings.register_profile("ci", max_examples=150, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Real MovieLens data lives outside the repository (never copied in): ../shared/data by default.
 SHARED_DATA = Path(os.environ.get("FEDREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
