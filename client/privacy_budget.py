@@ -58,7 +58,8 @@ class PartnerBudget:
         """Open (or create) this partner's ledger and fix the run's noise, once.
 
         Raises :class:`PrivacyError` for a partner too small for its batch size or target, and
-        for a ledger that is corrupt, foreign, or gone after this client wrote to it.
+        for a ledger that is corrupt, foreign, or gone after this client (or, by its marker, anyone)
+        wrote to it; node config ``ledger-reset`` = the marker's id acknowledges a deleted ledger.
         """
         label = partner_label(context.node_config, data)
         users = user_count_for_training(data)
@@ -74,7 +75,9 @@ class PartnerBudget:
         # A ledger this client already wrote to must still be there: never start afresh.
         state = context.state.config_records.get(STATE_KEY, ConfigRecord())
         used_before = str(state.get("path", "")) == str(path) and int(state.get("steps", 0)) > 0
-        ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before)
+        # A ledger deleted while no client remembered it: its marker refuses a silent new start
+        reset = str(context.node_config.get("ledger-reset", ""))
+        ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset)
         if ledger.created:
             LOG.warning("%s: new privacy ledger %s (no spend recorded before)", label, path)
 

@@ -3,6 +3,8 @@
 The ledger is the single source of a partner's privacy spend: epsilon is always computed
 from all of its rows, so spend composes across rounds, runs and process restarts. One
 ledger belongs to one data set (its fingerprint); it is never reset or silently recreated.
+Creating a ledger also writes a marker beside it (``<ledger>.created``): a ledger deleted later,
+with its marker left, is refused as deleted instead of starting afresh as on a first run.
 
 Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-user clipping
 norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
@@ -11,17 +13,21 @@ optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whol
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import PrivacyError
+from common.files import write_private_bytes
 from common.privacy import Mechanism, epsilon_of
 
 SCHEMA_VERSION = 1
+MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,10 +79,12 @@ class PrivacyLedger:
     Opening checks the file: a ledger that is not a SQLite ledger, has a bad schema or
     impossible rows is *corrupt*; one written for another data set is *foreign*. Both raise
     :class:`PrivacyError` naming the file, and the file is left untouched. A missing file is
-    created (atomically, so a crash never leaves a half-made ledger) only with ``create=True``.
+    created (atomically, so a crash never leaves a half-made ledger) only with ``create=True``,
+    and only if no marker says it existed before: ``reset`` must then be that marker's id, the
+    operator's explicit acknowledgement that the spend recorded in the lost ledger is forgotten.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "") -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.created = False
@@ -84,6 +92,13 @@ class PrivacyLedger:
             if not create:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
                                    "(a partner's spend is never reset)")
+            earlier = read_marker(self.path)
+            if earlier is not None and (not reset or reset != earlier.get("id")):
+                raise PrivacyError(
+                    f"privacy ledger {self.path} was deleted (its marker {marker_path(self.path).name} says it was "
+                    f"created at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(float(earlier.get('created', 0))))} "
+                    f"UTC); restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" to "
+                    "start a new one, which forgets the spend already released")
             self._create()
             self.created = True
         self._conn = self._open_checked()
@@ -178,9 +193,11 @@ class PrivacyLedger:
         try:
             os.link(tmp, self.path)
         except FileExistsError:
-            pass
+            return  # another process created it (and its marker)
         finally:
             tmp.unlink(missing_ok=True)
+        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
+        write_private_bytes(marker_path(self.path), json.dumps(marker).encode())
 
     def _open_checked(self) -> sqlite3.Connection:
         try:
@@ -209,3 +226,18 @@ class PrivacyLedger:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} cannot be read ({exc})") from None
+
+
+def marker_path(ledger: Path) -> Path:
+    """Where the marker of the ledger at ``ledger`` lives: beside it."""
+    return ledger.with_name(ledger.name + MARKER_SUFFIX)
+
+
+def read_marker(ledger: Path) -> dict | None:
+    """The marker of a ledger that was created at ``ledger`` (``None``: never created there)."""
+    try:
+        return json.loads(marker_path(ledger).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"id": "unreadable-marker", "created": 0}  # the ledger existed; its id is lost

@@ -172,6 +172,40 @@ def test_ledger_deleted_after_use_is_reported_not_recreated(tmp_path, small_data
     assert not path.exists()
 
 
+def test_ledger_deleted_between_client_restarts_is_refused_unless_acknowledged(tmp_path, small_data):
+    # Prepare: a partner spends one round, then its ledger file is deleted and its client restarted
+    # (a fresh context: no client process remembers the ledger)
+    cfg = _cfg(tmp_path)
+    budget = PartnerBudget.open(cfg, _context(), small_data, "run-1")
+    budget.record(_context(), 1, [budget.calibration.round_mechanism()])
+    path, spent = budget.ledger.path, budget.spent()
+    budget.close()
+    marker = json.loads(path.with_name(path.name + ".created").read_text())
+    path.unlink()
+
+    # Execute / Assert: refused with one line naming the file and the acknowledgement; nothing recreated
+    with pytest.raises(PrivacyError) as refused:
+        PartnerBudget.open(cfg, _context(), small_data, "run-1")
+    text = str(refused.value)
+    assert "\n" not in text and str(path) in text and "was deleted" in text
+    assert f'ledger-reset="{marker["id"]}"' in text
+    assert not path.exists()
+    with pytest.raises(PrivacyError, match="was deleted"):  # a wrong id is no acknowledgement
+        PartnerBudget.open(cfg, _context(**{"ledger-reset": "yes"}), small_data, "run-1")
+
+    # The operator acknowledges this deletion: a new, empty ledger with a new marker
+    budget = PartnerBudget.open(cfg, _context(**{"ledger-reset": marker["id"]}), small_data, "run-1")
+    assert budget.ledger.created and budget.ledger.total_steps() == 0 and spent > 0 == budget.spent()
+    budget.record(_context(), 2, [budget.calibration.round_mechanism()])
+    budget.close()
+    renewed = json.loads(path.with_name(path.name + ".created").read_text())
+    assert renewed["id"] != marker["id"]
+    # ... which does not acknowledge a later deletion
+    path.unlink()
+    with pytest.raises(PrivacyError, match="was deleted"):
+        PartnerBudget.open(cfg, _context(**{"ledger-reset": marker["id"]}), small_data, "run-1")
+
+
 def test_node_config_ledger_path_wins(tmp_path, small_data):
     budget = PartnerBudget.open(_cfg(tmp_path), _context(**{"ledger-path": str(tmp_path / "mine.sqlite")}),
                                 small_data, "r")
