@@ -20,7 +20,6 @@ from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
-from simulations.population import describe_partners, write_population  # noqa: E402
 from common.privacy import dp_mode  # noqa: E402
 
 
@@ -29,6 +28,11 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     """Run a simulation with ``num_partners`` virtual partners; returns the run directory."""
     import logging
 
+    cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
+    from common.task import federation_data
+
+    federation_data(cfg)
+
     from flwr.simulation import run_simulation
 
     # NOTE: Ray configures the root logger; without this every Flower line prints twice.
@@ -36,12 +40,9 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     from client.app import make_client_app
     from server.app import make_server_app
-
-    from common.task import federation_data
+    from simulations.population import describe_partners, write_population
     from simulations.resources import backend_config
 
-    cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before Ray starts
-    federation_data(cfg)
     cfg["run-name"] = cfg["run-name"] or _auto_name(cfg, num_partners)
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])
