@@ -1,15 +1,19 @@
 """End-to-end deployment on 127.0.0.1: real flower-superlink (TLS, node authentication, database),
 real flower-supernode processes each on its own log, real ``flwr run``.
 
-One federation (SuperLink + three registered partners) serves the module; tests run in file
-order and the last one restarts the SuperLink. Every process is stopped by the fixture, also
-when a test fails (simulations/deployment.py kills whole process trees).
+One federation (SuperLink + three registered partners + a fourth that will be killed) serves
+the module, and one SecAgg+ run covers TLS, node authentication, the partners' own logs and
+ledgers, and a partner dying mid-round (one run instead of two: each run costs a ServerApp start
+and a ClientApp process per partner and message). Tests run in file order and the last one
+restarts the SuperLink. Every process is stopped by the fixture, also when a test fails
+(simulations/deployment.py kills whole process trees).
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import threading
 from types import SimpleNamespace
 
@@ -29,6 +33,7 @@ TINY = {
 # Explicit timeouts: a round waits at most ROUND_TIMEOUT s for replies, a run at most RUN_TIMEOUT s.
 ROUND_TIMEOUT = 240.0  # generous: a dead partner is detected by its missed heartbeats (<= 60 s) well before
 RUN_TIMEOUT = 900.0
+SECAGG_TRAIN_MESSAGES = 4  # per round: key set-up, key sharing, training (masked update), unmasking
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,11 @@ def federation(tmp_path_factory):
             private, public = fed.partner_keys(f"partner-{i + 1}")
             ledger = root / f"ledger-{i + 1}.sqlite"  # the partner's own privacy ledger (README's node config)
             nodes[fed.register(public)] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger})
-        yield SimpleNamespace(fed=fed, root=root, catalogue=cat, logs=logs, nodes=nodes)
+        # A fourth registered partner, to be killed mid-round (SIGKILL: no goodbye to the SuperLink)
+        private, public = fed.partner_keys("victim")
+        fed.register(public)
+        victim = fed.start_supernode("victim", private, logs[3])
+        yield SimpleNamespace(fed=fed, root=root, catalogue=cat, logs=logs, nodes=nodes, victim=victim)
     finally:
         fed.close()
 
@@ -61,46 +70,27 @@ def _rounds(env, name: str, res) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_tls_and_node_auth_run_with_three_partners(federation):
-    env, fed = federation, federation.fed
+def _ledger_rounds(path) -> int:
+    """Rounds with DP-SGD spend recorded in a partner's ledger file."""
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches").fetchone()[0])
+
+
+def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(federation):
+    env, fed, victim = federation, federation.fed, federation.victim
     # TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs)
     assert "Uvicorn running on https://" in fed.superlink.output()
+    for node in [*env.nodes.values(), victim]:  # all four activated: all four will be sampled
+        assert node.wait_for("SuperNode ID:", timeout=120), node.output()[-2000:]
 
-    # A SuperNode whose key was never registered is turned away
+    # A SuperNode whose key was never registered tries to join while the run goes on
     rogue_key, _ = fed.partner_keys("rogue")
     rogue = fed.start_supernode("rogue", rogue_key, env.logs[0])
-    rogue.popen.wait(timeout=120)
-    assert rogue.popen.returncode != 0
-    assert "Failed to activate SuperNode" in rogue.output()
 
-    # The registered partners train 2 rounds
-    res = fed.run(_run_config(env, "plain", **{"num-server-rounds": 2, "min-nodes": 3}), timeout=RUN_TIMEOUT)
-    rounds = _rounds(env, "plain", res)
-    assert [r["round"] for r in rounds] == [1, 2], res.stdout[-3000:]
-    assert all(r["num-partners"] == 3 for r in rounds)
-    assert all(r["eval-users"] > 0 for r in rounds)
-    run_dir = env.root / "runs" / "plain"
-    assert (run_dir / "config.json").exists() and (run_dir / "model.pt").exists()
-    assert json.loads((run_dir / "config.json").read_text())["catalogue"] == str(env.catalogue)
-    # Each partner trained on its own file and kept its privacy ledger where its node config said
-    for i, proc in enumerate(env.nodes.values()):
-        assert proc.output().count("Receiving: train message") == 2
-        assert (env.root / f"ledger-{i + 1}.sqlite").is_file()
-
-
-def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
-    env, fed = federation, federation.fed
-    # A fourth registered partner joins, and dies while training (SIGKILL: no goodbye to the SuperLink)
-    private, public = fed.partner_keys("victim")
-    fed.register(public)
-    victim = fed.start_supernode("victim", private, env.logs[3])
-    assert victim.wait_for("SuperNode ID:", timeout=120), victim.output()[-2000:]  # activated: it will be sampled
+    # The registered partners train 2 rounds under SecAgg+; the victim dies while training in round 1.
+    # min-nodes 3: after the victim dies, evaluation and round 2 must not wait for a fourth partner.
     outcome = {}
-    # min-nodes 3: after the victim dies, evaluation must not wait for a fourth partner
-    # The partners' ledgers (ledger-path) remember the plain run's spend (epsilon ~8): a lifetime budget
-    # of 16 leaves room for this run's round, which DP-SGD noises before SecAgg+ masks it.
-    config = _run_config(env, "secagg", **{"num-server-rounds": 1, "min-nodes": 3, "secure-aggregation": True,
-                                           "target-epsilon": 16.0})
+    config = _run_config(env, "secagg", **{"num-server-rounds": 2, "min-nodes": 3, "secure-aggregation": True})
     runner = threading.Thread(target=lambda: outcome.update(res=fed.run(config, timeout=RUN_TIMEOUT)))
     runner.start()
     try:
@@ -111,14 +101,29 @@ def test_secure_aggregation_survives_a_partner_killed_mid_round(federation):
         runner.join(timeout=RUN_TIMEOUT)
     assert not runner.is_alive()
     res = outcome["res"]
+
+    # The unregistered SuperNode was turned away
+    rogue.popen.wait(timeout=120)
+    assert rogue.popen.returncode != 0
+    assert "Failed to activate SuperNode" in rogue.output()
+
+    # Both rounds aggregated the three survivors
     rounds = _rounds(env, "secagg", res)
-    assert [r["round"] for r in rounds] == [1], res.stdout[-3000:]
-    assert rounds[0]["num-partners"] == 3, res.stdout[-3000:]
+    assert [r["round"] for r in rounds] == [1, 2], res.stdout[-3000:]
+    assert all(r["num-partners"] == 3 for r in rounds), res.stdout[-3000:]
+    assert all(r["eval-users"] > 0 for r in rounds)
+    run_dir = env.root / "runs" / "secagg"
+    assert (run_dir / "config.json").exists() and (run_dir / "model.pt").exists()
+    assert json.loads((run_dir / "config.json").read_text())["catalogue"] == str(env.catalogue)
     # The server unmasked the sum of the three survivors, removing the dead partner's masks
     assert "summed 3 masked updates (1 dropped out)" in res.stdout
     # Nothing was clipped: a partner would have refused (error reply) instead of sending
     assert "would clip" not in res.stdout and "budget exhausted" not in res.stdout
     assert "largest value sent under SecAgg+ was" in res.stdout
+    # Each partner trained on its own file in both rounds and kept its privacy ledger where its node config said
+    for i, proc in enumerate(env.nodes.values()):
+        assert proc.output().count("Receiving: train message") == 2 * SECAGG_TRAIN_MESSAGES
+        assert _ledger_rounds(env.root / f"ledger-{i + 1}.sqlite") == 2
 
 
 def test_superlink_restart_keeps_registered_nodes(federation):
