@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client.loo_forward import SharedStates, loo_hidden, shared_states, supported
 from common.models.context import model_inputs
 from common.models.sasrec import SASRec
 
@@ -42,32 +43,60 @@ class Explanation:
                 "because": [{"item": b.name, "influence": round(b.influence, 6)} for b in self.because]}
 
 
+def history_states(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None,
+                   max_len: int) -> SharedStates | None:
+    """One forward over ``history`` and ``history[:-1]`` that :func:`leave_one_out` builds on
+    (``final[0]``: the history's hidden state, for its scores); None if the model has no fast path."""
+    history = np.asarray(history, dtype=np.int64)
+    if not len(history) or not supported(model):
+        return None
+    gaps = np.zeros_like(history) if gaps is None else np.asarray(gaps, dtype=np.int64)
+    # NOTE: a removed item's successor keeps its own recorded gap (the time it actually happened after its
+    # predecessor), so a variant's columns after the removed one are the full history's, gaps included
+    return shared_states(model, model_inputs(model, [history], max_len, [gaps]),
+                         model_inputs(model, [history[:-1]], max_len, [gaps[:-1]]))
+
+
 @torch.inference_mode()
 def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
-                  max_len: int) -> tuple[np.ndarray, np.ndarray]:
+                  max_len: int, *, states: SharedStates | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions, influence): the history positions that are model inputs (the last ``max_len``)
-    and a (positions, targets) matrix of ``score(history) - score(history without that position)``."""
+    and a (positions, targets) matrix of ``score(history) - score(history without that position)``.
+
+    ``states``: :func:`history_states` of this same history, if already computed."""
     history = np.asarray(history, dtype=np.int64)
     gaps = np.zeros_like(history) if gaps is None else np.asarray(gaps, dtype=np.int64)
     positions = np.arange(max(0, len(history) - max_len), len(history))
+    states = states if states is not None else history_states(model, history, gaps, max_len)
+    if states is not None:  # the variants share prefixes: each state computed once (client/loo_forward.py)
+        hidden = loo_hidden(model, states, (max_len - len(history) + positions).tolist())
+        scores = _target_scores(model, hidden, targets)
+        return positions, (scores[:1] - scores[1:]).cpu().numpy()
     variants = [history] + [np.delete(history, p) for p in positions]
-    # NOTE: a removed item's successor keeps its own recorded gap (the time it actually happened after its predecessor)
     variant_gaps = [gaps] + [np.delete(gaps, p) for p in positions]
     inputs = model_inputs(model, variants, max_len, variant_gaps)
-    if isinstance(model, SASRec) and isinstance(model.output, torch.nn.Linear) and model.output.bias is None:
-        # Same numbers as score()[:, targets], without scoring the whole catalogue for every variant
-        scores = model.hidden(inputs, last_only=True)[:, -1] @ model.output.weight[targets].T
+    if isinstance(model, SASRec):
+        scores = _target_scores(model, model.hidden(inputs, last_only=True)[:, -1], targets)
     else:
         scores = model.score(inputs)[:, targets]
     return positions, (scores[:1] - scores[1:]).cpu().numpy()
 
 
+def _target_scores(model: SASRec, hidden: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """(rows, targets) scores from final hidden states (rows, dim), as ``score()[:, targets]``."""
+    if isinstance(model.output, torch.nn.Linear) and model.output.bias is None:
+        return hidden @ model.output.weight[targets].T  # without scoring the whole catalogue for every row
+    return model.output(hidden)[:, targets]
+
+
 def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
-                  max_len: int, *, name: Callable[[int], str], keep: int = 5) -> list[Explanation]:
-    """One :class:`Explanation` per target item index; ``name(index)`` labels a history item."""
+                  max_len: int, *, name: Callable[[int], str], keep: int = 5,
+                  states: SharedStates | None = None) -> list[Explanation]:
+    """One :class:`Explanation` per target item index; ``name(index)`` labels a history item;
+    ``states``: :func:`history_states` of this history, if already computed."""
     if not targets:
         return []
-    positions, influence = leave_one_out(model, history, gaps, targets, max_len)
+    positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states)
     out = []
     for col in range(len(targets)):
         order = np.argsort(-influence[:, col], kind="stable")

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from client.explain import Explanation, explain_items
+from client.explain import Explanation, explain_items, history_states
 from common.data.loaders import Interactions
 from common.errors import DataError
 from common.models import build_model
@@ -155,13 +155,19 @@ class Recommender:
             return self._cold_start(user_id, items, k, popularity if popularity is not None else source.item_counts())
         history = np.array([i for i, _ in known], dtype=np.int64)
         gaps = time_gap_buckets(np.array([t for _, t in known], dtype=np.int64))
-        scores = self.gm.model.score(model_inputs(self.gm.model, [history], self.gm.max_len, [gaps]))[0].clone()
+        model = self.gm.model
+        # With explanations, one forward serves both the scores and the leave-one-out variants (client/explain.py)
+        states = history_states(model, history, gaps, self.gm.max_len) if explain else None
+        if states is not None:
+            scores = model.output(states.final[:1])[0].clone()
+        else:
+            scores = model.score(model_inputs(model, [history], self.gm.max_len, [gaps]))[0].clone()
         scores[0] = float("-inf")
         scores[torch.as_tensor(history)] = float("-inf")  # exclude everything seen, not only the last max-len
         k = min(k, int(torch.isfinite(scores).sum()))
         top = torch.topk(scores, k).indices.tolist()
-        explanations = explain_items(self.gm.model, history, gaps, top, self.gm.max_len,
-                                     name=lambda i: self._label(i)) if explain else [None] * len(top)
+        explanations = explain_items(model, history, gaps, top, self.gm.max_len, name=lambda i: self._label(i),
+                                     states=states) if explain else [None] * len(top)
         recs = [Recommendation(self._item(i), self.title(self._item(i)), float(scores[i]), e)
                 for i, e in zip(top, explanations)]
         return RecommendationList(str(user_id), recs, cold_start=False, strategy="model", history_length=len(items))

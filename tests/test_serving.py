@@ -170,6 +170,30 @@ def test_event_store_is_a_training_log_that_grows(tmp_path, log):
     assert after.fingerprint() == before.fingerprint()
 
 
+
+def test_event_store_history_cache_sees_every_write(tmp_path):
+    # Prepare: a serving store that has read two users' histories (now cached), and a second connection
+    path = tmp_path / "events.sqlite"
+    store = EventStore(path, create=True, cached_users=2)
+    store.add_many([("u1", "a", 10, None), ("u1", "b", 20, None), ("u2", "c", 5, None)])
+    assert store.history("u1")[0] == ["a", "b"] and store.history("u2")[0] == ["c"]
+
+    # Execute / Assert: its own event, another process' event, an import, the LRU bound
+    store.add("u1", "x", timestamp=15)
+    assert store.history("u1")[0] == ["a", "x", "b"]
+    with EventStore(path) as other:
+        other.add("u2", "y", timestamp=1)
+    assert store.history("u2")[0] == ["y", "c"]
+    assert store.history("u2")[1].tolist() == [1, 5]
+    store.add_many([("u1", "z", 30, None)])
+    assert store.history("u1")[0] == ["a", "x", "b", "z"]
+    store.history("u3")
+    assert len(store._cache) == 2
+    items, _ = store.history("u1")
+    items.append("mutated by a caller")
+    assert store.history("u1")[0] == ["a", "x", "b", "z"]
+    store.close()
+
 def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     from client.cli import main
 

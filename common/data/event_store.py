@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,11 +56,17 @@ class EventStore:
     """Read and append a partner's events; safe to share between threads (one lock).
 
     ``create=True`` makes a missing file; otherwise a missing or foreign file is a
-    :class:`DataError` naming it.
+    :class:`DataError` naming it. The last ``cached_users`` histories read are kept in memory
+    (the serving API reads a user's history on every request): an event added through this
+    store drops its user's entry, and a commit by any other connection (another process
+    appending, an import) drops them all (SQLite's ``PRAGMA data_version``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, create: bool = False, cached_users: int = 4096) -> None:
         self.path = Path(path)
+        self._cache: OrderedDict[str, tuple[tuple[str, ...], np.ndarray]] = OrderedDict()
+        self._cache_size = cached_users
+        self._data_version = -1
         if not self.path.exists() and not create:
             raise DataError(f"event store {self.path}: no such file "
                             "(create it with `fedrec-client serve --store PATH`)")
@@ -91,6 +98,7 @@ class EventStore:
             cur = self._conn.execute(
                 "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) VALUES (?, ?, ?, ?, ?, ?)",
                 (str(user_id), str(item_id), int(now if timestamp is None else timestamp), rating, event, now))
+            self._cache.pop(str(user_id), None)  # this connection's own commits leave data_version as it is
             return int(cur.lastrowid)
 
     def add_many(self, rows: Iterable[tuple[str, str, int, float | None]]) -> int:
@@ -101,16 +109,31 @@ class EventStore:
             self._conn.executemany(
                 "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) "
                 "VALUES (?, ?, ?, ?, ?, ?)", data)
+            self._cache.clear()
         return len(data)
 
     # -- reading ---------------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[list[str], np.ndarray]:
         """(item ids, timestamps) of one user's events in time order (ties: arrival order)."""
+        user_id = str(user_id)
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY timestamp, id",
-                (str(user_id),)).fetchall()
-        return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64)
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:  # another connection committed: any history may have changed
+                self._cache.clear()
+                self._data_version = version
+            hit = self._cache.get(user_id)
+            if hit is None:
+                rows = self._conn.execute(
+                    "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY timestamp, id",
+                    (user_id,)).fetchall()
+                times = np.array([r[1] for r in rows], dtype=np.int64)
+                times.flags.writeable = False  # shared by every caller until the user's next event
+                hit = self._cache[user_id] = (tuple(r[0] for r in rows), times)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(user_id)
+        return list(hit[0]), hit[1]
 
     def item_counts(self) -> dict[str, int]:
         """Events per item id over all users (the popularity used for cold start)."""
