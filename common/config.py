@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "item-features": "id",
     "item-text-model": "all-MiniLM-L6-v2",
     "item-text-features": "",
+    "item-text-quantize": False,
     "mf-fold-in-steps": 20,
     "mf-l2": 0.001,
     # Context inputs of SASRec (common/models/context.py)

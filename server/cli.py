@@ -46,15 +46,16 @@ def _item_text(args: argparse.Namespace) -> int:
     from flwr.common.config import parse_config_args
 
     from common.config import resolve_config
-    from common.item_text import catalogue_text_features, save_features
+    from common.item_text import catalogue_text_features, encoder_id, save_features
     from common.task import catalogue
 
     overrides = parse_config_args(args.run_config) if args.run_config else {}
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
     items = catalogue(cfg)
     embeddings, texts = catalogue_text_features(cfg)
-    path = save_features(args.out, items, embeddings, model=cfg["item-text-model"], texts=texts)
-    print(f"item text features: {embeddings.shape[0]} items x {embeddings.shape[1]} dims ({cfg['item-text-model']}) -> {path}")
+    setting = encoder_id(cfg["item-text-model"], bool(cfg["item-text-quantize"]))
+    path = save_features(args.out, items, embeddings, model=setting, texts=texts)
+    print(f"item text features: {embeddings.shape[0]} items x {embeddings.shape[1]} dims ({setting}) -> {path}")
     print(f'publish it with the catalogue and run with --run-config \'item-features="text" item-text-features="{path}"\'')
     return 0
 

@@ -21,6 +21,7 @@ from common.item_text import (
 )
 from common.models import build_model
 from common.models.text_sasrec import TextSASRec
+from common.text_encoder import available_cores, encoder_id, encoder_threads, torch_threads
 
 CATALOGUE = np.array(["10", "20", "30"])
 META = {"10": ("Toy Story (1995)", ["Animation", "Comedy"]), "20": ("Heat (1995)", [])}
@@ -152,3 +153,99 @@ def test_coordinator_publishes_features_partners_build_text_models(tmp_path, mon
     assert emb[0] @ emb[1] > emb[0] @ emb[2]  # Alien is nearer Aliens than Emma
     torch.testing.assert_close(model.item_text.table[1:], torch.as_tensor(emb))
     assert len(list((tmp_path / "cache" / "item-text").glob("*.npz"))) == 1  # encoded once, cached
+
+
+def test_encoder_setting_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    texts = item_texts(CATALOGUE, META)
+    # Execute: the same texts and model, float then int8
+    cached_features(CATALOGUE, texts, "m", encode=fake_encoder(calls))
+    cached_features(CATALOGUE, texts, "m", quantize=True, encode=fake_encoder(calls))
+    cached_features(CATALOGUE, texts, "m", quantize=True, encode=fake_encoder(calls))
+    # Assert: int8 is its own entry (encoded once), recorded as such; float keeps its old key
+    assert len(calls) == 2
+    assert encoder_id("m", True) != encoder_id("m") == "m"
+    recorded = sorted(str(np.load(p)["model"]) for p in (tmp_path / "item-text").glob("*.npz"))
+    assert recorded == ["m", "m+int8-dynamic"]
+
+
+def test_encoding_threads_are_restored_and_bounded():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert 1 <= encoder_threads() <= available_cores()
+
+
+def test_text_features_combine_with_time_and_genre_features(tmp_path):
+    # Prepare: a published features file; time and genre features on
+    (tmp_path / "catalogue.txt").write_text("10\n20\n30\n")
+    save_features(tmp_path / "text.npz", CATALOGUE, np.eye(3, 4, dtype=np.float32), model="m", texts=["a", "b", "c"])
+    cfg = resolve_config(None, {"catalogue": str(tmp_path / "catalogue.txt"), "item-text-features": str(tmp_path / "text.npz"),
+                                "item-features": "text", "embedding-dim": 8, "max-seq-len": 5,
+                                "time-features": True, "genre-features": True})
+    genres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    # Execute
+    m = build_model(cfg, 3, item_genres=genres)
+    # Assert: both inputs are built into the text model (not dropped), and genres still need metadata
+    assert isinstance(m, TextSASRec) and m.time_features and m.genre_proj is not None
+    torch.testing.assert_close(m.item_genres, genres)
+    assert m.score(torch.tensor([[[0, 0], [1, 1], [2, 5], [3, 3], [1, 2]]])).shape == (1, 4)
+    with pytest.raises(ConfigError, match="genre-features = true needs item metadata"):
+        build_model(cfg, 3)
+
+
+# Pairs the pretrained encoder should place nearest each other (sequels, remakes, same franchise)
+RELATED = [
+    ("Toy Story (1995). Genres: Animation, Children's, Comedy.", "Toy Story 2 (1999). Genres: Animation, Children's, Comedy."),
+    ("Alien (1979). Genres: Action, Horror, Sci-Fi, Thriller.", "Aliens (1986). Genres: Action, Sci-Fi, Thriller, War."),
+    ("Godfather, The (1972). Genres: Action, Crime, Drama.", "Godfather: Part II, The (1974). Genres: Action, Crime, Drama."),
+    ("Star Wars (1977). Genres: Action, Adventure, Fantasy, Sci-Fi.",
+     "Star Wars: Episode I - The Phantom Menace (1999). Genres: Action, Adventure, Fantasy, Sci-Fi."),
+    ("Babe (1995). Genres: Children's, Comedy, Drama.", "Babe: Pig in the City (1998). Genres: Children's, Comedy."),
+    ("Jurassic Park (1993). Genres: Action, Adventure, Sci-Fi.", "Lost World: Jurassic Park, The (1997). Genres: Action, Adventure, Sci-Fi, Thriller."),
+    ("Batman (1989). Genres: Action, Adventure, Crime, Drama.", "Batman Returns (1992). Genres: Action, Adventure, Comedy, Crime."),
+    ("Scream (1996). Genres: Horror, Thriller.", "Scream 2 (1997). Genres: Horror, Thriller."),
+    ("Sense and Sensibility (1995). Genres: Drama, Romance.", "Emma (1996). Genres: Comedy, Drama, Romance."),
+    ("Terminator, The (1984). Genres: Action, Sci-Fi, Thriller.", "Terminator 2: Judgment Day (1991). Genres: Action, Sci-Fi, Thriller."),
+    ("Muppet Treasure Island (1996). Genres: Adventure, Children's, Comedy, Musical.",
+     "Muppets Take Manhattan, The (1984). Genres: Children's, Comedy."),
+    ("Schindler's List (1993). Genres: Drama, War.", "Saving Private Ryan (1998). Genres: Action, Drama, War."),
+]
+
+
+@needs_text_extra
+def test_int8_encoder_keeps_embeddings_and_neighbours_close(monkeypatch):
+    from common.text_encoder import encode_with, load_encoder, quantize_encoder
+
+    # Prepare: one load; the int8 copy of the same weights
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = [t for pair in RELATED for t in pair]
+    encoder = load_encoder("all-MiniLM-L6-v2")
+    int8 = quantize_encoder(encoder)
+    # Execute
+    ref = encode_with(encoder, texts, batch_size=5, threads=1)  # batches of equal token count
+    got = encode_with(int8, texts, threads=1)
+    # Assert: regrouping the batches changes nothing (row order and values as plain encode gives)
+    plain = encoder.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(ref, plain, atol=1e-5)
+    # The up-projecting/square Linear layers are int8, the down-projections stay float
+    kinds = {n: m._get_name() for n, m in int8.named_modules() if n.endswith("dense") or n.endswith("query")}
+    down = [n for n in kinds if n.endswith("output.dense") and "attention" not in n]
+    assert len(down) == 6 and {kinds[n] for n in down} == {"Linear"}
+    assert {k for n, k in kinds.items() if n not in down} == {"DynamicQuantizedLinear"}
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    cosine = (ref * got).sum(1)
+    assert cosine.mean() >= 0.98 and cosine.min() >= 0.95
+    # Nearest other title: the same in float and int8 for >= 90% of titles, and else float's runner-up
+    # (float itself hesitates there: Emma and Sense and Sensibility are 0.03 apart from Babe)
+    def ranked(e: np.ndarray) -> np.ndarray:
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1)
+    float_rank, int8_rank = ranked(ref), ranked(got)
+    assert (int8_rank[:, 0] == float_rank[:, 0]).mean() >= 0.9
+    assert all(int8_rank[i, 0] in float_rank[i, :2] for i in range(len(texts)))
+    assert (float_rank[:, 0] == np.arange(len(texts)) ^ 1).mean() >= 0.8  # the pairs are real neighbours

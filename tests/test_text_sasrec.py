@@ -175,3 +175,42 @@ def test_explanations_of_a_text_model_name_the_closest_title():
         without = m.score(torch.tensor([[0, 0, 0, 0] + [h for h in history.tolist() if h != b.index]]))[0, 3]
         assert abs(float(full - without) - b.influence) < 1e-4
     assert "closest to item-7" in expl.reason
+
+
+def test_text_model_uses_time_gaps_and_genres_with_exact_per_user_gradients():
+    # Prepare: text items plus both context inputs (time-gap buckets, a genre matrix)
+    torch.manual_seed(0)
+    genres = torch.zeros(V + 1, 3)
+    genres[1:, 0], genres[1::2, 1] = 1.0, 1.0
+    genres[1:] /= genres[1:].sum(1, keepdim=True)
+    m = TextSASRec(V, table(), item_features="id+text", max_len=T, dim=8, num_blocks=1, num_heads=2, dropout=0.0,
+                   time_features=True, item_genres=genres)
+    seq, tgt = batch()
+    gaps = torch.randint(1, 8, seq.shape, generator=torch.Generator().manual_seed(2)) * (seq > 0)
+    inputs = torch.stack([seq, gaps], dim=-1)
+    # Assert: gap buckets and genres change the scores (neither is silently ignored)
+    base = m(inputs)
+    assert not torch.allclose(base, m(torch.stack([seq, gaps + (seq > 0)], dim=-1)))
+    with torch.no_grad():
+        m.genre_proj.weight.mul_(2.0)
+    assert not torch.allclose(base, m(inputs))
+    # Per-user gradients of every weight, time and genre projections included, match Opacus hooks
+    params = dict(m.named_parameters())
+    assert {"time_emb.weight", "genre_proj.weight", "item_emb.project.weight"} <= set(params)
+    reference = []
+    for i in range(B):
+        loss = SequenceLoss(reduction="sum")(m(inputs[i:i + 1]), tgt[i:i + 1])
+        reference.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    gsm = GradSampleModule(m, loss_reduction="sum")
+    SequenceLoss(reduction="sum")(gsm(inputs), tgt).backward()
+    for name, p in m.named_parameters():
+        for i in range(B):
+            torch.testing.assert_close(p.grad_sample[i], reference[i][name], atol=1e-5, rtol=1e-4)
+    gsm._close()
+    # A grown catalogue keeps its rebuilt genre matrix when loading the old weights
+    grown_genres = torch.cat([genres, torch.tensor([[0.0, 0.0, 1.0]])])
+    grown = TextSASRec(V + 1, torch.cat([table(), table(1, seed=9)[1:]]), item_features="id+text", max_len=T, dim=8,
+                       num_blocks=1, num_heads=2, dropout=0.0, time_features=True, item_genres=grown_genres)
+    grown.load_state_dict(m.state_dict())
+    torch.testing.assert_close(grown.item_genres, grown_genres)
+    torch.testing.assert_close(grown(inputs)[..., : V + 1], m(inputs), atol=1e-5, rtol=1e-5)

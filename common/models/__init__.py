@@ -22,7 +22,7 @@ def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None =
         if config.get("item-features", "id") != "id":  # frozen text-encoder item features
             from common.models.text_sasrec import build_text_sasrec
 
-            return build_text_sasrec(config, num_items)
+            return build_text_sasrec(config, num_items, item_genres=item_genres if config.get("genre-features", False) else None)
         return SASRec(
             num_items,
             max_len=int(config["max-seq-len"]),

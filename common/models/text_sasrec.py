@@ -114,6 +114,10 @@ class TextSASRec(SASRec):
                 grown = stored.new_zeros((self.num_items + 1, stored.shape[1]))
                 grown[: stored.shape[0]] = stored
                 state_dict[key] = grown
+        # The genre matrix is public metadata rebuilt for the current catalogue: keep the rebuilt one
+        genres = state_dict.get(f"{prefix}item_genres")
+        if genres is not None and getattr(self, "item_genres", None) is not None and genres.shape != self.item_genres.shape:
+            state_dict[f"{prefix}item_genres"] = self.item_genres
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -123,8 +127,13 @@ def item_text_table(embeddings: torch.Tensor | Any) -> torch.Tensor:
     return torch.cat([emb.new_zeros((1, emb.shape[1])), emb])
 
 
-def build_text_sasrec(config: Mapping[str, Any], num_items: int) -> TextSASRec:
-    """The ``item-features = text | id+text`` SASRec, its text table from ``common.item_text``."""
+def build_text_sasrec(config: Mapping[str, Any], num_items: int, item_genres: torch.Tensor | None = None) -> TextSASRec:
+    """The ``item-features = text | id+text`` SASRec, its text table from ``common.item_text``.
+
+    Combines with the context inputs like the ID model: ``time-features`` (gap buckets) and
+    ``item_genres`` (the genre matrix when ``genre-features`` is on) are added to the projected
+    text vectors in :meth:`SASRec.hidden`.
+    """
     from common.errors import ConfigError
     from common.item_text import catalogue_text_features, check_item_features
 
@@ -142,6 +151,8 @@ def build_text_sasrec(config: Mapping[str, Any], num_items: int) -> TextSASRec:
         num_blocks=int(config["num-blocks"]),
         num_heads=int(config["num-heads"]),
         dropout=float(config["dropout"]),
+        time_features=bool(config.get("time-features", False)),
+        item_genres=item_genres,
     )
 
 
