@@ -180,6 +180,20 @@ def run_epochs(
     return total / max(batches, 1), steps
 
 
+def empty_batch_gradients(model: nn.Module, mode: str) -> Callable[[], None]:
+    """For ``run_epochs``' ``before_empty_step`` under DP: the zero gradient Opacus' optimiser noises
+    when Poisson sampling drew no user (fused and ghost clipping read ``p.grad``, hooks mode
+    ``p.grad_sample``, here with zero users)."""
+
+    def fill() -> None:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+            if mode == "hooks" and p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+    return fill
+
+
 def spent_mechanisms(engine) -> list[Mechanism]:  # noqa: ANN001 -- an Opacus PrivacyEngine or None
     """What the engine's accountant recorded, as ledger rows (noise, sample rate, steps); [] without DP."""
     if engine is None:
@@ -246,12 +260,8 @@ def train_local(
         loss.backward()
         return loss
 
-    def zero_grads() -> None:  # noise alone: Opacus' fast-clipping optimizer needs a (zero) p.grad
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
-
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
-                             before_empty_step=zero_grads if fused else lambda: None)
+                             before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),
                        seconds=time.perf_counter() - start)

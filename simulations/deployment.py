@@ -222,20 +222,29 @@ class LocalFederation:
     def close(self, grace: float = 10.0) -> None:
         """Stop every process started here, whatever state they are in: SIGTERM to all trees at
         once, up to ``grace`` s for all of them together, then SIGKILL to what is left."""
-        trees = {proc.popen.pid: process_tree(proc.popen.pid) for proc in self.processes}
-        for tree in trees.values():
-            for pid in tree:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        live = [proc for proc in self.processes if proc.popen.poll() is None]  # exited ones are reaped: pids reusable
+        pids = [pid for proc in live for pid in process_tree(proc.popen.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for tree in trees.values() for p in tree):
-            for proc in self.processes:
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            for proc in live:
                 proc.popen.poll()
             time.sleep(0.1)
-        for proc in self.processes:
-            proc.stop(signal.SIGKILL, grace=5)  # no-op for what already exited
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in live:
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def write_partner_logs(folder: Path, partners: int, *, users: int, items: int, seed: int) -> list[Path]:

@@ -151,11 +151,14 @@ def sasrec_state(num_items: int, tied: bool) -> dict:
     return SASRec(num_items, max_len=10, dim=D, num_blocks=1, num_heads=2, dropout=0.0, tied_output=tied).state_dict()
 
 
-def test_empty_poisson_batches_are_noisy_steps():
+@pytest.mark.parametrize(("mode", "tied"), [("fused", True), ("fused", False), ("hooks", True), ("hooks", False),
+                                            ("ghost", False)])
+def test_empty_poisson_batches_are_noisy_steps(mode, tied):
+    # 4 users, expected batch 1: about a third of the Poisson batches are empty (noise only)
     data = build_sequences(generate_synthetic(num_users=4, num_items=12, mean_length=6, seed=0), name="tiny")
-    m = SASRec(data.num_items, max_len=6, dim=D, num_blocks=1, num_heads=1, dropout=0.0, tied_output=True)
+    m = SASRec(data.num_items, max_len=6, dim=D, num_blocks=1, num_heads=1, dropout=0.0, tied_output=tied)
     out = train_local(m, data, epochs=6, batch_size=1, learning_rate=0.01, max_len=6, seed=0,
-                      dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="fused"))
+                      dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode))
     users = out.num_examples
     assert out.steps == 6 * users and out.mechanisms == [(1.0, 1 / users, 6 * users)]
     assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -67,6 +67,20 @@ def test_dp_training_samples_users_at_the_accounted_rate(small_data):
     assert all(q == pytest.approx(rate) and s == 1.0 for s, q, _ in result.mechanisms)
 
 
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_empty_poisson_batches_are_noisy_steps(mode):
+    # 4 users, expected batch 1: about a third of the Poisson batches are empty (noise only)
+    from common.data import build_sequences, generate_synthetic
+
+    data = build_sequences(generate_synthetic(num_users=4, num_items=12, mean_length=6, seed=0), name="tiny")
+    model = MatrixFactorization(data.num_items, dim=4, max_len=6)
+    result, _ = train_mf_local(model, data, None, epochs=6, batch_size=1, learning_rate=0.01, max_len=6, seed=0,
+                               dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode))
+    users = result.num_examples
+    assert result.steps == 6 * users and result.mechanisms == [(1.0, 1 / users, 6 * users)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_client_keeps_user_factors_in_its_state_and_sends_only_items():
     app = make_client_app(TINY)
     cfg = resolve_config(None, TINY)

@@ -130,6 +130,7 @@ def train_mf_local(
     from common.proximal import ProximalAnchor
     from common.training import (  # lazy: training imports models
         TrainResult,
+        empty_batch_gradients,
         opacus_private,
         resolve_grad_sample_mode,
         run_epochs,
@@ -169,7 +170,8 @@ def train_mf_local(
         return loss
 
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, before_epoch=refit_users,
-                             after_step=proximal.step)
+                             after_step=proximal.step,
+                             before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     factors = model.fit_users(all_histories, init=factors)  # match the final item factors
     model.eval()
     result = TrainResult(loss=loss, steps=steps, num_examples=len(users), mechanisms=spent_mechanisms(engine),
