@@ -72,6 +72,8 @@ DEFAULTS: dict[str, Any] = {
     "secagg-delta-scale": 100.0,
     # Evaluation
     "top-k": 10,
+    "fraction-evaluate": 1.0,  # share of partners evaluating in a round (cross-device: a sample)
+    "evaluate-every": 1,  # federated evaluation every N rounds (the last round always)
     # Output
     "run-dir": "runs",
     "run-name": "",

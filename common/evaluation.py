@@ -126,3 +126,10 @@ def combine_partner_metrics(records: Iterable[Mapping], num_items: int, top_k: i
             f"partner-ndcg@{top_k}-max": float(values.max()),
         })
     return out
+
+
+def evaluates_round(server_round: int, every: int, last_round: int = 0) -> bool:
+    """Evaluation schedule (``evaluate-every``): every ``every``-th round and always ``last_round``
+    (the run's final round, so its summary has numbers). Shared by the federated server
+    (server/rounds.py) and the centralised benchmark run, so both evaluate equally often."""
+    return server_round % every == 0 or server_round == last_round

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import FederationError
+from common.evaluation import evaluates_round
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, poll: float = 1.0) -> int:
@@ -54,17 +55,25 @@ class RoundControl(Strategy):
         ``max(min_available_nodes, min_train_nodes)``).
     node_wait_timeout : float
         Seconds to wait for ``min_nodes`` partners before failing the run.
+    evaluate_every, last_round : int
+        Federated evaluation only every ``evaluate_every``-th federation round and at
+        ``last_round`` (:func:`evaluates_round`); other rounds send no evaluation messages.
     """
 
-    def __init__(self, inner: Strategy, *, first_round: int = 1, min_nodes: int, node_wait_timeout: float) -> None:
+    def __init__(self, inner: Strategy, *, first_round: int = 1, min_nodes: int, node_wait_timeout: float,
+                 evaluate_every: int = 1, last_round: int = 0) -> None:
         if first_round < 1:
             raise ValueError("first_round must be at least 1")
         if node_wait_timeout <= 0:
             raise ValueError("node_wait_timeout must be positive (seconds)")
+        if evaluate_every < 1:
+            raise ValueError("evaluate_every must be at least 1")
         self.inner = inner
         self.offset = first_round - 1
         self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
+        self.evaluate_every = evaluate_every
+        self.last_round = last_round
 
     def federation_round(self, local_round: int) -> int:
         """The federation's round number of this process' round ``local_round``."""
@@ -90,8 +99,12 @@ class RoundControl(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if not evaluates_round(self.federation_round(server_round), self.evaluate_every, self.last_round):
+            return []  # no evaluation this round (evaluate-every); metrics.jsonl gets null HR/NDCG
         wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         return self.inner.configure_evaluate(self.federation_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not evaluates_round(self.federation_round(server_round), self.evaluate_every, self.last_round):
+            return None
         return self.inner.aggregate_evaluate(self.federation_round(server_round), replies)

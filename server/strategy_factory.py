@@ -34,9 +34,12 @@ def aggregation_strategy(
     """The inner (aggregating) strategy named by ``cfg["aggregation"]``."""
     name = str(cfg["aggregation"])
     min_nodes = int(cfg["min-nodes"])
+    fraction_evaluate = float(cfg["fraction-evaluate"])
+    if not 0.0 <= fraction_evaluate <= 1.0:
+        raise ConfigError(f"fraction-evaluate = {fraction_evaluate:g} must be in [0, 1] (0 = no federated evaluation)")
     common = dict(
         fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=1.0,
+        fraction_evaluate=fraction_evaluate,  # cross-device: evaluate on a sample, not on every client
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
@@ -96,7 +99,11 @@ def build_strategy(
     wait = float(cfg["node-wait-timeout"])
     if wait <= 0:
         raise ConfigError(f"node-wait-timeout = {wait:g} must be > 0 seconds")
-    return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait)
+    every = int(cfg["evaluate-every"])
+    if every < 1:
+        raise ConfigError(f"evaluate-every = {every} must be >= 1 (rounds between federated evaluations; the last round always evaluates)")
+    return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait,
+                        evaluate_every=every, last_round=int(cfg["num-server-rounds"]))
 
 
 def unwrap(strategy: Strategy) -> Strategy:

@@ -1,19 +1,27 @@
 """Federated simulation wall time against centralised training on the same data and epochs,
 and cross-device throughput (one client per user).
 
-    nice -n 5 python -m simulations.bench.federation                    # 5 and 20 partners, DP off and on
-    nice -n 5 python -m simulations.bench.federation --cross-device ../shared/data/ml-100k
+    nice -n 5 python -m simulations.bench.federation --dataset ../shared/data/ml-100k \
+        --rounds 10 --local-epochs 1 --partners 5,20 --dp off,local
+    nice -n 5 python -m simulations.bench.federation --partners "" --cross-device ../shared/data/ml-100k
 
-Federated: ``simulations.run.run_federation`` (Flower's simulation engine on Ray, one CPU per
-client so every core trains), timed from the call to its return, Ray start-up and the run
-directory included, and per steady round: rounds after the first (which includes starting
-the client actors), from the round times in metrics.jsonl.
-Centralised: ``train_local`` on every user of the same data for rounds x local-epochs epochs
-with the same batch size, learning rate and DP kind (noise multiplier 1.0 when DP is on), plus
-the same per-round validation ranking over all users that the federation runs on its partners.
-Cross-device: ML-100K (or any log) with ``partitioning = cross-device`` (one partner per user),
-``--clients-per-round`` sampled per round, DP off; throughput = client trainings per steady round second.
-Writes simulations/bench/results/federation.json.
+Both sides run as fresh processes timed from the outside (interpreter start and imports count
+on both): federated = ``python -m simulations.run`` (Flower's simulation engine on Ray, one CPU
+per client so every core trains; its run directory, model, population files and plots are
+written as always); centralised = ``python -m simulations.bench.centralised`` (``train_local``
+over all users, one call of ``local-epochs`` epochs per round). Same data, model, batch size,
+learning rate, total epochs, DP target (centralised: one noise multiplier for all users at the
+same target epsilon) and evaluation schedule (``evaluate-every``: full-ranking test metrics of
+all users, on both sides).
+
+Reported: whole-run wall time and ratio; steady-state round (median of rounds 2..R-1: no
+start-up, no final evaluation) and ratio; and the federated run's phases: start-up before the
+ServerApp (imports, data check), round 1 (Ray start, client actors importing torch/Opacus/Flower,
+data, noise calibration, first training), rounds 2..R, and the tail (Ray shutdown, population
+files, plots). ``--profile`` adds fresh-process timings of the round-1 ingredients.
+Cross-device: ``partitioning = cross-device`` (one partner per user), ``--clients-per-round``
+trained and ``--clients-per-round`` evaluated per round (``fraction-evaluate``); throughput =
+client calls per steady round second. Writes simulations/bench/results/federation*.json.
 """
 
 from __future__ import annotations
@@ -21,121 +29,188 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from simulations.flower_env import set_flower_env
 
-set_flower_env()
-
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _round_marks(run_dir: Path) -> list[float]:
-    """Cumulative seconds from the ServerApp's start to the end of each round (metrics.jsonl)."""
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def run_config_args(overrides: dict) -> list[str]:
+    """``--run-config`` arguments of ``simulations.run`` for ``overrides`` (TOML values)."""
+    return ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
+
+
+def round_marks(run_dir: Path) -> list[float]:
+    """Seconds from the ServerApp's start to the end of each round (metrics.jsonl)."""
     path = run_dir / "metrics.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     return [float(x["seconds"]) for x in lines if "seconds" in x]
 
 
-def federated(overrides: dict, partners: int) -> dict:
-    """Wall time of the whole simulation (Ray start-up included) and the steady round time
-    (rounds after the first, whose time includes starting the client actors)."""
-    from simulations.run import run_federation
-
-    start = time.perf_counter()
-    run_dir = run_federation(overrides, partners)
-    marks = _round_marks(run_dir)
-    steady = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else None
-    return {"wall_s": time.perf_counter() - start, "rounds_s": marks[-1] if marks else None,
-            "steady_round_s": steady, "run_dir": str(run_dir)}
+def steady(rounds: list[float]) -> float | None:
+    """Median of rounds 2..R-1 (seconds): after start-up, before the final evaluation."""
+    middle = rounds[1:-1]
+    return statistics.median(middle) if middle else None
 
 
-def centralised(overrides: dict) -> dict:
-    """The same model, data, epochs and DP kind trained on one machine without Flower."""
-    from common.config import resolve_config
-    from common.metrics import evaluate_ranking
-    from common.partners import split_population
-    from common.task import new_model
-    from common.training import DPSettings, train_local
+def _timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
+    """(start, end) in ``time.time`` seconds and the output of ``cmd``; raises on failure."""
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **set_flower_env()})
+    end = time.time()
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); log: {log}")
+    return start, end, proc.stdout
 
-    start = time.perf_counter()
-    cfg = resolve_config(None, overrides)
-    data, _ = split_population(cfg)
-    model = new_model(cfg, data.num_items)
-    dp = None if cfg["dp-mode"] == "off" else DPSettings(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]),
-                                                           grad_sample_mode=str(cfg["grad-sample-mode"]))
-    rounds = []
-    for rnd in range(int(cfg["num-server-rounds"])):
-        begin = time.perf_counter()
-        train_local(model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                    learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=rnd)
-        evaluate_ranking(model, data, split="valid", max_len=int(cfg["max-seq-len"]))
-        rounds.append(time.perf_counter() - begin)
-    return {"wall_s": time.perf_counter() - start, "round_s": sorted(rounds)[len(rounds) // 2]}
+
+def federated(overrides: dict, partners: int, workdir: Path, *, cpus_per_client: float = 1.0) -> dict:
+    """One ``simulations.run`` process: whole wall time, round times and phases (seconds)."""
+    cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(partners),
+           "--cpus-per-client", str(cpus_per_client), *run_config_args(overrides)]
+    start, end, out = _timed(cmd, workdir / f"fed-{overrides.get('dp-mode')}-{partners}.log")
+    found = re.findall(r"run directory: (\S+)\n", out)
+    run_dir = Path(found[-1]) if found else None
+    marks = round_marks(run_dir) if run_dir else []
+    if not marks:
+        raise RuntimeError(f"no rounds recorded by {run_dir}")
+    server_start = (run_dir / "config.json").stat().st_mtime  # RunRecorder writes it when the ServerApp starts
+    rounds = [marks[0]] + [b - a for a, b in zip(marks, marks[1:])]
+    return {"wall_s": end - start, "round_s": rounds, "steady_round_s": steady(rounds), "run_dir": str(run_dir),
+            "phases_s": {"before_server": server_start - start, "round_1": marks[0], "rounds_2_to_R": marks[-1] - marks[0],
+                         "after_last_round": end - server_start - marks[-1]}}
+
+
+def centralised(overrides: dict, workdir: Path, *, threads: int = 0) -> dict:
+    """One ``simulations.bench.centralised`` process: whole wall time plus its own phase times."""
+    out = workdir / f"central-{overrides.get('dp-mode')}-{threads}.json"
+    cmd = [sys.executable, "-m", "simulations.bench.centralised", "--threads", str(threads), "--out", str(out),
+           "--overrides", json.dumps(overrides)]
+    start, end, _ = _timed(cmd, out.with_suffix(".log"))
+    inner = json.loads(out.read_text())
+    return {"wall_s": end - start, "steady_round_s": steady(inner["round_s"]), **inner}
+
+
+def profile_startup(workdir: Path) -> dict:
+    """Fresh-process times (s) of round 1's fixed ingredients: the clients' imports, Ray start/stop."""
+    imports = ("import time; t = time.perf_counter(); import client.app; from client.private_factors import mf_trainer; "
+               "from client.privacy_budget import PartnerBudget; import common.training, common.task; "
+               "print(time.perf_counter() - t)")
+    ray_cycle = ("import time; t = time.perf_counter(); import ray; from simulations.resources import backend_config; "
+                 "ray.init(**backend_config()['init_args']); u = time.perf_counter(); ray.shutdown(); "
+                 "print(u - t, time.perf_counter() - u)")
+    out = {}
+    for name, code in (("client_imports_s", imports), ("ray_init_and_shutdown_s", ray_cycle)):
+        _, _, text = _timed([sys.executable, "-c", code], workdir / f"profile-{name}.log")
+        out[name] = [float(x) for x in text.strip().splitlines()[-1].split()]
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows written by :func:`main`."""
+    lines = ["| DP | partners | federated whole run (s) | centralised whole run (s) | ratio | federated steady round (s) "
+             "| centralised steady round (s) | ratio | fed. before server / round 1 / rounds 2..R / after (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ph = r["federated_phases_s"]
+        steady_cols = (f"{r['federated_round_s']:.1f} | {r['centralised_round_s']:.1f} | {r['round_ratio']:.2f}x"
+                       if r["round_ratio"] else "- | - | -")
+        lines.append(f"| {r['dp-mode']} | {r['partners']} | {r['federated_s']:.1f} | {r['centralised_s']:.1f} | "
+                     f"{r['ratio']:.2f}x | {steady_cols} | {ph['before_server']:.0f} / {ph['round_1']:.0f} / "
+                     f"{ph['rounds_2_to_R']:.0f} / {ph['after_last_round']:.0f} |")
+    return "\n".join(lines)
+
+
+def compare(central: dict, fed: dict, mode: str, partners: int) -> dict:
+    """One row: the federated run against the (fastest) centralised run of the same DP mode."""
+    steady_f, steady_c = fed["steady_round_s"], central["steady_round_s"]
+    return {"dp-mode": mode, "partners": partners, "federated_s": fed["wall_s"], "centralised_s": central["wall_s"],
+            "ratio": fed["wall_s"] / central["wall_s"], "federated_round_s": steady_f, "centralised_round_s": steady_c,
+            "round_ratio": steady_f / steady_c if steady_f and steady_c else None,
+            "federated_phases_s": fed["phases_s"], "federated_round_1_s": fed["round_s"][0],
+            "centralised_threads": central["threads"], "centralised_calibration_s": central.get("calibration_s"),
+            "run_dir": fed["run_dir"], "load_average": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="../shared/data/ml-100k", help="data set of both sides")
     parser.add_argument("--partners", default="5,20", help='partner counts ("" = cross-device only)')
     parser.add_argument("--dp", default="off,local", help="dp-mode values to compare")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--run-config", default="", help='extra overrides, e.g. "synthetic-users=2000"')
+    parser.add_argument("--batch-size", type=int, default=32, help="32: 20 partners of ML-100K have ~47 users each")
+    parser.add_argument("--evaluate-every", type=int, default=0, help="0 = only after the last round (both sides)")
+    parser.add_argument("--central-threads", default="1,0",
+                        help="torch threads of the centralised run, each measured; the faster is the reference (0 = all cores)")
+    parser.add_argument("--run-config", default="{}", help='extra overrides for both sides, JSON')
+    parser.add_argument("--profile", action="store_true", help="also time the round-1 ingredients in fresh processes")
     parser.add_argument("--cross-device", default="", help="interaction log for the cross-device measurement (e.g. ML-100K)")
     parser.add_argument("--clients-per-round", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of this process (centralised run, server-side work); 0 = torch's default. "
-                             "Client actors get one per CPU share from Ray (simulations/resources.py)")
+    parser.add_argument("--cross-device-rounds", type=int, default=4)
+    parser.add_argument("--out", default="", help="results file (default simulations/bench/results/federation[-cross-device].json)")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from flwr.common.config import parse_config_args
-
-    base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "run-dir": "runs/bench",
-            **(parse_config_args([args.run_config]) if args.run_config else {})}
-    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="fedbench-"))
+    base = {"dataset": args.dataset, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
+            "batch-size": args.batch_size, "evaluate-every": args.evaluate_every or args.rounds,
+            "run-dir": str(workdir / "runs"), **json.loads(args.run_config)}
+    meta = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "command": " ".join(sys.argv), **base}
+    rows, centrals = [], []
     for mode in [m for m in args.dp.split(",") if m and args.partners]:
-        central = centralised({**base, "dp-mode": mode})
-        print(json.dumps({"setting": "centralised", "dp-mode": mode, **central}), flush=True)
+        over = {**base, "dp-mode": mode}
+        runs = [centralised(over, workdir, threads=int(t)) for t in args.central_threads.split(",")]
+        for c in runs:
+            centrals.append({"dp-mode": mode, **{k: v for k, v in c.items() if k != "final_metrics"}})
+            print(json.dumps({"centralised": mode, "threads": c["threads"], "wall_s": round(c["wall_s"], 1),
+                              "steady_round_s": c["steady_round_s"], "final": c["final_metrics"]}), flush=True)
+        central = min(runs, key=lambda c: c["wall_s"])
         for partners in [int(x) for x in args.partners.split(",")]:
-            fed = federated({**base, "dp-mode": mode}, partners)
-            steady = fed["steady_round_s"]
-            row = {"dp-mode": mode, "partners": partners, "federated_s": fed["wall_s"], "federated_rounds_s": fed["rounds_s"],
-                   "centralised_s": central["wall_s"], "ratio": fed["wall_s"] / central["wall_s"],
-                   "federated_round_s": steady, "centralised_round_s": central["round_s"],
-                   "round_ratio": steady / central["round_s"] if steady else None}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            fed = federated(over, partners, workdir)
+            rows.append(compare(central, fed, mode, partners))
+            print(json.dumps(rows[-1]), flush=True)
     cross = None
     if args.cross_device:
         from common.config import resolve_config
         from common.task import federation_data
 
-        users = federation_data(resolve_config(None, {**base, "dataset": args.cross_device})).num_users
-        over = {**base, "dataset": args.cross_device, "partitioning": "cross-device", "local-epochs": 1, "dp-mode": "off",
-                "fraction-train": args.clients_per_round / users, "min-nodes": 1}
-        fed = federated(over, users)
-        cross = {"clients": users, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
-                 "wall_s": fed["wall_s"], "rounds_s": fed["rounds_s"], "steady_round_s": fed["steady_round_s"],
-                 # steady rounds; every round also evaluates on all clients (fraction_evaluate = 1, server/strategy_factory.py)
-                 "client_trainings_per_s": args.clients_per_round / steady if (steady := fed["steady_round_s"]) else None,
-                 "client_calls_per_s": (args.clients_per_round + users) / steady if steady else None}
+        users = federation_data(resolve_config(None, {"dataset": args.cross_device})).num_users
+        share = args.clients_per_round / users
+        over = {**base, "dataset": args.cross_device, "partitioning": "cross-device", "dp-mode": "off",
+                "num-server-rounds": args.cross_device_rounds, "evaluate-every": 1, "fraction-train": share,
+                "fraction-evaluate": share, "min-nodes": 1}
+        fed = federated(over, users, workdir)
+        per_round = fed["steady_round_s"]
+        cross = {"clients": users, "clients_per_round": args.clients_per_round, "rounds": args.cross_device_rounds,
+                 "wall_s": fed["wall_s"], "round_s": fed["round_s"], "steady_round_s": per_round,
+                 "phases_s": fed["phases_s"],
+                 # a steady round = clients_per_round trainings + clients_per_round evaluations
+                 "client_trainings_per_s": args.clients_per_round / per_round if per_round else None,
+                 "client_calls_per_s": 2 * args.clients_per_round / per_round if per_round else None}
         print(json.dumps(cross), flush=True)
-    print("\n| DP | partners | federated total (s) | centralised total (s) | ratio | federated round (s) | centralised round (s) | ratio |"
-          "\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        steady = (f"{r['federated_round_s']:.1f} | {r['centralised_round_s']:.1f} | {r['round_ratio']:.2f}x"
-                  if r["round_ratio"] else "- | - | -")
-        print(f"| {r['dp-mode']} | {r['partners']} | {r['federated_s']:.1f} | {r['centralised_s']:.1f} | {r['ratio']:.2f}x | {steady} |")
+    profile = profile_startup(workdir) if args.profile else None
+    if rows:
+        print("\n" + table(rows))
+    meta["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "threads": args.threads, "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv), **base}
-    name = "federation.json" if rows else "federation-cross-device.json"
-    (RESULTS / name).write_text(json.dumps({"settings": meta, "rows": rows, "cross_device": cross}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / name}")
+    path = Path(args.out) if args.out else RESULTS / ("federation.json" if rows else "federation-cross-device.json")
+    path.write_text(json.dumps({"settings": meta, "rows": rows, "centralised": centrals, "cross_device": cross,
+                                "profile": profile}, indent=2) + "\n")
+    print(f"\nwrote {path} (logs and run directories in {workdir})")
     return 0
 
 

@@ -1,0 +1,94 @@
+"""Centralised reference run for the federation benchmark: the same model, data, epochs, DP and
+evaluation schedule as a simulation, trained in one process without Flower.
+
+    python -m simulations.bench.centralised --out central.json \
+        --overrides '{"dataset": "../shared/data/ml-100k", "num-server-rounds": 10, "local-epochs": 1}'
+
+One ``train_local`` call per "round" over every user of the (holdout-less) population, each
+``local-epochs`` epochs (as each partner does in a round), evaluated on the test split of all
+users with the simulation's schedule (``evaluate-every``, last round always). DP on: one noise
+multiplier calibrated for the whole population at ``target-epsilon`` over all rounds, i.e.
+user-level DP-SGD exactly as one partner holding every user would run it. Writes a JSON of
+phase times (seconds, ``time.perf_counter``): imports, data, calibration, each round's training
+and evaluation. ``simulations/bench/federation.py`` runs this as a subprocess and times it from
+the outside, so interpreter start and imports count as they do for ``simulations.run``.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def run(overrides: dict, *, threads: int = 0) -> dict:
+    """Train and evaluate as described in the module docstring; returns the phase times."""
+    import torch
+
+    from common.config import resolve_config
+    from common.evaluation import evaluate_model, evaluates_round
+    from common.metrics import means_from_sums
+    from common.partners import split_population
+    from common.privacy import calibrate_noise, default_delta, dp_mode, steps_per_epoch, uses_local_dp
+    from common.task import new_model
+    from common.training import DPSettings, train_local, user_count_for_training
+
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict = {"threads": torch.get_num_threads(), "imports_s": time.perf_counter() - _T0}
+    cfg = resolve_config(None, overrides)
+    begin = time.perf_counter()
+    data, _ = split_population(cfg)
+    model = new_model(cfg, data.num_items)
+    out["data_s"] = time.perf_counter() - begin
+    rounds, epochs, batch = int(cfg["num-server-rounds"]), int(cfg["local-epochs"]), int(cfg["batch-size"])
+    dp = None
+    if uses_local_dp(dp_mode(cfg)):
+        begin = time.perf_counter()
+        users = user_count_for_training(data)
+        rate, steps = steps_per_epoch(users, batch)
+        delta = float(cfg["target-delta"]) or default_delta(users)
+        noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
+                                total_steps=rounds * epochs * steps, accountant=str(cfg["accountant"]))
+        dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
+        out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
+    train_s, eval_s, metrics = [], [], {}
+    for rnd in range(1, rounds + 1):
+        begin = time.perf_counter()
+        train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
+                    max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd)
+        train_s.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
+            sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]))
+            metrics = means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
+        eval_s.append(time.perf_counter() - begin)
+    out.update(train_s=train_s, eval_s=eval_s, round_s=[t + e for t, e in zip(train_s, eval_s)],
+               users=data.num_users, final_metrics=metrics, inside_s=time.perf_counter() - _T0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--overrides", default="{}", help='run config overrides as JSON, e.g. {"local-epochs": 1}')
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
+    parser.add_argument("--out", required=True, help="JSON file for the phase times")
+    args = parser.parse_args(argv)
+    from common.errors import FedRecError
+
+    try:  # NOTE: no Flower import here: the centralised run should not pay for it
+        result = run(json.loads(args.overrides), threads=args.threads)
+    except FedRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
