@@ -64,7 +64,7 @@ def _one_at_a_time(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("length", [1, 2, 7, MAX_LEN - 1, MAX_LEN, MAX_LEN + 1, 30])
+@pytest.mark.parametrize("length", [1, 2, MAX_LEN, MAX_LEN + 1, 30])
 def test_leave_one_out_equals_the_model_on_each_variant(name, length):
     # Prepare
     model = MODELS[name]()

@@ -465,3 +465,20 @@ def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path)
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model") and "Traceback" not in bad.stderr
     assert not (tmp_path / "other.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_latency_benchmark_measures_both_settings_over_http(tmp_path, capsys):
+    from simulations.bench import serve_latency
+
+    out = tmp_path / "serve_latency.json"
+    args = ["--synthetic-users", "40", "--requests", "6", "--warmup", "2", "--chunk", "3", "--out", str(out)]
+    assert serve_latency.main(args) == 0
+
+    result = json.loads(out.read_text())
+    assert [r["explain"] for r in result["rows"]] == [False, True]
+    for row in result["rows"]:
+        assert row["n"] == 6 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["server_cpu_ms_per_request"] >= 0
+    assert "load average" in result["load"]["uptime_before"] and result["settings"]["users"] == 40
+    assert "p99 ms" in capsys.readouterr().out
