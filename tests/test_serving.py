@@ -468,7 +468,7 @@ def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path)
 
 
 @pytest.mark.slow
-def test_latency_benchmark_measures_both_settings_over_http(tmp_path, capsys):
+def test_latency_benchmark_measures_every_setting_over_http(tmp_path, capsys):
     from simulations.bench import serve_latency
 
     out = tmp_path / "serve_latency.json"
@@ -476,7 +476,7 @@ def test_latency_benchmark_measures_both_settings_over_http(tmp_path, capsys):
     assert serve_latency.main(args) == 0
 
     result = json.loads(out.read_text())
-    assert [r["explain"] for r in result["rows"]] == [False, True]
+    assert [r["request"] for r in result["rows"]] == ["explain=false", "explain=true", "floor"]
     for row in result["rows"]:
         assert row["n"] == 6 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["server_cpu_ms_per_request"] >= 0

@@ -8,8 +8,9 @@ httptools when installed) over an event store holding the log and an ML-100K-siz
 given: the cost is the same), then sends requests one after another for random known users
 from one keep-alive HTTP/1.1 connection (``--client``: Python's ``http.client``, the
 lightest, or httpx): ``--warmup`` requests per setting (not measured), then
-``--requests`` per setting, alternating with and without explanations in rounds of
-``--chunk`` so that both see the same machine load. Prints p50/p95/p99/max in milliseconds
+``--requests`` per setting, alternating with and without explanations (and the "floor": the
+same route with ``k=0``, refused with a 422 before any model work) in rounds of ``--chunk``
+so that all see the same machine load. Prints p50/p95/p99/max in milliseconds
 (client side: request sent to body parsed), the server's CPU time per request, and the
 1-minute load average sampled every chunk (the machine may be shared: with more runnable
 processes than cores the percentiles include waiting for a core). Writes the numbers to
@@ -111,16 +112,24 @@ class Client:
         self._httpx.close() if self.kind == "httpx" else self._conn.close()
 
 
-def measure(client: Client, users: list[str], n: int, explain: bool, rng: np.random.Generator) -> np.ndarray:
+# What is measured: the request's query and the status it must get. "floor" is the same route with a
+# k the API refuses: HTTP, routing, validation and a JSON reply but no model work, i.e. what the
+# machine's load alone adds to any request.
+SETTINGS = {"explain=false": ("k=10&explain=false", 200), "explain=true": ("k=10&explain=true", 200),
+            "floor": ("k=0", 422)}
+
+
+def measure(client: Client, users: list[str], n: int, setting: str, rng: np.random.Generator) -> np.ndarray:
     """Milliseconds per request, one after another (client-side: request sent to JSON body parsed)."""
+    query, expected = SETTINGS[setting]
     out = np.empty(n)
     for i in range(n):
         user = users[int(rng.integers(len(users)))]
         t0 = time.perf_counter()
-        status, body = client.get(f"/users/{user}/recommendations?k=10&explain={str(explain).lower()}")
+        status, body = client.get(f"/users/{user}/recommendations?{query}")
         json.loads(body)
         out[i] = (time.perf_counter() - t0) * 1000
-        if status != 200:
+        if status != expected:
             raise RuntimeError(f"HTTP {status}: {body[:500]!r}")
     return out
 
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="results JSON ('' to skip)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    settings = (False, True)  # explain
+    settings = list(SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, store_path, users = prepare(Path(tmp), args.data, args.model, args.synthetic_users)
         port = _free_port()
@@ -178,20 +187,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"{os.cpu_count()} CPU cores, server pid {server.pid} (nice {os.nice(0)}), {_event_loop()}")
                 uptime_before = _uptime()
                 print(f"before: {uptime_before}")
-                for explain in settings:  # warm-up, not measured
-                    measure(client, users, args.warmup, explain, rng)
-                ms: dict[bool, list[np.ndarray]] = {e: [] for e in settings}
+                for setting in settings:  # warm-up, not measured
+                    measure(client, users, args.warmup, setting, rng)
+                ms: dict[str, list[np.ndarray]] = {e: [] for e in settings}
                 cpu = dict.fromkeys(settings, 0.0)
                 client_cpu = dict.fromkeys(settings, 0.0)
                 loads: list[float] = []
                 done = 0
                 while done < args.requests:
                     n = min(args.chunk, args.requests - done)
-                    for explain in settings:
+                    for setting in settings:
                         cpu0, client0 = cpu_seconds(server.pid), time.process_time()
-                        ms[explain].append(measure(client, users, n, explain, rng))
-                        cpu[explain] += cpu_seconds(server.pid) - cpu0
-                        client_cpu[explain] += time.process_time() - client0
+                        ms[setting].append(measure(client, users, n, setting, rng))
+                        cpu[setting] += cpu_seconds(server.pid) - cpu0
+                        client_cpu[setting] += time.process_time() - client0
                     loads.append(os.getloadavg()[0])
                     done += n
                 uptime_after = _uptime()
@@ -205,17 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                 server.kill()
                 server.wait()
     rows = []
-    print(f"{'explain':>8} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU ms/req':>18} "
-          f"{'client CPU ms/req':>18}")
-    for explain in settings:
-        a = np.concatenate(ms[explain])
+    print(f"{'request':>14} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")
+    for setting in settings:
+        a = np.concatenate(ms[setting])
         p50, p95, p99 = np.percentile(a, [50, 95, 99])
-        row = {"explain": explain, "n": len(a), "p50_ms": round(p50, 2), "p95_ms": round(p95, 2),
-               "p99_ms": round(p99, 2), "max_ms": round(float(a.max()), 2),
-               "server_cpu_ms_per_request": round(cpu[explain] * 1000 / len(a), 2),
-               "client_cpu_ms_per_request": round(client_cpu[explain] * 1000 / len(a), 2)}
+        row = {"request": setting, "query": SETTINGS[setting][0], "n": len(a), "p50_ms": round(p50, 2),
+               "p95_ms": round(p95, 2), "p99_ms": round(p99, 2), "max_ms": round(float(a.max()), 2),
+               "server_cpu_ms_per_request": round(cpu[setting] * 1000 / len(a), 2),
+               "client_cpu_ms_per_request": round(client_cpu[setting] * 1000 / len(a), 2)}
         rows.append(row)
-        print(f"{str(explain).lower():>8} {len(a):>6} {p50:>8.2f} {p95:>8.2f} {p99:>8.2f} {a.max():>8.2f} "
+        print(f"{setting:>14} {len(a):>6} {p50:>8.2f} {p95:>8.2f} {p99:>8.2f} {a.max():>8.2f} "
               f"{row['server_cpu_ms_per_request']:>18.2f} {row['client_cpu_ms_per_request']:>18.2f}")
     print(f"after: {uptime_after}")
     print(f"1-min load average while measuring: mean {np.mean(loads):.2f}, min {min(loads):.2f}, max {max(loads):.2f} "
