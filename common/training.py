@@ -65,6 +65,20 @@ def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     return (per_user / mask.sum(dim=1).clamp(min=1)).mean()
 
 
+def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding for every row of a left-padded batch.
+
+    Same loss and gradients (SASRec's positions are right-aligned and padding is masked), but
+    attention and feed-forward cost follow the batch's longest history instead of ``max_len``.
+    """
+    items = inputs[..., 0] if inputs.dim() == 3 else inputs  # (b, t, 2): item and time-gap channels
+    used = (items != 0).any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else items.shape[1] - 1
+    if first == 0:
+        return inputs, targets
+    return inputs[:, first:].contiguous(), targets[:, first:].contiguous()
+
+
 def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False) -> TensorDataset:
     """One (input, target) pair per user with at least two training items: inputs are the
     history shifted by one, left-padded to ``max_len``; with ``time_features`` inputs are
@@ -250,7 +264,7 @@ def train_local(
     fused = engine is not None and mode == "fused"
 
     def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = trim_padding(inputs.to(device), targets.to(device))
         if fused:  # sets p.grad to the sum of per-user clipped gradients
             return fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm).loss.mean()
         if dp is None and hasattr(model, "hidden"):

@@ -110,7 +110,9 @@ class SASRec(nn.Module):
             seq, gaps = seq[..., 0], seq[..., 1]
         b, t = seq.shape
         pad = seq == 0
-        positions = torch.arange(t, device=seq.device).expand(b, t).contiguous()
+        # Right-aligned positions: the last item is always position max_len - 1, so a batch
+        # whose leading all-padding columns were trimmed (common/training.py) scores the same.
+        positions = torch.arange(self.max_len - t, self.max_len, device=seq.device).expand(b, t).contiguous()
         x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
         if self.time_emb is not None and gaps is not None:
             x = x + self.time_emb(gaps)

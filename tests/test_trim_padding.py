@@ -1,0 +1,44 @@
+"""Trimming all-padding columns from a left-padded batch changes cost, never results."""
+
+import torch
+
+from common.metrics import pad_left
+from common.models.sasrec import SASRec
+from common.training import positions_only_loss, trim_padding
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    # As common.training.training_pairs builds them: input i and target i are both padding or both items
+    histories = [torch.arange(1, 8).numpy(), torch.arange(3, 7).numpy(), torch.arange(2, 5).numpy()]
+    return pad_left([h[:-1] for h in histories], 11), pad_left([h[1:] for h in histories], 11)
+
+
+def test_trim_drops_only_columns_padded_in_every_row() -> None:
+    inputs, targets = _batch()
+    short_in, short_t = trim_padding(inputs, targets)
+    assert short_in.shape[1] == 6  # longest input history: 6 items (7 minus the last)
+    assert torch.equal(short_in, inputs[:, -6:]) and torch.equal(short_t, targets[:, -6:])
+    assert (inputs[:, :-6] == 0).all()
+
+
+def test_trimmed_batch_has_the_same_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = SASRec(10, max_len=11, dim=8, num_blocks=2, dropout=0.0).eval()
+    inputs, targets = _batch()
+    full = positions_only_loss(model, inputs, targets)
+    full_grads = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    short = positions_only_loss(model, *trim_padding(inputs, targets))
+    short_grads = torch.autograd.grad(short, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(full, short, atol=1e-6)
+    for g_full, g_short in zip(full_grads, short_grads):
+        if g_full is None:
+            assert g_short is None
+        else:
+            assert torch.allclose(g_full, g_short, atol=1e-6)
+
+
+def test_time_feature_channel_is_trimmed_with_the_items() -> None:
+    inputs, targets = _batch()
+    stacked = torch.stack([inputs, inputs * 0 + 1], dim=-1)  # gap channel non-zero everywhere
+    short_in, _ = trim_padding(stacked, targets)
+    assert short_in.shape == (3, 6, 2)
