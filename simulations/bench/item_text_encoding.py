@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.data.loaders import load_item_titles
 from common.item_text import item_texts
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[available_cores()], help="torch threads to time")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=0, help="encode only the first N texts (0 = all)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the previous path: one plain encode call, torch's default threads")
     parser.add_argument("--out", default=str(RESULTS / "item_text_encoding.json"))
     args = parser.parse_args(argv)
 
@@ -96,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(tokens), flush=True)
 
     rows, embeddings = [], {}
+    if args.baseline:  # what common.item_text did before: sentence-transformers' own batching and threads
+        encoders["float32"].encode(texts[: args.batch_size // 4])
+        before, start, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        encoders["float32"].encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+        wall = time.perf_counter() - start
+        rows.append({"precision": "float32 plain encode (before)", "threads": torch.get_num_threads(), "wall_s": round(wall, 2),
+                     "cpu_s": round(time.process_time() - cpu, 2), "texts_per_s": round(len(texts) / wall, 1),
+                     "load_average_1min": [round(before, 2), round(os.getloadavg()[0], 2)]})
+        print(json.dumps(rows[-1]), flush=True)
     for threads in args.threads:
         for precision, encoder in encoders.items():
             encode_with(encoder, texts[: args.batch_size // 4], threads=threads)  # warm-up: first-call allocations
