@@ -2,7 +2,9 @@
 
 The influence of history item ``h`` on recommended item ``j`` is
 ``score_j(history) - score_j(history without h)``, computed with the same model that
-ranked ``j`` (one batched forward pass over the history with each item removed in turn).
+ranked ``j``: for SASRec one forward over the history and the history without its last item,
+then only the states each removal changes (``client/loo_forward.py``); for other models one
+batched forward pass over the history with each item removed in turn.
 A positive influence means the item raised ``j``'s score: the reason names the items with
 the largest positive influence. Nothing is invented: removing the first named item lowers
 ``j``'s score by exactly the reported influence.
