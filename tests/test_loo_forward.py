@@ -58,8 +58,8 @@ def _one_at_a_time(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray
     positions = range(max(0, len(history) - MAX_LEN), len(history))
     with torch.inference_mode():
         base = model.score(model_inputs(model, [history], MAX_LEN, [gaps]))[0, targets]
-        rows = [base - model.score(model_inputs(model, [np.delete(history, p)], MAX_LEN, [np.delete(gaps, p)]))[0, targets]
-                for p in positions]
+        rows = [base - model.score(model_inputs(model, [np.delete(history, p)], MAX_LEN,
+                                                [np.delete(gaps, p)]))[0, targets] for p in positions]
     return torch.stack(rows).numpy()
 
 
