@@ -72,6 +72,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
+            **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"])}),
         )
 
         # Record the spend on the ledger before anything leaves; epsilon is over the whole ledger

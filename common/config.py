@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "genre-features": False,
     # Local training
     "local-epochs": 2,
+    "history-windows": False,  # dp = false only: every max-seq-len window of a history is an example
     "batch-size": 64,
     "learning-rate": 0.002,
     "device": "auto",

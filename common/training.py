@@ -79,11 +79,31 @@ def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return inputs[:, first:].contiguous(), targets[:, first:].contiguous()
 
 
-def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False) -> TensorDataset:
+def history_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """The history cut from its end into windows of ``max_len + 1`` items overlapping by one,
+    so every item but the first is a target exactly once; windows shorter than 2 are dropped."""
+    out, end = [], len(history)
+    while end >= 2:
+        out.append(history[max(0, end - max_len - 1):end])
+        end -= max_len
+    return out
+
+
+def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False,
+                   windows: bool = False) -> TensorDataset:
     """One (input, target) pair per user with at least two training items: inputs are the
     history shifted by one, left-padded to ``max_len``; with ``time_features`` inputs are
-    (users, max_len, 2), channel 1 the time-gap buckets (common/models/context.py)."""
+    (users, max_len, 2), channel 1 the time-gap buckets (common/models/context.py).
+
+    ``windows`` (non-private training only: a DP example must be one user) adds a pair for every
+    earlier ``max_len`` window of a longer history, so the whole history is trained on, not just its end.
+    """
     train = data.train_sequences()
+    if windows:
+        if time_features:
+            raise ConfigError("history-windows does not combine with time-features yet")
+        pairs = [w for h in train for w in history_windows(h, max_len)]
+        return TensorDataset(pad_left([w[:-1] for w in pairs], max_len), pad_left([w[1:] for w in pairs], max_len))
     keep = [u for u, h in enumerate(train) if len(h) >= 2]
     histories = [train[u][-(max_len + 1):] for u in keep]
     inputs = pad_left([h[:-1] for h in histories], max_len)
@@ -227,8 +247,12 @@ def train_local(
     device: torch.device | str = "cpu",
     seed: int = 0,
     proximal_mu: float = 0.0,
+    history_windows: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
+
+    ``history_windows`` (only without ``dp``): every ``max_len`` window of a history is an example
+    (:func:`training_pairs`); with DP an example must stay one user, so it is an error there.
 
     ``proximal_mu`` > 0 (FedProx) pulls the weights toward the received global model after
     every step (common/proximal.py; no privacy cost).
@@ -239,7 +263,9 @@ def train_local(
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
-    dataset = training_pairs(data, max_len, time_features=getattr(model, "time_features", False))
+    if history_windows and dp is not None:
+        raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
+    dataset = training_pairs(data, max_len, time_features=getattr(model, "time_features", False), windows=history_windows)
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()

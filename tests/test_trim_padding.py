@@ -42,3 +42,35 @@ def test_time_feature_channel_is_trimmed_with_the_items() -> None:
     stacked = torch.stack([inputs, inputs * 0 + 1], dim=-1)  # gap channel non-zero everywhere
     short_in, _ = trim_padding(stacked, targets)
     assert short_in.shape == (3, 6, 2)
+
+
+def test_history_windows_cover_every_target_once() -> None:
+    import numpy as np
+
+    from common.training import history_windows
+
+    history = np.arange(1, 24)  # 23 items: 22 targets
+    windows = history_windows(history, 5)
+    targets = np.concatenate([w[1:] for w in windows])
+    assert sorted(targets.tolist()) == list(range(2, 24))  # each target once, nothing invented
+    assert all(2 <= len(w) <= 6 for w in windows)
+    for w in windows:  # every window is a contiguous slice of the history
+        start = int(np.flatnonzero(history == w[0])[0])
+        assert np.array_equal(history[start:start + len(w)], w)
+
+
+def test_history_windows_are_refused_with_dp() -> None:
+    import pytest
+
+    from common.data.sequences import build_sequences
+    from common.data.synthetic import generate_synthetic
+    from common.errors import ConfigError
+    from common.training import DPSettings, train_local
+
+    data = build_sequences(generate_synthetic(num_users=20, num_items=15, seed=0), name="tiny")
+    model = SASRec(data.num_items, max_len=6, dim=8, num_blocks=1)
+    with pytest.raises(ConfigError, match="history-windows"):
+        train_local(model, data, epochs=1, batch_size=4, learning_rate=0.01, max_len=6,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), history_windows=True)
+    out = train_local(model, data, epochs=1, batch_size=4, learning_rate=0.01, max_len=3, history_windows=True)
+    assert out.num_examples > sum(len(h) >= 2 for h in data.train_sequences())  # long histories give extra windows
