@@ -116,7 +116,7 @@ def test_centralised_reference_calibrates_for_all_users_and_follows_the_schedule
 def test_simulation_evaluates_on_schedule_and_on_a_sample(tmp_path):
     from tests.test_simulation_e2e import TINY, read_metrics, run_main_job
 
-    cfg = (f"{TINY} num-server-rounds=3 dp=false evaluate-every=2 fraction-evaluate=0.5 "
+    cfg = (f"{TINY.replace('num-server-rounds=2', 'num-server-rounds=3')} dp=false evaluate-every=2 fraction-evaluate=0.5 "
            f"run-dir='{tmp_path}' run-name='sched'")
     res = run_main_job(["--num-partners", "4", "--run-config", cfg])
     assert res.returncode == 0, res.stdout[-3000:]

@@ -14,7 +14,9 @@ learning rate, total epochs, DP target (centralised: one noise multiplier for al
 same target epsilon) and evaluation schedule (``evaluate-every``: full-ranking test metrics of
 all users, on both sides).
 
-Reported: whole-run wall time and ratio; steady-state round (median of rounds 2..R-1: no
+The centralised reference is the fastest of ``--central-threads`` (under load, 2 intra-op threads
+on 2 cores were 3x slower than 1), with ``--bracket`` the mean of a run before and one after the
+federated runs (the shared machine's load drifts). Reported: whole-run wall time and ratio; steady-state round (median of rounds 2..R-1: no
 start-up, no final evaluation) and ratio; and the federated run's phases: start-up before the
 ServerApp (imports, data check), round 1 (Ray start, client actors importing torch/Opacus/Flower,
 data, noise calibration, first training), rounds 2..R, and the tail (Ray shutdown, population
@@ -96,9 +98,9 @@ def federated(overrides: dict, partners: int, workdir: Path, *, cpus_per_client:
                          "after_last_round": end - server_start - marks[-1]}}
 
 
-def centralised(overrides: dict, workdir: Path, *, threads: int = 0) -> dict:
+def centralised(overrides: dict, workdir: Path, *, threads: int = 0, tag: str = "") -> dict:
     """One ``simulations.bench.centralised`` process: whole wall time plus its own phase times."""
-    out = workdir / f"central-{overrides.get('dp-mode')}-{threads}.json"
+    out = workdir / f"central-{overrides.get('dp-mode')}-{threads}{tag}.json"
     cmd = [sys.executable, "-m", "simulations.bench.centralised", "--threads", str(threads), "--out", str(out),
            "--overrides", json.dumps(overrides)]
     start, end, _ = _timed(cmd, out.with_suffix(".log"))
@@ -106,16 +108,30 @@ def centralised(overrides: dict, workdir: Path, *, threads: int = 0) -> dict:
     return {"wall_s": end - start, "steady_round_s": steady(inner["round_s"]), **inner}
 
 
-def profile_startup(workdir: Path) -> dict:
-    """Fresh-process times (s) of round 1's fixed ingredients: the clients' imports, Ray start/stop."""
+def profile_startup(workdir: Path, overrides: dict, partners: int) -> dict:
+    """Fresh-process times (s) of round 1's fixed ingredients: the clients' imports, Ray start/stop,
+    one partner's noise calibration (partner 0 of ``partners``, DP plan of ``overrides``)."""
+    from common.config import resolve_config
+    from common.partners import simulated_partner
+    from common.privacy import default_delta, steps_per_epoch
+    from common.training import user_count_for_training
+
+    cfg = resolve_config(None, overrides)
+    users = user_count_for_training(simulated_partner(cfg, 0, partners))
+    rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
+    plan = dict(target_epsilon=float(cfg["target-epsilon"]), target_delta=float(cfg["target-delta"]) or default_delta(users),
+                sample_rate=rate, total_steps=int(cfg["num-server-rounds"]) * int(cfg["local-epochs"]) * steps)
+    calibration = ("import time; from common.privacy import calibrate_noise; t = time.perf_counter(); "
+                   f"calibrate_noise(**{plan!r}); print(time.perf_counter() - t)")
     imports = ("import time; t = time.perf_counter(); import client.app; from client.private_factors import mf_trainer; "
                "from client.privacy_budget import PartnerBudget; import common.training, common.task; "
                "print(time.perf_counter() - t)")
     ray_cycle = ("import time; t = time.perf_counter(); import ray; from simulations.resources import backend_config; "
                  "ray.init(**backend_config()['init_args']); u = time.perf_counter(); ray.shutdown(); "
                  "print(u - t, time.perf_counter() - u)")
-    out = {}
-    for name, code in (("client_imports_s", imports), ("ray_init_and_shutdown_s", ray_cycle)):
+    out: dict = {"calibration_plan": {**plan, "partners": partners, "users": users}}
+    for name, code in (("client_imports_s", imports), ("ray_init_and_shutdown_s", ray_cycle),
+                       ("partner_calibration_s", calibration)):
         _, _, text = _timed([sys.executable, "-c", code], workdir / f"profile-{name}.log")
         out[name] = [float(x) for x in text.strip().splitlines()[-1].split()]
     return out
@@ -144,6 +160,7 @@ def compare(central: dict, fed: dict, mode: str, partners: int) -> dict:
             "round_ratio": steady_f / steady_c if steady_f and steady_c else None,
             "federated_phases_s": fed["phases_s"], "federated_round_1_s": fed["round_s"][0],
             "centralised_threads": central["threads"], "centralised_calibration_s": central.get("calibration_s"),
+            "centralised_s_before_after": central.get("wall_s_before_after"),
             "run_dir": fed["run_dir"], "load_average": os.getloadavg()}
 
 
@@ -156,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="32: 20 partners of ML-100K have ~47 users each")
     parser.add_argument("--evaluate-every", type=int, default=0, help="0 = only after the last round (both sides)")
-    parser.add_argument("--central-threads", default="1,0",
+    parser.add_argument("--central-threads", default="1",
                         help="torch threads of the centralised run, each measured; the faster is the reference (0 = all cores)")
     parser.add_argument("--run-config", default="{}", help='extra overrides for both sides, JSON')
+    parser.add_argument("--bracket", action="store_true",
+                        help="run the centralised reference again after the federated runs and use the mean of both")
     parser.add_argument("--profile", action="store_true", help="also time the round-1 ingredients in fresh processes")
     parser.add_argument("--cross-device", default="", help="interaction log for the cross-device measurement (e.g. ML-100K)")
     parser.add_argument("--clients-per-round", type=int, default=40)
@@ -179,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"centralised": mode, "threads": c["threads"], "wall_s": round(c["wall_s"], 1),
                               "steady_round_s": c["steady_round_s"], "final": c["final_metrics"]}), flush=True)
         central = min(runs, key=lambda c: c["wall_s"])
-        for partners in [int(x) for x in args.partners.split(",")]:
-            fed = federated(over, partners, workdir)
+        feds = [(p, federated(over, p, workdir)) for p in [int(x) for x in args.partners.split(",")]]
+        if args.bracket:  # the machine's load drifts: the reference is the mean of a run before and after
+            again = centralised(over, workdir, threads=central["threads"], tag="after")
+            centrals.append({"dp-mode": mode, "bracket": "after", **{k: v for k, v in again.items() if k != "final_metrics"}})
+            central = {**central, "wall_s": (central["wall_s"] + again["wall_s"]) / 2,
+                       "steady_round_s": (central["steady_round_s"] + again["steady_round_s"]) / 2,
+                       "wall_s_before_after": [central["wall_s"], again["wall_s"]]}
+        for partners, fed in feds:
             rows.append(compare(central, fed, mode, partners))
             print(json.dumps(rows[-1]), flush=True)
     cross = None
@@ -202,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                  "client_trainings_per_s": args.clients_per_round / per_round if per_round else None,
                  "client_calls_per_s": 2 * args.clients_per_round / per_round if per_round else None}
         print(json.dumps(cross), flush=True)
-    profile = profile_startup(workdir) if args.profile else None
+    first = int(args.partners.split(",")[0]) if args.partners else 5
+    profile = profile_startup(workdir, {**base, "dp-mode": "local"}, first) if args.profile else None
     if rows:
         print("\n" + table(rows))
     meta["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else RESULTS / ("federation.json" if rows else "federation-cross-device.json")
+    path = Path(args.out) if args.out else RESULTS / ("federation.json" if rows or not cross else "federation-cross-device.json")
     path.write_text(json.dumps({"settings": meta, "rows": rows, "centralised": centrals, "cross_device": cross,
                                 "profile": profile}, indent=2) + "\n")
     print(f"\nwrote {path} (logs and run directories in {workdir})")
