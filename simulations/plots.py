@@ -38,7 +38,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     out = []
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key in ("hr@10", "ndcg@10"):
-        ax.plot([x["round"] for x in lines], [x.get(key) or 0 for x in lines], marker="o", label=key.upper())
+        done = [x for x in lines if x.get(key) is not None]  # evaluate-every: unevaluated rounds are null
+        ax.plot([x["round"] for x in done], [x[key] for x in done], marker="o", label=key.upper())
     ax.set_xlabel("round")
     ax.set_ylabel("test metric")
     ax.set_title(Path(run_dir).name, fontsize=8)
