@@ -68,7 +68,8 @@ def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.T
 def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the leading columns that are padding for every row of a left-padded batch.
 
-    Same loss and gradients (SASRec's positions are right-aligned and padding is masked), but
+    Same loss and gradients (SASRec's positions are right-aligned and padding is masked; with
+    dropout the random masks are drawn on the smaller shape, so runs differ bit for bit), but
     attention and feed-forward cost follow the batch's longest history instead of ``max_len``.
     """
     items = inputs[..., 0] if inputs.dim() == 3 else inputs  # (b, t, 2): item and time-gap channels
@@ -79,7 +80,7 @@ def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return inputs[:, first:].contiguous(), targets[:, first:].contiguous()
 
 
-def history_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
+def split_into_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
     """The history cut from its end into windows of ``max_len + 1`` items overlapping by one,
     so every item but the first is a target exactly once; windows shorter than 2 are dropped."""
     out, end = [], len(history)
@@ -102,7 +103,7 @@ def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = Fa
     if windows:
         if time_features:
             raise ConfigError("history-windows does not combine with time-features yet")
-        pairs = [w for h in train for w in history_windows(h, max_len)]
+        pairs = [w for h in train for w in split_into_windows(h, max_len)]
         return TensorDataset(pad_left([w[:-1] for w in pairs], max_len), pad_left([w[1:] for w in pairs], max_len))
     keep = [u for u, h in enumerate(train) if len(h) >= 2]
     histories = [train[u][-(max_len + 1):] for u in keep]

@@ -47,10 +47,10 @@ def test_time_feature_channel_is_trimmed_with_the_items() -> None:
 def test_history_windows_cover_every_target_once() -> None:
     import numpy as np
 
-    from common.training import history_windows
+    from common.training import split_into_windows
 
     history = np.arange(1, 24)  # 23 items: 22 targets
-    windows = history_windows(history, 5)
+    windows = split_into_windows(history, 5)
     targets = np.concatenate([w[1:] for w in windows])
     assert sorted(targets.tolist()) == list(range(2, 24))  # each target once, nothing invented
     assert all(2 <= len(w) <= 6 for w in windows)
