@@ -57,19 +57,23 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
                                 total_steps=rounds * epochs * steps, accountant=str(cfg["accountant"]))
         dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
         out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
-    train_s, eval_s, metrics = [], [], {}
+    train_s, eval_s, metrics, curve = [], [], {}, []
     for rnd in range(1, rounds + 1):
         begin = time.perf_counter()
         train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
-                    max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd)
+                    max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
+                    history_windows=bool(cfg["history-windows"]) and dp is None)
         train_s.append(time.perf_counter() - begin)
         begin = time.perf_counter()
         if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
             sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]))
             metrics = means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
+            # time to quality: cumulative training seconds at each evaluated round
+            curve.append({"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
+                          "hr@10": metrics.get("hr@10")})
         eval_s.append(time.perf_counter() - begin)
     out.update(train_s=train_s, eval_s=eval_s, round_s=[t + e for t, e in zip(train_s, eval_s)],
-               users=data.num_users, final_metrics=metrics, inside_s=time.perf_counter() - _T0)
+               users=data.num_users, final_metrics=metrics, quality_curve=curve, inside_s=time.perf_counter() - _T0)
     return out
 
 
