@@ -99,10 +99,18 @@ def calibrate_noise(
 @functools.lru_cache(maxsize=256)
 def _calibrated_noise(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int,
                       accountant: str) -> float:
-    """Opacus' search, cached per process: it takes seconds (tens of accountant evaluations) and
-    the partners a simulation actor serves mostly share (rate, steps, delta), e.g. IID partitions."""
+    """Opacus' search, cached per process (the partners a simulation actor serves mostly share
+    (rate, steps, delta), e.g. IID partitions). For RDP the same search runs on the vectorised
+    RDP of common/fast_rdp.py (5-10x faster; 0.35 s instead of 3.6 s for a whole search at rate 1/3)."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+
+        from common.fast_rdp import noise_for_target
+
+        return noise_for_target(target_epsilon, target_delta, sample_rate, total_steps,
+                                RDPAccountant.DEFAULT_ALPHAS, epsilon_tolerance=0.005)
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
                                       steps=total_steps, accountant=accountant, epsilon_tolerance=0.005))
 
@@ -174,11 +182,13 @@ def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rd
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """One step's RDP curve at Opacus' default orders (vectorised; equal to Opacus' compute_rdp,
+    tests/test_fast_rdp.py)."""
     from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
 
-    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+    from common.fast_rdp import rdp_per_step
+
+    return rdp_per_step(sample_rate, noise_multiplier, RDPAccountant.DEFAULT_ALPHAS)
 
 
 def _merge(history: list[Mechanism]) -> list[Mechanism]:
