@@ -44,6 +44,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
 
 
 def _train(msg: Message, context: Context, cfg: dict) -> Message:
+    from client.optimizer_state import load_optimizer_state, save_optimizer_state
     from client.private_factors import mf_trainer
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
     from common.task import new_model, partner_data
@@ -67,13 +68,17 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
 
         # Train (DP-SGD with the run's calibrated noise when local DP is on)
         trainer = mf_trainer(context) if cfg["model"] == "mf" else train_local  # MF: user factors stay here
+        keep_adam = bool(cfg["keep-optimizer-state"]) and cfg["model"] != "mf"  # client/optimizer_state.py
         result = trainer(
             model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"])}),
+            **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )
+        if keep_adam:
+            save_optimizer_state(context, result.optimizer_state)
 
         # Record the spend on the ledger before anything leaves; epsilon is over the whole ledger
         privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     # Local training
     "local-epochs": 2,
     "history-windows": False,  # dp = false only: every max-seq-len window of a history is an example
+    "keep-optimizer-state": False,  # a partner continues its Adam moments from its previous round
     "batch-size": 64,
     "learning-rate": 0.002,
     "device": "auto",

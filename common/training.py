@@ -134,6 +134,7 @@ class TrainResult:
     num_examples: int
     mechanisms: list[Mechanism]  # what this call spent; append to the ledger
     seconds: float
+    optimizer_state: dict | None = None  # Adam's state after the call (moments, step counts)
 
 
 def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
@@ -249,6 +250,7 @@ def train_local(
     seed: int = 0,
     proximal_mu: float = 0.0,
     history_windows: bool = False,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
 
@@ -257,6 +259,10 @@ def train_local(
 
     ``proximal_mu`` > 0 (FedProx) pulls the weights toward the received global model after
     every step (common/proximal.py; no privacy cost).
+
+    ``optimizer_state``: an Adam state from an earlier call (``TrainResult.optimizer_state``) to
+    continue from, instead of fresh moments; with DP the moments are functions of noised
+    gradients only (post-processing, no privacy cost).
 
     With ``dp``, each step Poisson-samples users (expected ``batch_size``), clips each
     user's gradient to ``max_grad_norm`` and adds Gaussian noise; ``mechanisms`` lists
@@ -271,7 +277,11 @@ def train_local(
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()
     proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    optimizer = adam = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    if optimizer_state:
+        adam.load_state_dict(optimizer_state)
+        for group in adam.param_groups:  # this call's learning rate, not the stored one
+            group["lr"] = learning_rate
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     criterion: nn.Module = SequenceLoss()
     hooks = None
@@ -305,7 +315,7 @@ def train_local(
                              before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, optimizer_state=adam.state_dict())
 
 
 def user_count_for_training(data: SequenceData) -> int:

@@ -5,7 +5,8 @@ evaluation schedule as a simulation, trained in one process without Flower.
         --overrides '{"dataset": "../shared/data/ml-100k", "num-server-rounds": 10, "local-epochs": 1}'
 
 One ``train_local`` call per "round" over every user of the (holdout-less) population, each
-``local-epochs`` epochs (as each partner does in a round), evaluated on the test split of all
+``local-epochs`` epochs (as each partner does in a round; Adam's state carried over with
+``keep-optimizer-state``), evaluated on the test split of all
 users with the simulation's schedule (``evaluate-every``, last round always). DP on: one noise
 multiplier calibrated for the whole population at ``target-epsilon`` over all rounds, i.e.
 user-level DP-SGD exactly as one partner holding every user would run it. Writes a JSON of
@@ -58,11 +59,13 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
         out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
     train_s, eval_s, metrics, curve = [], [], {}, []
+    adam = None  # keep-optimizer-state: Adam's moments go on from round to round, as a partner's do
     for rnd in range(1, rounds + 1):
         begin = time.perf_counter()
-        train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
-                    max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
-                    history_windows=bool(cfg["history-windows"]) and dp is None)
+        result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
+                             max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
+                             history_windows=bool(cfg["history-windows"]) and dp is None, optimizer_state=adam)
+        adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
         train_s.append(time.perf_counter() - begin)
         begin = time.perf_counter()
         if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
