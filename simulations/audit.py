@@ -31,9 +31,10 @@ import torch
 
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
-from common.errors import DataError, FedRecError
+from common.errors import DataError
 from common.metrics import pad_left
 from common.task import federation_data, new_model
+from simulations.cli import user_errors_exit
 
 
 def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
@@ -147,6 +148,7 @@ def format_result(r: dict) -> str:
             f"calibrated AUC {r['auc-control-calibrated']:.3f}")
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run directories (with model.pt, config.json, holdout.json)")
@@ -155,12 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine
-    try:
-        for run_dir in args.run_dirs:
-            print(format_result(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap)))
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    for run_dir in args.run_dirs:
+        print(format_result(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap)))
     return 0
 
 

@@ -12,9 +12,9 @@ import sys
 import torch
 
 from common.data import build_sequences, load_interactions
-from common.errors import FedRecError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.models import Popularity
+from simulations.cli import user_errors_exit
 
 
 def popularity_metrics(dataset: str, *, split: str = "test", ks: tuple[int, ...] = (10,)) -> dict[str, float]:
@@ -24,16 +24,13 @@ def popularity_metrics(dataset: str, *, split: str = "test", ks: tuple[int, ...]
     return means_from_sums(evaluate_ranking(model, data, split=split, max_len=1, ks=ks))
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="interaction log or MovieLens folder")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     args = parser.parse_args(argv)
-    try:
-        print(json.dumps({"popularity": popularity_metrics(args.dataset, split=args.split, ks=(5, 10, 20))}, indent=2))
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(json.dumps({"popularity": popularity_metrics(args.dataset, split=args.split, ks=(5, 10, 20))}, indent=2))
     return 0
 
 

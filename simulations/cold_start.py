@@ -30,8 +30,8 @@ import torch
 
 from common.config import resolve_config
 from common.data.sequences import SequenceData
-from common.errors import FedRecError
 from common.metrics import pad_left
+from simulations.cli import user_errors_exit
 
 
 @dataclass
@@ -134,6 +134,7 @@ def _catalogue_rows(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
             if name in ("item_emb.weight", "output.weight", "item_emb.ids.weight", "output.ids.weight")}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a MovieLens folder with titles (u.item / movies.dat)")
@@ -143,17 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"')
     args = parser.parse_args(argv)
-    try:
-        from flwr.common.config import parse_config_args
+    from flwr.common.config import parse_config_args
 
-        extra = parse_config_args([args.run_config]) if args.run_config else {}
-        for features in args.item_features:
-            row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
-                                 fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon)
-            print(json.dumps(row), flush=True)
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    extra = parse_config_args([args.run_config]) if args.run_config else {}
+    for features in args.item_features:
+        row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
+                             fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon)
+        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -28,7 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.config import parse_config_args  # noqa: E402
 
-from common.errors import ConfigError, FedRecError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from simulations.cli import user_errors_exit  # noqa: E402
 
 KINDS = ("nan", "shape", "scale", "examples", "sleep", "crash")
 SCALE = 1000.0
@@ -114,6 +115,7 @@ def make_faulty_client_app(overrides: dict | None, plan: Plan, *, sleep_seconds:
     return app
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=int, default=4)
@@ -122,20 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="in-process LocalGrid instead of Ray (no timeouts)")
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_config_args(args.run_config) if args.run_config else {}
-        app = make_faulty_client_app(overrides, parse_faults(args.faults), sleep_seconds=args.sleep_seconds)
-        if args.local:
-            from simulations.local_grid import run_local
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    app = make_faulty_client_app(overrides, parse_faults(args.faults), sleep_seconds=args.sleep_seconds)
+    if args.local:
+        from simulations.local_grid import run_local
 
-            run_dir = run_local(overrides, args.num_partners, client_apps=[app] * args.num_partners)
-        else:
-            from simulations.run import run_federation
+        run_dir = run_local(overrides, args.num_partners, client_apps=[app] * args.num_partners)
+    else:
+        from simulations.run import run_federation
 
-            run_dir = run_federation(overrides, args.num_partners, client_app=app)
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        run_dir = run_federation(overrides, args.num_partners, client_app=app)
     print(f"run directory: {run_dir}")
     return 0
 

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
-from common.errors import FedRecError  # noqa: E402
+from simulations.cli import user_errors_exit  # noqa: E402
 
 FIRST_NODE_ID = 1001  # node ids are arbitrary; fixed ones make logs comparable between runs
 
@@ -105,18 +105,15 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
     return Path(cfg["run-dir"]) / cfg["run-name"]
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=int, default=3, help="in-process partners (default 3)")
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_config_args(args.run_config) if args.run_config else {}
-        run_dir = run_local(overrides, args.num_partners)
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    run_dir = run_local(overrides, args.num_partners)
     print(f"run directory: {run_dir}")
     return 0
 

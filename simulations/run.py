@@ -21,6 +21,7 @@ from flwr.common.config import parse_config_args  # noqa: E402
 from common.config import resolve_config  # noqa: E402
 from common.errors import ConfigError, FedRecError  # noqa: E402
 from common.privacy import dp_mode, uses_local_dp  # noqa: E402
+from simulations.cli import user_errors_exit  # noqa: E402
 
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
@@ -77,6 +78,7 @@ def _auto_name(cfg: dict, num_partners: int) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['model']}-{num_partners}p-{dp}"
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=int, default=5, help="simulated partner organisations (default 5)")
@@ -84,13 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs (and torch threads) per simulated client (default 1)")
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_config_args(args.run_config) if args.run_config else {}
-        run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus,
-                                 cpus_per_client=args.cpus_per_client)
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus,
+                             cpus_per_client=args.cpus_per_client)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
     if not lines:
         print(f"error: no round completed; see {run_dir}", file=sys.stderr)

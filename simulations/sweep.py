@@ -42,6 +42,7 @@ from typing import Any
 
 from common.config import DEFAULTS
 from common.errors import ConfigError, FedRecError
+from simulations.cli import user_errors_exit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ONLY = ("num-partners", "seed")
@@ -219,6 +220,7 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
     return "\n".join(lines)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
@@ -236,39 +238,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    try:
-        spec = load_sweep(args.config)
-        runs = list(expand(spec))
-        columns = columns_of(spec)
-        done = finished_runs(spec["output"], args.retry_failed)
-        todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
-        print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
-              f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
-        if args.max_runs:
-            todo = todo[: args.max_runs]
-        bar = tqdm(total=len(todo), desc="runs", unit="run", position=0)
-        for rid, run in todo:
-            rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
-            rounds = tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} eps={run.get('target-epsilon', '-')} "
-                          f"seed={run['seed']}", unit="round", position=1, leave=False)
-            row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
-            rounds.close()
-            append_row(spec["output"], row, columns)
-            if row["status"] == "ok" and not args.no_plots:
-                from simulations.plots import plot_run
+    spec = load_sweep(args.config)
+    runs = list(expand(spec))
+    columns = columns_of(spec)
+    done = finished_runs(spec["output"], args.retry_failed)
+    todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
+    print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
+          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
+    if args.max_runs:
+        todo = todo[: args.max_runs]
+    bar = tqdm(total=len(todo), desc="runs", unit="run", position=0)
+    for rid, run in todo:
+        rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
+        rounds = tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} eps={run.get('target-epsilon', '-')} "
+                      f"seed={run['seed']}", unit="round", position=1, leave=False)
+        row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
+        rounds.close()
+        append_row(spec["output"], row, columns)
+        if row["status"] == "ok" and not args.no_plots:
+            from simulations.plots import plot_run
 
-                plot_run(Path(row["run-dir"]))
-            bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
-            bar.update(1)
-        bar.close()
-        if not args.no_plots and spec["output"].exists():
-            from simulations.plots import plot_sweep
+            plot_run(Path(row["run-dir"]))
+        bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
+        bar.update(1)
+    bar.close()
+    if not args.no_plots and spec["output"].exists():
+        from simulations.plots import plot_sweep
 
-            for path in plot_sweep(spec["output"]):
-                print(f"plot: {path}")
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        for path in plot_sweep(spec["output"]):
+            print(f"plot: {path}")
     print(f"results: {spec['output']}")
     return 0
 
