@@ -121,7 +121,9 @@ def profile_startup(workdir: Path, overrides: dict, partners: int) -> dict:
     rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
     plan = dict(target_epsilon=float(cfg["target-epsilon"]), target_delta=float(cfg["target-delta"]) or default_delta(users),
                 sample_rate=rate, total_steps=int(cfg["num-server-rounds"]) * int(cfg["local-epochs"]) * steps)
-    calibration = ("import time; from common.privacy import calibrate_noise; t = time.perf_counter(); "
+    # Opacus (and so torch) imported first: a partner process has them already; this times the search
+    calibration = ("import time; import opacus.accountants, scipy.special; from common.privacy import calibrate_noise; "
+                   "t = time.perf_counter(); "
                    f"calibrate_noise(**{plan!r}); print(time.perf_counter() - t)")
     imports = ("import time; t = time.perf_counter(); import client.app; from client.private_factors import mf_trainer; "
                "from client.privacy_budget import PartnerBudget; import common.training, common.task; "
