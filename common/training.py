@@ -80,14 +80,20 @@ def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return inputs[:, first:].contiguous(), targets[:, first:].contiguous()
 
 
-def split_into_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
-    """The history cut from its end into windows of ``max_len + 1`` items overlapping by one,
-    so every item but the first is a target exactly once; windows shorter than 2 are dropped."""
-    out, end = [], len(history)
+def window_bounds(length: int, max_len: int) -> list[tuple[int, int]]:
+    """(start, end) slices cutting a history of ``length`` items from its end into windows of
+    ``max_len + 1`` items overlapping by one, so every item but the first is a target exactly
+    once; windows shorter than 2 are dropped."""
+    out, end = [], length
     while end >= 2:
-        out.append(history[max(0, end - max_len - 1):end])
+        out.append((max(0, end - max_len - 1), end))
         end -= max_len
     return out
+
+
+def split_into_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """The history cut into the windows of :func:`window_bounds`."""
+    return [history[a:b] for a, b in window_bounds(len(history), max_len)]
 
 
 def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False,
@@ -101,10 +107,14 @@ def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = Fa
     """
     train = data.train_sequences()
     if windows:
-        if time_features:
-            raise ConfigError("history-windows does not combine with time-features yet")
-        pairs = [w for h in train for w in split_into_windows(h, max_len)]
-        return TensorDataset(pad_left([w[:-1] for w in pairs], max_len), pad_left([w[1:] for w in pairs], max_len))
+        bounds = [(u, a, b) for u, h in enumerate(train) for a, b in window_bounds(len(h), max_len)]
+        inputs = pad_left([train[u][a:b - 1] for u, a, b in bounds], max_len)
+        if time_features:  # a window's gaps are sliced from the whole history's (its first item keeps its real gap)
+            from common.models.context import history_gaps
+
+            gaps = history_gaps(train, data.timestamps)
+            inputs = torch.stack([inputs, pad_left([gaps[u][a:b - 1] for u, a, b in bounds], max_len)], dim=-1)
+        return TensorDataset(inputs, pad_left([train[u][a + 1:b] for u, a, b in bounds], max_len))
     keep = [u for u, h in enumerate(train) if len(h) >= 2]
     histories = [train[u][-(max_len + 1):] for u in keep]
     inputs = pad_left([h[:-1] for h in histories], max_len)

@@ -1,5 +1,6 @@
 """Trimming all-padding columns from a left-padded batch changes cost, never results."""
 
+import numpy as np
 import torch
 
 from common.metrics import pad_left
@@ -45,8 +46,6 @@ def test_time_feature_channel_is_trimmed_with_the_items() -> None:
 
 
 def test_history_windows_cover_every_target_once() -> None:
-    import numpy as np
-
     from common.training import split_into_windows
 
     history = np.arange(1, 24)  # 23 items: 22 targets
@@ -74,3 +73,29 @@ def test_history_windows_are_refused_with_dp() -> None:
                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), history_windows=True)
     out = train_local(model, data, epochs=1, batch_size=4, learning_rate=0.01, max_len=3, history_windows=True)
     assert out.num_examples > sum(len(h) >= 2 for h in data.train_sequences())  # long histories give extra windows
+
+
+def test_history_windows_carry_time_gaps_sliced_from_the_whole_history(small_data) -> None:
+    from common.models.context import history_gaps
+    from common.training import training_pairs, window_bounds
+
+    max_len = 6
+    plain = training_pairs(small_data, max_len, time_features=True).tensors
+    windowed = training_pairs(small_data, max_len, time_features=True, windows=True).tensors
+    assert windowed[0].shape[1:] == (max_len, 2)
+    train = small_data.train_sequences()
+    gaps = history_gaps(train, small_data.timestamps)
+    row, last_rows = 0, []
+    for u, h in enumerate(train):
+        for n, (a, b) in enumerate(window_bounds(len(h), max_len)):
+            width = b - 1 - a
+            np.testing.assert_array_equal(windowed[0][row, -width:, 0].numpy(), h[a:b - 1])
+            np.testing.assert_array_equal(windowed[0][row, -width:, 1].numpy(), gaps[u][a:b - 1])
+            np.testing.assert_array_equal(windowed[1][row, -width:].numpy(), h[a + 1:b])
+            if n == 0:
+                last_rows.append(row)  # the window ending at the history's end
+            row += 1
+    assert row == len(windowed[0]) > len(plain[0])
+    # Its newest window is exactly the single pair the user gets without windows
+    torch.testing.assert_close(windowed[0][last_rows], plain[0])
+    torch.testing.assert_close(windowed[1][last_rows], plain[1])
