@@ -1,10 +1,10 @@
 """RDP of the sampled Gaussian mechanism at all orders at once (vectorised over the orders).
 
 Same formulas, same series and same stopping rule as Opacus' ``accountants/analysis/rdp.py``
-(Mironov et al. 2019, section 3.3), evaluated with numpy over every order in one pass instead of
-one Python loop per order. Opacus' scalar loops take about 0.45 s per noise level at sample rate
-1/3 (its 150 default orders), so its noise search (``get_noise_multiplier``, ~15 noise levels)
-took 5-7 s in every partner process; here one noise level costs milliseconds.
+(Mironov et al. 2019, section 3.3), evaluated with numpy for all orders at once instead of one
+Python loop per order and term. Opacus' scalar loops take 0.1-0.45 s per noise level at sample rates
+near 1/3 (its 150 default orders, tens of thousands of series terms), so its noise search
+(``get_noise_multiplier``, ~15 noise levels) took 3.6 s at rate 1/3 x 30 steps; this takes 0.35 s.
 
 Units: ``q`` is the Poisson sampling rate per step, ``sigma`` the noise multiplier (noise std
 over the clipping norm), the result is RDP per step at each order (multiply by the steps).

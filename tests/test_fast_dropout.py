@@ -33,7 +33,7 @@ def test_gradient_is_the_mask_times_the_scale() -> None:
     out = layer(x)
     out.sum().backward()
     kept = out.detach() != 0
-    torch.testing.assert_close(x.grad, kept.float() * layer._scale)
+    torch.testing.assert_close(x.grad, kept.float() * (1 / (1 - 0.25)))
 
 
 def test_masks_follow_torch_manual_seed_and_differ_between_calls() -> None:
@@ -44,6 +44,14 @@ def test_masks_follow_torch_manual_seed_and_differ_between_calls() -> None:
     torch.manual_seed(7)
     assert torch.equal(layer(x), a)
     assert not torch.equal(a, b)
+
+
+def test_it_is_an_nn_dropout_whose_rate_can_be_changed() -> None:
+    layer = FastDropout(0.5).train()
+    assert isinstance(layer, torch.nn.Dropout)
+    layer.p = 0.0  # as code that silences dropout layers does
+    x = torch.randn(4, 9)
+    assert layer(x) is x
 
 
 def test_rates_outside_zero_one_are_refused() -> None:

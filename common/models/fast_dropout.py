@@ -18,26 +18,22 @@ from torch import nn
 _LEVELS = 1 << 16
 
 
-class FastDropout(nn.Module):
-    """Drop-in replacement for ``nn.Dropout(p)`` (see the module docstring)."""
+class FastDropout(nn.Dropout):
+    """Drop-in replacement for ``nn.Dropout(p)`` (see the module docstring); a subclass, so code
+    that finds or adjusts dropout layers (``isinstance(m, nn.Dropout)``, ``m.p = 0``) still does."""
 
     def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-        self._drop_levels = round(p * _LEVELS)  # elements whose 16-bit draw falls below are dropped
-        self._scale = _LEVELS / (_LEVELS - self._drop_levels)
+        super().__init__(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self._drop_levels == 0:
+        drop_levels = round(self.p * _LEVELS)  # elements whose 16-bit draw falls below are dropped
+        if not self.training or drop_levels == 0:
             return x
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
         # int16 view: uniform over -32768..32767; keep an element when its draw is at or above the threshold
         draws = bits.view(torch.int16)[:n].view(x.shape)
-        keep = draws >= (self._drop_levels - _LEVELS // 2)
-        return torch.where(keep, x * self._scale, x.new_zeros(()))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+        keep = draws >= (drop_levels - _LEVELS // 2)
+        return torch.where(keep, x * (_LEVELS / (_LEVELS - drop_levels)), x.new_zeros(()))
