@@ -1,1 +1,17 @@
 """Short benchmarks (minutes on a laptop CPU); each prints the numbers the README quotes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(path: str | Path, result: dict) -> Path:
+    """Write a benchmark's results as indented JSON (creating the folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -13,17 +13,15 @@ simulations/bench/results/dropout.json (with the 1-minute load average before an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results"
+from simulations.bench import RESULTS, write_results
 
 
 def swap_dropout(model: nn.Module, make: type[nn.Module]) -> None:
@@ -96,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| {result['call_ratio']:.2f}x |")
     print(f"| training epoch (median of {args.repeats}) | {epoch_s['FastDropout']:.2f} s | {epoch_s['nn.Dropout']:.2f} s "
           f"| {result['epoch_ratio']:.2f}x |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from common.data.loaders import load_item_titles
 from common.item_text import item_texts
 from common.text_encoder import available_cores, encode_with, load_encoder, quantize_encoder, token_lengths
 
-RESULTS = Path(__file__).parent / "results"
+from simulations.bench import RESULTS, write_results
 
 
 def token_stats(encoder, texts: list[str], batch_size: int) -> dict:  # noqa: ANN001
@@ -127,11 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{threads:>7} {f['wall_s']:>11.1f} / {f['cpu_s']:<6.1f} {q['wall_s']:>8.1f} / {q['cpu_s']:<6.1f} "
               f"{f['cpu_s'] / q['cpu_s']:>18.2f}x")
     settings["load_average_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": settings, "load": load, "tokens": tokens, "rows": rows,
-                               "int8_vs_float32": close}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_results(args.out, {"settings": settings, "load": load, "tokens": tokens, "rows": rows,
+                             "int8_vs_float32": close})
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from simulations.bench import write_results
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -240,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                            "load1_while_measuring": {"mean": round(float(np.mean(loads)), 2),
                                                      "min": round(min(loads), 2), "max": round(max(loads), 2)}},
                   "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_results(args.out, result)
     return 0
 
 
