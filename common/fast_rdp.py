@@ -4,7 +4,8 @@ Same formulas, same series and same stopping rule as Opacus' ``accountants/analy
 (Mironov et al. 2019, section 3.3), evaluated with numpy for all orders at once instead of one
 Python loop per order and term. Opacus' scalar loops take 0.1-0.45 s per noise level at sample rates
 near 1/3 (its 150 default orders, tens of thousands of series terms), so its noise search
-(``get_noise_multiplier``, ~15 noise levels) took 3.6 s at rate 1/3 x 30 steps; this takes 0.35 s.
+(``get_noise_multiplier``, ~15 noise levels) took 2.7 s at rate 1/3 x 30 steps; on this curve 0.23 s
+(``common.privacy.calibrate_noise``, measured side by side; README "Performance").
 
 Units: ``q`` is the Poisson sampling rate per step, ``sigma`` the noise multiplier (noise std
 over the clipping norm), the result is RDP per step at each order (multiply by the steps).
@@ -103,36 +104,3 @@ def _signed_log_sum(log_terms: np.ndarray, sign: np.ndarray) -> float:
 
 def _log_erfc(x: float | np.ndarray) -> np.ndarray:
     return math.log(2) + special.log_ndtr(-np.asarray(x) * 2**0.5)
-
-
-def epsilon_from_rdp(rdp: np.ndarray, orders: np.ndarray | list[float], delta: float) -> float:
-    """(epsilon at ``delta``) of an RDP curve: Opacus' conversion (Balle et al. 2020, Thm 21)."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
-    return float(eps)
-
-
-def noise_for_target(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                     orders: list[float], epsilon_tolerance: float) -> float:
-    """Opacus' ``get_noise_multiplier`` search (same bracket, same bisection, same stopping rule),
-    each epsilon from :func:`rdp_per_step`: the smallest noise found whose epsilon after ``steps``
-    steps is at most ``target_epsilon``, within ``epsilon_tolerance`` of it."""
-    def eps(sigma: float) -> float:
-        return epsilon_from_rdp(rdp_per_step(sample_rate, sigma, orders) * steps, orders, target_delta)
-
-    eps_high = float("inf")
-    sigma_low, sigma_high = 0.0, 10.0
-    while eps_high > target_epsilon:
-        sigma_high = 2 * sigma_high
-        eps_high = eps(sigma_high)
-        if sigma_high > 1e6:  # Opacus' MAX_SIGMA
-            raise ValueError("The privacy budget is too low.")
-    while target_epsilon - eps_high > epsilon_tolerance:
-        sigma = (sigma_low + sigma_high) / 2
-        e = eps(sigma)
-        if e < target_epsilon:
-            sigma_high, eps_high = sigma, e
-        else:
-            sigma_low = sigma
-    return sigma_high

@@ -25,12 +25,10 @@ from simulations.bench import RESULTS, write_results
 
 
 def swap_dropout(model: nn.Module, make: type[nn.Module]) -> None:
-    """Replace every dropout module of ``model`` (either kind) by ``make(p)``, in place."""
-    from common.models.fast_dropout import FastDropout
-
+    """Replace every dropout module of ``model`` (FastDropout is an nn.Dropout) by ``make(p)``, in place."""
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.Dropout, FastDropout)):
+            if isinstance(child, nn.Dropout):
                 setattr(parent, name, make(child.p))
 
 
