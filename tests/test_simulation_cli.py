@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations import audit, baselines, cold_start, local_grid, run, sweep
+from simulations import audit, baselines, cold_start, fault_injection, local_grid, run, sweep
 
 
 @pytest.mark.parametrize("main,argv", [
@@ -15,6 +15,7 @@ from simulations import audit, baselines, cold_start, local_grid, run, sweep
     (run.main, ["--num-partners", "2", "--run-config", "dataset='/no/such/data'"]),
     (local_grid.main, ["--num-partners", "2", "--run-config", "dataset='/no/such/data'"]),
     (run.main, ["--run-config", "no-such-knob=1"]),
+    (fault_injection.main, ["--local", "--faults", "0:melt@1"]),
 ])
 def test_a_user_mistake_is_one_error_line(main, argv, capsys) -> None:  # noqa: ANN001
     assert main(argv) == 2
