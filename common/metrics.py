@@ -39,6 +39,26 @@ def target_ranks(scores: torch.Tensor, histories: Sequence[np.ndarray], targets:
     return (scores > target_scores.unsqueeze(1)).sum(dim=1).cpu().numpy()
 
 
+def seen_items(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(batch, length, length + 1) item indices each position's softmax leaves out under
+    ``exclude-seen``: the padding column 0 and the items at or before that position in the user's
+    own input (the history that evaluation and serving never recommend), except that position's
+    target (a repeated item stays a valid target); unused slots hold 0."""
+    items = inputs[..., 0] if inputs.dim() == 3 else inputs  # (b, t, 2): item and time-gap channels
+    b, t = items.shape
+    later = torch.ones(t, t, dtype=torch.bool, device=items.device).triu(1)
+    seen = items[:, None, :].expand(b, t, t).masked_fill(later, 0)
+    seen = seen.masked_fill(seen == targets[:, :, None], 0)
+    return torch.cat([seen.new_zeros(b, t, 1), seen], dim=-1)
+
+
+def drop_seen(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logits`` (batch, length, V+1) with each position's :func:`seen_items` set to -inf: the
+    cross-entropy then ranks the target only against items the user could still be recommended,
+    as full-ranking evaluation with the history excluded does."""
+    return logits.scatter(-1, seen_items(inputs, targets), float("-inf"))
+
+
 def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
     """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means."""
     out: dict[str, float] = {"num-users": float(len(ranks))}

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.metrics import seen_items
 
 CLIP_EPS = 1e-6  # Opacus' denominator guard in max_grad_norm / (norm + eps)
 
@@ -112,14 +113,16 @@ def _embedding_rows(module: nn.Embedding, ids: torch.Tensor, gy: torch.Tensor) -
 
 
 def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                           max_grad_norm: float, ghost_below: float | None = None) -> ClippedBatch:
+                           max_grad_norm: float, ghost_below: float | None = None,
+                           exclude_seen: bool = False) -> ClippedBatch:
     """Set ``p.grad`` of every trainable parameter to the sum over users of their clipped gradients.
 
     ``inputs``/``targets``: (batch, length) left-padded item indices, 0 = padding; a user's loss is
     the mean cross-entropy over its real positions (``SequenceLoss``). ``max_grad_norm`` is the
     per-user L2 clipping bound C (same units as the gradient). ``ghost_below``: users with fewer
     real positions get the catalogue norm by Gram matrices instead of materialising it (default
-    V*D/(V+D), where the two cost the same; tests force either way).
+    V*D/(V+D), where the two cost the same; tests force either way). ``exclude_seen``: each
+    position's softmax leaves out the user's earlier items (``common.training.drop_seen``).
     """
     if not supports_fused(model):
         raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")
@@ -142,6 +145,8 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
         scores = a @ head_module.weight.T
         if head_module.bias is not None:
             scores += head_module.bias
+        if exclude_seen:  # their probabilities, and so their gradient, become exactly 0
+            scores.scatter_(1, seen_items(inputs, targets)[mask], float("-inf"))
         rows = torch.arange(len(scores), device=scores.device)
         target_score = scores[rows, targets[mask]]
         top = scores.max(dim=1).values

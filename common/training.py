@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
 from common.errors import ConfigError, PrivacyError
-from common.metrics import pad_left
+from common.metrics import drop_seen, pad_left, seen_items
 from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
 from common.privacy import Mechanism
 from common.proximal import ProximalAnchor
@@ -50,15 +50,19 @@ class SequenceLoss(nn.Module):
         return per_user.mean()
 
 
-def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                        exclude_seen: bool = False) -> torch.Tensor:
     """The :class:`SequenceLoss` objective, scoring the catalogue only at real (non-padding)
     positions: same value and gradient, a fraction of the cost for short histories.
+    ``exclude_seen``: the objective of :func:`drop_seen`.
 
     Non-private training only: Opacus needs the (batch, length, ...) layout to attribute
     gradients to users.
     """
     mask = targets > 0
     logits = model.output(model.hidden(inputs)[mask])
+    if exclude_seen:
+        logits = logits.scatter(-1, seen_items(inputs, targets)[mask], float("-inf"))
     ce = nn.functional.cross_entropy(logits, targets[mask], reduction="none")
     owner = torch.arange(len(targets), device=targets.device).unsqueeze(1).expand_as(targets)[mask]
     per_user = torch.zeros(len(targets), device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce)
@@ -261,6 +265,7 @@ def train_local(
     proximal_mu: float = 0.0,
     history_windows: bool = False,
     optimizer_state: dict | None = None,
+    exclude_seen: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
 
@@ -269,6 +274,9 @@ def train_local(
 
     ``proximal_mu`` > 0 (FedProx) pulls the weights toward the received global model after
     every step (common/proximal.py; no privacy cost).
+
+    ``exclude_seen`` (``exclude-seen`` in the config): each position's softmax leaves out the
+    items already in the user's history (:func:`drop_seen`), plain and DP alike.
 
     ``optimizer_state``: an Adam state from an earlier call (``TrainResult.optimizer_state``) to
     continue from, instead of fresh moments; with DP the moments are functions of noised
@@ -313,11 +321,13 @@ def train_local(
     def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs, targets = trim_padding(inputs.to(device), targets.to(device))
         if fused:  # sets p.grad to the sum of per-user clipped gradients
-            return fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm).loss.mean()
+            return fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm,
+                                          exclude_seen=exclude_seen).loss.mean()
         if dp is None and hasattr(model, "hidden"):
-            loss = positions_only_loss(model, inputs, targets)
+            loss = positions_only_loss(model, inputs, targets, exclude_seen=exclude_seen)
         else:
-            loss = criterion(model(inputs), targets)
+            logits = model(inputs)
+            loss = criterion(drop_seen(logits, inputs, targets) if exclude_seen else logits, targets)
         loss.backward()
         return loss
 

@@ -4,6 +4,7 @@ the federation benchmark's helpers and centralised reference run."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
@@ -90,7 +91,22 @@ def test_bench_steady_round_is_the_median_without_first_and_last():
     row = {"dp-mode": "off", "partners": 5, "federated_s": 130.0, "centralised_s": 100.0, "ratio": 1.3,
            "federated_round_s": 8.0, "centralised_round_s": 10.0, "round_ratio": 0.8,
            "federated_phases_s": {"before_server": 10, "round_1": 50, "rounds_2_to_R": 60, "after_last_round": 10}}
-    assert "| 1.30x | 8.0 | 10.0 | 0.80x | 10 / 50 / 60 / 10 |" in table([row])
+    assert "| ray | off | 5 | 130.0 | 100.0 | 1.30x | 8.0 | 10.0 | 0.80x | 10 / 50 / 60 / 10 |" in table([row])
+
+
+def test_bench_times_the_in_process_engine_from_its_run_directory(tmp_path):
+    """``--engines local``: simulations.local_grid in a fresh process, its rounds read back from
+    the run directory it prints, phases adding up to the whole run."""
+    from simulations.bench.federation import federated
+
+    over = {"synthetic-users": 60, "synthetic-items": 30, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+            "num-server-rounds": 3, "local-epochs": 1, "batch-size": 8, "dp-mode": "off", "run-dir": str(tmp_path / "runs")}
+    out = federated(over, 2, tmp_path, engine="local")
+    assert len(out["round_s"]) == 3 and all(r > 0 for r in out["round_s"])
+    assert Path(out["run_dir"]).parent == tmp_path / "runs" and (Path(out["run_dir"]) / "metrics.jsonl").exists()
+    assert sum(out["phases_s"].values()) == pytest.approx(out["wall_s"], rel=1e-6)
+    with pytest.raises(ValueError, match="unknown engine"):
+        federated(over, 2, tmp_path, engine="dask")
 
 
 def test_centralised_reference_calibrates_for_all_users_and_follows_the_schedule():

@@ -8,7 +8,9 @@ and cross-device throughput (one client per user).
 Both sides run as fresh processes timed from the outside (interpreter start and imports count
 on both): federated = ``python -m simulations.run`` (Flower's simulation engine on Ray, one CPU
 per client so every core trains; its run directory, model, population files and plots are
-written as always); centralised = ``python -m simulations.bench.centralised`` (``train_local``
+written as always) and, with ``--engines ray,local``, ``python -m simulations.local_grid`` (the
+same ServerApp and ClientApps in one process, partners trained one after another with all
+cores, no Ray); centralised = ``python -m simulations.bench.centralised`` (``train_local``
 over all users, one call of ``local-epochs`` epochs per round). Same data, model, batch size,
 learning rate, total epochs, DP target (centralised: one noise multiplier for all users at the
 same target epsilon) and evaluation schedule (``evaluate-every``: full-ranking test metrics of
@@ -81,11 +83,21 @@ def _timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
     return start, end, proc.stdout
 
 
-def federated(overrides: dict, partners: int, workdir: Path, *, cpus_per_client: float = 1.0) -> dict:
-    """One ``simulations.run`` process: whole wall time, round times and phases (seconds)."""
-    cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(partners),
-           "--cpus-per-client", str(cpus_per_client), *run_config_args(overrides)]
-    start, end, out = _timed(cmd, workdir / f"fed-{overrides.get('dp-mode')}-{partners}.log")
+ENGINES = ("ray", "local")  # Flower's simulation engine; simulations.local_grid (in process, partners in turn)
+
+
+def federated(overrides: dict, partners: int, workdir: Path, *, cpus_per_client: float = 1.0,
+              engine: str = "ray") -> dict:
+    """One ``simulations.run`` (``engine = "ray"``) or ``simulations.local_grid`` (``"local"``)
+    process: whole wall time, round times and phases (seconds)."""
+    if engine == "ray":
+        cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(partners),
+               "--cpus-per-client", str(cpus_per_client), *run_config_args(overrides)]
+    elif engine == "local":
+        cmd = [sys.executable, "-m", "simulations.local_grid", "--num-partners", str(partners), *run_config_args(overrides)]
+    else:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    start, end, out = _timed(cmd, workdir / f"fed-{engine}-{overrides.get('dp-mode')}-{partners}.log")
     found = re.findall(r"run directory: (\S+)\n", out)
     run_dir = Path(found[-1]) if found else None
     marks = round_marks(run_dir) if run_dir else []
@@ -141,23 +153,23 @@ def profile_startup(workdir: Path, overrides: dict, partners: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows written by :func:`main`."""
-    lines = ["| DP | partners | federated whole run (s) | centralised whole run (s) | ratio | federated steady round (s) "
+    lines = ["| engine | DP | partners | federated whole run (s) | centralised whole run (s) | ratio | federated steady round (s) "
              "| centralised steady round (s) | ratio | fed. before server / round 1 / rounds 2..R / after (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ph = r["federated_phases_s"]
         steady_cols = (f"{r['federated_round_s']:.1f} | {r['centralised_round_s']:.1f} | {r['round_ratio']:.2f}x"
                        if r["round_ratio"] else "- | - | -")
-        lines.append(f"| {r['dp-mode']} | {r['partners']} | {r['federated_s']:.1f} | {r['centralised_s']:.1f} | "
+        lines.append(f"| {r.get('engine', 'ray')} | {r['dp-mode']} | {r['partners']} | {r['federated_s']:.1f} | {r['centralised_s']:.1f} | "
                      f"{r['ratio']:.2f}x | {steady_cols} | {ph['before_server']:.0f} / {ph['round_1']:.0f} / "
                      f"{ph['rounds_2_to_R']:.0f} / {ph['after_last_round']:.0f} |")
     return "\n".join(lines)
 
 
-def compare(central: dict, fed: dict, mode: str, partners: int) -> dict:
+def compare(central: dict, fed: dict, mode: str, partners: int, engine: str = "ray") -> dict:
     """One row: the federated run against the (fastest) centralised run of the same DP mode."""
     steady_f, steady_c = fed["steady_round_s"], central["steady_round_s"]
-    return {"dp-mode": mode, "partners": partners, "federated_s": fed["wall_s"], "centralised_s": central["wall_s"],
+    return {"engine": engine, "dp-mode": mode, "partners": partners, "federated_s": fed["wall_s"], "centralised_s": central["wall_s"],
             "ratio": fed["wall_s"] / central["wall_s"], "federated_round_s": steady_f, "centralised_round_s": steady_c,
             "round_ratio": steady_f / steady_c if steady_f and steady_c else None,
             "federated_phases_s": fed["phases_s"], "federated_round_1_s": fed["round_s"][0],
@@ -178,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--central-threads", default="1",
                         help="torch threads of the centralised run, each measured; the faster is the reference (0 = all cores)")
     parser.add_argument("--run-config", default="{}", help='extra overrides for both sides, JSON')
+    parser.add_argument("--engines", default="ray",
+                        help='federated engines to time: "ray" (simulations.run) and/or "local" (simulations.local_grid)')
     parser.add_argument("--bracket", action="store_true",
                         help="run the centralised reference again after the federated runs and use the mean of both")
     parser.add_argument("--profile", action="store_true", help="also time the round-1 ingredients in fresh processes")
@@ -200,15 +214,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"centralised": mode, "threads": c["threads"], "wall_s": round(c["wall_s"], 1),
                               "steady_round_s": c["steady_round_s"], "final": c["final_metrics"]}), flush=True)
         central = min(runs, key=lambda c: c["wall_s"])
-        feds = [(p, federated(over, p, workdir)) for p in [int(x) for x in args.partners.split(",")]]
+        feds = [(p, e, federated(over, p, workdir, engine=e)) for e in args.engines.split(",")
+                for p in [int(x) for x in args.partners.split(",")]]
         if args.bracket:  # the machine's load drifts: the reference is the mean of a run before and after
             again = centralised(over, workdir, threads=central["threads"], tag="after")
             centrals.append({"dp-mode": mode, "bracket": "after", **{k: v for k, v in again.items() if k != "final_metrics"}})
             central = {**central, "wall_s": (central["wall_s"] + again["wall_s"]) / 2,
                        "steady_round_s": (central["steady_round_s"] + again["steady_round_s"]) / 2,
                        "wall_s_before_after": [central["wall_s"], again["wall_s"]]}
-        for partners, fed in feds:
-            rows.append(compare(central, fed, mode, partners))
+        for partners, engine, fed in feds:
+            rows.append(compare(central, fed, mode, partners, engine))
             print(json.dumps(rows[-1]), flush=True)
     cross = None
     if args.cross_device:
