@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 2,
     "history-windows": False,  # dp = false only: every max-seq-len window of a history is an example
     "keep-optimizer-state": False,  # a partner continues its Adam moments from its previous round
-    "exclude-seen": False,  # the training softmax leaves out each user's earlier items, as evaluation does
+    "exclude-seen": True,  # the training softmax leaves out each user's earlier items, as evaluation does
     "batch-size": 64,
     "learning-rate": 0.002,
     "device": "auto",
