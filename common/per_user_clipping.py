@@ -122,7 +122,7 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     per-user L2 clipping bound C (same units as the gradient). ``ghost_below``: users with fewer
     real positions get the catalogue norm by Gram matrices instead of materialising it (default
     V*D/(V+D), where the two cost the same; tests force either way). ``exclude_seen``: each
-    position's softmax leaves out the user's earlier items (``common.training.drop_seen``).
+    position's softmax leaves out the user's earlier items (``common.metrics.drop_seen``).
     """
     if not supports_fused(model):
         raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")
