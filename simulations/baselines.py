@@ -1,6 +1,12 @@
-"""Non-learned reference points on a data set: most-popular and random, full ranking, history excluded.
+"""Non-neural reference points on a data set, full ranking, history excluded:
+most popular, EASE (item-item linear autoencoder) and a decayed first-order Markov chain.
 
     python -m simulations.baselines --dataset ../shared/data/ml-100k
+
+Every model learns from the training histories only (every item but the last two of each
+user, as SASRec trains); at evaluation it scores the catalogue from the user's history for the
+split (``test``: everything before the last item), like SASRec's input. They say what the data
+gives without a neural model: the ceiling a sequential recommender is measured against.
 """
 
 from __future__ import annotations
@@ -8,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from common.data import build_sequences, load_interactions
-from common.metrics import evaluate_ranking, means_from_sums
+from common.data import SequenceData, build_sequences, load_interactions
+from common.metrics import evaluate_ranking, means_from_sums, ranking_sums, target_ranks
 from common.models import Popularity
 from simulations.cli import user_errors_exit
 
@@ -24,13 +32,88 @@ def popularity_metrics(dataset: str, *, split: str = "test", ks: tuple[int, ...]
     return means_from_sums(evaluate_ranking(model, data, split=split, max_len=1, ks=ks))
 
 
+def _binary_matrix(histories: Sequence[np.ndarray], width: int) -> np.ndarray:
+    x = np.zeros((len(histories), width), dtype=np.float64)
+    for row, h in enumerate(histories):
+        x[row, np.asarray(h, dtype=np.int64)] = 1.0
+    return x
+
+
+def ease_weights(train: Sequence[np.ndarray], width: int, l2: float) -> np.ndarray:
+    """EASE (Steck, 2019): item-item weights B minimising ||X - XB||² + l2·||B||² with diag(B) = 0.
+
+    Closed form: P = (XᵀX + l2·I)⁻¹, B = I - P·diag(1/diag(P)). ``width`` = catalogue + padding
+    column 0 (never interacted, so its row and column stay 0).
+    """
+    x = _binary_matrix(train, width)
+    p = np.linalg.inv(x.T @ x + l2 * np.eye(width))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def markov_transitions(train: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Counts of item a followed directly by item b in the training histories: M[a, b]."""
+    m = np.zeros((width, width), dtype=np.float64)
+    for s in train:
+        s = np.asarray(s, dtype=np.int64)
+        np.add.at(m, (s[:-1], s[1:]), 1.0)
+    return m
+
+
+def markov_scores(histories: Sequence[np.ndarray], transitions: np.ndarray, *, window: int, decay: float,
+                  tie_break: np.ndarray) -> np.ndarray:
+    """Score_b = Σ_j decay^j · M[h_{-1-j}, b] over the last ``window`` items (j = 0 the latest),
+    plus ``tie_break`` (a tiny popularity term, so users with no transitions still get a ranking)."""
+    out = np.tile(tie_break.astype(np.float64), (len(histories), 1))
+    for row, h in enumerate(histories):
+        recent = np.asarray(h, dtype=np.int64)[::-1][:window]
+        if len(recent):
+            out[row] += (decay ** np.arange(len(recent))) @ transitions[recent]
+    return out
+
+
+def _metrics(scores: np.ndarray, histories, targets, ks) -> dict[str, float]:
+    ranks = target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets)
+    return means_from_sums(ranking_sums(ranks, ks))
+
+
+def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int, ...] = (10,),
+                      ease_l2: float = 200.0, markov_window: int = 10, markov_decay: float = 0.7) -> dict[str, dict]:
+    """HR@K/NDCG@K of popularity, EASE and the decayed Markov chain on ``data``'s ``split``."""
+    width = data.num_items + 1
+    train = data.train_sequences()
+    histories, targets = data.eval_cases(split)
+    counts = data.item_counts().astype(np.float64)
+    pop = means_from_sums(evaluate_ranking(Popularity(torch.as_tensor(data.item_counts())), data,
+                                           split=split, max_len=1, ks=ks))
+    ease = _binary_matrix(histories, width) @ ease_weights(train, width, ease_l2)
+    markov = markov_scores(histories, markov_transitions(train, width), window=markov_window,
+                           decay=markov_decay, tie_break=1e-6 * counts / max(counts.max(), 1.0))
+    return {
+        "popularity": pop,
+        "ease": {"l2": ease_l2, **_metrics(ease, histories, targets, ks)},
+        "markov": {"window": markov_window, "decay": markov_decay, **_metrics(markov, histories, targets, ks)},
+    }
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="interaction log or MovieLens folder")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--ease-l2", type=float, default=200.0, help="EASE's L2 weight (lambda)")
+    parser.add_argument("--markov-window", type=int, default=10, help="last items the Markov chain looks at")
+    parser.add_argument("--markov-decay", type=float, default=0.7, help="weight ratio of each older item")
     args = parser.parse_args(argv)
-    print(json.dumps({"popularity": popularity_metrics(args.dataset, split=args.split, ks=(5, 10, 20))}, indent=2))
+    for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
+        if value <= 0:
+            parser.error(f"{name} must be positive, got {value}")
+    if args.markov_window < 1:
+        parser.error(f"--markov-window must be at least 1, got {args.markov_window}")
+    data = build_sequences(load_interactions(args.dataset))
+    print(json.dumps(reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
+                                       markov_window=args.markov_window, markov_decay=args.markov_decay), indent=2))
     return 0
 
 

@@ -1,0 +1,103 @@
+"""Non-neural references (simulations/baselines.py) against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common.data import SequenceData
+from simulations import baselines
+
+
+def _data(sequences: list[list[int]], num_items: int) -> SequenceData:
+    return SequenceData(
+        catalogue=np.array([str(i) for i in range(1, num_items + 1)]),
+        user_ids=np.array([str(u) for u in range(len(sequences))]),
+        sequences=[np.array(s, dtype=np.int64) for s in sequences],
+        timestamps=[np.arange(len(s)) for s in sequences],
+    )
+
+
+def test_ease_equals_one_ridge_regression_per_item() -> None:
+    rng = np.random.default_rng(0)
+    train = [rng.choice(np.arange(1, 9), size=rng.integers(2, 7), replace=False) for _ in range(30)]
+    width, l2 = 9, 3.0
+    b = baselines.ease_weights(train, width, l2)
+    x = np.zeros((len(train), width))
+    for row, h in enumerate(train):
+        x[row, h] = 1.0
+    for j in range(width):
+        others = [i for i in range(width) if i != j]
+        xo = x[:, others]  # regress item j's column on every other column, no self-weight
+        ridge = np.linalg.solve(xo.T @ xo + l2 * np.eye(width - 1), xo.T @ x[:, j])
+        assert b[j, j] == 0.0
+        np.testing.assert_allclose(b[others, j], ridge, atol=1e-10)
+
+
+def test_markov_counts_direct_successors_and_decays_older_items() -> None:
+    m = baselines.markov_transitions([np.array([1, 2, 3]), np.array([2, 3, 1, 2])], 4)
+    expected = np.zeros((4, 4))
+    for a, b in [(1, 2), (2, 3), (2, 3), (3, 1), (1, 2)]:
+        expected[a, b] += 1
+    np.testing.assert_array_equal(m, expected)
+    tie = np.array([0.0, 0.01, 0.02, 0.03])
+    scores = baselines.markov_scores([np.array([3, 1, 2]), np.array([], dtype=np.int64)], m,
+                                     window=2, decay=0.5, tie_break=tie)
+    # latest item 2 (weight 1) then 1 (weight 0.5); item 3 is outside the window of 2
+    np.testing.assert_allclose(scores[0], tie + 1.0 * expected[2] + 0.5 * expected[1])
+    np.testing.assert_allclose(scores[1], tie)  # no history: popularity tie-break only
+
+
+def _brute_ndcg(scores: np.ndarray, histories, targets, k: int = 10) -> float:
+    total = 0.0
+    for row, (h, t) in enumerate(zip(histories, targets)):
+        others = [i for i in range(1, scores.shape[1]) if i != t and i not in set(h.tolist())]
+        rank = sum(scores[row, i] > scores[row, t] for i in others)
+        total += 1.0 / np.log2(rank + 2) if rank < k else 0.0
+    return total / len(targets)
+
+
+def test_references_learn_from_training_histories_only() -> None:
+    rng = np.random.default_rng(2)
+    data = _data([list(rng.choice(np.arange(1, 16), size=rng.integers(4, 10), replace=False)) for _ in range(40)], 15)
+    out = baselines.reference_metrics(data, split="test", ks=(10,), ease_l2=5.0, markov_window=3, markov_decay=0.5)
+    histories, targets = data.eval_cases("test")
+    counts = data.item_counts().astype(float)
+    tie = 1e-6 * counts / counts.max()
+
+    def expected(fit_on):
+        x = np.zeros((len(histories), 16))
+        for row, h in enumerate(histories):
+            x[row, h] = 1.0
+        ease = x @ baselines.ease_weights(fit_on, 16, 5.0)
+        markov = baselines.markov_scores(histories, baselines.markov_transitions(fit_on, 16), window=3,
+                                         decay=0.5, tie_break=tie)
+        return _brute_ndcg(ease, histories, targets), _brute_ndcg(markov, histories, targets)
+
+    ease, markov = expected(data.train_sequences())
+    assert out["ease"]["ndcg@10"] == pytest.approx(ease) and out["markov"]["ndcg@10"] == pytest.approx(markov)
+    # fitted on the evaluation histories (which include the validation items) the figures differ
+    assert expected(histories) != pytest.approx((ease, markov))
+    assert out["popularity"]["ndcg@10"] == pytest.approx(_brute_ndcg(np.tile(counts, (40, 1)), histories, targets))
+
+
+def test_cli_prints_every_reference(tmp_path, capsys) -> None:  # noqa: ANN001
+    log = tmp_path / "log.csv"
+    rows = ["user_id,item_id,timestamp"]
+    rng = np.random.default_rng(1)
+    for u in range(12):
+        for t, item in enumerate(rng.choice(20, size=6, replace=False)):
+            rows.append(f"{u},{item},{t}")
+    log.write_text("\n".join(rows) + "\n")
+    assert baselines.main(["--dataset", str(log), "--ease-l2", "10"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ease"]["l2"] == 10.0 and 0.0 <= out["markov"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.parametrize("argv", [["--ease-l2", "0"], ["--markov-window", "0"], ["--markov-decay", "-1"]])
+def test_bad_knobs_are_refused(argv, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as stop:
+        baselines.main(["--dataset", str(tmp_path), *argv])
+    assert stop.value.code == 2
