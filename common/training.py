@@ -21,10 +21,25 @@ from common.proximal import ProximalAnchor
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """CUDA when available (or requested), else CPU."""
+    """``auto``: CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked.
+
+    A CUDA device this machine does not have is a :class:`ConfigError` naming the knob, not a
+    CUDA traceback on the first tensor moved there.
+    """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device = {requested!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device = {requested!r} but this machine has {count} CUDA device(s); "
+                              "use device = 'auto' or 'cpu'")
+    elif device.type != "cpu":
+        raise ConfigError(f"device = {requested!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return device
 
 
 class SequenceLoss(nn.Module):

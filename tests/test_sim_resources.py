@@ -34,6 +34,26 @@ def test_fractional_gpus_share_a_gpu(monkeypatch):
         backend_config(gpus_per_client=3, num_cpus=16)
 
 
+def test_device_selection_picks_cuda_only_where_it_exists(monkeypatch):
+    from common.training import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="has 0 CUDA device"):
+        pick_device("cuda")
+    for bad in ("gpu", "mps"):
+        with pytest.raises(ConfigError, match="device = "):
+            pick_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="has 2 CUDA device"):
+        pick_device("cuda:2")
+
+
 def test_partner_data_is_partitioned_once_per_process():
     from common.config import resolve_config
     from common.partners import _partitions
