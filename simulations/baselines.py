@@ -97,6 +97,14 @@ def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int,
     }
 
 
+def last_step_ties(data: SequenceData, *, within_s: float = 60.0) -> dict[str, float]:
+    """Share of users whose test item has the same timestamp as the item before it, and the share
+    within ``within_s`` seconds of it: where the order of the last two is arbitrary, "next" is too."""
+    gaps = np.array([float(t[-1]) - float(t[-2]) for t in data.timestamps])
+    return {"test-same-timestamp-as-previous": float((gaps == 0).mean()),
+            f"test-within-{within_s:g}s-of-previous": float((gaps <= within_s).mean())}
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markov_window < 1:
         parser.error(f"--markov-window must be at least 1, got {args.markov_window}")
     data = build_sequences(load_interactions(args.dataset))
-    print(json.dumps(reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
-                                       markov_window=args.markov_window, markov_decay=args.markov_decay), indent=2))
+    out = reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
+                            markov_window=args.markov_window, markov_decay=args.markov_decay)
+    print(json.dumps({**out, "timestamps": last_step_ties(data)}, indent=2))
     return 0
 
 

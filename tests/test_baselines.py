@@ -96,6 +96,13 @@ def test_cli_prints_every_reference(tmp_path, capsys) -> None:  # noqa: ANN001
     assert out["ease"]["l2"] == 10.0 and 0.0 <= out["markov"]["ndcg@10"] <= 1.0
 
 
+def test_last_step_ties_count_users_whose_order_is_arbitrary() -> None:
+    data = _data([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]], 3)
+    data.timestamps = [np.array(t) for t in ([0, 5, 5], [0, 5, 30], [0, 5, 100], [0, 0, 0])]
+    assert baselines.last_step_ties(data) == {"test-same-timestamp-as-previous": 0.5,
+                                              "test-within-60s-of-previous": 0.75}
+
+
 @pytest.mark.parametrize("argv", [["--ease-l2", "0"], ["--markov-window", "0"], ["--markov-decay", "-1"]])
 def test_bad_knobs_are_refused(argv, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit) as stop:
