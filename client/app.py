@@ -75,7 +75,8 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"]),
-                                                "exclude_seen": bool(cfg["exclude-seen"])}),
+                                                "exclude_seen": bool(cfg["exclude-seen"]),
+                                                "shuffle_ties": bool(cfg["shuffle-ties"])}),
             **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )
         if keep_adam:

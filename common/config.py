@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "history-windows": False,  # dp = false only: every max-seq-len window of a history is an example
     "keep-optimizer-state": False,  # a partner continues its Adam moments from its previous round
     "exclude-seen": True,  # the training softmax leaves out each user's earlier items, as evaluation does
+    "shuffle-ties": True,  # items with equal timestamps get a fresh random order every epoch (common/data/ties.py)
     "batch-size": 64,
     "learning-rate": 0.002,
     "device": "auto",

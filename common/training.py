@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
+from common.data.ties import shuffle_within_ties
 from common.errors import ConfigError, PrivacyError
 from common.metrics import drop_seen, pad_left, seen_items
 from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
@@ -281,6 +282,7 @@ def train_local(
     history_windows: bool = False,
     optimizer_state: dict | None = None,
     exclude_seen: bool = False,
+    shuffle_ties: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
 
@@ -292,6 +294,9 @@ def train_local(
 
     ``exclude_seen`` (``exclude-seen`` in the config): each position's softmax leaves out the
     items already in the user's history (:func:`drop_seen`), plain and DP alike.
+
+    ``shuffle_ties`` (``shuffle-ties``): before every epoch, items with equal timestamps are put in a
+    fresh random order within their tie (common/data/ties.py); the split never changes.
 
     ``optimizer_state``: an Adam state from an earlier call (``TrainResult.optimizer_state``) to
     continue from, instead of fresh moments; with DP the moments are functions of noised
@@ -305,7 +310,8 @@ def train_local(
     torch.manual_seed(seed)
     if history_windows and dp is not None:
         raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
-    dataset = training_pairs(data, max_len, time_features=getattr(model, "time_features", False), windows=history_windows)
+    time_features = getattr(model, "time_features", False)
+    dataset = training_pairs(data, max_len, time_features=time_features, windows=history_windows)
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()
@@ -346,7 +352,15 @@ def train_local(
         loss.backward()
         return loss
 
+    tie_rng = np.random.default_rng(seed)
+
+    def reorder_ties() -> None:  # the loaders (Opacus' too) read dataset.tensors at every batch
+        fresh = training_pairs(shuffle_within_ties(data, tie_rng), max_len, time_features=time_features,
+                               windows=history_windows)
+        dataset.tensors = fresh.tensors
+
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
+                             before_epoch=reorder_ties if shuffle_ties else lambda: None,
                              before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),

@@ -65,7 +65,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
                              max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
                              history_windows=bool(cfg["history-windows"]) and dp is None, optimizer_state=adam,
-                             exclude_seen=bool(cfg["exclude-seen"]))
+                             exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
         adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
         train_s.append(time.perf_counter() - begin)
         begin = time.perf_counter()

@@ -1,0 +1,63 @@
+"""Tie shuffling (common/data/ties.py, ``shuffle-ties``): only tied training items move, and training sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.ties import shuffle_within_ties, tie_runs
+from common.models import SASRec
+from common.training import DPSettings, train_local
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_tie_runs_are_the_runs_of_equal_timestamps() -> None:
+    assert tie_runs(np.array([1, 2, 2, 2, 3, 4, 4, 5])) == [(1, 4), (5, 7)]
+    assert tie_runs(np.array([7, 7])) == [(0, 2)]
+    assert tie_runs(np.array([1, 2, 3])) == [] and tie_runs(np.array([5])) == []
+
+
+def _tied(data, width: int):  # noqa: ANN001 -- coarser clocks make ties
+    return dataclasses.replace(data, timestamps=[np.arange(len(t)) // width for t in data.timestamps])
+
+
+def test_only_tied_training_items_move_and_the_split_stays(small_data) -> None:  # noqa: ANN001
+    data = _tied(small_data, 3)
+    out = shuffle_within_ties(data, np.random.default_rng(0))
+    moved = 0
+    for before, after, times in zip(data.sequences, out.sequences, data.timestamps):
+        assert after[-2:].tolist() == before[-2:].tolist()  # validation and test items never move
+        train = len(before) - 2
+        runs = tie_runs(times[:train])
+        in_run = np.zeros(len(before), dtype=bool)
+        for a, b in runs:
+            assert sorted(after[a:b].tolist()) == sorted(before[a:b].tolist())  # a tie keeps its items
+            in_run[a:b] = True
+        assert (after[~in_run] == before[~in_run]).all()  # untied items keep their place
+        moved += int((after != before).any())
+    assert moved > len(data.sequences) // 2  # with runs of 3 most users see a new order
+    again = shuffle_within_ties(data, np.random.default_rng(0))
+    assert all((a == b).all() for a, b in zip(out.sequences, again.sequences))  # seeded: reproducible
+    untied = shuffle_within_ties(small_data, np.random.default_rng(0))  # distinct timestamps: nothing moves
+    assert all((a == b).all() for a, b in zip(untied.sequences, small_data.sequences))
+
+
+def _train(data, shuffle: bool, dp: DPSettings | None = None) -> torch.Tensor:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = SASRec(data.num_items, dim=16, max_len=20, num_blocks=1, dropout=0.0)
+    train_local(model, data, epochs=3, batch_size=32, learning_rate=0.01, max_len=20, dp=dp, seed=1,
+                shuffle_ties=shuffle)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=0.0, max_grad_norm=1.0)], ids=["plain", "fused-dp"])
+def test_training_reads_the_reordered_ties(small_data, dp) -> None:  # noqa: ANN001
+    tied = _tied(small_data, 3)
+    # without ties the option changes nothing; with ties the loader (Opacus' Poisson loader
+    # under DP) trains on new orders, so the weights differ
+    assert torch.equal(_train(small_data, False, dp), _train(small_data, True, dp))
+    assert not torch.allclose(_train(tied, False, dp), _train(tied, True, dp))
