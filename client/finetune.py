@@ -40,9 +40,13 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
                      out: str | os.PathLike | None = None, since: int | None = None, epochs: int = 1,
                      batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
                      target_epsilon: float = 8.0, target_delta: float = 0.0, max_grad_norm: float = 1.0,
-                     dp: bool = True, seed: int = 0) -> dict[str, Any]:
+                     dp: bool = True, seed: int = 0, exclude_seen: bool = True,
+                     shuffle_ties: bool = True) -> dict[str, Any]:
     """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
     (default: the model file's time) and write it to ``out``; returns the report.
+
+    ``exclude_seen``/``shuffle_ties``: the training objective of the federation's defaults
+    (``exclude-seen``, ``shuffle-ties``), so fine-tuning continues what the global model learnt.
 
     Raises :class:`PrivacyError` when the ledger has no room for it (or too few recent users
     for ``batch_size``), :class:`DataError` for a bad model or log.
@@ -85,7 +89,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train_local(tuned, recent, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                             max_len=max_len, dp=settings, seed=seed)
+                             max_len=max_len, dp=settings, seed=seed, exclude_seen=exclude_seen,
+                             shuffle_ties=shuffle_ties)
         if ledger is not None:
             # Recorded before the model is written: every released fine-tuned model is on the ledger
             ledger.save_calibration(run, Calibration(noise_multiplier, target_epsilon, delta, ACCOUNTANT,
