@@ -8,7 +8,7 @@ returned so that partners' results combine into exactly the all-users figure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,39 @@ def means_from_sums(sums: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def split_scores(
+    model: torch.nn.Module,
+    data: SequenceData,
+    *,
+    split: str = "test",
+    max_len: int = 50,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, list[np.ndarray], np.ndarray]]:
+    """(catalogue scores on CPU, histories, targets) of ``data``'s ``split``, ``batch_size`` users at a time."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    histories, targets = data.eval_cases(split)
+    gaps = None
+    if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
+        from common.models.context import history_gaps
+
+        gaps = history_gaps(histories, data.timestamps)
+    try:
+        for start in range(0, len(targets), batch_size):
+            h = histories[start:start + batch_size]
+            if gaps is None:
+                seq = pad_left(h, max_len).to(device)
+            else:
+                from common.models.context import model_inputs
+
+                seq = model_inputs(model, h, max_len, gaps[start:start + batch_size]).to(device)
+            yield model.score(seq).cpu(), h, targets[start:start + batch_size]
+    finally:
+        if was_training:
+            model.train()
+
+
 def evaluate_ranking(
     model: torch.nn.Module,
     data: SequenceData,
@@ -92,25 +125,6 @@ def evaluate_ranking(
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Ranking sums (see :func:`ranking_sums`) of ``model`` on ``data``'s ``split`` targets."""
-    was_training = getattr(model, "training", False)
-    model.eval()
-    histories, targets = data.eval_cases(split)
-    gaps = None
-    if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
-        from common.models.context import history_gaps
-
-        gaps = history_gaps(histories, data.timestamps)
-    ranks = []
-    for start in range(0, len(targets), batch_size):
-        h = histories[start:start + batch_size]
-        if gaps is None:
-            seq = pad_left(h, max_len).to(device)
-        else:
-            from common.models.context import model_inputs
-
-            seq = model_inputs(model, h, max_len, gaps[start:start + batch_size]).to(device)
-        scores = model.score(seq).cpu()
-        ranks.append(target_ranks(scores, h, targets[start:start + batch_size]))
-    if was_training:
-        model.train()
+    ranks = [target_ranks(scores, h, t) for scores, h, t in
+             split_scores(model, data, split=split, max_len=max_len, batch_size=batch_size, device=device)]
     return ranking_sums(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), ks)

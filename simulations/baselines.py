@@ -1,7 +1,9 @@
 """Non-neural reference points on a data set, full ranking, history excluded:
-most popular, EASE (item-item linear autoencoder) and a decayed first-order Markov chain.
+most popular, EASE (item-item linear autoencoder) and a decayed first-order Markov chain;
+with ``--blend-model``, a trained model alone and blended with a co-occurrence chain.
 
     python -m simulations.baselines --dataset ../shared/data/ml-100k
+    python -m simulations.baselines --dataset ../shared/data/ml-100k --blend-model runs/RUN
 
 Every model learns from the training histories only (every item but the last two of each
 user, as SASRec trains); at evaluation it scores the catalogue from the user's history for the
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
-from common.metrics import evaluate_ranking, means_from_sums, ranking_sums, target_ranks
+from common.errors import ConfigError
+from common.metrics import evaluate_ranking, means_from_sums, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from simulations.cli import user_errors_exit
 
@@ -97,6 +100,53 @@ def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int,
     }
 
 
+def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndarray, *, window: int, decay: float,
+                           tie_break: np.ndarray) -> np.ndarray:
+    """log P(item | recent items) of the decayed chain over *symmetric* transitions (a -> b and b -> a
+    both count: inside a timestamp tie the order is arbitrary), each user's row normalised to 1."""
+    scores = markov_scores(histories, transitions + transitions.T, window=window, decay=decay, tie_break=tie_break)
+    return np.log(scores / scores.sum(axis=1, keepdims=True) + 1e-12)
+
+
+def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, ...] = (10,),  # noqa: ANN001
+                     chains: Sequence[tuple[int, float]] = ((5, 0.5), (10, 0.7), (20, 0.8)),
+                     weights: Sequence[float] = (0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:
+    """How far a trained model is from what it and the co-occurrence chain give together.
+
+    Score = log-softmax(model) + w · log P_chain; (window, decay, w) chosen on the validation split
+    by NDCG@10, then reported on the test split beside the model and the chosen chain alone. A
+    research probe: the chain's counts are plain (not DP) and centralised here.
+    """
+    width = data.num_items + 1
+    transitions = markov_transitions(data.train_sequences(), width)
+    counts = data.item_counts().astype(np.float64)
+    tie = 1e-6 * counts / max(counts.max(), 1.0)
+
+    def parts(split: str):
+        batches = list(split_scores(model, data, split=split, max_len=max_len))
+        logits = torch.cat([b[0] for b in batches])
+        histories = [h for b in batches for h in b[1]]
+        targets = np.concatenate([b[2] for b in batches])
+        return torch.log_softmax(logits.double(), dim=1).numpy(), histories, targets
+
+    chosen, best = None, -1.0
+    valid = parts("valid")
+    for window, decay in chains:
+        chain = cooccurrence_log_probs(valid[1], transitions, window=window, decay=decay, tie_break=tie)
+        for w in weights:
+            score = _metrics(valid[0] + w * chain, valid[1], valid[2], (10,))["ndcg@10"]
+            if score > best:
+                chosen, best = (window, decay, w), score
+    window, decay, w = chosen
+    model_scores, histories, targets = parts("test")
+    chain = cooccurrence_log_probs(histories, transitions, window=window, decay=decay, tie_break=tie)
+    return {
+        "model": _metrics(model_scores, histories, targets, ks),
+        "cooccurrence": {"window": window, "decay": decay, **_metrics(chain, histories, targets, ks)},
+        "blend": {"weight": w, "valid-ndcg@10": best, **_metrics(model_scores + w * chain, histories, targets, ks)},
+    }
+
+
 def last_step_ties(data: SequenceData, *, within_s: float = 60.0) -> dict[str, float]:
     """Share of users whose test item has the same timestamp as the item before it, and the share
     within ``within_s`` seconds of it: where the order of the last two is arbitrary, "next" is too."""
@@ -113,12 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ease-l2", type=float, default=200.0, help="EASE's L2 weight (lambda)")
     parser.add_argument("--markov-window", type=int, default=10, help="last items the Markov chain looks at")
     parser.add_argument("--markov-decay", type=float, default=0.7, help="weight ratio of each older item")
+    parser.add_argument("--blend-model", default=None,
+                        help="a run directory or model.pt: also report it blended with the co-occurrence chain")
     args = parser.parse_args(argv)
     for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
         if value <= 0:
             parser.error(f"{name} must be positive, got {value}")
     if args.markov_window < 1:
         parser.error(f"--markov-window must be at least 1, got {args.markov_window}")
+    if args.blend_model:
+        from client.recommend import load_global_model
+
+        trained = load_global_model(args.blend_model)
+        if trained.config.get("model", "sasrec") != "sasrec":
+            raise ConfigError(f"--blend-model {trained.path}: a {trained.config.get('model')} model; "
+                              "the blend scores histories, which needs a SASRec model file")
+        data = build_sequences(load_interactions(args.dataset), trained.catalogue)
+        blend = blend_with_model(data, trained.model, max_len=int(trained.config["max-seq-len"]), ks=(5, 10, 20))
+        print(json.dumps({"model-file": str(trained.path), **blend}, indent=2))
+        return 0
     data = build_sequences(load_interactions(args.dataset))
     out = reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
                             markov_window=args.markov_window, markov_decay=args.markov_decay)

@@ -108,3 +108,35 @@ def test_bad_knobs_are_refused(argv, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit) as stop:
         baselines.main(["--dataset", str(tmp_path), *argv])
     assert stop.value.code == 2
+
+
+def test_blend_is_chosen_on_validation_and_scored_on_test(small_data) -> None:  # noqa: ANN001
+    import torch
+
+    from common.metrics import evaluate_ranking, means_from_sums, pad_left
+    from common.models import SASRec
+
+    torch.manual_seed(0)
+    model = SASRec(small_data.num_items, dim=8, max_len=10, num_blocks=1, dropout=0.0).eval()
+    chains, weights = ((3, 0.5), (6, 0.8)), (0.5, 2.0)
+    out = baselines.blend_with_model(small_data, model, max_len=10, chains=chains, weights=weights)
+    assert out["model"]["ndcg@10"] == pytest.approx(
+        means_from_sums(evaluate_ranking(model, small_data, split="test", max_len=10))["ndcg@10"])
+    width = small_data.num_items + 1
+    counts = small_data.item_counts().astype(float)
+    tie = 1e-6 * counts / counts.max()
+    m = baselines.markov_transitions(small_data.train_sequences(), width)
+
+    def blended(split: str, window: int, decay: float, w: float) -> float:
+        histories, targets = small_data.eval_cases(split)
+        with torch.no_grad():
+            logp = torch.log_softmax(model.score(pad_left(histories, 10)).double(), dim=1).numpy()
+        chain = baselines.markov_scores(histories, m + m.T, window=window, decay=decay, tie_break=tie)
+        probs = np.exp(baselines.cooccurrence_log_probs(histories, m, window=window, decay=decay, tie_break=tie))
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+        return _brute_ndcg(logp + w * np.log(chain / chain.sum(axis=1, keepdims=True) + 1e-12), histories, targets)
+
+    grid = {(c[0], c[1], w): blended("valid", *c, w) for c in chains for w in weights}
+    chosen = (out["cooccurrence"]["window"], out["cooccurrence"]["decay"], out["blend"]["weight"])
+    assert grid[chosen] == pytest.approx(max(grid.values())) == pytest.approx(out["blend"]["valid-ndcg@10"])
+    assert out["blend"]["ndcg@10"] == pytest.approx(blended("test", *chosen))
