@@ -40,18 +40,21 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
                      out: str | os.PathLike | None = None, since: int | None = None, epochs: int = 1,
                      batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
                      target_epsilon: float = 8.0, target_delta: float = 0.0, max_grad_norm: float = 1.0,
-                     dp: bool = True, seed: int = 0, exclude_seen: bool = True,
-                     shuffle_ties: bool = True) -> dict[str, Any]:
+                     dp: bool = True, seed: int = 0, exclude_seen: bool | None = None,
+                     shuffle_ties: bool | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
     (default: the model file's time) and write it to ``out``; returns the report.
 
-    ``exclude_seen``/``shuffle_ties``: the training objective of the federation's defaults
-    (``exclude-seen``, ``shuffle-ties``), so fine-tuning continues what the global model learnt.
+    ``exclude_seen``/``shuffle_ties``: ``None`` takes the global model's own run settings
+    (``exclude-seen``, ``shuffle-ties`` in its config; the defaults for older files), so the
+    fine-tune continues the objective the model was trained with.
 
     Raises :class:`PrivacyError` when the ledger has no room for it (or too few recent users
     for ``batch_size``), :class:`DataError` for a bad model or log.
     """
     gm = load_global_model(model)
+    exclude_seen = bool(gm.config.get("exclude-seen", True)) if exclude_seen is None else exclude_seen
+    shuffle_ties = bool(gm.config.get("shuffle-ties", True)) if shuffle_ties is None else shuffle_ties
     since = int(gm.version) if since is None else int(since)
     log = load_interactions(data_path)
     # The same data set (and fingerprint) as the partner's supernode builds for its ledger

@@ -8,7 +8,7 @@ with ``--blend-model``, a trained model alone and blended with a co-occurrence c
 Every model learns from the training histories only (every item but the last two of each
 user, as SASRec trains); at evaluation it scores the catalogue from the user's history for the
 split (``test``: everything before the last item), like SASRec's input. They say what the data
-gives without a neural model: the ceiling a sequential recommender is measured against.
+gives without a neural model: the bar a sequential recommender must clear.
 """
 
 from __future__ import annotations
@@ -110,10 +110,11 @@ def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndar
 
 def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, ...] = (10,),  # noqa: ANN001
                      chains: Sequence[tuple[int, float]] = ((5, 0.5), (10, 0.7), (20, 0.8)),
-                     weights: Sequence[float] = (0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:
+                     weights: Sequence[float] = (0.0, 0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:
     """How far a trained model is from what it and the co-occurrence chain give together.
 
     Score = log-softmax(model) + w · log P_chain; (window, decay, w) chosen on the validation split
+    (w = 0 is the model alone, so the blend never does worse there)
     by NDCG@10, then reported on the test split beside the model and the chosen chain alone. A
     research probe: the chain's counts are plain (not DP) and centralised here.
     """

@@ -115,7 +115,8 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
         text.table[cold] = 0.0  # not in the catalogue yet: a zero text row gets no score gradient
     start = time.perf_counter()
     result = train_local(model, split.train, epochs=epochs, batch_size=int(cfg["batch-size"]),
-                         learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=seed)
+                         learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=seed,
+                         exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
     # The cold items join the catalogue now: their text rows arrive, their ID rows are those of a new item
     # (id: a fresh initialisation; id+text: zero, as TextSASRec._load_from_state_dict gives an added item).
     with torch.no_grad():

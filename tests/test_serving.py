@@ -476,3 +476,32 @@ def test_latency_benchmark_measures_every_setting_over_http(tmp_path, capsys):
         assert row["server_cpu_ms_per_request"] >= 0
     assert "load average" in result["load"]["uptime_before"] and result["settings"]["users"] == 40
     assert "p99 ms" in capsys.readouterr().out
+
+
+def test_finetune_trains_with_the_objective_the_model_was_trained_with(trained, log, tmp_path, monkeypatch):
+    import client.finetune as finetune
+    from common.training import train_local as real_train_local
+
+    run, data = trained
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003
+        seen.append((kwargs["exclude_seen"], kwargs["shuffle_ties"]))
+        return real_train_local(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_local", spy)
+    blob = torch.load(run / "model.pt", weights_only=False)
+    blob["config"] = {**blob["config"], "exclude-seen": False, "shuffle-ties": True}
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(blob, other / "model.pt")
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
+    for model, expected in ((run, (True, True)), (other, (False, True))):
+        finetune.finetune_partner(model=model, data_path=csv, ledger_path=tmp_path / "l.sqlite", since=0,
+                                  epochs=1, batch_size=8, dp=False)
+        assert seen[-1] == expected
+    finetune.finetune_partner(model=other, data_path=csv, ledger_path=tmp_path / "l.sqlite", since=0, epochs=1,
+                              batch_size=8, dp=False, exclude_seen=True, shuffle_ties=False)
+    assert seen[-1] == (True, False)  # an explicit choice wins

@@ -46,18 +46,39 @@ def test_only_tied_training_items_move_and_the_split_stays(small_data) -> None: 
     assert all((a == b).all() for a, b in zip(untied.sequences, small_data.sequences))
 
 
-def _train(data, shuffle: bool, dp: DPSettings | None = None) -> torch.Tensor:  # noqa: ANN001
+def _train(data, shuffle: bool, dp: DPSettings | None = None, **variant) -> torch.Tensor:  # noqa: ANN001, ANN003
     torch.manual_seed(0)
-    model = SASRec(data.num_items, dim=16, max_len=20, num_blocks=1, dropout=0.0)
+    model = SASRec(data.num_items, dim=16, max_len=20, num_blocks=1, dropout=0.0,
+                   time_features=variant.pop("time_features", False), tied_output=variant.pop("tied", True))
     train_local(model, data, epochs=3, batch_size=32, learning_rate=0.01, max_len=20, dp=dp, seed=1,
-                shuffle_ties=shuffle)
+                shuffle_ties=shuffle, **variant)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=0.0, max_grad_norm=1.0)], ids=["plain", "fused-dp"])
-def test_training_reads_the_reordered_ties(small_data, dp) -> None:  # noqa: ANN001
+def _dp(mode: str) -> DPSettings:
+    return DPSettings(noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode=mode)
+
+
+@pytest.mark.parametrize("dp,variant", [
+    (None, {}),
+    (None, {"history_windows": True}),
+    (None, {"time_features": True}),
+    (_dp("fused"), {}),
+    (_dp("hooks"), {}),
+    (_dp("ghost"), {"tied": False}),
+], ids=["plain", "windows", "time-gaps", "fused-dp", "hooks-dp", "ghost-dp"])
+def test_training_reads_the_reordered_ties(small_data, dp, variant) -> None:  # noqa: ANN001
     tied = _tied(small_data, 3)
-    # without ties the option changes nothing; with ties the loader (Opacus' Poisson loader
-    # under DP) trains on new orders, so the weights differ
-    assert torch.equal(_train(small_data, False, dp), _train(small_data, True, dp))
-    assert not torch.allclose(_train(tied, False, dp), _train(tied, True, dp))
+    # without ties the option changes nothing; with ties every loader (Opacus' Poisson loader
+    # under DP, each grad-sample mode) trains on new orders, so the weights differ
+    assert torch.equal(_train(small_data, False, dp, **variant), _train(small_data, True, dp, **variant))
+    assert not torch.allclose(_train(tied, False, dp, **variant), _train(tied, True, dp, **variant))
+
+
+def test_time_gaps_inside_a_tie_do_not_move(small_data) -> None:  # noqa: ANN001
+    from common.training import training_pairs
+
+    tied = _tied(small_data, 3)
+    before = training_pairs(tied, 20, time_features=True).tensors[0]
+    after = training_pairs(shuffle_within_ties(tied, np.random.default_rng(1)), 20, time_features=True).tensors[0]
+    assert torch.equal(before[..., 1], after[..., 1]) and not torch.equal(before[..., 0], after[..., 0])

@@ -45,7 +45,8 @@ def run_variant(data, genres: torch.Tensor, overrides: dict, *, seed: int, epoch
     start = time.perf_counter()
     for epoch in range(eval_every, epochs + 1, eval_every):
         train_local(model, data, epochs=eval_every, batch_size=int(cfg["batch-size"]),
-                    learning_rate=float(cfg["learning-rate"]), max_len=max_len, seed=seed * 1000 + epoch)
+                    learning_rate=float(cfg["learning-rate"]), max_len=max_len, seed=seed * 1000 + epoch,
+                    exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
         valid = means_from_sums(evaluate_ranking(model, data, split="valid", max_len=max_len))
         if valid["ndcg@10"] > best["valid-ndcg@10"]:
             test = means_from_sums(evaluate_ranking(model, data, split="test", max_len=max_len))
