@@ -28,13 +28,6 @@ from common.models import Popularity
 from simulations.cli import user_errors_exit
 
 
-def popularity_metrics(dataset: str, *, split: str = "test", ks: tuple[int, ...] = (10,)) -> dict[str, float]:
-    """HR@K/NDCG@K of the most-popular ranking (counts from training histories only)."""
-    data = build_sequences(load_interactions(dataset))
-    model = Popularity(torch.as_tensor(data.item_counts()))
-    return means_from_sums(evaluate_ranking(model, data, split=split, max_len=1, ks=ks))
-
-
 def _binary_matrix(histories: Sequence[np.ndarray], width: int) -> np.ndarray:
     x = np.zeros((len(histories), width), dtype=np.float64)
     for row, h in enumerate(histories):
@@ -114,9 +107,9 @@ def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, 
     """How far a trained model is from what it and the co-occurrence chain give together.
 
     Score = log-softmax(model) + w · log P_chain; (window, decay, w) chosen on the validation split
-    (w = 0 is the model alone, so the blend never does worse there)
-    by NDCG@10, then reported on the test split beside the model and the chosen chain alone. A
-    research probe: the chain's counts are plain (not DP) and centralised here.
+    by NDCG@10 (w = 0 is the model alone, so the blend never does worse there), then reported on
+    the test split beside the model and the chosen chain alone. A research probe: the chain's
+    counts are plain (not DP) and centralised here.
     """
     width = data.num_items + 1
     transitions = markov_transitions(data.train_sequences(), width)
