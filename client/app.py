@@ -48,7 +48,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.private_factors import mf_trainer
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
     from common.task import new_model, partner_data
-    from common.training import pick_device, train_local
+    from common.training import objective_options, pick_device, train_local
 
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)
@@ -75,8 +75,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"]),
-                                                "exclude_seen": bool(cfg["exclude-seen"]),
-                                                "shuffle_ties": bool(cfg["shuffle-ties"])}),
+                                                **objective_options(cfg)}),
             **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )
         if keep_adam:

@@ -25,13 +25,14 @@ import torch
 from client.privacy_ledger import Calibration, PrivacyLedger
 from client.recommend import load_global_model
 from common.data.event_store import is_event_store, store_identity
+from common.config import DEFAULTS
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import build_sequences
 from common.errors import PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, steps_per_epoch
 from common.files import PRIVATE_MODE, write_file
-from common.training import DPSettings, train_local, user_count_for_training
+from common.training import DPSettings, objective_options, train_local, user_count_for_training
 
 ACCOUNTANT = "rdp"
 
@@ -53,8 +54,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     for ``batch_size``), :class:`DataError` for a bad model or log.
     """
     gm = load_global_model(model)
-    exclude_seen = bool(gm.config.get("exclude-seen", True)) if exclude_seen is None else exclude_seen
-    shuffle_ties = bool(gm.config.get("shuffle-ties", True)) if shuffle_ties is None else shuffle_ties
+    objective = objective_options({**DEFAULTS, **gm.config})  # files older than a knob: its default
+    objective.update({k: v for k, v in (("exclude_seen", exclude_seen), ("shuffle_ties", shuffle_ties)) if v is not None})
     since = int(gm.version) if since is None else int(since)
     log = load_interactions(data_path)
     # The same data set (and fingerprint) as the partner's supernode builds for its ledger
@@ -92,8 +93,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train_local(tuned, recent, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                             max_len=max_len, dp=settings, seed=seed, exclude_seen=exclude_seen,
-                             shuffle_ties=shuffle_ties)
+                             max_len=max_len, dp=settings, seed=seed, **objective)
         if ledger is not None:
             # Recorded before the model is written: every released fine-tuned model is on the ledger
             ledger.save_calibration(run, Calibration(noise_multiplier, target_epsilon, delta, ACCOUNTANT,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
-from common.data.ties import shuffle_within_ties
+from common.data.ties import shuffle_within_ties, training_tie_groups
 from common.errors import ConfigError, PrivacyError
 from common.metrics import drop_seen, pad_left, seen_items
 from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
@@ -41,6 +42,12 @@ def pick_device(requested: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device = {requested!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return device
+
+
+def objective_options(cfg: Mapping[str, Any]) -> dict[str, bool]:
+    """``train_local``'s training-objective keywords from a run config (``exclude-seen``, ``shuffle-ties``):
+    one place, so every trainer (partners, fine-tune, benches) follows the same knobs."""
+    return {"exclude_seen": bool(cfg["exclude-seen"]), "shuffle_ties": bool(cfg["shuffle-ties"])}
 
 
 class SequenceLoss(nn.Module):
@@ -353,14 +360,16 @@ def train_local(
         return loss
 
     tie_rng = np.random.default_rng(seed)
+    ties = training_tie_groups(data) if shuffle_ties else []
 
     def reorder_ties() -> None:  # the loaders (Opacus' too) read dataset.tensors at every batch
-        fresh = training_pairs(shuffle_within_ties(data, tie_rng), max_len, time_features=time_features,
+        fresh = training_pairs(shuffle_within_ties(data, tie_rng, ties), max_len, time_features=time_features,
                                windows=history_windows)
         dataset.tensors = fresh.tensors
 
+    has_ties = any(g is not None for g in ties)  # no ties: nothing to redraw
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
-                             before_epoch=reorder_ties if shuffle_ties else lambda: None,
+                             before_epoch=reorder_ties if has_ties else lambda: None,
                              before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),

@@ -95,7 +95,7 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
     from common.models.text_sasrec import trainable_parameters
     from common.privacy import calibrate_noise, default_delta, steps_per_epoch
     from common.task import federation_data, new_model
-    from common.training import DPSettings, train_local, user_count_for_training
+    from common.training import DPSettings, objective_options, train_local, user_count_for_training
 
     cfg = resolve_config(None, overrides)
     split = hold_out_items(federation_data(cfg), fraction=fraction, seed=seed)
@@ -116,7 +116,7 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
     start = time.perf_counter()
     result = train_local(model, split.train, epochs=epochs, batch_size=int(cfg["batch-size"]),
                          learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]), dp=dp, seed=seed,
-                         exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
+                         **objective_options(cfg))
     # The cold items join the catalogue now: their text rows arrive, their ID rows are those of a new item
     # (id: a fresh initialisation; id+text: zero, as TextSASRec._load_from_state_dict gives an added item).
     with torch.no_grad():

@@ -8,17 +8,33 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.ties import shuffle_within_ties, tie_runs
+from common.data.ties import shuffle_within_ties, training_tie_groups
 from common.models import SASRec
 from common.training import DPSettings, train_local
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_tie_runs_are_the_runs_of_equal_timestamps() -> None:
+def tie_runs(timestamps: np.ndarray) -> list[tuple[int, int]]:
+    """Reference: (start, stop) of every run of two or more equal consecutive timestamps, by a plain scan."""
+    runs, start = [], 0
+    for i in range(1, len(timestamps) + 1):
+        if i == len(timestamps) or timestamps[i] != timestamps[start]:
+            if i - start > 1:
+                runs.append((start, i))
+            start = i
+    return runs
+
+
+def test_tie_groups_label_ties_of_the_training_items_only(small_data) -> None:  # noqa: ANN001
     assert tie_runs(np.array([1, 2, 2, 2, 3, 4, 4, 5])) == [(1, 4), (5, 7)]
-    assert tie_runs(np.array([7, 7])) == [(0, 2)]
-    assert tie_runs(np.array([1, 2, 3])) == [] and tie_runs(np.array([5])) == []
+    times = [np.array(t) for t in ([1, 2, 2, 2, 3, 4, 4, 5, 9, 9], [1, 2, 3, 3, 3], [1, 2, 3, 4], [5, 5, 5])]
+    data = dataclasses.replace(small_data.subset(range(4)), timestamps=times,
+                               sequences=[np.arange(1, len(t) + 1) for t in times])
+    groups = training_tie_groups(data)
+    assert groups[0].tolist() == [0, 1, 1, 1, 2, 3, 3, 4]  # the last two (9, 9) are the split's, not labelled
+    assert groups[1] is None  # its tie 3, 3, 3 has one training item: nothing to permute
+    assert groups[2] is None and groups[3] is None  # no tie; a single training item
 
 
 def _tied(data, width: int):  # noqa: ANN001 -- coarser clocks make ties

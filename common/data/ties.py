@@ -21,30 +21,31 @@ import numpy as np
 from common.data.sequences import SequenceData
 
 
-def tie_runs(timestamps: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of every run of two or more equal consecutive timestamps."""
-    t = np.asarray(timestamps)
-    if len(t) < 2:
-        return []
-    change = np.flatnonzero(t[1:] != t[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    stops = np.concatenate((change, [len(t)]))
-    return [(int(a), int(b)) for a, b in zip(starts, stops) if b - a > 1]
+def training_tie_groups(data: SequenceData) -> list[np.ndarray | None]:
+    """Per user, a group label for each training item (every item but the last two), equal within a
+    tie and increasing along the sequence; ``None`` for a user without ties. The validation and test
+    items stay in place, so a tie reaching into them is cut at the split."""
+    groups: list[np.ndarray | None] = []
+    for seq, times in zip(data.sequences, data.timestamps):
+        train = np.asarray(times[:max(len(seq) - 2, 0)])
+        labels = np.concatenate(([0], np.cumsum(train[1:] != train[:-1]))) if len(train) > 1 else None
+        groups.append(labels if labels is not None and labels[-1] < len(train) - 1 else None)
+    return groups
 
 
-def shuffle_within_ties(data: SequenceData, rng: np.random.Generator) -> SequenceData:
+def shuffle_within_ties(data: SequenceData, rng: np.random.Generator,
+                        groups: list[np.ndarray | None] | None = None) -> SequenceData:
     """``data`` with each user's training items permuted at random within their timestamp ties.
 
-    The last two items of every sequence (validation, test) stay in place; a tie that reaches
-    into them is shuffled only over its training part.
+    ``groups``: :func:`training_tie_groups` of ``data``, when the caller shuffles the same data
+    every epoch (timestamps never move, so the ties are found once).
     """
+    groups = training_tie_groups(data) if groups is None else groups
     sequences = []
-    for seq, times in zip(data.sequences, data.timestamps):
-        train = len(seq) - 2
-        runs = tie_runs(times[:train]) if train > 1 else []
-        if runs:
+    for seq, labels in zip(data.sequences, groups):
+        if labels is not None:
             seq = seq.copy()
-            for a, b in runs:
-                seq[a:b] = seq[a:b][rng.permutation(b - a)]
+            # sort by (tie, random key): an item alone in its group keeps its place, a tie is permuted
+            seq[:len(labels)] = seq[:len(labels)][np.lexsort((rng.random(len(labels)), labels))]
         sequences.append(seq)
     return dataclasses.replace(data, sequences=sequences)

@@ -37,7 +37,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     from common.partners import split_population
     from common.privacy import calibrate_noise, default_delta, dp_mode, steps_per_epoch, uses_local_dp
     from common.task import new_model
-    from common.training import DPSettings, train_local, user_count_for_training
+    from common.training import DPSettings, objective_options, train_local, user_count_for_training
 
     if threads:
         torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
                              max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
                              history_windows=bool(cfg["history-windows"]) and dp is None, optimizer_state=adam,
-                             exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
+                             **objective_options(cfg))
         adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
         train_s.append(time.perf_counter() - begin)
         begin = time.perf_counter()

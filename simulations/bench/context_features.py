@@ -25,7 +25,7 @@ from common.data.attributes import metadata_path
 from common.metrics import evaluate_ranking, means_from_sums
 from common.models import build_model
 from common.models.context import item_genre_matrix
-from common.training import train_local
+from common.training import objective_options, train_local
 
 VARIANTS = {
     "base": {},
@@ -46,7 +46,7 @@ def run_variant(data, genres: torch.Tensor, overrides: dict, *, seed: int, epoch
     for epoch in range(eval_every, epochs + 1, eval_every):
         train_local(model, data, epochs=eval_every, batch_size=int(cfg["batch-size"]),
                     learning_rate=float(cfg["learning-rate"]), max_len=max_len, seed=seed * 1000 + epoch,
-                    exclude_seen=bool(cfg["exclude-seen"]), shuffle_ties=bool(cfg["shuffle-ties"]))
+                    **objective_options(cfg))
         valid = means_from_sums(evaluate_ranking(model, data, split="valid", max_len=max_len))
         if valid["ndcg@10"] > best["valid-ndcg@10"]:
             test = means_from_sums(evaluate_ranking(model, data, split="test", max_len=max_len))
