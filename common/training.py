@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
-from common.data.ties import shuffle_within_ties, training_tie_groups
+from common.data.ties import shuffle_within_ties, training_tie_runs
 from common.errors import ConfigError, PrivacyError
 from common.metrics import drop_seen, pad_left, seen_items
 from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
@@ -360,14 +360,14 @@ def train_local(
         return loss
 
     tie_rng = np.random.default_rng(seed)
-    ties = training_tie_groups(data) if shuffle_ties else []
+    ties = training_tie_runs(data) if shuffle_ties else []
 
     def reorder_ties() -> None:  # the loaders (Opacus' too) read dataset.tensors at every batch
         fresh = training_pairs(shuffle_within_ties(data, tie_rng, ties), max_len, time_features=time_features,
                                windows=history_windows)
         dataset.tensors = fresh.tensors
 
-    has_ties = any(g is not None for g in ties)  # no ties: nothing to redraw
+    has_ties = any(ties)  # no ties: nothing to redraw
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
                              before_epoch=reorder_ties if has_ties else lambda: None,
                              before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)

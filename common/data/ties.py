@@ -21,31 +21,36 @@ import numpy as np
 from common.data.sequences import SequenceData
 
 
-def training_tie_groups(data: SequenceData) -> list[np.ndarray | None]:
-    """Per user, a group label for each training item (every item but the last two), equal within a
-    tie and increasing along the sequence; ``None`` for a user without ties. The validation and test
-    items stay in place, so a tie reaching into them is cut at the split."""
-    groups: list[np.ndarray | None] = []
-    for seq, times in zip(data.sequences, data.timestamps):
-        train = np.asarray(times[:max(len(seq) - 2, 0)])
-        labels = np.concatenate(([0], np.cumsum(train[1:] != train[:-1]))) if len(train) > 1 else None
-        groups.append(labels if labels is not None and labels[-1] < len(train) - 1 else None)
-    return groups
+def tie_runs(timestamps: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of every run of two or more equal consecutive timestamps."""
+    t = np.asarray(timestamps)
+    if len(t) < 2:
+        return []
+    change = np.flatnonzero(t[1:] != t[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    stops = np.concatenate((change, [len(t)]))
+    return [(int(a), int(b)) for a, b in zip(starts, stops) if b - a > 1]
+
+
+def training_tie_runs(data: SequenceData) -> list[list[tuple[int, int]]]:
+    """Per user, the tie runs of the training items (every item but the last two): the validation
+    and test items stay in place, so a tie reaching into them is cut at the split."""
+    return [tie_runs(times[:len(seq) - 2]) if len(seq) > 3 else [] for seq, times in zip(data.sequences, data.timestamps)]
 
 
 def shuffle_within_ties(data: SequenceData, rng: np.random.Generator,
-                        groups: list[np.ndarray | None] | None = None) -> SequenceData:
+                        runs: list[list[tuple[int, int]]] | None = None) -> SequenceData:
     """``data`` with each user's training items permuted at random within their timestamp ties.
 
-    ``groups``: :func:`training_tie_groups` of ``data``, when the caller shuffles the same data
-    every epoch (timestamps never move, so the ties are found once).
+    ``runs``: :func:`training_tie_runs` of ``data``, when the caller shuffles the same data every
+    epoch (timestamps never move, so the ties are found once).
     """
-    groups = training_tie_groups(data) if groups is None else groups
+    runs = training_tie_runs(data) if runs is None else runs
     sequences = []
-    for seq, labels in zip(data.sequences, groups):
-        if labels is not None:
+    for seq, user_runs in zip(data.sequences, runs):
+        if user_runs:
             seq = seq.copy()
-            # sort by (tie, random key): an item alone in its group keeps its place, a tie is permuted
-            seq[:len(labels)] = seq[:len(labels)][np.lexsort((rng.random(len(labels)), labels))]
+            for a, b in user_runs:
+                seq[a:b] = seq[a:b][rng.permutation(b - a)]
         sequences.append(seq)
     return dataclasses.replace(data, sequences=sequences)
