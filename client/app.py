@@ -75,6 +75,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"]),
+                                                "reverse_histories": bool(cfg["reverse-histories"]),
                                                 **objective_options(cfg)}),
             **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -123,15 +124,36 @@ def split_into_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
     return [history[a:b] for a, b in window_bounds(len(history), max_len)]
 
 
+def read_backwards(data: SequenceData) -> SequenceData:
+    """``data`` with each user's training items in reverse order (validation and test items stay last).
+
+    Timestamps become ``-t`` reversed, so they still rise and each time gap is the real gap between
+    the two neighbours."""
+    cut = [len(s) - 2 for s in data.sequences]
+    return dataclasses.replace(
+        data,
+        sequences=[np.concatenate([s[:n][::-1], s[n:]]) for s, n in zip(data.sequences, cut)],
+        timestamps=[np.concatenate([-t[:n][::-1], t[n:]]) for t, n in zip(data.timestamps, cut)],
+    )
+
+
 def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = False,
-                   windows: bool = False) -> TensorDataset:
+                   windows: bool = False, backwards: bool = False) -> TensorDataset:
     """One (input, target) pair per user with at least two training items: inputs are the
     history shifted by one, left-padded to ``max_len``; with ``time_features`` inputs are
     (users, max_len, 2), channel 1 the time-gap buckets (common/models/context.py).
 
     ``windows`` (non-private training only: a DP example must be one user) adds a pair for every
     earlier ``max_len`` window of a longer history, so the whole history is trained on, not just its end.
+
+    ``backwards`` (non-private training only, for the same reason) adds the pairs of every history
+    read backwards (:func:`read_backwards`): items rated in one sitting come in an arbitrary order,
+    so "what goes with what" holds in both directions.
     """
+    if backwards:
+        forward = training_pairs(data, max_len, time_features=time_features, windows=windows)
+        reverse = training_pairs(read_backwards(data), max_len, time_features=time_features, windows=windows)
+        return TensorDataset(*(torch.cat([f, r]) for f, r in zip(forward.tensors, reverse.tensors)))
     train = data.train_sequences()
     if windows:
         bounds = [(u, a, b) for u, h in enumerate(train) for a, b in window_bounds(len(h), max_len)]
@@ -287,6 +309,7 @@ def train_local(
     seed: int = 0,
     proximal_mu: float = 0.0,
     history_windows: bool = False,
+    reverse_histories: bool = False,
     optimizer_state: dict | None = None,
     exclude_seen: bool = False,
     shuffle_ties: bool = False,
@@ -295,6 +318,8 @@ def train_local(
 
     ``history_windows`` (only without ``dp``): every ``max_len`` window of a history is an example
     (:func:`training_pairs`); with DP an example must stay one user, so it is an error there.
+    ``reverse_histories`` (only without ``dp``, likewise): each history is also trained on read
+    backwards (``training_pairs(backwards=True)``).
 
     ``proximal_mu`` > 0 (FedProx) pulls the weights toward the received global model after
     every step (common/proximal.py; no privacy cost).
@@ -317,8 +342,11 @@ def train_local(
     torch.manual_seed(seed)
     if history_windows and dp is not None:
         raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
+    if reverse_histories and dp is not None:
+        raise ConfigError("reverse-histories = true needs dp = false (a DP-SGD example must be one whole user)")
     time_features = getattr(model, "time_features", False)
-    dataset = training_pairs(data, max_len, time_features=time_features, windows=history_windows)
+    dataset = training_pairs(data, max_len, time_features=time_features, windows=history_windows,
+                             backwards=reverse_histories)
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()
@@ -364,7 +392,7 @@ def train_local(
 
     def reorder_ties() -> None:  # the loaders (Opacus' too) read dataset.tensors at every batch
         fresh = training_pairs(shuffle_within_ties(data, tie_rng, ties), max_len, time_features=time_features,
-                               windows=history_windows)
+                               windows=history_windows, backwards=reverse_histories)
         dataset.tensors = fresh.tensors
 
     has_ties = any(ties)  # no ties: nothing to redraw

@@ -32,6 +32,8 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
     if cfg["history-windows"] and uses_local_dp(dp_mode(cfg)):
         raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
+    if cfg["reverse-histories"] and uses_local_dp(dp_mode(cfg)):
+        raise ConfigError("reverse-histories = true needs dp = false (a DP-SGD example must be one whole user)")
     from common.task import federation_data
 
     federation_data(cfg)

@@ -64,7 +64,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         begin = time.perf_counter()
         result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
                              max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
-                             history_windows=bool(cfg["history-windows"]) and dp is None, optimizer_state=adam,
+                             history_windows=bool(cfg["history-windows"]) and dp is None,
+                             reverse_histories=bool(cfg["reverse-histories"]) and dp is None, optimizer_state=adam,
                              **objective_options(cfg))
         adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
         train_s.append(time.perf_counter() - begin)
