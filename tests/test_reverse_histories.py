@@ -81,3 +81,22 @@ def test_simulation_refuses_it_with_local_dp_before_starting() -> None:
 
     with pytest.raises(ConfigError, match="reverse-histories"):
         run_federation({"reverse-histories": True, "dp": True}, 2)
+
+
+def test_partner_app_follows_the_knob(tmp_path) -> None:  # noqa: ANN001
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from client.app import make_client_app
+    from common.config import resolve_config
+    from common.task import new_model, partner_data
+    from tests.test_client_training import NODE, TINY, send
+
+    examples = {}
+    for reverse in (False, True):
+        overrides = {**TINY, "run-dir": str(tmp_path), "dp": False, "reverse-histories": reverse}
+        cfg = resolve_config(None, overrides)
+        context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+        arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+        reply = send(make_client_app(overrides), "train", arrays, context, 1)
+        examples[reverse] = reply.content["metrics"]["num-examples"]
+    assert examples[True] == 2 * examples[False] > 0
