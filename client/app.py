@@ -48,7 +48,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.private_factors import mf_trainer
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
     from common.task import new_model, partner_data
-    from common.training import objective_options, pick_device, train_local
+    from common.training import epoch_learning_rates, objective_options, pick_device, train_local
 
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)
@@ -76,6 +76,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"]),
                                                 "reverse_histories": bool(cfg["reverse-histories"]),
+                                                "learning_rates": epoch_learning_rates(cfg, server_round),
                                                 **objective_options(cfg)}),
             **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )

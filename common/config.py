@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "shuffle-ties": True,  # items with equal timestamps get a fresh random order every epoch (common/data/ties.py)
     "batch-size": 64,
     "learning-rate": 0.002,
+    "lr-schedule": "constant",  # constant | cosine (annealed over all rounds' epochs)
     "device": "auto",
     # DP-SGD
     "dp": True,

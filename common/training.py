@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -49,6 +50,28 @@ def objective_options(cfg: Mapping[str, Any]) -> dict[str, bool]:
     """``train_local``'s training-objective keywords from a run config (``exclude-seen``, ``shuffle-ties``):
     one place, so every trainer (partners, fine-tune, benches) follows the same knobs."""
     return {"exclude_seen": bool(cfg["exclude-seen"]), "shuffle_ties": bool(cfg["shuffle-ties"])}
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_learning_rates(cfg: Mapping[str, Any], server_round: int) -> list[float]:
+    """Round ``server_round``'s per-epoch learning rates under ``lr-schedule``.
+
+    ``constant``: ``learning-rate`` throughout. ``cosine``: annealed over the run's
+    ``num-server-rounds x local-epochs`` epochs, ``learning-rate * (1 + cos(pi * k / K)) / 2`` at epoch
+    k of K counted from round 1, so every partner follows the same curve whichever rounds it trains
+    in. A function of public knobs only: no privacy cost.
+    """
+    schedule, base = str(cfg["lr-schedule"]), float(cfg["learning-rate"])
+    epochs = int(cfg["local-epochs"])
+    if schedule == "constant":
+        return [base] * epochs
+    if schedule != "cosine":
+        raise ConfigError(f"lr-schedule = {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    total = max(int(cfg["num-server-rounds"]) * epochs, 1)
+    first = (int(server_round) - 1) * epochs
+    return [base * (1 + math.cos(math.pi * min(k, total - 1) / total)) / 2 for k in range(first, first + epochs)]
 
 
 class SequenceLoss(nn.Module):
@@ -310,6 +333,7 @@ def train_local(
     proximal_mu: float = 0.0,
     history_windows: bool = False,
     reverse_histories: bool = False,
+    learning_rates: list[float] | None = None,
     optimizer_state: dict | None = None,
     exclude_seen: bool = False,
     shuffle_ties: bool = False,
@@ -330,6 +354,8 @@ def train_local(
     ``shuffle_ties`` (``shuffle-ties``): before every epoch, items with equal timestamps are put in a
     fresh random order within their tie (common/data/ties.py); the split never changes.
 
+    ``learning_rates``: one per epoch (:func:`epoch_learning_rates`), in place of ``learning_rate``.
+
     ``optimizer_state``: an Adam state from an earlier call (``TrainResult.optimizer_state``) to
     continue from, instead of fresh moments; with DP the moments are functions of noised
     gradients only (post-processing, no privacy cost).
@@ -340,6 +366,8 @@ def train_local(
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
+    if learning_rates is not None and len(learning_rates) != epochs:
+        raise ValueError(f"learning_rates has {len(learning_rates)} entries for {epochs} epochs")
     if history_windows and dp is not None:
         raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
     if reverse_histories and dp is not None:
@@ -396,8 +424,18 @@ def train_local(
         dataset.tensors = fresh.tensors
 
     has_ties = any(ties)  # no ties: nothing to redraw
+    epoch_rates = iter(learning_rates or [])
+
+    def before_epoch() -> None:
+        if has_ties:
+            reorder_ties()
+        if learning_rates is not None:  # Adam itself steps under every wrapper (Opacus', fused)
+            rate = next(epoch_rates)
+            for group in adam.param_groups:
+                group["lr"] = rate
+
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
-                             before_epoch=reorder_ties if has_ties else lambda: None,
+                             before_epoch=before_epoch,
                              before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),

@@ -99,6 +99,9 @@ def build_strategy(
     wait = float(cfg["node-wait-timeout"])
     if wait <= 0:
         raise ConfigError(f"node-wait-timeout = {wait:g} must be > 0 seconds")
+    from common.training import epoch_learning_rates
+
+    epoch_learning_rates(cfg, 1)  # an unknown lr-schedule is one line here, before any partner trains
     every = int(cfg["evaluate-every"])
     if every < 1:
         raise ConfigError(f"evaluate-every = {every} must be >= 1 (rounds between federated evaluations; the last round always evaluates)")

@@ -37,7 +37,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     from common.partners import split_population
     from common.privacy import calibrate_noise, default_delta, dp_mode, steps_per_epoch, uses_local_dp
     from common.task import new_model
-    from common.training import DPSettings, objective_options, train_local, user_count_for_training
+    from common.training import DPSettings, epoch_learning_rates, objective_options, train_local, user_count_for_training
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,6 +66,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
                              max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
                              history_windows=bool(cfg["history-windows"]) and dp is None,
                              reverse_histories=bool(cfg["reverse-histories"]) and dp is None, optimizer_state=adam,
+                             learning_rates=epoch_learning_rates(cfg, rnd),
                              **objective_options(cfg))
         adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
         train_s.append(time.perf_counter() - begin)
