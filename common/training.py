@@ -433,6 +433,7 @@ def train_local(
             rate = next(epoch_rates)
             for group in adam.param_groups:
                 group["lr"] = rate
+            proximal.factor = rate * proximal_mu  # FedProx's pull follows the same rate
 
     loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
                              before_epoch=before_epoch,

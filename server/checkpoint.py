@@ -62,8 +62,16 @@ def fingerprint(cfg: Mapping[str, Any], catalogue: np.ndarray, arrays: Mapping[s
         "arrays": {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()},
         "catalogue-sha256": catalogue_sha,
         "catalogue-size": len(catalogue),
-        "config": {k: v for k, v in sorted(cfg.items()) if k not in OPERATIONAL_KEYS},
+        "config": {k: v for k, v in sorted(cfg.items()) if k not in OPERATIONAL_KEYS} | _schedule_length(cfg),
     }
+
+
+def _schedule_length(cfg: Mapping[str, Any]) -> dict[str, int]:
+    """A learning-rate schedule's length is part of what is trained: with one, ``num-server-rounds``
+    (otherwise free to change on resume) fixes the curve, so a changed length is refused."""
+    if str(cfg.get("lr-schedule", "constant")) == "constant":
+        return {}
+    return {"lr-schedule-epochs": int(cfg["num-server-rounds"]) * int(cfg["local-epochs"])}
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:

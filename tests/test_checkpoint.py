@@ -191,3 +191,13 @@ def test_private_file_helpers(tmp_path):
     assert not is_private(loose)
     assert is_private(ensure_private(loose))
     assert is_private(ensure_private(tmp_path / "new" / "ledger.sqlite"))  # created empty, 0600
+
+
+def test_more_rounds_on_resume_are_refused_when_they_would_bend_a_schedule(tmp_path):
+    _, model = tiny()
+    cosine = resolve_config(None, {**TINY, "lr-schedule": "cosine", "num-server-rounds": 3})
+    saved = fingerprint(cosine, CATALOGUE, model.state_dict())
+    check_compatible(saved, fingerprint(dict(cosine), CATALOGUE, model.state_dict()), tmp_path)
+    longer = resolve_config(None, {**TINY, "lr-schedule": "cosine", "num-server-rounds": 5})
+    with pytest.raises(CheckpointError, match="lr-schedule-epochs"):
+        check_compatible(saved, fingerprint(longer, CATALOGUE, model.state_dict()), tmp_path)

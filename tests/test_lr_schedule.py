@@ -47,13 +47,53 @@ class _Recorder(torch.optim.Adam):
         return super().step(closure)
 
 
-def test_training_steps_with_each_epochs_rate(small_data, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", [None, "fused", "hooks", "ghost"])
+def test_training_steps_with_each_epochs_rate(small_data, monkeypatch, mode) -> None:  # noqa: ANN001
+    from common.training import DPSettings
+
     monkeypatch.setattr(torch.optim, "Adam", _Recorder)
     _Recorder.seen = []
-    model = SASRec(small_data.num_items, dim=8, max_len=10, num_blocks=1, dropout=0.0)
-    result = train_local(model, small_data, epochs=3, batch_size=100, learning_rate=0.5, max_len=10,
+    model = SASRec(small_data.num_items, dim=8, max_len=10, num_blocks=1, dropout=0.0, tied_output=mode != "ghost")
+    dp = None if mode is None else DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    result = train_local(model, small_data, epochs=3, batch_size=100, learning_rate=0.5, max_len=10, dp=dp,
                          learning_rates=[0.03, 0.02, 0.01])
-    per_epoch = result.steps // 3
+    per_epoch = result.steps // 3  # Poisson sampling: every epoch still takes the same number of steps
+    assert result.steps == 3 * per_epoch
+    # the Adam that steps (inside Opacus' DPOptimizer under DP) sees each epoch's rate
     assert _Recorder.seen == [0.03] * per_epoch + [0.02] * per_epoch + [0.01] * per_epoch
     with pytest.raises(ValueError, match="2 entries for 3 epochs"):
         train_local(model, small_data, epochs=3, batch_size=100, learning_rate=0.5, max_len=10, learning_rates=[1, 2])
+
+
+def test_fedprox_pull_follows_the_rate(small_data, monkeypatch) -> None:  # noqa: ANN001
+    import common.training as training
+
+    factors = []
+    real_step = training.ProximalAnchor.step
+
+    def spy(self) -> None:  # noqa: ANN001
+        factors.append(self.factor)
+        real_step(self)
+
+    monkeypatch.setattr(training.ProximalAnchor, "step", spy)
+    model = SASRec(small_data.num_items, dim=8, max_len=10, num_blocks=1, dropout=0.0)
+    train_local(model, small_data, epochs=2, batch_size=100, learning_rate=0.5, max_len=10,
+                learning_rates=[0.04, 0.01], proximal_mu=0.5)
+    assert sorted(set(factors), reverse=True) == pytest.approx([0.02, 0.005])
+
+
+def test_partner_app_trains_with_the_rounds_rates(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from client.app import make_client_app
+    from common.task import new_model, partner_data
+    from tests.test_client_training import NODE, TINY, send
+
+    monkeypatch.setattr(torch.optim, "Adam", _Recorder)
+    overrides = {**TINY, "run-dir": str(tmp_path), "dp": False, "lr-schedule": "cosine", "local-epochs": 2}
+    cfg = resolve_config(None, overrides)
+    context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+    arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+    _Recorder.seen = []
+    send(make_client_app(overrides), "train", arrays, context, 2)
+    assert sorted(set(_Recorder.seen), reverse=True) == pytest.approx(epoch_learning_rates(cfg, 2))

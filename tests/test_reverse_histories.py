@@ -65,9 +65,37 @@ def test_training_uses_both_directions(small_data) -> None:  # noqa: ANN001
     both, n_both = _train(small_data, reverse_histories=True)
     assert n_both == 2 * n_plain
     assert not torch.allclose(plain, both)
-    # with the tie redraw on, the reversed copy is read from each epoch's redrawn order (no error, same count)
-    _, n_ties = _train(small_data, reverse_histories=True, shuffle_ties=True, history_windows=True)
-    assert n_ties == 2 * _train(small_data, history_windows=True)[1]
+
+
+def test_each_epochs_tie_redraw_is_also_read_backwards(small_data, monkeypatch) -> None:  # noqa: ANN001
+    import dataclasses
+
+    import common.training as training
+
+    tied = dataclasses.replace(small_data, timestamps=[np.arange(len(t)) // 3 for t in small_data.timestamps])  # ties
+    sizes = []
+    real = training.training_pairs
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real(*args, **kwargs)
+        sizes.append((kwargs.get("backwards"), len(out)))
+        return out
+
+    monkeypatch.setattr(training, "training_pairs", spy)
+    _, n_both = _train(tied, reverse_histories=True, shuffle_ties=True, history_windows=True)
+    redraws = [size for backwards, size in sizes if backwards]
+    assert len(redraws) == 3  # the first pairs, then one redraw per epoch (2 epochs), each with the backwards copy
+    assert all(size == n_both for size in redraws)
+
+
+def test_local_dp_refuses_it_at_server_start() -> None:
+    from common.config import resolve_config
+    from server.strategy_factory import build_strategy
+
+    for knob in ("reverse-histories", "history-windows"):
+        with pytest.raises(ConfigError, match=f"{knob} = true needs dp = false"):
+            build_strategy(resolve_config(None, {knob: True}))
+        build_strategy(resolve_config(None, {knob: True, "dp": False}))  # without DP it is fine
 
 
 def test_refused_under_dp(small_data) -> None:  # noqa: ANN001
