@@ -47,6 +47,18 @@ def uses_local_dp(mode: str) -> bool:
     return mode in ("local", "both")
 
 
+ONE_USER_MANY_EXAMPLES = ("history-windows", "reverse-histories")
+
+
+def refuse_many_examples_per_user(cfg: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` if a knob that makes one user several examples is on with local DP:
+    a DP-SGD example (the clipping unit the accountant counts) must be one whole user."""
+    if uses_local_dp(dp_mode(cfg)):
+        for knob in ONE_USER_MANY_EXAMPLES:
+            if cfg.get(knob):
+                raise ConfigError(f"{knob} = true needs dp = false (a DP-SGD example must be one whole user)")
+
+
 def uses_central_dp(mode: str) -> bool:
     """Flower's central DP wrapper on the aggregate (partner-level guarantee)."""
     return mode in ("central", "both")

@@ -99,13 +99,12 @@ def build_strategy(
     wait = float(cfg["node-wait-timeout"])
     if wait <= 0:
         raise ConfigError(f"node-wait-timeout = {wait:g} must be > 0 seconds")
-    from common.privacy import dp_mode, uses_local_dp
+    from common.privacy import refuse_many_examples_per_user
     from common.training import epoch_learning_rates
 
-    epoch_learning_rates(cfg, 1)  # an unknown lr-schedule is one line here, before any partner trains
-    for knob in ("history-windows", "reverse-histories"):  # else every partner would fail every round
-        if cfg.get(knob) and uses_local_dp(dp_mode(cfg)):
-            raise ConfigError(f"{knob} = true needs dp = false (a DP-SGD example must be one whole user)")
+    # Refused here, before any partner trains (else every partner would fail every round)
+    epoch_learning_rates(cfg, 1)  # an unknown lr-schedule
+    refuse_many_examples_per_user(cfg)
     every = int(cfg["evaluate-every"])
     if every < 1:
         raise ConfigError(f"evaluate-every = {every} must be >= 1 (rounds between federated evaluations; the last round always evaluates)")

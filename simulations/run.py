@@ -19,8 +19,8 @@ set_flower_env()
 from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
-from common.errors import ConfigError, FedRecError  # noqa: E402
-from common.privacy import dp_mode, uses_local_dp  # noqa: E402
+from common.errors import FedRecError  # noqa: E402
+from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
 
 
@@ -30,10 +30,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     import logging
 
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
-    if cfg["history-windows"] and uses_local_dp(dp_mode(cfg)):
-        raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
-    if cfg["reverse-histories"] and uses_local_dp(dp_mode(cfg)):
-        raise ConfigError("reverse-histories = true needs dp = false (a DP-SGD example must be one whole user)")
+    refuse_many_examples_per_user(cfg)
     from common.task import federation_data
 
     federation_data(cfg)
