@@ -152,7 +152,7 @@ def read_backwards(data: SequenceData) -> SequenceData:
 
     Timestamps become ``-t`` reversed, so they still rise and each time gap is the real gap between
     the two neighbours."""
-    cut = [len(s) - 2 for s in data.sequences]
+    cut = [len(h) for h in data.train_sequences()]  # the split's own rule for what is training
     return dataclasses.replace(
         data,
         sequences=[np.concatenate([s[:n][::-1], s[n:]]) for s, n in zip(data.sequences, cut)],
