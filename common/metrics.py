@@ -3,7 +3,10 @@
 Every catalogue item except padding and the items already in the user's history is a
 candidate (the held-out target stays a candidate even if it was seen before). A target's
 rank is the number of candidates with a strictly higher score. Sums and counts are
-returned so that partners' results combine into exactly the all-users figure.
+returned so that partners' results combine into exactly the all-users figure; NDCG's sum of
+squares rides along so the combined figure also has its standard error over users (how much
+the mean would move on another draw of test users: on ML-100K's 943 users about +-0.008 NDCG@10
+at 0.12, larger than most tuning differences).
 """
 
 from __future__ import annotations
@@ -60,12 +63,18 @@ def drop_seen(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor)
 
 
 def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
-    """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means."""
+    """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means.
+
+    ``ndcg@K-sqsum`` (sum of squared per-user NDCG) is additive too: :func:`standard_errors`
+    turns the combined sums into each mean's standard error. (A hit is 0 or 1, so its sum of
+    squares is its sum.)"""
     out: dict[str, float] = {"num-users": float(len(ranks))}
     for k in ks:
         hit = ranks < k
+        gain = hit / np.log2(ranks + 2.0)
         out[f"hit@{k}-sum"] = float(hit.sum())
-        out[f"ndcg@{k}-sum"] = float((hit / np.log2(ranks + 2.0)).sum())
+        out[f"ndcg@{k}-sum"] = float(gain.sum())
+        out[f"ndcg@{k}-sqsum"] = float((gain * gain).sum())
     return out
 
 
@@ -78,6 +87,32 @@ def means_from_sums(sums: dict[str, float]) -> dict[str, float]:
             name = key[: -len("-sum")].replace("hit@", "hr@")
             out[name] = value / n if n else 0.0
     return out
+
+
+def standard_errors(sums: dict[str, float]) -> dict[str, float]:
+    """``hr@K-se``/``ndcg@K-se``: the standard error over users of each mean of
+    :func:`means_from_sums` (sample standard deviation / sqrt(users)); a 95% confidence
+    interval is the mean +- 1.96 se. NDCG needs its ``-sqsum``; with fewer than two users, 0."""
+    n = float(sums.get("num-users", 0.0))
+    out: dict[str, float] = {}
+    if n < 2:
+        return out
+    for key, total in sums.items():
+        if key.startswith("hit@") and key.endswith("-sum"):
+            squares = total  # 0/1 values
+        elif key.startswith("ndcg@") and key.endswith("-sum") and key[:-4] + "-sqsum" in sums:
+            squares = sums[key[:-4] + "-sqsum"]
+        else:
+            continue
+        mean = total / n
+        variance = max(squares - n * mean * mean, 0.0) / (n - 1)
+        out[key[:-4].replace("hit@", "hr@") + "-se"] = float(np.sqrt(variance / n))
+    return out
+
+
+def means_and_errors(sums: dict[str, float]) -> dict[str, float]:
+    """:func:`means_from_sums` plus :func:`standard_errors` of the same sums."""
+    return {**means_from_sums(sums), **standard_errors(sums)}
 
 
 @torch.no_grad()

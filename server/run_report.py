@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from common.evaluation import combine_partner_metrics
-from common.metrics import means_from_sums
+from common.metrics import means_and_errors
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -89,9 +89,9 @@ class RunRecorder:
         for c in contents:
             for record in c.metric_records.values():
                 for key, value in record.items():
-                    if key.endswith("-sum") or key == "num-users":
+                    if key.endswith(("-sum", "-sqsum")) or key == "num-users":
                         sums[key] = sums.get(key, 0.0) + float(value)
-        out = {**means_from_sums(sums), "num-users": sums.get("num-users", 0.0)}
+        out = {**means_and_errors(sums), "num-users": sums.get("num-users", 0.0)}
         # Coverage and per-partner NDCG spread (not additive): common/evaluation.py
         out.update(combine_partner_metrics([r for c in contents for r in c.metric_records.values()],
                                            len(self.catalogue), self.top_k))
@@ -119,8 +119,8 @@ class RunRecorder:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
         self.save_model(arrays)
-        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f  epsilon %.3f (delta %.2g)  loss %.4f",
-            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0,
+        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f (+-%.4f, 95%% CI over users)  epsilon %.3f (delta %.2g)  loss %.4f",
+            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0, 1.96 * (line.get(f"ndcg@{k}-se") or 0.0),
             line["epsilon"] or 0.0, line["delta"] or 0.0, line["train-loss"] or 0.0)
         self._train, self._eval = {}, {}
         return None
@@ -153,7 +153,9 @@ class RunRecorder:
             "",
             f"- data: {cfg.get('dataset')}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
             f"- final HR@{k}: {last.get(f'hr@{k}') or 0:.4f}, NDCG@{k}: {last.get(f'ndcg@{k}') or 0:.4f} "
-            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users)",
+            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users; "
+            f"95% CI over users: HR@{k} +-{1.96 * (last.get(f'hr@{k}-se') or 0):.4f}, "
+            f"NDCG@{k} +-{1.96 * (last.get(f'ndcg@{k}-se') or 0):.4f})",
             f"- wall time: {last.get('seconds', 0):.1f} s",
             "",
         ])

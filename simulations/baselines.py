@@ -23,7 +23,7 @@ import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
 from common.errors import ConfigError
-from common.metrics import evaluate_ranking, means_from_sums, ranking_sums, split_scores, target_ranks
+from common.metrics import evaluate_ranking, means_and_errors, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from simulations.cli import user_errors_exit
 
@@ -71,7 +71,7 @@ def markov_scores(histories: Sequence[np.ndarray], transitions: np.ndarray, *, w
 
 def _metrics(scores: np.ndarray, histories, targets, ks) -> dict[str, float]:
     ranks = target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets)
-    return means_from_sums(ranking_sums(ranks, ks))
+    return means_and_errors(ranking_sums(ranks, ks))
 
 
 def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int, ...] = (10,),
@@ -81,7 +81,7 @@ def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int,
     train = data.train_sequences()
     histories, targets = data.eval_cases(split)
     counts = data.item_counts().astype(np.float64)
-    pop = means_from_sums(evaluate_ranking(Popularity(torch.as_tensor(data.item_counts())), data,
+    pop = means_and_errors(evaluate_ranking(Popularity(torch.as_tensor(data.item_counts())), data,
                                            split=split, max_len=1, ks=ks))
     ease = _binary_matrix(histories, width) @ ease_weights(train, width, ease_l2)
     markov = markov_scores(histories, markov_transitions(train, width), window=markov_window,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from common.metrics import means_from_sums, ranking_sums, target_ranks
+from common.metrics import means_and_errors, means_from_sums, ranking_sums, standard_errors, target_ranks
 
 
 def brute_force(scores: np.ndarray, history: list[int], target: int, k: int) -> tuple[float, float]:
@@ -48,3 +48,35 @@ def test_partner_sums_combine_to_the_global_figure():
     a, b = ranking_sums(ranks[:2]), ranking_sums(ranks[2:])
     merged = means_from_sums({key: a[key] + b[key] for key in a})
     assert merged == whole
+
+
+def _per_user_values(ranks: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    hits = np.array([1.0 if r < k else 0.0 for r in ranks])
+    gains = np.array([1.0 / math.log2(r + 2) if r < k else 0.0 for r in ranks])
+    return hits, gains
+
+
+def test_standard_errors_match_the_per_user_values():
+    ranks = np.random.default_rng(3).integers(0, 40, size=57)
+    errors = standard_errors(ranking_sums(ranks, ks=(5, 10)))
+    for k in (5, 10):
+        hits, gains = _per_user_values(ranks, k)
+        assert math.isclose(errors[f"hr@{k}-se"], hits.std(ddof=1) / math.sqrt(len(ranks)), rel_tol=1e-9)
+        assert math.isclose(errors[f"ndcg@{k}-se"], gains.std(ddof=1) / math.sqrt(len(ranks)), rel_tol=1e-9)
+    assert errors["ndcg@10-se"] > 0
+
+
+def test_partner_sums_combine_to_the_global_standard_error():
+    ranks = np.random.default_rng(4).integers(0, 30, size=80)
+    parts = [ranking_sums(ranks[a:b]) for a, b in ((0, 11), (11, 50), (50, 80))]
+    merged = {key: sum(p[key] for p in parts) for key in parts[0]}
+    whole = means_and_errors(ranking_sums(ranks))
+    combined = means_and_errors(merged)
+    assert combined.keys() == whole.keys() and {"hr@10", "ndcg@10", "hr@10-se", "ndcg@10-se"} <= whole.keys()
+    for key in whole:
+        assert math.isclose(combined[key], whole[key], rel_tol=1e-9), key
+
+
+def test_standard_error_needs_two_users():
+    assert standard_errors(ranking_sums(np.array([0]))) == {}
+    assert standard_errors(ranking_sums(np.array([0, 0]))) == {"hr@10-se": 0.0, "ndcg@10-se": 0.0}
