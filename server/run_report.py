@@ -134,6 +134,14 @@ class RunRecorder:
                     "config": self.config}, buf)
         atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
 
+    def _interval_text(self, line: dict[str, Any]) -> str:
+        """'; 95% CI over users: ...' from a round's standard errors ('' when it has none)."""
+        k = self.top_k
+        hr, ndcg = line.get(f"hr@{k}-se"), line.get(f"ndcg@{k}-se")
+        if hr is None or ndcg is None:
+            return ""
+        return f"; 95% CI over users: HR@{k} +-{1.96 * hr:.4f}, NDCG@{k} +-{1.96 * ndcg:.4f}"
+
     def write_summary(self, guarantee: str | None = None) -> Path:
         """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py)."""
         k = self.top_k
@@ -153,9 +161,8 @@ class RunRecorder:
             "",
             f"- data: {cfg.get('dataset')}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
             f"- final HR@{k}: {last.get(f'hr@{k}') or 0:.4f}, NDCG@{k}: {last.get(f'ndcg@{k}') or 0:.4f} "
-            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users; "
-            f"95% CI over users: HR@{k} +-{1.96 * (last.get(f'hr@{k}-se') or 0):.4f}, "
-            f"NDCG@{k} +-{1.96 * (last.get(f'ndcg@{k}-se') or 0):.4f})",
+            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users"
+            f"{self._interval_text(last)})",
             f"- wall time: {last.get('seconds', 0):.1f} s",
             "",
         ])

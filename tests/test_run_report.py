@@ -31,3 +31,10 @@ def test_partner_replies_give_the_all_users_mean_and_its_confidence_interval(tmp
     assert math.isclose(line["ndcg@10-se"], out["ndcg@10-se"])
     summary = recorder.write_summary().read_text()
     assert f"NDCG@10 +-{1.96 * out['ndcg@10-se']:.4f}" in summary
+
+
+def test_summary_without_evaluation_claims_no_interval(tmp_path):
+    recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # no partner evaluated this round
+    summary = recorder.write_summary().read_text()
+    assert "test users)" in summary and "CI" not in summary
