@@ -101,6 +101,26 @@ def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndar
     return np.log(scores / scores.sum(axis=1, keepdims=True) + 1e-12)
 
 
+def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories, targets, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k (full ranking, history excluded; common.metrics' rank rule)."""
+    ranks = target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_ratio(model: np.ndarray, baseline: np.ndarray, *, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, float | list[float]]:
+    """mean(model) / mean(baseline) over the same users, with a 95% paired-bootstrap interval
+    (users drawn with replacement, both means from the same draw): "k x popularity" with how
+    much it would move on another draw of test users."""
+    model, baseline = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if model.shape != baseline.shape or len(model) < 2:
+        raise ValueError("paired_ratio needs two equally long per-user arrays of at least 2 users")
+    draws = np.random.default_rng(seed).integers(0, len(model), size=(resamples, len(model)))
+    ratios = model[draws].mean(axis=1) / np.maximum(baseline[draws].mean(axis=1), 1e-12)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return {"ratio": float(model.mean() / max(baseline.mean(), 1e-12)), "ratio-ci95": [float(lo), float(hi)]}
+
+
 def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, ...] = (10,),  # noqa: ANN001
                      chains: Sequence[tuple[int, float]] = ((5, 0.5), (10, 0.7), (20, 0.8)),
                      weights: Sequence[float] = (0.0, 0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:
@@ -134,10 +154,14 @@ def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, 
     window, decay, w = chosen
     model_scores, histories, targets = parts("test")
     chain = cooccurrence_log_probs(histories, transitions, window=window, decay=decay, tie_break=tie)
+    popularity = ndcg_per_user(np.broadcast_to(counts, (len(targets), width)).copy(), histories, targets)
     return {
-        "model": _metrics(model_scores, histories, targets, ks),
+        "model": {**_metrics(model_scores, histories, targets, ks),
+                  "ndcg@10-vs-popularity": paired_ratio(ndcg_per_user(model_scores, histories, targets), popularity)},
         "cooccurrence": {"window": window, "decay": decay, **_metrics(chain, histories, targets, ks)},
-        "blend": {"weight": w, "valid-ndcg@10": best, **_metrics(model_scores + w * chain, histories, targets, ks)},
+        "blend": {"weight": w, "valid-ndcg@10": best, **_metrics(model_scores + w * chain, histories, targets, ks),
+                  "ndcg@10-vs-popularity": paired_ratio(ndcg_per_user(model_scores + w * chain, histories, targets),
+                                                        popularity)},
     }
 
 

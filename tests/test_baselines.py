@@ -140,3 +140,22 @@ def test_blend_is_chosen_on_validation_and_scored_on_test(small_data) -> None:  
     chosen = (out["cooccurrence"]["window"], out["cooccurrence"]["decay"], out["blend"]["weight"])
     assert grid[chosen] == pytest.approx(max(grid.values())) == pytest.approx(out["blend"]["valid-ndcg@10"])
     assert out["blend"]["ndcg@10"] == pytest.approx(blended("test", *chosen))
+    # "k x popularity" is the model's NDCG@10 over the popularity ranking's, on the same users
+    pop_ndcg = baselines.reference_metrics(small_data)["popularity"]["ndcg@10"]
+    vs = out["model"]["ndcg@10-vs-popularity"]
+    assert vs["ratio"] == pytest.approx(out["model"]["ndcg@10"] / pop_ndcg)
+    assert vs["ratio-ci95"][0] <= vs["ratio"] <= vs["ratio-ci95"][1]
+
+
+def test_paired_ratio_interval() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(500)
+    exact = baselines.paired_ratio(3.0 * base, base)  # the same users, 3x each: no spread at all
+    assert exact["ratio"] == pytest.approx(3.0) and exact["ratio-ci95"] == pytest.approx([3.0, 3.0])
+    small = baselines.paired_ratio(rng.random(100), rng.random(100))
+    large = baselines.paired_ratio(rng.random(5000), rng.random(5000))
+    width = [r["ratio-ci95"][1] - r["ratio-ci95"][0] for r in (small, large)]
+    assert width[1] < width[0] / 3  # about 1/sqrt(50) as wide with 50x the users
+    assert large["ratio-ci95"][0] < 1.0 < large["ratio-ci95"][1]  # two draws of the same law
+    with pytest.raises(ValueError, match="equally long"):
+        baselines.paired_ratio(np.ones(3), np.ones(4))
