@@ -13,7 +13,8 @@ server combines them (:func:`combine_partner_metrics`):
   (std, min, max; fairness across partners).
 
 NOTE: the recommended-item list is metadata about the partner's users that DP does not
-cover (as the HR/NDCG sums are not); it only leaves the partner in evaluation replies.
+cover (as the HR/NDCG sums and NDCG's sum of squares are not); it only leaves the partner in
+evaluation replies.
 """
 
 from __future__ import annotations

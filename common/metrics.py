@@ -92,7 +92,7 @@ def means_from_sums(sums: dict[str, float]) -> dict[str, float]:
 def standard_errors(sums: dict[str, float]) -> dict[str, float]:
     """``hr@K-se``/``ndcg@K-se``: the standard error over users of each mean of
     :func:`means_from_sums` (sample standard deviation / sqrt(users)); a 95% confidence
-    interval is the mean +- 1.96 se. NDCG needs its ``-sqsum``; with fewer than two users, 0."""
+    interval is the mean +- 1.96 se. NDCG needs its ``-sqsum``; with fewer than two users, no entries."""
     n = float(sums.get("num-users", 0.0))
     out: dict[str, float] = {}
     if n < 2:

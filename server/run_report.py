@@ -119,8 +119,10 @@ class RunRecorder:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
         self.save_model(arrays)
-        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f (+-%.4f, 95%% CI over users)  epsilon %.3f (delta %.2g)  loss %.4f",
-            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0, 1.96 * (line.get(f"ndcg@{k}-se") or 0.0),
+        se = line.get(f"ndcg@{k}-se")
+        interval = "" if se is None else f" (+-{1.96 * se:.4f}, 95% CI over users)"
+        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f%s  epsilon %.3f (delta %.2g)  loss %.4f",
+            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0, interval,
             line["epsilon"] or 0.0, line["delta"] or 0.0, line["train-loss"] or 0.0)
         self._train, self._eval = {}, {}
         return None
