@@ -62,6 +62,12 @@ def drop_seen(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor)
     return logits.scatter(-1, seen_items(inputs, targets), float("-inf"))
 
 
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k from its target's 0-based rank: 1 / log2(rank + 2) inside the top k, else 0."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
     """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means.
 
@@ -71,7 +77,7 @@ def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, floa
     out: dict[str, float] = {"num-users": float(len(ranks))}
     for k in ks:
         hit = ranks < k
-        gain = hit / np.log2(ranks + 2.0)
+        gain = ndcg_gains(ranks, k)
         out[f"hit@{k}-sum"] = float(hit.sum())
         out[f"ndcg@{k}-sum"] = float(gain.sum())
         out[f"ndcg@{k}-sqsum"] = float((gain * gain).sum())

@@ -23,7 +23,7 @@ import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
 from common.errors import ConfigError
-from common.metrics import evaluate_ranking, means_and_errors, ranking_sums, split_scores, target_ranks
+from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from simulations.cli import user_errors_exit
 
@@ -103,8 +103,7 @@ def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndar
 
 def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories, targets, k: int = 10) -> np.ndarray:
     """Each user's NDCG@k (full ranking, history excluded; common.metrics' rank rule)."""
-    ranks = target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets)
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return ndcg_gains(target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets), k)
 
 
 def paired_ratio(model: np.ndarray, baseline: np.ndarray, *, resamples: int = 2000,
