@@ -50,10 +50,15 @@ def uses_local_dp(mode: str) -> bool:
 ONE_USER_MANY_EXAMPLES = ("history-windows", "reverse-histories")
 
 
-def refuse_many_examples_per_user(cfg: Mapping[str, Any]) -> None:
+def refuse_many_examples_per_user(cfg: Mapping[str, Any], *, local_dp: bool | None = None) -> None:
     """:class:`ConfigError` if a knob that makes one user several examples is on with local DP:
-    a DP-SGD example (the clipping unit the accountant counts) must be one whole user."""
-    if uses_local_dp(dp_mode(cfg)):
+    a DP-SGD example (the clipping unit the accountant counts) must be one whole user.
+
+    ``cfg`` needs only the knobs of :data:`ONE_USER_MANY_EXAMPLES`; ``local_dp`` (when the caller
+    knows it, e.g. the trainer) replaces reading it from ``cfg``'s dp settings."""
+    if local_dp is None:
+        local_dp = uses_local_dp(dp_mode(cfg))
+    if local_dp:
         for knob in ONE_USER_MANY_EXAMPLES:
             if cfg.get(knob):
                 raise ConfigError(f"{knob} = true needs dp = false (a DP-SGD example must be one whole user)")

@@ -20,7 +20,7 @@ from common.data.ties import shuffle_within_ties, training_tie_runs
 from common.errors import ConfigError, PrivacyError
 from common.metrics import drop_seen, pad_left, seen_items
 from common.per_user_clipping import fused_clipped_backward, make_fused_private, supports_fused
-from common.privacy import Mechanism
+from common.privacy import Mechanism, refuse_many_examples_per_user
 from common.proximal import ProximalAnchor
 
 
@@ -368,10 +368,8 @@ def train_local(
     torch.manual_seed(seed)
     if learning_rates is not None and len(learning_rates) != epochs:
         raise ValueError(f"learning_rates has {len(learning_rates)} entries for {epochs} epochs")
-    if history_windows and dp is not None:
-        raise ConfigError("history-windows = true needs dp = false (a DP-SGD example must be one whole user)")
-    if reverse_histories and dp is not None:
-        raise ConfigError("reverse-histories = true needs dp = false (a DP-SGD example must be one whole user)")
+    refuse_many_examples_per_user({"history-windows": history_windows, "reverse-histories": reverse_histories},
+                                  local_dp=dp is not None)
     time_features = getattr(model, "time_features", False)
     dataset = training_pairs(data, max_len, time_features=time_features, windows=history_windows,
                              backwards=reverse_histories)

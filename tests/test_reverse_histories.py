@@ -102,6 +102,8 @@ def test_refused_under_dp(small_data) -> None:  # noqa: ANN001
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="reverse-histories = true needs dp = false"):
         _train(small_data, reverse_histories=True, dp=dp)
+    with pytest.raises(ConfigError, match="history-windows = true needs dp = false"):
+        _train(small_data, history_windows=True, dp=dp)
 
 
 def test_simulation_refuses_it_with_local_dp_before_starting() -> None:
