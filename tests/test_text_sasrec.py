@@ -77,6 +77,28 @@ def test_ghost_clipping_norms_match_per_user_backprop(mode):
     assert resolve_grad_sample_mode(m, "auto") in ("ghost", "hooks")  # never the tied-only path
 
 
+def test_tied_id_rows_share_one_parameter_with_exact_per_user_gradients():
+    # Prepare: id+text with tied-output -> the output's ID rows are the input's ID rows
+    torch.manual_seed(0)
+    m = TextSASRec(V, table(), item_features="id+text", max_len=T, dim=8, num_blocks=1, num_heads=2,
+                   dropout=0.0, tied_output=True)
+    seq, tgt = batch()
+    reference = per_user_grads(m, seq, tgt)  # named_parameters lists the shared Parameter once
+    # Execute
+    gsm = GradSampleModule(m, loss_reduction="sum")
+    SequenceLoss(reduction="sum")(gsm(seq), tgt).backward()
+    # Assert: one Parameter, both uses' per-user gradients summed (Opacus' hooks), ghost avoided
+    assert m.output.ids.weight is m.item_emb.ids.weight and m.tied_output
+    assert "output.ids.weight" not in dict(m.named_parameters())
+    for name, p in m.named_parameters():
+        for i in range(B):
+            torch.testing.assert_close(p.grad_sample[i], reference[i][name], atol=1e-5, rtol=1e-4)
+    gsm._close()
+    assert resolve_grad_sample_mode(m, "auto") == "hooks"
+    # text alone has no ID rows to tie: the flag is ignored there
+    assert not TextSASRec(V, table(), item_features="text", max_len=T, dim=8, tied_output=True).tied_output
+
+
 def test_text_table_is_frozen_and_never_sent():
     m = model("text")
     before = m.item_text.table.clone()

@@ -96,7 +96,8 @@ class TextSASRec(SASRec):
             raise ValueError(f"item_features must be 'text' or 'id+text', not {item_features!r}")
         if item_text.shape[0] != num_items + 1:
             raise ValueError(f"item_text has {item_text.shape[0]} rows; expected num_items + 1 = {num_items + 1}")
-        kwargs["tied_output"] = False  # the output has its own query projection
+        tie_ids = bool(kwargs.get("tied_output", False)) and item_features == "id+text"
+        kwargs["tied_output"] = False  # the text side of the output has its own query projection
         super().__init__(num_items, **kwargs)
         dim = self.pos_emb.embedding_dim
         with_ids = item_features == "id+text"
@@ -104,6 +105,11 @@ class TextSASRec(SASRec):
         self.item_text = FrozenItemText(item_text)
         self.item_emb = TextItemEmbedding(self.item_text, dim, num_items, with_ids=with_ids)
         self.output = TextItemScores(self.item_text, dim, num_items, with_ids=with_ids)
+        if tie_ids:
+            # One ID Parameter in two modules, as SASRec ties its output: Opacus' hooks add both
+            # uses' per-sample gradients (ghost clipping refuses ties, so "auto" picks hooks).
+            self.output.ids.weight = self.item_emb.ids.weight
+        self.tied_output = tie_ids
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # Catalogue grown since these weights were trained: the new items' ID rows start at zero
@@ -114,6 +120,11 @@ class TextSASRec(SASRec):
                 grown = stored.new_zeros((self.num_items + 1, stored.shape[1]))
                 grown[: stored.shape[0]] = stored
                 state_dict[key] = grown
+        pair = [state_dict.get(f"{prefix}{k}.ids.weight") for k in ("item_emb", "output")]
+        if self.tied_output and pair[0] is not None and pair[1] is not None and not torch.equal(*pair):
+            # Tied rows arrive as two copies; central DP noises each copy independently, so they can
+            # differ: load their mean (post-processing, and half the noise variance), not the last one.
+            state_dict[f"{prefix}item_emb.ids.weight"] = state_dict[f"{prefix}output.ids.weight"] = (pair[0] + pair[1]) / 2
         # The genre matrix is public metadata rebuilt for the current catalogue: keep the rebuilt one
         genres = state_dict.get(f"{prefix}item_genres")
         if genres is not None and getattr(self, "item_genres", None) is not None and genres.shape != self.item_genres.shape:
@@ -151,6 +162,7 @@ def build_text_sasrec(config: Mapping[str, Any], num_items: int, item_genres: to
         num_blocks=int(config["num-blocks"]),
         num_heads=int(config["num-heads"]),
         dropout=float(config["dropout"]),
+        tied_output=bool(config.get("tied-output", False)),
         time_features=bool(config.get("time-features", False)),
         item_genres=item_genres,
     )
