@@ -51,6 +51,26 @@ def test_tied_output_shares_one_parameter():
     assert sum(p.numel() for p in tied.parameters()) < sum(p.numel() for p in untied.parameters())
 
 
+def test_tied_copies_that_differ_load_as_their_mean():
+    # Prepare: central DP noises the two copies of the tied table independently
+    state = make().state_dict()
+    a, b = torch.randn_like(state["item_emb.weight"]), torch.randn_like(state["output.weight"])
+    state["item_emb.weight"], state["output.weight"] = a, b
+    # Execute
+    tied, untied = make(), make(tied=False)
+    tied.load_state_dict(state)
+    untied.load_state_dict(state)
+    # Assert: the tie survives, holding the mean (not whichever copy loaded last); untied keeps both
+    assert tied.output.weight is tied.item_emb.weight
+    torch.testing.assert_close(tied.item_emb.weight.detach(), (a + b) / 2)
+    torch.testing.assert_close(untied.item_emb.weight.detach(), a)
+    torch.testing.assert_close(untied.output.weight.detach(), b)
+    # equal copies load exactly (no DP, local DP)
+    state["output.weight"] = a.clone()
+    tied.load_state_dict(state)
+    assert torch.equal(tied.item_emb.weight.detach(), a)
+
+
 def test_popularity_scores_are_counts():
     pop = Popularity(torch.tensor([0, 5, 1, 9]))
     assert pop.score(torch.zeros(2, 3, dtype=torch.long)).tolist() == [[0, 5, 1, 9]] * 2

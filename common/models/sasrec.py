@@ -103,6 +103,11 @@ class SASRec(nn.Module):
         if tied_output:
             self.output.weight = self.item_emb.weight  # one Parameter, two modules
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if self.tied_output:
+            merge_tied_copies(state_dict, f"{prefix}item_emb.weight", f"{prefix}output.weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def hidden(self, seq: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Hidden states (batch, length, dim); ``last_only``: the last position's, (batch, 1, dim),
         with the final block computed for that position alone (same numbers, less work)."""
@@ -134,3 +139,19 @@ class SASRec(nn.Module):
     def score(self, histories: torch.Tensor) -> torch.Tensor:
         """Scores over item indices 0..V for the next item after each left-padded history."""
         return self.output(self.hidden(histories)[:, -1])
+
+
+def merge_tied_copies(state_dict: dict, *keys: str) -> None:
+    """Give every copy of a tied Parameter in ``state_dict`` the copies' mean.
+
+    A tied weight travels once per module that uses it. Central DP noises (and SecAgg+ rounds)
+    each copy independently, so aggregated copies can differ; loading them one after the other
+    would keep only the last. Their mean is post-processing of what was released and halves the
+    noise variance; equal copies (no DP, local DP) are unchanged.
+    """
+    copies = [state_dict[k] for k in keys if k in state_dict]
+    if len(copies) > 1 and any(not torch.equal(copies[0], c) for c in copies[1:]):
+        mean = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in copies]).mean(dim=0)
+        for k in keys:
+            if k in state_dict:
+                state_dict[k] = mean

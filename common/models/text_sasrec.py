@@ -120,11 +120,8 @@ class TextSASRec(SASRec):
                 grown = stored.new_zeros((self.num_items + 1, stored.shape[1]))
                 grown[: stored.shape[0]] = stored
                 state_dict[key] = grown
-        pair = [state_dict.get(f"{prefix}{k}.ids.weight") for k in ("item_emb", "output")]
-        if self.tied_output and pair[0] is not None and pair[1] is not None and not torch.equal(*pair):
-            # Tied rows arrive as two copies; central DP noises each copy independently, so they can
-            # differ: load their mean (post-processing, and half the noise variance), not the last one.
-            state_dict[f"{prefix}item_emb.ids.weight"] = state_dict[f"{prefix}output.ids.weight"] = (pair[0] + pair[1]) / 2
+        if self.tied_output:
+            merge_tied_copies(state_dict, f"{prefix}item_emb.ids.weight", f"{prefix}output.ids.weight")
         # The genre matrix is public metadata rebuilt for the current catalogue: keep the rebuilt one
         genres = state_dict.get(f"{prefix}item_genres")
         if genres is not None and getattr(self, "item_genres", None) is not None and genres.shape != self.item_genres.shape:
