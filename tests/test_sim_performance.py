@@ -126,6 +126,10 @@ def test_centralised_reference_calibrates_for_all_users_and_follows_the_schedule
     # rounds 2 and 3 evaluate, round 1 does not: only they take evaluation time
     assert out["eval_s"][0] < min(out["eval_s"][1:])
     assert 0.0 <= out["final_metrics"]["ndcg@10"] <= out["final_metrics"]["hr@10"] <= 1.0
+    # a knob DP cannot honour is refused, as the server refuses it, not silently dropped
+    for knob in ("history-windows", "reverse-histories"):
+        with pytest.raises(ConfigError, match=f"{knob} = true needs dp = false"):
+            run({**over, knob: True}, threads=1)
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     from common.evaluation import evaluate_model, evaluates_round
     from common.metrics import means_from_sums
     from common.partners import split_population
-    from common.privacy import calibrate_noise, default_delta, dp_mode, steps_per_epoch, uses_local_dp
+    from common.privacy import (calibrate_noise, default_delta, dp_mode, refuse_many_examples_per_user,
+                                steps_per_epoch, uses_local_dp)
     from common.task import new_model
     from common.training import DPSettings, epoch_learning_rates, objective_options, train_local, user_count_for_training
 
@@ -43,6 +44,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         torch.set_num_threads(threads)
     out: dict = {"threads": torch.get_num_threads(), "imports_s": time.perf_counter() - _T0}
     cfg = resolve_config(None, overrides)
+    refuse_many_examples_per_user(cfg)  # as the server does: never train something else than asked
     begin = time.perf_counter()
     data, _ = split_population(cfg)
     model = new_model(cfg, data.num_items)
@@ -64,8 +66,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         begin = time.perf_counter()
         result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
                              max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
-                             history_windows=bool(cfg["history-windows"]) and dp is None,
-                             reverse_histories=bool(cfg["reverse-histories"]) and dp is None, optimizer_state=adam,
+                             history_windows=bool(cfg["history-windows"]),
+                             reverse_histories=bool(cfg["reverse-histories"]), optimizer_state=adam,
                              learning_rates=epoch_learning_rates(cfg, rnd),
                              **objective_options(cfg))
         adam = result.optimizer_state if cfg["keep-optimizer-state"] else None
