@@ -48,6 +48,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.private_factors import mf_trainer
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
     from common.task import new_model, partner_data
+    from common.privacy import dp_noise_seed
     from common.training import epoch_learning_rates, objective_options, pick_device, train_local
 
     # Load this partner's data and the global weights
@@ -69,10 +70,13 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         # Train (DP-SGD with the run's calibrated noise when local DP is on)
         trainer = mf_trainer(context) if cfg["model"] == "mf" else train_local  # MF: user factors stay here
         keep_adam = bool(cfg["keep-optimizer-state"]) and cfg["model"] != "mf"  # client/optimizer_state.py
+        # Noise from OS entropy unless this partner's own environment asks for reproducible noise
+        noise_seed = dp_noise_seed(int(cfg["seed"]), server_round, int(context.node_config.get("partition-id", 0)))
         result = trainer(
             model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),
-            dp=budget.dp_settings(cfg) if budget else None, device=device, seed=int(cfg["seed"]) * 1000 + server_round,
+            dp=budget.dp_settings(cfg, noise_seed) if budget else None, device=device,
+            seed=int(cfg["seed"]) * 1000 + server_round,
             **_proximal(msg),
             **({} if cfg["model"] == "mf" else {"history_windows": bool(cfg["history-windows"]),
                                                 "reverse_histories": bool(cfg["reverse-histories"]),
@@ -80,11 +84,11 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
                                                 **objective_options(cfg)}),
             **({"optimizer_state": load_optimizer_state(context, model)} if keep_adam else {}),
         )
+        # Record the spend on the ledger before anything leaves or is kept (Adam's moments are
+        # functions of this round's noised steps); epsilon is over the whole ledger
+        privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
-
-        # Record the spend on the ledger before anything leaves; epsilon is over the whole ledger
-        privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS
         details = budget.details() if budget else {"partner": partner_label(context.node_config, data)}
     finally:
         if budget is not None:

@@ -121,9 +121,11 @@ class PartnerBudget:
             raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
                                f"({self.label}; one more round would reach {after:.3f}, ledger {self.ledger.path})")
 
-    def dp_settings(self, cfg: Mapping[str, Any]) -> DPSettings:
+    def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:
+        """This round's DP-SGD settings; ``noise_seed`` None = noise from OS entropy (see
+        :func:`common.training.seed_dp_randomness`)."""
         return DPSettings(self.calibration.noise_multiplier, float(cfg["max-grad-norm"]), self.accountant,
-                          str(cfg["grad-sample-mode"]))
+                          str(cfg["grad-sample-mode"]), noise_seed)
 
     def record(self, context: Context, server_round: int, mechanisms: list[Mechanism]) -> float:
         """Write the round's spend to the ledger (before the reply leaves) and return the new epsilon."""

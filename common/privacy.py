@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -62,6 +63,23 @@ def refuse_many_examples_per_user(cfg: Mapping[str, Any], *, local_dp: bool | No
         for knob in ONE_USER_MANY_EXAMPLES:
             if cfg.get(knob):
                 raise ConfigError(f"{knob} = true needs dp = false (a DP-SGD example must be one whole user)")
+
+
+# A partner's own environment (never the run config, which the coordinator writes) may ask for
+# reproducible DP noise; simulations.run sets it for its simulated partners.
+REPRODUCIBLE_NOISE_ENV = "FEDREC_REPRODUCIBLE_DP_NOISE"
+
+
+def dp_noise_seed(*parts: int) -> int | None:
+    """The noise seed of one partner's training call: ``None`` (fresh OS entropy) unless this
+    process' environment sets ``FEDREC_REPRODUCIBLE_DP_NOISE=1``, then a function of ``parts``
+    (run seed, round, partner) so a simulation repeats itself and its partners' noise differs."""
+    if os.environ.get(REPRODUCIBLE_NOISE_ENV, "") not in ("1", "true"):
+        return None
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63)
+    return seed
 
 
 def uses_central_dp(mode: str) -> bool:

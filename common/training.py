@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -207,6 +208,19 @@ class DPSettings:
     max_grad_norm: float
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"  # auto | fused | hooks | ghost
+    noise_seed: int | None = None  # None: fresh OS entropy (the guarantee); see seed_dp_randomness
+
+
+def seed_dp_randomness(noise_seed: int | None) -> None:
+    """Seed torch's global generator, from which Opacus (``secure_mode`` off) draws the Poisson
+    batches and the Gaussian noise, and dropout its masks.
+
+    Why: the trainer seeds torch from the run config's ``seed`` (model init, shuffles), which the
+    coordinator chooses; noise drawn from that stream could be regenerated and subtracted by
+    the coordinator, and every partner would draw the same noise. ``None`` reseeds from the OS's
+    entropy (``secrets``), so nobody else can predict the noise; an int is for simulations only.
+    """
+    torch.manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
 
 
 @dataclass
@@ -389,6 +403,7 @@ def train_local(
     if dp is not None:
         from opacus import PrivacyEngine
 
+        seed_dp_randomness(dp.noise_seed)
         mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices

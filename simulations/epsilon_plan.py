@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulations.flower_env import set_flower_env
+from simulations.flower_env import set_simulation_env
 
-set_flower_env()
+set_simulation_env()
 
 import click  # noqa: E402
 from flwr.common.config import parse_config_args  # noqa: E402

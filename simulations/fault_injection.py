@@ -19,9 +19,9 @@ import argparse
 import sys
 import time
 
-from simulations.flower_env import set_flower_env
+from simulations.flower_env import set_simulation_env
 
-set_flower_env()
+set_simulation_env()
 
 import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402

@@ -21,3 +21,16 @@ def set_flower_env() -> dict[str, str]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in env}
+
+
+def set_simulation_env() -> dict[str, str]:
+    """:func:`set_flower_env` plus reproducible DP noise for the simulated partners
+    (``FEDREC_REPRODUCIBLE_DP_NOISE=1`` unless the caller set it): one researcher plays coordinator
+    and every partner, so nobody is left to hide the noise from, and a rerun repeats its numbers.
+    Real partners (SuperNodes, also those simulations.deployment starts) draw OS entropy."""
+    from common.privacy import REPRODUCIBLE_NOISE_ENV
+
+    env = set_flower_env()
+    os.environ.setdefault(REPRODUCIBLE_NOISE_ENV, "1")
+    return {**env, REPRODUCIBLE_NOISE_ENV: os.environ[REPRODUCIBLE_NOISE_ENV]}
+

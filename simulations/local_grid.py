@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-from simulations.flower_env import set_flower_env
+from simulations.flower_env import set_simulation_env
 
-set_flower_env()
+set_simulation_env()
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from simulations.flower_env import set_flower_env
+from simulations.flower_env import set_simulation_env
 
-set_flower_env()
+set_simulation_env()
 
 from flwr.common.config import parse_config_args  # noqa: E402
 

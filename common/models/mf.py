@@ -134,6 +134,7 @@ def train_mf_local(
         opacus_private,
         resolve_grad_sample_mode,
         run_epochs,
+        seed_dp_randomness,
         spent_mechanisms,
     )
 
@@ -154,6 +155,7 @@ def train_mf_local(
     if dp is not None:
         from opacus import PrivacyEngine
 
+        seed_dp_randomness(dp.noise_seed)  # noise nobody else can regenerate (common/training.py)
         mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

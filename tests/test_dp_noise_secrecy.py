@@ -1,0 +1,78 @@
+"""DP-SGD noise is drawn from OS entropy: nobody who knows the run config (the coordinator writes
+it, seed included) can regenerate and subtract a partner's noise. Only the partner's own
+environment can ask for reproducible noise (simulations do, for repeatable numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+
+from client.app import make_client_app
+from common.config import resolve_config
+from common.models import SASRec
+from common.models.mf import MatrixFactorization, train_mf_local
+from common.privacy import REPRODUCIBLE_NOISE_ENV, dp_noise_seed
+from common.task import new_model, partner_data
+from common.training import DPSettings, train_local
+from tests.test_client_training import NODE, TINY, send
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _weights(model: torch.nn.Module) -> np.ndarray:
+    return np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+
+
+def _train(small_data, kind: str, noise_seed: int | None) -> np.ndarray:
+    torch.manual_seed(0)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=kind, noise_seed=noise_seed)
+    common = dict(epochs=1, batch_size=32, learning_rate=0.01, max_len=10, dp=dp, seed=7)
+    if kind == "mf":
+        model = MatrixFactorization(small_data.num_items, dim=8, max_len=10)
+        dp.grad_sample_mode = "auto"
+        train_mf_local(model, small_data, None, **common)
+    else:
+        model = SASRec(small_data.num_items, max_len=10, dim=8, num_blocks=1, dropout=0.0, tied_output=True)
+        train_local(model, small_data, **common)
+    return _weights(model)
+
+
+@pytest.mark.parametrize("kind", ["fused", "hooks", "mf"])
+def test_same_seed_and_data_draw_fresh_noise_unless_a_noise_seed_is_given(small_data, kind):
+    # Same data, same run seed, same initial weights: only the noise (and Poisson batches) can differ
+    fresh = [_train(small_data, kind, None) for _ in range(2)]
+    seeded = [_train(small_data, kind, 123) for _ in range(2)]
+    assert not np.allclose(fresh[0], fresh[1])  # unpredictable from the run config
+    np.testing.assert_array_equal(seeded[0], seeded[1])  # a noise seed repeats itself exactly
+    assert not np.allclose(seeded[0], fresh[0])
+
+
+def test_noise_seed_comes_only_from_the_partners_environment(monkeypatch):
+    monkeypatch.delenv(REPRODUCIBLE_NOISE_ENV, raising=False)
+    assert dp_noise_seed(42, 1, 0) is None
+    monkeypatch.setenv(REPRODUCIBLE_NOISE_ENV, "1")
+    assert dp_noise_seed(42, 1, 0) == dp_noise_seed(42, 1, 0)
+    # simulated partners and rounds draw different noise (the old rule gave every partner one stream)
+    assert len({dp_noise_seed(42, r, p) for r in (1, 2) for p in (0, 1, 2)}) == 6
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_a_partner_app_replies_with_noise_the_run_config_does_not_fix(tmp_path, monkeypatch, reproducible):
+    # Prepare: the same partner (data, global model, run config, round) trains twice, fresh ledgers
+    if reproducible:
+        monkeypatch.setenv(REPRODUCIBLE_NOISE_ENV, "1")
+    else:
+        monkeypatch.delenv(REPRODUCIBLE_NOISE_ENV, raising=False)
+    replies = []
+    for attempt in range(2):
+        overrides = {**TINY, "run-dir": str(tmp_path / str(attempt))}
+        cfg = resolve_config(None, overrides)
+        context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+        arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+        # Execute
+        reply = send(make_client_app(overrides), "train", arrays, context, 1)
+        replies.append(np.concatenate([a.numpy().ravel() for a in reply.content["arrays"].values()]))
+    # Assert: a real partner's two updates differ by their noise; a simulated one repeats itself
+    assert np.array_equal(replies[0], replies[1]) == reproducible
