@@ -79,7 +79,10 @@ class PartnerBudget:
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset)
         if ledger.created:
-            LOG.warning("%s: new privacy ledger %s (no spend recorded before)", label, path)
+            per_run = not context.node_config.get("ledger-path") and not cfg.get("ledger-dir")
+            LOG.warning("%s: new privacy ledger %s (no spend recorded before)%s", label, path,
+                        "; it lives in this run's directory, so another run starts from zero: set node config "
+                        "ledger-path to one file that every run uses" if per_run else "")
 
         cal = ledger.calibration(run)
         if cal is None:

@@ -30,6 +30,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common.config import resolve_config
 from common.errors import FedRecError
+from common.privacy import dp_mode, uses_central_dp
 
 USER_ERROR = 400  # same code as client/app.py: a problem the partner or coordinator can fix
 ARRAYS_KEY = "arrays"
@@ -72,6 +73,17 @@ def quantiser_peak(deltas: list[np.ndarray], num_examples: int, state: Mapping[s
     return peak / float(state["clipping_range"])
 
 
+def masking_weight(num_examples: int, state: Mapping[str, Any], *, equal: bool) -> int:
+    """The example weight this partner hands SecAgg+, whose sum is the weighted mean of the updates.
+
+    ``equal`` (central DP): every partner hands the same weight (``max_weight``'s integer part,
+    so SecAgg+'s quantised ratio stays near 1): the central noise is calibrated for the plain
+    mean of clipped updates (sensitivity clip / partners); weighting by examples would give a
+    large partner more than that and the reported epsilon would understate its loss.
+    """
+    return max(1, int(float(state["max_weight"]))) if equal else num_examples
+
+
 def make_secure_aggregation_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
     """The mod for ``@app.train(mods=[...])``; ``overrides`` as for ``make_client_app``."""
 
@@ -90,6 +102,7 @@ def make_secure_aggregation_mod(overrides: Mapping[str, Any] | None = None) -> M
             return call_next(msg, context)
 
         scale = float(cfg["secagg-delta-scale"])
+        central = uses_central_dp(dp_mode(cfg))  # equal weights: see masking_weight
 
         def train_and_prepare(inner_msg: Message, ctx: Context) -> Message:
             # Train as usual (DP-SGD inside), then hand SecAgg+ the scaled delta to mask
@@ -98,8 +111,9 @@ def make_secure_aggregation_mod(overrides: Mapping[str, Any] | None = None) -> M
                 raise _Refused(reply)
             deltas = scaled_delta(inner_msg.content[ARRAYS_KEY], reply.content[ARRAYS_KEY], scale)
             metrics = reply.content.metric_records.get(METRICS_KEY, MetricRecord())
-            num_examples = int(metrics.get("num-examples", 0))
-            peak = quantiser_peak(deltas, num_examples, ctx.state.config_records[RECORD_KEY_STATE])
+            state = ctx.state.config_records[RECORD_KEY_STATE]
+            num_examples = masking_weight(int(metrics.get("num-examples", 0)), state, equal=central)
+            peak = quantiser_peak(deltas, num_examples, state)
             if not np.isfinite(peak) or peak > 1.0:
                 raise SecureAggregationError(
                     f"secure aggregation would clip this update (largest weighted scaled value is {peak:.3g} x "

@@ -145,6 +145,22 @@ def test_aggregate_equals_fedavg_within_quantisation_error():
     assert max(np.max(np.abs(expected[k] - global_arrays[k].numpy())) for k in SHAPES) > 100 * tol
 
 
+def test_under_central_dp_partners_weigh_equally_whatever_their_examples():
+    # Prepare: very unequal partners; central DP's noise is sized for the plain mean (clip / m)
+    central = {"dp-mode": "central", "central-clipping": "client"}
+    partners, global_arrays = _federation(3, seed=4, examples=[900, 50, 50], overrides=central)
+    # Execute
+    _, arrays, _, _ = _secure_round(partners, global_arrays)
+    # Assert: the plain mean of the deltas (independent float64), not FedAvg's 900:50:50 weighting
+    plain = {k: global_arrays[k].numpy().astype(np.float64) + np.mean([p.delta[k] for p in partners], axis=0)
+             for k in SHAPES}
+    tol = 2 * CLIP / Q / SCALE + 1e-6
+    for k in SHAPES:
+        assert np.max(np.abs(arrays[k].numpy() - plain[k])) <= tol
+    weighted = _fedavg(partners, global_arrays)
+    assert max(np.max(np.abs(weighted[k] - plain[k])) for k in SHAPES) > 100 * tol
+
+
 def test_server_never_holds_an_individual_update():
     partners, global_arrays = _federation(4, seed=2)
     strategy, arrays, _, _ = _secure_round(partners, global_arrays)
