@@ -9,6 +9,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import resolve_config
+from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from server.central_dp import with_privacy
 from server.privacy_report import PrivacyReport
@@ -44,6 +45,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             train_metrics_aggr_fn=recorder.aggregate_train_metrics,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate_metrics,
             wrap_aggregation=lambda inner: with_privacy(inner, cfg, privacy),
+            tied=tied_key_groups(model),  # one table again after per-copy noise (server/rounds.py: retie)
         )
         # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
         strategy.inner = with_secure_aggregation(strategy.inner, cfg)

@@ -7,16 +7,18 @@ for ``min_available_nodes``. ``RoundControl`` wraps a strategy so that
   inner strategy (FedAdam's bias correction), the ``server-round`` sent to clients (their
   seeds) and the run directory; and
 * each sampling step waits at most ``node_wait_timeout`` seconds for enough partners, then
-  fails with one clear line instead of hanging.
+  fails with one clear line instead of hanging; and
+* a tied weight's copies in the new global model are made one again (:func:`retie`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -40,6 +42,28 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, poll: float = 1.0
     return connected
 
 
+def retie(arrays: ArrayRecord, groups: Sequence[Sequence[str]]) -> ArrayRecord:
+    """``arrays`` with every group of tied keys (one Parameter in the model) set to the group's mean.
+
+    Why: a tied weight travels once per module using it, and central DP noises (SecAgg+ rounds)
+    each copy independently. Partners load one table (common/models/sasrec.py: merge_tied_copies);
+    if the server kept diverging copies, each partner's next update would contain the gap between
+    them, noise-sized, which clipping then scales the real update down to nothing. The mean is
+    post-processing of the released aggregate: no privacy cost.
+    """
+    groups = [g for g in groups if len(g) > 1 and all(k in arrays for k in g)]
+    if not groups or all(all(np.array_equal(arrays[g[0]].numpy(), arrays[k].numpy()) for k in g[1:]) for g in groups):
+        return arrays
+    out = ArrayRecord()
+    merged = {}
+    for g in groups:
+        mean = np.mean([arrays[k].numpy().astype(np.float64) for k in g], axis=0)
+        merged.update({k: mean.astype(arrays[k].numpy().dtype) for k in g})
+    for key in arrays.keys():
+        out[key] = Array(merged[key]) if key in merged else arrays[key]
+    return out
+
+
 class RoundControl(Strategy):
     """Offset round numbers and bound the wait for partners; everything else is delegated.
 
@@ -58,10 +82,12 @@ class RoundControl(Strategy):
     evaluate_every, last_round : int
         Federated evaluation only every ``evaluate_every``-th federation round and at
         ``last_round`` (:func:`evaluates_round`); other rounds send no evaluation messages.
+    tied : sequence of key groups
+        State-dict keys that are one Parameter in the model (:func:`retie`).
     """
 
     def __init__(self, inner: Strategy, *, first_round: int = 1, min_nodes: int, node_wait_timeout: float,
-                 evaluate_every: int = 1, last_round: int = 0) -> None:
+                 evaluate_every: int = 1, last_round: int = 0, tied: Sequence[Sequence[str]] = ()) -> None:
         if first_round < 1:
             raise ValueError("first_round must be at least 1")
         if node_wait_timeout <= 0:
@@ -74,6 +100,7 @@ class RoundControl(Strategy):
         self.node_wait_timeout = node_wait_timeout
         self.evaluate_every = evaluate_every
         self.last_round = last_round
+        self.tied = [tuple(g) for g in tied]
 
     def federation_round(self, local_round: int) -> int:
         """The federation's round number of this process' round ``local_round``."""
@@ -94,7 +121,8 @@ class RoundControl(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(self.federation_round(server_round), replies)
+        arrays, metrics = self.inner.aggregate_train(self.federation_round(server_round), replies)
+        return (retie(arrays, self.tied) if arrays is not None else None), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -10,7 +10,7 @@ the single sum that secure aggregation reveals (see the README).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
@@ -75,6 +75,7 @@ def aggregation_strategy(
 def build_strategy(
     cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,
     evaluate_metrics_aggr_fn: MetricsFn | None = None, wrap_aggregation: Callable[[Strategy], Strategy] | None = None,
+    tied: Sequence[Sequence[str]] = (),
 ) -> RoundControl:
     """The full stack: round control over update validation over the chosen aggregation.
 
@@ -109,7 +110,7 @@ def build_strategy(
     if every < 1:
         raise ConfigError(f"evaluate-every = {every} must be >= 1 (rounds between federated evaluations; the last round always evaluates)")
     return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait,
-                        evaluate_every=every, last_round=int(cfg["num-server-rounds"]))
+                        evaluate_every=every, last_round=int(cfg["num-server-rounds"]), tied=tied)
 
 
 def unwrap(strategy: Strategy) -> Strategy:

@@ -268,3 +268,39 @@ def test_more_partners_joining_later_keeps_the_accounting(tmp_path):
     acc.compose(dp_event.GaussianDpEvent(2.0), 3)
     assert [r["partners"] for r in report.central_rounds] == [2, 4, 4]
     assert report.central_rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+
+
+def test_tied_copies_leave_the_server_as_one_table_with_half_the_noise_variance(tmp_path):
+    # Prepare: "a" and "b" are one tied Parameter (SASRec's item table and output layer), "c" is not;
+    # 4 partners send the same update (identical copies), central DP noises each copy independently
+    from server.rounds import RoundControl, retie
+
+    n, sigma, clip = 4, 2.0, 1.0
+    inner, _ = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma,
+                                         "central-clipping-norm": clip, "central-clipping": "client"})
+    strategy = RoundControl(inner, min_nodes=n, node_wait_timeout=5.0, tied=[("a", "b")])
+    rng = np.random.default_rng(2)
+    upd = rng.normal(size=DIM).astype(np.float32)
+    upd *= 0.5 * clip / np.linalg.norm(np.concatenate([upd, upd, upd]))  # whole update inside the clip
+    zero = np.zeros(DIM, np.float32)
+    global_arrays = ArrayRecord({k: Array(zero) for k in "abc"})
+    np.random.seed(3)
+    # Execute
+    msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), FakeGrid(n)))
+    replies = []
+    for msg in msgs:
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(zero + upd) for k in "abc"}),
+            "metrics": MetricRecord({"num-examples": 10, "epsilon": 0.0, "delta": 0.0}),
+            "privacy": ConfigRecord({"partner": f"partner-{msg.metadata.dst_node_id}"})})
+        replies.append(Message(content, reply_to=msg))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: one table again (what partners load), holding the copies' mean: noise std sigma*C/n/sqrt(2)
+    a, b, c = (arrays[k].numpy().astype(np.float64) - upd for k in "abc")
+    assert np.array_equal(a, b)
+    expected = sigma * clip / n
+    se = expected / math.sqrt(2 * DIM)
+    assert abs(c.std() - expected) < 5 * se  # the untied array keeps the full noise
+    assert abs(a.std() - expected / math.sqrt(2)) < 5 * se
+    # nothing to do for equal copies or an untied model: the record passes through unchanged
+    assert retie(global_arrays, [("a", "b")]) is global_arrays and retie(arrays, []) is arrays

@@ -155,3 +155,13 @@ def merge_tied_copies(state_dict: dict, *keys: str) -> None:
         for k in keys:
             if k in state_dict:
                 state_dict[k] = mean
+
+
+def tied_key_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Groups of ``model.state_dict()`` keys that are one tensor (a tied Parameter), e.g.
+    ``("item_emb.weight", "output.weight")`` for SASRec with ``tied-output``."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), []).append(key)
+    return [tuple(keys) for keys in by_tensor.values() if len(keys) > 1]
+
