@@ -46,6 +46,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate_metrics,
             wrap_aggregation=lambda inner: with_privacy(inner, cfg, privacy),
             tied=tied_key_groups(model),  # one table again after per-copy noise (server/rounds.py: retie)
+            on_unaggregated=privacy.note_unaggregated,  # a rejected update was still released
         )
         # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
         strategy.inner = with_secure_aggregation(strategy.inner, cfg)

@@ -9,6 +9,7 @@ Central DP adds the organisation-level epsilon of Flower's accountant after each
 from __future__ import annotations
 
 import json
+import math
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -66,19 +67,34 @@ class PrivacyReport:
                 entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
                 continue
             valid.append(msg)
-            details = msg.content.config_records.get("privacy")
-            label = str(details.get("partner")) if details and details.get("partner") else f"node-{node}"
-            self.node_labels[node] = label
-            entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
-            created = entry.get("ledger-created") == "true"  # keep "true" once a round created the ledger
-            entry.update({k: v for k, v in (details or {}).items() if k != "partner"})
-            if created:
-                entry["ledger-created"] = "true"
-            metrics = next(iter(msg.content.metric_records.values()), None)
-            if metrics is not None:
-                entry.update({k: metrics[k] for k in PARTNER_METRICS if k in metrics})
-            entry.setdefault("rounds-trained", []).append(server_round)
+            self._record(msg).setdefault("rounds-trained", []).append(server_round)
         return valid
+
+    def note_unaggregated(self, server_round: int, msg: Message, reason: str) -> None:
+        """A reply that reached the coordinator but will not be aggregated (rejected by update
+        validation, or its round failed): its update was still released to the coordinator, so its
+        privacy numbers count (the partner's ledger has the spend); listed under ``not-aggregated``."""
+        if msg.has_error():
+            return
+        self._record(msg).setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
+        self.write()
+
+    def _record(self, msg: Message) -> dict[str, Any]:
+        """Update the sending partner's entry with the reply's privacy details and numbers."""
+        node = int(msg.metadata.src_node_id)
+        details = msg.content.config_records.get("privacy")
+        label = str(details.get("partner")) if details and details.get("partner") else f"node-{node}"
+        self.node_labels[node] = label
+        entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        created = entry.get("ledger-created") == "true"  # keep "true" once a round created the ledger
+        entry.update({k: v for k, v in (details or {}).items() if k != "partner"})
+        if created:
+            entry["ledger-created"] = "true"
+        metrics = next(iter(msg.content.metric_records.values()), None)
+        if metrics is not None:  # finite numbers only: a rejected reply may carry anything
+            entry.update({k: metrics[k] for k in PARTNER_METRICS
+                          if k in metrics and isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k])})
+        return entry
 
     def note_central(self, server_round: int, *, noise_multiplier: float, clipping_norm: float, clipping: str,
                      partners: int, epsilon: float | None, delta: float | None) -> None:

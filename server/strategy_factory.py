@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.errors import ConfigError
@@ -75,7 +75,7 @@ def aggregation_strategy(
 def build_strategy(
     cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,
     evaluate_metrics_aggr_fn: MetricsFn | None = None, wrap_aggregation: Callable[[Strategy], Strategy] | None = None,
-    tied: Sequence[Sequence[str]] = (),
+    tied: Sequence[Sequence[str]] = (), on_unaggregated: Callable[[int, Message, str], None] | None = None,
 ) -> RoundControl:
     """The full stack: round control over update validation over the chosen aggregation.
 
@@ -95,7 +95,8 @@ def build_strategy(
     if wrap_aggregation is not None:
         inner = wrap_aggregation(inner)
     validating = ValidatingStrategy(
-        inner, bounds=UpdateBounds(max_update_norm=max_norm, max_num_examples=max_examples), min_train_nodes=min_nodes
+        inner, bounds=UpdateBounds(max_update_norm=max_norm, max_num_examples=max_examples), min_train_nodes=min_nodes,
+        on_unaggregated=on_unaggregated,
     )
     wait = float(cfg["node-wait-timeout"])
     if wait <= 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -126,10 +126,13 @@ class ValidatingStrategy(Strategy):
         global model is kept.
     """
 
-    def __init__(self, inner: Strategy, *, bounds: UpdateBounds, min_train_nodes: int) -> None:
+    def __init__(self, inner: Strategy, *, bounds: UpdateBounds, min_train_nodes: int,
+                 on_unaggregated: Callable[[int, Message, str], None] | None = None) -> None:
         if min_train_nodes < 1:
             raise ValueError("min_train_nodes must be at least 1")
         self.inner = inner
+        # Told of every received update that is not aggregated (the privacy report counts its spend)
+        self.on_unaggregated = on_unaggregated
         self.bounds = bounds
         self.min_train_nodes = min_train_nodes
         self.rejections: list[dict[str, Any]] = []  # {"round", "node", "reason"}, for the run directory
@@ -163,10 +166,13 @@ class ValidatingStrategy(Strategy):
             if reason is None:
                 valid.append(msg)
             else:
-                self._reject(server_round, msg, reason)
-        valid = self._consistent_metric_keys(server_round, valid)
+                self._reject(server_round, msg, reason, update=True)
+        valid = self._consistent_metric_keys(server_round, valid, updates=True)
         if len(valid) < self.min_train_nodes:
             self.failed_rounds.append(server_round)
+            if self.on_unaggregated is not None:
+                for msg in valid:
+                    self.on_unaggregated(server_round, msg, "round failed: too few valid updates")
             log(ERROR, "round %d failed: %d valid update(s) of %d replies (%d error replies), min-nodes = %d; "
                 "the global model is kept", server_round, len(valid), len(replies), len(errors), self.min_train_nodes)
             return None, None
@@ -193,7 +199,7 @@ class ValidatingStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, ok + [m for m in kept if m.has_error()])
 
     # -- internals ---------------------------------------------------------------------------
-    def _consistent_metric_keys(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def _consistent_metric_keys(self, server_round: int, replies: list[Message], *, updates: bool = False) -> list[Message]:
         """Keep replies whose metric keys are the most common set (Flower refuses to mix key sets)."""
         if not replies:
             return replies
@@ -204,10 +210,14 @@ class ValidatingStrategy(Strategy):
             if keys == common:
                 kept.append(msg)
             else:
-                self._reject(server_round, msg, f"metric keys {sorted(keys)} differ from the other partners'")
+                self._reject(server_round, msg, f"metric keys {sorted(keys)} differ from the other partners'",
+                             update=updates)
         return kept
 
-    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
+    def _reject(self, server_round: int, msg: Message, reason: str, *, update: bool = False) -> None:
+        """Log and list a dropped reply; ``update``: a training reply, whose release counts for privacy."""
         node = int(msg.metadata.src_node_id)
         log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, reason)
         self.rejections.append({"round": server_round, "node": node, "reason": reason})
+        if update and self.on_unaggregated is not None:
+            self.on_unaggregated(server_round, msg, reason)

@@ -226,3 +226,26 @@ def test_round_control_continues_round_numbers_after_a_resume():
     strategy.aggregate_train(2, honest_replies())
     assert {m.content["config"]["server-round"] for m in messages} == {3}  # the clients' seeds continue
     assert seen == [4] and strategy.federation_round(1) == 3
+
+
+def test_updates_that_are_not_aggregated_still_count_in_the_privacy_report(tmp_path):
+    # Prepare: a real privacy report fed by validation, as server/app.py wires it
+    from server.privacy_report import PrivacyReport
+
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    strategy = ValidatingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2),
+                                  bounds=UpdateBounds(max_update_norm=1.0, max_num_examples=10_000),
+                                  min_train_nodes=2, on_unaggregated=report.note_unaggregated)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    big = {"w": GLOBAL["w"] + 5.0, "b": GLOBAL["b"]}  # norm 10 > max-update-norm 1: rejected
+    privacy = {"epsilon": 7.5, "delta": 1e-5}
+    # Execute: round 1 rejects node 101's large update and fails (one valid update of min 2)
+    replies = [reply(101, content(big, 10, **privacy)), reply(102, content(HONEST[0][0], 10, epsilon=2.0, delta=1e-5))]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    # Assert: both releases are in the report, and the guarantee states the larger epsilon
+    entries = {p["node-id"]: p for p in report.partners.values()}
+    assert entries[101]["epsilon"] == 7.5 and "max-update-norm" in entries[101]["not-aggregated"][0]["reason"]
+    assert entries[102]["epsilon"] == 2.0 and entries[102]["not-aggregated"][0]["reason"].startswith("round failed")
+    assert "rounds-trained" not in entries[101]
+    assert "(7.500," in report.guarantee()
+    assert (tmp_path / "privacy.json").is_file()
