@@ -50,7 +50,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         )
         # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
         strategy.inner = with_secure_aggregation(strategy.inner, cfg)
-        restore(start, recorder, strategy)
+        restore(start, recorder, strategy, privacy)
         strategy.start(
             grid=grid,
             initial_arrays=start.arrays,

@@ -46,8 +46,23 @@ class PrivacyReport:
         try:
             earlier = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            log(WARNING, "%s is unreadable; the privacy report restarts (partners' ledgers are unaffected)", self.path)
+            log(WARNING, "%s is unreadable; the run's checkpoint copy is used on resume (partners' ledgers are "
+                "unaffected)", self.path)
             return
+        self._apply(earlier)
+
+    def adopt_checkpoint_copy(self, copy: dict[str, Any] | None) -> None:
+        """Resuming: take the checkpoint's copy of privacy.json when the file is missing, unreadable
+        or records fewer central releases, so no release made before the resume is forgotten."""
+        if not isinstance(copy, dict):
+            return
+        rounds = copy.get("central", {}).get("rounds", [])
+        if len(rounds) > len(self.central_rounds) or (copy.get("partners") and not self.partners):
+            log(WARNING, "%s is missing or behind the checkpoint (%d central releases there, %d here); "
+                "continuing from the checkpoint's copy", self.path, len(rounds), len(self.central_rounds))
+            self._apply(copy)
+
+    def _apply(self, earlier: dict[str, Any]) -> None:
         self.partners = dict(earlier.get("partners", {}))
         self.node_labels = {int(p["node-id"]): label for label, p in self.partners.items() if "node-id" in p}
         central = dict(earlier.get("central", {}))

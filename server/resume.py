@@ -35,6 +35,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from server.privacy_report import PrivacyReport
 from server.rounds import RoundControl
 from server.run_report import RunRecorder, new_run_dir
 from server.validation import ValidatingStrategy
@@ -77,11 +78,14 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
     return RunStart(run_dir, ArrayRecord(ckpt.arrays), ckpt.round + 1, left, fp, ckpt)
 
 
-def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy) -> None:
-    """Hand a resumed run's history to the recorder and its learned state to the strategies."""
+def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy, privacy: PrivacyReport | None = None) -> None:
+    """Hand a resumed run's history to the recorder and the privacy report (the checkpoint's copy
+    of privacy.json where the file is lost) and its learned state to the strategies."""
     if start.checkpoint is None:
         return
     recorder.restore(start.checkpoint.rounds)
+    if privacy is not None:
+        privacy.adopt_checkpoint_copy((start.checkpoint.privacy or {}).get("privacy.json"))
     for level, saved in _by_level(start.checkpoint.strategy_state).items():
         chain = _chain(strategy)
         if level >= len(chain):

@@ -6,6 +6,7 @@ aggregate_train on reply messages), with a stand-in Grid; no simulation is start
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -304,3 +305,33 @@ def test_tied_copies_leave_the_server_as_one_table_with_half_the_noise_variance(
     assert abs(a.std() - expected / math.sqrt(2)) < 5 * se
     # nothing to do for equal copies or an untied model: the record passes through unchanged
     assert retie(global_arrays, [("a", "b")]) is global_arrays and retie(arrays, []) is arrays
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_resume_with_privacy_json_lost_continues_from_the_checkpoint_copy(tmp_path, damage):
+    from dp_accounting import dp_event, rdp
+
+    # Prepare: 2 releases; the checkpoint keeps a copy of privacy.json (server/resume.py privacy_summary)
+    n, sigma = 3, 1.5
+    update = np.full(10, 0.1, np.float32)
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
+    for r in (1, 2):
+        _round(strategy, r, n, np.zeros(10, np.float32), [update] * n)
+    checkpoint_copy = json.loads((tmp_path / "privacy.json").read_text())
+    if damage == "deleted":
+        (tmp_path / "privacy.json").unlink()
+    else:
+        (tmp_path / "privacy.json").write_text("{not json")
+    # Execute: the resumed process (server/app.py: restore hands it the checkpoint's copy)
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
+    report.adopt_checkpoint_copy(checkpoint_copy)
+    for r in (3, 4):
+        _round(strategy, r, n, np.zeros(10, np.float32), [update] * n)
+    # Assert: 4 releases accounted (the lost file would have restarted epsilon at 2 releases' worth)
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), 4)
+    assert [r["round"] for r in report.central_rounds] == [1, 2, 3, 4]
+    assert report.central_rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+    # a file that is ahead of (or equal to) the checkpoint is kept as it is
+    report.adopt_checkpoint_copy(checkpoint_copy)
+    assert len(report.central_rounds) == 4
