@@ -35,6 +35,7 @@ from common.privacy import dp_mode, uses_central_dp
 USER_ERROR = 400  # same code as client/app.py: a problem the partner or coordinator can fix
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
+PRIVACY_KEY = "privacy"  # the partner's label and ledger details (client/app.py)
 
 
 class SecureAggregationError(FedRecError):
@@ -122,6 +123,8 @@ def make_secure_aggregation_mod(overrides: Mapping[str, Any] | None = None) -> M
             fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(deltas), num_examples, {})
             content = compat.fitres_to_recorddict(fitres, keep_input=False)
             content[METRICS_KEY] = metrics
+            if PRIVACY_KEY in reply.content.config_records:
+                content[PRIVACY_KEY] = reply.content.config_records[PRIVACY_KEY]
             return Message(content, reply_to=inner_msg)
 
         try:
@@ -133,9 +136,10 @@ def make_secure_aggregation_mod(overrides: Mapping[str, Any] | None = None) -> M
         except (KeyError, TypeError, ValueError) as exc:
             # A protocol violation (wrong stage order, too few neighbours): abort this round only
             return Message(Error(code=USER_ERROR, reason=f"secure aggregation aborted: {exc}"), reply_to=msg)
-        # Keep only what the server needs: the masked vector (stage configs) and the metrics
+        # Keep only what the server needs: the masked vector (stage configs), the metrics and who
+        # this partner is for the privacy report (label, ledger, fingerprint: sent in clear anyway)
         kept = RecordDict()
-        for key in (RECORD_KEY_CONFIGS, METRICS_KEY):
+        for key in (RECORD_KEY_CONFIGS, METRICS_KEY, PRIVACY_KEY):
             if key in out.content:
                 kept[key] = out.content[key]
         return Message(kept, reply_to=msg)

@@ -107,7 +107,10 @@ class SecureAggregation(Strategy):
                 stand_ins.append(msg)  # refusals stay visible to the privacy report
             elif msg.metadata.src_node_id in rnd.active:
                 metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
-                msg.content = RecordDict({ARRAYS_KEY: aggregate, METRICS_KEY: metrics})
+                content = RecordDict({ARRAYS_KEY: aggregate, METRICS_KEY: metrics})
+                if "privacy" in msg.content.config_records:  # who this is, for the privacy report
+                    content["privacy"] = msg.content.config_records["privacy"]
+                msg.content = content
                 stand_ins.append(msg)
         return self.inner.aggregate_train(server_round, stand_ins)
 

@@ -291,6 +291,10 @@ def test_real_apps_secure_round_matches_plain_round(tmp_path):
         run_dir = run_local({**tiny, "secure-aggregation": secure, "run-name": name}, 3)
         models[name] = torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
         assert [json.loads(x)["num-partners"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [3]
+        # privacy.json names partners by their label and ledger under SecAgg+ too, not node-<id>
+        partners = json.loads((run_dir / "privacy.json").read_text())["partners"]
+        assert sorted(partners) == ["partner-0", "partner-1", "partner-2"], sorted(partners)
+        assert all(p["ledger-path"].endswith(f"{label}.sqlite") for label, p in partners.items()), partners
     cfg = resolve_config(None, tiny)
     initial = new_model(cfg, len(catalogue(cfg))).state_dict()
     # 3 partners of ~30 users: weights ~0.03 each, so the SecAgg+ error bound is
