@@ -106,7 +106,8 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
         rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
         sigma = calibrate_noise(target_epsilon=epsilon, target_delta=default_delta(users), sample_rate=rate,
                                 total_steps=epochs * steps, accountant=str(cfg["accountant"]))
-        dp = DPSettings(noise_multiplier=sigma, max_grad_norm=float(cfg["max-grad-norm"]))
+        # A research run on the researcher's own data: reproducible noise (partners draw OS entropy)
+        dp = DPSettings(noise_multiplier=sigma, max_grad_norm=float(cfg["max-grad-norm"]), noise_seed=seed)
     cold = torch.as_tensor(split.cold_items)
     fresh = {name: p.detach()[cold].clone() for name, p in _catalogue_rows(model).items()}
     text = getattr(model, "item_text", None)

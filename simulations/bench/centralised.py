@@ -58,7 +58,9 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         delta = float(cfg["target-delta"]) or default_delta(users)
         noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
                                 total_steps=rounds * epochs * steps, accountant=str(cfg["accountant"]))
-        dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
+        # A benchmark on the researcher's own data: reproducible noise (partners draw OS entropy)
+        dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]),
+                        noise_seed=int(cfg["seed"]))
         out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
     train_s, eval_s, metrics, curve = [], [], {}, []
     adam = None  # keep-optimizer-state: Adam's moments go on from round to round, as a partner's do
