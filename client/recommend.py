@@ -99,6 +99,9 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise DataError(f"model {file}: weights do not match its config ({first})") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise DataError(f"model {file}: weights contain NaN or infinite values (a diverged or corrupt model); "
+                        "use an earlier round's model or train again")
     model.eval()
     index = {item: i + 1 for i, item in enumerate(catalogue.tolist())}
     return GlobalModel(model, catalogue, config, file, version, index)

@@ -104,6 +104,9 @@ def resolve_config(run_config: Mapping[str, Any] | None = None, overrides: Mappi
             if key not in DEFAULTS:
                 raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
             cfg[key] = _coerce(key, value)
+    from common.config_checks import check_values  # range checks live beside, to keep this module the table
+
+    check_values(cfg)
     return cfg
 
 
@@ -117,6 +120,8 @@ def _coerce(key: str, value: Any) -> Any:
                 return value.lower() in ("true", "1")
             return bool(value)
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError  # 2.5 rounds: int() would silently make it 2
             return int(value)
         if isinstance(default, float):
             return float(value)

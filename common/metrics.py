@@ -35,6 +35,10 @@ def target_ranks(scores: torch.Tensor, histories: Sequence[np.ndarray], targets:
     t = torch.as_tensor(targets, dtype=torch.long)
     rows = torch.arange(len(t))
     target_scores = scores[rows, t].clone()  # kept: a target seen before is still a candidate
+    # A NaN score is no evidence: a NaN target ranks below every candidate, a NaN candidate above
+    # the target (comparisons with NaN are all False, which made a NaN model rank every target first)
+    target_scores = torch.nan_to_num(target_scores, nan=float("-inf"))
+    scores = torch.nan_to_num(scores, nan=float("inf"))
     scores[:, 0] = float("-inf")
     for row, h in enumerate(histories):
         if len(h):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.errors import FedRecError
+from common.cli_errors import user_errors_exit
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -88,13 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -184,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run directory or model.pt: also report it blended with the co-occurrence chain")
     args = parser.parse_args(argv)
     for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
-        if value <= 0:
-            parser.error(f"{name} must be positive, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            parser.error(f"{name} must be a positive number, got {value}")
     if args.markov_window < 1:
         parser.error(f"--markov-window must be at least 1, got {args.markov_window}")
     if args.blend_model:

@@ -35,6 +35,15 @@ def test_against_brute_force():
     assert math.isclose(means["hr@5"], sum(e[0] for e in expected) / 40)
 
 
+def test_nan_scores_never_rank_a_target_first():
+    # A diverged model scores NaN: its targets rank last, not first (NaN compares False)
+    scores = torch.full((2, 6), float("nan"))
+    assert target_ranks(scores, [np.array([1]), np.array([], dtype=np.int64)], np.array([2, 3])).tolist() == [4, 5]
+    # a NaN candidate counts above a finite target; finite scores rank as before
+    one = torch.tensor([[0.0, 0.1, 0.5, float("nan"), 0.2, 0.3]])
+    assert target_ranks(one, [np.array([], dtype=np.int64)], np.array([4])).tolist() == [3]  # items 2, 3 (NaN), 5
+
+
 def test_history_items_are_excluded():
     scores = torch.tensor([[0.0, 9.0, 8.0, 1.0, 0.5]])
     # Items 1 and 2 score highest but were seen: the target (3) ranks first.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from client.explain import leave_one_out
-from client.recommend import LogHistory, Recommender, load_global_model
+from client.recommend import LogHistory, Recommender, find_model_file, load_global_model
 from common.config import resolve_config
 from common.data import build_sequences, generate_synthetic
 from common.data.event_store import EventStore
@@ -132,6 +132,18 @@ def test_bad_model_file_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no model.pt"):
         load_global_model(tmp_path / "empty")
+
+
+def test_model_with_nan_weights_is_refused_not_served(trained, tmp_path):
+    from common.errors import DataError
+
+    run, _ = trained
+    blob = torch.load(find_model_file(run), weights_only=False)
+    key = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][key] = blob["state_dict"][key].clone().fill_(float("nan"))
+    torch.save(blob, tmp_path / "model.pt")
+    with pytest.raises(DataError, match="NaN or infinite"):
+        load_global_model(tmp_path)
 
 
 def test_event_store_is_a_training_log_that_grows(tmp_path, log):

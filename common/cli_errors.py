@@ -1,0 +1,33 @@
+"""What every command (fedrec-server, fedrec-client, python -m simulations.*) does with a user mistake."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from common.errors import FedRecError
+
+
+def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a command's ``main``: a :class:`FedRecError` (bad data, config, budget: something the
+    user can fix), a ``--run-config`` string Flower cannot parse (its ``click`` error) or an output
+    path that cannot be written prints one ``error: ...`` line on stderr and exits with status 2,
+    no traceback."""
+    from click import ClickException
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except FedRecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ClickException as exc:  # flwr.common.config.parse_config_args
+            print(f"error: --run-config: {exc.format_message()}", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            print(f"error: cannot write or read {exc.filename!r}: {exc.strerror}", file=sys.stderr)
+            return 2
+
+    return wrapped

@@ -1,0 +1,66 @@
+"""Range checks of the run configuration's values: one clear line when a knob cannot work.
+
+Why here and not where each knob is used: the server and every partner resolve the same run
+config; a value that only fails inside a partner's training (a negative learning rate, a batch
+of 0, a dropout of 1.5) used to surface as a traceback per partner per round while the server
+"completed" the run with the untrained model. Checked once, when the config is resolved, every
+process refuses it before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import ConfigError
+
+POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim", "num-blocks", "num-heads",
+                 "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
+                 "synthetic-items", "mf-fold-in-steps")
+NON_NEGATIVE_INTS = ("num-malicious-nodes",)
+POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
+                   "secagg-max-weight", "secagg-delta-scale", "server-learning-rate")
+NON_NEGATIVE_FLOATS = ("max-update-norm", "proximal-mu", "mf-l2", "central-noise-multiplier")
+FRACTIONS = ("fraction-train", "fraction-evaluate", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
+CHOICES = {
+    "accountant": ("rdp", "prv"),
+    "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
+}
+
+
+def check_values(cfg: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` naming the first knob whose value cannot work (see the module docstring)."""
+
+    def bad(key: str, need: str) -> ConfigError:
+        return ConfigError(f"{key} = {cfg[key]!r} {need}")
+
+    for key in POSITIVE_INTS:
+        if key in cfg and cfg[key] < 1:
+            raise bad(key, "must be at least 1")
+    for key in NON_NEGATIVE_INTS:
+        if key in cfg and cfg[key] < 0:
+            raise bad(key, "must be >= 0")
+    for key in POSITIVE_FLOATS:
+        if key in cfg and not (math.isfinite(cfg[key]) and cfg[key] > 0):
+            raise bad(key, "must be a positive number")
+    for key in NON_NEGATIVE_FLOATS:
+        if key in cfg and not (math.isfinite(cfg[key]) and cfg[key] >= 0):
+            raise bad(key, "must be a number >= 0")
+    for key in FRACTIONS:
+        if key in cfg and not 0 < cfg[key] <= 1:
+            raise bad(key, "must be in (0, 1]")
+    for key, allowed in CHOICES.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise bad(key, f"is unknown; use one of {', '.join(allowed)}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg["device"])):
+        raise bad("device", "is not a device; use auto, cpu, cuda or cuda:N")
+    if not 0 <= cfg["dropout"] < 1:
+        raise bad("dropout", "must be in [0, 1)")
+    if cfg["embedding-dim"] % cfg["num-heads"]:
+        raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
+    if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):
+        raise bad("target-epsilon", "must be a positive number (the privacy budget)")
+    if not 0 <= cfg["target-delta"] < 1:
+        raise bad("target-delta", "must be in [0, 1) (0 = min(1e-5, 0.1 / users))")
