@@ -71,7 +71,11 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         trainer = mf_trainer(context) if cfg["model"] == "mf" else train_local  # MF: user factors stay here
         keep_adam = bool(cfg["keep-optimizer-state"]) and cfg["model"] != "mf"  # client/optimizer_state.py
         # Noise from OS entropy unless this partner's own environment asks for reproducible noise
-        noise_seed = dp_noise_seed(int(cfg["seed"]), server_round, int(context.node_config.get("partition-id", 0)))
+        noise_seed = dp_noise_seed(int(cfg["seed"]), server_round,
+                                   int(context.node_config.get("partition-id", context.node_id)))
+        if noise_seed is not None and budget is not None and "partition-id" not in context.node_config:
+            LOG.warning("FEDREC_REPRODUCIBLE_DP_NOISE is set: this partner's DP noise follows the run seed, "
+                        "which the coordinator knows; unset it outside simulations")
         result = trainer(
             model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
             learning_rate=float(cfg["learning-rate"]), max_len=int(cfg["max-seq-len"]),

@@ -38,7 +38,7 @@ class EventIn(BaseModel):
 
     user_id: str = Field(min_length=1, max_length=200)
     item_id: str = Field(min_length=1, max_length=200)
-    timestamp: int | None = Field(default=None, ge=0)
+    timestamp: int | None = Field(default=None, ge=0, le=2**63 - 1)  # SQLite INTEGER is 64-bit
     rating: float | None = None
     event: str = Field(default="interaction", min_length=1, max_length=50)
 

@@ -14,6 +14,8 @@ import json
 import logging
 import sys
 
+from common.cli_args import delta, port, positive_float, positive_int
+
 
 def _metadata_for(data_path: str | None, metadata: str | None) -> str | None:
     """``--metadata`` if given, else MovieLens metadata beside the log (``u.item``/``movies.dat``), else None."""
@@ -100,7 +102,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--data-path", required=True,
                      help="this partner's log (CSV/Parquet/MovieLens) or event store (.sqlite)")
     rec.add_argument("--user", required=True, help="the user id as it appears in the log")
-    rec.add_argument("--k", type=_positive, default=10, help="how many items (default 10)")
+    rec.add_argument("--k", type=positive_int, default=10, help="how many items (default 10)")
     rec.add_argument("--no-explain", action="store_true", help="skip the leave-one-out reasons")
     rec.add_argument("--format", choices=("table", "json"), default="table")
     rec.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside the log")
@@ -113,9 +115,9 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--import-log", default=None, help="fill an empty store from this log first")
     srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks for a newer model")
-    srv.add_argument("--torch-threads", type=int, default=1,
+    srv.add_argument("--port", type=port, default=8000)
+    srv.add_argument("--reload-interval", type=positive_float, default=2.0, help="seconds between checks for a newer model")
+    srv.add_argument("--torch-threads", type=positive_int, default=1,
                      help="torch threads per process (default 1: lowest latency)")
     srv.set_defaults(func=_serve)
 
@@ -127,25 +129,14 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
                     help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
     ft.add_argument("--since", type=int, default=None, help="unix seconds: train users with events at or after this "
                     "(default: the global model file's time)")
-    ft.add_argument("--epochs", type=int, default=1)
-    ft.add_argument("--batch-size", type=int, default=16, help="expected users per DP-SGD step")
-    ft.add_argument("--learning-rate", type=float, default=0.001)
-    ft.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise std / clipping norm")
-    ft.add_argument("--target-epsilon", type=float, default=8.0,
+    ft.add_argument("--epochs", type=positive_int, default=1)
+    ft.add_argument("--batch-size", type=positive_int, default=16, help="expected users per DP-SGD step")
+    ft.add_argument("--learning-rate", type=positive_float, default=0.001)
+    ft.add_argument("--noise-multiplier", type=positive_float, default=1.0, help="DP-SGD noise std / clipping norm")
+    ft.add_argument("--target-epsilon", type=positive_float, default=8.0,
                     help="the partner's whole-ledger budget (refused beyond it)")
-    ft.add_argument("--target-delta", type=float, default=0.0, help="0 = min(1e-5, 0.1 / users)")
-    ft.add_argument("--max-grad-norm", type=float, default=1.0)
+    ft.add_argument("--target-delta", type=delta, default=0.0, help="0 = min(1e-5, 0.1 / users)")
+    ft.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")
     ft.add_argument("--seed", type=int, default=0)
     ft.set_defaults(func=_finetune)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-

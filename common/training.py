@@ -211,16 +211,19 @@ class DPSettings:
     noise_seed: int | None = None  # None: fresh OS entropy (the guarantee); see seed_dp_randomness
 
 
-def seed_dp_randomness(noise_seed: int | None) -> None:
-    """Seed torch's global generator, from which Opacus (``secure_mode`` off) draws the Poisson
-    batches and the Gaussian noise, and dropout its masks.
+def seed_dp_randomness(noise_seed: int | None) -> torch.Generator:
+    """Seed torch's global generator, from which Opacus (``secure_mode`` off) draws the Gaussian
+    noise and dropout its masks; returns the generator for the data loader, from which Opacus'
+    Poisson sampler draws each step's users.
 
     Why: the trainer seeds torch from the run config's ``seed`` (model init, shuffles), which the
     coordinator chooses; noise drawn from that stream could be regenerated and subtracted by
     the coordinator, and every partner would draw the same noise. ``None`` reseeds from the OS's
     entropy (``secrets``), so nobody else can predict the noise; an int is for simulations only.
     """
-    torch.manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
+    seed = secrets.randbits(62) if noise_seed is None else noise_seed
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed + 1)  # Mersenne Twister: 62 secret bits, not a CSPRNG
 
 
 @dataclass
@@ -396,14 +399,16 @@ def train_local(
         adam.load_state_dict(optimizer_state)
         for group in adam.param_groups:  # this call's learning rate, not the stored one
             group["lr"] = learning_rate
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    # Under DP the Poisson sampler (Opacus takes the loader's generator), noise and dropout draw
+    # from a seed the coordinator cannot know (seed_dp_randomness); the run seed only without DP
+    sampler = seed_dp_randomness(dp.noise_seed) if dp is not None else torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler)
     criterion: nn.Module = SequenceLoss()
     hooks = None
     engine = None
     if dp is not None:
         from opacus import PrivacyEngine
 
-        seed_dp_randomness(dp.noise_seed)
         mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices

@@ -91,7 +91,12 @@ class PrivacyReport:
         privacy numbers count (the partner's ledger has the spend); listed under ``not-aggregated``."""
         if msg.has_error():
             return
-        self._record(msg).setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
+        node = int(msg.metadata.src_node_id)
+        before = self.partners.get(self.node_labels.get(node, ""), {}).get("epsilon")
+        entry = self._record(msg)
+        if before is not None and float(before) > float(entry.get("epsilon", before)):
+            entry["epsilon"] = before  # a rejected (maybe corrupt) reply never lowers the recorded spend
+        entry.setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
         self.write()
 
     def _record(self, msg: Message) -> dict[str, Any]:

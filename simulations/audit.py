@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli_args import positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
 from common.errors import DataError
@@ -152,8 +153,8 @@ def format_result(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run directories (with model.pt, config.json, holdout.json)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (default 1000)")
-    parser.add_argument("--max-members", type=int, default=2000, help="members sampled for the attack (default 2000)")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CI (default 1000)")
+    parser.add_argument("--max-members", type=positive_int, default=2000, help="members sampled for the attack (default 2000)")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.cli_args import open_fraction, positive_float, positive_int
 from common.config import resolve_config
 from common.data.sequences import SequenceData
 from common.metrics import pad_left
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a MovieLens folder with titles (u.item / movies.dat)")
     parser.add_argument("--item-features", nargs="+", default=["id", "text", "id+text"])
-    parser.add_argument("--cold-fraction", type=float, default=0.1, help="share of interacted items held out (default 0.1)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--epsilon", type=float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
+    parser.add_argument("--cold-fraction", type=open_fraction, default=0.1, help="share of interacted items held out (default 0.1)")
+    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument("--epsilon", type=positive_float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"')
     args = parser.parse_args(argv)
     from flwr.common.config import parse_config_args

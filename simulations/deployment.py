@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.privacy import REPRODUCIBLE_NOISE_ENV
 from simulations.flower_env import PROJECT_ROOT, set_flower_env
 
 BIN = Path(sys.executable).parent  # flower-superlink, flwr, ... of this environment
@@ -139,6 +140,9 @@ class LocalFederation:
         self.flwr_home = self.root / "flwr-home"
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("FLWR_HOME", None)
+        # Real SuperNodes draw their DP noise from OS entropy, even when a simulation tool imported in
+        # this process asked for reproducible noise (simulations/flower_env.py: set_simulation_env)
+        self.env.pop(REPRODUCIBLE_NOISE_ENV, None)
         self.env.update(set_flower_env())
         self.env["FLWR_HOME"] = str(self.flwr_home)
         self.env["PYTHONUNBUFFERED"] = "1"

@@ -19,6 +19,7 @@ set_simulation_env()
 import click  # noqa: E402
 from flwr.common.config import parse_config_args  # noqa: E402
 
+from common.cli_args import positive_int, positive_ints  # noqa: E402
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
@@ -49,14 +50,13 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-partners", type=int, default=5)
-    parser.add_argument("--rounds", default="5,20", help="comma-separated rounds to report epsilon after")
+    parser.add_argument("--num-partners", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_ints, default=[5, 20], help="comma-separated rounds to report epsilon after")
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)
     try:
         cfg = resolve_config(None, parse_config_args(args.run_config) if args.run_config else {})
-        rounds = [int(x) for x in args.rounds.split(",")]
-        rows = plan(cfg, args.num_partners, rounds)
+        rows = plan(cfg, args.num_partners, args.rounds)
     except (FedRecError, ValueError, click.ClickException) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2

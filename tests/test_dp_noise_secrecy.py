@@ -25,9 +25,9 @@ def _weights(model: torch.nn.Module) -> np.ndarray:
     return np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
 
 
-def _train(small_data, kind: str, noise_seed: int | None) -> np.ndarray:
+def _train(small_data, kind: str, noise_seed: int | None, noise: float = 1.0) -> np.ndarray:
     torch.manual_seed(0)
-    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=kind, noise_seed=noise_seed)
+    dp = DPSettings(noise_multiplier=noise, max_grad_norm=1.0, grad_sample_mode=kind, noise_seed=noise_seed)
     common = dict(epochs=1, batch_size=32, learning_rate=0.01, max_len=10, dp=dp, seed=7)
     if kind == "mf":
         model = MatrixFactorization(small_data.num_items, dim=8, max_len=10)
@@ -47,6 +47,15 @@ def test_same_seed_and_data_draw_fresh_noise_unless_a_noise_seed_is_given(small_
     assert not np.allclose(fresh[0], fresh[1])  # unpredictable from the run config
     np.testing.assert_array_equal(seeded[0], seeded[1])  # a noise seed repeats itself exactly
     assert not np.allclose(seeded[0], fresh[0])
+
+
+@pytest.mark.parametrize("kind", ["fused", "hooks", "mf"])
+def test_poisson_batches_are_secret_too(small_data, kind):
+    # No noise at all: only the sampled users can differ. The sampler used to take the loader's
+    # generator, seeded from the run config: the coordinator knew every step's users.
+    fresh = [_train(small_data, kind, None, noise=0.0) for _ in range(2)]
+    assert not np.allclose(fresh[0], fresh[1])
+    np.testing.assert_array_equal(_train(small_data, kind, 9, noise=0.0), _train(small_data, kind, 9, noise=0.0))
 
 
 def test_noise_seed_comes_only_from_the_partners_environment(monkeypatch):

@@ -303,6 +303,7 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"json": {"user_id": "", "item_id": "1"}}), "user_id"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "no-such-item"}}), "item_id"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": -5}}), "timestamp"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 10**29}}), "timestamp"),  # was a 500
     (("POST", "/events", {"content": b"{not json", "headers": {"content-type": "application/json"}}), "not valid JSON"),
 ])
 def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):

@@ -232,10 +232,10 @@ def test_updates_that_are_not_aggregated_still_count_in_the_privacy_report(tmp_p
     # Prepare: a real privacy report fed by validation, as server/app.py wires it
     from server.privacy_report import PrivacyReport
 
-    report = PrivacyReport(tmp_path, resolve_config(None, {}))
-    strategy = ValidatingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2),
-                                  bounds=UpdateBounds(max_update_norm=1.0, max_num_examples=10_000),
-                                  min_train_nodes=2, on_unaggregated=report.note_unaggregated)
+    cfg = resolve_config(None, {"max-update-norm": 1.0})
+    report = PrivacyReport(tmp_path, cfg)
+    strategy = build_strategy(cfg, on_unaggregated=report.note_unaggregated).inner  # the ValidatingStrategy
+    assert isinstance(strategy, ValidatingStrategy)
     list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
     big = {"w": GLOBAL["w"] + 5.0, "b": GLOBAL["b"]}  # norm 10 > max-update-norm 1: rejected
     privacy = {"epsilon": 7.5, "delta": 1e-5}
@@ -249,3 +249,7 @@ def test_updates_that_are_not_aggregated_still_count_in_the_privacy_report(tmp_p
     assert "rounds-trained" not in entries[101]
     assert "(7.500," in report.guarantee()
     assert (tmp_path / "privacy.json").is_file()
+    # a later rejected reply claiming a lower epsilon does not lower the recorded spend
+    list(strategy.configure_train(2, global_record(), ConfigRecord(), NodesOnly(3)))
+    strategy.aggregate_train(2, [reply(101, content(big, 10, epsilon=1.0, delta=1e-5))])
+    assert entries[101]["epsilon"] == 7.5 and len(entries[101]["not-aggregated"]) == 2

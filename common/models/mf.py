@@ -149,13 +149,14 @@ def train_mf_local(
     dataset = TensorDataset(torch.from_numpy(users), targets)
     proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    # Poisson batches and noise nobody else can regenerate under DP (common/training.py)
+    sampler = seed_dp_randomness(dp.noise_seed) if dp is not None else torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler)
     criterion: nn.Module = MultinomialLoss()
     hooks = engine = None
     if dp is not None:
         from opacus import PrivacyEngine
 
-        seed_dp_randomness(dp.noise_seed)  # noise nobody else can regenerate (common/training.py)
         mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

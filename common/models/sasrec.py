@@ -151,7 +151,7 @@ def merge_tied_copies(state_dict: dict, *keys: str) -> None:
     """
     copies = [state_dict[k] for k in keys if k in state_dict]
     if len(copies) > 1 and any(not torch.equal(copies[0], c) for c in copies[1:]):
-        mean = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in copies]).mean(dim=0)
+        mean = torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in copies]).mean(dim=0).to(copies[0].dtype)
         for k in keys:
             if k in state_dict:
                 state_dict[k] = mean

@@ -22,6 +22,7 @@ import time
 _T0 = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -59,15 +60,15 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
                                 total_steps=rounds * epochs * steps, accountant=str(cfg["accountant"]))
         # A benchmark on the researcher's own data: reproducible noise (partners draw OS entropy)
-        dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]),
-                        noise_seed=int(cfg["seed"]))
+        dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
         out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
     train_s, eval_s, metrics, curve = [], [], {}, []
     adam = None  # keep-optimizer-state: Adam's moments go on from round to round, as a partner's do
     for rnd in range(1, rounds + 1):
         begin = time.perf_counter()
         result = train_local(model, data, epochs=epochs, batch_size=batch, learning_rate=float(cfg["learning-rate"]),
-                             max_len=int(cfg["max-seq-len"]), dp=dp, seed=int(cfg["seed"]) * 1000 + rnd,
+                             max_len=int(cfg["max-seq-len"]), seed=int(cfg["seed"]) * 1000 + rnd,
+                             dp=dp and dataclasses.replace(dp, noise_seed=int(cfg["seed"]) * 1000 + rnd),  # fresh each round
                              history_windows=bool(cfg["history-windows"]),
                              reverse_histories=bool(cfg["reverse-histories"]), optimizer_state=adam,
                              learning_rates=epoch_learning_rates(cfg, rnd),
