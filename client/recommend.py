@@ -202,7 +202,10 @@ def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
         return {}
     from common.data.loaders import load_item_titles
 
-    return {item: title for item, (title, _) in load_item_titles(metadata).items()}
+    try:
+        return {item: title for item, (title, _) in load_item_titles(metadata).items()}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"metadata {metadata}: not MovieLens item metadata (u.item / movies.dat): {exc}") from None
 
 
 def format_table(result: RecommendationList) -> str:

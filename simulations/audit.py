@@ -86,23 +86,38 @@ def popularity_losses(data: SequenceData, counts: np.ndarray, max_len: int) -> n
     return np.array([-logp[h[-max_len:]].mean() if len(h) else 0.0 for h in data.train_sequences()])
 
 
+def _read_json(path: Path) -> dict:
+    """A run file's JSON object; a corrupt or foreign file is one :class:`DataError` line."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
+
+
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
     for name in ("config.json", "model.pt", "holdout.json"):
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir}: no {name} (run with holdout-fraction > 0 through simulations.run/sweep)")
-    saved_cfg = json.loads((run_dir / "config.json").read_text())
+    saved_cfg = _read_json(run_dir / "config.json")
     cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})  # keys of older versions dropped
-    held = set(json.loads((run_dir / "holdout.json").read_text())["user-ids"])
+    holdout = _read_json(run_dir / "holdout.json")
+    if not isinstance(holdout.get("user-ids"), list):
+        raise DataError(f"{run_dir / 'holdout.json'}: no user-ids list (written by simulations.run with holdout-fraction > 0)")
+    held = set(holdout["user-ids"])
     if not held:
         raise DataError(f"{run_dir}: holdout.json lists no user (holdout-fraction was 0)")
-    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+    from client.recommend import load_global_model
+
+    trained = load_global_model(run_dir / "model.pt")  # a corrupt, foreign or NaN file: one DataError line
     data = federation_data(cfg)
-    if list(saved["catalogue"]) != data.catalogue.tolist():
+    if trained.catalogue.tolist() != data.catalogue.tolist():
         raise DataError(f"{run_dir}: the model's catalogue differs from the data set's; was the data changed?")
-    model = new_model(cfg, data.num_items)
-    model.load_state_dict(saved["state_dict"])
+    model = trained.model
     max_len = int(cfg["max-seq-len"])
     eligible = np.array([len(h) >= 2 for h in data.train_sequences()])
     is_held = np.array([u in held for u in data.user_ids.tolist()])

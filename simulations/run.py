@@ -19,7 +19,8 @@ set_simulation_env()
 from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
-from common.errors import FedRecError  # noqa: E402
+from common.cli_args import positive_int  # noqa: E402
+from common.errors import ConfigError, FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
 
@@ -31,6 +32,8 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
     refuse_many_examples_per_user(cfg)
+    if cfg["resume"] and not cfg["run-name"]:  # else the automatic name below would be "not found"
+        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
     from common.task import federation_data
 
     federation_data(cfg)
@@ -80,7 +83,7 @@ def _auto_name(cfg: dict, num_partners: int) -> str:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-partners", type=int, default=5, help="simulated partner organisations (default 5)")
+    parser.add_argument("--num-partners", type=positive_int, default=5, help="simulated partner organisations (default 5)")
     parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp-mode=central num-server-rounds=3"')
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs (and torch threads) per simulated client (default 1)")

@@ -129,7 +129,7 @@ def test_train_local_fused_equals_opacus_hooks_without_noise(tied, small_data):
         m = SASRec(small_data.num_items, max_len=10, dim=D, num_blocks=1, num_heads=2, dropout=0.0, tied_output=tied)
         m.load_state_dict(sasrec_state(small_data.num_items, tied))
         out = train_local(m, small_data, epochs=1, batch_size=40, learning_rate=0.01, max_len=10, seed=3,
-                          dp=DPSettings(noise_multiplier=0.0, max_grad_norm=0.3, grad_sample_mode=mode))
+                          dp=DPSettings(noise_multiplier=0.0, max_grad_norm=0.3, grad_sample_mode=mode, noise_seed=0))
         results[mode] = (m.state_dict(), out)
     fused_state, fused = results["fused"]
     hooks_state, hooks = results["hooks"]
