@@ -31,3 +31,23 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         resolve_config({"epochs": 3})
     with pytest.raises(ConfigError, match="num-server-rounds = 'many' is not a valid int"):
         resolve_config({"num-server-rounds": "many"})
+
+
+@pytest.mark.parametrize("overrides, knob", [
+    ({"learning-rate": -1}, "learning-rate"), ({"batch-size": 0}, "batch-size"), ({"target-epsilon": 0}, "target-epsilon"),
+    ({"accountant": "gdp"}, "accountant"), ({"grad-sample-mode": "xyz"}, "grad-sample-mode"), ({"device": "tpu"}, "device"),
+    ({"fraction-train": 1.5}, "fraction-train"), ({"fraction-train": 0}, "fraction-train"),
+    ({"num-server-rounds": 2.5}, "num-server-rounds"), ({"max-seq-len": 0}, "max-seq-len"), ({"dropout": 1.5}, "dropout"),
+    ({"embedding-dim": 63, "num-heads": 2}, "embedding-dim"), ({"target-delta": 2.0}, "target-delta"),
+    ({"max-grad-norm": float("nan")}, "max-grad-norm"), ({"synthetic-items": -5}, "synthetic-items"),
+])
+def test_values_that_cannot_work_are_one_line_naming_the_knob(overrides, knob):
+    with pytest.raises(ConfigError, match=f"^{knob} = ") as err:
+        resolve_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_every_default_and_edge_value_passes():
+    resolve_config(None, {})  # the shipped defaults
+    resolve_config(None, {"dropout": 0.0, "fraction-train": 1.0, "target-delta": 0.0, "device": "cuda:1",
+                          "num-server-rounds": 3.0, "central-noise-multiplier": 0.0, "num-malicious-nodes": 0})
