@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
-        return x509.DNSName(host)
+        pass
+    # A DNS name (RFC 1123 labels; "*." for a wildcard): a typo here makes every partner's TLS check fail
+    if not re.fullmatch(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+                        host) or len(host) > 253:
+        raise ConfigError(f"--host {host!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(host)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -55,8 +61,9 @@ def create_server_credentials(
     """
     if not hosts:
         raise ConfigError("give at least one --host (the name or IP partners use to reach the SuperLink)")
-    if days < 1:
-        raise ConfigError(f"--days = {days} must be at least 1")
+    names = [_san(h) for h in hosts]  # checked before anything is written
+    if not 1 <= days <= 36500:
+        raise ConfigError(f"--days = {days} must be between 1 and 36500 (100 years)")
     root = Path(out)
     paths = ServerCredentials(root / "ca.crt", root / "ca.key", root / "server.crt", root / "server.key")
     refuse_existing([paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert], force=force)
@@ -87,7 +94,7 @@ def create_server_credentials(
                                  x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
         .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now).not_valid_after(until)
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)

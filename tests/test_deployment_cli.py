@@ -81,6 +81,18 @@ def test_certs_refuse_to_overwrite_unless_forced(tmp_path, capsys):
     assert (tmp_path / "certs" / "ca.key").read_bytes() != before
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--host", ""], "neither an IP address nor a DNS name"),
+    (["--host", "bad host name!!"], "neither an IP address nor a DNS name"),
+    (["--host", "localhost", "--days", "99999999"], "between 1 and 36500"),
+])
+def test_impossible_certificate_settings_are_one_line_and_write_nothing(tmp_path, capsys, args, says):
+    assert server_main(["certs", "--out", str(tmp_path / "certs"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+    assert not (tmp_path / "certs").exists()
+
+
 def test_node_keys_are_what_flower_expects(tmp_path, capsys):
     from flwr.cli.supernode.register import try_load_public_key
 
