@@ -22,8 +22,9 @@ POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim
 NON_NEGATIVE_INTS = ("num-malicious-nodes",)
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
                    "secagg-max-weight", "secagg-delta-scale", "server-learning-rate")
-NON_NEGATIVE_FLOATS = ("max-update-norm", "proximal-mu", "mf-l2", "central-noise-multiplier")
-FRACTIONS = ("fraction-train", "fraction-evaluate", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
+# (fraction-evaluate, 0 = no evaluation, and proximal-mu are checked where the server builds its strategy)
+NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier")
+FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),

@@ -18,12 +18,14 @@ from collections.abc import Iterable, Sequence
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import FederationError
+from common.models.sasrec import merge_tied_copies
 from common.evaluation import evaluates_round
 
 
@@ -54,13 +56,12 @@ def retie(arrays: ArrayRecord, groups: Sequence[Sequence[str]]) -> ArrayRecord:
     groups = [g for g in groups if len(g) > 1 and all(k in arrays for k in g)]
     if not groups or all(all(np.array_equal(arrays[g[0]].numpy(), arrays[k].numpy()) for k in g[1:]) for g in groups):
         return arrays
-    out = ArrayRecord()
-    merged = {}
+    merged = {k: torch.from_numpy(arrays[k].numpy()) for g in groups for k in g}
     for g in groups:
-        mean = np.mean([arrays[k].numpy().astype(np.float64) for k in g], axis=0)
-        merged.update({k: mean.astype(arrays[k].numpy().dtype) for k in g})
+        merge_tied_copies(merged, *g)  # the one rule partners load with
+    out = ArrayRecord()
     for key in arrays.keys():
-        out[key] = Array(merged[key]) if key in merged else arrays[key]
+        out[key] = Array(merged[key].numpy()) if key in merged else arrays[key]
     return out
 
 

@@ -84,11 +84,7 @@ def build_strategy(
     """
     min_nodes = int(cfg["min-nodes"])
     max_norm = float(cfg["max-update-norm"])
-    max_examples = int(cfg["max-num-examples"])
-    if max_norm < 0:
-        raise ConfigError(f"max-update-norm = {max_norm:g} must be >= 0 (0 = no bound)")
-    if max_examples < 1:
-        raise ConfigError(f"max-num-examples = {max_examples} must be >= 1")
+    max_examples = int(cfg["max-num-examples"])  # ranges checked when cfg was resolved (common/config_checks.py)
     inner = aggregation_strategy(
         cfg, train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn
     )
@@ -99,8 +95,6 @@ def build_strategy(
         on_unaggregated=on_unaggregated,
     )
     wait = float(cfg["node-wait-timeout"])
-    if wait <= 0:
-        raise ConfigError(f"node-wait-timeout = {wait:g} must be > 0 seconds")
     from common.privacy import refuse_many_examples_per_user
     from common.training import epoch_learning_rates
 
@@ -108,8 +102,6 @@ def build_strategy(
     epoch_learning_rates(cfg, 1)  # an unknown lr-schedule
     refuse_many_examples_per_user(cfg)
     every = int(cfg["evaluate-every"])
-    if every < 1:
-        raise ConfigError(f"evaluate-every = {every} must be >= 1 (rounds between federated evaluations; the last round always evaluates)")
     return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait,
                         evaluate_every=every, last_round=int(cfg["num-server-rounds"]), tied=tied)
 

@@ -50,4 +50,5 @@ def test_values_that_cannot_work_are_one_line_naming_the_knob(overrides, knob):
 def test_every_default_and_edge_value_passes():
     resolve_config(None, {})  # the shipped defaults
     resolve_config(None, {"dropout": 0.0, "fraction-train": 1.0, "target-delta": 0.0, "device": "cuda:1",
-                          "num-server-rounds": 3.0, "central-noise-multiplier": 0.0, "num-malicious-nodes": 0})
+                          "num-server-rounds": 3.0, "central-noise-multiplier": 0.0, "num-malicious-nodes": 0,
+                          "fraction-evaluate": 0.0})  # 0 = no federated evaluation (server/strategy_factory.py)
