@@ -99,6 +99,29 @@ def test_tied_id_rows_share_one_parameter_with_exact_per_user_gradients():
     assert not TextSASRec(V, table(), item_features="text", max_len=T, dim=8, tied_output=True).tied_output
 
 
+
+def test_tied_id_text_model_loads_its_own_state_and_merges_differing_copies():
+    # Prepare: a tied id+text model with trained weights; a state whose two ID copies differ
+    torch.manual_seed(1)
+    make = lambda: TextSASRec(V, table(), item_features="id+text", max_len=T, dim=8, num_blocks=1,  # noqa: E731
+                              num_heads=2, dropout=0.0, tied_output=True)
+    old = make()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = old.state_dict()
+    differing = {k: v.clone() for k, v in state.items()}
+    differing["output.ids.weight"] = differing["item_emb.ids.weight"] + 1.0
+    # Execute
+    same, merged = make(), make()
+    same.load_state_dict(state)
+    merged.load_state_dict(differing)
+    # Assert: its own file loads unchanged (scores equal); differing copies load as their mean, still one table
+    seq, _ = batch()
+    torch.testing.assert_close(same.score(seq), old.score(seq))
+    torch.testing.assert_close(merged.item_emb.ids.weight, state["item_emb.ids.weight"] + 0.5)
+    assert merged.output.ids.weight is merged.item_emb.ids.weight
+
 def test_text_table_is_frozen_and_never_sent():
     m = model("text")
     before = m.item_text.table.clone()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.models.sasrec import SASRec
+from common.models.sasrec import SASRec, merge_tied_copies
 
 
 class FrozenItemText(nn.Module):
