@@ -87,7 +87,7 @@ def cold_hit_rates(model: torch.nn.Module, split: ColdSplit, *, k: int = 10, max
         among_cold += int(((scores[:, cold] > own).sum(1) < k).sum())
     n = max(len(split.targets), 1)
     return {"cases": len(split.targets), "cold-items": len(split.cold_items), f"hr@{k}-among-cold": among_cold / n,
-            f"random-among-cold": min(1.0, k / len(split.cold_items)), f"hr@{k}-full": full / n,
+            "random-among-cold": min(1.0, k / len(split.cold_items)), f"hr@{k}-full": full / n,
             "random-full": k / split.train.num_items}
 
 
