@@ -64,7 +64,7 @@ def evaluate_partner(model: torch.nn.Module, data: SequenceData, context: Contex
 
             factors = model.fit_users(pad_left(data.train_sequences(), model.max_len).to(device)).cpu()
     sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]), device=device,
-                          user_factors=factors)
+                          user_factors=factors, tie_orders=int(cfg["tie-orders"]))
     pid = context.node_config.get("partition-id")
     if pid is not None:
         sums["partition-id"] = int(pid)

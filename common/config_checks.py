@@ -18,7 +18,7 @@ from common.errors import ConfigError
 
 POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim", "num-blocks", "num-heads",
                  "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
-                 "synthetic-items", "mf-fold-in-steps")
+                 "synthetic-items", "mf-fold-in-steps", "tie-orders")
 NON_NEGATIVE_INTS = ("num-malicious-nodes",)
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
                    "secagg-max-weight", "secagg-delta-scale", "server-learning-rate")

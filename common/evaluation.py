@@ -26,6 +26,7 @@ import torch
 
 from common.data.sequences import SequenceData
 from common.metrics import pad_left, ranking_sums, target_ranks
+from common.tie_scoring import ORDER_SEED, order_averaged_scores, window_tie_runs
 
 KS = (5, 10, 20)
 
@@ -81,24 +82,36 @@ def recommendation_metrics(
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, top_k: int = 10,
-                   device: str | torch.device = "cpu", user_factors: torch.Tensor | None = None) -> dict:
+                   device: str | torch.device = "cpu", user_factors: torch.Tensor | None = None,
+                   tie_orders: int = 1) -> dict:
     """:func:`recommendation_metrics` of ``model.score`` (or of known private ``user_factors``,
-    rows in ``data`` order, for a model with ``score_users``)."""
+    rows in ``data`` order, for a model with ``score_users``). ``tie_orders`` > 1: a history whose
+    last items share a timestamp is scored as the mean over that many random orders of them
+    (``common.tie_scoring``; sequence models only)."""
     model.eval()
+    histories = data.eval_cases("test")[0]
     gaps = None
     if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
         from common.models.context import history_gaps
 
-        gaps = history_gaps(data.eval_cases("test")[0], data.timestamps)
+        gaps = history_gaps(histories, data.timestamps)
+    runs = window_tie_runs(histories, data.timestamps, max_len) if tie_orders > 1 and user_factors is None else None
+    rng = np.random.default_rng(ORDER_SEED)
 
     def score_batch(start: int, stop: int, h: list[np.ndarray]) -> torch.Tensor:
         if user_factors is not None:
             return model.score_users(user_factors[start:stop].to(device))
-        if gaps is not None:
-            from common.models.context import model_inputs
 
-            return model.score(model_inputs(model, h, max_len, gaps[start:stop]).to(device))
-        return model.score(pad_left(h, max_len).to(device))
+        def score(rows: list[int], hs: list[np.ndarray]) -> torch.Tensor:
+            if gaps is not None:
+                from common.models.context import model_inputs
+
+                return model.score(model_inputs(model, hs, max_len, [gaps[start + r] for r in rows]).to(device)).cpu()
+            return model.score(pad_left(hs, max_len).to(device)).cpu()
+
+        if runs is None:
+            return score(list(range(len(h))), h)
+        return order_averaged_scores(score, h, runs[start:stop], orders=tie_orders, rng=rng)
 
     return recommendation_metrics(score_batch, data, top_k=top_k)
 

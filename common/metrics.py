@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common.data.sequences import SequenceData
+from common.tie_scoring import ORDER_SEED, order_averaged_scores, window_tie_runs
 
 
 def pad_left(histories: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
@@ -134,8 +135,13 @@ def split_scores(
     max_len: int = 50,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    tie_orders: int = 1,
 ) -> Iterator[tuple[torch.Tensor, list[np.ndarray], np.ndarray]]:
-    """(catalogue scores on CPU, histories, targets) of ``data``'s ``split``, ``batch_size`` users at a time."""
+    """(catalogue scores on CPU, histories, targets) of ``data``'s ``split``, ``batch_size`` users at a time.
+
+    ``tie_orders`` > 1: log-probabilities averaged over that many random orders of the tied items
+    in each history's window (``common.tie_scoring``); else the model's raw scores.
+    """
     was_training = getattr(model, "training", False)
     model.eval()
     histories, targets = data.eval_cases(split)
@@ -144,16 +150,23 @@ def split_scores(
         from common.models.context import history_gaps
 
         gaps = history_gaps(histories, data.timestamps)
+    runs = window_tie_runs(histories, data.timestamps, max_len) if tie_orders > 1 else None
+    rng = np.random.default_rng(ORDER_SEED)
     try:
         for start in range(0, len(targets), batch_size):
             h = histories[start:start + batch_size]
-            if gaps is None:
-                seq = pad_left(h, max_len).to(device)
-            else:
+
+            def score(rows: list[int], hs: list[np.ndarray], start: int = start) -> torch.Tensor:
+                if gaps is None:
+                    return model.score(pad_left(hs, max_len).to(device)).cpu()
                 from common.models.context import model_inputs
 
-                seq = model_inputs(model, h, max_len, gaps[start:start + batch_size]).to(device)
-            yield model.score(seq).cpu(), h, targets[start:start + batch_size]
+                return model.score(model_inputs(model, hs, max_len, [gaps[start + r] for r in rows]).to(device)).cpu()
+
+            rows = list(range(len(h)))
+            scores = score(rows, h) if runs is None else order_averaged_scores(
+                score, h, runs[start:start + batch_size], orders=tie_orders, rng=rng)
+            yield scores, h, targets[start:start + batch_size]
     finally:
         if was_training:
             model.train()
@@ -168,8 +181,10 @@ def evaluate_ranking(
     ks: Sequence[int] = (10,),
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    tie_orders: int = 1,
 ) -> dict[str, float]:
     """Ranking sums (see :func:`ranking_sums`) of ``model`` on ``data``'s ``split`` targets."""
     ranks = [target_ranks(scores, h, t) for scores, h, t in
-             split_scores(model, data, split=split, max_len=max_len, batch_size=batch_size, device=device)]
+             split_scores(model, data, split=split, max_len=max_len, batch_size=batch_size, device=device,
+                          tie_orders=tie_orders)]
     return ranking_sums(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), ks)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
+from common.cli_args import positive_int
 from common.errors import ConfigError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
@@ -122,6 +123,7 @@ def paired_ratio(model: np.ndarray, baseline: np.ndarray, *, resamples: int = 20
 
 
 def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, ...] = (10,),  # noqa: ANN001
+                     tie_orders: int = 1,
                      chains: Sequence[tuple[int, float]] = ((5, 0.5), (10, 0.7), (20, 0.8)),
                      weights: Sequence[float] = (0.0, 0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:
     """How far a trained model is from what it and the co-occurrence chain give together.
@@ -137,7 +139,7 @@ def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, 
     tie = 1e-6 * counts / max(counts.max(), 1.0)
 
     def parts(split: str):
-        batches = list(split_scores(model, data, split=split, max_len=max_len))
+        batches = list(split_scores(model, data, split=split, max_len=max_len, tie_orders=tie_orders))
         logits = torch.cat([b[0] for b in batches])
         histories = [h for b in batches for h in b[1]]
         targets = np.concatenate([b[2] for b in batches])
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markov-decay", type=float, default=0.7, help="weight ratio of each older item")
     parser.add_argument("--blend-model", default=None,
                         help="a run directory or model.pt: also report it blended with the co-occurrence chain")
+    parser.add_argument("--tie-orders", type=positive_int, default=None,
+                        help="with --blend-model: score tied history items as the mean over N random orders "
+                             "(default: the model's tie-orders)")
     args = parser.parse_args(argv)
     for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
         if not (value > 0 and math.isfinite(value)):
@@ -197,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--blend-model {trained.path}: a {trained.config.get('model')} model; "
                               "the blend scores histories, which needs a SASRec model file")
         data = build_sequences(load_interactions(args.dataset), trained.catalogue)
-        blend = blend_with_model(data, trained.model, max_len=int(trained.config["max-seq-len"]), ks=(5, 10, 20))
-        print(json.dumps({"model-file": str(trained.path), **blend}, indent=2))
+        orders = args.tie_orders or int(trained.config.get("tie-orders", 1))
+        blend = blend_with_model(data, trained.model, max_len=int(trained.config["max-seq-len"]), ks=(5, 10, 20),
+                                 tie_orders=orders)
+        print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))
         return 0
     data = build_sequences(load_interactions(args.dataset))
     out = reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,

@@ -77,7 +77,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
         train_s.append(time.perf_counter() - begin)
         begin = time.perf_counter()
         if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
-            sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]))
+            sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
+                                  tie_orders=int(cfg["tie-orders"]))
             metrics = means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
             # time to quality: cumulative training seconds at each evaluated round
             curve.append({"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
