@@ -55,6 +55,16 @@ def test_unknown_key_is_a_clear_error(tmp_path):
         sweep.load_sweep(write_config(tmp_path, TINY.replace("target-epsilon", "epsilon")))
 
 
+
+@pytest.mark.parametrize("seeds", ['["a", "b"]', "[]", "7", "[1.5]", "[true]"])
+def test_seeds_that_are_not_integers_are_a_clear_error(tmp_path, seeds):
+    from common.errors import ConfigError
+
+    text = TINY.replace("seeds = [1, 2]", f"seeds = {seeds}")
+    assert f"seeds = {seeds}" in text
+    with pytest.raises(ConfigError, match="seeds must be a non-empty list of integers"):
+        sweep.load_sweep(write_config(tmp_path, text))
+
 @pytest.mark.slow
 def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     config = write_config(tmp_path)
