@@ -93,6 +93,9 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
     try:
         p = resolve_catalogue_path(path)
     except DataError:
+        if Path(path).expanduser().is_dir():
+            raise DataError(f"item text features {path}: a directory; give the published .npz file itself "
+                            "(`fedrec-server item-text` writes it)") from None
         raise DataError(f"item text features {path}: no such file; copy the coordinator's published file "
                         "there or set item-text-features to where it is") from None
     try:

@@ -150,5 +150,8 @@ def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):
     dup.write_text("1\n2\n1\n")
     assert client_main(["data", "check", "--data-path", str(partner_log[0]), "--catalogue", str(tmp_path / "none.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert client_main(["data", "check", "--data-path", str(partner_log[0]), "--catalogue", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a directory; give the catalogue file itself" in err[0]
     with pytest.raises(DataError, match="more than once"):
         load_catalogue(dup)

@@ -72,6 +72,8 @@ def test_published_file_reorders_and_rejects_missing_items(tmp_path):
         load_features(tmp_path / "bad.npz", CATALOGUE)
     with pytest.raises(DataError, match="no such file"):
         load_features(tmp_path / "absent.npz", CATALOGUE)
+    with pytest.raises(DataError, match="a directory; give the published .npz file itself"):
+        load_features(tmp_path, CATALOGUE)
 
 
 def test_build_model_from_published_features_needs_no_encoder(tmp_path):

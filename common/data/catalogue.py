@@ -26,6 +26,9 @@ def resolve_catalogue_path(path: str | os.PathLike) -> Path:
         return p
     if not p.is_absolute() and (PROJECT_ROOT / p).is_file():
         return PROJECT_ROOT / p
+    if p.is_dir():
+        raise DataError(f"catalogue {path}: a directory; give the catalogue file itself (one item id per line, "
+                        "`fedrec-server catalogue` writes it)")
     raise DataError(f"catalogue {path}: no such file; copy the coordinator's published catalogue there "
                     "or set the catalogue config key to where it is")
 
