@@ -18,6 +18,7 @@ from client.recommend import LogHistory, Recommender, find_model_file, load_glob
 from common.config import resolve_config
 from common.data import build_sequences, generate_synthetic
 from common.data.event_store import EventStore
+from common.errors import DataError
 from common.metrics import pad_left
 from common.task import new_model
 from common.training import train_local
@@ -176,6 +177,21 @@ def test_event_store_is_a_training_log_that_grows(tmp_path, log):
     assert after.fingerprint() == before.fingerprint()
 
 
+
+
+def test_event_store_refuses_another_applications_sqlite_file_and_leaves_it_alone(tmp_path):
+    import sqlite3
+
+    foreign = tmp_path / "crm.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    before = foreign.read_bytes()
+    for create in (False, True):
+        with pytest.raises(DataError, match="SQLite file of another application .*customers"):
+            EventStore(foreign, create=create)
+    assert foreign.read_bytes() == before  # no tables added
+    EventStore(tmp_path / "new.sqlite", create=True).close()  # a new file and ...
+    EventStore(tmp_path / "new.sqlite").close()  # ... an existing event store still open
 
 def test_event_store_history_cache_sees_every_write(tmp_path):
     # Prepare: a serving store that has read two users' histories (now cached), and a second connection

@@ -76,6 +76,11 @@ class EventStore:
         try:
             # NOTE: one connection shared by the API's worker threads, serialised by the lock.
             self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not {"meta", "events"} <= tables:  # another application's database: add nothing to it
+                self._conn.close()
+                raise DataError(f"event store {self.path}: an SQLite file of another application (tables: "
+                                f"{', '.join(sorted(tables)[:5])}); give a new file name or an existing event store")
             with self._conn:
                 self._conn.executescript(_SCHEMA)
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (SCHEMA_VERSION,))
