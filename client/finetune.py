@@ -68,9 +68,10 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         raise PrivacyError(f"{data_path}: no user has events at or after {since} (unix seconds); nothing to fine-tune")
     recent = data.subset(rows, name=f"{data.name} (events since {since})")
     max_len = gm.max_len
+    orders = int(gm.config.get("tie-orders", DEFAULTS["tie-orders"]))  # scored as federated evaluation scores
 
     # The global model's quality on these users, for the separate report
-    before = means_from_sums(evaluate_ranking(gm.model, recent, split="test", max_len=max_len))
+    before = means_from_sums(evaluate_ranking(gm.model, recent, split="test", max_len=max_len, tie_orders=orders))
     tuned = copy.deepcopy(gm.model)
 
     ledger = None
@@ -104,7 +105,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         if ledger is not None:
             ledger.close()
 
-    after_metrics = means_from_sums(evaluate_ranking(tuned, recent, split="test", max_len=max_len))
+    after_metrics = means_from_sums(evaluate_ranking(tuned, recent, split="test", max_len=max_len, tie_orders=orders))
     out_path = Path(out) if out else Path(ledger_path).with_name("partner-finetuned.pt")
     report = {
         "global-model": str(gm.path),

@@ -24,6 +24,7 @@ import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
 from common.cli_args import positive_int
+from common.config import DEFAULTS
 from common.errors import ConfigError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--blend-model {trained.path}: a {trained.config.get('model')} model; "
                               "the blend scores histories, which needs a SASRec model file")
         data = build_sequences(load_interactions(args.dataset), trained.catalogue)
-        orders = args.tie_orders or int(trained.config.get("tie-orders", 1))
+        orders = args.tie_orders or int(trained.config.get("tie-orders", DEFAULTS["tie-orders"]))
         blend = blend_with_model(data, trained.model, max_len=int(trained.config["max-seq-len"]), ks=(5, 10, 20),
                                  tie_orders=orders)
         print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))

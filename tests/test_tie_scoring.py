@@ -82,3 +82,20 @@ def test_tie_orders_must_be_a_positive_integer():
     with pytest.raises(ConfigError, match="tie-orders"):
         resolve_config({"tie-orders": 0})
     assert resolve_config({"tie-orders": 16})["tie-orders"] == 16
+
+
+def test_partner_evaluation_follows_the_tie_orders_knob(small_data):  # noqa: ANN001
+    from flwr.app import Context, RecordDict
+
+    from client.private_factors import evaluate_partner
+
+    torch.manual_seed(0)
+    model = SASRec(small_data.num_items, max_len=10, dim=16, num_blocks=1, num_heads=1, dropout=0.0)
+    tied = _tied(small_data, 4)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    cfg = resolve_config({"max-seq-len": 10})
+    assert cfg["tie-orders"] == 16  # the default
+    by_default = evaluate_partner(model, tied, context, cfg)
+    assert by_default == evaluate_model(model, tied, max_len=10, tie_orders=16)
+    assert evaluate_partner(model, tied, context, {**cfg, "tie-orders": 1}) == evaluate_model(model, tied, max_len=10)
+    assert by_default != evaluate_model(model, tied, max_len=10)
