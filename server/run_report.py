@@ -41,6 +41,16 @@ def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
     return path
 
 
+
+def run_dirs_named(base: str | os.PathLike, name: str) -> set[Path]:
+    """The directories :func:`new_run_dir` has made under ``base`` for ``name`` (name, name-2, ...):
+    compare before and after a run to find the one it created."""
+    root = Path(base)
+    if not root.is_dir():
+        return set()
+    return {p for p in root.iterdir() if p.is_dir() and (p.name == name or (
+        p.name.startswith(f"{name}-") and p.name[len(name) + 1:].isdigit()))}
+
 class RunRecorder:
     """Collects each round's aggregated train and evaluation metrics and writes the run directory.
 

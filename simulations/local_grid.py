@@ -94,15 +94,20 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
     """Run the ServerApp on a :class:`LocalGrid` of ``num_partners`` ClientApps; returns the run directory."""
     from client.app import make_client_app
     from server.app import make_server_app
+    from server.run_report import run_dirs_named
 
     cfg = resolve_config(None, overrides)
     cfg["run-name"] = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S-local")
     overrides = {**overrides, "run-name": cfg["run-name"]}
     apps = client_apps or [make_client_app(overrides)] * num_partners
     grid = LocalGrid(apps)
+    base = Path(cfg["run-dir"])
+    before = run_dirs_named(base, cfg["run-name"])
     (server_app or make_server_app(overrides))(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                             run_config={}))
-    return Path(cfg["run-dir"]) / cfg["run-name"]
+    created = sorted(run_dirs_named(base, cfg["run-name"]) - before, key=lambda p: p.stat().st_mtime)
+    # A taken run-name gets a suffix (server/run_report.py: new_run_dir); a resumed run keeps its own
+    return created[-1] if created and not cfg["resume"] else base / cfg["run-name"]
 
 
 @user_errors_exit

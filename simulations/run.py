@@ -45,13 +45,14 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     from client.app import make_client_app
     from server.app import make_server_app
+    from server.run_report import run_dirs_named
     from simulations.population import describe_partners, write_population
     from simulations.resources import backend_config
 
     cfg["run-name"] = cfg["run-name"] or _auto_name(cfg, num_partners)
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])
-    before = set(base.glob(f"{cfg['run-name']}*")) if base.exists() else set()
+    before = run_dirs_named(base, cfg["run-name"])
     backend = backend_config(cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)  # simulations/resources.py
     print(describe_partners(cfg, num_partners), flush=True)
     run_simulation(
@@ -62,7 +63,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     )
     if cfg["resume"]:  # a resumed run continues in its own directory (server/resume.py)
         return base / cfg["run-name"]
-    created = sorted(set(base.glob(f"{cfg['run-name']}*")) - before, key=lambda p: p.stat().st_mtime)
+    created = sorted(run_dirs_named(base, cfg["run-name"]) - before, key=lambda p: p.stat().st_mtime)
     if not created:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
     write_population(created[-1], cfg, num_partners)  # holdout.json (audit non-members), partitions.json

@@ -38,3 +38,28 @@ def test_summary_without_evaluation_claims_no_interval(tmp_path):
     recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # no partner evaluated this round
     summary = recorder.write_summary().read_text()
     assert "test users)" in summary and "CI" not in summary
+
+
+def test_run_dirs_named_finds_suffixed_copies_only(tmp_path):
+    from server.run_report import new_run_dir, run_dirs_named
+
+    first, second = new_run_dir(tmp_path, "exp"), new_run_dir(tmp_path, "exp")
+    (tmp_path / "exp-long").mkdir()
+    (tmp_path / "experiment").mkdir()
+    assert second.name == "exp-2"
+    assert run_dirs_named(tmp_path, "exp") == {first, second}
+    assert run_dirs_named(tmp_path / "absent", "exp") == set()
+
+
+def test_local_grid_returns_the_directory_it_created_when_the_name_is_taken(tmp_path):
+    import json
+
+    from simulations.local_grid import run_local
+
+    tiny = {"num-server-rounds": 1, "synthetic-users": 40, "synthetic-items": 20, "max-seq-len": 8, "dp": False,
+            "embedding-dim": 8, "num-blocks": 1, "batch-size": 8, "local-epochs": 1, "run-dir": str(tmp_path),
+            "run-name": "same", "min-nodes": 2}
+    first = run_local(tiny, 2)
+    second = run_local(tiny, 2)
+    assert (first.name, second.name) == ("same", "same-2")
+    assert json.loads((second / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 1
