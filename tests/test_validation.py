@@ -253,3 +253,27 @@ def test_updates_that_are_not_aggregated_still_count_in_the_privacy_report(tmp_p
     list(strategy.configure_train(2, global_record(), ConfigRecord(), NodesOnly(3)))
     strategy.aggregate_train(2, [reply(101, content(big, 10, epsilon=1.0, delta=1e-5))])
     assert entries[101]["epsilon"] == 7.5 and len(entries[101]["not-aggregated"]) == 2
+
+
+def test_updates_a_robust_aggregator_leaves_out_still_count_in_the_privacy_report(tmp_path):
+    # Prepare: Krum (keeps one update) behind the privacy report, wired as server/app.py does
+    from server.central_dp import with_privacy
+    from server.privacy_report import PrivacyReport
+
+    cfg = resolve_config(None, {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 4})
+    report = PrivacyReport(tmp_path, cfg)
+    strategy = build_strategy(cfg, wrap_aggregation=lambda inner: with_privacy(inner, cfg, report),
+                              on_unaggregated=report.note_unaggregated)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(4)))
+    updates = [(a, n) for a, n in HONEST] + [({"w": GLOBAL["w"] + 0.3, "b": GLOBAL["b"]}, 10)]
+    replies = [reply(101 + i, content(a, n, epsilon=1.0 + i, delta=1e-5)) for i, (a, n) in enumerate(updates)]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: one partner's update was kept unchanged, yet all four releases are in the report
+    got = as_numpy(arrays)
+    assert sum(np.array_equal(a["w"], got["w"]) for a, _ in updates) == 1
+    entries = {p["node-id"]: p for p in report.partners.values()}
+    assert sorted(entries) == [101, 102, 103, 104]
+    assert [entries[n]["epsilon"] for n in sorted(entries)] == [1.0, 2.0, 3.0, 4.0]
+    assert all(e["rounds-trained"] == [1] for e in entries.values())
+    assert "(4.000," in report.guarantee()
