@@ -65,6 +65,21 @@ def retie(arrays: ArrayRecord, groups: Sequence[Sequence[str]]) -> ArrayRecord:
     return out
 
 
+
+def keep_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+    """``arrays`` with each array cast back to the dtype the global model had when it was sent.
+
+    Why: Flower's FedAdam computes in float64 (NumPy 2 keeps a float64 scalar's precision), so its
+    new global model came back float64; partners train and reply in float32, and update
+    validation then refused every reply of round 2 onwards (dtype mismatch)."""
+    if not any(key in dtypes and arrays[key].numpy().dtype != dtypes[key] for key in arrays.keys()):
+        return arrays
+    out = ArrayRecord()
+    for key in arrays.keys():
+        a = arrays[key]
+        out[key] = Array(a.numpy().astype(dtypes[key])) if key in dtypes and a.numpy().dtype != dtypes[key] else a
+    return out
+
 class RoundControl(Strategy):
     """Offset round numbers and bound the wait for partners; everything else is delegated.
 
@@ -102,6 +117,7 @@ class RoundControl(Strategy):
         self.evaluate_every = evaluate_every
         self.last_round = last_round
         self.tied = [tuple(g) for g in tied]
+        self.sent_dtypes: dict[str, np.dtype] = {}  # the global model's dtypes as last sent (keep_dtypes)
 
     def federation_round(self, local_round: int) -> int:
         """The federation's round number of this process' round ``local_round``."""
@@ -117,13 +133,16 @@ class RoundControl(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
+        self.sent_dtypes = {key: arrays[key].numpy().dtype for key in arrays.keys()}
         return self.inner.configure_train(self.federation_round(server_round), arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.inner.aggregate_train(self.federation_round(server_round), replies)
-        return (retie(arrays, self.tied) if arrays is not None else None), metrics
+        if arrays is None:
+            return None, metrics
+        return retie(keep_dtypes(arrays, self.sent_dtypes), self.tied), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

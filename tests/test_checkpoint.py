@@ -201,3 +201,26 @@ def test_more_rounds_on_resume_are_refused_when_they_would_bend_a_schedule(tmp_p
     longer = resolve_config(None, {**TINY, "lr-schedule": "cosine", "num-server-rounds": 5})
     with pytest.raises(CheckpointError, match="lr-schedule-epochs"):
         check_compatible(saved, fingerprint(longer, CATALOGUE, model.state_dict()), tmp_path)
+
+
+def test_fedadam_global_model_keeps_float32_so_partners_float32_replies_pass_every_round():
+    # Partners train and reply in float32 whatever they receive, as the ClientApp does
+    cfg = resolve_config(None, {"aggregation": "fedadam", "server-learning-rate": 0.05})
+    strategy = build_strategy(cfg)
+    arrays = ArrayRecord({"w": Array(np.linspace(-1, 1, 6, dtype=np.float32))})
+    for r in range(1, 4):
+        messages = list(strategy.configure_train(r, arrays, ConfigRecord(), TwoNodes()))
+        replies = []
+        for msg in messages:
+            i = msg.metadata.dst_node_id - 11
+            new = (arrays["w"].numpy() + 0.01 * (i + 1)).astype(np.float32)
+            body = RecordDict({"arrays": ArrayRecord({"w": Array(new)}),
+                               "metrics": MetricRecord({"num-examples": 5 + i, "train-loss": 1.0})})
+            replies.append(Message(body, reply_to=Message(RecordDict(), dst_node_id=msg.metadata.dst_node_id,
+                                                          message_type=MessageType.TRAIN)))
+        out, _ = strategy.aggregate_train(r, replies)
+        # Before: round 1 returned float64 (FedAdam's arithmetic), and round 2 rejected both replies
+        assert out is not None, f"round {r} aggregated nothing"
+        assert out["w"].numpy().dtype == np.float32
+        assert not np.array_equal(out["w"].numpy(), arrays["w"].numpy())
+        arrays = out
