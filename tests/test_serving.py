@@ -179,6 +179,25 @@ def test_event_store_is_a_training_log_that_grows(tmp_path, log):
 
 
 
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_an_mf_model_recommends_with_and_without_explanations(tmp_path, log, explain):
+    # Prepare: an MF model file (its fold-in of a user needs autograd; serving scores in inference mode)
+    data = build_sequences(log)
+    cfg = resolve_config(None, {**CFG, "model": "mf", "mf-fold-in-steps": 5})
+    model = new_model(cfg, data.num_items)
+    gm = load_global_model(save_model(tmp_path / "mf", model, data.catalogue, cfg))
+    source = LogHistory(log)
+    user = str(data.user_ids[3])
+    # Execute
+    result = Recommender(gm).recommend(user, source, 5, explain=explain)
+    # Assert: five unseen items ranked by the MF scores of the user's folded-in factors
+    seen = [gm.index[i] for i in source.history(user)[0]]
+    scores = gm.model.score(pad_left([np.array(seen)], 20))[0]
+    scores[[0, *seen]] = float("-inf")
+    assert [r.item_id for r in result.items] == [str(data.catalogue[i - 1]) for i in torch.topk(scores, 5).indices.tolist()]
+    assert all((r.explanation is not None) == explain for r in result.items)
+
 def test_event_store_refuses_another_applications_sqlite_file_and_leaves_it_alone(tmp_path):
     import sqlite3
 

@@ -68,12 +68,17 @@ class MatrixFactorization(nn.Module):
         """User factors (n, dim) maximising the likelihood of ``histories`` (left-padded item
         indices, 0 = padding) with item factors fixed; ``l2`` keeps them small."""
         steps = self.fold_in_steps if steps is None else steps
-        weight, bias = self.items.weight.detach(), self.items.bias.detach()
-        factors = (init.detach().clone() if init is not None else torch.zeros(len(histories), self.dim, device=weight.device))
-        factors.requires_grad_(True)
-        optimiser = torch.optim.Adam([factors], lr=lr)
-        loss_fn = MultinomialLoss("sum")
-        with torch.enable_grad():
+        # The fold-in is an optimisation: it needs autograd even when the caller scores under
+        # torch.inference_mode() (serving does), and inference-mode tensors cannot be saved for
+        # backward, so inputs are cloned outside it.
+        with torch.inference_mode(False), torch.enable_grad():
+            weight, bias = self.items.weight.detach().clone(), self.items.bias.detach().clone()
+            histories = histories.clone()
+            factors = (init.detach().clone() if init is not None
+                       else torch.zeros(len(histories), self.dim, device=weight.device))
+            factors.requires_grad_(True)
+            optimiser = torch.optim.Adam([factors], lr=lr)
+            loss_fn = MultinomialLoss("sum")
             for _ in range(steps):
                 optimiser.zero_grad()
                 loss = loss_fn(factors @ weight.T + bias, histories) + self.l2 * (factors**2).sum()
