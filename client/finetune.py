@@ -32,7 +32,8 @@ from common.errors import PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, steps_per_epoch
 from common.files import PRIVATE_MODE, write_file
-from common.training import DPSettings, objective_options, train_local, user_count_for_training
+from common.training import (DPSettings, objective_options, refuse_non_sequence_model, train_local,
+                             user_count_for_training)
 
 ACCOUNTANT = "rdp"
 
@@ -54,6 +55,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     for ``batch_size``), :class:`DataError` for a bad model or log.
     """
     gm = load_global_model(model)
+    refuse_non_sequence_model(gm.model, f"finetune {gm.path}")  # before the ledger is touched
     objective = objective_options({**DEFAULTS, **gm.config})  # files older than a knob: its default
     objective.update({k: v for k, v in (("exclude_seen", exclude_seen), ("shuffle_ties", shuffle_ties)) if v is not None})
     since = int(gm.version) if since is None else int(since)

@@ -336,6 +336,14 @@ def spent_mechanisms(engine) -> list[Mechanism]:  # noqa: ANN001 -- an Opacus Pr
     return [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
 
 
+def refuse_non_sequence_model(model: nn.Module, what: str) -> None:
+    """One :class:`ConfigError` line where a tool trains with :func:`train_local`, which trains
+    sequence models (SASRec, text SASRec) only; MF trains with common/models/mf.py (federated runs)."""
+    if not hasattr(model, "hidden"):
+        raise ConfigError(f"{what}: model = \"mf\" is not supported here (it trains only in federated runs, "
+                          "common/models/mf.py); use model = \"sasrec\"")
+
+
 def train_local(
     model: nn.Module,
     data: SequenceData,
@@ -382,6 +390,7 @@ def train_local(
     (noise_multiplier, sample_rate, steps) for the privacy ledger.
     """
     start = time.perf_counter()
+    refuse_non_sequence_model(model, "training")
     torch.manual_seed(seed)
     if learning_rates is not None and len(learning_rates) != epochs:
         raise ValueError(f"learning_rates has {len(learning_rates)} entries for {epochs} epochs")

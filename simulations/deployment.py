@@ -28,6 +28,7 @@ import pandas as pd
 
 from common.privacy import REPRODUCIBLE_NOISE_ENV
 from simulations.flower_env import PROJECT_ROOT, set_flower_env
+from common.cli_errors import user_errors_exit
 
 BIN = Path(sys.executable).parent  # flower-superlink, flwr, ... of this environment
 CONNECTION = "fedrec-local"
@@ -267,6 +268,7 @@ def write_partner_logs(folder: Path, partners: int, *, users: int, items: int, s
     return paths
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     from flwr.common.config import parse_config_args
 

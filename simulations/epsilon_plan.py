@@ -25,6 +25,7 @@ from common.errors import FedRecError  # noqa: E402
 from common.privacy import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
 from common.task import partner_data  # noqa: E402
 from common.training import user_count_for_training  # noqa: E402
+from common.cli_errors import user_errors_exit  # noqa: E402
 
 
 def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
@@ -48,6 +49,7 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
     return rows
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=positive_int, default=5)

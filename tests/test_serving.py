@@ -553,3 +553,24 @@ def test_finetune_trains_with_the_objective_the_model_was_trained_with(trained, 
     finetune.finetune_partner(model=other, data_path=csv, ledger_path=tmp_path / "l.sqlite", since=0, epochs=1,
                               batch_size=8, dp=False, exclude_seen=True, shuffle_ties=False)
     assert seen[-1] == (True, False)  # an explicit choice wins
+
+
+def test_tools_that_train_sequence_models_refuse_mf_in_one_line_before_writing(tmp_path, log):
+    from client import finetune
+    from common.errors import ConfigError
+    from simulations.cold_start import main as cold_start_main
+
+    data = build_sequences(log)
+    cfg = resolve_config(None, {**CFG, "model": "mf"})
+    run = save_model(tmp_path / "mf", new_model(cfg, data.num_items), data.catalogue, cfg).parent
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
+    ledger = tmp_path / "ledger.sqlite"
+    with pytest.raises(ConfigError, match='finetune .*model = "mf" is not supported here'):
+        finetune.finetune_partner(model=run, data_path=csv, ledger_path=ledger, since=0, epochs=1, batch_size=8)
+    assert not ledger.exists()  # refused before the ledger was created
+    with pytest.raises(ConfigError, match='training: model = "mf" is not supported here'):
+        train_local(new_model(cfg, data.num_items), data, epochs=1, batch_size=8, learning_rate=0.01, max_len=20)
+    assert cold_start_main(["--dataset", "synthetic", "--epochs", "1", "--run-config",
+                            'synthetic-users=60 synthetic-items=20 batch-size=8 model="mf"']) == 2

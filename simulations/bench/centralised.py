@@ -26,6 +26,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from common.cli_errors import user_errors_exit  # noqa: E402
 
 
 def run(overrides: dict, *, threads: int = 0) -> dict:
@@ -39,7 +40,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     from common.privacy import (calibrate_noise, default_delta, dp_mode, refuse_many_examples_per_user,
                                 steps_per_epoch, uses_local_dp)
     from common.task import new_model
-    from common.training import DPSettings, epoch_learning_rates, objective_options, train_local, user_count_for_training
+    from common.training import (DPSettings, epoch_learning_rates, objective_options, refuse_non_sequence_model,
+                                 train_local, user_count_for_training)
 
     if threads:
         torch.set_num_threads(threads)
@@ -49,6 +51,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     begin = time.perf_counter()
     data, _ = split_population(cfg)
     model = new_model(cfg, data.num_items)
+    refuse_non_sequence_model(model, "the centralised benchmark")
     out["data_s"] = time.perf_counter() - begin
     rounds, epochs, batch = int(cfg["num-server-rounds"]), int(cfg["local-epochs"]), int(cfg["batch-size"])
     dp = None
@@ -89,19 +92,22 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     return out
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overrides", default="{}", help='run config overrides as JSON, e.g. {"local-epochs": 1}')
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
     parser.add_argument("--out", required=True, help="JSON file for the phase times")
     args = parser.parse_args(argv)
-    from common.errors import FedRecError
+    from common.errors import ConfigError
 
-    try:  # NOTE: no Flower import here: the centralised run should not pay for it
-        result = run(json.loads(args.overrides), threads=args.threads)
-    except FedRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--overrides is not JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError('--overrides must be a JSON object, e.g. {"local-epochs": 1}')
+    result = run(overrides, threads=args.threads)  # NOTE: no Flower import here: the centralised run should not pay for it
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

@@ -26,6 +26,8 @@ from common.metrics import evaluate_ranking, means_from_sums
 from common.models import build_model
 from common.models.context import item_genre_matrix
 from common.training import objective_options, train_local
+from common.cli_args import positive_int
+from common.cli_errors import user_errors_exit
 
 VARIANTS = {
     "base": {},
@@ -55,21 +57,23 @@ def run_variant(data, genres: torch.Tensor, overrides: dict, *, seed: int, epoch
     return {**best, "seconds": round(time.perf_counter() - start, 1)}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an ML-100K folder (u.data + u.item)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--epochs", type=positive_int, default=30)
+    parser.add_argument("--eval-every", type=positive_int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=64 dropout=0.2"')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = {"dropout": 0.2, "learning-rate": 0.002, "batch-size": 128}
-    for pair in args.run_config.split():
-        key, value = pair.split("=", 1)
-        base[key] = value
+    if args.run_config:  # Flower's parser, as every other command reads --run-config
+        from flwr.common.config import parse_config_args
+
+        base.update(parse_config_args([args.run_config]))
     data = build_sequences(load_interactions(args.data))
     genres = item_genre_matrix(data.catalogue, metadata_path(args.data))
     rows = []

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common.cli_errors import user_errors_exit
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {"full": {"batch": 256, "length": 200, "items": [3706, 37060]},
@@ -188,6 +189,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from simulations.bench import RESULTS, write_results
+from common.cli_errors import user_errors_exit
 
 
 def swap_dropout(model: nn.Module, make: type[nn.Module]) -> None:
@@ -41,6 +42,7 @@ def _median_seconds(fn, repeats: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="../shared/data/ml-100k")

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from simulations.flower_env import set_flower_env
+from common.cli_errors import user_errors_exit
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +179,7 @@ def compare(central: dict, fed: dict, mode: str, partners: int, engine: str = "r
             "run_dir": fed["run_dir"], "load_average": os.getloadavg()}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="../shared/data/ml-100k", help="data set of both sides")

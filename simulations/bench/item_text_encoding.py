@@ -32,6 +32,7 @@ from common.item_text import item_texts
 from common.text_encoder import available_cores, encode_with, load_encoder, quantize_encoder, token_lengths
 
 from simulations.bench import RESULTS, write_results
+from common.cli_errors import user_errors_exit
 
 
 def token_stats(encoder, texts: list[str], batch_size: int) -> dict:  # noqa: ANN001
@@ -68,6 +69,7 @@ def agreement(ref: np.ndarray, got: np.ndarray, block: int = 1024) -> dict:
             "nearest_in_float_top5": round(in_top5 / n, 4), "top10_overlap": round(overlap / n, 4)}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/ml-1m/movies.dat", help="catalogue metadata (movies.dat, u.item, movies.csv)")

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from simulations.flower_env import set_flower_env
+from common.cli_errors import user_errors_exit
 
 set_flower_env()
 
@@ -94,6 +95,7 @@ def measure(partners: int, rounds: int, extra: dict) -> tuple[dict[str, list[flo
     return out, dict(totals)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     from flwr.common.config import parse_config_args
 

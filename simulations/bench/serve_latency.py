@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 from simulations.bench import write_results
+from common.cli_errors import user_errors_exit
 
 
 def _free_port() -> int:
@@ -151,6 +152,7 @@ def _event_loop() -> dict[str, str]:
             "http": "httptools" if importlib.util.find_spec("httptools") else "h11"}
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="ML-100K folder (default: synthetic log of the same size)")
