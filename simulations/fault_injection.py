@@ -97,15 +97,18 @@ def make_faulty_client_app(overrides: dict | None, plan: Plan, *, sleep_seconds:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records.get("config")
+        if config is None:  # a SecAgg+ protocol stage (key set-up, unmasking): no round, no fault
+            return honest(msg, context)
         pid = int(context.node_config.get("partition-id", -1))
-        kind = plan.get(pid, {}).get(int(msg.content["config"].get("server-round", 0)))
+        kind = plan.get(pid, {}).get(int(config.get("server-round", 0)))
         if kind == "crash":  # the real ClientApp fails on a value that looks like a user's data
             return honest(_crashing(msg), context)
         if kind == "sleep":
             time.sleep(sleep_seconds)
         reply = honest(msg, context)
-        if kind in (None, "sleep") or reply.has_error():
-            return reply
+        if kind in (None, "sleep") or reply.has_error() or "arrays" not in msg.content.array_records:
+            return reply  # (under SecAgg+ a reply is a masked vector: nothing to corrupt in plain weights)
         return Message(corrupt(reply.content, msg.content["arrays"], kind), reply_to=msg)
 
     @app.evaluate()

@@ -93,3 +93,13 @@ def test_too_few_partners_fail_the_run_with_one_line_instead_of_waiting_forever(
                                               r"node-wait-timeout = 0.5 s"):
         run_local(overrides, 2)
     assert not (tmp_path / "lonely" / "checkpoint.pt").exists()  # nothing was trained, nothing to resume
+
+
+def test_a_partner_crashing_under_secure_aggregation_is_a_dropout(tmp_path):
+    # SecAgg+'s set-up messages carry no round config: the fault plan must pass them through
+    overrides = {**TINY, "secure-aggregation": True, "num-server-rounds": 2, "synthetic-users": 120,
+                 "run-dir": str(tmp_path), "run-name": "secagg-crash"}
+    app = make_faulty_client_app(overrides, parse_faults("2:crash@1"))
+    run_dir = run_local(overrides, 4, client_apps=[app] * 4)
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["num-partners"]) for r in rounds] == [(1, 3), (2, 4)]
