@@ -207,9 +207,18 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
     frame = frame[frame["status"] == "ok"]
     if frame.empty:
         return "(no finished run)"
+    if "target-epsilon" not in frame.columns:  # a sweep that does not vary or fix epsilon: one column
+        frame = frame.assign(**{"target-epsilon": "(not set)"})
     skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", *METRICS}
     rows = [c for c in frame.columns if c not in skip and frame[c].nunique(dropna=False) > 1]
-    eps = sorted(frame["target-epsilon"].unique(), key=lambda e: math.inf if str(e).lower() == "inf" else float(e))
+
+    def order(e: object) -> float:
+        try:
+            return float(e)  # "inf" too
+        except (TypeError, ValueError):
+            return math.inf
+
+    eps = sorted(frame["target-epsilon"].unique(), key=order)
     lines = [f"| {' / '.join(rows) or 'config'} | " + " | ".join(f"eps={e}" for e in eps) + " |",
              "|---" * (len(eps) + 1) + "|"]
     for key, g in (frame.groupby(rows) if rows else [("all", frame)]):

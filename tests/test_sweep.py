@@ -117,3 +117,11 @@ def test_results_table_averages_seeds_per_epsilon(tmp_path):
     assert table[0] == "| model | eps=1 | eps=8 | eps=inf |"
     assert table[2] == "| mf | - | 0.2000 ± 0.1000 (n=2) | 0.5000 ± 0.0000 (n=1) |"
     assert table[3].startswith("| sasrec | 0.2000 ± 0.0000 (n=1) | - |")
+
+
+def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,model,seed,ndcg@10\na,ok,mf,1,0.1\nb,ok,mf,2,0.3\nc,ok,sasrec,1,0.5\n")
+    table = sweep.results_table(path).splitlines()
+    assert table[0] == "| model | eps=(not set) |"
+    assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
