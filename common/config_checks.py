@@ -65,3 +65,5 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise bad("target-epsilon", "must be a positive number (the privacy budget)")
     if not 0 <= cfg["target-delta"] < 1:
         raise bad("target-delta", "must be in [0, 1) (0 = min(1e-5, 0.1 / users))")
+    if cfg["resume"] and not cfg["run-name"]:  # else an automatic name would be "no such run to resume"
+        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")

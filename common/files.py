@@ -82,16 +82,21 @@ PRIVATE_MODE = PRIVATE_FILE_MODE  # private keys, same as ledgers
 PUBLIC_MODE = 0o644  # certificates and public keys
 
 
-def refuse_existing(paths: list[Path], *, force: bool) -> None:
-    """One clear line when any of ``paths`` exists and ``force`` is not set (checked before writing any)."""
+CREDENTIALS_HINT = "the old credentials stop working"
+
+
+def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:
+    """One clear line when any of ``paths`` exists and ``force`` is not set (checked before writing
+    any); ``hint`` says what overwriting would break."""
     for p in paths:
         if p.exists() and not force:
-            raise ConfigError(f"{p} already exists; pass --force to overwrite it (the old credentials stop working)")
+            raise ConfigError(f"{p} already exists; pass --force to overwrite it" + (f" ({hint})" if hint else ""))
 
 
-def write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Create ``path`` with permissions ``mode``; refuse to overwrite unless ``force``."""
-    refuse_existing([path], force=force)
+def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "") -> None:
+    """Create ``path`` with permissions ``mode``; refuse to overwrite unless ``force`` (``hint``:
+    see :func:`refuse_existing`)."""
+    refuse_existing([path], force=force, hint=hint)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)

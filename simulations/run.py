@@ -20,7 +20,7 @@ from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
 from common.cli_args import positive_int  # noqa: E402
-from common.errors import ConfigError, FedRecError  # noqa: E402
+from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
 
@@ -32,8 +32,6 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
     refuse_many_examples_per_user(cfg)
-    if cfg["resume"] and not cfg["run-name"]:  # else the automatic name below would be "not found"
-        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
     from common.task import federation_data
 
     federation_data(cfg)

@@ -94,7 +94,8 @@ def test_mismatched_model_catalogue_or_config_is_refused_with_what_differs(tmp_p
         check_compatible(older, fingerprint(resolve_config(None, {**TINY, "top-k": 20}), CATALOGUE, model.state_dict()),
                          tmp_path)
     # How the run is operated may change: timeouts, more rounds, the resume flag itself
-    ops = resolve_config(None, {**TINY, "round-timeout": 5.0, "num-server-rounds": 9, "resume": True})
+    ops = resolve_config(None, {**TINY, "round-timeout": 5.0, "num-server-rounds": 9, "resume": True,
+                                     "run-name": "run"})
     check_compatible(saved, fingerprint(ops, CATALOGUE, model.state_dict()), tmp_path)
 
 
@@ -112,8 +113,11 @@ def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
 
 
 def test_start_run_refuses_to_resume_nothing(tmp_path):
-    cfg, model = tiny(**{"run-dir": str(tmp_path), "resume": True})
-    with pytest.raises(ConfigError, match="resume = true needs run-name"):
+    with pytest.raises(ConfigError, match="resume = true needs run-name"):  # refused when the config is read
+        tiny(**{"run-dir": str(tmp_path), "resume": True})
+    cfg, model = tiny(**{"run-dir": str(tmp_path)})
+    cfg = {**cfg, "resume": True}
+    with pytest.raises(ConfigError, match="resume = true needs run-name"):  # and by the server itself
         start_run(cfg, CATALOGUE, model)
     with pytest.raises(CheckpointError, match="no such run directory"):
         start_run({**cfg, "run-name": "ghost"}, CATALOGUE, model)

@@ -75,7 +75,7 @@ def test_certs_refuse_to_overwrite_unless_forced(tmp_path, capsys):
     before = (tmp_path / "certs" / "ca.key").read_bytes()
     assert server_main(["certs", "--out", out, "--host", "localhost"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0]
+    assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0] and "old credentials" in err[0]
     assert (tmp_path / "certs" / "ca.key").read_bytes() == before
     assert server_main(["certs", "--out", out, "--host", "localhost", "--force"]) == 0
     assert (tmp_path / "certs" / "ca.key").read_bytes() != before
@@ -127,6 +127,11 @@ def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys):
     assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 0
     items = load_catalogue(cat)
     assert sorted(items.tolist(), key=int) == sorted(set(frame["item_id"].astype(str)), key=int)
+    capsys.readouterr()
+    assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists; pass --force" in err and "catalogue the global model was built on" in err
+    assert "credentials" not in err
     # A catalogue missing a third of the items: their interactions are dropped and counted
     kept = items[: 2 * len(items) // 3]
     (tmp_path / "partial.txt").write_text("\n".join(kept) + "\n")
