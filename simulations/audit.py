@@ -33,6 +33,7 @@ from common.cli_args import positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
 from common.errors import DataError
+from common.privacy import dp_mode, uses_local_dp
 from common.metrics import pad_left
 from common.task import federation_data, new_model
 from simulations.cli import user_errors_exit
@@ -146,12 +147,21 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
 
 
 def _claimed_privacy(run_dir: Path, cfg: dict) -> dict:
+    """The run's own claim for one user: the partners' local (user-level) epsilon from
+    ``metrics.jsonl`` and, under central DP, the coordinator's epsilon from ``privacy.json`` (it
+    covers a partner's whole update, so also any one user in it); the smaller one when both hold."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
         if (run_dir / "metrics.jsonl").exists() else []
-    eps = float(lines[-1].get("epsilon") or 0.0) if lines else 0.0
-    private = bool(cfg.get("dp", True)) and str(cfg.get("dp-mode", "local")) != "off" and eps > 0
-    return {"epsilon": eps if private else float("inf"), "delta": float(lines[-1].get("delta") or 0.0) if lines else 0.0,
-            "ndcg@10": lines[-1].get("ndcg@10") if lines else None}
+    claims = []
+    mode = dp_mode(cfg)  # dp = false: off
+    if lines and uses_local_dp(mode) and float(lines[-1].get("epsilon") or 0) > 0:
+        claims.append((float(lines[-1]["epsilon"]), float(lines[-1].get("delta") or 0.0)))
+    if mode in ("central", "both") and (run_dir / "privacy.json").exists():
+        central = _read_json(run_dir / "privacy.json").get("central") or {}
+        if float(central.get("epsilon") or 0) > 0:
+            claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))
+    eps, delta = min(claims) if claims else (float("inf"), 0.0)
+    return {"epsilon": eps, "delta": delta, "ndcg@10": lines[-1].get("ndcg@10") if lines else None}
 
 
 def format_result(r: dict) -> str:

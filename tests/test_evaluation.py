@@ -92,3 +92,22 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_data():
         assert low <= value <= high
     assert large[2] - large[1] < small[2] - small[1]
     assert 0.55 < large[0] < 0.75  # Phi(0.5 / sqrt 2) = 0.638
+
+
+@pytest.mark.parametrize("mode,local_eps,expected", [
+    ("local", 7.5, 7.5),  # the partners' user-level epsilon
+    ("central", 0.0, 10.7),  # a partner's whole update is protected, so any one user in it
+    ("both", 7.5, 7.5),  # both hold: the smaller
+    ("both", 12.0, 10.7),
+])
+def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expected):
+    import json
+
+    from simulations.audit import _claimed_privacy
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "epsilon": local_eps, "delta": 1e-5,
+                                                        "ndcg@10": 0.1}) + "\n")
+    (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": 10.7, "delta": 1e-5}}))
+    claim = _claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
+    assert claim["epsilon"] == expected and claim["delta"] == 1e-5
+    assert _claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
