@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import contextlib
 import hashlib
 import itertools
 import json
@@ -34,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -167,6 +169,16 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)  # its own process group: a timeout stops Ray with it
+        timed_out = threading.Event()
+
+        def expire() -> None:  # a timer, not a check per output line: a silent hang is stopped too
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
+        timer = threading.Timer(spec["timeout"], expire)
+        timer.daemon = True
+        timer.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -176,14 +188,14 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     run_dir = Path(line.split(": ", 1)[1].strip())
                 if line.startswith("error:") or "ERROR" in line:
                     last_error = line.strip()[-300:]
-                if time.perf_counter() - start > spec["timeout"]:
-                    raise TimeoutError
             proc.wait()
-        except (TimeoutError, KeyboardInterrupt) as exc:
+        except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+            raise
+        finally:
+            timer.cancel()
+        if timed_out.is_set():
             last_error = f"timed out after {spec['timeout']:.0f} s"
     row: dict[str, Any] = {**run, "run-id": rid, "seconds": round(time.perf_counter() - start, 1)}
     if run_dir is None or proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():

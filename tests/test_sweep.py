@@ -125,3 +125,21 @@ def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     table = sweep.results_table(path).splitlines()
     assert table[0] == "| model | eps=(not set) |"
     assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
+
+
+def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypatch):
+    import sys
+    import time
+
+    # A "python" that prints nothing and never ends: the old per-line check never fired
+    fake = tmp_path / "silent-python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    spec = sweep.load_sweep(write_config(tmp_path))
+    spec["timeout"] = 1.0
+    run = next(iter(sweep.expand(spec)))
+    start = time.perf_counter()
+    row = sweep.execute(run, spec, sweep.run_id(run))
+    assert time.perf_counter() - start < 15
+    assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
