@@ -18,6 +18,7 @@ from simulations.bench import centralised, context_features
     (run.main, ["--run-config", "no-such-knob=1"]),
     (fault_injection.main, ["--local", "--faults", "0:melt@1"]),
     (deployment.main, ["--run-config", "foo=1"]),
+    (deployment.main, ["--run-config", "dataset='/some/real/data'"]),
     (local_grid.main, ["--run-config", "resume=true"]),
     (context_features.main, ["--data", "/no/such/data"]),
     (centralised.main, ["--overrides", '{"dataset": "/no/such/data"}', "--out", "/tmp/unused.json"]),
