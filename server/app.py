@@ -16,7 +16,7 @@ from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
 from server.run_report import RunRecorder
 from server.secure_aggregation import with_secure_aggregation
-from server.strategy_factory import build_strategy
+from server.strategy_factory import build_strategy, check_strategy_config
 
 
 def make_server_app(overrides: dict | None = None) -> ServerApp:
@@ -30,6 +30,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # Build the initial global model over the agreed catalogue
         items = catalogue(cfg)
         model = new_model(cfg, len(items))
+        check_strategy_config(cfg)  # before a run directory exists
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir

@@ -72,6 +72,18 @@ def aggregation_strategy(
     raise ConfigError(f"aggregation = {name!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
 
 
+
+def check_strategy_config(cfg: Mapping[str, Any]) -> None:
+    """Refuse what the server's strategy cannot run (aggregation knobs, lr-schedule, examples per
+    user under DP) with one :class:`ConfigError` line, before any partner trains (else every
+    partner would fail every round) and before server/app.py creates the run directory."""
+    from common.privacy import refuse_many_examples_per_user
+    from common.training import epoch_learning_rates
+
+    aggregation_strategy(cfg)
+    epoch_learning_rates(cfg, 1)  # an unknown lr-schedule
+    refuse_many_examples_per_user(cfg)
+
 def build_strategy(
     cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,
     evaluate_metrics_aggr_fn: MetricsFn | None = None, wrap_aggregation: Callable[[Strategy], Strategy] | None = None,
@@ -95,12 +107,7 @@ def build_strategy(
         on_unaggregated=on_unaggregated,
     )
     wait = float(cfg["node-wait-timeout"])
-    from common.privacy import refuse_many_examples_per_user
-    from common.training import epoch_learning_rates
-
-    # Refused here, before any partner trains (else every partner would fail every round)
-    epoch_learning_rates(cfg, 1)  # an unknown lr-schedule
-    refuse_many_examples_per_user(cfg)
+    check_strategy_config(cfg)
     every = int(cfg["evaluate-every"])
     return RoundControl(validating, first_round=first_round, min_nodes=min_nodes, node_wait_timeout=wait,
                         evaluate_every=every, last_round=int(cfg["num-server-rounds"]), tied=tied)

@@ -277,3 +277,14 @@ def test_updates_a_robust_aggregator_leaves_out_still_count_in_the_privacy_repor
     assert [entries[n]["epsilon"] for n in sorted(entries)] == [1.0, 2.0, 3.0, 4.0]
     assert all(e["rounds-trained"] == [1] for e in entries.values())
     assert "(4.000," in report.guarantee()
+
+
+def test_a_strategy_the_server_cannot_build_leaves_no_run_directory(tmp_path):
+    from common.errors import ConfigError
+    from simulations.local_grid import run_local
+
+    overrides = {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 3, "synthetic-users": 40,
+                 "synthetic-items": 20, "run-dir": str(tmp_path), "run-name": "refused"}
+    with pytest.raises(ConfigError, match="needs min-nodes >= 4"):
+        run_local(overrides, 3)
+    assert not (tmp_path / "refused").exists()
