@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from common.cli_errors import user_errors_exit
 
@@ -49,6 +50,10 @@ def _item_text(args: argparse.Namespace) -> int:
     from common.item_text import catalogue_text_features, encoder_id, save_features
     from common.task import catalogue
 
+    from common.files import refuse_existing
+
+    # Checked before the (slow) encoding: partners may be running with the published file
+    refuse_existing([Path(args.out)], force=args.force, hint="partners must run with the features the model was trained on")
     overrides = parse_config_args(args.run_config) if args.run_config else {}
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
     items = catalogue(cfg)
@@ -82,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     text = sub.add_parser("item-text", help="encode the catalogue's titles/genres once with a frozen sentence encoder")
     text.add_argument("--out", required=True, help="features file to publish, e.g. item_text.npz")
+    text.add_argument("--force", action="store_true", help="overwrite an existing file")
     text.add_argument("--run-config", action="append", default=[],
                       help='data set / catalogue / encoder knobs, e.g. \'dataset="ml-100k"\' \'catalogue="catalogue.txt"\'')
     text.set_defaults(func=_item_text)

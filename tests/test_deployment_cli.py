@@ -160,3 +160,13 @@ def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):
     assert len(err) == 1 and "a directory; give the catalogue file itself" in err[0]
     with pytest.raises(DataError, match="more than once"):
         load_catalogue(dup)
+
+
+
+def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_path, capsys):
+    out = tmp_path / "item_text.npz"
+    out.write_bytes(b"published")
+    assert server_main(["item-text", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists; pass --force" in err[0] and "features the model was trained on" in err[0]
+    assert out.read_bytes() == b"published"
