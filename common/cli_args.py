@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 def positive_int(text: str) -> int:
@@ -59,3 +60,29 @@ def port(text: str) -> int:
 def positive_ints(text: str) -> list[int]:
     """A comma-separated list of integers >= 1, e.g. ``5,20``."""
     return [positive_int(part.strip()) for part in text.split(",")]
+
+
+# Flower's own key=value pattern (flwr.common.config.parse_config_args), to find what it would skip
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def parse_run_config(values: str | list[str] | None) -> dict:
+    """``--run-config`` values parsed by Flower's parser, but text it would silently skip (a token
+    without ``=``, e.g. ``--run-config dp`` or ``embedding-dim 64``) and a TOML file mixed with
+    pairs are one :class:`ConfigError` line instead of an ignored setting."""
+    from flwr.common.config import parse_config_args
+
+    from common.errors import ConfigError
+
+    values = [v for v in ([values] if isinstance(values, str) else values or []) if v]
+    if not values:
+        return {}
+    if not (len(values) == 1 and values[0].endswith(".toml")):
+        for value in values:
+            if value.endswith(".toml"):
+                raise ConfigError("--run-config: a TOML file cannot be combined with key=value pairs")
+            leftover = _PAIR.sub(" ", value).split()
+            if leftover:
+                raise ConfigError(f"--run-config: {leftover[0]!r} is not key=value "
+                                  "(e.g. --run-config 'num-server-rounds=3 dataset=\"ml-100k\"')")
+    return parse_config_args(values)

@@ -28,13 +28,13 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _catalogue(args: argparse.Namespace) -> int:
-    from flwr.common.config import parse_config_args
+    from common.cli_args import parse_run_config
 
     from common.config import resolve_config
     from common.data.catalogue import catalogue_fingerprint, save_catalogue
     from common.task import catalogue
 
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "catalogue": ""})  # derive from the data set, never from a file
     items = catalogue(cfg)
     path = save_catalogue(items, args.out, force=args.force)
@@ -44,7 +44,7 @@ def _catalogue(args: argparse.Namespace) -> int:
 
 
 def _item_text(args: argparse.Namespace) -> int:
-    from flwr.common.config import parse_config_args
+    from common.cli_args import parse_run_config
 
     from common.config import resolve_config
     from common.item_text import catalogue_text_features, encoder_id, save_features
@@ -54,7 +54,7 @@ def _item_text(args: argparse.Namespace) -> int:
 
     # Checked before the (slow) encoding: partners may be running with the published file
     refuse_existing([Path(args.out)], force=args.force, hint="partners must run with the features the model was trained on")
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
     items = catalogue(cfg)
     embeddings, texts = catalogue_text_features(cfg)

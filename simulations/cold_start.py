@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.cli_args import open_fraction, positive_float, positive_int
+from common.cli_args import open_fraction, parse_run_config, positive_float, positive_int
 from common.config import resolve_config
 from common.data.sequences import SequenceData
 from common.metrics import pad_left
@@ -148,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=positive_float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"')
     args = parser.parse_args(argv)
-    from flwr.common.config import parse_config_args
 
-    extra = parse_config_args([args.run_config]) if args.run_config else {}
+    extra = parse_run_config(args.run_config)
     for features in args.item_features:
         row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
                              fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon)

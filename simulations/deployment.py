@@ -270,9 +270,8 @@ def write_partner_logs(folder: Path, partners: int, *, users: int, items: int, s
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    from flwr.common.config import parse_config_args
 
-    from common.cli_args import positive_float, positive_int
+    from common.cli_args import parse_run_config, positive_float, positive_int
     from common.config import resolve_config
     from common.data.catalogue import save_catalogue
     from common.errors import ConfigError
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[], help='e.g. "num-server-rounds=2 secure-aggregation=true"')
     parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, overrides)
     if cfg["dataset"] != "synthetic":  # the partners' files are split from one synthetic log (write_partner_logs)
         raise ConfigError(f"dataset = {cfg['dataset']!r}: this demonstration gives its partners synthetic logs; "

@@ -17,9 +17,8 @@ from simulations.flower_env import set_simulation_env
 set_simulation_env()
 
 import click  # noqa: E402
-from flwr.common.config import parse_config_args  # noqa: E402
 
-from common.cli_args import positive_int, positive_ints  # noqa: E402
+from common.cli_args import parse_run_config, positive_int, positive_ints  # noqa: E402
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)
     try:
-        cfg = resolve_config(None, parse_config_args(args.run_config) if args.run_config else {})
+        cfg = resolve_config(None, parse_run_config(args.run_config))
         rows = plan(cfg, args.num_partners, args.rounds)
     except (FedRecError, ValueError, click.ClickException) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)

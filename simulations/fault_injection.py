@@ -26,7 +26,7 @@ set_simulation_env()
 import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.config import parse_config_args  # noqa: E402
+from common.cli_args import parse_run_config  # noqa: E402
 
 from common.errors import ConfigError  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="in-process LocalGrid instead of Ray (no timeouts)")
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     app = make_faulty_client_app(overrides, parse_faults(args.faults), sleep_seconds=args.sleep_seconds)
     if args.local:
         from simulations.local_grid import run_local

@@ -25,7 +25,7 @@ set_simulation_env()
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.config import parse_config_args  # noqa: E402
+from common.cli_args import parse_run_config  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     run_dir = run_local(overrides, args.num_partners)
     print(f"run directory: {run_dir}")
     return 0

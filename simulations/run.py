@@ -16,10 +16,9 @@ from simulations.flower_env import set_simulation_env
 
 set_simulation_env()
 
-from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
-from common.cli_args import positive_int  # noqa: E402
+from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs (and torch threads) per simulated client (default 1)")
     args = parser.parse_args(argv)
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_run_config(args.run_config)
     run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus,
                              cpus_per_client=args.cpus_per_client)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []

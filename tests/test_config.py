@@ -52,3 +52,19 @@ def test_every_default_and_edge_value_passes():
     resolve_config(None, {"dropout": 0.0, "fraction-train": 1.0, "target-delta": 0.0, "device": "cuda:1",
                           "num-server-rounds": 3.0, "central-noise-multiplier": 0.0, "num-malicious-nodes": 0,
                           "fraction-evaluate": 0.0})  # 0 = no federated evaluation (server/strategy_factory.py)
+
+
+def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
+    from common.cli_args import parse_run_config
+
+    assert parse_run_config(["dp=false num-server-rounds=3", "dataset='a b'"]) == {
+        "dp": False, "num-server-rounds": 3, "dataset": "a b"}
+    assert parse_run_config(None) == {} and parse_run_config("") == {}
+    for bad, token in (("dp", "dp"), ("embedding-dim 64", "embedding-dim"), ("a=1 oops b=2", "oops")):
+        with pytest.raises(ConfigError, match=f"--run-config: '{token}' is not key=value"):
+            parse_run_config([bad])
+    toml = tmp_path / "c.toml"
+    toml.write_text("num-server-rounds = 4\n")
+    assert parse_run_config([str(toml)]) == {"num-server-rounds": 4}
+    with pytest.raises(ConfigError, match="TOML file cannot be combined"):
+        parse_run_config([str(toml), "dp=false"])

@@ -26,7 +26,7 @@ from common.metrics import evaluate_ranking, means_from_sums
 from common.models import build_model
 from common.models.context import item_genre_matrix
 from common.training import objective_options, train_local
-from common.cli_args import positive_int
+from common.cli_args import parse_run_config, positive_int
 from common.cli_errors import user_errors_exit
 
 VARIANTS = {
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base = {"dropout": 0.2, "learning-rate": 0.002, "batch-size": 128}
     if args.run_config:  # Flower's parser, as every other command reads --run-config
-        from flwr.common.config import parse_config_args
-
-        base.update(parse_config_args([args.run_config]))
+        base.update(parse_run_config(args.run_config))
     data = build_sequences(load_interactions(args.data))
     genres = item_genre_matrix(data.catalogue, metadata_path(args.data))
     rows = []

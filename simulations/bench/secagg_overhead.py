@@ -97,14 +97,14 @@ def measure(partners: int, rounds: int, extra: dict) -> tuple[dict[str, list[flo
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    from flwr.common.config import parse_config_args
+    from common.cli_args import parse_run_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partners", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="rounds per mode (round 1 includes data loading)")
     parser.add_argument("--run-config", action="append", default=[], help="config overrides for both modes")
     args = parser.parse_args(argv)
-    extra = parse_config_args(args.run_config) if args.run_config else {}
+    extra = parse_run_config(args.run_config)
     times, totals = measure(args.partners, args.rounds, extra)
     print("| mode | seconds per round (round 1 includes data loading) |\n|---|---|")
     for mode, t in times.items():
