@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.data.sequences import SequenceData
-from common.metrics import pad_left, ranking_sums, target_ranks
+from common.metrics import history_scorer, ranking_sums, target_ranks
 from common.tie_scoring import ORDER_SEED, order_averaged_scores, window_tie_runs
 
 KS = (5, 10, 20)
@@ -102,13 +102,7 @@ def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, 
         if user_factors is not None:
             return model.score_users(user_factors[start:stop].to(device))
 
-        def score(rows: list[int], hs: list[np.ndarray]) -> torch.Tensor:
-            if gaps is not None:
-                from common.models.context import model_inputs
-
-                return model.score(model_inputs(model, hs, max_len, [gaps[start + r] for r in rows]).to(device)).cpu()
-            return model.score(pad_left(hs, max_len).to(device)).cpu()
-
+        score = history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start)
         if runs is None:
             return score(list(range(len(h))), h)
         return order_averaged_scores(score, h, runs[start:stop], orders=tie_orders, rng=rng)

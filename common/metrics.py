@@ -11,7 +11,7 @@ at 0.12, larger than most tuning differences).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,23 @@ def means_and_errors(sums: dict[str, float]) -> dict[str, float]:
     return {**means_from_sums(sums), **standard_errors(sums)}
 
 
+
+def history_scorer(model: torch.nn.Module, *, max_len: int, device: str | torch.device = "cpu",
+                   gaps: Sequence[np.ndarray] | None = None,
+                   offset: int = 0) -> Callable[[list[int], list[np.ndarray]], torch.Tensor]:
+    """``score(rows, histories)``: the model's catalogue scores (on CPU) for ``histories``, which are
+    rows ``offset + rows`` of a split; ``gaps`` (the split's time-gap buckets) for a model with time
+    features. The form :func:`common.tie_scoring.order_averaged_scores` calls."""
+
+    def score(rows: list[int], histories: list[np.ndarray]) -> torch.Tensor:
+        if gaps is None:
+            return model.score(pad_left(histories, max_len).to(device)).cpu()
+        from common.models.context import model_inputs
+
+        return model.score(model_inputs(model, histories, max_len, [gaps[offset + r] for r in rows]).to(device)).cpu()
+
+    return score
+
 @torch.no_grad()
 def split_scores(
     model: torch.nn.Module,
@@ -156,13 +173,7 @@ def split_scores(
         for start in range(0, len(targets), batch_size):
             h = histories[start:start + batch_size]
 
-            def score(rows: list[int], hs: list[np.ndarray], start: int = start) -> torch.Tensor:
-                if gaps is None:
-                    return model.score(pad_left(hs, max_len).to(device)).cpu()
-                from common.models.context import model_inputs
-
-                return model.score(model_inputs(model, hs, max_len, [gaps[start + r] for r in rows]).to(device)).cpu()
-
+            score = history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start)
             rows = list(range(len(h)))
             scores = score(rows, h) if runs is None else order_averaged_scores(
                 score, h, runs[start:start + batch_size], orders=tie_orders, rng=rng)
