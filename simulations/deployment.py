@@ -207,12 +207,19 @@ class LocalFederation:
         keys = create_node_keys(self.root / "keys", name=name)
         return keys.private_key, keys.public_key
 
-    def start_supernode(self, name: str, private_key: Path, data_path: Path, **node_config: str) -> Process:
-        """flower-supernode trusting our CA, authenticating with ``private_key``, on its own log."""
+    def start_supernode(self, name: str, private_key: Path, data_path: Path, *, max_retries: int = 10,
+                        max_wait_time: float = 120.0, **node_config: str) -> Process:
+        """flower-supernode trusting our CA, authenticating with ``private_key``, on its own log.
+
+        ``max_retries``/``max_wait_time``: how long it keeps trying to reach the SuperLink (and to
+        be activated: register the node's key first). Generous by default, so a busy or restarting
+        SuperLink does not make a partner give up; a test expecting refusal passes small ones.
+        """
         config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in {"data-path": data_path, **node_config}.items())
         cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                "--root-certificates", str(self.certs.ca_cert), "--auth-supernode-private-key", str(private_key),
-               "--node-config", config, "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "15"]
+               "--node-config", config, "--port", str(free_port()), "--max-retries", str(max_retries),
+               "--max-wait-time", f"{max_wait_time:g}"]
         return self._start(name, cmd)
 
     def _start(self, name: str, cmd: list[str]) -> Process:

@@ -46,10 +46,15 @@ def federation(tmp_path_factory):
         logs = write_partner_logs(root / "data", 4, users=150, items=40, seed=42)
         fed.start_superlink()
         nodes = {}
+        # Register first, then start: `nodes[fed.register(key)] = fed.start_supernode(...)` (as this
+        # was written) starts the node first (Python evaluates the right-hand side first), so its
+        # first activation found no such node and it lived on retries; on a loaded machine the
+        # registration came after its 15 s of retries and it exited ("Failed to activate SuperNode")
         for i in range(3):
             private, public = fed.partner_keys(f"partner-{i + 1}")
             ledger = root / f"ledger-{i + 1}.sqlite"  # the partner's own privacy ledger (README's node config)
-            nodes[fed.register(public)] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger})
+            node_id = fed.register(public)
+            nodes[node_id] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger})
         # A fourth registered partner, to be killed mid-round (SIGKILL: no goodbye to the SuperLink)
         private, public = fed.partner_keys("victim")
         fed.register(public)
@@ -85,7 +90,7 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
 
     # A SuperNode whose key was never registered tries to join while the run goes on
     rogue_key, _ = fed.partner_keys("rogue")
-    rogue = fed.start_supernode("rogue", rogue_key, env.logs[0])
+    rogue = fed.start_supernode("rogue", rogue_key, env.logs[0], max_retries=2, max_wait_time=15)  # gives up soon
 
     # The registered partners train 2 rounds under SecAgg+; the victim dies while training in round 1.
     # min-nodes 3: after the victim dies, evaluation and round 2 must not wait for a fourth partner.
