@@ -74,22 +74,30 @@ class PrivacyReport:
         """Record accepted replies' privacy numbers, log refusals; returns the replies without errors."""
         valid = []
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                label = self.node_labels.get(node, f"node-{node}")
-                log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
-                entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
-                entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
+                self._refused(server_round, msg)
                 continue
             valid.append(msg)
             self._record(msg).setdefault("rounds-trained", []).append(server_round)
         return valid
 
+    def _refused(self, server_round: int, msg: Message) -> None:
+        """An error reply (a refusal such as an exhausted budget, or a failure): logged and listed
+        under ``refused``; named ``node-<id>`` until the partner has sent a reply with its label."""
+        node = int(msg.metadata.src_node_id)
+        label = self.node_labels.get(node, f"node-{node}")
+        log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
+        entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
+
     def note_unaggregated(self, server_round: int, msg: Message, reason: str) -> None:
         """A reply that reached the coordinator but will not be aggregated (rejected by update
         validation, or its round failed): its update was still released to the coordinator, so its
-        privacy numbers count (the partner's ledger has the spend); listed under ``not-aggregated``."""
+        privacy numbers count (the partner's ledger has the spend); listed under ``not-aggregated``.
+        An error reply in a failed round is a refusal (:meth:`_refused`): it released nothing."""
         if msg.has_error():
+            self._refused(server_round, msg)
+            self.write()
             return
         node = int(msg.metadata.src_node_id)
         before = self.partners.get(self.node_labels.get(node, ""), {}).get("epsilon")

@@ -170,8 +170,8 @@ class ValidatingStrategy(Strategy):
         valid = self._consistent_metric_keys(server_round, valid, updates=True)
         if len(valid) < self.min_train_nodes:
             self.failed_rounds.append(server_round)
-            if self.on_unaggregated is not None:
-                for msg in valid:
+            if self.on_unaggregated is not None:  # refusals too: the privacy report lists them
+                for msg in valid + errors:
                     self.on_unaggregated(server_round, msg, "round failed: too few valid updates")
             log(ERROR, "round %d failed: %d valid update(s) of %d replies (%d error replies), min-nodes = %d; "
                 "the global model is kept", server_round, len(valid), len(replies), len(errors), self.min_train_nodes)

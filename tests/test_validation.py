@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
@@ -288,3 +290,19 @@ def test_a_strategy_the_server_cannot_build_leaves_no_run_directory(tmp_path):
     with pytest.raises(ConfigError, match="needs min-nodes >= 4"):
         run_local(overrides, 3)
     assert not (tmp_path / "refused").exists()
+
+
+def test_refusals_in_a_failed_round_reach_the_privacy_report(tmp_path):
+    # Every partner refuses (e.g. budget exhausted): the round fails before any aggregation
+    from server.privacy_report import PrivacyReport
+
+    cfg = resolve_config(None, {"min-nodes": 2})
+    report = PrivacyReport(tmp_path, cfg)
+    strategy = build_strategy(cfg, on_unaggregated=report.note_unaggregated).inner
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(2)))
+    refusals = [reply(101 + i, Error(code=400, reason="budget exhausted: epsilon 8.000 of 8")) for i in range(2)]
+    assert strategy.aggregate_train(1, refusals) == (None, None)
+    entries = {p["node-id"]: p for p in json.loads((tmp_path / "privacy.json").read_text())["partners"].values()}
+    assert sorted(entries) == [101, 102]
+    assert all(e["refused"] == [{"round": 1, "reason": "budget exhausted: epsilon 8.000 of 8"}] for e in entries.values())
+    assert all("epsilon" not in e for e in entries.values())  # a refusal released nothing
