@@ -13,6 +13,7 @@ optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import PrivacyError
-from common.files import write_private_bytes
+from common.files import ensure_private, write_private_bytes
 from common.privacy import Mechanism, epsilon_of
 
 SCHEMA_VERSION = 1
@@ -101,6 +102,9 @@ class PrivacyLedger:
                     "start a new one, which forgets the spend already released")
             self._create()
             self.created = True
+        else:
+            with contextlib.suppress(PermissionError):  # a ledger created before it was made 0600 (not ours: leave it)
+                ensure_private(self.path)
         self._conn = self._open_checked()
 
     # -- reading ---------------------------------------------------------------------------
@@ -177,6 +181,7 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
+        ensure_private(tmp)  # 0600 before SQLite writes a byte (it keeps the mode; else the umask's 0644)
         conn = sqlite3.connect(tmp)
         try:
             with conn:

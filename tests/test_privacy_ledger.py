@@ -153,6 +153,24 @@ def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
         assert path.read_bytes() == before
 
 
+
+def test_a_ledger_is_readable_by_its_owner_only(tmp_path):
+    import stat
+
+    old_umask = os.umask(0o022)  # the usual umask: files 0644 unless asked otherwise
+    try:
+        fresh = tmp_path / "new.sqlite"
+        PrivacyLedger(fresh, "fp").close()
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+        # a ledger created before this rule (0644) is made private when next opened
+        older = tmp_path / "older.sqlite"
+        _ledger_with(older, [(1.0, 0.1, 10)])
+        os.chmod(older, 0o644)
+        PrivacyLedger(older, "fp").close()
+        assert stat.S_IMODE(older.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+
 def test_ledger_of_another_data_set_is_refused(tmp_path):
     _ledger_with(tmp_path / "l.sqlite", [(1.0, 0.1, 10)])
     with pytest.raises(PrivacyError, match="belongs to another data set"):
