@@ -305,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, log in enumerate(logs):
             private, public = fed.partner_keys(f"partner-{i + 1}")
             fed.register(public)
-            fed.start_supernode(f"partner-{i + 1}", private, log)
+            # each partner keeps its own privacy ledger, as the README's partner command sets it
+            ledger = root / "ledgers" / f"partner-{i + 1}.sqlite"
+            fed.start_supernode(f"partner-{i + 1}", private, log, **{"ledger-path": ledger})
         run_config = {**overrides, "catalogue": str(cat), "run-dir": str(root / "runs"), "run-name": "deployment"}
         t0 = time.perf_counter()
         res = fed.run(run_config, timeout=args.timeout)
         print(res.stdout[-4000:], res.stderr[-2000:], sep="\n")
-        print(f"run took {time.perf_counter() - t0:.1f} s; files under {root}")
+        print(f"run took {time.perf_counter() - t0:.1f} s; files under {root} (partners' ledgers in {root / 'ledgers'})")
         return 0 if (root / "runs" / "deployment" / "metrics.jsonl").exists() else 1
     finally:
         fed.close()
