@@ -131,9 +131,14 @@ class RunRecorder:
         self.save_model(arrays)
         se = line.get(f"ndcg@{k}-se")
         interval = "" if se is None else f" (+-{1.96 * se:.4f}, 95% CI over users)"
-        log(INFO, "round %d: HR@%d %.4f  NDCG@%d %.4f%s  epsilon %.3f (delta %.2g)  loss %.4f",
-            server_round, k, line[f"hr@{k}"] or 0.0, k, line[f"ndcg@{k}"] or 0.0, interval,
-            line["epsilon"] or 0.0, line["delta"] or 0.0, line["train-loss"] or 0.0)
+        # n/a where metrics.jsonl has null (no evaluation this round, a failed round): never a made-up 0
+        def shown(value: float | None, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        privacy = (f"epsilon {line['epsilon']:.3f} (delta {shown(line['delta'], '.2g')})" if line["epsilon"]
+                   else "no local DP" if line["train-loss"] is not None else "epsilon n/a")
+        log(INFO, "round %d: HR@%d %s  NDCG@%d %s%s  %s  loss %s", server_round, k, shown(line[f"hr@{k}"], ".4f"),
+            k, shown(line[f"ndcg@{k}"], ".4f"), interval, privacy, shown(line["train-loss"], ".4f"))
         self._train, self._eval = {}, {}
         return None
 

@@ -63,3 +63,23 @@ def test_local_grid_returns_the_directory_it_created_when_the_name_is_taken(tmp_
     second = run_local(tiny, 2)
     assert (first.name, second.name) == ("same", "same-2")
     assert json.loads((second / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 1
+
+
+def test_round_line_says_n_a_and_no_dp_instead_of_zeros(tmp_path, monkeypatch):
+    from server import run_report
+
+    printed = []
+    monkeypatch.setattr(run_report, "log", lambda level, msg, *args: printed.append(msg % args))
+    recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # failed round, no evaluation
+    recorder.aggregate_train_metrics([RecordDict({"m": MetricRecord({"num-examples": 5, "train-loss": 2.5,
+                                                                     "epsilon": 0.0, "delta": 0.0})})], "num-examples")
+    recorder.end_round(2, ArrayRecord({"w": torch.zeros(2)}))  # trained without DP, not evaluated
+    recorder.aggregate_train_metrics([RecordDict({"m": MetricRecord({"num-examples": 5, "train-loss": 2.0,
+                                                                     "epsilon": 1.25, "delta": 1e-5})})], "num-examples")
+    recorder.end_round(3, ArrayRecord({"w": torch.zeros(2)}))
+    rounds = [line for line in printed if line.startswith("round ")]
+    assert rounds[0] == "round 1: HR@10 n/a  NDCG@10 n/a  epsilon n/a  loss n/a"
+    assert rounds[1] == "round 2: HR@10 n/a  NDCG@10 n/a  no local DP  loss 2.5000"
+    assert rounds[2] == "round 3: HR@10 n/a  NDCG@10 n/a  epsilon 1.250 (delta 1e-05)  loss 2.0000"
+    assert [json.loads(x)["epsilon"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [None, 0.0, 1.25]
