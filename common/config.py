@@ -78,7 +78,9 @@ DEFAULTS: dict[str, Any] = {
     "secagg-delta-scale": 100.0,
     # Evaluation
     "top-k": 10,
-    "tie-orders": 16,  # evaluation: a history whose last items share a timestamp is scored as the mean over N random orders (1 = file order)
+    # evaluation: a history whose last items share a timestamp is scored as the mean over N random
+    # orders of them (1 = file order; common/tie_scoring.py)
+    "tie-orders": 16,
     "fraction-evaluate": 1.0,  # share of partners evaluating in a round (cross-device: a sample)
     "evaluate-every": 1,  # federated evaluation every N rounds (the last round always)
     # Output

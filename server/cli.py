@@ -53,7 +53,8 @@ def _item_text(args: argparse.Namespace) -> int:
     from common.files import refuse_existing
 
     # Checked before the (slow) encoding: partners may be running with the published file
-    refuse_existing([Path(args.out)], force=args.force, hint="partners must run with the features the model was trained on")
+    refuse_existing([Path(args.out)], force=args.force,
+                    hint="partners must run with the features the model was trained on")
     overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
     items = catalogue(cfg)

@@ -51,6 +51,13 @@ def run_dirs_named(base: str | os.PathLike, name: str) -> set[Path]:
     return {p for p in root.iterdir() if p.is_dir() and (p.name == name or (
         p.name.startswith(f"{name}-") and p.name[len(name) + 1:].isdigit()))}
 
+
+def created_run_dir(base: str | os.PathLike, name: str, before: set[Path]) -> Path | None:
+    """The newest directory for ``name`` that was not in ``before`` (:func:`run_dirs_named` taken
+    before a run): the one the run created, suffixed when the name was taken; None if none."""
+    created = sorted(run_dirs_named(base, name) - before, key=lambda p: p.stat().st_mtime)
+    return created[-1] if created else None
+
 class RunRecorder:
     """Collects each round's aggregated train and evaluation metrics and writes the run directory.
 

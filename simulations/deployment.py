@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = fed.run(run_config, timeout=args.timeout)
         print(res.stdout[-4000:], res.stderr[-2000:], sep="\n")
-        print(f"run took {time.perf_counter() - t0:.1f} s; files under {root} (partners' ledgers in {root / 'ledgers'})")
+        print(f"run took {time.perf_counter() - t0:.1f} s; files under {root} "
+              f"(partners' ledgers in {root / 'ledgers'})")
         return 0 if (root / "runs" / "deployment" / "metrics.jsonl").exists() else 1
     finally:
         fed.close()

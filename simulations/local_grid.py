@@ -94,7 +94,7 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
     """Run the ServerApp on a :class:`LocalGrid` of ``num_partners`` ClientApps; returns the run directory."""
     from client.app import make_client_app
     from server.app import make_server_app
-    from server.run_report import run_dirs_named
+    from server.run_report import created_run_dir, run_dirs_named
 
     cfg = resolve_config(None, overrides)
     cfg["run-name"] = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S-local")
@@ -105,9 +105,9 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
     before = run_dirs_named(base, cfg["run-name"])
     (server_app or make_server_app(overrides))(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                             run_config={}))
-    created = sorted(run_dirs_named(base, cfg["run-name"]) - before, key=lambda p: p.stat().st_mtime)
+    created = created_run_dir(base, cfg["run-name"], before)
     # A taken run-name gets a suffix (server/run_report.py: new_run_dir); a resumed run keeps its own
-    return created[-1] if created and not cfg["resume"] else base / cfg["run-name"]
+    return created if created is not None and not cfg["resume"] else base / cfg["run-name"]
 
 
 @user_errors_exit

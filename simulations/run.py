@@ -42,7 +42,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     from client.app import make_client_app
     from server.app import make_server_app
-    from server.run_report import run_dirs_named
+    from server.run_report import created_run_dir, run_dirs_named
     from simulations.population import describe_partners, write_population
     from simulations.resources import backend_config
 
@@ -60,14 +60,14 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     )
     if cfg["resume"]:  # a resumed run continues in its own directory (server/resume.py)
         return base / cfg["run-name"]
-    created = sorted(run_dirs_named(base, cfg["run-name"]) - before, key=lambda p: p.stat().st_mtime)
-    if not created:
+    created = created_run_dir(base, cfg["run-name"], before)
+    if created is None:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
-    write_population(created[-1], cfg, num_partners)  # holdout.json (audit non-members), partitions.json
+    write_population(created, cfg, num_partners)  # holdout.json (audit non-members), partitions.json
     from simulations.plots import plot_run
 
-    plot_run(created[-1])  # rounds.png, partners.png
-    return created[-1]
+    plot_run(created)  # rounds.png, partners.png
+    return created
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

@@ -72,7 +72,8 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     if "output" not in sweep:
         raise ConfigError(f"{p}: [sweep] needs output = \"path/to/results.csv\"")
     seeds = sweep.get("seeds", [fixed.get("seed", DEFAULTS["seed"])])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not seeds or not integers:
         raise ConfigError(f"{p}: [sweep] seeds must be a non-empty list of integers, got {seeds!r}")
     return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),

@@ -54,7 +54,8 @@ def load_catalogue(path: str | os.PathLike) -> np.ndarray:
 def save_catalogue(items: np.ndarray, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``items`` one per line (refuses to overwrite unless ``force``); returns the path."""
     p = Path(path)
-    write_file(p, ("\n".join(np.asarray(items, dtype=str).tolist()) + "\n").encode("utf-8"), mode=PUBLIC_MODE, force=force,
+    text = "\n".join(np.asarray(items, dtype=str).tolist()) + "\n"
+    write_file(p, text.encode("utf-8"), mode=PUBLIC_MODE, force=force,
                hint="partners must run with the catalogue the global model was built on")
     return p
 

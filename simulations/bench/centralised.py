@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--overrides is not JSON ({exc})") from None
     if not isinstance(overrides, dict):
         raise ConfigError('--overrides must be a JSON object, e.g. {"local-epochs": 1}')
-    result = run(overrides, threads=args.threads)  # NOTE: no Flower import here: the centralised run should not pay for it
+    # NOTE: no Flower import here: the centralised run should not pay for it
+    result = run(overrides, threads=args.threads)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
