@@ -132,3 +132,13 @@ def test_partition_errors(small_data):
         load_partition(small_data, 5, 5)
     with pytest.raises(DataError, match="some would be empty"):
         iid_partition(3, 5)
+
+
+def test_item_metadata_needs_titles(tmp_path):
+    csv = tmp_path / "movies.csv"
+    csv.write_text("movieId,title,genres\n1,Alien (1979),Horror|Sci-Fi\n")
+    assert load_item_titles(csv) == {"1": ("Alien (1979)", ["Horror", "Sci-Fi"])}
+    log = tmp_path / "u.data"  # an interaction log given as metadata by mistake
+    log.write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    with pytest.raises(DataError, match="not item metadata; expected u.item, movies.dat or a CSV with a title"):
+        load_item_titles(log)

@@ -220,10 +220,16 @@ def load_item_titles(path: str | os.PathLike) -> dict[str, tuple[str, list[str]]
             if len(parts) >= 3:
                 out[parts[0]] = (parts[1], [g for g in parts[2].split("|") if g])
         return out
-    frame = pd.read_csv(p, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: not item metadata ({exc})") from None
+    if "title" not in frame.columns:  # e.g. an interaction log (u.data) given by mistake: no titles to read
+        raise DataError(f"{p}: not item metadata; expected u.item, movies.dat or a CSV with a title column "
+                        f"(and movieId, genres), found columns {list(frame.columns)[:5]}")
     id_col = "movieId" if "movieId" in frame.columns else frame.columns[0]
     genres_col = frame["genres"] if "genres" in frame.columns else pd.Series([""] * len(frame))
-    return {i: (t, [g for g in gs.split("|") if g]) for i, t, gs in zip(frame[id_col], frame.get("title", frame[id_col]), genres_col)}
+    return {i: (t, [g for g in gs.split("|") if g]) for i, t, gs in zip(frame[id_col], frame["title"], genres_col)}
 
 
 def _ml100k_genres(path: Path) -> list[str]:
