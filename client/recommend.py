@@ -94,9 +94,11 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
         raise DataError(f"model {file}: not a fedrec model file "
                         f"(expected state_dict, catalogue, config; {exc})") from None
     try:
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict is a {type(state).__name__}, not a mapping of weights")
         model = build_model(config, len(catalogue), item_genres=state.get("item_genres"))
         model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise DataError(f"model {file}: weights do not match its config ({first})") from None
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):

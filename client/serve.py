@@ -38,9 +38,17 @@ class EventIn(BaseModel):
 
     user_id: str = Field(min_length=1, max_length=200)
     item_id: str = Field(min_length=1, max_length=200)
-    timestamp: int | None = Field(default=None, ge=0, le=2**63 - 1)  # SQLite INTEGER is 64-bit
+    # SQLite INTEGER is 64-bit; a JSON true/false is not a time (pydantic would read it as 1/0)
+    timestamp: int | None = Field(default=None, ge=0, le=2**63 - 1)
     rating: float | None = None
     event: str = Field(default="interaction", min_length=1, max_length=50)
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: object) -> object:
+        if isinstance(v, bool):
+            raise ValueError("timestamp must be unix seconds, not true/false")
+        return v
 
     @field_validator("rating")
     @classmethod
@@ -90,6 +98,9 @@ class ModelWatcher:
             except (FedRecError, OSError) as exc:
                 self.last_error = str(exc)
                 LOG.warning("keeping the current model: %s", exc)
+            except Exception as exc:  # noqa: BLE001 -- any file that cannot load: keep serving the current model
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                LOG.exception("keeping the current model: unexpected error loading %s", self.model_path)
 
 
 def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,

@@ -339,6 +339,7 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "no-such-item"}}), "item_id"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": -5}}), "timestamp"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 10**29}}), "timestamp"),  # was a 500
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": True}}), "timestamp"),  # was 1970
     (("POST", "/events", {"content": b"{not json", "headers": {"content-type": "application/json"}}), "not valid JSON"),
 ])
 def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):
@@ -364,6 +365,23 @@ def test_api_hot_reloads_a_newer_model(api, trained):
     user = str(data.user_ids[0])
     served = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"}).json()
     assert served["model_version"] == after["version"]
+
+
+
+def test_api_keeps_serving_when_a_new_file_has_the_right_keys_but_no_weights(api, trained):
+    client, _, tmp_path = api
+    run, data = trained
+    before = client.get("/health").json()["model"]
+    blob = torch.load(run / "model.pt", weights_only=False)
+    blob["state_dict"] = None  # fedrec's layout, unusable payload (was an AttributeError: a 500 per request)
+    time.sleep(0.02)
+    (tmp_path / "runs" / "broken").mkdir(parents=True)
+    torch.save(blob, tmp_path / "runs" / "broken" / "model.pt")
+    user = str(data.user_ids[0])
+    response = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"})
+    assert response.status_code == 200 and response.json()["model_version"] == before["version"]
+    health = client.get("/health").json()["model"]
+    assert health["version"] == before["version"] and "not a mapping of weights" in health["last_error"]
 
 
 # -- incremental update: DP fine-tune on the newest events, on the partner's ledger --------------
