@@ -26,7 +26,7 @@ import torch
 
 from common.data.sequences import SequenceData
 from common.metrics import history_scorer, ranking_sums, target_ranks
-from common.tie_scoring import ORDER_SEED, order_averaged_scores, window_tie_runs
+from common.tie_scoring import batch_scorer
 
 KS = (5, 10, 20)
 
@@ -95,17 +95,12 @@ def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, 
         from common.models.context import history_gaps
 
         gaps = history_gaps(histories, data.timestamps)
-    runs = window_tie_runs(histories, data.timestamps, max_len) if tie_orders > 1 and user_factors is None else None
-    rng = np.random.default_rng(ORDER_SEED)
+    scores = batch_scorer(histories, data.timestamps, max_len=max_len, orders=tie_orders if user_factors is None else 1)
 
     def score_batch(start: int, stop: int, h: list[np.ndarray]) -> torch.Tensor:
         if user_factors is not None:
             return model.score_users(user_factors[start:stop].to(device))
-
-        score = history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start)
-        if runs is None:
-            return score(list(range(len(h))), h)
-        return order_averaged_scores(score, h, runs[start:stop], orders=tie_orders, rng=rng)
+        return scores(history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start), start, h)
 
     return recommendation_metrics(score_batch, data, top_k=top_k)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common.data.sequences import SequenceData
-from common.tie_scoring import ORDER_SEED, order_averaged_scores, window_tie_runs
+from common.tie_scoring import batch_scorer
 
 
 def pad_left(histories: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
@@ -126,7 +126,6 @@ def means_and_errors(sums: dict[str, float]) -> dict[str, float]:
     return {**means_from_sums(sums), **standard_errors(sums)}
 
 
-
 def history_scorer(model: torch.nn.Module, *, max_len: int, device: str | torch.device = "cpu",
                    gaps: Sequence[np.ndarray] | None = None,
                    offset: int = 0) -> Callable[[list[int], list[np.ndarray]], torch.Tensor]:
@@ -142,6 +141,7 @@ def history_scorer(model: torch.nn.Module, *, max_len: int, device: str | torch.
         return model.score(model_inputs(model, histories, max_len, [gaps[offset + r] for r in rows]).to(device)).cpu()
 
     return score
+
 
 @torch.no_grad()
 def split_scores(
@@ -167,17 +167,13 @@ def split_scores(
         from common.models.context import history_gaps
 
         gaps = history_gaps(histories, data.timestamps)
-    runs = window_tie_runs(histories, data.timestamps, max_len) if tie_orders > 1 else None
-    rng = np.random.default_rng(ORDER_SEED)
+    scores = batch_scorer(histories, data.timestamps, max_len=max_len, orders=tie_orders)
     try:
         for start in range(0, len(targets), batch_size):
             h = histories[start:start + batch_size]
 
             score = history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start)
-            rows = list(range(len(h)))
-            scores = score(rows, h) if runs is None else order_averaged_scores(
-                score, h, runs[start:start + batch_size], orders=tie_orders, rng=rng)
-            yield scores, h, targets[start:start + batch_size]
+            yield scores(score, start, h), h, targets[start:start + batch_size]
     finally:
         if was_training:
             model.train()

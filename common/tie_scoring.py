@@ -36,6 +36,23 @@ def window_tie_runs(histories: Sequence[np.ndarray], timestamps: Sequence[np.nda
     return runs
 
 
+def batch_scorer(histories: Sequence[np.ndarray], timestamps: Sequence[np.ndarray], *, max_len: int,
+                 orders: int) -> Callable[..., torch.Tensor]:
+    """``scores(score, start, batch)`` for consecutive batches of ``histories`` (one evaluation pass):
+    the model's scores when ``orders`` <= 1, else :func:`order_averaged_scores` with the ties of each
+    window and one fixed draw stream (:data:`ORDER_SEED`) for the whole pass."""
+    runs = window_tie_runs(histories, timestamps, max_len) if orders > 1 else None
+    rng = np.random.default_rng(ORDER_SEED)
+
+    def scores(score: Callable[[list[int], list[np.ndarray]], torch.Tensor], start: int,
+               batch: list[np.ndarray]) -> torch.Tensor:
+        if runs is None:
+            return score(list(range(len(batch))), batch)
+        return order_averaged_scores(score, batch, runs[start:start + len(batch)], orders=orders, rng=rng)
+
+    return scores
+
+
 def order_averaged_scores(score: Callable[[list[int], list[np.ndarray]], torch.Tensor],
                           histories: Sequence[np.ndarray], runs: Sequence[Sequence[tuple[int, int]]], *,
                           orders: int, rng: np.random.Generator) -> torch.Tensor:

@@ -65,7 +65,6 @@ def retie(arrays: ArrayRecord, groups: Sequence[Sequence[str]]) -> ArrayRecord:
     return out
 
 
-
 def keep_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
     """``arrays`` with each array cast back to the dtype the global model had when it was sent.
 
@@ -79,6 +78,7 @@ def keep_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord
         a = arrays[key]
         out[key] = Array(a.numpy().astype(dtypes[key])) if key in dtypes and a.numpy().dtype != dtypes[key] else a
     return out
+
 
 class RoundControl(Strategy):
     """Offset round numbers and bound the wait for partners; everything else is delegated.
