@@ -12,6 +12,7 @@ from common.config import resolve_config
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from server.central_dp import with_privacy
+from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
 from server.run_report import RunRecorder
@@ -52,6 +53,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
         strategy.inner = with_secure_aggregation(strategy.inner, cfg)
         restore(start, recorder, strategy, privacy)
+        # Replies after round-timeout still released an update: the privacy report lists them
+        grid = LateReplyGrid(grid, privacy.note_late, privacy.note_unanswered)
         strategy.start(
             grid=grid,
             initial_arrays=start.arrays,
@@ -60,6 +63,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             train_config=ConfigRecord({"run-name": run_dir.name}),  # names the run in partners' ledgers
             evaluate_fn=RoundCheckpointer(start, recorder, strategy, cfg),  # records, then checkpoints
         )
+        grid.finish()
         log(INFO, "privacy report: %s", privacy.write())
         log(INFO, "summary: %s", recorder.write_summary(guarantee=privacy.guarantee()))
 

@@ -107,6 +107,26 @@ class PrivacyReport:
         entry.setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
         self.write()
 
+    def note_late(self, server_round: int, msg: Message) -> None:
+        """A training reply that came after ``round-timeout`` (server/late_replies.py): not aggregated,
+        but released, so its numbers count like a rejected reply's. SecAgg+'s key set-up and
+        unmasking replies carry no privacy numbers and are passed over."""
+        if "privacy" not in msg.content.config_records and not msg.content.metric_records:
+            return
+        node = int(msg.metadata.src_node_id)
+        log(WARNING, "round %d: %s replied after round-timeout: not aggregated, its privacy numbers are recorded",
+            server_round, self.node_labels.get(node, f"node-{node}"))
+        self.note_unaggregated(server_round, msg, "late: arrived after round-timeout")
+
+    def note_unanswered(self, server_round: int, node: int) -> None:
+        """A training message never answered by the end of the run: listed under ``no-reply`` (the
+        partner may still have trained; its own ledger is the record)."""
+        label = self.node_labels.get(node, f"node-{node}")
+        entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        if server_round not in entry.setdefault("no-reply", []):
+            entry["no-reply"].append(server_round)
+        self.write()
+
     def _record(self, msg: Message) -> dict[str, Any]:
         """Update the sending partner's entry with the reply's privacy details and numbers."""
         node = int(msg.metadata.src_node_id)

@@ -1,0 +1,129 @@
+"""Replies that arrive after ``round-timeout``: still a release, so still in the privacy report.
+
+Flower's ``send_and_receive`` returns what arrived within the timeout and forgets the rest; a
+partner that trained but answered late has released an update (and spent privacy budget) that
+the coordinator's ``privacy.json`` would never mention. :class:`LateReplyGrid` wraps the grid
+the strategy uses: it remembers every training message left unanswered at its timeout, keeps
+pulling those ids during later exchanges, and hands each late reply to a callback (the privacy
+report lists it under ``not-aggregated`` with reason ``late``). At the end of the run
+:meth:`LateReplyGrid.finish` collects once more and reports what never came back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import WARNING
+
+from flwr.app import Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+LateCallback = Callable[[int, Message], None]
+UnansweredCallback = Callable[[int, int], None]
+
+
+def _round_of(msg: Message) -> int | None:
+    """The round Flower's strategies write into each message's ``config`` (``server-round``);
+    None for messages without one (SecAgg+'s stage messages)."""
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round") if config is not None else None
+    return int(value) if isinstance(value, int) else None
+
+
+class LateReplyGrid(Grid):
+    """A grid that tracks training messages unanswered at their timeout (see module docstring).
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid Flower gave the ServerApp; every call is passed on to it.
+    on_late : callable(server_round, reply)
+        Called once per late, non-error training reply.
+    on_unanswered : callable(server_round, node_id), optional
+        Called by :meth:`finish` for each training message still without a reply.
+    """
+
+    def __init__(self, grid: Grid, on_late: LateCallback, on_unanswered: UnansweredCallback | None = None) -> None:
+        self._grid = grid
+        self._on_late = on_late
+        self._on_unanswered = on_unanswered
+        self._pending: dict[str, tuple[int, int]] = {}  # message id -> (round, destination node)
+        self._round = 0  # the latest round a message named
+        # Flower's in-memory grid polls every 0.1 s, its HTTP grid every 3 s; 1 s where not stated
+        self.pull_interval = float(getattr(grid, "pull_interval", 1.0))
+
+    # -- plain delegation ----------------------------------------------------------------------
+    def set_run(self, run) -> None:  # noqa: ANN001 (flwr.supercore.run.Run)
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable:  # noqa: ANN201 (flwr NodeInfo)
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    # -- the exchange, with memory of what is still out ------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's loop (push, then pull until every reply is in or ``timeout`` s passed), also
+        pulling earlier rounds' unanswered training messages on every poll."""
+        messages = list(messages)
+        training: dict[str, tuple[int, int]] = {}
+        for msg in messages:
+            self._round = _round_of(msg) or self._round
+        ids = list(self._grid.push_messages(messages))
+        for msg, msg_id in zip(messages, ids):
+            if msg_id and msg.metadata.message_type == MessageType.TRAIN:
+                training[msg_id] = (self._round, int(msg.metadata.dst_node_id))
+        waiting = {i for i in ids if i}
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while True:
+            self.collect_late()
+            got = list(self._grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (timeout is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.pull_interval)
+        self._pending.update({i: training[i] for i in waiting if i in training})  # out past the timeout
+        return replies
+
+    def collect_late(self) -> int:
+        """Pull replies to earlier exchanges' unanswered training messages; returns how many came."""
+        late_ids = set(self._pending)
+        if not late_ids:
+            return 0
+        got = list(self._grid.pull_messages(late_ids))
+        for reply in got:
+            server_round, _ = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0))
+            if not reply.has_error():  # an error (node gone, message expired) released nothing
+                self._on_late(server_round, reply)
+        return len(got)
+
+    def finish(self) -> list[tuple[int, int]]:
+        """End of the run: collect once more; report (round, node) of training messages never answered."""
+        self.collect_late()
+        unanswered = sorted(set(self._pending.values()))  # SecAgg+ sends several per round
+        for server_round, node in unanswered:
+            log(WARNING, "round %d: node %d never replied to its training message; if it trained, the spend is "
+                "in its own ledger only", server_round, node)
+            if self._on_unanswered is not None:
+                self._on_unanswered(server_round, node)
+        self._pending.clear()
+        return unanswered

@@ -1,0 +1,76 @@
+"""A training reply that arrives after round-timeout still released an update: privacy.json says so.
+
+The real ServerApp runs in process on a LocalGrid that holds back replies: one partner's round-1
+reply reaches the SuperLink only after the round's timeout (it comes with the next exchange),
+another partner's round-2 reply never arrives. Flower's own send_and_receive forgets both.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import Message
+
+from server.late_replies import LateReplyGrid
+from simulations.local_grid import FIRST_NODE_ID, LocalGrid, run_local
+
+TINY = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
+        "batch-size": 10, "local-epochs": 1, "num-server-rounds": 2, "min-nodes": 2, "round-timeout": 0.2}
+LATE, SILENT = FIRST_NODE_ID + 1, FIRST_NODE_ID + 2
+
+
+class HoldingGrid(LocalGrid):
+    """LATE's round-1 training reply is released at the next push (after round 1's timeout);
+    SILENT's round-2 training reply is never released."""
+
+    def __init__(self, apps) -> None:  # noqa: ANN001
+        super().__init__(apps)
+        self.held: dict[str, Message] = {}
+        self.late_reply: Message | None = None
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        self.round = messages[0].content.config_records["config"]["server-round"] if messages else None
+        released, self.held = self.held, {}
+        ids = list(super().push_messages(messages))
+        self._replies.update(released)
+        for msg_id in ids:
+            reply = self._replies[msg_id]
+            key = (reply.metadata.src_node_id, reply.metadata.message_type, self.round)
+            if key == (LATE, "train", 1):
+                self.held[msg_id] = self.late_reply = self._replies.pop(msg_id)
+            elif key == (SILENT, "train", 2):
+                self._replies.pop(msg_id)
+        return ids
+
+
+def test_late_and_missing_replies_are_in_the_privacy_report(tmp_path, monkeypatch):
+    grids = []
+
+    def holding_grid(apps):  # noqa: ANN001, ANN202
+        grids.append(HoldingGrid(apps))
+        return grids[-1]
+
+    monkeypatch.setattr("simulations.local_grid.LocalGrid", holding_grid)
+    run_dir = run_local({**TINY, "run-dir": str(tmp_path), "run-name": "late",
+                         "ledger-dir": str(tmp_path / "ledgers")}, 3)
+
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["num-partners"]) for r in rounds] == [(1, 2), (2, 2)]  # neither was waited for
+    partners = {p["node-id"]: p for p in json.loads((run_dir / "privacy.json").read_text())["partners"].values()}
+    late, silent = partners[LATE], partners[SILENT]
+    # The late reply was not aggregated, but its release and its numbers are on record
+    assert late["not-aggregated"] == [{"round": 1, "reason": "late: arrived after round-timeout"}]
+    assert late["rounds-trained"] == [2]
+    reply_epsilon = grids[0].late_reply.content.metric_records["metrics"]["epsilon"]
+    assert 0 < reply_epsilon < late["epsilon"]  # round 2's spend came on top of the late round's
+    # The reply that never came is listed; nothing else is invented for that partner
+    assert silent["no-reply"] == [2] and silent["rounds-trained"] == [1] and "not-aggregated" not in silent
+    assert "no-reply" not in late and "not-aggregated" not in partners[FIRST_NODE_ID]
+
+
+def test_without_a_timeout_nothing_is_pending(tmp_path):
+    # The exchange loop is Flower's: every reply in, nothing late, nothing unanswered
+    late: list = []
+    grid = LateReplyGrid(LocalGrid([]), lambda r, m: late.append((r, m)))
+    assert list(grid.send_and_receive([], timeout=None)) == [] and grid.finish() == [] and late == []
