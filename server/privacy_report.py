@@ -100,10 +100,12 @@ class PrivacyReport:
             self.write()
             return
         node = int(msg.metadata.src_node_id)
-        before = self.partners.get(self.node_labels.get(node, ""), {}).get("epsilon")
+        before = dict(self.partners.get(self.node_labels.get(node, ""), {}))
         entry = self._record(msg)
-        if before is not None and float(before) > float(entry.get("epsilon", before)):
-            entry["epsilon"] = before  # a rejected (maybe corrupt) reply never lowers the recorded spend
+        # A rejected (maybe corrupt) or late (older) reply never lowers the recorded spend
+        for key in ("epsilon", "ledger-steps", "ledger-rounds"):
+            if key in before and float(before[key]) > float(entry.get(key, before[key])):
+                entry[key] = before[key]
         entry.setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
         self.write()
 

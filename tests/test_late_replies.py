@@ -69,6 +69,30 @@ def test_late_and_missing_replies_are_in_the_privacy_report(tmp_path, monkeypatc
     assert "no-reply" not in late and "not-aggregated" not in partners[FIRST_NODE_ID]
 
 
+def test_an_older_late_reply_never_lowers_the_recorded_spend(tmp_path):
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from common.config import resolve_config
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])  # sets the task identity Flower's Message needs outside its runtimes
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+
+    def reply(epsilon: float, rounds: int) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"epsilon": epsilon, "delta": 1e-5, "ledger-rounds": rounds,
+                                                       "ledger-steps": 5 * rounds}),
+                              "privacy": ConfigRecord({"partner": "p"})})
+        msg = Message(content, dst_node_id=7, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = 7
+        return msg
+
+    report.screen(3, [reply(6.0, 3)])
+    report.note_late(2, reply(5.0, 2))  # round 2's reply, arriving after round 3's
+    entry = report.as_dict()["partners"]["p"]
+    assert (entry["epsilon"], entry["ledger-rounds"], entry["ledger-steps"]) == (6.0, 3, 15)
+    assert entry["not-aggregated"] == [{"round": 2, "reason": "late: arrived after round-timeout"}]
+
+
 def test_without_a_timeout_nothing_is_pending(tmp_path):
     # The exchange loop is Flower's: every reply in, nothing late, nothing unanswered
     late: list = []
