@@ -40,39 +40,42 @@ def batch_scorer(histories: Sequence[np.ndarray], timestamps: Sequence[np.ndarra
                  orders: int) -> Callable[..., torch.Tensor]:
     """``scores(score, start, batch)`` for consecutive batches of ``histories`` (one evaluation pass):
     the model's scores when ``orders`` <= 1, else :func:`order_averaged_scores` with the ties of each
-    window and one fixed draw stream (:data:`ORDER_SEED`) for the whole pass."""
+    window."""
     runs = window_tie_runs(histories, timestamps, max_len) if orders > 1 else None
-    rng = np.random.default_rng(ORDER_SEED)
 
     def scores(score: Callable[[list[int], list[np.ndarray]], torch.Tensor], start: int,
                batch: list[np.ndarray]) -> torch.Tensor:
         if runs is None:
             return score(list(range(len(batch))), batch)
-        return order_averaged_scores(score, batch, runs[start:start + len(batch)], orders=orders, rng=rng)
+        return order_averaged_scores(score, batch, runs[start:start + len(batch)], orders=orders)
 
     return scores
 
 
 def order_averaged_scores(score: Callable[[list[int], list[np.ndarray]], torch.Tensor],
                           histories: Sequence[np.ndarray], runs: Sequence[Sequence[tuple[int, int]]], *,
-                          orders: int, rng: np.random.Generator) -> torch.Tensor:
+                          orders: int, seed: int = ORDER_SEED) -> torch.Tensor:
     """log mean_o softmax(score(rows, histories in order o)), o over ``orders`` random orders of each
     history's tie ``runs`` (rows without a run, or ``orders`` <= 1: log_softmax of one pass).
 
-    ``score(rows, histories)`` returns (len(rows), V+1) scores for those rows of the batch.
+    ``score(rows, histories)`` returns (len(rows), V+1) scores for those rows of the batch. Each
+    row draws its orders from its own stream, seeded by ``seed`` and the history itself: a user's
+    score does not depend on the batch, the partner or the position it is evaluated in, so the
+    partners' summed metrics equal one evaluation of all users (a shared stream made them differ).
     """
     everyone = list(range(len(histories)))
     out = torch.log_softmax(score(everyone, list(histories)).double(), dim=1)
     tied = [i for i in everyone if runs[i]]
     if orders <= 1 or not tied:
         return out
+    rngs = {i: np.random.default_rng([seed, *np.asarray(histories[i], dtype=np.int64).tolist()]) for i in tied}
     total = torch.zeros(len(tied), out.shape[1], dtype=torch.float64)
     for _ in range(orders):
         shuffled = []
         for i in tied:
             h = np.array(histories[i], copy=True)
             for a, b in runs[i]:
-                h[a:b] = h[a:b][rng.permutation(b - a)]
+                h[a:b] = h[a:b][rngs[i].permutation(b - a)]
             shuffled.append(h)
         total += torch.softmax(score(tied, shuffled).double(), dim=1)
     out[tied] = torch.log(total / orders)
