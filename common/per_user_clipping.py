@@ -218,12 +218,27 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     return ClippedBatch(loss=per_user.detach(), norms=norms, factors=factors)
 
 
+def exact_poisson_steps(loader, steps: int) -> float:  # noqa: ANN001 (opacus DPDataLoader)
+    """Make Opacus' Poisson ``loader`` run exactly ``steps`` batches per epoch at rate 1/``steps``;
+    returns that rate.
+
+    Opacus sets rate = 1/len(loader) and then steps = int(1/rate), which floating point makes one
+    fewer for about 7% of step counts (1/(1/93) = 92.99999...): 92 steps, and ``make_private``'s
+    accountant then records rate 1/92 for them. The privacy plan (common/privacy.py
+    steps_per_epoch) is rate 1/93 over 93 steps; without this, the ledger disagreed with it and a
+    partner refused its last planned round (the over-stated history went past the target).
+    """
+    loader.batch_sampler.steps = steps
+    return 1.0 / steps
+
+
 def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader: torch.utils.data.DataLoader,  # noqa: ANN001
                        noise_multiplier: float, max_grad_norm: float):  # noqa: ANN201
     """Opacus' own Poisson loader, noise-adding optimizer and accountant hook, wired exactly as
     ``PrivacyEngine.make_private(poisson_sampling=True, grad_sample_mode="ghost")`` wires them
     (sample rate 1 / len(loader), expected batch = int(users * sample rate)), so the accountant's
-    history is Opacus' own; only the per-user clipping is ours (:func:`fused_clipped_backward`).
+    history is Opacus' own; only the per-user clipping is ours (:func:`fused_clipped_backward`),
+    and the step count is exact (:func:`exact_poisson_steps`).
 
     Returns ``(optimizer, data_loader)``.
     """
@@ -233,7 +248,7 @@ def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader:
     if engine.dataset is None:
         engine.dataset = data_loader.dataset
     loader = DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng)
-    sample_rate = 1 / len(loader)
+    sample_rate = exact_poisson_steps(loader, len(data_loader))
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",

@@ -80,3 +80,24 @@ def test_bad_partition_is_an_error_reply_not_a_crash(tmp_path):
     msg = flower_message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({})}), "train")
     reply = app(msg, context)
     assert reply.has_error() and "partition-id 7 is outside 0..1" in reply.error.reason
+
+
+def test_every_planned_step_runs_and_is_accounted_at_the_planned_rate():
+    # 742 users at batch 8: the plan is rate 1/93 over 93 steps. Opacus' sampler runs int(1/rate)
+    # steps, and 1/(1/93) is 92.999... in floating point: 92 steps recorded at rate 1/92, so the
+    # ledger over-stated the spend and a partner refused its last planned round.
+    from common.privacy import steps_per_epoch
+    from common.training import DPSettings, train_local
+
+    assert int(1 / (1 / 93)) == 92  # the floating-point fact behind it
+    cfg = resolve_config(None, {"synthetic-users": 920, "synthetic-items": 30, "embedding-dim": 8, "num-blocks": 1,
+                                "max-seq-len": 10})
+    data = partner_data(cfg, {"partition-id": 0, "num-partitions": 1})
+    rate, steps = steps_per_epoch(user_count_for_training(data), 8)
+    assert steps == 93
+    for mode in ("fused", "hooks"):  # our loader; Opacus' make_private (ghost shares that code path)
+        model = new_model(cfg, data.num_items)
+        result = train_local(model, data, epochs=1, batch_size=8, learning_rate=1e-3, max_len=10,
+                             dp=DPSettings(1.0, 1.0, "rdp", mode, 1), device="cpu")
+        assert result.steps == 93, mode
+        assert [(m[1], m[2]) for m in result.mechanisms] == [(rate, 93)], mode
