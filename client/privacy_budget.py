@@ -10,6 +10,7 @@ refuses with ``budget exhausted: epsilon X of Y`` otherwise.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
         return Path(str(node_config["ledger-path"]))
     folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
     return folder / f"{label}.sqlite"
+
+
+def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
+    """(ledger's, requested) guarantee as text when target-epsilon, delta or accountant differ, else None."""
+    if math.isclose(cal.target_epsilon, target) and math.isclose(cal.target_delta, delta) and cal.accountant == accountant:
+        return None
+    return (f"target-epsilon {cal.target_epsilon:g} at delta {cal.target_delta:.2g} ({cal.accountant})",
+            f"{target:g} at delta {delta:.2g} ({accountant})")
 
 
 class PartnerBudget:
@@ -102,6 +111,12 @@ class PartnerBudget:
             ledger.close()
             raise PrivacyError(f"{label}: batch-size or local-epochs changed mid-run (ledger {path} planned "
                                f"{cal.steps_per_round} steps at rate {cal.sample_rate:.4g} per round); start a new run")
+        elif changed := _guarantee_changes(cal, float(cfg["target-epsilon"]), delta, str(cfg["accountant"])):
+            # The run name is found in the ledger (a resumed run, or another run given the same name):
+            # its calibration would silently replace this run's stated guarantee
+            ledger.close()
+            raise PrivacyError(f"{label}: run {run!r} in ledger {path} was calibrated for {changed[0]}, this run asks "
+                               f"for {changed[1]}; give a new run-name (the ledger's spend still counts)")
         return cls(ledger, cal, run=run, label=label, users=users)
 
     @property

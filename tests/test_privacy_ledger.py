@@ -137,6 +137,20 @@ def test_a_second_run_composes_with_the_first(tmp_path, small_data):
     assert 8.0 - 0.02 <= _rdp_epsilon(history) <= 8.0 * 1.01
 
 
+def test_a_run_name_found_with_another_guarantee_is_refused(tmp_path, small_data):
+    # Run "exp" (target 8) trained a round; a new run given the same name asks for target 2: reusing
+    # the ledger's calibration would train it on to epsilon 8 while its config states 2
+    cfg, context = _cfg(tmp_path), _context()
+    budget = PartnerBudget.open(cfg, context, small_data, "exp")
+    budget.record(context, 1, [budget.calibration.round_mechanism()])
+    budget.close()
+    for change, said in (({"target-epsilon": 2.0}, "asks for 2 at delta"), ({"accountant": "prv"}, "(prv)")):
+        with pytest.raises(PrivacyError, match=r"run 'exp' in ledger .* was calibrated for target-epsilon 8 .*"
+                                               + re.escape(said)):
+            PartnerBudget.open({**cfg, **change}, _context(), small_data, "exp")
+    PartnerBudget.open(cfg, _context(), small_data, "exp").close()  # the same guarantee resumes
+
+
 def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a ledger at all" * 100)
