@@ -146,22 +146,50 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     return result
 
 
+def _metrics_lines(path: Path) -> list[dict]:
+    """``metrics.jsonl``'s rounds; a line cut short (a server killed mid-write) is skipped with a
+    warning, as the claim comes from ``privacy.json`` and only the last NDCG@10 from here."""
+    if not path.exists():
+        return []
+    lines, bad = [], 0
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text) if text.strip() else None
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return lines
+
+
 def _claimed_privacy(run_dir: Path, cfg: dict) -> dict:
-    """The run's own claim for one user: the partners' local (user-level) epsilon from
-    ``metrics.jsonl`` and, under central DP, the coordinator's epsilon from ``privacy.json`` (it
-    covers a partner's whole update, so also any one user in it); the smaller one when both hold."""
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (run_dir / "metrics.jsonl").exists() else []
+    """The run's own claim for one user, as its guarantee sentence states it: the worst partner's
+    local (user-level, whole-ledger) epsilon from ``privacy.json`` and, under central DP, the
+    coordinator's epsilon there (it covers a partner's whole update, so also any one user in it);
+    the smaller one when both hold. Without ``privacy.json`` (older runs): the largest epsilon
+    ``metrics.jsonl`` recorded (a failed last round records none, which once read as "no DP")."""
+    lines = _metrics_lines(run_dir / "metrics.jsonl")
+    report = _read_json(run_dir / "privacy.json") if (run_dir / "privacy.json").exists() else None
     claims = []
     mode = dp_mode(cfg)  # dp = false: off
-    if lines and uses_local_dp(mode) and float(lines[-1].get("epsilon") or 0) > 0:
-        claims.append((float(lines[-1]["epsilon"]), float(lines[-1].get("delta") or 0.0)))
-    if mode in ("central", "both") and (run_dir / "privacy.json").exists():
-        central = _read_json(run_dir / "privacy.json").get("central") or {}
+    if uses_local_dp(mode):
+        if report is not None:
+            spent = [(float(p["epsilon"]), float(p.get("delta") or 0.0)) for p in (report.get("partners") or {}).values()
+                     if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
+        else:
+            spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
+        if spent:
+            claims.append(max(spent))
+    if mode in ("central", "both") and report is not None:
+        central = report.get("central") or {}
         if float(central.get("epsilon") or 0) > 0:
             claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))
     eps, delta = min(claims) if claims else (float("inf"), 0.0)
-    return {"epsilon": eps, "delta": delta, "ndcg@10": lines[-1].get("ndcg@10") if lines else None}
+    evaluated = [x for x in lines if x.get("ndcg@10") is not None]
+    return {"epsilon": eps, "delta": delta, "ndcg@10": evaluated[-1]["ndcg@10"] if evaluated else None}
 
 
 def format_result(r: dict) -> str:

@@ -95,7 +95,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_data():
 
 
 @pytest.mark.parametrize("mode,local_eps,expected", [
-    ("local", 7.5, 7.5),  # the partners' user-level epsilon
+    ("local", 7.5, 7.5),  # the partners' user-level epsilon (the worst partner's)
     ("central", 0.0, 10.7),  # a partner's whole update is protected, so any one user in it
     ("both", 7.5, 7.5),  # both hold: the smaller
     ("both", 12.0, 10.7),
@@ -105,9 +105,13 @@ def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expec
 
     from simulations.audit import _claimed_privacy
 
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "epsilon": local_eps, "delta": 1e-5,
-                                                        "ndcg@10": 0.1}) + "\n")
-    (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": 10.7, "delta": 1e-5}}))
+    # The last round failed (every partner refused: epsilon null) and its line was cut short by a crash
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"round": 1, "epsilon": local_eps - 1, "delta": 1e-5, "ndcg@10": 0.1}) + "\n"
+        + json.dumps({"round": 2, "epsilon": None, "delta": None, "ndcg@10": None}) + "\n" + '{"round": 3, "epsi')
+    partners = {"p0": {"epsilon": local_eps, "delta": 1e-5}, "p1": {"epsilon": local_eps - 2, "delta": 1e-5}}
+    (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": 10.7, "delta": 1e-5},
+                                                       "partners": partners if local_eps else {}}))
     claim = _claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
-    assert claim["epsilon"] == expected and claim["delta"] == 1e-5
+    assert claim["epsilon"] == expected and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
     assert _claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
