@@ -166,6 +166,18 @@ class RunRecorder:
             return ""
         return f"; 95% CI over users: HR@{k} +-{1.96 * hr:.4f}, NDCG@{k} +-{1.96 * ndcg:.4f}"
 
+    def _final_metrics_text(self) -> str:
+        """The last evaluated round's HR/NDCG line; "n/a" when no round was evaluated (it said 0.0000)."""
+        k = self.top_k
+        evaluated = [r for r in self.rounds if r.get(f"ndcg@{k}") is not None]
+        if not evaluated:
+            return f"- final HR@{k}, NDCG@{k}: n/a (no round was evaluated; fraction-evaluate or evaluate-every)"
+        line = evaluated[-1]
+        which = "" if line is self.rounds[-1] else f", round {line.get('round')}, the last evaluated"
+        return (f"- final HR@{k}: {line[f'hr@{k}']:.4f}, NDCG@{k}: {line[f'ndcg@{k}']:.4f} "
+                f"(full ranking over {len(self.catalogue)} items, history excluded, {int(line.get('eval-users') or 0)} "
+                f"test users{which}{self._interval_text(line)})")
+
     def write_summary(self, guarantee: str | None = None) -> Path:
         """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py)."""
         k = self.top_k
@@ -184,9 +196,7 @@ class RunRecorder:
             guarantee,
             "",
             f"- data: {cfg.get('dataset')}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
-            f"- final HR@{k}: {last.get(f'hr@{k}') or 0:.4f}, NDCG@{k}: {last.get(f'ndcg@{k}') or 0:.4f} "
-            f"(full ranking over {len(self.catalogue)} items, history excluded, {int(last.get('eval-users') or 0)} test users"
-            f"{self._interval_text(last)})",
+            self._final_metrics_text(),
             f"- wall time: {last.get('seconds', 0):.1f} s",
             "",
         ])

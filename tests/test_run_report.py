@@ -37,7 +37,21 @@ def test_summary_without_evaluation_claims_no_interval(tmp_path):
     recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
     recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # no partner evaluated this round
     summary = recorder.write_summary().read_text()
-    assert "test users)" in summary and "CI" not in summary
+    # fraction-evaluate = 0: no made-up 0.0000 (metrics.jsonl has null)
+    assert "final HR@10, NDCG@10: n/a (no round was evaluated" in summary and "0.0000" not in summary
+    assert "CI" not in summary
+
+
+def test_summary_names_the_last_evaluated_round(tmp_path):
+    recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
+    ranks = np.array([0, 3, 40])
+    recorder.aggregate_evaluate_metrics([RecordDict({"metrics": MetricRecord(ranking_sums(ranks, ks=(10,)))})],
+                                        "num-examples")
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    recorder.end_round(2, ArrayRecord({"w": torch.zeros(2)}))  # evaluate-every = 2 style: round 2 not evaluated
+    summary = recorder.write_summary().read_text()
+    expected = (1.0 + 1.0 / math.log2(5.0)) / 3
+    assert f"NDCG@10: {expected:.4f}" in summary and "round 1, the last evaluated" in summary
 
 
 def test_run_dirs_named_finds_suffixed_copies_only(tmp_path):
