@@ -198,8 +198,12 @@ class PrivacyReport:
                 parts.append("no partner completed a DP-SGD round")
         if uses_central_dp(self.mode):
             eps = self.central.get("epsilon")
-            bound = (f"({eps:.3f}, {self.central.get('delta'):.2g})-DP" if eps is not None
-                     else "noised but not accounted (Flower's accountant needs FedAvg)")
+            if eps is not None:
+                bound = f"({eps:.3f}, {self.central.get('delta'):.2g})-DP"
+            elif float(self.cfg["central-noise-multiplier"]) <= 0:
+                bound = "clipped but not noised (central-noise-multiplier = 0), so not DP"
+            else:
+                bound = "noised but not accounted (Flower's accountant needs FedAvg)"
             parts.append(f"the sequence of global models is {bound} for any one partner's whole contribution "
                          f"(central DP, clipping {self.central.get('clipping', self.cfg['central-clipping'])}-side "
                          f"at {self.cfg['central-clipping-norm']:g}, "

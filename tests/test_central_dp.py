@@ -120,7 +120,7 @@ def test_refused_partners_are_skipped_and_noise_follows_the_partners_averaged(tm
 def test_server_side_clipping_bounds_every_update_and_weighs_partners_equally(tmp_path):
     # Prepare: no noise, updates of norms 0.3, 1, 4 and 40 with unequal example counts
     n, clip = 4, 1.0
-    strategy, _ = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": 0.0,
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": 0.0,
                                             "central-clipping-norm": clip})
     seen = []
     inner_aggregate = strategy.strategy.aggregate_train
@@ -147,6 +147,8 @@ def test_server_side_clipping_bounds_every_update_and_weighs_partners_equally(tm
     assert norms[0] == pytest.approx(0.3, rel=1e-4)
     clipped = [u * min(1.0, clip / np.linalg.norm(u)) for u in updates]
     np.testing.assert_allclose(out, global_w + np.mean(clipped, axis=0), atol=1e-5)
+    # No noise, so no guarantee, and the sentence says why (it said "noised but not accounted")
+    assert "clipped but not noised (central-noise-multiplier = 0), so not DP" in report.guarantee()
 
 
 def test_client_mod_clips_only_when_the_run_asks_for_it(tmp_path):
