@@ -10,10 +10,12 @@ the single sum that secure aggregation reveals (see the README).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import WARNING
 from typing import Any
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.errors import ConfigError
@@ -25,6 +27,37 @@ AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum"
 NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed-mean", "krum")
 
 MetricsFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+class TrimmedMean(FedTrimmedAvg):
+    """Flower's FedTrimmedAvg, saying when it trims nothing: scipy's ``trim_mean`` cuts
+    int(trim-fraction x n) updates from each end, none below 1 / trim-fraction replies (the
+    default 0.2 trims nothing with fewer than 5 partners), which made the knob silently a mean."""
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        n = sum(1 for r in replies if not r.has_error())
+        if self.beta > 0 and n and int(self.beta * n) == 0:
+            log(WARNING, "round %d: trim-fraction %g of %d updates trims none (it cuts int(%g x n) from each end; "
+                "needs %d or more): this round is a plain unweighted mean", server_round, self.beta, n, self.beta,
+                int(1 / self.beta - 1e-9) + 1)
+        return super().aggregate_train(server_round, replies)
+
+
+class KrumReportingAll(Krum):
+    """Flower's Krum, with the round's training metrics over every partner that trained: Flower
+    passes only the selected update's metrics on, so metrics.jsonl recorded one partner (its
+    epsilon instead of the worst, num-partners 1)."""
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        valid = [r.content for r in replies if not r.has_error()]
+        if arrays is not None and valid:
+            metrics = self.train_metrics_aggr_fn(valid, self.weighted_by_key)
+        return arrays, metrics
 
 
 def aggregation_strategy(
@@ -62,13 +95,13 @@ def aggregation_strategy(
         beta = float(cfg["trim-fraction"])
         if not 0.0 <= beta < 0.5:
             raise ConfigError(f"trim-fraction = {beta:g} must be in [0, 0.5)")
-        return FedTrimmedAvg(**common, beta=beta)
+        return TrimmedMean(**common, beta=beta)
     if name == "krum":
         f = int(cfg["num-malicious-nodes"])
         # Krum scores each update by its n - f - 2 nearest neighbours: needs n > f + 2.
         if f < 0 or min_nodes < f + 3:
             raise ConfigError(f"krum with num-malicious-nodes = {f} needs min-nodes >= {f + 3} (has {min_nodes})")
-        return Krum(**common, num_malicious_nodes=f)
+        return KrumReportingAll(**common, num_malicious_nodes=f)
     raise ConfigError(f"aggregation = {name!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
 
 

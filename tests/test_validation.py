@@ -192,6 +192,21 @@ def test_robust_aggregations_run_after_validation(name):
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-6)
 
 
+def test_a_trim_fraction_that_trims_nothing_says_so(caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)  # Flower's logger keeps records to itself
+    cfg = resolve_config(None, {"aggregation": "trimmed-mean", "min-nodes": 3, "trim-fraction": 0.2})
+    strategy = validating(aggregation_strategy(cfg), min_nodes=3)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = strategy.aggregate_train(1, honest_replies())
+    got = as_numpy(arrays)
+    for key in GLOBAL:  # int(0.2 x 3) = 0 cut from each end: the plain mean
+        np.testing.assert_allclose(got[key], np.mean([a[key] for a, _ in HONEST], axis=0), rtol=1e-6)
+    assert any("trim-fraction 0.2 of 3 updates trims none" in r.getMessage() and "needs 5 or more" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_every_aggregation_option_builds_and_bad_ones_are_one_clear_line():
     for name in AGGREGATIONS:
         build_strategy(resolve_config(None, {"aggregation": name, "min-nodes": 3, "proximal-mu": 0.1}))
@@ -262,15 +277,22 @@ def test_updates_a_robust_aggregator_leaves_out_still_count_in_the_privacy_repor
     from server.central_dp import with_privacy
     from server.privacy_report import PrivacyReport
 
+    from server.run_report import RunRecorder
+
     cfg = resolve_config(None, {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 4})
     report = PrivacyReport(tmp_path, cfg)
+    recorder = RunRecorder(tmp_path, cfg, np.array(["a"] * 3))
     strategy = build_strategy(cfg, wrap_aggregation=lambda inner: with_privacy(inner, cfg, report),
-                              on_unaggregated=report.note_unaggregated)
+                              on_unaggregated=report.note_unaggregated,
+                              train_metrics_aggr_fn=recorder.aggregate_train_metrics)
     list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(4)))
     updates = [(a, n) for a, n in HONEST] + [({"w": GLOBAL["w"] + 0.3, "b": GLOBAL["b"]}, 10)]
     replies = [reply(101 + i, content(a, n, epsilon=1.0 + i, delta=1e-5)) for i, (a, n) in enumerate(updates)]
     # Execute
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # The round's line counts every partner that trained and its worst epsilon (Flower passes on
+    # the selected update's metrics only: num-partners 1 and that partner's epsilon)
+    assert metrics["num-partners"] == 4 and metrics["epsilon"] == 4.0
     # Assert: one partner's update was kept unchanged, yet all four releases are in the report
     got = as_numpy(arrays)
     assert sum(np.array_equal(a["w"], got["w"]) for a, _ in updates) == 1
