@@ -180,7 +180,6 @@ class RunRecorder:
 
     def write_summary(self, guarantee: str | None = None) -> Path:
         """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py)."""
-        k = self.top_k
         last = self.rounds[-1] if self.rounds else {}
         cfg = self.config
         if guarantee:
