@@ -200,6 +200,8 @@ class PrivacyReport:
             eps = self.central.get("epsilon")
             if eps is not None:
                 bound = f"({eps:.3f}, {self.central.get('delta'):.2g})-DP"
+            elif not self.central_rounds:
+                bound = "unchanged: no round released an aggregate"
             elif float(self.cfg["central-noise-multiplier"]) <= 0:
                 bound = "clipped but not noised (central-noise-multiplier = 0), so not DP"
             else:

@@ -33,10 +33,10 @@ from common.cli_args import positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
 from common.errors import DataError
-from common.privacy import dp_mode, uses_local_dp
 from common.metrics import pad_left
 from common.task import federation_data, new_model
 from simulations.cli import user_errors_exit
+from simulations.run_claims import claimed_privacy, read_json_object
 
 
 def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
@@ -87,26 +87,15 @@ def popularity_losses(data: SequenceData, counts: np.ndarray, max_len: int) -> n
     return np.array([-logp[h[-max_len:]].mean() if len(h) else 0.0 for h in data.train_sequences()])
 
 
-def _read_json(path: Path) -> dict:
-    """A run file's JSON object; a corrupt or foreign file is one :class:`DataError` line."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return value
-
-
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
     for name in ("config.json", "model.pt", "holdout.json"):
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir}: no {name} (run with holdout-fraction > 0 through simulations.run/sweep)")
-    saved_cfg = _read_json(run_dir / "config.json")
+    saved_cfg = read_json_object(run_dir / "config.json")
     cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})  # keys of older versions dropped
-    holdout = _read_json(run_dir / "holdout.json")
+    holdout = read_json_object(run_dir / "holdout.json")
     if not isinstance(holdout.get("user-ids"), list):
         raise DataError(f"{run_dir / 'holdout.json'}: no user-ids list (written by simulations.run with holdout-fraction > 0)")
     held = set(holdout["user-ids"])
@@ -141,55 +130,9 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
                         ("control-loss", -control), ("control-calibrated", -control_calibrated)):
         value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)
         result[f"auc-{name}"], result[f"auc-{name}-ci"] = value, [low, high]
-    result.update(_claimed_privacy(run_dir, cfg))
+    result.update(claimed_privacy(run_dir, cfg))
     (run_dir / "audit.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def _metrics_lines(path: Path) -> list[dict]:
-    """``metrics.jsonl``'s rounds; a line cut short (a server killed mid-write) is skipped with a
-    warning, as the claim comes from ``privacy.json`` and only the last NDCG@10 from here."""
-    if not path.exists():
-        return []
-    lines, bad = [], 0
-    for text in path.read_text().splitlines():
-        try:
-            line = json.loads(text) if text.strip() else None
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    if bad:
-        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
-    return lines
-
-
-def _claimed_privacy(run_dir: Path, cfg: dict) -> dict:
-    """The run's own claim for one user, as its guarantee sentence states it: the worst partner's
-    local (user-level, whole-ledger) epsilon from ``privacy.json`` and, under central DP, the
-    coordinator's epsilon there (it covers a partner's whole update, so also any one user in it);
-    the smaller one when both hold. Without ``privacy.json`` (older runs): the largest epsilon
-    ``metrics.jsonl`` recorded (a failed last round records none, which once read as "no DP")."""
-    lines = _metrics_lines(run_dir / "metrics.jsonl")
-    report = _read_json(run_dir / "privacy.json") if (run_dir / "privacy.json").exists() else None
-    claims = []
-    mode = dp_mode(cfg)  # dp = false: off
-    if uses_local_dp(mode):
-        if report is not None:
-            spent = [(float(p["epsilon"]), float(p.get("delta") or 0.0)) for p in (report.get("partners") or {}).values()
-                     if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
-        else:
-            spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
-        if spent:
-            claims.append(max(spent))
-    if mode in ("central", "both") and report is not None:
-        central = report.get("central") or {}
-        if float(central.get("epsilon") or 0) > 0:
-            claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))
-    eps, delta = min(claims) if claims else (float("inf"), 0.0)
-    evaluated = [x for x in lines if x.get("ndcg@10") is not None]
-    return {"epsilon": eps, "delta": delta, "ndcg@10": evaluated[-1]["ndcg@10"] if evaluated else None}
 
 
 def format_result(r: dict) -> str:

@@ -112,8 +112,9 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     for _, row in frame.iterrows():
         label = _label(row, config_keys)
         lines = _rounds(Path(str(row["run-dir"])))
-        for x in lines:
-            curves[label][x["round"]].append(x.get("ndcg@10") or 0.0)
+        for x in lines:  # a round without evaluation (evaluate-every, failed) has no point, not 0
+            if x.get("ndcg@10") is not None:
+                curves[label][x["round"]].append(x["ndcg@10"])
         if lines:
             partners[label].extend(lines[-1].get("partner-ndcg@10") or [])
     if curves:

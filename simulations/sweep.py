@@ -45,6 +45,7 @@ from typing import Any
 from common.config import DEFAULTS
 from common.errors import ConfigError, FedRecError
 from simulations.cli import user_errors_exit
+from simulations.run_claims import claimed_privacy, metrics_lines
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ONLY = ("num-partners", "seed")
@@ -132,13 +133,21 @@ def finished_runs(csv_path: Path, retry_failed: bool = False) -> set[str]:
 
 
 def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
-    """Append one row (header first if the file is new); a changed column set is an error."""
+    """Append one row (header first if the file is new); a changed column set is an error. A row
+    for a run id already in the file as failed (``--retry-failed``) replaces that row."""
     new = not csv_path.exists()
     if not new:
         with open(csv_path, newline="") as fh:
-            header = next(csv.reader(fh), [])
+            rows = list(csv.reader(fh))
+        header = rows[0] if rows else []
         if header != columns:
             raise ConfigError(f"{csv_path}: its columns differ from this sweep's; use another output file")
+        kept = [r for r in rows[1:] if not (r and r[0] == row["run-id"])]
+        if len(kept) < len(rows) - 1:  # the retried run's failed row(s): rewrite without them, atomically
+            tmp = csv_path.with_suffix(csv_path.suffix + ".tmp")
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows([header, *kept])
+            os.replace(tmp, csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -202,12 +211,19 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     if run_dir is None or proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():
         row["status"] = f"failed (exit {proc.returncode}): {last_error or 'see ' + str(log_path)}"
         return row
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = lines[-1]
+    lines = metrics_lines(run_dir / "metrics.jsonl")
+    last = lines[-1] if lines else {}
     row.update({k: last.get(k) for k in METRICS})
     row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
-    if is_no_dp(run):
-        row["epsilon"] = "inf"
+    # The run's stated guarantee (privacy.json, as the audit reads it): the last metrics line has
+    # local DP only, so a central-DP run read as epsilon 0
+    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else dict(run)
+    claim = claimed_privacy(run_dir, saved)
+    row["epsilon"], row["delta"] = ("inf", "") if is_no_dp(run) or claim["epsilon"] == math.inf else \
+        (claim["epsilon"], claim["delta"])
+    if not any(x.get("num-partners") is not None for x in lines):
+        # Every round failed (e.g. every update rejected): the model is the untrained one
+        row["status"] = f"failed: no round aggregated an update (see {log_path})"
     return row
 
 

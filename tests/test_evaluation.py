@@ -103,7 +103,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_data():
 def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expected):
     import json
 
-    from simulations.audit import _claimed_privacy
+    from simulations.run_claims import claimed_privacy
 
     # The last round failed (every partner refused: epsilon null) and its line was cut short by a crash
     (tmp_path / "metrics.jsonl").write_text(
@@ -112,6 +112,6 @@ def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expec
     partners = {"p0": {"epsilon": local_eps, "delta": 1e-5}, "p1": {"epsilon": local_eps - 2, "delta": 1e-5}}
     (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": 10.7, "delta": 1e-5},
                                                        "partners": partners if local_eps else {}}))
-    claim = _claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
+    claim = claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
     assert claim["epsilon"] == expected and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
-    assert _claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
+    assert claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")

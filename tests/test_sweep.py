@@ -143,3 +143,71 @@ def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypat
     row = sweep.execute(run, spec, sweep.run_id(run))
     assert time.perf_counter() - start < 15
     assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
+
+
+def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config):
+    """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
+    import sys
+
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "privacy.json").write_text(json.dumps(privacy))
+    (run_dir / "config.json").write_text(json.dumps(config))
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho 'run directory: {run_dir}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    return sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
+
+
+def test_a_central_dp_run_records_the_coordinators_epsilon(tmp_path, monkeypatch):
+    # The last metrics line holds local DP only (0 under central DP); the guarantee is in privacy.json
+    line = {"round": 1, "ndcg@10": 0.2, "hr@10": 0.4, "epsilon": 0.0, "delta": 0.0, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line],
+                        privacy={"central": {"epsilon": 7.0774, "delta": 1e-5}},
+                        config={"dp": True, "dp-mode": "central"})
+    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == (7.0774, 1e-5) and row["ndcg@10"] == 0.2
+
+
+def test_a_run_whose_every_round_failed_is_a_failed_row(tmp_path, monkeypatch):
+    failed = {"epsilon": None, "train-loss": None, "num-partners": None, "ndcg@10": 0.144}
+    row = _finished_run(tmp_path, monkeypatch, lines=[{"round": 1, **failed}, {"round": 2, **failed}],
+                        privacy={"partners": {"p0": {"epsilon": 7.998, "delta": 1e-5}}},
+                        config={"dp": True, "dp-mode": "local"})
+    assert row["status"].startswith("failed: no round aggregated an update")
+    assert row["epsilon"] == 7.998  # the spend is still on record
+
+
+def test_a_retried_run_replaces_its_failed_row(tmp_path):
+    path, columns = tmp_path / "r.csv", ["run-id", "status", "ndcg@10"]
+    sweep.append_row(path, {"run-id": "a", "status": "ok", "ndcg@10": 0.1}, columns)
+    sweep.append_row(path, {"run-id": "b", "status": "failed (exit 2): no such file"}, columns)
+    assert sweep.finished_runs(path, retry_failed=True) == {"a"}
+    sweep.append_row(path, {"run-id": "b", "status": "ok", "ndcg@10": 0.3}, columns)
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["run-id"], r["status"], r["ndcg@10"]) for r in rows] == [("a", "ok", "0.1"), ("b", "ok", "0.3")]
+
+
+def test_the_rounds_plot_leaves_out_rounds_without_evaluation(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from simulations.plots import plot_sweep
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "ndcg@10": None}) + "\n"
+                                           + json.dumps({"round": 2, "ndcg@10": 0.15}) + "\n")
+    path = tmp_path / "r.csv"
+    path.write_text(f"run-id,status,model,seed,target-epsilon,ndcg@10,run-dir\na,ok,mf,1,8,0.15,{run_dir}\n")
+    drawn = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append([list(map(float, x)) for x in a[:2]])
+                        or real_plot(self, *a, **k))
+    plot_sweep(path)
+    assert [[2.0], [0.15]] in drawn and not any(0.0 in ys for _, ys in (d for d in drawn if len(d) == 2))

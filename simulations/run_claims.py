@@ -1,0 +1,68 @@
+"""What a finished run directory claims: its rounds (``metrics.jsonl``) and the privacy guarantee
+it states (``privacy.json``), read the same way by the audit and the sweep's results table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from common.errors import DataError
+from common.privacy import dp_mode, uses_local_dp
+
+
+def read_json_object(path: Path) -> dict:
+    """A run file's JSON object; a corrupt or foreign file is one :class:`DataError` line."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
+
+
+def metrics_lines(path: Path) -> list[dict]:
+    """``metrics.jsonl``'s rounds; a line cut short (a server killed mid-write) is skipped with a
+    warning, as the claim comes from ``privacy.json`` and only the last NDCG@10 from here."""
+    if not path.exists():
+        return []
+    lines, bad = [], 0
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text) if text.strip() else None
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return lines
+
+
+def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
+    """The run's own claim for one user, as its guarantee sentence states it: the worst partner's
+    local (user-level, whole-ledger) epsilon from ``privacy.json`` and, under central DP, the
+    coordinator's epsilon there (it covers a partner's whole update, so also any one user in it);
+    the smaller one when both hold. Without ``privacy.json`` (older runs): the largest epsilon
+    ``metrics.jsonl`` recorded (a failed last round records none, which once read as "no DP")."""
+    lines = metrics_lines(run_dir / "metrics.jsonl")
+    report = read_json_object(run_dir / "privacy.json") if (run_dir / "privacy.json").exists() else None
+    claims = []
+    mode = dp_mode(cfg)  # dp = false: off
+    if uses_local_dp(mode):
+        if report is not None:
+            spent = [(float(p["epsilon"]), float(p.get("delta") or 0.0)) for p in (report.get("partners") or {}).values()
+                     if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
+        else:
+            spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
+        if spent:
+            claims.append(max(spent))
+    if mode in ("central", "both") and report is not None:
+        central = report.get("central") or {}
+        if float(central.get("epsilon") or 0) > 0:
+            claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))
+    eps, delta = min(claims) if claims else (float("inf"), 0.0)
+    evaluated = [x for x in lines if x.get("ndcg@10") is not None]
+    return {"epsilon": eps, "delta": delta, "ndcg@10": evaluated[-1]["ndcg@10"] if evaluated else None}
