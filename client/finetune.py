@@ -28,10 +28,10 @@ from common.data.event_store import is_event_store, store_identity
 from common.config import DEFAULTS
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import build_sequences
-from common.errors import PrivacyError
+from common.errors import ConfigError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, steps_per_epoch
-from common.files import PRIVATE_MODE, write_file
+from common.files import PRIVATE_MODE, refuse_existing, write_file
 from common.training import (DPSettings, objective_options, refuse_non_sequence_model, train_local,
                              user_count_for_training)
 
@@ -43,7 +43,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
                      batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
                      target_epsilon: float = 8.0, target_delta: float = 0.0, max_grad_norm: float = 1.0,
                      dp: bool = True, seed: int = 0, exclude_seen: bool | None = None,
-                     shuffle_ties: bool | None = None) -> dict[str, Any]:
+                     shuffle_ties: bool | None = None, force: bool = False) -> dict[str, Any]:
     """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
     (default: the model file's time) and write it to ``out``; returns the report.
 
@@ -52,8 +52,12 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     fine-tune continues the objective the model was trained with.
 
     Raises :class:`PrivacyError` when the ledger has no room for it (or too few recent users
-    for ``batch_size``), :class:`DataError` for a bad model or log.
+    for ``batch_size``), :class:`DataError` for a bad model or log, :class:`ConfigError` for an
+    ``out`` that exists (unless ``force``), is a directory or is one of the inputs: all checked
+    before anything is trained or recorded in the ledger.
     """
+    out_path = Path(out) if out else Path(ledger_path).with_name("partner-finetuned.pt")
+    _check_out_path(out_path, inputs=(model, data_path, ledger_path), force=force)
     gm = load_global_model(model)
     refuse_non_sequence_model(gm.model, f"finetune {gm.path}")  # before the ledger is touched
     objective = objective_options({**DEFAULTS, **gm.config})  # files older than a knob: its default
@@ -108,7 +112,6 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
             ledger.close()
 
     after_metrics = means_from_sums(evaluate_ranking(tuned, recent, split="test", max_len=max_len, tie_orders=orders))
-    out_path = Path(out) if out else Path(ledger_path).with_name("partner-finetuned.pt")
     report = {
         "global-model": str(gm.path),
         "finetuned-model": str(out_path),
@@ -131,5 +134,23 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     buf = io.BytesIO()
     torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,
                 "finetune": report}, buf)
-    write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data
+    write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data; checked above
     return report
+
+
+def _check_out_path(out: Path, *, inputs: tuple, force: bool) -> None:
+    """Refuse an ``out`` that would lose something, before the fine-tune spends any budget: one of
+    the inputs (the global model, the log, the ledger; never, even with --force), a directory, an
+    unwritable folder, or an existing file without ``force``."""
+    target = out.resolve()
+    for given in inputs:
+        p = Path(given)
+        candidates = {p.resolve(), (p / "model.pt").resolve()} if p.is_dir() else {p.resolve()}
+        if target in candidates:
+            raise ConfigError(f"--out {out} is one of the fine-tune's inputs ({given}); choose another file")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'partner-finetuned.pt'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: cannot write to {parent}")
+    refuse_existing([out], force=force, hint="an earlier fine-tuned model")

@@ -90,7 +90,7 @@ def _finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
         target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
-        dp=not args.no_dp, seed=args.seed)
+        dp=not args.no_dp, seed=args.seed, force=args.force)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -127,6 +127,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--ledger-path", required=True, help="this partner's privacy ledger (the one its supernode uses)")
     ft.add_argument("--out", default=None,
                     help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
+    ft.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input)")
     ft.add_argument("--since", type=int, default=None, help="unix seconds: train users with events at or after this "
                     "(default: the global model file's time)")
     ft.add_argument("--epochs", type=positive_int, default=1)

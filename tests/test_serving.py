@@ -424,7 +424,7 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     # A second fine-tune that would pass a lower budget is refused and spends nothing
     with pytest.raises(PrivacyError, match="budget exhausted"):
         finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
-                         noise_multiplier=1.2, target_epsilon=report["epsilon-ledger"] + 0.01)
+                         noise_multiplier=1.2, target_epsilon=report["epsilon-ledger"] + 0.01, force=True)
     with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
         assert opened.history() == history
 
@@ -566,11 +566,35 @@ def test_finetune_trains_with_the_objective_the_model_was_trained_with(trained, 
         f"{u},{i},{t}\n" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
     for model, expected in ((run, (True, True)), (other, (False, True))):
         finetune.finetune_partner(model=model, data_path=csv, ledger_path=tmp_path / "l.sqlite", since=0,
-                                  epochs=1, batch_size=8, dp=False)
+                                  epochs=1, batch_size=8, dp=False, force=True)
         assert seen[-1] == expected
     finetune.finetune_partner(model=other, data_path=csv, ledger_path=tmp_path / "l.sqlite", since=0, epochs=1,
-                              batch_size=8, dp=False, exclude_seen=True, shuffle_ties=False)
+                              batch_size=8, dp=False, exclude_seen=True, shuffle_ties=False, force=True)
     assert seen[-1] == (True, False)  # an explicit choice wins
+
+
+def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(trained, log, tmp_path):
+    from client.finetune import finetune_partner
+    from common.errors import ConfigError
+
+    run, _ = trained
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
+    ledger, kept = tmp_path / "ledger.sqlite", tmp_path / "kept.pt"
+    kept.write_bytes(b"an earlier model")
+    log_bytes, model_bytes = csv.read_bytes(), (run / "model.pt").read_bytes()
+    args = dict(model=run, data_path=csv, ledger_path=ledger, since=0, epochs=1, batch_size=8)
+    for out, message in ((csv, "is one of the fine-tune's inputs"), (run / "model.pt", "is one of the fine-tune's inputs"),
+                         (run, "is one of the fine-tune's inputs"), (tmp_path, "is a directory"),
+                         (kept, "already exists; pass --force")):
+        with pytest.raises(ConfigError, match=message):
+            finetune_partner(**args, out=out, force=out != kept)  # --force never makes an input writable
+    with pytest.raises(ConfigError, match="is one of the fine-tune's inputs"):
+        finetune_partner(**args, out=csv, force=True)
+    # Nothing was trained, spent or written
+    assert not ledger.exists() and csv.read_bytes() == log_bytes and (run / "model.pt").read_bytes() == model_bytes
+    assert kept.read_bytes() == b"an earlier model"
 
 
 def test_tools_that_train_sequence_models_refuse_mf_in_one_line_before_writing(tmp_path, log):
