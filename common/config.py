@@ -122,6 +122,8 @@ def _coerce(key: str, value: Any) -> Any:
                     raise ValueError
                 return value.lower() in ("true", "1")
             return bool(value)
+        if isinstance(value, bool):
+            raise ValueError  # true as a number: int(True) = 1 would run silently (learning-rate = 1.0)
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError  # 2.5 rounds: int() would silently make it 2

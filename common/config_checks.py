@@ -14,20 +14,22 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from common.data.partition import SCHEMES as PARTITION_SCHEMES
 from common.errors import ConfigError
 
 POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim", "num-blocks", "num-heads",
                  "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
                  "synthetic-items", "mf-fold-in-steps", "tie-orders")
-NON_NEGATIVE_INTS = ("num-malicious-nodes",)
+NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
-                   "secagg-max-weight", "secagg-delta-scale", "server-learning-rate")
+                   "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha")
 # (fraction-evaluate, 0 = no evaluation, and proximal-mu are checked where the server builds its strategy)
-NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier")
+NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power")
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
+    "partitioning": PARTITION_SCHEMES,  # (a bad one was refused by every partner, every round, run "completed")
 }
 
 
@@ -63,6 +65,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
     if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):
         raise bad("target-epsilon", "must be a positive number (the privacy budget)")
+    if "holdout-fraction" in cfg and not 0 <= cfg["holdout-fraction"] < 1:
+        raise bad("holdout-fraction", "must be in [0, 1) (the share of users never trained on)")
     if not 0 <= cfg["target-delta"] < 1:
         raise bad("target-delta", "must be in [0, 1) (0 = min(1e-5, 0.1 / users))")
     if cfg["resume"] and not cfg["run-name"]:  # else an automatic name would be "no such run to resume"

@@ -40,6 +40,11 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
     ({"num-server-rounds": 2.5}, "num-server-rounds"), ({"max-seq-len": 0}, "max-seq-len"), ({"dropout": 1.5}, "dropout"),
     ({"embedding-dim": 63, "num-heads": 2}, "embedding-dim"), ({"target-delta": 2.0}, "target-delta"),
     ({"max-grad-norm": float("nan")}, "max-grad-norm"), ({"synthetic-items": -5}, "synthetic-items"),
+    # tenth session (a review): these were refused only inside every partner, every round, and the run "completed"
+    ({"partitioning": "bogus"}, "partitioning"), ({"dirichlet-alpha": -1}, "dirichlet-alpha"),
+    ({"dirichlet-alpha": 0}, "dirichlet-alpha"), ({"holdout-fraction": 1.0}, "holdout-fraction"),
+    ({"holdout-fraction": -0.5}, "holdout-fraction"), ({"size-skew-power": float("inf")}, "size-skew-power"),
+    ({"seed": -1}, "seed"), ({"learning-rate": True}, "learning-rate"), ({"num-server-rounds": True}, "num-server-rounds"),
 ])
 def test_values_that_cannot_work_are_one_line_naming_the_knob(overrides, knob):
     with pytest.raises(ConfigError, match=f"^{knob} = ") as err:
