@@ -91,8 +91,16 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
         blob = torch.load(file, map_location="cpu", weights_only=False)
         state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), dict(blob["config"])
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file
+        hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
         raise DataError(f"model {file}: not a fedrec model file "
-                        f"(expected state_dict, catalogue, config; {exc})") from None
+                        f"(expected state_dict, catalogue, config; {first}){hint}") from None
+    missing = [k for k in ("model", "max-seq-len", "embedding-dim") if k not in config]
+    if config.get("model", "sasrec") == "sasrec":
+        missing += [k for k in ("num-blocks", "num-heads", "dropout", "tied-output") if k not in config]
+    if missing:  # an older version's file: its config lacks knobs this version builds the model from
+        raise DataError(f"model {file}: its config lacks {', '.join(missing)} (a model file from an older version?); "
+                        "train it again with this version")
     try:
         if not isinstance(state, dict):
             raise TypeError(f"state_dict is a {type(state).__name__}, not a mapping of weights")

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.cli_args import non_negative_int
 from common.config import DEFAULTS
 from common.errors import ConfigError, FedRecError
 from simulations.cli import user_errors_exit
@@ -49,6 +50,7 @@ from simulations.run_claims import claimed_privacy, metrics_lines
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ONLY = ("num-partners", "seed")
+SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [sweep] table
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
            "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
 ROUND_LINE = re.compile(r"round (\d+): HR@")
@@ -58,12 +60,19 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a sweep config; every key must be a run-config key (or num-partners)."""
     p = Path(path)
     try:
-        spec = tomllib.loads(p.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        spec = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read sweep config ({exc})") from None
-    sweep = spec.get("sweep", {})
-    fixed = spec.get("fixed", {})
-    grid = spec.get("grid", {})
+    if unknown := sorted(set(spec) - {"sweep", "fixed", "grid"}):
+        raise ConfigError(f"{p}: unknown table or key {unknown[0]!r}; a sweep config has [sweep], [fixed] and [grid]")
+    sweep, fixed, grid = spec.get("sweep", {}), spec.get("fixed", {}), spec.get("grid", {})
+    for name, table in (("sweep", sweep), ("fixed", fixed), ("grid", grid)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: {name} must be a [{name}] table, got {table!r}")
+    for key in sweep:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{p}: unknown [sweep] key {key!r}; known: {', '.join(SWEEP_KEYS)} "
+                              "(run-config keys go under [fixed] or [grid])")
     for key in [*fixed, *grid]:
         if key not in DEFAULTS and key not in SWEEP_ONLY:
             raise ConfigError(f"{p}: unknown key {key!r} (not in [tool.flwr.app.config])")
@@ -76,9 +85,12 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
     if not seeds or not integers:
         raise ConfigError(f"{p}: [sweep] seeds must be a non-empty list of integers, got {seeds!r}")
+    timeout = sweep.get("run-timeout", 3600)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConfigError(f"{p}: [sweep] run-timeout must be a positive number of seconds, got {timeout!r}")
     return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
-            "fixed": fixed, "grid": grid, "timeout": float(sweep.get("run-timeout", 3600))}
+            "fixed": fixed, "grid": grid, "timeout": float(timeout)}
 
 
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -129,7 +141,10 @@ def finished_runs(csv_path: Path, retry_failed: bool = False) -> set[str]:
     if not csv_path.exists():
         return set()
     with open(csv_path, newline="") as fh:
-        return {r["run-id"] for r in csv.DictReader(fh) if not (retry_failed and r.get("status") != "ok")}
+        reader = csv.DictReader(fh)
+        if "run-id" not in (reader.fieldnames or []):
+            raise ConfigError(f"{csv_path}: not a sweep results file (no run-id column); choose another output")
+        return {r["run-id"] for r in reader if not (retry_failed and r.get("status") != "ok")}
 
 
 def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
-    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0 = all)")
+    parser.add_argument("--max-runs", type=non_negative_int, default=0, help="stop after this many new runs (0 = all)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--table", metavar="METRIC", help="only print a markdown table of METRIC (e.g. ndcg@10) from the CSV")
     args = parser.parse_args(argv)

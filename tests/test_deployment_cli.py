@@ -160,6 +160,9 @@ def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):
     assert len(err) == 1 and "a directory; give the catalogue file itself" in err[0]
     with pytest.raises(DataError, match="more than once"):
         load_catalogue(dup)
+    bom = tmp_path / "bom.txt"  # saved by Windows Notepad: the BOM is not part of the first id
+    bom.write_bytes("\ufeff1\r\n2\r\n".encode())
+    assert load_catalogue(bom).tolist() == ["1", "2"]
 
 
 

@@ -133,6 +133,22 @@ def test_bad_model_file_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no model.pt"):
         load_global_model(tmp_path / "empty")
+    # A checkpoint given as the model: one line (the file's first text line was cut mid-quote), with a hint
+    (tmp_path / "checkpoint.pt").write_text("FEDREC-CHECKPOINT 1 e5a6\n{'a': 1}\n")
+    with pytest.raises(DataError, match="give the run directory or its model.pt") as err:
+        load_global_model(tmp_path / "checkpoint.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_file_from_an_older_version_says_so(trained, tmp_path):
+    from common.errors import DataError
+
+    run, _ = trained
+    blob = torch.load(find_model_file(run), weights_only=False)
+    del blob["config"]["tied-output"]
+    torch.save(blob, tmp_path / "model.pt")
+    with pytest.raises(DataError, match=r"its config lacks tied-output \(a model file from an older version\?\)"):
+        load_global_model(tmp_path)
 
 
 def test_model_with_nan_weights_is_refused_not_served(trained, tmp_path):

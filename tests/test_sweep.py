@@ -65,6 +65,32 @@ def test_seeds_that_are_not_integers_are_a_clear_error(tmp_path, seeds):
     with pytest.raises(ConfigError, match="seeds must be a non-empty list of integers"):
         sweep.load_sweep(write_config(tmp_path, text))
 
+@pytest.mark.parametrize("text, message", [
+    (TINY.replace("[fixed]", "fixed = 3\n[fixed]"), "unknown \\[sweep\\] key 'fixed'"),
+    ("sweep = 5\n", "sweep must be a \\[sweep\\] table"),
+    (TINY.replace("seeds = [1, 2]", 'seeds = [1, 2]\nrun-timeout = "abc"'), "run-timeout must be a positive number"),
+    (TINY + "[grids]\nmodel = [\"mf\"]\n", "unknown table or key 'grids'"),
+])
+def test_malformed_sweep_files_are_one_line(tmp_path, text, message):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep(write_config(tmp_path, text))
+
+
+def test_undecodable_sweep_file_and_foreign_output_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[sweep]\noutput = \"\xff\xfe\"\n")
+    assert sweep.main([str(bad), "--no-plots"]) == 2
+    assert "cannot read sweep config" in capsys.readouterr().err
+    config = write_config(tmp_path)
+    (tmp_path / "results.csv").write_text("a,b\n1,2\n")  # someone else's CSV at the output path
+    assert sweep.main([str(config), "--no-plots"]) == 2
+    assert "not a sweep results file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main([str(config), "--max-runs", "-1"])  # it dropped the last run instead
+
+
 @pytest.mark.slow
 def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     config = write_config(tmp_path)

@@ -37,7 +37,7 @@ def load_catalogue(path: str | os.PathLike) -> np.ndarray:
     """Item ids (str) in file order; blank lines and ``#`` comments are ignored, duplicates are an error."""
     p = resolve_catalogue_path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is not part of the first id
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"catalogue {p}: cannot be read ({exc})") from None
     items = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

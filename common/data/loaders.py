@@ -175,7 +175,9 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
 def _parse_timestamps(column: pd.Series) -> pd.Series:
     """Unix seconds as integers; ISO dates are accepted too. Unparseable values become NaN."""
     numeric = pd.to_numeric(column, errors="coerce")
-    finite = numeric.where(np.isfinite(numeric.astype(float)))
+    as_float = numeric.astype(float)
+    # Beyond +-2**62 it cannot be an int64 time (1e303 became INT64_MIN for every row: all tied)
+    finite = numeric.where(np.isfinite(as_float) & (as_float.abs() < 2.0**62))
     if finite.notna().all():
         return finite.round()
     as_text = column.astype(str).where(finite.isna())
