@@ -96,4 +96,7 @@ def parse_run_config(values: str | list[str] | None) -> dict:
             if leftover:
                 raise ConfigError(f"--run-config: {leftover[0]!r} is not key=value "
                                   "(e.g. --run-config 'num-server-rounds=3 dataset=\"ml-100k\"')")
+        keys = [key for value in values for key, _ in _PAIR.findall(value)]
+        if repeated := sorted({k for k in keys if keys.count(k) > 1}):  # Flower: "invalid format" only
+            raise ConfigError(f"--run-config: {repeated[0]} is given more than once; give each key once")
     return parse_config_args(values)

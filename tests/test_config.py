@@ -73,3 +73,6 @@ def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
     assert parse_run_config([str(toml)]) == {"num-server-rounds": 4}
     with pytest.raises(ConfigError, match="TOML file cannot be combined"):
         parse_run_config([str(toml), "dp=false"])
+    for twice in (["embedding-dim=16 embedding-dim=32"], ["embedding-dim=16", "dp=false embedding-dim=32"]):
+        with pytest.raises(ConfigError, match="--run-config: embedding-dim is given more than once"):
+            parse_run_config(twice)
