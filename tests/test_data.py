@@ -39,6 +39,9 @@ def test_missing_column_is_one_clear_line(tmp_path):
     with pytest.raises(DataError, match=r"log.csv: missing column\(s\) timestamp") as exc:
         load_interactions(p)
     assert "\n" not in str(exc.value)
+    tsv = write(tmp_path, "log.tsv", "user_id,item_id,timestamp\n1,2,3\n")  # commas in a .tsv
+    with pytest.raises(DataError, match="the header is comma-separated: name the file .csv"):
+        load_interactions(tsv)
 
 
 def test_bad_timestamps_are_dropped_and_counted(tmp_path):

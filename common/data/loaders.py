@@ -132,9 +132,13 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
         raise DataError(f"{source}: more than one column means {', '.join(twice)} (e.g. userId and user_id); keep one")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
+        found = [" ".join(str(c).split()) for c in frame.columns]
+        # One column holding the separator the file's name did not announce (a comma-separated .tsv, a tab .csv)
+        other = next((name for sep, name in ((",", "comma"), ("\t", "tab")) if len(found) == 1 and sep in str(frame.columns[0])), None)
+        hint = f"; the header is {other}-separated: name the file .csv for commas, .tsv for tabs" if other else ""
         raise DataError(
             f"{source}: missing column(s) {', '.join(missing)}; expected user_id,item_id,timestamp[,rating] "
-            f"(found {', '.join(' '.join(str(c).split()) for c in frame.columns) or 'none'})"  # one line
+            f"(found {', '.join(found) or 'none'}){hint}"  # one line
         )
     if len(frame) == 0:
         raise DataError(f"{source}: no rows")
