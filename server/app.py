@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -64,6 +64,9 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             evaluate_fn=RoundCheckpointer(start, recorder, strategy, cfg),  # records, then checkpoints
         )
         grid.finish()
+        if recorder.rounds and not any(r.get("num-partners") for r in recorder.rounds):
+            log(ERROR, "no round aggregated an update: %s is the initial model (see the refusals and rejected "
+                "updates above)", run_dir / "model.pt")
         log(INFO, "privacy report: %s", privacy.write())
         log(INFO, "summary: %s", recorder.write_summary(guarantee=privacy.guarantee()))
 

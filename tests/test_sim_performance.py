@@ -132,15 +132,18 @@ def test_centralised_reference_calibrates_for_all_users_and_follows_the_schedule
             run({**over, knob: True}, threads=1)
 
 
-@pytest.mark.slow
 def test_simulation_evaluates_on_schedule_and_on_a_sample(tmp_path):
-    from tests.test_simulation_e2e import TINY, read_metrics, run_main_job
+    # The real ServerApp and ClientApps in process (the schedule and the sample are the server's
+    # strategy; Flower's Ray engine is covered by tests/test_simulation_e2e.py): 3 s instead of 27 s
+    import json
 
-    cfg = (f"{TINY.replace('num-server-rounds=2', 'num-server-rounds=3')} dp=false evaluate-every=2 fraction-evaluate=0.5 "
-           f"run-dir='{tmp_path}' run-name='sched'")
-    res = run_main_job(["--num-partners", "4", "--run-config", cfg])
-    assert res.returncode == 0, res.stdout[-3000:]
-    rounds = read_metrics(tmp_path / "sched")
+    from simulations.local_grid import run_local
+
+    overrides = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16,
+                 "num-blocks": 1, "num-server-rounds": 3, "local-epochs": 1, "batch-size": 16, "dp": False,
+                 "evaluate-every": 2, "fraction-evaluate": 0.5, "run-dir": str(tmp_path), "run-name": "sched"}
+    run_dir = run_local(overrides, 4)
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["ndcg@10"] is None and rounds[0]["eval-users"] is None  # round 1: no evaluation
     assert rounds[1]["ndcg@10"] is not None and rounds[2]["ndcg@10"] is not None  # round 2 and the last

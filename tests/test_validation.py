@@ -314,6 +314,20 @@ def test_a_strategy_the_server_cannot_build_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_run_in_which_no_round_aggregated_says_so_at_the_end(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from simulations.local_grid import run_local
+
+    monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)
+    overrides = {"dp": False, "max-update-norm": 1e-9, "synthetic-users": 60, "synthetic-items": 20,
+                 "embedding-dim": 8, "num-blocks": 1, "max-seq-len": 10, "batch-size": 8, "min-nodes": 2,
+                 "run-dir": str(tmp_path), "run-name": "rejected", "tie-orders": 1}
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        run_local(overrides, 2)  # every update is over the bound: rejected
+    assert any(r.getMessage().startswith("no round aggregated an update:") for r in caplog.records)
+
+
 def test_refusals_in_a_failed_round_reach_the_privacy_report(tmp_path):
     # Every partner refuses (e.g. budget exhausted): the round fails before any aggregation
     from server.privacy_report import PrivacyReport
