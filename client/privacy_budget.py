@@ -167,12 +167,12 @@ class PartnerBudget:
         }
 
     def details(self) -> dict[str, str]:
-        """Strings for the reply's ConfigRecord: who this is and where its ledger lives."""
+        """Strings for the reply's ConfigRecord: who this is and which ledger file holds its spend."""
         return {
             "partner": self.label,
             "accountant": self.accountant,
             "fingerprint": self.ledger.fingerprint,
-            "ledger-path": str(self.ledger.path),
+            "ledger-path": self.ledger.path.name,  # the file name: an absolute path names the partner's folders
             "ledger-created": str(self.ledger.created).lower(),
             "run": self.run,
         }

@@ -89,6 +89,13 @@ class PrivacyLedger:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.created = False
+        # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
+        # deleted ledger, and a folder given as the ledger was made 0700)
+        if self.path.is_dir():
+            raise PrivacyError(f"ledger-path {self.path} is a directory; give the ledger file, e.g. "
+                               f"{self.path / 'ledger.sqlite'}")
+        if any(parent.exists() and not parent.is_dir() for parent in self.path.parents):
+            raise PrivacyError(f"ledger-path {self.path}: a folder on the way is a file; give a path in a folder")
         if not self.path.exists():
             if not create:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "

@@ -26,7 +26,7 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
         except ClickException as exc:  # flwr.common.config.parse_config_args
             print(f"error: --run-config: {exc.format_message()}", file=sys.stderr)
             return 2
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
             print(f"error: cannot write or read {exc.filename!r}: {exc.strerror}", file=sys.stderr)
             return 2
 

@@ -310,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
             fed.start_supernode(f"partner-{i + 1}", private, log, **{"ledger-path": ledger})
         run_config = {**overrides, "catalogue": str(cat), "run-dir": str(root / "runs"), "run-name": "deployment"}
         t0 = time.perf_counter()
-        res = fed.run(run_config, timeout=args.timeout)
+        try:
+            res = fed.run(run_config, timeout=args.timeout)
+        except subprocess.TimeoutExpired as exc:  # the finally below stops every process
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            print(out[-4000:])
+            print(f"error: the run did not finish within --timeout {args.timeout:g} s; abandoned (files under {root})",
+                  file=sys.stderr)
+            return 2
         print(res.stdout[-4000:], res.stderr[-2000:], sep="\n")
         print(f"run took {time.perf_counter() - t0:.1f} s; files under {root} "
               f"(partners' ledgers in {root / 'ledgers'})")

@@ -173,3 +173,13 @@ def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists; pass --force" in err[0] and "features the model was trained on" in err[0]
     assert out.read_bytes() == b"published"
+
+
+def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    # mkdir on a path that is a file raised FileExistsError: a 20-line traceback
+    (tmp_path / "afile").write_text("x")
+    assert server_main(["certs", "--out", str(tmp_path / "afile"), "--host", "127.0.0.1"]) == 2
+    assert client_main(["keys", "--out", str(tmp_path / "afile"), "--name", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: cannot write or read") for line in err), err
+    assert (tmp_path / "afile").read_text() == "x"

@@ -151,6 +151,19 @@ def test_a_run_name_found_with_another_guarantee_is_refused(tmp_path, small_data
     PartnerBudget.open(cfg, _context(), small_data, "exp").close()  # the same guarantee resumes
 
 
+def test_a_ledger_path_that_is_a_folder_or_under_a_file_says_so(tmp_path):
+    # They read as a corrupt ledger (and the folder was made 0700) or as a deleted one "created in 1970"
+    folder = tmp_path / "ledgers"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    with pytest.raises(PrivacyError, match=r"ledger-path .*ledgers is a directory; give the ledger file"):
+        PrivacyLedger(folder, "fp")
+    assert folder.stat().st_mode & 0o777 == 0o755
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PrivacyError, match="a folder on the way is a file"):
+        PrivacyLedger(tmp_path / "afile" / "l.sqlite", "fp")
+
+
 def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a ledger at all" * 100)
