@@ -232,8 +232,12 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
     # The run's stated guarantee (privacy.json, as the audit reads it): the last metrics line has
     # local DP only, so a central-DP run read as epsilon 0
-    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else dict(run)
-    claim = claimed_privacy(run_dir, saved)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else dict(run)
+        claim = claimed_privacy(run_dir, saved)
+    except (ValueError, FedRecError) as exc:  # one run's damaged files fail that row, not the sweep
+        row["status"] = f"failed: unreadable run files ({exc})"
+        return row
     row["epsilon"], row["delta"] = ("inf", "") if is_no_dp(run) or claim["epsilon"] == math.inf else \
         (claim["epsilon"], claim["delta"])
     if not any(x.get("num-partners") is not None for x in lines):

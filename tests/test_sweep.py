@@ -237,3 +237,14 @@ def test_the_rounds_plot_leaves_out_rounds_without_evaluation(tmp_path, monkeypa
                         or real_plot(self, *a, **k))
     plot_sweep(path)
     assert [[2.0], [0.15]] in drawn and not any(0.0 in ys for _, ys in (d for d in drawn if len(d) == 2))
+
+
+def test_a_run_with_damaged_files_fails_its_row_not_the_sweep(tmp_path, monkeypatch):
+    line = {"round": 1, "ndcg@10": 0.2, "epsilon": 7.0, "delta": 1e-5, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={}, config={"dp": True, "dp-mode": "local"})
+    assert row["status"] == "ok"
+    (tmp_path / "done" / "privacy.json").write_text("{cut sho")
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    row = sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
+    assert row["status"].startswith("failed: unreadable run files") and "privacy.json" in row["status"]
