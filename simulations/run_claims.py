@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from common.errors import DataError
-from common.privacy import dp_mode, uses_local_dp
+from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 
 
 def read_json_object(path: Path) -> dict:
@@ -59,7 +59,7 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
             spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
         if spent:
             claims.append(max(spent))
-    if mode in ("central", "both") and report is not None:
+    if uses_central_dp(mode) and report is not None:
         central = report.get("central") or {}
         if float(central.get("epsilon") or 0) > 0:
             claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))

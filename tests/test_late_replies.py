@@ -11,7 +11,6 @@ import json
 
 from flwr.app import Message
 
-from server.late_replies import LateReplyGrid
 from simulations.local_grid import FIRST_NODE_ID, LocalGrid, run_local
 
 TINY = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
@@ -91,10 +90,3 @@ def test_an_older_late_reply_never_lowers_the_recorded_spend(tmp_path):
     entry = report.as_dict()["partners"]["p"]
     assert (entry["epsilon"], entry["ledger-rounds"], entry["ledger-steps"]) == (6.0, 3, 15)
     assert entry["not-aggregated"] == [{"round": 2, "reason": "late: arrived after round-timeout"}]
-
-
-def test_without_a_timeout_nothing_is_pending(tmp_path):
-    # The exchange loop is Flower's: every reply in, nothing late, nothing unanswered
-    late: list = []
-    grid = LateReplyGrid(LocalGrid([]), lambda r, m: late.append((r, m)))
-    assert list(grid.send_and_receive([], timeout=None)) == [] and grid.finish() == [] and late == []
