@@ -74,7 +74,7 @@ def recommendation_metrics(
         top = torch.topk(_mask_seen(scores, h), k=min(top_k, scores.shape[1] - 1), dim=1).indices.numpy()
         pop_sum += float(popularity[top].mean(axis=1).sum())
         items.update(top.ravel().tolist())
-    sums: dict[str, float | list[int]] = dict(ranking_sums(np.concatenate(ranks) if ranks else np.zeros(0, np.int64), ks))
+    sums: dict[str, float | list[int]] = dict(ranking_sums(np.concatenate(ranks) if ranks else np.zeros((0, 2), np.int64), ks))
     sums[f"pop@{top_k}-sum"] = pop_sum
     sums[f"rec-items@{top_k}"] = sorted(int(i) for i in items)
     return sums

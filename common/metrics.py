@@ -2,7 +2,9 @@
 
 Every catalogue item except padding and the items already in the user's history is a
 candidate (the held-out target stays a candidate even if it was seen before). A target's
-rank is the number of candidates with a strictly higher score. Sums and counts are
+place is the candidates scored strictly higher plus those tied with it, and HR/NDCG are their
+expected values when ties are broken at random (a constant model gets what chance gives, not
+HR@10 1.0; popularity's equal counts no longer all rank in the target's favour). Sums and counts are
 returned so that partners' results combine into exactly the all-users figure; NDCG's sum of
 squares rides along so the combined figure also has its standard error over users (how much
 the mean would move on another draw of test users: on ML-100K's 943 users about +-0.008 NDCG@10
@@ -31,20 +33,41 @@ def pad_left(histories: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
 
 
 def target_ranks(scores: torch.Tensor, histories: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
-    """0-based rank of each target among candidates (catalogue minus padding and history)."""
-    scores = scores.detach().float().clone()
+    """(users, 2) ints per target among candidates (catalogue minus padding and history): column 0
+    the candidates scored strictly higher, column 1 the other candidates tied with it. Under a
+    random tie-break the target's 0-based rank is uniform on [above, above + tied]. Float64 scores
+    are compared as float64 (a baseline's tiny tie-breaking term would vanish in float32)."""
+    scores = scores.detach().clone() if scores.dtype == torch.float64 else scores.detach().float().clone()
     t = torch.as_tensor(targets, dtype=torch.long)
     rows = torch.arange(len(t))
     target_scores = scores[rows, t].clone()  # kept: a target seen before is still a candidate
     # A NaN score is no evidence: a NaN target ranks below every candidate, a NaN candidate above
     # the target (comparisons with NaN are all False, which made a NaN model rank every target first)
-    target_scores = torch.nan_to_num(target_scores, nan=float("-inf"))
+    target_scores = torch.nan_to_num(target_scores, nan=float("-inf")).unsqueeze(1)
     scores = torch.nan_to_num(scores, nan=float("inf"))
-    scores[:, 0] = float("-inf")
+    candidate = torch.ones_like(scores, dtype=torch.bool)
+    candidate[:, 0] = False
     for row, h in enumerate(histories):
         if len(h):
-            scores[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
-    return (scores > target_scores.unsqueeze(1)).sum(dim=1).cpu().numpy()
+            candidate[row, torch.as_tensor(h, dtype=torch.long)] = False
+    candidate[rows, t] = False  # the target itself is neither above nor tied
+    above = ((scores > target_scores) & candidate).sum(dim=1)
+    tied = ((scores == target_scores) & candidate).sum(dim=1)
+    return torch.stack([above, tied], dim=1).cpu().numpy()
+
+
+def _above_and_tied(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain 0-based ranks (no ties) or :func:`target_ranks`' (above, tied) pairs."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.ndim == 2:
+        return ranks[:, 0], ranks[:, 1]
+    return ranks, np.zeros_like(ranks)
+
+
+def hit_values(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's expected hit@k: the chance its target lands in the top k when ties break at random."""
+    above, tied = _above_and_tied(ranks)
+    return np.clip(k - above, 0, tied + 1) / (tied + 1.0)
 
 
 def seen_items(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,22 +91,26 @@ def drop_seen(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor)
 
 
 def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
-    """Each user's NDCG@k from its target's 0-based rank: 1 / log2(rank + 2) inside the top k, else 0."""
-    ranks = np.asarray(ranks)
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+    """Each user's expected NDCG@k: the mean of 1 / log2(rank + 2) (0 outside the top k) over the
+    0-based ranks its target takes when ties break at random (one rank when nothing ties)."""
+    above, tied = _above_and_tied(ranks)
+    discounts = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])  # sum over ranks < m
+    first, last = np.minimum(above, k), np.minimum(above + tied + 1, k)
+    return (discounts[last] - discounts[first]) / (tied + 1.0)
 
 
 def ranking_sums(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
     """``hit@K-sum``/``ndcg@K-sum`` over users plus ``num-users``; divide by ``num-users`` for means.
+    ``ranks``: :func:`target_ranks`' (above, tied) pairs, or plain 0-based ranks.
 
-    ``ndcg@K-sqsum`` (sum of squared per-user NDCG) is additive too: :func:`standard_errors`
-    turns the combined sums into each mean's standard error. (A hit is 0 or 1, so its sum of
-    squares is its sum.)"""
+    ``hit@K-sqsum``/``ndcg@K-sqsum`` (sums of squared per-user values) are additive too:
+    :func:`standard_errors` turns the combined sums into each mean's standard error."""
     out: dict[str, float] = {"num-users": float(len(ranks))}
     for k in ks:
-        hit = ranks < k
+        hit = hit_values(ranks, k)
         gain = ndcg_gains(ranks, k)
         out[f"hit@{k}-sum"] = float(hit.sum())
+        out[f"hit@{k}-sqsum"] = float((hit * hit).sum())
         out[f"ndcg@{k}-sum"] = float(gain.sum())
         out[f"ndcg@{k}-sqsum"] = float((gain * gain).sum())
     return out
@@ -103,16 +130,20 @@ def means_from_sums(sums: dict[str, float]) -> dict[str, float]:
 def standard_errors(sums: dict[str, float]) -> dict[str, float]:
     """``hr@K-se``/``ndcg@K-se``: the standard error over users of each mean of
     :func:`means_from_sums` (sample standard deviation / sqrt(users)); a 95% confidence
-    interval is the mean +- 1.96 se. NDCG needs its ``-sqsum``; with fewer than two users, no entries."""
+    interval is the mean +- 1.96 se. Each mean needs its ``-sqsum`` (a record without ``hit@K-sqsum``,
+    from before ties were broken at random, had 0/1 hits: its sum is its sum of squares); with
+    fewer than two users, no entries."""
     n = float(sums.get("num-users", 0.0))
     out: dict[str, float] = {}
     if n < 2:
         return out
     for key, total in sums.items():
-        if key.startswith("hit@") and key.endswith("-sum"):
-            squares = total  # 0/1 values
-        elif key.startswith("ndcg@") and key.endswith("-sum") and key[:-4] + "-sqsum" in sums:
+        if not key.endswith("-sum"):
+            continue
+        if key[:-4] + "-sqsum" in sums:
             squares = sums[key[:-4] + "-sqsum"]
+        elif key.startswith("hit@"):
+            squares = total  # 0/1 hits
         else:
             continue
         mean = total / n
@@ -194,4 +225,4 @@ def evaluate_ranking(
     ranks = [target_ranks(scores, h, t) for scores, h, t in
              split_scores(model, data, split=split, max_len=max_len, batch_size=batch_size, device=device,
                           tie_orders=tie_orders)]
-    return ranking_sums(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), ks)
+    return ranking_sums(np.concatenate(ranks) if ranks else np.zeros((0, 2), dtype=np.int64), ks)

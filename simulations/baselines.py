@@ -73,7 +73,7 @@ def markov_scores(histories: Sequence[np.ndarray], transitions: np.ndarray, *, w
 
 
 def _metrics(scores: np.ndarray, histories, targets, ks) -> dict[str, float]:
-    ranks = target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets)
+    ranks = target_ranks(torch.as_tensor(scores), histories, targets)
     return means_and_errors(ranking_sums(ranks, ks))
 
 
@@ -106,7 +106,7 @@ def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndar
 
 def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories, targets, k: int = 10) -> np.ndarray:
     """Each user's NDCG@k (full ranking, history excluded; common.metrics' rank rule)."""
-    return ndcg_gains(target_ranks(torch.as_tensor(scores, dtype=torch.float32), histories, targets), k)
+    return ndcg_gains(target_ranks(torch.as_tensor(scores), histories, targets), k)
 
 
 def paired_ratio(model: np.ndarray, baseline: np.ndarray, *, resamples: int = 2000,

@@ -55,7 +55,9 @@ def _brute_ndcg(scores: np.ndarray, histories, targets, k: int = 10) -> float:
     for row, (h, t) in enumerate(zip(histories, targets)):
         others = [i for i in range(1, scores.shape[1]) if i != t and i not in set(h.tolist())]
         rank = sum(scores[row, i] > scores[row, t] for i in others)
-        total += 1.0 / np.log2(rank + 2) if rank < k else 0.0
+        tied = sum(scores[row, i] == scores[row, t] for i in others)
+        # a random tie-break puts the target at each place of its tied block equally often
+        total += np.mean([1.0 / np.log2(r + 2) if r < k else 0.0 for r in range(rank, rank + tied + 1)])
     return total / len(targets)
 
 
