@@ -60,23 +60,31 @@ def bootstrap_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, ro
 
 
 @torch.no_grad()
-def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_size: int = 256) -> np.ndarray:
-    """Per-user training loss of ``model`` on each user's training history (the training objective)."""
+def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_size: int = 256, *,
+                exclude_seen: bool = False) -> np.ndarray:
+    """Per-user training loss of ``model`` on each user's training history: the training objective,
+    with the time-gap input of a ``time-features`` model and ``exclude_seen``'s softmax (the run's
+    ``exclude-seen``). Every user of ``data`` needs two or more training items."""
+    from common.metrics import drop_seen
     from common.models.mf import MatrixFactorization, MultinomialLoss
-    from common.training import SequenceLoss
+    from common.training import SequenceLoss, training_pairs
 
     model.eval()
     train = data.train_sequences()
     out = []
-    for start in range(0, len(train), batch_size):
-        hist = [h[-(max_len + 1):] for h in train[start:start + batch_size]]
-        if isinstance(model, MatrixFactorization):
-            items = pad_left([h[-max_len:] for h in hist], max_len)
-            factors = model.fit_users(items)
-            out.append(MultinomialLoss("none")(model(factors), items).numpy())
-        else:
-            inputs, targets = pad_left([h[:-1] for h in hist], max_len), pad_left([h[1:] for h in hist], max_len)
-            out.append(SequenceLoss("none")(model(inputs), targets).numpy())
+    if isinstance(model, MatrixFactorization):
+        for start in range(0, len(train), batch_size):
+            items = pad_left([h[-max_len:] for h in train[start:start + batch_size]], max_len)
+            out.append(MultinomialLoss("none")(model(model.fit_users(items)), items).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+    pairs = training_pairs(data, max_len, time_features=bool(getattr(model, "time_features", False)))
+    inputs, targets = pairs.tensors
+    if len(targets) != len(train):
+        raise DataError("the audit scores only users with two or more training items")
+    for start in range(0, len(targets), batch_size):
+        x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
+        logits = model(x)
+        out.append(SequenceLoss("none")(drop_seen(logits, x, y) if exclude_seen else logits, y).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -118,12 +126,13 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         members = np.sort(rng.choice(members, max_members, replace=False))
     subset = data.subset(np.concatenate([members, nonmembers]))
     m = len(members)
-    loss = user_losses(model, subset, max_len)
+    exclude_seen = bool(cfg["exclude-seen"])
+    loss = user_losses(model, subset, max_len, exclude_seen=exclude_seen)
     calibrated = loss - popularity_losses(subset, data.item_counts(), max_len)
     # Control: the same attacks on the initial global model (same seed, trained on nobody) should give
     # AUC ~0.5; a gap from 0.5 there would be a bias of the attack or of the member/non-member split.
     initial = new_model(cfg, data.num_items)
-    control = user_losses(initial, subset, max_len)
+    control = user_losses(initial, subset, max_len, exclude_seen=exclude_seen)
     control_calibrated = control - popularity_losses(subset, data.item_counts(), max_len)
     result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers)}
     for name, score in (("loss", -loss), ("calibrated", -calibrated),

@@ -115,3 +115,35 @@ def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expec
     claim = claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
     assert claim["epsilon"] == expected and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
     assert claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
+
+
+def test_audit_loss_is_the_training_objective_with_time_gaps_and_seen_items_left_out():
+    from common.metrics import pad_left
+    from common.models.context import history_gaps
+    from common.models.sasrec import SASRec
+    from simulations.audit import user_losses
+
+    # Two users with the same items (one repeated) at different paces: a time-features model tells them apart
+    seq = np.array([3, 5, 3, 7, 2, 9, 4])
+    data = SequenceData(np.arange(1, 11).astype(str), np.array(["a", "b"]), [seq, seq],
+                        [np.arange(7) * 60, np.arange(7) * 86400 * 30])
+    torch.manual_seed(0)
+    model = SASRec(10, max_len=8, dim=8, num_blocks=1, num_heads=2, dropout=0.0, time_features=True).eval()
+    got = user_losses(model, data, 8, exclude_seen=True)
+
+    # Independent: one user at a time, each position's softmax over the items not yet seen (its target kept)
+    train = data.train_sequences()
+    gaps = history_gaps(train, data.timestamps)
+    for u, h in enumerate(train):
+        x = torch.stack([pad_left([h[:-1]], 8), pad_left([gaps[u][:-1]], 8)], dim=-1)
+        with torch.no_grad():
+            logits = model(x)[0, -(len(h) - 1):]
+        losses = []
+        for j, row in enumerate(logits):
+            target = int(h[j + 1])
+            row = row.clone()
+            row[0] = float("-inf")
+            row[[i for i in h[:j + 1].tolist() if i != target]] = float("-inf")
+            losses.append(-torch.log_softmax(row, dim=0)[target].item())
+        assert got[u] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert abs(got[0] - got[1]) > 1e-4  # the gaps reached the model
