@@ -101,11 +101,22 @@ def test_client_keeps_user_factors_in_its_state_and_sends_only_items():
     metrics = app(msg, context).content["metrics"]
     assert metrics["num-users"] == data.num_users and metrics["partition-id"] == 0
     assert 0.0 <= metrics["ndcg@10-sum"] <= metrics["num-users"]
-    # The evaluation used the private factors: the same sums as evaluating with them directly.
+    # The evaluation refits the private factors against the global model, warm-started from the stored
+    # ones (fitted to the partner's own item factors before aggregation): the same sums as doing so directly
+    from common.metrics import pad_left
+
     model = new_model(cfg, data.num_items)
     model.load_state_dict(arrays.to_torch_state_dict())
-    direct = evaluate_model(model, data, max_len=20, user_factors=load_user_factors(context, data, 16))
+    stored = load_user_factors(context, data, 16)
+    histories = pad_left(data.train_sequences(), 20)
+    refit = model.fit_users(histories, init=stored)
+    direct = evaluate_model(model, data, max_len=20, user_factors=refit)
     assert metrics["ndcg@10-sum"] == pytest.approx(direct["ndcg@10-sum"])
+
+    def fold_in_objective(factors: torch.Tensor) -> float:
+        return float(MultinomialLoss("sum")(model.score_users(factors), histories) + model.l2 * (factors**2).sum())
+
+    assert fold_in_objective(refit) < fold_in_objective(stored)  # the stored ones do not fit the global model
     assert np.isfinite(metrics["pop@10-sum"])
 
 
