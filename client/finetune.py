@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         rate, steps = steps_per_epoch(users, batch_size)
         planned = (noise_multiplier, rate, epochs * steps)
         ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True)
+        if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
+            print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
+                  "already trained, give the ledger its federated training uses", file=sys.stderr)
         spent = ledger.epsilon(delta, ACCOUNTANT)
         after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
         if after > target_epsilon:
@@ -130,6 +134,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         "delta": delta if dp else None,
         "ledger": str(ledger_path) if dp else None,
         "ledger-run": run if dp else None,
+        "ledger-created": bool(ledger is not None and ledger.created),
     }
     buf = io.BytesIO()
     torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,

@@ -5,6 +5,9 @@ from all of its rows, so spend composes across rounds, runs and process restarts
 ledger belongs to one data set (its fingerprint); it is never reset or silently recreated.
 Creating a ledger also writes a marker beside it (``<ledger>.created``): a ledger deleted later,
 with its marker left, is refused as deleted instead of starting afresh as on a first run.
+An open ledger holds an exclusive lock (``.<ledger>.lock`` beside it) until it is closed: the
+budget check, the training and the record of its spend are one step, so two trainings on one
+ledger (two runs, or a fine-tune during a round) cannot both pass the check on the same spend.
 
 Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-user clipping
 norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
@@ -14,6 +17,7 @@ optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whol
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -29,6 +33,7 @@ from common.privacy import Mechanism, epsilon_of
 
 SCHEMA_VERSION = 1
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
+LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,12 +88,17 @@ class PrivacyLedger:
     created (atomically, so a crash never leaves a half-made ledger) only with ``create=True``,
     and only if no marker says it existed before: ``reset`` must then be that marker's id, the
     operator's explicit acknowledgement that the spend recorded in the lost ledger is forgotten.
+
+    The handle holds the ledger's lock from opening to :meth:`close`; another opening waits up to
+    ``lock_wait`` seconds for it, then raises :class:`PrivacyError` (in use by another training).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "") -> None:
+    def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "",
+                 lock_wait: float | None = None) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.created = False
+        self._lock_fd: int | None = None
         # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
         # deleted ledger, and a folder given as the ledger was made 0700)
         if self.path.is_dir():
@@ -96,6 +106,14 @@ class PrivacyLedger:
                                f"{self.path / 'ledger.sqlite'}")
         if any(parent.exists() and not parent.is_dir() for parent in self.path.parents):
             raise PrivacyError(f"ledger-path {self.path}: a folder on the way is a file; give a path in a folder")
+        self._lock(LOCK_WAIT_SECONDS if lock_wait is None else lock_wait, create)
+        try:
+            self._open(create, reset)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open(self, create: bool, reset: str) -> None:
         if not self.path.exists():
             if not create:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
@@ -176,6 +194,11 @@ class PrivacyLedger:
 
     def close(self) -> None:
         self._conn.close()
+        self._unlock()
+
+    def __del__(self) -> None:  # a handle dropped without close() must not keep the ledger locked
+        with contextlib.suppress(Exception):
+            self._unlock()
 
     def __enter__(self) -> PrivacyLedger:
         return self
@@ -184,6 +207,33 @@ class PrivacyLedger:
         self.close()
 
     # -- internals -------------------------------------------------------------------------
+    def _lock(self, wait: float, create: bool) -> None:
+        folder = self.path.parent
+        if not folder.is_dir():
+            if not create:
+                return  # nothing to guard: opening reports the missing ledger
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise PrivacyError(
+                        f"privacy ledger {self.path} is in use by another training (another run or a fine-tune "
+                        f"on this ledger) and stayed locked for {wait:g} s; two trainings at once would both "
+                        "spend from the same budget, so this one does not start: try again when it has finished") from None
+                time.sleep(0.1)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
+
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -200,16 +250,16 @@ class PrivacyLedger:
                 ])
         finally:
             conn.close()
-        # NOTE: link-then-unlink, not replace: two processes creating the same ledger must not
-        # overwrite one another's (possibly already used) file.
+        # The marker first: a crash between the two steps leaves a marker without a ledger (refused as
+        # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
+        # first run and reset the budget). The lock keeps a second creator out meanwhile.
+        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
         try:
+            write_private_bytes(marker_path(self.path), json.dumps(marker).encode())
+            # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
             os.link(tmp, self.path)
-        except FileExistsError:
-            return  # another process created it (and its marker)
         finally:
             tmp.unlink(missing_ok=True)
-        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
-        write_private_bytes(marker_path(self.path), json.dumps(marker).encode())
 
     def _open_checked(self) -> sqlite3.Connection:
         try:

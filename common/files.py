@@ -8,6 +8,7 @@ the instant between creation and a later ``chmod``.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -22,10 +23,12 @@ def write_private_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
     The temporary file is created with ``O_EXCL`` and mode 0600 in the same folder, synced
     to disk and renamed over ``path``; a crash leaves either the old file or the new one,
-    never a mix. Returns ``path``.
+    never a mix. Returns ``path``. The temporary name is random as well as per process: a
+    crash can leave one behind, and a restart with the same process id (normal in a fresh
+    container) must not be refused by it.
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as fh:

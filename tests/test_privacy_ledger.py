@@ -350,3 +350,50 @@ def test_ledger_epsilon_never_decreases_and_ignores_order(history):
             epsilons.append(ledger.epsilon(DELTA, "rdp"))
         assert all(b >= a for a, b in zip(epsilons, epsilons[1:]))
         assert epsilon_of(list(reversed(ledger.history())), DELTA, "rdp") == pytest.approx(epsilons[-1], rel=1e-9)
+
+
+def test_two_trainings_on_one_ledger_never_both_spend_the_same_budget(tmp_path, small_data, monkeypatch):
+    # Two runs (or a fine-tune during a round) on one ledger both passed the check on the old spend and
+    # both recorded: epsilon 9.997 of 8. The open ledger is now locked from check to record.
+    import client.privacy_ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "LOCK_WAIT_SECONDS", 0.3)
+    cfg = _cfg(tmp_path, **{"num-server-rounds": 1})
+    first = PartnerBudget.open(cfg, _context(), small_data, "r1")
+    first.check_next_round()
+    with pytest.raises(PrivacyError, match=r"is in use by another training .* stayed locked for 0.3 s"):
+        PartnerBudget.open(cfg, _context(), small_data, "r2")
+    first.record(_context(), 1, [first.calibration.round_mechanism()])
+    first.close()
+    # Once the first has recorded, the second sees its spend: nothing is left for a second run
+    with pytest.raises(PrivacyError, match="budget exhausted: epsilon 8.000 of 8 already spent"):
+        PartnerBudget.open(cfg, _context(), small_data, "r2")  # its calibration finds no budget left
+    with PrivacyLedger(tmp_path / "ledgers" / "partner-0.sqlite", small_data.fingerprint()) as ledger:
+        assert len(ledger.history()) == 1 and _rdp_epsilon(ledger.history()) <= 8.0 * 1.01  # one round, not two
+
+
+def test_a_ledger_is_never_left_without_its_marker(tmp_path, monkeypatch):
+    # A crash between placing the ledger and writing its marker left a ledger without one: deleting it
+    # later read as a first run (budget reset). The marker is now written first.
+    import client.privacy_ledger as ledger_module
+
+    def crash(*args, **kwargs):
+        raise OSError("killed")
+
+    monkeypatch.setattr(ledger_module, "write_private_bytes", crash)
+    path = tmp_path / "l.sqlite"
+    with pytest.raises(OSError, match="killed"):
+        PrivacyLedger(path, "fp")
+    assert not path.exists()
+    monkeypatch.undo()
+    with PrivacyLedger(path, "fp") as ledger:  # the lock was released; a normal creation works
+        assert ledger.created and ledger_module.read_marker(path) is not None
+
+
+def test_a_leftover_temporary_file_of_a_crashed_writer_does_not_block_writing(tmp_path):
+    from common.files import write_private_bytes
+
+    target = tmp_path / "checkpoint.pt"
+    (tmp_path / f".checkpoint.pt.{os.getpid()}.tmp").write_bytes(b"half")  # a killed writer with this pid
+    write_private_bytes(target, b"whole")
+    assert target.read_bytes() == b"whole"

@@ -403,7 +403,7 @@ def test_api_keeps_serving_when_a_new_file_has_the_right_keys_but_no_weights(api
 # -- incremental update: DP fine-tune on the newest events, on the partner's ledger --------------
 
 
-def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained, log, tmp_path):
+def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained, log, tmp_path, capsys):
     from opacus.accountants import RDPAccountant
 
     from client.finetune import finetune_partner
@@ -424,7 +424,9 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     report = finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2,
                               batch_size=8, noise_multiplier=1.2, target_epsilon=20.0, seed=3)
 
-    # Assert: the ledger holds exactly this fine-tune, and its epsilon is Opacus' for that history
+    # Assert: a new ledger is announced (a mistyped path checked an empty budget in silence)
+    assert report["ledger-created"] and f"warning: new privacy ledger {ledger}" in capsys.readouterr().err
+    # the ledger holds exactly this fine-tune, and its epsilon is Opacus' for that history
     with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
         history = opened.history()
     steps = -(-report["train-users"] // 8)
