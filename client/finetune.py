@@ -92,14 +92,17 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
             print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
                   "already trained, give the ledger its federated training uses", file=sys.stderr)
-        spent = ledger.epsilon(delta, ACCOUNTANT)
-        after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
-        if after > target_epsilon:
+        try:  # the ledger is locked while open: close it on every way out but training
+            spent = ledger.epsilon(delta, ACCOUNTANT)
+            after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
+            if after > target_epsilon:
+                raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this "
+                                   f"fine-tune ({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) "
+                                   f"would reach {after:.3f} "
+                                   f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
+        except BaseException:
             ledger.close()
-            raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this fine-tune "
-                               f"({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) "
-                               f"would reach {after:.3f} "
-                               f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
+            raise
         settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto")
     run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -93,30 +93,31 @@ class PartnerBudget:
                         "; it lives in this run's directory, so another run starts from zero: set node config "
                         "ledger-path to one file that every run uses" if per_run else "")
 
-        cal = ledger.calibration(run)
-        if cal is None:
-            planned = int(cfg["num-server-rounds"])
-            target = float(cfg["target-epsilon"])
-            try:
-                noise = calibrate_noise_after(
-                    ledger.history(), target_epsilon=target, target_delta=delta, sample_rate=rate,
-                    total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
-            except PrivacyError as exc:
-                ledger.close()
-                raise PrivacyError(f"{label} ({users} users, batch-size {batch}, {planned} rounds x "
-                                   f"{steps_per_round} steps): {exc}") from None
-            cal = Calibration(noise, target, delta, str(cfg["accountant"]), rate, steps_per_round, planned)
-            ledger.save_calibration(run, cal)
-        elif (cal.sample_rate, cal.steps_per_round) != (rate, steps_per_round):
+        try:  # the ledger is locked while open: close it on every way out but success
+            cal = ledger.calibration(run)
+            if cal is None:
+                planned = int(cfg["num-server-rounds"])
+                target = float(cfg["target-epsilon"])
+                try:
+                    noise = calibrate_noise_after(
+                        ledger.history(), target_epsilon=target, target_delta=delta, sample_rate=rate,
+                        total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
+                except PrivacyError as exc:
+                    raise PrivacyError(f"{label} ({users} users, batch-size {batch}, {planned} rounds x "
+                                       f"{steps_per_round} steps): {exc}") from None
+                cal = Calibration(noise, target, delta, str(cfg["accountant"]), rate, steps_per_round, planned)
+                ledger.save_calibration(run, cal)
+            elif (cal.sample_rate, cal.steps_per_round) != (rate, steps_per_round):
+                raise PrivacyError(f"{label}: batch-size or local-epochs changed mid-run (ledger {path} planned "
+                                   f"{cal.steps_per_round} steps at rate {cal.sample_rate:.4g} per round); start a new run")
+            elif changed := _guarantee_changes(cal, float(cfg["target-epsilon"]), delta, str(cfg["accountant"])):
+                # The run name is found in the ledger (a resumed run, or another run given the same name):
+                # its calibration would silently replace this run's stated guarantee
+                raise PrivacyError(f"{label}: run {run!r} in ledger {path} was calibrated for {changed[0]}, this run asks "
+                                   f"for {changed[1]}; give a new run-name (the ledger's spend still counts)")
+        except BaseException:
             ledger.close()
-            raise PrivacyError(f"{label}: batch-size or local-epochs changed mid-run (ledger {path} planned "
-                               f"{cal.steps_per_round} steps at rate {cal.sample_rate:.4g} per round); start a new run")
-        elif changed := _guarantee_changes(cal, float(cfg["target-epsilon"]), delta, str(cfg["accountant"])):
-            # The run name is found in the ledger (a resumed run, or another run given the same name):
-            # its calibration would silently replace this run's stated guarantee
-            ledger.close()
-            raise PrivacyError(f"{label}: run {run!r} in ledger {path} was calibrated for {changed[0]}, this run asks "
-                               f"for {changed[1]}; give a new run-name (the ledger's spend still counts)")
+            raise
         return cls(ledger, cal, run=run, label=label, users=users)
 
     @property

@@ -213,7 +213,11 @@ class PrivacyLedger:
             if not create:
                 return  # nothing to guard: opening reports the missing ledger
             folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError:
+            raise PrivacyError(f"privacy ledger {self.path}: its folder is not writable (the ledger records "
+                               "every round's spend there); give a ledger-path in a writable folder") from None
         deadline = time.monotonic() + wait
         while True:
             try:

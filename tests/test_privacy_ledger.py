@@ -397,3 +397,17 @@ def test_a_leftover_temporary_file_of_a_crashed_writer_does_not_block_writing(tm
     (tmp_path / f".checkpoint.pt.{os.getpid()}.tmp").write_bytes(b"half")  # a killed writer with this pid
     write_private_bytes(target, b"whole")
     assert target.read_bytes() == b"whole"
+
+
+def test_a_read_only_ledger_folder_is_one_line(tmp_path, monkeypatch):
+    # The lock file cannot be made in a read-only folder: that was a PermissionError traceback
+    real_open = os.open
+
+    def no_write_here(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_write_here)
+    with pytest.raises(PrivacyError, match=r"privacy ledger .*l.sqlite: its folder is not writable"):
+        PrivacyLedger(tmp_path / "l.sqlite", "fp")
