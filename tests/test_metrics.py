@@ -13,10 +13,9 @@ from common.metrics import means_and_errors, means_from_sums, ranking_sums, stan
 
 def brute_force(scores: np.ndarray, history: list[int], target: int, k: int) -> tuple[float, float]:
     candidates = [i for i in range(1, len(scores)) if i not in history or i == target]
-    ranked = sorted(candidates, key=lambda i: -scores[i])
-    better = sum(1 for i in candidates if scores[i] > scores[target])
-    if better < k:
-        return 1.0, 1.0 / math.log2(better + 2)
+    rank = sorted(candidates, key=lambda i: -scores[i]).index(target)  # continuous scores: no ties
+    if rank < k:
+        return 1.0, 1.0 / math.log2(rank + 2)
     return 0.0, 0.0
 
 
