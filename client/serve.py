@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.recommend import GlobalModel, Recommender, find_model_file, load_global_model
 from common.data.event_store import EventStore
@@ -38,10 +40,21 @@ class EventIn(BaseModel):
 
     user_id: str = Field(min_length=1, max_length=200)
     item_id: str = Field(min_length=1, max_length=200)
-    # SQLite INTEGER is 64-bit; a JSON true/false is not a time (pydantic would read it as 1/0)
-    timestamp: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    # The training log reader drops times from 2**62 on; a JSON true/false is not a time (pydantic would read 1/0)
+    timestamp: int | None = Field(default=None, ge=0, lt=2**62)
     rating: float | None = None
     event: str = Field(default="interaction", min_length=1, max_length=50)
+
+    @field_validator("user_id", "item_id")
+    @classmethod
+    def _trainable_id(cls, v: str) -> str:
+        # 201 means the event trains: the log reader strips spaces and NULs and drops "nan" ids, so such an
+        # id would be dropped or merged with another user's (" a" and "a\0" become "a")
+        if v != v.strip() or "\x00" in v:
+            raise ValueError("must not start or end with spaces or contain NUL characters")
+        if v.lower() == "nan":
+            raise ValueError("'nan' reads as a missing id in the training log")
+        return v
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -91,7 +104,12 @@ class ModelWatcher:
                 file = find_model_file(self.model_path)
                 if file == self.current.path and file.stat().st_mtime <= self.current.version:
                     return
-                self.recommender = Recommender(load_global_model(file), self.titles)
+                loaded = load_global_model(file)
+                missing = len(set(self.current.index) - set(loaded.index))
+                if missing:  # another federation's model: the store's events and titles would not match it
+                    raise FedRecError(f"{file}: its catalogue lacks {missing} of the {len(self.current.catalogue)} "
+                                      "items of the model being served; not switching to it")
+                self.recommender = Recommender(loaded, self.titles)
                 self.reloads += 1
                 self.last_error = None
                 LOG.info("loaded model %s (version %.3f)", file, self.current.version)
@@ -110,13 +128,6 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     app = FastAPI(title="fedrec partner recommendations", version="1")
     app.state.watcher = watcher
     app.state.store = store
-    popularity = {"version": -1, "counts": {}}
-    events_version = [0]  # bumped by POST /events; cold-start popularity is recomputed after a change
-
-    def counts() -> dict[str, int]:
-        if popularity["version"] != events_version[0]:
-            popularity["counts"], popularity["version"] = store.item_counts(), events_version[0]
-        return popularity["counts"]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -133,6 +144,22 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     async def _user_error(request: Request, exc: FedRecError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"error": str(exc)})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths, wrong methods, bodies that are not UTF-8 JSON
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "body: not valid UTF-8 JSON"
+        elif exc.status_code == 404:
+            message = f"no such endpoint: {request.url.path}"
+        return JSONResponse(status_code=exc.status_code, content={"error": message}, headers=exc.headers)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store_busy(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        # Another process held the store's write lock past SQLite's 30 s wait (or the disk failed)
+        return JSONResponse(status_code=503, headers={"Retry-After": "5"},
+                            content={"error": f"event store {store.path.name} is busy or unavailable ({exc}); retry"})
+
     @app.get("/health")
     def health() -> dict:
         watcher.maybe_reload()
@@ -144,11 +171,11 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     # NOTE: async and a ready JSONResponse: the work is a few ms of CPU on one torch thread either way;
     # running it on the event loop skips the thread-pool hop and FastAPI's re-encoding of the response
     # (requests are served one at a time per process, which is what one core does anyway).
-    @app.get("/users/{user_id}/recommendations", response_model=None)
+    @app.get("/users/{user_id:path}/recommendations", response_model=None)  # :path: an id may hold "/"
     async def recommendations(user_id: str, k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> JSONResponse:
         watcher.maybe_reload()
         recommender = watcher.recommender  # one model for the whole request, even if a reload lands meanwhile
-        result = recommender.recommend(user_id, store, k, explain=explain, popularity=counts())
+        result = recommender.recommend(user_id, store, k, explain=explain)  # cold start: store.item_counts()
         return JSONResponse({**result.to_dict(), "model_version": recommender.gm.version})
 
     @app.post("/events", status_code=201, response_model=None)
@@ -159,7 +186,6 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
                 "error": f"item_id: {event.item_id!r} is not in the model's catalogue ({len(gm.catalogue)} items)"})
         ts = int(time.time()) if event.timestamp is None else event.timestamp
         event_id = store.add(event.user_id, event.item_id, timestamp=ts, rating=event.rating, event=event.event)
-        events_version[0] += 1
         return {"id": event_id, "user_id": event.user_id, "item_id": event.item_id, "timestamp": ts}
 
     return app

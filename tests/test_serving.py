@@ -249,7 +249,23 @@ def test_event_store_history_cache_sees_every_write(tmp_path):
     items, _ = store.history("u1")
     items.append("mutated by a caller")
     assert store.history("u1")[0] == ["a", "x", "b", "z"]
+    # Cold-start popularity (trigger-kept counts) saw every write too, the other process's included
+    assert store.item_counts() == {"a": 1, "b": 1, "c": 1, "x": 1, "y": 1, "z": 1}
     store.close()
+
+
+def test_a_store_made_before_item_counts_gets_them_from_its_events(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "events.sqlite"
+    with EventStore(path, create=True) as store:
+        store.add_many([("u1", "a", 1, None), ("u2", "a", 2, None), ("u2", "b", 3, None)])
+    with sqlite3.connect(path) as conn:  # as an older version left it: no counts table, no triggers
+        conn.executescript("DROP TRIGGER item_counts_insert; DROP TRIGGER item_counts_delete; DROP TABLE item_counts;")
+    with EventStore(path) as store:
+        assert store.item_counts() == {"a": 2, "b": 1}
+        store.add("u3", "b", timestamp=4)
+        assert store.item_counts() == {"a": 2, "b": 2}
 
 def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     from client.cli import main
@@ -339,6 +355,8 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     _, data = trained
     cold = client.get("/users/brand-new/recommendations", params={"k": 3}).json()
     assert cold["cold_start"] and cold["strategy"] == "popularity" and len(cold["items"]) == 3
+    slash = client.get("/users/team%2F7/recommendations", params={"k": 3})  # an id with "/" was a 404
+    assert slash.status_code == 200 and slash.json()["user_id"] == "team/7"
     item = str(data.catalogue[0])
     assert client.post("/events", json={"user_id": "brand-new", "item_id": item}).status_code == 201
     warm = client.get("/users/brand-new/recommendations", params={"k": 3}).json()
@@ -357,6 +375,16 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 10**29}}), "timestamp"),  # was a 500
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": True}}), "timestamp"),  # was 1970
     (("POST", "/events", {"content": b"{not json", "headers": {"content-type": "application/json"}}), "not valid JSON"),
+    # 201 must mean the event trains: the log reader drops or merges these (review, eleventh session)
+    (("POST", "/events", {"json": {"user_id": " 1", "item_id": "1"}}), "user_id: Value error, must not start"),
+    (("POST", "/events", {"json": {"user_id": "a\x00", "item_id": "1"}}), "user_id: Value error, must not"),
+    (("POST", "/events", {"json": {"user_id": "NaN", "item_id": "1"}}), "reads as a missing id"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 2**62}}), "timestamp"),
+    # {"detail": ...} from Starlette before, not the documented {"error": ...}
+    (("POST", "/events", {"content": b'{"user_id": "\xff", "item_id": "1"}',
+                          "headers": {"content-type": "application/json"}}), "not valid UTF-8 JSON"),
+    (("GET", "/no/such/path", {}), "no such endpoint: /no/such/path"),
+    (("DELETE", "/events", {}), "Method Not Allowed"),
 ])
 def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):
     client, store, _ = api
@@ -382,6 +410,46 @@ def test_api_hot_reloads_a_newer_model(api, trained):
     served = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"}).json()
     assert served["model_version"] == after["version"]
 
+
+
+def test_api_refuses_to_switch_to_another_catalogues_model(api, trained):
+    client, _, tmp_path = api
+    _, data = trained
+    before = client.get("/health").json()["model"]
+    cfg = resolve_config(None, CFG)
+    foreign = np.array([f"other-{i}" for i in range(len(data.catalogue))])
+    time.sleep(0.02)
+    save_model(tmp_path / "runs" / "foreign", new_model(cfg, len(foreign)), foreign, cfg)
+    health = client.get("/health").json()["model"]
+    assert health["version"] == before["version"] and health["reloads"] == 0
+    assert f"lacks {len(data.catalogue)} of the {len(data.catalogue)} items" in health["last_error"]
+
+
+def test_api_reads_while_a_write_waits_and_a_busy_store_is_a_503(api, trained):
+    import sqlite3
+
+    client, store, tmp_path = api
+    _, data = trained
+    user = str(data.user_ids[0])
+    store._conn.execute("PRAGMA busy_timeout = 1500")  # SQLite's 30 s wait, shortened
+    blocker = sqlite3.connect(tmp_path / "events.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    blocker.execute("INSERT INTO events (user_id, item_id, timestamp, event, recorded) VALUES ('x', '1', 1, 'i', 0)")
+    try:
+        posted: dict = {}
+        writer = threading.Thread(target=lambda: posted.update(r=client.post(
+            "/events", json={"user_id": user, "item_id": str(data.catalogue[0])})))
+        writer.start()
+        time.sleep(0.3)  # the POST now waits for SQLite's lock
+        start = time.monotonic()
+        read = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"})
+        read_done, write_pending = time.monotonic() - start, writer.is_alive()
+        writer.join(timeout=10)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert read.status_code == 200 and write_pending, (read_done, write_pending)  # a GET froze 30 s before
+    assert posted["r"].status_code == 503 and "busy" in posted["r"].json()["error"]  # a plain-text 500 before
 
 
 def test_api_keeps_serving_when_a_new_file_has_the_right_keys_but_no_weights(api, trained):
