@@ -232,11 +232,19 @@ def exact_poisson_steps(loader, steps: int) -> float:  # noqa: ANN001 (opacus DP
     return 1.0 / steps
 
 
+def expected_batch(users: int, steps: int) -> int:
+    """The expected Poisson batch the optimiser divides the noised sum by: users / steps, rounded down
+    as Opacus does, but in integers. Opacus' int(users * (1 / steps)) is 0 for 49 users at 49 steps
+    (batch-size 1: every weight NaN, the round's epsilon spent) and one short for about 500 (users,
+    batch) pairs below 5,000 users (392 users at batch 8: 7)."""
+    return max(1, users // steps)
+
+
 def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader: torch.utils.data.DataLoader,  # noqa: ANN001
                        noise_multiplier: float, max_grad_norm: float):  # noqa: ANN201
     """Opacus' own Poisson loader, noise-adding optimizer and accountant hook, wired exactly as
     ``PrivacyEngine.make_private(poisson_sampling=True, grad_sample_mode="ghost")`` wires them
-    (sample rate 1 / len(loader), expected batch = int(users * sample rate)), so the accountant's
+    (sample rate 1 / len(loader), expected batch = users // len(loader)), so the accountant's
     history is Opacus' own; only the per-user clipping is ours (:func:`fused_clipped_backward`),
     and the step count is exact (:func:`exact_poisson_steps`).
 
@@ -251,7 +259,7 @@ def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader:
     sample_rate = exact_poisson_steps(loader, len(data_loader))
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",
+        expected_batch_size=expected_batch(len(loader.dataset), len(data_loader)), loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else None, secure_mode=engine.secure_mode,
     )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

@@ -20,7 +20,8 @@ from common.data.sequences import SequenceData
 from common.data.ties import shuffle_within_ties, training_tie_runs
 from common.errors import ConfigError, PrivacyError
 from common.metrics import drop_seen, pad_left, seen_items
-from common.per_user_clipping import exact_poisson_steps, fused_clipped_backward, make_fused_private, supports_fused
+from common.per_user_clipping import (exact_poisson_steps, expected_batch, fused_clipped_backward, make_fused_private,
+                                      supports_fused)
 from common.privacy import Mechanism, refuse_many_examples_per_user
 from common.proximal import ProximalAnchor
 
@@ -269,7 +270,7 @@ def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, crit
     steps = len(loader)
     dp_optimizer, dp_loader = prepared[1], prepared[-1]
     rate = exact_poisson_steps(dp_loader, steps)
-    dp_optimizer.expected_batch_size = int(len(dp_loader.dataset) * rate)
+    dp_optimizer.expected_batch_size = expected_batch(len(dp_loader.dataset), steps)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=rate))
     if mode == "ghost":
         return prepared

@@ -101,3 +101,24 @@ def test_every_planned_step_runs_and_is_accounted_at_the_planned_rate():
                              dp=DPSettings(1.0, 1.0, "rdp", mode, 1), device="cpu")
         assert result.steps == 93, mode
         assert [(m[1], m[2]) for m in result.mechanisms] == [(rate, 93)], mode
+
+
+def test_batch_size_one_divides_by_one_user_not_zero():
+    # Opacus' int(users * (1 / steps)) is int(49 * (1/49)) = 0: the noised sum was divided by 0, every
+    # weight became NaN and the round's epsilon was spent on an update the server refuses
+    from common.data import build_sequences, generate_synthetic
+    from common.models import SASRec
+    from common.per_user_clipping import expected_batch
+    from common.training import DPSettings, train_local
+
+    assert int(49 * (1 / 49)) == 0 and expected_batch(49, 49) == 1
+    assert int(392 * (1 / 49)) == 7 and expected_batch(392, 49) == 8  # one short before
+    data = next(d for n in range(49, 80)
+                if user_count_for_training(d := build_sequences(generate_synthetic(num_users=n, num_items=15,
+                                                                                   mean_length=7, seed=0))) == 49)
+    for mode in ("fused", "hooks", "ghost"):
+        torch.manual_seed(0)
+        model = SASRec(data.num_items, max_len=6, dim=8, num_blocks=1, num_heads=2, dropout=0.0, tied_output=False)
+        train_local(model, data, epochs=1, batch_size=1, learning_rate=0.01, max_len=6,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, noise_seed=1))
+        assert all(torch.isfinite(p).all() for p in model.parameters()), mode
