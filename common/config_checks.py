@@ -57,7 +57,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         if key in cfg and cfg[key] not in allowed:
             raise bad(key, f"is unknown; use one of {', '.join(allowed)}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg["device"])):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg["device"])):  # (pick_device has no mps)
         raise bad("device", "is not a device; use auto, cpu, cuda or cuda:N")
     if not 0 <= cfg["dropout"] < 1:
         raise bad("dropout", "must be in [0, 1)")
@@ -69,5 +69,34 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise bad("holdout-fraction", "must be in [0, 1) (the share of users never trained on)")
     if not 0 <= cfg["target-delta"] < 1:
         raise bad("target-delta", "must be in [0, 1) (0 = min(1e-5, 0.1 / users))")
+    _check_combinations(cfg)
     if cfg["resume"] and not cfg["run-name"]:  # else an automatic name would be "no such run to resume"
         raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
+
+
+def _check_combinations(cfg: Mapping[str, Any]) -> None:
+    """Knobs that each pass alone but cannot work together, and the ranges of features that are
+    off in this run (a bad value there was accepted silently until someone switched the feature on;
+    one that fails only inside every partner made the run "complete" with the untrained model)."""
+    model, features = cfg.get("model", "sasrec"), cfg.get("item-features", "id")
+    local_dp = cfg.get("dp", True) and cfg.get("dp-mode", "local") in ("local", "both")
+    mode = cfg.get("grad-sample-mode", "auto") if local_dp else "auto"  # it only chooses how DP-SGD clips
+    if mode == "fused" and (model != "sasrec" or features != "id"):
+        raise ConfigError(f"grad-sample-mode = \"fused\" needs model = \"sasrec\" with item-features = \"id\" "
+                          f"(this run: {model}, {features}); use auto, ghost or hooks")
+    if mode == "ghost" and cfg.get("tied-output") and model == "sasrec" and features in ("id", "id+text"):
+        raise ConfigError("grad-sample-mode = \"ghost\" cannot clip tied-output = true (Opacus' ghost clipping "
+                          "refuses one weight in two layers); use auto, fused or hooks")
+    if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
+        raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
+                          "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
+    if cfg.get("central-clipping", "server") not in ("server", "client"):
+        raise ConfigError(f"central-clipping = {cfg['central-clipping']!r} is unknown; use server or client")
+    norm = cfg.get("central-clipping-norm", 1.0)
+    if not (math.isfinite(norm) and norm > 0):
+        raise ConfigError(f"central-clipping-norm = {norm!r} must be a positive number")
+    if not 0.0 <= cfg.get("trim-fraction", 0.2) < 0.5:
+        raise ConfigError(f"trim-fraction = {cfg['trim-fraction']!r} must be in [0, 0.5)")
+    mu = cfg.get("proximal-mu", 0.0)
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ConfigError(f"proximal-mu = {mu!r} must be a number >= 0")

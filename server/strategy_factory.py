@@ -116,6 +116,10 @@ def check_strategy_config(cfg: Mapping[str, Any]) -> None:
     aggregation_strategy(cfg)
     epoch_learning_rates(cfg, 1)  # an unknown lr-schedule
     refuse_many_examples_per_user(cfg)
+    if cfg["secure-aggregation"]:  # a strategy SecAgg+ cannot serve (it left a run directory behind)
+        from server.secure_aggregation import secagg_params
+
+        secagg_params(cfg, timeout=float(cfg["round-timeout"]))
 
 def build_strategy(
     cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,

@@ -118,12 +118,17 @@ def run_id(run: Mapping[str, Any]) -> str:
 
 
 def run_overrides(run: Mapping[str, Any]) -> dict[str, Any]:
-    """Run-config overrides of one run: ``target-epsilon = "inf"`` becomes ``dp = false``."""
+    """Run-config overrides of one run: ``target-epsilon = "inf"`` (no local DP-SGD budget) turns
+    local DP off: dp-mode local -> off (``dp = false``), both -> central; central DP stays as asked
+    (it used to be switched off silently with everything else)."""
     out = {k: v for k, v in run.items() if k != "num-partners"}
     if is_no_dp(run):
         out.pop("target-epsilon")
-        out["dp"] = False
-        if "dp-mode" in DEFAULTS and out.get("dp-mode", "local") == "local":
+        mode = out.get("dp-mode", DEFAULTS.get("dp-mode", "local"))
+        if mode == "both":
+            out["dp-mode"] = "central"
+        elif mode in ("local", "off"):
+            out["dp"] = False
             out["dp-mode"] = "off"
     return out
 

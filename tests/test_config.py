@@ -45,6 +45,14 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
     ({"dirichlet-alpha": 0}, "dirichlet-alpha"), ({"holdout-fraction": 1.0}, "holdout-fraction"),
     ({"holdout-fraction": -0.5}, "holdout-fraction"), ({"size-skew-power": float("inf")}, "size-skew-power"),
     ({"seed": -1}, "seed"), ({"learning-rate": True}, "learning-rate"), ({"num-server-rounds": True}, "num-server-rounds"),
+    # eleventh session (a review): combinations every partner refused each round, or that were silently dropped
+    ({"tied-output": True, "grad-sample-mode": "ghost"}, "grad-sample-mode"),
+    ({"model": "mf", "grad-sample-mode": "fused"}, "grad-sample-mode"),
+    ({"item-features": "text", "grad-sample-mode": "fused"}, "grad-sample-mode"), ({"device": "mps"}, "device"),
+    ({"dp": False, "dp-mode": "central"}, "dp"), ({"dp": False, "dp-mode": "both"}, "dp"),
+    # ranges of features that are off in this run (were checked only once switched on)
+    ({"central-clipping": "bogus"}, "central-clipping"), ({"central-clipping-norm": -3.0}, "central-clipping-norm"),
+    ({"trim-fraction": 0.9}, "trim-fraction"), ({"proximal-mu": -0.5}, "proximal-mu"),
 ])
 def test_values_that_cannot_work_are_one_line_naming_the_knob(overrides, knob):
     with pytest.raises(ConfigError, match=f"^{knob} = ") as err:
@@ -57,6 +65,9 @@ def test_every_default_and_edge_value_passes():
     resolve_config(None, {"dropout": 0.0, "fraction-train": 1.0, "target-delta": 0.0, "device": "cuda:1",
                           "num-server-rounds": 3.0, "central-noise-multiplier": 0.0, "num-malicious-nodes": 0,
                           "fraction-evaluate": 0.0})  # 0 = no federated evaluation (server/strategy_factory.py)
+    # grad-sample-mode only chooses how DP-SGD clips: without local DP any value is harmless
+    resolve_config(None, {"dp-mode": "central", "tied-output": True, "grad-sample-mode": "ghost"})
+    resolve_config(None, {"dp": False, "model": "mf", "grad-sample-mode": "fused"})
 
 
 def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):

@@ -46,6 +46,10 @@ def test_grid_expands_to_cells_times_seeds_with_stable_ids(tmp_path):
     no_dp = sweep.run_overrides(runs[-1])
     assert no_dp["dp"] is False and "target-epsilon" not in no_dp and "num-partners" not in no_dp
     assert sweep.run_overrides(runs[0])["target-epsilon"] == 1
+    # "inf" is no local DP budget: central DP stays as asked (it was dropped with dp = false)
+    assert sweep.run_overrides({"target-epsilon": "inf", "dp-mode": "both"}) == {"dp-mode": "central"}
+    assert sweep.run_overrides({"target-epsilon": "inf", "dp-mode": "central"}) == {"dp-mode": "central"}
+    assert sweep.run_overrides({"target-epsilon": "inf"}) == {"dp": False, "dp-mode": "off"}
 
 
 def test_unknown_key_is_a_clear_error(tmp_path):

@@ -303,13 +303,17 @@ def test_updates_a_robust_aggregator_leaves_out_still_count_in_the_privacy_repor
     assert "(4.000," in report.guarantee()
 
 
-def test_a_strategy_the_server_cannot_build_leaves_no_run_directory(tmp_path):
+@pytest.mark.parametrize("knobs, message", [
+    ({"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 3}, "needs min-nodes >= 4"),
+    # SecAgg+ refused median only after the run directory existed (a review, eleventh session)
+    ({"aggregation": "median", "secure-aggregation": True}, "needs individual updates"),
+])
+def test_a_strategy_the_server_cannot_build_leaves_no_run_directory(tmp_path, knobs, message):
     from common.errors import ConfigError
     from simulations.local_grid import run_local
 
-    overrides = {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 3, "synthetic-users": 40,
-                 "synthetic-items": 20, "run-dir": str(tmp_path), "run-name": "refused"}
-    with pytest.raises(ConfigError, match="needs min-nodes >= 4"):
+    overrides = {**knobs, "synthetic-users": 40, "synthetic-items": 20, "run-dir": str(tmp_path), "run-name": "refused"}
+    with pytest.raises(ConfigError, match=message):
         run_local(overrides, 3)
     assert not (tmp_path / "refused").exists()
 
