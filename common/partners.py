@@ -53,7 +53,7 @@ def _partitions(key: tuple, num_partitions: int) -> tuple[SequenceData, list[np.
     return population, parts, attribute
 
 
-_KEYS = ("dataset", "synthetic-users", "synthetic-items", "seed", "holdout-fraction", "partitioning",
+_KEYS = ("dataset", "synthetic-users", "synthetic-items", "seed", "catalogue", "holdout-fraction", "partitioning",
          "dirichlet-alpha", "size-skew-power")
 
 

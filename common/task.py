@@ -22,15 +22,22 @@ from common.models import build_model
 
 
 @functools.lru_cache(maxsize=4)
-def _federation_data(dataset: str, users: int, items: int, seed: int) -> SequenceData:
+def _federation_data(dataset: str, users: int, items: int, seed: int, published: str) -> SequenceData:
+    catalogue = _published_catalogue(published) if published else None
     if dataset == "synthetic":
-        return build_sequences(generate_synthetic(num_users=users, num_items=items, seed=seed), name="synthetic")
-    return build_sequences(load_interactions(dataset), name=str(resolve_data_path(dataset)))
+        log, name = generate_synthetic(num_users=users, num_items=items, seed=seed), "synthetic"
+    else:
+        log, name = load_interactions(dataset), str(resolve_data_path(dataset))
+    return build_sequences(log, catalogue, name=name)
 
 
 def federation_data(cfg: Mapping[str, Any]) -> SequenceData:
-    """The whole data set a simulation partitions (``dataset`` = ``synthetic`` or a path)."""
-    return _federation_data(str(cfg["dataset"]), int(cfg["synthetic-users"]), int(cfg["synthetic-items"]), int(cfg["seed"]))
+    """The whole data set a simulation partitions (``dataset`` = ``synthetic`` or a path), over the
+    published ``catalogue`` when one is set (items outside it dropped and counted), as a deployed
+    partner's log is: simulated partners once indexed the data set's own catalogue while the server
+    built and released the model over the published one, so ``model.pt`` could name the wrong items."""
+    return _federation_data(str(cfg["dataset"]), int(cfg["synthetic-users"]), int(cfg["synthetic-items"]),
+                            int(cfg["seed"]), str(cfg.get("catalogue") or ""))
 
 
 def catalogue(cfg: Mapping[str, Any]) -> np.ndarray:
@@ -67,6 +74,10 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
     """One partner's users: its own log (``data-path`` in node config) or a simulated partition."""
     if node_config.get("data-path"):
         path = str(node_config["data-path"])
+        if not cfg.get("catalogue") and str(cfg["dataset"]) == "synthetic":
+            # else a real log was numbered by the built-in demo catalogue (its other items dropped as unknown)
+            raise ConfigError("a partner's data-path needs the federation's published catalogue: run config "
+                              "catalogue = \"<file>\" (written by `fedrec-server catalogue`)")
         return _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
     try:
         pid = int(node_config["partition-id"])

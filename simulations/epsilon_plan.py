@@ -29,6 +29,12 @@ from common.cli_errors import user_errors_exit  # noqa: E402
 
 def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
     """One row per partner: users, delta, sample rate, steps per round, noise, epsilon per accountant and round."""
+    from common.errors import ConfigError
+    from common.privacy import dp_mode, uses_local_dp
+
+    if not uses_local_dp(dp_mode(cfg)):  # it printed a local noise plan for a run that has no local DP
+        raise ConfigError(f"dp-mode = {dp_mode(cfg)!r}: this plans the partners' local DP-SGD noise, which such a "
+                          "run does not add (central DP's epsilon is in the run's privacy.json)")
     rows = []
     for pid in range(num_partners):
         data = partner_data(cfg, {"partition-id": pid, "num-partitions": num_partners})

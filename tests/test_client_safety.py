@@ -35,7 +35,8 @@ def test_a_headerless_log_does_not_leak_its_first_row_to_the_server(tmp_path):
     log = tmp_path / "private" / "log.csv"
     log.parent.mkdir()
     log.write_text(f"{SECRET_ROW}\nbob-1,heat,1600000200\n")
-    app = make_client_app({"run-dir": str(tmp_path), "dp": False})
+    (tmp_path / "catalogue.txt").write_text("heat\n")
+    app = make_client_app({"run-dir": str(tmp_path), "dp": False, "catalogue": str(tmp_path / "catalogue.txt")})
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(log)}, state=RecordDict(), run_config={})
     msg = flower_message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}), "train")
 

@@ -146,3 +146,22 @@ def test_item_metadata_needs_titles(tmp_path):
     log.write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
     with pytest.raises(DataError, match="not item metadata; expected u.item, movies.dat or a CSV with a title"):
         load_item_titles(log)
+
+
+def test_simulated_partners_index_the_published_catalogue(tmp_path):
+    # The server built (and released) the model over a published catalogue while simulated partners
+    # indexed the data set's own: with the same items in another order, model.pt named the wrong items
+    from common.config import resolve_config
+    from common.data.catalogue import save_catalogue
+    from common.task import catalogue, federation_data, partner_data
+
+    base = resolve_config(None, {"synthetic-users": 60, "synthetic-items": 20})
+    own = federation_data(base)
+    published = save_catalogue(own.catalogue[::-1], tmp_path / "catalogue.txt")
+    cfg = {**base, "catalogue": str(published)}
+    part = partner_data(cfg, {"partition-id": 0, "num-partitions": 2})
+    assert part.catalogue.tolist() == catalogue(cfg).tolist() == own.catalogue[::-1].tolist()
+    # the same raw items for every user, through either catalogue
+    plain = partner_data(base, {"partition-id": 0, "num-partitions": 2})
+    assert [part.catalogue[s - 1].tolist() for s in part.sequences] == [plain.catalogue[s - 1].tolist()
+                                                                        for s in plain.sequences]

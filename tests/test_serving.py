@@ -18,7 +18,7 @@ from client.recommend import LogHistory, Recommender, find_model_file, load_glob
 from common.config import resolve_config
 from common.data import build_sequences, generate_synthetic
 from common.data.event_store import EventStore
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.metrics import pad_left
 from common.task import new_model
 from common.training import train_local
@@ -170,10 +170,13 @@ def test_event_store_is_a_training_log_that_grows(tmp_path, log):
     store_path = tmp_path / "events.sqlite"
     with EventStore(store_path, create=True) as store:
         store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
-    cfg = resolve_config(None, {"dataset": "synthetic"})
-    node = {"data-path": str(store_path)}
     catalogue = build_sequences(log).catalogue
-    cfg["catalogue"] = ""
+    (tmp_path / "catalogue.txt").write_text("\n".join(catalogue.tolist()) + "\n")
+    cfg = resolve_config(None, {"dataset": "synthetic", "catalogue": str(tmp_path / "catalogue.txt")})
+    node = {"data-path": str(store_path)}
+    # without the published catalogue the log would be numbered by the demo data set's: refused
+    with pytest.raises(ConfigError, match="data-path needs the federation's published catalogue"):
+        partner_data({**cfg, "catalogue": ""}, node)
     before = partner_data({**cfg, "synthetic-users": 150, "synthetic-items": 50, "seed": 7}, node)
 
     # Execute: one more event for the first user, later than all others

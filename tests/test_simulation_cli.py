@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations import audit, baselines, cold_start, deployment, fault_injection, local_grid, run, sweep
+from simulations import audit, baselines, cold_start, deployment, epsilon_plan, fault_injection, local_grid, run, sweep
 from simulations.bench import centralised, context_features
 
 
@@ -23,6 +23,8 @@ from simulations.bench import centralised, context_features
     (context_features.main, ["--data", "/no/such/data"]),
     (centralised.main, ["--overrides", '{"dataset": "/no/such/data"}', "--out", "/tmp/unused.json"]),
     (centralised.main, ["--overrides", "{not json", "--out", "/tmp/unused.json"]),
+    # a local DP-SGD noise plan for a run without local DP (eleventh session, a review)
+    (epsilon_plan.main, ["--num-partners", "2", "--rounds", "1", "--run-config", 'dp-mode="central"']),
 ])
 def test_a_user_mistake_is_one_error_line(main, argv, capsys) -> None:  # noqa: ANN001
     assert main(argv) == 2
