@@ -133,3 +133,17 @@ def _coerce(key: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+# Knobs a model never reads: set away from their default they change nothing but config.json
+_IGNORED_BY = {
+    "mf": ("item-features", "time-features", "genre-features", "tied-output", "num-blocks", "num-heads", "dropout",
+           "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties",
+           "lr-schedule", "tie-orders"),
+    "sasrec": ("mf-fold-in-steps", "mf-l2"),
+}
+
+
+def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
+    """Knobs of ``cfg`` set away from their default that its ``model`` ignores (the server warns once)."""
+    return [k for k in _IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()) if k in cfg and cfg[k] != DEFAULTS[k]]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import resolve_config
+from common.config import ignored_knobs, resolve_config
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from server.central_dp import with_privacy
@@ -27,6 +27,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(context.run_config, overrides)
+        if ignored := ignored_knobs(cfg):
+            log(WARNING, "model = %s ignores %s: they change nothing in this run", cfg["model"], ", ".join(ignored))
 
         # Build the initial global model over the agreed catalogue
         items = catalogue(cfg)

@@ -87,3 +87,13 @@ def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
     for twice in (["embedding-dim=16 embedding-dim=32"], ["embedding-dim=16", "dp=false embedding-dim=32"]):
         with pytest.raises(ConfigError, match="--run-config: embedding-dim is given more than once"):
             parse_run_config(twice)
+
+
+def test_knobs_the_model_ignores_are_named():
+    # model = "mf" with SASRec's knobs trained as if they were not there, and config.json recorded them
+    from common.config import ignored_knobs
+
+    assert ignored_knobs(resolve_config(None, {"model": "mf"})) == []
+    assert ignored_knobs(resolve_config(None, {"model": "mf", "time-features": True, "dropout": 0.5,
+                                               "item-features": "text"})) == ["item-features", "time-features", "dropout"]
+    assert ignored_knobs(resolve_config(None, {"mf-l2": 0.5})) == ["mf-l2"]
