@@ -433,26 +433,31 @@ def test_api_reads_while_a_write_waits_and_a_busy_store_is_a_503(api, trained):
 
     client, store, tmp_path = api
     _, data = trained
-    user = str(data.user_ids[0])
-    store._conn.execute("PRAGMA busy_timeout = 1500")  # SQLite's 30 s wait, shortened
+    user, item = str(data.user_ids[0]), str(data.catalogue[0])
     blocker = sqlite3.connect(tmp_path / "events.sqlite", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    blocker.execute("INSERT INTO events (user_id, item_id, timestamp, event, recorded) VALUES ('x', '1', 1, 'i', 0)")
     try:
+        # A POST waits for another process's write lock: a GET is served meanwhile (it froze behind it before)
+        store._conn.execute("PRAGMA busy_timeout = 30000")
+        blocker.execute("BEGIN IMMEDIATE")
         posted: dict = {}
-        writer = threading.Thread(target=lambda: posted.update(r=client.post(
-            "/events", json={"user_id": user, "item_id": str(data.catalogue[0])})))
+        writer = threading.Thread(target=lambda: posted.update(r=client.post("/events", json={"user_id": user,
+                                                                                              "item_id": item})))
         writer.start()
-        time.sleep(0.3)  # the POST now waits for SQLite's lock
-        start = time.monotonic()
+        time.sleep(0.3)  # the POST is now waiting for SQLite's lock (held until the ROLLBACK below)
         read = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"})
-        read_done, write_pending = time.monotonic() - start, writer.is_alive()
-        writer.join(timeout=10)
-    finally:
+        assert read.status_code == 200 and writer.is_alive()
         blocker.execute("ROLLBACK")
+        writer.join(timeout=30)
+        assert posted["r"].status_code == 201
+        # Held past SQLite's wait: a JSON 503 (a plain-text 500 before), nothing stored
+        store._conn.execute("PRAGMA busy_timeout = 200")
+        blocker.execute("BEGIN IMMEDIATE")
+        busy = client.post("/events", json={"user_id": user, "item_id": item})
+        assert busy.status_code == 503 and "busy" in busy.json()["error"]
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
         blocker.close()
-    assert read.status_code == 200 and write_pending, (read_done, write_pending)  # a GET froze 30 s before
-    assert posted["r"].status_code == 503 and "busy" in posted["r"].json()["error"]  # a plain-text 500 before
 
 
 def test_api_keeps_serving_when_a_new_file_has_the_right_keys_but_no_weights(api, trained):
