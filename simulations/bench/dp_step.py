@@ -13,9 +13,9 @@ warm-up step each, then ``--steps`` rounds that run one step of every mode in tu
 so load from other processes on a shared machine hits all modes alike); reported are the best
 and median step (ratios use the best, the least disturbed). One fixed synthetic batch (real
 lengths uniform in [length/10, length], items uniform). Memory: each mode in a fresh subprocess
-(so one mode's high-water mark cannot hide another's), one warm-up and one measured step; on CPU
-the peak resident set (VmHWM, reset before the step) minus the resident set before it, i.e. what
-the step itself allocates (activations, gradients, per-user state; tracemalloc cannot see
+(so one mode's high-water mark cannot hide another's), the peak over its first two steps; on CPU
+the peak resident set (VmHWM, reset before the first step, so first-step allocations such as
+Adam's state count) minus the resident set before it, i.e. what the steps allocate (activations, gradients, per-user state; tracemalloc cannot see
 PyTorch's allocator); on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before,
 and time is on CUDA too (synchronised). Writes simulations/bench/results/dp_step[-PRESET].json.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import resource
 import subprocess
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                            tied=args.tied, device=args.device)
         for mode in modes:
             t = times[mode]
-            rows.append({"mode": mode, "items": items, "tied": args.tied, "best_s": t[0], "median_s": t[len(t) // 2],
+            rows.append({"mode": mode, "items": items, "tied": args.tied, "best_s": t[0], "median_s": statistics.median(t),
                          "steps_s": t, "peak_extra_mb": _memory_worker(mode, args, items),
                          "threads": torch.get_num_threads(), "device": args.device})
             print(json.dumps(rows[-1]), flush=True)
