@@ -262,10 +262,13 @@ def test_config_refuses_what_a_sum_cannot_do():
 
 
 def test_config_reads_the_effective_dp_mode():
-    # dp = false switches every DP mode off (common.privacy.dp_mode): no central clipping to refuse
-    params = secagg_params(resolve_config(None, {"secure-aggregation": True, "dp": False, "dp-mode": "central"}),
-                           timeout=10)
-    assert params.shares_and_threshold(4) == (4, 3)
+    # dp-mode off (or dp = false): no central clipping to refuse
+    for off in ({"dp-mode": "off"}, {"dp": False, "dp-mode": "off"}, {"dp": False}):
+        params = secagg_params(resolve_config(None, {"secure-aggregation": True, **off}), timeout=10)
+        assert params.shares_and_threshold(4) == (4, 3)
+    # dp = false with dp-mode central contradicts itself: refused when resolved (it silently meant "off")
+    with pytest.raises(ConfigError, match="dp = false turns all DP off"):
+        resolve_config(None, {"secure-aggregation": True, "dp": False, "dp-mode": "central"})
     # both = local + central: server-side clipping is refused as for central
     with pytest.raises(ConfigError, match="central-clipping"):
         secagg_params(resolve_config(None, {"secure-aggregation": True, "dp-mode": "both"}), timeout=10)
