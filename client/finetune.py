@@ -37,12 +37,13 @@ from common.training import (DPSettings, objective_options, refuse_non_sequence_
                              user_count_for_training)
 
 ACCOUNTANT = "rdp"
+DEFAULT_TARGET_EPSILON = 8.0  # a ledger no run has calibrated yet (the federation's default target)
 
 
 def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, ledger_path: str | os.PathLike,
                      out: str | os.PathLike | None = None, since: int | None = None, epochs: int = 1,
                      batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
-                     target_epsilon: float = 8.0, target_delta: float = 0.0, max_grad_norm: float = 1.0,
+                     target_epsilon: float | None = None, target_delta: float = 0.0, max_grad_norm: float = 1.0,
                      dp: bool = True, seed: int = 0, exclude_seen: bool | None = None,
                      shuffle_ties: bool | None = None, force: bool = False) -> dict[str, Any]:
     """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
@@ -50,7 +51,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
 
     ``exclude_seen``/``shuffle_ties``: ``None`` takes the global model's own run settings
     (``exclude-seen``, ``shuffle-ties`` in its config; the defaults for older files), so the
-    fine-tune continues the objective the model was trained with.
+    fine-tune continues the objective the model was trained with. ``target_epsilon`` ``None``: the
+    strictest target of the runs on the ledger (8 for a new ledger), never a looser default.
 
     Raises :class:`PrivacyError` when the ledger has no room for it (or too few recent users
     for ``batch_size``), :class:`DataError` for a bad model or log, :class:`ConfigError` for an
@@ -93,6 +95,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
             print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
                   "already trained, give the ledger its federated training uses", file=sys.stderr)
         try:  # the ledger is locked while open: close it on every way out but training
+            if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
+                target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
             spent = ledger.epsilon(delta, ACCOUNTANT)
             after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
             if after > target_epsilon:
@@ -134,6 +138,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         "noise-multiplier": noise_multiplier if dp else 0.0,
         "epsilon-finetune": epsilon_of(result.mechanisms, delta, ACCOUNTANT) if dp else float("inf"),
         "epsilon-ledger": total if dp else None,
+        "target-epsilon": target_epsilon if dp else None,
         "delta": delta if dp else None,
         "ledger": str(ledger_path) if dp else None,
         "ledger-run": run if dp else None,

@@ -152,6 +152,10 @@ class PrivacyLedger:
         s, eps, delta, acc, q, steps, rounds = rows[0]
         return Calibration(float(s), float(eps), float(delta), str(acc), float(q), int(steps), int(rounds))
 
+    def target_epsilons(self) -> list[float]:
+        """The target epsilon of every run calibrated on this ledger (each a cap on the whole ledger)."""
+        return [float(r[0]) for r in self._query("SELECT target_epsilon FROM calibrations")]
+
     def rounds_trained(self, run: str | None = None) -> int:
         """Rounds with recorded spend (of one run, or of all runs)."""
         if run is None:

@@ -134,8 +134,9 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--batch-size", type=positive_int, default=16, help="expected users per DP-SGD step")
     ft.add_argument("--learning-rate", type=positive_float, default=0.001)
     ft.add_argument("--noise-multiplier", type=positive_float, default=1.0, help="DP-SGD noise std / clipping norm")
-    ft.add_argument("--target-epsilon", type=positive_float, default=8.0,
-                    help="the partner's whole-ledger budget (refused beyond it)")
+    ft.add_argument("--target-epsilon", type=positive_float, default=None,
+                    help="the partner's whole-ledger budget (refused beyond it); default: the strictest target "
+                         "of the runs on the ledger (8 for a new one)")
     ft.add_argument("--target-delta", type=delta, default=0.0, help="0 = min(1e-5, 0.1 / users)")
     ft.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")

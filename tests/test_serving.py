@@ -483,7 +483,7 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     from opacus.accountants import RDPAccountant
 
     from client.finetune import finetune_partner
-    from client.privacy_ledger import PrivacyLedger
+    from client.privacy_ledger import Calibration, PrivacyLedger
     from common.errors import PrivacyError
 
     # Prepare: the partner's store, then new events for 40 users after the model was published
@@ -521,6 +521,12 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
                          noise_multiplier=1.2, target_epsilon=report["epsilon-ledger"] + 0.01, force=True)
     with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
         assert opened.history() == history
+        # a federated run on this ledger was budgeted at epsilon 2 (its calibration says so) ...
+        opened.save_calibration("federated", Calibration(1.0, 2.0, 1e-5, "rdp", 0.1, 10, 1))
+    # ... so a fine-tune without --target-epsilon keeps to 2 (it took a default of 8 before)
+    with pytest.raises(PrivacyError, match=r"budget exhausted: epsilon \d+\.\d+ of 2 spent"):
+        finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
+                         noise_multiplier=1.2, force=True)
 
 
 def report_fingerprint(store_path: Path, run: Path) -> str:
