@@ -9,8 +9,7 @@ A positive influence means the item raised ``j``'s score: the reason names the i
 the largest positive influence. Nothing is invented: removing the first named item lowers
 ``j``'s score by exactly the reported influence. (With ``time-features`` the other events keep
 their recorded time gaps, i.e. the removal asks "without this item, everything else as it
-happened"; re-deriving the gaps from the timestamps after the removal gives a slightly different
-drop, e.g. 0.0071 against a reported 0.0059 in a review.)
+happened"; re-deriving the gaps from the timestamps after the removal gives a slightly different drop.)
 
 Only the last ``max_len`` items are inputs of the model, so only they can have influence;
 removing one lets the next older item enter the window, as it would in the real history.
