@@ -21,14 +21,18 @@ POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim
                  "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
                  "synthetic-items", "mf-fold-in-steps", "tie-orders")
 NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
+# Checked whether or not their feature is on in this run (central DP, FedProx, trimmed mean): a bad value
+# was accepted silently until someone switched the feature on
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
-                   "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha")
-# (fraction-evaluate, 0 = no evaluation, and proximal-mu are checked where the server builds its strategy)
-NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power")
+                   "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha",
+                   "central-clipping-norm")
+# (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
+NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu")
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
+    "central-clipping": ("server", "client"),
     "partitioning": PARTITION_SCHEMES,  # (a bad one was refused by every partner, every round, run "completed")
 }
 
@@ -65,6 +69,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
     if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):
         raise bad("target-epsilon", "must be a positive number (the privacy budget)")
+    if "trim-fraction" in cfg and not 0 <= cfg["trim-fraction"] < 0.5:
+        raise bad("trim-fraction", "must be in [0, 0.5) (trimmed-mean's cut at each end)")
     if "holdout-fraction" in cfg and not 0 <= cfg["holdout-fraction"] < 1:
         raise bad("holdout-fraction", "must be in [0, 1) (the share of users never trained on)")
     if not 0 <= cfg["target-delta"] < 1:
@@ -75,9 +81,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_combinations(cfg: Mapping[str, Any]) -> None:
-    """Knobs that each pass alone but cannot work together, and the ranges of features that are
-    off in this run (a bad value there was accepted silently until someone switched the feature on;
-    one that fails only inside every partner made the run "complete" with the untrained model)."""
+    """Knobs that each pass alone but cannot work together (each used to fail inside every partner,
+    every round, or be dropped silently, while the run "completed")."""
     model, features = cfg.get("model", "sasrec"), cfg.get("item-features", "id")
     local_dp = cfg.get("dp", True) and cfg.get("dp-mode", "local") in ("local", "both")
     mode = cfg.get("grad-sample-mode", "auto") if local_dp else "auto"  # it only chooses how DP-SGD clips
@@ -90,13 +95,3 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
-    if cfg.get("central-clipping", "server") not in ("server", "client"):
-        raise ConfigError(f"central-clipping = {cfg['central-clipping']!r} is unknown; use server or client")
-    norm = cfg.get("central-clipping-norm", 1.0)
-    if not (math.isfinite(norm) and norm > 0):
-        raise ConfigError(f"central-clipping-norm = {norm!r} must be a positive number")
-    if not 0.0 <= cfg.get("trim-fraction", 0.2) < 0.5:
-        raise ConfigError(f"trim-fraction = {cfg['trim-fraction']!r} must be in [0, 0.5)")
-    mu = cfg.get("proximal-mu", 0.0)
-    if not (math.isfinite(mu) and mu >= 0):
-        raise ConfigError(f"proximal-mu = {mu!r} must be a number >= 0")

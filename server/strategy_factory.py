@@ -82,20 +82,14 @@ def aggregation_strategy(
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
-        mu = float(cfg["proximal-mu"])
-        if mu < 0:
-            raise ConfigError(f"proximal-mu = {mu:g} must be >= 0")
-        return FedProx(**common, proximal_mu=mu)
+        return FedProx(**common, proximal_mu=float(cfg["proximal-mu"]))  # >= 0: checked when cfg was resolved
     if name == "fedadam":
         # eta_l is only reported by Flower, the clients' rate is learning-rate.
         return FedAdam(**common, eta=float(cfg["server-learning-rate"]), eta_l=float(cfg["learning-rate"]))
     if name == "median":
         return FedMedian(**common)
     if name == "trimmed-mean":
-        beta = float(cfg["trim-fraction"])
-        if not 0.0 <= beta < 0.5:
-            raise ConfigError(f"trim-fraction = {beta:g} must be in [0, 0.5)")
-        return TrimmedMean(**common, beta=beta)
+        return TrimmedMean(**common, beta=float(cfg["trim-fraction"]))  # in [0, 0.5): checked when resolved
     if name == "krum":
         f = int(cfg["num-malicious-nodes"])
         # Krum scores each update by its n - f - 2 nearest neighbours: needs n > f + 2.
