@@ -146,4 +146,9 @@ _IGNORED_BY = {
 
 def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
     """Knobs of ``cfg`` set away from their default that its ``model`` ignores (the server warns once)."""
-    return [k for k in _IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()) if k in cfg and cfg[k] != DEFAULTS[k]]
+    ignored = list(_IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()))
+    # The encoder knobs only matter where item texts get encoded: not for id-only items, and not
+    # beside a published features file (its encoder is the one the coordinator used)
+    if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):
+        ignored += ["item-text-model", "item-text-quantize"]
+    return [k for k in dict.fromkeys(ignored) if k in cfg and cfg[k] != DEFAULTS[k]]

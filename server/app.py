@@ -28,7 +28,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(context.run_config, overrides)
         if ignored := ignored_knobs(cfg):
-            log(WARNING, "model = %s ignores %s: they change nothing in this run", cfg["model"], ", ".join(ignored))
+            log(WARNING, "%s change nothing in this run (model = %s, item-features = %s%s)", ", ".join(ignored),
+                cfg["model"], cfg["item-features"], ", published item-text-features" if cfg["item-text-features"] else "")
 
         # Build the initial global model over the agreed catalogue
         items = catalogue(cfg)

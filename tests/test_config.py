@@ -97,3 +97,9 @@ def test_knobs_the_model_ignores_are_named():
     assert ignored_knobs(resolve_config(None, {"model": "mf", "time-features": True, "dropout": 0.5,
                                                "item-features": "text"})) == ["item-features", "time-features", "dropout"]
     assert ignored_knobs(resolve_config(None, {"mf-l2": 0.5})) == ["mf-l2"]
+    # the encoder knobs only count where texts are encoded, not beside a published features file
+    encoder = {"item-text-model": "other-encoder", "item-text-quantize": True}
+    assert ignored_knobs(resolve_config(None, encoder)) == ["item-text-model", "item-text-quantize"]
+    assert ignored_knobs(resolve_config(None, {**encoder, "item-features": "text"})) == []
+    assert ignored_knobs(resolve_config(None, {**encoder, "item-features": "text", "item-text-features": "f.npz"})) == [
+        "item-text-model", "item-text-quantize"]
