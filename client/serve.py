@@ -9,10 +9,14 @@ Events go to the partner's SQLite event store, which is also its training log
 reloads the model when a newer file appears at ``--model`` (a ``model.pt`` or a folder of
 run directories), checking at most every ``reload_interval`` seconds. A request the API
 cannot serve gets a 4xx with ``{"error": "..."}`` naming the field.
+
+With an ``api_token``, every endpoint (``/health`` too: it names files and counts events) needs
+``Authorization: Bearer <token>``; anything else gets a 401 and touches neither model nor store.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import os
@@ -122,12 +126,24 @@ class ModelWatcher:
 
 
 def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,
-               reload_interval: float = 2.0) -> FastAPI:
-    """The API over ``model`` (file or folder) and ``store``; raises :class:`FedRecError` if the model cannot load."""
+               reload_interval: float = 2.0, api_token: str | None = None) -> FastAPI:
+    """The API over ``model`` (file or folder) and ``store``; raises :class:`FedRecError` if the model cannot load.
+    ``api_token``: required as a bearer token on every request (None: no authentication, loopback use)."""
     watcher = ModelWatcher(model, titles or {}, reload_interval)
     app = FastAPI(title="fedrec partner recommendations", version="1")
     app.state.watcher = watcher
     app.state.store = store
+
+    if api_token:
+        expected = f"Bearer {api_token}".encode()
+
+        @app.middleware("http")
+        async def _require_token(request: Request, call_next):  # noqa: ANN001, ANN202
+            given = request.headers.get("authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):  # constant time: the token is not guessed byte by byte
+                return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                                    content={"error": "missing or wrong API token (send Authorization: Bearer <token>)"})
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -191,10 +207,13 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     return app
 
 
-def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run ``app`` on uvicorn until interrupted (Ctrl-C / SIGTERM stop it cleanly).
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, tls_certfile: str | None = None,
+          tls_keyfile: str | None = None) -> None:
+    """Run ``app`` on uvicorn until interrupted (Ctrl-C / SIGTERM stop it cleanly); HTTPS with
+    ``tls_certfile``/``tls_keyfile`` (PEM).
 
     uvicorn uses uvloop and httptools when installed (the ``serve`` extra): less CPU per request."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, ssl_certfile=tls_certfile,
+                ssl_keyfile=tls_keyfile)

@@ -51,6 +51,44 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKEN_ENV = "FEDREC_API_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def _api_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from ``--api-token-file`` or ``$FEDREC_API_TOKEN`` (a file keeps it off the
+    process list); a host other than loopback needs one unless ``--no-auth`` says otherwise."""
+    import ipaddress
+    import os
+
+    from common.errors import ConfigError
+
+    token = None
+    if args.api_token_file:
+        try:
+            token = open(args.api_token_file, encoding="utf-8").read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--api-token-file {args.api_token_file}: cannot be read ({exc})") from None
+    elif os.environ.get(TOKEN_ENV):
+        token = os.environ[TOKEN_ENV].strip()
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
+        raise ConfigError(f"the API token must be at least {MIN_TOKEN_CHARS} printable characters without spaces "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not token and not loopback and not args.no_auth:
+        raise ConfigError(f"--host {args.host} lets the network read users' recommendations and write to the event "
+                          f"store: give --api-token-file (or {TOKEN_ENV}), or --no-auth behind your own gateway")
+    if bool(args.tls_certfile) != bool(args.tls_keyfile):
+        raise ConfigError("--tls-certfile and --tls-keyfile go together (PEM certificate and its private key)")
+    for flag, path in (("--tls-certfile", args.tls_certfile), ("--tls-keyfile", args.tls_keyfile)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: no such file")
+    return token
+
+
 def _serve(args: argparse.Namespace) -> int:
     from client.recommend import find_model_file, load_titles
     from client.serve import create_app, serve
@@ -58,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
     from common.data.loaders import load_interactions
 
     import torch
+
+    token = _api_token(args)  # before anything is created
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # NOTE: one request is a few small matrix products; with more threads than free cores
@@ -74,10 +114,13 @@ def _serve(args: argparse.Namespace) -> int:
             n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
             print(f"imported {n} events from {log.source} into {args.store}")
     titles = load_titles(_metadata_for(args.import_log, args.metadata))
-    app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval)
-    print(f"serving {app.state.watcher.current.path} on http://{args.host}:{args.port} "
-          f"(events: {args.store}, {store.count()} so far)", flush=True)
-    serve(app, host=args.host, port=args.port)
+    app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
+                     api_token=token)
+    scheme = "https" if args.tls_certfile else "http"
+    print(f"serving {app.state.watcher.current.path} on {scheme}://{args.host}:{args.port} "
+          f"(events: {args.store}, {store.count()} so far; {'bearer token required' if token else 'no authentication'})",
+          flush=True)
+    serve(app, host=args.host, port=args.port, tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile)
     store.close()
     return 0
 
@@ -114,7 +157,14 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--store", required=True, help="SQLite event store (created if missing); use it as data-path")
     srv.add_argument("--import-log", default=None, help="fill an empty store from this log first")
     srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default loopback; any other needs an API token or --no-auth)")
+    srv.add_argument("--api-token-file", default=None,
+                     help=f"file holding the bearer token every request must send (or set ${TOKEN_ENV})")
+    srv.add_argument("--no-auth", action="store_true",
+                     help="serve a non-loopback --host without a token (only behind a gateway that authenticates)")
+    srv.add_argument("--tls-certfile", default=None, help="PEM certificate: serve HTTPS (with --tls-keyfile)")
+    srv.add_argument("--tls-keyfile", default=None, help="PEM private key of --tls-certfile")
     srv.add_argument("--port", type=port, default=8000)
     srv.add_argument("--reload-interval", type=positive_float, default=2.0, help="seconds between checks for a newer model")
     srv.add_argument("--torch-threads", type=positive_int, default=1,

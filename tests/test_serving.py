@@ -627,6 +627,52 @@ def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path)
     assert not (tmp_path / "other.sqlite").exists()
 
 
+def test_api_token_guards_every_endpoint_and_the_store(trained, log, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from client.serve import create_app
+
+    run, data = trained
+    store = EventStore(tmp_path / "events.sqlite", create=True)
+    token = "t" * 20
+    app = create_app(model=run, store=store, api_token=token)
+    user, item = str(data.user_ids[0]), str(data.catalogue[0])
+    event = {"user_id": user, "item_id": item, "timestamp": 1}
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * 20}, {"Authorization": token}):
+            assert client.get("/health", headers=headers).status_code == 401
+            assert client.get(f"/users/{user}/recommendations", headers=headers).status_code == 401
+            refused = client.post("/events", json=event, headers=headers)
+            assert refused.status_code == 401 and "API token" in refused.json()["error"]
+            assert refused.headers["www-authenticate"] == "Bearer"
+        assert store.count() == 0  # nothing written by an unauthenticated request
+        good = {"Authorization": f"Bearer {token}"}
+        assert client.get("/health", headers=good).status_code == 200
+        assert client.post("/events", json=event, headers=good).status_code == 201
+        assert len(client.get(f"/users/{user}/recommendations", headers=good).json()["items"]) == 10
+    assert store.count() == 1
+    store.close()
+
+
+def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(trained, tmp_path, monkeypatch, capsys):
+    from client.cli import main
+
+    run, _ = trained
+    store = tmp_path / "e.sqlite"
+    base = ["serve", "--model", str(run), "--store", str(store)]
+    monkeypatch.delenv("FEDREC_API_TOKEN", raising=False)
+    assert main([*base, "--host", "0.0.0.0"]) == 2
+    assert "--api-token-file" in capsys.readouterr().err
+    (tmp_path / "short").write_text("abc\n")
+    assert main([*base, "--host", "0.0.0.0", "--api-token-file", str(tmp_path / "short")]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main([*base, "--api-token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main([*base, "--tls-certfile", str(tmp_path / "short")]) == 2
+    assert "go together" in capsys.readouterr().err
+    assert not store.exists()
+
+
 @pytest.mark.slow
 def test_latency_benchmark_measures_every_setting_over_http(tmp_path, capsys):
     from simulations.bench import serve_latency
