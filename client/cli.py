@@ -33,7 +33,9 @@ def _data_check(args: argparse.Namespace) -> int:
     if report.train_users == 0:
         print("error: no user has a training item; this log cannot train the model", file=sys.stderr)
         return 2
-    print("ok: this log can join a run")
+    for line in report.warnings():
+        print(line, file=sys.stderr)
+    print("ok: this log can join a run" + (" (see the warning above)" if report.warnings() else ""))
     return 0
 
 

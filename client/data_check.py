@@ -17,6 +17,9 @@ from common.data.loaders import load_interactions
 from common.data.sequences import MIN_INTERACTIONS, build_sequences
 
 
+MISMATCH_WARNING = 0.2  # share of a log's rows outside the catalogue that is more likely a mistake than new items
+
+
 @dataclass(frozen=True)
 class DataReport:
     """Counts for one partner log (interactions = rows, users, items are distinct ids)."""
@@ -48,6 +51,16 @@ class DataReport:
             f"leave-one-out split: train {self.train_users} users ({self.train_interactions} interactions),"
             f" validation {self.users} users, test {self.users} users (one item each)",
         ]
+
+
+    def warnings(self) -> list[str]:
+        """Things that do not stop the log from joining but are probably a mistake."""
+        unknown = self.dropped.get("unknown-item", 0)
+        if self.rows and unknown > MISMATCH_WARNING * self.rows:
+            return [f"warning: {100.0 * unknown / self.rows:.0f}% of the rows ({unknown}) are items outside the "
+                    f"catalogue ({self.log_items - self.known_items} of the log's {self.log_items} items): check that "
+                    "the catalogue is this federation's and that the log uses its item ids"]
+        return []
 
 
 def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.PathLike | None = None) -> DataReport:

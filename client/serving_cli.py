@@ -33,7 +33,7 @@ def _metadata_for(data_path: str | None, metadata: str | None) -> str | None:
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from client.recommend import LogHistory, Recommender, format_table, load_global_model, load_titles
+    from client.recommend import LogHistory, Recommender, catalogue_mismatch, format_table, load_global_model, load_titles
     from common.data.event_store import EventStore, is_event_store
     from common.data.loaders import load_interactions
 
@@ -42,6 +42,8 @@ def _recommend(args: argparse.Namespace) -> int:
         source = EventStore(args.data_path)
     else:
         source = LogHistory(load_interactions(args.data_path))
+    if warning := catalogue_mismatch(model, source.item_counts()):
+        print(warning, file=sys.stderr)
     recommender = Recommender(model, load_titles(_metadata_for(args.data_path, args.metadata)))
     result = recommender.recommend(args.user, source, args.k, explain=not args.no_explain)
     if args.format == "json":
@@ -90,7 +92,7 @@ def _api_token(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.recommend import find_model_file, load_titles
+    from client.recommend import catalogue_mismatch, find_model_file, load_titles
     from client.serve import create_app, serve
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
@@ -116,6 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
     titles = load_titles(_metadata_for(args.import_log, args.metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
                      api_token=token)
+    if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
+        print(warning, file=sys.stderr)
     scheme = "https" if args.tls_certfile else "http"
     print(f"serving {app.state.watcher.current.path} on {scheme}://{args.host}:{args.port} "
           f"(events: {args.store}, {store.count()} so far; {'bearer token required' if token else 'no authentication'})",

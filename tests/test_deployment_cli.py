@@ -137,12 +137,23 @@ def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys):
     (tmp_path / "partial.txt").write_text("\n".join(kept) + "\n")
     capsys.readouterr()
     assert client_main(["data", "check", "--data-path", str(path), "--catalogue", str(tmp_path / "partial.txt")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     unknown = int((~frame["item_id"].astype(str).isin(set(kept))).sum())
     assert f"{unknown} unknown-item" in out
     users = frame[frame["item_id"].astype(str).isin(set(kept))].groupby("user_id").size()
     assert f"users kept: {int((users >= 3).sum())} " in out
-    assert "ok: this log can join a run" in out
+    assert "ok: this log can join a run (see the warning above)" in out
+    # ... and more than a fifth of the rows outside the catalogue is said to be a likely mistake
+    assert unknown > 0.2 * len(frame)
+    assert f"warning: {100 * unknown / len(frame):.0f}% of the rows ({unknown}) are items outside the catalogue" in err
+    # the whole catalogue: no warning
+    assert client_main(["data", "check", "--data-path", str(path), "--catalogue", str(cat)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.rstrip().endswith("ok: this log can join a run")
+    # a file that is not a catalogue (the log itself): the error blames the catalogue, not the log's users
+    assert client_main(["data", "check", "--data-path", str(path), "--catalogue", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of its" in err[0] and "published catalogue" in err[0]
 
 
 def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):

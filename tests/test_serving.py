@@ -627,6 +627,25 @@ def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path)
     assert not (tmp_path / "other.sqlite").exists()
 
 
+def test_a_log_mostly_outside_the_models_catalogue_is_warned_about(trained, log, tmp_path, capsys):
+    from client.cli import main
+    from client.recommend import catalogue_mismatch
+
+    run, data = trained
+    gm = load_global_model(run)
+    counts = {str(i): 10 for i in data.catalogue}
+    assert catalogue_mismatch(gm, counts) is None
+    assert catalogue_mismatch(gm, {**counts, **{f"other-{i}": 10 for i in range(len(counts) // 4)}}) is None  # 20%
+    warning = catalogue_mismatch(gm, {**counts, **{f"other-{i}": 10 for i in range(len(counts))}})
+    assert warning.startswith(f"warning: 50% of the events ({len(counts)} of {2 * len(counts)} items) are not in")
+    # the CLI: another federation's log (item ids shifted out of the catalogue for most events)
+    other = tmp_path / "other.csv"
+    other.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i if n % 3 == 0 else 'x' + str(i)},{t}" for n, (u, i, t) in enumerate(zip(log.user, log.item, log.timestamp))))
+    assert main(["recommend", "--model", str(run), "--data-path", str(other), "--user", str(log.user[0]), "--k", "3"]) == 0
+    assert "are not in the catalogue of" in capsys.readouterr().err
+
+
 def test_api_token_guards_every_endpoint_and_the_store(trained, log, tmp_path):
     from fastapi.testclient import TestClient
 

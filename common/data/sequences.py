@@ -143,6 +143,10 @@ def build_sequences(
     if short:
         dropped["short-user"] = short
     label = name or log.source
+    if len(log) and not known.any():  # blame the catalogue, not the log's users
+        raise DataError(f"{label}: none of its {len(np.unique(log.item))} item ids is in the catalogue "
+                        f"({len(catalogue)} ids, the first {str(catalogue[0])[:40]!r}): is that the federation's "
+                        "published catalogue (one item id per line), and are these the same item ids?")
     if not seqs:
         raise DataError(f"{label}: no user has at least {min_interactions} interactions with catalogue items")
     if "unknown-item" in dropped or short:
