@@ -91,17 +91,18 @@ def steps_per_epoch(num_users: int, batch_size: int) -> tuple[float, int]:
     """(sample_rate, steps) of one epoch of Poisson sampling with expected ``batch_size``.
 
     Matches Opacus' ``make_private``: steps = ceil(users / batch) and sample_rate = 1/steps.
-    A partner with fewer users than ``batch_size`` would sample everyone every step (no
-    amplification by sampling, sample rate 1): a :class:`PrivacyError` says so with the numbers.
+    A partner with no more users than ``batch_size`` would sample everyone every step (one step
+    per epoch, no amplification by sampling, sample rate 1): a :class:`PrivacyError` says so with
+    the numbers, and a batch size that gives more than one step when there is one.
     """
     if num_users < 1:
         raise PrivacyError("no users to train on")
-    if num_users < batch_size:
+    if num_users <= batch_size:
+        fix = (f"set batch-size to at most {max(1, num_users // 4)} (a few steps per epoch) or join more users"
+               if num_users >= 2 else "join more users (one user is sampled in every step whatever the batch size)")
         raise PrivacyError(
-            f"only {num_users} users with training data, fewer than batch-size {batch_size}: every user would be in "
-            "every DP-SGD step (sample rate 1, no privacy amplification); "
-            f"set batch-size to at most {max(1, num_users // 4)} "
-            "(a few steps per epoch) or join more users"
+            f"only {num_users} users with training data, not more than batch-size {batch_size}: every user would be "
+            f"in every DP-SGD step (sample rate 1, no privacy amplification); {fix}"
         )
     steps = max(1, math.ceil(num_users / max(batch_size, 1)))
     return 1.0 / steps, steps

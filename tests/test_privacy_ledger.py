@@ -260,8 +260,11 @@ def test_node_config_ledger_path_wins(tmp_path, small_data):
 
 def test_small_partner_gets_the_numbers(tmp_path, small_data):
     users = sum(len(s) >= 4 for s in small_data.sequences)  # >= 2 training items
-    with pytest.raises(PrivacyError, match=rf"only {users} users .* fewer than batch-size 500"):
+    with pytest.raises(PrivacyError, match=rf"only {users} users .* not more than batch-size 500"):
         PartnerBudget.open(_cfg(tmp_path, **{"batch-size": 500}), _context(), small_data, "r")
+    # as many users as the batch size is one step per epoch at sample rate 1 too (it was let through)
+    with pytest.raises(PrivacyError, match=rf"not more than batch-size {users}: .*sample rate 1.* at most {users // 4}"):
+        PartnerBudget.open(_cfg(tmp_path, **{"batch-size": users}), _context(), small_data, "r")
     with pytest.raises(PrivacyError,
                        match=rf"partner-0 \({users} users, batch-size 32, 4 rounds.*cannot reach epsilon=0.05"):
         PartnerBudget.open(_cfg(tmp_path, **{"target-epsilon": 0.05}), _context(), small_data, "r")
