@@ -17,19 +17,35 @@ import sys
 from common.cli_args import delta, port, positive_float, positive_int
 
 
+METADATA_KEY = "metadata-path"  # event store meta: the titles file its events were imported with
+
+
 def _metadata_for(data_path: str | None, metadata: str | None) -> str | None:
-    """``--metadata`` if given, else MovieLens metadata beside the log (``u.item``/``movies.dat``), else None."""
+    """``--metadata`` if given, else MovieLens metadata beside the log (``u.item``/``movies.dat``), else
+    the titles an event store was filled with (``serve`` remembers them), else None."""
     if metadata:
         return metadata
     if not data_path:
         return None
     from common.data.attributes import metadata_path
-    from common.data.event_store import is_event_store
+    from common.data.event_store import EventStore, is_event_store
 
     if is_event_store(data_path):
-        return None
+        with EventStore(data_path) as store:
+            return _remembered_metadata(store)
     found = metadata_path(data_path)
     return str(found) if found else None
+
+
+def _remembered_metadata(store) -> str | None:  # noqa: ANN001 -- an EventStore
+    import os
+
+    remembered = store.get_meta(METADATA_KEY)
+    if remembered and not os.path.isfile(remembered):
+        print(f"warning: the item titles this store was filled with ({remembered}) are gone; serving ids only "
+              "(give --metadata)", file=sys.stderr)
+        return None
+    return remembered
 
 
 def _recommend(args: argparse.Namespace) -> int:
@@ -115,7 +131,12 @@ def _serve(args: argparse.Namespace) -> int:
             ratings = log.rating if log.rating is not None else [None] * len(log)
             n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
             print(f"imported {n} events from {log.source} into {args.store}")
-    titles = load_titles(_metadata_for(args.import_log, args.metadata))
+    metadata = _metadata_for(args.import_log, args.metadata) if args.import_log or args.metadata else None
+    titles = load_titles(metadata or _remembered_metadata(store))
+    if metadata:  # a restart without --import-log keeps the titles
+        import os
+
+        store.set_meta(METADATA_KEY, os.path.abspath(metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
                      api_token=token)
     if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
@@ -160,7 +181,8 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
                      help="model.pt, a run directory, or a folder of runs (reloads when newer)")
     srv.add_argument("--store", required=True, help="SQLite event store (created if missing); use it as data-path")
     srv.add_argument("--import-log", default=None, help="fill an empty store from this log first")
-    srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log")
+    srv.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside --import-log, "
+                     "else the ones the store was served with before")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default loopback; any other needs an API token or --no-auth)")
     srv.add_argument("--api-token-file", default=None,

@@ -646,6 +646,35 @@ def test_a_log_mostly_outside_the_models_catalogue_is_warned_about(trained, log,
     assert "are not in the catalogue of" in capsys.readouterr().err
 
 
+def test_a_restarted_serve_keeps_the_titles_it_was_filled_with(trained, log, tmp_path, monkeypatch, capsys):
+    # The README's restart (no --import-log the second time) served ids only: titles were looked up beside --import-log
+    import client.serve
+    from client.cli import main
+
+    run, data = trained
+    served = []
+    monkeypatch.setattr(client.serve, "serve", lambda app, **kw: served.append(app.state.watcher.titles))
+    csv, movies = tmp_path / "log.csv", tmp_path / "movies.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
+    movies.write_text("movieId,title,genres\n" + "\n".join(f"{i},Film {i},Drama" for i in data.catalogue))
+    store = tmp_path / "events.sqlite"
+    base = ["serve", "--model", str(run), "--store", str(store)]
+    assert main([*base, "--import-log", str(csv), "--metadata", str(movies)]) == 0
+    assert main(base) == 0  # the restart
+    item = str(data.catalogue[0])
+    assert served[0][item] == served[1][item] == f"Film {item}"
+    # recommend on the store finds them too
+    user = str(data.user_ids[0])
+    assert main(["recommend", "--model", str(run), "--data-path", str(store), "--user", user, "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["items"][0]["title"].startswith("Film ")
+    # titles file gone: a warning, ids only, still serving
+    movies.unlink()
+    assert main(base) == 0
+    assert served[2] == {} and "are gone" in capsys.readouterr().err
+
+
 def test_api_token_guards_every_endpoint_and_the_store(trained, log, tmp_path):
     from fastapi.testclient import TestClient
 

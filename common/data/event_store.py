@@ -139,6 +139,18 @@ class EventStore:
                 "VALUES (?, ?, ?, ?, ?, ?)", data)
         return len(data)
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Remember a setting with the store (e.g. ``metadata-path``: where the item titles are)."""
+        if key in ("schema-version", "store-id"):
+            raise ValueError(f"meta {key!r} is the store's own")
+        with self._lock, self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+
+    def get_meta(self, key: str) -> str | None:
+        with self._read_lock:
+            row = self._read.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
     # -- reading ---------------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[list[str], np.ndarray]:
         """(item ids, timestamps) of one user's events in time order (ties: arrival order)."""
