@@ -53,6 +53,19 @@ class RunStart:
     checkpoint: Checkpoint | None = None
 
 
+def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
+    """The run directory ``resume = true`` continues; one line if there is none (a simulation asks
+    before it starts Ray)."""
+    if not cfg["run-name"]:
+        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
+    run_dir = Path(cfg["run-dir"]) / str(cfg["run-name"])
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory to resume")
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        load_checkpoint(run_dir)  # its one-line refusal
+    return run_dir
+
+
 def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
     """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
     state = model.state_dict()
@@ -61,11 +74,7 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
     if not cfg["resume"]:
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])
         return RunStart(run_dir, ArrayRecord(state), 1, total, fp)
-    if not cfg["run-name"]:
-        raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
-    run_dir = Path(cfg["run-dir"]) / str(cfg["run-name"])
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory to resume")
+    run_dir = resumable_run_dir(cfg)
     ckpt = load_checkpoint(run_dir)
     check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
     if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):

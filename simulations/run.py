@@ -34,6 +34,10 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     from common.task import federation_data
 
     federation_data(cfg)
+    if cfg["resume"]:
+        from server.resume import resumable_run_dir
+
+        resumable_run_dir(cfg)
 
     from flwr.simulation import run_simulation
 

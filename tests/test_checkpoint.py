@@ -126,6 +126,22 @@ def test_start_run_refuses_to_resume_nothing(tmp_path):
         start_run({**cfg, "run-name": "empty"}, CATALOGUE, model)
 
 
+
+def test_simulation_refuses_to_resume_nothing_before_starting_ray(tmp_path, monkeypatch):
+    # It printed the partition table and Ray's warnings and failed inside the ServerApp ~30 s later
+    import flwr.simulation
+
+    from simulations.run import run_federation
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: pytest.fail("Ray was started"))
+    base = {"run-dir": str(tmp_path), "resume": True, "synthetic-users": 60, "synthetic-items": 20}
+    with pytest.raises(CheckpointError, match="no such run directory to resume"):
+        run_federation({**base, "run-name": "myrun"}, 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        run_federation({**base, "run-name": "empty"}, 2)
+
+
 class TwoNodes:
     def get_node_ids(self):
         return [11, 12]
