@@ -107,6 +107,27 @@ def _api_token(args: argparse.Namespace) -> str | None:
     return token
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """One line, before the store is created, if ``host:port`` cannot be listened on (uvicorn
+    reported it after "serving ..." was printed, with exit status 1)."""
+    import socket
+
+    from common.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server using it? "
+                              "pick another --port") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from client.recommend import catalogue_mismatch, find_model_file, load_titles
     from client.serve import create_app, serve
@@ -116,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
 
     token = _api_token(args)  # before anything is created
+    _check_port_free(args.host, args.port)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # NOTE: one request is a few small matrix products; with more threads than free cores

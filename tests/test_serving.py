@@ -718,6 +718,13 @@ def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(t
     assert "cannot be read" in capsys.readouterr().err
     assert main([*base, "--tls-certfile", str(tmp_path / "short")]) == 2
     assert "go together" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port another server holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main([*base, "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    assert main([*base, "--host", "no-such-host.invalid", "--no-auth"]) == 2
+    assert "not an address of this machine" in capsys.readouterr().err
     assert not store.exists()
 
 
