@@ -272,6 +272,11 @@ class PrivacyLedger:
     def _open_checked(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=30)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "batches" not in tables and "events" in tables:  # data-path and ledger-path swapped or mixed up
+                conn.close()
+                raise PrivacyError(f"{self.path} is an event store (the partner's interaction log), not a privacy "
+                                   "ledger; give the ledger's own file as ledger-path / --ledger-path")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             bad = conn.execute(
                 "SELECT COUNT(*) FROM batches WHERE NOT (noise_multiplier > 0 AND sample_rate > 0 "

@@ -178,6 +178,15 @@ def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
         with pytest.raises(PrivacyError, match=f"privacy ledger {re.escape(str(path))} is corrupt"):
             PrivacyLedger(path, "fp")
         assert path.read_bytes() == before
+    # the partner's event store given as the ledger (the two .sqlite files mixed up): said so, left alone
+    from common.data.event_store import EventStore
+
+    with EventStore(tmp_path / "events.sqlite", create=True) as store:
+        store.add("u", "i", timestamp=1)
+    before = (tmp_path / "events.sqlite").read_bytes()
+    with pytest.raises(PrivacyError, match="is an event store .* not a privacy ledger"):
+        PrivacyLedger(tmp_path / "events.sqlite", "fp")
+    assert (tmp_path / "events.sqlite").read_bytes() == before
 
 
 
