@@ -47,6 +47,7 @@ def _item_text(args: argparse.Namespace) -> int:
     from common.cli_args import parse_run_config
 
     from common.config import resolve_config
+    from common.errors import ConfigError
     from common.item_text import catalogue_text_features, encoder_id, save_features
     from common.task import catalogue
 
@@ -57,6 +58,11 @@ def _item_text(args: argparse.Namespace) -> int:
                     hint="partners must run with the features the model was trained on")
     overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
+    from common.data.attributes import metadata_path
+
+    if metadata_path(str(cfg["dataset"])) is None:  # the generic message would send the user back to this command
+        raise ConfigError(f"item-text: dataset {cfg['dataset']!r} has no item titles beside it (u.item, movies.dat or "
+                          "movies.csv); give --run-config 'dataset=\"<folder with the log and its titles>\"'")
     items = catalogue(cfg)
     embeddings, texts = catalogue_text_features(cfg)
     setting = encoder_id(cfg["item-text-model"], bool(cfg["item-text-quantize"]))

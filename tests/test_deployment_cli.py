@@ -184,6 +184,10 @@ def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists; pass --force" in err[0] and "features the model was trained on" in err[0]
     assert out.read_bytes() == b"published"
+    # on data without titles (the default synthetic set) it says where titles must be, not "run item-text"
+    assert server_main(["item-text", "--out", str(tmp_path / "new.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no item titles beside it" in err[0] and "fedrec-server item-text" not in err[0]
 
 
 def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, capsys):
