@@ -104,7 +104,9 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     file = find_model_file(path)
     version = file.stat().st_mtime
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=False)
+        # weights_only: a model.pt comes from the coordinator, and a full unpickler would run whatever code a
+        # tampered file names at the partner; tensors, lists, dicts and strings are all a model file holds
+        blob = torch.load(file, map_location="cpu", weights_only=True)
         state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), dict(blob["config"])
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file

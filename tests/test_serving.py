@@ -140,6 +140,24 @@ def test_bad_model_file_is_one_clear_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_model_file_that_would_run_code_is_refused_without_running_it(trained, tmp_path):
+    # model.pt comes from the coordinator: loading it must not execute what a tampered pickle names
+    from common.errors import DataError
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    run, _ = trained
+    blob = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**blob, "config": {**blob["config"], "x": Payload()}}, tmp_path / "model.pt")
+    with pytest.raises(DataError, match="not a fedrec model file"):
+        load_global_model(tmp_path / "model.pt")
+    assert not marker.exists()
+
+
 def test_a_model_file_from_an_older_version_says_so(trained, tmp_path):
     from common.errors import DataError
 
