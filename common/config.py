@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "keep-optimizer-state": False,  # a partner continues its Adam moments from its previous round
     "exclude-seen": True,  # the training softmax leaves out each user's earlier items, as evaluation does
     "shuffle-ties": True,  # items with equal timestamps get a fresh random order every epoch (common/data/ties.py)
+    "label-smoothing": 0.0,  # SASRec: this share of each target's weight spread over the items it competes with
     "batch-size": 64,
     "learning-rate": 0.002,
     "lr-schedule": "constant",  # constant | cosine (annealed over all rounds' epochs)
@@ -138,7 +139,7 @@ def _coerce(key: str, value: Any) -> Any:
 # Knobs a model never reads: set away from their default they change nothing but config.json
 _IGNORED_BY = {
     "mf": ("item-features", "time-features", "genre-features", "tied-output", "num-blocks", "num-heads", "dropout",
-           "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties",
+           "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties", "label-smoothing",
            "lr-schedule", "tie-orders"),
     "sasrec": ("mf-fold-in-steps", "mf-l2"),
 }

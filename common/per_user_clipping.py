@@ -114,7 +114,7 @@ def _embedding_rows(module: nn.Embedding, ids: torch.Tensor, gy: torch.Tensor) -
 
 def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
                            max_grad_norm: float, ghost_below: float | None = None,
-                           exclude_seen: bool = False) -> ClippedBatch:
+                           exclude_seen: bool = False, label_smoothing: float = 0.0) -> ClippedBatch:
     """Set ``p.grad`` of every trainable parameter to the sum over users of their clipped gradients.
 
     ``inputs``/``targets``: (batch, length) left-padded item indices, 0 = padding; a user's loss is
@@ -123,6 +123,7 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     real positions get the catalogue norm by Gram matrices instead of materialising it (default
     V*D/(V+D), where the two cost the same; tests force either way). ``exclude_seen``: each
     position's softmax leaves out the user's earlier items (``common.metrics.drop_seen``).
+    ``label_smoothing``: the objective of ``common.training.smoothed_cross_entropy``.
     """
     if not supports_fused(model):
         raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")
@@ -149,14 +150,22 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
             scores.scatter_(1, seen_items(inputs, targets)[mask], float("-inf"))
         rows = torch.arange(len(scores), device=scores.device)
         target_score = scores[rows, targets[mask]]
+        if label_smoothing:  # the items a target competes with: finite scores of real items
+            competing = torch.isfinite(scores)
+            competing[:, 0] = False
+            spread_to = competing.to(scores.dtype).div_(competing.sum(dim=1, keepdim=True).clamp(min=1))
+            target_score = (1.0 - label_smoothing) * target_score + label_smoothing * (
+                scores.nan_to_num(neginf=0.0) * spread_to).sum(dim=1)
         top = scores.max(dim=1).values
         probs = scores.sub_(top[:, None]).exp_()
         total = probs.sum(dim=1)
-        ce = total.log() - (target_score - top)  # cross-entropy of each real position
+        ce = total.log() - (target_score - top)  # cross-entropy of each real position (smoothed: its mixture)
         weight = 1.0 / counts.clamp(min=1).to(ce.dtype)[owner]  # a user's loss is its mean over positions
         per_user = torch.zeros(b, device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce * weight)
         g_out = probs.div_(total[:, None])
-        g_out[rows, targets[mask]] -= 1.0
+        g_out[rows, targets[mask]] -= 1.0 - label_smoothing
+        if label_smoothing:
+            g_out.sub_(spread_to.mul_(label_smoothing))
         g_out.mul_(weight[:, None])  # d(sum of per-user losses) / d scores
         g_hidden = g_out @ head_module.weight
     records = capture.records

@@ -48,10 +48,25 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def objective_options(cfg: Mapping[str, Any]) -> dict[str, bool]:
-    """``train_local``'s training-objective keywords from a run config (``exclude-seen``, ``shuffle-ties``):
-    one place, so every trainer (partners, fine-tune, benches) follows the same knobs."""
-    return {"exclude_seen": bool(cfg["exclude-seen"]), "shuffle_ties": bool(cfg["shuffle-ties"])}
+def objective_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``train_local``'s training-objective keywords from a run config (``exclude-seen``, ``shuffle-ties``,
+    ``label-smoothing``): one place, so every trainer (partners, fine-tune, benches) follows the same knobs."""
+    return {"exclude_seen": bool(cfg["exclude-seen"]), "shuffle_ties": bool(cfg["shuffle-ties"]),
+            "label_smoothing": float(cfg.get("label-smoothing", 0.0))}
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits`` (rows, catalogue + 1) against ``targets`` (rows,), with
+    ``smoothing`` of the target's weight spread evenly over the real items it competes with (the
+    finite logits of columns 1.., so items ``exclude-seen`` masked stay out):
+    (1 - s) * -log p(target) + s * mean over those items of -log p(item). 0 = plain cross-entropy."""
+    if not smoothing:
+        return nn.functional.cross_entropy(logits, targets, reduction="none")
+    logp = torch.log_softmax(logits, dim=-1)
+    competing = torch.isfinite(logits)
+    competing[:, 0] = False  # the padding column is never a recommendation
+    spread = -logp.masked_fill(~competing, 0.0).sum(dim=1) / competing.sum(dim=1).clamp(min=1)
+    return (1.0 - smoothing) * -logp.gather(1, targets.unsqueeze(1)).squeeze(1) + smoothing * spread
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -83,13 +98,20 @@ class SequenceLoss(nn.Module):
     Opacus' ghost clipping needs for a per-user clipping unit.
     """
 
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.reduction = reduction
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         b, t, v = logits.shape
-        ce = nn.functional.cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t), ignore_index=0, reduction="none")
+        if self.label_smoothing:  # padding targets score 0, computed only at real positions
+            flat, real = targets.reshape(b * t), (targets.reshape(b * t) != 0).nonzero().squeeze(1)
+            ce = logits.new_zeros(b * t).index_put(
+                (real,), smoothed_cross_entropy(logits.reshape(b * t, v)[real], flat[real], self.label_smoothing))
+        else:
+            ce = nn.functional.cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t), ignore_index=0,
+                                             reduction="none")
         valid = (targets != 0).sum(dim=1).clamp(min=1)
         per_user = ce.view(b, t).sum(dim=1) / valid
         if self.reduction == "none":
@@ -100,10 +122,10 @@ class SequenceLoss(nn.Module):
 
 
 def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                        exclude_seen: bool = False) -> torch.Tensor:
+                        exclude_seen: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
     """The :class:`SequenceLoss` objective, scoring the catalogue only at real (non-padding)
     positions: same value and gradient, a fraction of the cost for short histories.
-    ``exclude_seen``: the objective of :func:`drop_seen`.
+    ``exclude_seen``: the objective of :func:`drop_seen`; ``label_smoothing``: :func:`smoothed_cross_entropy`'s.
 
     Non-private training only: Opacus needs the (batch, length, ...) layout to attribute
     gradients to users.
@@ -112,7 +134,7 @@ def positions_only_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     logits = model.output(model.hidden(inputs)[mask])
     if exclude_seen:
         logits = logits.scatter(-1, seen_items(inputs, targets)[mask], float("-inf"))
-    ce = nn.functional.cross_entropy(logits, targets[mask], reduction="none")
+    ce = smoothed_cross_entropy(logits, targets[mask], label_smoothing)
     owner = torch.arange(len(targets), device=targets.device).unsqueeze(1).expand_as(targets)[mask]
     per_user = torch.zeros(len(targets), device=ce.device, dtype=ce.dtype).index_add_(0, owner, ce)
     return (per_user / mask.sum(dim=1).clamp(min=1)).mean()
@@ -370,6 +392,7 @@ def train_local(
     optimizer_state: dict | None = None,
     exclude_seen: bool = False,
     shuffle_ties: bool = False,
+    label_smoothing: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
 
@@ -383,6 +406,9 @@ def train_local(
 
     ``exclude_seen`` (``exclude-seen`` in the config): each position's softmax leaves out the
     items already in the user's history (:func:`drop_seen`), plain and DP alike.
+
+    ``label_smoothing`` (``label-smoothing``): the share of each target's weight spread evenly over
+    the items it competes with (:func:`smoothed_cross_entropy`), plain and DP alike.
 
     ``shuffle_ties`` (``shuffle-ties``): before every epoch, items with equal timestamps are put in a
     fresh random order within their tie (common/data/ties.py); the split never changes.
@@ -420,7 +446,7 @@ def train_local(
     # from a seed the coordinator cannot know (seed_dp_randomness); the run seed only without DP
     sampler = seed_dp_randomness(dp.noise_seed) if dp is not None else torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler)
-    criterion: nn.Module = SequenceLoss()
+    criterion: nn.Module = SequenceLoss(label_smoothing=label_smoothing)
     hooks = None
     engine = None
     if dp is not None:
@@ -441,9 +467,10 @@ def train_local(
         inputs, targets = trim_padding(inputs.to(device), targets.to(device))
         if fused:  # sets p.grad to the sum of per-user clipped gradients
             return fused_clipped_backward(model, inputs, targets, max_grad_norm=dp.max_grad_norm,
-                                          exclude_seen=exclude_seen).loss.mean()
+                                          exclude_seen=exclude_seen, label_smoothing=label_smoothing).loss.mean()
         if dp is None and hasattr(model, "hidden"):
-            loss = positions_only_loss(model, inputs, targets, exclude_seen=exclude_seen)
+            loss = positions_only_loss(model, inputs, targets, exclude_seen=exclude_seen,
+                                       label_smoothing=label_smoothing)
         else:
             logits = model(inputs)
             loss = criterion(drop_seen(logits, inputs, targets) if exclude_seen else logits, targets)

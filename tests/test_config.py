@@ -37,7 +37,8 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
     ({"learning-rate": -1}, "learning-rate"), ({"batch-size": 0}, "batch-size"), ({"target-epsilon": 0}, "target-epsilon"),
     ({"accountant": "gdp"}, "accountant"), ({"grad-sample-mode": "xyz"}, "grad-sample-mode"), ({"device": "tpu"}, "device"),
     ({"fraction-train": 1.5}, "fraction-train"), ({"fraction-train": 0}, "fraction-train"),
-    ({"num-server-rounds": 2.5}, "num-server-rounds"), ({"max-seq-len": 0}, "max-seq-len"), ({"dropout": 1.5}, "dropout"),
+    ({"num-server-rounds": 2.5}, "num-server-rounds"), ({"max-seq-len": 0}, "max-seq-len"), ({"dropout": 1.5}, "dropout"), ({"label-smoothing": 1.0}, "label-smoothing"),
+    ({"label-smoothing": -0.1}, "label-smoothing"),
     ({"embedding-dim": 63, "num-heads": 2}, "embedding-dim"), ({"target-delta": 2.0}, "target-delta"),
     ({"max-grad-norm": float("nan")}, "max-grad-norm"), ({"synthetic-items": -5}, "synthetic-items"),
     # tenth session (a review): these were refused only inside every partner, every round, and the run "completed"
