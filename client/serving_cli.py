@@ -89,8 +89,10 @@ def _api_token(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"--api-token-file {args.api_token_file}: cannot be read ({exc})") from None
     elif os.environ.get(TOKEN_ENV):
         token = os.environ[TOKEN_ENV].strip()
-    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
-        raise ConfigError(f"the API token must be at least {MIN_TOKEN_CHARS} printable characters without spaces "
+    # ASCII: HTTP clients send header bytes that servers read as latin-1, so other characters never match
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable()
+                              or " " in token):
+        raise ConfigError(f"the API token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces "
                           "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -121,6 +123,8 @@ def _check_port_free(host: str, port: int) -> None:
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        if family == socket.AF_INET6:  # as asyncio binds: "::" does not also claim the IPv4 port
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind(address)
         except OSError as exc:

@@ -677,7 +677,7 @@ def test_a_restarted_serve_keeps_the_titles_it_was_filled_with(trained, log, tmp
         f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
     movies.write_text("movieId,title,genres\n" + "\n".join(f"{i},Film {i},Drama" for i in data.catalogue))
     store = tmp_path / "events.sqlite"
-    base = ["serve", "--model", str(run), "--store", str(store)]
+    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(_free_port())]
     assert main([*base, "--import-log", str(csv), "--metadata", str(movies)]) == 0
     assert main(base) == 0  # the restart
     item = str(data.catalogue[0])
@@ -732,6 +732,10 @@ def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(t
     (tmp_path / "short").write_text("abc\n")
     assert main([*base, "--host", "0.0.0.0", "--api-token-file", str(tmp_path / "short")]) == 2
     assert "at least 16" in capsys.readouterr().err
+    monkeypatch.setenv("FEDREC_API_TOKEN", "é" * 20)  # no client could send it: headers arrive as latin-1
+    assert main([*base, "--host", "0.0.0.0"]) == 2
+    assert "printable ASCII" in capsys.readouterr().err
+    monkeypatch.delenv("FEDREC_API_TOKEN")
     assert main([*base, "--api-token-file", str(tmp_path / "missing")]) == 2
     assert "cannot be read" in capsys.readouterr().err
     assert main([*base, "--tls-certfile", str(tmp_path / "short")]) == 2
@@ -744,6 +748,18 @@ def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(t
     assert main([*base, "--host", "no-such-host.invalid", "--no-auth"]) == 2
     assert "not an address of this machine" in capsys.readouterr().err
     assert not store.exists()
+    # "::" with the port held on IPv4 only: uvicorn (asyncio, IPV6_V6ONLY) can bind it, so the check must not refuse
+    from client.serving_cli import _check_port_free
+
+    with socket.socket() as v4:
+        v4.bind(("0.0.0.0", 0))
+        v4.listen()
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 on this machine")
+        _check_port_free("::", v4.getsockname()[1])
 
 
 @pytest.mark.slow
