@@ -17,7 +17,9 @@ from common.data.loaders import load_interactions
 from common.data.sequences import MIN_INTERACTIONS, build_sequences
 
 
-MISMATCH_WARNING = 0.2  # share of a log's rows outside the catalogue that is more likely a mistake than new items
+# Share of a log's rows outside the catalogue (data check) or the served model's (recommend, serve)
+# that is more likely a mistake (another federation's catalogue or ids) than new items
+MISMATCH_WARNING = 0.2
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,6 @@ class DataReport:
             f"leave-one-out split: train {self.train_users} users ({self.train_interactions} interactions),"
             f" validation {self.users} users, test {self.users} users (one item each)",
         ]
-
 
     def warnings(self) -> list[str]:
         """Things that do not stop the log from joining but are probably a mistake."""

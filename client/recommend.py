@@ -51,13 +51,12 @@ class LogHistory:
         return dict(zip(items.tolist(), counts.tolist()))
 
 
-MISMATCH_WARNING = 0.2  # share of a partner's events outside the model's catalogue that is more likely a mistake
-
-
 def catalogue_mismatch(gm: "GlobalModel", counts: dict[str, int]) -> str | None:
     """A warning line when more than :data:`MISMATCH_WARNING` of the events (``counts``: item id ->
     events) are items the model does not know: another federation's model, or a log with other item
     ids. Those events are left out of every history, so recommendations quietly ignore them."""
+    from client.data_check import MISMATCH_WARNING  # one threshold for `data check` and serving
+
     total = sum(counts.values())
     unknown = {i: c for i, c in counts.items() if i not in gm.index}
     share = sum(unknown.values()) / total if total else 0.0

@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
             ratings = log.rating if log.rating is not None else [None] * len(log)
             n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
             print(f"imported {n} events from {log.source} into {args.store}")
-    metadata = _metadata_for(args.import_log, args.metadata) if args.import_log or args.metadata else None
+    metadata = _metadata_for(args.import_log, args.metadata)
     titles = load_titles(metadata or _remembered_metadata(store))
     if metadata:  # a restart without --import-log keeps the titles
         import os
