@@ -61,10 +61,11 @@ def bootstrap_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, ro
 
 @torch.no_grad()
 def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_size: int = 256, *,
-                exclude_seen: bool = False) -> np.ndarray:
+                exclude_seen: bool = False, label_smoothing: float = 0.0) -> np.ndarray:
     """Per-user training loss of ``model`` on each user's training history: the training objective,
-    with the time-gap input of a ``time-features`` model and ``exclude_seen``'s softmax (the run's
-    ``exclude-seen``). Every user of ``data`` needs two or more training items."""
+    with the time-gap input of a ``time-features`` model, ``exclude_seen``'s softmax and
+    ``label_smoothing`` (the run's ``exclude-seen`` and ``label-smoothing``). Every user of ``data``
+    needs two or more training items."""
     from common.metrics import drop_seen
     from common.models.mf import MatrixFactorization, MultinomialLoss
     from common.training import SequenceLoss, training_pairs
@@ -84,7 +85,7 @@ def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_
     for start in range(0, len(targets), batch_size):
         x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
         logits = model(x)
-        out.append(SequenceLoss("none")(drop_seen(logits, x, y) if exclude_seen else logits, y).numpy())
+        out.append(SequenceLoss("none", label_smoothing)(drop_seen(logits, x, y) if exclude_seen else logits, y).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -126,13 +127,13 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         members = np.sort(rng.choice(members, max_members, replace=False))
     subset = data.subset(np.concatenate([members, nonmembers]))
     m = len(members)
-    exclude_seen = bool(cfg["exclude-seen"])
-    loss = user_losses(model, subset, max_len, exclude_seen=exclude_seen)
+    objective = {"exclude_seen": bool(cfg["exclude-seen"]), "label_smoothing": float(cfg.get("label-smoothing", 0.0))}
+    loss = user_losses(model, subset, max_len, **objective)
     calibrated = loss - popularity_losses(subset, data.item_counts(), max_len)
     # Control: the same attacks on the initial global model (same seed, trained on nobody) should give
     # AUC ~0.5; a gap from 0.5 there would be a bias of the attack or of the member/non-member split.
     initial = new_model(cfg, data.num_items)
-    control = user_losses(initial, subset, max_len, exclude_seen=exclude_seen)
+    control = user_losses(initial, subset, max_len, **objective)
     control_calibrated = control - popularity_losses(subset, data.item_counts(), max_len)
     result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers)}
     for name, score in (("loss", -loss), ("calibrated", -calibrated),

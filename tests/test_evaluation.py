@@ -147,3 +147,16 @@ def test_audit_loss_is_the_training_objective_with_time_gaps_and_seen_items_left
             losses.append(-torch.log_softmax(row, dim=0)[target].item())
         assert got[u] == pytest.approx(np.mean(losses), rel=1e-5)
     assert abs(got[0] - got[1]) > 1e-4  # the gaps reached the model
+    # with label smoothing s: (1 - s) x that + s x the mean -log p over the same candidates
+    smoothed = user_losses(model, data, 8, exclude_seen=True, label_smoothing=0.25)
+    for u, h in enumerate(train):
+        x = torch.stack([pad_left([h[:-1]], 8), pad_left([gaps[u][:-1]], 8)], dim=-1)
+        with torch.no_grad():
+            logits = model(x)[0, -(len(h) - 1):]
+        losses = []
+        for j, row in enumerate(logits):
+            target = int(h[j + 1])
+            candidates = sorted((set(range(1, 11)) - set(h[:j + 1].tolist())) | {target})
+            logp = torch.log_softmax(row[candidates], dim=0)
+            losses.append(-(0.75 * logp[candidates.index(target)] + 0.25 * logp.mean()).item())
+        assert smoothed[u] == pytest.approx(np.mean(losses), rel=1e-5)
