@@ -130,33 +130,23 @@ def test_audit_loss_is_the_training_objective_with_time_gaps_and_seen_items_left
     torch.manual_seed(0)
     model = SASRec(10, max_len=8, dim=8, num_blocks=1, num_heads=2, dropout=0.0, time_features=True).eval()
     got = user_losses(model, data, 8, exclude_seen=True)
+    smoothed = user_losses(model, data, 8, exclude_seen=True, label_smoothing=0.25)
 
-    # Independent: one user at a time, each position's softmax over the items not yet seen (its target kept)
+    # Independent: one user at a time, each position's softmax over the items not yet seen (its target
+    # kept); with label smoothing s: (1 - s) x -log p(target) + s x the mean -log p over those candidates
     train = data.train_sequences()
     gaps = history_gaps(train, data.timestamps)
     for u, h in enumerate(train):
         x = torch.stack([pad_left([h[:-1]], 8), pad_left([gaps[u][:-1]], 8)], dim=-1)
         with torch.no_grad():
             logits = model(x)[0, -(len(h) - 1):]
-        losses = []
-        for j, row in enumerate(logits):
-            target = int(h[j + 1])
-            row = row.clone()
-            row[0] = float("-inf")
-            row[[i for i in h[:j + 1].tolist() if i != target]] = float("-inf")
-            losses.append(-torch.log_softmax(row, dim=0)[target].item())
-        assert got[u] == pytest.approx(np.mean(losses), rel=1e-5)
+        for s, loss in ((0.0, got[u]), (0.25, smoothed[u])):
+            losses = []
+            for j, row in enumerate(logits):
+                target = int(h[j + 1])
+                candidates = sorted((set(range(1, 11)) - set(h[:j + 1].tolist())) | {target})
+                logp = torch.log_softmax(row[candidates], dim=0)
+                losses.append(-((1 - s) * logp[candidates.index(target)] + s * logp.mean()).item())
+            assert loss == pytest.approx(np.mean(losses), rel=1e-5)
     assert abs(got[0] - got[1]) > 1e-4  # the gaps reached the model
-    # with label smoothing s: (1 - s) x that + s x the mean -log p over the same candidates
-    smoothed = user_losses(model, data, 8, exclude_seen=True, label_smoothing=0.25)
-    for u, h in enumerate(train):
-        x = torch.stack([pad_left([h[:-1]], 8), pad_left([gaps[u][:-1]], 8)], dim=-1)
-        with torch.no_grad():
-            logits = model(x)[0, -(len(h) - 1):]
-        losses = []
-        for j, row in enumerate(logits):
-            target = int(h[j + 1])
-            candidates = sorted((set(range(1, 11)) - set(h[:j + 1].tolist())) | {target})
-            logp = torch.log_softmax(row[candidates], dim=0)
-            losses.append(-(0.75 * logp[candidates.index(target)] + 0.25 * logp.mean()).item())
-        assert smoothed[u] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert abs(smoothed[0] - got[0]) > 1e-3  # and the smoothing reached the loss
