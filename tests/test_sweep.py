@@ -113,14 +113,16 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     assert (run_dir / "rounds.png").is_file() and (tmp_path / "results_ndcg_vs_epsilon.png").is_file()
 
     # The released model can be audited: members vs the held-out users of holdout.json
-    from simulations.audit import run_audit
+    from simulations import audit as audit_cli
 
-    audit = run_audit(run_dir, rounds=50)
+    combined = tmp_path / "audits.json"
+    assert audit_cli.main([str(run_dir), "--bootstrap", "50", "--out", str(combined)]) == 0
+    (audit,) = json.loads(combined.read_text())  # the --out list: one result per run directory
+    assert audit == json.loads((run_dir / "audit.json").read_text())
     assert audit["members"] > 0 and audit["non-members"] > 0 and audit["epsilon"] == float("inf")
     for name in ("loss", "calibrated"):
         low, high = audit[f"auc-{name}-ci"]
         assert 0.0 <= low <= audit[f"auc-{name}"] <= high <= 1.0
-    assert (run_dir / "audit.json").is_file()
 
     # Resume: only the missing seed runs (recorded here instead of simulated)
     calls = []
