@@ -32,7 +32,7 @@ def test_table_ratios_are_against_nonprivate_of_the_same_catalogue():
 
 @pytest.mark.slow
 def test_every_mode_runs_a_step():
-    modes = ["nonprivate", "fused", "ghost", "hooks"]
+    modes = ["nonprivate", "fused", "fused-secure", "ghost", "hooks"]
     times = time_modes(modes, items=20, batch=3, length=5, steps=1, tied=False, device="cpu")
     assert set(times) == set(modes) and all(len(t) == 1 and t[0] > 0 for t in times.values())
     assert peak_memory("fused", items=20, batch=3, length=5, tied=True, device="cpu") >= 0.0

@@ -4,6 +4,8 @@ environment can ask for reproducible noise (simulations do, for repeatable numbe
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from common.config import resolve_config
 from common.models import SASRec
 from common.models.mf import MatrixFactorization, train_mf_local
 from common.privacy import REPRODUCIBLE_NOISE_ENV, dp_noise_seed
+from common.secure_noise import SecureGaussian, draw_noise_securely
 from common.task import new_model, partner_data
 from common.training import DPSettings, train_local
 from tests.test_client_training import NODE, TINY, send
@@ -85,3 +88,60 @@ def test_a_partner_app_replies_with_noise_the_run_config_does_not_fix(tmp_path, 
         replies.append(np.concatenate([a.numpy().ravel() for a in reply.content["arrays"].values()]))
     # Assert: a real partner's two updates differ by their noise; a simulated one repeats itself
     assert np.array_equal(replies[0], replies[1]) == reproducible
+
+
+def test_secure_gaussian_is_standard_normal():
+    # 400k draws against the normal law computed independently (math.erf), and the moments
+    z = SecureGaussian().standard_normal(400_001)
+    assert z.shape == (400_001,) and z.dtype == np.float64
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.005
+    assert abs(np.mean(z**4) - 3.0) < 0.05  # normal kurtosis (a uniform or a clipped law fails)
+    for k in (0.5, 1.0, 2.0, 3.0):
+        assert abs(np.mean(np.abs(z) < k) - math.erf(k / math.sqrt(2))) < 0.004, k
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # consecutive values (the Box-Muller pairs) uncorrelated
+
+
+def test_secure_noise_has_the_requested_scale_shape_and_type():
+    source = SecureGaussian()
+    reference = torch.zeros(300, 500, dtype=torch.float32)
+    noise = source.noise_like(reference, std=2.5)
+    assert noise.shape == reference.shape and noise.dtype == torch.float32
+    assert abs(noise.std().item() - 2.5) < 0.03 and abs(noise.mean().item()) < 0.03
+    assert not torch.equal(noise, source.noise_like(reference, std=2.5))  # the stream moves on
+    assert not torch.equal(noise, SecureGaussian().noise_like(reference, std=2.5))  # fresh key, fresh noise
+    assert torch.equal(source.noise_like(reference, std=0.0), reference)
+
+
+def _dp_optimizer(secure: bool):
+    from opacus.optimizers import DPOptimizer
+
+    layer = torch.nn.Linear(200, 100)
+    optimizer = DPOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0,
+                            expected_batch_size=1)
+    if secure:
+        draw_noise_securely(optimizer)
+    for p in optimizer.params:
+        p.summed_grad = torch.zeros_like(p)
+    return layer, optimizer
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_noise_leaves_torchs_generator_alone_and_keeps_opacus_scale(secure):
+    # Opacus draws from torch's global Mersenne Twister; the secure source must not touch it
+    layer, optimizer = _dp_optimizer(secure)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    optimizer.add_noise()
+    assert torch.equal(torch.get_rng_state(), before) == secure
+    noise = layer.weight.grad
+    assert abs(noise.std().item() - 1.5 * 2.0) < 0.05  # std = noise_multiplier x max_grad_norm, as accounted
+
+
+@pytest.mark.parametrize("kind", ["fused", "hooks", "mf"])
+@pytest.mark.parametrize("noise_seed", [None, 5])
+def test_partners_draw_secure_noise_and_simulations_seeded_noise(small_data, monkeypatch, kind, noise_seed):
+    calls = []
+    draw = SecureGaussian.noise_like
+    monkeypatch.setattr(SecureGaussian, "noise_like", lambda self, *a, **k: calls.append(1) or draw(self, *a, **k))
+    _train(small_data, kind, noise_seed)
+    assert bool(calls) == (noise_seed is None)

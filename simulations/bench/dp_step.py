@@ -4,7 +4,8 @@
     nice -n 5 python -m simulations.bench.dp_step --preset small    # batch 64, length 50 (2-core machines)
 
 Modes: ``nonprivate`` (positions-only loss, as ``train_local`` without DP), ``fused`` (our
-per-user clipping, common/per_user_clipping.py), Opacus ``ghost`` (fast gradient clipping;
+per-user clipping, common/per_user_clipping.py; Opacus' torch noise, as simulations draw it),
+``fused-secure`` (the same with the CSPRNG noise real partners draw, common/secure_noise.py), Opacus ``ghost`` (fast gradient clipping;
 untied output only, it refuses tied weights) and Opacus ``hooks`` (dense per-sample gradients).
 Every DP mode includes Opacus' noise, averaging, accountant step and Adam.
 
@@ -38,7 +39,7 @@ from common.cli_errors import user_errors_exit
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {"full": {"batch": 256, "length": 200, "items": [3706, 37060]},
            "small": {"batch": 64, "length": 50, "items": [3706, 37060]}}
-MODES = ["nonprivate", "fused", "ghost", "hooks"]
+MODES = ["nonprivate", "fused", "fused-secure", "ghost", "hooks"]
 
 
 def synthetic_batch(batch: int, length: int, items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +84,7 @@ def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targ
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.per_user_clipping import fused_clipped_backward, make_fused_private
+    from common.secure_noise import draw_noise_securely
     from common.training import SequenceLoss, positions_only_loss
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -96,8 +98,10 @@ def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targ
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")
-        if mode == "fused":
+        if mode in ("fused", "fused-secure"):
             dp_opt, _ = make_fused_private(engine, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+            if mode == "fused-secure":  # the noise a real partner draws (common/secure_noise.py)
+                draw_noise_securely(dp_opt)
 
             def step() -> None:
                 dp_opt.zero_grad(set_to_none=True)
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per memory subprocess before it is reported failed")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default simulations/bench/results/dp_step-PRESET[-tied].json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -229,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                          "threads": torch.get_num_threads(), "device": args.device})
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"dp_step-{args.preset}{'-tied' if args.tied else ''}.json"
+    out = args.out or RESULTS / f"dp_step-{args.preset}{'-tied' if args.tied else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch": args.batch, "length": args.length, "steps": args.steps, "device": args.device,
             "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv)}
-    (RESULTS / name).write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / name}")
+    out.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
     return 0
 
 
