@@ -21,11 +21,12 @@ import math
 import os
 import types
 
-import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _DRAWS = 4  # as Opacus' secure_mode: sum of 4 draws / 2 has the variance of one draw
+_MANTISSA = (1 << 52) - 1
+_ONE = 0x3FF0000000000000  # the bits of float64 1.0
 
 
 class SecureGaussian:
@@ -34,27 +35,28 @@ class SecureGaussian:
     def __init__(self) -> None:
         self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
 
-    def _uniform(self, n: int) -> np.ndarray:
-        """``n`` float64 uniforms in (0, 1]: the top 53 bits of 64 random bits each."""
-        bits = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
-        return ((bits >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` float64 uniforms in (0, 1]: 52 random mantissa bits under the exponent of 1.0
+        give [1, 2); two minus that keeps log() finite."""
+        bits = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
+        return 2.0 - ((bits >> 12) & _MANTISSA | _ONE).view(torch.float64)
 
-    def standard_normal(self, n: int) -> np.ndarray:
+    def standard_normal(self, n: int) -> torch.Tensor:
         """``n`` independent N(0, 1) float64 values (Box-Muller: both outputs of each pair used)."""
         pairs = (n + 1) // 2
-        u = self._uniform(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log(u[:pairs]))
-        angle = (2.0 * math.pi) * u[pairs:]
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+        u = self.uniform(2 * pairs)
+        radius = torch.log(u[:pairs]).mul_(-2.0).sqrt_()
+        angle = u[pairs:].mul_(2.0 * math.pi)
+        return torch.cat([radius * torch.cos(angle), radius.mul_(torch.sin(angle))])[:n]
 
     def noise_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise of ``reference``'s shape, dtype and device (sum of 4 draws / 2)."""
         if std == 0:
             return torch.zeros_like(reference)
         n = reference.numel()
-        total = self.standard_normal(_DRAWS * n).reshape(_DRAWS, n).sum(axis=0)
-        noise = torch.from_numpy(total * (std / math.sqrt(_DRAWS)))
-        return noise.reshape(reference.shape).to(device=reference.device, dtype=reference.dtype)
+        total = self.standard_normal(_DRAWS * n).view(_DRAWS, n).sum(dim=0)
+        noise = total.mul_(std / math.sqrt(_DRAWS)).view(reference.shape)
+        return noise.to(device=reference.device, dtype=reference.dtype)
 
 
 def draw_noise_securely(optimizer) -> None:  # noqa: ANN001

@@ -35,4 +35,5 @@ def test_every_mode_runs_a_step():
     modes = ["nonprivate", "fused", "fused-secure", "ghost", "hooks"]
     times = time_modes(modes, items=20, batch=3, length=5, steps=1, tied=False, device="cpu")
     assert set(times) == set(modes) and all(len(t) == 1 and t[0] > 0 for t in times.values())
-    assert peak_memory("fused", items=20, batch=3, length=5, tied=True, device="cpu") >= 0.0
+    # hooks materialises per-user output gradients: 8 x 20001 x 64 floats, 41 MB, beyond malloc's reuse
+    assert peak_memory("hooks", items=20000, batch=8, length=5, tied=False, device="cpu") > 30.0

@@ -93,12 +93,19 @@ def test_a_partner_app_replies_with_noise_the_run_config_does_not_fix(tmp_path, 
 def test_secure_gaussian_is_standard_normal():
     # 400k draws against the normal law computed independently (math.erf), and the moments
     z = SecureGaussian().standard_normal(400_001)
-    assert z.shape == (400_001,) and z.dtype == np.float64
+    assert z.shape == (400_001,) and z.dtype == torch.float64
+    z = z.numpy()
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.005
     assert abs(np.mean(z**4) - 3.0) < 0.05  # normal kurtosis (a uniform or a clipped law fails)
     for k in (0.5, 1.0, 2.0, 3.0):
         assert abs(np.mean(np.abs(z) < k) - math.erf(k / math.sqrt(2))) < 0.004, k
     assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # consecutive values (the Box-Muller pairs) uncorrelated
+
+
+def test_secure_uniforms_cover_zero_to_one_without_zero():
+    u = SecureGaussian().uniform(200_000).numpy()
+    assert u.min() > 0.0 and u.max() <= 1.0 and abs(u.mean() - 0.5) < 0.003
+    assert np.allclose(np.histogram(u, bins=10, range=(0, 1))[0] / len(u), 0.1, atol=0.003)  # flat
 
 
 def test_secure_noise_has_the_requested_scale_shape_and_type():

@@ -762,6 +762,20 @@ def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(t
         _check_port_free("::", v4.getsockname()[1])
 
 
+def test_server_cpu_is_read_from_proc_as_the_process_spends_it():
+    # The latency bench's per-request server CPU is a difference of these readings
+    import os
+
+    from simulations.bench.serve_latency import cpu_seconds
+
+    before, clock = cpu_seconds(os.getpid()), time.process_time()
+    while time.process_time() - clock < 0.3:  # spend 0.3 s of CPU in this process
+        pass
+    spent = cpu_seconds(os.getpid()) - before
+    assert 0.2 <= spent <= time.process_time() - clock + 0.05
+    assert cpu_seconds(2**22 + 12345) == 0.0  # no such process (pid_max is at most 2**22)
+
+
 @pytest.mark.slow
 def test_latency_benchmark_measures_every_setting_over_http(tmp_path, capsys):
     from simulations.bench import serve_latency
