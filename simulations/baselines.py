@@ -28,6 +28,7 @@ from common.config import DEFAULTS
 from common.errors import ConfigError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
+from common.partners import holdout_positions
 from simulations.cli import user_errors_exit
 
 
@@ -189,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tie-orders", type=positive_int, default=None,
                         help="with --blend-model: score tied history items as the mean over N random orders "
                              "(default: the model's tie-orders)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.0,
+                        help="leave out the users a simulation with this holdout-fraction and --seed holds out "
+                             "(the sweeps' 0.2), so the baselines see the same users and split as its runs")
+    parser.add_argument("--seed", type=int, default=int(DEFAULTS["seed"]), help="the run seed (with --holdout-fraction)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.holdout_fraction < 1.0:
+        parser.error(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
     for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
         if not (value > 0 and math.isfinite(value)):
             parser.error(f"{name} must be a positive number, got {value}")
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))
         return 0
     data = build_sequences(load_interactions(args.dataset))
+    if args.holdout_fraction:  # the members a simulation trains on: same holdout draw (common/partners.py)
+        data = data.subset(np.setdiff1d(np.arange(data.num_users),
+                                        holdout_positions(data.num_users, args.holdout_fraction, args.seed)))
     out = reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
                             markov_window=args.markov_window, markov_decay=args.markov_decay)
     print(json.dumps({**out, "timestamps": last_step_ties(data)}, indent=2))

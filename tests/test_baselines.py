@@ -98,6 +98,23 @@ def test_cli_prints_every_reference(tmp_path, capsys) -> None:  # noqa: ANN001
     assert out["ease"]["l2"] == 10.0 and 0.0 <= out["markov"]["ndcg@10"] <= 1.0
 
 
+def test_holdout_fraction_leaves_out_the_users_a_simulation_holds_out(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    from common.config import resolve_config
+    from common.partners import split_population
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},{(u + t) % 15},{t}\n" for u in range(40) for t in range(5)))
+    seen = []
+    real = baselines.reference_metrics
+    monkeypatch.setattr(baselines, "reference_metrics", lambda data, **kw: seen.append(data) or real(data, **kw))
+    assert baselines.main(["--dataset", str(log), "--holdout-fraction", "0.25", "--seed", "3"]) == 0
+    members, held = split_population(resolve_config(None, {"dataset": str(log), "holdout-fraction": 0.25, "seed": 3}))
+    assert list(seen[0].user_ids) == list(members.user_ids) and len(held.user_ids) == 10
+    assert json.loads(capsys.readouterr().out)["popularity"]["hr@10"] >= 0.0
+    with pytest.raises(SystemExit):
+        baselines.main(["--dataset", str(log), "--holdout-fraction", "1"])
+
+
 def test_last_step_ties_count_users_whose_order_is_arbitrary() -> None:
     data = _data([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]], 3)
     data.timestamps = [np.array(t) for t in ([0, 5, 5], [0, 5, 30], [0, 5, 100], [0, 0, 0])]
