@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+from pathlib import Path
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -98,3 +100,19 @@ def parse_run_config(values: str | list[str] | None) -> dict:
         if repeated := sorted({k for k in keys if keys.count(k) > 1}):  # Flower: "invalid format" only
             raise ConfigError(f"--run-config: {repeated[0]} is given more than once; give each key once")
     return parse_config_args(values)
+
+
+def output_file(text: str) -> Path:
+    """A file to write at the end of a long command, checked before the work starts: not a
+    folder, and its nearest existing parent is a folder we may write in (missing ones get created)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: not allowed to write there")
+    return path

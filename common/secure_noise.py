@@ -51,9 +51,9 @@ class SecureGaussian:
 
     def noise_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise of ``reference``'s shape, dtype and device (sum of 4 draws / 2)."""
-        if std == 0:
-            return torch.zeros_like(reference)
         n = reference.numel()
+        if std == 0 or n == 0:  # frombuffer refuses an empty buffer
+            return torch.zeros_like(reference)
         total = self.standard_normal(_DRAWS * n).view(_DRAWS, n).sum(dim=0)
         noise = total.mul_(std / math.sqrt(_DRAWS)).view(reference.shape)
         return noise.to(device=reference.device, dtype=reference.dtype)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli_args import positive_int
+from common.cli_args import output_file, positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
 from common.errors import DataError
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="run directories (with model.pt, config.json, holdout.json)")
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CI (default 1000)")
     parser.add_argument("--max-members", type=positive_int, default=2000, help="members sampled for the attack (default 2000)")
-    parser.add_argument("--out", type=Path, help="also write every run's result, in order, as one JSON list here")
+    parser.add_argument("--out", type=output_file, help="also write every run's result, in order, as one JSON list here")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap))
         print(format_result(results[-1]))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0

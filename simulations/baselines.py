@@ -25,7 +25,7 @@ import torch
 from common.data import SequenceData, build_sequences, load_interactions
 from common.cli_args import positive_int
 from common.config import DEFAULTS
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from common.partners import holdout_positions
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.holdout_fraction < 1.0:
         parser.error(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
+    if args.holdout_fraction and args.blend_model:
+        parser.error("--holdout-fraction applies to the references; --blend-model scores the whole log")
     for name, value in (("--ease-l2", args.ease_l2), ("--markov-decay", args.markov_decay)):
         if not (value > 0 and math.isfinite(value)):
             parser.error(f"{name} must be a positive number, got {value}")
@@ -217,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = build_sequences(load_interactions(args.dataset))
     if args.holdout_fraction:  # the members a simulation trains on: same holdout draw (common/partners.py)
-        data = data.subset(np.setdiff1d(np.arange(data.num_users),
-                                        holdout_positions(data.num_users, args.holdout_fraction, args.seed)))
+        members = np.setdiff1d(np.arange(data.num_users), holdout_positions(data.num_users, args.holdout_fraction, args.seed))
+        if len(members) == 0:
+            raise DataError(f"--holdout-fraction {args.holdout_fraction} leaves no user of {args.dataset}")
+        data = data.subset(members)
     out = reference_metrics(data, split=args.split, ks=(5, 10, 20), ease_l2=args.ease_l2,
                             markov_window=args.markov_window, markov_decay=args.markov_decay)
     print(json.dumps({**out, "timestamps": last_step_ties(data)}, indent=2))

@@ -99,7 +99,10 @@ def test_secure_gaussian_is_standard_normal():
     assert abs(np.mean(z**4) - 3.0) < 0.05  # normal kurtosis (a uniform or a clipped law fails)
     for k in (0.5, 1.0, 2.0, 3.0):
         assert abs(np.mean(np.abs(z) < k) - math.erf(k / math.sqrt(2))) < 0.004, k
-    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # consecutive values (the Box-Muller pairs) uncorrelated
+    pairs = len(z) // 2 + 1  # [cos outputs, sin outputs]: a Box-Muller pair is z[j], z[pairs + j]
+    assert abs(np.corrcoef(z[: pairs - 1], z[pairs:])[0, 1]) < 0.01
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # neighbours
+    assert len(np.unique(z)) == len(z)  # no value reused
 
 
 def test_secure_uniforms_cover_zero_to_one_without_zero():
@@ -117,6 +120,18 @@ def test_secure_noise_has_the_requested_scale_shape_and_type():
     assert not torch.equal(noise, source.noise_like(reference, std=2.5))  # the stream moves on
     assert not torch.equal(noise, SecureGaussian().noise_like(reference, std=2.5))  # fresh key, fresh noise
     assert torch.equal(source.noise_like(reference, std=0.0), reference)
+    assert source.noise_like(torch.zeros(0, 4), std=1.0).shape == (0, 4)  # an empty parameter
+    flat = noise.ravel().double().numpy()
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01 and len(np.unique(flat)) > 0.99 * len(flat)
+
+
+def test_secure_noise_sums_four_draws_against_floating_point_attacks(monkeypatch):
+    # Opacus' secure_mode defence (Holohan & Braghin 2021): each value is 4 draws summed / 2
+    asked = []
+    draw = SecureGaussian.standard_normal
+    monkeypatch.setattr(SecureGaussian, "standard_normal", lambda self, n: asked.append(n) or draw(self, n))
+    noise = SecureGaussian().noise_like(torch.zeros(1000, dtype=torch.float64), std=3.0)
+    assert asked == [4000] and abs(noise.std().item() - 3.0) < 0.25
 
 
 def _dp_optimizer(secure: bool):

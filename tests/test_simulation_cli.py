@@ -48,3 +48,42 @@ def test_every_command_main_is_wrapped():
             if main is not None and not hasattr(main, "__wrapped__"):
                 unwrapped.append(module.__name__)
     assert unwrapped == []
+
+
+@pytest.mark.parametrize("bad", ["folder", "under-a-file"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, bad):
+    # A review: audit --out / dp_step --out failed only after every audit or measurement had run
+    from simulations.bench import dp_step
+
+    (tmp_path / "file").write_text("x")
+    out = str(tmp_path) if bad == "folder" else str(tmp_path / "file" / "a.json")
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: pytest.fail("audited before checking --out"))
+    monkeypatch.setattr(dp_step, "time_modes", lambda *a, **k: pytest.fail("measured before checking --out"))
+    for main, argv in ((audit.main, ["/some/run", "--out", out]), (dp_step.main, ["--out", out]),
+                       (centralised.main, ["--out", out])):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and ("is a folder" if bad == "folder" else "is not a folder") in err
+
+
+def test_output_file_accepts_new_files_in_new_folders(tmp_path):
+    from common.cli_args import output_file
+
+    assert output_file(str(tmp_path / "new" / "deeper" / "r.json")) == tmp_path / "new" / "deeper" / "r.json"
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_benchmark_modes_and_baseline_holdout_mistakes_are_one_line(tmp_path, capsys):
+    from simulations.bench import dp_step
+
+    with pytest.raises(SystemExit) as stop:
+        dp_step.main(["--modes", "fused,fused-securee"])
+    assert stop.value.code == 2 and "unknown fused-securee" in capsys.readouterr().err
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{t},{t}\n" for u in range(3) for t in range(4)))
+    assert baselines.main(["--dataset", str(log), "--holdout-fraction", "0.9"]) == 2
+    assert "leaves no user" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        baselines.main(["--dataset", str(log), "--holdout-fraction", "0.2", "--blend-model", str(tmp_path)])

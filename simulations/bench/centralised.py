@@ -26,6 +26,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from common.cli_args import output_file  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overrides", default="{}", help='run config overrides as JSON, e.g. {"local-epochs": 1}')
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
-    parser.add_argument("--out", required=True, help="JSON file for the phase times")
+    parser.add_argument("--out", required=True, type=output_file, help="JSON file for the phase times")
     args = parser.parse_args(argv)
     from common.errors import ConfigError
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError('--overrides must be a JSON object, e.g. {"local-epochs": 1}')
     # NOTE: no Flower import here: the centralised run should not pay for it
     result = run(overrides, threads=args.threads)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from common.cli_args import output_file
 from common.cli_errors import user_errors_exit
 
 RESULTS = Path(__file__).parent / "results"
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per memory subprocess before it is reported failed")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=output_file, default=None,
                         help="results JSON (default simulations/bench/results/dp_step-PRESET[-tied].json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         length=args.length, tied=args.tied, device=args.device)}))
         return 0
     sizes = [int(x) for x in (args.items.split(",") if args.items else preset["items"])]
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
     modes = [m for m in args.modes.split(",") if not (args.tied and m == "ghost")]
     rows = []
     for items in sizes:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from simulations.bench import RESULTS, write_results
+from common.cli_args import output_file
 from common.cli_errors import user_errors_exit
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="epochs per implementation (alternating)")
-    parser.add_argument("--out", default=str(RESULTS / "dropout.json"))
+    parser.add_argument("--out", type=output_file, default=str(RESULTS / "dropout.json"))
     args = parser.parse_args(argv)
     from common.config import resolve_config
     from common.models.fast_dropout import FastDropout

@@ -32,6 +32,7 @@ from common.item_text import item_texts
 from common.text_encoder import available_cores, encode_with, load_encoder, quantize_encoder, token_lengths
 
 from simulations.bench import RESULTS, write_results
+from common.cli_args import output_file
 from common.cli_errors import user_errors_exit
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="encode only the first N texts (0 = all)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the previous path: one plain encode call, torch's default threads")
-    parser.add_argument("--out", default=str(RESULTS / "item_text_encoding.json"))
+    parser.add_argument("--out", type=output_file, default=str(RESULTS / "item_text_encoding.json"))
     args = parser.parse_args(argv)
 
     meta = load_item_titles(args.data)
