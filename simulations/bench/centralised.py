@@ -25,7 +25,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 from common.cli_args import output_file  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
 
