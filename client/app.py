@@ -53,6 +53,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
 
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)
+    check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -123,12 +124,33 @@ def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     from common.training import pick_device
 
     data = partner_data(cfg, context.node_config)
+    check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items).to(device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
     metrics = MetricRecord({**sums, "num-examples": int(sums["num-users"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001
+    """Refuse a round whose global model was built on another catalogue than this partner's: row i
+    of the item table is item i of the catalogue, so a reordered file trains every row on the
+    wrong item without any error, and a shorter one fails deep in torch. The coordinator sends
+    its catalogue's fingerprint with every round (server/app.py); an older server sends none."""
+    from common.data.catalogue import catalogue_fingerprint
+    from common.errors import DataError
+
+    config = msg.content.config_records.get("config")
+    expected = config.get("catalogue-fingerprint") if config is not None else None
+    if expected is None:
+        return
+    mine = catalogue_fingerprint(data.catalogue)
+    if mine != expected:
+        # no apostrophes: the reply sanitiser reads them as quotes around a data value (client/safe_errors.py)
+        raise DataError(f"the item catalogue at this partner ({len(data.catalogue)} items, fingerprint {mine}) is not "
+                        f"the one of the coordinator (fingerprint {expected}): the run catalogue file here differs "
+                        "from the file the coordinator published; fetch it again")
 
 
 app = make_client_app()

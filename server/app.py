@@ -9,6 +9,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ignored_knobs, resolve_config
+from common.data.catalogue import catalogue_fingerprint
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from server.central_dp import with_privacy
@@ -33,6 +34,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
 
         # Build the initial global model over the agreed catalogue
         items = catalogue(cfg)
+        fingerprint = catalogue_fingerprint(items)
         model = new_model(cfg, len(items))
         check_strategy_config(cfg)  # before a run directory exists
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
@@ -63,7 +65,9 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             initial_arrays=start.arrays,
             num_rounds=start.num_rounds,
             timeout=float(cfg["round-timeout"]),
-            train_config=ConfigRecord({"run-name": run_dir.name}),  # names the run in partners' ledgers
+            # run-name names the run in partners' ledgers; partners refuse another catalogue (client/app.py)
+            train_config=ConfigRecord({"run-name": run_dir.name, "catalogue-fingerprint": fingerprint}),
+            evaluate_config=ConfigRecord({"catalogue-fingerprint": fingerprint}),
             evaluate_fn=RoundCheckpointer(start, recorder, strategy, cfg),  # records, then checkpoints
         )
         grid.finish()

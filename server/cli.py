@@ -39,7 +39,9 @@ def _catalogue(args: argparse.Namespace) -> int:
     items = catalogue(cfg)
     path = save_catalogue(items, args.out, force=args.force)
     print(f"catalogue: {len(items)} items from dataset {cfg['dataset']!r} -> {path} (fingerprint {catalogue_fingerprint(items)})")
-    print(f'publish it to partners and run with --run-config \'catalogue="{path}"\'')
+    # absolute: flwr run ships only code and config files, so each machine resolves the path itself
+    print(f'publish it to partners and run with --run-config \'catalogue="{path.resolve()}"\' '
+          "(the same path on every machine)")
     return 0
 
 

@@ -37,7 +37,7 @@ def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
     while path.exists():
         n += 1
         path = root / f"{stem}-{n}"
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, mode=0o700)  # the coordinator's private files (metrics, privacy report, model)
     return path
 
 

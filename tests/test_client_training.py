@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: F401
 from opacus.accountants import RDPAccountant
@@ -122,3 +123,26 @@ def test_batch_size_one_divides_by_one_user_not_zero():
         train_local(model, data, epochs=1, batch_size=1, learning_rate=0.01, max_len=6,
                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, noise_seed=1))
         assert all(torch.isfinite(p).all() for p in model.parameters()), mode
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_a_partner_refuses_a_model_built_on_another_catalogue(tmp_path, kind):
+    # A coordinator walkthrough: a partner whose catalogue file was reordered trained every item row
+    # on the wrong item without a word; a shorter one failed inside torch's load_state_dict.
+    from common.data.catalogue import catalogue_fingerprint
+    from common.task import catalogue
+
+    overrides = {**TINY, "run-dir": str(tmp_path), "dp": False}
+    cfg = resolve_config(None, overrides)
+    app = make_client_app(overrides)
+    arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+    items = catalogue(cfg)
+    for fingerprint, accepted in ((catalogue_fingerprint(items), True), (catalogue_fingerprint(items[::-1]), False),
+                                  (catalogue_fingerprint(items[:-1]), False)):
+        context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+        config = ConfigRecord({"server-round": 1, "catalogue-fingerprint": fingerprint})
+        reply = app(flower_message(RecordDict({"arrays": arrays, "config": config}), kind), context)
+        assert reply.has_error() != accepted
+        if not accepted:
+            assert reply.error.reason.startswith("the item catalogue at this partner is not the one of the coordinator")
+            assert reply.error.code == 400  # the partner can fix it

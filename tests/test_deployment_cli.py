@@ -121,13 +121,16 @@ def partner_log(tmp_path):
     return path, frame
 
 
-def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys):
+def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys, monkeypatch):
     path, frame = partner_log
     cat = tmp_path / "catalogue.txt"
     assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 0
     items = load_catalogue(cat)
     assert sorted(items.tolist(), key=int) == sorted(set(frame["item_id"].astype(str)), key=int)
-    capsys.readouterr()
+    # the run-config hint names the file absolutely: flwr run does not ship it, each machine resolves it
+    monkeypatch.chdir(tmp_path)
+    assert server_main(["catalogue", "--out", "rel.txt", "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 0
+    assert f'catalogue="{tmp_path / "rel.txt"}"' in capsys.readouterr().out
     assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "already exists; pass --force" in err and "catalogue the global model was built on" in err

@@ -63,6 +63,8 @@ def test_run_dirs_named_finds_suffixed_copies_only(tmp_path):
     assert second.name == "exp-2"
     assert run_dirs_named(tmp_path, "exp") == {first, second}
     assert run_dirs_named(tmp_path / "absent", "exp") == set()
+    # the coordinator's run files (metrics, privacy report, model) are not for other accounts
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in (first, second))
 
 
 def test_local_grid_returns_the_directory_it_created_when_the_name_is_taken(tmp_path):
