@@ -121,7 +121,7 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     try:
         if not isinstance(state, dict):
             raise TypeError(f"state_dict is a {type(state).__name__}, not a mapping of weights")
-        model = build_model(config, len(catalogue), item_genres=state.get("item_genres"))
+        model = build_model(config, len(catalogue), item_genres=state.get("item_genres"), catalogue=catalogue)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0]

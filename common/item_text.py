@@ -143,13 +143,13 @@ def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, 
     return emb
 
 
-def catalogue_text_features(cfg: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
-    """(V, D) embeddings and texts of the run's catalogue (``common.task.catalogue``): the
-    published ``item-text-features`` file when set, else encoded from the metadata beside
-    ``dataset`` (cached on disk and per process)."""
+def catalogue_text_features(cfg: Mapping[str, Any], items: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """(V, D) embeddings and texts of ``items`` in their order, by default the run's catalogue
+    (``common.task.catalogue``): the published ``item-text-features`` file when set, else encoded
+    from the metadata beside ``dataset`` (cached on disk and per process)."""
     from common.task import catalogue  # lazy: common.task builds models, which need this module
 
-    items = catalogue(cfg)
+    items = catalogue(cfg) if items is None else np.asarray(items, dtype=str)
     if cfg.get("item-text-features"):
         return _published(str(cfg["item-text-features"]), tuple(items.tolist()))
     return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()),

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import CheckpointError, ConfigError
-from common.files import write_private_bytes
+from common.files import ensure_private, write_private_bytes
 from server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -63,6 +63,7 @@ def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
         raise CheckpointError(f"{run_dir}: no such run directory to resume")
     if not (run_dir / CHECKPOINT_NAME).is_file():
         load_checkpoint(run_dir)  # its one-line refusal
+    ensure_private(run_dir)  # 0700, also for a run directory made before new_run_dir did that
     return run_dir
 
 

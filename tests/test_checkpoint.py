@@ -102,7 +102,8 @@ def test_mismatched_model_catalogue_or_config_is_refused_with_what_differs(tmp_p
 def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
     cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 4})
     run_dir = tmp_path / "r"
-    run_dir.mkdir()
+    run_dir.mkdir(mode=0o755)  # made before run directories were private
+    os.chmod(run_dir, 0o755)
     save_checkpoint(run_dir, a_checkpoint(cfg, model, round_=2))
     # A crash after round 3 was logged but before it was checkpointed: round 3 must not count twice
     lines = [json.dumps({"round": r}) for r in (1, 2, 3)]
@@ -110,6 +111,7 @@ def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
     start = start_run({**cfg, "resume": True}, CATALOGUE, model)
     assert (start.first_round, start.num_rounds) == (3, 2)
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert run_dir.stat().st_mode & 0o777 == 0o700  # the resumed run's files are the coordinator's only
 
 
 def test_start_run_refuses_to_resume_nothing(tmp_path):

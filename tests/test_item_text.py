@@ -92,6 +92,29 @@ def test_build_model_from_published_features_needs_no_encoder(tmp_path):
     assert m.score(torch.tensor([[0, 0, 1, 2, 3]])).shape == (1, 4)
 
 
+def test_a_saved_text_model_keeps_its_own_catalogue_order(tmp_path):
+    # A review: the frozen text table is not in the state dict; loading model.pt rebuilt it over
+    # the run config's catalogue file on the serving machine, so a reordered file gave every item
+    # another item's text without a word
+    from client.recommend import load_global_model
+    from common.task import _published_catalogue
+
+    (tmp_path / "catalogue.txt").write_text("10\n20\n30\n")
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    save_features(tmp_path / "text.npz", CATALOGUE, emb, model="m", texts=["a", "b", "c"])
+    cfg = resolve_config(None, {"catalogue": str(tmp_path / "catalogue.txt"), "item-text-features": str(tmp_path / "text.npz"),
+                                "item-features": "text", "embedding-dim": 8, "max-seq-len": 5})
+    model = build_model(cfg, 3)
+    torch.save({"state_dict": model.state_dict(), "catalogue": CATALOGUE.tolist(), "config": dict(cfg)},
+               tmp_path / "model.pt")
+    (tmp_path / "catalogue.txt").write_text("30\n20\n10\n")  # the serving machine's copy, reordered
+    _published_catalogue.cache_clear()  # as a fresh serving process reads it
+    loaded = load_global_model(tmp_path / "model.pt")
+    torch.testing.assert_close(loaded.model.item_text.table[1:], torch.as_tensor(emb))  # row of "10" is 10's text
+    histories = torch.tensor([[0, 0, 1, 2, 3]])
+    torch.testing.assert_close(loaded.model.score(histories), model.eval().score(histories))
+
+
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="item-features = 'words' is unknown"):
         build_model(resolve_config(None, {"item-features": "words"}), 300)

@@ -1,5 +1,6 @@
 """Recommenders: plain ``nn.Module``s with ``score(histories) -> scores over the catalogue``."""
 
+import numpy as np
 import torch
 
 from common.models.popularity import Popularity
@@ -8,10 +9,12 @@ from common.models.sasrec import SASRec
 __all__ = ["Popularity", "SASRec", "build_model"]
 
 
-def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None = None) -> torch.nn.Module:
+def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None = None,
+                catalogue: np.ndarray | None = None) -> torch.nn.Module:
     """The recommender named by ``config['model']`` for a catalogue of ``num_items``.
 
     ``item_genres`` (V+1, G): SASRec's genre input when ``genre-features`` is on (common/models/context.py).
+    ``catalogue``: the item ids a saved model was built on (its text table follows them), else the run's.
     """
     from common.errors import ConfigError
 
@@ -22,7 +25,8 @@ def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None =
         if config.get("item-features", "id") != "id":  # frozen text-encoder item features
             from common.models.text_sasrec import build_text_sasrec
 
-            return build_text_sasrec(config, num_items, item_genres=item_genres if config.get("genre-features", False) else None)
+            return build_text_sasrec(config, num_items, item_genres=item_genres if config.get("genre-features", False) else None,
+                                     catalogue=catalogue)
         return SASRec(
             num_items,
             max_len=int(config["max-seq-len"]),

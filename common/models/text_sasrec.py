@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -135,7 +136,8 @@ def item_text_table(embeddings: torch.Tensor | Any) -> torch.Tensor:
     return torch.cat([emb.new_zeros((1, emb.shape[1])), emb])
 
 
-def build_text_sasrec(config: Mapping[str, Any], num_items: int, item_genres: torch.Tensor | None = None) -> TextSASRec:
+def build_text_sasrec(config: Mapping[str, Any], num_items: int, item_genres: torch.Tensor | None = None,
+                      catalogue: np.ndarray | None = None) -> TextSASRec:
     """The ``item-features = text | id+text`` SASRec, its text table from ``common.item_text``.
 
     Combines with the context inputs like the ID model: ``time-features`` (gap buckets) and
@@ -146,7 +148,9 @@ def build_text_sasrec(config: Mapping[str, Any], num_items: int, item_genres: to
     from common.item_text import catalogue_text_features, check_item_features
 
     mode = check_item_features(str(config["item-features"]))
-    embeddings, _ = catalogue_text_features(config)
+    # a saved model's own catalogue: the text table is not in its state dict, and the run config's
+    # catalogue file on a serving machine may be another version (reordered, grown)
+    embeddings, _ = catalogue_text_features(config, catalogue)
     if len(embeddings) != num_items:
         raise ConfigError(f"item text features cover {len(embeddings)} items but the model has {num_items}; "
                           "publish features for the current catalogue")
