@@ -35,6 +35,7 @@ from common.data.sequences import SequenceData
 from common.errors import DataError
 from common.metrics import pad_left
 from common.task import federation_data, new_model
+from simulations.bench import write_results
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, read_json_object
 
@@ -170,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap))
         print(format_result(results[-1]))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_results(args.out, results)
     return 0
 
 

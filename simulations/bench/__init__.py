@@ -8,7 +8,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_results(path: str | Path, result: dict) -> Path:
+def write_results(path: str | Path, result: dict | list) -> Path:
     """Write a benchmark's results as indented JSON (creating the folder) and say where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

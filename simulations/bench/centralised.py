@@ -27,6 +27,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from common.cli_args import output_file  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
+from simulations.bench import write_results  # noqa: E402
 
 
 def run(overrides: dict, *, threads: int = 0) -> dict:
@@ -109,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError('--overrides must be a JSON object, e.g. {"local-epochs": 1}')
     # NOTE: no Flower import here: the centralised run should not pay for it
     result = run(overrides, threads=args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result)
     return 0
 
 

@@ -31,13 +31,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from common.cli_args import output_file
 from common.cli_errors import user_errors_exit
+from simulations.bench import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 PRESETS = {"full": {"batch": 256, "length": 200, "items": [3706, 37060]},
            "small": {"batch": 64, "length": 50, "items": [3706, 37060]}}
 MODES = ["nonprivate", "fused", "fused-secure", "ghost", "hooks"]
@@ -240,11 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     out = args.out or RESULTS / f"dp_step-{args.preset}{'-tied' if args.tied else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch": args.batch, "length": args.length, "steps": args.steps, "device": args.device,
             "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv)}
-    out.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print()
+    write_results(out, {"settings": meta, "rows": rows})
     return 0
 
 
