@@ -1,4 +1,4 @@
-"""DP-SGD Gaussian noise from a cryptographically secure generator.
+"""DP-SGD Gaussian noise and Poisson batches from a cryptographically secure generator.
 
 Opacus draws its noise with ``torch.normal`` from torch's Mersenne Twister unless
 ``secure_mode`` is on, and ``secure_mode`` needs ``torchcsprng``, which is unmaintained and has
@@ -10,9 +10,14 @@ Like Opacus' ``secure_mode`` each noise value is the sum of four independent N(0
 divided by two (still N(0, std^2)), which defeats the floating-point attacks on Gaussian
 samplers (Holohan & Braghin 2021, section 5.1; the attack on Opacus in arXiv:2112.05307).
 
-The distribution, and so the privacy accounting, is the one Opacus assumes: N(0, (sigma C)^2)
-per coordinate, independent of everything else. Only the source of randomness changes: nothing
-about it can be predicted from torch's seed, the run config or earlier noise.
+The Poisson sampler's draws come from the same kind of stream (:func:`sample_securely`): the
+amplification by subsampling in the accountant assumes nobody knows which users a step used.
+
+The distributions, and so the privacy accounting, are the ones Opacus assumes: N(0, (sigma C)^2)
+per coordinate, each user in each step independently with probability q. Only the source of
+randomness changes: nothing about it can be predicted from torch's seed, the run config or
+earlier draws. (Dropout masks stay torch's: DP-SGD's guarantee holds for any per-user gradient,
+randomised or not, so they need no secrecy.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import types
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 _DRAWS = 4  # as Opacus' secure_mode: sum of 4 draws / 2 has the variance of one draw
 _MANTISSA = (1 << 52) - 1
@@ -78,3 +84,29 @@ def draw_noise_securely(optimizer) -> None:  # noqa: ANN001
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = types.MethodType(add_noise, optimizer)
+
+
+class _SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler (``steps`` batches, each user in with probability
+    ``sample_rate``) drawing its uniforms from :class:`SecureGaussian`'s stream."""
+
+    _source: SecureGaussian
+
+    def __iter__(self):  # noqa: ANN204 - as UniformWithReplacementSampler.__iter__ (opacus 1.6)
+        for _ in range(self.steps):
+            # uniforms in (0, 1] with 52 random bits: P(u < q) = q up to 2^-52
+            yield (self._source.uniform(self.num_samples) < self.sample_rate).nonzero().reshape(-1).tolist()
+
+
+def sample_securely(loader) -> None:  # noqa: ANN001 (opacus DPDataLoader)
+    """Make an Opacus Poisson ``loader`` draw each step's users from a CSPRNG (not torch's
+    Mersenne Twister). Rate, step count and batch semantics stay the sampler's own.
+
+    The sampler's class is swapped in place because a ``DataLoader`` refuses a new
+    ``batch_sampler`` once built.
+    """
+    sampler = loader.batch_sampler
+    if type(sampler) is not UniformWithReplacementSampler:
+        raise TypeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}")
+    sampler.__class__ = _SecurePoissonSampler
+    sampler._source = SecureGaussian()

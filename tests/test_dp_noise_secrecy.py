@@ -16,7 +16,7 @@ from common.config import resolve_config
 from common.models import SASRec
 from common.models.mf import MatrixFactorization, train_mf_local
 from common.privacy import REPRODUCIBLE_NOISE_ENV, dp_noise_seed
-from common.secure_noise import SecureGaussian, draw_noise_securely
+from common.secure_noise import SecureGaussian, _SecurePoissonSampler, draw_noise_securely, sample_securely
 from common.task import new_model, partner_data
 from common.training import DPSettings, train_local
 from tests.test_client_training import NODE, TINY, send
@@ -167,3 +167,60 @@ def test_partners_draw_secure_noise_and_simulations_seeded_noise(small_data, mon
     monkeypatch.setattr(SecureGaussian, "noise_like", lambda self, *a, **k: calls.append(1) or draw(self, *a, **k))
     _train(small_data, kind, noise_seed)
     assert bool(calls) == (noise_seed is None)
+
+
+def _poisson_loader(users: int, rate_steps: int):
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    plain = DataLoader(TensorDataset(torch.arange(users)), batch_size=max(1, users // rate_steps))
+    return DPDataLoader.from_data_loader(plain, generator=torch.Generator().manual_seed(0))
+
+
+def test_secure_poisson_batches_have_opacus_law_and_leave_torch_alone():
+    # Each user in each step independently with probability q = 1/steps, exactly `steps` batches
+    users, steps, epochs = 500, 20, 40
+    loader = _poisson_loader(users, steps)
+    loader.batch_sampler.steps = steps
+    rate = loader.batch_sampler.sample_rate
+    sample_securely(loader)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    taken = np.zeros((epochs * steps, users), dtype=bool)
+    for e in range(epochs):
+        batches = list(loader.batch_sampler)
+        assert len(batches) == steps == len(loader.batch_sampler)
+        for s, batch in enumerate(batches):
+            taken[e * steps + s, batch] = True
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from torch's Mersenne Twister
+    n = taken.size
+    assert abs(taken.mean() - rate) < 6 * math.sqrt(rate * (1 - rate) / n)
+    per_user = taken.sum(axis=0)  # Binomial(800, q): mean 40, variance 38
+    assert abs(per_user.var() - epochs * steps * rate * (1 - rate)) < 0.25 * epochs * steps * rate
+    sizes = taken.sum(axis=1)  # Binomial(500, q)
+    assert abs(sizes.var() - users * rate * (1 - rate)) < 0.3 * users * rate
+    lag = np.corrcoef(taken[:-1].ravel(), taken[1:].ravel())[0, 1]  # successive steps independent
+    assert abs(lag) < 6 / math.sqrt(n)
+
+
+def test_secure_poisson_sampling_refuses_a_sampler_it_does_not_know():
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(TypeError, match="Poisson sampler"):
+        sample_securely(DataLoader(list(range(10)), batch_size=2))
+
+
+@pytest.mark.parametrize("kind", ["fused", "hooks", "mf"])
+@pytest.mark.parametrize("noise_seed", [None, 5])
+def test_partners_draw_secure_batches_and_simulations_seeded_batches(small_data, monkeypatch, kind, noise_seed):
+    batches = []
+    draw = _SecurePoissonSampler.__iter__
+
+    def spy(self):  # noqa: ANN001, ANN202
+        for batch in draw(self):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(_SecurePoissonSampler, "__iter__", spy)
+    _train(small_data, kind, noise_seed)
+    assert bool(batches) == (noise_seed is None)
