@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from logging import ERROR, INFO, WARNING
 
+import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -21,6 +23,16 @@ from server.secure_aggregation import with_secure_aggregation
 from server.strategy_factory import build_strategy, check_strategy_config
 
 
+def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module]:
+    """The agreed catalogue and the initial global model over it, after refusing (one line each)
+    what the strategy cannot run: every check the ServerApp makes before its run directory exists,
+    also run by ``fedrec-server check`` before ``flwr run``."""
+    items = catalogue(cfg)
+    model = new_model(cfg, len(items))
+    check_strategy_config(cfg)
+    return items, model
+
+
 def make_server_app(overrides: dict | None = None) -> ServerApp:
     """A ServerApp whose config is pyproject defaults + run config + ``overrides``."""
     app = ServerApp()
@@ -32,11 +44,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             log(WARNING, "%s change nothing in this run (model = %s, item-features = %s%s)", ", ".join(ignored),
                 cfg["model"], cfg["item-features"], ", published item-text-features" if cfg["item-text-features"] else "")
 
-        # Build the initial global model over the agreed catalogue
-        items = catalogue(cfg)
+        items, model = initial_model(cfg)  # before a run directory exists
         fingerprint = catalogue_fingerprint(items)
-        model = new_model(cfg, len(items))
-        check_strategy_config(cfg)  # before a run directory exists
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir

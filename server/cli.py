@@ -3,6 +3,7 @@
     fedrec-server certs --out certs --host localhost --host 127.0.0.1 --host superlink.example.org
     fedrec-server catalogue --out catalogue.txt --run-config 'dataset="ml-100k"'
     fedrec-server item-text --out item_text.npz --run-config 'dataset="ml-100k"'
+    fedrec-server check --run-config 'dataset="/data/ml-100k" num-server-rounds=20'
 
 Every user mistake is one ``error: ...`` line and exit status 2.
 """
@@ -74,6 +75,39 @@ def _item_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    import os
+
+    from common.cli_args import parse_run_config
+    from common.config import ignored_knobs, resolve_config
+    from common.data.catalogue import catalogue_fingerprint
+    from common.errors import ConfigError
+    from common.privacy import dp_mode
+    from server.app import initial_model
+    from server.checkpoint import fingerprint
+    from server.resume import resumable_checkpoint
+
+    cfg = resolve_config(None, parse_run_config(args.run_config))
+    if ignored := ignored_knobs(cfg):
+        print(f"note: {', '.join(ignored)} change nothing with model = {cfg['model']}, item-features = {cfg['item-features']}")
+    items, model = initial_model(cfg)
+    size = sum(p.numel() for p in model.state_dict().values())
+    print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
+    print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "
+          f"dp-mode {dp_mode(cfg)}, secure aggregation {'on' if cfg['secure-aggregation'] else 'off'}")
+    if cfg["resume"]:
+        run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict()))
+        print(f"resumes {run_dir} after round {ckpt.round} of {cfg['num-server-rounds']}")
+    else:
+        base = Path(str(cfg["run-dir"])).absolute()
+        existing = next(p for p in (base, *base.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"run-dir = {str(cfg['run-dir'])!r}: cannot create a run directory under {existing}")
+        print(f"a new run directory under {base}")
+    print("ok: the ServerApp will start with this run config")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands register their handler as ``func``)."""
     parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--run-config", action="append", default=[],
                       help='data set / catalogue / encoder knobs, e.g. \'dataset="ml-100k"\' \'catalogue="catalogue.txt"\'')
     text.set_defaults(func=_item_text)
+
+    check = sub.add_parser("check", help="check a run config as the ServerApp will, before flwr run (one line per mistake)")
+    check.add_argument("--run-config", action="append", default=[],
+                       help="the same --run-config flwr run gets (relative paths resolve from this folder; "
+                            "give absolute ones, as the SuperLink's folder differs)")
+    check.set_defaults(func=_check)
     return parser
 
 

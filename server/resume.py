@@ -67,6 +67,18 @@ def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
     return run_dir
 
 
+def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple[Path, Checkpoint]:
+    """The run directory and verified checkpoint ``resume = true`` continues from, for a run whose
+    model, catalogue and config have fingerprint ``fp``; one line naming what does not fit.
+    Writes nothing there (``fedrec-server check`` asks it before ``flwr run``)."""
+    run_dir = resumable_run_dir(cfg)
+    ckpt = load_checkpoint(run_dir)
+    check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
+    if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):
+        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: metrics for rounds 1..{ckpt.round} are incomplete")
+    return run_dir, ckpt
+
+
 def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
     """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
     state = model.state_dict()
@@ -75,11 +87,7 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
     if not cfg["resume"]:
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])
         return RunStart(run_dir, ArrayRecord(state), 1, total, fp)
-    run_dir = resumable_run_dir(cfg)
-    ckpt = load_checkpoint(run_dir)
-    check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
-    if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):
-        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: metrics for rounds 1..{ckpt.round} are incomplete")
+    run_dir, ckpt = resumable_checkpoint(cfg, fp)
     _rewrite_metrics(run_dir, ckpt.rounds)
     left = max(total - ckpt.round, 0)
     if left == 0:

@@ -246,3 +246,35 @@ def test_fedadam_global_model_keeps_float32_so_partners_float32_replies_pass_eve
         assert out["w"].numpy().dtype == np.float32
         assert not np.array_equal(out["w"].numpy(), arrays["w"].numpy())
         arrays = out
+
+
+def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tmp_path, capsys):
+    # Under flwr run a ServerApp refusal reaches the coordinator as Flower's traceback (and exit 0):
+    # `fedrec-server check` runs the same checks first, one line each, and creates nothing
+    from common.cli_args import parse_run_config
+    from server.app import initial_model
+    from server.cli import main as server_main
+
+    base = f'run-dir="{tmp_path}" synthetic-users=60 synthetic-items=20 max-seq-len=8 embedding-dim=8 num-blocks=1'
+    assert server_main(["check", "--run-config", base]) == 0
+    out = capsys.readouterr().out
+    assert "20 items" in out and f"a new run directory under {tmp_path}" in out and "ok:" in out
+    assert list(tmp_path.iterdir()) == []
+    # A run to resume: its checkpoint was made with this config
+    cfg = resolve_config(None, parse_run_config(f'{base} run-name="r"'))
+    items, model = initial_model(cfg)
+    state = model.state_dict()
+    (tmp_path / "r").mkdir()
+    save_checkpoint(tmp_path / "r", Checkpoint(round=2, arrays=state, fingerprint=fingerprint(cfg, items, state),
+                                               rounds=[{"round": 1}, {"round": 2}]))
+    assert server_main(["check", "--run-config", f'{base} run-name="r" resume=true']) == 0
+    assert f"resumes {tmp_path / 'r'} after round 2 of 5" in capsys.readouterr().out
+    for extra, says in [(' run-name="r" resume=true', "different arrays"),
+                        (' run-name="ghost" resume=true', "no such run directory to resume"),
+                        (" aggregation='nope'", "aggregation = 'nope' is unknown"),
+                        (' catalogue="/no/such/catalogue.txt"', "no such file")]:
+        dim = " embedding-dim=16" if "different" in says else ""  # another model than the checkpointed one
+        assert server_main(["check", "--run-config", base.replace(" embedding-dim=8", dim or " embedding-dim=8") + extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and not (tmp_path / "r" / "metrics.jsonl").exists()
