@@ -22,13 +22,13 @@ randomised or not, so they need no secrecy.)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 _DRAWS = 4  # as Opacus' secure_mode: sum of 4 draws / 2 has the variance of one draw
 _MANTISSA = (1 << 52) - 1
@@ -86,16 +86,22 @@ def draw_noise_securely(optimizer) -> None:  # noqa: ANN001
     optimizer.add_noise = types.MethodType(add_noise, optimizer)
 
 
-class _SecurePoissonSampler(UniformWithReplacementSampler):
+@functools.cache
+def secure_sampler_class() -> type:
     """Opacus' Poisson batch sampler (``steps`` batches, each user in with probability
-    ``sample_rate``) drawing its uniforms from :class:`SecureGaussian`'s stream."""
+    ``sample_rate``) drawing its uniforms from :class:`SecureGaussian`'s stream. Built on first use:
+    the server imports this module for central DP and never needs Opacus."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    _source: SecureGaussian
+    class SecurePoissonSampler(UniformWithReplacementSampler):
+        _source: SecureGaussian
 
-    def __iter__(self):  # noqa: ANN204 - as UniformWithReplacementSampler.__iter__ (opacus 1.6)
-        for _ in range(self.steps):
-            # uniforms in (0, 1] with 52 random bits: P(u < q) = q up to 2^-52
-            yield (self._source.uniform(self.num_samples) < self.sample_rate).nonzero().reshape(-1).tolist()
+        def __iter__(self):  # noqa: ANN204 - as UniformWithReplacementSampler.__iter__ (opacus 1.6)
+            for _ in range(self.steps):
+                # uniforms in (0, 1] with 52 random bits: P(u < q) = q up to 2^-52
+                yield (self._source.uniform(self.num_samples) < self.sample_rate).nonzero().reshape(-1).tolist()
+
+    return SecurePoissonSampler
 
 
 def sample_securely(loader) -> None:  # noqa: ANN001 (opacus DPDataLoader)
@@ -106,7 +112,8 @@ def sample_securely(loader) -> None:  # noqa: ANN001 (opacus DPDataLoader)
     ``batch_sampler`` once built.
     """
     sampler = loader.batch_sampler
-    if type(sampler) is not UniformWithReplacementSampler:
+    secure = secure_sampler_class()
+    if type(sampler) is not secure.__base__:
         raise TypeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}")
-    sampler.__class__ = _SecurePoissonSampler
+    sampler.__class__ = secure
     sampler._source = SecureGaussian()

@@ -6,15 +6,18 @@ aggregate the others. central/both: Flower's ``DifferentialPrivacy{Server,Client
 (clip each partner's update to ``central-clipping-norm``, add Gaussian noise with std
 ``central-noise-multiplier * clipping-norm / partners`` to the mean) with Flower's RDP accountant
 when the inner strategy is plain FedAvg; refusals are screened out first, since Flower's
-wrapper would otherwise skip the whole round on any error reply.
+wrapper would otherwise skip the whole round on any error reply. The noise itself comes from a
+CSPRNG (common/secure_noise.py), not numpy's global Mersenne Twister as in Flower's wrappers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -23,11 +26,13 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
+from flwr.common.logger import log
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.privacy import default_delta, dp_mode, uses_central_dp
+from common.secure_noise import SecureGaussian
 from server.privacy_report import PrivacyReport
 
 # Central DP's sensitivity argument needs the plain mean of clipped updates, so the inner
@@ -47,6 +52,20 @@ class PrivacyReportingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's Gaussian mechanism on the mean, N(0, std^2) per weight with std = multiplier x
+        clip / partners averaged, but drawn from :class:`SecureGaussian` (a ChaCha20 stream keyed
+        from the OS, four draws per value against floating-point attacks). Flower draws it from
+        numpy's global Mersenne Twister: no secret key, and open to those attacks on the released model."""
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        source = SecureGaussian()
+        noised = {}
+        for key, array in aggregated_arrays.items():
+            values = torch.from_numpy(np.array(array.numpy()))
+            noised[key] = Array((values + source.noise_like(values, std)).numpy())
+        log(INFO, "aggregate_train: central DP noise with %.4f stdev added (CSPRNG)", std)
+        return ArrayRecord(noised)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -113,6 +132,20 @@ class _CentralDP:
                             noise_multiplier=float(earlier.get("noise-multiplier", self.noise_multiplier)),
                             sample_size=min(int(earlier["partners"]), population), population_size=population))
         return super()._prepare_accounting(server_round, messages)  # type: ignore[misc]
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's Gaussian mechanism on the mean, N(0, std^2) per weight with std = multiplier x
+        clip / partners averaged, but drawn from :class:`SecureGaussian` (a ChaCha20 stream keyed
+        from the OS, four draws per value against floating-point attacks). Flower draws it from
+        numpy's global Mersenne Twister: no secret key, and open to those attacks on the released model."""
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        source = SecureGaussian()
+        noised = {}
+        for key, array in aggregated_arrays.items():
+            values = torch.from_numpy(np.array(array.numpy()))
+            noised[key] = Array((values + source.noise_like(values, std)).numpy())
+        log(INFO, "aggregate_train: central DP noise with %.4f stdev added (CSPRNG)", std)
+        return ArrayRecord(noised)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -81,7 +81,7 @@ def test_aggregate_noise_has_the_configured_std(tmp_path, side):
     direction = rng.normal(size=DIM).astype(np.float32)
     update = 5.0 * direction / np.linalg.norm(direction)
     sent = update if side == "server" else update * clip / np.linalg.norm(update)
-    np.random.seed(0)  # Flower draws the noise from numpy's global generator
+    numpy_before = np.random.get_state()[1].copy()  # Flower's own wrappers draw from numpy's global MT
 
     # Execute: three rounds
     residuals = []
@@ -95,6 +95,10 @@ def test_aggregate_noise_has_the_configured_std(tmp_path, side):
     se = expected / math.sqrt(2 * noise.size)
     assert abs(noise.std() - expected) < 5 * se, (noise.std(), expected)
     assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
+    # ... drawn from the CSPRNG (server/central_dp.py), not numpy's global Mersenne Twister
+    np.testing.assert_array_equal(np.random.get_state()[1], numpy_before)
+    kurtosis = ((noise - noise.mean()) ** 4).mean() / noise.var() ** 2
+    assert abs(kurtosis - 3.0) < 0.1  # Gaussian tails (3 rounds x 20,000 draws: SE ~0.02)
 
 
 def test_refused_partners_are_skipped_and_noise_follows_the_partners_averaged(tmp_path):

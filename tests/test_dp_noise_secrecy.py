@@ -16,7 +16,7 @@ from common.config import resolve_config
 from common.models import SASRec
 from common.models.mf import MatrixFactorization, train_mf_local
 from common.privacy import REPRODUCIBLE_NOISE_ENV, dp_noise_seed
-from common.secure_noise import SecureGaussian, _SecurePoissonSampler, draw_noise_securely, sample_securely
+from common.secure_noise import SecureGaussian, draw_noise_securely, sample_securely, secure_sampler_class
 from common.task import new_model, partner_data
 from common.training import DPSettings, train_local
 from tests.test_client_training import NODE, TINY, send
@@ -214,13 +214,13 @@ def test_secure_poisson_sampling_refuses_a_sampler_it_does_not_know():
 @pytest.mark.parametrize("noise_seed", [None, 5])
 def test_partners_draw_secure_batches_and_simulations_seeded_batches(small_data, monkeypatch, kind, noise_seed):
     batches = []
-    draw = _SecurePoissonSampler.__iter__
+    draw = secure_sampler_class().__iter__
 
     def spy(self):  # noqa: ANN001, ANN202
         for batch in draw(self):
             batches.append(batch)
             yield batch
 
-    monkeypatch.setattr(_SecurePoissonSampler, "__iter__", spy)
+    monkeypatch.setattr(secure_sampler_class(), "__iter__", spy)
     _train(small_data, kind, noise_seed)
     assert bool(batches) == (noise_seed is None)
