@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.central_clipping import central_dp_clipping_mod
+from client.partner_policy import apply_partner_policy, check_node_config
 from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
@@ -29,13 +30,16 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
         try:
-            return _train(msg, context, resolve_config(context.run_config, overrides))
+            # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
+            return _train(msg, context, apply_partner_policy(resolve_config(context.run_config, overrides),
+                                                             context.node_config))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             return error_reply(msg, exc)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         try:
+            check_node_config(context.node_config)
             return _evaluate(msg, context, resolve_config(context.run_config, overrides))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             return error_reply(msg, exc)

@@ -17,6 +17,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
+from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
@@ -73,7 +74,7 @@ class PartnerBudget:
         label = partner_label(context.node_config, data)
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
-        delta = float(cfg["target-delta"]) or default_delta(users)
+        delta = partner_delta(float(cfg["target-delta"]) or default_delta(users), context.node_config)
         try:
             rate, steps = steps_per_epoch(users, batch)
         except PrivacyError as exc:

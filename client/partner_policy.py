@@ -1,0 +1,90 @@
+"""A partner's own privacy floor: node config keys that no run config can lower.
+
+The coordinator writes the run config, and with it ``dp-mode``, ``target-epsilon`` and
+``target-delta``. Without a floor of its own, a partner would train without DP-SGD, or spend any
+epsilon, because a coordinator (curious, careless, or with a typo) asked for it. A partner sets
+its floor on its own SuperNode, e.g.
+``flower-supernode ... --node-config 'data-path="..." max-epsilon=4.0 max-delta=1e-6'``:
+
+- ``max-epsilon``: this partner trains only with local DP-SGD (a run with ``dp-mode`` ``off`` or
+  ``central`` gets it anyway: ``local`` or ``both`` for this partner, at ``max-epsilon``), and its
+  whole-ledger epsilon stays within min(the run's ``target-epsilon``, ``max-epsilon``);
+- ``max-delta``: its delta is min(the run's, ``max-delta``).
+
+The effective targets are what the ledger calibrates for and what each reply reports
+(``target-epsilon``, ``delta``), so the coordinator sees every partner's actual guarantee.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import ConfigError, PrivacyError
+from common.privacy import ONE_USER_MANY_EXAMPLES, dp_mode, uses_central_dp, uses_local_dp
+
+LOG = logging.getLogger("fedrec.client")
+# Every node config key this app reads (Flower's simulation sets the partition ones)
+NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "max-delta",
+                    "partition-id", "num-partitions")
+
+
+def check_node_config(node_config: Mapping[str, Any]) -> None:
+    """Refuse a key one typo away from one this app reads (``max-epsilion``): ignoring it would
+    drop the partner's privacy floor or data path in silence. Other keys may be another app's."""
+    for key in node_config:
+        if key not in NODE_CONFIG_KEYS and (near := difflib.get_close_matches(key, NODE_CONFIG_KEYS, n=1, cutoff=0.8)):
+            raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
+
+
+def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None:
+    if key not in node_config:
+        return None
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < upper:
+        raise ConfigError(f"node config {key} = {node_config[key]!r} must be a number in (0, {upper:g})")
+    return value
+
+
+def max_epsilon(node_config: Mapping[str, Any]) -> float | None:
+    """The partner's ``max-epsilon`` (None: the run's target applies)."""
+    return _cap(node_config, "max-epsilon", math.inf)
+
+
+def partner_delta(delta: float, node_config: Mapping[str, Any]) -> float:
+    """The delta this partner trains at: the run's (already resolved), or its ``max-delta`` if smaller."""
+    cap = _cap(node_config, "max-delta", 1.0)
+    return delta if cap is None else min(delta, cap)
+
+
+def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` as this partner will train it: local DP-SGD forced on and the epsilon target capped
+    by node config ``max-epsilon`` (unchanged without it). ``max-delta`` is checked here and applied
+    where the delta is resolved (:func:`partner_delta`)."""
+    check_node_config(node_config)
+    partner_delta(0.5, node_config)  # a malformed max-delta is refused before any training
+    cap = max_epsilon(node_config)
+    out = dict(cfg)
+    if cap is None:
+        return out
+    mode = dp_mode(cfg)
+    if not uses_local_dp(mode):
+        out.update({"dp": True, "dp-mode": "both" if uses_central_dp(mode) else "local", "target-epsilon": cap})
+        if many := [k for k in ONE_USER_MANY_EXAMPLES if cfg.get(k)]:
+            # no parentheses: the sanitiser (client/safe_errors.py) drops them from the server's copy
+            raise PrivacyError(f"this partner's node config max-epsilon = {cap:g} allows only local DP-SGD, and the "
+                               f"run sets {many[0]} = true, which makes one user several examples; DP-SGD needs "
+                               "one example per user, so the coordinator must turn it off")
+        LOG.warning("the run asks for dp-mode = %s; node config max-epsilon = %g: training with local DP-SGD "
+                    "(dp-mode %s for this partner) at epsilon <= %g", mode, cap, out["dp-mode"], cap)
+    elif float(cfg["target-epsilon"]) > cap:
+        out["target-epsilon"] = cap
+        LOG.warning("the run asks for target-epsilon = %g; node config max-epsilon = %g applies",
+                    float(cfg["target-epsilon"]), cap)
+    return out

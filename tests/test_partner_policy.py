@@ -1,0 +1,76 @@
+"""A partner's own privacy floor (client/partner_policy.py): node config max-epsilon / max-delta
+hold whatever the coordinator's run config asks for."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ArrayRecord, Context, RecordDict
+
+from client.app import make_client_app
+from client.partner_policy import apply_partner_policy, partner_delta
+from common.config import resolve_config
+from common.errors import ConfigError, PrivacyError
+from common.task import new_model, partner_data
+from tests.conftest import flower_message
+from tests.test_client_training import NODE, TINY
+
+
+def _train_once(tmp_path, run: dict, node: dict):
+    overrides = {**TINY, "run-dir": str(tmp_path), **run}
+    cfg = resolve_config(None, overrides)
+    context = Context(run_id=1, node_id=1, node_config={**NODE, **node}, state=RecordDict(), run_config={})
+    arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+    from flwr.app import ConfigRecord
+
+    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "train")
+    return make_client_app(overrides)(msg, context)
+
+
+@pytest.mark.parametrize("run", [{"dp": False}, {"dp-mode": "off"}, {"dp-mode": "central"}, {"target-epsilon": 50.0}])
+def test_a_run_cannot_switch_off_or_loosen_a_partners_dp(tmp_path, run):
+    # The coordinator asks for no local DP, or epsilon 50; the partner's node config says at most 2
+    reply = _train_once(tmp_path, run, {"max-epsilon": 2.0})
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["target-epsilon"] == 2.0 and 0 < metrics["epsilon"] <= 2.0 + 1e-9
+    assert metrics["noise-multiplier"] > 0
+    assert reply.content["privacy"]["dp-mode"] == ("both" if run.get("dp-mode") == "central" else "local")
+    # Without the floor the same run config is obeyed (so the check above can fail)
+    plain = _train_once(tmp_path / "plain", run, {})
+    assert plain.content["metrics"]["target-epsilon"] == (50.0 if "target-epsilon" in run else 0.0)
+
+
+def test_a_stricter_run_target_stays_and_max_delta_lowers_delta(tmp_path):
+    reply = _train_once(tmp_path, {"target-epsilon": 1.0, "target-delta": 1e-5}, {"max-epsilon": 4.0, "max-delta": 1e-7})
+    metrics = reply.content["metrics"]
+    assert metrics["target-epsilon"] == 1.0 and metrics["delta"] == pytest.approx(1e-7)
+
+
+def test_forced_dp_refuses_several_examples_per_user_in_one_line(tmp_path):
+    reply = _train_once(tmp_path, {"dp": False, "history-windows": True}, {"max-epsilon": 2.0})
+    assert reply.has_error() and "history-windows" in reply.error.reason and "max-epsilon" in reply.error.reason
+
+
+@pytest.mark.parametrize("node", [{"max-epsilon": "lots"}, {"max-epsilon": 0.0}, {"max-epsilon": -1.0},
+                                  {"max-delta": 1.0}, {"max-delta": "nan"}])
+def test_malformed_caps_are_one_config_error(node):
+    with pytest.raises(ConfigError, match="node config max-"):
+        apply_partner_policy(resolve_config(None, {}), node)
+
+
+def test_policy_unit_rules():
+    cfg = resolve_config(None, {"target-epsilon": 8.0})
+    assert apply_partner_policy(cfg, {}) == cfg
+    assert apply_partner_policy(cfg, {"max-epsilon": 3.0})["target-epsilon"] == 3.0
+    assert partner_delta(1e-5, {}) == 1e-5 and partner_delta(1e-5, {"max-delta": 1e-6}) == 1e-6
+    assert partner_delta(1e-7, {"max-delta": 1e-6}) == 1e-7
+    with pytest.raises(PrivacyError, match="reverse-histories"):
+        apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {"max-epsilon": 1.0})
+
+
+@pytest.mark.parametrize("typo", ["max-epsilion", "max_epsilon", "data_path", "ledger-pth"])
+def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
+    # Ignoring "max-epsilion = 1" would train at the run's epsilon 8 in silence
+    reply = _train_once(tmp_path, {}, {typo: "1"})
+    assert reply.has_error() and "did you mean" in reply.error.reason
+    assert _train_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
