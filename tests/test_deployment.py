@@ -54,7 +54,8 @@ def federation(tmp_path_factory):
             private, public = fed.partner_keys(f"partner-{i + 1}")
             ledger = root / f"ledger-{i + 1}.sqlite"  # the partner's own privacy ledger (README's node config)
             node_id = fed.register(public)
-            nodes[node_id] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger})
+            floor = {"max-epsilon": 4.0} if i == 0 else {}  # partner 1's own privacy floor (README)
+            nodes[node_id] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger}, **floor)
         # A fourth registered partner, to be killed mid-round (SIGKILL: no goodbye to the SuperLink)
         private, public = fed.partner_keys("victim")
         fed.register(public)
@@ -79,6 +80,12 @@ def _ledger_rounds(path) -> int:
     """Rounds with DP-SGD spend recorded in a partner's ledger file."""
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches").fetchone()[0])
+
+
+def _ledger_target(path) -> float:
+    """The target epsilon a partner's ledger calibrated its one run for."""
+    with sqlite3.connect(path) as conn:
+        return float(conn.execute("SELECT target_epsilon FROM calibrations").fetchone()[0])
 
 
 def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(federation):
@@ -129,6 +136,8 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
     for i, proc in enumerate(env.nodes.values()):
         assert proc.output().count("Receiving: train message") == 2 * SECAGG_TRAIN_MESSAGES
         assert _ledger_rounds(env.root / f"ledger-{i + 1}.sqlite") == 2
+    # Partner 1's node config max-epsilon = 4 held against the run's target-epsilon = 8
+    assert [_ledger_target(env.root / f"ledger-{i}.sqlite") for i in (1, 2, 3)] == [4.0, 8.0, 8.0]
 
 
 def test_superlink_restart_keeps_registered_nodes(federation):
