@@ -11,6 +11,10 @@ its floor on its own SuperNode, e.g.
   whole-ledger epsilon stays within min(the run's ``target-epsilon``, ``max-epsilon``);
 - ``max-delta``: its delta is min(the run's, ``max-delta``).
 
+``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
+simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
+and a new run could start from zero spend.
+
 The effective targets are what the ledger calibrates for and what each reply reports
 (``target-epsilon``, ``delta``), so the coordinator sees every partner's actual guarantee.
 """
@@ -73,6 +77,11 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
     out = dict(cfg)
     if cap is None:
         return out
+    if "ledger-path" not in node_config and "partition-id" not in node_config:
+        # The ledger would live where the run config says (run-dir, ledger-dir): the coordinator's
+        # choice, so every new run could start from zero spend
+        raise ConfigError(f"node config max-epsilon = {cap:g} caps this partner's privacy ledger, so it needs "
+                          "node config ledger-path = the one ledger file every run uses")
     mode = dp_mode(cfg)
     if not uses_local_dp(mode):
         out.update({"dp": True, "dp-mode": "both" if uses_central_dp(mode) else "local", "target-epsilon": cap})

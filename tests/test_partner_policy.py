@@ -74,3 +74,12 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
     reply = _train_once(tmp_path, {}, {typo: "1"})
     assert reply.has_error() and "did you mean" in reply.error.reason
     assert _train_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
+
+
+def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
+    # Without ledger-path the ledger lives under the coordinator's run-dir / ledger-dir: each run anew
+    cfg = resolve_config(None, {})
+    with pytest.raises(ConfigError, match="ledger-path"):
+        apply_partner_policy(cfg, {"data-path": "log.csv", "max-epsilon": 2.0})
+    assert apply_partner_policy(cfg, {"data-path": "log.csv", "ledger-path": str(tmp_path / "l.sqlite"),
+                                      "max-epsilon": 2.0})["target-epsilon"] == 2.0
