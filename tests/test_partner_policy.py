@@ -61,11 +61,11 @@ def test_malformed_caps_are_one_config_error(node):
 def test_policy_unit_rules():
     cfg = resolve_config(None, {"target-epsilon": 8.0})
     assert apply_partner_policy(cfg, {}) == cfg
-    assert apply_partner_policy(cfg, {"max-epsilon": 3.0})["target-epsilon"] == 3.0
+    assert apply_partner_policy(cfg, {**NODE, "max-epsilon": 3.0})["target-epsilon"] == 3.0
     assert partner_delta(1e-5, {}) == 1e-5 and partner_delta(1e-5, {"max-delta": 1e-6}) == 1e-6
     assert partner_delta(1e-7, {"max-delta": 1e-6}) == 1e-7
     with pytest.raises(PrivacyError, match="reverse-histories"):
-        apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {"max-epsilon": 1.0})
+        apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {**NODE, "max-epsilon": 1.0})
 
 
 @pytest.mark.parametrize("typo", ["max-epsilion", "max_epsilon", "data_path", "ledger-pth"])
