@@ -9,7 +9,8 @@ its floor on its own SuperNode, e.g.
 - ``max-epsilon``: this partner trains only with local DP-SGD (a run with ``dp-mode`` ``off`` or
   ``central`` gets it anyway: ``local`` or ``both`` for this partner, at ``max-epsilon``), and its
   whole-ledger epsilon stays within min(the run's ``target-epsilon``, ``max-epsilon``);
-- ``max-delta``: its delta is min(the run's, ``max-delta``).
+- ``max-delta``: its delta is min(the run's, ``max-delta``); with ``max-epsilon`` alone, min(the
+  run's, ``default_delta(users)``). (``max-delta`` alone caps delta but does not force DP-SGD on.)
 
 ``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
 simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
@@ -28,7 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
-from common.privacy import ONE_USER_MANY_EXAMPLES, dp_mode, uses_central_dp, uses_local_dp
+from common.config_checks import check_values
+from common.privacy import ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, uses_central_dp, uses_local_dp
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
@@ -37,22 +39,25 @@ NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "
 
 
 def check_node_config(node_config: Mapping[str, Any]) -> None:
-    """Refuse a key one typo away from one this app reads (``max-epsilion``): ignoring it would
-    drop the partner's privacy floor or data path in silence. Other keys may be another app's."""
+    """Refuse a key one typo away from one this app reads (``max-epsilion``), whose value would be
+    ignored in silence, and a malformed cap. Other unknown keys may be another app's."""
     for key in node_config:
         if key not in NODE_CONFIG_KEYS and (near := difflib.get_close_matches(key, NODE_CONFIG_KEYS, n=1, cutoff=0.8)):
             raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
+    max_epsilon(node_config)
+    _cap(node_config, "max-delta", 1.0)
 
 
 def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None:
     if key not in node_config:
         return None
+    raw = node_config[key]
     try:
-        value = float(node_config[key])
+        value = math.nan if isinstance(raw, bool) else float(raw)  # float(True) would be a cap of 1
     except (TypeError, ValueError):
         value = math.nan
     if not 0 < value < upper:
-        raise ConfigError(f"node config {key} = {node_config[key]!r} must be a number in (0, {upper:g})")
+        raise ConfigError(f"node config {key} = {raw!r} must be a number in (0, {upper:g})")
     return value
 
 
@@ -61,10 +66,21 @@ def max_epsilon(node_config: Mapping[str, Any]) -> float | None:
     return _cap(node_config, "max-epsilon", math.inf)
 
 
-def partner_delta(delta: float, node_config: Mapping[str, Any]) -> float:
-    """The delta this partner trains at: the run's (already resolved), or its ``max-delta`` if smaller."""
+def partner_delta(delta: float, node_config: Mapping[str, Any], users: int) -> float:
+    """The delta this partner trains at: the run's (already resolved), or less. ``max-delta`` caps
+    it; with ``max-epsilon`` and no ``max-delta`` the cap is ``default_delta(users)`` (at most 1e-5
+    and 0.1 / users), else a run asking for delta 0.5 would calibrate almost no noise and account
+    the partner's whole ledger at that delta, giving back spent budget. Without either it is
+    refused only when meaningless (at least 1 / users: the guarantee allows leaking one user)."""
     cap = _cap(node_config, "max-delta", 1.0)
-    return delta if cap is None else min(delta, cap)
+    if cap is None and max_epsilon(node_config) is not None:
+        cap = default_delta(users)
+    if cap is not None:
+        return min(delta, cap)
+    if delta >= 1.0 / max(users, 1):
+        raise PrivacyError(f"target-delta = {delta:g} is at least 1 / {users} users: such a guarantee allows "
+                           "releasing one user's data outright; use target-delta = 0 for the default")
+    return delta
 
 
 def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,12 +88,11 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
     by node config ``max-epsilon`` (unchanged without it). ``max-delta`` is checked here and applied
     where the delta is resolved (:func:`partner_delta`)."""
     check_node_config(node_config)
-    partner_delta(0.5, node_config)  # a malformed max-delta is refused before any training
     cap = max_epsilon(node_config)
     out = dict(cfg)
     if cap is None:
         return out
-    if "ledger-path" not in node_config and "partition-id" not in node_config:
+    if not str(node_config.get("ledger-path", "")).strip() and "partition-id" not in node_config:
         # The ledger would live where the run config says (run-dir, ledger-dir): the coordinator's
         # choice, so every new run could start from zero spend
         raise ConfigError(f"node config max-epsilon = {cap:g} caps this partner's privacy ledger, so it needs "
@@ -96,4 +111,5 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
         out["target-epsilon"] = cap
         LOG.warning("the run asks for target-epsilon = %g; node config max-epsilon = %g applies",
                     float(cfg["target-epsilon"]), cap)
+    check_values(out)  # the run was checked without DP-SGD: e.g. ghost clipping cannot clip a tied output
     return out

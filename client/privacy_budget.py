@@ -74,7 +74,7 @@ class PartnerBudget:
         label = partner_label(context.node_config, data)
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
-        delta = partner_delta(float(cfg["target-delta"]) or default_delta(users), context.node_config)
+        delta = partner_delta(float(cfg["target-delta"]) or default_delta(users), context.node_config, users)
         try:
             rate, steps = steps_per_epoch(users, batch)
         except PrivacyError as exc:

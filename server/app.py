@@ -60,7 +60,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             cfg, first_round=start.first_round,
             train_metrics_aggr_fn=recorder.aggregate_train_metrics,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate_metrics,
-            wrap_aggregation=lambda inner: with_privacy(inner, cfg, privacy),
+            wrap_aggregation=lambda inner: with_privacy(inner, cfg, privacy,  # buffers: public, never trained
+                                                        public=[name for name, _ in model.named_buffers()]),
             tied=tied_key_groups(model),  # one table again after per-copy noise (server/rounds.py: retie)
             on_unaggregated=privacy.note_unaggregated,  # a rejected update was still released
         )

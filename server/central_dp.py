@@ -12,7 +12,7 @@ CSPRNG (common/secure_noise.py), not numpy's global Mersenne Twister as in Flowe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from logging import INFO
 from typing import Any
 
@@ -53,20 +53,6 @@ class PrivacyReportingStrategy(Strategy):
     ) -> Iterable[Message]:
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        """Flower's Gaussian mechanism on the mean, N(0, std^2) per weight with std = multiplier x
-        clip / partners averaged, but drawn from :class:`SecureGaussian` (a ChaCha20 stream keyed
-        from the OS, four draws per value against floating-point attacks). Flower draws it from
-        numpy's global Mersenne Twister: no secret key, and open to those attacks on the released model."""
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
-        source = SecureGaussian()
-        noised = {}
-        for key, array in aggregated_arrays.items():
-            values = torch.from_numpy(np.array(array.numpy()))
-            noised[key] = Array((values + source.noise_like(values, std)).numpy())
-        log(INFO, "aggregate_train: central DP noise with %.4f stdev added (CSPRNG)", std)
-        return ArrayRecord(noised)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -98,8 +84,10 @@ class _CentralDP:
     clipping_norm: float
     strategy: Strategy
 
-    def _setup(self, report: PrivacyReport, *, account: bool, delta: float, side: str) -> None:
+    def _setup(self, report: PrivacyReport, *, account: bool, delta: float, side: str,
+               public: Collection[str] = ()) -> None:
         self.report = report
+        self._public = frozenset(public)
         self._account = account
         self._delta = delta
         self._side = side
@@ -142,6 +130,9 @@ class _CentralDP:
         source = SecureGaussian()
         noised = {}
         for key, array in aggregated_arrays.items():
+            if key in self._public:  # no partner trains it, so it adds nothing to any update's norm
+                noised[key] = array
+                continue
             values = torch.from_numpy(np.array(array.numpy()))
             noised[key] = Array((values + source.noise_like(values, std)).numpy())
         log(INFO, "aggregate_train: central DP noise with %.4f stdev added (CSPRNG)", std)
@@ -218,8 +209,11 @@ class CentralDPClientClipping(_CentralDP, DifferentialPrivacyClientSideFixedClip
     """Flower's client-side fixed clipping (partners run ``fixedclipping_mod``) + Gaussian noise."""
 
 
-def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport) -> Strategy:
-    """Wrap ``strategy`` for the run's ``dp-mode`` (see the module docstring)."""
+def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport,
+                 public: Collection[str] = ()) -> Strategy:
+    """Wrap ``strategy`` for the run's ``dp-mode`` (see the module docstring). ``public``: arrays
+    central DP leaves un-noised, the model's buffers (public metadata such as the genre table or
+    frozen item-text features, which no partner trains; noise would pile up on them round after round)."""
     mode = dp_mode(cfg)
     if not uses_central_dp(mode):
         return PrivacyReportingStrategy(strategy, report)
@@ -230,5 +224,5 @@ def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport)
     delta = float(cfg["target-delta"]) or default_delta(max(int(cfg["min-nodes"]), 1))
     cls = CentralDPServerClipping if side == "server" else CentralDPClientClipping
     wrapped = cls(strategy, noise, clip, max(int(cfg["min-nodes"]), 1))
-    wrapped._setup(report, account=account, delta=delta, side=side)
+    wrapped._setup(report, account=account, delta=delta, side=side, public=public)
     return wrapped

@@ -63,7 +63,6 @@ def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
         raise CheckpointError(f"{run_dir}: no such run directory to resume")
     if not (run_dir / CHECKPOINT_NAME).is_file():
         load_checkpoint(run_dir)  # its one-line refusal
-    ensure_private(run_dir)  # 0700, also for a run directory made before new_run_dir did that
     return run_dir
 
 
@@ -88,6 +87,7 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])
         return RunStart(run_dir, ArrayRecord(state), 1, total, fp)
     run_dir, ckpt = resumable_checkpoint(cfg, fp)
+    ensure_private(run_dir)  # 0700, also for a run directory made before new_run_dir did that
     _rewrite_metrics(run_dir, ckpt.rounds)
     left = max(total - ckpt.round, 0)
     if left == 0:

@@ -341,3 +341,26 @@ def test_resume_with_privacy_json_lost_continues_from_the_checkpoint_copy(tmp_pa
     # a file that is ahead of (or equal to) the checkpoint is kept as it is
     report.adopt_checkpoint_copy(checkpoint_copy)
     assert len(report.central_rounds) == 4
+
+
+def test_central_noise_leaves_the_models_public_buffers_alone(tmp_path):
+    # A genre table (or frozen item-text table) is a buffer no partner trains: noising it each round
+    # added nothing to the guarantee and piled up noise on public metadata
+    cfg = resolve_config(None, {"min-nodes": 2, "dp-mode": "central", "central-noise-multiplier": 1.0,
+                                "central-clipping": "client"})
+    strategy = with_privacy(FedAvg(min_train_nodes=2, min_available_nodes=2), cfg, PrivacyReport(tmp_path, cfg),
+                            public=["genres"])
+    genres = np.eye(4, dtype=np.float32)
+    arrays = ArrayRecord({"w": Array(np.zeros(1000, np.float32)), "genres": Array(genres)})
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid(2)))
+    replies = []
+    for msg in msgs:
+        content = RecordDict({
+            "arrays": ArrayRecord({"w": Array(np.zeros(1000, np.float32)), "genres": Array(genres)}),
+            "metrics": MetricRecord({"num-examples": 10, "epsilon": 0.0, "delta": 0.0}),
+            "privacy": ConfigRecord({"partner": f"partner-{msg.metadata.dst_node_id}"}),
+        })
+        replies.append(Message(content, reply_to=msg))
+    out, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(out["genres"].numpy(), genres)
+    assert abs(out["w"].numpy().std() - 1.0 * 1.0 / 2) < 0.05  # the trained weights are noised as before

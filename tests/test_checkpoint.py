@@ -264,11 +264,13 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     cfg = resolve_config(None, parse_run_config(f'{base} run-name="r"'))
     items, model = initial_model(cfg)
     state = model.state_dict()
-    (tmp_path / "r").mkdir()
+    (tmp_path / "r").mkdir(mode=0o755)
+    os.chmod(tmp_path / "r", 0o755)
     save_checkpoint(tmp_path / "r", Checkpoint(round=2, arrays=state, fingerprint=fingerprint(cfg, items, state),
                                                rounds=[{"round": 1}, {"round": 2}]))
     assert server_main(["check", "--run-config", f'{base} run-name="r" resume=true']) == 0
     assert f"resumes {tmp_path / 'r'} after round 2 of 5" in capsys.readouterr().out
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755  # check changes nothing, not even the mode
     for extra, says in [(' run-name="r" resume=true', "different arrays"),
                         (' run-name="ghost" resume=true', "no such run directory to resume"),
                         (" aggregation='nope'", "aggregation = 'nope' is unknown"),

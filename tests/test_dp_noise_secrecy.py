@@ -183,7 +183,9 @@ def test_secure_poisson_batches_have_opacus_law_and_leave_torch_alone():
     loader = _poisson_loader(users, steps)
     loader.batch_sampler.steps = steps
     rate = loader.batch_sampler.sample_rate
+    opacus_stream = loader.batch_sampler.generator.get_state()  # what Opacus' own sampler draws from
     sample_securely(loader)
+    assert type(loader.batch_sampler) is secure_sampler_class()
     torch.manual_seed(0)
     before = torch.get_rng_state()
     taken = np.zeros((epochs * steps, users), dtype=bool)
@@ -192,7 +194,8 @@ def test_secure_poisson_batches_have_opacus_law_and_leave_torch_alone():
         assert len(batches) == steps == len(loader.batch_sampler)
         for s, batch in enumerate(batches):
             taken[e * steps + s, batch] = True
-    assert torch.equal(torch.get_rng_state(), before)  # no draw from torch's Mersenne Twister
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from torch's Mersenne Twisters
+    assert torch.equal(loader.batch_sampler.generator.get_state(), opacus_stream)
     n = taken.size
     assert abs(taken.mean() - rate) < 6 * math.sqrt(rate * (1 - rate) / n)
     per_user = taken.sum(axis=0)  # Binomial(800, q): mean 40, variance 38

@@ -52,7 +52,7 @@ def test_forced_dp_refuses_several_examples_per_user_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("node", [{"max-epsilon": "lots"}, {"max-epsilon": 0.0}, {"max-epsilon": -1.0},
-                                  {"max-delta": 1.0}, {"max-delta": "nan"}])
+                                  {"max-epsilon": True}, {"max-delta": 1.0}, {"max-delta": "nan"}])
 def test_malformed_caps_are_one_config_error(node):
     with pytest.raises(ConfigError, match="node config max-"):
         apply_partner_policy(resolve_config(None, {}), node)
@@ -62,8 +62,13 @@ def test_policy_unit_rules():
     cfg = resolve_config(None, {"target-epsilon": 8.0})
     assert apply_partner_policy(cfg, {}) == cfg
     assert apply_partner_policy(cfg, {**NODE, "max-epsilon": 3.0})["target-epsilon"] == 3.0
-    assert partner_delta(1e-5, {}) == 1e-5 and partner_delta(1e-5, {"max-delta": 1e-6}) == 1e-6
-    assert partner_delta(1e-7, {"max-delta": 1e-6}) == 1e-7
+    assert partner_delta(1e-5, {}, 100) == 1e-5 and partner_delta(1e-5, {"max-delta": 1e-6}, 100) == 1e-6
+    assert partner_delta(1e-7, {"max-delta": 1e-6}, 100) == 1e-7
+    # max-epsilon alone: delta at most the default for the partner's users (min(1e-5, 0.1 / users))
+    assert partner_delta(0.5, {"max-epsilon": 4.0}, 100) == 1e-5
+    assert partner_delta(0.5, {"max-epsilon": 4.0}, 1_000_000) == pytest.approx(1e-7)
+    with pytest.raises(PrivacyError, match="at least 1 / 100 users"):
+        partner_delta(0.01, {}, 100)  # no floor: only a meaningless delta is refused
     with pytest.raises(PrivacyError, match="reverse-histories"):
         apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {**NODE, "max-epsilon": 1.0})
 
@@ -79,7 +84,28 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
 def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
     # Without ledger-path the ledger lives under the coordinator's run-dir / ledger-dir: each run anew
     cfg = resolve_config(None, {})
-    with pytest.raises(ConfigError, match="ledger-path"):
-        apply_partner_policy(cfg, {"data-path": "log.csv", "max-epsilon": 2.0})
+    for node in ({}, {"ledger-path": ""}, {"ledger-path": "  "}):
+        with pytest.raises(ConfigError, match="ledger-path"):
+            apply_partner_policy(cfg, {"data-path": "log.csv", "max-epsilon": 2.0, **node})
     assert apply_partner_policy(cfg, {"data-path": "log.csv", "ledger-path": str(tmp_path / "l.sqlite"),
                                       "max-epsilon": 2.0})["target-epsilon"] == 2.0
+
+
+def test_a_large_run_delta_cannot_buy_back_a_floored_partners_budget(tmp_path):
+    # The coordinator asks for delta 0.5: almost no noise, and the ledger re-accounted at 0.5
+    reply = _train_once(tmp_path, {"target-delta": 0.5}, {"max-epsilon": 4.0})
+    metrics = reply.content["metrics"]
+    assert metrics["delta"] <= 1e-5 and 0 < metrics["epsilon"] <= 4.0 + 1e-9
+    calm = _train_once(tmp_path / "calm", {}, {"max-epsilon": 4.0}).content["metrics"]
+    assert metrics["noise-multiplier"] == pytest.approx(calm["noise-multiplier"])
+    # Without a floor a meaningless delta is refused in one line
+    plain = _train_once(tmp_path / "plain", {"target-delta": 0.5}, {})
+    assert plain.has_error() and "target-delta" in plain.error.reason
+
+
+def test_forcing_dp_rechecks_the_run_config_in_one_line(tmp_path):
+    # dp off + ghost clipping + tied output passes the coordinator's checks (no DP-SGD there) but
+    # cannot run once the partner forces DP-SGD: one line naming the knob, not an internal error
+    reply = _train_once(tmp_path, {"dp-mode": "off", "grad-sample-mode": "ghost", "tied-output": True},
+                        {"max-epsilon": 4.0})
+    assert reply.has_error() and reply.error.code == 400 and "cannot clip tied-output" in reply.error.reason
