@@ -31,7 +31,7 @@ from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import build_sequences
 from common.errors import ConfigError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
-from common.privacy import default_delta, epsilon_of, steps_per_epoch
+from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, write_file
 from common.training import (DPSettings, objective_options, refuse_non_sequence_model, train_local,
                              user_count_for_training)
@@ -88,6 +88,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     users = user_count_for_training(recent)
     delta = target_delta or default_delta(user_count_for_training(data))
     if dp:
+        refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
         rate, steps = steps_per_epoch(users, batch_size)
         planned = (noise_multiplier, rate, epochs * steps)
         ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True)

@@ -30,7 +30,8 @@ from typing import Any
 
 from common.errors import ConfigError, PrivacyError
 from common.config_checks import check_values
-from common.privacy import ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, uses_central_dp, uses_local_dp
+from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refuse_meaningless_delta, uses_central_dp,
+                            uses_local_dp)
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
@@ -70,17 +71,12 @@ def partner_delta(delta: float, node_config: Mapping[str, Any], users: int) -> f
     """The delta this partner trains at: the run's (already resolved), or less. ``max-delta`` caps
     it; with ``max-epsilon`` and no ``max-delta`` the cap is ``default_delta(users)`` (at most 1e-5
     and 0.1 / users), else a run asking for delta 0.5 would calibrate almost no noise and account
-    the partner's whole ledger at that delta, giving back spent budget. Without either it is
-    refused only when meaningless (at least 1 / users: the guarantee allows leaking one user)."""
+    the partner's whole ledger at that delta, giving back spent budget. The result is refused when
+    meaningless (at least 1 / users: :func:`common.privacy.refuse_meaningless_delta`)."""
     cap = _cap(node_config, "max-delta", 1.0)
     if cap is None and max_epsilon(node_config) is not None:
         cap = default_delta(users)
-    if cap is not None:
-        return min(delta, cap)
-    if delta >= 1.0 / max(users, 1):
-        raise PrivacyError(f"target-delta = {delta:g} is at least 1 / {users} users: such a guarantee allows "
-                           "releasing one user's data outright; use target-delta = 0 for the default")
-    return delta
+    return refuse_meaningless_delta(delta if cap is None else min(delta, cap), users)
 
 
 def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,16 @@ def default_delta(num_users: int) -> float:
     return min(1e-5, 0.1 / max(num_users, 1))
 
 
+def refuse_meaningless_delta(delta: float, num_users: int) -> float:
+    """``delta`` back, or :class:`PrivacyError` when it is at least 1 / ``num_users``: an
+    (epsilon, delta) guarantee with such a delta allows releasing one user's data outright, and an
+    accountant asked at it would report a ledger's spend as smaller than it is."""
+    if delta >= 1.0 / max(num_users, 1):
+        raise PrivacyError(f"target-delta = {delta:g} is at least 1 / {num_users} users: such a guarantee allows "
+                           "releasing one user's data outright; use target-delta = 0 for the default")
+    return delta
+
+
 def dp_mode(cfg: Mapping[str, Any]) -> str:
     """The effective ``dp-mode`` of a run config; the older ``dp = false`` switch means "off"."""
     mode = str(cfg.get("dp-mode", "local"))

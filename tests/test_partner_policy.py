@@ -67,8 +67,9 @@ def test_policy_unit_rules():
     # max-epsilon alone: delta at most the default for the partner's users (min(1e-5, 0.1 / users))
     assert partner_delta(0.5, {"max-epsilon": 4.0}, 100) == 1e-5
     assert partner_delta(0.5, {"max-epsilon": 4.0}, 1_000_000) == pytest.approx(1e-7)
-    with pytest.raises(PrivacyError, match="at least 1 / 100 users"):
-        partner_delta(0.01, {}, 100)  # no floor: only a meaningless delta is refused
+    for node in ({}, {"max-delta": 0.5}):  # a meaningless delta is refused, even the partner's own cap
+        with pytest.raises(PrivacyError, match="at least 1 / 100 users"):
+            partner_delta(0.01, node, 100)
     with pytest.raises(PrivacyError, match="reverse-histories"):
         apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {**NODE, "max-epsilon": 1.0})
 

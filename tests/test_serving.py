@@ -545,6 +545,10 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     with pytest.raises(PrivacyError, match=r"budget exhausted: epsilon \d+\.\d+ of 2 spent"):
         finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
                          noise_multiplier=1.2, force=True)
+    # ... and a delta of 1 / users or more (which would re-account the ledger as nearly unspent) is refused
+    with pytest.raises(PrivacyError, match="target-delta = 0.5 is at least 1 /"):
+        finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
+                         noise_multiplier=1.2, target_epsilon=1000.0, target_delta=0.5, force=True)
 
 
 def report_fingerprint(store_path: Path, run: Path) -> str:
