@@ -43,17 +43,25 @@ class SecureGaussian:
 
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` float64 uniforms in (0, 1]: 52 random mantissa bits under the exponent of 1.0
-        give [1, 2); two minus that keeps log() finite."""
-        bits = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
-        return 2.0 - ((bits >> 12) & _MANTISSA | _ONE).view(torch.float64)
+        give [1, 2); two minus that keeps log() finite. In place over one buffer (the keystream
+        is written into it, and each step rewrites it): a large catalogue draws millions per step."""
+        buf = bytearray(8 * n)
+        self._stream.update_into(buf, buf)  # zeros XOR keystream = the keystream
+        bits = torch.frombuffer(buf, dtype=torch.int64)
+        bits.bitwise_right_shift_(12).bitwise_and_(_MANTISSA).bitwise_or_(_ONE)
+        return bits.view(torch.float64).neg_().add_(2.0)
 
     def standard_normal(self, n: int) -> torch.Tensor:
-        """``n`` independent N(0, 1) float64 values (Box-Muller: both outputs of each pair used)."""
+        """``n`` independent N(0, 1) float64 values (Box-Muller: both outputs of each pair used),
+        computed in the uniforms' own buffer: [r cos(a) for each pair, then r sin(a) for each pair]."""
         pairs = (n + 1) // 2
         u = self.uniform(2 * pairs)
-        radius = torch.log(u[:pairs]).mul_(-2.0).sqrt_()
+        radius = u[:pairs].log_().mul_(-2.0).sqrt_()
         angle = u[pairs:].mul_(2.0 * math.pi)
-        return torch.cat([radius * torch.cos(angle), radius.mul_(torch.sin(angle))])[:n]
+        cosine = torch.cos(angle)
+        angle.sin_().mul_(radius)
+        radius.mul_(cosine)
+        return u[:n]
 
     def noise_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise of ``reference``'s shape, dtype and device (sum of 4 draws / 2)."""
