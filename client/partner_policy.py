@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
-from common.config_checks import check_values
 from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refuse_meaningless_delta, uses_central_dp,
                             uses_local_dp)
 
@@ -107,5 +106,7 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
         out["target-epsilon"] = cap
         LOG.warning("the run asks for target-epsilon = %g; node config max-epsilon = %g applies",
                     float(cfg["target-epsilon"]), cap)
+    from common.config_checks import check_values  # imports pandas; client.app must load without it
+
     check_values(out)  # the run was checked without DP-SGD: e.g. ghost clipping cannot clip a tied output
     return out
