@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.central_clipping import central_dp_clipping_mod
-from client.partner_policy import apply_partner_policy, check_node_config
+from client.partner_policy import apply_partner_policy, check_node_config, refuse_evaluation_unless_shared
 from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
@@ -40,6 +40,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             check_node_config(context.node_config)
+            refuse_evaluation_unless_shared(context.node_config)
             return _evaluate(msg, context, resolve_config(context.run_config, overrides))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             return error_reply(msg, exc)

@@ -12,6 +12,9 @@ its floor on its own SuperNode, e.g.
 - ``max-delta``: its delta is min(the run's, ``max-delta``); with ``max-epsilon`` alone, min(the
   run's, ``default_delta(users)``). (``max-delta`` alone caps delta but does not force DP-SGD on.)
 
+- ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
+  computed on its users without noise and are in no ledger).
+
 ``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
 simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
 and a new run could start from zero spend.
@@ -34,7 +37,7 @@ from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refu
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
-NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "max-delta",
+NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
                     "partition-id", "num-partitions")
 
 
@@ -46,6 +49,24 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
             raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
+    shares_evaluation(node_config)
+
+
+def shares_evaluation(node_config: Mapping[str, Any]) -> bool:
+    """Node config ``share-evaluation`` (default true). Evaluation replies carry hit and NDCG sums
+    computed on the partner's users without noise, outside any ledger; ``false`` sends none."""
+    raw = node_config.get("share-evaluation", True)
+    text = str(raw).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ConfigError(f"node config share-evaluation = {raw!r} must be true or false")
+    return text in ("true", "1")
+
+
+def refuse_evaluation_unless_shared(node_config: Mapping[str, Any]) -> None:
+    """:class:`PrivacyError` (the server logs it and combines the others) if this partner shares no evaluation."""
+    if not shares_evaluation(node_config):
+        raise PrivacyError("this partner's node config share-evaluation = false: it sends no evaluation metrics, "
+                           "which are computed on its users without noise")
 
 
 def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None:

@@ -110,3 +110,25 @@ def test_forcing_dp_rechecks_the_run_config_in_one_line(tmp_path):
     reply = _train_once(tmp_path, {"dp-mode": "off", "grad-sample-mode": "ghost", "tied-output": True},
                         {"max-epsilon": 4.0})
     assert reply.has_error() and reply.error.code == 400 and "cannot clip tied-output" in reply.error.reason
+
+
+@pytest.mark.parametrize("value", [False, "false", 0])
+def test_a_partner_can_keep_its_evaluation_sums_to_itself(tmp_path, value):
+    from tests.test_client_training import send
+
+    overrides = {**TINY, "run-dir": str(tmp_path), "dp": False}
+    cfg = resolve_config(None, overrides)
+    arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
+    from flwr.app import ConfigRecord
+
+    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "evaluate")
+    context = Context(run_id=1, node_id=1, node_config={**NODE, "share-evaluation": value}, state=RecordDict(),
+                      run_config={})
+    reply = make_client_app(overrides)(msg, context)
+    assert reply.has_error() and reply.error.code == 400 and "share-evaluation = false" in reply.error.reason
+    shared = {**NODE, "share-evaluation": True}
+    assert send(make_client_app(overrides), "evaluate", arrays,
+                Context(run_id=1, node_id=1, node_config=shared, state=RecordDict(), run_config={}), 1
+                ).content["metrics"]["num-users"] > 0
+    with pytest.raises(ConfigError, match="share-evaluation"):
+        apply_partner_policy(cfg, {**NODE, "share-evaluation": "sometimes"})
