@@ -98,6 +98,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         try:  # the ledger is locked while open: close it on every way out but training
             if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
                 target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
+            # ... and at the smallest delta its runs promised (a larger one shows the same spend as less)
+            delta = min([delta, *ledger.target_deltas()])
             spent = ledger.epsilon(delta, ACCOUNTANT)
             after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
             if after > target_epsilon:

@@ -99,9 +99,10 @@ class PartnerBudget:
             if cal is None:
                 planned = int(cfg["num-server-rounds"])
                 target = float(cfg["target-epsilon"])
-                try:
+                try:  # planned so that it also fits at the smallest delta the ledger has promised (delta below)
                     noise = calibrate_noise_after(
-                        ledger.history(), target_epsilon=target, target_delta=delta, sample_rate=rate,
+                        ledger.history(), target_epsilon=target, target_delta=min([delta, *ledger.target_deltas()]),
+                        sample_rate=rate,
                         total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
                 except PrivacyError as exc:
                     raise PrivacyError(f"{label} ({users} users, batch-size {batch}, {planned} rounds x "
@@ -123,7 +124,10 @@ class PartnerBudget:
 
     @property
     def delta(self) -> float:
-        return self.calibration.target_delta
+        """The delta the whole ledger is accounted at: the smallest any of its runs was calibrated for.
+        A run asking for a larger one would see the same history as a smaller epsilon and could
+        spend past what an earlier run promised at its delta."""
+        return min([self.calibration.target_delta, *self.ledger.target_deltas()])
 
     @property
     def accountant(self) -> str:

@@ -132,3 +132,15 @@ def test_a_partner_can_keep_its_evaluation_sums_to_itself(tmp_path, value):
                 ).content["metrics"]["num-users"] > 0
     with pytest.raises(ConfigError, match="share-evaluation"):
         apply_partner_policy(cfg, {**NODE, "share-evaluation": "sometimes"})
+
+
+def test_a_later_run_with_a_larger_delta_cannot_spend_past_an_earlier_promise(tmp_path):
+    # Run 1 promises (4, 1e-6) and spends it; run 2 asks for (4, 1e-5) on the same ledger. At 1e-5
+    # the same history reads as a smaller epsilon, so run 2 used to find budget left and train on
+    ledger = {"ledger-path": str(tmp_path / "ledger.sqlite")}
+    first = _train_once(tmp_path / "r1", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-6,
+                                          "run-name": "one"}, ledger)
+    assert not first.has_error() and first.content["metrics"]["epsilon"] == pytest.approx(4.0, abs=0.01)
+    second = _train_once(tmp_path / "r2", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-5,
+                                           "run-name": "two"}, ledger)
+    assert second.has_error() and "epsilon" in second.error.reason, second.content["metrics"]

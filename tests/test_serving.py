@@ -549,6 +549,12 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     with pytest.raises(PrivacyError, match="target-delta = 0.5 is at least 1 /"):
         finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=2, batch_size=8,
                          noise_multiplier=1.2, target_epsilon=1000.0, target_delta=0.5, force=True)
+    # ... and the spend is stated at the smallest delta a run on this ledger promised, not the default
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        opened.save_calibration("strict", Calibration(1.0, 1000.0, 1e-9, "rdp", 0.1, 10, 1))
+    strict = finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=1,
+                              batch_size=8, noise_multiplier=1.2, target_epsilon=1000.0, force=True)
+    assert strict["delta"] == 1e-9
 
 
 def report_fingerprint(store_path: Path, run: Path) -> str:
