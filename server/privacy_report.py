@@ -173,6 +173,7 @@ class PrivacyReport:
                 "local-epochs": cfg["local-epochs"], "planned-rounds": cfg["num-server-rounds"],
                 "sampling": "poisson",
             }
+        if self.partners:  # every mode: refusals, and partners that forced their own DP-SGD
             out["partners"] = dict(sorted(self.partners.items()))
         if uses_central_dp(self.mode):
             out["central"] = {**self.central, "rounds": self.central_rounds}
@@ -182,20 +183,30 @@ class PrivacyReport:
         atomic_write_bytes(self.path, json.dumps(self.as_dict(), indent=2, sort_keys=True).encode())
         return self.path
 
+    def _local_bound(self, partners: list[dict[str, Any]]) -> str:
+        """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""
+        worst = max(partners, key=lambda p: float(p["epsilon"]))
+        # each partner's own target: a node config max-epsilon may have lowered it below the run's
+        targets = sorted({float(p.get("target-epsilon") or self.cfg["target-epsilon"]) for p in partners})
+        return (f"(epsilon, delta)-DP for any one of its users' whole interaction history (user-level DP-SGD, "
+                f"{self.cfg['accountant']} accountant, whole ledger), at most ({float(worst['epsilon']):.3f}, "
+                f"{float(worst['delta']):.2g}) over {len(partners)} partners (worst: {worst['partner']}; "
+                f"targets {', '.join(f'{t:g}' for t in targets)})")
+
     def guarantee(self) -> str:
         """One sentence stating what the run guarantees, with its numbers."""
         parts = []
+        trained = [p for p in self.partners.values() if "epsilon" in p]
         if uses_local_dp(self.mode):
-            spent = [p for p in self.partners.values() if "epsilon" in p]
-            if spent:
-                worst = max(spent, key=lambda p: float(p["epsilon"]))
-                parts.append(
-                    f"each partner's training is (epsilon, delta)-DP for any one of its users' whole interaction "
-                    f"history (user-level DP-SGD, {self.cfg['accountant']} accountant, whole ledger), at most "
-                    f"({float(worst['epsilon']):.3f}, {float(worst['delta']):.2g}) over {len(spent)} partners "
-                    f"(worst: {worst['partner']}; targets {self.cfg['target-epsilon']:g})")
+            if trained:
+                parts.append("each partner's training is " + self._local_bound(trained))
             else:
                 parts.append("no partner completed a DP-SGD round")
+        elif floored := [p for p in trained if float(p["epsilon"]) > 0]:
+            # dp-mode off/central, but partners whose node config max-epsilon forces DP-SGD (client/partner_policy.py)
+            parts.append(f"{len(floored)} of {len(trained)} partners trained with local DP-SGD by their own node "
+                         f"config (max-epsilon): their training is {self._local_bound(floored)}; the others' "
+                         "updates carry no local DP")
         if uses_central_dp(self.mode):
             eps = self.central.get("epsilon")
             if eps is not None:

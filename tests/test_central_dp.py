@@ -364,3 +364,32 @@ def test_central_noise_leaves_the_models_public_buffers_alone(tmp_path):
     out, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(out["genres"].numpy(), genres)
     assert abs(out["w"].numpy().std() - 1.0 * 1.0 / 2) < 0.05  # the trained weights are noised as before
+
+
+def _reply_with_privacy(msg: Message, weights: np.ndarray, epsilon: float, target: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(weights.astype(np.float32))}),
+        "metrics": MetricRecord({"num-examples": 10, "epsilon": epsilon, "delta": 1e-5 if epsilon else 0.0,
+                                 "target-epsilon": target}),
+        "privacy": ConfigRecord({"partner": f"partner-{msg.metadata.dst_node_id}"}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@pytest.mark.parametrize("mode", ["off", "local"])
+def test_the_guarantee_names_partners_floors_and_their_own_targets(tmp_path, mode):
+    # Partner 1's node config max-epsilon = 4 forced DP-SGD (or lowered the run's 8); partner 2 followed the run
+    strategy, report = _strategy(tmp_path, 2, **{"dp-mode": mode})
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+    second = (7.5, 8.0) if mode == "local" else (0.0, 0.0)
+    replies = [_reply_with_privacy(msgs[0], np.ones(4), 3.9, 4.0), _reply_with_privacy(msgs[1], np.ones(4), *second)]
+    strategy.aggregate_train(1, replies)
+    sentence = report.guarantee()
+    if mode == "off":
+        assert "1 of 2 partners trained with local DP-SGD by their own node config" in sentence
+        assert "(3.900, 1e-05)" in sentence and "targets 4)" in sentence and "carry no local DP" in sentence
+    else:
+        assert "(7.500, 1e-05)" in sentence and "targets 4, 8)" in sentence
+    written = json.loads((tmp_path / "privacy.json").read_text())
+    assert written["partners"]["partner-1"]["epsilon"] == 3.9  # also listed when the run itself is off
