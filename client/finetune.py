@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -98,8 +99,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         try:  # the ledger is locked while open: close it on every way out but training
             if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
                 target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
-            # ... and at the smallest delta its runs promised (a larger one shows the same spend as less)
-            delta = min([delta, *ledger.target_deltas()])
+            delta = ledger.accounting_delta(delta)  # ... and at the smallest delta its runs promised
             spent = ledger.epsilon(delta, ACCOUNTANT)
             after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
             if after > target_epsilon:
@@ -111,7 +111,8 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
             ledger.close()
             raise
         settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto")
-    run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Unique: two fine-tunes within one second shared a name and the second failed after training
+    run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     try:
         result = train_local(tuned, recent, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              max_len=max_len, dp=settings, seed=seed, **objective)

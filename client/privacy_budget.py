@@ -99,9 +99,9 @@ class PartnerBudget:
             if cal is None:
                 planned = int(cfg["num-server-rounds"])
                 target = float(cfg["target-epsilon"])
-                try:  # planned so that it also fits at the smallest delta the ledger has promised (delta below)
+                try:  # planned at the delta the ledger will be accounted at (delta below)
                     noise = calibrate_noise_after(
-                        ledger.history(), target_epsilon=target, target_delta=min([delta, *ledger.target_deltas()]),
+                        ledger.history(), target_epsilon=target, target_delta=ledger.accounting_delta(delta),
                         sample_rate=rate,
                         total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
                 except PrivacyError as exc:
@@ -124,10 +124,8 @@ class PartnerBudget:
 
     @property
     def delta(self) -> float:
-        """The delta the whole ledger is accounted at: the smallest any of its runs was calibrated for.
-        A run asking for a larger one would see the same history as a smaller epsilon and could
-        spend past what an earlier run promised at its delta."""
-        return min([self.calibration.target_delta, *self.ledger.target_deltas()])
+        """The delta the whole ledger is accounted at (:meth:`PrivacyLedger.accounting_delta`)."""
+        return self.ledger.accounting_delta(self.calibration.target_delta)
 
     @property
     def accountant(self) -> str:

@@ -156,10 +156,11 @@ class PrivacyLedger:
         """The target epsilon of every run calibrated on this ledger (each a cap on the whole ledger)."""
         return [float(r[0]) for r in self._query("SELECT target_epsilon FROM calibrations")]
 
-    def target_deltas(self) -> list[float]:
-        """The delta of every run calibrated on this ledger: the ledger's spend is stated at the
-        smallest, since a larger one would report the same history as a smaller epsilon."""
-        return [float(r[0]) for r in self._query("SELECT target_delta FROM calibrations")]
+    def accounting_delta(self, delta: float) -> float:
+        """The delta to account this ledger at for a training that asks for ``delta``: the smallest
+        of it and every run calibrated here. A larger one would report the same history as a
+        smaller epsilon, so a later run or fine-tune could spend past an earlier run's promise."""
+        return min([delta, *(float(r[0]) for r in self._query("SELECT target_delta FROM calibrations"))])
 
     def rounds_trained(self, run: str | None = None) -> int:
         """Rounds with recorded spend (of one run, or of all runs)."""

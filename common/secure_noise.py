@@ -47,8 +47,9 @@ class SecureGaussian:
 
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` float64 uniforms in (0, 1]: 52 random mantissa bits under the exponent of 1.0
-        give [1, 2); two minus that keeps log() finite. In place over one buffer (the keystream
-        is written into it, and each step rewrites it): a large catalogue draws millions per step."""
+        give [1, 2); two minus that keeps log() finite. In place in one buffer (the keystream is
+        written into it and its bits become the floats where they lie): a large catalogue draws
+        millions per step."""
         buf = bytearray(8 * n)
         stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), mode=None).encryptor()
         stream.update_into(buf, buf)  # zeros XOR keystream = the keystream
@@ -117,6 +118,13 @@ def secure_sampler_class() -> type:
                 yield (self._source.uniform(self.num_samples) < self.sample_rate).nonzero().reshape(-1).tolist()
 
     return SecurePoissonSampler
+
+
+def draw_securely(optimizer, loader) -> None:  # noqa: ANN001 (opacus DPOptimizer, DPDataLoader)
+    """A real partner's DP-SGD: noise (:func:`draw_noise_securely`) and Poisson batches
+    (:func:`sample_securely`) from the CSPRNG; everything else stays Opacus'."""
+    draw_noise_securely(optimizer)
+    sample_securely(loader)
 
 
 def sample_securely(loader) -> None:  # noqa: ANN001 (opacus DPDataLoader)

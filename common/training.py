@@ -24,7 +24,7 @@ from common.per_user_clipping import (exact_poisson_steps, expected_batch, fused
                                       supports_fused)
 from common.privacy import Mechanism, refuse_many_examples_per_user
 from common.proximal import ProximalAnchor
-from common.secure_noise import draw_noise_securely, sample_securely
+from common.secure_noise import draw_securely
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -297,8 +297,7 @@ def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, crit
     dp_optimizer.expected_batch_size = expected_batch(len(dp_loader.dataset), steps)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=rate))
     if dp.noise_seed is None:
-        draw_noise_securely(dp_optimizer)
-        sample_securely(dp_loader)
+        draw_securely(dp_optimizer, dp_loader)
     if mode == "ghost":
         return prepared
     hooks, optimizer, loader = prepared
@@ -465,8 +464,7 @@ def train_local(
             optimizer, loader = make_fused_private(engine, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
             if dp.noise_seed is None:
-                draw_noise_securely(optimizer)
-                sample_securely(loader)
+                draw_securely(optimizer, loader)
         else:
             hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
     fused = engine is not None and mode == "fused"

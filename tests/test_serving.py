@@ -875,3 +875,25 @@ def test_tools_that_train_sequence_models_refuse_mf_in_one_line_before_writing(t
         train_local(new_model(cfg, data.num_items), data, epochs=1, batch_size=8, learning_rate=0.01, max_len=20)
     assert cold_start_main(["--dataset", "synthetic", "--epochs", "1", "--run-config",
                             'synthetic-users=60 synthetic-items=20 batch-size=8 model="mf"']) == 2
+
+
+def test_two_finetunes_in_one_second_are_two_runs_on_the_ledger(trained, log, tmp_path, monkeypatch):
+    # Run names had one-second resolution: the second fine-tune of a second, with another plan,
+    # was refused ("already calibrated ... mid-run") after it had trained
+    import client.finetune as finetune
+    from client.privacy_ledger import PrivacyLedger
+
+    run, data = trained
+    store_path = tmp_path / "events.sqlite"
+    since = int(log.timestamp.max()) + 1
+    with EventStore(store_path, create=True) as store:
+        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+        for n, user in enumerate(data.user_ids[:40].tolist()):
+            store.add(user, str(data.catalogue[n % data.num_items]), timestamp=since + n)
+    monkeypatch.setattr(finetune.time, "strftime", lambda *_: "20260101-000000")
+    ledger = tmp_path / "ledger.sqlite"
+    for epochs in (1, 2):
+        finetune.finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=epochs,
+                                  batch_size=8, noise_multiplier=1.2, target_epsilon=50.0, force=True)
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        assert len({r for r, *_ in opened._query("SELECT run FROM calibrations")}) == 2
