@@ -506,12 +506,7 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
 
     # Prepare: the partner's store, then new events for 40 users after the model was published
     run, data = trained
-    store_path = tmp_path / "events.sqlite"
-    since = int(log.timestamp.max()) + 1
-    with EventStore(store_path, create=True) as store:
-        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
-        for n, user in enumerate(data.user_ids[:40].tolist()):
-            store.add(user, str(data.catalogue[n % data.num_items]), timestamp=since + n)
+    store_path, since = store_with_new_events(tmp_path, log, data)
     ledger = tmp_path / "ledger.sqlite"
 
     # Execute
@@ -555,6 +550,18 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     strict = finetune_partner(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=1,
                               batch_size=8, noise_multiplier=1.2, target_epsilon=1000.0, force=True)
     assert strict["delta"] == 1e-9
+
+
+def store_with_new_events(tmp_path: Path, log, data) -> tuple[Path, int]:  # noqa: ANN001
+    """The partner's event store: its log, then one new event for each of 40 users after the model
+    was published. Returns (store path, the first new event's timestamp)."""
+    store_path = tmp_path / "events.sqlite"
+    since = int(log.timestamp.max()) + 1
+    with EventStore(store_path, create=True) as store:
+        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
+        for n, user in enumerate(data.user_ids[:40].tolist()):
+            store.add(user, str(data.catalogue[n % data.num_items]), timestamp=since + n)
+    return store_path, since
 
 
 def report_fingerprint(store_path: Path, run: Path) -> str:
@@ -884,12 +891,7 @@ def test_two_finetunes_in_one_second_are_two_runs_on_the_ledger(trained, log, tm
     from client.privacy_ledger import PrivacyLedger
 
     run, data = trained
-    store_path = tmp_path / "events.sqlite"
-    since = int(log.timestamp.max()) + 1
-    with EventStore(store_path, create=True) as store:
-        store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
-        for n, user in enumerate(data.user_ids[:40].tolist()):
-            store.add(user, str(data.catalogue[n % data.num_items]), timestamp=since + n)
+    store_path, since = store_with_new_events(tmp_path, log, data)
     monkeypatch.setattr(finetune.time, "strftime", lambda *_: "20260101-000000")
     ledger = tmp_path / "ledger.sqlite"
     for epochs in (1, 2):
