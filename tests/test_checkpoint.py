@@ -271,12 +271,12 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     assert server_main(["check", "--run-config", f'{base} run-name="r" resume=true']) == 0
     assert f"resumes {tmp_path / 'r'} after round 2 of 5" in capsys.readouterr().out
     assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755  # check changes nothing, not even the mode
-    for extra, says in [(' run-name="r" resume=true', "different arrays"),
-                        (' run-name="ghost" resume=true', "no such run directory to resume"),
-                        (" aggregation='nope'", "aggregation = 'nope' is unknown"),
-                        (' catalogue="/no/such/catalogue.txt"', "no such file")]:
-        dim = " embedding-dim=16" if "different" in says else ""  # another model than the checkpointed one
-        assert server_main(["check", "--run-config", base.replace(" embedding-dim=8", dim or " embedding-dim=8") + extra]) == 2
+    wider = base.replace("embedding-dim=8", "embedding-dim=16")  # another model than the checkpointed one
+    for run_config, says in [(f'{wider} run-name="r" resume=true', "different arrays"),
+                             (f'{base} run-name="ghost" resume=true', "no such run directory to resume"),
+                             (f"{base} aggregation='nope'", "aggregation = 'nope' is unknown"),
+                             (f'{base} catalogue="/no/such/catalogue.txt"', "no such file")]:
+        assert server_main(["check", "--run-config", run_config]) == 2
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -4,7 +4,7 @@ hold whatever the coordinator's run config asks for."""
 from __future__ import annotations
 
 import pytest
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
 from client.partner_policy import apply_partner_policy, partner_delta
@@ -15,39 +15,38 @@ from tests.conftest import flower_message
 from tests.test_client_training import NODE, TINY
 
 
-def _train_once(tmp_path, run: dict, node: dict):
+def _send_once(tmp_path, run: dict, node: dict, kind: str = "train"):
+    """One round-1 ``kind`` message to a fresh partner app with this run config and node config."""
     overrides = {**TINY, "run-dir": str(tmp_path), **run}
     cfg = resolve_config(None, overrides)
     context = Context(run_id=1, node_id=1, node_config={**NODE, **node}, state=RecordDict(), run_config={})
     arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
-    from flwr.app import ConfigRecord
-
-    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "train")
+    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), kind)
     return make_client_app(overrides)(msg, context)
 
 
 @pytest.mark.parametrize("run", [{"dp": False}, {"dp-mode": "off"}, {"dp-mode": "central"}, {"target-epsilon": 50.0}])
 def test_a_run_cannot_switch_off_or_loosen_a_partners_dp(tmp_path, run):
     # The coordinator asks for no local DP, or epsilon 50; the partner's node config says at most 2
-    reply = _train_once(tmp_path, run, {"max-epsilon": 2.0})
+    reply = _send_once(tmp_path, run, {"max-epsilon": 2.0})
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     assert metrics["target-epsilon"] == 2.0 and 0 < metrics["epsilon"] <= 2.0 + 1e-9
     assert metrics["noise-multiplier"] > 0
     assert reply.content["privacy"]["dp-mode"] == ("both" if run.get("dp-mode") == "central" else "local")
     # Without the floor the same run config is obeyed (so the check above can fail)
-    plain = _train_once(tmp_path / "plain", run, {})
+    plain = _send_once(tmp_path / "plain", run, {})
     assert plain.content["metrics"]["target-epsilon"] == (50.0 if "target-epsilon" in run else 0.0)
 
 
 def test_a_stricter_run_target_stays_and_max_delta_lowers_delta(tmp_path):
-    reply = _train_once(tmp_path, {"target-epsilon": 1.0, "target-delta": 1e-5}, {"max-epsilon": 4.0, "max-delta": 1e-7})
+    reply = _send_once(tmp_path, {"target-epsilon": 1.0, "target-delta": 1e-5}, {"max-epsilon": 4.0, "max-delta": 1e-7})
     metrics = reply.content["metrics"]
     assert metrics["target-epsilon"] == 1.0 and metrics["delta"] == pytest.approx(1e-7)
 
 
 def test_forced_dp_refuses_several_examples_per_user_in_one_line(tmp_path):
-    reply = _train_once(tmp_path, {"dp": False, "history-windows": True}, {"max-epsilon": 2.0})
+    reply = _send_once(tmp_path, {"dp": False, "history-windows": True}, {"max-epsilon": 2.0})
     assert reply.has_error() and "history-windows" in reply.error.reason and "max-epsilon" in reply.error.reason
 
 
@@ -77,9 +76,9 @@ def test_policy_unit_rules():
 @pytest.mark.parametrize("typo", ["max-epsilion", "max_epsilon", "data_path", "ledger-pth"])
 def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
     # Ignoring "max-epsilion = 1" would train at the run's epsilon 8 in silence
-    reply = _train_once(tmp_path, {}, {typo: "1"})
+    reply = _send_once(tmp_path, {}, {typo: "1"})
     assert reply.has_error() and "did you mean" in reply.error.reason
-    assert _train_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
+    assert _send_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
 
 
 def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
@@ -94,53 +93,41 @@ def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
 
 def test_a_large_run_delta_cannot_buy_back_a_floored_partners_budget(tmp_path):
     # The coordinator asks for delta 0.5: almost no noise, and the ledger re-accounted at 0.5
-    reply = _train_once(tmp_path, {"target-delta": 0.5}, {"max-epsilon": 4.0})
+    reply = _send_once(tmp_path, {"target-delta": 0.5}, {"max-epsilon": 4.0})
     metrics = reply.content["metrics"]
     assert metrics["delta"] <= 1e-5 and 0 < metrics["epsilon"] <= 4.0 + 1e-9
-    calm = _train_once(tmp_path / "calm", {}, {"max-epsilon": 4.0}).content["metrics"]
+    calm = _send_once(tmp_path / "calm", {}, {"max-epsilon": 4.0}).content["metrics"]
     assert metrics["noise-multiplier"] == pytest.approx(calm["noise-multiplier"])
     # Without a floor a meaningless delta is refused in one line
-    plain = _train_once(tmp_path / "plain", {"target-delta": 0.5}, {})
+    plain = _send_once(tmp_path / "plain", {"target-delta": 0.5}, {})
     assert plain.has_error() and "target-delta" in plain.error.reason
 
 
 def test_forcing_dp_rechecks_the_run_config_in_one_line(tmp_path):
     # dp off + ghost clipping + tied output passes the coordinator's checks (no DP-SGD there) but
     # cannot run once the partner forces DP-SGD: one line naming the knob, not an internal error
-    reply = _train_once(tmp_path, {"dp-mode": "off", "grad-sample-mode": "ghost", "tied-output": True},
+    reply = _send_once(tmp_path, {"dp-mode": "off", "grad-sample-mode": "ghost", "tied-output": True},
                         {"max-epsilon": 4.0})
     assert reply.has_error() and reply.error.code == 400 and "cannot clip tied-output" in reply.error.reason
 
 
 @pytest.mark.parametrize("value", [False, "false", 0])
 def test_a_partner_can_keep_its_evaluation_sums_to_itself(tmp_path, value):
-    from tests.test_client_training import send
-
-    overrides = {**TINY, "run-dir": str(tmp_path), "dp": False}
-    cfg = resolve_config(None, overrides)
-    arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
-    from flwr.app import ConfigRecord
-
-    msg = flower_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "evaluate")
-    context = Context(run_id=1, node_id=1, node_config={**NODE, "share-evaluation": value}, state=RecordDict(),
-                      run_config={})
-    reply = make_client_app(overrides)(msg, context)
+    reply = _send_once(tmp_path, {"dp": False}, {"share-evaluation": value}, kind="evaluate")
     assert reply.has_error() and reply.error.code == 400 and "share-evaluation = false" in reply.error.reason
-    shared = {**NODE, "share-evaluation": True}
-    assert send(make_client_app(overrides), "evaluate", arrays,
-                Context(run_id=1, node_id=1, node_config=shared, state=RecordDict(), run_config={}), 1
-                ).content["metrics"]["num-users"] > 0
+    shared = _send_once(tmp_path, {"dp": False}, {"share-evaluation": True}, kind="evaluate")
+    assert not shared.has_error() and shared.content["metrics"]["num-users"] > 0
     with pytest.raises(ConfigError, match="share-evaluation"):
-        apply_partner_policy(cfg, {**NODE, "share-evaluation": "sometimes"})
+        apply_partner_policy(resolve_config(None, {}), {**NODE, "share-evaluation": "sometimes"})
 
 
 def test_a_later_run_with_a_larger_delta_cannot_spend_past_an_earlier_promise(tmp_path):
     # Run 1 promises (4, 1e-6) and spends it; run 2 asks for (4, 1e-5) on the same ledger. At 1e-5
     # the same history reads as a smaller epsilon, so run 2 used to find budget left and train on
     ledger = {"ledger-path": str(tmp_path / "ledger.sqlite")}
-    first = _train_once(tmp_path / "r1", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-6,
+    first = _send_once(tmp_path / "r1", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-6,
                                           "run-name": "one"}, ledger)
     assert not first.has_error() and first.content["metrics"]["epsilon"] == pytest.approx(4.0, abs=0.01)
-    second = _train_once(tmp_path / "r2", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-5,
+    second = _send_once(tmp_path / "r2", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-5,
                                            "run-name": "two"}, ledger)
     assert second.has_error() and "epsilon" in second.error.reason, second.content["metrics"]
