@@ -41,12 +41,34 @@ NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "
                     "partition-id", "num-partitions")
 
 
+# Words of a privacy setting: an unknown node config key made of one is a partner's floor that
+# would be ignored in silence (``max-eps``, ``epsilon-cap``), never another app's harmless knob.
+PRIVACY_WORDS = frozenset({"eps", "epsilon", "delta", "dp", "privacy", "private", "budget", "ledger", "noise",
+                           "clip", "clipping", "sigma"})
+
+
 def check_node_config(node_config: Mapping[str, Any]) -> None:
-    """Refuse a key one typo away from one this app reads (``max-epsilion``), whose value would be
-    ignored in silence, and a malformed cap. Other unknown keys may be another app's."""
+    """Refuse a node config key whose value this app would ignore in silence while the partner
+    believes it holds: one typo or abbreviation away from a key this app reads (``max-epsilion``,
+    ``max-eps``), a run config key (the coordinator's to set, e.g. ``target-epsilon``), or any
+    other key naming a privacy setting; and refuse a malformed cap. Other unknown keys may be
+    another app's and pass."""
+    from common.config import DEFAULTS  # run config keys (a light module: no torch)
+
     for key in node_config:
-        if key not in NODE_CONFIG_KEYS and (near := difflib.get_close_matches(key, NODE_CONFIG_KEYS, n=1, cutoff=0.8)):
+        if key in NODE_CONFIG_KEYS:
+            continue
+        plain = str(key).strip().lower().replace("_", "-")
+        near = [k for k in NODE_CONFIG_KEYS if plain == k or (len(plain) >= 3 and k.startswith(plain))]
+        near = near or difflib.get_close_matches(plain, NODE_CONFIG_KEYS, n=1, cutoff=0.8)
+        if near:
             raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
+        if plain in DEFAULTS:
+            raise ConfigError(f"node config key {key!r} is a run config key, set by the coordinator's run config; "
+                              "a partner caps its privacy with max-epsilon and max-delta")
+        if PRIVACY_WORDS.intersection(plain.split("-")):
+            raise ConfigError(f"node config key {key!r} names a privacy setting this app does not read; "
+                              f"the node config keys are {', '.join(NODE_CONFIG_KEYS)}")
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)

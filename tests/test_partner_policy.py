@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
-from client.partner_policy import apply_partner_policy, partner_delta
+from client.partner_policy import apply_partner_policy, check_node_config, partner_delta
 from common.config import resolve_config
 from common.errors import ConfigError, PrivacyError
 from common.task import new_model, partner_data
@@ -73,12 +73,22 @@ def test_policy_unit_rules():
         apply_partner_policy(resolve_config(None, {"dp": False, "reverse-histories": True}), {**NODE, "max-epsilon": 1.0})
 
 
-@pytest.mark.parametrize("typo", ["max-epsilion", "max_epsilon", "data_path", "ledger-pth"])
+@pytest.mark.parametrize("typo", ["max-epsilion", "max_epsilon", "data_path", "ledger-pth", "max-eps", "MAX-DELTA"])
 def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
     # Ignoring "max-epsilion = 1" would train at the run's epsilon 8 in silence
     reply = _send_once(tmp_path, {}, {typo: "1"})
     assert reply.has_error() and "did you mean" in reply.error.reason
     assert _send_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
+
+
+@pytest.mark.parametrize(("key", "says"), [("target-epsilon", "run config key"), ("dp-mode", "run config key"),
+                                          ("epsilon", "privacy setting"), ("privacy-budget", "privacy setting"),
+                                          ("noise_multiplier", "privacy setting"), ("central_noise_multiplier", "run config key"), ("ledger", "did you mean ledger-path"), ("epsilon-cap", "privacy setting")])
+def test_a_misplaced_or_unknown_privacy_key_in_the_node_config_is_refused(key, says):
+    # A partner who writes its cap under a name this app does not read would train at the run's epsilon
+    with pytest.raises(ConfigError, match=says):
+        check_node_config({key: 4.0})
+    check_node_config({"log-level": "debug", "gpu-memory": 4})  # another app's keys pass
 
 
 def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
