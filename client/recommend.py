@@ -230,9 +230,13 @@ def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
     from common.data.loaders import load_item_titles
 
     try:
-        return {item: title for item, (title, _) in load_item_titles(metadata).items()}
+        titles = {item: title for item, (title, _) in load_item_titles(metadata).items()}
     except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"metadata {metadata}: not MovieLens item metadata (u.item / movies.dat): {exc}") from None
+    if not titles:  # a folder without u.item / movies.dat, or a CSV without rows: every title would print as "-"
+        raise DataError(f"metadata {metadata}: no item titles found (expected u.item, movies.dat or a CSV with a "
+                        "title column)")
+    return titles
 
 
 def format_table(result: RecommendationList) -> str:

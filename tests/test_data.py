@@ -148,6 +148,22 @@ def test_item_metadata_needs_titles(tmp_path):
         load_item_titles(log)
 
 
+def test_other_movielens_files_are_not_titles(tmp_path):
+    # ratings.dat and users.dat split on "::" too: read as movies.dat they gave a user's last item id as a "title"
+    movies = tmp_path / "movies.dat"
+    movies.write_text("1::Toy Story (1995)::Animation|Comedy\n\n2::Jumanji (1995)::Adventure\n", encoding="latin-1")
+    assert load_item_titles(movies)["2"] == ("Jumanji (1995)", ["Adventure"])
+    for name, line, fields in (("ratings.dat", "1::1193::5::978300760", 4), ("users.dat", "1::F::1::10::48067", 5)):
+        (tmp_path / name).write_text(line + "\n")
+        with pytest.raises(DataError, match=f"{name}: not item metadata; line 1 has {fields} '::' fields"):
+            load_item_titles(tmp_path / name)
+    garbage = tmp_path / "junk" / "u.item"
+    garbage.parent.mkdir()
+    garbage.write_text("garbage\n")
+    with pytest.raises(DataError, match="u.item: not item metadata"):
+        load_item_titles(garbage)
+
+
 def test_simulated_partners_index_the_published_catalogue(tmp_path):
     # The server built (and released) the model over a published catalogue while simulated partners
     # indexed the data set's own: with the same items in another order, model.pt named the wrong items

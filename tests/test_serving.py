@@ -304,6 +304,11 @@ def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     assert "because you watched" in capsys.readouterr().out
     assert main(["recommend", "--model", str(tmp_path / "nothing"), "--data-path", str(csv), "--user", user]) == 2
     assert "error:" in capsys.readouterr().err
+    # --metadata that gives no titles (a folder without u.item / movies.dat) is refused, not "-" for every title
+    empty = tmp_path / "no-metadata"
+    empty.mkdir()
+    assert main([*args, "--k", "2", "--metadata", str(empty)]) == 2
+    assert "no item titles found" in capsys.readouterr().err
 
 
 # -- the HTTP API on a real uvicorn server ------------------------------------------------------

@@ -218,13 +218,19 @@ def load_item_titles(path: str | os.PathLike) -> dict[str, tuple[str, list[str]]
                 continue
             flags = parts[5:]
             out[parts[0]] = (parts[1], [g for g, f in zip(genres, flags) if f == "1"])
+        if not out:
+            raise DataError(f"{p}: not item metadata; no line has u.item's fields (id|title|date|...|genre flags)")
         return out
     if p.suffix == ".dat":
         out = {}
-        for line in p.read_text(encoding="latin-1").splitlines():
+        for number, line in enumerate(p.read_text(encoding="latin-1").splitlines(), start=1):
+            if not line.strip():
+                continue
             parts = line.split("::")
-            if len(parts) >= 3:
-                out[parts[0]] = (parts[1], [g for g in parts[2].split("|") if g])
+            if len(parts) != 3:  # ratings.dat has 4 fields, users.dat 5: not titles
+                raise DataError(f"{p}: not item metadata; line {number} has {len(parts)} '::' fields, movies.dat "
+                                "has 3 (MovieID::Title::Genres)")
+            out[parts[0]] = (parts[1], [g for g in parts[2].split("|") if g])
         return out
     try:
         frame = pd.read_csv(p, dtype=str, keep_default_na=False)
