@@ -178,12 +178,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from client.finetune import finetune_partner
+    from common.errors import ConfigError
 
+    dp_only = {"--noise-multiplier": args.noise_multiplier, "--target-epsilon": args.target_epsilon,
+               "--target-delta": args.target_delta, "--max-grad-norm": args.max_grad_norm}
+    if args.no_dp and (given := [flag for flag, value in dp_only.items() if value is not None]):
+        raise ConfigError(f"--no-dp trains without DP-SGD, so {' and '.join(given)} would have no effect; "
+                          "drop --no-dp or drop them")
     report = finetune_partner(
         model=args.model, data_path=args.data_path, ledger_path=args.ledger_path, out=args.out, since=args.since,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
-        target_delta=args.target_delta, max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.noise_multiplier or 1.0, target_epsilon=args.target_epsilon,
+        target_delta=args.target_delta or 0.0, max_grad_norm=args.max_grad_norm or 1.0,
         dp=not args.no_dp, seed=args.seed, force=args.force)
     print(json.dumps(report, indent=2))
     return 0
@@ -235,12 +241,13 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--epochs", type=positive_int, default=1)
     ft.add_argument("--batch-size", type=positive_int, default=16, help="expected users per DP-SGD step")
     ft.add_argument("--learning-rate", type=positive_float, default=0.001)
-    ft.add_argument("--noise-multiplier", type=positive_float, default=1.0, help="DP-SGD noise std / clipping norm")
+    ft.add_argument("--noise-multiplier", type=positive_float, default=None,
+                    help="DP-SGD noise std / clipping norm (default 1.0)")
     ft.add_argument("--target-epsilon", type=positive_float, default=None,
                     help="the partner's whole-ledger budget (refused beyond it); default: the strictest target "
                          "of the runs on the ledger (8 for a new one)")
-    ft.add_argument("--target-delta", type=delta, default=0.0, help="0 = min(1e-5, 0.1 / users)")
-    ft.add_argument("--max-grad-norm", type=positive_float, default=1.0)
+    ft.add_argument("--target-delta", type=delta, default=None, help="default (or 0): min(1e-5, 0.1 / users)")
+    ft.add_argument("--max-grad-norm", type=positive_float, default=None, help="per-user clipping norm (default 1.0)")
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")
     ft.add_argument("--seed", type=int, default=0)
     ft.set_defaults(func=_finetune)

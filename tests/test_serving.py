@@ -904,3 +904,23 @@ def test_two_finetunes_in_one_second_are_two_runs_on_the_ledger(trained, log, tm
                                   batch_size=8, noise_multiplier=1.2, target_epsilon=50.0, force=True)
     with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
         assert len({r for r, *_ in opened._query("SELECT run FROM calibrations")}) == 2
+
+
+def test_finetune_cli_without_dp_refuses_dp_flags_and_prints_strict_json(trained, log, tmp_path, capsys):
+    from client.cli import main
+
+    run, _ = trained
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
+    base = ["finetune", "--model", str(run), "--data-path", str(csv), "--ledger-path", str(tmp_path / "l.sqlite"),
+            "--since", "0", "--batch-size", "8", "--no-dp"]
+    # A noise or budget flag beside --no-dp would be ignored: the partner would believe it holds
+    for extra, named in ((["--noise-multiplier", "5"], "--noise-multiplier"), (["--target-epsilon", "0.1"], "--target-epsilon"),
+                         (["--target-delta", "1e-7", "--max-grad-norm", "2"], "--target-delta and --max-grad-norm")):
+        assert main([*base, *extra, "--out", str(tmp_path / "x.pt")]) == 2
+        assert f"so {named} would have no effect" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    assert main([*base, "--out", str(tmp_path / "nodp.pt")]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert report["dp"] is False and report["epsilon-finetune"] is None and report["ledger"] is None
