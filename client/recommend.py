@@ -9,6 +9,7 @@ popular items, labelled ``cold_start``.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,18 @@ class LogHistory:
     def item_counts(self) -> dict[str, int]:
         items, counts = np.unique(self._items, return_counts=True)
         return dict(zip(items.tolist(), counts.tolist()))
+
+    def unknown_user_hint(self, user_id: str) -> str | None:
+        """None if the log has ``user_id``; else a line saying so, naming a likely intended id
+        (spaces or leading zeros typed by mistake, or the closest spelling)."""
+        user = str(user_id)
+        if user in self._start:
+            return None
+        stripped = user.strip()
+        candidates = [c for c in (stripped, stripped.lstrip("0") or "0") if c in self._start]
+        candidates = candidates or difflib.get_close_matches(stripped, list(self._start), n=1, cutoff=0.85)
+        hint = f" (did you mean {candidates[0]!r}?)" if candidates else ""
+        return f"warning: user {user!r} has no events in this log{hint}; showing the cold-start list"
 
 
 def catalogue_mismatch(gm: "GlobalModel", counts: dict[str, int]) -> str | None:

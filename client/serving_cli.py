@@ -61,6 +61,8 @@ def _recommend(args: argparse.Namespace) -> int:
     if warning := catalogue_mismatch(model, source.item_counts()):
         print(warning, file=sys.stderr)
     recommender = Recommender(model, load_titles(_metadata_for(args.data_path, args.metadata)))
+    if isinstance(source, LogHistory) and (hint := source.unknown_user_hint(args.user)):
+        print(hint, file=sys.stderr)  # a fixed log: a missing user is most likely a typo, not a new user
     result = recommender.recommend(args.user, source, args.k, explain=not args.no_explain)
     if args.format == "json":
         print(json.dumps({**result.to_dict(), "model": str(model.path)}, indent=2))

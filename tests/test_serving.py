@@ -304,6 +304,10 @@ def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     assert "because you watched" in capsys.readouterr().out
     assert main(["recommend", "--model", str(tmp_path / "nothing"), "--data-path", str(csv), "--user", user]) == 2
     assert "error:" in capsys.readouterr().err
+    # A user id the fixed log lacks is most likely a typo: the cold-start list comes with a warning naming the id
+    assert main([*args[:-1], " " + user, "--k", "2"]) == 0
+    assert f"warning: user ' {user}' has no events in this log (did you mean '{user}'?)" in capsys.readouterr().err
+    assert main([*args, "--k", "2"]) == 0 and "warning" not in capsys.readouterr().err
     # --metadata that gives no titles (a folder without u.item / movies.dat) is refused, not "-" for every title
     empty = tmp_path / "no-metadata"
     empty.mkdir()
