@@ -80,6 +80,15 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check_combinations(cfg)
     if cfg["resume"] and not cfg["run-name"]:  # else an automatic name would be "no such run to resume"
         raise ConfigError("resume = true needs run-name = <name of the run directory under run-dir> to resume")
+    _check_run_name(str(cfg.get("run-name", "")))
+
+
+def _check_run_name(name: str) -> None:
+    """``run-name`` is one directory name under ``run-dir``: a path ("/etc", "../x", "a/b") put the
+    model, metrics, privacy report and checkpoints where the coordinator never chose."""
+    if name and (name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"run-name = {name!r} must be one directory name under run-dir (no '/', '\\', '..' "
+                          "or control characters); set run-dir for the folder")
 
 
 def _check_combinations(cfg: Mapping[str, Any]) -> None:

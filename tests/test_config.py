@@ -54,6 +54,9 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
     # ranges of features that are off in this run (were checked only once switched on)
     ({"central-clipping": "bogus"}, "central-clipping"), ({"central-clipping-norm": -3.0}, "central-clipping-norm"),
     ({"trim-fraction": 0.9}, "trim-fraction"), ({"proximal-mu": -0.5}, "proximal-mu"),
+    # fifteenth session (a review): a path as run-name put the run's files outside run-dir
+    ({"run-name": "/tmp/x/escaped"}, "run-name"), ({"run-name": "../e2"}, "run-name"), ({"run-name": "a/b"}, "run-name"),
+    ({"run-name": ".."}, "run-name"), ({"run-name": "a\\b"}, "run-name"),
 ])
 def test_values_that_cannot_work_are_one_line_naming_the_knob(overrides, knob):
     with pytest.raises(ConfigError, match=f"^{knob} = ") as err:
@@ -69,6 +72,7 @@ def test_every_default_and_edge_value_passes():
     # grad-sample-mode only chooses how DP-SGD clips: without local DP any value is harmless
     resolve_config(None, {"dp-mode": "central", "tied-output": True, "grad-sample-mode": "ghost"})
     resolve_config(None, {"dp": False, "model": "mf", "grad-sample-mode": "fused"})
+    resolve_config(None, {"run-name": "20261202-043209-sasrec-5p-eps8.v2"})
 
 
 def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
