@@ -27,11 +27,13 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _data_check(args: argparse.Namespace) -> int:
     from client.data_check import check_partner_log
+    from common.data.sequences import MIN_INTERACTIONS
 
     report = check_partner_log(args.data_path, args.catalogue)
     print("\n".join(report.lines()))
     if report.train_users == 0:
-        print("error: no user has a training item; this log cannot train the model", file=sys.stderr)
+        print(f"error: no user has a training example (two training items, so {MIN_INTERACTIONS + 1} interactions with "
+              "catalogue items or more); this log cannot train the model", file=sys.stderr)
         return 2
     for line in report.warnings():
         print(line, file=sys.stderr)

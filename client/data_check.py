@@ -35,7 +35,7 @@ class DataReport:
     known_items: int  # distinct log items that are in the catalogue
     covered_items: int  # catalogue items in the kept users' sequences
     users: int  # users kept (>= MIN_INTERACTIONS interactions with catalogue items): each has 1 validation + 1 test item
-    train_users: int  # users with at least one training item
+    train_users: int  # users with a training example: two training items or more (the DP population)
     train_interactions: int
 
     def lines(self) -> list[str]:
@@ -50,7 +50,8 @@ class DataReport:
             f"catalogue coverage: {self.covered_items} of {self.catalogue_items} items"
             f" ({100.0 * self.covered_items / max(self.catalogue_items, 1):.1f}%)",
             f"users kept: {self.users} (at least {MIN_INTERACTIONS} interactions with catalogue items)",
-            f"leave-one-out split: train {self.train_users} users ({self.train_interactions} interactions),"
+            f"leave-one-out split: train {self.train_users} users with a training example (2+ training items;"
+            f" {self.train_interactions} interactions in all),"
             f" validation {self.users} users, test {self.users} users (one item each)",
         ]
 
@@ -86,6 +87,6 @@ def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.Pat
         known_items=len(known),
         covered_items=len(np.unique(np.concatenate(data.sequences))),
         users=data.num_users,
-        train_users=sum(1 for s in train if len(s) > 0),
+        train_users=len(data.trainable_users()),  # users with a training example (two training items or more)
         train_interactions=int(sum(len(s) for s in train)),
     )

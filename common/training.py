@@ -212,7 +212,7 @@ def training_pairs(data: SequenceData, max_len: int, *, time_features: bool = Fa
             gaps = history_gaps(train, data.timestamps)
             inputs = torch.stack([inputs, pad_left([gaps[u][a:b - 1] for u, a, b in bounds], max_len)], dim=-1)
         return TensorDataset(inputs, pad_left([train[u][a + 1:b] for u, a, b in bounds], max_len))
-    keep = [u for u, h in enumerate(train) if len(h) >= 2]
+    keep = data.trainable_users().tolist()
     histories = [train[u][-(max_len + 1):] for u in keep]
     inputs = pad_left([h[:-1] for h in histories], max_len)
     if time_features:
@@ -513,4 +513,4 @@ def train_local(
 
 def user_count_for_training(data: SequenceData) -> int:
     """Users that contribute a training example (the DP population size)."""
-    return int(np.sum([len(h) >= 2 for h in data.train_sequences()]))
+    return len(data.trainable_users())

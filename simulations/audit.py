@@ -119,7 +119,7 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         raise DataError(f"{run_dir}: the model's catalogue differs from the data set's; was the data changed?")
     model = trained.model
     max_len = int(cfg["max-seq-len"])
-    eligible = np.array([len(h) >= 2 for h in data.train_sequences()])
+    eligible = np.isin(np.arange(data.num_users), data.trainable_users())
     is_held = np.array([u in held for u in data.user_ids.tolist()])
     members = np.flatnonzero(eligible & ~is_held)
     nonmembers = np.flatnonzero(eligible & is_held)

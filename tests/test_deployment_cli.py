@@ -180,6 +180,27 @@ def test_data_check_errors_are_one_line(tmp_path, partner_log, capsys):
 
 
 
+def test_data_check_counts_the_users_training_counts(tmp_path, partner_log, capsys):
+    # A user with 3 events has one training item: no example. The check said "ok" for a log of such users,
+    # and every round that sampled the partner then failed with "no users to train on".
+    from common.data.loaders import load_interactions
+    from common.data.sequences import build_sequences
+    from common.training import user_count_for_training
+
+    three = tmp_path / "three.csv"
+    three.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{(u + 7 * t) % 40},{1000 * u + t}\n"
+                                                             for u in range(60) for t in range(3)))
+    assert client_main(["data", "check", "--data-path", str(three)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no user has a training example")
+    # The count it reports is the DP population the partner's training uses
+    path = partner_log[0]
+    assert client_main(["data", "check", "--data-path", str(path)]) == 0
+    dp_users = user_count_for_training(build_sequences(load_interactions(path)))
+    assert f"train {dp_users} users with a training example" in capsys.readouterr().out
+    assert dp_users < build_sequences(load_interactions(path)).num_users  # the partner log has 3-event users too
+
+
 def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_path, capsys):
     out = tmp_path / "item_text.npz"
     out.write_bytes(b"published")

@@ -86,6 +86,12 @@ class SequenceData:
             h.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def trainable_users(self) -> np.ndarray:
+        """Positions of the users that make a training example: two or more training items (an
+        input and the item after it). They are the DP population: every trainer, the accountant's
+        sample rate, the audit and a partner's data check count these users."""
+        return np.array([u for u, s in enumerate(self.sequences) if len(s) - 2 >= 2], dtype=np.int64)
+
     def item_counts(self) -> np.ndarray:
         """Interactions per item index in the training histories (index 0 = padding, always 0)."""
         counts = np.zeros(self.num_items + 1, dtype=np.int64)

@@ -100,11 +100,11 @@ class MatrixFactorization(nn.Module):
 def mf_examples(data: SequenceData, max_len: int) -> tuple[np.ndarray, torch.Tensor]:
     """(user positions, left-padded training items) of the users that are DP samples.
 
-    The same users as ``common.training.user_count_for_training`` (two or more training
-    items), so the sample rate used for accounting matches the data.
+    The same users as ``common.training.user_count_for_training`` (``data.trainable_users()``),
+    so the sample rate used for accounting matches the data.
     """
     train = data.train_sequences()
-    users = np.array([u for u, h in enumerate(train) if len(h) >= 2], dtype=np.int64)
+    users = data.trainable_users()
     return users, pad_left([train[u] for u in users], max_len)
 
 
