@@ -36,6 +36,9 @@ class PrivacyReport:
         self.node_labels: dict[int, str] = {}
         self.central: dict[str, Any] = {}
         self.central_rounds: list[dict[str, Any]] = []
+        # The rounds the partners' local noise was calibrated for: fixed when the run started (their
+        # ledgers keep that calibration), so a resume with another num-server-rounds does not change it
+        self.planned_rounds = int(cfg["num-server-rounds"])
         self._load_earlier()
 
     def _load_earlier(self) -> None:
@@ -68,6 +71,7 @@ class PrivacyReport:
         central = dict(earlier.get("central", {}))
         self.central_rounds = list(central.pop("rounds", []))
         self.central = central
+        self.planned_rounds = int(earlier.get("local", {}).get("planned-rounds", self.planned_rounds))
 
     # -- fed by the strategy wrappers (server/central_dp.py) ----------------------------------
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -170,9 +174,14 @@ class PrivacyReport:
             out["local"] = {
                 "target-epsilon": cfg["target-epsilon"], "accountant": cfg["accountant"],
                 "max-grad-norm": cfg["max-grad-norm"], "batch-size": cfg["batch-size"],
-                "local-epochs": cfg["local-epochs"], "planned-rounds": cfg["num-server-rounds"],
+                "local-epochs": cfg["local-epochs"], "planned-rounds": self.planned_rounds,
                 "sampling": "poisson",
             }
+            if int(cfg["num-server-rounds"]) != self.planned_rounds:  # a resume asked for another count
+                out["local"]["num-server-rounds"] = cfg["num-server-rounds"]
+                out["local"]["note"] = (f"resumed with num-server-rounds {cfg['num-server-rounds']}; the partners' noise "
+                                        f"was calibrated for the {self.planned_rounds} rounds first planned, and a "
+                                        "partner whose budget is spent refuses the rounds beyond them")
         if self.partners:  # every mode: refusals, and partners that forced their own DP-SGD
             out["partners"] = dict(sorted(self.partners.items()))
         if uses_central_dp(self.mode):

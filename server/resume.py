@@ -75,6 +75,10 @@ def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple
     check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
     if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: metrics for rounds 1..{ckpt.round} are incomplete")
+    if int(cfg["num-server-rounds"]) < ckpt.round:  # equal: finishes the write-up of a run that ended mid-way
+        raise ConfigError(f"num-server-rounds = {cfg['num-server-rounds']}: {run_dir} already completed round "
+                          f"{ckpt.round}; resume with num-server-rounds {ckpt.round} (finish its files) or more "
+                          "(continue it)")
     return run_dir, ckpt
 
 

@@ -128,6 +128,26 @@ def test_start_run_refuses_to_resume_nothing(tmp_path):
         start_run({**cfg, "run-name": "empty"}, CATALOGUE, model)
 
 
+def test_a_resume_keeps_the_rounds_the_partners_noise_was_planned_for(tmp_path):
+    from server.privacy_report import PrivacyReport
+
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 3})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    save_checkpoint(run_dir, a_checkpoint(cfg, model, round_=3))
+    PrivacyReport(run_dir, cfg).write()  # the run as it started: noise planned for 3 rounds
+    # Fewer rounds than completed would run nothing and rewrite the run's record: refused
+    with pytest.raises(ConfigError, match=r"num-server-rounds = 1: .* already completed round 3; resume with "
+                                          r"num-server-rounds 3 \(finish its files\) or more"):
+        start_run({**cfg, "resume": True, "num-server-rounds": 1}, CATALOGUE, model)
+    assert start_run({**cfg, "resume": True}, CATALOGUE, model).num_rounds == 0  # finishes a run's write-up
+    # Extended to 5 rounds: privacy.json still states the plan the partners calibrated for, and says so
+    local = PrivacyReport(run_dir, {**cfg, "resume": True, "num-server-rounds": 5}).as_dict()["local"]
+    assert local["planned-rounds"] == 3 and local["num-server-rounds"] == 5
+    assert "calibrated for the 3 rounds first planned" in local["note"]
+    assert "note" not in PrivacyReport(run_dir, cfg).as_dict()["local"]
+
+
 
 def test_simulation_refuses_to_resume_nothing_before_starting_ray(tmp_path, monkeypatch):
     # It printed the partition table and Ray's warnings and failed inside the ServerApp ~30 s later
@@ -274,6 +294,7 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     wider = base.replace("embedding-dim=8", "embedding-dim=16")  # another model than the checkpointed one
     for run_config, says in [(f'{wider} run-name="r" resume=true', "different arrays"),
                              (f'{base} run-name="ghost" resume=true', "no such run directory to resume"),
+                             (f'{base} run-name="r" resume=true num-server-rounds=1', "already completed round 2"),
                              (f"{base} aggregation='nope'", "aggregation = 'nope' is unknown"),
                              (f'{base} catalogue="/no/such/catalogue.txt"', "no such file")]:
         assert server_main(["check", "--run-config", run_config]) == 2
