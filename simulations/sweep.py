@@ -79,6 +79,7 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{p}: grid key {key!r} needs a non-empty list of values")
+    _refuse_keys_the_sweep_sets(p, sweep, fixed, grid)
     if "output" not in sweep:
         raise ConfigError(f"{p}: [sweep] needs output = \"path/to/results.csv\"")
     seeds = sweep.get("seeds", [fixed.get("seed", DEFAULTS["seed"])])
@@ -91,6 +92,20 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
+
+
+def _refuse_keys_the_sweep_sets(p: Path, sweep: Mapping[str, Any], fixed: Mapping[str, Any],
+                                grid: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` for a key the sweep would overwrite in every run: a [grid] seed (or a [fixed]
+    one beside [sweep] seeds) gave identical runs under one run id; run-dir / run-name were dropped."""
+    if "seed" in grid or ("seed" in fixed and "seeds" in sweep):
+        table = "grid" if "seed" in grid else "fixed"
+        raise ConfigError(f"{p}: [{table}] seed would be replaced by the sweep's seeds; "
+                          "list them under [sweep] as seeds = [1, 2, 3]")
+    for key in ("run-dir", "run-name"):
+        if key in fixed or key in grid:
+            raise ConfigError(f"{p}: {key} is set by the sweep (run directories go under [sweep] runs-dir, "
+                              f"named <name>-<run-id>); remove {key} from [{'fixed' if key in fixed else 'grid'}]")
 
 
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:

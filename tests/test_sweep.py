@@ -251,3 +251,23 @@ def test_a_run_with_damaged_files_fails_its_row_not_the_sweep(tmp_path, monkeypa
     run = next(iter(sweep.expand(spec)))
     row = sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
     assert row["status"].startswith("failed: unreadable run files") and "privacy.json" in row["status"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (TINY.replace('model = ["mf"]', 'model = ["mf"]\nseed = [1, 2, 3]'), r"\[grid\] seed would be replaced .*\[sweep\] as seeds"),
+    (TINY.replace("[fixed]", "[fixed]\nseed = 7"), r"\[fixed\] seed would be replaced"),
+    (TINY.replace("[fixed]", '[fixed]\nrun-dir = "elsewhere"'), r"run-dir is set by the sweep .*remove run-dir from \[fixed\]"),
+    (TINY.replace("[fixed]", '[fixed]\nrun-name = "mine"'), r"run-name is set by the sweep"),
+    (TINY.replace('model = ["mf"]', 'model = ["mf"]\nrun-name = ["a", "b"]'), r"remove run-name from \[grid\]"),
+])
+def test_keys_the_sweep_overwrites_are_refused(tmp_path, text, message):
+    # They were overwritten in every run: a [grid] seed gave identical runs under one run id
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep(write_config(tmp_path, text))
+
+
+def test_a_fixed_seed_without_sweep_seeds_is_the_one_seed(tmp_path):
+    spec = sweep.load_sweep(write_config(tmp_path, TINY.replace("seeds = [1, 2]\n", "").replace("[fixed]", "[fixed]\nseed = 7")))
+    assert [r["seed"] for r in sweep.expand(spec)] == [7]
