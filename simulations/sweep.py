@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from common.cli_args import non_negative_int
-from common.config import DEFAULTS
+from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
+from common.privacy import refuse_many_examples_per_user
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 
@@ -54,6 +55,7 @@ SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [swee
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
            "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
 ROUND_LINE = re.compile(r"round (\d+): HR@")
+ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,9 +91,27 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     timeout = sweep.get("run-timeout", 3600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{p}: [sweep] run-timeout must be a positive number of seconds, got {timeout!r}")
-    return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
+    spec = {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
+    try:
+        for run in expand(spec):
+            check_run(run, spec)
+    except FedRecError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return spec
+
+
+def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config one run's process will get, resolved and checked as ``simulations.run`` does, so
+    a bad value is one line naming its key before the first run starts (it was a traceback from the
+    progress bar, or a failed row per run); returns it."""
+    partners = run["num-partners"]
+    if isinstance(partners, bool) or not isinstance(partners, int) or partners < 1:
+        raise ConfigError(f"num-partners = {partners!r} must be a whole number of partners, at least 1")
+    cfg = resolve_config(None, run_config(run, spec, run_id(run)))
+    refuse_many_examples_per_user(cfg)
+    return cfg
 
 
 def _refuse_keys_the_sweep_sets(p: Path, sweep: Mapping[str, Any], fixed: Mapping[str, Any],
@@ -148,6 +168,11 @@ def run_overrides(run: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_config(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str) -> dict[str, Any]:
+    """One run's ``--run-config`` overrides: its cell's, plus the sweep's run directory and run name."""
+    return {**run_overrides(run), "run-dir": str(spec["runs-dir"]), "run-name": f"{spec['name']}-{rid}"}
+
+
 def _config_arg(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"{key}={str(value).lower()}"
@@ -201,7 +226,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     runs_dir = spec["runs-dir"]
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = f"{spec['name']}-{rid}"
-    overrides = {**run_overrides(run), "run-dir": str(runs_dir), "run-name": name}
+    overrides = run_config(run, spec, rid)
     cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(int(run["num-partners"]))]
     for key, value in overrides.items():
         cmd += ["--run-config", _config_arg(key, value)]
@@ -231,7 +256,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     on_round(int(m.group(1)))
                 if line.startswith("run directory: "):
                     run_dir = Path(line.split(": ", 1)[1].strip())
-                if line.startswith("error:") or "ERROR" in line:
+                if ERROR_LINE.match(line) or "ERROR" in line:
                     last_error = line.strip()[-300:]
             proc.wait()
         except KeyboardInterrupt:

@@ -271,3 +271,41 @@ def test_keys_the_sweep_overwrites_are_refused(tmp_path, text, message):
 def test_a_fixed_seed_without_sweep_seeds_is_the_one_seed(tmp_path):
     spec = sweep.load_sweep(write_config(tmp_path, TINY.replace("seeds = [1, 2]\n", "").replace("[fixed]", "[fixed]\nseed = 7")))
     assert [r["seed"] for r in sweep.expand(spec)] == [7]
+
+
+def test_a_value_of_the_wrong_type_is_one_line_before_any_run(tmp_path, monkeypatch, capsys):
+    # It was a ValueError traceback from the progress bar's int(num-server-rounds)
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run))
+    config = write_config(tmp_path, TINY.replace("num-server-rounds = 1", 'num-server-rounds = "two"'))
+    assert sweep.main([str(config), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {config}: num-server-rounds = 'two' is not a valid int"] and calls == []
+
+
+@pytest.mark.parametrize("line, message", [
+    ('learning-rate = [0.01, -1]', "learning-rate = -1.0 must be a positive number"),  # the second cell only
+    ('num-partners = [2, 0]', "num-partners = 0 must be a whole number of partners"),
+    ('history-windows = [true]', "history-windows = true needs dp = false"),  # model=mf with target-epsilon 8
+    ('dp-mode = ["centrall"]', "dp-mode = 'centrall' is unknown"),
+])
+def test_every_cell_is_checked_as_the_run_would_check_it(tmp_path, line, message):
+    from common.errors import ConfigError
+
+    text = TINY.replace('target-epsilon = ["inf"]', "target-epsilon = [8]").replace("num-partners = [2]\n", "")
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep(write_config(tmp_path, f"{text}{line}\n"))
+
+
+def test_a_failed_runs_row_gives_the_runners_argparse_error(tmp_path, monkeypatch):
+    import sys
+
+    # simulations.run's own argument errors are argparse's "run.py: error: ..."; the row said only "see <log>"
+    fake = tmp_path / "refusing-python"
+    fake.write_text("#!/bin/sh\necho 'usage: run.py [-h]'\necho 'run.py: error: argument --num-gpus: bad' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    row = sweep.execute(run, spec, sweep.run_id(run))
+    assert row["status"] == "failed (exit 2): run.py: error: argument --num-gpus: bad"
