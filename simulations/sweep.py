@@ -276,15 +276,16 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     row.update({k: last.get(k) for k in METRICS})
     row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
     # The run's stated guarantee (privacy.json, as the audit reads it): the last metrics line has
-    # local DP only, so a central-DP run read as epsilon 0
+    # local DP only, so a central-DP run read as epsilon 0. target-epsilon = "inf" only drops the local
+    # budget: a central-DP run keeps the coordinator's epsilon (it read "inf", i.e. no DP)
     try:
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else dict(run)
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() \
+            else run_overrides(run)
         claim = claimed_privacy(run_dir, saved)
     except (ValueError, FedRecError) as exc:  # one run's damaged files fail that row, not the sweep
         row["status"] = f"failed: unreadable run files ({exc})"
         return row
-    row["epsilon"], row["delta"] = ("inf", "") if is_no_dp(run) or claim["epsilon"] == math.inf else \
-        (claim["epsilon"], claim["delta"])
+    row["epsilon"], row["delta"] = ("inf", "") if claim["epsilon"] == math.inf else (claim["epsilon"], claim["delta"])
     if not any(x.get("num-partners") is not None for x in lines):
         # Every round failed (e.g. every update rejected): the model is the untrained one
         row["status"] = f"failed: no round aggregated an update (see {log_path})"

@@ -174,7 +174,7 @@ def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypat
     assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
 
 
-def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config):
+def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
     """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
     import sys
 
@@ -189,7 +189,7 @@ def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config):
     monkeypatch.setattr(sys, "executable", str(fake))
     spec = sweep.load_sweep(write_config(tmp_path))
     run = next(iter(sweep.expand(spec)))
-    return sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
+    return sweep.execute({**run, **(cell or {"target-epsilon": 8.0})}, spec, sweep.run_id(run))
 
 
 def test_a_central_dp_run_records_the_coordinators_epsilon(tmp_path, monkeypatch):
@@ -309,3 +309,42 @@ def test_a_failed_runs_row_gives_the_runners_argparse_error(tmp_path, monkeypatc
     run = next(iter(sweep.expand(spec)))
     row = sweep.execute(run, spec, sweep.run_id(run))
     assert row["status"] == "failed (exit 2): run.py: error: argument --num-gpus: bad"
+
+
+@pytest.mark.parametrize("mode", ["central", "both"])
+def test_a_central_dp_run_without_a_local_budget_records_the_coordinators_epsilon(tmp_path, monkeypatch, mode):
+    # target-epsilon = "inf" drops local DP only; the row said epsilon inf (no DP) beside a finite guarantee
+    line = {"round": 1, "ndcg@10": 0.2, "epsilon": 0.0, "delta": 0.0, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={"central": {"epsilon": 4.729, "delta": 1e-5}},
+                        config={"dp": True, "dp-mode": "central"}, cell={"target-epsilon": "inf", "dp-mode": mode})
+    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == (4.729, 1e-5)
+
+
+def test_a_run_without_any_dp_records_epsilon_inf(tmp_path, monkeypatch):
+    line = {"round": 1, "ndcg@10": 0.2, "epsilon": None, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={}, config={"dp": False, "dp-mode": "off"},
+                        cell={"target-epsilon": "inf"})
+    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == ("inf", "")
+
+
+def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from simulations.plots import plot_sweep
+
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,dp-mode,seed,target-epsilon,epsilon,ndcg@10,run-dir\n"
+                    f"a,ok,central,1,inf,4.729,0.1,{tmp_path}\nb,ok,off,1,inf,inf,0.3,{tmp_path}\n"
+                    f"c,ok,local,1,8,7.998,0.05,{tmp_path}\n")
+    ticks, points = [], []
+    real_ticks, real_scatter = Axes.set_xticks, Axes.scatter
+    monkeypatch.setattr(Axes, "set_xticks", lambda self, t, labels=None, **k: ticks.append(list(labels))
+                        or real_ticks(self, t, labels, **k))
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **k: points.extend(zip(map(float, x), map(float, y)))
+                        or real_scatter(self, x, y, **k))
+    plot_sweep(path)
+    assert ticks == [["4.729", "8", "no DP"]]
+    assert sorted(points) == [(4.729, 0.1), (8.0, 0.05), (16.0, 0.3)]  # no DP at twice the largest finite epsilon
