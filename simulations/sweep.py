@@ -45,7 +45,7 @@ from typing import Any
 from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
-from common.privacy import refuse_many_examples_per_user
+from common.privacy import dp_mode, refuse_many_examples_per_user, uses_local_dp
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 
@@ -95,8 +95,10 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
     try:
+        unused: set[str] = set()
         for run in expand(spec):
-            check_run(run, spec)
+            unused |= unused_budget_keys(run, check_run(run, spec))
+        _refuse_a_grid_of_no_effect(grid, unused)
     except FedRecError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     return spec
@@ -166,6 +168,30 @@ def run_overrides(run: Mapping[str, Any]) -> dict[str, Any]:
             out["dp"] = False
             out["dp-mode"] = "off"
     return out
+
+
+def unused_budget_keys(run: Mapping[str, Any], cfg: Mapping[str, Any]) -> set[str]:
+    """The privacy-budget knobs that change nothing in ``run`` (``cfg``: the config it runs with):
+    target-epsilon without DP-SGD at the partners (dp-mode central or off; "inf" is what turns DP-SGD
+    off, so a run asking for it uses it), target-delta without any DP (central DP accounts at it)."""
+    asked = resolve_config(None, {k: run[k] for k in ("dp", "dp-mode") if k in run})
+    unused = set() if uses_local_dp(dp_mode(asked)) else {"target-epsilon"}
+    return unused | ({"target-delta"} if dp_mode(cfg) == "off" else set())
+
+
+_NO_EFFECT = {  # budget knob -> (the runs that ignore it, the runs to sweep it over instead)
+    "target-epsilon": ("DP-SGD at the partners (dp-mode central or off)", 'dp-mode "local" or "both"'),
+    "target-delta": ('DP at all (dp-mode off, dp = false, or target-epsilon = "inf" without central DP)', "DP"),
+}
+
+
+def _refuse_a_grid_of_no_effect(grid: Mapping[str, Any], unused: set[str]) -> None:
+    """A [grid] that varies a budget knob some runs ignore gave those runs' cells one run each time
+    over, drawn at the knob's value as if it had been their budget."""
+    for key in sorted(unused & {k for k, values in grid.items() if len(values) > 1}):
+        ignoring, instead = _NO_EFFECT[key]
+        raise ConfigError(f"[grid] {key} varies, but some runs have no {ignoring}, where it changes nothing; "
+                          f"vary it in a sweep of runs with {instead} only")
 
 
 def run_config(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str) -> dict[str, Any]:

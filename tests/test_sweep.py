@@ -348,3 +348,25 @@ def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tm
     plot_sweep(path)
     assert ticks == [["4.729", "8", "no DP"]]
     assert sorted(points) == [(4.729, 0.1), (8.0, 0.05), (16.0, 0.3)]  # no DP at twice the largest finite epsilon
+
+
+@pytest.mark.parametrize("fixed, grid, message", [
+    ('dp-mode = "central"', "target-epsilon = [1, 8]", r"\[grid\] target-epsilon varies, .*dp-mode central or off"),
+    ('dp-mode = "central"', 'target-epsilon = [8, "inf"]', "target-epsilon varies"),
+    ("dp = false", "target-epsilon = [1, 8]", "target-epsilon varies"),
+    ("", 'target-epsilon = [8]\ndp-mode = ["local", "central"]', None),  # no budget to compare: allowed
+    ("", 'target-epsilon = [1, 8]\ndp-mode = ["local", "off"]', "target-epsilon varies"),
+    ("", 'target-epsilon = [1, 8, "inf"]\ndp-mode = ["local", "both"]', None),  # every run has DP-SGD (or "inf" drops it)
+    ('dp-mode = "central"', "target-delta = [1e-5, 1e-6]", None),  # central DP accounts at target-delta
+    ("", 'target-epsilon = [8, "inf"]\ntarget-delta = [1e-5, 1e-6]', r"target-delta varies, .*DP at all"),
+])
+def test_a_grid_over_a_budget_some_runs_ignore_is_refused(tmp_path, fixed, grid, message):
+    # dp-mode central ignores target-epsilon: its cells were one run each time over, plotted at x = the target
+    from common.errors import ConfigError
+
+    text = TINY.replace("[fixed]", f"[fixed]\n{fixed}").replace('target-epsilon = ["inf"]', grid)
+    if message is None:
+        assert sweep.load_sweep(write_config(tmp_path, text))["grid"]
+    else:
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(write_config(tmp_path, text))
