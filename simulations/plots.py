@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,14 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from simulations.run_claims import metrics_lines  # noqa: E402
+
 IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon"}
 
 
 def _rounds(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """The run's rounds; a line cut short by a crash mid-write is skipped with a warning (it stopped the sweep)."""
+    return metrics_lines(Path(run_dir) / "metrics.jsonl")
 
 
 def plot_run(run_dir: Path) -> list[Path]:

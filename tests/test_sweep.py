@@ -370,3 +370,17 @@ def test_a_grid_over_a_budget_some_runs_ignore_is_refused(tmp_path, fixed, grid,
     else:
         with pytest.raises(ConfigError, match=message):
             sweep.load_sweep(write_config(tmp_path, text))
+
+
+def test_plots_skip_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
+    from simulations.plots import plot_run, plot_sweep
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "ndcg@10": 0.1, "partner-ndcg@10": [0.1, 0.2]})
+                                           + '\n{"round": 2, "ndcg@1')  # JSONDecodeError stopped the whole sweep
+    path = tmp_path / "r.csv"
+    path.write_text(f"run-id,status,model,seed,target-epsilon,ndcg@10,run-dir\na,ok,mf,1,8,0.1,{run_dir}\n")
+    assert plot_run(run_dir) == [run_dir / "rounds.png", run_dir / "partners.png"]
+    assert [p.name for p in plot_sweep(path)] == ["r_ndcg_vs_epsilon.png", "r_rounds.png", "r_partners.png"]
+    assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
