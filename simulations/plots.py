@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,14 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from simulations.run_claims import metrics_lines  # noqa: E402
+
 IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon"}
 
 
 def _rounds(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """The run's rounds; a line cut short by a crash mid-write is skipped with a warning (it stopped the sweep)."""
+    return metrics_lines(Path(run_dir) / "metrics.jsonl")
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -61,9 +60,16 @@ def plot_run(run_dir: Path) -> list[Path]:
     return out
 
 
-def _epsilon_x(value: object, finite_max: float) -> float:
-    eps = float(value) if str(value).lower() not in ("inf", "none", "") else math.inf
-    return eps if math.isfinite(eps) else finite_max * 2
+def _as_epsilon(value: object) -> float:
+    text = str(value).strip().lower()
+    return math.inf if text in ("inf", "none", "", "nan") else float(text)
+
+
+def _run_epsilon(row: pd.Series) -> float:
+    """A run's x: its target epsilon per partner; without a local budget (target "inf") the epsilon it
+    states (central DP: the coordinator's), so only a run with no DP at all is drawn at "no DP"."""
+    target = _as_epsilon(row["target-epsilon"])
+    return target if math.isfinite(target) else _as_epsilon(row.get("epsilon", "inf"))
 
 
 def _label(row: pd.Series, keys: list[str]) -> str:
@@ -84,19 +90,22 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     stem = csv_path.with_suffix("")
 
     if "target-epsilon" in frame.columns:
-        finite = [float(e) for e in frame["target-epsilon"].astype(str) if e.lower() not in ("inf", "none", "nan")]
+        epsilons = frame.apply(_run_epsilon, axis=1)
+        finite = [e for e in epsilons if math.isfinite(e)]
         fmax = max(finite) if finite else 1.0
         fig, ax = plt.subplots(figsize=(6, 4))
         for key, g in groups:
-            xs = g["target-epsilon"].map(lambda e: _epsilon_x(e, fmax))
+            xs = epsilons[g.index].map(lambda e: e if math.isfinite(e) else fmax * 2)
             stats = g.assign(x=xs).groupby("x")["ndcg@10"].agg(["mean", "min", "max"]).sort_index()
             line = ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
                                marker="o", capsize=3, label=_label(g.iloc[0], varying))
             ax.scatter(xs, g["ndcg@10"], s=10, alpha=0.5, color=line[0].get_color())
-        ticks = sorted({_epsilon_x(e, fmax) for e in frame["target-epsilon"]})
+        ticks = sorted({e if math.isfinite(e) else fmax * 2 for e in epsilons})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
-        ax.set_xlabel("target epsilon per partner (user-level)")
+        stated = any(math.isfinite(e) and not math.isfinite(_as_epsilon(t)) for e, t in zip(epsilons, frame["target-epsilon"]))
+        ax.set_xlabel("target epsilon per partner (user-level)"
+                      + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
         ax.set_ylabel("NDCG@10 (test, full ranking)")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -11,7 +11,7 @@ A config (TOML) has three tables::
     [fixed]                        # run-config keys shared by all cells (any key of [tool.flwr.app.config])
     dataset = "../shared/data/ml-100k"
     [grid]                         # run-config keys -> lists of values; the cells are their product
-    target-epsilon = [1, 8, "inf"] # "inf" = no DP (dp = false)
+    target-epsilon = [1, 8, "inf"] # "inf" = no DP-SGD at the partners (README)
     model = ["sasrec", "mf"]
     num-partners = [5]             # not a run-config key: the number of simulated partners
 
@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from common.cli_args import non_negative_int
-from common.config import DEFAULTS
+from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
+from common.privacy import dp_mode, refuse_many_examples_per_user, uses_local_dp
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 
@@ -54,6 +55,7 @@ SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [swee
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
            "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
 ROUND_LINE = re.compile(r"round (\d+): HR@")
+ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -79,6 +81,7 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{p}: grid key {key!r} needs a non-empty list of values")
+    _refuse_keys_the_sweep_sets(p, sweep, fixed, grid)
     if "output" not in sweep:
         raise ConfigError(f"{p}: [sweep] needs output = \"path/to/results.csv\"")
     seeds = sweep.get("seeds", [fixed.get("seed", DEFAULTS["seed"])])
@@ -88,9 +91,43 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     timeout = sweep.get("run-timeout", 3600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{p}: [sweep] run-timeout must be a positive number of seconds, got {timeout!r}")
-    return {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
+    spec = {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
             "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
+    try:
+        unused: set[str] = set()
+        for run in expand(spec):
+            unused |= unused_budget_keys(run, check_run(run, spec))
+        _refuse_a_grid_of_no_effect(grid, unused)
+    except FedRecError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return spec
+
+
+def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config one run's process will get, resolved and checked as ``simulations.run`` does, so
+    a bad value is one line naming its key before the first run starts (it was a traceback from the
+    progress bar, or a failed row per run); returns it."""
+    partners = run["num-partners"]
+    if isinstance(partners, bool) or not isinstance(partners, int) or partners < 1:
+        raise ConfigError(f"num-partners = {partners!r} must be a whole number of partners, at least 1")
+    cfg = resolve_config(None, run_config(run, spec, run_id(run)))
+    refuse_many_examples_per_user(cfg)
+    return cfg
+
+
+def _refuse_keys_the_sweep_sets(p: Path, sweep: Mapping[str, Any], fixed: Mapping[str, Any],
+                                grid: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` for a key the sweep would overwrite in every run: a [grid] seed (or a [fixed]
+    one beside [sweep] seeds) gave identical runs under one run id; run-dir / run-name were dropped."""
+    if "seed" in grid or ("seed" in fixed and "seeds" in sweep):
+        table = "grid" if "seed" in grid else "fixed"
+        raise ConfigError(f"{p}: [{table}] seed would be replaced by the sweep's seeds; "
+                          "list them under [sweep] as seeds = [1, 2, 3]")
+    for key in ("run-dir", "run-name"):
+        if key in fixed or key in grid:
+            raise ConfigError(f"{p}: {key} is set by the sweep (run directories go under [sweep] runs-dir, "
+                              f"named <name>-<run-id>); remove {key} from [{'fixed' if key in fixed else 'grid'}]")
 
 
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -131,6 +168,35 @@ def run_overrides(run: Mapping[str, Any]) -> dict[str, Any]:
             out["dp"] = False
             out["dp-mode"] = "off"
     return out
+
+
+def unused_budget_keys(run: Mapping[str, Any], cfg: Mapping[str, Any]) -> set[str]:
+    """The privacy-budget knobs that change nothing in ``run`` (``cfg``: the config it runs with):
+    target-epsilon without DP-SGD at the partners (dp-mode central or off; "inf" is what turns DP-SGD
+    off, so a run asking for it uses it), target-delta without any DP (central DP accounts at it)."""
+    asked = resolve_config(None, {k: run[k] for k in ("dp", "dp-mode") if k in run})
+    unused = set() if uses_local_dp(dp_mode(asked)) else {"target-epsilon"}
+    return unused | ({"target-delta"} if dp_mode(cfg) == "off" else set())
+
+
+_NO_EFFECT = {  # budget knob -> (the runs that ignore it, the runs to sweep it over instead)
+    "target-epsilon": ("DP-SGD at the partners (dp-mode central or off)", 'dp-mode "local" or "both"'),
+    "target-delta": ('DP at all (dp-mode off, dp = false, or target-epsilon = "inf" without central DP)', "DP"),
+}
+
+
+def _refuse_a_grid_of_no_effect(grid: Mapping[str, Any], unused: set[str]) -> None:
+    """A [grid] that varies a budget knob some runs ignore gave those runs' cells one run each time
+    over, drawn at the knob's value as if it had been their budget."""
+    for key in sorted(unused & {k for k, values in grid.items() if len(values) > 1}):
+        ignoring, instead = _NO_EFFECT[key]
+        raise ConfigError(f"[grid] {key} varies, but some runs have no {ignoring}, where it changes nothing; "
+                          f"vary it in a sweep of runs with {instead} only")
+
+
+def run_config(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str) -> dict[str, Any]:
+    """One run's ``--run-config`` overrides: its cell's, plus the sweep's run directory and run name."""
+    return {**run_overrides(run), "run-dir": str(spec["runs-dir"]), "run-name": f"{spec['name']}-{rid}"}
 
 
 def _config_arg(key: str, value: Any) -> str:
@@ -186,7 +252,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     runs_dir = spec["runs-dir"]
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = f"{spec['name']}-{rid}"
-    overrides = {**run_overrides(run), "run-dir": str(runs_dir), "run-name": name}
+    overrides = run_config(run, spec, rid)
     cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(int(run["num-partners"]))]
     for key, value in overrides.items():
         cmd += ["--run-config", _config_arg(key, value)]
@@ -216,7 +282,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     on_round(int(m.group(1)))
                 if line.startswith("run directory: "):
                     run_dir = Path(line.split(": ", 1)[1].strip())
-                if line.startswith("error:") or "ERROR" in line:
+                if ERROR_LINE.match(line) or "ERROR" in line:
                     last_error = line.strip()[-300:]
             proc.wait()
         except KeyboardInterrupt:
@@ -236,15 +302,16 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     row.update({k: last.get(k) for k in METRICS})
     row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
     # The run's stated guarantee (privacy.json, as the audit reads it): the last metrics line has
-    # local DP only, so a central-DP run read as epsilon 0
+    # local DP only, so a central-DP run read as epsilon 0. target-epsilon = "inf" only drops the local
+    # budget: a central-DP run keeps the coordinator's epsilon (it read "inf", i.e. no DP)
     try:
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else dict(run)
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() \
+            else run_overrides(run)
         claim = claimed_privacy(run_dir, saved)
     except (ValueError, FedRecError) as exc:  # one run's damaged files fail that row, not the sweep
         row["status"] = f"failed: unreadable run files ({exc})"
         return row
-    row["epsilon"], row["delta"] = ("inf", "") if is_no_dp(run) or claim["epsilon"] == math.inf else \
-        (claim["epsilon"], claim["delta"])
+    row["epsilon"], row["delta"] = ("inf", "") if claim["epsilon"] == math.inf else (claim["epsilon"], claim["delta"])
     if not any(x.get("num-partners") is not None for x in lines):
         # Every round failed (e.g. every update rejected): the model is the untrained one
         row["status"] = f"failed: no round aggregated an update (see {log_path})"

@@ -174,7 +174,7 @@ def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypat
     assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
 
 
-def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config):
+def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
     """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
     import sys
 
@@ -189,7 +189,7 @@ def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config):
     monkeypatch.setattr(sys, "executable", str(fake))
     spec = sweep.load_sweep(write_config(tmp_path))
     run = next(iter(sweep.expand(spec)))
-    return sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
+    return sweep.execute({**run, **(cell or {"target-epsilon": 8.0})}, spec, sweep.run_id(run))
 
 
 def test_a_central_dp_run_records_the_coordinators_epsilon(tmp_path, monkeypatch):
@@ -251,3 +251,136 @@ def test_a_run_with_damaged_files_fails_its_row_not_the_sweep(tmp_path, monkeypa
     run = next(iter(sweep.expand(spec)))
     row = sweep.execute({**run, "target-epsilon": 8.0}, spec, sweep.run_id(run))
     assert row["status"].startswith("failed: unreadable run files") and "privacy.json" in row["status"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (TINY.replace('model = ["mf"]', 'model = ["mf"]\nseed = [1, 2, 3]'), r"\[grid\] seed would be replaced .*\[sweep\] as seeds"),
+    (TINY.replace("[fixed]", "[fixed]\nseed = 7"), r"\[fixed\] seed would be replaced"),
+    (TINY.replace("[fixed]", '[fixed]\nrun-dir = "elsewhere"'), r"run-dir is set by the sweep .*remove run-dir from \[fixed\]"),
+    (TINY.replace("[fixed]", '[fixed]\nrun-name = "mine"'), r"run-name is set by the sweep"),
+    (TINY.replace('model = ["mf"]', 'model = ["mf"]\nrun-name = ["a", "b"]'), r"remove run-name from \[grid\]"),
+])
+def test_keys_the_sweep_overwrites_are_refused(tmp_path, text, message):
+    # They were overwritten in every run: a [grid] seed gave identical runs under one run id
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep(write_config(tmp_path, text))
+
+
+def test_a_fixed_seed_without_sweep_seeds_is_the_one_seed(tmp_path):
+    spec = sweep.load_sweep(write_config(tmp_path, TINY.replace("seeds = [1, 2]\n", "").replace("[fixed]", "[fixed]\nseed = 7")))
+    assert [r["seed"] for r in sweep.expand(spec)] == [7]
+
+
+def test_a_value_of_the_wrong_type_is_one_line_before_any_run(tmp_path, monkeypatch, capsys):
+    # It was a ValueError traceback from the progress bar's int(num-server-rounds)
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run))
+    config = write_config(tmp_path, TINY.replace("num-server-rounds = 1", 'num-server-rounds = "two"'))
+    assert sweep.main([str(config), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {config}: num-server-rounds = 'two' is not a valid int"] and calls == []
+
+
+@pytest.mark.parametrize("line, message", [
+    ('learning-rate = [0.01, -1]', "learning-rate = -1.0 must be a positive number"),  # the second cell only
+    ('num-partners = [2, 0]', "num-partners = 0 must be a whole number of partners"),
+    ('history-windows = [true]', "history-windows = true needs dp = false"),  # model=mf with target-epsilon 8
+    ('dp-mode = ["centrall"]', "dp-mode = 'centrall' is unknown"),
+])
+def test_every_cell_is_checked_as_the_run_would_check_it(tmp_path, line, message):
+    from common.errors import ConfigError
+
+    text = TINY.replace('target-epsilon = ["inf"]', "target-epsilon = [8]").replace("num-partners = [2]\n", "")
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep(write_config(tmp_path, f"{text}{line}\n"))
+
+
+def test_a_failed_runs_row_gives_the_runners_argparse_error(tmp_path, monkeypatch):
+    import sys
+
+    # simulations.run's own argument errors are argparse's "run.py: error: ..."; the row said only "see <log>"
+    fake = tmp_path / "refusing-python"
+    fake.write_text("#!/bin/sh\necho 'usage: run.py [-h]'\necho 'run.py: error: argument --num-gpus: bad' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    row = sweep.execute(run, spec, sweep.run_id(run))
+    assert row["status"] == "failed (exit 2): run.py: error: argument --num-gpus: bad"
+
+
+@pytest.mark.parametrize("mode", ["central", "both"])
+def test_a_central_dp_run_without_a_local_budget_records_the_coordinators_epsilon(tmp_path, monkeypatch, mode):
+    # target-epsilon = "inf" drops local DP only; the row said epsilon inf (no DP) beside a finite guarantee
+    line = {"round": 1, "ndcg@10": 0.2, "epsilon": 0.0, "delta": 0.0, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={"central": {"epsilon": 4.729, "delta": 1e-5}},
+                        config={"dp": True, "dp-mode": "central"}, cell={"target-epsilon": "inf", "dp-mode": mode})
+    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == (4.729, 1e-5)
+
+
+def test_a_run_without_any_dp_records_epsilon_inf(tmp_path, monkeypatch):
+    line = {"round": 1, "ndcg@10": 0.2, "epsilon": None, "num-partners": 2.0}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={}, config={"dp": False, "dp-mode": "off"},
+                        cell={"target-epsilon": "inf"})
+    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == ("inf", "")
+
+
+def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from simulations.plots import plot_sweep
+
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,dp-mode,seed,target-epsilon,epsilon,ndcg@10,run-dir\n"
+                    f"a,ok,central,1,inf,4.729,0.1,{tmp_path}\nb,ok,off,1,inf,inf,0.3,{tmp_path}\n"
+                    f"c,ok,local,1,8,7.998,0.05,{tmp_path}\n")
+    ticks, points = [], []
+    real_ticks, real_scatter = Axes.set_xticks, Axes.scatter
+    monkeypatch.setattr(Axes, "set_xticks", lambda self, t, labels=None, **k: ticks.append(list(labels))
+                        or real_ticks(self, t, labels, **k))
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **k: points.extend(zip(map(float, x), map(float, y)))
+                        or real_scatter(self, x, y, **k))
+    plot_sweep(path)
+    assert ticks == [["4.729", "8", "no DP"]]
+    assert sorted(points) == [(4.729, 0.1), (8.0, 0.05), (16.0, 0.3)]  # no DP at twice the largest finite epsilon
+
+
+@pytest.mark.parametrize("fixed, grid, message", [
+    ('dp-mode = "central"', "target-epsilon = [1, 8]", r"\[grid\] target-epsilon varies, .*dp-mode central or off"),
+    ('dp-mode = "central"', 'target-epsilon = [8, "inf"]', "target-epsilon varies"),
+    ("dp = false", "target-epsilon = [1, 8]", "target-epsilon varies"),
+    ("", 'target-epsilon = [8]\ndp-mode = ["local", "central"]', None),  # no budget to compare: allowed
+    ("", 'target-epsilon = [1, 8]\ndp-mode = ["local", "off"]', "target-epsilon varies"),
+    ("", 'target-epsilon = [1, 8, "inf"]\ndp-mode = ["local", "both"]', None),  # every run has DP-SGD (or "inf" drops it)
+    ('dp-mode = "central"', "target-delta = [1e-5, 1e-6]", None),  # central DP accounts at target-delta
+    ("", 'target-epsilon = [8, "inf"]\ntarget-delta = [1e-5, 1e-6]', r"target-delta varies, .*DP at all"),
+])
+def test_a_grid_over_a_budget_some_runs_ignore_is_refused(tmp_path, fixed, grid, message):
+    # dp-mode central ignores target-epsilon: its cells were one run each time over, plotted at x = the target
+    from common.errors import ConfigError
+
+    text = TINY.replace("[fixed]", f"[fixed]\n{fixed}").replace('target-epsilon = ["inf"]', grid)
+    if message is None:
+        assert sweep.load_sweep(write_config(tmp_path, text))["grid"]
+    else:
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(write_config(tmp_path, text))
+
+
+def test_plots_skip_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
+    from simulations.plots import plot_run, plot_sweep
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "ndcg@10": 0.1, "partner-ndcg@10": [0.1, 0.2]})
+                                           + '\n{"round": 2, "ndcg@1')  # JSONDecodeError stopped the whole sweep
+    path = tmp_path / "r.csv"
+    path.write_text(f"run-id,status,model,seed,target-epsilon,ndcg@10,run-dir\na,ok,mf,1,8,0.1,{run_dir}\n")
+    assert plot_run(run_dir) == [run_dir / "rounds.png", run_dir / "partners.png"]
+    assert [p.name for p in plot_sweep(path)] == ["r_ndcg_vs_epsilon.png", "r_rounds.png", "r_partners.png"]
+    assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
