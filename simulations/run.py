@@ -8,7 +8,6 @@ Knobs are those of ``[tool.flwr.app.config]``; ``--run-config`` overrides them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
+from simulations.run_claims import metrics_lines  # noqa: E402
 
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_run_config(args.run_config)
     run_dir = run_federation(overrides, args.num_partners, gpus_per_client=args.num_gpus,
                              cpus_per_client=args.cpus_per_client)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+    lines = metrics_lines(run_dir / "metrics.jsonl")  # a line cut short by a crash is skipped with a warning
     if not lines:
         print(f"error: no round completed; see {run_dir}", file=sys.stderr)
         return 1

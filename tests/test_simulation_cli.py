@@ -87,3 +87,17 @@ def test_benchmark_modes_and_baseline_holdout_mistakes_are_one_line(tmp_path, ca
     assert "leaves no user" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         baselines.main(["--dataset", str(log), "--holdout-fraction", "0.2", "--blend-model", str(tmp_path)])
+
+
+def test_the_runner_reports_a_run_whose_metrics_end_in_a_line_cut_short(tmp_path, monkeypatch, capsys):
+    # A server killed mid-write leaves half a line: the runner printed a JSONDecodeError traceback
+    import simulations.run as runner
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "ndcg@10": 0.1}\n{"round": 2, "ndc')
+    (run_dir / "summary.md").write_text("# summary\n")
+    monkeypatch.setattr(runner, "run_federation", lambda *a, **k: run_dir)
+    assert runner.main(["--num-partners", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "run directory: " in out and "skipped 1 unreadable line" in err
