@@ -145,9 +145,20 @@ _IGNORED_BY = {
 }
 
 
+# The knobs only one aggregation or partitioning reads (num-malicious-nodes is Krum's f, not a fault
+# injector: simulations.fault_injection makes partners malicious)
+_READ_ONLY_BY = {
+    ("aggregation", "proximal-mu"): "fedprox", ("aggregation", "server-learning-rate"): "fedadam",
+    ("aggregation", "trim-fraction"): "trimmed-mean", ("aggregation", "num-malicious-nodes"): "krum",
+    ("partitioning", "dirichlet-alpha"): "dirichlet", ("partitioning", "size-skew-power"): "size-skew",
+}
+
+
 def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
-    """Knobs of ``cfg`` set away from their default that its ``model`` ignores (the server warns once)."""
+    """Knobs of ``cfg`` set away from their default that its ``model``, ``aggregation`` or
+    ``partitioning`` ignores (the server warns once, ``fedrec-server check`` notes them)."""
     ignored = list(_IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()))
+    ignored += [knob for (choice, knob), reader in _READ_ONLY_BY.items() if cfg.get(choice, DEFAULTS[choice]) != reader]
     # The encoder knobs only matter where item texts get encoded: not for id-only items, and not
     # beside a published features file (its encoder is the one the coordinator used)
     if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):

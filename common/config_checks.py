@@ -103,6 +103,11 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
     if mode == "ghost" and cfg.get("tied-output") and model == "sasrec" and features in ("id", "id+text"):
         raise ConfigError("grad-sample-mode = \"ghost\" cannot clip tied-output = true (Opacus' ghost clipping "
                           "refuses one weight in two layers); use auto, fused or hooks")
+    pull = float(cfg.get("learning-rate", 0.0)) * float(cfg.get("proximal-mu", 0.0))
+    if cfg.get("aggregation") == "fedprox" and pull >= 1:  # common/proximal.py refused it in every partner, every round
+        raise ConfigError(f"proximal-mu = {cfg['proximal-mu']!r} with learning-rate = {cfg['learning-rate']!r}: "
+                          f"each local step pulls learning-rate x proximal-mu = {pull:g} of the way back to the "
+                          "global model, which must be < 1 (the pull would overshoot)")
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")

@@ -41,8 +41,10 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(context.run_config, overrides)
         if ignored := ignored_knobs(cfg):
-            log(WARNING, "%s change nothing in this run (model = %s, item-features = %s%s)", ", ".join(ignored),
-                cfg["model"], cfg["item-features"], ", published item-text-features" if cfg["item-text-features"] else "")
+            log(WARNING, "%s change nothing in this run (model = %s, item-features = %s%s, aggregation = %s, "
+                "partitioning = %s)", ", ".join(ignored), cfg["model"], cfg["item-features"],
+                ", published item-text-features" if cfg["item-text-features"] else "", cfg["aggregation"],
+                cfg["partitioning"])
 
         items, model = initial_model(cfg)  # before a run directory exists
         fingerprint = catalogue_fingerprint(items)

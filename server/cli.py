@@ -89,7 +89,8 @@ def _check(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(None, parse_run_config(args.run_config))
     if ignored := ignored_knobs(cfg):
-        print(f"note: {', '.join(ignored)} change nothing with model = {cfg['model']}, item-features = {cfg['item-features']}")
+        print(f"note: {', '.join(ignored)} change nothing with model = {cfg['model']}, item-features = "
+              f"{cfg['item-features']}, aggregation = {cfg['aggregation']}, partitioning = {cfg['partitioning']}")
     items, model = initial_model(cfg)
     size = sum(p.numel() for p in model.state_dict().values())
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")

@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
     # ranges of features that are off in this run (were checked only once switched on)
     ({"central-clipping": "bogus"}, "central-clipping"), ({"central-clipping-norm": -3.0}, "central-clipping-norm"),
     ({"trim-fraction": 0.9}, "trim-fraction"), ({"proximal-mu": -0.5}, "proximal-mu"),
+    ({"aggregation": "fedprox", "proximal-mu": 1000.0}, "proximal-mu"),  # lr 0.002 x 1000 = 2: every partner refused
     # fifteenth session (a review): a path as run-name put the run's files outside run-dir
     ({"run-name": "/tmp/x/escaped"}, "run-name"), ({"run-name": "../e2"}, "run-name"), ({"run-name": "a/b"}, "run-name"),
     ({"run-name": ".."}, "run-name"), ({"run-name": "a\\b"}, "run-name"),
@@ -108,3 +109,12 @@ def test_knobs_the_model_ignores_are_named():
     assert ignored_knobs(resolve_config(None, {**encoder, "item-features": "text"})) == []
     assert ignored_knobs(resolve_config(None, {**encoder, "item-features": "text", "item-text-features": "f.npz"})) == [
         "item-text-model", "item-text-quantize"]
+    # knobs only one aggregation or partitioning reads (fifteenth session, a review)
+    for knob, value, choice, reader in (("proximal-mu", 0.5, "aggregation", "fedprox"),
+                                        ("server-learning-rate", 1.0, "aggregation", "fedadam"),
+                                        ("trim-fraction", 0.4, "aggregation", "trimmed-mean"),
+                                        ("num-malicious-nodes", 2, "aggregation", "krum"),
+                                        ("dirichlet-alpha", 0.1, "partitioning", "dirichlet"),
+                                        ("size-skew-power", 3.0, "partitioning", "size-skew")):
+        assert ignored_knobs(resolve_config(None, {knob: value})) == [knob]
+        assert ignored_knobs(resolve_config(None, {knob: value, choice: reader, "min-nodes": 5})) == []
