@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.cli_args import open_fraction, parse_run_config, positive_float, positive_int
+from common.cli_args import non_negative_int, open_fraction, parse_run_config, positive_float, positive_int
 from common.config import resolve_config
 from common.data.sequences import SequenceData
-from common.metrics import pad_left
+from common.metrics import hit_values, pad_left, target_ranks
 from simulations.cli import user_errors_exit
 
 
@@ -71,20 +71,20 @@ def hold_out_items(data: SequenceData, *, fraction: float, seed: int, min_histor
 @torch.no_grad()
 def cold_hit_rates(model: torch.nn.Module, split: ColdSplit, *, k: int = 10, max_len: int = 50,
                    batch_size: int = 256) -> dict[str, float]:
-    """HR@k of the cold targets among the cold items and over the full catalogue (history excluded)."""
+    """HR@k of the cold targets among the cold items and over the full catalogue (history excluded),
+    ties counted at their expected value under a random tie-break (``common.metrics.target_ranks``:
+    a model scoring items alike, e.g. cold items with the same text, gets what chance gives)."""
     model.eval()
-    among_cold, full = 0, 0
-    cold = torch.as_tensor(split.cold_items)
+    among_cold, full = 0.0, 0.0
+    warm = np.ones(split.train.num_items + 1, dtype=bool)
+    warm[split.cold_items] = False
     for start in range(0, len(split.targets), batch_size):
         hist = split.histories[start:start + batch_size]
-        target = torch.as_tensor(split.targets[start:start + batch_size])
+        target = split.targets[start:start + batch_size]
         scores = model.score(pad_left([h[-max_len:] for h in hist], max_len)).float()
-        scores[:, 0] = float("-inf")
-        for row, h in enumerate(hist):
-            scores[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
-        own = scores.gather(1, target[:, None])
-        full += int(((scores > own).sum(1) < k).sum())
-        among_cold += int(((scores[:, cold] > own).sum(1) < k).sum())
+        full += float(hit_values(target_ranks(scores, hist, target), k).sum())
+        scores[:, torch.as_tensor(warm)] = float("-inf")  # below every cold item: out of the cold ranking
+        among_cold += float(hit_values(target_ranks(scores, hist, target), k).sum())
     n = max(len(split.targets), 1)
     return {"cases": len(split.targets), "cold-items": len(split.cold_items), f"hr@{k}-among-cold": among_cold / n,
             "random-among-cold": min(1.0, k / len(split.cold_items)), f"hr@{k}-full": full / n,
@@ -147,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-fraction", type=open_fraction, default=0.1, help="share of interacted items held out (default 0.1)")
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--epsilon", type=positive_float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
-    parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"')
+    parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"; '
+                        "its seed sets the model's initialisation")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the cold-item split, the batch order and the DP noise (default 0); repeat "
+                             "with other seeds for the spread")
     args = parser.parse_args(argv)
 
     extra = parse_run_config(args.run_config)
     for features in args.item_features:
         row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
-                             fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon)
+                             fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon, seed=args.seed)
         print(json.dumps(row), flush=True)
     return 0
 

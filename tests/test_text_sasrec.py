@@ -204,6 +204,22 @@ def test_cold_items_are_recommended_through_text_only(mode, one_thread):
         assert abs(rates["hr@3-among-cold"] - rates["random-among-cold"]) < 0.15
 
 
+def test_a_model_scoring_every_item_alike_gets_chance_among_the_cold_items():
+    # Cold items with the same text score alike: a strict ">" ranked the target first among its ties (HR 1.0)
+    data, _ = topic_data()
+    split = hold_out_items(data, fraction=0.2, seed=1)
+
+    class Constant(torch.nn.Module):
+        def score(self, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(inputs), data.num_items + 1)
+
+    rates = cold_hit_rates(Constant(), split, k=3, max_len=T)
+    assert rates["hr@3-among-cold"] == pytest.approx(rates["random-among-cold"])  # 3 of 12 cold items
+    histories = [len(set(h.tolist())) for h in split.histories]
+    expected_full = np.mean([3 / (data.num_items - n) for n in histories])  # the catalogue minus the user's history
+    assert rates["hr@3-full"] == pytest.approx(expected_full)
+
+
 def test_explanations_of_a_text_model_name_the_closest_title():
     from client.explain import explain_items
 
