@@ -26,7 +26,7 @@ set_simulation_env()
 import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from common.cli_args import parse_run_config  # noqa: E402
+from common.cli_args import parse_run_config, positive_float, positive_int  # noqa: E402
 
 from common.errors import ConfigError  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
@@ -121,9 +121,9 @@ def make_faulty_client_app(overrides: dict | None, plan: Plan, *, sleep_seconds:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-partners", type=int, default=4)
+    parser.add_argument("--num-partners", type=positive_int, default=4)
     parser.add_argument("--faults", default="", help='e.g. "0:nan@1 0:shape@2 3:sleep@2"')
-    parser.add_argument("--sleep-seconds", type=float, default=60.0, help="how long a sleep fault hangs (s)")
+    parser.add_argument("--sleep-seconds", type=positive_float, default=60.0, help="how long a sleep fault hangs (s)")
     parser.add_argument("--local", action="store_true", help="in-process LocalGrid instead of Ray (no timeouts)")
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)

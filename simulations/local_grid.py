@@ -25,7 +25,7 @@ set_simulation_env()
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from common.cli_args import parse_run_config  # noqa: E402
+from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -113,7 +113,7 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-partners", type=int, default=3, help="in-process partners (default 3)")
+    parser.add_argument("--num-partners", type=positive_int, default=3, help="in-process partners (default 3)")
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)

@@ -101,3 +101,16 @@ def test_the_runner_reports_a_run_whose_metrics_end_in_a_line_cut_short(tmp_path
     assert runner.main(["--num-partners", "2"]) == 0
     out, err = capsys.readouterr()
     assert "run directory: " in out and "skipped 1 unreadable line" in err
+
+
+@pytest.mark.parametrize("main,argv", [
+    (local_grid.main, ["--num-partners", "-2"]),  # waited node-wait-timeout (300 s) for "0 of 2" partners
+    (local_grid.main, ["--num-partners", "0"]),
+    (fault_injection.main, ["--local", "--num-partners", "0"]),
+    (fault_injection.main, ["--local", "--sleep-seconds", "-5"]),
+])
+def test_impossible_numbers_are_refused_by_the_argument_parser(main, argv, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
