@@ -137,8 +137,12 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
         model = build_model(config, len(catalogue), item_genres=state.get("item_genres"), catalogue=catalogue)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise DataError(f"model {file}: weights do not match its config ({first})") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        # torch's first line is only a header ("Error(s) in loading state_dict for X:"): name the first mismatch too
+        first = "; ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
+        hint = (" (a text model: is item-text-features the file it was trained with?)"
+                if config.get("item-features", "id") != "id" else "")
+        raise DataError(f"model {file}: weights do not match its config ({first}){hint}") from None
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise DataError(f"model {file}: weights contain NaN or infinite values (a diverged or corrupt model); "
                         "use an earlier round's model or train again")

@@ -56,6 +56,9 @@ def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str
         else:
             missing += 1
             out.append(f"Item {item}.")
+    if out and missing == len(out):  # every text a placeholder: the metadata is another data set's
+        raise DataError(f"item text: none of the {len(out)} catalogue items has a title in the metadata "
+                        "(another data set's metadata, or other item ids?)")
     if missing:
         LOG.warning("item text: %d of %d catalogue items have no title in the metadata", missing, len(out))
     return out
@@ -103,8 +106,10 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
             ids, emb, texts = z["item_ids"].astype(str), z["embeddings"].astype(np.float32), z["texts"].astype(str)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"item text features {p}: not a features file from `fedrec-server item-text` ({exc})") from None
-    if emb.ndim != 2 or len(emb) != len(ids) or not np.isfinite(emb).all():
+    if emb.ndim != 2 or len(emb) != len(ids) or not np.isfinite(emb).all() or emb.shape[1] == 0:
         raise DataError(f"item text features {p}: embeddings must be a finite (items, dim) matrix, got {emb.shape}")
+    if not emb.any():  # every item would have the same text
+        raise DataError(f"item text features {p}: every embedding is zero; re-publish with `fedrec-server item-text`")
     row = {item: i for i, item in enumerate(ids.tolist())}
     missing = [item for item in np.asarray(catalogue, dtype=str).tolist() if item not in row]
     if missing:
@@ -151,13 +156,25 @@ def catalogue_text_features(cfg: Mapping[str, Any], items: np.ndarray | None = N
 
     items = catalogue(cfg) if items is None else np.asarray(items, dtype=str)
     if cfg.get("item-text-features"):
-        return _published(str(cfg["item-text-features"]), tuple(items.tolist()))
+        path = str(cfg["item-text-features"])
+        return _published(path, _file_stamp(path), tuple(items.tolist()))
     return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()),
                     bool(cfg.get("item-text-quantize", False)))
 
 
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """(modification time in ns, size) of ``path``, None if unreadable: part of the cache key, so a
+    republished file (`item-text --force`) is read again by a long-lived process (serve's reload)."""
+    try:
+        st = os.stat(Path(path).expanduser())
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 @functools.lru_cache(maxsize=4)
-def _published(path: str, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+def _published(path: str, stamp: tuple[int, int] | None, items: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    del stamp  # only the cache key
     return load_features(path, np.array(items, dtype=str))
 
 

@@ -92,6 +92,32 @@ def test_build_model_from_published_features_needs_no_encoder(tmp_path):
     assert m.score(torch.tensor([[0, 0, 1, 2, 3]])).shape == (1, 4)
 
 
+def test_a_republished_file_is_read_again_and_degenerate_files_are_refused(tmp_path):
+    # A review: the per-process cache was keyed by path only, so serve's hot reload (and any long-lived
+    # process) built the next model with the old text table after `item-text --force` republished it
+    import os
+
+    (tmp_path / "catalogue.txt").write_text("10\n20\n30\n")
+    path = tmp_path / "text.npz"
+    save_features(path, CATALOGUE, np.eye(3, 4, dtype=np.float32), model="m", texts=["a", "b", "c"])
+    cfg = resolve_config(None, {"catalogue": str(tmp_path / "catalogue.txt"), "item-text-features": str(path),
+                                "item-features": "text", "embedding-dim": 8, "max-seq-len": 5})
+    first = build_model(cfg, 3).item_text.table[1:].clone()
+    republished = np.eye(3, 4, k=1, dtype=np.float32) * 2
+    save_features(path, CATALOGUE, republished, model="m", texts=["a", "b", "c"])
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))  # a later write
+    torch.testing.assert_close(build_model(cfg, 3).item_text.table[1:], torch.as_tensor(republished))
+    assert not torch.equal(first, torch.as_tensor(republished))
+    # A file every item's text is the same in, or with no dimensions, is refused
+    for emb in (np.zeros((3, 4), dtype=np.float32), np.zeros((3, 0), dtype=np.float32)):
+        save_features(tmp_path / "bad.npz", CATALOGUE, emb, model="m", texts=["a", "b", "c"])
+        with pytest.raises(DataError, match="every embedding is zero|finite \\(items, dim\\) matrix"):
+            load_features(tmp_path / "bad.npz", CATALOGUE)
+    # Metadata without a single title for the catalogue is another data set's: refused, not placeholder texts
+    with pytest.raises(DataError, match="none of the 3 catalogue items has a title"):
+        item_texts(CATALOGUE, {"90001": ("Other", [])})
+
+
 def test_a_saved_text_model_keeps_its_own_catalogue_order(tmp_path):
     # A review: the frozen text table is not in the state dict; loading model.pt rebuilt it over
     # the run config's catalogue file on the serving machine, so a reordered file gave every item
@@ -113,6 +139,11 @@ def test_a_saved_text_model_keeps_its_own_catalogue_order(tmp_path):
     torch.testing.assert_close(loaded.model.item_text.table[1:], torch.as_tensor(emb))  # row of "10" is 10's text
     histories = torch.tensor([[0, 0, 1, 2, 3]])
     torch.testing.assert_close(loaded.model.score(histories), model.eval().score(histories))
+    # Features of another width than the model was trained with: the line names the mismatch and the file
+    save_features(tmp_path / "text.npz", CATALOGUE, np.ones((3, 6), dtype=np.float32), model="m", texts=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"weights do not match its config \(Error\(s\) in loading state_dict.*; "
+                                        r"size mismatch.*\) \(a text model: is item-text-features the file"):
+        load_global_model(tmp_path / "model.pt")
 
 
 def test_bad_settings_are_one_line_errors():
