@@ -7,7 +7,9 @@ locally with the item factors fixed ("fold-in"); a user the model never saw gets
 factor fitted from its history in :meth:`MatrixFactorization.score`.
 
 Likelihood: a user's training items under a softmax over the whole catalogue
-(multinomial MF), so one DP-SGD sample is one user with all their interactions.
+(multinomial MF), so one DP-SGD sample is one user. A user is their last ``max-seq-len``
+training items (``max_len``), in training, fold-in and evaluation alike, as SASRec's window;
+a ``max-seq-len`` above the longest history gives an MF over every interaction.
 """
 
 from __future__ import annotations
