@@ -61,6 +61,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items)
+    check_same_item_text(msg, model)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"].get("server-round", 1))
 
@@ -132,6 +133,7 @@ def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items).to(device)
+    check_same_item_text(msg, model)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
     metrics = MetricRecord({**sums, "num-examples": int(sums["num-users"])})
@@ -156,6 +158,24 @@ def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001
         raise DataError(f"the item catalogue at this partner ({len(data.catalogue)} items, fingerprint {mine}) is not "
                         f"the one of the coordinator (fingerprint {expected}): the run catalogue file here differs "
                         "from the file the coordinator published; fetch it again")
+
+
+def check_same_item_text(msg: Message, model) -> None:  # noqa: ANN001
+    """Refuse a round whose global model reads other item text features than this partner's: the
+    frozen text table is not sent (it is public and rebuilt from the published file), so a partner
+    holding an outdated or differently encoded file of the same width would train on other inputs
+    without any error. The coordinator sends the table's fingerprint (server/app.py)."""
+    from common.errors import DataError
+    from common.item_text import table_fingerprint
+
+    config = msg.content.config_records.get("config")
+    expected = config.get("item-text-fingerprint") if config is not None else None
+    mine = table_fingerprint(model)
+    if expected is None or mine is None or mine == expected:
+        return
+    raise DataError(f"the item text features at this partner (fingerprint {mine}) are not the ones of the "
+                    f"coordinator (fingerprint {expected}): the item-text-features file here differs from the "
+                    "file the coordinator published; fetch it again")
 
 
 app = make_client_app()

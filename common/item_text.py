@@ -119,6 +119,16 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
     return emb[order], texts[order].tolist()
 
 
+def table_fingerprint(model: Any) -> str | None:
+    """A short hash of a text model's frozen item text table (None for a model without one): the
+    table is not among the weights sent, so rounds carry this to check every partner reads the same."""
+    text = getattr(model, "item_text", None)
+    if text is None:
+        return None
+    table = np.ascontiguousarray(text.table.detach().cpu().numpy(), dtype=np.float32)
+    return hashlib.sha256(table.tobytes()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """``$FEDREC_CACHE_DIR/item-text``, else ``.cache/item-text`` in the project."""
     base = os.environ.get(CACHE_ENV)

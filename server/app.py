@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
+from common.item_text import table_fingerprint
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from server.central_dp import with_privacy
@@ -48,6 +49,10 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
 
         items, model = initial_model(cfg)  # before a run directory exists
         fingerprint = catalogue_fingerprint(items)
+        # Every round names the inputs partners must hold: the catalogue, and a published features file's table
+        # (encoded locally, texts may differ in the last bits between machines: only the published file is checked)
+        text = table_fingerprint(model) if cfg["item-text-features"] else None
+        same_inputs = {"catalogue-fingerprint": fingerprint, **({"item-text-fingerprint": text} if text else {})}
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
@@ -78,8 +83,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             num_rounds=start.num_rounds,
             timeout=float(cfg["round-timeout"]),
             # run-name names the run in partners' ledgers; partners refuse another catalogue (client/app.py)
-            train_config=ConfigRecord({"run-name": run_dir.name, "catalogue-fingerprint": fingerprint}),
-            evaluate_config=ConfigRecord({"catalogue-fingerprint": fingerprint}),
+            train_config=ConfigRecord({"run-name": run_dir.name, **same_inputs}),
+            evaluate_config=ConfigRecord(same_inputs),
             evaluate_fn=RoundCheckpointer(start, recorder, strategy, cfg),  # records, then checkpoints
         )
         grid.finish()
