@@ -175,9 +175,11 @@ def catalogue_text_features(cfg: Mapping[str, Any], items: np.ndarray | None = N
 def _file_stamp(path: str) -> tuple[int, int] | None:
     """(modification time in ns, size) of ``path``, None if unreadable: part of the cache key, so a
     republished file (`item-text --force`) is read again by a long-lived process (serve's reload)."""
-    try:
-        st = os.stat(Path(path).expanduser())
-    except OSError:
+    from common.data.catalogue import resolve_catalogue_path
+
+    try:  # the file load_features reads: a relative path may resolve against the project root
+        st = os.stat(resolve_catalogue_path(path))
+    except (OSError, DataError):
         return None
     return st.st_mtime_ns, st.st_size
 

@@ -118,6 +118,28 @@ def test_a_republished_file_is_read_again_and_degenerate_files_are_refused(tmp_p
         item_texts(CATALOGUE, {"90001": ("Other", [])})
 
 
+def test_a_republished_file_named_relative_to_the_project_is_read_again(tmp_path, monkeypatch):
+    # A review: the README's item-text-features="item_text.npz" resolves against the project folder when the
+    # process runs elsewhere; the cache stamp looked in the working directory, found nothing, and kept the old table
+    import os
+
+    import common.data.catalogue as catalogue_module
+    from common.item_text import catalogue_text_features
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    monkeypatch.setattr(catalogue_module, "PROJECT_ROOT", project)
+    monkeypatch.chdir(elsewhere)
+    cfg = {"item-text-features": "item_text.npz"}
+    for value in (1.0, 2.0):
+        save_features(project / "item_text.npz", CATALOGUE, np.full((3, 4), value, dtype=np.float32), model="m",
+                      texts=["a", "b", "c"])
+        st = os.stat(project / "item_text.npz")
+        os.utime(project / "item_text.npz", ns=(st.st_atime_ns, st.st_mtime_ns + int(value) * 1_000_000))
+        emb, _ = catalogue_text_features(cfg, CATALOGUE)
+        assert float(emb[0, 0]) == value
+
+
 def test_a_saved_text_model_keeps_its_own_catalogue_order(tmp_path):
     # A review: the frozen text table is not in the state dict; loading model.pt rebuilt it over
     # the run config's catalogue file on the serving machine, so a reordered file gave every item
