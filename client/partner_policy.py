@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,9 +43,30 @@ NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "
 
 
 # Words of a privacy setting: an unknown node config key made of one is a partner's floor that
-# would be ignored in silence (``max-eps``, ``epsilon-cap``), never another app's harmless knob.
+# would be ignored in silence (``max-eps``, ``epsilon-cap``, ``maxEps``, ``privacy.budget``), never
+# another app's harmless knob. Long words count inside a run-together token too; the short ones
+# only alone or beside a modifier (``maxeps``), as "eps" / "dp" sit inside unrelated words.
 PRIVACY_WORDS = frozenset({"eps", "epsilon", "delta", "dp", "privacy", "private", "budget", "ledger", "noise",
                            "clip", "clipping", "sigma"})
+_LONG_PRIVACY_WORDS = tuple(w for w in PRIVACY_WORDS if len(w) >= 5)
+_MODIFIERS = ("max", "min", "cap", "limit", "target")
+# Run config keys that set privacy (the coordinator's; a partner caps them with max-epsilon / max-delta)
+_PRIVACY_RUN_KEYS = frozenset({"max-grad-norm", "accountant", "secure-aggregation"})
+
+
+def _words(key: str) -> list[str]:
+    """``maxEps`` / ``max_eps`` / ``max.eps`` -> ["max", "eps"] (Flower flattens dotted node config keys)."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", str(key).strip())
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def _names_privacy(words: list[str]) -> bool:
+    for word in words:
+        if word in PRIVACY_WORDS or any(long in word for long in _LONG_PRIVACY_WORDS):
+            return True
+        if any(word in (f"{m}{s}", f"{s}{m}") for m in _MODIFIERS for s in ("eps", "dp")):
+            return True
+    return False
 
 
 def check_node_config(node_config: Mapping[str, Any]) -> None:
@@ -58,15 +80,18 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     for key in node_config:
         if key in NODE_CONFIG_KEYS:
             continue
-        plain = str(key).strip().lower().replace("_", "-")
-        near = [k for k in NODE_CONFIG_KEYS if plain == k or (len(plain) >= 3 and k.startswith(plain))]
+        words = _words(key)
+        plain = "-".join(words)
+        # An abbreviation keeps a known key's first words ("max-eps"); a lone word ("data", "max") may be another app's
+        near = [k for k in NODE_CONFIG_KEYS if plain == k or ("-" in plain and k.startswith(plain))]
         near = near or difflib.get_close_matches(plain, NODE_CONFIG_KEYS, n=1, cutoff=0.8)
         if near:
             raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
-        if plain in DEFAULTS:
+        privacy = _names_privacy(words)
+        if plain in DEFAULTS and (privacy or plain in _PRIVACY_RUN_KEYS):
             raise ConfigError(f"node config key {key!r} is a run config key, set by the coordinator's run config; "
                               "a partner caps its privacy with max-epsilon and max-delta")
-        if PRIVACY_WORDS.intersection(plain.split("-")):
+        if privacy:
             raise ConfigError(f"node config key {key!r} names a privacy setting this app does not read; "
                               f"the node config keys are {', '.join(NODE_CONFIG_KEYS)}")
     max_epsilon(node_config)

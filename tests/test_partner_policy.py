@@ -83,12 +83,27 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
 
 @pytest.mark.parametrize(("key", "says"), [("target-epsilon", "run config key"), ("dp-mode", "run config key"),
                                           ("epsilon", "privacy setting"), ("privacy-budget", "privacy setting"),
-                                          ("noise_multiplier", "privacy setting"), ("central_noise_multiplier", "run config key"), ("ledger", "did you mean ledger-path"), ("epsilon-cap", "privacy setting")])
+                                          ("noise_multiplier", "privacy setting"), ("central_noise_multiplier", "run config key"), ("ledger", "privacy setting"), ("epsilon-cap", "privacy setting")])
 def test_a_misplaced_or_unknown_privacy_key_in_the_node_config_is_refused(key, says):
     # A partner who writes its cap under a name this app does not read would train at the run's epsilon
     with pytest.raises(ConfigError, match=says):
         check_node_config({key: 4.0})
     check_node_config({"log-level": "debug", "gpu-memory": 4})  # another app's keys pass
+
+
+@pytest.mark.parametrize("key", ["maxeps", "maxEps", "epsiloncap", "epsilon.cap", "dp.max", "privacy.budget",
+                                 "noiseMultiplier", "max-grad-norm"])
+def test_run_together_or_dotted_privacy_keys_are_refused_too(key):
+    # A review: splitting on "-" alone let these through, ignored while the partner believed its cap held
+    # (Flower flattens a dotted --node-config key such as epsilon.cap=1 to "epsilon.cap")
+    with pytest.raises(ConfigError, match="privacy setting|run config key|did you mean"):
+        check_node_config({key: 1.0})
+
+
+@pytest.mark.parametrize("key", ["data", "max", "share", "seed", "device", "steps", "deps-dir"])
+def test_other_apps_plain_keys_pass(key):
+    # ... and the rules do not catch another app's ordinary keys: a lone word, or a run config key that is not privacy
+    check_node_config({key: 1})
 
 
 def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
