@@ -66,10 +66,14 @@ def _as_epsilon(value: object) -> float:
 
 
 def _run_epsilon(row: pd.Series) -> float:
-    """A run's x: its target epsilon per partner; without a local budget (target "inf") the epsilon it
-    states (central DP: the coordinator's), so only a run with no DP at all is drawn at "no DP"."""
+    """A run's x: its target epsilon per partner; without a local budget (target "inf", or a run with
+    no DP-SGD at the partners whatever target it lists: dp-mode central) the epsilon it states
+    (central DP: the coordinator's), so only a run with no DP at all is drawn at "no DP"."""
     target = _as_epsilon(row["target-epsilon"])
-    return target if math.isfinite(target) else _as_epsilon(row.get("epsilon", "inf"))
+    local = str(row.get("dp-mode", "local")).strip().lower() in ("local", "both", "nan", "")
+    if str(row.get("dp", True)).strip().lower() in ("false", "0"):
+        local = False
+    return target if math.isfinite(target) and local else _as_epsilon(row.get("epsilon", "inf"))
 
 
 def _label(row: pd.Series, keys: list[str]) -> str:
@@ -103,7 +107,7 @@ def plot_sweep(csv_path: Path) -> list[Path]:
         ticks = sorted({e if math.isfinite(e) else fmax * 2 for e in epsilons})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
-        stated = any(math.isfinite(e) and not math.isfinite(_as_epsilon(t)) for e, t in zip(epsilons, frame["target-epsilon"]))
+        stated = any(e != _as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
         ax.set_xlabel("target epsilon per partner (user-level)"
                       + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
         ax.set_ylabel("NDCG@10 (test, full ranking)")

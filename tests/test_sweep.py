@@ -338,7 +338,9 @@ def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tm
     path = tmp_path / "r.csv"
     path.write_text("run-id,status,dp-mode,seed,target-epsilon,epsilon,ndcg@10,run-dir\n"
                     f"a,ok,central,1,inf,4.729,0.1,{tmp_path}\nb,ok,off,1,inf,inf,0.3,{tmp_path}\n"
-                    f"c,ok,local,1,8,7.998,0.05,{tmp_path}\n")
+                    f"c,ok,local,1,8,7.998,0.05,{tmp_path}\n"
+                    # a central-DP run beside a [fixed] target-epsilon it never had (a review): at its stated 2.3
+                    f"d,ok,central,1,8,2.3,0.2,{tmp_path}\n")
     ticks, points = [], []
     real_ticks, real_scatter = Axes.set_xticks, Axes.scatter
     monkeypatch.setattr(Axes, "set_xticks", lambda self, t, labels=None, **k: ticks.append(list(labels))
@@ -346,8 +348,8 @@ def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tm
     monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **k: points.extend(zip(map(float, x), map(float, y)))
                         or real_scatter(self, x, y, **k))
     plot_sweep(path)
-    assert ticks == [["4.729", "8", "no DP"]]
-    assert sorted(points) == [(4.729, 0.1), (8.0, 0.05), (16.0, 0.3)]  # no DP at twice the largest finite epsilon
+    assert ticks == [["2.3", "4.729", "8", "no DP"]]
+    assert sorted(points) == [(2.3, 0.2), (4.729, 0.1), (8.0, 0.05), (16.0, 0.3)]  # no DP at twice the largest finite
 
 
 @pytest.mark.parametrize("fixed, grid, message", [
