@@ -72,9 +72,9 @@ def _names_privacy(words: list[str]) -> bool:
 def check_node_config(node_config: Mapping[str, Any]) -> None:
     """Refuse a node config key whose value this app would ignore in silence while the partner
     believes it holds: one typo or abbreviation away from a key this app reads (``max-epsilion``,
-    ``max-eps``), a run config key (the coordinator's to set, e.g. ``target-epsilon``), or any
-    other key naming a privacy setting; and refuse a malformed cap. Other unknown keys may be
-    another app's and pass."""
+    ``max-eps``), a privacy key of the run config (the coordinator's to set, e.g. ``target-epsilon``),
+    or any other key naming a privacy setting however it is written; and refuse a malformed cap.
+    Other unknown keys (``data``, ``seed``) may be another app's and pass."""
     from common.config import DEFAULTS  # run config keys (a light module: no torch)
 
     for key in node_config:
