@@ -159,6 +159,10 @@ def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
     ``partitioning`` ignores (the server warns once, ``fedrec-server check`` notes them)."""
     ignored = list(_IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()))
     ignored += [knob for (choice, knob), reader in _READ_ONLY_BY.items() if cfg.get(choice, DEFAULTS[choice]) != reader]
+    # Central DP's knobs without central DP (the local ones stay: a partner's max-epsilon may force DP-SGD on)
+    mode = str(cfg.get("dp-mode", "local")) if cfg.get("dp", True) else "off"
+    if mode not in ("central", "both"):
+        ignored += ["central-noise-multiplier", "central-clipping-norm", "central-clipping"]
     # The encoder knobs only matter where item texts get encoded: not for id-only items, and not
     # beside a published features file (its encoder is the one the coordinator used)
     if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):

@@ -45,7 +45,7 @@ from typing import Any
 from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
-from common.privacy import dp_mode, refuse_many_examples_per_user, uses_local_dp
+from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 
@@ -176,12 +176,14 @@ def unused_budget_keys(run: Mapping[str, Any], cfg: Mapping[str, Any]) -> set[st
     off, so a run asking for it uses it), target-delta without any DP (central DP accounts at it)."""
     asked = resolve_config(None, {k: run[k] for k in ("dp", "dp-mode") if k in run})
     unused = set() if uses_local_dp(dp_mode(asked)) else {"target-epsilon"}
+    unused |= set() if uses_central_dp(dp_mode(cfg)) else {"central-noise-multiplier"}
     return unused | ({"target-delta"} if dp_mode(cfg) == "off" else set())
 
 
 _NO_EFFECT = {  # budget knob -> (the runs that ignore it, the runs to sweep it over instead)
     "target-epsilon": ("DP-SGD at the partners (dp-mode central or off)", 'dp-mode "local" or "both"'),
     "target-delta": ('DP at all (dp-mode off, dp = false, or target-epsilon = "inf" without central DP)', "DP"),
+    "central-noise-multiplier": ("central DP (dp-mode local or off)", 'dp-mode "central" or "both"'),
 }
 
 

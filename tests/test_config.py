@@ -118,3 +118,6 @@ def test_knobs_the_model_ignores_are_named():
                                         ("size-skew-power", 3.0, "partitioning", "size-skew")):
         assert ignored_knobs(resolve_config(None, {knob: value})) == [knob]
         assert ignored_knobs(resolve_config(None, {knob: value, choice: reader, "min-nodes": 5})) == []
+    central = {"central-noise-multiplier": 2.0, "central-clipping-norm": 0.5, "central-clipping": "client"}
+    assert ignored_knobs(resolve_config(None, central)) == list(central)  # dp-mode local: no central DP
+    assert ignored_knobs(resolve_config(None, {**central, "dp-mode": "both"})) == []

@@ -361,6 +361,8 @@ def test_the_epsilon_plot_draws_central_dp_at_its_stated_epsilon_not_at_no_dp(tm
     ("", 'target-epsilon = [1, 8, "inf"]\ndp-mode = ["local", "both"]', None),  # every run has DP-SGD (or "inf" drops it)
     ('dp-mode = "central"', "target-delta = [1e-5, 1e-6]", None),  # central DP accounts at target-delta
     ("", 'target-epsilon = [8, "inf"]\ntarget-delta = [1e-5, 1e-6]', r"target-delta varies, .*DP at all"),
+    ("", 'central-noise-multiplier = [0.5, 2.0]\ndp-mode = ["local", "central"]', r"central-noise-multiplier varies"),
+    ('dp-mode = "both"', "central-noise-multiplier = [0.5, 2.0]", None),
 ])
 def test_a_grid_over_a_budget_some_runs_ignore_is_refused(tmp_path, fixed, grid, message):
     # dp-mode central ignores target-epsilon: its cells were one run each time over, plotted at x = the target
