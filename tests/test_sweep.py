@@ -159,14 +159,19 @@ def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
 
 
-def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypatch):
+def fake_python(tmp_path, monkeypatch, script: str) -> None:
+    """The sweep's runs start ``sys.executable -m simulations.run``: make that a shell ``script``."""
     import sys
 
-    # A "python" that prints nothing and never ends: the old per-line check never fired
-    fake = tmp_path / "silent-python"
-    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
+
+
+def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypatch):
+    # A "python" that prints nothing and never ends: the old per-line check never fired
+    fake_python(tmp_path, monkeypatch, "exec sleep 60\n")
     spec = sweep.load_sweep(write_config(tmp_path))
     spec["timeout"] = 1.0
     run = next(iter(sweep.expand(spec)))
@@ -298,13 +303,8 @@ def test_every_cell_is_checked_as_the_run_would_check_it(tmp_path, line, message
 
 
 def test_a_failed_runs_row_gives_the_runners_argparse_error(tmp_path, monkeypatch):
-    import sys
-
     # simulations.run's own argument errors are argparse's "run.py: error: ..."; the row said only "see <log>"
-    fake = tmp_path / "refusing-python"
-    fake.write_text("#!/bin/sh\necho 'usage: run.py [-h]'\necho 'run.py: error: argument --num-gpus: bad' >&2\nexit 2\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_python(tmp_path, monkeypatch, "echo 'usage: run.py [-h]'\necho 'run.py: error: argument --num-gpus: bad' >&2\nexit 2\n")
     spec = sweep.load_sweep(write_config(tmp_path))
     run = next(iter(sweep.expand(spec)))
     row = sweep.execute(run, spec, sweep.run_id(run))
