@@ -161,7 +161,8 @@ class PartnerBudget:
         cal = self.calibration
         return {
             "epsilon": epsilon,
-            "delta": cal.target_delta,
+            "delta": self.delta,  # the ledger's accounting delta: the epsilon above holds at it, which may be
+            # smaller than this run's target-delta when an earlier run on the ledger promised a smaller one
             "target-epsilon": cal.target_epsilon,
             "noise-multiplier": cal.noise_multiplier,
             "sample-rate": cal.sample_rate,

@@ -153,7 +153,9 @@ class PrivacyLedger:
         return Calibration(float(s), float(eps), float(delta), str(acc), float(q), int(steps), int(rounds))
 
     def target_epsilons(self) -> list[float]:
-        """The target epsilon of every run calibrated on this ledger (each a cap on the whole ledger)."""
+        """The target epsilon of every run calibrated on this ledger. A federated run's pre-round check
+        caps the whole ledger at its own run's target (a later run may ask for more; a partner's
+        ``max-epsilon`` caps every run); a fine-tune defaults to the smallest of them."""
         return [float(r[0]) for r in self._query("SELECT target_epsilon FROM calibrations")]
 
     def accounting_delta(self, delta: float) -> float:
@@ -163,10 +165,12 @@ class PrivacyLedger:
         return min([delta, *(float(r[0]) for r in self._query("SELECT target_delta FROM calibrations"))])
 
     def rounds_trained(self, run: str | None = None) -> int:
-        """Rounds with recorded spend (of one run, or of all runs)."""
+        """Rounds of recorded spend (of one run, or of all runs): a round trained again after a
+        crash and resume spent again and counts again (one :meth:`record` call is one round)."""
+        key = "run || ':' || server_round || ':' || recorded"
         if run is None:
-            return int(self._query("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches")[0][0])
-        return int(self._query("SELECT COUNT(DISTINCT server_round) FROM batches WHERE run = ?", (run,))[0][0])
+            return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches")[0][0])
+        return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches WHERE run = ?", (run,))[0][0])
 
     def total_steps(self) -> int:
         return int(self._query("SELECT COALESCE(SUM(steps), 0) FROM batches")[0][0])
@@ -192,7 +196,8 @@ class PrivacyLedger:
         Called after training and before the reply leaves the client, so every released
         update is on the ledger.
         """
-        rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, time.time())
+        now = time.time()  # one time for the round's rows: rounds_trained counts (run, round, time)
+        rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, now)
                 for s, q, n in mechanisms]
         for _, _, s, q, n, *_ in rows:
             if not (s > 0 and 0 < q <= 1 and n >= 0):

@@ -156,3 +156,9 @@ def test_a_later_run_with_a_larger_delta_cannot_spend_past_an_earlier_promise(tm
     second = _send_once(tmp_path / "r2", {"num-server-rounds": 1, "target-epsilon": 4.0, "target-delta": 1e-5,
                                            "run-name": "two"}, ledger)
     assert second.has_error() and "epsilon" in second.error.reason, second.content["metrics"]
+    # A later run with room (target 8) trains, and its reply states the delta the ledger is accounted at
+    # (run 1's 1e-6), not its own 1e-5: the epsilon it reports holds at 1e-6 (a review)
+    third = _send_once(tmp_path / "r3", {"num-server-rounds": 1, "target-epsilon": 8.0, "target-delta": 1e-5,
+                                          "run-name": "three"}, ledger)
+    assert not third.has_error(), third.error
+    assert third.content["metrics"]["delta"] == 1e-6 and third.content["metrics"]["epsilon"] <= 8.0 + 1e-9

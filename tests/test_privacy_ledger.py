@@ -90,6 +90,17 @@ def test_calibration_after_earlier_spend_lands_on_the_target():
     assert _rdp_epsilon(spent) < 8.0 - 0.5  # the earlier spend alone leaves room
 
 
+def test_a_round_trained_again_after_a_resume_counts_again(tmp_path):
+    # A review: rounds were counted as distinct (run, round), so a round redone after a crash (it spent again,
+    # and epsilon counts it) showed ledger-rounds 2 beside the steps of 3
+    with PrivacyLedger(tmp_path / "l.sqlite", "fp") as ledger:
+        for server_round in (1, 2, 2):
+            ledger.record(run="r", server_round=server_round, mechanisms=[(1.0, 0.1, 5), (1.1, 0.1, 1)],
+                          accountant="rdp")
+        ledger.record(run="other", server_round=1, mechanisms=[(1.0, 0.1, 5)], accountant="rdp")
+        assert ledger.rounds_trained() == 4 and ledger.rounds_trained("r") == 3 and ledger.total_steps() == 23
+
+
 def test_budget_stops_training_after_the_planned_rounds(tmp_path, small_data):
     # Prepare: a partner planning 4 rounds at epsilon 8
     cfg, context = _cfg(tmp_path), _context()
