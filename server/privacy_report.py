@@ -195,11 +195,14 @@ class PrivacyReport:
     def _local_bound(self, partners: list[dict[str, Any]]) -> str:
         """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""
         worst = max(partners, key=lambda p: float(p["epsilon"]))
+        # the largest delta, not the worst-epsilon partner's: partners account at their own (max-delta, an
+        # earlier run's smaller promise), and "at most (e, d)" must hold for every one of them
+        delta = max(float(p["delta"]) for p in partners)
         # each partner's own target: a node config max-epsilon may have lowered it below the run's
         targets = sorted({float(p.get("target-epsilon") or self.cfg["target-epsilon"]) for p in partners})
         return (f"(epsilon, delta)-DP for any one of its users' whole interaction history (user-level DP-SGD, "
                 f"{self.cfg['accountant']} accountant, whole ledger), at most ({float(worst['epsilon']):.3f}, "
-                f"{float(worst['delta']):.2g}) over {len(partners)} partners (worst: {worst['partner']}; "
+                f"{delta:.2g}) over {len(partners)} partners (worst: {worst['partner']}; "
                 f"targets {', '.join(f'{t:g}' for t in targets)})")
 
     def guarantee(self) -> str:

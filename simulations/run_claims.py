@@ -57,8 +57,8 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
                      if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
         else:
             spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
-        if spent:
-            claims.append(max(spent))
+        if spent:  # the largest epsilon and the largest delta: partners may account at different deltas
+            claims.append((max(e for e, _ in spent), max(d for _, d in spent)))
     if uses_central_dp(mode) and report is not None:
         central = report.get("central") or {}
         if float(central.get("epsilon") or 0) > 0:

@@ -90,3 +90,15 @@ def test_an_older_late_reply_never_lowers_the_recorded_spend(tmp_path):
     entry = report.as_dict()["partners"]["p"]
     assert (entry["epsilon"], entry["ledger-rounds"], entry["ledger-steps"]) == (6.0, 3, 15)
     assert entry["not-aggregated"] == [{"round": 2, "reason": "late: arrived after round-timeout"}]
+
+
+def test_the_stated_bound_takes_the_largest_delta_of_the_partners(tmp_path):
+    # A partner with a larger epsilon may account at a smaller delta (its max-delta, or an earlier run's promise):
+    # "at most (e, d)" took the worst-epsilon partner's delta, which the other partner's pair exceeds
+    from common.config import resolve_config
+    from server.privacy_report import PrivacyReport
+
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    report.partners = {"a": {"partner": "a", "epsilon": 4.0, "delta": 1e-6, "target-epsilon": 4.0},
+                       "b": {"partner": "b", "epsilon": 3.9, "delta": 1e-5, "target-epsilon": 8.0}}
+    assert "at most (4.000, 1e-05) over 2 partners (worst: a; targets 4, 8)" in report.guarantee()
