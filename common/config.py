@@ -160,8 +160,9 @@ def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
     ignored = list(_IGNORED_BY.get(str(cfg.get("model", "sasrec")), ()))
     ignored += [knob for (choice, knob), reader in _READ_ONLY_BY.items() if cfg.get(choice, DEFAULTS[choice]) != reader]
     # Central DP's knobs without central DP (the local ones stay: a partner's max-epsilon may force DP-SGD on)
-    mode = str(cfg.get("dp-mode", "local")) if cfg.get("dp", True) else "off"
-    if mode not in ("central", "both"):
+    from common.privacy import dp_mode, uses_central_dp  # lazy: common.config stays free of numpy
+
+    if not uses_central_dp(dp_mode(cfg)):
         ignored += ["central-noise-multiplier", "central-clipping-norm", "central-clipping"]
     # The encoder knobs only matter where item texts get encoded: not for id-only items, and not
     # beside a published features file (its encoder is the one the coordinator used)
