@@ -3,6 +3,7 @@
     fedrec-server certs --out certs --host localhost --host 127.0.0.1 --host superlink.example.org
     fedrec-server catalogue --out catalogue.txt --run-config 'dataset="ml-100k"'
     fedrec-server item-text --out item_text.npz --run-config 'dataset="ml-100k"'
+    fedrec-server add-items --model runs/RUN --catalogue catalogue_v2.txt --item-text-features item_text_v2.npz --out model_v2.pt
     fedrec-server check --run-config 'dataset="/data/ml-100k" num-server-rounds=20'
 
 Every user mistake is one ``error: ...`` line and exit status 2.
@@ -75,6 +76,17 @@ def _item_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_items(args: argparse.Namespace) -> int:
+    from server.add_items import add_items
+
+    done = add_items(args.model, args.catalogue, args.item_text_features, args.out, force=args.force)
+    print(f"added {done['added']} items (first {done['first-added']!r}) to the {done['item-features']} model: "
+          f"{done['items']} items (fingerprint {done['fingerprint']}) -> {done['model']}")
+    print("serve it as any model.pt (`fedrec-client serve --model` reloads a replaced file); partners need "
+          f"{args.catalogue} and {args.item_text_features} at those paths")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     import os
 
@@ -135,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--run-config", action="append", default=[],
                       help='data set / catalogue / encoder knobs, e.g. \'dataset="ml-100k"\' \'catalogue="catalogue.txt"\'')
     text.set_defaults(func=_item_text)
+
+    grow = sub.add_parser("add-items", help="add items to a trained text model's catalogue for serving (no training)")
+    grow.add_argument("--model", required=True, help="the trained model.pt or its run directory")
+    grow.add_argument("--catalogue", required=True,
+                      help="the model's catalogue with the new item ids appended at the end (one id per line)")
+    grow.add_argument("--item-text-features", required=True,
+                      help="features of every item of that catalogue (`fedrec-server item-text` with catalogue=...)")
+    grow.add_argument("--out", required=True, help="model file to write, e.g. runs/RUN/model.pt with --force")
+    grow.add_argument("--force", action="store_true", help="overwrite an existing file (e.g. the served model.pt)")
+    grow.set_defaults(func=_add_items)
 
     check = sub.add_parser("check", help="check a run config as the ServerApp will, before flwr run (one line per mistake)")
     check.add_argument("--run-config", action="append", default=[],

@@ -1,0 +1,120 @@
+"""Add items to a trained text model's catalogue, for serving, without training again.
+
+A ``text`` / ``id+text`` model (``common/models/text_sasrec.py``) scores an item through the
+frozen embedding of its public text, so an item published after training can be recommended at
+once: its text row joins the frozen table and, in ``id+text``, its learned ID rows start at zero.
+An ``id`` model or MF has nothing to score a new item with and is refused.
+
+The result is a new ``model.pt`` over the grown catalogue. Partners serve it as any model
+(``fedrec-client recommend`` / ``serve``, whose watcher reloads a replaced file), and ``POST /events``
+accepts the new items from then on. The weights are unchanged, so every old item keeps its score.
+
+ID rows are matched by position: the grown catalogue must be the old one, in the same order,
+with the new items appended (``fedrec-server catalogue`` sorts by id, which can move old rows).
+The features file must give the old items the very embeddings the model was trained with.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.data.catalogue import catalogue_fingerprint, load_catalogue
+from common.errors import DataError
+from common.files import PUBLIC_MODE, refuse_existing, write_file
+
+# Old items' text rows must be these embeddings to float32 rounding: another encoder, precision or
+# title would shift what every learned weight was fitted to.
+ROW_TOLERANCE = 1e-5
+
+
+def load_model_file(path: Path) -> dict[str, Any]:
+    """The ``{"state_dict", "catalogue", "config"}`` blob of a run's ``model.pt`` (one error line if not)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # a model file holds only plain data
+        state, catalogue, config = blob["state_dict"], list(blob["catalogue"]), dict(blob["config"])
+    except FileNotFoundError:
+        raise DataError(f"model {path}: no such file (give a run directory or its model.pt)") from None
+    except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"model {path}: not a fedrec model file (expected state_dict, catalogue, config; {first})") from None
+    return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}
+
+
+def grown_catalogue(old: np.ndarray, new: np.ndarray, catalogue_path: str | os.PathLike) -> np.ndarray:
+    """The items ``new`` appends to ``old``; a one-line error unless ``new`` starts with ``old`` in order."""
+    for i, (was, now) in enumerate(zip(old.tolist(), new.tolist())):
+        if was != now:
+            raise DataError(f"catalogue {catalogue_path}: line {i + 1} is {now!r} where the model's catalogue has {was!r}; "
+                            "keep the model's catalogue in its order and append the new items at the end")
+    if len(new) < len(old):
+        raise DataError(f"catalogue {catalogue_path}: {len(new)} items, fewer than the model's {len(old)}; "
+                        "items cannot be removed from a trained model (filter them when serving)")
+    added = new[len(old):]
+    if len(added) == 0:
+        raise DataError(f"catalogue {catalogue_path}: the same {len(old)} items as the model; nothing to add")
+    return added
+
+
+def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, features_path: str | os.PathLike,
+              out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
+    """Write ``out``: the model at ``model_path`` over the catalogue in ``catalogue_path`` (the model's
+    own catalogue with items appended), text rows from ``features_path``. Returns a summary."""
+    from common.item_text import load_features
+    from common.models import build_model
+    from common.models.text_sasrec import TextSASRec
+
+    source = Path(model_path)
+    source = source / "model.pt" if source.is_dir() else source
+    out = Path(out)
+    refuse_existing([out], force=force, hint="partners serving it will reload the new file")
+    blob = load_model_file(source)
+    config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
+    features = str(config.get("item-features", "id"))
+    if config.get("model", "sasrec") != "sasrec" or features not in ("text", "id+text"):
+        what = "an MF model" if config.get("model") == "mf" else f"an item-features = {features!r} model"
+        raise DataError(f"model {source}: {what} has no representation for items it was not trained on; "
+                        "new items need a model trained with item-features = \"text\" or \"id+text\"")
+    if config.get("genre-features", False):
+        raise DataError(f"model {source}: genre-features = true; adding items would need the new items' genres "
+                        "in its genre table, which this command does not rebuild")
+    new = load_catalogue(catalogue_path)
+    added = grown_catalogue(old, new, catalogue_path)
+    embeddings, _ = load_features(features_path, new)  # every item, old and new, must be in the file
+
+    # The trained model with its own text table: the old rows the new file must reproduce
+    try:
+        trained = build_model(config, len(old), catalogue=old)
+        trained.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # noqa: BLE001 -- a missing/other features file surfaces as any of several errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"model {source}: cannot be rebuilt with its own text features ({first}); "
+                        "run this where the model can be served") from None
+    assert isinstance(trained, TextSASRec)
+    table = trained.item_text.table[1:].numpy()
+    if table.shape[1] != embeddings.shape[1]:
+        raise DataError(f"item text features {features_path}: {embeddings.shape[1]} dims, the model was trained "
+                        f"with {table.shape[1]}; encode the new catalogue with the model's encoder")
+    drift = float(np.abs(table - embeddings[: len(old)]).max())
+    if drift > ROW_TOLERANCE:
+        worst = str(old[int(np.abs(table - embeddings[: len(old)]).max(axis=1).argmax())])
+        raise DataError(f"item text features {features_path}: old items' embeddings differ from the model's "
+                        f"(largest difference {drift:.2g}, item {worst!r}); encode the grown catalogue with the "
+                        "model's encoder and the same titles")
+
+    grown_config = {**config, "catalogue": str(catalogue_path), "item-text-features": str(features_path)}
+    grown = build_model(grown_config, len(new), catalogue=new)
+    grown.load_state_dict(blob["state_dict"])  # TextSASRec pads the new items' ID rows with zeros
+    provenance = {"from-catalogue": catalogue_fingerprint(old), "added": len(added),
+                  "previous": blob.get("added-items", [])}
+    buf = io.BytesIO()
+    torch.save({"state_dict": grown.state_dict(), "catalogue": new.tolist(), "config": grown_config,
+                "added-items": [*provenance.pop("previous"), provenance]}, buf)
+    write_file(out, buf.getvalue(), mode=PUBLIC_MODE, force=force, hint="partners serving it will reload the new file")
+    return {"model": str(out), "items": len(new), "added": len(added), "first-added": str(added[0]),
+            "fingerprint": catalogue_fingerprint(new), "item-features": features}

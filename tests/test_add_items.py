@@ -1,0 +1,115 @@
+"""`fedrec-server add-items`: a trained text model serves items published after training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.recommend import load_global_model
+from common.config import resolve_config
+from common.item_text import save_features
+from server.cli import main as server_main
+
+OLD = ["10", "20", "30"]
+NEW = ["40", "50"]
+DIM = 6
+
+
+def unit_rows(n: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    """An id+text model (tied IDs) with non-zero ID rows, saved as a run's model.pt, and the
+    coordinator's files for the grown catalogue: old items first, new ones appended."""
+    from common.models import build_model
+
+    emb = unit_rows(len(OLD) + len(NEW), seed=3)
+    save_features(tmp_path / "text_v1.npz", np.array(OLD), emb[:3], model="enc", texts=OLD)
+    save_features(tmp_path / "text_v2.npz", np.array(OLD + NEW), emb, model="enc", texts=OLD + NEW)
+    (tmp_path / "catalogue_v1.txt").write_text("\n".join(OLD) + "\n")
+    (tmp_path / "catalogue_v2.txt").write_text("\n".join(OLD + NEW) + "\n")
+    cfg = resolve_config(None, {"catalogue": str(tmp_path / "catalogue_v1.txt"), "item-features": "id+text",
+                                "item-text-features": str(tmp_path / "text_v1.npz"), "tied-output": True,
+                                "embedding-dim": 8, "max-seq-len": 5, "num-blocks": 1, "dropout": 0.0})
+    torch.manual_seed(0)
+    model = build_model(cfg, len(OLD), catalogue=np.array(OLD))
+    with torch.no_grad():
+        model.item_emb.ids.weight[1:].normal_()  # learned ID rows: the new items must not borrow any
+    torch.save({"state_dict": model.state_dict(), "catalogue": OLD, "config": dict(cfg)}, tmp_path / "model.pt")
+    return tmp_path, model.eval(), emb
+
+
+def grow(tmp_path, *extra: str, catalogue: str = "catalogue_v2.txt", features: str = "text_v2.npz") -> int:
+    return server_main(["add-items", "--model", str(tmp_path), "--catalogue", str(tmp_path / catalogue),
+                        "--item-text-features", str(tmp_path / features), "--out", str(tmp_path / "model_v2.pt"), *extra])
+
+
+def test_new_items_are_scored_by_their_text_and_old_scores_are_unchanged(trained, capsys):
+    tmp_path, before, emb = trained
+    assert grow(tmp_path) == 0
+    assert "added 2 items (first '40')" in capsys.readouterr().out
+    served = load_global_model(tmp_path / "model_v2.pt")
+    assert served.catalogue.tolist() == OLD + NEW and served.index["50"] == 5
+    histories = torch.tensor([[0, 0, 1, 3, 2]])
+    after = served.model.score(histories)
+    assert after.shape == (1, len(OLD + NEW) + 1)
+    torch.testing.assert_close(after[:, : len(OLD) + 1], before.score(histories))  # weights unchanged
+    # A new item's score, computed by hand: query(h) . text[new] (its ID rows are zero)
+    h = before.hidden(histories)[:, -1]
+    by_hand = before.output.query(h) @ torch.as_tensor(emb[len(OLD):]).T
+    torch.testing.assert_close(after[:, len(OLD) + 1:], by_hand)
+    assert not served.model.item_emb.ids.weight[len(OLD) + 1:].any()
+    # As a new item enters a history, the model reads it through its text
+    longer = torch.tensor([[0, 1, 3, 2, 4]])
+    assert not torch.equal(served.model.score(longer)[:, 1:4], after[:, 1:4])
+    # Serving: a partner's event on a new item counts in the history, and explanations run
+    from client.recommend import LogHistory, Recommender
+    from common.data.loaders import Interactions
+
+    log = Interactions(user=np.array(["u", "u"]), item=np.array(["10", "40"]), timestamp=np.array([1, 2]), rating=None, source="events")
+    recs = Recommender(served).recommend("u", LogHistory(log), k=3)
+    assert not recs.cold_start and recs.history_length == 2
+    assert {r.item_id for r in recs.items}.isdisjoint({"10", "40"}) and len(recs.items) == 3
+
+
+def test_refusals_name_the_problem_and_write_nothing(trained, capsys):
+    tmp_path, _, emb = trained
+
+    def refused(*args, **kw) -> str:
+        assert grow(tmp_path, *args, **kw) == 2
+        assert not (tmp_path / "model_v2.pt").exists()
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+        return err
+
+    (tmp_path / "sorted.txt").write_text("10\n15\n20\n30\n")  # an id sorting between old ones moves rows
+    assert "line 2 is '15' where the model's catalogue has '20'; keep the model's catalogue" in refused(catalogue="sorted.txt")
+    assert "nothing to add" in refused(catalogue="catalogue_v1.txt", features="text_v1.npz")
+    assert "are missing" in refused(features="text_v1.npz")  # features lack the new items
+    moved = emb.copy()
+    moved[1] = -moved[1]  # item 20 re-encoded differently
+    save_features(tmp_path / "other.npz", np.array(OLD + NEW), moved, model="enc", texts=OLD + NEW)
+    err = refused(features="other.npz")
+    assert "old items' embeddings differ from the model's" in err and "item '20'" in err
+
+
+def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):
+    tmp_path, _, _ = trained
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    from common.models import build_model
+
+    cfg = {**blob["config"], "item-features": "id"}
+    torch.save({"state_dict": build_model(cfg, len(OLD)).state_dict(), "catalogue": OLD, "config": cfg},
+               tmp_path / "id.pt")
+    assert server_main(["add-items", "--model", str(tmp_path / "id.pt"), "--catalogue", str(tmp_path / "catalogue_v2.txt"),
+                        "--item-text-features", str(tmp_path / "text_v2.npz"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "has no representation for items it was not trained on" in capsys.readouterr().err
+    (tmp_path / "model_v2.pt").write_bytes(b"served")
+    assert grow(tmp_path) == 2 and "already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "model_v2.pt").read_bytes() == b"served"
+    assert grow(tmp_path, "--force") == 0
+    assert load_global_model(tmp_path / "model_v2.pt").catalogue.tolist() == OLD + NEW
