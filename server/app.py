@@ -93,6 +93,13 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                 "updates above)", run_dir / "model.pt")
         log(INFO, "privacy report: %s", privacy.write())
         log(INFO, "summary: %s", recorder.write_summary(guarantee=privacy.guarantee()))
+        try:
+            from server.run_plots import plot_rounds
+
+            for path in plot_rounds(run_dir, recorder.rounds, recorder.top_k):
+                log(INFO, "plot: %s", path)
+        except Exception as exc:  # noqa: BLE001 -- a plot is a convenience: never fail a finished run for it
+            log(WARNING, "plots not drawn (%s: %s); metrics.jsonl has every number", type(exc).__name__, exc)
 
     return app
 

@@ -1,7 +1,7 @@
 """PNG plots of runs and sweeps (matplotlib, headless).
 
-- ``plot_run(run_dir)``: ``rounds.png`` (HR@10/NDCG@10 per round) and ``partners.png``
-  (final NDCG@10 of each partner) in the run directory.
+- ``plot_run(run_dir)``: redraws ``rounds.png`` (HR@10/NDCG@10 per round) and ``partners.png``
+  (final NDCG@10 of each partner), which the ServerApp draws in every run directory.
 - ``plot_sweep(csv)``: beside the CSV, ``<stem>_ndcg_vs_epsilon.png`` (mean over seeds,
   each seed a dot, bars = min..max), ``<stem>_rounds.png`` (NDCG@10 per round, mean over
   seeds, per configuration) and ``<stem>_partners.png`` (per-partner NDCG@10 spread).
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -30,34 +31,16 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Metric per round and the per-partner distribution of one run; returns the files written."""
-    lines = _rounds(run_dir)
-    if not lines:
-        return []
-    out = []
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ("hr@10", "ndcg@10"):
-        done = [x for x in lines if x.get(key) is not None]  # evaluate-every: unevaluated rounds are null
-        ax.plot([x["round"] for x in done], [x[key] for x in done], marker="o", label=key.upper())
-    ax.set_xlabel("round")
-    ax.set_ylabel("test metric")
-    ax.set_title(Path(run_dir).name, fontsize=8)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "rounds.png", dpi=110)
-    plt.close(fig)
-    out.append(run_dir / "rounds.png")
-    partners = lines[-1].get("partner-ndcg@10") or []
-    if partners:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(range(len(partners)), partners)
-        ax.set_xlabel("partner (partition id)")
-        ax.set_ylabel("NDCG@10 (final round)")
-        fig.tight_layout()
-        fig.savefig(run_dir / "partners.png", dpi=110)
-        plt.close(fig)
-        out.append(run_dir / "partners.png")
-    return out
+    """Redraw one run's ``rounds.png`` / ``partners.png`` (the ServerApp draws them when the run ends:
+    ``server/run_plots.py``) from its ``metrics.jsonl``; returns the files written."""
+    from server.run_plots import plot_rounds
+
+    config = Path(run_dir) / "config.json"
+    try:
+        top_k = int(json.loads(config.read_text()).get("top-k", 10)) if config.exists() else 10
+    except (ValueError, TypeError, AttributeError):
+        top_k = 10  # an unreadable config: the default cut-off, as the metrics lines are still plotted
+    return plot_rounds(Path(run_dir), _rounds(run_dir), top_k)
 
 
 def _as_epsilon(value: object) -> float:

@@ -68,10 +68,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     if created is None:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
     write_population(created, cfg, num_partners)  # holdout.json (audit non-members), partitions.json
-    from simulations.plots import plot_run
-
-    plot_run(created)  # rounds.png, partners.png
-    return created
+    return created  # the ServerApp drew rounds.png and partners.png (server/run_plots.py)
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     parser.add_argument("--max-runs", type=non_negative_int, default=0, help="stop after this many new runs (0 = all)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-plots", action="store_true", help="skip the sweep's PNG plots (each run directory has its own, drawn by the ServerApp)")
     parser.add_argument("--table", metavar="METRIC", help="only print a markdown table of METRIC (e.g. ndcg@10) from the CSV")
     args = parser.parse_args(argv)
     if args.table:
@@ -388,10 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
         rounds.close()
         append_row(spec["output"], row, columns)
-        if row["status"] == "ok" and not args.no_plots:
-            from simulations.plots import plot_run
-
-            plot_run(Path(row["run-dir"]))
         bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
         bar.update(1)
     bar.close()

@@ -44,7 +44,7 @@ def test_two_round_dp_simulation_on_synthetic_data(tmp_path):
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 8.0 * 1.01
     assert all(0 <= r["ndcg@10"] <= r["hr@10"] <= 1 for r in rounds)
     assert rounds[-1]["eval-users"] > 100
-    for name in ("config.json", "metrics.jsonl", "model.pt", "summary.md"):
+    for name in ("config.json", "metrics.jsonl", "model.pt", "summary.md", "rounds.png", "partners.png"):
         assert (run_dir / name).is_file(), name
     assert "round 2: HR@10" in res.stdout
 

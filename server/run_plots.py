@@ -1,0 +1,53 @@
+"""A run directory's plots (matplotlib, headless): ``rounds.png`` and ``partners.png``.
+
+- ``rounds.png``: HR@K and NDCG@K of the global model per evaluated round;
+- ``partners.png``: each partner's own NDCG@K in the last evaluated round (partition id order).
+
+The ServerApp draws them when a run ends (``flwr run`` as well as simulations), so every run
+directory has them, as DESIGN.md's run directory lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_rounds(run_dir: Path, rounds: Sequence[dict[str, Any]], top_k: int = 10) -> list[Path]:
+    """Draw the run's plots from its ``metrics.jsonl`` lines; returns the files written ([] when no
+    round was evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen on a server
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    hr, ndcg = f"hr@{top_k}", f"ndcg@{top_k}"
+    evaluated = [line for line in rounds if line.get(ndcg) is not None]  # evaluate-every: others are null
+    if not evaluated:
+        return []
+    out = []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in (hr, ndcg):
+        done = [line for line in evaluated if line.get(key) is not None]
+        ax.plot([line["round"] for line in done], [line[key] for line in done], marker="o", label=key.upper())
+    ax.set_xlabel("round")
+    ax.set_ylabel("test metric")
+    ax.set_title(run_dir.name, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "rounds.png", dpi=110)
+    plt.close(fig)
+    out.append(run_dir / "rounds.png")
+    partners = evaluated[-1].get(f"partner-{ndcg}") or []
+    if partners:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(range(len(partners)), partners)
+        ax.set_xlabel("partner (partition id)")
+        ax.set_ylabel(f"NDCG@{top_k} (round {evaluated[-1]['round']})")
+        fig.tight_layout()
+        fig.savefig(run_dir / "partners.png", dpi=110)
+        plt.close(fig)
+        out.append(run_dir / "partners.png")
+    return out
