@@ -95,7 +95,9 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
     """Knobs that each pass alone but cannot work together (each used to fail inside every partner,
     every round, or be dropped silently, while the run "completed")."""
     model, features = cfg.get("model", "sasrec"), cfg.get("item-features", "id")
-    local_dp = cfg.get("dp", True) and cfg.get("dp-mode", "local") in ("local", "both")
+    from common.privacy import dp_mode, uses_local_dp  # lazy: common.privacy needs numpy, config must not
+
+    local_dp = uses_local_dp(dp_mode(cfg))
     mode = cfg.get("grad-sample-mode", "auto") if local_dp else "auto"  # it only chooses how DP-SGD clips
     if mode == "fused" and (model != "sasrec" or features != "id"):
         raise ConfigError(f"grad-sample-mode = \"fused\" needs model = \"sasrec\" with item-features = \"id\" "

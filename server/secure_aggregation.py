@@ -33,6 +33,7 @@ from server.secagg_protocol import SecAggPlusParams, SecAggPlusRound
 
 ARRAYS_KEY = "arrays"  # the record names our ClientApp uses
 METRICS_KEY = "metrics"
+# Aggregations that compare individual updates; secure aggregation only ever reveals their sum.
 NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed-mean", "krum")
 
 

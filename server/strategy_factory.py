@@ -23,8 +23,6 @@ from server.rounds import RoundControl
 from server.validation import UpdateBounds, ValidatingStrategy
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum")
-# Options that aggregate individual updates; secure aggregation only ever reveals their sum.
-NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed-mean", "krum")
 
 MetricsFn = Callable[[list[RecordDict], str], MetricRecord]
 
