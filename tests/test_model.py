@@ -44,6 +44,22 @@ def test_padding_is_ignored():
     assert torch.allclose(out1[:, 1:], out2[:, 1:], atol=1e-5)
 
 
+def test_the_number_of_leading_pads_does_not_change_scores():
+    # The padding row is zeroed before attention, so the test above cannot see the key-padding mask.
+    # After a block, padded positions hold nonzero states (biases), so only the mask keeps real
+    # positions from attending to them. Positions are right-aligned (SASRec.hidden: the last item is
+    # always position max_len - 1), so the real items sit at the same positions in all three.
+    m = make()
+    with torch.no_grad():
+        histories = [torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7]]), torch.tensor([[0, 3, 4, 5, 6, 7]]),
+                     torch.tensor([[3, 4, 5, 6, 7]])]
+        scores = [m.score(h) for h in histories]
+        hidden = [m.hidden(h)[:, -5:] for h in histories]  # every real position, not only the last
+    for s, h in zip(scores[1:], hidden[1:]):
+        torch.testing.assert_close(s, scores[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(h, hidden[0], atol=1e-5, rtol=0)
+
+
 def test_tied_output_shares_one_parameter():
     tied, untied = make(True), make(False)
     assert tied.output.weight is tied.item_emb.weight

@@ -82,7 +82,7 @@ def test_removing_the_top_explaining_item_lowers_that_items_score(trained, log):
     run, data = trained
     gm = load_global_model(run)
     source = LogHistory(log)
-    checked = 0
+    checked = multi = 0
     for user in data.user_ids[:10].tolist():
         result = Recommender(gm).recommend(user, source, 3, explain=True)
         history = np.array([gm.index[i] for i in source.history(user)[0]])
@@ -99,8 +99,20 @@ def test_removing_the_top_explaining_item_lowers_that_items_score(trained, log):
             assert reduced < full
             assert full - reduced == pytest.approx(top.influence, abs=1e-4)
             assert rec.explanation.reason.startswith("because you watched " + top.name)
+            # Assert: the reasons are the strongest ones, strongest first. Leave-one-out influences
+            # computed independently: one plain forward per removed history item (the last 20 are inputs)
+            loo = [(int(history[p]), full - float(gm.model.score(pad_left([np.delete(history, p)], 20))[0, target]))
+                   for p in range(max(0, len(history) - 20), len(history))]
+            assert top.influence == pytest.approx(max(i for _, i in loo), abs=1e-4)
+            listed = [b.influence for b in rec.explanation.because]
+            assert listed == sorted(listed, reverse=True)
+            expected = sorted((x for x in loo if x[1] > 0), key=lambda x: -x[1])[:len(listed)]
+            assert [b.index for b in rec.explanation.because] == [i for i, _ in expected]
+            assert listed == pytest.approx([i for _, i in expected], abs=1e-4)
+            multi += len(listed) > 1
             checked += 1
     assert checked >= 10
+    assert multi >= 5  # the order is only checked where several reasons are listed
 
 
 def test_leave_one_out_matches_one_removal_at_a_time(trained):
