@@ -54,7 +54,8 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
     from common.task import new_model, partner_data
     from common.privacy import dp_noise_seed
-    from common.training import epoch_learning_rates, objective_options, pick_device, train_local
+    from common.training import pick_device, train_local
+    from common.objectives import epoch_learning_rates, objective_options
 
     # Load this partner's data and the global weights
     data = partner_data(cfg, context.node_config)

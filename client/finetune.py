@@ -34,8 +34,8 @@ from common.errors import ConfigError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, write_file
-from common.training import (DPSettings, objective_options, refuse_non_sequence_model, train_local,
-                             user_count_for_training)
+from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
+from common.objectives import objective_options
 
 ACCOUNTANT = "rdp"
 DEFAULT_TARGET_EPSILON = 8.0  # a ledger no run has calibrated yet (the federation's default target)

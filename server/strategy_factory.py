@@ -103,7 +103,7 @@ def check_strategy_config(cfg: Mapping[str, Any]) -> None:
     user under DP) with one :class:`ConfigError` line, before any partner trains (else every
     partner would fail every round) and before server/app.py creates the run directory."""
     from common.privacy import refuse_many_examples_per_user
-    from common.training import epoch_learning_rates
+    from common.objectives import epoch_learning_rates
 
     aggregation_strategy(cfg)
     epoch_learning_rates(cfg, 1)  # an unknown lr-schedule

@@ -69,7 +69,8 @@ def user_losses(model: torch.nn.Module, data: SequenceData, max_len: int, batch_
     needs two or more training items."""
     from common.metrics import drop_seen
     from common.models.mf import MatrixFactorization, MultinomialLoss
-    from common.training import SequenceLoss, training_pairs
+    from common.objectives import SequenceLoss
+    from common.training_pairs import training_pairs
 
     model.eval()
     train = data.train_sequences()

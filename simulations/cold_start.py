@@ -96,8 +96,8 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
     from common.models.text_sasrec import trainable_parameters
     from common.privacy import calibrate_noise, default_delta, steps_per_epoch
     from common.task import federation_data, new_model
-    from common.training import (DPSettings, objective_options, refuse_non_sequence_model, train_local,
-                                 user_count_for_training)
+    from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
+    from common.objectives import objective_options
 
     cfg = resolve_config(None, overrides)
     split = hold_out_items(federation_data(cfg), fraction=fraction, seed=seed)

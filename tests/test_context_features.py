@@ -11,7 +11,8 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from common.config import resolve_config
 from common.models import SASRec, build_model
 from common.models.context import NUM_TIME_BUCKETS, item_genre_matrix, time_gap_buckets
-from common.training import SequenceLoss, training_pairs
+from common.objectives import SequenceLoss
+from common.training_pairs import training_pairs
 
 V, T, B, G = 20, 6, 4, 3
 

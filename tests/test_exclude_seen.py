@@ -10,7 +10,8 @@ import torch
 
 from common.models import SASRec
 from common.per_user_clipping import fused_clipped_backward
-from common.training import DPSettings, positions_only_loss, train_local
+from common.training import DPSettings, train_local
+from common.objectives import positions_only_loss
 
 V, T, B, D = 30, 7, 5, 8
 
@@ -64,7 +65,7 @@ def test_plain_loss_is_softmax_over_unseen_items():
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 def test_label_smoothing_spreads_over_the_same_candidates_plain_and_opacus_criterion(smoothing):
     from common.metrics import drop_seen
-    from common.training import SequenceLoss
+    from common.objectives import SequenceLoss
 
     m = sasrec(tied=True)
     seq, tgt = batch()

@@ -10,7 +10,8 @@ import torch
 from common.config import resolve_config
 from common.errors import ConfigError
 from common.models import SASRec
-from common.training import epoch_learning_rates, train_local
+from common.training import train_local
+from common.objectives import epoch_learning_rates
 
 
 def test_constant_is_the_learning_rate_every_epoch() -> None:

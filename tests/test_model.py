@@ -93,7 +93,7 @@ def test_popularity_scores_are_counts():
 
 
 def test_positions_only_loss_equals_full_sequence_loss():
-    from common.training import SequenceLoss, positions_only_loss
+    from common.objectives import SequenceLoss, positions_only_loss
 
     m = make(tied=False)
     seq = torch.randint(1, 26, (3, 8))

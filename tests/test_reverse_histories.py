@@ -9,7 +9,8 @@ import torch
 from common.data.sequences import SequenceData
 from common.errors import ConfigError
 from common.models import SASRec
-from common.training import DPSettings, read_backwards, train_local, training_pairs
+from common.training import DPSettings, train_local
+from common.training_pairs import read_backwards, training_pairs
 
 
 def _data() -> SequenceData:

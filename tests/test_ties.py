@@ -94,7 +94,7 @@ def test_training_reads_the_reordered_ties(small_data, dp, variant) -> None:  # 
 
 
 def test_time_gaps_inside_a_tie_do_not_move(small_data) -> None:  # noqa: ANN001
-    from common.training import training_pairs
+    from common.training_pairs import training_pairs
 
     tied = _tied(small_data, 3)
     before = training_pairs(tied, 20, time_features=True).tensors[0]

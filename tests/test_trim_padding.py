@@ -5,11 +5,11 @@ import torch
 
 from common.metrics import pad_left
 from common.models.sasrec import SASRec
-from common.training import positions_only_loss, trim_padding
+from common.objectives import positions_only_loss, trim_padding
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    # As common.training.training_pairs builds them: input i and target i are both padding or both items
+    # As common.training_pairs.training_pairs builds them: input i and target i are both padding or both items
     histories = [torch.arange(1, 8).numpy(), torch.arange(3, 7).numpy(), torch.arange(2, 5).numpy()]
     return pad_left([h[:-1] for h in histories], 11), pad_left([h[1:] for h in histories], 11)
 
@@ -46,7 +46,7 @@ def test_time_feature_channel_is_trimmed_with_the_items() -> None:
 
 
 def test_history_windows_cover_every_target_once() -> None:
-    from common.training import split_into_windows
+    from common.training_pairs import split_into_windows
 
     history = np.arange(1, 24)  # 23 items: 22 targets
     windows = split_into_windows(history, 5)
@@ -77,7 +77,7 @@ def test_history_windows_are_refused_with_dp() -> None:
 
 def test_history_windows_carry_time_gaps_sliced_from_the_whole_history(small_data) -> None:
     from common.models.context import history_gaps
-    from common.training import training_pairs, window_bounds
+    from common.training_pairs import training_pairs, window_bounds
 
     max_len = 6
     plain = training_pairs(small_data, max_len, time_features=True).tensors

@@ -41,8 +41,8 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     from common.privacy import (calibrate_noise, default_delta, dp_mode, refuse_many_examples_per_user,
                                 steps_per_epoch, uses_local_dp)
     from common.task import new_model
-    from common.training import (DPSettings, epoch_learning_rates, objective_options, refuse_non_sequence_model,
-                                 train_local, user_count_for_training)
+    from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
+    from common.objectives import epoch_learning_rates, objective_options
 
     if threads:
         torch.set_num_threads(threads)

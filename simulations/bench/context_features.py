@@ -25,7 +25,8 @@ from common.data.attributes import metadata_path
 from common.metrics import evaluate_ranking, means_from_sums
 from common.models import build_model
 from common.models.context import item_genre_matrix
-from common.training import objective_options, train_local
+from common.training import train_local
+from common.objectives import objective_options
 from common.cli_args import parse_run_config, positive_int
 from common.cli_errors import user_errors_exit
 

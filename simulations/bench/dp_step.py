@@ -85,7 +85,7 @@ def _step_function(mode: str, model: torch.nn.Module, inputs: torch.Tensor, targ
 
     from common.per_user_clipping import fused_clipped_backward, make_fused_private
     from common.secure_noise import draw_noise_securely
-    from common.training import SequenceLoss, positions_only_loss
+    from common.objectives import SequenceLoss, positions_only_loss
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if mode == "nonprivate":
