@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "max-num-examples": 1000000,
     "node-wait-timeout": 300.0,
     "resume": False,
+    "init-model": "",  # start from a released model.pt (server/warm_start.py); "" = fresh weights
 }
 
 

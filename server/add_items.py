@@ -33,6 +33,12 @@ from common.files import PUBLIC_MODE, refuse_existing, write_file
 ROW_TOLERANCE = 1e-5
 
 
+def model_file(path: str | os.PathLike) -> Path:
+    """``path``, or the ``model.pt`` in it when it is a (run) directory."""
+    p = Path(path).expanduser()
+    return p / "model.pt" if p.is_dir() else p
+
+
 def load_model_file(path: Path) -> dict[str, Any]:
     """The ``{"state_dict", "catalogue", "config"}`` blob of a run's ``model.pt`` (one error line if not)."""
     try:
@@ -61,16 +67,43 @@ def grown_catalogue(old: np.ndarray, new: np.ndarray, catalogue_path: str | os.P
     return added
 
 
+def trained_text_table(blob: dict[str, Any], source: Path) -> np.ndarray:
+    """The (items, dims) frozen text table a saved text model was trained with, rebuilt from its own
+    config (its features file or metadata); one error line when that cannot be done here."""
+    from common.models import build_model
+
+    config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
+    try:
+        trained = build_model(config, len(old), catalogue=old)
+        trained.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # noqa: BLE001 -- a missing/other features file surfaces as any of several errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"model {source}: cannot be rebuilt with its own text features ({first}); "
+                        "run this where the model can be served") from None
+    return trained.item_text.table[1:].numpy()
+
+
+def check_old_text_rows(table: np.ndarray, embeddings: np.ndarray, old: np.ndarray, features: Any) -> None:
+    """Refuse ``embeddings`` (new catalogue order, old items first) unless the old items' rows are
+    ``table``'s, the ones the weights were fitted to (another encoder, precision or title is not)."""
+    if table.shape[1] != embeddings.shape[1]:
+        raise DataError(f"item text features {features}: {embeddings.shape[1]} dims, the model was trained "
+                        f"with {table.shape[1]}; encode the new catalogue with the model's encoder")
+    gap = np.abs(table - embeddings[: len(old)]).max(axis=1)
+    if float(gap.max()) > ROW_TOLERANCE:
+        raise DataError(f"item text features {features}: old items' embeddings differ from the model's "
+                        f"(largest difference {float(gap.max()):.2g}, item {str(old[int(gap.argmax())])!r}); "
+                        "encode the grown catalogue with the model's encoder and the same titles")
+
+
 def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, features_path: str | os.PathLike,
               out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Write ``out``: the model at ``model_path`` over the catalogue in ``catalogue_path`` (the model's
     own catalogue with items appended), text rows from ``features_path``. Returns a summary."""
     from common.item_text import load_features
     from common.models import build_model
-    from common.models.text_sasrec import TextSASRec
 
-    source = Path(model_path)
-    source = source / "model.pt" if source.is_dir() else source
+    source = model_file(model_path)
     out = Path(out)
     refuse_existing([out], force=force, hint="partners serving it will reload the new file")
     blob = load_model_file(source)
@@ -87,25 +120,7 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
     added = grown_catalogue(old, new, catalogue_path)
     embeddings, _ = load_features(features_path, new)  # every item, old and new, must be in the file
 
-    # The trained model with its own text table: the old rows the new file must reproduce
-    try:
-        trained = build_model(config, len(old), catalogue=old)
-        trained.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # noqa: BLE001 -- a missing/other features file surfaces as any of several errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"model {source}: cannot be rebuilt with its own text features ({first}); "
-                        "run this where the model can be served") from None
-    assert isinstance(trained, TextSASRec)
-    table = trained.item_text.table[1:].numpy()
-    if table.shape[1] != embeddings.shape[1]:
-        raise DataError(f"item text features {features_path}: {embeddings.shape[1]} dims, the model was trained "
-                        f"with {table.shape[1]}; encode the new catalogue with the model's encoder")
-    drift = float(np.abs(table - embeddings[: len(old)]).max())
-    if drift > ROW_TOLERANCE:
-        worst = str(old[int(np.abs(table - embeddings[: len(old)]).max(axis=1).argmax())])
-        raise DataError(f"item text features {features_path}: old items' embeddings differ from the model's "
-                        f"(largest difference {drift:.2g}, item {worst!r}); encode the grown catalogue with the "
-                        "model's encoder and the same titles")
+    check_old_text_rows(trained_text_table(blob, source), embeddings, old, features_path)
 
     grown_config = {**config, "catalogue": str(catalogue_path), "item-text-features": str(features_path)}
     grown = build_model(grown_config, len(new), catalogue=new)

@@ -31,6 +31,10 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module]:
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     check_strategy_config(cfg)
+    if cfg["init-model"] and not cfg["resume"]:  # a resumed run starts from its checkpoint instead
+        from server.warm_start import warm_start
+
+        log(INFO, "init-model: %s", warm_start(model, items, cfg))
     return items, model
 
 

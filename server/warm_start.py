@@ -1,0 +1,70 @@
+"""Start a run from a released global model (``init-model``) instead of fresh weights.
+
+Use it to continue training a model with more rounds or other knobs, or to train a ``text`` /
+``id+text`` model further after its catalogue grew (``fedrec-server add-items`` serves new items
+at once; a run started from the old weights then learns them). The architecture must be the
+run's; an ``id`` model or MF needs the very same catalogue (its rows are the items), a text model
+the same catalogue or one with items appended (their ID rows start at zero, as in serving).
+
+Privacy: the starting weights are public input, like the fresh initialisation they replace; what
+they were trained on is accounted where they were trained. A partner whose ledger holds that
+earlier run has its spend counted there; a model trained outside this federation's ledgers, or
+without DP on private data, brings whatever leaks it carries into every model after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import ConfigError, DataError
+
+# Knobs that decide the weights' names and shapes: a start model must have the run's values
+ARCHITECTURE = ("model", "embedding-dim", "num-blocks", "num-heads", "tied-output", "item-features",
+                "time-features", "genre-features", "max-seq-len")
+
+
+def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any]) -> str:
+    """Load ``cfg['init-model']`` into ``model`` (the run's freshly built model over ``catalogue``);
+    returns a line saying what was loaded. One :class:`ConfigError` line for a model that cannot
+    start this run."""
+    from server.add_items import check_old_text_rows, grown_catalogue, load_model_file, model_file, trained_text_table
+
+    source = model_file(str(cfg["init-model"]))
+    try:
+        blob = load_model_file(source)
+    except DataError as exc:
+        raise ConfigError(f"init-model: {exc}") from None
+    saved, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
+    differ = [f"{k} = {saved.get(k)!r} there, {cfg.get(k)!r} here" for k in ARCHITECTURE
+              if k in saved and saved.get(k) != cfg.get(k)]
+    if differ:
+        raise ConfigError(f"init-model {source}: another architecture ({'; '.join(differ)}); "
+                          "set those knobs as the model was trained")
+    added = 0
+    if old.tolist() != np.asarray(catalogue, dtype=str).tolist():
+        if str(cfg.get("item-features", "id")) == "id" or cfg.get("genre-features", False):
+            raise ConfigError(f"init-model {source}: its catalogue ({len(old)} items) is not this run's ({len(catalogue)}); "
+                              "an id/MF model's rows are its items, so only a text or id+text model can start "
+                              "over a grown catalogue")
+        try:
+            added = len(grown_catalogue(old, np.asarray(catalogue, dtype=str), "this run's catalogue"))
+        except DataError as exc:
+            raise ConfigError(f"init-model {source}: {exc}") from None
+    if str(cfg.get("item-features", "id")) != "id":
+        try:  # the old items' text rows must be those the weights were fitted to
+            check_old_text_rows(trained_text_table(blob, source), model.item_text.table[1:].numpy(), old,
+                                cfg.get("item-text-features") or "encoded from the metadata")
+        except DataError as exc:
+            raise ConfigError(f"init-model: {exc}") from None
+    try:
+        model.load_state_dict(blob["state_dict"])  # a text model pads the new items' ID rows with zeros
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"init-model {source}: its weights do not fit this run's model ({first})") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise ConfigError(f"init-model {source}: weights contain NaN or infinite values; start from another model")
+    grown = f" + {added} new items" if added else ""
+    return f"starting from {source} ({len(old)} items{grown})"

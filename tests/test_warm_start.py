@@ -1,0 +1,104 @@
+"""``init-model``: a run starts from a released model's weights (server/warm_start.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import resolve_config
+from common.errors import ConfigError
+from common.item_text import save_features
+from server.app import initial_model
+from server.resume import start_run
+
+BASE = {"synthetic-users": 60, "synthetic-items": 20, "max-seq-len": 8, "embedding-dim": 8, "num-blocks": 1}
+
+
+def released(tmp_path, cfg: dict, items: np.ndarray, model: torch.nn.Module, name: str = "old"):
+    """``model`` saved as a finished run's model.pt (server/run_report.py's format)."""
+    from flwr.app import ArrayRecord
+
+    from server.run_report import RunRecorder
+
+    run = tmp_path / name
+    run.mkdir()
+    RunRecorder(run, cfg, items).save_model(ArrayRecord(model.state_dict()))
+    return run
+
+
+def trained_like(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Weights no fresh initialisation gives: a start from them is recognisable."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_a_run_starts_from_the_released_weights(tmp_path):
+    cfg = resolve_config(None, {**BASE, "run-dir": str(tmp_path / "runs")})
+    items, model = initial_model(cfg)
+    run = released(tmp_path, cfg, items, trained_like(model))
+    items2, warm = initial_model({**cfg, "init-model": str(run), "learning-rate": 0.01})  # other knobs may differ
+    start = start_run({**cfg, "init-model": str(run)}, items2, warm)
+    sent = start.arrays.to_torch_state_dict()  # what round 1 sends to the partners
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(sent[key], value)
+    fresh = initial_model(cfg)[1].state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in model.state_dict().items())  # not the default start
+    # A resumed run starts from its checkpoint: the init model is not read again (it may be gone)
+    items3, resumed = initial_model({**cfg, "init-model": str(tmp_path / "gone"), "resume": True, "run-name": "r"})
+    assert all(torch.equal(fresh[k], v) for k, v in resumed.state_dict().items())
+
+
+def test_a_model_that_cannot_start_this_run_is_one_line(tmp_path):
+    cfg = resolve_config(None, BASE)
+    items, model = initial_model(cfg)
+    run = released(tmp_path, cfg, items, model)
+    cases = [
+        ({"embedding-dim": 16}, "another architecture (embedding-dim = 8 there, 16 here)"),
+        ({"synthetic-items": 25}, "its catalogue (20 items) is not this run's (25)"),
+        ({"init-model": str(tmp_path / "nope.pt")}, "init-model: model"),
+    ]
+    for change, says in cases:
+        with pytest.raises(ConfigError) as err:
+            initial_model({**cfg, "init-model": str(run), **change})
+        assert says in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "nan").mkdir()
+    broken = {k: v.clone() for k, v in model.state_dict().items()}
+    next(t for t in broken.values() if t.is_floating_point()).fill_(float("nan"))
+    torch.save({"state_dict": broken, "catalogue": items.tolist(), "config": dict(cfg)}, tmp_path / "nan" / "model.pt")
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        initial_model({**cfg, "init-model": str(tmp_path / "nan")})
+
+
+def test_a_text_model_starts_over_a_grown_catalogue(tmp_path):
+    old, new = ["10", "20", "30"], ["10", "20", "30", "40"]
+    emb = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    save_features(tmp_path / "text.npz", np.array(new), emb, model="enc", texts=new)
+    (tmp_path / "v1.txt").write_text("\n".join(old) + "\n")
+    (tmp_path / "v2.txt").write_text("\n".join(new) + "\n")
+    text = {**BASE, "item-features": "id+text", "item-text-features": str(tmp_path / "text.npz")}
+    cfg = resolve_config(None, {**text, "catalogue": str(tmp_path / "v1.txt")})
+    items, model = initial_model(cfg)
+    run = released(tmp_path, cfg, items, trained_like(model))
+    grown_cfg = resolve_config(None, {**text, "catalogue": str(tmp_path / "v2.txt"), "init-model": str(run)})
+    items2, warm = initial_model(grown_cfg)
+    assert items2.tolist() == new
+    torch.testing.assert_close(warm.item_emb.ids.weight[:4], model.item_emb.ids.weight)  # old rows kept
+    assert not warm.item_emb.ids.weight[4].any()  # the new item's ID row starts at zero
+    for key, value in model.state_dict().items():  # every other weight as released
+        if ".ids." not in key:
+            torch.testing.assert_close(warm.state_dict()[key], value)
+    # Re-encoded old items (another encoder or title) would not be what the weights were fitted to
+    moved = emb.copy()
+    moved[0] *= -1
+    save_features(tmp_path / "other.npz", np.array(new), moved, model="enc", texts=new)
+    with pytest.raises(ConfigError, match="old items' embeddings differ from the model's .* item '10'"):
+        initial_model({**grown_cfg, "item-text-features": str(tmp_path / "other.npz")})
+    # A catalogue that moves old items is refused: ID rows follow positions
+    (tmp_path / "sorted.txt").write_text("10\n15\n20\n30\n")
+    save_features(tmp_path / "s.npz", np.array(["10", "15", "20", "30"]), emb, model="enc", texts=new)
+    with pytest.raises(ConfigError, match="line 2 is '15' where the model's catalogue has '20'"):
+        initial_model({**grown_cfg, "catalogue": str(tmp_path / "sorted.txt"), "item-text-features": str(tmp_path / "s.npz")})
