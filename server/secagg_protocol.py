@@ -171,7 +171,11 @@ class SecAggPlusRound:
         active: set[int] = set()
         for msg in replies:
             nid = msg.metadata.src_node_id
-            if msg.has_error() or nid not in self.shared or RECORD_KEY_CONFIGS not in msg.content.config_records:
+            if msg.has_error():  # a refusal (budget, too few users, an update SecAgg+ would clip): say why
+                log(WARNING, "secure aggregation round %d: partner %d sent no masked update: %s", self.server_round,
+                    nid, msg.error.reason)
+                continue
+            if nid not in self.shared or RECORD_KEY_CONFIGS not in msg.content.config_records:
                 continue
             vec = [bytes_to_ndarray(b) for b in cast(list[bytes], msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])]
             masked = vec if masked is None else parameters_addition(masked, vec)

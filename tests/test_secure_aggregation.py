@@ -234,13 +234,16 @@ def test_no_value_is_clipped_and_peak_is_reported():
         assert content["metrics"]["secagg-peak"] < 1.0
 
 
-def test_update_that_would_be_clipped_is_refused_not_clipped():
+def test_update_that_would_be_clipped_is_refused_not_clipped(caplog):
     # deltas ~1.0 x scale 100 x weight ~0.4 >> clipping range 8
     partners, global_arrays = _federation(4, seed=8, spread=1.0, examples=[400, 400, 400, 400])
     strategy, arrays, _, _ = _secure_round(partners, global_arrays)
     assert arrays is None  # nobody sent a (clipped) masked vector
     assert [content for _, content in strategy.last_received] == [None] * 4  # four error replies
     assert all("would clip" in p.app_errors[-1] for p in partners)
+    # The coordinator learns why (a deployment review: it only saw "no partner returned a masked update")
+    said = [r.getMessage() for r in caplog.records if "sent no masked update" in r.getMessage()]
+    assert len(said) == 4 and all("would clip" in line for line in said)
 
 
 def test_partner_requiring_secagg_refuses_plain_train_message():
