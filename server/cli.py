@@ -93,7 +93,7 @@ def _check(args: argparse.Namespace) -> int:
     from common.cli_args import parse_run_config
     from common.config import ignored_knobs, resolve_config
     from common.data.catalogue import catalogue_fingerprint
-    from common.errors import ConfigError
+    from common.errors import CheckpointError, ConfigError
     from common.privacy import dp_mode
     from server.app import initial_model
     from server.checkpoint import fingerprint
@@ -108,10 +108,18 @@ def _check(args: argparse.Namespace) -> int:
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "
           f"dp-mode {dp_mode(cfg)}, secure aggregation {'on' if cfg['secure-aggregation'] else 'off'}")
+    relative = not Path(str(cfg["run-dir"])).expanduser().is_absolute()
+    where = (f"run-dir = {str(cfg['run-dir'])!r} is relative: under flwr run the ServerApp resolves it in the "
+             "SuperLink's working folder, not here; run check from that folder or give an absolute run-dir")
     if cfg["resume"]:
-        run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict()))
+        try:
+            run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict()))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} ({where})" if relative and "no such run directory" in str(exc) else str(exc)) from None
         print(f"resumes {run_dir} after round {ckpt.round} of {cfg['num-server-rounds']}")
     else:
+        if relative:
+            print(f"note: {where}")
         base = Path(str(cfg["run-dir"])).absolute()
         existing = next(p for p in (base, *base.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

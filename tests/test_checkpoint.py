@@ -268,7 +268,7 @@ def test_fedadam_global_model_keeps_float32_so_partners_float32_replies_pass_eve
         arrays = out
 
 
-def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tmp_path, capsys):
+def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tmp_path, capsys, monkeypatch):
     # Under flwr run a ServerApp refusal reaches the coordinator as Flower's traceback (and exit 0):
     # `fedrec-server check` runs the same checks first, one line each, and creates nothing
     from common.cli_args import parse_run_config
@@ -292,6 +292,13 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     assert f"resumes {tmp_path / 'r'} after round 2 of 5" in capsys.readouterr().out
     assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755  # check changes nothing, not even the mode
     wider = base.replace("embedding-dim=8", "embedding-dim=16")  # another model than the checkpointed one
+    # A relative run-dir is resolved in the SuperLink's folder under flwr run: check says so (a deployment review)
+    monkeypatch.chdir(tmp_path.parent)
+    relative = base.replace(f'run-dir="{tmp_path}"', f'run-dir="{tmp_path.name}/elsewhere"')
+    assert server_main(["check", "--run-config", relative]) == 0
+    assert "is relative: under flwr run the ServerApp resolves it in the SuperLink's working folder" in capsys.readouterr().out
+    assert server_main(["check", "--run-config", f'{relative} run-name="r" resume=true']) == 2
+    assert "no such run directory to resume (run-dir = " in capsys.readouterr().err
     for run_config, says in [(f'{wider} run-name="r" resume=true', "different arrays"),
                              (f'{base} run-name="ghost" resume=true', "no such run directory to resume"),
                              (f'{base} run-name="r" resume=true num-server-rounds=1', "already completed round 2"),
