@@ -114,8 +114,11 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         "steps": result.steps,
         "seconds": result.seconds,
     })
+    # data-source: the coordinator's summary says what the model was trained on (the run config's
+    # dataset is only read by simulated partners)
+    source = "own log" if context.node_config.get("data-path") else "simulated partition"
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics,
-                          "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg)})})
+                          "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg), "data-source": source})})
     return Message(content, reply_to=msg)
 
 

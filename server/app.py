@@ -96,7 +96,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             log(ERROR, "no round aggregated an update: %s is the initial model (see the refusals and rejected "
                 "updates above)", run_dir / "model.pt")
         log(INFO, "privacy report: %s", privacy.write())
-        log(INFO, "summary: %s", recorder.write_summary(guarantee=privacy.guarantee()))
+        sources = [str(p["data-source"]) for p in privacy.partners.values() if p.get("data-source")]
+        log(INFO, "summary: %s", recorder.write_summary(guarantee=privacy.guarantee(), data_sources=sources))
         try:
             from server.run_plots import plot_rounds
 

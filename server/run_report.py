@@ -7,6 +7,7 @@ import os
 import time
 from logging import INFO
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -158,6 +159,18 @@ class RunRecorder:
                     "config": self.config}, buf)
         atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
 
+    def _data_text(self, sources: Sequence[str]) -> str:
+        """What the partners trained on: the run config's ``dataset`` is only read by simulated partners;
+        a deployed partner trains on its own log (node config ``data-path``)."""
+        own = sum(1 for s in sources if s == "own log")
+        catalogue = self.config.get("catalogue") or f"from {self.config.get('dataset')}"
+        if own and own == len(sources):
+            return f"each partner's own log ({own} partners; catalogue {catalogue})"
+        if own:
+            return (f"{own} partners' own logs and {len(sources) - own} simulated partitions of "
+                    f"{self.config.get('dataset')} (catalogue {catalogue})")
+        return str(self.config.get("dataset"))
+
     def _interval_text(self, line: dict[str, Any]) -> str:
         """'; 95% CI over users: ...' from a round's standard errors ('' when it has none)."""
         k = self.top_k
@@ -178,8 +191,9 @@ class RunRecorder:
                 f"(full ranking over {len(self.catalogue)} items, history excluded, {int(line.get('eval-users') or 0)} "
                 f"test users{which}{self._interval_text(line)})")
 
-    def write_summary(self, guarantee: str | None = None) -> Path:
-        """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py)."""
+    def write_summary(self, guarantee: str | None = None, data_sources: Sequence[str] = ()) -> Path:
+        """summary.md; ``guarantee`` is the privacy sentence (server/privacy_report.py); ``data_sources``
+        each partner's ``data-source`` ("own log" or "simulated partition"), as its replies said."""
         last = self.rounds[-1] if self.rounds else {}
         cfg = self.config
         if guarantee:
@@ -194,7 +208,7 @@ class RunRecorder:
             "",
             guarantee,
             "",
-            f"- data: {cfg.get('dataset')}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
+            f"- data: {self._data_text(data_sources)}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
             self._final_metrics_text(),
             f"- wall time: {last.get('seconds', 0):.1f} s",
             "",

@@ -127,6 +127,7 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
     run_dir = env.root / "runs" / "secagg"
     assert (run_dir / "config.json").exists() and (run_dir / "model.pt").exists()
     assert (run_dir / "rounds.png").exists() and (run_dir / "partners.png").exists()  # drawn by the ServerApp
+    assert "- data: each partner's own log (" in (run_dir / "summary.md").read_text()  # not the unused dataset
     assert json.loads((run_dir / "config.json").read_text())["catalogue"] == str(env.catalogue)
     # The server unmasked the sum of the three survivors, removing the dead partner's masks
     assert "summed 3 masked updates (1 dropped out)" in res.stdout

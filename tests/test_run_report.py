@@ -99,3 +99,15 @@ def test_round_line_says_n_a_and_no_dp_instead_of_zeros(tmp_path, monkeypatch):
     assert rounds[1] == "round 2: HR@10 n/a  NDCG@10 n/a  no local DP  loss 2.5000"
     assert rounds[2] == "round 3: HR@10 n/a  NDCG@10 n/a  epsilon 1.250 (delta 1e-05)  loss 2.0000"
     assert [json.loads(x)["epsilon"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [None, 0.0, 1.25]
+
+
+def test_summary_says_what_the_partners_trained_on(tmp_path):
+    # A deployment review: partners on their own logs got "data: synthetic" (the run config's unused default)
+    cfg = {"dataset": "synthetic", "catalogue": "/pub/catalogue.txt", "model": "sasrec", "dp": False}
+    recorder = RunRecorder(tmp_path, cfg, np.array(["a"] * 30))
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    own = recorder.write_summary(data_sources=["own log", "own log"]).read_text()
+    assert "- data: each partner's own log (2 partners; catalogue /pub/catalogue.txt)" in own
+    mixed = recorder.write_summary(data_sources=["own log", "simulated partition"]).read_text()
+    assert "1 partners' own logs and 1 simulated partitions of synthetic" in mixed
+    assert "- data: synthetic," in recorder.write_summary(data_sources=["simulated partition"] * 3).read_text()
