@@ -96,6 +96,15 @@ def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:
             raise ConfigError(f"{p} already exists; pass --force to overwrite it" + (f" ({hint})" if hint else ""))
 
 
+def refuse_overwriting_inputs(out: str | os.PathLike, inputs: list[Path], *, flag: str = "--out") -> None:
+    """One line when ``out`` is one of the command's own ``inputs``: never overwritten, not even
+    with --force (a catalogue written over the log it was read from leaves no log)."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if Path(given).resolve() == target:
+            raise ConfigError(f"{flag} {out} is this command's input ({given}); choose another file")
+
+
 def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "") -> None:
     """Create ``path`` with permissions ``mode``; refuse to overwrite unless ``force`` (``hint``:
     see :func:`refuse_existing`)."""

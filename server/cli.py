@@ -34,10 +34,13 @@ def _catalogue(args: argparse.Namespace) -> int:
 
     from common.config import resolve_config
     from common.data.catalogue import catalogue_fingerprint, save_catalogue
+    from common.data.loaders import log_files
+    from common.files import refuse_overwriting_inputs
     from common.task import catalogue
 
     overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "catalogue": ""})  # derive from the data set, never from a file
+    refuse_overwriting_inputs(args.out, log_files(str(cfg["dataset"])))
     items = catalogue(cfg)
     path = save_catalogue(items, args.out, force=args.force)
     print(f"catalogue: {len(items)} items from dataset {cfg['dataset']!r} -> {path} (fingerprint {catalogue_fingerprint(items)})")
@@ -55,13 +58,16 @@ def _item_text(args: argparse.Namespace) -> int:
     from common.item_text import catalogue_text_features, encoder_id, save_features
     from common.task import catalogue
 
-    from common.files import refuse_existing
+    from common.data.loaders import log_files
+    from common.files import refuse_existing, refuse_overwriting_inputs
 
     # Checked before the (slow) encoding: partners may be running with the published file
     refuse_existing([Path(args.out)], force=args.force,
                     hint="partners must run with the features the model was trained on")
     overrides = parse_run_config(args.run_config)
     cfg = resolve_config(None, {**overrides, "item-text-features": ""})  # encode, never re-read a published file
+    refuse_overwriting_inputs(args.out, [*log_files(str(cfg["dataset"])),
+                                         *([Path(str(cfg["catalogue"]))] if cfg["catalogue"] else [])])
     from common.data.attributes import metadata_path
 
     if metadata_path(str(cfg["dataset"])) is None:  # the generic message would send the user back to this command

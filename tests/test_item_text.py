@@ -231,6 +231,13 @@ def test_coordinator_publishes_features_partners_build_text_models(tmp_path, mon
     assert emb[0] @ emb[1] > emb[0] @ emb[2]  # Alien is nearer Aliens than Emma
     torch.testing.assert_close(model.item_text.table[1:], torch.as_tensor(emb))
     assert len(list((tmp_path / "cache" / "item-text").glob("*.npz"))) == 1  # encoded once, cached
+    # Never written over the command's own inputs, not even with --force (a bad-input review: u.item became an npz)
+    for target in (folder / "movies.csv", folder / "ratings.csv"):
+        before = target.read_bytes()
+        for cmd in (["item-text"], ["catalogue"]):
+            assert server_cli([*cmd, "--out", str(target), "--force", "--run-config", f'dataset="{folder}"']) == 2
+            assert "is this command's input" in capsys.readouterr().err
+            assert target.read_bytes() == before
 
 
 def test_encoder_setting_is_part_of_the_cache_key(tmp_path, monkeypatch):

@@ -82,6 +82,17 @@ def load_interactions(path: str | os.PathLike) -> Interactions:
     return _validate(frame, str(p))
 
 
+def log_files(dataset: str | os.PathLike) -> list[Path]:
+    """The files a data set is read from (its log and the metadata beside it); [] for synthetic."""
+    if str(dataset) == "synthetic":
+        return []
+    from common.data.attributes import metadata_path
+
+    p = resolve_data_path(dataset)
+    meta = metadata_path(dataset)
+    return [_log_file_in_folder(p) if p.is_dir() else p, *([meta] if meta else [])]
+
+
 def _log_file_in_folder(folder: Path) -> Path:
     for name in ("u.data", "ratings.dat", "ratings.users_1-2999.dat", "ratings.csv",
                  "interactions.csv", "interactions.parquet", "events.csv"):
