@@ -108,7 +108,26 @@ def _api_token(args: argparse.Namespace) -> str | None:
     for flag, path in (("--tls-certfile", args.tls_certfile), ("--tls-keyfile", args.tls_keyfile)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path}: no such file")
+    if args.tls_certfile:
+        _check_tls_pair(args.tls_certfile, args.tls_keyfile)
     return token
+
+
+def _check_tls_pair(certfile: str, keyfile: str) -> None:
+    """One line, before anything starts, when the PEM files are not a certificate and its key
+    (uvicorn raised ssl.SSLError after "serving ..." was printed: a 37-line traceback)."""
+    import ssl
+
+    from common.errors import ConfigError
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        why = ("the key is not the certificate's" if "KEY_VALUES_MISMATCH" in str(exc)
+               else f"not a PEM certificate and private key ({exc.reason or exc})")
+        raise ConfigError(f"--tls-certfile {certfile} / --tls-keyfile {keyfile}: {why}") from None
+    except OSError as exc:
+        raise ConfigError(f"--tls-certfile {certfile} / --tls-keyfile {keyfile}: cannot be read ({exc.strerror})") from None
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -778,6 +778,16 @@ def test_serve_refuses_a_network_host_without_a_token_before_creating_anything(t
     assert "cannot be read" in capsys.readouterr().err
     assert main([*base, "--tls-certfile", str(tmp_path / "short")]) == 2
     assert "go together" in capsys.readouterr().err
+    # PEM files that are not a certificate and its key: one line before anything starts (uvicorn's SSLError
+    # came as a traceback after "serving ..." was printed; a bad-input review)
+    from server.credentials import create_server_credentials
+
+    creds = create_server_credentials(tmp_path / "certs", hosts=["localhost"])
+    for cert, key, says in [(tmp_path / "short", tmp_path / "short", "not a PEM certificate and private key"),
+                            (creds.server_cert, creds.ca_key, "the key is not the certificate's")]:
+        assert main([*base, "--tls-certfile", str(cert), "--tls-keyfile", str(key)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
     with socket.socket() as taken:  # a port another server holds
         taken.bind(("127.0.0.1", 0))
         taken.listen()
