@@ -73,6 +73,16 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(part.strip()) for part in text.split(",")]
 
 
+def positive_ints_or_none(text: str) -> list[int]:
+    """Like :func:`positive_ints`, but ``""`` is the empty list (e.g. "no partner counts")."""
+    return positive_ints(text) if text.strip() else []
+
+
+def non_negative_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 0, e.g. ``0,1`` (thread counts, 0 = all cores)."""
+    return [non_negative_int(part.strip()) for part in text.split(",")]
+
+
 # Flower's own key=value pattern (flwr.common.config.parse_config_args), to find what it would skip
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 

@@ -25,7 +25,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from common.cli_args import output_file  # noqa: E402
+from common.cli_args import non_negative_int, output_file  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
 from simulations.bench import write_results  # noqa: E402
 
@@ -97,7 +97,7 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overrides", default="{}", help='run config overrides as JSON, e.g. {"local-epochs": 1}')
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
     parser.add_argument("--out", required=True, type=output_file, help="JSON file for the phase times")
     args = parser.parse_args(argv)
     from common.errors import ConfigError

@@ -27,7 +27,7 @@ from common.models import build_model
 from common.models.context import item_genre_matrix
 from common.training import train_local
 from common.objectives import objective_options
-from common.cli_args import parse_run_config, positive_int
+from common.cli_args import non_negative_int, parse_run_config, positive_int
 from common.cli_errors import user_errors_exit
 
 VARIANTS = {
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="an ML-100K folder (u.data + u.item)")
     parser.add_argument("--epochs", type=positive_int, default=30)
     parser.add_argument("--eval-every", type=positive_int, default=5)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=64 dropout=0.2"')

@@ -33,7 +33,7 @@ import sys
 import time
 
 import torch
-from common.cli_args import output_file
+from common.cli_args import non_negative_int, output_file, positive_float, positive_int, positive_ints
 from common.cli_errors import user_errors_exit
 from simulations.bench import RESULTS, write_results
 
@@ -198,15 +198,15 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--items", type=str, default=None, help="catalogue sizes, comma-separated (default: the preset's)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--items", type=positive_ints, default=None, help="catalogue sizes, comma-separated (default: the preset's)")
+    parser.add_argument("--batch", type=positive_int, default=None)
+    parser.add_argument("--length", type=positive_int, default=None)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tied", action="store_true", help="tied output layer (Opacus ghost is skipped: it refuses tying)")
-    parser.add_argument("--steps", type=int, default=3, help="timed rounds of every mode (after one warm-up round)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed rounds of every mode (after one warm-up round)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per worker (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per memory subprocess before it is reported failed")
+    parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per memory subprocess before it is reported failed")
     parser.add_argument("--out", type=output_file, default=None,
                         help="results JSON (default simulations/bench/results/dp_step-PRESET[-tied].json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps({"peak_extra_mb": peak_memory(args.worker, items=int(args.items), batch=args.batch,
+        print(json.dumps({"peak_extra_mb": peak_memory(args.worker, items=args.items[0], batch=args.batch,
                                                         length=args.length, tied=args.tied, device=args.device)}))
         return 0
-    sizes = [int(x) for x in (args.items.split(",") if args.items else preset["items"])]
+    sizes = args.items or preset["items"]
     unknown = [m for m in args.modes.split(",") if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from simulations.bench import RESULTS, write_results
-from common.cli_args import output_file
+from common.cli_args import output_file, positive_int
 from common.cli_errors import user_errors_exit
 
 
@@ -47,9 +47,9 @@ def _median_seconds(fn, repeats: int) -> float:  # noqa: ANN001
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="../shared/data/ml-100k")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="epochs per implementation (alternating)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--dim", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="epochs per implementation (alternating)")
     parser.add_argument("--out", type=output_file, default=str(RESULTS / "dropout.json"))
     args = parser.parse_args(argv)
     from common.config import resolve_config

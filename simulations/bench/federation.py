@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from simulations.flower_env import set_flower_env
+from common.cli_args import non_negative_int, non_negative_ints, positive_int, positive_ints_or_none
 from common.cli_errors import user_errors_exit
 
 RESULTS = Path(__file__).parent / "results"
@@ -183,13 +184,13 @@ def compare(central: dict, fed: dict, mode: str, partners: int, engine: str = "r
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="../shared/data/ml-100k", help="data set of both sides")
-    parser.add_argument("--partners", default="5,20", help='partner counts ("" = cross-device only)')
+    parser.add_argument("--partners", type=positive_ints_or_none, default="5,20", help='partner counts ("" = cross-device only)')
     parser.add_argument("--dp", default="off,local", help="dp-mode values to compare")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32, help="32: 20 partners of ML-100K have ~47 users each")
-    parser.add_argument("--evaluate-every", type=int, default=0, help="0 = only after the last round (both sides)")
-    parser.add_argument("--central-threads", default="1",
+    parser.add_argument("--rounds", type=positive_int, default=10)
+    parser.add_argument("--local-epochs", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="32: 20 partners of ML-100K have ~47 users each")
+    parser.add_argument("--evaluate-every", type=non_negative_int, default=0, help="0 = only after the last round (both sides)")
+    parser.add_argument("--central-threads", type=non_negative_ints, default="1",
                         help="torch threads of the centralised run, each measured; the faster is the reference (0 = all cores)")
     parser.add_argument("--run-config", default="{}", help='extra overrides for both sides, JSON')
     parser.add_argument("--engines", default="ray",
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the centralised reference again after the federated runs and use the mean of both")
     parser.add_argument("--profile", action="store_true", help="also time the round-1 ingredients in fresh processes")
     parser.add_argument("--cross-device", default="", help="interaction log for the cross-device measurement (e.g. ML-100K)")
-    parser.add_argument("--clients-per-round", type=int, default=40)
-    parser.add_argument("--cross-device-rounds", type=int, default=4)
+    parser.add_argument("--clients-per-round", type=positive_int, default=40)
+    parser.add_argument("--cross-device-rounds", type=positive_int, default=4)
     parser.add_argument("--out", default="", help="results file (default simulations/bench/results/federation[-cross-device].json)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="fedbench-"))
@@ -210,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     rows, centrals = [], []
     for mode in [m for m in args.dp.split(",") if m and args.partners]:
         over = {**base, "dp-mode": mode}
-        runs = [centralised(over, workdir, threads=int(t)) for t in args.central_threads.split(",")]
+        runs = [centralised(over, workdir, threads=t) for t in args.central_threads]
         for c in runs:
             centrals.append({"dp-mode": mode, **{k: v for k, v in c.items() if k != "final_metrics"}})
             print(json.dumps({"centralised": mode, "threads": c["threads"], "wall_s": round(c["wall_s"], 1),
                               "steady_round_s": c["steady_round_s"], "final": c["final_metrics"]}), flush=True)
         central = min(runs, key=lambda c: c["wall_s"])
         feds = [(p, e, federated(over, p, workdir, engine=e)) for e in args.engines.split(",")
-                for p in [int(x) for x in args.partners.split(",")]]
+                for p in args.partners]
         if args.bracket:  # the machine's load drifts: the reference is the mean of a run before and after
             again = centralised(over, workdir, threads=central["threads"], tag="after")
             centrals.append({"dp-mode": mode, "bracket": "after", **{k: v for k, v in again.items() if k != "final_metrics"}})
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                  "client_trainings_per_s": args.clients_per_round / per_round if per_round else None,
                  "client_calls_per_s": 2 * args.clients_per_round / per_round if per_round else None}
         print(json.dumps(cross), flush=True)
-    first = int(args.partners.split(",")[0]) if args.partners else 5
+    first = args.partners[0] if args.partners else 5
     profile = profile_startup(workdir, {**base, "dp-mode": "local"}, first) if args.profile else None
     if rows:
         print("\n" + table(rows))

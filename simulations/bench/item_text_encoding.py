@@ -32,7 +32,7 @@ from common.item_text import item_texts
 from common.text_encoder import available_cores, encode_with, load_encoder, quantize_encoder, token_lengths
 
 from simulations.bench import RESULTS, write_results
-from common.cli_args import output_file
+from common.cli_args import non_negative_int, output_file, positive_int
 from common.cli_errors import user_errors_exit
 
 
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/ml-1m/movies.dat", help="catalogue metadata (movies.dat, u.item, movies.csv)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
-    parser.add_argument("--threads", type=int, nargs="+", default=[available_cores()], help="torch threads to time")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--limit", type=int, default=0, help="encode only the first N texts (0 = all)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[available_cores()], help="torch threads to time")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--limit", type=non_negative_int, default=0, help="encode only the first N texts (0 = all)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the previous path: one plain encode call, torch's default threads")
     parser.add_argument("--out", type=output_file, default=str(RESULTS / "item_text_encoding.json"))

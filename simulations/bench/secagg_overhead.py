@@ -101,11 +101,11 @@ def measure(partners: int, rounds: int, extra: dict) -> tuple[dict[str, list[flo
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    from common.cli_args import parse_run_config
+    from common.cli_args import parse_run_config, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--partners", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per mode (after a discarded warm-up run)")
+    parser.add_argument("--partners", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds per mode (after a discarded warm-up run)")
     parser.add_argument("--run-config", action="append", default=[], help="config overrides for both modes")
     args = parser.parse_args(argv)
     extra = parse_run_config(args.run_config)

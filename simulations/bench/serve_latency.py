@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 from simulations.bench import write_results
+from common.cli_args import non_negative_int, positive_int
 from common.cli_errors import user_errors_exit
 
 
@@ -157,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="ML-100K folder (default: synthetic log of the same size)")
     parser.add_argument("--model", default=None, help="a model.pt over the same catalogue (default: random weights)")
-    parser.add_argument("--synthetic-users", type=int, default=943, help="users of the synthetic log (no --data)")
-    parser.add_argument("--requests", type=int, default=1000, help="measured requests per setting")
-    parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests per setting first")
-    parser.add_argument("--chunk", type=int, default=50, help="requests per round before switching setting")
+    parser.add_argument("--synthetic-users", type=positive_int, default=943, help="users of the synthetic log (no --data)")
+    parser.add_argument("--requests", type=positive_int, default=1000, help="measured requests per setting")
+    parser.add_argument("--warmup", type=non_negative_int, default=50, help="unmeasured requests per setting first")
+    parser.add_argument("--chunk", type=positive_int, default=50, help="requests per round before switching setting")
     parser.add_argument("--client", choices=("http.client", "httpx"), default="http.client")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_latency.json"),
                         help="results JSON ('' to skip)")
