@@ -88,10 +88,33 @@ PUBLIC_MODE = 0o644  # certificates and public keys
 CREDENTIALS_HINT = "the old credentials stop working"
 
 
+def refuse_folder(folder: Path, *, option: str = "--out", holds: str = "") -> None:
+    """One clear line when ``folder`` (an output folder, created if missing) is a file or under one;
+    ``holds`` says what goes in it."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = f"{option} {folder} is a file" if p == folder else f"{option} {folder}: {p} is a file"
+                raise ConfigError(f"{what}; {option} must be a folder" + (f" (for {holds})" if holds else ""))
+            return
+
+
+def refuse_unwritable(path: Path) -> None:
+    """One clear line when ``path`` cannot be a file: it is a folder, or a parent of it is a file."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{path}: {parent} is a file, not a folder; give a file path in a folder")
+            return
+
+
 def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:
     """One clear line when any of ``paths`` exists and ``force`` is not set (checked before writing
-    any); ``hint`` says what overwriting would break."""
+    any), or is a folder or under a file (whatever ``force``); ``hint`` says what overwriting would break."""
     for p in paths:
+        refuse_unwritable(Path(p))
         if p.exists() and not force:
             raise ConfigError(f"{p} already exists; pass --force to overwrite it" + (f" ({hint})" if hint else ""))
 
