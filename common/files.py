@@ -44,6 +44,31 @@ def write_private_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write-then-rename so that a crash never leaves a half-written file (a run directory's
+    config, summary, report, model). The file gets the umask's mode, like ``Path.write_bytes``
+    (run directories are 0700); the temporary name is per process and random, as in
+    :func:`write_private_bytes`. Returns ``path``."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(target.parent)
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def ensure_private(path: str | os.PathLike) -> Path:
     """Restrict an existing file to 0600 (a folder to 0700); e.g. after SQLite created a ledger.
 
