@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import ConfigError
-from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
+from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -34,6 +34,7 @@ def create_node_keys(out: str | os.PathLike, *, name: str, force: bool = False) 
     if not _NAME.match(name):
         raise ConfigError(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (it becomes a file name)")
     root = Path(out)
+    refuse_folder(root, holds=f"{name} and {name}.pub")
     keys = NodeKeys(root / name, root / f"{name}.pub")
     refuse_existing([keys.private_key, keys.public_key], force=force, hint=CREDENTIALS_HINT)
     # P-384: a NIST curve, which `flwr supernode register` requires.

@@ -44,6 +44,31 @@ def write_private_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write-then-rename so that a crash never leaves a half-written file (a run directory's
+    config, summary, report, model). The file gets the umask's mode, like ``Path.write_bytes``
+    (run directories are 0700); the temporary name is per process and random, as in
+    :func:`write_private_bytes`. Returns ``path``."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(target.parent)
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def ensure_private(path: str | os.PathLike) -> Path:
     """Restrict an existing file to 0600 (a folder to 0700); e.g. after SQLite created a ledger.
 
@@ -88,10 +113,33 @@ PUBLIC_MODE = 0o644  # certificates and public keys
 CREDENTIALS_HINT = "the old credentials stop working"
 
 
+def refuse_folder(folder: Path, *, option: str = "--out", holds: str = "") -> None:
+    """One clear line when ``folder`` (an output folder, created if missing) is a file or under one;
+    ``holds`` says what goes in it."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = f"{option} {folder} is a file" if p == folder else f"{option} {folder}: {p} is a file"
+                raise ConfigError(f"{what}; {option} must be a folder" + (f" (for {holds})" if holds else ""))
+            return
+
+
+def refuse_unwritable(path: Path) -> None:
+    """One clear line when ``path`` cannot be a file: it is a folder, or a parent of it is a file."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{path}: {parent} is a file, not a folder; give a file path in a folder")
+            return
+
+
 def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:
     """One clear line when any of ``paths`` exists and ``force`` is not set (checked before writing
-    any); ``hint`` says what overwriting would break."""
+    any), or is a folder or under a file (whatever ``force``); ``hint`` says what overwriting would break."""
     for p in paths:
+        refuse_unwritable(Path(p))
         if p.exists() and not force:
             raise ConfigError(f"{p} already exists; pass --force to overwrite it" + (f" ({hint})" if hint else ""))
 

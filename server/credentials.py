@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, write_file
+from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_file
 
 @dataclass(frozen=True)
 class ServerCredentials:
@@ -65,6 +65,7 @@ def create_server_credentials(
     if not 1 <= days <= 36500:
         raise ConfigError(f"--days = {days} must be between 1 and 36500 (100 years)")
     root = Path(out)
+    refuse_folder(root, holds="ca.crt, ca.key, server.crt and server.key")
     paths = ServerCredentials(root / "ca.crt", root / "ca.key", root / "server.crt", root / "server.key")
     refuse_existing([paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert], force=force,
                     hint=CREDENTIALS_HINT)

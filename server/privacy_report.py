@@ -17,8 +17,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.common.logger import log
 
+from common.files import atomic_write_bytes
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
-from server.run_report import atomic_write_bytes
 
 # Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
 PARTNER_METRICS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",

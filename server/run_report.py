@@ -16,17 +16,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from common.evaluation import combine_partner_metrics
+from common.files import atomic_write_bytes, atomic_write_text
 from common.metrics import means_and_errors
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename so that a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
@@ -75,7 +66,7 @@ class RunRecorder:
         self._train: dict[str, float] = {}
         self._eval: dict[str, float] = {}
         self._t0 = time.perf_counter()
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
 
     def restore(self, rounds: list[dict[str, Any]]) -> None:
         """Continue a resumed run (server/resume.py): earlier rounds count in the summary and wall time."""
@@ -213,6 +204,4 @@ class RunRecorder:
             f"- wall time: {last.get('seconds', 0):.1f} s",
             "",
         ])
-        path = self.run_dir / "summary.md"
-        path.write_text(text)
-        return path
+        return atomic_write_text(self.run_dir / "summary.md", text)

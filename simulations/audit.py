@@ -33,6 +33,7 @@ from common.cli_args import output_file, positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
 from common.errors import DataError
+from common.files import atomic_write_text
 from common.metrics import pad_left
 from common.task import federation_data, new_model
 from simulations.bench import write_results
@@ -143,7 +144,7 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)
         result[f"auc-{name}"], result[f"auc-{name}-ci"] = value, [low, high]
     result.update(claimed_privacy(run_dir, cfg))
-    (run_dir / "audit.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(run_dir / "audit.json", json.dumps(result, indent=1))
     return result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.partition import format_statistics
+from common.files import atomic_write_text
 from common.partners import simulated_statistics, split_population
 
 
@@ -24,11 +25,11 @@ def describe_partners(cfg: Mapping[str, Any], num_partners: int) -> str:
 def write_population(run_dir: Path, cfg: Mapping[str, Any], num_partners: int) -> None:
     """Write ``holdout.json`` and ``partitions.json`` into ``run_dir``."""
     population, held = split_population(cfg)
-    (run_dir / "holdout.json").write_text(json.dumps({
+    atomic_write_text(run_dir / "holdout.json", json.dumps({
         "holdout-fraction": float(cfg.get("holdout-fraction", 0.0)),
         "seed": int(cfg["seed"]),
         "members": len(population.user_ids),
         "user-ids": held.user_ids.tolist(),
     }))
     stats = simulated_statistics(cfg, num_partners)
-    (run_dir / "partitions.json").write_text(json.dumps({"partitioning": cfg["partitioning"], **stats}, indent=1))
+    atomic_write_text(run_dir / "partitions.json", json.dumps({"partitioning": cfg["partitioning"], **stats}, indent=1))

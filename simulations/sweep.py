@@ -44,7 +44,7 @@ from typing import Any
 
 from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
-from common.errors import ConfigError, FedRecError
+from common.errors import ConfigError, DataError, FedRecError
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
@@ -325,7 +325,22 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
     cells = mean +- std over seeds (n = number of finished seeds)."""
     import pandas as pd
 
-    frame = pd.read_csv(csv_path, dtype={"target-epsilon": str})
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no results file; run the sweep first (it writes its rows there)")
+    try:
+        frame = pd.read_csv(csv_path, dtype={"target-epsilon": str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path} is empty; run the sweep again to write its rows") from None
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
+        raise DataError(f"{csv_path} is not a sweep results CSV ({type(exc).__name__}); "
+                        "move it away and run the sweep again") from None
+    if "status" not in frame.columns:
+        raise DataError(f"{csv_path} has no 'status' column, so it is not a sweep results CSV; "
+                        "move it away and run the sweep again")
+    if metric not in frame.columns:
+        known = ", ".join(m for m in METRICS if m in frame.columns) or "none"
+        raise DataError(f"{csv_path} has no {metric!r} column (metrics there: {known})")
     frame = frame[frame["status"] == "ok"]
     if frame.empty:
         return "(no finished run)"

@@ -178,3 +178,13 @@ def test_paired_ratio_interval() -> None:
     assert large["ratio-ci95"][0] < 1.0 < large["ratio-ci95"][1]  # two draws of the same law
     with pytest.raises(ValueError, match="equally long"):
         baselines.paired_ratio(np.ones(3), np.ones(4))
+
+
+def test_a_negative_seed_is_refused_by_the_parser(tmp_path, capsys) -> None:  # noqa: ANN001
+    # Was: numpy's "ValueError: expected non-negative integer" traceback from the holdout draw
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},{(u + t) % 15},{t}\n" for u in range(40) for t in range(5)))
+    with pytest.raises(SystemExit) as stop:
+        baselines.main(["--dataset", str(log), "--holdout-fraction", "0.2", "--seed", "-1"])
+    assert stop.value.code == 2
+    assert "argument --seed: -1 must be at least 0" in capsys.readouterr().err

@@ -37,3 +37,44 @@ def test_every_mode_runs_a_step():
     assert set(times) == set(modes) and all(len(t) == 1 and t[0] > 0 for t in times.values())
     # hooks materialises per-user output gradients: 8 x 20001 x 64 floats, 41 MB, beyond malloc's reuse
     assert peak_memory("hooks", items=20000, batch=8, length=5, tied=False, device="cpu") > 30.0
+
+
+
+# Each benchmark's first piece of real work, replaced so that a value the parser lets through fails
+# here at once (instead of a Flower start, a training epoch or a traceback minutes later).
+_WORK = {"centralised": ["run"], "dp_step": ["time_modes", "peak_memory"], "dropout": ["_median_seconds"],
+         "federation": ["centralised", "federated"], "secagg_overhead": ["measure"], "serve_latency": ["prepare"],
+         "context_features": ["run_variant"], "item_text_encoding": ["token_stats"]}
+_NEEDED = {"centralised": ["--out", "{tmp}/c.json"], "context_features": ["--data", "{tmp}"]}  # required arguments
+
+
+@pytest.mark.parametrize("module, flag, value", [
+    ("centralised", "--threads", "-1"),
+    ("dp_step", "--steps", "0"), ("dp_step", "--batch", "0"), ("dp_step", "--items", "abc"),
+    ("dp_step", "--items", "3706,0"), ("dp_step", "--length", "-3"), ("dp_step", "--threads", "-1"),
+    ("dropout", "--repeats", "0"), ("dropout", "--threads", "0"), ("dropout", "--dim", "abc"),
+    ("federation", "--rounds", "-1"), ("federation", "--partners", "abc"), ("federation", "--partners", "5,0"),
+    ("federation", "--central-threads", "-1"), ("federation", "--local-epochs", "0"),
+    ("federation", "--batch-size", "0"), ("federation", "--evaluate-every", "-1"),
+    ("federation", "--clients-per-round", "0"), ("federation", "--cross-device-rounds", "0"),
+    ("secagg_overhead", "--partners", "0"), ("secagg_overhead", "--rounds", "0"),
+    ("serve_latency", "--requests", "-5"), ("serve_latency", "--chunk", "0"),
+    ("serve_latency", "--warmup", "-1"), ("serve_latency", "--synthetic-users", "0"),
+    ("context_features", "--seeds", "-1"),
+    ("item_text_encoding", "--threads", "0"), ("item_text_encoding", "--batch-size", "0"),
+    ("item_text_encoding", "--limit", "-1"),
+])
+def test_a_bad_count_is_one_argparse_error_before_any_work(module, flag, value, tmp_path, monkeypatch, capsys):
+    # Was: tracebacks (numpy, torch, int("abc")), a run of 0 steps dividing by zero, or Flower
+    # started with 0 partners and waited minutes
+    import importlib
+
+    bench = importlib.import_module(f"simulations.bench.{module}")
+    for name in _WORK[module]:
+        monkeypatch.setattr(bench, name, lambda *a, _n=name, **k: pytest.fail(f"{module}.{_n} started"))
+    needed = [a.replace("{tmp}", str(tmp_path)) for a in _NEEDED.get(module, [])]
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*needed, f"{flag}={value}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f": error: argument {flag}: " in err[-1], err  # argparse's usage line, then this one

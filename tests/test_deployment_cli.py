@@ -112,6 +112,33 @@ def test_node_keys_are_what_flower_expects(tmp_path, capsys):
     assert len(err) == 2 and "already exists" in err[0] and "--name" in err[1]
 
 
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_output_path_that_is_a_folder_is_one_line_saying_so(tmp_path, capsys, force):
+    # Was: "already exists; pass --force to overwrite it" (then, with --force, "cannot write or
+    # read '.adir.tmp': Is a directory", naming an internal temporary file)
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert server_main(["catalogue", "--out", str(folder), "--run-config", "synthetic-users=30 synthetic-items=10",
+                        *force]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {folder} is a directory; give a file path"]
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["certs", "keys"])
+def test_an_output_folder_that_is_a_file_is_one_line_saying_so(tmp_path, capsys, command):
+    # mkdir on a path that is a file raised FileExistsError: a 20-line traceback; then "cannot write or
+    # read '<file>/ca.key': File exists" (or "Not a directory"), which did not say --out must be a folder
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    main, extra = (server_main, ["--host", "localhost"]) if command == "certs" else (client_main, ["--name", "p1"])
+    for out in (afile, afile / "sub"):
+        assert main([command, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out}") and "--out must be a folder" in err[0], err
+    assert afile.read_text() == "x"
+
+
 @pytest.fixture()
 def partner_log(tmp_path):
     log = generate_synthetic(num_users=60, num_items=30, seed=5)
@@ -212,13 +239,3 @@ def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_pat
     assert server_main(["item-text", "--out", str(tmp_path / "new.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no item titles beside it" in err[0] and "fedrec-server item-text" not in err[0]
-
-
-def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, capsys):
-    # mkdir on a path that is a file raised FileExistsError: a 20-line traceback
-    (tmp_path / "afile").write_text("x")
-    assert server_main(["certs", "--out", str(tmp_path / "afile"), "--host", "127.0.0.1"]) == 2
-    assert client_main(["keys", "--out", str(tmp_path / "afile"), "--name", "x"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: cannot write or read") for line in err), err
-    assert (tmp_path / "afile").read_text() == "x"

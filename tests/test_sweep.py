@@ -159,6 +159,22 @@ def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (bytes(range(256)) * 4, "is not a sweep results CSV"),
+    (b"run-id,model,ndcg@10\na,mf,0.1\n", "no 'status' column"),
+    (b"run-id,status,model,seed\na,ok,mf,1\n", "no 'ndcg@10' column"),
+])
+def test_table_of_a_damaged_results_csv_is_one_error_line_naming_it(tmp_path, capsys, content, problem):
+    # Was: pandas EmptyDataError / UnicodeDecodeError tracebacks, or only "error: 'status'"
+    config = write_config(tmp_path)
+    results = tmp_path / "results.csv"
+    results.write_bytes(content)
+    assert sweep.main([str(config), "--table", "ndcg@10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {results}") and problem in err[0], err
+
+
 def fake_python(tmp_path, monkeypatch, script: str) -> None:
     """The sweep's runs start ``sys.executable -m simulations.run``: make that a shell ``script``."""
     import sys
