@@ -174,6 +174,16 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     if not ok.any():
         reasons = ", ".join(f"{v} {k}" for k, v in dropped.items())
         raise DataError(f"{source}: no valid rows ({reasons})")
+    # The same event twice (a log exported or appended twice): kept, each user's test item would be a copy
+    # of the validation item and every metric inflated (HR@10 0.07 -> 0.60 for EASE on a doubled log)
+    kept = np.flatnonzero(ok.to_numpy())  # by position: among valid rows only, whatever the frame's index
+    events = pd.DataFrame({"u": user.to_numpy(), "i": item.to_numpy(), "t": ts.to_numpy()}).iloc[kept]
+    twin = np.zeros(len(frame), dtype=bool)
+    twin[kept[events.duplicated().to_numpy()]] = True
+    _count(dropped, "duplicate", int(twin.sum()))
+    ok &= ~twin
+    if rating is not None:
+        rating = pd.to_numeric(frame["rating"], errors="coerce")[ok].to_numpy(dtype=np.float32)
     data = Interactions(
         user=user[ok].to_numpy(dtype=str),
         item=item[ok].to_numpy(dtype=str),
