@@ -10,7 +10,8 @@ its floor on its own SuperNode, e.g.
   ``central`` gets it anyway: ``local`` or ``both`` for this partner, at ``max-epsilon``), and its
   whole-ledger epsilon stays within min(the run's ``target-epsilon``, ``max-epsilon``);
 - ``max-delta``: its delta is min(the run's, ``max-delta``); with ``max-epsilon`` alone, min(the
-  run's, ``default_delta(users)``). (``max-delta`` alone caps delta but does not force DP-SGD on.)
+  run's, ``default_delta(users)``). ``max-delta`` alone has no budget to force DP-SGD at: a run
+  without local DP-SGD is refused (the partner expects a guarantee it would not get).
 
 - ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
   computed on its users without noise and are in no ledger).
@@ -154,6 +155,12 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
     cap = max_epsilon(node_config)
     out = dict(cfg)
     if cap is None:
+        if "max-delta" in node_config and not uses_local_dp(dp_mode(cfg)):
+            # The partner asked for a delta, so it expects DP-SGD; without an epsilon there is no budget to force
+            # it at, and training without DP would leave max-delta a promise nothing keeps
+            raise PrivacyError(f"this partner's node config sets max-delta but not max-epsilon, and the run has no "
+                               f"local DP-SGD, dp-mode {dp_mode(cfg)}: set max-epsilon too to have DP-SGD forced "
+                               "at that budget, or remove max-delta to train as the run asks")
         return out
     if not str(node_config.get("ledger-path", "")).strip() and "partition-id" not in node_config:
         # The ledger would live where the run config says (run-dir, ledger-dir): the coordinator's

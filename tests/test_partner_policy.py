@@ -45,6 +45,16 @@ def test_a_stricter_run_target_stays_and_max_delta_lowers_delta(tmp_path):
     assert metrics["target-epsilon"] == 1.0 and metrics["delta"] == pytest.approx(1e-7)
 
 
+@pytest.mark.parametrize("run", [{"dp": False}, {"dp-mode": "central"}])
+def test_max_delta_alone_refuses_a_run_without_local_dp(tmp_path, run):
+    # It trained without DP-SGD, leaving max-delta a promise nothing kept (noted in the fifteenth session)
+    reply = _send_once(tmp_path, run, {"max-delta": 1e-6})
+    assert reply.has_error() and "max-delta but not max-epsilon" in reply.error.reason
+    # With local DP-SGD in the run it only caps delta
+    ok = _send_once(tmp_path / "local", {}, {"max-delta": 1e-6})
+    assert not ok.has_error() and ok.content["metrics"]["delta"] == pytest.approx(1e-6)
+
+
 def test_forced_dp_refuses_several_examples_per_user_in_one_line(tmp_path):
     reply = _send_once(tmp_path, {"dp": False, "history-windows": True}, {"max-epsilon": 2.0})
     assert reply.has_error() and "history-windows" in reply.error.reason and "max-epsilon" in reply.error.reason
