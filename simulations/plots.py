@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from simulations.run_claims import metrics_lines  # noqa: E402
+from simulations.run_claims import as_epsilon, metrics_lines, run_epsilon  # noqa: E402
 
 IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon"}
 
@@ -43,22 +43,6 @@ def plot_run(run_dir: Path) -> list[Path]:
     return plot_rounds(Path(run_dir), _rounds(run_dir), top_k)
 
 
-def _as_epsilon(value: object) -> float:
-    text = str(value).strip().lower()
-    return math.inf if text in ("inf", "none", "", "nan") else float(text)
-
-
-def _run_epsilon(row: pd.Series) -> float:
-    """A run's x: its target epsilon per partner; without a local budget (target "inf", or a run with
-    no DP-SGD at the partners whatever target it lists: dp-mode central) the epsilon it states
-    (central DP: the coordinator's), so only a run with no DP at all is drawn at "no DP"."""
-    target = _as_epsilon(row["target-epsilon"])
-    local = str(row.get("dp-mode", "local")).strip().lower() in ("local", "both", "nan", "")
-    if str(row.get("dp", True)).strip().lower() in ("false", "0"):
-        local = False
-    return target if math.isfinite(target) and local else _as_epsilon(row.get("epsilon", "inf"))
-
-
 def _label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys) or "all"
 
@@ -77,7 +61,7 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     stem = csv_path.with_suffix("")
 
     if "target-epsilon" in frame.columns:
-        epsilons = frame.apply(_run_epsilon, axis=1)
+        epsilons = frame.apply(run_epsilon, axis=1)
         finite = [e for e in epsilons if math.isfinite(e)]
         fmax = max(finite) if finite else 1.0
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -90,7 +74,7 @@ def plot_sweep(csv_path: Path) -> list[Path]:
         ticks = sorted({e if math.isfinite(e) else fmax * 2 for e in epsilons})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
-        stated = any(e != _as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
+        stated = any(e != as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
         ax.set_xlabel("target epsilon per partner (user-level)"
                       + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
         ax.set_ylabel("NDCG@10 (test, full ranking)")

@@ -4,11 +4,31 @@ it states (``privacy.json``), read the same way by the audit and the sweep's res
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from common.errors import DataError
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
+
+
+def as_epsilon(value: object) -> float:
+    """A results CSV's epsilon cell as a number ("inf", empty, "none": no DP, infinity)."""
+    text = str(value).strip().lower()
+    return math.inf if text in ("inf", "none", "", "nan") else float(text)
+
+
+def run_epsilon(row: Mapping[str, Any]) -> float:
+    """A sweep row's epsilon for plots and tables: its target epsilon per partner; without a local
+    budget (target "inf", or no DP-SGD at the partners whatever target it lists: dp-mode central)
+    the epsilon it states (central DP: the coordinator's), so only a run with no DP at all is "no DP"."""
+    target = as_epsilon(row["target-epsilon"])
+    local = str(row.get("dp-mode", "local")).strip().lower() in ("local", "both", "nan", "")
+    if str(row.get("dp", True)).strip().lower() in ("false", "0"):
+        local = False
+    return target if math.isfinite(target) and local else as_epsilon(row.get("epsilon", "inf"))
 
 
 def read_json_object(path: Path) -> dict:

@@ -320,9 +320,23 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
     return row
 
 
+def _column(row) -> str:  # noqa: ANN001 -- a pandas row
+    """A results-table column: the target epsilon, or for a run without a local budget the epsilon it
+    states, marked (central DP), so a column never mixes the two kinds of claim."""
+    from simulations.run_claims import as_epsilon, run_epsilon
+
+    if str(row["target-epsilon"]) == "(not set)":
+        return "(not set)"
+    stated = run_epsilon(row)
+    if stated == as_epsilon(row["target-epsilon"]):
+        return str(row["target-epsilon"])
+    return f"{stated:.3g} (central)"
+
+
 def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
-    """A markdown table of ``metric``: rows = the varying config keys but epsilon, columns = epsilon,
-    cells = mean +- std over seeds (n = number of finished seeds)."""
+    """A markdown table of ``metric``: rows = the varying config keys but epsilon, columns = epsilon
+    (the target per partner; a central-DP run's stated epsilon, marked), cells = mean +- std over
+    seeds (n = number of finished seeds)."""
     import pandas as pd
 
     csv_path = Path(csv_path)
@@ -355,13 +369,16 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
         except (TypeError, ValueError):
             return math.inf
 
-    eps = sorted(frame["target-epsilon"].unique(), key=order)
+    # A run without a local budget (central DP alone) sits in the column of the epsilon it states, as in the
+    # plot: under its target "inf" it looked like a run without any DP
+    frame = frame.assign(column=[_column(row) for _, row in frame.iterrows()])
+    eps = sorted(frame["column"].unique(), key=lambda c: order(c.split(" ")[0]))
     lines = [f"| {' / '.join(rows) or 'config'} | " + " | ".join(f"eps={e}" for e in eps) + " |",
              "|---" * (len(eps) + 1) + "|"]
     for key, g in (frame.groupby(rows) if rows else [("all", frame)]):
         cells = []
         for e in eps:
-            v = g[g["target-epsilon"] == e][metric].astype(float)
+            v = g[g["column"] == e][metric].astype(float)
             cells.append(f"{v.mean():.4f} ± {v.std(ddof=0):.4f} (n={len(v)})" if len(v) else "-")
         label = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
