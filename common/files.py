@@ -27,21 +27,7 @@ def write_private_bytes(path: str | os.PathLike, data: bytes) -> Path:
     crash can leave one behind, and a restart with the same process id (normal in a fresh
     container) must not be refused by it.
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, PRIVATE_FILE_MODE)  # the umask may have removed bits, never added: make it exact
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _sync_folder(target.parent)
-    return target
+    return _write_then_rename(Path(path), data, PRIVATE_FILE_MODE)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -49,13 +35,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     config, summary, report, model). The file gets the umask's mode, like ``Path.write_bytes``
     (run directories are 0700); the temporary name is per process and random, as in
     :func:`write_private_bytes`. Returns ``path``."""
-    target = Path(path)
+    return _write_then_rename(Path(path), data, None)
+
+
+def _write_then_rename(target: Path, data: bytes, mode: int | None) -> Path:
+    """``data`` into a fresh temporary file beside ``target`` (``mode`` exactly, else the umask's),
+    synced, then renamed over ``target``; the folder is synced so the rename survives a crash."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)  # the umask may have removed bits, never added: make it exact
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
