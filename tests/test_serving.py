@@ -16,7 +16,7 @@ import torch
 from client.explain import leave_one_out
 from client.recommend import LogHistory, Recommender, find_model_file, load_global_model
 from common.config import resolve_config
-from common.data import build_sequences, generate_synthetic
+from common.data import build_sequences, generate_synthetic, load_interactions
 from common.data.event_store import EventStore
 from common.errors import ConfigError, DataError
 from common.metrics import pad_left
@@ -285,6 +285,26 @@ def test_event_store_history_cache_sees_every_write(tmp_path):
     # Cold-start popularity (trigger-kept counts) saw every write too, the other process's included
     assert store.item_counts() == {"a": 1, "b": 1, "c": 1, "x": 1, "y": 1, "z": 1}
     store.close()
+
+
+def test_the_same_event_twice_is_stored_once_as_training_reads_it(tmp_path):
+    # A diff review: the loader dropped repeated events for training while serving read them twice
+    import sqlite3
+
+    path = tmp_path / "events.sqlite"
+    with EventStore(path, create=True) as store:
+        assert store.add_many([("u", "a", 1, None), ("u", "b", 2, None), ("u", "a", 1, None)]) == 2
+        assert store.add_many([("u", "b", 2, None), ("u", "c", 3, None)]) == 1
+        first = store.add("u", "d", timestamp=4)
+        assert store.add("u", "d", timestamp=4) == first  # a retried POST gets the same event back
+        assert store.add("u", "d", timestamp=5) != first  # the same item later is a new event
+        assert store.history("u")[0] == ["a", "b", "c", "d", "d"] and store.count() == 5
+        assert store.item_counts() == {"a": 1, "b": 1, "c": 1, "d": 2}
+    with sqlite3.connect(path) as conn:  # a store written by an older version, with a repeat in it
+        conn.execute("INSERT INTO events (user_id, item_id, timestamp, event, recorded) VALUES ('u', 'a', 1, 'x', 0)")
+    with EventStore(path) as store:
+        assert store.history("u")[0] == ["a", "b", "c", "d", "d"]
+    assert len(load_interactions(path).user) == 5
 
 
 def test_a_store_made_before_item_counts_gets_them_from_its_events(tmp_path):

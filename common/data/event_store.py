@@ -121,23 +121,32 @@ class EventStore:
     # -- writing ---------------------------------------------------------------------------
     def add(self, user_id: str, item_id: str, *, timestamp: int | None = None, rating: float | None = None,
             event: str = "interaction") -> int:
-        """Append one event (``timestamp`` defaults to now); returns its id."""
+        """Append one event (``timestamp`` defaults to now); returns its id. The same event again (user,
+        item and timestamp: a retried POST) is not stored twice, as a log's loader drops it: its first id."""
         now = time.time()
         with self._lock, self._conn:
+            same = self._conn.execute(
+                "SELECT id FROM events WHERE user_id = ? AND timestamp = ? AND item_id = ? ORDER BY id LIMIT 1",
+                (str(user_id), int(now if timestamp is None else timestamp), str(item_id))).fetchone()
+            if same is not None:
+                return int(same[0])
             cur = self._conn.execute(
                 "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) VALUES (?, ?, ?, ?, ?, ?)",
                 (str(user_id), str(item_id), int(now if timestamp is None else timestamp), rating, event, now))
             return int(cur.lastrowid)  # the read connection sees the commit in data_version: caches drop
 
     def add_many(self, rows: Iterable[tuple[str, str, int, float | None]]) -> int:
-        """Append (user, item, timestamp, rating) rows in one transaction; returns how many."""
+        """Append (user, item, timestamp, rating) rows in one transaction; returns how many were new
+        (an event already in the store, or twice in ``rows``, is stored once: see :meth:`add`)."""
         now = time.time()
-        data = [(str(u), str(i), int(t), None if r is None else float(r), "interaction", now) for u, i, t, r in rows]
+        data = [(str(u), str(i), int(t), None if r is None else float(r), "interaction", now, str(u), str(i), int(t))
+                for u, i, t, r in rows]
         with self._lock, self._conn:
-            self._conn.executemany(
-                "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) "
-                "VALUES (?, ?, ?, ?, ?, ?)", data)
-        return len(data)
+            cur = self._conn.executemany(
+                "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) SELECT ?, ?, ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM events WHERE user_id = ? AND item_id = ? AND timestamp = ?)", data)
+            added = max(int(cur.rowcount), 0)
+        return added
 
     def set_meta(self, key: str, value: str) -> None:
         """Remember a setting with the store (e.g. ``metadata-path``: where the item titles are)."""
@@ -162,9 +171,10 @@ class EventStore:
                 self._data_version = version
             hit = self._cache.get(user_id)
             if hit is None:
+                # one row per event: a store written before add() refused repeats may hold the same event twice
                 rows = self._read.execute(
-                    "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY timestamp, id",
-                    (user_id,)).fetchall()
+                    "SELECT item_id, timestamp FROM events WHERE user_id = ? GROUP BY timestamp, item_id "
+                    "ORDER BY timestamp, MIN(id)", (user_id,)).fetchall()
                 times = np.array([r[1] for r in rows], dtype=np.int64)
                 times.flags.writeable = False  # shared by every caller until the user's next event
                 hit = self._cache[user_id] = (tuple(r[0] for r in rows), times)
