@@ -10,7 +10,7 @@ What this does (book-keeping ghost clipping, Bu et al. 2023, specialised to SASR
 
 1. Forward once through the body (embeddings, attention blocks, final norm), forward hooks
    keeping each parametrised module's input and output; the catalogue is scored only at real
-   (non-padding) positions, like ``common.training.positions_only_loss``, and the softmax
+   (non-padding) positions, like ``common.objectives.positions_only_loss``, and the softmax
    cross-entropy gradient G = (softmax - onehot) / n_u is formed in closed form, in place, in the
    one (positions x catalogue) buffer of the scores (autograd would hold three such buffers).
 2. Backward once from the output layer's input with ``torch.autograd.grad`` with respect to the
@@ -123,7 +123,7 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     real positions get the catalogue norm by Gram matrices instead of materialising it (default
     V*D/(V+D), where the two cost the same; tests force either way). ``exclude_seen``: each
     position's softmax leaves out the user's earlier items (``common.metrics.drop_seen``).
-    ``label_smoothing``: the objective of ``common.training.smoothed_cross_entropy``.
+    ``label_smoothing``: the objective of ``common.objectives.smoothed_cross_entropy``.
     """
     if not supports_fused(model):
         raise ConfigError("grad-sample-mode = fused needs a SASRec-like model (hidden() and an output Linear)")

@@ -26,7 +26,7 @@ import torch
 
 from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.errors import DataError
-from common.files import PUBLIC_MODE, refuse_existing, write_file
+from common.files import PUBLIC_MODE, refuse_existing, refuse_overwriting_inputs, write_file
 
 # Old items' text rows must be these embeddings to float32 rounding: another encoder, precision or
 # title would shift what every learned weight was fitted to.
@@ -73,8 +73,8 @@ def trained_text_table(blob: dict[str, Any], source: Path) -> np.ndarray:
     from common.models import build_model
 
     config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
-    try:
-        trained = build_model(config, len(old), catalogue=old)
+    try:  # the genre table is a buffer in the state dict: the saved one, as serving loads it
+        trained = build_model(config, len(old), item_genres=blob["state_dict"].get("item_genres"), catalogue=old)
         trained.load_state_dict(blob["state_dict"])
     except Exception as exc:  # noqa: BLE001 -- a missing/other features file surfaces as any of several errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
@@ -106,6 +106,8 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
     source = model_file(model_path)
     out = Path(out)
     refuse_existing([out], force=force, hint="partners serving it will reload the new file")
+    # the model itself may be replaced (serve reloads it); the catalogue and features it is built from not
+    refuse_overwriting_inputs(out, [Path(catalogue_path), Path(features_path)])
     blob = load_model_file(source)
     config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
     features = str(config.get("item-features", "id"))

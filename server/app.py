@@ -24,18 +24,27 @@ from server.secure_aggregation import with_secure_aggregation
 from server.strategy_factory import build_strategy, check_strategy_config
 
 
-def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module]:
+def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     """The agreed catalogue and the initial global model over it, after refusing (one line each)
     what the strategy cannot run: every check the ServerApp makes before its run directory exists,
-    also run by ``fedrec-server check`` before ``flwr run``."""
+    also run by ``fedrec-server check`` before ``flwr run``. The third value is the ``init-model``
+    record (None for fresh weights, and on resume, which starts from its checkpoint)."""
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     check_strategy_config(cfg)
-    if cfg["init-model"] and not cfg["resume"]:  # a resumed run starts from its checkpoint instead
+    start = None
+    if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start
 
-        log(INFO, "init-model: %s", warm_start(model, items, cfg))
-    return items, model
+        start = warm_start(model, items, cfg)
+        grown = f" + {start['added-items']} new items" if start["added-items"] else ""
+        log(INFO, "init-model: starting from %s (%d items%s; trained with dp-mode %s)", start["path"],
+            start["items"], grown, start["dp-mode"])
+        if start["dp-mode"] != "local" and start["dp-mode"] != "both":
+            log(WARNING, "init-model %s was trained without local DP-SGD (dp-mode %s): what it learned from its "
+                "training data is not covered by this run's guarantee (privacy.json says so)", start["path"],
+                start["dp-mode"])
+    return items, model, start
 
 
 def make_server_app(overrides: dict | None = None) -> ServerApp:
@@ -51,7 +60,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                 ", published item-text-features" if cfg["item-text-features"] else "", cfg["aggregation"],
                 cfg["partitioning"])
 
-        items, model = initial_model(cfg)  # before a run directory exists
+        items, model, start_model = initial_model(cfg)  # before a run directory exists
         fingerprint = catalogue_fingerprint(items)
         # Every round names the inputs partners must hold: the catalogue, and a published features file's table
         # (encoded locally, texts may differ in the last bits between machines: only the published file is checked)
@@ -62,6 +71,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         run_dir = start.run_dir
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]))
         privacy = PrivacyReport(run_dir, cfg)
+        if start_model is not None:
+            privacy.note_start_model(start_model)
         log(INFO, "run directory: %s", run_dir)
 
         # Aggregation (fedavg, fedadam, median, ...) under update validation and bounded node waits

@@ -37,6 +37,7 @@ VERSION = 1
 # Config keys that may change between a run and its resumption (how, not what, is trained).
 OPERATIONAL_KEYS = frozenset({
     "resume", "run-dir", "run-name", "round-timeout", "node-wait-timeout", "device", "num-server-rounds",
+    "init-model",  # only a fresh run reads it; a resume starts from the checkpoint
 })
 # Strategy attributes that are scratch space, rebuilt every round (FedOpt's copy of the global model).
 SCRATCH_ATTRIBUTES = frozenset({"current_arrays"})

@@ -109,7 +109,7 @@ def _check(args: argparse.Namespace) -> int:
     if ignored := ignored_knobs(cfg):
         print(f"note: {', '.join(ignored)} change nothing with model = {cfg['model']}, item-features = "
               f"{cfg['item-features']}, aggregation = {cfg['aggregation']}, partitioning = {cfg['partitioning']}")
-    items, model = initial_model(cfg)
+    items, model, _ = initial_model(cfg)
     size = sum(p.numel() for p in model.state_dict().values())
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "

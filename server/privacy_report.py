@@ -39,6 +39,7 @@ class PrivacyReport:
         # The rounds the partners' local noise was calibrated for: fixed when the run started (their
         # ledgers keep that calibration), so a resume with another num-server-rounds does not change it
         self.planned_rounds = int(cfg["num-server-rounds"])
+        self.start_model: dict[str, Any] | None = None  # init-model (server/warm_start.py)
         self._load_earlier()
 
     def _load_earlier(self) -> None:
@@ -72,6 +73,11 @@ class PrivacyReport:
         self.central_rounds = list(central.pop("rounds", []))
         self.central = central
         self.planned_rounds = int(earlier.get("local", {}).get("planned-rounds", self.planned_rounds))
+        self.start_model = earlier.get("init-model") or self.start_model
+
+    def note_start_model(self, record: dict[str, Any]) -> None:
+        """The run starts from a released model (``init-model``): listed, and named in the guarantee."""
+        self.start_model = dict(record)
 
     # -- fed by the strategy wrappers (server/central_dp.py) ----------------------------------
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -186,6 +192,8 @@ class PrivacyReport:
             out["partners"] = dict(sorted(self.partners.items()))
         if uses_central_dp(self.mode):
             out["central"] = {**self.central, "rounds": self.central_rounds}
+        if self.start_model:
+            out["init-model"] = self.start_model
         return out
 
     def write(self) -> Path:
@@ -235,6 +243,19 @@ class PrivacyReport:
                          f"noise multiplier {self.cfg['central-noise-multiplier']:g}, "
                          "trusting the coordinator to add the noise)")
         if not parts:
-            return "No differential privacy: the released model carries no formal guarantee (dp-mode = off)."
-        text = "; and ".join(parts)
-        return text[0].upper() + text[1:] + "."
+            text = "No differential privacy: the released model carries no formal guarantee (dp-mode = off)."
+        else:
+            text = "; and ".join(parts)
+            text = text[0].upper() + text[1:] + "."
+        return text + self._start_model_text()
+
+    def _start_model_text(self) -> str:
+        """What the guarantee does not cover when the run started from a released model."""
+        start = self.start_model
+        if not start:
+            return ""
+        if start.get("dp-mode") in ("local", "both"):
+            return (f" The run started from {start['path']}, trained with local DP-SGD; its training data is "
+                    "covered by that run's guarantee, which partners' ledgers composed if they are the same ledgers.")
+        return (f" The run started from {start['path']}, trained with dp-mode {start.get('dp-mode')}: what that model "
+                "learned from its training data is not covered by this guarantee.")

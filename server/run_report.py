@@ -158,7 +158,9 @@ class RunRecorder:
         if own and own == len(sources):
             return f"each partner's own log ({own} partners; catalogue {catalogue})"
         if own:
-            return (f"{own} partners' own logs and {len(sources) - own} simulated partitions of "
+            sim = len(sources) - own
+            owners = "partners' own logs" if own > 1 else "partner's own log"
+            return (f"{own} {owners} and {sim} simulated partition{'s' if sim > 1 else ''} of "
                     f"{self.config.get('dataset')} (catalogue {catalogue})")
         return str(self.config.get("dataset"))
 

@@ -26,10 +26,12 @@ ARCHITECTURE = ("model", "embedding-dim", "num-blocks", "num-heads", "tied-outpu
                 "time-features", "genre-features", "max-seq-len")
 
 
-def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any]) -> str:
+def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any]:
     """Load ``cfg['init-model']`` into ``model`` (the run's freshly built model over ``catalogue``);
-    returns a line saying what was loaded. One :class:`ConfigError` line for a model that cannot
-    start this run."""
+    returns the start model's record for ``privacy.json`` (path, items, its dp-mode and the guarantee
+    its run stated). One :class:`ConfigError` line for a model that cannot start this run."""
+    from common.privacy import dp_mode
+
     from server.add_items import check_old_text_rows, grown_catalogue, load_model_file, model_file, trained_text_table
 
     source = model_file(str(cfg["init-model"]))
@@ -66,5 +68,16 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
         raise ConfigError(f"init-model {source}: its weights do not fit this run's model ({first})") from None
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise ConfigError(f"init-model {source}: weights contain NaN or infinite values; start from another model")
-    grown = f" + {added} new items" if added else ""
-    return f"starting from {source} ({len(old)} items{grown})"
+    record: dict[str, Any] = {"path": str(source), "items": len(old), "added-items": added}
+    try:
+        record["dp-mode"] = dp_mode(saved)
+    except ConfigError:
+        record["dp-mode"] = "unknown"
+    report = source.parent / "privacy.json"  # beside a run directory's model.pt
+    try:
+        import json
+
+        record["guarantee"] = str(json.loads(report.read_text()).get("guarantee", ""))
+    except (OSError, ValueError, AttributeError):
+        record["guarantee"] = ""
+    return record

@@ -108,6 +108,13 @@ def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):
     assert server_main(["add-items", "--model", str(tmp_path / "id.pt"), "--catalogue", str(tmp_path / "catalogue_v2.txt"),
                         "--item-text-features", str(tmp_path / "text_v2.npz"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "has no representation for items it was not trained on" in capsys.readouterr().err
+    # Never written over its own catalogue or features file, even with --force (only the model may be replaced)
+    for target in ("catalogue_v2.txt", "text_v2.npz"):
+        before = (tmp_path / target).read_bytes()
+        assert server_main(["add-items", "--model", str(tmp_path), "--catalogue", str(tmp_path / "catalogue_v2.txt"),
+                            "--item-text-features", str(tmp_path / "text_v2.npz"), "--out", str(tmp_path / target),
+                            "--force"]) == 2
+        assert "is this command's input" in capsys.readouterr().err and (tmp_path / target).read_bytes() == before
     (tmp_path / "model_v2.pt").write_bytes(b"served")
     assert grow(tmp_path) == 2 and "already exists; pass --force" in capsys.readouterr().err
     assert (tmp_path / "model_v2.pt").read_bytes() == b"served"

@@ -282,7 +282,7 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     assert list(tmp_path.iterdir()) == []
     # A run to resume: its checkpoint was made with this config
     cfg = resolve_config(None, parse_run_config(f'{base} run-name="r"'))
-    items, model = initial_model(cfg)
+    items, model, _ = initial_model(cfg)
     state = model.state_dict()
     (tmp_path / "r").mkdir(mode=0o755)
     os.chmod(tmp_path / "r", 0o755)

@@ -109,5 +109,5 @@ def test_summary_says_what_the_partners_trained_on(tmp_path):
     own = recorder.write_summary(data_sources=["own log", "own log"]).read_text()
     assert "- data: each partner's own log (2 partners; catalogue /pub/catalogue.txt)" in own
     mixed = recorder.write_summary(data_sources=["own log", "simulated partition"]).read_text()
-    assert "1 partners' own logs and 1 simulated partitions of synthetic" in mixed
+    assert "1 partner's own log and 1 simulated partition of synthetic" in mixed
     assert "- data: synthetic," in recorder.write_summary(data_sources=["simulated partition"] * 3).read_text()

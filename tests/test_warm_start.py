@@ -38,9 +38,9 @@ def trained_like(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 
 def test_a_run_starts_from_the_released_weights(tmp_path):
     cfg = resolve_config(None, {**BASE, "run-dir": str(tmp_path / "runs")})
-    items, model = initial_model(cfg)
+    items, model, _ = initial_model(cfg)
     run = released(tmp_path, cfg, items, trained_like(model))
-    items2, warm = initial_model({**cfg, "init-model": str(run), "learning-rate": 0.01})  # other knobs may differ
+    items2, warm, record = initial_model({**cfg, "init-model": str(run), "learning-rate": 0.01})  # other knobs may differ
     start = start_run({**cfg, "init-model": str(run)}, items2, warm)
     sent = start.arrays.to_torch_state_dict()  # what round 1 sends to the partners
     for key, value in model.state_dict().items():
@@ -48,13 +48,40 @@ def test_a_run_starts_from_the_released_weights(tmp_path):
     fresh = initial_model(cfg)[1].state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in model.state_dict().items())  # not the default start
     # A resumed run starts from its checkpoint: the init model is not read again (it may be gone)
-    items3, resumed = initial_model({**cfg, "init-model": str(tmp_path / "gone"), "resume": True, "run-name": "r"})
-    assert all(torch.equal(fresh[k], v) for k, v in resumed.state_dict().items())
+    items3, resumed, none = initial_model({**cfg, "init-model": str(tmp_path / "gone"), "resume": True, "run-name": "r"})
+    assert all(torch.equal(fresh[k], v) for k, v in resumed.state_dict().items()) and none is None
+    # ... and a resume that drops init-model continues the same run (it is not part of what was trained)
+    from server.checkpoint import fingerprint
+
+    state = warm.state_dict()
+    assert (fingerprint({**cfg, "init-model": str(run)}, items2, state)
+            == fingerprint({**cfg, "init-model": ""}, items2, state))
+
+
+def test_a_start_model_trained_without_dp_is_named_in_the_guarantee(tmp_path, caplog):
+    # A diff review: privacy.json and summary.md stated the partners' guarantee for "every global model" of a
+    # run whose first model had been trained without DP
+    from server.privacy_report import PrivacyReport
+
+    cfg = resolve_config(None, {**BASE, "dp-mode": "off"})
+    items, model, _ = initial_model(cfg)
+    run = released(tmp_path, cfg, items, model)
+    (run / "privacy.json").write_text('{"guarantee": "No differential privacy."}')
+    local = resolve_config(None, BASE)
+    _, _, record = initial_model({**local, "init-model": str(run)})
+    assert record == {"path": str(run / "model.pt"), "items": len(items), "added-items": 0, "dp-mode": "off",
+                      "guarantee": "No differential privacy."}
+    assert "was trained without local DP-SGD (dp-mode off)" in caplog.text
+    report = PrivacyReport(tmp_path, local)
+    report.note_start_model(record)
+    assert "trained with dp-mode off: what that model learned from its training data is not covered" in report.guarantee()
+    report.write()
+    assert PrivacyReport(tmp_path, local).as_dict()["init-model"]["dp-mode"] == "off"  # kept on resume
 
 
 def test_a_model_that_cannot_start_this_run_is_one_line(tmp_path):
     cfg = resolve_config(None, BASE)
-    items, model = initial_model(cfg)
+    items, model, _ = initial_model(cfg)
     run = released(tmp_path, cfg, items, model)
     cases = [
         ({"embedding-dim": 16}, "another architecture (embedding-dim = 8 there, 16 here)"),
@@ -81,10 +108,10 @@ def test_a_text_model_starts_over_a_grown_catalogue(tmp_path):
     (tmp_path / "v2.txt").write_text("\n".join(new) + "\n")
     text = {**BASE, "item-features": "id+text", "item-text-features": str(tmp_path / "text.npz")}
     cfg = resolve_config(None, {**text, "catalogue": str(tmp_path / "v1.txt")})
-    items, model = initial_model(cfg)
+    items, model, _ = initial_model(cfg)
     run = released(tmp_path, cfg, items, trained_like(model))
     grown_cfg = resolve_config(None, {**text, "catalogue": str(tmp_path / "v2.txt"), "init-model": str(run)})
-    items2, warm = initial_model(grown_cfg)
+    items2, warm, _ = initial_model(grown_cfg)
     assert items2.tolist() == new
     torch.testing.assert_close(warm.item_emb.ids.weight[:4], model.item_emb.ids.weight)  # old rows kept
     assert not warm.item_emb.ids.weight[4].any()  # the new item's ID row starts at zero
@@ -102,3 +129,21 @@ def test_a_text_model_starts_over_a_grown_catalogue(tmp_path):
     save_features(tmp_path / "s.npz", np.array(["10", "15", "20", "30"]), emb, model="enc", texts=new)
     with pytest.raises(ConfigError, match="line 2 is '15' where the model's catalogue has '20'"):
         initial_model({**grown_cfg, "catalogue": str(tmp_path / "sorted.txt"), "item-text-features": str(tmp_path / "s.npz")})
+
+
+def test_a_text_model_with_genre_features_starts_a_run(tmp_path, ml100k_dir):
+    # A diff review: rebuilding the saved text model to compare its text rows left out its genre table, so
+    # every text model with genre-features was refused as "cannot be rebuilt"
+    from common.task import catalogue
+
+    cfg = resolve_config(None, {**BASE, "dataset": str(ml100k_dir), "item-features": "text", "genre-features": True})
+    items = catalogue(cfg)
+    emb = np.random.default_rng(1).normal(size=(len(items), 6)).astype(np.float32)
+    save_features(tmp_path / "text.npz", items, emb, model="enc", texts=items.tolist())
+    cfg["item-text-features"] = str(tmp_path / "text.npz")
+    items, model, _ = initial_model(cfg)
+    run = released(tmp_path, cfg, items, trained_like(model))
+    _, warm, record = initial_model({**cfg, "init-model": str(run)})
+    assert record["items"] == len(items)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(warm.state_dict()[key], value)

@@ -117,7 +117,7 @@ class SASRec(nn.Module):
         b, t = seq.shape
         pad = seq == 0
         # Right-aligned positions: the last item is always position max_len - 1, so a batch
-        # whose leading all-padding columns were trimmed (common/training.py) scores the same.
+        # whose leading all-padding columns were trimmed (common/objectives.py: trim_padding) scores the same.
         positions = torch.arange(self.max_len - t, self.max_len, device=seq.device).expand(b, t).contiguous()
         x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
         if self.time_emb is not None and gaps is not None:
