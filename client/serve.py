@@ -37,6 +37,8 @@ from common.errors import FedRecError
 
 LOG = logging.getLogger("fedrec.serve")
 MAX_K = 200  # larger lists are a batch job, not a request
+MAX_BODY_BYTES = 64 * 1024  # an event is well under 1 KB; a 200 MB body was read whole into memory
+FLOAT32_MAX = 3.4028234663852886e38  # ratings are stored as float32 by the training log reader
 
 
 class EventIn(BaseModel):
@@ -70,9 +72,37 @@ class EventIn(BaseModel):
     @field_validator("rating")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("rating must be a finite number")
+        if v is not None and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+            # 201 means the event trains: the log reader drops ratings beyond float32's range
+            raise ValueError("rating must be a finite number within float32's range")
         return v
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over ``limit`` bytes gets a 413 before it is read into memory
+    (announced by Content-Length) or as soon as it passes the limit (chunked)."""
+
+    def __init__(self, app, limit: int) -> None:  # noqa: ANN001 -- any ASGI app
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse(status_code=413, content={"error": f"body: over {self.limit} bytes"})(
+                scope, receive, send)
+        seen = 0
+
+        async def limited():  # noqa: ANN202
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, f"body: over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
 
 
 class ModelWatcher:
@@ -106,7 +136,8 @@ class ModelWatcher:
             self._checked = now
             try:
                 file = find_model_file(self.model_path)
-                if file == self.current.path and file.stat().st_mtime <= self.current.version:
+                # any other version of the same file, older too: a rollback restores a backup with its old time
+                if file == self.current.path and file.stat().st_mtime == self.current.version:
                     return
                 loaded = load_global_model(file)
                 missing = len(set(self.current.index) - set(loaded.index))
@@ -134,13 +165,23 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     app.state.watcher = watcher
     app.state.store = store
 
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.middleware("http")
+    async def _no_store(request: Request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        response.headers["Cache-Control"] = "no-store"  # users' recommendations: no gateway or browser keeps them
+        return response
+
     if api_token:
-        expected = f"Bearer {api_token}".encode()
+        expected = api_token.encode()
 
         @app.middleware("http")
         async def _require_token(request: Request, call_next):  # noqa: ANN001, ANN202
-            given = request.headers.get("authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, expected):  # constant time: the token is not guessed byte by byte
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            given_bytes = given.strip().encode("utf-8", "replace")
+            # the scheme name is case-insensitive (RFC 7235); the token compared in constant time
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
                 return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
                                     content={"error": "missing or wrong API token (send Authorization: Bearer <token>)"})
             return await call_next(request)
@@ -184,11 +225,11 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
                                           "reloads": watcher.reloads, "last_error": watcher.last_error},
                 "events": store.count()}
 
-    # NOTE: async and a ready JSONResponse: the work is a few ms of CPU on one torch thread either way;
-    # running it on the event loop skips the thread-pool hop and FastAPI's re-encoding of the response
-    # (requests are served one at a time per process, which is what one core does anyway).
+    # NOTE: a plain def (FastAPI's thread pool), not async: the store read waits up to 30 s while another
+    # process holds SQLite's exclusive lock (an import committing), and on the event loop that wait froze
+    # every endpoint, /health and 401s included. A ready JSONResponse skips FastAPI's re-encoding.
     @app.get("/users/{user_id:path}/recommendations", response_model=None)  # :path: an id may hold "/"
-    async def recommendations(user_id: str, k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> JSONResponse:
+    def recommendations(user_id: str, k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> JSONResponse:
         watcher.maybe_reload()
         recommender = watcher.recommender  # one model for the whole request, even if a reload lands meanwhile
         result = recommender.recommend(user_id, store, k, explain=explain)  # cold start: store.item_counts()

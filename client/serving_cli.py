@@ -87,6 +87,9 @@ def _api_token(args: argparse.Namespace) -> str | None:
     if args.api_token_file:
         try:
             token = open(args.api_token_file, encoding="utf-8").read().strip()
+            if os.stat(args.api_token_file).st_mode & 0o077:
+                print(f"warning: --api-token-file {args.api_token_file} is readable by other accounts; "
+                      f"chmod 600 it", file=sys.stderr)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--api-token-file {args.api_token_file}: cannot be read ({exc})") from None
     elif os.environ.get(TOKEN_ENV):
@@ -188,6 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
                      api_token=token)
     if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
         print(warning, file=sys.stderr)
+    if not token and not args.no_auth:  # loopback (anything else needs a token or --no-auth): still every account
+        print(f"warning: no API token: every account on this machine can read users' recommendations and post "
+              f"events through {args.host}:{args.port}; on a shared machine give --api-token-file", file=sys.stderr)
     scheme = "https" if args.tls_certfile else "http"
     print(f"serving {app.state.watcher.current.path} on {scheme}://{args.host}:{args.port} "
           f"(events: {args.store}, {store.count()} so far; {'bearer token required' if token else 'no authentication'})",

@@ -446,6 +446,13 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"content": b'{"user_id": "\xff", "item_id": "1"}',
                           "headers": {"content-type": "application/json"}}), "not valid UTF-8 JSON"),
     (("GET", "/no/such/path", {}), "no such endpoint: /no/such/path"),
+    # a serving review: 201, then the training log reader dropped a rating beyond float32's range
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "rating": 1e39}}), "float32"),
+    # a serving review: a 200 MB body was read whole into memory (Content-Length, or chunked)
+    (("POST", "/events", {"content": b'{"user_id": "1", "item_id": "1", "pad": "' + b"x" * 70_000 + b'"}',
+                          "headers": {"content-type": "application/json"}}), "body: over 65536 bytes"),
+    (("POST", "/events", {"content": iter([b'{"user_id": "1", "item_id": "1", "pad": "', b"x" * 70_000, b'"}']),
+                          "headers": {"content-type": "application/json"}}), "body: over 65536 bytes"),
     (("DELETE", "/events", {}), "Method Not Allowed"),
 ])
 def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):
@@ -456,6 +463,44 @@ def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field)
     assert 400 <= response.status_code < 500
     assert field in response.json()["error"]
     assert store.count() == before
+
+
+def test_a_slow_store_read_does_not_freeze_other_requests(api, trained):
+    # A serving review: the recommendations endpoint ran on the event loop, so while another process held
+    # SQLite's exclusive lock (an import committing) every request waited, /health and 404s included
+    import sqlite3
+
+    client, _, tmp_path = api
+    lock = sqlite3.connect(tmp_path / "events.sqlite", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    waiting = threading.Thread(target=lambda: client.get("/users/new-user/recommendations", params={"k": 3}))
+    try:
+        waiting.start()
+        time.sleep(0.5)  # the request is now waiting for the lock
+        start = time.monotonic()
+        assert client.get("/no/such/path").status_code == 404
+        elapsed = time.monotonic() - start
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        waiting.join(timeout=30)
+    assert elapsed < 3.0, elapsed  # it took the lock's whole wait (30 s) before
+
+
+def test_api_responses_are_not_cached_and_the_bearer_scheme_is_case_insensitive(trained, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from client.serve import create_app
+
+    run, _ = trained
+    token = "t" * 20
+    with EventStore(tmp_path / "e.sqlite", create=True) as store, TestClient(
+            create_app(model=run, store=store, api_token=token)) as client:
+        for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 7235: the scheme name is case-insensitive
+            response = client.get("/users/u/recommendations", headers={"Authorization": f"{scheme} {token}"})
+            assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+        assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 401
+        assert client.get("/health", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
 
 
 def test_api_hot_reloads_a_newer_model(api, trained):
@@ -472,6 +517,32 @@ def test_api_hot_reloads_a_newer_model(api, trained):
     served = client.get(f"/users/{user}/recommendations", params={"k": 3, "explain": "false"}).json()
     assert served["model_version"] == after["version"]
 
+
+
+def test_a_rollback_to_an_older_model_file_is_served(trained, tmp_path):
+    # A serving review: a backup restored with its old time (mv, cp -p, rsync -a) was never loaded
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from client.serve import create_app
+
+    run, data = trained
+    cfg = resolve_config(None, CFG)
+    backup = save_model(tmp_path / "backup", new_model({**cfg, "seed": 99}, data.num_items), data.catalogue, cfg)
+    os.utime(backup, (1_000_000_000, 1_000_000_000))  # an old file
+    served = tmp_path / "srv" / "model.pt"
+    served.parent.mkdir()
+    served.write_bytes((run / "model.pt").read_bytes())
+    with EventStore(tmp_path / "e.sqlite", create=True) as store, TestClient(
+            create_app(model=served, store=store, reload_interval=0.0)) as client:
+        assert client.get("/health").json()["model"]["version"] > 1_000_000_000
+        tmp = served.with_name("incoming.pt")
+        tmp.write_bytes(backup.read_bytes())
+        os.utime(tmp, (1_000_000_000, 1_000_000_000))
+        os.replace(tmp, served)
+        health = client.get("/health").json()["model"]
+        assert health["version"] == 1_000_000_000 and health["reloads"] == 1
 
 
 def test_api_refuses_to_switch_to_another_catalogues_model(api, trained):
@@ -511,7 +582,7 @@ def test_api_reads_while_a_write_waits_and_a_busy_store_is_a_503(api, trained):
         # Held past SQLite's wait: a JSON 503 (a plain-text 500 before), nothing stored
         store._conn.execute("PRAGMA busy_timeout = 200")
         blocker.execute("BEGIN IMMEDIATE")
-        busy = client.post("/events", json={"user_id": user, "item_id": item})
+        busy = client.post("/events", json={"user_id": user, "item_id": item, "timestamp": 123})  # a new event
         assert busy.status_code == 503 and "busy" in busy.json()["error"]
     finally:
         if blocker.in_transaction:
