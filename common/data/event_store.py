@@ -116,6 +116,14 @@ class EventStore:
             raise DataError(f"event store {self.path}: schema {meta.get('schema-version')!r}, "
                             f"expected {SCHEMA_VERSION}")
         self.store_id = meta["store-id"]
+        # WAL: readers never wait for a writer, not even while another process commits a large import (in
+        # the default rollback journal a serving read waited up to 30 s for that exclusive lock). Persistent in
+        # the file; SQLite gives the -wal/-shm files the store's own mode. A store another process holds open
+        # may refuse the switch: it then keeps its journal and still works.
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            pass
         self._read = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
 
     # -- writing ---------------------------------------------------------------------------
