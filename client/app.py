@@ -102,6 +102,8 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
         details = budget.details() if budget else {"partner": partner_label(context.node_config, data)}
+        if "num-partitions" in context.node_config:  # a simulation: how many ways its users were split
+            details["num-partitions"] = str(int(context.node_config["num-partitions"]))
     finally:
         if budget is not None:
             budget.close()

@@ -92,6 +92,10 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
         return RunStart(run_dir, ArrayRecord(state), 1, total, fp)
     run_dir, ckpt = resumable_checkpoint(cfg, fp)
     ensure_private(run_dir)  # 0700, also for a run directory made before new_run_dir did that
+    # A crash mid-write leaves its temporary file (common/files.py: .<name>.<pid>.<random>.tmp); this process
+    # is the run's only writer now, so none of them is anyone's work in progress
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     _rewrite_metrics(run_dir, ckpt.rounds)
     left = max(total - ckpt.round, 0)
     if left == 0:
@@ -116,6 +120,13 @@ def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy, privacy:
     validating = _find(strategy, ValidatingStrategy)
     if validating is not None:
         validating.rejections = list(start.checkpoint.rejections)
+    if start.checkpoint.rejections:  # a crash between the checkpoint and this file left it behind the checkpoint
+        write_rejections(start.run_dir, list(start.checkpoint.rejections))
+
+
+def write_rejections(run_dir: Path, rejections: list[dict[str, Any]]) -> None:
+    """``rejections.json``: every rejected update so far (0600: it names partners' nodes)."""
+    write_private_bytes(run_dir / "rejections.json", json.dumps(rejections, indent=1).encode())
 
 
 class RoundCheckpointer:
@@ -149,7 +160,7 @@ class RoundCheckpointer:
         )
         save_checkpoint(self.start.run_dir, ckpt)
         if rejections:
-            write_private_bytes(self.start.run_dir / "rejections.json", json.dumps(rejections, indent=1).encode())
+            write_rejections(self.start.run_dir, rejections)
         return None
 
 

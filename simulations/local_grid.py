@@ -97,6 +97,11 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
     from server.run_report import created_run_dir, run_dirs_named
 
     cfg = resolve_config(None, overrides)
+    if cfg["resume"]:
+        from server.resume import resumable_run_dir
+        from simulations.population import refuse_another_partner_count
+
+        refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
     cfg["run-name"] = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S-local")
     overrides = {**overrides, "run-name": cfg["run-name"]}
     apps = client_apps or [make_client_app(overrides)] * num_partners

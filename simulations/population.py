@@ -22,6 +22,25 @@ def describe_partners(cfg: Mapping[str, Any], num_partners: int) -> str:
     return format_statistics(stats, label=f"partitioning {cfg['partitioning']}: ")
 
 
+def refuse_another_partner_count(run_dir: Path, num_partners: int) -> None:
+    """Resuming a simulation: one line unless ``num_partners`` is the count its partners trained with
+    (``privacy.json``: each reply names its ``num-partitions``). Another count splits the same users
+    another way, so users move to partners whose ledgers hold none of their earlier spend, and the
+    run's epsilon would restart low while those users' real loss keeps adding up."""
+    from common.errors import FedRecError
+    from simulations.run_claims import read_json_object
+
+    report = Path(run_dir) / "privacy.json"
+    if not report.is_file():
+        return  # no round was reported: nothing trained that another split could misplace
+    partners = read_json_object(report).get("partners") or {}
+    counts = sorted({str(p["num-partitions"]) for p in partners.values() if isinstance(p, dict) and p.get("num-partitions")})
+    if counts and counts != [str(num_partners)]:
+        raise FedRecError(f"{run_dir} was trained by {' / '.join(counts)} simulated partners, not {num_partners}: "
+                          f"resume with --num-partners {counts[-1]} (another count splits the users another way, "
+                          "and partners' ledgers would miss their earlier spend)")
+
+
 def write_population(run_dir: Path, cfg: Mapping[str, Any], num_partners: int) -> None:
     """Write ``holdout.json`` and ``partitions.json`` into ``run_dir``."""
     population, held = split_population(cfg)

@@ -36,8 +36,9 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     federation_data(cfg)
     if cfg["resume"]:
         from server.resume import resumable_run_dir
+        from simulations.population import refuse_another_partner_count
 
-        resumable_run_dir(cfg)
+        refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
 
     from flwr.simulation import run_simulation
 

@@ -108,10 +108,32 @@ def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
     # A crash after round 3 was logged but before it was checkpointed: round 3 must not count twice
     lines = [json.dumps({"round": r}) for r in (1, 2, 3)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / ".model.pt.4242.beef.tmp").write_bytes(b"half a model")  # the crash was mid-write
     start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    assert not (run_dir / ".model.pt.4242.beef.tmp").exists()
     assert (start.first_round, start.num_rounds) == (3, 2)
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert run_dir.stat().st_mode & 0o777 == 0o700  # the resumed run's files are the coordinator's only
+
+
+def test_a_resume_brings_rejections_json_up_to_the_checkpoint(tmp_path):
+    # A reliability review: the checkpoint is written before rejections.json, so a crash between the two in
+    # the last round left the file behind, and a resume with no round left never wrote it again
+    from server.resume import restore
+    from server.run_report import RunRecorder
+
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 2})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    import dataclasses
+
+    # its rejections: round 1, node 7 (FedAvg: no strategy state)
+    save_checkpoint(run_dir, dataclasses.replace(a_checkpoint(cfg, model, round_=2), strategy_state={}))
+    start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    assert start.num_rounds == 0 and not (run_dir / "rejections.json").exists()
+    restore(start, RunRecorder(run_dir, cfg, CATALOGUE), build_strategy(cfg, first_round=3))
+    assert json.loads((run_dir / "rejections.json").read_text()) == [{"round": 1, "node": 7, "reason": "NaN"}]
+    assert is_private(run_dir / "rejections.json")
 
 
 def test_start_run_refuses_to_resume_nothing(tmp_path):

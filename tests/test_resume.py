@@ -68,3 +68,22 @@ def test_killed_simulation_resumes_on_flower_simulation_engine(tmp_path):
     assert [r["train-loss"] for r in resumed] == [r["train-loss"] for r in reference]
     a, b = model_of(crashed), model_of(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_simulation_resumes_only_with_its_own_partner_count(tmp_path):
+    # A reliability review: a run of 3 simulated partners resumed with 5 re-split the users, partners 3-4 opened
+    # empty ledgers for users who had trained under partners 0-2, and the run's epsilon fell (6.18 -> 4.72)
+    from common.errors import FedRecError
+    from simulations.local_grid import run_local
+
+    cfg = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
+           "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "run-dir": str(tmp_path), "run-name": "r"}
+    run_local(cfg, 3)
+    report = json.loads((tmp_path / "r" / "privacy.json").read_text())
+    assert {p["num-partitions"] for p in report["partners"].values()} == {"3"}
+    more = {**cfg, "num-server-rounds": 2, "resume": True}
+    with pytest.raises(FedRecError, match="trained by 3 simulated partners, not 5: resume with --num-partners 3"):
+        run_local(more, 5)
+    assert len(rounds_of(tmp_path / "r")) == 1  # nothing ran
+    run_local(more, 3)
+    assert [r["round"] for r in rounds_of(tmp_path / "r")] == [1, 2]
