@@ -125,6 +125,6 @@ def plot_sweep(csv_path: Path) -> list[Path]:
 
 
 def _metric_columns(frame: pd.DataFrame) -> set[str]:
-    from simulations.sweep import METRICS
+    from simulations.sweep_table import METRICS
 
     return set(METRICS) & set(frame.columns)

@@ -44,16 +44,15 @@ from typing import Any
 
 from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
-from common.errors import ConfigError, DataError, FedRecError
+from common.errors import ConfigError, FedRecError
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
+from simulations.sweep_table import METRICS, results_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ONLY = ("num-partners", "seed")
 SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [sweep] table
-METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
-           "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
 ROUND_LINE = re.compile(r"round (\d+): HR@")
 ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
 
@@ -318,71 +317,6 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         # Every round failed (e.g. every update rejected): the model is the untrained one
         row["status"] = f"failed: no round aggregated an update (see {log_path})"
     return row
-
-
-def _column(row) -> str:  # noqa: ANN001 -- a pandas row
-    """A results-table column: the target epsilon, or for a run without a local budget the epsilon it
-    states, marked (central DP), so a column never mixes the two kinds of claim."""
-    from simulations.run_claims import as_epsilon, run_epsilon
-
-    if str(row["target-epsilon"]) == "(not set)":
-        return "(not set)"
-    stated = run_epsilon(row)
-    if stated == as_epsilon(row["target-epsilon"]):
-        return str(row["target-epsilon"])
-    return f"{stated:.3g} (central)"
-
-
-def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
-    """A markdown table of ``metric``: rows = the varying config keys but epsilon, columns = epsilon
-    (the target per partner; a central-DP run's stated epsilon, marked), cells = mean +- std over
-    seeds (n = number of finished seeds)."""
-    import pandas as pd
-
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: no results file; run the sweep first (it writes its rows there)")
-    try:
-        frame = pd.read_csv(csv_path, dtype={"target-epsilon": str})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path} is empty; run the sweep again to write its rows") from None
-    except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
-        raise DataError(f"{csv_path} is not a sweep results CSV ({type(exc).__name__}); "
-                        "move it away and run the sweep again") from None
-    if "status" not in frame.columns:
-        raise DataError(f"{csv_path} has no 'status' column, so it is not a sweep results CSV; "
-                        "move it away and run the sweep again")
-    if metric not in frame.columns:
-        known = ", ".join(m for m in METRICS if m in frame.columns) or "none"
-        raise DataError(f"{csv_path} has no {metric!r} column (metrics there: {known})")
-    frame = frame[frame["status"] == "ok"]
-    if frame.empty:
-        return "(no finished run)"
-    if "target-epsilon" not in frame.columns:  # a sweep that does not vary or fix epsilon: one column
-        frame = frame.assign(**{"target-epsilon": "(not set)"})
-    skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", *METRICS}
-    rows = [c for c in frame.columns if c not in skip and frame[c].nunique(dropna=False) > 1]
-
-    def order(e: object) -> float:
-        try:
-            return float(e)  # "inf" too
-        except (TypeError, ValueError):
-            return math.inf
-
-    # A run without a local budget (central DP alone) sits in the column of the epsilon it states, as in the
-    # plot: under its target "inf" it looked like a run without any DP
-    frame = frame.assign(column=[_column(row) for _, row in frame.iterrows()])
-    eps = sorted(frame["column"].unique(), key=lambda c: order(c.split(" ")[0]))
-    lines = [f"| {' / '.join(rows) or 'config'} | " + " | ".join(f"eps={e}" for e in eps) + " |",
-             "|---" * (len(eps) + 1) + "|"]
-    for key, g in (frame.groupby(rows) if rows else [("all", frame)]):
-        cells = []
-        for e in eps:
-            v = g[g["column"] == e][metric].astype(float)
-            cells.append(f"{v.mean():.4f} ± {v.std(ddof=0):.4f} (n={len(v)})" if len(v) else "-")
-        label = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 @user_errors_exit

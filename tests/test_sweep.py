@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from simulations import sweep
+from simulations import sweep, sweep_table
 
 TINY = """
 [sweep]
@@ -145,7 +145,7 @@ def test_results_table_averages_seeds_per_epsilon(tmp_path):
     path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10\n"
                     "a,ok,mf,1,8,0.1\nb,ok,mf,2,8,0.3\nc,ok,mf,1,inf,0.5\n"
                     "d,failed (exit 1): x,mf,2,inf,\ne,ok,sasrec,1,1,0.2\n")
-    table = sweep.results_table(path).splitlines()
+    table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| model | eps=1 | eps=8 | eps=inf |"
     assert table[2] == "| mf | - | 0.2000 ± 0.1000 (n=2) | 0.5000 ± 0.0000 (n=1) |"
     assert table[3].startswith("| sasrec | 0.2000 ± 0.0000 (n=1) | - |")
@@ -157,7 +157,7 @@ def test_results_table_puts_a_central_dp_run_under_the_epsilon_it_states(tmp_pat
     path.write_text("run-id,status,dp-mode,seed,target-epsilon,epsilon,ndcg@10\n"
                     "a,ok,off,1,inf,inf,0.5\nb,ok,central,1,inf,4.7285,0.3\nc,ok,central,2,inf,4.7285,0.1\n"
                     "d,ok,local,1,8,7.9969,0.2\n")
-    table = sweep.results_table(path).splitlines()
+    table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| dp-mode | eps=4.73 (central) | eps=8 | eps=inf |"
     assert table[2:] == ["| central | 0.2000 ± 0.1000 (n=2) | - | - |", "| local | - | 0.2000 ± 0.0000 (n=1) | - |",
                          "| off | - | - | 0.5000 ± 0.0000 (n=1) |"]
@@ -166,7 +166,7 @@ def test_results_table_puts_a_central_dp_run_under_the_epsilon_it_states(tmp_pat
 def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("run-id,status,model,seed,ndcg@10\na,ok,mf,1,0.1\nb,ok,mf,2,0.3\nc,ok,sasrec,1,0.5\n")
-    table = sweep.results_table(path).splitlines()
+    table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| model | eps=(not set) |"
     assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
 
