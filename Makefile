@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)')
 
 test: install
 	$(PY) -m pytest -q tests

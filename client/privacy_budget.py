@@ -89,7 +89,10 @@ class PartnerBudget:
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset)
         if ledger.created:
-            per_run = not context.node_config.get("ledger-path") and not cfg.get("ledger-dir")
+            # a real partner's ledger in the run directory restarts at zero spend with every run; a simulated
+            # partner's (partition-id) is meant to live with its run
+            per_run = (not context.node_config.get("ledger-path") and not cfg.get("ledger-dir")
+                       and "partition-id" not in context.node_config)
             LOG.warning("%s: new privacy ledger %s (no spend recorded before)%s", label, path,
                         "; it lives in this run's directory, so another run starts from zero: set node config "
                         "ledger-path to one file that every run uses" if per_run else "")

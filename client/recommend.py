@@ -75,8 +75,9 @@ def catalogue_mismatch(gm: "GlobalModel", counts: dict[str, int]) -> str | None:
     share = sum(unknown.values()) / total if total else 0.0
     if share <= MISMATCH_WARNING:
         return None
-    return (f"warning: {100.0 * share:.0f}% of the events ({len(unknown)} of {len(counts)} items) are not in the "
-            f"catalogue of {gm.path} ({len(gm.catalogue)} items) and are ignored: is it this federation's model?")
+    return (f"warning: {100.0 * share:.0f}% of the events (those on {len(unknown)} of the log's {len(counts)} items) "
+            f"are on items not in the catalogue of {gm.path} ({len(gm.catalogue)} items) and are ignored: is it this "
+            "federation's model?")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from common.cli_args import delta, port, positive_float, positive_int
@@ -56,6 +57,13 @@ def _recommend(args: argparse.Namespace) -> int:
     model = load_global_model(args.model)
     if is_event_store(args.data_path):
         source = EventStore(args.data_path)
+    elif args.data_path == "synthetic" and not os.path.exists(args.data_path):
+        # the built-in log a simulation ran on (make run's quick start), rebuilt from the model's own config
+        from common.data.synthetic import generate_synthetic
+
+        cfg = model.config
+        source = LogHistory(generate_synthetic(num_users=int(cfg.get("synthetic-users", 1000)),
+                                               num_items=int(cfg.get("synthetic-items", 300)), seed=int(cfg.get("seed", 42))))
     else:
         source = LogHistory(load_interactions(args.data_path))
     if warning := catalogue_mismatch(model, source.item_counts()):

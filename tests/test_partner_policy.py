@@ -172,3 +172,10 @@ def test_a_later_run_with_a_larger_delta_cannot_spend_past_an_earlier_promise(tm
                                           "run-name": "three"}, ledger)
     assert not third.has_error(), third.error
     assert third.content["metrics"]["delta"] == 1e-6 and third.content["metrics"]["epsilon"] <= 8.0 + 1e-9
+
+
+def test_a_simulated_partner_is_not_told_to_set_a_ledger_path(tmp_path, caplog):
+    # An onboarding review: make run printed five "set node config ledger-path to one file that every run uses",
+    # advice for a real partner; a simulated partner's ledger is meant to live with its run
+    assert not _send_once(tmp_path, {}, {}).has_error()
+    assert "new privacy ledger" in caplog.text and "set node config ledger-path" not in caplog.text

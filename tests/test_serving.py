@@ -347,6 +347,25 @@ def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     assert "no item titles found" in capsys.readouterr().err
 
 
+def test_recommend_on_the_built_in_synthetic_log_of_a_quick_start_model(trained, monkeypatch, tmp_path, capsys):
+    # An onboarding review: `make run` trains on synthetic data, and `--data-path synthetic` was "no such file"
+    from client.cli import main
+    from client.recommend import LogHistory, Recommender
+
+    run, data = trained  # its config: synthetic-users 1000, synthetic-items 300, seed 5 (CFG)
+    monkeypatch.chdir(tmp_path)  # no file named "synthetic" here
+    gm = load_global_model(run)
+    expected = generate_synthetic(num_users=int(gm.config["synthetic-users"]),
+                                  num_items=int(gm.config["synthetic-items"]), seed=int(gm.config["seed"]))
+    user = str(expected.user[0])
+    assert main(["recommend", "--model", str(run), "--data-path", "synthetic", "--user", user, "--k", "3",
+                 "--format", "json", "--no-explain"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_hand = Recommender(gm).recommend(user, LogHistory(expected), 3, explain=False)
+    assert [r["item_id"] for r in out["items"]] == [r.item_id for r in by_hand.items]
+    assert out["history_length"] == by_hand.history_length > 0
+
+
 # -- the HTTP API on a real uvicorn server ------------------------------------------------------
 
 
@@ -784,13 +803,14 @@ def test_a_log_mostly_outside_the_models_catalogue_is_warned_about(trained, log,
     assert catalogue_mismatch(gm, counts) is None
     assert catalogue_mismatch(gm, {**counts, **{f"other-{i}": 10 for i in range(len(counts) // 4)}}) is None  # 20%
     warning = catalogue_mismatch(gm, {**counts, **{f"other-{i}": 10 for i in range(len(counts))}})
-    assert warning.startswith(f"warning: 50% of the events ({len(counts)} of {2 * len(counts)} items) are not in")
+    assert warning.startswith(f"warning: 50% of the events (those on {len(counts)} of the log's {2 * len(counts)} "
+                              "items) are on items not in")
     # the CLI: another federation's log (item ids shifted out of the catalogue for most events)
     other = tmp_path / "other.csv"
     other.write_text("user_id,item_id,timestamp\n" + "\n".join(
         f"{u},{i if n % 3 == 0 else 'x' + str(i)},{t}" for n, (u, i, t) in enumerate(zip(log.user, log.item, log.timestamp))))
     assert main(["recommend", "--model", str(run), "--data-path", str(other), "--user", str(log.user[0]), "--k", "3"]) == 0
-    assert "are not in the catalogue of" in capsys.readouterr().err
+    assert "are on items not in the catalogue of" in capsys.readouterr().err
 
 
 def test_a_restarted_serve_keeps_the_titles_it_was_filled_with(trained, log, tmp_path, monkeypatch, capsys):
