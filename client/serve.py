@@ -117,6 +117,7 @@ class ModelWatcher:
         self.model_path = Path(model_path)
         self.titles = titles
         self.reload_interval = reload_interval
+        self._loaded = _file_key(find_model_file(model_path))  # taken before loading: a file replaced meanwhile reloads
         self.recommender = Recommender(load_global_model(model_path), titles)
         self.reloads = 0
         self.last_error: str | None = None
@@ -137,8 +138,10 @@ class ModelWatcher:
             self._checked = now
             try:
                 file = find_model_file(self.model_path)
-                # any other version of the same file, older too: a rollback restores a backup with its old time
-                if file == self.current.path and file.stat().st_mtime == self.current.version:
+                # any other file at that path, older too (a rollback restores a backup with its old time), and one
+                # with the same time (cp -p, coarse timestamps): the inode and size tell them apart
+                key = _file_key(file)
+                if file == self.current.path and key == self._loaded:
                     return
                 loaded = load_global_model(file)
                 missing = len(set(self.current.index) - set(loaded.index))
@@ -146,6 +149,7 @@ class ModelWatcher:
                     raise FedRecError(f"{file}: its catalogue lacks {missing} of the {len(self.current.catalogue)} "
                                       "items of the model being served; not switching to it")
                 self.recommender = Recommender(loaded, self.titles)
+                self._loaded = key
                 self.reloads += 1
                 self.last_error = None
                 LOG.info("loaded model %s (version %.3f)", file, self.current.version)
@@ -155,6 +159,12 @@ class ModelWatcher:
             except Exception as exc:  # noqa: BLE001 -- any file that cannot load: keep serving the current model
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 LOG.exception("keeping the current model: unexpected error loading %s", self.model_path)
+
+
+def _file_key(path: Path) -> tuple[int, int, int]:
+    """What tells two versions of a model file apart: (inode, modification time in ns, size)."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,

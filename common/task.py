@@ -61,13 +61,23 @@ def _partner_log(path: str, version: tuple[int, int], catalogue_key: tuple[str, 
     return data
 
 
-def _file_version(path: str) -> tuple[int, int]:
-    """(mtime ns, size): a log that changed (an event store receiving feedback) is read again."""
+def _file_version(path: str) -> tuple[int, ...]:
+    """(mtime ns, size) of the log, and of an event store's write-ahead log: a log that changed (an
+    event store receiving feedback) is read again. In WAL mode a commit lands in ``<store>-wal`` and
+    the store file itself only changes at a checkpoint."""
     try:
-        st = resolve_data_path(path).stat()
+        p = resolve_data_path(path)
+        st = p.stat()
     except (OSError, DataError):
         return (0, 0)  # the loader reports the problem
-    return (st.st_mtime_ns, st.st_size)
+    extra: tuple[int, ...] = ()
+    if is_event_store(path):
+        try:
+            wal = p.with_name(p.name + "-wal").stat()
+            extra = (wal.st_mtime_ns, wal.st_size)
+        except OSError:
+            pass  # no write-ahead log (closed, or a store in the rollback journal)
+    return (st.st_mtime_ns, st.st_size, *extra)
 
 
 def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> SequenceData:

@@ -31,10 +31,12 @@ def refuse_another_partner_count(run_dir: Path, num_partners: int) -> None:
     from simulations.run_claims import read_json_object
 
     report = Path(run_dir) / "privacy.json"
-    if not report.is_file():
-        return  # no round was reported: nothing trained that another split could misplace
-    partners = read_json_object(report).get("partners") or {}
+    partners = (read_json_object(report).get("partners") or {}) if report.is_file() else {}
     counts = sorted({str(p["num-partitions"]) for p in partners.values() if isinstance(p, dict) and p.get("num-partitions")})
+    split = Path(run_dir) / "partitions.json"  # a finished run of an older version: its split, written at the end
+    if not counts and split.is_file():
+        recorded = read_json_object(split).get("partners")
+        counts = [str(recorded)] if isinstance(recorded, int) else []
     if counts and counts != [str(num_partners)]:
         raise FedRecError(f"{run_dir} was trained by {' / '.join(counts)} simulated partners, not {num_partners}: "
                           f"resume with --num-partners {counts[-1]} (another count splits the users another way, "

@@ -21,7 +21,7 @@ def _column(row) -> str:  # noqa: ANN001 -- a pandas row
     stated = run_epsilon(row)
     if stated == as_epsilon(row["target-epsilon"]):
         return str(row["target-epsilon"])
-    return f"{stated:.3g} (central)"
+    return "inf" if math.isinf(stated) else f"{stated:.3g} (central)"  # no DP at all: the no-DP column
 
 
 def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:

@@ -87,3 +87,12 @@ def test_a_simulation_resumes_only_with_its_own_partner_count(tmp_path):
     assert len(rounds_of(tmp_path / "r")) == 1  # nothing ran
     run_local(more, 3)
     assert [r["round"] for r in rounds_of(tmp_path / "r")] == [1, 2]
+    # A run of an older version (no num-partitions in privacy.json): the split its partitions.json records
+    from simulations.population import refuse_another_partner_count
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "privacy.json").write_text('{"partners": {"partner-0": {"epsilon": 1.0}}}')
+    (tmp_path / "old" / "partitions.json").write_text('{"partitioning": "iid", "partners": 3}')
+    with pytest.raises(FedRecError, match="trained by 3 simulated partners, not 5"):
+        refuse_another_partner_count(tmp_path / "old", 5)
+    refuse_another_partner_count(tmp_path / "old", 3)

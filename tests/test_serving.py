@@ -562,6 +562,11 @@ def test_a_rollback_to_an_older_model_file_is_served(trained, tmp_path):
         os.replace(tmp, served)
         health = client.get("/health").json()["model"]
         assert health["version"] == 1_000_000_000 and health["reloads"] == 1
+        # Another model with the very same time (cp -p, rsync -a, coarse timestamps): loaded too (a diff review)
+        tmp.write_bytes((run / "model.pt").read_bytes())
+        os.utime(tmp, ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9))
+        os.replace(tmp, served)
+        assert client.get("/health").json()["model"]["reloads"] == 2
 
 
 def test_api_refuses_to_switch_to_another_catalogues_model(api, trained):
@@ -738,13 +743,16 @@ def test_clientapp_trains_next_round_on_feedback_with_the_same_ledger(tmp_path):
         assert not reply.has_error(), reply.error
         return reply.content["metrics"]
 
+    # The serving API holds the store open throughout: in WAL mode its commits stay in events.sqlite-wal
+    # (a diff review: a ClientApp process keyed its cached log on the store file alone and missed them)
+    serving = EventStore(store_path)
     first = train(1)
     # Execute: feedback arrives between rounds (a new user with 4 events via the API's store)
     time.sleep(0.01)
-    with EventStore(store_path) as store:
-        for n, item in enumerate(catalogue[:4].tolist()):
-            store.add("new-user", item, timestamp=2_000_000_000 + n)
+    for n, item in enumerate(catalogue[:4].tolist()):
+        serving.add("new-user", item, timestamp=2_000_000_000 + n)
     second = train(2)
+    serving.close()
 
     # Assert: round 2 trained on one more user, and both rounds are on one ledger
     assert second["num-examples"] == first["num-examples"] + 1

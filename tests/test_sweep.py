@@ -156,11 +156,11 @@ def test_results_table_puts_a_central_dp_run_under_the_epsilon_it_states(tmp_pat
     path = tmp_path / "r.csv"
     path.write_text("run-id,status,dp-mode,seed,target-epsilon,epsilon,ndcg@10\n"
                     "a,ok,off,1,inf,inf,0.5\nb,ok,central,1,inf,4.7285,0.3\nc,ok,central,2,inf,4.7285,0.1\n"
-                    "d,ok,local,1,8,7.9969,0.2\n")
+                    "d,ok,local,1,8,7.9969,0.2\ne,ok,off,2,8,inf,0.7\n")  # e: dp off beside a fixed target
     table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| dp-mode | eps=4.73 (central) | eps=8 | eps=inf |"
     assert table[2:] == ["| central | 0.2000 ± 0.1000 (n=2) | - | - |", "| local | - | 0.2000 ± 0.0000 (n=1) | - |",
-                         "| off | - | - | 0.5000 ± 0.0000 (n=1) |"]
+                         "| off | - | - | 0.6000 ± 0.1000 (n=2) |"]
 
 
 def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):

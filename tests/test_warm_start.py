@@ -75,6 +75,12 @@ def test_a_start_model_trained_without_dp_is_named_in_the_guarantee(tmp_path, ca
     report = PrivacyReport(tmp_path, local)
     report.note_start_model(record)
     assert "trained with dp-mode off: what that model learned from its training data is not covered" in report.guarantee()
+    # A start model with its own (central) guarantee: quoted, not called uncovered, no ledger clause (a diff review)
+    central = PrivacyReport(tmp_path / "c", resolve_config(None, {**BASE, "dp-mode": "off"}))
+    central.note_start_model({**record, "dp-mode": "central", "guarantee": "The global models are (4.7, 1e-05)-DP."})
+    said = central.guarantee()
+    assert "trained with dp-mode central; its training data is covered by that run's own guarantee (The global " \
+           "models are (4.7, 1e-05)-DP)." in said and "ledgers" not in said
     report.write()
     assert PrivacyReport(tmp_path, local).as_dict()["init-model"]["dp-mode"] == "off"  # kept on resume
 
