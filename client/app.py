@@ -34,7 +34,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             return _train(msg, context, apply_partner_policy(resolve_config(context.run_config, overrides),
                                                              context.node_config))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            return error_reply(msg, exc)
+            return error_reply(msg, exc, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -43,7 +43,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             refuse_evaluation_unless_shared(context.node_config)
             return _evaluate(msg, context, resolve_config(context.run_config, overrides))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            return error_reply(msg, exc)
+            return error_reply(msg, exc, context)
 
     return app
 

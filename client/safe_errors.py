@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -33,12 +35,25 @@ _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PARENTHESISED = re.compile(r"\s\([^()]*\)")  # " (found a, b)" but not "column(s)"
 
 
-def safe_reason(exc: BaseException) -> str:
-    """The reason the server may see for ``exc``: one line, no data values, no absolute paths."""
+def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str:
+    """The reason the server may see for ``exc``: one line, no data values, no paths.
+
+    An error whose message quotes the partner's data says so with its ``public`` sentence, which
+    is sent instead. ``private_paths``: the partner's own paths (node config ``data-path``,
+    ``ledger-path``), relative or with spaces, which become their file names wherever they occur."""
     kind = type(exc).__name__
     if not isinstance(exc, FedRecError):
         return f"{kind}: internal error at the partner; its operator has the details in the partner's log"
-    text = " ".join(str(exc).split())
+    text = exc.public if getattr(exc, "public", None) is not None else str(exc)
+    for path in sorted({str(p) for p in private_paths if str(p).strip()}, key=len, reverse=True):
+        for form in {path, str(Path(path).expanduser().absolute())}:
+            text = text.replace(form, Path(form).name)
+            for parent in Path(form).parents:  # its folders: as a path's prefix, or named alone (multi-segment)
+                if str(parent) not in ("/", "."):
+                    text = text.replace(str(parent) + "/", "")
+                    if "/" in str(parent):
+                        text = text.replace(str(parent), "<folder>")
+    text = " ".join(text.split())
     text = _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
     text = _QUOTED.sub("<value>", text)
     text = _PARENTHESISED.sub("", text)
@@ -47,7 +62,16 @@ def safe_reason(exc: BaseException) -> str:
     return text
 
 
-def error_reply(msg: Message, exc: BaseException) -> Message:
+PRIVATE_NODE_KEYS = ("data-path", "ledger-path")  # node config values that name the partner's folders
+
+
+def private_paths(context: Context | None) -> list[object]:
+    """The partner's own paths in its node config (see :func:`safe_reason`)."""
+    config = context.node_config if context is not None else {}
+    return [config[k] for k in PRIVATE_NODE_KEYS if config.get(k)]
+
+
+def error_reply(msg: Message, exc: BaseException, context: Context | None = None) -> Message:
     """Log ``exc`` in full locally, reply to ``msg`` with a sanitised :class:`Error`."""
     if isinstance(exc, FedRecError):
         LOG.warning("round failed at this partner: %s", exc)
@@ -55,7 +79,7 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     else:
         LOG.exception("round failed at this partner with an unexpected error")
         code = INTERNAL_ERROR
-    return Message(Error(code=code, reason=safe_reason(exc)), reply_to=msg)
+    return Message(Error(code=code, reason=safe_reason(exc, private_paths(context))), reply_to=msg)
 
 
 def sanitising_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -64,4 +88,4 @@ def sanitising_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     try:
         return call_next(msg, context)
     except Exception as exc:  # noqa: BLE001 -- that is the point
-        return error_reply(msg, exc)
+        return error_reply(msg, exc, context)

@@ -2,7 +2,16 @@
 
 
 class FedRecError(Exception):
-    """Base class for errors caused by input or configuration, not by a bug."""
+    """Base class for errors caused by input or configuration, not by a bug.
+
+    ``public``: the sentence another party may see (a partner's error reply to the coordinator)
+    when the message itself quotes the partner's data, e.g. a headerless log's first row; None
+    when the message holds none (client/safe_errors.py still removes paths and quoted values).
+    """
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public
 
 
 class DataError(FedRecError):

@@ -111,6 +111,7 @@ def combine_partner_metrics(records: Iterable[Mapping], num_items: int, top_k: i
     ``records`` are the partners' metric records (key -> value); the additive means are
     combined elsewhere (``common.metrics.means_from_sums``).
     """
+    records = list(records)
     items: set[int] = set()
     per_partner: dict[int, float] = {}
     for n, record in enumerate(records):
@@ -120,7 +121,9 @@ def combine_partner_metrics(records: Iterable[Mapping], num_items: int, top_k: i
             pid = int(record.get("partition-id", -1 - n))
             per_partner[pid] = float(record.get(f"ndcg@{top_k}-sum", 0.0)) / users
     values = np.array([per_partner[p] for p in sorted(per_partner)])
-    out: dict[str, float | list[float]] = {f"coverage@{top_k}": len(items - {0}) / max(num_items, 1)}
+    out: dict[str, float | list[float]] = {}
+    if any(f"rec-items@{top_k}" in record for record in records):  # simulated partners only (client/private_factors.py)
+        out[f"coverage@{top_k}"] = len(items - {0}) / max(num_items, 1)
     if len(values):
         out.update({
             f"partner-ndcg@{top_k}": values.round(6).tolist(),

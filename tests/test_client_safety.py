@@ -47,6 +47,36 @@ def test_a_headerless_log_does_not_leak_its_first_row_to_the_server(tmp_path):
     assert "alice" not in reply.error.reason and str(tmp_path) not in reply.error.reason
 
 
+@pytest.mark.parametrize("first_row", [
+    # an egress review: the sanitiser's "(found ...)" pattern failed as soon as a value held a parenthesis
+    "alice@example.com,Toy Story (1995),1700000000", "alice@example.com,item(7),1700000000",
+    "alice@example.com),item-1,1700000000"])
+def test_a_headerless_row_with_parentheses_does_not_reach_the_server(tmp_path, first_row):
+    log = tmp_path / "log.csv"
+    log.write_text(f"{first_row}\nbob-1,heat,1600000200\n")
+    (tmp_path / "catalogue.txt").write_text("heat\n")
+    app = make_client_app({"run-dir": str(tmp_path), "dp": False, "catalogue": str(tmp_path / "catalogue.txt")})
+    context = Context(run_id=1, node_id=1, node_config={"data-path": str(log)}, state=RecordDict(), run_config={})
+    reply = app(flower_message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+                               "train"), context)
+    assert reply.has_error() and "log.csv: missing column(s)" in reply.error.reason
+    assert not any(part in reply.error.reason for part in ("alice", "item(7)", "item-1", "Toy", "1700000000")), \
+        reply.error.reason
+
+
+@pytest.mark.parametrize("data_path", ["/tmp/Jane Doe/patients/log.csv", "clients/alice@example.com/log.csv"])
+def test_the_partners_folders_stay_out_of_the_reason(tmp_path, data_path, monkeypatch):
+    # an egress review: a path with spaces, or a relative one, was sent whole
+    monkeypatch.chdir(tmp_path)
+    app = make_client_app({"run-dir": str(tmp_path), "dp": False, "catalogue": str(tmp_path / "catalogue.txt")})
+    (tmp_path / "catalogue.txt").write_text("heat\n")
+    context = Context(run_id=1, node_id=1, node_config={"data-path": data_path}, state=RecordDict(), run_config={})
+    reply = app(flower_message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+                               "train"), context)
+    assert reply.has_error() and "log.csv" in reply.error.reason
+    assert not any(part in reply.error.reason for part in ("Jane", "patients", "alice", "clients")), reply.error.reason
+
+
 def test_an_unexpected_error_is_reported_by_type_only(tmp_path, monkeypatch, caplog):
     import client.app as client_app
 
@@ -63,3 +93,29 @@ def test_an_unexpected_error_is_reported_by_type_only(tmp_path, monkeypatch, cap
     assert reply.error.reason.startswith("RuntimeError: internal error at the partner")
     assert "alice" not in reply.error.reason
     assert any("alice" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)  # kept in the local log
+
+
+def test_a_real_partner_keeps_its_recommended_item_ids(small_data):  # noqa: ANN001
+    # An egress review: evaluation replies carried rec-items@10, the distinct recommended item ids; with seen
+    # items left out, a small partner's lists are close to the complement of its users' histories
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.private_factors import evaluate_partner
+    from common.config import resolve_config
+    from common.evaluation import combine_partner_metrics
+    from common.models import SASRec
+
+    torch.manual_seed(0)
+    model = SASRec(small_data.num_items, max_len=10, dim=16, num_blocks=1, num_heads=1, dropout=0.0)
+    cfg = resolve_config({"max-seq-len": 10})
+
+    def sums(node_config: dict) -> dict:
+        return evaluate_partner(model, small_data, Context(run_id=1, node_id=0, node_config=node_config,
+                                                           state=RecordDict(), run_config={}), cfg)
+
+    real, simulated = sums({"data-path": "log.csv"}), sums({"partition-id": 0, "num-partitions": 1})
+    assert "rec-items@10" not in real and simulated["rec-items@10"]
+    assert {k: v for k, v in simulated.items() if k not in ("rec-items@10", "partition-id")} == real
+    assert "coverage@10" not in combine_partner_metrics([real], small_data.num_items)  # n/a, not a made-up 0
+    assert combine_partner_metrics([simulated], small_data.num_items)["coverage@10"] > 0

@@ -100,7 +100,8 @@ class EventStore:
             if tables and not {"meta", "events"} <= tables:  # another application's database: add nothing to it
                 self._conn.close()
                 raise DataError(f"event store {self.path}: an SQLite file of another application (tables: "
-                                f"{', '.join(sorted(tables)[:5])}); give a new file name or an existing event store")
+                                f"{', '.join(sorted(tables)[:5])}); give a new file name or an existing event store",
+                                public=f"event store {self.path.name}: an SQLite file of another application")
             with self._conn:
                 self._conn.executescript(_SCHEMA)
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (SCHEMA_VERSION,))
@@ -110,7 +111,8 @@ class EventStore:
             if meta.get("schema-version") == SCHEMA_VERSION and "item_counts_insert" not in triggers:
                 self._conn.executescript(_ITEM_COUNTS)
         except sqlite3.DatabaseError as exc:
-            raise DataError(f"event store {self.path}: not a usable SQLite event store ({exc})") from None
+            raise DataError(f"event store {self.path}: not a usable SQLite event store ({exc})",
+                            public=f"event store {self.path.name}: not a usable SQLite event store") from None
         if meta.get("schema-version") != SCHEMA_VERSION:
             self._conn.close()
             raise DataError(f"event store {self.path}: schema {meta.get('schema-version')!r}, "

@@ -78,7 +78,8 @@ def load_interactions(path: str | os.PathLike) -> Interactions:
         raise
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{p}: cannot be read as an interaction log ({first})") from None
+        raise DataError(f"{p}: cannot be read as an interaction log ({first})",
+                        public=f"{p.name}: cannot be read as an interaction log") from None  # the parser quotes rows
     return _validate(frame, str(p))
 
 
@@ -149,7 +150,10 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
         hint = f"; the header is {other}-separated: name the file .csv for commas, .tsv for tabs" if other else ""
         raise DataError(
             f"{source}: missing column(s) {', '.join(missing)}; expected user_id,item_id,timestamp[,rating] "
-            f"(found {', '.join(found) or 'none'}){hint}"  # one line
+            f"(found {', '.join(found) or 'none'}){hint}",  # one line
+            # a headerless log's "columns" are its first data row: the coordinator sees none of it
+            public=f"{Path(source).name}: missing column(s) {', '.join(missing)}; expected user_id,item_id,timestamp"
+                   f"[,rating] in a header line{hint}",
         )
     if len(frame) == 0:
         raise DataError(f"{source}: no rows")
