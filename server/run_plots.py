@@ -21,6 +21,7 @@ def plot_rounds(run_dir: Path, rounds: Sequence[dict[str, Any]], top_k: int = 10
 
     matplotlib.use("Agg")  # no screen on a server
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     hr, ndcg = f"hr@{top_k}", f"ndcg@{top_k}"
@@ -34,8 +35,20 @@ def plot_rounds(run_dir: Path, rounds: Sequence[dict[str, Any]], top_k: int = 10
         ax.plot([line["round"] for line in done], [line[key] for line in done], marker="o", label=key.upper())
     ax.set_xlabel("round")
     ax.set_ylabel("test metric")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_title(run_dir.name, fontsize=8)
-    ax.legend()
+    spent = [line for line in rounds if line.get("epsilon")]  # local DP: the worst partner's epsilon so far
+    if spent:
+        twin = ax.twinx()
+        twin.plot([line["round"] for line in spent], [line["epsilon"] for line in spent], color="grey",
+                  linestyle="--", marker=".", label="epsilon (worst partner)")
+        twin.set_ylabel("epsilon")
+        twin.set_ylim(bottom=0)
+        handles, labels = ax.get_legend_handles_labels()
+        more, more_labels = twin.get_legend_handles_labels()
+        ax.legend(handles + more, labels + more_labels, fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "rounds.png", dpi=110)
     plt.close(fig)
