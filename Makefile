@@ -10,6 +10,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME=$(CURDIR)/.flwr
+export RUN_CONFIG  # passed through the environment: any quotes in it reach --run-config unchanged
 
 .PHONY: install run test clean
 
@@ -23,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)')
+	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config "$$RUN_CONFIG")
 
 test: install
 	$(PY) -m pytest -q tests

@@ -45,14 +45,7 @@ def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str
     if not isinstance(exc, FedRecError):
         return f"{kind}: internal error at the partner; its operator has the details in the partner's log"
     text = exc.public if getattr(exc, "public", None) is not None else str(exc)
-    for path in sorted({str(p) for p in private_paths if str(p).strip()}, key=len, reverse=True):
-        for form in {path, str(Path(path).expanduser().absolute())}:
-            text = text.replace(form, Path(form).name)
-            for parent in Path(form).parents:  # its folders: as a path's prefix, or named alone (multi-segment)
-                if str(parent) not in ("/", "."):
-                    text = text.replace(str(parent) + "/", "")
-                    if "/" in str(parent):
-                        text = text.replace(str(parent), "<folder>")
+    text = _without_private_paths(text, private_paths, private_folders())
     text = " ".join(text.split())
     text = _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
     text = _QUOTED.sub("<value>", text)
@@ -62,13 +55,53 @@ def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str
     return text
 
 
+def _without_private_paths(text: str, paths: Iterable[object], folders: Iterable[object] = ()) -> str:
+    """``text`` with each of the partner's ``paths`` cut to its file name and its ``folders`` (and every
+    folder above a path) removed, matched only where a path starts and ends (a data-path "." or
+    "s/log.csv" must not eat the sentence's dots or the "s" of other words)."""
+    names: dict[str, str] = {}  # form -> what stands for it when it appears alone
+    for raw, is_folder in [*((p, False) for p in paths), *((f, True) for f in folders)]:
+        path = Path(str(raw).strip()).expanduser()
+        if not str(raw).strip():
+            continue
+        for form in (path, path.absolute()):
+            names.setdefault(str(form), "<folder>" if is_folder else form.name)
+            for parent in form.parents:
+                names.setdefault(str(parent), "<folder>")
+    start, end = r"(?<![\w.@/-])", r"(?![\w.@/-])"
+    for form in sorted(names, key=len, reverse=True):
+        if not Path(form).name or form in (".", ".."):
+            continue  # "/" or ".": no name, and replacing them would eat every slash or dot
+        text = re.sub(start + re.escape(form) + "/", "", text)  # the folder part of a path under it
+        if "/" in form:  # alone; a one-word relative folder ("data") is also a word of the sentence
+            text = re.sub(start + re.escape(form) + end, names[form], text)
+    return text
+
+
 PRIVATE_NODE_KEYS = ("data-path", "ledger-path")  # node config values that name the partner's folders
 
 
 def private_paths(context: Context | None) -> list[object]:
-    """The partner's own paths in its node config (see :func:`safe_reason`)."""
+    """The partner's own paths (see :func:`safe_reason`): node config ``data-path`` / ``ledger-path``,
+    the data path as the loader resolves it, and ``$FEDREC_DATA_DIR``, where relative ones are found."""
+    import os
+
+    from common.data.loaders import DATA_DIR_ENV
+
     config = context.node_config if context is not None else {}
-    return [config[k] for k in PRIVATE_NODE_KEYS if config.get(k)]
+    out: list[object] = [config[k] for k in PRIVATE_NODE_KEYS if config.get(k)]
+    if os.environ.get(DATA_DIR_ENV) and config.get("data-path"):
+        out.append(os.path.join(os.environ[DATA_DIR_ENV], str(config["data-path"])))
+    return out
+
+
+def private_folders() -> list[object]:
+    """Folders whose names are the partner's alone: ``$FEDREC_DATA_DIR`` (where relative data paths resolve)."""
+    import os
+
+    from common.data.loaders import DATA_DIR_ENV
+
+    return [os.environ[DATA_DIR_ENV]] if os.environ.get(DATA_DIR_ENV) else []
 
 
 def error_reply(msg: Message, exc: BaseException, context: Context | None = None) -> Message:

@@ -255,11 +255,11 @@ class PrivacyReport:
         if not start:
             return ""
         text = f" The run started from {start['path']}, trained with dp-mode {start.get('dp-mode')}"
-        if start.get("dp-mode") == "off":
-            return text + ": what that model learned from its training data is not covered by any guarantee."
         stated = str(start.get("guarantee") or "").strip().rstrip(".")
-        text += f"; its training data is covered by that run's own guarantee ({stated})" if stated else \
-            "; its training data is covered by that run's own guarantee (not found beside it), not by this one"
+        if start.get("dp-mode") not in ("local", "central", "both") or not stated:
+            # no DP, a mode that cannot be read, or no guarantee found beside it: nothing to point to
+            return text + ": what that model learned from its training data is not covered by this guarantee."
+        text += f"; its training data is covered by that run's own guarantee ({stated})"
         if uses_local_dp(self.mode) and start.get("dp-mode") in ("local", "both"):
             text += ", which the partners' ledgers add to this run's if they are the same ledgers"
         return text + "."

@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
-from client.safe_errors import INTERNAL_ERROR, USER_ERROR, safe_reason
+from client.safe_errors import INTERNAL_ERROR, USER_ERROR, private_paths, safe_reason
 from common.errors import ConfigError, DataError, PrivacyError
 from tests.conftest import flower_message
 
@@ -75,6 +75,27 @@ def test_the_partners_folders_stay_out_of_the_reason(tmp_path, data_path, monkey
                                "train"), context)
     assert reply.has_error() and "log.csv" in reply.error.reason
     assert not any(part in reply.error.reason for part in ("Jane", "patients", "alice", "clients")), reply.error.reason
+
+
+def test_path_cutting_keeps_the_sentence_and_finds_paths_resolved_through_the_data_dir(tmp_path, monkeypatch):
+    # A diff review: a data-path "." removed every dot of the reason (a budget of 3.912 read 3912), "/" every
+    # slash, "s/log.csv" the "s" of other words; and a relative data-path resolved through $FEDREC_DATA_DIR
+    # was sent with that folder's name
+    budget = PrivacyError("budget exhausted: epsilon 3.912 of 4 spent; see docs/privacy.md and runs/ for the data")
+    for path in (".", "/", "s/log.csv", "data/log.csv"):
+        context = Context(run_id=1, node_id=1, node_config={"data-path": path}, state=RecordDict(), run_config={})
+        assert safe_reason(budget, private_paths(context)) == str(budget)
+    secret = tmp_path / "rev3 Acme Corp"
+    secret.mkdir()
+    (secret / "log.csv").write_text("")
+    monkeypatch.setenv("FEDREC_DATA_DIR", str(secret))
+    app = make_client_app({"run-dir": str(tmp_path), "dp": False, "catalogue": str(tmp_path / "catalogue.txt")})
+    (tmp_path / "catalogue.txt").write_text("heat\n")
+    context = Context(run_id=1, node_id=1, node_config={"data-path": "log.csv"}, state=RecordDict(), run_config={})
+    reply = app(flower_message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+                               "train"), context)
+    assert reply.has_error() and reply.error.reason.startswith("log.csv: file is empty"), reply.error.reason
+    assert "Acme" not in reply.error.reason
 
 
 def test_an_unexpected_error_is_reported_by_type_only(tmp_path, monkeypatch, caplog):

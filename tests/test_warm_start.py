@@ -81,6 +81,9 @@ def test_a_start_model_trained_without_dp_is_named_in_the_guarantee(tmp_path, ca
     said = central.guarantee()
     assert "trained with dp-mode central; its training data is covered by that run's own guarantee (The global " \
            "models are (4.7, 1e-05)-DP)." in said and "ledgers" not in said
+    for unknown in ({"dp-mode": "unknown", "guarantee": "x"}, {"dp-mode": "local", "guarantee": ""}):
+        central.note_start_model({**record, **unknown})  # nothing to point to: not covered (a diff review)
+        assert "not covered by this guarantee" in central.guarantee()
     report.write()
     assert PrivacyReport(tmp_path, local).as_dict()["init-model"]["dp-mode"] == "off"  # kept on resume
 
