@@ -21,6 +21,7 @@ import torch
 from client.explain import Explanation, explain_items, history_states
 from common.data.loaders import Interactions
 from common.errors import DataError
+from common.model_file import read_model_file
 from common.models import build_model
 from common.models.context import model_inputs, time_gap_buckets
 
@@ -116,16 +117,8 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     """Load ``model.pt`` (or the newest one under a folder); a bad file is one :class:`DataError` line."""
     file = find_model_file(path)
     version = file.stat().st_mtime
-    try:
-        # weights_only: a model.pt comes from the coordinator, and a full unpickler would run whatever code a
-        # tampered file names at the partner; tensors, lists, dicts and strings are all a model file holds
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-        state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), dict(blob["config"])
-    except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file
-        hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
-        raise DataError(f"model {file}: not a fedrec model file "
-                        f"(expected state_dict, catalogue, config; {first}){hint}") from None
+    blob = read_model_file(file)  # a foreign or corrupt file: one DataError line
+    state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), blob["config"]
     missing = [k for k in ("model", "max-seq-len", "embedding-dim") if k not in config]
     if config.get("model", "sasrec") == "sasrec":
         missing += [k for k in ("num-blocks", "num-heads", "dropout", "tied-output") if k not in config]

@@ -40,7 +40,8 @@ def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str
 
     An error whose message quotes the partner's data says so with its ``public`` sentence, which
     is sent instead. ``private_paths``: the partner's own paths (node config ``data-path``,
-    ``ledger-path``), relative or with spaces, which become their file names wherever they occur."""
+    ``ledger-path``), relative or with spaces, which become their file names wherever they occur;
+    the folders above them, and ``$FEDREC_DATA_DIR``, are left out."""
     kind = type(exc).__name__
     if not isinstance(exc, FedRecError):
         return f"{kind}: internal error at the partner; its operator has the details in the partner's log"
@@ -83,7 +84,7 @@ PRIVATE_NODE_KEYS = ("data-path", "ledger-path")  # node config values that name
 
 def private_paths(context: Context | None) -> list[object]:
     """The partner's own paths (see :func:`safe_reason`): node config ``data-path`` / ``ledger-path``,
-    the data path as the loader resolves it, and ``$FEDREC_DATA_DIR``, where relative ones are found."""
+    and the data path as the loader resolves it under ``$FEDREC_DATA_DIR`` (:func:`private_folders`)."""
     import os
 
     from common.data.loaders import DATA_DIR_ENV

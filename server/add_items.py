@@ -26,6 +26,7 @@ import torch
 
 from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.errors import DataError
+from common.model_file import read_model_file
 from common.files import PUBLIC_MODE, refuse_existing, refuse_overwriting_inputs, write_file
 
 # Old items' text rows must be these embeddings to float32 rounding: another encoder, precision or
@@ -37,19 +38,6 @@ def model_file(path: str | os.PathLike) -> Path:
     """``path``, or the ``model.pt`` in it when it is a (run) directory."""
     p = Path(path).expanduser()
     return p / "model.pt" if p.is_dir() else p
-
-
-def load_model_file(path: Path) -> dict[str, Any]:
-    """The ``{"state_dict", "catalogue", "config"}`` blob of a run's ``model.pt`` (one error line if not)."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # a model file holds only plain data
-        state, catalogue, config = blob["state_dict"], list(blob["catalogue"]), dict(blob["config"])
-    except FileNotFoundError:
-        raise DataError(f"model {path}: no such file (give a run directory or its model.pt)") from None
-    except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"model {path}: not a fedrec model file (expected state_dict, catalogue, config; {first})") from None
-    return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}
 
 
 def grown_catalogue(old: np.ndarray, new: np.ndarray, catalogue_path: str | os.PathLike) -> np.ndarray:
@@ -108,7 +96,7 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
     refuse_existing([out], force=force, hint="partners serving it will reload the new file")
     # the model itself may be replaced (serve reloads it); the catalogue and features it is built from not
     refuse_overwriting_inputs(out, [Path(catalogue_path), Path(features_path)])
-    blob = load_model_file(source)
+    blob = read_model_file(source)
     config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
     features = str(config.get("item-features", "id"))
     if config.get("model", "sasrec") != "sasrec" or features not in ("text", "id+text"):

@@ -32,11 +32,12 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
     its run stated). One :class:`ConfigError` line for a model that cannot start this run."""
     from common.privacy import dp_mode
 
-    from server.add_items import check_old_text_rows, grown_catalogue, load_model_file, model_file, trained_text_table
+    from common.model_file import read_model_file
+    from server.add_items import check_old_text_rows, grown_catalogue, model_file, trained_text_table
 
     source = model_file(str(cfg["init-model"]))
     try:
-        blob = load_model_file(source)
+        blob = read_model_file(source)
     except DataError as exc:
         raise ConfigError(f"init-model: {exc}") from None
     saved, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)

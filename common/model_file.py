@@ -1,0 +1,34 @@
+"""A released global model file (``model.pt``): its weights, catalogue and run config.
+
+``server/run_report.py`` writes it; serving (``client/recommend.py``), ``fedrec-server add-items``
+and ``init-model`` (``server/``) read it through :func:`read_model_file`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataError
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The file's ``{"state_dict", "catalogue", "config", ...}`` (catalogue a list, config a dict);
+    a missing, foreign or corrupt file is one :class:`DataError` line naming it."""
+    import torch
+
+    file = Path(path)
+    try:
+        # weights_only: a model.pt comes from the coordinator, and a full unpickler would run whatever code a
+        # tampered file names at the partner; tensors, lists, dicts and strings are all a model file holds
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+        state, catalogue, config = blob["state_dict"], list(blob["catalogue"]), dict(blob["config"])
+    except FileNotFoundError:
+        raise DataError(f"model {file}: no such file (give a run directory or its model.pt)") from None
+    except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file
+        hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
+        raise DataError(f"model {file}: not a fedrec model file "
+                        f"(expected state_dict, catalogue, config; {first}){hint}") from None
+    return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}
