@@ -40,10 +40,10 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
         grown = f" + {start['added-items']} new items" if start["added-items"] else ""
         log(INFO, "init-model: starting from %s (%d items%s; trained with dp-mode %s)", start["path"],
             start["items"], grown, start["dp-mode"])
-        if start["dp-mode"] != "local" and start["dp-mode"] != "both":
-            log(WARNING, "init-model %s was trained without local DP-SGD (dp-mode %s): what it learned from its "
-                "training data is not covered by this run's guarantee (privacy.json says so)", start["path"],
-                start["dp-mode"])
+        if start["dp-mode"] not in ("local", "both") or not start["guarantee"]:
+            log(WARNING, "init-model %s (dp-mode %s%s): what it learned from its training data is not covered "
+                "by this run's guarantee (privacy.json says so)", start["path"], start["dp-mode"],
+                "" if start["guarantee"] else ", no privacy.json beside it")
     return items, model, start
 
 

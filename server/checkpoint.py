@@ -77,6 +77,12 @@ def _schedule_length(cfg: Mapping[str, Any]) -> dict[str, int]:
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
     """Raise :class:`CheckpointError` naming what differs between two fingerprints."""
+    # The catalogue first: a grown catalogue also changes an id+text model's array shapes, and the catalogue
+    # is the cause to name (the arrays message sent the user to the model config)
+    if saved["catalogue-sha256"] != current["catalogue-sha256"]:
+        raise CheckpointError(f"{path}: the checkpoint was trained on a different item catalogue "
+                              f"({saved['catalogue-size']} items, now {current['catalogue-size']}); resume with "
+                              "its catalogue, or start a new run from its model with init-model")
     if saved["arrays"] != current["arrays"]:
         names = sorted(set(saved["arrays"]) | set(current["arrays"]))
         first = next(k for k in names if saved["arrays"].get(k) != current["arrays"].get(k))
@@ -84,9 +90,6 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
             f"{path}: the checkpointed model has different arrays (first difference: {first!r} "
             f"{saved['arrays'].get(first)} vs now {current['arrays'].get(first)}); "
             "resume with the model config it was trained with")
-    if saved["catalogue-sha256"] != current["catalogue-sha256"]:
-        raise CheckpointError(f"{path}: the checkpoint was trained on a different item catalogue "
-                              f"({saved['catalogue-size']} items, now {current['catalogue-size']})")
     # A knob added by a newer version is compatible while it keeps its default (the old behaviour).
     keys = sorted(k for k in set(saved["config"]) | set(current["config"])
                   if saved["config"].get(k) != current["config"].get(k)

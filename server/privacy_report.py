@@ -256,9 +256,11 @@ class PrivacyReport:
             return ""
         text = f" The run started from {start['path']}, trained with dp-mode {start.get('dp-mode')}"
         stated = str(start.get("guarantee") or "").strip().rstrip(".")
-        if start.get("dp-mode") not in ("local", "central", "both") or not stated:
-            # no DP, a mode that cannot be read, or no guarantee found beside it: nothing to point to
+        if start.get("dp-mode") not in ("local", "central", "both"):
             return text + ": what that model learned from its training data is not covered by this guarantee."
+        if not stated:  # a model handed on as a file: no privacy.json beside it states its run's guarantee
+            return (text + ", but no privacy.json beside it states that run's guarantee: what that model learned "
+                    "from its training data is not covered by this guarantee.")
         text += f"; its training data is covered by that run's own guarantee ({stated})"
         if uses_local_dp(self.mode) and start.get("dp-mode") in ("local", "both"):
             text += ", which the partners' ledgers add to this run's if they are the same ledgers"

@@ -53,7 +53,8 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
                               "an id/MF model's rows are its items, so only a text or id+text model can start "
                               "over a grown catalogue")
         try:
-            added = len(grown_catalogue(old, np.asarray(catalogue, dtype=str), "this run's catalogue"))
+            added = len(grown_catalogue(old, np.asarray(catalogue, dtype=str),
+                                        cfg.get("catalogue") or f"from dataset {cfg.get('dataset')}"))
         except DataError as exc:
             raise ConfigError(f"init-model {source}: {exc}") from None
     if str(cfg.get("item-features", "id")) != "id":
@@ -69,7 +70,9 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
         raise ConfigError(f"init-model {source}: its weights do not fit this run's model ({first})") from None
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise ConfigError(f"init-model {source}: weights contain NaN or infinite values; start from another model")
-    record: dict[str, Any] = {"path": str(source), "items": len(old), "added-items": added}
+    # items added to the model after training (fedrec-server add-items) have zero ID rows, as the ones added here
+    grown = sum(int(step.get("added", 0)) for step in blob.get("added-items", []) if isinstance(step, dict))
+    record: dict[str, Any] = {"path": str(source), "items": len(old), "added-items": added + grown}
     try:
         record["dp-mode"] = dp_mode(saved)
     except ConfigError:

@@ -84,6 +84,10 @@ def test_mismatched_model_catalogue_or_config_is_refused_with_what_differs(tmp_p
         check_compatible(saved, fingerprint(other_cfg, CATALOGUE, other_model.state_dict()), tmp_path)
     with pytest.raises(CheckpointError, match="different item catalogue"):
         check_compatible(saved, fingerprint(cfg, CATALOGUE[::-1], model.state_dict()), tmp_path)
+    # A grown catalogue changes an id+text model's shapes too: the catalogue is named, not the arrays (a review)
+    _, grown = tiny(**{"embedding-dim": 16})
+    with pytest.raises(CheckpointError, match=r"different item catalogue .*start a new run from its model with init-model"):
+        check_compatible(saved, fingerprint(cfg, np.array([*CATALOGUE, "new"]), grown.state_dict()), tmp_path)
     lr_cfg = resolve_config(None, {**TINY, "learning-rate": 0.1})
     with pytest.raises(CheckpointError, match="learning-rate = 0.002 \\(now 0.1\\)"):
         check_compatible(saved, fingerprint(lr_cfg, CATALOGUE, model.state_dict()), tmp_path)

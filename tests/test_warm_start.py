@@ -71,7 +71,8 @@ def test_a_start_model_trained_without_dp_is_named_in_the_guarantee(tmp_path, ca
     _, _, record = initial_model({**local, "init-model": str(run)})
     assert record == {"path": str(run / "model.pt"), "items": len(items), "added-items": 0, "dp-mode": "off",
                       "guarantee": "No differential privacy."}
-    assert "was trained without local DP-SGD (dp-mode off)" in caplog.text
+    assert "init-model" in caplog.text and "(dp-mode off): what it learned from its training data is not covered" \
+        in caplog.text
     report = PrivacyReport(tmp_path, local)
     report.note_start_model(record)
     assert "trained with dp-mode off: what that model learned from its training data is not covered" in report.guarantee()
@@ -84,6 +85,7 @@ def test_a_start_model_trained_without_dp_is_named_in_the_guarantee(tmp_path, ca
     for unknown in ({"dp-mode": "unknown", "guarantee": "x"}, {"dp-mode": "local", "guarantee": ""}):
         central.note_start_model({**record, **unknown})  # nothing to point to: not covered (a diff review)
         assert "not covered by this guarantee" in central.guarantee()
+    assert "trained with dp-mode local, but no privacy.json beside it states that run's guarantee" in central.guarantee()
     report.write()
     assert PrivacyReport(tmp_path, local).as_dict()["init-model"]["dp-mode"] == "off"  # kept on resume
 
@@ -133,10 +135,14 @@ def test_a_text_model_starts_over_a_grown_catalogue(tmp_path):
     save_features(tmp_path / "other.npz", np.array(new), moved, model="enc", texts=new)
     with pytest.raises(ConfigError, match="old items' embeddings differ from the model's .* item '10'"):
         initial_model({**grown_cfg, "item-text-features": str(tmp_path / "other.npz")})
+    # A model grown by add-items counts its added items too (they also have zero ID rows; a scenario review)
+    blob = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**blob, "added-items": [{"from-catalogue": "x", "added": 5}]}, run / "model.pt")
+    assert initial_model(grown_cfg)[2]["added-items"] == 1 + 5
     # A catalogue that moves old items is refused: ID rows follow positions
     (tmp_path / "sorted.txt").write_text("10\n15\n20\n30\n")
     save_features(tmp_path / "s.npz", np.array(["10", "15", "20", "30"]), emb, model="enc", texts=new)
-    with pytest.raises(ConfigError, match="line 2 is '15' where the model's catalogue has '20'"):
+    with pytest.raises(ConfigError, match=r"catalogue \S*sorted.txt: line 2 is '15' where the model's catalogue has '20'"):
         initial_model({**grown_cfg, "catalogue": str(tmp_path / "sorted.txt"), "item-text-features": str(tmp_path / "s.npz")})
 
 
