@@ -30,7 +30,7 @@ from common.data.event_store import is_event_store, store_identity
 from common.config import DEFAULTS
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import build_sequences
-from common.errors import ConfigError, PrivacyError
+from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, write_file
@@ -156,15 +156,28 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     return report
 
 
+def _files_read(p: Path) -> set[Path]:
+    """The files an input path stands for: itself, or in a folder the log the loader reads there and
+    every model a run folder holds (a review: --force wrote over a folder's u.data and a run's model.pt)."""
+    out = {p.resolve()}
+    if p.is_dir():
+        from common.data.loaders import log_files
+
+        out |= {f.resolve() for f in p.glob("model.pt")} | {f.resolve() for f in p.glob("*/model.pt")}
+        try:
+            out |= {f.resolve() for f in log_files(p)}
+        except FedRecError:
+            pass  # not a data folder
+    return out
+
+
 def _check_out_path(out: Path, *, inputs: tuple, force: bool) -> None:
     """Refuse an ``out`` that would lose something, before the fine-tune spends any budget: one of
     the inputs (the global model, the log, the ledger; never, even with --force), a directory, an
     unwritable folder, or an existing file without ``force``."""
     target = out.resolve()
     for given in inputs:
-        p = Path(given)
-        candidates = {p.resolve(), (p / "model.pt").resolve()} if p.is_dir() else {p.resolve()}
-        if target in candidates:
+        if target in _files_read(Path(given)):
             raise ConfigError(f"--out {out} is one of the fine-tune's inputs ({given}); choose another file")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'partner-finetuned.pt'}")

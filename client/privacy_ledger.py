@@ -302,9 +302,13 @@ class PrivacyLedger:
                                f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
         if meta["fingerprint"] != self.fingerprint:
             conn.close()
+            # A CSV/Parquet log is identified by its content, so a log that gained events is "another data set":
+            # a new ledger would forget the spend recorded for the same users (an event store keeps one identity)
             raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
-                               f"{meta['fingerprint']}, this partner's data is {self.fingerprint}); "
-                               "give this data set its own ledger-path")
+                               f"{meta['fingerprint']}, this partner's data is {self.fingerprint}); if this is a "
+                               "log that gained events, keep its users' spend: feed new events to an event store "
+                               "(data-path = events.sqlite) instead; a new ledger-path starts again from zero "
+                               "spend for them")
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:

@@ -1008,9 +1008,18 @@ def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(tra
             finetune_partner(**args, out=out, force=out != kept)  # --force never makes an input writable
     with pytest.raises(ConfigError, match="is one of the fine-tune's inputs"):
         finetune_partner(**args, out=csv, force=True)
+    # Inputs given as folders: the file the loader reads there (a finetune review: --force wrote a model over a
+    # MovieLens folder's u.data, and over the newest model.pt of a folder of runs)
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    (folder / "u.data").write_text("".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in
+                                          zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
+    for inputs, out in (({"data_path": folder}, folder / "u.data"), ({"model": run.parent}, run / "model.pt")):
+        with pytest.raises(ConfigError, match="is one of the fine-tune's inputs"):
+            finetune_partner(**{**args, **inputs}, out=out, force=True)
     # Nothing was trained, spent or written
     assert not ledger.exists() and csv.read_bytes() == log_bytes and (run / "model.pt").read_bytes() == model_bytes
-    assert kept.read_bytes() == b"an earlier model"
+    assert kept.read_bytes() == b"an earlier model" and (folder / "u.data").read_text().startswith(str(log.user[0]))
 
 
 def test_tools_that_train_sequence_models_refuse_mf_in_one_line_before_writing(tmp_path, log):
