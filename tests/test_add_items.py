@@ -95,6 +95,10 @@ def test_refusals_name_the_problem_and_write_nothing(trained, capsys):
     save_features(tmp_path / "other.npz", np.array(OLD + NEW), moved, model="enc", texts=OLD + NEW)
     err = refused(features="other.npz")
     assert "old items' embeddings differ from the model's" in err and "item '20'" in err
+    nudged = emb.copy()
+    nudged[len(OLD) - 1] += 2e-5  # the last old item, just past the tolerance (a mutation audit: only a big move was tried)
+    save_features(tmp_path / "nudged.npz", np.array(OLD + NEW), nudged, model="enc", texts=OLD + NEW)
+    assert "item '30'" in refused(features="nudged.npz")
 
 
 def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):

@@ -140,3 +140,21 @@ def test_a_real_partner_keeps_its_recommended_item_ids(small_data):  # noqa: ANN
     assert {k: v for k, v in simulated.items() if k not in ("rec-items@10", "partition-id")} == real
     assert "coverage@10" not in combine_partner_metrics([real], small_data.num_items)  # n/a, not a made-up 0
     assert combine_partner_metrics([simulated], small_data.num_items)["coverage@10"] > 0
+
+
+def test_path_cutting_units_and_the_length_cap(monkeypatch):
+    # A mutation audit: each private source was only tested together with the other, a folder named alone
+    # and the length cap not at all
+    from client.safe_errors import MAX_REASON_CHARS, _without_private_paths
+
+    assert _without_private_paths("/data/Acme Corp/log.csv: file is empty", [], ["/data/Acme Corp"]) == \
+        "log.csv: file is empty"
+    assert _without_private_paths("no log in /data/Acme Corp", [], ["/data/Acme Corp"]) == "no log in <folder>"
+    assert _without_private_paths("/data/Acme Corp/log.csv: file is empty", ["/data/Acme Corp/log.csv"]) == \
+        "log.csv: file is empty"
+    monkeypatch.setenv("FEDREC_DATA_DIR", "/data/Acme Corp")
+    context = Context(run_id=1, node_id=1, node_config={"data-path": "log.csv"}, state=RecordDict(), run_config={})
+    assert "/data/Acme Corp/log.csv" in private_paths(context)
+    assert "Acme" not in safe_reason(DataError("event store folder /data/Acme Corp is not writable"), [])
+    long = safe_reason(ConfigError("x" * 1000))
+    assert len(long) == MAX_REASON_CHARS + 3 and long.endswith("...")

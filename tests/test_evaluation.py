@@ -195,3 +195,12 @@ def test_audit_tells_memorised_members_from_held_out_users(tmp_path, one_torch_t
     assert result["auc-loss-ci"][0] > 0.75
     for name in ("control-loss", "control-calibrated"):
         assert 0.35 < result[f"auc-{name}"] < 0.65, (name, result[f"auc-{name}"])
+
+
+def test_real_partners_without_partition_ids_stay_apart_in_the_spread():
+    # A mutation audit: every record without a partition-id could have merged into one partner's NDCG
+    from common.evaluation import combine_partner_metrics
+
+    records = [{"num-users": 2.0, "ndcg@10-sum": 1.0}, {"num-users": 4.0, "ndcg@10-sum": 1.0}]
+    out = combine_partner_metrics(records, num_items=10)
+    assert sorted(out["partner-ndcg@10"]) == [0.25, 0.5]

@@ -434,3 +434,15 @@ def test_a_read_only_ledger_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", no_write_here)
     with pytest.raises(PrivacyError, match=r"privacy ledger .*l.sqlite: its folder is not writable"):
         PrivacyLedger(tmp_path / "l.sqlite", "fp")
+
+
+def test_the_accounting_delta_is_the_smallest_any_run_promised(tmp_path):
+    # A mutation audit: min -> max here was only caught by end-to-end tests elsewhere
+    with PrivacyLedger(tmp_path / "l.sqlite", "fp", create=True) as ledger:
+        assert ledger.accounting_delta(1e-5) == 1e-5  # nothing calibrated yet
+        from client.privacy_ledger import Calibration
+
+        ledger.save_calibration("a", Calibration(noise_multiplier=1.0, target_epsilon=8.0, target_delta=1e-7,
+                                                 accountant="rdp", sample_rate=0.1, steps_per_round=10,
+                                                 planned_rounds=1))
+        assert ledger.accounting_delta(1e-5) == 1e-7 and ledger.accounting_delta(1e-9) == 1e-9

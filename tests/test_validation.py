@@ -89,6 +89,10 @@ def bad_reply(kind: str) -> Message:
         return reply(MALICIOUS_NODE, content({"w": bad["w"]}, n))
     if kind == "extra-key":
         return reply(MALICIOUS_NODE, content({**bad, "backdoor": np.ones(3, np.float32)}, n))
+    if kind == "reshaped":  # as many values in another shape (a mutation audit: a size check let it through)
+        return reply(MALICIOUS_NODE, content({**bad, "b": bad["b"].reshape(2, 1).copy()}, n))
+    if kind == "one-too-many-examples":  # the bound itself is allowed, one more is not
+        return reply(MALICIOUS_NODE, content(bad, 10_001))
     if kind == "zero-examples":
         return reply(MALICIOUS_NODE, content(bad, 0))
     if kind == "fractional-examples":
@@ -104,7 +108,8 @@ def bad_reply(kind: str) -> Message:
     raise AssertionError(kind)
 
 
-FAULTS = ["nan", "inf", "shape", "dtype", "scale", "examples", "missing-key", "extra-key", "zero-examples",
+FAULTS = ["nan", "inf", "shape", "reshaped", "dtype", "scale", "examples", "one-too-many-examples", "missing-key",
+          "extra-key", "zero-examples",
           "fractional-examples", "nan-loss", "extra-metric", "two-array-records"]
 
 

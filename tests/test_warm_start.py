@@ -96,6 +96,8 @@ def test_a_model_that_cannot_start_this_run_is_one_line(tmp_path):
     run = released(tmp_path, cfg, items, model)
     cases = [
         ({"embedding-dim": 16}, "another architecture (embedding-dim = 8 there, 16 here)"),
+        # no weight's shape depends on it: only the architecture check stands between it and a silent load
+        ({"num-heads": 2}, "another architecture (num-heads = 1 there, 2 here)"),
         ({"synthetic-items": 25}, "its catalogue (20 items) is not this run's (25)"),
         ({"init-model": str(tmp_path / "nope.pt")}, "init-model: model"),
     ]
