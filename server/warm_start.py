@@ -48,10 +48,13 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
                           "set those knobs as the model was trained")
     added = 0
     if old.tolist() != np.asarray(catalogue, dtype=str).tolist():
-        if str(cfg.get("item-features", "id")) == "id" or cfg.get("genre-features", False):
+        if str(cfg.get("item-features", "id")) == "id":
             raise ConfigError(f"init-model {source}: its catalogue ({len(old)} items) is not this run's ({len(catalogue)}); "
                               "an id/MF model's rows are its items, so only a text or id+text model can start "
                               "over a grown catalogue")
+        if cfg.get("genre-features", False):
+            raise ConfigError(f"init-model {source}: its catalogue ({len(old)} items) is not this run's ({len(catalogue)}) "
+                              "and genre-features = true: its genre table is not rebuilt for new items")
         try:
             added = len(grown_catalogue(old, np.asarray(catalogue, dtype=str),
                                         cfg.get("catalogue") or f"from dataset {cfg.get('dataset')}"))

@@ -164,3 +164,9 @@ def test_a_text_model_with_genre_features_starts_a_run(tmp_path, ml100k_dir):
     assert record["items"] == len(items)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(warm.state_dict()[key], value)
+    # Over a grown catalogue its genre table would lack the new items: refused in one line (a mutation audit)
+    (tmp_path / "fewer.txt").write_text("\n".join(items[:-1].tolist()) + "\n")
+    smaller = released(tmp_path, {**cfg, "catalogue": str(tmp_path / "fewer.txt")}, items[:-1],
+                       initial_model({**cfg, "catalogue": str(tmp_path / "fewer.txt")})[1], name="fewer")
+    with pytest.raises(ConfigError, match="genre-features = true: its genre table is not rebuilt for new items"):
+        initial_model({**cfg, "init-model": str(smaller)})
