@@ -33,7 +33,7 @@ from common.data.sequences import build_sequences
 from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
-from common.files import PRIVATE_MODE, refuse_existing, write_file
+from common.files import PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, write_file
 from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
 from common.objectives import objective_options
 
@@ -175,10 +175,7 @@ def _check_out_path(out: Path, *, inputs: tuple, force: bool) -> None:
     """Refuse an ``out`` that would lose something, before the fine-tune spends any budget: one of
     the inputs (the global model, the log, the ledger; never, even with --force), a directory, an
     unwritable folder, or an existing file without ``force``."""
-    target = out.resolve()
-    for given in inputs:
-        if target in _files_read(Path(given)):
-            raise ConfigError(f"--out {out} is one of the fine-tune's inputs ({given}); choose another file")
+    refuse_overwriting_inputs(out, [f for given in inputs for f in _files_read(Path(given))])
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'partner-finetuned.pt'}")
     parent = out.parent if str(out.parent) else Path(".")

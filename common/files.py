@@ -152,15 +152,5 @@ def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "
     see :func:`refuse_existing`)."""
     refuse_existing([path], force=force, hint=hint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
     # O_EXCL + mode: a private key is never readable by others, not even for an instant.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)  # the umask may have removed bits we asked for
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_then_rename(path, data, mode)

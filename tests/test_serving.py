@@ -1001,12 +1001,12 @@ def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(tra
     kept.write_bytes(b"an earlier model")
     log_bytes, model_bytes = csv.read_bytes(), (run / "model.pt").read_bytes()
     args = dict(model=run, data_path=csv, ledger_path=ledger, since=0, epochs=1, batch_size=8)
-    for out, message in ((csv, "is one of the fine-tune's inputs"), (run / "model.pt", "is one of the fine-tune's inputs"),
-                         (run, "is one of the fine-tune's inputs"), (tmp_path, "is a directory"),
+    for out, message in ((csv, "is this command's input"), (run / "model.pt", "is this command's input"),
+                         (run, "is this command's input"), (tmp_path, "is a directory"),
                          (kept, "already exists; pass --force")):
         with pytest.raises(ConfigError, match=message):
             finetune_partner(**args, out=out, force=out != kept)  # --force never makes an input writable
-    with pytest.raises(ConfigError, match="is one of the fine-tune's inputs"):
+    with pytest.raises(ConfigError, match="is this command's input"):
         finetune_partner(**args, out=csv, force=True)
     # Inputs given as folders: the file the loader reads there (a finetune review: --force wrote a model over a
     # MovieLens folder's u.data, and over the newest model.pt of a folder of runs)
@@ -1015,7 +1015,7 @@ def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(tra
     (folder / "u.data").write_text("".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in
                                           zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())))
     for inputs, out in (({"data_path": folder}, folder / "u.data"), ({"model": run.parent}, run / "model.pt")):
-        with pytest.raises(ConfigError, match="is one of the fine-tune's inputs"):
+        with pytest.raises(ConfigError, match="is this command's input"):
             finetune_partner(**{**args, **inputs}, out=out, force=True)
     # Nothing was trained, spent or written
     assert not ledger.exists() and csv.read_bytes() == log_bytes and (run / "model.pt").read_bytes() == model_bytes
