@@ -41,7 +41,10 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         try:
             check_node_config(context.node_config)
             refuse_evaluation_unless_shared(context.node_config)
-            return _evaluate(msg, context, resolve_config(context.run_config, overrides))
+            cfg = resolve_config(context.run_config, overrides)
+            if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
+                cfg = apply_partner_policy(cfg, context.node_config)
+            return _evaluate(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             return error_reply(msg, exc, context)
 
@@ -142,8 +145,38 @@ def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     check_same_item_text(msg, model)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
+    if float(cfg["evaluation-noise-multiplier"]) > 0:
+        return _noised_evaluation_reply(msg, context, cfg, data, sums)
     metrics = MetricRecord({**sums, "num-examples": int(sums["num-users"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _noised_evaluation_reply(msg: Message, context: Context, cfg: dict, data, sums: dict) -> Message:  # noqa: ANN001
+    """The top-K hit and NDCG sums under the Gaussian mechanism (common/private_evaluation.py),
+    spent from this partner's ledger before the reply leaves, like a training round."""
+    from client.privacy_budget import PartnerBudget
+    from common.privacy import dp_noise_seed
+    from common.private_evaluation import noised_evaluation_sums
+
+    server_round = int(msg.content["config"].get("server-round", 1))
+    run = str(msg.content["config"].get("run-name", "")) or cfg["run-name"] or f"flwr-run-{context.run_id}"
+    budget = PartnerBudget.open(cfg, context, data, run)
+    try:
+        budget.check_next_evaluation()
+        # 4 parts: never the seed of this round's training noise (3 parts) in a reproducible simulation
+        seed = dp_noise_seed(int(cfg["seed"]), server_round,
+                             int(context.node_config.get("partition-id", context.node_id)), 1)
+        released = noised_evaluation_sums(sums, float(cfg["evaluation-noise-multiplier"]), int(cfg["top-k"]),
+                                          seed=seed)
+        privacy = budget.metrics(budget.record_evaluation(context, server_round))
+        details = budget.details()
+    finally:
+        budget.close()
+    if "partition-id" in sums:  # simulations: the per-partner NDCG spread
+        released["partition-id"] = sums["partition-id"]
+    metrics = MetricRecord({**released, "num-examples": int(released["num-users"]), **privacy})
+    return Message(RecordDict({"metrics": metrics, "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg)})}),
+                   reply_to=msg)
 
 
 def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001

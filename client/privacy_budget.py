@@ -2,8 +2,9 @@
 
 Policy on top of :class:`client.privacy_ledger.PrivacyLedger`: the noise multiplier is
 calibrated once per run for the partner's target (epsilon, delta) over all planned rounds x
-local epochs, taking earlier runs' spend in the same ledger into account; before each round
-the partner checks that the round keeps its whole-ledger epsilon within the target and
+local epochs (and, with ``evaluation-noise-multiplier`` > 0, every planned noised evaluation
+reply), taking earlier runs' spend in the same ledger into account; before each round and each
+noised evaluation the partner checks that it keeps its whole-ledger epsilon within the target and
 refuses with ``budget exhausted: epsilon X of Y`` otherwise.
 """
 
@@ -21,7 +22,9 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
+from common.evaluation import evaluates_round
 from common.privacy import Mechanism, calibrate_noise_after, default_delta, steps_per_epoch
+from common.private_evaluation import evaluation_mechanism
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
@@ -43,6 +46,15 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
         return Path(str(node_config["ledger-path"]))
     folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
     return folder / f"{label}.sqlite"
+
+
+def planned_evaluations(cfg: Mapping[str, Any]) -> int:
+    """Noised evaluation replies a partner may send in the run: one per evaluated round
+    (``evaluate-every``, the last round always; none without ``evaluation-noise-multiplier``)."""
+    if float(cfg.get("evaluation-noise-multiplier", 0.0)) <= 0 or float(cfg.get("fraction-evaluate", 1.0)) <= 0:
+        return 0
+    rounds, every = int(cfg["num-server-rounds"]), int(cfg["evaluate-every"])
+    return sum(evaluates_round(r, every, rounds) for r in range(1, rounds + 1))
 
 
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
@@ -80,6 +92,8 @@ class PartnerBudget:
         except PrivacyError as exc:
             raise PrivacyError(f"{label}: {exc}") from None
         steps_per_round = int(cfg["local-epochs"]) * steps
+        eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
+        evals = planned_evaluations(cfg)
         path = ledger_path(cfg, context.node_config, run, label)
 
         # A ledger this client already wrote to must still be there: never start afresh.
@@ -102,19 +116,26 @@ class PartnerBudget:
             if cal is None:
                 planned = int(cfg["num-server-rounds"])
                 target = float(cfg["target-epsilon"])
+                # The planned noised evaluations are spent as if already on the ledger: DP-SGD gets the rest
+                spent_or_planned = ledger.history() + [evaluation_mechanism(eval_noise)] * evals
                 try:  # planned at the delta the ledger will be accounted at (delta below)
                     noise = calibrate_noise_after(
-                        ledger.history(), target_epsilon=target, target_delta=ledger.accounting_delta(delta),
+                        spent_or_planned, target_epsilon=target, target_delta=ledger.accounting_delta(delta),
                         sample_rate=rate,
                         total_steps=planned * steps_per_round, accountant=str(cfg["accountant"]))
                 except PrivacyError as exc:
+                    evaluations = f" + {evals} evaluations at noise {eval_noise:g}" if evals else ""
                     raise PrivacyError(f"{label} ({users} users, batch-size {batch}, {planned} rounds x "
-                                       f"{steps_per_round} steps): {exc}") from None
-                cal = Calibration(noise, target, delta, str(cfg["accountant"]), rate, steps_per_round, planned)
+                                       f"{steps_per_round} steps{evaluations}): {exc}") from None
+                cal = Calibration(noise, target, delta, str(cfg["accountant"]), rate, steps_per_round, planned,
+                                  eval_noise, evals)
                 ledger.save_calibration(run, cal)
             elif (cal.sample_rate, cal.steps_per_round) != (rate, steps_per_round):
                 raise PrivacyError(f"{label}: batch-size or local-epochs changed mid-run (ledger {path} planned "
                                    f"{cal.steps_per_round} steps at rate {cal.sample_rate:.4g} per round); start a new run")
+            elif cal.evaluation_noise != eval_noise:
+                raise PrivacyError(f"{label}: evaluation-noise-multiplier changed mid-run (ledger {path} planned "
+                                   f"{cal.evaluation_noise:g}, this run asks for {eval_noise:g}); start a new run")
             elif changed := _guarantee_changes(cal, float(cfg["target-epsilon"]), delta, str(cfg["accountant"])):
                 # The run name is found in the ledger (a resumed run, or another run given the same name):
                 # its calibration would silently replace this run's stated guarantee
@@ -146,6 +167,14 @@ class PartnerBudget:
             raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
                                f"({self.label}; one more round would reach {after:.3f}, ledger {self.ledger.path})")
 
+    def check_next_evaluation(self) -> None:
+        """Refuse (``budget exhausted: ...``) when one more noised evaluation reply would pass the target."""
+        target = self.calibration.target_epsilon
+        after = self.ledger.epsilon(self.delta, self.accountant, extra=[self.calibration.evaluation_mechanism()])
+        if after > target + EPSILON_SLACK:
+            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} ({self.label}; one more "
+                               f"noised evaluation would reach {after:.3f}, ledger {self.ledger.path})")
+
     def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:
         """This round's DP-SGD settings; ``noise_seed`` None = noise from OS entropy (see
         :func:`common.training.seed_dp_randomness`)."""
@@ -155,9 +184,20 @@ class PartnerBudget:
     def record(self, context: Context, server_round: int, mechanisms: list[Mechanism]) -> float:
         """Write the round's spend to the ledger (before the reply leaves) and return the new epsilon."""
         self.ledger.record(run=self.run, server_round=server_round, mechanisms=mechanisms, accountant=self.accountant)
-        context.state.config_records[STATE_KEY] = ConfigRecord(
-            {"path": str(self.ledger.path), "steps": self.ledger.total_steps()})
+        self._remember(context)
         return self.spent()
+
+    def record_evaluation(self, context: Context, server_round: int) -> float:
+        """Write one noised evaluation reply's spend to the ledger (before the reply leaves); the new epsilon."""
+        self.ledger.record(run=self.run, server_round=server_round, mechanisms=[self.calibration.evaluation_mechanism()],
+                           accountant=self.accountant, kind="evaluate")
+        self._remember(context)
+        return self.spent()
+
+    def _remember(self, context: Context) -> None:
+        """Node state: this client has written to this ledger (so it must never be found missing)."""
+        context.state.config_records[STATE_KEY] = ConfigRecord(
+            {"path": str(self.ledger.path), "steps": self.ledger.total_steps() + self.ledger.evaluations_recorded()})
 
     def metrics(self, epsilon: float) -> dict[str, float]:
         """Numbers for the reply's MetricRecord (every partner sends the same keys)."""
@@ -171,6 +211,7 @@ class PartnerBudget:
             "sample-rate": cal.sample_rate,
             "ledger-steps": self.ledger.total_steps(),
             "ledger-rounds": self.ledger.rounds_trained(),
+            "ledger-evaluations": self.ledger.evaluations_recorded(),
             "dp-users": self.users,
         }
 
@@ -190,4 +231,4 @@ class PartnerBudget:
 
 
 NO_LOCAL_DP_METRICS = {"epsilon": 0.0, "delta": 0.0, "target-epsilon": 0.0, "noise-multiplier": 0.0,
-                       "sample-rate": 0.0, "ledger-steps": 0, "ledger-rounds": 0, "dp-users": 0}
+                       "sample-rate": 0.0, "ledger-steps": 0, "ledger-rounds": 0, "ledger-evaluations": 0, "dp-users": 0}

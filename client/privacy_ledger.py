@@ -12,6 +12,8 @@ ledger (two runs, or a fine-tune during a round) cannot both pass the check on t
 Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-user clipping
 norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
 optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whole history.
+A row's ``kind`` is ``train`` (DP-SGD) or ``evaluate`` (a noised evaluation reply, one Gaussian
+mechanism at sample rate 1: common/private_evaluation.py); epsilon counts every row.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common.errors import PrivacyError
 from common.files import ensure_private, write_private_bytes
 from common.privacy import Mechanism, epsilon_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
 
@@ -46,7 +48,9 @@ CREATE TABLE calibrations (
     sample_rate REAL NOT NULL,
     steps_per_round INTEGER NOT NULL,
     planned_rounds INTEGER NOT NULL,
-    recorded REAL NOT NULL           -- unix time, seconds
+    recorded REAL NOT NULL,          -- unix time, seconds
+    evaluation_noise REAL NOT NULL DEFAULT 0,        -- 0: evaluation sums sent in clear
+    planned_evaluations INTEGER NOT NULL DEFAULT 0   -- noised evaluations the noise was calibrated for
 );
 CREATE TABLE batches (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,14 +61,23 @@ CREATE TABLE batches (
     steps INTEGER NOT NULL,
     accountant TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
-    recorded REAL NOT NULL
+    recorded REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply)
 );
+"""
+# A schema-1 ledger (before noised evaluation) gains the new columns when opened; its rows keep their meaning
+_MIGRATE_1_TO_2 = """
+ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';
+ALTER TABLE calibrations ADD COLUMN evaluation_noise REAL NOT NULL DEFAULT 0;
+ALTER TABLE calibrations ADD COLUMN planned_evaluations INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '2' WHERE key = 'schema-version';
 """
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The noise chosen for one run: ``target_epsilon`` is reached after ``planned_rounds`` rounds."""
+    """The noise chosen for one run: ``target_epsilon`` is reached after ``planned_rounds`` rounds
+    and, when ``evaluation_noise`` > 0, ``planned_evaluations`` noised evaluation replies."""
 
     noise_multiplier: float
     target_epsilon: float
@@ -73,10 +86,16 @@ class Calibration:
     sample_rate: float
     steps_per_round: int
     planned_rounds: int
+    evaluation_noise: float = 0.0
+    planned_evaluations: int = 0
 
     def round_mechanism(self) -> Mechanism:
         """What one round of local training spends."""
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    def evaluation_mechanism(self) -> Mechanism:
+        """What one noised evaluation reply spends (common/private_evaluation.py)."""
+        return (self.evaluation_noise, 1.0, 1)
 
 
 class PrivacyLedger:
@@ -146,11 +165,12 @@ class PrivacyLedger:
         """The noise fixed for ``run``, if it has one (a restarted client reuses it)."""
         rows = self._query(
             "SELECT noise_multiplier, target_epsilon, target_delta, accountant, sample_rate, steps_per_round, "
-            "planned_rounds FROM calibrations WHERE run = ?", (run,))
+            "planned_rounds, evaluation_noise, planned_evaluations FROM calibrations WHERE run = ?", (run,))
         if not rows:
             return None
-        s, eps, delta, acc, q, steps, rounds = rows[0]
-        return Calibration(float(s), float(eps), float(delta), str(acc), float(q), int(steps), int(rounds))
+        s, eps, delta, acc, q, steps, rounds, eval_noise, evals = rows[0]
+        return Calibration(float(s), float(eps), float(delta), str(acc), float(q), int(steps), int(rounds),
+                           float(eval_noise), int(evals))
 
     def target_epsilons(self) -> list[float]:
         """The target epsilon of every run calibrated on this ledger. A federated run's pre-round check
@@ -169,11 +189,19 @@ class PrivacyLedger:
         crash and resume spent again and counts again (one :meth:`record` call is one round)."""
         key = "run || ':' || server_round || ':' || recorded"
         if run is None:
-            return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches")[0][0])
-        return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches WHERE run = ?", (run,))[0][0])
+            return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches WHERE kind = 'train'")[0][0])
+        return int(self._query(f"SELECT COUNT(DISTINCT {key}) FROM batches WHERE kind = 'train' AND run = ?",
+                               (run,))[0][0])
 
     def total_steps(self) -> int:
-        return int(self._query("SELECT COALESCE(SUM(steps), 0) FROM batches")[0][0])
+        """DP-SGD steps over all runs (noised evaluations are not steps)."""
+        return int(self._query("SELECT COALESCE(SUM(steps), 0) FROM batches WHERE kind = 'train'")[0][0])
+
+    def evaluations_recorded(self, run: str | None = None) -> int:
+        """Noised evaluation replies recorded (of one run, or of all runs)."""
+        if run is None:
+            return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate'")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate' AND run = ?", (run,))[0][0])
 
     # -- writing ---------------------------------------------------------------------------
     def save_calibration(self, run: str, cal: Calibration) -> None:
@@ -186,18 +214,24 @@ class PrivacyLedger:
             return
         with self._conn:
             self._conn.execute(
-                "INSERT INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO calibrations (run, noise_multiplier, target_epsilon, target_delta, accountant, "
+                "sample_rate, steps_per_round, planned_rounds, recorded, evaluation_noise, planned_evaluations) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run, cal.noise_multiplier, cal.target_epsilon, cal.target_delta, cal.accountant,
-                 cal.sample_rate, cal.steps_per_round, cal.planned_rounds, time.time()))
+                 cal.sample_rate, cal.steps_per_round, cal.planned_rounds, time.time(), cal.evaluation_noise,
+                 cal.planned_evaluations))
 
-    def record(self, *, run: str, server_round: int, mechanisms: Iterable[Mechanism], accountant: str) -> None:
-        """Append what one round spent, in one transaction (all rows or none).
+    def record(self, *, run: str, server_round: int, mechanisms: Iterable[Mechanism], accountant: str,
+               kind: str = "train") -> None:
+        """Append what one round's training (``kind`` train) or one noised evaluation reply
+        (``evaluate``) spent, in one transaction (all rows or none).
 
-        Called after training and before the reply leaves the client, so every released
-        update is on the ledger.
+        Called before the reply leaves the client, so every released update or sum is on the ledger.
         """
+        if kind not in ("train", "evaluate"):
+            raise ValueError(f"unknown ledger row kind {kind!r}")
         now = time.time()  # one time for the round's rows: rounds_trained counts (run, round, time)
-        rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, now)
+        rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, now, kind)
                 for s, q, n in mechanisms]
         for _, _, s, q, n, *_ in rows:
             if not (s > 0 and 0 < q <= 1 and n >= 0):
@@ -205,7 +239,7 @@ class PrivacyLedger:
         with self._conn:
             self._conn.executemany(
                 "INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                "fingerprint, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         self._conn.close()
@@ -296,7 +330,7 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} is corrupt ({exc}); restore it from a backup "
                                "(a partner's spend is never reset)") from None
-        if meta.get("schema-version") != str(SCHEMA_VERSION) or "fingerprint" not in meta or bad:
+        if meta.get("schema-version") not in ("1", str(SCHEMA_VERSION)) or "fingerprint" not in meta or bad:
             conn.close()
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (schema {meta.get('schema-version')!r}, "
                                f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
@@ -309,6 +343,13 @@ class PrivacyLedger:
                                "log that gained events, keep its users' spend: feed new events to an event store "
                                "(data-path = events.sqlite) instead; a new ledger-path starts again from zero "
                                "spend for them")
+        if meta["schema-version"] == "1":
+            try:  # under the ledger's lock; one transaction, so a crash leaves schema 1 whole
+                conn.executescript(f"BEGIN;{_MIGRATE_1_TO_2}COMMIT;")
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise PrivacyError(f"privacy ledger {self.path} could not be upgraded to schema {SCHEMA_VERSION} "
+                                   f"({exc}); it is unchanged") from None
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:

@@ -84,6 +84,8 @@ DEFAULTS: dict[str, Any] = {
     "tie-orders": 16,
     "fraction-evaluate": 1.0,  # share of partners evaluating in a round (cross-device: a sample)
     "evaluate-every": 1,  # federated evaluation every N rounds (the last round always)
+    # > 0: partners add Gaussian noise to their evaluation sums and account it (common/private_evaluation.py)
+    "evaluation-noise-multiplier": 0.0,
     # Output
     "run-dir": "runs",
     "run-name": "",

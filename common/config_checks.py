@@ -27,7 +27,8 @@ POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait
                    "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha",
                    "central-clipping-norm")
 # (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
-NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu")
+NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu",
+                       "evaluation-noise-multiplier")
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
@@ -110,6 +111,11 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"proximal-mu = {cfg['proximal-mu']!r} with learning-rate = {cfg['learning-rate']!r}: "
                           f"each local step pulls learning-rate x proximal-mu = {pull:g} of the way back to the "
                           "global model, which must be < 1 (the pull would overshoot)")
+    if float(cfg.get("evaluation-noise-multiplier", 0.0)) > 0 and not local_dp:
+        # the noised sums are accounted on each partner's ledger, which only local DP-SGD keeps
+        raise ConfigError(f"evaluation-noise-multiplier = {cfg['evaluation-noise-multiplier']!r} needs dp-mode = "
+                          f"\"local\" or \"both\" (this run: {dp_mode(cfg)}): partners account the noised "
+                          "evaluation sums on their privacy ledgers")
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")

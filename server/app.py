@@ -99,7 +99,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             timeout=float(cfg["round-timeout"]),
             # run-name names the run in partners' ledgers; partners refuse another catalogue (client/app.py)
             train_config=ConfigRecord({"run-name": run_dir.name, **same_inputs}),
-            evaluate_config=ConfigRecord(same_inputs),
+            evaluate_config=ConfigRecord({"run-name": run_dir.name, **same_inputs}),  # noised sums: same ledger run
             evaluate_fn=RoundCheckpointer(start, recorder, strategy, cfg),  # records, then checkpoints
         )
         grid.finish()

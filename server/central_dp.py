@@ -67,6 +67,8 @@ class PrivacyReportingStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.report.note_evaluation(server_round, replies)  # noised sums spent from the ledgers
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
@@ -92,6 +94,11 @@ class _CentralDP:
         self._delta = delta
         self._side = side
         self._population = 0
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.report.note_evaluation(server_round, replies)  # noised sums spent from the ledgers (dp-mode both)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -22,7 +22,7 @@ from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 
 # Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
 PARTNER_METRICS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
-                   "ledger-steps", "ledger-rounds", "dp-users", "num-examples")
+                   "ledger-steps", "ledger-rounds", "ledger-evaluations", "dp-users", "num-examples")
 
 
 class PrivacyReport:
@@ -90,6 +90,26 @@ class PrivacyReport:
             valid.append(msg)
             self._record(msg).setdefault("rounds-trained", []).append(server_round)
         return valid
+
+    def note_evaluation(self, server_round: int, replies: list[Message]) -> None:
+        """Noised evaluation replies (``evaluation-noise-multiplier`` > 0) spend from the partners'
+        ledgers too: their privacy numbers update the partner's entry (epsilon only grows)."""
+        noted = False
+        for msg in replies:
+            if msg.has_error() or "privacy" not in msg.content.config_records:
+                continue  # a refusal (Flower logs it), or sums sent in clear: nothing spent
+            node = int(msg.metadata.src_node_id)
+            before = dict(self.partners.get(self.node_labels.get(node, ""), {}))
+            entry = self._record(msg)
+            for key in ("epsilon", "ledger-steps", "ledger-rounds", "ledger-evaluations"):
+                if key in before and float(before[key]) > float(entry.get(key, before[key])):
+                    entry[key] = before[key]
+            if "num-examples" in before:  # the training's count, not the evaluated users
+                entry["num-examples"] = before["num-examples"]
+            entry.setdefault("rounds-evaluated", []).append(server_round)
+            noted = True
+        if noted:
+            self.write()
 
     def _refused(self, server_round: int, msg: Message) -> None:
         """An error reply (a refusal such as an exhausted budget, or a failure): logged and listed
@@ -182,6 +202,8 @@ class PrivacyReport:
                 "max-grad-norm": cfg["max-grad-norm"], "batch-size": cfg["batch-size"],
                 "local-epochs": cfg["local-epochs"], "planned-rounds": self.planned_rounds,
                 "sampling": "poisson",
+                "evaluation-noise-multiplier": float(cfg.get("evaluation-noise-multiplier", 0.0)),
+                "evaluation-sums": self._evaluation_text(),
             }
             if int(cfg["num-server-rounds"]) != self.planned_rounds:  # a resume asked for another count
                 out["local"]["num-server-rounds"] = cfg["num-server-rounds"]
@@ -199,6 +221,15 @@ class PrivacyReport:
     def write(self) -> Path:
         atomic_write_bytes(self.path, json.dumps(self.as_dict(), indent=2, sort_keys=True).encode())
         return self.path
+
+    def _evaluation_text(self) -> str:
+        """What partners' evaluation replies released, in words (privacy.json's ``local``)."""
+        noise = float(self.cfg.get("evaluation-noise-multiplier", 0.0))
+        k = self.cfg["top-k"]
+        if noise <= 0:
+            return "sent in clear, outside the guarantee (evaluation-noise-multiplier = 0)"
+        return (f"HR@{k} and NDCG@{k} sums only, each plus Gaussian noise of std {noise:g} x sqrt 2 (one user moves "
+                f"the pair by at most sqrt 2), accounted on the partners' ledgers in the epsilon above")
 
     def _local_bound(self, partners: list[dict[str, Any]]) -> str:
         """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""
@@ -219,7 +250,9 @@ class PrivacyReport:
         trained = [p for p in self.partners.values() if "epsilon" in p]
         if uses_local_dp(self.mode):
             if trained:
-                parts.append("each partner's training is " + self._local_bound(trained))
+                noised = float(self.cfg.get("evaluation-noise-multiplier", 0.0)) > 0
+                parts.append(("each partner's training and noised evaluation sums are " if noised
+                              else "each partner's training is ") + self._local_bound(trained))
             else:
                 parts.append("no partner completed a DP-SGD round")
         elif floored := [p for p in trained if float(p["epsilon"]) > 0]:

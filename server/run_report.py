@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from logging import INFO
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from common.evaluation import combine_partner_metrics
+from common.private_evaluation import SENSITIVITY, clamp_noised_sums
 from common.files import atomic_write_bytes, atomic_write_text
 from common.metrics import means_and_errors
 
@@ -93,31 +95,54 @@ class RunRecorder:
         return MetricRecord(out)
 
     def aggregate_evaluate_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Sum the partners' ranking sums and counts: the result equals evaluating all users at once."""
+        """Sum the partners' ranking sums and counts: the result equals evaluating all users at once
+        (with ``evaluation-noise-multiplier`` > 0, plus the partners' Gaussian noise: see :meth:`_noised`)."""
+        records = [r for c in contents for r in c.metric_records.values()]
         sums: dict[str, float] = {}
-        for c in contents:
-            for record in c.metric_records.values():
-                for key, value in record.items():
-                    if key.endswith(("-sum", "-sqsum")) or key == "num-users":
-                        sums[key] = sums.get(key, 0.0) + float(value)
+        for record in records:
+            for key, value in record.items():
+                if key.endswith(("-sum", "-sqsum")) or key == "num-users":
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        noise = float(self.config.get("evaluation-noise-multiplier", 0.0))
+        if noise > 0:
+            sums = clamp_noised_sums(sums)
+            records = [clamp_noised_sums(dict(r)) for r in records]
         out = {**means_and_errors(sums), "num-users": sums.get("num-users", 0.0)}
         # Coverage and per-partner NDCG spread (not additive): common/evaluation.py
-        out.update(combine_partner_metrics([r for c in contents for r in c.metric_records.values()],
-                                           len(self.catalogue), self.top_k))
+        out.update(combine_partner_metrics(records, len(self.catalogue), self.top_k))
+        if noise > 0:
+            out.update(self._noised(records, noise, sums.get("num-users", 0.0)))
         self._eval = out
         return MetricRecord(out)
+
+    def _noised(self, records: list, noise: float, users: float) -> dict[str, float]:
+        """What noised evaluation replies add: the standard error of the noise in each combined mean
+        (``-noise-se``: each partner's sum carries N(0, (noise x sqrt 2)^2)), and the worst partner's
+        epsilon after its evaluation reply (its ledger recorded the reply before sending it)."""
+        k = self.top_k
+        out: dict[str, float] = {}
+        if users:
+            se = noise * SENSITIVITY * math.sqrt(len(records)) / users
+            out.update({f"hr@{k}-noise-se": se, f"ndcg@{k}-noise-se": se})
+        epsilons = [float(r["epsilon"]) for r in records if "epsilon" in r]
+        if epsilons:
+            out["epsilon"] = max(epsilons)
+            out["delta"] = max(float(r.get("delta", 0.0)) for r in records)
+        return out
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Log one JSON line and a readable line per round; keep the latest global model."""
         if server_round == 0:
             return None
         k = self.top_k
+        # A noised evaluation spends after training: the round's epsilon is the later, larger one
+        spent = [d for d in (self._train, self._eval) if d.get("epsilon") is not None]
         line = {
             "round": server_round,
             f"hr@{k}": self._eval.get(f"hr@{k}"),
             f"ndcg@{k}": self._eval.get(f"ndcg@{k}"),
-            "epsilon": self._train.get("epsilon"),
-            "delta": self._train.get("delta"),
+            "epsilon": max((float(d["epsilon"]) for d in spent), default=None),
+            "delta": max((float(d["delta"]) for d in spent if d.get("delta") is not None), default=None),
             "train-loss": self._train.get("train-loss"),
             "num-partners": self._train.get("num-partners"),
             "eval-users": self._eval.get("num-users"),
@@ -130,6 +155,8 @@ class RunRecorder:
         self.save_model(arrays)
         se = line.get(f"ndcg@{k}-se")
         interval = "" if se is None else f" (+-{1.96 * se:.4f}, 95% CI over users)"
+        if line.get(f"ndcg@{k}-noise-se") is not None:
+            interval = f" (+-{1.96 * line[f'ndcg@{k}-noise-se']:.4f}, 95% of the DP noise)"
         # n/a where metrics.jsonl has null (no evaluation this round, a failed round): never a made-up 0
         def shown(value: float | None, spec: str) -> str:
             return "n/a" if value is None else format(value, spec)
@@ -168,6 +195,10 @@ class RunRecorder:
         """'; 95% CI over users: ...' from a round's standard errors ('' when it has none)."""
         k = self.top_k
         hr, ndcg = line.get(f"hr@{k}-se"), line.get(f"ndcg@{k}-se")
+        if line.get(f"ndcg@{k}-noise-se") is not None:
+            noise = 1.96 * line[f"ndcg@{k}-noise-se"]
+            return (f"; evaluation sums noised for DP (evaluation-noise-multiplier "
+                    f"{self.config.get('evaluation-noise-multiplier')}): 95% of the noise within +-{noise:.4f}")
         if hr is None or ndcg is None:
             return ""
         return f"; 95% CI over users: HR@{k} +-{1.96 * hr:.4f}, NDCG@{k} +-{1.96 * ndcg:.4f}"
