@@ -40,8 +40,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             check_node_config(context.node_config)
-            refuse_evaluation_unless_shared(context.node_config)
             cfg = resolve_config(context.run_config, overrides)
+            refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
             if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
                 cfg = apply_partner_policy(cfg, context.node_config)
             return _evaluate(msg, context, cfg)

@@ -14,7 +14,8 @@ its floor on its own SuperNode, e.g.
   without local DP-SGD is refused (the partner expects a guarantee it would not get).
 
 - ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
-  computed on its users without noise and are in no ledger).
+  computed on its users without noise and are in no ledger); ``"noised"``: it answers only runs
+  whose ``evaluation-noise-multiplier`` > 0 (sums under DP, on its ledger: common/private_evaluation.py).
 
 ``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
 simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
@@ -100,21 +101,31 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     shares_evaluation(node_config)
 
 
-def shares_evaluation(node_config: Mapping[str, Any]) -> bool:
-    """Node config ``share-evaluation`` (default true). Evaluation replies carry hit and NDCG sums
-    computed on the partner's users without noise, outside any ledger; ``false`` sends none."""
+_SHARING = {"true": "any", "1": "any", "false": "none", "0": "none", "noised": "noised"}
+
+
+def shares_evaluation(node_config: Mapping[str, Any]) -> str:
+    """Node config ``share-evaluation`` (default true) as ``any``, ``none`` or ``noised``. Evaluation
+    replies carry hit and NDCG sums computed on the partner's users: in clear, outside any ledger,
+    unless the run's ``evaluation-noise-multiplier`` > 0; ``false`` sends none, ``noised`` only noised ones."""
     raw = node_config.get("share-evaluation", True)
     text = str(raw).strip().lower()
-    if text not in ("true", "false", "1", "0"):
-        raise ConfigError(f"node config share-evaluation = {raw!r} must be true or false")
-    return text in ("true", "1")
+    if text not in _SHARING:
+        raise ConfigError(f"node config share-evaluation = {raw!r} must be true, false or noised")
+    return _SHARING[text]
 
 
-def refuse_evaluation_unless_shared(node_config: Mapping[str, Any]) -> None:
-    """:class:`PrivacyError` (the server logs it and combines the others) if this partner shares no evaluation."""
-    if not shares_evaluation(node_config):
+def refuse_evaluation_unless_shared(node_config: Mapping[str, Any], evaluation_noise: float = 0.0) -> None:
+    """:class:`PrivacyError` (the server logs it and combines the others) if this partner shares no
+    evaluation, or only noised evaluation and the run's ``evaluation_noise`` is 0."""
+    sharing = shares_evaluation(node_config)
+    if sharing == "none":
         raise PrivacyError("this partner's node config share-evaluation = false: it sends no evaluation metrics, "
                            "which are computed on its users without noise")
+    if sharing == "noised" and not evaluation_noise > 0:
+        # one apostrophe at most: the reply sanitiser reads a pair as quotes around a data value
+        raise PrivacyError("this partner's node config share-evaluation = noised: it sends evaluation sums only "
+                           "with DP noise, and the evaluation-noise-multiplier of this run is 0")
 
 
 def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None:

@@ -156,6 +156,16 @@ def test_a_partner_can_keep_its_evaluation_sums_to_itself(tmp_path, value):
         apply_partner_policy(resolve_config(None, {}), {**NODE, "share-evaluation": "sometimes"})
 
 
+def test_a_partner_can_share_only_noised_evaluation_sums(tmp_path):
+    # A run that sends sums in clear is refused in one line; a run with noised evaluation is answered
+    clear = _send_once(tmp_path, {}, {"share-evaluation": "noised"}, kind="evaluate")
+    assert clear.has_error() and clear.error.code == 400 and "share-evaluation = noised" in clear.error.reason
+    noised = _send_once(tmp_path / "noised", {"evaluation-noise-multiplier": 4.0}, {"share-evaluation": "Noised"},
+                        kind="evaluate")
+    assert not noised.has_error(), noised.error
+    assert noised.content["metrics"]["ledger-evaluations"] == 1 and "ndcg@20-sum" not in noised.content["metrics"]
+
+
 def test_a_later_run_with_a_larger_delta_cannot_spend_past_an_earlier_promise(tmp_path):
     # Run 1 promises (4, 1e-6) and spends it; run 2 asks for (4, 1e-5) on the same ledger. At 1e-5
     # the same history reads as a smaller epsilon, so run 2 used to find budget left and train on
