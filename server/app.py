@@ -15,7 +15,8 @@ from common.data.catalogue import catalogue_fingerprint
 from common.item_text import table_fingerprint
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
-from server.central_dp import with_privacy
+from common.privacy import dp_mode, uses_central_dp
+from server.central_dp import central_delta, with_privacy
 from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
@@ -32,6 +33,8 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     check_strategy_config(cfg)
+    if uses_central_dp(dp_mode(cfg)):
+        central_delta(cfg)  # a delta of 1 / partners or more is refused before the run starts
     start = None
     if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start

@@ -31,6 +31,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update, compu
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from common.errors import ConfigError
 from common.privacy import default_delta, dp_mode, uses_central_dp
 from common.secure_noise import SecureGaussian
 from server.privacy_report import PrivacyReport
@@ -216,6 +217,20 @@ class CentralDPClientClipping(_CentralDP, DifferentialPrivacyClientSideFixedClip
     """Flower's client-side fixed clipping (partners run ``fixedclipping_mod``) + Gaussian noise."""
 
 
+def central_delta(cfg: dict[str, Any]) -> float:
+    """The delta of central DP's accountant: ``target-delta``, or the default for ``min-nodes``
+    partners. :class:`ConfigError` when it is at least 1 / ``min-nodes``: the unit is one partner,
+    and such a guarantee allows releasing one partner's update outright (partners refuse the same
+    for their users under local DP, but under central DP no partner checks it)."""
+    partners = max(int(cfg["min-nodes"]), 1)
+    delta = float(cfg["target-delta"]) or default_delta(partners)
+    if delta >= 1.0 / partners:
+        raise ConfigError(f"target-delta = {delta:g} is at least 1 / {partners} partners (min-nodes): under central DP "
+                          "such a guarantee allows releasing one partner's update outright; use target-delta = 0 "
+                          "for the default")
+    return delta
+
+
 def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport,
                  public: Collection[str] = ()) -> Strategy:
     """Wrap ``strategy`` for the run's ``dp-mode`` (see the module docstring). ``public``: arrays
@@ -224,11 +239,11 @@ def with_privacy(strategy: Strategy, cfg: dict[str, Any], report: PrivacyReport,
     mode = dp_mode(cfg)
     if not uses_central_dp(mode):
         return PrivacyReportingStrategy(strategy, report)
+    delta = central_delta(cfg)
     side = str(cfg["central-clipping"])  # side, noise and norm: ranges checked when cfg was resolved
     noise, clip = float(cfg["central-noise-multiplier"]), float(cfg["central-clipping-norm"])
     # Flower's accountant covers exactly FedAvg's (uniformly weighted) mean with positive noise.
     account = noise > 0 and isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
-    delta = float(cfg["target-delta"]) or default_delta(max(int(cfg["min-nodes"]), 1))
     cls = CentralDPServerClipping if side == "server" else CentralDPClientClipping
     wrapped = cls(strategy, noise, clip, max(int(cfg["min-nodes"]), 1))
     wrapped._setup(report, account=account, delta=delta, side=side, public=public)

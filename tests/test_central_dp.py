@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import central_dp_clipping_mod
 from common.config import resolve_config
+from common.errors import ConfigError
 from server.central_dp import CentralDPClientClipping, CentralDPServerClipping, PrivacyReportingStrategy, with_privacy
 from server.privacy_report import PrivacyReport
 
@@ -366,14 +367,41 @@ def test_central_noise_leaves_the_models_public_buffers_alone(tmp_path):
     assert abs(out["w"].numpy().std() - 1.0 * 1.0 / 2) < 0.05  # the trained weights are noised as before
 
 
-def _reply_with_privacy(msg: Message, weights: np.ndarray, epsilon: float, target: float) -> Message:
+def _reply_with_privacy(msg: Message, weights: np.ndarray, epsilon: float, target: float, delta: float = 1e-5) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord({"w": Array(weights.astype(np.float32))}),
-        "metrics": MetricRecord({"num-examples": 10, "epsilon": epsilon, "delta": 1e-5 if epsilon else 0.0,
+        "metrics": MetricRecord({"num-examples": 10, "epsilon": epsilon, "delta": delta if epsilon else 0.0,
                                  "target-epsilon": target}),
         "privacy": ConfigRecord({"partner": f"partner-{msg.metadata.dst_node_id}"}),
     })
     return Message(content, reply_to=msg)
+
+
+def test_the_guarantee_states_the_largest_delta_not_the_worst_partners(tmp_path):
+    # The worst epsilon is at delta 1e-6 (a max-delta floor), another partner's at 1e-5: "at most (e, d)"
+    # must hold for both, so d is 1e-5 (a review: taking the worst partner's delta passed every test)
+    strategy, report = _strategy(tmp_path, 2)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+    replies = [_reply_with_privacy(msgs[0], np.ones(4), 7.5, 8.0, delta=1e-6),
+               _reply_with_privacy(msgs[1], np.ones(4), 3.0, 8.0, delta=1e-5)]
+    strategy.aggregate_train(1, replies)
+    assert "at most (7.500, 1e-05)" in report.guarantee()
+
+
+@pytest.mark.parametrize("delta,partners", [(0.5, 2), (0.1, 10)])
+def test_central_dp_refuses_a_delta_of_one_over_the_partners(tmp_path, delta, partners):
+    # A review: central DP accepted target-delta 0.5 with 2 partners and stated "(2.439, 0.5)-DP"
+    cfg = resolve_config(None, {"dp-mode": "central", "target-delta": delta, "min-nodes": partners})
+    with pytest.raises(ConfigError, match=f"at least 1 / {partners} partners"):
+        with_privacy(FedAvg(min_train_nodes=partners, min_available_nodes=partners), cfg, PrivacyReport(tmp_path, cfg))
+    from server.app import initial_model
+
+    with pytest.raises(ConfigError, match="under central DP"):  # also before the run starts (fedrec-server check)
+        initial_model({**cfg, "synthetic-users": 50, "synthetic-items": 20})
+    ok = resolve_config(None, {"dp-mode": "central", "target-delta": delta / 2 if partners == 2 else 0.09,
+                               "min-nodes": partners})
+    with_privacy(FedAvg(min_train_nodes=partners, min_available_nodes=partners), ok, PrivacyReport(tmp_path, ok))
 
 
 @pytest.mark.parametrize("mode", ["off", "local"])

@@ -33,7 +33,7 @@ def send(app, kind: str, arrays: ArrayRecord, context: Context, server_round: in
 
 
 def test_dp_training_changes_weights_and_epsilon_composes(tmp_path):
-    overrides = {**TINY, "run-dir": str(tmp_path)}
+    overrides = {**TINY, "run-dir": str(tmp_path), "local-epochs": 2}  # (a review: the plan ignoring epochs passed at 1)
     cfg = resolve_config(None, overrides)
     app = make_client_app(overrides)
     context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
@@ -54,7 +54,7 @@ def test_dp_training_changes_weights_and_epsilon_composes(tmp_path):
     users = user_count_for_training(data)
     steps = math.ceil(users / TINY["batch-size"])
     acc = RDPAccountant()
-    acc.history = [(float(metrics["noise-multiplier"]), 1.0 / steps, steps * TINY["local-epochs"] * 3)]
+    acc.history = [(float(metrics["noise-multiplier"]), 1.0 / steps, steps * overrides["local-epochs"] * 3)]
     expected = acc.get_epsilon(delta=float(metrics["delta"]))
     assert math.isclose(epsilons[-1], expected, rel_tol=1e-6)
     # Calibrated for the planned 3 rounds: the last round lands on the target.

@@ -33,6 +33,7 @@ HISTORIES = [
     [(1.1, 0.05, 40)],
     [(1.0083, 1 / 3, 9), (1.5, 0.1, 50)],
     [(0.9, 0.1, 30), (2.0, 0.02, 100), (0.9, 0.1, 30)],
+    [(0.8, 0.1, 30), (3.0, 0.1, 30)],  # two runs at one batch size, other noise: PRV must not merge them
 ]
 
 
@@ -126,6 +127,27 @@ def test_budget_stops_training_after_the_planned_rounds(tmp_path, small_data):
     with PrivacyLedger(tmp_path / "ledgers" / "partner-0.sqlite", small_data.fingerprint()) as ledger:
         assert _rdp_epsilon(ledger.history()) == pytest.approx(epsilons[-1], rel=0.01)
         assert epsilons[-1] >= 8.0 - 0.01
+
+
+@pytest.mark.parametrize("margin,refused", [(1e-6, True), (-1e-6, False)])
+def test_a_round_that_would_pass_the_target_by_a_hair_is_refused(tmp_path, margin, refused):
+    # The pre-round check allows float noise only (a review: a slack of 0.05 passed every test)
+    from client.privacy_ledger import Calibration
+
+    ledger = PrivacyLedger(tmp_path / "l.sqlite", "fp")
+    ledger.record(run="r", server_round=1, mechanisms=[(1.1, 0.1, 40)], accountant="rdp")
+    # the threshold, not the accounting, is under test here (the accounting: dp_accounting tests above)
+    after = epsilon_of([(1.1, 0.1, 40), (1.1, 0.1, 40)], DELTA, "rdp")
+    cal = Calibration(1.1, after - margin, DELTA, "rdp", 0.1, 40, 2)
+    budget = PartnerBudget(ledger, cal, run="r", label="partner-0", users=100)
+    try:
+        if refused:
+            with pytest.raises(PrivacyError, match="budget exhausted"):
+                budget.check_next_round()
+        else:
+            budget.check_next_round()
+    finally:
+        budget.close()
 
 
 def test_a_second_run_composes_with_the_first(tmp_path, small_data):
