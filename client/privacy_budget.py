@@ -22,9 +22,8 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
-from common.evaluation import evaluates_round
 from common.privacy import Mechanism, calibrate_noise_after, default_delta, steps_per_epoch
-from common.private_evaluation import evaluation_mechanism
+from common.private_evaluation import evaluation_mechanism, planned_evaluations
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
@@ -46,15 +45,6 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
         return Path(str(node_config["ledger-path"]))
     folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
     return folder / f"{label}.sqlite"
-
-
-def planned_evaluations(cfg: Mapping[str, Any]) -> int:
-    """Noised evaluation replies a partner may send in the run: one per evaluated round
-    (``evaluate-every``, the last round always; none without ``evaluation-noise-multiplier``)."""
-    if float(cfg.get("evaluation-noise-multiplier", 0.0)) <= 0 or float(cfg.get("fraction-evaluate", 1.0)) <= 0:
-        return 0
-    rounds, every = int(cfg["num-server-rounds"]), int(cfg["evaluate-every"])
-    return sum(evaluates_round(r, every, rounds) for r in range(1, rounds + 1))
 
 
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,18 @@ SENSITIVITY = math.sqrt(2.0)  # L2 bound on one user's (hit, NDCG) contribution
 def evaluation_mechanism(noise_multiplier: float) -> Mechanism:
     """What one noised evaluation reply spends, in a ledger's (noise, sample rate, steps) terms."""
     return (float(noise_multiplier), 1.0, 1)
+
+
+def planned_evaluations(cfg: Mapping[str, Any], through: int | None = None) -> int:
+    """Noised evaluation replies a partner may send in rounds 1..``through`` (default: the whole
+    run): one per evaluated round (``evaluate-every``, the last round always); none without
+    ``evaluation-noise-multiplier`` or with ``fraction-evaluate = 0``."""
+    from common.evaluation import evaluates_round  # lazy: it needs torch, this module only numpy
+
+    if float(cfg.get("evaluation-noise-multiplier", 0.0)) <= 0 or float(cfg.get("fraction-evaluate", 1.0)) <= 0:
+        return 0
+    rounds, every = int(cfg["num-server-rounds"]), int(cfg["evaluate-every"])
+    return sum(evaluates_round(r, every, rounds) for r in range(1, min(rounds, through or rounds) + 1))
 
 
 def released_keys(top_k: int) -> tuple[str, str]:

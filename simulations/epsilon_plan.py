@@ -4,7 +4,9 @@
 
 No training: the same calibration the ClientApp makes (client/privacy_budget.py) on each
 partner's users, then epsilon after each listed round of ``local-epochs`` Poisson-sampled
-epochs, with both accountants (RDP and PRV) for the same noise.
+epochs, with both accountants (RDP and PRV) for the same noise. With
+``evaluation-noise-multiplier`` > 0 the planned noised evaluations are spent too, as a partner's
+ledger spends them (common/private_evaluation.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import click  # noqa: E402
 from common.cli_args import parse_run_config, positive_int, positive_ints  # noqa: E402
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
-from common.privacy import ACCOUNTANTS, calibrate_noise, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
+from common.privacy import ACCOUNTANTS, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
+from common.private_evaluation import evaluation_mechanism, planned_evaluations  # noqa: E402
 from common.task import partner_data  # noqa: E402
 from common.training import user_count_for_training  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
@@ -42,14 +45,19 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
         delta = float(cfg["target-delta"]) or default_delta(users)
         rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
         per_round = int(cfg["local-epochs"]) * steps
-        noise = calibrate_noise(target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=rate,
-                                total_steps=int(cfg["num-server-rounds"]) * per_round,
-                                accountant=str(cfg["accountant"]))
+        evaluation = evaluation_mechanism(float(cfg["evaluation-noise-multiplier"]))
+        noise = calibrate_noise_after([evaluation] * planned_evaluations(cfg), target_epsilon=float(cfg["target-epsilon"]),
+                                      target_delta=delta, sample_rate=rate,
+                                      total_steps=int(cfg["num-server-rounds"]) * per_round,
+                                      accountant=str(cfg["accountant"]))
         row = {"partner": pid, "users": users, "delta": delta, "sample-rate": rate, "steps-per-round": per_round,
                "noise-multiplier": noise}
+        if planned_evaluations(cfg):
+            row["evaluations"] = planned_evaluations(cfg)
         for acc in ACCOUNTANTS:
             for r in rounds:
-                row[f"eps-{acc}@{r}"] = epsilon_of([(noise, rate, r * per_round)], delta, acc)
+                spent = [(noise, rate, r * per_round)] + [evaluation] * planned_evaluations(cfg, through=r)
+                row[f"eps-{acc}@{r}"] = epsilon_of(spent, delta, acc)
         rows.append(row)
     return rows
 

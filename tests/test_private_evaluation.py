@@ -20,12 +20,12 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from client.app import make_client_app
-from client.privacy_budget import PartnerBudget, planned_evaluations
+from client.privacy_budget import PartnerBudget
 from client.privacy_ledger import PrivacyLedger
 from common.config import resolve_config
 from common.errors import ConfigError, PrivacyError
 from common.privacy import epsilon_of
-from common.private_evaluation import clamp_noised_sums, evaluation_mechanism, noised_evaluation_sums
+from common.private_evaluation import clamp_noised_sums, evaluation_mechanism, noised_evaluation_sums, planned_evaluations
 from common.task import new_model, partner_data
 from tests.conftest import flower_message
 from tests.test_client_training import NODE, TINY
@@ -101,6 +101,7 @@ def test_planned_evaluations_follow_the_schedule():
     cfg = resolve_config(None, {"num-server-rounds": 5, "evaluation-noise-multiplier": 4.0})
     assert planned_evaluations(cfg) == 5
     assert planned_evaluations({**cfg, "evaluate-every": 2}) == 3  # rounds 2, 4 and the last, 5
+    assert planned_evaluations({**cfg, "evaluate-every": 2}, through=3) == 1
     assert planned_evaluations({**cfg, "fraction-evaluate": 0.0}) == 0
     assert planned_evaluations({**cfg, "evaluation-noise-multiplier": 0.0}) == 0
 
@@ -264,3 +265,14 @@ def test_a_simulation_with_noised_evaluation_reports_the_whole_spend(tmp_path):
         assert 0 <= line["hr@10"] <= 1 and 0 <= line["ndcg@10"] <= 1 and line["ndcg@10-noise-se"] > 0
         assert "ndcg@20" not in line and "coverage@10" not in line and "popularity@10" not in line
     assert "noised for DP" in (run_dir / "summary.md").read_text()
+
+
+def test_the_epsilon_plan_spends_the_planned_evaluations():
+    from simulations.epsilon_plan import plan
+
+    cfg = resolve_config(None, {**TINY, "num-server-rounds": 3, "evaluation-noise-multiplier": 3.0})
+    (row,) = plan(cfg, 1, [3])
+    expected = _dp_accounting_epsilon([(row["noise-multiplier"], row["sample-rate"], row["steps-per-round"])] * 3,
+                                      [3.0] * 3, row["delta"])
+    assert row["evaluations"] == 3 and row["eps-rdp@3"] == pytest.approx(expected, rel=0.01)
+    assert row["eps-rdp@3"] == pytest.approx(cfg["target-epsilon"], rel=0.01)
