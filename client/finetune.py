@@ -34,6 +34,7 @@ from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, write_file
+from common.task import with_data_identity
 from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
 from common.objectives import objective_options
 
@@ -46,7 +47,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
                      batch_size: int = 16, learning_rate: float = 1e-3, noise_multiplier: float = 1.0,
                      target_epsilon: float | None = None, target_delta: float = 0.0, max_grad_norm: float = 1.0,
                      dp: bool = True, seed: int = 0, exclude_seen: bool | None = None,
-                     shuffle_ties: bool | None = None, force: bool = False) -> dict[str, Any]:
+                     shuffle_ties: bool | None = None, force: bool = False, data_identity: str = "") -> dict[str, Any]:
     """Fine-tune ``model`` on the users of ``data_path`` with events at or after ``since``
     (default: the model file's time) and write it to ``out``; returns the report.
 
@@ -72,6 +73,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     data = build_sequences(log, gm.catalogue)
     if is_event_store(data_path):
         data.identity = store_identity(resolve_data_path(data_path))
+    data = with_data_identity(data, str(data_path), data_identity)  # node config data-identity, if the partner set one
     recent_users = set(log.user[log.timestamp >= since].tolist())
     rows = [u for u, uid in enumerate(data.user_ids.tolist()) if uid in recent_users]
     if not rows:

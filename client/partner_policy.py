@@ -40,7 +40,7 @@ from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refu
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
-NODE_CONFIG_KEYS = ("data-path", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
+NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
                     "partition-id", "num-partitions")
 
 

@@ -341,8 +341,8 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
                                f"{meta['fingerprint']}, this partner's data is {self.fingerprint}); if this is a "
                                "log that gained events, keep its users' spend: feed new events to an event store "
-                               "(data-path = events.sqlite) instead; a new ledger-path starts again from zero "
-                               "spend for them")
+                               "(data-path = events.sqlite) instead, or name the log with node config data-identity "
+                               "from its first run on; a new ledger-path starts again from zero spend for them")
         if meta["schema-version"] == "1":
             try:  # under the ledger's lock; one transaction, so a crash leaves schema 1 whole
                 conn.executescript(f"BEGIN;{_MIGRATE_1_TO_2}COMMIT;")

@@ -225,7 +225,7 @@ def _finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         noise_multiplier=args.noise_multiplier or 1.0, target_epsilon=args.target_epsilon,
         target_delta=args.target_delta or 0.0, max_grad_norm=args.max_grad_norm or 1.0,
-        dp=not args.no_dp, seed=args.seed, force=args.force)
+        dp=not args.no_dp, seed=args.seed, force=args.force, data_identity=args.data_identity)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -268,6 +268,8 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--model", required=True, help="the global model.pt or run directory")
     ft.add_argument("--data-path", required=True, help="this partner's log or event store")
     ft.add_argument("--ledger-path", required=True, help="this partner's privacy ledger (the one its supernode uses)")
+    ft.add_argument("--data-identity", default="", help="the name its supernode gives the log (node config "
+                    "data-identity), so the ledger knows the grown log")
     ft.add_argument("--out", default=None,
                     help="where to write the fine-tuned model (default: partner-finetuned.pt beside the ledger)")
     ft.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input)")

@@ -5,6 +5,8 @@ Data is loaded and partitioned once per process (cached), not once per round.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -61,6 +63,23 @@ def _partner_log(path: str, version: tuple[int, int], catalogue_key: tuple[str, 
     return data
 
 
+def with_data_identity(data: SequenceData, path: str, identity: str) -> SequenceData:
+    """``data`` under the partner's own name for its log (node config ``data-identity``): a CSV or
+    Parquet log is otherwise identified by its content, so a log that gained events is "another
+    data set" to its privacy ledger. With a name, the ledger (and the partner label) stay the same
+    as the log grows; the partner asserts that it is the same population, whose spend keeps counting.
+    An event store has an identity of its own and refuses a second one."""
+    identity = identity.strip()
+    if not identity:
+        return data
+    if is_event_store(path):
+        raise ConfigError("data-identity is for a CSV or Parquet log: an event store keeps its own identity "
+                          "as it grows; drop data-identity")
+    if len(identity) > 200 or any(ord(c) < 32 for c in identity):
+        raise ConfigError("data-identity must be a short name of at most 200 characters, without control characters")
+    return dataclasses.replace(data, identity=f"named:{identity}")
+
+
 def _file_version(path: str) -> tuple[int, ...]:
     """(mtime ns, size) of the log, and of an event store's write-ahead log: a log that changed (an
     event store receiving feedback) is read again. In WAL mode a commit lands in ``<store>-wal`` and
@@ -88,7 +107,8 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
             # else a real log was numbered by the built-in demo catalogue (its other items dropped as unknown)
             raise ConfigError("a partner's data-path needs the federation's published catalogue: run config "
                               "catalogue = \"<file>\" (written by `fedrec-server catalogue`)")
-        return _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
+        data = _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
+        return with_data_identity(data, path, str(node_config.get("data-identity", "") or ""))
     try:
         pid = int(node_config["partition-id"])
         n = int(node_config["num-partitions"])

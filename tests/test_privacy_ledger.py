@@ -246,6 +246,42 @@ def test_ledger_of_another_data_set_is_refused(tmp_path):
         PrivacyLedger(tmp_path / "l.sqlite", "other-fingerprint")
 
 
+def test_a_named_csv_log_keeps_its_ledger_as_it_grows(tmp_path):
+    # A partner's CSV log is identified by its content: after new events its ledger was "another data set".
+    # Node config data-identity names it, so the ledger (and its spend) follow the log
+    from common.task import partner_data
+
+    log = tmp_path / "log.csv"
+    rows = [f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)]
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2})
+    node = {"data-path": str(log), "ledger-path": str(tmp_path / "ledger.sqlite"), "data-identity": "acme-log"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    budget = PartnerBudget.open(cfg, context, partner_data(cfg, node), "run-1")
+    budget.record(context, 1, [budget.calibration.round_mechanism()])
+    spent = budget.spent()
+    budget.close()
+    os.utime(log, ns=(1, 1))  # (a changed mtime makes the loader read the log again)
+    with open(log, "a") as fh:  # the log grows: a new event for every user
+        fh.write("\n".join(f"u{u},i{(u + 3) % 30},{2000 + u}" for u in range(60)) + "\n")
+    grown = partner_data(cfg, node)
+    assert sum(len(s) for s in grown.sequences) == 60 * 7
+    budget = PartnerBudget.open(cfg, Context(run_id=2, node_id=1, node_config=node, state=RecordDict(), run_config={}),
+                                grown, "run-2")
+    assert budget.spent() == pytest.approx(spent) and budget.ledger.rounds_trained() == 1
+    budget.close()
+    # Without the name the grown log is another data set to the same ledger (as before)
+    unnamed = {**node, "data-identity": ""}
+    with pytest.raises(PrivacyError, match="belongs to another data set .*data-identity"):
+        PartnerBudget.open(cfg, context, partner_data(cfg, unnamed), "run-3")
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data-identity must be a short name"):
+        partner_data(cfg, {**node, "data-identity": "x" * 201})
+
+
 def test_ledger_deleted_after_use_is_reported_not_recreated(tmp_path, small_data):
     cfg, context = _cfg(tmp_path), _context()
     budget = PartnerBudget.open(cfg, context, small_data, "run-1")

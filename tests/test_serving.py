@@ -1078,3 +1078,41 @@ def test_finetune_cli_without_dp_refuses_dp_flags_and_prints_strict_json(trained
     assert main([*base, "--out", str(tmp_path / "nodp.pt")]) == 0
     report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["dp"] is False and report["epsilon-finetune"] is None and report["ledger"] is None
+
+
+def test_finetune_on_a_named_csv_log_uses_the_supernodes_ledger_as_the_log_grows(trained, log, tmp_path):
+    from client.finetune import finetune_partner
+    from client.privacy_ledger import PrivacyLedger
+    from common.errors import ConfigError
+    from common.task import partner_data
+
+    # Prepare: the partner's CSV log with 40 new events after the model, named "acme" on its supernode
+    run, data = trained
+    since = int(log.timestamp.max()) + 1
+    csv = tmp_path / "log.csv"
+    lines = [f"{u},{i},{t}" for u, i, t in zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist())]
+    lines += [f"{u},{data.catalogue[n % data.num_items]},{since + n}" for n, u in enumerate(data.user_ids[:40].tolist())]
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(lines) + "\n")
+    ledger = tmp_path / "ledger.sqlite"
+    report_fingerprint(csv, run)  # writes the run's catalogue.txt
+    cfg = resolve_config(None, {"catalogue": str(run / "catalogue.txt")})
+    supernode = partner_data(cfg, {"data-path": str(csv), "data-identity": "acme"}).fingerprint()
+
+    # Execute: a fine-tune, then the log grows by one event and the partner fine-tunes again
+    first = finetune_partner(model=run, data_path=csv, ledger_path=ledger, since=since, batch_size=8,
+                             target_epsilon=20.0, data_identity="acme")
+    with open(csv, "a") as fh:
+        fh.write(f"{data.user_ids[0]},{data.catalogue[1]},{since + 100}\n")
+    second = finetune_partner(model=run, data_path=csv, ledger_path=ledger, since=since, batch_size=8,
+                              target_epsilon=20.0, data_identity="acme", force=True)
+
+    # Assert: one ledger, under the supernode's fingerprint for the named log, holding both fine-tunes
+    with PrivacyLedger(ledger, supernode) as opened:
+        assert sum(n for _, _, n in opened.history()) == first["steps"] + second["steps"]
+    # An event store has its own identity: a second one is refused before anything is spent
+    (tmp_path / "s").mkdir()
+    store, _ = store_with_new_events(tmp_path / "s", log, data)
+    with pytest.raises(ConfigError, match="data-identity is for a CSV or Parquet log"):
+        finetune_partner(model=run, data_path=store, ledger_path=tmp_path / "s" / "ledger.sqlite", since=since,
+                         data_identity="acme")
+    assert not (tmp_path / "s" / "ledger.sqlite").exists()
