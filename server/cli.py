@@ -114,6 +114,15 @@ def _check(args: argparse.Namespace) -> int:
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "
           f"dp-mode {dp_mode(cfg)}, secure aggregation {'on' if cfg['secure-aggregation'] else 'off'}")
+    noise = float(cfg["evaluation-noise-multiplier"])
+    if noise > 0:
+        from common.private_evaluation import planned_evaluations
+
+        print(f"evaluation: top-{cfg['top-k']} hit and NDCG sums noised (evaluation-noise-multiplier {noise:g}), "
+              f"{planned_evaluations(cfg)} evaluations planned into each partner's budget")
+    elif float(cfg["fraction-evaluate"]) > 0:
+        print("evaluation: partners send their hit and NDCG sums in clear, outside the DP guarantee "
+              "(evaluation-noise-multiplier = 0)")
     relative = not Path(str(cfg["run-dir"])).expanduser().is_absolute()
     where = (f"run-dir = {str(cfg['run-dir'])!r} is relative: under flwr run the ServerApp resolves it in the "
              "SuperLink's working folder, not here; run check from that folder or give an absolute run-dir")

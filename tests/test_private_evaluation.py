@@ -276,3 +276,15 @@ def test_the_epsilon_plan_spends_the_planned_evaluations():
                                       [3.0] * 3, row["delta"])
     assert row["evaluations"] == 3 and row["eps-rdp@3"] == pytest.approx(expected, rel=0.01)
     assert row["eps-rdp@3"] == pytest.approx(cfg["target-epsilon"], rel=0.01)
+
+
+def test_server_check_says_how_evaluation_sums_travel(tmp_path, capsys):
+    from server.cli import main as server_main
+
+    base = f'run-dir="{tmp_path}" synthetic-users=60 synthetic-items=20'
+    assert server_main(["check", "--run-config", f"{base} evaluation-noise-multiplier=2.0 evaluate-every=2"]) == 0
+    assert "noised (evaluation-noise-multiplier 2), 3 evaluations planned" in capsys.readouterr().out
+    assert server_main(["check", "--run-config", base]) == 0
+    assert "sums in clear, outside the DP guarantee" in capsys.readouterr().out
+    assert server_main(["check", "--run-config", f'{base} evaluation-noise-multiplier=2.0 dp-mode="central"']) == 2
+    assert "needs dp-mode" in capsys.readouterr().err
