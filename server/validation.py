@@ -102,6 +102,15 @@ def metrics_problem(content: RecordDict) -> str | None:
     return None
 
 
+def metrics_digest(content: RecordDict) -> str:
+    """SHA-256 over a reply's metric records (keys sorted): a stable order for evaluation sums."""
+    h = hashlib.sha256()
+    for record in content.metric_records.values():
+        for key in sorted(record.keys()):
+            h.update(f"{key}={record[key]!r};".encode())
+    return h.hexdigest()
+
+
 def content_digest(content: RecordDict) -> str:
     """SHA-256 over a reply's arrays: a stable order for aggregation, whatever order replies arrived in."""
     h = hashlib.sha256()
@@ -196,6 +205,8 @@ class ValidatingStrategy(Strategy):
                 continue
             kept.append(msg)
         ok = self._consistent_metric_keys(server_round, [m for m in kept if not m.has_error()])
+        # A fixed order (by content), as for updates: the float sums are the same whatever order replies arrive in
+        ok.sort(key=lambda m: metrics_digest(m.content))
         return self.inner.aggregate_evaluate(server_round, ok + [m for m in kept if m.has_error()])
 
     # -- internals ---------------------------------------------------------------------------
