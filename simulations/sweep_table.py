@@ -70,7 +70,11 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
         cells = []
         for e in eps:
             v = g[g["column"] == e][metric].astype(float)
-            cells.append(f"{v.mean():.4f} ± {v.std(ddof=0):.4f} (n={len(v)})" if len(v) else "-")
+            if len(v) and not all(map(math.isfinite, v)):  # e.g. epsilon of runs without DP: no spread to show
+                cells.append(f"{v.mean():.4f} (n={len(v)})")
+                continue
+            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1):.4f} (n={len(v)})" if len(v) > 1 else
+                         f"{v.mean():.4f} (n=1)" if len(v) else "-")  # sample std (n - 1)
         label = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

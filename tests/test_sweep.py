@@ -147,8 +147,8 @@ def test_results_table_averages_seeds_per_epsilon(tmp_path):
                     "d,failed (exit 1): x,mf,2,inf,\ne,ok,sasrec,1,1,0.2\n")
     table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| model | eps=1 | eps=8 | eps=inf |"
-    assert table[2] == "| mf | - | 0.2000 ± 0.1000 (n=2) | 0.5000 ± 0.0000 (n=1) |"
-    assert table[3].startswith("| sasrec | 0.2000 ± 0.0000 (n=1) | - |")
+    assert table[2] == "| mf | - | 0.2000 ± 0.1414 (n=2) | 0.5000 (n=1) |"  # sample std: sqrt(0.02 / 1)
+    assert table[3].startswith("| sasrec | 0.2000 (n=1) | - |")
 
 
 def test_results_table_puts_a_central_dp_run_under_the_epsilon_it_states(tmp_path):
@@ -159,8 +159,14 @@ def test_results_table_puts_a_central_dp_run_under_the_epsilon_it_states(tmp_pat
                     "d,ok,local,1,8,7.9969,0.2\ne,ok,off,2,8,inf,0.7\n")  # e: dp off beside a fixed target
     table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| dp-mode | eps=4.73 (central) | eps=8 | eps=inf |"
-    assert table[2:] == ["| central | 0.2000 ± 0.1000 (n=2) | - | - |", "| local | - | 0.2000 ± 0.0000 (n=1) | - |",
-                         "| off | - | - | 0.6000 ± 0.1000 (n=2) |"]
+    assert table[2:] == ["| central | 0.2000 ± 0.1414 (n=2) | - | - |", "| local | - | 0.2000 (n=1) | - |",
+                         "| off | - | - | 0.6000 ± 0.1414 (n=2) |"]
+
+
+def test_results_table_of_an_infinite_metric_shows_no_nan_spread(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,model,seed,target-epsilon,epsilon\na,ok,mf,1,inf,inf\nb,ok,mf,2,inf,inf\n")
+    assert sweep_table.results_table(path, metric="epsilon").splitlines()[2] == "| all | inf (n=2) |"  # (it said inf ± nan)
 
 
 def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
@@ -168,7 +174,7 @@ def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     path.write_text("run-id,status,model,seed,ndcg@10\na,ok,mf,1,0.1\nb,ok,mf,2,0.3\nc,ok,sasrec,1,0.5\n")
     table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| model | eps=(not set) |"
-    assert table[2:] == ["| mf | 0.2000 ± 0.1000 (n=2) |", "| sasrec | 0.5000 ± 0.0000 (n=1) |"]
+    assert table[2:] == ["| mf | 0.2000 ± 0.1414 (n=2) |", "| sasrec | 0.5000 (n=1) |"]
 
 
 @pytest.mark.parametrize("content, problem", [
