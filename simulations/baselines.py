@@ -177,10 +177,30 @@ def last_step_ties(data: SequenceData, *, within_s: float = 60.0) -> dict[str, f
             f"test-within-{within_s:g}s-of-previous": float((gaps <= within_s).mean())}
 
 
+UNKNOWN_SHARE_REFUSED = 0.1  # a log with more of its events on items the model lacks is another data set
+
+
+def _model_data(dataset: str, trained) -> SequenceData:  # noqa: ANN001 (client.recommend.GlobalModel)
+    """``dataset``'s users over ``trained``'s catalogue; ``synthetic`` is rebuilt from the model's own
+    config. :class:`DataError` when the log is not the model's data set (a model trained on 50
+    synthetic items scored ML-100K over its items 1-50 and printed normal-looking numbers)."""
+    if dataset == "synthetic":
+        from common.task import federation_data
+
+        return federation_data({**DEFAULTS, **trained.config})
+    log = load_interactions(dataset)
+    known = np.isin(np.asarray(log.item).astype(str), trained.catalogue.astype(str))
+    if len(log) and (1.0 - known.mean()) > UNKNOWN_SHARE_REFUSED:
+        raise DataError(f"--dataset {dataset}: {int((~known).sum())} of {len(log)} events are on items that "
+                        f"--blend-model {trained.path} does not know (it was trained on "
+                        f"{trained.config.get('dataset')!r}, {len(trained.catalogue)} items); give its data set")
+    return build_sequences(log, trained.catalogue)
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="interaction log or MovieLens folder")
+    parser.add_argument("--dataset", required=True, help="interaction log, MovieLens folder, or synthetic (the built-in set)")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--ease-l2", type=float, default=200.0, help="EASE's L2 weight (lambda)")
     parser.add_argument("--markov-window", type=int, default=10, help="last items the Markov chain looks at")
@@ -211,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         if trained.config.get("model", "sasrec") != "sasrec":
             raise ConfigError(f"--blend-model {trained.path}: a {trained.config.get('model')} model; "
                               "the blend scores histories, which needs a SASRec model file")
-        data = build_sequences(load_interactions(args.dataset), trained.catalogue)
+        data = _model_data(args.dataset, trained)
         orders = args.tie_orders or int(trained.config.get("tie-orders", DEFAULTS["tie-orders"]))
         blend = blend_with_model(data, trained.model, max_len=int(trained.config["max-seq-len"]), ks=(5, 10, 20),
                                  tie_orders=orders)
         print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))
         return 0
-    data = build_sequences(load_interactions(args.dataset))
+    if args.dataset == "synthetic":  # the built-in set of the default runs (its size and seed: the defaults)
+        from common.task import federation_data
+
+        data = federation_data({**DEFAULTS, "seed": args.seed})
+    else:
+        data = build_sequences(load_interactions(args.dataset))
     if args.holdout_fraction:  # the members a simulation trains on: same holdout draw (common/partners.py)
         members = np.setdiff1d(np.arange(data.num_users), holdout_positions(data.num_users, args.holdout_fraction, args.seed))
         if len(members) == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from flwr.app import ArrayRecord
 
 import numpy as np
 import pytest
@@ -188,3 +189,29 @@ def test_a_negative_seed_is_refused_by_the_parser(tmp_path, capsys) -> None:  # 
         baselines.main(["--dataset", str(log), "--holdout-fraction", "0.2", "--seed", "-1"])
     assert stop.value.code == 2
     assert "argument --seed: -1 must be at least 0" in capsys.readouterr().err
+
+
+def test_blend_model_refuses_a_log_that_is_not_its_data_set_and_reads_synthetic(tmp_path, capsys) -> None:  # noqa: ANN001
+    # A review: a model trained on 20 synthetic items blended with another log scored that log over its
+    # items 1-20 (93% of the events dropped with a warning) and printed normal-looking numbers
+    from common.config import resolve_config
+    from common.task import federation_data, new_model
+    from server.run_report import RunRecorder
+
+    cfg = resolve_config(None, {"synthetic-users": 60, "synthetic-items": 20, "max-seq-len": 10, "embedding-dim": 8,
+                                "num-blocks": 1})
+    data = federation_data(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    RunRecorder(run, cfg, data.catalogue).save_model(ArrayRecord(new_model(cfg, data.num_items).state_dict()))
+    other = tmp_path / "other.csv"
+    other.write_text("user_id,item_id,timestamp\n" + "\n".join(f"{u},x{(u + t) % 40},{t}" for u in range(30)
+                                                                 for t in range(6)) + "\n")
+    assert baselines.main(["--dataset", str(other), "--blend-model", str(run)]) == 2
+    assert "events are on items that --blend-model" in capsys.readouterr().err
+    # The model's own synthetic set is rebuilt from its config
+    assert baselines.main(["--dataset", "synthetic", "--blend-model", str(run)]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["model"]["ndcg@10"] <= 1.0
+    # References on the default runs' synthetic set
+    assert baselines.main(["--dataset", "synthetic"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["popularity"]["ndcg@10"] <= 1.0
