@@ -76,13 +76,15 @@ class PartnerBudget:
         label = partner_label(context.node_config, data)
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
-        delta = partner_delta(float(cfg["target-delta"]) or default_delta(users), context.node_config, users)
+        eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
+        # Noised evaluation sums cover every user of the log, also those too short to train on
+        population = max(users, data.num_users) if eval_noise > 0 else users
+        delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
         try:
             rate, steps = steps_per_epoch(users, batch)
         except PrivacyError as exc:
             raise PrivacyError(f"{label}: {exc}") from None
         steps_per_round = int(cfg["local-epochs"]) * steps
-        eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
         evals = planned_evaluations(cfg)
         path = ledger_path(cfg, context.node_config, run, label)
 

@@ -89,12 +89,15 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                                                         public=[name for name, _ in model.named_buffers()]),
             tied=tied_key_groups(model),  # one table again after per-copy noise (server/rounds.py: retie)
             on_unaggregated=privacy.note_unaggregated,  # a rejected update was still released
+            on_rejected_evaluation=lambda r, m: privacy.note_evaluation(r, [m]),  # noised sums spent budget too
         )
         # SecAgg+ (server/secure_aggregation.py): below round control, so everything under it sees only the sum
         strategy.inner = with_secure_aggregation(strategy.inner, cfg)
         restore(start, recorder, strategy, privacy)
         # Replies after round-timeout still released an update: the privacy report lists them
-        grid = LateReplyGrid(grid, privacy.note_late, privacy.note_unanswered)
+        noised = float(cfg["evaluation-noise-multiplier"]) > 0  # noised evaluation replies spend budget too
+        grid = LateReplyGrid(grid, privacy.note_late, privacy.note_unanswered,
+                             on_late_evaluation=(lambda r, m: privacy.note_evaluation(r, [m])) if noised else None)
         strategy.start(
             grid=grid,
             initial_arrays=start.arrays,

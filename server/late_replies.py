@@ -6,7 +6,9 @@ the coordinator's ``privacy.json`` would never mention. :class:`LateReplyGrid` w
 the strategy uses: it remembers every training message left unanswered at its timeout, keeps
 pulling those ids during later exchanges, and hands each late reply to a callback (the privacy
 report lists it under ``not-aggregated`` with reason ``late``). At the end of the run
-:meth:`LateReplyGrid.finish` collects once more and reports what never came back.
+:meth:`LateReplyGrid.finish` collects once more and reports what never came back. With noised
+evaluation (``evaluation-noise-multiplier`` > 0) an evaluation reply spends budget too, so
+evaluation messages are tracked as well when ``on_late_evaluation`` is given.
 """
 
 from __future__ import annotations
@@ -43,13 +45,19 @@ class LateReplyGrid(Grid):
         Called once per late, non-error training reply.
     on_unanswered : callable(server_round, node_id), optional
         Called by :meth:`finish` for each training message still without a reply.
+    on_late_evaluation : callable(server_round, reply), optional
+        Called once per late, non-error evaluation reply; evaluation messages are tracked only
+        when it is given (noised evaluation, whose replies spend budget).
     """
 
-    def __init__(self, grid: Grid, on_late: LateCallback, on_unanswered: UnansweredCallback | None = None) -> None:
+    def __init__(self, grid: Grid, on_late: LateCallback, on_unanswered: UnansweredCallback | None = None,
+                 on_late_evaluation: LateCallback | None = None) -> None:
         self._grid = grid
         self._on_late = on_late
         self._on_unanswered = on_unanswered
-        self._pending: dict[str, tuple[int, int]] = {}  # message id -> (round, destination node)
+        self._on_late_evaluation = on_late_evaluation
+        self._tracked = (MessageType.TRAIN,) + ((MessageType.EVALUATE,) if on_late_evaluation else ())
+        self._pending: dict[str, tuple[int, int, str]] = {}  # message id -> (round, destination node, type)
         self._round = 0  # the latest round a message named
         # Flower's in-memory grid polls every 0.1 s, its HTTP grid every 3 s; 1 s where not stated
         self.pull_interval = float(getattr(grid, "pull_interval", 1.0))
@@ -83,13 +91,13 @@ class LateReplyGrid(Grid):
         """Flower's loop (push, then pull until every reply is in or ``timeout`` s passed), also
         pulling earlier rounds' unanswered training messages on every poll."""
         messages = list(messages)
-        training: dict[str, tuple[int, int]] = {}
+        training: dict[str, tuple[int, int, str]] = {}
         for msg in messages:
             self._round = _round_of(msg) or self._round
         ids = list(self._grid.push_messages(messages))
         for msg, msg_id in zip(messages, ids):
-            if msg_id and msg.metadata.message_type == MessageType.TRAIN:
-                training[msg_id] = (self._round, int(msg.metadata.dst_node_id))
+            if msg_id and msg.metadata.message_type in self._tracked:
+                training[msg_id] = (self._round, int(msg.metadata.dst_node_id), msg.metadata.message_type)
         waiting = {i for i in ids if i}
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
@@ -111,19 +119,28 @@ class LateReplyGrid(Grid):
             return 0
         got = list(self._grid.pull_messages(late_ids))
         for reply in got:
-            server_round, _ = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0))
-            if not reply.has_error():  # an error (node gone, message expired) released nothing
+            server_round, _, kind = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0, MessageType.TRAIN))
+            if reply.has_error():  # an error (node gone, message expired) released nothing
+                continue
+            if kind == MessageType.EVALUATE:
+                log(WARNING, "round %d: node %d replied to its evaluation after round-timeout: its noised sums "
+                    "are not combined, its spend is recorded", server_round, int(reply.metadata.src_node_id))
+                self._on_late_evaluation(server_round, reply)  # type: ignore[misc] (tracked only with it)
+            else:
                 self._on_late(server_round, reply)
         return len(got)
 
     def finish(self) -> list[tuple[int, int]]:
         """End of the run: collect once more; report (round, node) of training messages never answered."""
         self.collect_late()
-        unanswered = sorted(set(self._pending.values()))  # SecAgg+ sends several per round
-        for server_round, node in unanswered:
+        unanswered = sorted({(r, n) for r, n, kind in self._pending.values() if kind == MessageType.TRAIN})
+        for server_round, node in unanswered:  # (a set: SecAgg+ sends several per round)
             log(WARNING, "round %d: node %d never replied to its training message; if it trained, the spend is "
                 "in its own ledger only", server_round, node)
             if self._on_unanswered is not None:
                 self._on_unanswered(server_round, node)
+        for server_round, node in sorted({(r, n) for r, n, kind in self._pending.values() if kind != MessageType.TRAIN}):
+            log(WARNING, "round %d: node %d never replied to its evaluation message; if it sent noised sums, the "
+                "spend is in its own ledger only", server_round, node)
         self._pending.clear()
         return unanswered

@@ -229,7 +229,8 @@ class PrivacyReport:
         if noise <= 0:
             return "sent in clear, outside the guarantee (evaluation-noise-multiplier = 0)"
         return (f"HR@{k} and NDCG@{k} sums only, each plus Gaussian noise of std {noise:g} x sqrt 2 (one user moves "
-                f"the pair by at most sqrt 2), accounted on the partners' ledgers in the epsilon above")
+                f"the pair by at most sqrt 2), accounted on the partners' ledgers in the epsilon above; the count of "
+                "evaluated users travels in clear, like the training replies' counts")
 
     def _local_bound(self, partners: list[dict[str, Any]]) -> str:
         """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""

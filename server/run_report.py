@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from common.evaluation import combine_partner_metrics
 from common.private_evaluation import SENSITIVITY, clamp_noised_sums
 from common.files import atomic_write_bytes, atomic_write_text
-from common.metrics import means_and_errors
+from common.metrics import means_and_errors, means_from_sums
 
 
 def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
@@ -107,7 +107,9 @@ class RunRecorder:
         if noise > 0:
             sums = clamp_noised_sums(sums)
             records = [clamp_noised_sums(dict(r)) for r in records]
-        out = {**means_and_errors(sums), "num-users": sums.get("num-users", 0.0)}
+        # Under noise the users' spread is not known (no sums of squares): only the noise's error is stated
+        means = means_from_sums(sums) if noise > 0 else means_and_errors(sums)
+        out = {**means, "num-users": sums.get("num-users", 0.0)}
         # Coverage and per-partner NDCG spread (not additive): common/evaluation.py
         out.update(combine_partner_metrics(records, len(self.catalogue), self.top_k))
         if noise > 0:

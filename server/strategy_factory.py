@@ -117,6 +117,7 @@ def build_strategy(
     cfg: Mapping[str, Any], *, first_round: int = 1, train_metrics_aggr_fn: MetricsFn | None = None,
     evaluate_metrics_aggr_fn: MetricsFn | None = None, wrap_aggregation: Callable[[Strategy], Strategy] | None = None,
     tied: Sequence[Sequence[str]] = (), on_unaggregated: Callable[[int, Message, str], None] | None = None,
+    on_rejected_evaluation: Callable[[int, Message], None] | None = None,
 ) -> RoundControl:
     """The full stack: round control over update validation over the chosen aggregation.
 
@@ -133,7 +134,7 @@ def build_strategy(
         inner = wrap_aggregation(inner)
     validating = ValidatingStrategy(
         inner, bounds=UpdateBounds(max_update_norm=max_norm, max_num_examples=max_examples), min_train_nodes=min_nodes,
-        on_unaggregated=on_unaggregated,
+        on_unaggregated=on_unaggregated, on_rejected_evaluation=on_rejected_evaluation,
     )
     wait = float(cfg["node-wait-timeout"])
     check_strategy_config(cfg)

@@ -136,12 +136,15 @@ class ValidatingStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, bounds: UpdateBounds, min_train_nodes: int,
-                 on_unaggregated: Callable[[int, Message, str], None] | None = None) -> None:
+                 on_unaggregated: Callable[[int, Message, str], None] | None = None,
+                 on_rejected_evaluation: Callable[[int, Message], None] | None = None) -> None:
         if min_train_nodes < 1:
             raise ValueError("min_train_nodes must be at least 1")
         self.inner = inner
         # Told of every received update that is not aggregated (the privacy report counts its spend)
         self.on_unaggregated = on_unaggregated
+        # Told of every rejected evaluation reply (a noised one spent budget: the privacy report counts it)
+        self.on_rejected_evaluation = on_rejected_evaluation
         self.bounds = bounds
         self.min_train_nodes = min_train_nodes
         self.rejections: list[dict[str, Any]] = []  # {"round", "node", "reason"}, for the run directory
@@ -201,10 +204,10 @@ class ValidatingStrategy(Strategy):
         for msg in replies:
             problem = None if msg.has_error() else metrics_problem(msg.content)
             if problem:
-                self._reject(server_round, msg, f"evaluation: {problem}")
+                self._reject(server_round, msg, f"evaluation: {problem}", evaluation=True)
                 continue
             kept.append(msg)
-        ok = self._consistent_metric_keys(server_round, [m for m in kept if not m.has_error()])
+        ok = self._consistent_metric_keys(server_round, _without_simulation_keys([m for m in kept if not m.has_error()]))
         # A fixed order (by content), as for updates: the float sums are the same whatever order replies arrive in
         ok.sort(key=lambda m: metrics_digest(m.content))
         return self.inner.aggregate_evaluate(server_round, ok + [m for m in kept if m.has_error()])
@@ -222,13 +225,34 @@ class ValidatingStrategy(Strategy):
                 kept.append(msg)
             else:
                 self._reject(server_round, msg, f"metric keys {sorted(keys)} differ from the other partners'",
-                             update=updates)
+                             update=updates, evaluation=not updates)
         return kept
 
-    def _reject(self, server_round: int, msg: Message, reason: str, *, update: bool = False) -> None:
-        """Log and list a dropped reply; ``update``: a training reply, whose release counts for privacy."""
+    def _reject(self, server_round: int, msg: Message, reason: str, *, update: bool = False,
+                evaluation: bool = False) -> None:
+        """Log and list a dropped reply; ``update``: a training reply, whose release counts for privacy;
+        ``evaluation``: an evaluation reply (a noised one counts too)."""
         node = int(msg.metadata.src_node_id)
         log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, reason)
         self.rejections.append({"round": server_round, "node": node, "reason": reason})
         if update and self.on_unaggregated is not None:
             self.on_unaggregated(server_round, msg, reason)
+        if evaluation and not msg.has_error() and self.on_rejected_evaluation is not None:
+            self.on_rejected_evaluation(server_round, msg)
+
+
+SIMULATION_ONLY_METRICS = ("partition-id", "rec-items@")  # evaluation keys a deployed partner does not send
+
+
+def _without_simulation_keys(replies: list[Message]) -> list[Message]:
+    """Evaluation replies with the simulation-only keys removed from all of them when some lack them:
+    a deployed partner (own log) beside simulated ones used to be rejected every round for its key
+    set, and Flower refuses to mix key sets. That round then has no coverage or per-partner spread."""
+    records = [next(iter(m.content.metric_records.values())) for m in replies if m.content.metric_records]
+    optional = {k for r in records for k in r.keys() if k.startswith(SIMULATION_ONLY_METRICS)}
+    if not optional or all(optional <= set(r.keys()) for r in records):
+        return replies
+    for record in records:
+        for key in optional & set(record.keys()):
+            del record[key]
+    return replies

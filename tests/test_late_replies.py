@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flwr.app import Message
 
 from simulations.local_grid import FIRST_NODE_ID, LocalGrid, run_local
@@ -102,3 +104,41 @@ def test_the_stated_bound_takes_the_largest_delta_of_the_partners(tmp_path):
     report.partners = {"a": {"partner": "a", "epsilon": 4.0, "delta": 1e-6, "target-epsilon": 4.0},
                        "b": {"partner": "b", "epsilon": 3.9, "delta": 1e-5, "target-epsilon": 8.0}}
     assert "at most (4.000, 1e-05) over 2 partners (worst: a; targets 4, 8)" in report.guarantee()
+
+
+class HoldingEvaluationGrid(LocalGrid):
+    """LATE's round-1 evaluation reply is released at the next push (after round 1's timeout)."""
+
+    def __init__(self, apps) -> None:  # noqa: ANN001
+        super().__init__(apps)
+        self.held: dict[str, Message] = {}
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        current = messages[0].content.config_records["config"]["server-round"] if messages else None
+        released, self.held = self.held, {}
+        ids = list(super().push_messages(messages))
+        self._replies.update(released)
+        for msg_id in ids:
+            reply = self._replies[msg_id]
+            if (reply.metadata.src_node_id, reply.metadata.message_type, current) == (LATE, "evaluate", 1):
+                self.held[msg_id] = self._replies.pop(msg_id)
+        return ids
+
+
+def test_a_late_noised_evaluation_reply_is_in_the_privacy_report(tmp_path, monkeypatch):
+    # A review: only training messages were tracked, so a noised evaluation answered after round-timeout spent
+    # budget that privacy.json never showed
+    from dp_accounting import dp_event, rdp
+
+    monkeypatch.setattr("simulations.local_grid.LocalGrid", HoldingEvaluationGrid)
+    run_dir = run_local({**TINY, "run-dir": str(tmp_path), "run-name": "lateeval", "evaluation-noise-multiplier": 3.0,
+                         "ledger-dir": str(tmp_path / "ledgers")}, 3)
+    partners = {p["node-id"]: p for p in json.loads((run_dir / "privacy.json").read_text())["partners"].values()}
+    late = partners[LATE]
+    assert late["ledger-evaluations"] == 2 and sorted(late["rounds-evaluated"]) == [1, 2]
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(late["sample-rate"], dp_event.GaussianDpEvent(late["noise-multiplier"])),
+                int(late["ledger-steps"]))
+    acc.compose(dp_event.GaussianDpEvent(3.0), 2)
+    assert late["epsilon"] == pytest.approx(acc.get_epsilon(late["delta"]), rel=0.01)

@@ -156,10 +156,11 @@ def test_a_changed_evaluation_noise_mid_run_is_refused(tmp_path):
         _budget(tmp_path, {"evaluation-noise-multiplier": 4.0})
 
 
-def _evaluate_once(tmp_path, run: dict, node: dict | None = None):
+def _evaluate_once(tmp_path, run: dict, node: dict | None = None, context: Context | None = None):
     overrides = {**TINY, "run-dir": str(tmp_path), **run}
     cfg = resolve_config(None, overrides)
-    context = Context(run_id=1, node_id=1, node_config={**NODE, **(node or {})}, state=RecordDict(), run_config={})
+    context = context or Context(run_id=1, node_id=1, node_config={**NODE, **(node or {})}, state=RecordDict(),
+                                 run_config={})
     arrays = ArrayRecord(new_model(cfg, partner_data(cfg, NODE).num_items).state_dict())
     config = ConfigRecord({"server-round": 1, "run-name": "evalrun"})
     return make_client_app(overrides)(flower_message(RecordDict({"arrays": arrays, "config": config}), "evaluate"),
@@ -235,6 +236,87 @@ def test_a_schema_1_ledger_is_upgraded_and_keeps_its_spend(tmp_path):
     assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema-version'").fetchone() == ("2",)
 
 
+def test_a_partner_evaluated_before_it_trained_remembers_its_ledger(tmp_path):
+    # Its node state says it wrote to the ledger, so a ledger deleted with its marker is missing, not new
+    context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+    assert not _evaluate_once(tmp_path, {"evaluation-noise-multiplier": 4.0}, context=context).has_error()
+    ledger = tmp_path / "evalrun" / "ledgers" / "partner-0.sqlite"
+    ledger.unlink()
+    ledger.with_name(ledger.name + ".created").unlink()
+    again = _evaluate_once(tmp_path, {"evaluation-noise-multiplier": 4.0}, context=context)
+    assert again.has_error() and "is missing" in again.error.reason and not ledger.exists()
+
+
+def test_a_partners_floor_holds_when_evaluation_calibrates_the_run(tmp_path):
+    # The first message of the run is an evaluation: the ledger's calibration must already obey max-epsilon
+    reply = _evaluate_once(tmp_path, {"evaluation-noise-multiplier": 4.0}, {"max-epsilon": 2.0})
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["target-epsilon"] == 2.0
+
+
+def test_an_older_evaluation_reply_never_lowers_the_recorded_spend(tmp_path):
+    from flwr.app import Message, MetricRecord
+
+    from server.privacy_report import PrivacyReport
+    from simulations.local_grid import LocalGrid
+
+    LocalGrid([])  # sets the task identity Flower's Message needs outside its runtimes
+    report = PrivacyReport(tmp_path, resolve_config(None, {"evaluation-noise-multiplier": 3.0}))
+
+    def reply(epsilon: float, evaluations: int) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"epsilon": epsilon, "delta": 1e-5, "ledger-evaluations": evaluations,
+                                                       "num-examples": 7}),
+                              "privacy": ConfigRecord({"partner": "partner-0"})})
+        return Message(content, dst_node_id=5, message_type="evaluate")
+
+    report.note_evaluation(2, [reply(5.0, 2)])
+    report.note_evaluation(1, [reply(4.0, 1)])  # round 1's reply, late
+    entry = report.partners["partner-0"]
+    assert (entry["epsilon"], entry["ledger-evaluations"], entry["rounds-evaluated"]) == (5.0, 2, [2, 1])
+    report.note_evaluation(3, [reply(6.0, 3)])
+    assert report.partners["partner-0"]["epsilon"] == 6.0
+
+
+def _replies(values: list[tuple[dict, float]]):
+    from flwr.app import Message, MessageType, MetricRecord
+
+    from simulations.local_grid import LocalGrid
+
+    LocalGrid([])
+    out = []
+    for node, (metrics, epsilon) in enumerate(values, start=101):
+        ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        body = RecordDict({"metrics": MetricRecord({**metrics, "epsilon": epsilon, "delta": 1e-5}),
+                           "privacy": ConfigRecord({"partner": f"partner-{node}"})})
+        out.append(Message(body, reply_to=ins))
+    return out
+
+
+def test_a_rejected_noised_evaluation_reply_still_counts_and_own_log_partners_mix_with_simulated(tmp_path):
+    # A review: a deployed partner (no partition-id) beside simulated ones was rejected every round for its
+    # key set, and a rejected noised reply, which spent budget, never reached privacy.json
+    from server.privacy_report import PrivacyReport
+    from server.run_report import RunRecorder
+    from server.strategy_factory import build_strategy
+    from server.central_dp import with_privacy
+
+    cfg = resolve_config(None, {"evaluation-noise-multiplier": 3.0, "min-nodes": 2})
+    report = PrivacyReport(tmp_path, cfg)
+    recorder = RunRecorder(tmp_path, cfg, np.array([str(i) for i in range(20)]))
+    strategy = build_strategy(cfg, evaluate_metrics_aggr_fn=recorder.aggregate_evaluate_metrics,
+                              wrap_aggregation=lambda inner: with_privacy(inner, cfg, report),
+                              on_rejected_evaluation=lambda r, m: report.note_evaluation(r, [m]))
+    sums = {"hit@10-sum": 5.0, "ndcg@10-sum": 2.0, "num-users": 50.0, "num-examples": 50}
+    replies = _replies([({**sums, "partition-id": 0}, 3.0), ({**sums, "partition-id": 1}, 3.0), (sums, 7.9),
+                        ({**sums, "hit@10-sum": float("nan")}, 6.5)])
+    metrics = strategy.inner.aggregate_evaluate(1, replies)
+    assert metrics["num-users"] == 150.0  # the own-log partner is combined, the NaN one is not
+    assert {p: e["epsilon"] for p, e in report.partners.items()} == {
+        "partner-101": 3.0, "partner-102": 3.0, "partner-103": 7.9, "partner-104": 6.5}
+    assert report.partners["partner-104"]["rounds-evaluated"] == [1]
+    assert metrics["epsilon"] == 7.9
+
+
 @pytest.mark.slow
 def test_a_simulation_with_noised_evaluation_reports_the_whole_spend(tmp_path):
     from tests.flower_processes import run_to_end, start
@@ -244,8 +326,9 @@ def test_a_simulation_with_noised_evaluation_reports_the_whole_spend(tmp_path):
                  "run-dir": str(tmp_path / "runs"), "run-name": "noised", "evaluation-noise-multiplier": 3.0}
     run_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
     log = tmp_path / "simulation.log"
+    (tmp_path / "runs" / "noised").mkdir(parents=True)  # taken: the run is "noised-2", which evaluation must name too
     run_to_end(start("simulations.run", run_config, log, "--num-partners", "3"), log)
-    run_dir = tmp_path / "runs" / "noised"
+    run_dir = tmp_path / "runs" / "noised-2"
 
     # Assert: each partner's epsilon is dp_accounting's for 2 DP-SGD rounds + 2 Gaussian releases
     report = json.loads((run_dir / "privacy.json").read_text())
@@ -262,7 +345,9 @@ def test_a_simulation_with_noised_evaluation_reports_the_whole_spend(tmp_path):
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for line in rounds:
         assert line["epsilon"] == pytest.approx(max(e for r, e in worst if r == line["round"]), rel=0.01)
-        assert 0 <= line["hr@10"] <= 1 and 0 <= line["ndcg@10"] <= 1 and line["ndcg@10-noise-se"] > 0
+        assert 0 <= line["hr@10"] <= 1 and 0 <= line["ndcg@10"] <= 1
+        assert line["ndcg@10-noise-se"] == pytest.approx(3.0 * math.sqrt(2) * math.sqrt(3) / line["eval-users"])
+        assert "ndcg@10-se" not in line  # the users' spread is unknown under noise
         assert "ndcg@20" not in line and "coverage@10" not in line and "popularity@10" not in line
     assert "noised for DP" in (run_dir / "summary.md").read_text()
 
@@ -275,6 +360,12 @@ def test_the_epsilon_plan_spends_the_planned_evaluations():
     expected = _dp_accounting_epsilon([(row["noise-multiplier"], row["sample-rate"], row["steps-per-round"])] * 3,
                                       [3.0] * 3, row["delta"])
     assert row["evaluations"] == 3 and row["eps-rdp@3"] == pytest.approx(expected, rel=0.01)
+    # every other round evaluated: rounds 2 and 3 (the last); after round 1 no evaluation has been spent
+    cfg2 = {**cfg, "evaluate-every": 2}
+    (row,) = plan(cfg2, 1, [1, 3])
+    training = (row["noise-multiplier"], row["sample-rate"], row["steps-per-round"])
+    assert row["eps-rdp@1"] == pytest.approx(_dp_accounting_epsilon([training], [], row["delta"]), rel=0.01)
+    assert row["eps-rdp@3"] == pytest.approx(_dp_accounting_epsilon([training] * 3, [3.0] * 2, row["delta"]), rel=0.01)
     assert row["eps-rdp@3"] == pytest.approx(cfg["target-epsilon"], rel=0.01)
 
 
