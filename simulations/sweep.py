@@ -55,6 +55,7 @@ SWEEP_ONLY = ("num-partners", "seed")
 SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [sweep] table
 ROUND_LINE = re.compile(r"round (\d+): HR@")
 ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
+STOP_GRACE_S = 10.0  # seconds a stopped run gets to end on SIGTERM before its process group is killed
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -248,6 +249,23 @@ def columns_of(spec: Mapping[str, Any]) -> list[str]:
     return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
 
 
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has already ended
+        os.killpg(pgid, signum)
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """Stop a run's process group (its own session: ``simulations.run`` and its Ray processes):
+    SIGTERM, then SIGKILL after :data:`STOP_GRACE_S` seconds. Flower's SIGTERM handler may block,
+    and a single SIGTERM left the sweep waiting on it forever."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_GRACE_S)
+    # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
     """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
     runs_dir = spec["runs-dir"]
@@ -270,8 +288,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
 
         def expire() -> None:  # a timer, not a check per output line: a silent hang is stopped too
             timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            stop_run(proc)
 
         timer = threading.Timer(spec["timeout"], expire)
         timer.daemon = True
@@ -287,8 +304,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     last_error = line.strip()[-300:]
             proc.wait()
         except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            stop_run(proc)
             raise
         finally:
             timer.cancel()

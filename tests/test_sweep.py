@@ -207,6 +207,39 @@ def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypat
     assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
 
 
+def group_is_gone(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_run_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+    # simulations.run (Flower's SIGTERM handler) may not end on SIGTERM: the sweep waited on it forever
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    fake_python(tmp_path, monkeypatch, f"echo $$ > {pid_file}\ntrap '' TERM\nexec sleep 60\n")
+    monkeypatch.setattr(sweep, "STOP_GRACE_S", 0.5, raising=False)
+    spec = sweep.load_sweep(write_config(tmp_path))
+    spec["timeout"] = 1.0
+    run = next(iter(sweep.expand(spec)))
+    start = time.monotonic()
+    try:
+        row = sweep.execute(run, spec, sweep.run_id(run))
+        assert time.monotonic() - start < 30  # not the child's 60 s: it was killed, not waited for
+        assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
+        assert group_is_gone(int(pid_file.read_text()))
+    finally:
+        if pid_file.exists() and not group_is_gone(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
     """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
     import sys
