@@ -249,6 +249,38 @@ def columns_of(spec: Mapping[str, Any]) -> list[str]:
     return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt so that both stop a sweep the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``) raises :class:`Stopped`: it ended the sweep alone,
+    leaving the running simulation and its Ray processes behind."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # the group has already ended
         os.killpg(pgid, signum)
@@ -258,12 +290,13 @@ def stop_run(proc: subprocess.Popen) -> None:
     """Stop a run's process group (its own session: ``simulations.run`` and its Ray processes):
     SIGTERM, then SIGKILL after :data:`STOP_GRACE_S` seconds. Flower's SIGTERM handler may block,
     and a single SIGTERM left the sweep waiting on it forever."""
-    _signal_group(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_GRACE_S)
-    # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the stop short
+        _signal_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
@@ -351,28 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    from tqdm import tqdm
-
     spec = load_sweep(args.config)
-    runs = list(expand(spec))
-    columns = columns_of(spec)
-    done = finished_runs(spec["output"], args.retry_failed)
-    todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
-    print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
-          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
-    if args.max_runs:
-        todo = todo[: args.max_runs]
-    bar = tqdm(total=len(todo), desc="runs", unit="run", position=0)
-    for rid, run in todo:
-        rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
-        rounds = tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} eps={run.get('target-epsilon', '-')} "
-                      f"seed={run['seed']}", unit="round", position=1, leave=False)
-        row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
-        rounds.close()
-        append_row(spec["output"], row, columns)
-        bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
-        bar.update(1)
-    bar.close()
+    with sigterm_stops():
+        try:
+            run_sweep(spec, args.retry_failed, args.max_runs)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
+            print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
+                  "(run the command again to resume)", file=sys.stderr)
+            return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
 
@@ -380,6 +399,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot: {path}")
     print(f"results: {spec['output']}")
     return 0
+
+
+def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> None:
+    """Every run of ``spec`` not yet in its results file (at most ``max_runs`` if set), one row each."""
+    from tqdm import tqdm
+
+    runs = list(expand(spec))
+    columns = columns_of(spec)
+    done = finished_runs(spec["output"], retry_failed)
+    todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
+    print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
+          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
+    if max_runs:
+        todo = todo[:max_runs]
+    with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
+        for rid, run in todo:
+            rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
+            with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "
+                      f"eps={run.get('target-epsilon', '-')} seed={run['seed']}", unit="round", position=1,
+                      leave=False) as rounds:
+                row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
+            with signals_deferred():  # a stop now lands after the row, not inside it
+                append_row(spec["output"], row, columns)
+            bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
+            bar.update(1)
 
 
 if __name__ == "__main__":

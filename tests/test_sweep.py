@@ -240,6 +240,41 @@ def test_a_run_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, m
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def test_sigterm_to_the_sweep_stops_its_running_simulation_too(tmp_path):
+    # `kill <sweep pid>` ended the sweep alone: the simulation and its Ray processes ran on, orphaned
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    config = write_config(tmp_path)
+    code = (f"import sys; sys.executable = {str(fake)!r}; from simulations.sweep import main; "
+            f"sys.exit(main([{str(config)!r}, '--no-plots']))")
+    sweep_proc = subprocess.Popen([sys.executable, "-c", code], cwd=sweep.PROJECT_ROOT, stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            assert sweep_proc.poll() is None, sweep_proc.stderr.read()
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        sweep_proc.send_signal(signal.SIGTERM)
+        _, err = sweep_proc.communicate(timeout=60)
+        assert group_is_gone(child)
+        assert sweep_proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith("stopped: "), err
+        assert not (tmp_path / "results.csv").exists()  # the stopped run is not a row: it runs again on resume
+    finally:
+        sweep_proc.kill()
+        sweep_proc.wait()
+        if pid_file.exists() and pid_file.read_text().strip() and not group_is_gone(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
     """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
     import sys
