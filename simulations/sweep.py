@@ -17,8 +17,10 @@ A config (TOML) has three tables::
 
 Each run is a separate ``python -m simulations.run`` process (Flower's simulation engine
 starts and stops its own Ray instance there, so one run's Ray state, caches or crash
-cannot leak into the next). A run whose ``run-id`` (a hash of its full configuration)
-is already in the CSV is skipped, so re-running the command resumes the sweep.
+cannot leak into the next), started in the repository root: relative paths (``output``,
+``runs-dir``, a [fixed] ``dataset``) are under the repository root wherever the sweep starts.
+A run whose ``run-id`` (a hash of its full configuration) is already in the CSV is skipped,
+so re-running the command resumes the sweep.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     timeout = sweep.get("run-timeout", 3600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{p}: [sweep] run-timeout must be a positive number of seconds, got {timeout!r}")
-    spec = {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
-            "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
+    spec = {"name": sweep.get("name", p.stem), "output": project_path(p, "output", sweep["output"]),
+            "runs-dir": project_path(p, "runs-dir", sweep.get("runs-dir", f"runs/sweeps/{p.stem}")), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
     try:
         unused: set[str] = set()
@@ -102,6 +104,14 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     except FedRecError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     return spec
+
+
+def project_path(config: Path, key: str, value: object) -> Path:
+    """A [sweep] path, absolute; a relative one is under the repository root, where every run's process
+    starts (it was under the current directory: started elsewhere, a sweep wrote a new CSV and reran all)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{config}: [sweep] {key} must be a path, got {value!r}")
+    return PROJECT_ROOT / Path(value).expanduser()
 
 
 def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:

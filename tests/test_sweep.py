@@ -52,6 +52,30 @@ def test_grid_expands_to_cells_times_seeds_with_stable_ids(tmp_path):
     assert sweep.run_overrides({"target-epsilon": "inf"}) == {"dp": False, "dp-mode": "off"}
 
 
+def test_relative_sweep_paths_are_under_the_repository_root_from_any_directory(tmp_path, monkeypatch, capsys):
+    # They were under the current directory, while the runs start in the repository root: a sweep
+    # started from another folder wrote a new CSV there and ran everything again
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run) or pytest.fail("nothing to run"))
+    monkeypatch.setattr(sweep, "PROJECT_ROOT", tmp_path / "repo")
+    config = write_config(tmp_path, TINY.replace("{out}/results.csv", "results/r.csv").replace("{out}/runs", "runs/x"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = sweep.load_sweep(config)
+    assert spec["output"] == tmp_path / "repo" / "results" / "r.csv"
+    assert spec["runs-dir"] == tmp_path / "repo" / "runs" / "x"
+    (tmp_path / "abs").mkdir()
+    absolute = sweep.load_sweep(write_config(tmp_path / "abs"))  # an absolute path stays as written
+    assert absolute["output"] == tmp_path / "abs" / "results.csv" and absolute["runs-dir"] == tmp_path / "abs" / "runs"
+    columns = sweep.columns_of(spec)
+    for run in sweep.expand(spec):  # both runs already recorded in the repository's results file
+        sweep.append_row(spec["output"], {**run, "run-id": sweep.run_id(run), "status": "ok"}, columns)
+    assert sweep.main([str(config), "--no-plots"]) == 0 and calls == []
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"2 already in {spec['output']}, 0 to run" in first  # the absolute results path, at the start
+
+
 def test_unknown_key_is_a_clear_error(tmp_path):
     from common.errors import ConfigError
 
