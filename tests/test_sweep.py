@@ -508,3 +508,46 @@ def test_plots_skip_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
     assert plot_run(run_dir) == [run_dir / "rounds.png", run_dir / "partners.png"]
     assert [p.name for p in plot_sweep(path)] == ["r_ndcg_vs_epsilon.png", "r_rounds.png", "r_partners.png"]
     assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
+
+
+def _timed_out_run(path):
+    """A sweep's run directory after its run-timeout: config.json only (model.pt comes at the end)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model": "mf"}))
+    return path
+
+
+def test_the_audit_of_an_unfinished_run_says_so(tmp_path, capsys):
+    # It blamed the holdout: "no model.pt (run with holdout-fraction > 0 ...)"
+    from simulations import audit
+
+    run_dir = _timed_out_run(tmp_path / "run")
+    assert audit.main([str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run_dir}: run not finished (no model.pt)"]
+
+
+def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path, monkeypatch, capsys):
+    # runs-dir/*/ stopped at the first timed-out run, with no --out file
+    from simulations import audit
+
+    result = {"run": "good", "model": "mf", "epsilon": float("inf"), "delta": 0.0, "members": 3, "non-members": 2,
+              **{f"auc-{n}": 0.5 for n in ("loss", "calibrated", "control-loss", "control-calibrated")},
+              **{f"auc-{n}-ci": [0.4, 0.6] for n in ("loss", "calibrated")}}
+    real_audit = audit.run_audit
+    monkeypatch.setattr(audit, "run_audit", lambda d, **k: dict(result) if d.name == "good" else real_audit(d, **k))
+    late, good, empty = _timed_out_run(tmp_path / "late"), tmp_path / "good", tmp_path / "empty"
+    good.mkdir()
+    empty.mkdir()
+    out = tmp_path / "audits.json"
+    assert audit.main([str(late), str(good), str(empty), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"warning: skipped {late}: run not finished (no model.pt)",
+                                                  f"warning: skipped {empty}: no config.json (run with holdout-fraction "
+                                                  "> 0 through simulations.run/sweep)"]
+    assert captured.out.startswith("good: model mf") and json.loads(out.read_text()) == [result]
+    out.unlink()
+    assert audit.main([str(late), str(empty), "--out", str(out)]) == 2  # none left: an error, no --out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and err[-1] == "error: none of the 2 run directories could be audited (see the warnings above)"
+    assert not out.exists()
