@@ -1,6 +1,7 @@
 """Membership-inference audit of a released global model (``model.pt`` in a run directory).
 
     python -m simulations.audit runs/<run>           # needs a run with holdout-fraction > 0
+    python -m simulations.audit runs/sweeps/<sweep>/*/ --out audits.json   # several: unusable ones skipped
 
 Members are the users the federation trained on (two or more training items, i.e. the
 DP samples); non-members are the held-out users listed in ``holdout.json``, never
@@ -32,7 +33,7 @@ import torch
 from common.cli_args import output_file, positive_int
 from common.config import DEFAULTS, resolve_config
 from common.data.sequences import SequenceData
-from common.errors import DataError
+from common.errors import DataError, FedRecError
 from common.files import atomic_write_text
 from common.metrics import pad_left
 from common.task import federation_data, new_model
@@ -99,12 +100,20 @@ def popularity_losses(data: SequenceData, counts: np.ndarray, max_len: int) -> n
     return np.array([-logp[h[-max_len:]].mean() if len(h) else 0.0 for h in data.train_sequences()])
 
 
+def _missing(name: str) -> str:
+    """Why a run directory lacks ``name``: no model.pt is a run that never finished (a sweep's timed-out
+    or stopped run has only config.json), not a run without a holdout."""
+    if name == "model.pt":
+        return "run not finished (no model.pt)"
+    return f"no {name} (run with holdout-fraction > 0 through simulations.run/sweep)"
+
+
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
     for name in ("config.json", "model.pt", "holdout.json"):
         if not (run_dir / name).is_file():
-            raise DataError(f"{run_dir}: no {name} (run with holdout-fraction > 0 through simulations.run/sweep)")
+            raise DataError(f"{run_dir}: {_missing(name)}")
     saved_cfg = read_json_object(run_dir / "config.json")
     cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})  # keys of older versions dropped
     holdout = read_json_object(run_dir / "holdout.json")
@@ -158,20 +167,37 @@ def format_result(r: dict) -> str:
             f"calibrated AUC {r['auc-control-calibrated']:.3f}")
 
 
+def audit_all(run_dirs: list[Path], **options: int) -> list[dict]:
+    """Audit each run directory and print its result. One directory alone fails with its error; of
+    several (a sweep's ``runs-dir/*/``), an unusable one is a warning line and is skipped (the first
+    one stopped the audit of all, without --out), unless none is left."""
+    results = []
+    for run_dir in run_dirs:
+        try:
+            results.append(run_audit(run_dir, **options))
+        except (FedRecError, OSError) as exc:
+            if len(run_dirs) == 1:
+                raise
+            text = str(exc) if str(run_dir) in str(exc) else f"{run_dir}: {exc}"
+            print(f"warning: skipped {text}", file=sys.stderr)
+            continue
+        print(format_result(results[-1]))
+    if not results:
+        raise DataError(f"none of the {len(run_dirs)} run directories could be audited (see the warnings above)")
+    return results
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run directories (with model.pt, config.json, holdout.json)")
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CI (default 1000)")
     parser.add_argument("--max-members", type=positive_int, default=2000, help="members sampled for the attack (default 2000)")
-    parser.add_argument("--out", type=output_file, help="also write every run's result, in order, as one JSON list here")
+    parser.add_argument("--out", type=output_file, help="also write every audited run's result, in order, as one JSON list here")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine
-    results = []
-    for run_dir in args.run_dirs:
-        results.append(run_audit(Path(run_dir), max_members=args.max_members, rounds=args.bootstrap))
-        print(format_result(results[-1]))
+    results = audit_all([Path(d) for d in args.run_dirs], max_members=args.max_members, rounds=args.bootstrap)
     if args.out:
         write_results(args.out, results)
     return 0

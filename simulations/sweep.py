@@ -17,8 +17,10 @@ A config (TOML) has three tables::
 
 Each run is a separate ``python -m simulations.run`` process (Flower's simulation engine
 starts and stops its own Ray instance there, so one run's Ray state, caches or crash
-cannot leak into the next). A run whose ``run-id`` (a hash of its full configuration)
-is already in the CSV is skipped, so re-running the command resumes the sweep.
+cannot leak into the next), started in the repository root: relative paths (``output``,
+``runs-dir``, a [fixed] ``dataset``) are under the repository root wherever the sweep starts.
+A run whose ``run-id`` (a hash of its full configuration) is already in the CSV is skipped,
+so re-running the command resumes the sweep.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ SWEEP_ONLY = ("num-partners", "seed")
 SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [sweep] table
 ROUND_LINE = re.compile(r"round (\d+): HR@")
 ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
+STOP_GRACE_S = 10.0  # seconds a stopped run gets to end on SIGTERM before its process group is killed
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -90,8 +93,8 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     timeout = sweep.get("run-timeout", 3600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{p}: [sweep] run-timeout must be a positive number of seconds, got {timeout!r}")
-    spec = {"name": sweep.get("name", p.stem), "output": Path(sweep["output"]),
-            "runs-dir": Path(sweep.get("runs-dir", f"runs/sweeps/{p.stem}")).absolute(), "seeds": list(seeds),
+    spec = {"name": sweep.get("name", p.stem), "output": project_path(p, "output", sweep["output"]),
+            "runs-dir": project_path(p, "runs-dir", sweep.get("runs-dir", f"runs/sweeps/{p.stem}")), "seeds": list(seeds),
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
     try:
         unused: set[str] = set()
@@ -101,6 +104,14 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     except FedRecError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     return spec
+
+
+def project_path(config: Path, key: str, value: object) -> Path:
+    """A [sweep] path, absolute; a relative one is under the repository root, where every run's process
+    starts (it was under the current directory: started elsewhere, a sweep wrote a new CSV and reran all)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{config}: [sweep] {key} must be a path, got {value!r}")
+    return PROJECT_ROOT / Path(value).expanduser()
 
 
 def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,6 +259,56 @@ def columns_of(spec: Mapping[str, Any]) -> list[str]:
     return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt so that both stop a sweep the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``) raises :class:`Stopped`: it ended the sweep alone,
+    leaving the running simulation and its Ray processes behind."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has already ended
+        os.killpg(pgid, signum)
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """Stop a run's process group (its own session: ``simulations.run`` and its Ray processes):
+    SIGTERM, then SIGKILL after :data:`STOP_GRACE_S` seconds. Flower's SIGTERM handler may block,
+    and a single SIGTERM left the sweep waiting on it forever."""
+    with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the stop short
+        _signal_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
     """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
     runs_dir = spec["runs-dir"]
@@ -270,8 +331,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
 
         def expire() -> None:  # a timer, not a check per output line: a silent hang is stopped too
             timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            stop_run(proc)
 
         timer = threading.Timer(spec["timeout"], expire)
         timer.daemon = True
@@ -287,8 +347,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     last_error = line.strip()[-300:]
             proc.wait()
         except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            stop_run(proc)
             raise
         finally:
             timer.cancel()
@@ -335,28 +394,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    from tqdm import tqdm
-
     spec = load_sweep(args.config)
-    runs = list(expand(spec))
-    columns = columns_of(spec)
-    done = finished_runs(spec["output"], args.retry_failed)
-    todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
-    print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
-          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
-    if args.max_runs:
-        todo = todo[: args.max_runs]
-    bar = tqdm(total=len(todo), desc="runs", unit="run", position=0)
-    for rid, run in todo:
-        rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
-        rounds = tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} eps={run.get('target-epsilon', '-')} "
-                      f"seed={run['seed']}", unit="round", position=1, leave=False)
-        row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
-        rounds.close()
-        append_row(spec["output"], row, columns)
-        bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
-        bar.update(1)
-    bar.close()
+    with sigterm_stops():
+        try:
+            run_sweep(spec, args.retry_failed, args.max_runs)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
+            print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
+                  "(run the command again to resume)", file=sys.stderr)
+            return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
 
@@ -364,6 +409,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot: {path}")
     print(f"results: {spec['output']}")
     return 0
+
+
+def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> None:
+    """Every run of ``spec`` not yet in its results file (at most ``max_runs`` if set), one row each."""
+    from tqdm import tqdm
+
+    runs = list(expand(spec))
+    columns = columns_of(spec)
+    done = finished_runs(spec["output"], retry_failed)
+    todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
+    print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
+          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
+    if max_runs:
+        todo = todo[:max_runs]
+    with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
+        for rid, run in todo:
+            rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
+            with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "
+                      f"eps={run.get('target-epsilon', '-')} seed={run['seed']}", unit="round", position=1,
+                      leave=False) as rounds:
+                row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
+            with signals_deferred():  # a stop now lands after the row, not inside it
+                append_row(spec["output"], row, columns)
+            bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")
+            bar.update(1)
 
 
 if __name__ == "__main__":

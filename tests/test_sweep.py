@@ -52,6 +52,30 @@ def test_grid_expands_to_cells_times_seeds_with_stable_ids(tmp_path):
     assert sweep.run_overrides({"target-epsilon": "inf"}) == {"dp": False, "dp-mode": "off"}
 
 
+def test_relative_sweep_paths_are_under_the_repository_root_from_any_directory(tmp_path, monkeypatch, capsys):
+    # They were under the current directory, while the runs start in the repository root: a sweep
+    # started from another folder wrote a new CSV there and ran everything again
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run) or pytest.fail("nothing to run"))
+    monkeypatch.setattr(sweep, "PROJECT_ROOT", tmp_path / "repo")
+    config = write_config(tmp_path, TINY.replace("{out}/results.csv", "results/r.csv").replace("{out}/runs", "runs/x"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = sweep.load_sweep(config)
+    assert spec["output"] == tmp_path / "repo" / "results" / "r.csv"
+    assert spec["runs-dir"] == tmp_path / "repo" / "runs" / "x"
+    (tmp_path / "abs").mkdir()
+    absolute = sweep.load_sweep(write_config(tmp_path / "abs"))  # an absolute path stays as written
+    assert absolute["output"] == tmp_path / "abs" / "results.csv" and absolute["runs-dir"] == tmp_path / "abs" / "runs"
+    columns = sweep.columns_of(spec)
+    for run in sweep.expand(spec):  # both runs already recorded in the repository's results file
+        sweep.append_row(spec["output"], {**run, "run-id": sweep.run_id(run), "status": "ok"}, columns)
+    assert sweep.main([str(config), "--no-plots"]) == 0 and calls == []
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"2 already in {spec['output']}, 0 to run" in first  # the absolute results path, at the start
+
+
 def test_unknown_key_is_a_clear_error(tmp_path):
     from common.errors import ConfigError
 
@@ -211,6 +235,74 @@ def test_a_run_that_hangs_silently_is_stopped_at_the_timeout(tmp_path, monkeypat
     run = next(iter(sweep.expand(spec)))
     row = sweep.execute(run, spec, sweep.run_id(run))  # returns (the fake would sleep 60 s) ...
     assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
+
+
+def group_is_gone(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_run_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+    # simulations.run (Flower's SIGTERM handler) may not end on SIGTERM: the sweep waited on it forever
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    fake_python(tmp_path, monkeypatch, f"echo $$ > {pid_file}\ntrap '' TERM\nexec sleep 60\n")
+    monkeypatch.setattr(sweep, "STOP_GRACE_S", 0.5, raising=False)
+    spec = sweep.load_sweep(write_config(tmp_path))
+    spec["timeout"] = 1.0
+    run = next(iter(sweep.expand(spec)))
+    start = time.monotonic()
+    try:
+        row = sweep.execute(run, spec, sweep.run_id(run))
+        assert time.monotonic() - start < 30  # not the child's 60 s: it was killed, not waited for
+        assert row["status"].startswith("failed") and "timed out after 1 s" in row["status"]
+        assert group_is_gone(int(pid_file.read_text()))
+    finally:
+        if pid_file.exists() and not group_is_gone(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_sigterm_to_the_sweep_stops_its_running_simulation_too(tmp_path):
+    # `kill <sweep pid>` ended the sweep alone: the simulation and its Ray processes ran on, orphaned
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    config = write_config(tmp_path)
+    code = (f"import sys; sys.executable = {str(fake)!r}; from simulations.sweep import main; "
+            f"sys.exit(main([{str(config)!r}, '--no-plots']))")
+    sweep_proc = subprocess.Popen([sys.executable, "-c", code], cwd=sweep.PROJECT_ROOT, stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            assert sweep_proc.poll() is None, sweep_proc.stderr.read()
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        sweep_proc.send_signal(signal.SIGTERM)
+        _, err = sweep_proc.communicate(timeout=60)
+        assert group_is_gone(child)
+        assert sweep_proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith("stopped: "), err
+        assert not (tmp_path / "results.csv").exists()  # the stopped run is not a row: it runs again on resume
+    finally:
+        sweep_proc.kill()
+        sweep_proc.wait()
+        if pid_file.exists() and pid_file.read_text().strip() and not group_is_gone(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
@@ -422,3 +514,46 @@ def test_plots_skip_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
     assert plot_run(run_dir) == [run_dir / "rounds.png", run_dir / "partners.png"]
     assert [p.name for p in plot_sweep(path)] == ["r_ndcg_vs_epsilon.png", "r_rounds.png", "r_partners.png"]
     assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
+
+
+def _timed_out_run(path):
+    """A sweep's run directory after its run-timeout: config.json only (model.pt comes at the end)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model": "mf"}))
+    return path
+
+
+def test_the_audit_of_an_unfinished_run_says_so(tmp_path, capsys):
+    # It blamed the holdout: "no model.pt (run with holdout-fraction > 0 ...)"
+    from simulations import audit
+
+    run_dir = _timed_out_run(tmp_path / "run")
+    assert audit.main([str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run_dir}: run not finished (no model.pt)"]
+
+
+def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path, monkeypatch, capsys):
+    # runs-dir/*/ stopped at the first timed-out run, with no --out file
+    from simulations import audit
+
+    result = {"run": "good", "model": "mf", "epsilon": float("inf"), "delta": 0.0, "members": 3, "non-members": 2,
+              **{f"auc-{n}": 0.5 for n in ("loss", "calibrated", "control-loss", "control-calibrated")},
+              **{f"auc-{n}-ci": [0.4, 0.6] for n in ("loss", "calibrated")}}
+    real_audit = audit.run_audit
+    monkeypatch.setattr(audit, "run_audit", lambda d, **k: dict(result) if d.name == "good" else real_audit(d, **k))
+    late, good, empty = _timed_out_run(tmp_path / "late"), tmp_path / "good", tmp_path / "empty"
+    good.mkdir()
+    empty.mkdir()
+    out = tmp_path / "audits.json"
+    assert audit.main([str(late), str(good), str(empty), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"warning: skipped {late}: run not finished (no model.pt)",
+                                                  f"warning: skipped {empty}: no config.json (run with holdout-fraction "
+                                                  "> 0 through simulations.run/sweep)"]
+    assert captured.out.startswith("good: model mf") and json.loads(out.read_text()) == [result]
+    out.unlink()
+    assert audit.main([str(late), str(empty), "--out", str(out)]) == 2  # none left: an error, no --out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and err[-1] == "error: none of the 2 run directories could be audited (see the warnings above)"
+    assert not out.exists()
