@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
 from common.item_text import table_fingerprint
+from common.provenance import append_provenance
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from common.privacy import dp_mode, uses_central_dp
@@ -50,6 +51,14 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     return items, model, start
 
 
+def _dataset_text(dataset: str) -> str:
+    """The run's ``dataset`` as an absolute path when it is one here (config.json keeps it as given)."""
+    from pathlib import Path
+
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if dataset != "synthetic" and path.exists() else dataset
+
+
 def make_server_app(overrides: dict | None = None) -> ServerApp:
     """A ServerApp whose config is pyproject defaults + run config + ``overrides``."""
     app = ServerApp()
@@ -73,6 +82,9 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]))
+        # code, versions and command of this start (a resume appends its own): provenance.json
+        append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
+                                      "dataset": _dataset_text(str(cfg["dataset"]))})
         privacy = PrivacyReport(run_dir, cfg)
         if start_model is not None:
             privacy.note_start_model(start_model)

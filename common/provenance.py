@@ -1,0 +1,77 @@
+"""What produced a run: code version, package versions, command and environment switches.
+
+``config.json`` holds every knob, but a researcher reproducing a number also needs the code it
+ran (git commit, and whether the working tree had uncommitted changes), the library versions
+(torch, Flower, Opacus change numerics between releases), the command line, and whether DP noise
+was drawn reproducibly (``FEDREC_REPRODUCIBLE_DP_NOISE``). Each process start of a run appends
+one entry to ``provenance.json`` (a resumed run may have run on other code).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.files import atomic_write_text
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("fedrec", "torch", "flwr", "opacus", "numpy", "cryptography")
+ENV_SWITCHES = ("FEDREC_REPRODUCIBLE_DP_NOISE", "FEDREC_DATA_DIR", "OMP_NUM_THREADS")
+
+
+def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """``{"commit": ..., "dirty": bool}`` of the git checkout at ``root``; ``{"commit": None}`` when it
+    is not one (an installed wheel) or git is missing."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance_entry(**extra: Any) -> dict[str, Any]:
+    """One start of a run: time, code, versions, python, platform, command, environment switches."""
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_version(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": list(sys.argv),
+        "environment": {k: os.environ[k] for k in ENV_SWITCHES if k in os.environ},
+        **extra,
+    }
+
+
+def append_provenance(run_dir: Path, **extra: Any) -> Path:
+    """Add this start's entry to ``run_dir/provenance.json`` (``{"starts": [...]}``); an unreadable
+    file is replaced rather than failing the run (it only documents the run)."""
+    path = Path(run_dir) / "provenance.json"
+    starts: list = []
+    try:
+        earlier = json.loads(path.read_text())
+        starts = list(earlier.get("starts", [])) if isinstance(earlier, dict) else []
+    except (OSError, ValueError):
+        pass
+    starts.append(provenance_entry(**extra))
+    return atomic_write_text(path, json.dumps({"starts": starts}, indent=2))
