@@ -150,6 +150,8 @@ class RunRecorder:
             "eval-users": self._eval.get("num-users"),
             "seconds": round(time.perf_counter() - self._t0, 2),
         }
+        if not line["epsilon"]:  # no local DP: null, not 0.0, which a plot reads as perfect privacy (a review)
+            line["epsilon"] = line["delta"] = None
         line.update({key: v for key, v in self._eval.items() if key not in line and key != "num-users"})  # HR/NDCG@5,20...
         self.rounds.append(line)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
@@ -225,7 +227,7 @@ class RunRecorder:
         if guarantee:
             pass
         elif cfg.get("dp"):
-            guarantee = (f"Each partner's training is ({last.get('epsilon', 0):.3f}, {last.get('delta', 0):.2g})-DP "
+            guarantee = (f"Each partner's training is ({last.get('epsilon') or 0:.3f}, {last.get('delta') or 0:.2g})-DP "
                          "for any one of its users' whole interaction history (user-level DP-SGD; worst partner shown).")
         else:
             guarantee = "No differential privacy: the released model carries no formal guarantee (dp = false)."
