@@ -135,7 +135,8 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     members = np.flatnonzero(eligible & ~is_held)
     nonmembers = np.flatnonzero(eligible & is_held)
     rng = np.random.default_rng(seed)
-    if len(members) > max_members:
+    subsampled = len(members) > max_members
+    if subsampled:
         members = np.sort(rng.choice(members, max_members, replace=False))
     subset = data.subset(np.concatenate([members, nonmembers]))
     m = len(members)
@@ -147,7 +148,10 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     initial = new_model(cfg, data.num_items)
     control = user_losses(initial, subset, max_len, **objective)
     control_calibrated = control - popularity_losses(subset, data.item_counts(), max_len)
-    result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers)}
+    result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers),
+              # what a rerun needs to repeat these numbers (a reproducibility review)
+              "options": {"bootstrap-rounds": rounds, "max-members": max_members, "seed": seed,
+                          "members-subsampled": bool(subsampled)}}
     for name, score in (("loss", -loss), ("calibrated", -calibrated),
                         ("control-loss", -control), ("control-calibrated", -control_calibrated)):
         value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)

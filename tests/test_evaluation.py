@@ -195,6 +195,9 @@ def test_audit_tells_memorised_members_from_held_out_users(tmp_path, one_torch_t
     assert result["auc-loss-ci"][0] > 0.75
     for name in ("control-loss", "control-calibrated"):
         assert 0.35 < result[f"auc-{name}"] < 0.65, (name, result[f"auc-{name}"])
+    # audit.json records what a rerun needs to repeat it
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["options"] == {"bootstrap-rounds": 200, "max-members": 2000, "seed": 0, "members-subsampled": False}
 
 
 def test_real_partners_without_partition_ids_stay_apart_in_the_spread():
