@@ -338,9 +338,10 @@ class PrivacyLedger:
             conn.close()
             # A CSV/Parquet log is identified by its content, so a log that gained events is "another data set":
             # a new ledger would forget the spend recorded for the same users (an event store keeps one identity)
+            # (one apostrophe at most: the reply sanitiser reads a pair as quotes around a data value)
             raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
-                               f"{meta['fingerprint']}, this partner's data is {self.fingerprint}); if this is a "
-                               "log that gained events, keep its users' spend: feed new events to an event store "
+                               f"{meta['fingerprint']}, the data of this partner is {self.fingerprint}); if this is a "
+                               "log that gained events, keep the spend of its users: feed new events to an event store "
                                "(data-path = events.sqlite) instead, or name the log with node config data-identity "
                                "from its first run on; a new ledger-path starts again from zero spend for them")
         if meta["schema-version"] == "1":

@@ -30,6 +30,10 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     """``{"commit": ..., "dirty": bool}`` of the git checkout at ``root``; ``{"commit": None}`` when it
     is not one (an installed wheel) or git is missing."""
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != Path(root).resolve():  # e.g. a Flower app unpacked inside another checkout
+            return {"commit": None}
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],

@@ -241,9 +241,14 @@ def test_a_ledger_is_readable_by_its_owner_only(tmp_path):
         os.umask(old_umask)
 
 def test_ledger_of_another_data_set_is_refused(tmp_path):
+    from client.safe_errors import safe_reason
+
     _ledger_with(tmp_path / "l.sqlite", [(1.0, 0.1, 10)])
-    with pytest.raises(PrivacyError, match="belongs to another data set .*feed new events to an event store .*starts again from zero spend"):
+    with pytest.raises(PrivacyError, match="belongs to another data set .*feed new events to an event store .*starts again from zero spend") as err:
         PrivacyLedger(tmp_path / "l.sqlite", "other-fingerprint")
+    # What the coordinator sees keeps the advice whole (two apostrophes read as a quoted value and cut it)
+    reason = safe_reason(err.value, [tmp_path / "l.sqlite"])
+    assert "<value>" not in reason and "gained events" in reason and "data-identity" in reason, reason
 
 
 def test_a_named_csv_log_keeps_its_ledger_as_it_grows(tmp_path):

@@ -39,3 +39,16 @@ def test_each_start_appends_and_a_broken_file_is_replaced(tmp_path):
 
 def test_outside_a_git_checkout_the_commit_is_unknown(tmp_path):
     assert code_version(tmp_path) == {"commit": None}
+
+
+def test_code_inside_another_checkout_has_no_commit(tmp_path):
+    # A review: a Flower app unpacked under FLWR_HOME inside some git checkout got that checkout's commit
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "add", "f"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"],
+                   check=True)
+    app = tmp_path / "apps" / "fedrec"
+    app.mkdir(parents=True)
+    assert code_version(app) == {"commit": None}
+    assert code_version(tmp_path)["commit"]  # the checkout itself has one
