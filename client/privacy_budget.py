@@ -23,7 +23,7 @@ from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
 from common.privacy import Mechanism, calibrate_noise_after, default_delta, steps_per_epoch
-from common.private_evaluation import evaluation_mechanism, planned_evaluations
+from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
@@ -78,7 +78,7 @@ class PartnerBudget:
         batch = int(cfg["batch-size"])
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
         # Noised evaluation sums cover every user of the log, also those too short to train on
-        population = max(users, data.num_users) if eval_noise > 0 else users
+        population = max(users, data.num_users) if planned_evaluations(cfg) else users
         delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
         try:
             rate, steps = steps_per_epoch(users, batch)
@@ -108,6 +108,7 @@ class PartnerBudget:
             if cal is None:
                 planned = int(cfg["num-server-rounds"])
                 target = float(cfg["target-epsilon"])
+                refuse_unaffordable_evaluations(cfg, ledger.accounting_delta(delta))
                 # The planned noised evaluations are spent as if already on the ledger: DP-SGD gets the rest
                 spent_or_planned = ledger.history() + [evaluation_mechanism(eval_noise)] * evals
                 try:  # planned at the delta the ledger will be accounted at (delta below)

@@ -44,6 +44,25 @@ def planned_evaluations(cfg: Mapping[str, Any], through: int | None = None) -> i
     return sum(evaluates_round(r, every, rounds) for r in range(1, min(rounds, through or rounds) + 1))
 
 
+def refuse_unaffordable_evaluations(cfg: Mapping[str, Any], delta: float) -> None:
+    """:class:`ConfigError` when the run's planned noised evaluations alone reach ``target-epsilon``
+    at ``delta`` (no DP-SGD noise could fit beside them; it read "budget exhausted ... already
+    spent" on a fresh ledger). The coordinator checks at the largest default delta, 1e-5, which
+    gives the smallest epsilon, so what it lets pass may still be refused by a small partner."""
+    from common.errors import ConfigError
+    from common.privacy import epsilon_of
+
+    evals = planned_evaluations(cfg)
+    if not evals:
+        return
+    noise, target = float(cfg["evaluation-noise-multiplier"]), float(cfg["target-epsilon"])
+    spent = epsilon_of([evaluation_mechanism(noise)] * evals, delta, str(cfg.get("accountant", "rdp")))
+    if spent >= target:
+        raise ConfigError(f"{evals} planned noised evaluations at evaluation-noise-multiplier {noise:g} alone reach "
+                          f"epsilon {spent:.3f} at delta {delta:.2g}, the whole target-epsilon {target:g}: raise "
+                          "evaluation-noise-multiplier or evaluate-every")
+
+
 def released_keys(top_k: int) -> tuple[str, str]:
     """The two sums a noised reply carries."""
     return (f"hit@{top_k}-sum", f"ndcg@{top_k}-sum")

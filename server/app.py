@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
 from common.item_text import table_fingerprint
+from common.private_evaluation import refuse_unaffordable_evaluations
 from common.provenance import append_provenance
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
@@ -36,6 +37,8 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     check_strategy_config(cfg)
     if uses_central_dp(dp_mode(cfg)):
         central_delta(cfg)  # a delta of 1 / partners or more is refused before the run starts
+    # noised evaluations that alone spend the budget: refused here (partners would refuse every round)
+    refuse_unaffordable_evaluations(cfg, float(cfg["target-delta"]) or 1e-5)
     start = None
     if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start

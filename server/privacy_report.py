@@ -82,14 +82,41 @@ class PrivacyReport:
     # -- fed by the strategy wrappers (server/central_dp.py) ----------------------------------
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Record accepted replies' privacy numbers, log refusals; returns the replies without errors."""
-        valid = []
+        valid = [m for m in replies if not m.has_error()]
         for msg in replies:
             if msg.has_error():
                 self._refused(server_round, msg)
-                continue
-            valid.append(msg)
-            self._record(msg).setdefault("rounds-trained", []).append(server_round)
+        labels = self._round_labels(server_round, valid)
+        for msg in valid:
+            self._record(msg, labels[id(msg)]).setdefault("rounds-trained", []).append(server_round)
         return valid
+
+    def _round_labels(self, server_round: int, replies: list[Message]) -> dict[int, str]:
+        """Each reply's label; one partner answers once per round, so two nodes with one label (the same
+        data-identity, or the same data) are two partners: the label's known node keeps it, the other is
+        listed as ``label@node-<id>``, so neither's epsilon overwrites the other's (a review)."""
+        nodes: dict[str, list[int]] = {}
+        for msg in replies:
+            nodes.setdefault(self._label(msg), []).append(int(msg.metadata.src_node_id))
+        out = {}
+        for msg in replies:
+            label, node = self._label(msg), int(msg.metadata.src_node_id)
+            clash = sorted(set(nodes[label]))
+            if len(clash) > 1:
+                owner = self.partners.get(label, {}).get("node-id")
+                keeper = owner if owner in clash else nodes[label][0]
+                if node != keeper:
+                    log(WARNING, "round %d: nodes %s all report %s (the same data-identity or data); node %d is "
+                        "listed apart as %s@node-%d: give each partner its own data-identity", server_round,
+                        clash, label, node, label, node)
+                    label = f"{label}@node-{node}"
+            out[id(msg)] = label
+        return out
+
+    @staticmethod
+    def _label(msg: Message) -> str:
+        details = msg.content.config_records.get("privacy")
+        return str(details.get("partner")) if details and details.get("partner") else f"node-{int(msg.metadata.src_node_id)}"
 
     def note_evaluation(self, server_round: int, replies: list[Message]) -> None:
         """Noised evaluation replies (``evaluation-noise-multiplier`` > 0) spend from the partners'
@@ -159,11 +186,15 @@ class PrivacyReport:
             entry["no-reply"].append(server_round)
         self.write()
 
-    def _record(self, msg: Message) -> dict[str, Any]:
-        """Update the sending partner's entry with the reply's privacy details and numbers."""
+    def _record(self, msg: Message, label: str | None = None) -> dict[str, Any]:
+        """Update the sending partner's entry (``label``, default its reply's) with the reply's privacy
+        details and numbers."""
         node = int(msg.metadata.src_node_id)
         details = msg.content.config_records.get("privacy")
-        label = str(details.get("partner")) if details and details.get("partner") else f"node-{node}"
+        if label is None:  # a node listed apart (_round_labels) stays apart in its other replies
+            label = self._label(msg)
+            if self.node_labels.get(node) == f"{label}@node-{node}":
+                label = self.node_labels[node]
         self.node_labels[node] = label
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
         created = entry.get("ledger-created") == "true"  # keep "true" once a round created the ledger

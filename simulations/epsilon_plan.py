@@ -24,7 +24,7 @@ from common.cli_args import parse_run_config, positive_int, positive_ints  # noq
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import ACCOUNTANTS, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
-from common.private_evaluation import evaluation_mechanism, planned_evaluations  # noqa: E402
+from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations  # noqa: E402
 from common.task import partner_data  # noqa: E402
 from common.training import user_count_for_training  # noqa: E402
 from common.cli_errors import user_errors_exit  # noqa: E402
@@ -42,10 +42,12 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
     for pid in range(num_partners):
         data = partner_data(cfg, {"partition-id": pid, "num-partitions": num_partners})
         users = user_count_for_training(data)
-        delta = float(cfg["target-delta"]) or default_delta(users)
+        # as a partner does: noised evaluation sums cover every user of its log (client/privacy_budget.py)
+        delta = float(cfg["target-delta"]) or default_delta(max(users, data.num_users) if planned_evaluations(cfg) else users)
         rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
         per_round = int(cfg["local-epochs"]) * steps
         evaluation = evaluation_mechanism(float(cfg["evaluation-noise-multiplier"]))
+        refuse_unaffordable_evaluations(cfg, delta)
         noise = calibrate_noise_after([evaluation] * planned_evaluations(cfg), target_epsilon=float(cfg["target-epsilon"]),
                                       target_delta=delta, sample_rate=rate,
                                       total_steps=int(cfg["num-server-rounds"]) * per_round,

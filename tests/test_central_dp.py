@@ -422,3 +422,27 @@ def test_the_guarantee_names_partners_floors_and_their_own_targets(tmp_path, mod
     written = json.loads((tmp_path / "privacy.json").read_text())
     floored = f"partner-{msgs[0].metadata.dst_node_id}"  # FedAvg samples the nodes in a random order
     assert written["partners"][floored]["epsilon"] == 3.9  # also listed when the run itself is off
+
+
+def test_two_partners_with_one_label_are_listed_apart(tmp_path):
+    # A review: two organisations with the same data-identity sent one label; the second reply's epsilon 2.0
+    # overwrote the first's 7.5 and the guarantee read "at most (2.000, ...) over 1 partners"
+    strategy, report = _strategy(tmp_path, 2)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+    replies = [_reply_with_privacy(m, np.ones(4), eps, 8.0) for m, eps in zip(msgs, (7.5, 2.0))]
+    for r in replies:
+        r.content["privacy"]["partner"] = "partner-same"
+    strategy.aggregate_train(1, replies)
+    assert sorted(p["epsilon"] for p in report.partners.values()) == [2.0, 7.5]
+    assert "at most (7.500, 1e-05) over 2 partners" in report.guarantee()
+    # the next round: the same two nodes keep their own entries
+    strategy.aggregate_train(2, replies[::-1])
+    assert len(report.partners) == 2
+    # a noised evaluation reply of the node listed apart lands in its own entry too
+    apart = next(p for p in report.partners if "@node-" in p)
+    node = report.partners[apart]["node-id"]
+    evaluation = _reply_with_privacy(next(m for m in msgs if m.metadata.dst_node_id == node), np.ones(4), 2.5, 8.0)
+    evaluation.content["privacy"]["partner"] = "partner-same"
+    report.note_evaluation(2, [evaluation])
+    assert report.partners[apart]["epsilon"] == 2.5 and len(report.partners) == 2

@@ -379,3 +379,23 @@ def test_server_check_says_how_evaluation_sums_travel(tmp_path, capsys):
     assert "sums in clear, outside the DP guarantee" in capsys.readouterr().out
     assert server_main(["check", "--run-config", f'{base} evaluation-noise-multiplier=2.0 dp-mode="central"']) == 2
     assert "needs dp-mode" in capsys.readouterr().err
+
+
+def test_evaluations_that_alone_spend_the_budget_are_refused_in_one_line(tmp_path, capsys):
+    # A review: a fresh ledger read "budget exhausted: epsilon 61.868 of 8 already spent"
+    from common.private_evaluation import refuse_unaffordable_evaluations
+    from server.cli import main as server_main
+    from simulations.epsilon_plan import main as plan_main
+
+    cfg = resolve_config(None, {"evaluation-noise-multiplier": 0.3, "num-server-rounds": 5})
+    with pytest.raises(ConfigError, match="5 planned noised evaluations at evaluation-noise-multiplier 0.3 alone reach"):
+        refuse_unaffordable_evaluations(cfg, 1e-5)
+    refuse_unaffordable_evaluations({**cfg, "evaluation-noise-multiplier": 5.0}, 1e-5)  # affordable: no error
+    assert plan_main(["--num-partners", "1", "--rounds", "5", "--run-config",
+                      "evaluation-noise-multiplier=0.3 synthetic-users=200 synthetic-items=40"]) == 2
+    assert "alone reach" in capsys.readouterr().err
+    base = f'run-dir="{tmp_path}" synthetic-users=60 synthetic-items=20'
+    assert server_main(["check", "--run-config", f"{base} evaluation-noise-multiplier=0.3"]) == 2
+    assert "raise evaluation-noise-multiplier or evaluate-every" in capsys.readouterr().err
+    reply = _evaluate_once(tmp_path, {"evaluation-noise-multiplier": 0.3})
+    assert reply.has_error() and "alone reach" in reply.error.reason
