@@ -283,12 +283,30 @@ def sigterm_stops() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped),
+    then act as they would have. Python-level handlers, not the thread's signal mask: the kernel hands a
+    masked signal to another thread (numpy's, tqdm's, the run timer), and Python still ran the handler
+    in the main thread inside the block (a review). Outside the main thread there is nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:  # the first one, as its own handler would have taken it
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 
 import pytest
 
@@ -557,3 +558,23 @@ def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and err[-1] == "error: none of the 2 run directories could be audited (see the warnings above)"
     assert not out.exists()
+
+
+def test_a_signal_during_a_deferred_block_waits_for_its_end_even_with_other_threads():
+    # A review: a blocked signal went to another thread (numpy's, tqdm's, the run timer) and Python ran the
+    # handler in the main thread inside the block, so a second Ctrl-C cut a run's stop short
+    import os
+    import threading
+    import time
+
+    started = threading.Event()
+    other = threading.Thread(target=lambda: (started.set(), time.sleep(2)), daemon=True)
+    other.start()  # a thread whose signal mask was set before the block
+    started.wait()
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with sweep.signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # the handler would run here without the deferral
+            finished = True
+    assert finished
