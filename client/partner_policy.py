@@ -88,13 +88,13 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
         near = [k for k in NODE_CONFIG_KEYS if plain == k or ("-" in plain and k.startswith(plain))]
         near = near or difflib.get_close_matches(plain, NODE_CONFIG_KEYS, n=1, cutoff=0.8)
         if near:
-            raise ConfigError(f"node config key {key!r} is unknown; did you mean {near[0]}?")
+            raise ConfigError(f"node config key {_shown(key)} is unknown; did you mean {near[0]}?")
         privacy = _names_privacy(words)
         if plain in DEFAULTS and (privacy or plain in _PRIVACY_RUN_KEYS):
-            raise ConfigError(f"node config key {key!r} is a run config key, set by the coordinator's run config; "
+            raise ConfigError(f"node config key {_shown(key)} is a run config key, set by the coordinator's run config; "
                               "a partner caps its privacy with max-epsilon and max-delta")
         if privacy:
-            raise ConfigError(f"node config key {key!r} names a privacy setting this app does not read; "
+            raise ConfigError(f"node config key {_shown(key)} names a privacy setting this app does not read; "
                               f"the node config keys are {', '.join(NODE_CONFIG_KEYS)}")
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
@@ -126,6 +126,12 @@ def refuse_evaluation_unless_shared(node_config: Mapping[str, Any], evaluation_n
         # one apostrophe at most: the reply sanitiser reads a pair as quotes around a data value
         raise PrivacyError("this partner's node config share-evaluation = noised: it sends evaluation sums only "
                            "with DP noise, and the evaluation-noise-multiplier of this run is 0")
+
+
+def _shown(key: str) -> str:
+    """A key name as the coordinator may read it: bare when it is a plain name (the reply sanitiser
+    removes quoted text as a possible data value, and the coordinator saw "key <value> is unknown")."""
+    return key if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", key) else repr(key)
 
 
 def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None:

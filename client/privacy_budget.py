@@ -22,7 +22,7 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
-from common.privacy import Mechanism, calibrate_noise_after, default_delta, steps_per_epoch
+from common.privacy import Mechanism, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.training import DPSettings, user_count_for_training
 
@@ -45,6 +45,22 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
         return Path(str(node_config["ledger-path"]))
     folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
     return folder / f"{label}.sqlite"
+
+
+def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: list[Mechanism], evals: int,
+                                       noise: float, target: float, delta: float, accountant: str, label: str) -> None:
+    """A budget the run's planned noised evaluations would use up is refused with the real spend and
+    what the evaluations add (it said "epsilon X already spent" with the planned ones counted in)."""
+    if not evals:
+        return
+    with_evaluations = epsilon_of(spent_or_planned, delta, accountant)
+    if with_evaluations < target:
+        return
+    spent = ledger.epsilon(delta, accountant)
+    raise PrivacyError(f"{label}: budget exhausted: epsilon {spent:.3f} of {target:g} already spent, and the {evals} "
+                       f"noised evaluations this run plans at evaluation-noise-multiplier {noise:g} would bring it to "
+                       f"{with_evaluations:.3f}, leaving nothing for training; raise evaluation-noise-multiplier or "
+                       "evaluate-every, or use a new ledger budget")
 
 
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
@@ -111,6 +127,8 @@ class PartnerBudget:
                 refuse_unaffordable_evaluations(cfg, ledger.accounting_delta(delta))
                 # The planned noised evaluations are spent as if already on the ledger: DP-SGD gets the rest
                 spent_or_planned = ledger.history() + [evaluation_mechanism(eval_noise)] * evals
+                _refuse_no_room_beside_evaluations(ledger, spent_or_planned, evals, eval_noise, target,
+                                                   ledger.accounting_delta(delta), str(cfg["accountant"]), label)
                 try:  # planned at the delta the ledger will be accounted at (delta below)
                     noise = calibrate_noise_after(
                         spent_or_planned, target_epsilon=target, target_delta=ledger.accounting_delta(delta),

@@ -88,6 +88,7 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(tmp_path, typo):
     # Ignoring "max-epsilion = 1" would train at the run's epsilon 8 in silence
     reply = _send_once(tmp_path, {}, {typo: "1"})
     assert reply.has_error() and "did you mean" in reply.error.reason
+    assert f"key {typo} is unknown" in reply.error.reason  # the coordinator reads the key (it saw <value>)
     assert _send_once(tmp_path / "other", {}, {"other-apps-key": "1"}).has_error() is False
 
 
