@@ -33,14 +33,42 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
         top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         if Path(top).resolve() != Path(root).resolve():  # e.g. a Flower app unpacked inside another checkout
-            return {"commit": None}
+            return _not_a_checkout(root)
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
+        return _not_a_checkout(root)
     return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _not_a_checkout(root: Path) -> dict[str, Any]:
+    """No commit; under ``flwr run`` the code is a Flower app unpacked as ``<FLWR_HOME>/apps/<app>``,
+    whose folder name (publisher, name, version and hash of the app bundle) identifies it."""
+    root = Path(root)
+    return {"commit": None, **({"flower-app": root.name} if root.parent.name == "apps" else {})}
+
+
+SECRET_FLAGS = ("--token", "--token-file")  # Flower passes the ServerApp a per-run token on its command line
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret flags replaced: a token must not be written into the run directory."""
+    out: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            out.append("<redacted>")
+            hide = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide = True
+        elif arg.startswith(tuple(f"{flag}=" for flag in SECRET_FLAGS)):
+            out.append(arg.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(arg)
+    return out
 
 
 def package_versions() -> dict[str, str | None]:
@@ -61,7 +89,7 @@ def provenance_entry(**extra: Any) -> dict[str, Any]:
         "packages": package_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "command": list(sys.argv),
+        "command": redacted(list(sys.argv)),
         "environment": {k: os.environ[k] for k in ENV_SWITCHES if k in os.environ},
         **extra,
     }

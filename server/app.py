@@ -87,7 +87,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]))
         # code, versions and command of this start (a resume appends its own): provenance.json
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
-                                      "dataset": _dataset_text(str(cfg["dataset"]))})
+                                      "dataset (simulated partners)": _dataset_text(str(cfg["dataset"]))})
         privacy = PrivacyReport(run_dir, cfg)
         if start_model is not None:
             privacy.note_start_model(start_model)

@@ -123,8 +123,16 @@ class PrivacyReport:
         ledgers too: their privacy numbers update the partner's entry (epsilon only grows)."""
         noted = False
         for msg in replies:
-            if msg.has_error() or "privacy" not in msg.content.config_records:
-                continue  # a refusal (Flower logs it), or sums sent in clear: nothing spent
+            if msg.has_error():  # a refusal (share-evaluation, budget): as visible as a training refusal
+                node = int(msg.metadata.src_node_id)
+                label = self.node_labels.get(node, f"node-{node}")
+                log(WARNING, "round %d: %s refused to evaluate: %s", server_round, label, msg.error.reason)
+                entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+                entry.setdefault("refused-evaluation", []).append({"round": server_round, "reason": msg.error.reason})
+                noted = True
+                continue
+            if "privacy" not in msg.content.config_records:
+                continue  # sums sent in clear: nothing spent
             node = int(msg.metadata.src_node_id)
             before = dict(self.partners.get(self.node_labels.get(node, ""), {}))
             entry = self._record(msg)

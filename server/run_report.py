@@ -193,6 +193,9 @@ class RunRecorder:
             owners = "partners' own logs" if own > 1 else "partner's own log"
             return (f"{own} {owners} and {sim} simulated partition{'s' if sim > 1 else ''} of "
                     f"{self.config.get('dataset')} (catalogue {catalogue})")
+        if not sources and not any(r.get("num-partners") for r in self.rounds):
+            # no partner trained: the run config's dataset would name data nobody used (a deployment review)
+            return "none: no partner trained (their refusals are in privacy.json)"
         return str(self.config.get("dataset"))
 
     def _interval_text(self, line: dict[str, Any]) -> str:
@@ -212,7 +215,8 @@ class RunRecorder:
         k = self.top_k
         evaluated = [r for r in self.rounds if r.get(f"ndcg@{k}") is not None]
         if not evaluated:
-            return f"- final HR@{k}, NDCG@{k}: n/a (no round was evaluated; fraction-evaluate or evaluate-every)"
+            return (f"- final HR@{k}, NDCG@{k}: n/a (no round was evaluated: fraction-evaluate or evaluate-every, or "
+                    "every partner refused; see the log and privacy.json)")
         line = evaluated[-1]
         which = "" if line is self.rounds[-1] else f", round {line.get('round')}, the last evaluated"
         return (f"- final HR@{k}: {line[f'hr@{k}']:.4f}, NDCG@{k}: {line[f'ndcg@{k}']:.4f} "

@@ -414,3 +414,32 @@ def test_a_spent_ledger_is_told_its_real_spend_and_what_the_evaluations_add(tmp_
                                  "evaluation-noise-multiplier": 3.0, "ledger-dir": str(tmp_path / "r" / "ledgers")})
     with pytest.raises(PrivacyError, match=f"epsilon {spent:.3f} of 8 already spent, and the 2 noised evaluations"):
         PartnerBudget.open(cfg2, context, partner_data(cfg2, NODE), "second-run")
+
+
+def test_an_evaluation_refusal_is_logged_and_listed(tmp_path, caplog):
+    # A deployment review: a partner refusing evaluation (share-evaluation) showed only as Flower's INFO line
+    from flwr.app import Error, Message, MessageType
+
+    from server.privacy_report import PrivacyReport
+    from simulations.local_grid import LocalGrid
+
+    LocalGrid([])
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    ins = Message(RecordDict(), dst_node_id=7, message_type=MessageType.EVALUATE)
+    refusal = Message(Error(code=400, reason="this partner sends no evaluation metrics"), reply_to=ins)
+    report.note_evaluation(3, [refusal])
+    assert report.partners["node-7"]["refused-evaluation"] == [
+        {"round": 3, "reason": "this partner sends no evaluation metrics"}]
+    assert json.loads((tmp_path / "privacy.json").read_text())["partners"]["node-7"]["refused-evaluation"]
+
+
+def test_summary_of_a_run_where_nobody_trained_names_no_data(tmp_path):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from server.run_report import RunRecorder
+
+    recorder = RunRecorder(tmp_path, {"dataset": "synthetic", "model": "sasrec", "dp": True}, np.array(["a"] * 5))
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # every partner refused
+    text = recorder.write_summary(guarantee="No partner completed a DP-SGD round.").read_text()
+    assert "- data: none: no partner trained" in text and "or every partner refused" in text

@@ -21,7 +21,8 @@ def test_a_run_directory_says_what_produced_it(tmp_path, monkeypatch):
     (entry,) = json.loads((run_dir / "provenance.json").read_text())["starts"]
     assert entry["packages"]["torch"] == torch.__version__.split("+")[0] or entry["packages"]["torch"] == torch.__version__
     assert entry["packages"]["flwr"] and entry["packages"]["opacus"]
-    assert entry["command"] == sys.argv and entry["first-round"] == 1 and entry["dataset"] == "synthetic"
+    assert entry["command"] == sys.argv and entry["first-round"] == 1
+    assert entry["dataset (simulated partners)"] == "synthetic"
     assert entry["environment"]["FEDREC_REPRODUCIBLE_DP_NOISE"] == "1"
     assert len(entry["catalogue-fingerprint"]) == 16
     head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -50,5 +51,14 @@ def test_code_inside_another_checkout_has_no_commit(tmp_path):
                    check=True)
     app = tmp_path / "apps" / "fedrec"
     app.mkdir(parents=True)
-    assert code_version(app) == {"commit": None}
+    assert code_version(app) == {"commit": None, "flower-app": "fedrec"}
     assert code_version(tmp_path)["commit"]  # the checkout itself has one
+
+
+def test_the_serverapps_token_is_not_written():
+    # A deployment review: Flower passes the ServerApp a per-run token on its command line
+    from common.provenance import redacted
+
+    argv = ["flwr-serverapp", "--token", "abc123", "--insecure", "--token-file=/x/t", "--run-once"]
+    assert redacted(argv) == ["flwr-serverapp", "--token", "<redacted>", "--insecure", "--token-file=<redacted>",
+                              "--run-once"]
