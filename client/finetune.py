@@ -94,7 +94,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
         rate, steps = steps_per_epoch(users, batch_size)
         planned = (noise_multiplier, rate, epochs * steps)
-        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True)
+        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith("named:"))
         if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
             print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
                   "already trained, give the ledger its federated training uses", file=sys.stderr)

@@ -109,7 +109,8 @@ class PartnerBudget:
         used_before = str(state.get("path", "")) == str(path) and int(state.get("steps", 0)) > 0
         # A ledger deleted while no client remembered it: its marker refuses a silent new start
         reset = str(context.node_config.get("ledger-reset", ""))
-        ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset)
+        ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
+                               named=data.identity.startswith("named:"))
         if ledger.created:
             # a real partner's ledger in the run directory restarts at zero spend with every run; a simulated
             # partner's (partition-id) is meant to live with its run

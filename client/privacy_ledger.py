@@ -113,9 +113,10 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "",
-                 lock_wait: float | None = None) -> None:
+                 lock_wait: float | None = None, named: bool = False) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
         self.created = False
         self._lock_fd: int | None = None
         # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
@@ -339,6 +340,12 @@ class PrivacyLedger:
             # A CSV/Parquet log is identified by its content, so a log that gained events is "another data set":
             # a new ledger would forget the spend recorded for the same users (an event store keeps one identity)
             # (one apostrophe at most: the reply sanitiser reads a pair as quotes around a data value)
+            if self.named:
+                raise PrivacyError(f"privacy ledger {self.path} was written for another data set (fingerprint "
+                                   f"{meta['fingerprint']}, this log named by data-identity is {self.fingerprint}): "
+                                   "it was written under another data-identity, or under the content of the log "
+                                   "before it was named; give the data-identity it was written under (a new "
+                                   "ledger-path starts again from zero spend)")
             raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
                                f"{meta['fingerprint']}, the data of this partner is {self.fingerprint}); if this is a "
                                "log that gained events, keep the spend of its users: feed new events to an event store "

@@ -63,6 +63,9 @@ def _partner_log(path: str, version: tuple[int, int], catalogue_key: tuple[str, 
     return data
 
 
+NAMED = "named:"  # prefix of an identity the partner gave (data-identity), not an event store's
+
+
 def with_data_identity(data: SequenceData, path: str, identity: str) -> SequenceData:
     """``data`` under the partner's own name for its log (node config ``data-identity``): a CSV or
     Parquet log is otherwise identified by its content, so a log that gained events is "another
@@ -77,7 +80,7 @@ def with_data_identity(data: SequenceData, path: str, identity: str) -> Sequence
                           "as it grows; drop data-identity")
     if len(identity) > 200 or any(ord(c) < 32 for c in identity):
         raise ConfigError("data-identity must be a short name of at most 200 characters, without control characters")
-    return dataclasses.replace(data, identity=f"named:{identity}")
+    return dataclasses.replace(data, identity=f"{NAMED}{identity}")
 
 
 def _file_version(path: str) -> tuple[int, ...]:

@@ -281,6 +281,10 @@ def test_a_named_csv_log_keeps_its_ledger_as_it_grows(tmp_path):
     unnamed = {**node, "data-identity": ""}
     with pytest.raises(PrivacyError, match="belongs to another data set .*data-identity"):
         PartnerBudget.open(cfg, context, partner_data(cfg, unnamed), "run-3")
+    # Another name on the same ledger: told it was written under another data-identity
+    renamed = {**node, "data-identity": "acme-log-v2"}
+    with pytest.raises(PrivacyError, match="written under another data-identity"):
+        PartnerBudget.open(cfg, context, partner_data(cfg, renamed), "run-4")
     from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data-identity must be a short name"):
