@@ -20,6 +20,7 @@ from flwr.common.logger import log
 from common.files import atomic_write_bytes
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 
+SPEND_KEYS = ("epsilon", "ledger-steps", "ledger-rounds", "ledger-evaluations")  # only grow (PrivacyReport._record)
 # Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
 PARTNER_METRICS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
                    "ledger-steps", "ledger-rounds", "ledger-evaluations", "dp-users", "num-examples")
@@ -96,15 +97,22 @@ class PrivacyReport:
         data-identity, or the same data) are two partners: the label's known node keeps it, the other is
         listed as ``label@node-<id>``, so neither's epsilon overwrites the other's (a review)."""
         nodes: dict[str, list[int]] = {}
-        for msg in replies:
-            nodes.setdefault(self._label(msg), []).append(int(msg.metadata.src_node_id))
         out = {}
         for msg in replies:
             label, node = self._label(msg), int(msg.metadata.src_node_id)
+            if self.node_labels.get(node) == f"{label}@node-{node}":  # listed apart before: stays apart
+                out[id(msg)] = self.node_labels[node]
+            else:
+                nodes.setdefault(label, []).append(node)
+        for msg in replies:
+            label, node = self._label(msg), int(msg.metadata.src_node_id)
+            if id(msg) in out:
+                continue
             clash = sorted(set(nodes[label]))
             if len(clash) > 1:
                 owner = self.partners.get(label, {}).get("node-id")
-                keeper = owner if owner in clash else nodes[label][0]
+                known = [n for n in clash if self.node_labels.get(n) == label]
+                keeper = owner if owner in clash else known[0] if known else nodes[label][0]
                 if node != keeper:
                     log(WARNING, "round %d: nodes %s all report %s (the same data-identity or data); node %d is "
                         "listed apart as %s@node-%d: give each partner its own data-identity", server_round,
@@ -134,11 +142,8 @@ class PrivacyReport:
             if "privacy" not in msg.content.config_records:
                 continue  # sums sent in clear: nothing spent
             node = int(msg.metadata.src_node_id)
-            before = dict(self.partners.get(self.node_labels.get(node, ""), {}))
+            before = dict(self.partners.get(self.node_labels.get(node, self._label(msg)), {}))
             entry = self._record(msg)
-            for key in ("epsilon", "ledger-steps", "ledger-rounds", "ledger-evaluations"):
-                if key in before and float(before[key]) > float(entry.get(key, before[key])):
-                    entry[key] = before[key]
             if "num-examples" in before:  # the training's count, not the evaluated users
                 entry["num-examples"] = before["num-examples"]
             entry.setdefault("rounds-evaluated", []).append(server_round)
@@ -164,13 +169,7 @@ class PrivacyReport:
             self._refused(server_round, msg)
             self.write()
             return
-        node = int(msg.metadata.src_node_id)
-        before = dict(self.partners.get(self.node_labels.get(node, ""), {}))
-        entry = self._record(msg)
-        # A rejected (maybe corrupt) or late (older) reply never lowers the recorded spend
-        for key in ("epsilon", "ledger-steps", "ledger-rounds"):
-            if key in before and float(before[key]) > float(entry.get(key, before[key])):
-                entry[key] = before[key]
+        entry = self._record(msg)  # (a rejected or late, older reply never lowers the recorded spend: _record)
         entry.setdefault("not-aggregated", []).append({"round": server_round, "reason": reason})
         self.write()
 
@@ -205,6 +204,9 @@ class PrivacyReport:
                 label = self.node_labels[node]
         self.node_labels[node] = label
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        # Spend never goes down under one label: a rejected or late (older) reply, or two nodes reporting one
+        # label in different rounds (the same data-identity), keep the largest; the guarantee stays an upper bound
+        spent = {k: entry[k] for k in SPEND_KEYS if k in entry}
         created = entry.get("ledger-created") == "true"  # keep "true" once a round created the ledger
         entry.update({k: v for k, v in (details or {}).items() if k != "partner"})
         if created:
@@ -213,6 +215,9 @@ class PrivacyReport:
         if metrics is not None:  # finite numbers only: a rejected reply may carry anything
             entry.update({k: metrics[k] for k in PARTNER_METRICS
                           if k in metrics and isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k])})
+        for key, value in spent.items():
+            if float(value) > float(entry.get(key, value)):
+                entry[key] = value
         return entry
 
     def note_central(self, server_round: int, *, noise_multiplier: float, clipping_norm: float, clipping: str,

@@ -446,3 +446,22 @@ def test_two_partners_with_one_label_are_listed_apart(tmp_path):
     evaluation.content["privacy"]["partner"] = "partner-same"
     report.note_evaluation(2, [evaluation])
     assert report.partners[apart]["epsilon"] == 2.5 and len(report.partners) == 2
+
+
+def test_one_label_in_different_rounds_or_paths_never_lowers_the_spend(tmp_path):
+    # A review: nodes sharing a label answered in different rounds (sampling, a refusal) or one was rejected;
+    # the later, smaller epsilon overwrote the larger and the guarantee understated the spend
+    strategy, report = _strategy(tmp_path, 2)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+
+    def reply(i: int, eps: float) -> Message:
+        r = _reply_with_privacy(msgs[i], np.ones(4), eps, 8.0)
+        r.content["privacy"]["partner"] = "partner-same"
+        return r
+
+    report.note_unaggregated(1, reply(0, 3.0), "rejected: norm")  # the larger spend arrives first, rejected
+    report.screen(1, [reply(1, 1.0)])
+    report.screen(2, [reply(1, 1.2)])
+    assert max(p["epsilon"] for p in report.partners.values()) == 3.0
+    assert "at most (3.000," in report.guarantee()

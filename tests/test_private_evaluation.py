@@ -443,3 +443,15 @@ def test_summary_of_a_run_where_nobody_trained_names_no_data(tmp_path):
     recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))  # every partner refused
     text = recorder.write_summary(guarantee="No partner completed a DP-SGD round.").read_text()
     assert "- data: none: no partner trained" in text and "or every partner refused" in text
+
+
+def test_a_ledger_spent_before_the_run_gets_no_advice_about_evaluations(tmp_path):
+    cfg, context, budget = _budget(tmp_path, {"num-server-rounds": 2, "evaluation-noise-multiplier": 3.0})
+    for r in range(1, 6):  # more than planned: past the target before the next run
+        budget.record(context, r, [budget.calibration.round_mechanism()])
+    budget.close()
+    cfg2 = resolve_config(None, {**TINY, "run-dir": str(tmp_path), "num-server-rounds": 2,
+                                 "evaluation-noise-multiplier": 3.0, "ledger-dir": str(tmp_path / "r" / "ledgers")})
+    with pytest.raises(PrivacyError, match="already spent") as err:
+        PartnerBudget.open(cfg2, context, partner_data(cfg2, NODE), "second-run")
+    assert "evaluation-noise-multiplier" not in str(err.value)
