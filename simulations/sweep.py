@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import contextlib
 import hashlib
 import itertools
 import json
@@ -48,6 +47,7 @@ from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
+from simulations.run_stop import Stopped, sigterm_stops, signals_deferred, stop_run  # noqa: F401 (re-exported)
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 from simulations.sweep_table import METRICS, results_table
@@ -57,7 +57,6 @@ SWEEP_ONLY = ("num-partners", "seed")
 SWEEP_KEYS = ("name", "output", "runs-dir", "seeds", "run-timeout")  # the [sweep] table
 ROUND_LINE = re.compile(r"round (\d+): HR@")
 ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
-STOP_GRACE_S = 10.0  # seconds a stopped run gets to end on SIGTERM before its process group is killed
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -257,74 +256,6 @@ def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
 def columns_of(spec: Mapping[str, Any]) -> list[str]:
     config_keys = sorted({*spec["fixed"], *spec["grid"], "seed", "num-partners"})
     return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt so that both stop a sweep the same way."""
-
-
-@contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """While the block runs, SIGTERM (``kill``) raises :class:`Stopped`: it ended the sweep alone,
-    leaving the running simulation and its Ray processes behind."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped),
-    then act as they would have. Python-level handlers, not the thread's signal mask: the kernel hands a
-    masked signal to another thread (numpy's, tqdm's, the run timer), and Python still ran the handler
-    in the main thread inside the block (a review). Outside the main thread there is nothing to defer."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def hold(signum: int, frame: object) -> None:
-        pending.append(signum)
-
-    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if pending:  # the first one, as its own handler would have taken it
-            handler = previous[pending[0]]
-            if callable(handler):
-                handler(pending[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(pending[0])
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group has already ended
-        os.killpg(pgid, signum)
-
-
-def stop_run(proc: subprocess.Popen) -> None:
-    """Stop a run's process group (its own session: ``simulations.run`` and its Ray processes):
-    SIGTERM, then SIGKILL after :data:`STOP_GRACE_S` seconds. Flower's SIGTERM handler may block,
-    and a single SIGTERM left the sweep waiting on it forever."""
-    with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the stop short
-        _signal_group(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=STOP_GRACE_S)
-        # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:

@@ -256,7 +256,7 @@ def test_a_run_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, m
 
     pid_file = tmp_path / "child.pid"
     fake_python(tmp_path, monkeypatch, f"echo $$ > {pid_file}\ntrap '' TERM\nexec sleep 60\n")
-    monkeypatch.setattr(sweep, "STOP_GRACE_S", 0.5, raising=False)
+    monkeypatch.setattr("simulations.run_stop.STOP_GRACE_S", 0.5)
     spec = sweep.load_sweep(write_config(tmp_path))
     spec["timeout"] = 1.0
     run = next(iter(sweep.expand(spec)))

@@ -1,0 +1,86 @@
+"""Stopping a sweep's run: its whole process group, and signals that must not cut a stop short.
+
+A sweep runs each simulation as ``python -m simulations.run`` in a session of its own; the
+simulation starts Ray processes in the same group. Flower's SIGTERM handler may block, so a stop
+is SIGTERM, a grace period, then SIGKILL of the group. Ctrl-C and ``kill <sweep pid>`` stop the
+sweep the same way (``Stopped`` is SIGTERM as a KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+
+STOP_GRACE_S = 10.0  # seconds a stopped run gets to end on SIGTERM before its process group is killed
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt so that both stop a sweep the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``) raises :class:`Stopped`: it ended the sweep alone,
+    leaving the running simulation and its Ray processes behind."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a results row half written, a run half stopped),
+    then act as they would have. Python-level handlers, not the thread's signal mask: the kernel hands a
+    masked signal to another thread (numpy's, tqdm's, the run timer), and Python still ran the handler
+    in the main thread inside the block (a review). Outside the main thread there is nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:  # the first one, as its own handler would have taken it
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has already ended
+        os.killpg(pgid, signum)
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """Stop a run's process group (its own session: ``simulations.run`` and its Ray processes):
+    SIGTERM, then SIGKILL after :data:`STOP_GRACE_S` seconds. Flower's SIGTERM handler may block,
+    and a single SIGTERM left the sweep waiting on it forever."""
+    with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the stop short
+        _signal_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
