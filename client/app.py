@@ -72,8 +72,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     # Open this partner's privacy ledger; refuse to train if the round would pass the budget
     budget = None
     if uses_local_dp(dp_mode(cfg)):
-        run = str(msg.content["config"].get("run-name", "")) or cfg["run-name"] or f"flwr-run-{context.run_id}"
-        budget = PartnerBudget.open(cfg, context, data, run)
+        budget = PartnerBudget.open(cfg, context, data, _run_name(msg, cfg, context))
     try:
         if budget is not None:
             budget.check_next_round()
@@ -127,6 +126,12 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _run_name(msg: Message, cfg: dict, context: Context) -> str:
+    """The run's name in this partner's ledger: the coordinator's run directory (sent with training and
+    evaluation messages), else the run config's, else Flower's run id."""
+    return str(msg.content["config"].get("run-name", "")) or cfg["run-name"] or f"flwr-run-{context.run_id}"
+
+
 def _proximal(msg: Message) -> dict:
     """FedProx: the server's proximal-mu, passed on only when set (aggregation = fedprox)."""
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -159,8 +164,7 @@ def _noised_evaluation_reply(msg: Message, context: Context, cfg: dict, data, su
     from common.private_evaluation import noised_evaluation_sums
 
     server_round = int(msg.content["config"].get("server-round", 1))
-    run = str(msg.content["config"].get("run-name", "")) or cfg["run-name"] or f"flwr-run-{context.run_id}"
-    budget = PartnerBudget.open(cfg, context, data, run)
+    budget = PartnerBudget.open(cfg, context, data, _run_name(msg, cfg, context))
     try:
         budget.check_next_evaluation()
         # 4 parts: never the seed of this round's training noise (3 parts) in a reproducible simulation

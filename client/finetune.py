@@ -34,7 +34,7 @@ from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, write_file
-from common.task import with_data_identity
+from common.task import NAMED, with_data_identity
 from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
 from common.objectives import objective_options
 
@@ -94,7 +94,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
         rate, steps = steps_per_epoch(users, batch_size)
         planned = (noise_multiplier, rate, epochs * steps)
-        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith("named:"))
+        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED))
         if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
             print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
                   "already trained, give the ledger its federated training uses", file=sys.stderr)

@@ -24,6 +24,7 @@ from common.data.sequences import SequenceData
 from common.errors import PrivacyError
 from common.privacy import Mechanism, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
+from common.task import NAMED
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
@@ -112,7 +113,7 @@ class PartnerBudget:
         # A ledger deleted while no client remembered it: its marker refuses a silent new start
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
-                               named=data.identity.startswith("named:"))
+                               named=data.identity.startswith(NAMED))
         if ledger.created:
             # a real partner's ledger in the run directory restarts at zero spend with every run; a simulated
             # partner's (partition-id) is meant to live with its run
