@@ -215,3 +215,24 @@ def test_blend_model_refuses_a_log_that_is_not_its_data_set_and_reads_synthetic(
     # References on the default runs' synthetic set
     assert baselines.main(["--dataset", "synthetic"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["popularity"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.parametrize("unknown_share,refused", [(0.2, True), (0.05, False)])
+def test_blend_model_threshold_of_unknown_items(tmp_path, unknown_share, refused) -> None:  # noqa: ANN001
+    # Mutation audit: only an almost wholly foreign log was tested; the cut is 10% of the events
+    from types import SimpleNamespace
+
+    from common.errors import DataError
+
+    trained = SimpleNamespace(catalogue=np.array([f"i{i}" for i in range(20)]), config={"dataset": "x"}, path="run")
+    rows, n = ["user_id,item_id,timestamp"], 200
+    for e in range(n):
+        item = f"x{e}" if e < unknown_share * n else f"i{e % 20}"
+        rows.append(f"u{e % 20},{item},{e}")
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    if refused:
+        with pytest.raises(DataError, match="events are on items that --blend-model"):
+            baselines._model_data(str(log), trained)
+    else:
+        assert baselines._model_data(str(log), trained).num_items == 20

@@ -465,3 +465,24 @@ def test_one_label_in_different_rounds_or_paths_never_lowers_the_spend(tmp_path)
     report.screen(2, [reply(1, 1.2)])
     assert max(p["epsilon"] for p in report.partners.values()) == 3.0
     assert "at most (3.000," in report.guarantee()
+
+
+def test_a_node_listed_apart_stays_apart_when_it_answers_alone(tmp_path):
+    # Mutation audit: the apart node answering a later round alone went into the other partner's entry
+    strategy, report = _strategy(tmp_path, 2)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+
+    def reply(i: int, eps: float) -> Message:
+        r = _reply_with_privacy(msgs[i], np.ones(4), eps, 8.0)
+        r.content["privacy"]["partner"] = "partner-same"
+        return r
+
+    report.screen(1, [reply(0, 1.0), reply(1, 2.0)])
+    apart = next(label for label in report.partners if "@node-" in label)
+    i = next(i for i, m in enumerate(msgs) if f"@node-{m.metadata.dst_node_id}" in apart)
+    keeper = dict(report.partners["partner-same"])
+    report.screen(2, [reply(i, 6.0)])
+    assert report.partners[apart]["rounds-trained"] == [1, 2] and report.partners[apart]["epsilon"] == 6.0
+    assert report.partners["partner-same"]["epsilon"] == keeper["epsilon"]
+    assert report.partners["partner-same"]["rounds-trained"] == keeper["rounds-trained"]

@@ -142,3 +142,29 @@ def test_a_late_noised_evaluation_reply_is_in_the_privacy_report(tmp_path, monke
                 int(late["ledger-steps"]))
     acc.compose(dp_event.GaussianDpEvent(3.0), 2)
     assert late["epsilon"] == pytest.approx(acc.get_epsilon(late["delta"]), rel=0.01)
+
+
+def test_an_unanswered_evaluation_is_not_reported_as_a_missing_training_reply():
+    # Mutation audit: with noised evaluation, an evaluation message never answered was listed as no-reply
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from server.late_replies import LateReplyGrid
+
+    LocalGrid([])
+
+    class Silent:
+        pull_interval = 0.0
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            return []
+
+    unanswered = []
+    grid = LateReplyGrid(Silent(), lambda r, m: None, lambda r, n: unanswered.append((r, n)),
+                         on_late_evaluation=lambda r, m: None)
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=5,
+                  message_type=MessageType.EVALUATE)
+    grid.send_and_receive([msg], timeout=0.0)
+    assert grid.finish() == [] and unanswered == []

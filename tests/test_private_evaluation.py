@@ -455,3 +455,58 @@ def test_a_ledger_spent_before_the_run_gets_no_advice_about_evaluations(tmp_path
     with pytest.raises(PrivacyError, match="already spent") as err:
         PartnerBudget.open(cfg2, context, partner_data(cfg2, NODE), "second-run")
     assert "evaluation-noise-multiplier" not in str(err.value)
+
+
+def test_an_evaluation_reply_keeps_the_training_count_and_combined_sums_stay_in_range(tmp_path):
+    # Mutation audit: privacy.json showed the evaluated users as num-examples; unclamped noised sums gave HR < 0
+    from flwr.app import Message, MessageType, MetricRecord
+
+    from server.privacy_report import PrivacyReport
+    from server.run_report import RunRecorder
+    from simulations.local_grid import LocalGrid
+
+    LocalGrid([])
+    cfg = resolve_config(None, {"evaluation-noise-multiplier": 2.0})
+    report = PrivacyReport(tmp_path, cfg)
+
+    def reply(kind: str, metrics: dict) -> Message:
+        ins = Message(RecordDict(), dst_node_id=9, message_type=kind)
+        body = RecordDict({"metrics": MetricRecord({"epsilon": 3.0, "delta": 1e-5, **metrics}),
+                           "privacy": ConfigRecord({"partner": "partner-9"})})
+        return Message(body, reply_to=ins)
+
+    report.screen(1, [reply(MessageType.TRAIN, {"num-examples": 120})])
+    report.note_evaluation(1, [reply(MessageType.EVALUATE, {"num-examples": 80, "num-users": 80.0})])
+    assert report.partners["partner-9"]["num-examples"] == 120
+
+    (tmp_path / "run").mkdir()
+    recorder = RunRecorder(tmp_path / "run", cfg, np.array([str(i) for i in range(10)]))
+    records = [RecordDict({"m": MetricRecord({"hit@10-sum": -5.0, "ndcg@10-sum": 14.0, "num-users": 10.0,
+                                              "epsilon": 3.5, "delta": 1e-5})}) for _ in range(3)]
+    out = recorder.aggregate_evaluate_metrics(records, "num-examples")
+    assert out["hr@10"] == 0.0 and out["ndcg@10"] == 1.0  # -15 and 42 of 30 users, clamped to [0, 30]
+    # the noise's standard error on a combined mean: sigma sqrt 2 sqrt(partners) / users
+    assert out["ndcg@10-noise-se"] == pytest.approx(2.0 * math.sqrt(2) * math.sqrt(3) / 30.0)
+    # the round's epsilon is the evaluation's when it came after training
+    import torch
+    from flwr.app import ArrayRecord
+
+    recorder.aggregate_train_metrics([RecordDict({"m": MetricRecord({"num-examples": 5, "train-loss": 1.0,
+                                                                     "epsilon": 3.0, "delta": 1e-5})})], "num-examples")
+    recorder.aggregate_evaluate_metrics(records, "num-examples")
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    assert recorder.rounds[-1]["epsilon"] == 3.5
+
+
+def test_the_evaluation_delta_counts_users_too_short_to_train(tmp_path):
+    # Mutation audit: noised sums cover all 60 users, 40 of them trainable; delta 0.02 >= 1/60 is meaningless
+    from common.data.sequences import SequenceData
+
+    seqs = [np.arange(1, 9) for _ in range(40)] + [np.arange(1, 4) for _ in range(20)]
+    data = SequenceData(catalogue=np.array([str(i) for i in range(20)]), user_ids=np.array([str(u) for u in range(60)]),
+                        sequences=seqs, timestamps=[np.arange(len(s)) for s in seqs])
+    context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+    base = {"batch-size": 10, "target-delta": 0.02, "ledger-dir": str(tmp_path / "l")}
+    with pytest.raises(PrivacyError, match="target-delta"):
+        PartnerBudget.open(resolve_config(None, {**base, "evaluation-noise-multiplier": 3.0}), context, data, "r1")
+    PartnerBudget.open(resolve_config(None, base), context, data, "r2").close()  # without noised sums: 1/40 counts

@@ -49,6 +49,10 @@ def test_code_inside_another_checkout_has_no_commit(tmp_path):
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "add", "f"], check=True)
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"],
                    check=True)
+    (tmp_path / "new_module.py").write_text("x")  # untracked: not "dirty" (the README: tracked files)
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "f").write_text("changed")
+    assert code_version(tmp_path)["dirty"] is True
     app = tmp_path / "apps" / "fedrec"
     app.mkdir(parents=True)
     assert code_version(app) == {"commit": None, "flower-app": "fedrec"}

@@ -578,3 +578,57 @@ def test_a_signal_during_a_deferred_block_waits_for_its_end_even_with_other_thre
             time.sleep(0.3)  # the handler would run here without the deferral
             finished = True
     assert finished
+
+
+def _pid_gone(pid: int, wait_s: float = 5.0) -> bool:
+    import os
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stop_kills_what_the_run_left_in_its_group_and_is_not_cut_short(tmp_path, monkeypatch):
+    # Mutation audit: SIGKILL only after a timeout left a Ray-like grandchild alive after a clean exit;
+    # stop_run without signal deferral let a second Ctrl-C skip the SIGKILL
+    import os
+    import subprocess
+    import threading
+
+    from simulations import run_stop
+
+    monkeypatch.setattr(run_stop, "STOP_GRACE_S", 1.0)
+    pid_file = tmp_path / "grandchild.pid"
+    script = f"sh -c \"trap '' TERM; exec sleep 60\" & echo $! > {pid_file}; trap 'exit 0' TERM; while true; do sleep 0.1; done"
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        pass
+    import time
+
+    time.sleep(0.2)  # the traps are set
+    run_stop.stop_run(proc)  # the child exits on SIGTERM at once; the grandchild ignores it
+    assert _pid_gone(int(pid_file.read_text()))
+
+    ready = tmp_path / "ready"
+    stubborn = subprocess.Popen(["sh", "-c", f"trap '' TERM; echo 1 > {ready}; exec sleep 60"], start_new_session=True)
+    while not ready.exists():  # SIGTERM before the trap would end it at once
+        pass
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # a second Ctrl-C mid-stop
+    with pytest.raises(KeyboardInterrupt):
+        run_stop.stop_run(stubborn)
+    assert _pid_gone(stubborn.pid)
+
+
+def test_sigterm_stops_restores_the_previous_handler():
+    from simulations import run_stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with run_stop.sigterm_stops():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -370,3 +370,17 @@ def test_refusals_in_a_failed_round_reach_the_privacy_report(tmp_path):
     assert sorted(entries) == [101, 102]
     assert all(e["refused"] == [{"round": 1, "reason": "budget exhausted: epsilon 8.000 of 8"}] for e in entries.values())
     assert all("epsilon" not in e for e in entries.values())  # a refusal released nothing
+
+
+def test_an_evaluation_reply_rejected_for_its_keys_is_passed_on():
+    # Mutation audit: a noised reply rejected for its key set spent budget; the privacy report must hear of it
+    seen = []
+    strategy = ValidatingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2),
+                                  bounds=UpdateBounds(max_update_norm=100.0, max_num_examples=10_000), min_train_nodes=2,
+                                  on_rejected_evaluation=lambda r, m: seen.append((r, m.metadata.src_node_id)))
+    common = {"hit-sum": 1.0, "num-examples": 10}
+    replies = [reply(101, RecordDict({"metrics": MetricRecord(common)})),
+               reply(102, RecordDict({"metrics": MetricRecord(common)})),
+               reply(103, RecordDict({"metrics": MetricRecord({**common, "odd-key": 1.0})}))]
+    strategy.aggregate_evaluate(4, replies)
+    assert seen == [(4, 103)]
