@@ -176,19 +176,18 @@ class PartnerBudget:
 
     def check_next_round(self) -> None:
         """Refuse (``budget exhausted: epsilon X of Y``) when one more round would pass the target."""
-        target = self.calibration.target_epsilon
-        after = self.ledger.epsilon(self.delta, self.accountant, extra=[self.calibration.round_mechanism()])
-        if after > target + EPSILON_SLACK:
-            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
-                               f"({self.label}; one more round would reach {after:.3f}, ledger {self.ledger.path})")
+        self._check_next(self.calibration.round_mechanism(), "round")
 
     def check_next_evaluation(self) -> None:
         """Refuse (``budget exhausted: ...``) when one more noised evaluation reply would pass the target."""
+        self._check_next(self.calibration.evaluation_mechanism(), "noised evaluation")
+
+    def _check_next(self, mechanism: Mechanism, what: str) -> None:
         target = self.calibration.target_epsilon
-        after = self.ledger.epsilon(self.delta, self.accountant, extra=[self.calibration.evaluation_mechanism()])
+        after = self.ledger.epsilon(self.delta, self.accountant, extra=[mechanism])
         if after > target + EPSILON_SLACK:
-            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} ({self.label}; one more "
-                               f"noised evaluation would reach {after:.3f}, ledger {self.ledger.path})")
+            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
+                               f"({self.label}; one more {what} would reach {after:.3f}, ledger {self.ledger.path})")
 
     def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:
         """This round's DP-SGD settings; ``noise_seed`` None = noise from OS entropy (see

@@ -451,14 +451,7 @@ def test_two_partners_with_one_label_are_listed_apart(tmp_path):
 def test_one_label_in_different_rounds_or_paths_never_lowers_the_spend(tmp_path):
     # A review: nodes sharing a label answered in different rounds (sampling, a refusal) or one was rejected;
     # the later, smaller epsilon overwrote the larger and the guarantee understated the spend
-    strategy, report = _strategy(tmp_path, 2)
-    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
-                                         FakeGrid(2)))
-
-    def reply(i: int, eps: float) -> Message:
-        r = _reply_with_privacy(msgs[i], np.ones(4), eps, 8.0)
-        r.content["privacy"]["partner"] = "partner-same"
-        return r
+    report, reply, msgs = _one_label_replies(tmp_path)
 
     report.note_unaggregated(1, reply(0, 3.0), "rejected: norm")  # the larger spend arrives first, rejected
     report.screen(1, [reply(1, 1.0)])
@@ -469,14 +462,7 @@ def test_one_label_in_different_rounds_or_paths_never_lowers_the_spend(tmp_path)
 
 def test_a_node_listed_apart_stays_apart_when_it_answers_alone(tmp_path):
     # Mutation audit: the apart node answering a later round alone went into the other partner's entry
-    strategy, report = _strategy(tmp_path, 2)
-    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
-                                         FakeGrid(2)))
-
-    def reply(i: int, eps: float) -> Message:
-        r = _reply_with_privacy(msgs[i], np.ones(4), eps, 8.0)
-        r.content["privacy"]["partner"] = "partner-same"
-        return r
+    report, reply, msgs = _one_label_replies(tmp_path)
 
     report.screen(1, [reply(0, 1.0), reply(1, 2.0)])
     apart = next(label for label in report.partners if "@node-" in label)
@@ -486,3 +472,17 @@ def test_a_node_listed_apart_stays_apart_when_it_answers_alone(tmp_path):
     assert report.partners[apart]["rounds-trained"] == [1, 2] and report.partners[apart]["epsilon"] == 6.0
     assert report.partners["partner-same"]["epsilon"] == keeper["epsilon"]
     assert report.partners["partner-same"]["rounds-trained"] == keeper["rounds-trained"]
+
+
+def _one_label_replies(tmp_path):
+    """Two nodes whose replies carry one partner label (the same data-identity): (report, reply(i, epsilon), msgs)."""
+    strategy, report = _strategy(tmp_path, 2)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord({}),
+                                         FakeGrid(2)))
+
+    def reply(i: int, eps: float) -> Message:
+        r = _reply_with_privacy(msgs[i], np.ones(4), eps, 8.0)
+        r.content["privacy"]["partner"] = "partner-same"
+        return r
+
+    return report, reply, msgs
