@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from common.private_evaluation import refuse_unaffordable_evaluations
 from common.provenance import append_provenance
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
-from common.privacy import dp_mode, uses_central_dp
+from common.privacy import default_delta, dp_mode, uses_central_dp
 from server.central_dp import central_delta, with_privacy
 from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
@@ -37,8 +38,9 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     check_strategy_config(cfg)
     if uses_central_dp(dp_mode(cfg)):
         central_delta(cfg)  # a delta of 1 / partners or more is refused before the run starts
-    # noised evaluations that alone spend the budget: refused here (partners would refuse every round)
-    refuse_unaffordable_evaluations(cfg, float(cfg["target-delta"]) or 1e-5)
+    # noised evaluations that alone spend the budget: refused here (partners would refuse every round), at the
+    # largest delta a partner can default to, which gives the smallest epsilon
+    refuse_unaffordable_evaluations(cfg, float(cfg["target-delta"]) or default_delta(1))
     start = None
     if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start
@@ -56,8 +58,6 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
 
 def _dataset_text(dataset: str) -> str:
     """The run's ``dataset`` as an absolute path when it is one here (config.json keeps it as given)."""
-    from pathlib import Path
-
     path = Path(dataset).expanduser()
     return str(path.resolve()) if dataset != "synthetic" and path.exists() else dataset
 

@@ -100,8 +100,8 @@ class PrivacyReport:
         out = {}
         for msg in replies:
             label, node = self._label(msg), int(msg.metadata.src_node_id)
-            if self.node_labels.get(node) == f"{label}@node-{node}":  # listed apart before: stays apart
-                out[id(msg)] = self.node_labels[node]
+            if self._known_label(msg) != label:  # listed apart before: stays apart
+                out[id(msg)] = self._known_label(msg)
             else:
                 nodes.setdefault(label, []).append(node)
         for msg in replies:
@@ -120,6 +120,11 @@ class PrivacyReport:
                     label = f"{label}@node-{node}"
             out[id(msg)] = label
         return out
+
+    def _known_label(self, msg: Message) -> str:
+        """The label the reply's node is listed under: its reply's, or ``label@node-<id>`` once listed apart."""
+        label, node = self._label(msg), int(msg.metadata.src_node_id)
+        return self.node_labels[node] if self.node_labels.get(node) == f"{label}@node-{node}" else label
 
     @staticmethod
     def _label(msg: Message) -> str:
@@ -141,8 +146,7 @@ class PrivacyReport:
                 continue
             if "privacy" not in msg.content.config_records:
                 continue  # sums sent in clear: nothing spent
-            node = int(msg.metadata.src_node_id)
-            before = dict(self.partners.get(self.node_labels.get(node, self._label(msg)), {}))
+            before = dict(self.partners.get(self._known_label(msg), {}))
             entry = self._record(msg)
             if "num-examples" in before:  # the training's count, not the evaluated users
                 entry["num-examples"] = before["num-examples"]
@@ -198,10 +202,7 @@ class PrivacyReport:
         details and numbers."""
         node = int(msg.metadata.src_node_id)
         details = msg.content.config_records.get("privacy")
-        if label is None:  # a node listed apart (_round_labels) stays apart in its other replies
-            label = self._label(msg)
-            if self.node_labels.get(node) == f"{label}@node-{node}":
-                label = self.node_labels[node]
+        label = label or self._known_label(msg)  # a node listed apart (_round_labels) stays apart
         self.node_labels[node] = label
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
         # Spend never goes down under one label: a rejected or late (older) reply, or two nodes reporting one
