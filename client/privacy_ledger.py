@@ -19,6 +19,7 @@ mechanism at sample rate 1: common/private_evaluation.py); epsilon counts every 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -139,6 +140,9 @@ class PrivacyLedger:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
                                    "(a partner's spend is never reset)")
             earlier = read_marker(self.path)
+            if earlier is not None and self._finish_interrupted_creation(str(earlier.get("id"))):
+                self._conn = self._open_checked()
+                return
             if earlier is not None and (not reset or reset != earlier.get("id")):
                 raise PrivacyError(
                     f"privacy ledger {self.path} was deleted (its marker {marker_path(self.path).name} says it was "
@@ -148,8 +152,11 @@ class PrivacyLedger:
             self._create()
             self.created = True
         else:
-            with contextlib.suppress(PermissionError):  # a ledger created before it was made 0600 (not ours: leave it)
+            try:
                 ensure_private(self.path)
+            except OSError as exc:  # a ledger created before it was made 0600 and not ours: leave it
+                if exc.errno not in (errno.EPERM, errno.EACCES):
+                    raise _unwritable(self.path, exc) from None
         self._conn = self._open_checked()
 
     # -- reading ---------------------------------------------------------------------------
@@ -213,14 +220,13 @@ class PrivacyLedger:
                 raise PrivacyError(f"privacy ledger {self.path}: run {run!r} is already calibrated with "
                                    f"noise {old.noise_multiplier:.4g}; refusing to change it mid-run")
             return
-        with self._conn:
-            self._conn.execute(
-                "INSERT INTO calibrations (run, noise_multiplier, target_epsilon, target_delta, accountant, "
-                "sample_rate, steps_per_round, planned_rounds, recorded, evaluation_noise, planned_evaluations) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run, cal.noise_multiplier, cal.target_epsilon, cal.target_delta, cal.accountant,
-                 cal.sample_rate, cal.steps_per_round, cal.planned_rounds, time.time(), cal.evaluation_noise,
-                 cal.planned_evaluations))
+        self._write(
+            "INSERT INTO calibrations (run, noise_multiplier, target_epsilon, target_delta, accountant, "
+            "sample_rate, steps_per_round, planned_rounds, recorded, evaluation_noise, planned_evaluations) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(run, cal.noise_multiplier, cal.target_epsilon, cal.target_delta, cal.accountant,
+              cal.sample_rate, cal.steps_per_round, cal.planned_rounds, time.time(), cal.evaluation_noise,
+              cal.planned_evaluations)])
 
     def record(self, *, run: str, server_round: int, mechanisms: Iterable[Mechanism], accountant: str,
                kind: str = "train") -> None:
@@ -237,10 +243,18 @@ class PrivacyLedger:
         for _, _, s, q, n, *_ in rows:
             if not (s > 0 and 0 < q <= 1 and n >= 0):
                 raise ValueError(f"not a DP mechanism: noise {s}, sample rate {q}, steps {n}")
-        with self._conn:
-            self._conn.executemany(
-                "INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._write("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
+                    "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _write(self, sql: str, rows: list[tuple]) -> None:
+        """One transaction; a write SQLite refuses (disk full, a read-only file) is one line, and the
+        caller releases nothing (the spend is recorded before any reply leaves)."""
+        try:
+            with self._conn:
+                self._conn.executemany(sql, rows)
+        except sqlite3.DatabaseError as exc:
+            raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
+                               "free space or make the ledger writable and try again") from None
 
     def close(self) -> None:
         self._conn.close()
@@ -258,16 +272,17 @@ class PrivacyLedger:
 
     # -- internals -------------------------------------------------------------------------
     def _lock(self, wait: float, create: bool) -> None:
-        folder = self.path.parent
-        if not folder.is_dir():
+        if not self.path.parent.is_dir():
             if not create:
                 return  # nothing to guard: opening reports the missing ledger
-            folder.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock sits beside the real file: a ledger opened through a symbolic link (a fine-tune's
+        # --ledger-path linking to the supernode's ledger) takes the same lock (a review overspent that way)
+        real = self.path.resolve()
         try:
-            fd = os.open(folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except PermissionError:
-            raise PrivacyError(f"privacy ledger {self.path}: its folder is not writable (the ledger records "
-                               "every round's spend there); give a ledger-path in a writable folder") from None
+            fd = os.open(real.parent / f".{real.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -288,8 +303,32 @@ class PrivacyLedger:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
 
+    def _finish_interrupted_creation(self, marker_id: str) -> bool:
+        """A crash between writing the marker and linking the new ledger in (:meth:`_create`) left a
+        marker, no ledger and the made ledger under its temporary name: that ledger never held a row of
+        spend, so finishing the link loses nothing (it was refused as deleted, locking the partner out)."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            if not tmp.name[len(self.path.name) + 2:-4].isdigit():
+                continue  # .<name>.<pid>.tmp only (the marker's own temporary files are named otherwise)
+            try:
+                conn = sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)
+                try:
+                    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                    rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+                finally:
+                    conn.close()
+            except sqlite3.DatabaseError:
+                continue
+            if meta.get("marker-id") == marker_id and meta.get("fingerprint") == self.fingerprint and rows == 0:
+                os.link(tmp, self.path)
+                tmp.unlink(missing_ok=True)
+                self.created = True
+                return True
+        return False
+
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
         ensure_private(tmp)  # 0600 before SQLite writes a byte (it keeps the mode; else the umask's 0644)
@@ -300,14 +339,14 @@ class PrivacyLedger:
                 conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("schema-version", str(SCHEMA_VERSION)),
                     ("fingerprint", self.fingerprint),
-                    ("created", str(time.time())),
+                    ("created", str(marker["created"])),
+                    ("marker-id", marker["id"]),  # ties it to its marker (_finish_interrupted_creation)
                 ])
         finally:
             conn.close()
         # The marker first: a crash between the two steps leaves a marker without a ledger (refused as
         # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
         # first run and reset the budget). The lock keeps a second creator out meanwhile.
-        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
         try:
             write_private_bytes(marker_path(self.path), json.dumps(marker).encode())
             # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
@@ -365,6 +404,14 @@ class PrivacyLedger:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} cannot be read ({exc})") from None
+
+
+def _unwritable(path: Path, exc: OSError) -> Exception:
+    """A ledger whose folder or file cannot be written (permissions, a read-only file system): one line."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PrivacyError(f"privacy ledger {path}: its folder is not writable ({os.strerror(exc.errno)}; the ledger "
+                            "records every round's spend there); give a ledger-path in a writable folder")
+    return exc
 
 
 def marker_path(ledger: Path) -> Path:

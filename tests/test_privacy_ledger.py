@@ -513,3 +513,76 @@ def test_the_accounting_delta_is_the_smallest_any_run_promised(tmp_path):
                                                  accountant="rdp", sample_rate=0.1, steps_per_round=10,
                                                  planned_rounds=1))
         assert ledger.accounting_delta(1e-5) == 1e-7 and ledger.accounting_delta(1e-9) == 1e-9
+
+
+def test_a_ledger_opened_through_a_symbolic_link_takes_the_same_lock(tmp_path, monkeypatch):
+    # The lock was named after the path as given: a fine-tune whose --ledger-path linked to the
+    # supernode's ledger passed the budget check beside a running round and both spent (8.455 of 8)
+    import client.privacy_ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "LOCK_WAIT_SECONDS", 0.2)
+    real = tmp_path / "a" / "l.sqlite"
+    (tmp_path / "b").mkdir()
+    with PrivacyLedger(real, "fp") as first:
+        link = tmp_path / "b" / "l.sqlite"
+        link.symlink_to(real)
+        with pytest.raises(PrivacyError, match="is in use by another training"):
+            PrivacyLedger(link, "fp")
+        first.record(run="r", server_round=1, mechanisms=[(1.0, 0.1, 10)], accountant="rdp")
+    with PrivacyLedger(link, "fp") as second:  # released: the link opens the same ledger
+        assert len(second.history()) == 1
+
+
+@pytest.mark.parametrize("code", [30, 13])  # EROFS (a read-only mount), EACCES
+def test_a_ledger_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, code):
+    # Only PermissionError was caught: a read-only mount's OSError (errno 30) reached the partner as
+    # an internal error and the finetune command as a traceback
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(PrivacyError, match=r"l.sqlite: its folder is not writable \(" + os.strerror(code)):
+        PrivacyLedger(tmp_path / "l.sqlite", "fp")
+
+
+def test_a_write_the_database_refuses_is_one_line_and_records_nothing(tmp_path):
+    path = tmp_path / "l.sqlite"
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger._conn.execute("PRAGMA query_only = ON")  # what a read-only file or a full disk looks like to SQLite
+        with pytest.raises(PrivacyError, match=r"could not be written \(.*\); nothing was released"):
+            ledger.record(run="r", server_round=1, mechanisms=[(1.0, 0.1, 10)], accountant="rdp")
+    with PrivacyLedger(path, "fp") as ledger:
+        assert ledger.history() == []
+
+
+def test_a_creation_cut_short_after_its_marker_is_finished_not_refused(tmp_path, monkeypatch):
+    # Killed between writing the marker and linking the new ledger in: every start after said the ledger
+    # "was deleted" (it never held any spend) until the operator set ledger-reset. The made ledger is
+    # now linked in; one that holds spend, or belongs to another marker, is still refused.
+    import client.privacy_ledger as ledger_module
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # stands for SIGKILL: the finally clause's clean-up must not run either
+
+    path = tmp_path / "l.sqlite"
+    monkeypatch.setattr(ledger_module.os, "link", killed)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)
+    with pytest.raises(KeyboardInterrupt):
+        PrivacyLedger(path, "fp")
+    monkeypatch.undo()
+    leftovers = list(tmp_path.glob(".l.sqlite.*.tmp"))
+    assert not path.exists() and ledger_module.read_marker(path) is not None and len(leftovers) == 1
+    with PrivacyLedger(path, "fp") as ledger:
+        assert ledger.created and ledger.history() == []
+    assert not leftovers[0].exists()
+    # A leftover with spend in it is not a cut-short creation: the deleted ledger stays refused
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(run="r", server_round=1, mechanisms=[(1.0, 0.1, 10)], accountant="rdp")
+    os.link(path, tmp_path / ".l.sqlite.999.tmp")
+    path.unlink()
+    with pytest.raises(PrivacyError, match="was deleted"):
+        PrivacyLedger(path, "fp")
