@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from flwr.common.logger import log
 from common.files import atomic_write_bytes
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
 
+# A partner's budget refusal states its whole-ledger spend (client/privacy_budget.py, common/privacy.py)
+_REFUSED_SPEND = re.compile(r"budget exhausted: epsilon (\d+(?:\.\d+)?) of ")
 SPEND_KEYS = ("epsilon", "ledger-steps", "ledger-rounds", "ledger-evaluations")  # only grow (PrivacyReport._record)
 # Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
 PARTNER_METRICS = ("epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
@@ -41,6 +44,7 @@ class PrivacyReport:
         # ledgers keep that calibration), so a resume with another num-server-rounds does not change it
         self.planned_rounds = int(cfg["num-server-rounds"])
         self.start_model: dict[str, Any] | None = None  # init-model (server/warm_start.py)
+        self.resumed_after: list[int] = []  # rounds after which a stopped run was resumed
         self._load_earlier()
 
     def _load_earlier(self) -> None:
@@ -75,6 +79,13 @@ class PrivacyReport:
         self.central = central
         self.planned_rounds = int(earlier.get("local", {}).get("planned-rounds", self.planned_rounds))
         self.start_model = earlier.get("init-model") or self.start_model
+        self.resumed_after = [int(r) for r in earlier.get("resumed-after", self.resumed_after)]
+
+    def note_resumed(self, after_round: int) -> None:
+        """The run continues after a stop: updates partners sent in the round after ``after_round``
+        may have reached the coordinator before it stopped; the guarantee says so (a review)."""
+        if after_round not in self.resumed_after:
+            self.resumed_after.append(after_round)
 
     def note_start_model(self, record: dict[str, Any]) -> None:
         """The run starts from a released model (``init-model``): listed, and named in the guarantee."""
@@ -163,6 +174,14 @@ class PrivacyReport:
         log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
         entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
+        # An exhausted budget states the ledger's whole spend, which may include updates this report never
+        # saw (sent before a coordinator crash, then the round redone): the entry's epsilon never stays below
+        # it. Paired with the partner's delta, else the run's (a partner's delta is never above the run's).
+        found = _REFUSED_SPEND.search(str(msg.error.reason))
+        if found and float(found.group(1)) > float(entry.get("epsilon", -1.0)):
+            entry["epsilon"] = float(found.group(1))
+            entry.setdefault("delta", float(self.cfg["target-delta"]))
+            entry["epsilon-from"] = f"refusal in round {server_round}"
 
     def note_unaggregated(self, server_round: int, msg: Message, reason: str) -> None:
         """A reply that reached the coordinator but will not be aggregated (rejected by update
@@ -261,6 +280,8 @@ class PrivacyReport:
             out["central"] = {**self.central, "rounds": self.central_rounds}
         if self.start_model:
             out["init-model"] = self.start_model
+        if self.resumed_after:
+            out["resumed-after"] = self.resumed_after
         return out
 
     def write(self) -> Path:
@@ -326,7 +347,17 @@ class PrivacyReport:
         else:
             text = "; and ".join(parts)
             text = text[0].upper() + text[1:] + "."
-        return text + self._start_model_text()
+        return text + self._resumed_text() + self._start_model_text()
+
+    def _resumed_text(self) -> str:
+        """A resumed run: a partner's update sent just before the stop reached no report, only its ledger."""
+        trained = any("epsilon" in p for p in self.partners.values())
+        if not self.resumed_after or not (uses_local_dp(self.mode) or trained):
+            return ""
+        rounds = ", ".join(str(r + 1) for r in self.resumed_after)
+        return (f" The run was resumed, so an update a partner sent in round {rounds} before the stop may have "
+                "reached the coordinator without being counted here; its ledger has it, and counts here once "
+                "the partner replies or refuses again.")
 
     def _start_model_text(self) -> str:
         """What the guarantee does not cover when the run started from a released model."""

@@ -168,3 +168,33 @@ def test_an_unanswered_evaluation_is_not_reported_as_a_missing_training_reply():
                   message_type=MessageType.EVALUATE)
     grid.send_and_receive([msg], timeout=0.0)
     assert grid.finish() == [] and unanswered == []
+
+
+def test_a_budget_refusal_raises_the_partner_spend_to_its_ledger(tmp_path):
+    # After a coordinator crash, a redone round is refused with the ledger's whole spend, which includes the
+    # update sent before the crash; the report kept round 1's epsilon. Other refusals change nothing.
+    from flwr.app import Error, RecordDict
+
+    from common.config import resolve_config
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    report = PrivacyReport(tmp_path, resolve_config(None, {"target-delta": 1e-6}))
+
+    def refusal(node: int, reason: str) -> Message:
+        msg = Message(Error(code=0, reason=reason), reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
+    report.partners = {"p": {"partner": "p", "node-id": 7, "epsilon": 6.49, "delta": 1e-7}}
+    report.node_labels = {7: "p"}
+    report.screen(2, [refusal(7, "budget exhausted: epsilon 7.997 of 8 (p; one more round would reach 9.1)"),
+                      refusal(8, "budget exhausted: epsilon 3.500 of 4 already spent"),
+                      refusal(9, "too few users for the target epsilon")])
+    partners = report.as_dict()["partners"]
+    assert (partners["p"]["epsilon"], partners["p"]["delta"]) == (7.997, 1e-7)  # its own delta kept
+    assert (partners["node-8"]["epsilon"], partners["node-8"]["delta"]) == (3.5, 1e-6)  # the run's delta
+    assert "epsilon" not in partners["node-9"]
+    assert "at most (7.997, 1e-06) over 2 partners" in report.guarantee()
+    report.screen(3, [refusal(7, "budget exhausted: epsilon 7.000 of 8 (an older number)")])
+    assert report.as_dict()["partners"]["p"]["epsilon"] == 7.997  # never lowered
