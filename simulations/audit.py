@@ -16,13 +16,18 @@ model, and scores membership by
 
 Attack AUC (0.5 = no better than chance) with a bootstrap 95% interval, next to the
 epsilon the run claims. A DP guarantee of (epsilon, delta) bounds any attack's TPR at
-FPR x by e^epsilon * x + delta, so only small epsilon forces AUC near 0.5.
+FPR x by e^epsilon * x + delta, so only small epsilon forces AUC near 0.5. So each attack
+also reports its TPR at 1% and 10% FPR and the smallest epsilon its error rates are consistent
+with at 95% confidence (``simulations/audit_bounds.py``): a bound above the claimed epsilon
+means the claim or the audit is wrong. A run started from ``init-model`` is audited only when
+its held-out users were held out from the start model's run too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,9 +42,13 @@ from common.errors import DataError, FedRecError
 from common.files import atomic_write_text
 from common.metrics import pad_left
 from common.task import federation_data, new_model
+from simulations.audit_bounds import epsilon_lower_bound, tpr_at_fpr
 from simulations.bench import write_results
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, read_json_object
+
+
+LOW_FPRS = (0.01, 0.1)  # TPR reported at these FPRs (a few hundred non-members: 0.1% would rest on none)
 
 
 def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
@@ -108,6 +117,36 @@ def _missing(name: str) -> str:
     return f"no {name} (run with holdout-fraction > 0 through simulations.run/sweep)"
 
 
+def start_model_check(run_dir: Path, saved_cfg: dict, held: set) -> dict | None:
+    """A run started from ``init-model``: its held-out users are non-members only if the start model's
+    run held them out too (on the same data set); otherwise its AUC reads the start model's leak
+    beside this run's epsilon (a review measured AUC 0.67 and an epsilon bound of 2 beside a claim of 1).
+    Returns what audit.json records of the start model, or None."""
+    source = saved_cfg.get("init-model")
+    if not source:
+        return None
+    start_dir = Path(str(source)).expanduser()
+    start_dir = start_dir if start_dir.is_dir() else start_dir.parent
+    record = {"path": str(source)}
+    start_cfg = read_json_object(start_dir / "config.json") if (start_dir / "config.json").is_file() else {}
+    if start_cfg and start_cfg.get("dataset") != saved_cfg.get("dataset"):
+        record["note"] = "trained on another data set; its users are taken to be other people"
+        return record
+    start_holdout = start_dir / "holdout.json"
+    if not start_holdout.is_file():
+        raise DataError(f"{run_dir}: started from init-model {source}, whose training users are unknown (no "
+                        "holdout.json beside it), so held-out users cannot be called non-members; audit the run "
+                        "that trained the start model instead")
+    start_held = read_json_object(start_holdout).get("user-ids")
+    trained_before = len(held - set(start_held if isinstance(start_held, list) else []))
+    if trained_before:
+        raise DataError(f"{run_dir}: {trained_before} of its {len(held)} held-out users were trained on by its "
+                        f"init-model {source}, so they are not non-members; audit a run whose holdout the start "
+                        "model's run held out as well (the same seed and at most its holdout-fraction)")
+    record["note"] = "its run held out every user this run holds out"
+    return record
+
+
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
@@ -122,6 +161,7 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     held = set(holdout["user-ids"])
     if not held:
         raise DataError(f"{run_dir}: holdout.json lists no user (holdout-fraction was 0)")
+    start = start_model_check(run_dir, saved_cfg, held)
     from client.recommend import load_global_model
 
     trained = load_global_model(run_dir / "model.pt")  # a corrupt, foreign or NaN file: one DataError line
@@ -152,23 +192,39 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
               # what a rerun needs to repeat these numbers (a reproducibility review)
               "options": {"bootstrap-rounds": rounds, "max-members": max_members, "seed": seed,
                           "members-subsampled": bool(subsampled)}}
+    if start is not None:
+        result["init-model"] = start
+    claim = claimed_privacy(run_dir, cfg)
+    dp = math.isfinite(claim["epsilon"])  # no DP: null, not a bare Infinity (strict JSON parsers refuse it)
+    result.update({"dp": dp, "epsilon": claim["epsilon"] if dp else None, "delta": claim["delta"] if dp else None,
+                   "ndcg@10": claim["ndcg@10"]})
     for name, score in (("loss", -loss), ("calibrated", -calibrated),
                         ("control-loss", -control), ("control-calibrated", -control_calibrated)):
         value, low, high = bootstrap_auc(score[:m], score[m:], rounds=rounds, seed=seed)
         result[f"auc-{name}"], result[f"auc-{name}-ci"] = value, [low, high]
-    result.update(claimed_privacy(run_dir, cfg))
-    atomic_write_text(run_dir / "audit.json", json.dumps(result, indent=1))
+    for name, score in (("loss", -loss), ("calibrated", -calibrated)):
+        result[f"tpr-{name}"] = [tpr_at_fpr(score[:m], score[m:], f) for f in LOW_FPRS]
+        # at the claim's delta (the run's target-delta without DP: the bound then says what a claim would need)
+        result[f"epsilon-lower-bound-{name}"] = epsilon_lower_bound(
+            score[:m], score[m:], float(result["delta"] if dp else cfg["target-delta"]), seed=seed)
+    atomic_write_text(run_dir / "audit.json", json.dumps(result, indent=1, allow_nan=False))
     return result
 
 
 def format_result(r: dict) -> str:
-    eps = "inf (no DP)" if r["epsilon"] == float("inf") else f"{r['epsilon']:.2f} (delta {r['delta']:.1g})"
-    return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
+    eps = "none (no DP)" if not r["dp"] else f"{r['epsilon']:.2f} (delta {r['delta']:.1g})"
+    bounds = "  ".join(f"{name} {r[f'epsilon-lower-bound-{name}']['epsilon-lower-bound']:.2f}"
+                       for name in ("loss", "calibrated"))
+    tpr = "  ".join(f"{name} {x['tpr']:.3f} at FPR {x['fpr']:.3f}" for name in ("loss", "calibrated")
+                    for x in r[f"tpr-{name}"][:1])
+    return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
             f"  loss attack        AUC {r['auc-loss']:.3f}  95% CI [{r['auc-loss-ci'][0]:.3f}, {r['auc-loss-ci'][1]:.3f}]\n"
             f"  calibrated attack  AUC {r['auc-calibrated']:.3f}  95% CI [{r['auc-calibrated-ci'][0]:.3f}, "
             f"{r['auc-calibrated-ci'][1]:.3f}]\n"
             f"  control (initial model, trained on nobody): loss AUC {r['auc-control-loss']:.3f}, "
-            f"calibrated AUC {r['auc-control-calibrated']:.3f}")
+            f"calibrated AUC {r['auc-control-calibrated']:.3f}\n"
+            f"  TPR at low FPR: {tpr}\n"
+            f"  epsilon lower bound (95%, threshold chosen on half the users): {bounds}")
 
 
 def audit_all(run_dirs: list[Path], **options: int) -> list[dict]:

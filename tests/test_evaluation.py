@@ -196,8 +196,13 @@ def test_audit_tells_memorised_members_from_held_out_users(tmp_path, one_torch_t
     for name in ("control-loss", "control-calibrated"):
         assert 0.35 < result[f"auc-{name}"] < 0.65, (name, result[f"auc-{name}"])
     # audit.json records what a rerun needs to repeat it
-    saved = json.loads((tmp_path / "audit.json").read_text())
+    text = (tmp_path / "audit.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"audit.json is not strict JSON: {c}"))
     assert saved["options"] == {"bootstrap-rounds": 200, "max-members": 2000, "seed": 3, "members-subsampled": False}
+    # No DP: no epsilon (it was a bare Infinity), and an attack this strong needs a large epsilon to explain it
+    assert (saved["dp"], saved["epsilon"], saved["delta"]) == (False, None, None)
+    assert saved["epsilon-lower-bound-loss"]["epsilon-lower-bound"] > 1.0
+    assert [x["fpr-target"] for x in saved["tpr-loss"]] == [0.01, 0.1] and saved["tpr-loss"][1]["tpr"] > 0.3
 
 
 def test_real_partners_without_partition_ids_stay_apart_in_the_spread():

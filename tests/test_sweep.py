@@ -144,7 +144,7 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     assert audit_cli.main([str(run_dir), "--bootstrap", "50", "--out", str(combined)]) == 0
     (audit,) = json.loads(combined.read_text())  # the --out list: one result per run directory
     assert audit == json.loads((run_dir / "audit.json").read_text())
-    assert audit["members"] > 0 and audit["non-members"] > 0 and audit["epsilon"] == float("inf")
+    assert audit["members"] > 0 and audit["non-members"] > 0 and (audit["dp"], audit["epsilon"]) == (False, None)
     for name in ("loss", "calibrated"):
         low, high = audit[f"auc-{name}-ci"]
         assert 0.0 <= low <= audit[f"auc-{name}"] <= high <= 1.0
@@ -538,9 +538,11 @@ def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path,
     # runs-dir/*/ stopped at the first timed-out run, with no --out file
     from simulations import audit
 
-    result = {"run": "good", "model": "mf", "epsilon": float("inf"), "delta": 0.0, "members": 3, "non-members": 2,
+    result = {"run": "good", "model": "mf", "dp": False, "epsilon": None, "delta": None, "members": 3, "non-members": 2,
               **{f"auc-{n}": 0.5 for n in ("loss", "calibrated", "control-loss", "control-calibrated")},
-              **{f"auc-{n}-ci": [0.4, 0.6] for n in ("loss", "calibrated")}}
+              **{f"auc-{n}-ci": [0.4, 0.6] for n in ("loss", "calibrated")},
+              **{f"tpr-{n}": [{"fpr-target": 0.01, "fpr": 0.0, "tpr": 0.0}] for n in ("loss", "calibrated")},
+              **{f"epsilon-lower-bound-{n}": {"epsilon-lower-bound": 0.0} for n in ("loss", "calibrated")}}
     real_audit = audit.run_audit
     monkeypatch.setattr(audit, "run_audit", lambda d, **k: dict(result) if d.name == "good" else real_audit(d, **k))
     late, good, empty = _timed_out_run(tmp_path / "late"), tmp_path / "good", tmp_path / "empty"
