@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -36,6 +37,7 @@ from common.privacy import Mechanism, epsilon_of
 
 SCHEMA_VERSION = 2  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
+ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (_rows_digest), updated with every write
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
 
 _SCHEMA = """
@@ -247,11 +249,12 @@ class PrivacyLedger:
                     "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _write(self, sql: str, rows: list[tuple]) -> None:
-        """One transaction; a write SQLite refuses (disk full, a read-only file) is one line, and the
-        caller releases nothing (the spend is recorded before any reply leaves)."""
+        """One transaction, with the rows' new digest; a write SQLite refuses (disk full, a read-only file)
+        is one line, and the caller releases nothing (the spend is recorded before any reply leaves)."""
         try:
             with self._conn:
                 self._conn.executemany(sql, rows)
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(self._conn)))
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
@@ -397,6 +400,15 @@ class PrivacyLedger:
                 conn.close()
                 raise PrivacyError(f"privacy ledger {self.path} could not be upgraded to schema {SCHEMA_VERSION} "
                                    f"({exc}); it is unchanged") from None
+        stored = meta.get(ROWS_DIGEST)
+        if stored is None:  # written before the digest existed: its rows are taken as they are, from now on checked
+            with contextlib.suppress(sqlite3.DatabaseError), conn:
+                conn.execute("INSERT INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(conn)))
+        elif stored != _rows_digest(conn):
+            conn.close()
+            raise PrivacyError(f"privacy ledger {self.path} is corrupt (its rows no longer match their digest: changed "
+                               "outside the ledger, or damaged on disk); restore it from a backup (a partner's spend is "
+                               "never reset)")
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -404,6 +416,16 @@ class PrivacyLedger:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} cannot be read ({exc})") from None
+
+
+def _rows_digest(conn: sqlite3.Connection) -> str:
+    """SHA-256 over every spend row in order: SQLite keeps no checksum of its own, so a flipped bit in a
+    noise multiplier (a crash review: 0.7 -> 1.4 read as epsilon 16.40 -> 4.15) passed every check."""
+    digest = hashlib.sha256()
+    for row in conn.execute("SELECT id, run, server_round, noise_multiplier, sample_rate, steps, accountant, "
+                            "fingerprint, recorded, kind FROM batches ORDER BY id"):
+        digest.update(repr(row).encode())
+    return digest.hexdigest()
 
 
 def _unwritable(path: Path, exc: OSError) -> Exception:

@@ -586,3 +586,34 @@ def test_a_creation_cut_short_after_its_marker_is_finished_not_refused(tmp_path,
     path.unlink()
     with pytest.raises(PrivacyError, match="was deleted"):
         PrivacyLedger(path, "fp")
+
+
+def test_a_spend_row_changed_on_disk_is_refused_as_corrupt(tmp_path):
+    # A crash review: one flipped exponent bit turned a noise multiplier 0.7 into 1.4 and epsilon 16.40 into
+    # 4.15, in range, so every check passed. The rows now carry a digest, checked at every opening.
+    path = tmp_path / "l.sqlite"
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(run="r", server_round=1, mechanisms=[(0.7, 0.1, 100)], accountant="rdp")
+        spent = ledger.epsilon(DELTA, "rdp")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE batches SET noise_multiplier = 1.4")
+    with pytest.raises(PrivacyError, match=r"is corrupt \(its rows no longer match their digest"):
+        PrivacyLedger(path, "fp")
+    with sqlite3.connect(path) as conn:  # restored from a backup: opens again with its spend
+        conn.execute("UPDATE batches SET noise_multiplier = 0.7")
+    with PrivacyLedger(path, "fp") as ledger:
+        assert ledger.epsilon(DELTA, "rdp") == spent == pytest.approx(_rdp_epsilon([(0.7, 0.1, 100)]), rel=0.02)
+
+
+def test_a_ledger_written_before_the_digest_gets_one_and_is_checked_from_then_on(tmp_path):
+    path = tmp_path / "l.sqlite"
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(run="r", server_round=1, mechanisms=[(0.7, 0.1, 100)], accountant="rdp")
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'rows-sha256'")  # as an older version wrote it
+    with PrivacyLedger(path, "fp") as ledger:
+        assert len(ledger.history()) == 1
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM batches")  # a row removed: less spend
+    with pytest.raises(PrivacyError, match="no longer match their digest"):
+        PrivacyLedger(path, "fp")
