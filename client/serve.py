@@ -193,6 +193,12 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and not (kind == "application/json" or kind.endswith("+json")):
+            # FastAPI reads only a JSON content type as JSON: curl -d sends a form type, and the error said
+            # "Input should be a valid dictionary", pointing away from the header (a review)
+            return JSONResponse(status_code=415, content={
+                "error": f"body: send it with Content-Type: application/json (this request: {kind or 'none'})"})
         problems = []
         for err in exc.errors():
             if err.get("type") == "json_invalid":

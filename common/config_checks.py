@@ -29,6 +29,8 @@ POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait
 # (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
 NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu",
                        "evaluation-noise-multiplier")
+MAX_EPSILON = 100.0  # target-epsilon above this is refused (see check_values)
+MAX_SEQ_LEN = 10_000
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
@@ -72,6 +74,13 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
     if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):
         raise bad("target-epsilon", "must be a positive number (the privacy budget)")
+    if cfg["target-epsilon"] > MAX_EPSILON:  # PRV's grid hung (1000) or asked for 3 TiB (1e8): a review
+        raise bad("target-epsilon", f"is above {MAX_EPSILON:g}, where a guarantee says nothing (e^{MAX_EPSILON:g}) and "
+                  "the accountants break down; for no DP set dp = false")
+    if cfg.get("max-seq-len", 1) > MAX_SEQ_LEN:
+        raise bad("max-seq-len", f"must be at most {MAX_SEQ_LEN} (the model keeps a position row for each)")
+    if cfg.get("seed", 0) >= 2 ** 63:  # torch.manual_seed takes a 64-bit signed integer
+        raise bad("seed", "must be below 2**63")
     if "trim-fraction" in cfg and not 0 <= cfg["trim-fraction"] < 0.5:
         raise bad("trim-fraction", "must be in [0, 0.5) (trimmed-mean's cut at each end)")
     if "holdout-fraction" in cfg and not 0 <= cfg["holdout-fraction"] < 1:

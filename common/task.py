@@ -125,7 +125,14 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
 def new_model(cfg: Mapping[str, Any], num_items: int) -> torch.nn.Module:
     """A freshly initialised model, identical for the same seed on every machine."""
     torch.manual_seed(int(cfg["seed"]))
-    return build_model(dict(cfg), num_items, item_genres=_item_genres(cfg) if cfg.get("genre-features") else None)
+    genres = _item_genres(cfg) if cfg.get("genre-features") else None
+    try:
+        return build_model(dict(cfg), num_items, item_genres=genres)
+    except (MemoryError, RuntimeError) as exc:  # e.g. embedding-dim = 10**8: the allocator's traceback, not a line
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+            raise
+        raise ConfigError(f"the model does not fit in memory ({num_items} items, embedding-dim {cfg['embedding-dim']}, "
+                          f"max-seq-len {cfg['max-seq-len']}); lower them") from None
 
 
 def _item_genres(cfg: Mapping[str, Any]) -> torch.Tensor | None:

@@ -121,3 +121,27 @@ def test_knobs_the_model_ignores_are_named():
     central = {"central-noise-multiplier": 2.0, "central-clipping-norm": 0.5, "central-clipping": "client"}
     assert ignored_knobs(resolve_config(None, central)) == list(central)  # dp-mode local: no central DP
     assert ignored_knobs(resolve_config(None, {**central, "dp-mode": "both"})) == []
+
+
+@pytest.mark.parametrize("override, says", [
+    ({"target-epsilon": 1000.0}, "target-epsilon = 1000.0 is above 100, where a guarantee says nothing"),
+    ({"max-seq-len": 100_000_000}, "max-seq-len = 100000000 must be at most 10000"),
+    ({"seed": 10 ** 20}, "seed = 100000000000000000000 must be below 2\\*\\*63"),
+])
+def test_values_beyond_what_the_machinery_computes_are_one_line(override, says):
+    # A bad-input review: PRV calibration hung at target-epsilon 1000 (3 TiB at 1e8), a huge max-seq-len and a
+    # seed past int64 were tracebacks from the allocator and torch.manual_seed
+    with pytest.raises(ConfigError, match=says):
+        resolve_config(None, override)
+    resolve_config(None, {"target-epsilon": 100.0, "max-seq-len": 10_000, "seed": 2 ** 63 - 1})  # the limits pass
+
+
+def test_a_model_too_large_for_memory_is_one_line(monkeypatch):
+    from common.task import new_model
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("common.task.build_model", no_memory)
+    with pytest.raises(ConfigError, match=r"the model does not fit in memory \(40 items, embedding-dim 64"):
+        new_model(resolve_config(None, {}), 40)

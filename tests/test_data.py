@@ -26,6 +26,16 @@ def test_csv_with_aliases_and_extra_columns(tmp_path):
     assert log.rating.tolist() == [4.0, 5.0, 3.0]
 
 
+def test_a_column_named_twice_is_one_line_not_a_silent_drop(tmp_path):
+    # A review: pandas renamed the second item_id to item_id.1 and it was dropped unseen ("ok: this log can join")
+    for header in ("user_id,item_id,timestamp,item_id", "userId,user_id,item_id,timestamp"):
+        p = write(tmp_path, "log.csv", f"{header}\n1,2,1,9\n1,3,2,9\n")
+        with pytest.raises(DataError, match=r"log.csv: more than one column means (item_id|user_id) .*; keep one"):
+            load_interactions(p)
+    p = write(tmp_path, "log.csv", "user_id,item_id,timestamp,note,note\n1,2,1,a,b\n")  # extra columns may repeat
+    assert load_interactions(p).item.tolist() == ["2"]
+
+
 def test_parquet(tmp_path):
     p = tmp_path / "log.parquet"
     pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["x", "y", "x"], "timestamp": [3, 1, 2]}).to_parquet(p)

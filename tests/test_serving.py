@@ -473,6 +473,11 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"content": iter([b'{"user_id": "1", "item_id": "1", "pad": "', b"x" * 70_000, b'"}']),
                           "headers": {"content-type": "application/json"}}), "body: over 65536 bytes"),
     (("DELETE", "/events", {}), "Method Not Allowed"),
+    # a bad-input review: curl -d sends a form type, and the answer was "Input should be a valid dictionary"
+    (("POST", "/events", {"content": b'{"user_id": "1", "item_id": "1"}',
+                          "headers": {"content-type": "application/x-www-form-urlencoded"}}),
+     "send it with Content-Type: application/json (this request: application/x-www-form-urlencoded)"),
+    (("POST", "/events", {"content": b'{"user_id": "1", "item_id": "1"}'}), "Content-Type: application/json"),
 ])
 def test_api_bad_requests_get_4xx_with_a_clear_message(api, request_args, field):
     client, store, _ = api

@@ -128,7 +128,9 @@ def _read_frame(p: Path) -> pd.DataFrame:
         return frame
     sep = "\t" if name.endswith(".tsv") else ","
     frame = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    frame.columns = [_canonical(c) for c in frame.columns]
+    # pandas renames a repeated header name (item_id, item_id.1) and the copy was dropped unseen: the header as written
+    header = pd.read_csv(p, sep=sep, dtype=str, header=None, nrows=1, keep_default_na=False, skipinitialspace=True)
+    frame.columns = [_canonical(c) for c in header.iloc[0].tolist()]
     return frame
 
 
@@ -141,7 +143,8 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     # Aliases can collide (userId and user_id); pandas would then return a frame, not a column.
     twice = sorted({str(c) for c in frame.columns[frame.columns.duplicated()] if c in (*REQUIRED_COLUMNS, "rating")})
     if twice:
-        raise DataError(f"{source}: more than one column means {', '.join(twice)} (e.g. userId and user_id); keep one")
+        raise DataError(f"{source}: more than one column means {', '.join(twice)} (the same name twice, or e.g. "
+                        "userId and user_id); keep one")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         found = [" ".join(str(c).split()) for c in frame.columns]
