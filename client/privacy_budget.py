@@ -58,8 +58,9 @@ def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: 
     if with_evaluations < target:
         return
     spent = ledger.epsilon(delta, accountant)
-    if spent >= target:
-        return  # spent before this run: the calibration says so, without advice about evaluations
+    if spent >= target:  # spent before this run: said without the planned evaluations, which are not spent
+        # (the calibration's refusal counted them in, and the coordinator's report takes this number as the spend)
+        raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target:g} already spent")
     raise PrivacyError(f"{label}: budget exhausted: epsilon {spent:.3f} of {target:g} already spent, and the {evals} "
                        f"noised evaluations this run plans at evaluation-noise-multiplier {noise:g} would bring it to "
                        f"{with_evaluations:.3f}, leaving nothing for training; raise evaluation-noise-multiplier or "

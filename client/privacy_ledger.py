@@ -35,7 +35,7 @@ from common.errors import PrivacyError
 from common.files import ensure_private, write_private_bytes
 from common.privacy import Mechanism, epsilon_of
 
-SCHEMA_VERSION = 2  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations
+SCHEMA_VERSION = 3  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations; 3: meta rows-sha256
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
 ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (_rows_digest), updated with every write
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
@@ -129,6 +129,9 @@ class PrivacyLedger:
                                f"{self.path / 'ledger.sqlite'}")
         if any(parent.exists() and not parent.is_dir() for parent in self.path.parents):
             raise PrivacyError(f"ledger-path {self.path}: a folder on the way is a file; give a path in a folder")
+        if self.path.is_symlink() and not self.path.exists():  # its marker is beside the target, never read here
+            raise PrivacyError(f"ledger-path {self.path} is a symbolic link to {os.readlink(self.path)}, which does not "
+                               "exist; restore the ledger there, or give the ledger file itself as ledger-path")
         self._lock(LOCK_WAIT_SECONDS if lock_wait is None else lock_wait, create)
         try:
             self._open(create, reset)
@@ -344,6 +347,7 @@ class PrivacyLedger:
                     ("fingerprint", self.fingerprint),
                     ("created", str(marker["created"])),
                     ("marker-id", marker["id"]),  # ties it to its marker (_finish_interrupted_creation)
+                    (ROWS_DIGEST, _rows_digest(conn)),
                 ])
         finally:
             conn.close()
@@ -373,7 +377,7 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} is corrupt ({exc}); restore it from a backup "
                                "(a partner's spend is never reset)") from None
-        if meta.get("schema-version") not in ("1", str(SCHEMA_VERSION)) or "fingerprint" not in meta or bad:
+        if meta.get("schema-version") not in ("1", "2", str(SCHEMA_VERSION)) or "fingerprint" not in meta or bad:
             conn.close()
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (schema {meta.get('schema-version')!r}, "
                                f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
@@ -393,23 +397,32 @@ class PrivacyLedger:
                                "log that gained events, keep the spend of its users: feed new events to an event store "
                                "(data-path = events.sqlite) instead, or name the log with node config data-identity "
                                "from its first run on; a new ledger-path starts again from zero spend for them")
-        if meta["schema-version"] == "1":
-            try:  # under the ledger's lock; one transaction, so a crash leaves schema 1 whole
-                conn.executescript(f"BEGIN;{_MIGRATE_1_TO_2}COMMIT;")
-            except sqlite3.DatabaseError as exc:
-                conn.close()
-                raise PrivacyError(f"privacy ledger {self.path} could not be upgraded to schema {SCHEMA_VERSION} "
-                                   f"({exc}); it is unchanged") from None
-        stored = meta.get(ROWS_DIGEST)
-        if stored is None:  # written before the digest existed: its rows are taken as they are, from now on checked
-            with contextlib.suppress(sqlite3.DatabaseError), conn:
-                conn.execute("INSERT INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(conn)))
-        elif stored != _rows_digest(conn):
+        if meta["schema-version"] in ("1", "2"):
+            self._upgrade(conn, meta["schema-version"])
+        elif meta.get(ROWS_DIGEST) != _rows_digest(conn):
             conn.close()
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (its rows no longer match their digest: changed "
                                "outside the ledger, or damaged on disk); restore it from a backup (a partner's spend is "
                                "never reset)")
         return conn
+
+    def _upgrade(self, conn: sqlite3.Connection, version: str) -> None:
+        """Schema 1 (before noised evaluation) or 2 (before the rows' digest) to 3, in one transaction under
+        the ledger's lock, so a crash leaves the older schema whole. Its rows are taken as they are and
+        checked from then on; older code refuses schema 3 instead of writing rows the digest does not know."""
+        try:
+            conn.execute("BEGIN")
+            if version == "1":
+                for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
+                    conn.execute(statement)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema-version'", (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(conn)))
+            conn.commit()
+        except sqlite3.DatabaseError as exc:
+            conn.rollback()
+            conn.close()
+            raise PrivacyError(f"privacy ledger {self.path} could not be upgraded to schema {SCHEMA_VERSION} "
+                               f"({exc}); it is unchanged") from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:

@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 from common.files import atomic_write_bytes
-from common.privacy import dp_mode, uses_central_dp, uses_local_dp
+from common.privacy import default_delta, dp_mode, uses_central_dp, uses_local_dp
 
 # A partner's budget refusal states its whole-ledger spend (client/privacy_budget.py, common/privacy.py)
 _REFUSED_SPEND = re.compile(r"budget exhausted: epsilon (\d+(?:\.\d+)?) of ")
@@ -180,7 +180,8 @@ class PrivacyReport:
         found = _REFUSED_SPEND.search(str(msg.error.reason))
         if found and float(found.group(1)) > float(entry.get("epsilon", -1.0)):
             entry["epsilon"] = float(found.group(1))
-            entry.setdefault("delta", float(self.cfg["target-delta"]))
+            # (target-delta 0: partners default to min(1e-5, 0.1 / users), at most 1e-5)
+            entry.setdefault("delta", float(self.cfg["target-delta"]) or default_delta(1))
             entry["epsilon-from"] = f"refusal in round {server_round}"
 
     def note_unaggregated(self, server_round: int, msg: Message, reason: str) -> None:
@@ -238,6 +239,8 @@ class PrivacyReport:
         for key, value in spent.items():
             if float(value) > float(entry.get(key, value)):
                 entry[key] = value
+        if "epsilon-from" in entry and "epsilon" in spent and float(entry["epsilon"]) > float(spent["epsilon"]):
+            del entry["epsilon-from"]  # a reply's own number replaced the one a refusal stated
         return entry
 
     def note_central(self, server_round: int, *, noise_multiplier: float, clipping_norm: float, clipping: str,
@@ -351,8 +354,9 @@ class PrivacyReport:
 
     def _resumed_text(self) -> str:
         """A resumed run: a partner's update sent just before the stop reached no report, only its ledger."""
-        trained = any("epsilon" in p for p in self.partners.values())
-        if not self.resumed_after or not (uses_local_dp(self.mode) or trained):
+        # partners without local DP-SGD report epsilon 0: only a ledger's spend can be missed
+        spent = any(float(p.get("epsilon") or 0) > 0 for p in self.partners.values())
+        if not self.resumed_after or not (uses_local_dp(self.mode) or spent):
             return ""
         rounds = ", ".join(str(r + 1) for r in self.resumed_after)
         return (f" The run was resumed, so an update a partner sent in round {rounds} before the stop may have "

@@ -118,33 +118,51 @@ def _missing(name: str) -> str:
 
 
 def start_model_check(run_dir: Path, saved_cfg: dict, held: set) -> dict | None:
-    """A run started from ``init-model``: its held-out users are non-members only if the start model's
-    run held them out too (on the same data set); otherwise its AUC reads the start model's leak
+    """A run started from ``init-model``: its held-out users are non-members only if every run in its chain
+    of start models held them out too (on the same data set); otherwise its AUC reads a start model's leak
     beside this run's epsilon (a review measured AUC 0.67 and an epsilon bound of 2 beside a claim of 1).
     Returns what audit.json records of the start model, or None."""
     source = saved_cfg.get("init-model")
     if not source:
         return None
-    start_dir = Path(str(source)).expanduser()
-    start_dir = start_dir if start_dir.is_dir() else start_dir.parent
-    record = {"path": str(source)}
-    start_cfg = read_json_object(start_dir / "config.json") if (start_dir / "config.json").is_file() else {}
-    if start_cfg and start_cfg.get("dataset") != saved_cfg.get("dataset"):
-        record["note"] = "trained on another data set; its users are taken to be other people"
-        return record
-    start_holdout = start_dir / "holdout.json"
-    if not start_holdout.is_file():
-        raise DataError(f"{run_dir}: started from init-model {source}, whose training users are unknown (no "
-                        "holdout.json beside it), so held-out users cannot be called non-members; audit the run "
-                        "that trained the start model instead")
-    start_held = read_json_object(start_holdout).get("user-ids")
-    trained_before = len(held - set(start_held if isinstance(start_held, list) else []))
-    if trained_before:
-        raise DataError(f"{run_dir}: {trained_before} of its {len(held)} held-out users were trained on by its "
-                        f"init-model {source}, so they are not non-members; audit a run whose holdout the start "
-                        "model's run held out as well (the same seed and at most its holdout-fraction)")
-    record["note"] = "its run held out every user this run holds out"
+    record: dict = {"path": str(source)}
+    seen: set[Path] = set()
+    cfg = saved_cfg
+    while source:
+        start_dir = Path(str(source)).expanduser()
+        start_dir = (start_dir if start_dir.is_dir() else start_dir.parent).resolve()
+        if start_dir in seen:
+            break
+        seen.add(start_dir)
+        start_cfg = read_json_object(start_dir / "config.json") if (start_dir / "config.json").is_file() else {}
+        if start_cfg and not _same_data(start_cfg.get("dataset"), cfg.get("dataset")):
+            # (a data set named by another path is the same data only if it resolves to the same file)
+            record["note"] = f"{start_dir} trained on another data set ({start_cfg.get('dataset')}); its users are " \
+                             "taken to be other people"
+            return record
+        start_holdout = start_dir / "holdout.json"
+        if not start_holdout.is_file():
+            raise DataError(f"{run_dir}: started from init-model {source}, whose training users are unknown (no "
+                            "holdout.json beside it), so held-out users cannot be called non-members; audit the run "
+                            "that trained the start model instead")
+        start_held = read_json_object(start_holdout).get("user-ids")
+        trained_before = len(held - set(start_held if isinstance(start_held, list) else []))
+        if trained_before:
+            raise DataError(f"{run_dir}: {trained_before} of its {len(held)} held-out users were trained on by its "
+                            f"init-model {source}, so they are not non-members; audit a run whose holdout the start "
+                            "model's run held out as well (the same seed and at most its holdout-fraction)")
+        source, cfg = start_cfg.get("init-model"), start_cfg  # that run's own start model, if any
+    record["note"] = "every run in its chain of start models held out every user this run holds out"
     return record
+
+
+def _same_data(a: object, b: object) -> bool:
+    """Two config ``dataset`` values name the same data: equal, or resolving to the same path."""
+    if a == b:
+        return True
+    if not a or not b or "synthetic" in (a, b):
+        return False
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
@@ -217,7 +235,7 @@ def format_result(r: dict) -> str:
                        for name in ("loss", "calibrated"))
     tpr = "  ".join(f"{name} {x['tpr']:.3f} at FPR {x['fpr']:.3f}" for name in ("loss", "calibrated")
                     for x in r[f"tpr-{name}"][:1])
-    return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
+    return (f"{r['run']}: model {r['model']}, epsilon {eps}, {r['members']} members vs {r['non-members']} non-members\n"
             f"  loss attack        AUC {r['auc-loss']:.3f}  95% CI [{r['auc-loss-ci'][0]:.3f}, {r['auc-loss-ci'][1]:.3f}]\n"
             f"  calibrated attack  AUC {r['auc-calibrated']:.3f}  95% CI [{r['auc-calibrated-ci'][0]:.3f}, "
             f"{r['auc-calibrated-ci'][1]:.3f}]\n"

@@ -47,6 +47,7 @@ from common.cli_args import non_negative_int
 from common.config import DEFAULTS, resolve_config
 from common.errors import ConfigError, FedRecError
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
+from common.provenance import code_version
 from simulations.run_stop import Stopped, sigterm_stops, signals_deferred, stop_run  # noqa: F401 (re-exported)
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
@@ -237,10 +238,13 @@ def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
         with open(csv_path, newline="") as fh:
             rows = list(csv.reader(fh))
         header = rows[0] if rows else []
-        if header != columns:
+        older = header == [c for c in columns if c != "commit"]  # written before the commit column: gains it, empty
+        if header != columns and not older:
             raise ConfigError(f"{csv_path}: its columns differ from this sweep's; use another output file")
         kept = [r for r in rows[1:] if not (r and r[0] == row["run-id"])]
-        if len(kept) < len(rows) - 1:  # the retried run's failed row(s): rewrite without them, atomically
+        if older:
+            header, kept = columns, [[*r, ""] for r in kept]
+        if older or len(kept) < len(rows) - 1:  # the retried run's failed row(s): rewrite without them, atomically
             tmp = csv_path.with_suffix(csv_path.suffix + ".tmp")
             with open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerows([header, *kept])
@@ -255,7 +259,15 @@ def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
 
 def columns_of(spec: Mapping[str, Any]) -> list[str]:
     config_keys = sorted({*spec["fixed"], *spec["grid"], "seed", "num-partners"})
-    return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir"]
+    # commit: the code a row was measured with (each run directory's provenance.json has it too, but the
+    # run directories are not kept with the committed CSVs); "+dirty" with uncommitted changes to tracked files
+    return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir", "commit"]
+
+
+def commit_label() -> str:
+    """This checkout's commit for the CSV's ``commit`` column ('' outside a git checkout)."""
+    version = code_version()
+    return f"{version['commit'][:12]}{'+dirty' if version.get('dirty') else ''}" if version.get("commit") else ""
 
 
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
@@ -367,6 +379,7 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
     runs = list(expand(spec))
     columns = columns_of(spec)
     done = finished_runs(spec["output"], retry_failed)
+    commit = commit_label()
     todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
     print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
           f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
@@ -378,7 +391,7 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
             with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "
                       f"eps={run.get('target-epsilon', '-')} seed={run['seed']}", unit="round", position=1,
                       leave=False) as rounds:
-                row = execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n))
+                row = {**execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n)), "commit": commit}
             with signals_deferred():  # a stop now lands after the row, not inside it
                 append_row(spec["output"], row, columns)
             bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")

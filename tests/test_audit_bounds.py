@@ -70,10 +70,30 @@ def test_a_run_started_from_a_model_that_trained_on_its_holdout_is_not_audited(t
     cfg = {"dataset": "synthetic", "init-model": str(start / "model.pt")}
     with pytest.raises(DataError, match=r"2 of its 4 held-out users were trained on by its init-model"):
         start_model_check(tmp_path, cfg, {1, 2, 8, 9})
-    assert start_model_check(tmp_path, cfg, {1, 3})["note"].startswith("its run held out every user")
+    assert start_model_check(tmp_path, cfg, {1, 3})["note"].startswith("every run in its chain")
     (start / "holdout.json").unlink()
     with pytest.raises(DataError, match="whose training users are unknown"):
         start_model_check(tmp_path, cfg, {1, 3})
     (start / "config.json").write_text(json.dumps({"dataset": "/data/other"}))
     assert "another data set" in start_model_check(tmp_path, cfg, {1, 3})["note"]
     assert start_model_check(tmp_path, {"dataset": "synthetic"}, {1}) is None
+
+
+def test_the_start_model_check_follows_chains_and_paths(tmp_path, monkeypatch):
+    # A review: a start run given the same file by another path read as "another data set", and a start run
+    # that had itself started from a model trained on everyone passed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ml.csv").write_text("")
+    runs = {name: tmp_path / name for name in ("a0", "b", "c")}
+    for path in runs.values():
+        path.mkdir()
+    (runs["a0"] / "config.json").write_text(json.dumps({"dataset": "ml.csv"}))
+    (runs["a0"] / "holdout.json").write_text(json.dumps({"user-ids": []}))  # trained on every user
+    (runs["b"] / "config.json").write_text(json.dumps({"dataset": str(tmp_path / "ml.csv"),
+                                                       "init-model": str(runs["a0"])}))
+    (runs["b"] / "holdout.json").write_text(json.dumps({"user-ids": [1, 2, 3]}))
+    this = {"dataset": str(tmp_path / "ml.csv"), "init-model": str(runs["b"] / "model.pt")}
+    with pytest.raises(DataError, match=r"3 of its 3 held-out users were trained on by its init-model .*a0"):
+        start_model_check(runs["c"], this, {1, 2, 3})
+    with pytest.raises(DataError, match="2 of its 2 held-out users"):  # the same file by another path
+        start_model_check(runs["c"], {"dataset": str(tmp_path / "ml.csv"), "init-model": str(runs["a0"])}, {1, 2})

@@ -198,3 +198,35 @@ def test_a_budget_refusal_raises_the_partner_spend_to_its_ledger(tmp_path):
     assert "at most (7.997, 1e-06) over 2 partners" in report.guarantee()
     report.screen(3, [refusal(7, "budget exhausted: epsilon 7.000 of 8 (an older number)")])
     assert report.as_dict()["partners"]["p"]["epsilon"] == 7.997  # never lowered
+
+
+def test_a_refusal_at_the_default_delta_and_a_resume_without_local_dp_are_stated_rightly(tmp_path):
+    # A review: with target-delta 0 (partners default to min(1e-5, 0.1 / users)) the refusal's entry stated
+    # "(7.997, 0)"; a reply's own epsilon later left "epsilon-from: refusal" behind; and a resumed run
+    # without local DP said a partner's ledger held spend it never had
+    from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
+
+    from common.config import resolve_config
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    refusal = Message(Error(code=0, reason="budget exhausted: epsilon 7.900 of 8 already spent"),
+                      reply_to=Message(RecordDict(), dst_node_id=7, message_type="train"))
+    refusal.metadata.__dict__["_src_node_id"] = 7
+    report.screen(2, [refusal])
+    assert "at most (7.900, 1e-05) over 1 partners" in report.guarantee()
+    assert report.partners["node-7"]["epsilon-from"] == "refusal in round 2"
+    reply = Message(RecordDict({"metrics": MetricRecord({"epsilon": 7.98, "delta": 1e-5}),
+                                "privacy": ConfigRecord({"partner": "node-7"})}), dst_node_id=7, message_type="train")
+    reply.metadata.__dict__["_src_node_id"] = 7
+    report.screen(3, [reply])
+    assert report.partners["node-7"]["epsilon"] == 7.98 and "epsilon-from" not in report.partners["node-7"]
+    report.note_resumed(3)
+    assert "The run was resumed" in report.guarantee()
+
+    for mode in ("off", "central"):
+        plain = PrivacyReport(tmp_path / mode, resolve_config(None, {"dp-mode": mode}))
+        plain.partners = {"p": {"partner": "p", "node-id": 1, "epsilon": 0.0, "delta": 0.0}}  # no DP-SGD: 0
+        plain.note_resumed(1)
+        assert "resumed" not in plain.guarantee()

@@ -133,6 +133,9 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     assert 0.0 <= float(first["ndcg@10"]) <= float(first["hr@10"]) <= 1.0
     assert float(first["hr@5"]) <= float(first["hr@10"]) <= float(first["hr@20"])
     assert first["epsilon"] == "inf" and first["rounds"] == "1"
+    # the code it was measured with: the sweep's checkout (the CSV outlives the run directories)
+    start = json.loads((tmp_path / "runs" / f"tiny-{first['run-id']}" / "provenance.json").read_text())["starts"][0]
+    assert first["commit"] and first["commit"].split("+")[0] == (start["code"]["commit"] or "")[:12]
     run_dir = tmp_path / "runs" / f"tiny-{first['run-id']}"
     assert json.loads((run_dir / "holdout.json").read_text())["user-ids"]
     assert (run_dir / "rounds.png").is_file() and (tmp_path / "results_ndcg_vs_epsilon.png").is_file()
@@ -352,6 +355,23 @@ def test_a_retried_run_replaces_its_failed_row(tmp_path):
     assert [(r["run-id"], r["status"], r["ndcg@10"]) for r in rows] == [("a", "ok", "0.1"), ("b", "ok", "0.3")]
 
 
+def test_a_results_file_from_before_the_commit_column_gains_it(tmp_path, monkeypatch):
+    from common.errors import ConfigError
+
+    # Rows measured before the column existed keep an empty commit; resuming such a sweep was no error
+    path, columns = tmp_path / "r.csv", ["run-id", "status", "ndcg@10", "commit"]
+    path.write_text("run-id,status,ndcg@10\na,ok,0.1\n")
+    sweep.append_row(path, {"run-id": "b", "status": "ok", "ndcg@10": 0.3, "commit": "abc123"}, columns)
+    assert path.read_text().splitlines() == ["run-id,status,ndcg@10,commit", "a,ok,0.1,", "b,ok,0.3,abc123"]
+    path.write_text("run-id,status,hr@10\na,ok,0.1\n")  # another sweep's file is still refused
+    with pytest.raises(ConfigError, match="its columns differ from this sweep"):
+        sweep.append_row(path, {"run-id": "b", "status": "ok"}, columns)
+    monkeypatch.setattr(sweep, "code_version", lambda: {"commit": "0123456789abcdef", "dirty": True})
+    assert sweep.commit_label() == "0123456789ab+dirty"
+    monkeypatch.setattr(sweep, "code_version", lambda: {"commit": None})
+    assert sweep.commit_label() == ""
+
+
 def test_the_rounds_plot_leaves_out_rounds_without_evaluation(tmp_path, monkeypatch):
     import matplotlib
 
@@ -555,6 +575,7 @@ def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path,
                                                   f"warning: skipped {empty}: no config.json (run with holdout-fraction "
                                                   "> 0 through simulations.run/sweep)"]
     assert captured.out.startswith("good: model mf") and json.loads(out.read_text()) == [result]
+    assert captured.out.count("good: model mf") == 1  # its header line was printed twice
     out.unlink()
     assert audit.main([str(late), str(empty), "--out", str(out)]) == 2  # none left: an error, no --out
     err = capsys.readouterr().err.strip().splitlines()
