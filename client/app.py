@@ -209,10 +209,19 @@ def check_same_item_text(msg: Message, model) -> None:  # noqa: ANN001
     holding an outdated or differently encoded file of the same width would train on other inputs
     without any error. The coordinator sends the table's fingerprint (server/app.py)."""
     from common.errors import DataError
-    from common.item_text import table_fingerprint
+    from common.item_text import SKETCH_TOLERANCE, sketch_differs, table_fingerprint, table_sketch
 
     config = msg.content.config_records.get("config")
     expected = config.get("item-text-fingerprint") if config is not None else None
+    sketch = config.get("item-text-sketch") if config is not None else None
+    if sketch is not None and (mine_sketch := table_sketch(model)) is not None:
+        # encoded from the metadata at each end: equal up to last-bit noise, or another encoder or metadata
+        gap = sketch_differs(mine_sketch, list(sketch))
+        if gap is not None:
+            raise DataError(f"the item text features encoded at this partner differ from the coordinator ones by "
+                            f"{gap:.3g}, beyond the tolerance {SKETCH_TOLERANCE:g}: another item-text-model, encoder "
+                            "version or metadata file; use the features file the coordinator publishes, "
+                            "item-text-features")
     mine = table_fingerprint(model)
     if expected is None or mine is None or mine == expected:
         return

@@ -129,6 +129,33 @@ def table_fingerprint(model: Any) -> str | None:
     return hashlib.sha256(table.tobytes()).hexdigest()[:16]
 
 
+SKETCH_TOLERANCE = 1e-3  # unit-length rows: another encoder or model moves entries by ~0.01-0.1, a machine by ~1e-6
+
+
+def table_sketch(model: Any, rows: int = 32, dims: int = 4) -> list[float] | None:
+    """A few numbers that describe a text model's frozen table up to last-bit noise (None without one):
+    ``rows`` seeded rows projected on ``dims`` seeded directions. Features encoded locally from the
+    metadata differ between machines in their last bits, so their exact fingerprint cannot be compared,
+    but another encoder, encoder version or metadata file moves the sketch far beyond
+    ``SKETCH_TOLERANCE``; a partner compares its own with the coordinator's (:func:`sketch_differs`)."""
+    text = getattr(model, "item_text", None)
+    if text is None:
+        return None
+    table = text.table.detach().cpu().double().numpy()
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(table), size=min(rows, len(table)), replace=False)
+    directions = rng.normal(size=(table.shape[1], dims)) / np.sqrt(table.shape[1])
+    return (table[picked] @ directions).ravel().tolist()
+
+
+def sketch_differs(mine: Sequence[float], theirs: Sequence[float]) -> float | None:
+    """The largest difference of two :func:`table_sketch` results when beyond the tolerance, else None."""
+    if len(mine) != len(theirs):
+        return float("inf")
+    gap = float(np.max(np.abs(np.asarray(mine) - np.asarray(theirs)))) if len(mine) else 0.0
+    return gap if gap > SKETCH_TOLERANCE else None
+
+
 def cache_dir() -> Path:
     """``$FEDREC_CACHE_DIR/item-text``, else ``.cache/item-text`` in the project."""
     base = os.environ.get(CACHE_ENV)

@@ -174,3 +174,39 @@ def test_a_partner_refuses_a_model_reading_other_item_text_features(tmp_path, ki
         if not accepted:
             assert reply.error.reason.startswith("the item text features at this partner")
             assert reply.error.code == 400
+
+
+def test_a_partner_refuses_item_text_encoded_otherwise_but_not_last_bit_noise(tmp_path):
+    # Features encoded locally from the metadata were not checked at all (their last bits differ between
+    # machines, so no exact fingerprint): another encoder or metadata file trained on other inputs unseen
+    import numpy as np
+
+    from common.item_text import SKETCH_TOLERANCE, save_features, sketch_differs, table_sketch
+    from common.task import catalogue
+
+    items = catalogue(resolve_config(None, TINY))
+    table = np.random.default_rng(0).normal(size=(len(items), 8))
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    path = save_features(tmp_path / "text.npz", items, table, model="m", texts=[f"item {i}" for i in items])
+    overrides = {**TINY, "run-dir": str(tmp_path), "dp": False, "item-features": "text", "item-text-features": str(path)}
+    model = new_model(resolve_config(None, overrides), len(items))
+    ours = table_sketch(model)
+    assert len(ours) == 32 * 4 and table_sketch(new_model(resolve_config(None, TINY), len(items))) is None
+    noisy = [x + 1e-6 for x in ours]  # another machine's last bits
+    other = np.random.default_rng(1).normal(size=table.shape)  # another encoder
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    elsewhere = save_features(tmp_path / "other.npz", items, other, model="m2", texts=[f"item {i}" for i in items])
+    theirs = table_sketch(new_model(resolve_config(None, {**overrides, "item-text-features": str(elsewhere)}), len(items)))
+    assert sketch_differs(ours, noisy) is None and sketch_differs(ours, theirs) > 10 * SKETCH_TOLERANCE
+    app = make_client_app(overrides)
+    arrays = ArrayRecord(model.state_dict())
+    for sketch, accepted in ((noisy, True), (theirs, False)):
+        context = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+        config = ConfigRecord({"server-round": 1, "item-text-sketch": sketch})
+        reply = app(flower_message(RecordDict({"arrays": arrays, "config": config}), "train"), context)
+        assert reply.has_error() != accepted, reply.error.reason if reply.has_error() else ""
+        if not accepted:
+            assert reply.error.reason.startswith("the item text features encoded at this partner differ")
+            assert reply.error.reason.endswith("beyond the tolerance 0.001: another item-text-model, encoder version "
+                                               "or metadata file; use the features file the coordinator publishes, "
+                                               "item-text-features")  # whole: the reply sanitiser cut nothing

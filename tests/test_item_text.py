@@ -334,3 +334,39 @@ def test_int8_encoder_keeps_embeddings_and_neighbours_close(monkeypatch):
     assert (int8_rank[:, 0] == float_rank[:, 0]).mean() >= 0.9
     assert all(int8_rank[i, 0] in float_rank[i, :2] for i in range(len(texts)))
     assert (float_rank[:, 0] == np.arange(len(texts)) ^ 1).mean() >= 0.8  # the pairs are real neighbours
+
+
+def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypatch):
+    # The coordinator sends a sketch of the table it encoded; partners encoding the same metadata accept
+    # it, and one whose encoder gives other vectors refuses the round (only a published file was checked)
+    import json
+
+    import common.item_text as item_text
+    from simulations.local_grid import run_local
+
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = [f"{u},{i},{t}" for u in range(1, 13) for t, i in enumerate((1, 2, 3, 5, (u % 3) + 1))]
+    (folder / "ratings.csv").write_text("userId,movieId,timestamp\n" + "\n".join(rows) + "\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,Alien (1979),Horror|Sci-Fi\n2,Aliens (1986),Action|Sci-Fi\n"
+                                       "3,Emma (1996),Comedy|Romance\n5,Heat (1995),Crime\n")
+    cfg = {"dataset": str(folder), "item-features": "text", "dp": False, "embedding-dim": 8, "max-seq-len": 4,
+           "num-blocks": 1, "batch-size": 2, "num-server-rounds": 1, "min-nodes": 2, "run-dir": str(tmp_path / "runs")}
+    run_dir = run_local({**cfg, "run-name": "same"}, 2)
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["num-partners"] == 2
+
+    sketches = []
+    real = item_text.table_sketch
+
+    def second_partner_encodes_otherwise(model, *args, **kwargs):
+        sketch = real(model, *args, **kwargs)
+        sketches.append(sketch)
+        return [x + 0.05 for x in sketch] if len(sketches) == 3 else sketch  # coordinator, partner 1, partner 2
+
+    monkeypatch.setattr(item_text, "table_sketch", second_partner_encodes_otherwise)
+    run_dir = run_local({**cfg, "run-name": "other", "min-nodes": 1}, 2)
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    reasons = [r["reason"] for p in privacy["partners"].values() for key in ("refused", "refused-evaluation")
+               for r in p.get(key, [])]  # (the third sketch is a training or an evaluation message's)
+    assert len(reasons) == 1 and reasons[0].startswith("the item text features encoded at this partner differ")
