@@ -5,6 +5,7 @@
     fedrec-server item-text --out item_text.npz --run-config 'dataset="ml-100k"'
     fedrec-server add-items --model runs/RUN --catalogue catalogue_v2.txt --item-text-features item_text_v2.npz --out model_v2.pt
     fedrec-server check --run-config 'dataset="/data/ml-100k" num-server-rounds=20'
+    fedrec-server report runs/RUN          # exit 0: complete; 3: incomplete or rounds without an update
 
 Every user mistake is one ``error: ...`` line and exit status 2.
 """
@@ -144,6 +145,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from server.run_status import INCOMPLETE, format_status, run_status
+
+    status = run_status(args.run_dir)
+    print(json.dumps(status, indent=2, allow_nan=False) if args.json else format_status(status))
+    return 0 if status["status"] == "complete" else INCOMPLETE
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands register their handler as ``func``)."""
     parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the same --run-config flwr run gets (relative paths resolve from this folder; "
                             "give absolute ones, as the SuperLink's folder differs)")
     check.set_defaults(func=_check)
+
+    report = sub.add_parser("report", help="where a run stands, from its run directory (exit 0 complete, 3 not)")
+    report.add_argument("run_dir", help="the run directory, e.g. runs/RUN (under the SuperLink's run-dir)")
+    report.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""``fedrec-server report RUN_DIR``: where a run stands, read from its directory, with an exit status.
+
+``flwr run --stream`` exits 0 whatever the run's outcome, and a ServerApp's refusal reaches the
+coordinator as Flower's log; a script needs a status it can test. The report reads only files the
+ServerApp wrote (``config.json``, ``metrics.jsonl``, ``privacy.json``, ``summary.md``, ``model.pt``):
+
+- **complete** (exit 0): every planned round logged, each one aggregated at least one update, and the
+  run's final files written;
+- **incomplete** (exit 3): fewer rounds logged than planned (running, stopped or crashed: resume it
+  with ``resume = true``), or no ``summary.md``;
+- **failed rounds** (exit 3): rounds in which no partner's update was aggregated (every partner
+  refused, e.g. an exhausted budget, or every update was rejected); the partners' reasons are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataError
+
+INCOMPLETE = 3  # the exit status of a run that is not complete (a user mistake is 2)
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+    except ValueError:
+        raise DataError(f"{path}: not JSON (a run directory written by the ServerApp has it whole)") from None
+
+
+def _rounds(path: Path) -> list[dict[str, Any]]:
+    """The logged rounds; a half-written last line (a crash mid-write) is left out."""
+    if not path.is_file():
+        return []
+    rounds = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and "round" in entry:
+            rounds.append(entry)
+    return rounds
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Everything :func:`format_status` prints, as plain JSON-ready values."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.json").is_file():
+        raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
+    cfg = _json_file(run_dir / "config.json")
+    planned = int(cfg.get("num-server-rounds", 0)) if isinstance(cfg, dict) else 0
+    rounds = _rounds(run_dir / "metrics.jsonl")
+    failed = [r["round"] for r in rounds if not r.get("num-partners")]
+    evaluated = [r for r in rounds if r.get("ndcg@10") is not None]
+    privacy = _json_file(run_dir / "privacy.json") if (run_dir / "privacy.json").is_file() else {}
+    partners = privacy.get("partners", {}) if isinstance(privacy, dict) else {}
+    finished = (run_dir / "summary.md").is_file() and (run_dir / "model.pt").is_file()
+    if len(rounds) < planned or not finished:
+        status = "incomplete"
+    elif failed:
+        status = "failed rounds"
+    else:
+        status = "complete"
+    last = evaluated[-1] if evaluated else None
+    return {
+        "run": run_dir.name, "path": str(run_dir), "status": status, "rounds-logged": len(rounds),
+        "rounds-planned": planned, "failed-rounds": failed,
+        "final": None if last is None else {k: last.get(k) for k in ("round", "hr@10", "ndcg@10", "eval-users")},
+        "guarantee": privacy.get("guarantee") if isinstance(privacy, dict) else None,
+        "partners": {label: {k: p.get(k) for k in ("epsilon", "delta", "rounds-trained")} | {
+            "refused": [r.get("reason") for r in p.get("refused", [])],
+            "refused-evaluation": len(p.get("refused-evaluation", [])),
+            "no-reply": p.get("no-reply", []), "not-aggregated": len(p.get("not-aggregated", []))}
+            for label, p in sorted(partners.items()) if isinstance(p, dict)},
+    }
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "-" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The report for a person: one status line, the final metrics, the guarantee, one line per partner."""
+    lines = [f"run {status['run']} ({status['path']}): {status['status']}, {status['rounds-logged']} of "
+             f"{status['rounds-planned']} rounds logged"]
+    if status["failed-rounds"]:
+        lines.append(f"  rounds that aggregated no update: {', '.join(map(str, status['failed-rounds']))}")
+    if status["status"] == "incomplete":
+        lines.append("  (running, stopped or crashed: resume with --run-config 'run-name=\"%s\" resume=true')"
+                     % status["run"])
+    final = status["final"]
+    if final:
+        lines.append(f"  final evaluation (round {final['round']}): HR@10 {_number(final['hr@10'], 4)}, "
+                     f"NDCG@10 {_number(final['ndcg@10'], 4)}, {int(final.get('eval-users') or 0)} test users")
+    if status["guarantee"]:
+        lines.append(f"  {status['guarantee']}")
+    for label, p in status["partners"].items():
+        trained = ",".join(map(str, p.get("rounds-trained") or [])) or "none"
+        extra = [f"refused {len(p['refused'])}x ({p['refused'][-1]})" if p["refused"] else "",
+                 f"no reply in rounds {','.join(map(str, p['no-reply']))}" if p["no-reply"] else "",
+                 f"{p['not-aggregated']} update(s) not aggregated" if p["not-aggregated"] else "",
+                 f"refused {p['refused-evaluation']} evaluation(s)" if p["refused-evaluation"] else ""]
+        lines.append(f"  {label}: epsilon {_number(p.get('epsilon'))} (delta {p.get('delta') or '-'}), "
+                     f"trained in rounds {trained}" + "".join(f"; {e}" for e in extra if e))
+    return "\n".join(lines)

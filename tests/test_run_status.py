@@ -1,0 +1,57 @@
+"""``fedrec-server report RUN_DIR``: a status a coordinator's script can test (flwr run --stream exits 0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.cli import main as server_cli
+from simulations.local_grid import run_local
+
+TINY = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
+        "local-epochs": 1, "batch-size": 8, "num-server-rounds": 2}
+
+
+@pytest.mark.slow
+def test_the_report_tells_a_complete_run_from_one_with_rounds_nobody_trained_and_an_unfinished_one(tmp_path, capsys):
+    base = {**TINY, "run-dir": str(tmp_path / "runs"), "run-name": "r", "ledger-dir": str(tmp_path / "ledgers")}
+    run_dir = run_local(base, 2)
+
+    # Complete: every planned round aggregated updates
+    assert server_cli(["report", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"run r ({run_dir}): complete, 2 of 2 rounds logged")
+    assert "partner-0: epsilon 7.99" in text and "trained in rounds 1,2" in text
+    assert server_cli(["report", str(run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    final = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert report["final"]["ndcg@10"] == final["ndcg@10"] and report["failed-rounds"] == []
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert report["guarantee"] == privacy["guarantee"]
+    assert report["partners"]["partner-1"]["epsilon"] == privacy["partners"]["partner-1"]["epsilon"]
+
+    # A third round on spent budgets: every partner refuses, the run "completes" with a round that trained nobody
+    run_local({**base, "num-server-rounds": 3, "resume": True}, 2)
+    assert server_cli(["report", str(run_dir)]) == 3
+    text = capsys.readouterr().out
+    assert "failed rounds, 3 of 3 rounds logged" in text and "rounds that aggregated no update: 3" in text
+    assert "refused 1x (" in text and "budget exhausted" in text
+
+    # Unfinished: a crash before the last round's files (here: summary.md lost), or fewer rounds logged
+    (run_dir / "summary.md").unlink()
+    assert server_cli(["report", str(run_dir)]) == 3
+    assert "incomplete" in capsys.readouterr().out
+
+
+def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    assert server_cli(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run directory (no config.json; the ServerApp " \
+                                              "writes one when a run starts)"
+    (tmp_path / "config.json").write_text("{half")
+    assert server_cli(["report", str(tmp_path)]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"num-server-rounds": 3}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "num-partners": 2, "ndcg@10": 0.1}) + "\n{\"rou")
+    assert server_cli(["report", str(tmp_path)]) == 3  # a crash mid-line: the whole lines count
+    assert "incomplete, 1 of 3 rounds logged" in capsys.readouterr().out
