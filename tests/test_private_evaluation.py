@@ -449,7 +449,7 @@ def test_a_ledger_spent_before_the_run_gets_no_advice_about_evaluations(tmp_path
     cfg, context, budget = _budget(tmp_path, {"num-server-rounds": 2, "evaluation-noise-multiplier": 3.0})
     for r in range(1, 6):  # more than planned: past the target before the next run
         budget.record(context, r, [budget.calibration.round_mechanism()])
-    spent, ledger_path = budget.spent(), budget.ledger.path
+    spent = budget.spent()
     budget.close()
     cfg2 = resolve_config(None, {**TINY, "run-dir": str(tmp_path), "num-server-rounds": 2,
                                  "evaluation-noise-multiplier": 3.0, "ledger-dir": str(tmp_path / "r" / "ledgers")})
