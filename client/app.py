@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -65,7 +67,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items)
-    check_same_item_text(msg, model)
+    check_same_item_text(msg, model, cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"].get("server-round", 1))
 
@@ -147,7 +149,7 @@ def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     check_same_catalogue(msg, data)
     device = pick_device(cfg["device"])
     model = new_model(cfg, data.num_items).to(device)
-    check_same_item_text(msg, model)
+    check_same_item_text(msg, model, cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
     if float(cfg["evaluation-noise-multiplier"]) > 0:
@@ -203,25 +205,31 @@ def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001
                         "from the file the coordinator published; fetch it again")
 
 
-def check_same_item_text(msg: Message, model) -> None:  # noqa: ANN001
+def check_same_item_text(msg: Message, model, cfg: Mapping[str, Any]) -> None:  # noqa: ANN001
     """Refuse a round whose global model reads other item text features than this partner's: the
     frozen text table is not sent (it is public and rebuilt from the published file), so a partner
     holding an outdated or differently encoded file of the same width would train on other inputs
     without any error. The coordinator sends the table's fingerprint (server/app.py)."""
     from common.errors import DataError
-    from common.item_text import SKETCH_TOLERANCE, sketch_differs, table_fingerprint, table_sketch
+    from common.item_text import SKETCH_TOLERANCE, local_text_key, sketch_differs, table_fingerprint, table_sketch
 
     config = msg.content.config_records.get("config")
     expected = config.get("item-text-fingerprint") if config is not None else None
+    key = config.get("item-text-key") if config is not None else None
+    if key is not None and local_text_key(cfg) not in (None, key):
+        raise DataError("the item texts or text encoder at this partner differ from the coordinator ones: another "
+                        "metadata file, for example an outdated one after the catalogue grew, or another "
+                        "item-text-model or item-text-quantize; use the features file the coordinator publishes, "
+                        "item-text-features")
     sketch = config.get("item-text-sketch") if config is not None else None
     if sketch is not None and (mine_sketch := table_sketch(model)) is not None:
-        # encoded from the metadata at each end: equal up to last-bit noise, or another encoder or metadata
-        gap = sketch_differs(mine_sketch, list(sketch))
+        # the same texts and encoder at each end: equal up to machine noise, or another encoder version
+        tolerance = SKETCH_TOLERANCE[bool(cfg.get("item-text-quantize", False))]
+        gap = sketch_differs(mine_sketch, list(sketch), tolerance)
         if gap is not None:
             raise DataError(f"the item text features encoded at this partner differ from the coordinator ones by "
-                            f"{gap:.3g}, beyond the tolerance {SKETCH_TOLERANCE:g}: another item-text-model, encoder "
-                            "version or metadata file; use the features file the coordinator publishes, "
-                            "item-text-features")
+                            f"{gap:.3g}, beyond the tolerance {tolerance:g}: another encoder version; use the "
+                            "features file the coordinator publishes, item-text-features")
     mine = table_fingerprint(model)
     if expected is None or mine is None or mine == expected:
         return

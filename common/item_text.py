@@ -129,31 +129,47 @@ def table_fingerprint(model: Any) -> str | None:
     return hashlib.sha256(table.tobytes()).hexdigest()[:16]
 
 
-SKETCH_TOLERANCE = 1e-3  # unit-length rows: another encoder or model moves entries by ~0.01-0.1, a machine by ~1e-6
+# Rows have unit length: another machine's float encoder moves a sketch entry by ~1e-7, the int8 encoder's
+# kernels (AVX2 against AVX-512) by up to ~3e-3 (a review), another encoder or encoder version by ~0.01-0.1
+SKETCH_TOLERANCE = {False: 1e-3, True: 1e-2}  # by item-text-quantize
 
 
-def table_sketch(model: Any, rows: int = 32, dims: int = 4) -> list[float] | None:
-    """A few numbers that describe a text model's frozen table up to last-bit noise (None without one):
-    ``rows`` seeded rows projected on ``dims`` seeded directions. Features encoded locally from the
-    metadata differ between machines in their last bits, so their exact fingerprint cannot be compared,
-    but another encoder, encoder version or metadata file moves the sketch far beyond
-    ``SKETCH_TOLERANCE``; a partner compares its own with the coordinator's (:func:`sketch_differs`)."""
+def table_sketch(model: Any, mixes: int = 32, dims: int = 4) -> list[float] | None:
+    """A few numbers that describe a text model's frozen table up to machine noise (None without one):
+    ``mixes`` seeded +-1 combinations of all its rows, each projected on ``dims`` seeded directions.
+    Features encoded locally from the metadata differ between machines in their last bits, so their exact
+    fingerprint cannot be compared; another encoder version moves the sketch beyond the tolerance
+    (:func:`sketch_differs`). The texts and encoder setting are compared exactly (:func:`local_text_key`)."""
     text = getattr(model, "item_text", None)
     if text is None:
         return None
     table = text.table.detach().cpu().double().numpy()
     rng = np.random.default_rng(0)
-    picked = rng.choice(len(table), size=min(rows, len(table)), replace=False)
+    signs = rng.choice([-1.0, 1.0], size=(mixes, len(table)))
     directions = rng.normal(size=(table.shape[1], dims)) / np.sqrt(table.shape[1])
-    return (table[picked] @ directions).ravel().tolist()
+    return ((signs @ table) @ directions / np.sqrt(len(table))).ravel().tolist()
 
 
-def sketch_differs(mine: Sequence[float], theirs: Sequence[float]) -> float | None:
-    """The largest difference of two :func:`table_sketch` results when beyond the tolerance, else None."""
+def sketch_differs(mine: Sequence[float], theirs: Sequence[float], tolerance: float) -> float | None:
+    """The largest difference of two :func:`table_sketch` results when beyond ``tolerance``, else None."""
     if len(mine) != len(theirs):
         return float("inf")
     gap = float(np.max(np.abs(np.asarray(mine) - np.asarray(theirs)))) if len(mine) else 0.0
-    return gap if gap > SKETCH_TOLERANCE else None
+    return gap if gap > tolerance else None
+
+
+def local_text_key(cfg: Mapping[str, Any]) -> str | None:
+    """The encoder setting, catalogue and every item text of features encoded from the metadata (None with a
+    published file, or without text features): equal at the coordinator and a partner unless one of them
+    has other metadata (a partner's outdated file after the catalogue grew: a review) or another encoder."""
+    if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):
+        return None
+    from common.task import catalogue  # lazy: common.task builds models, which need this module
+    from common.text_encoder import encoder_id
+
+    _, texts = catalogue_text_features(cfg)  # cached: the table the model was built from
+    model = encoder_id(str(cfg.get("item-text-model") or DEFAULT_ENCODER), bool(cfg.get("item-text-quantize", False)))
+    return features_key(catalogue(cfg), texts, model)
 
 
 def cache_dir() -> Path:
@@ -195,8 +211,11 @@ def catalogue_text_features(cfg: Mapping[str, Any], items: np.ndarray | None = N
     if cfg.get("item-text-features"):
         path = str(cfg["item-text-features"])
         return _published(path, _file_stamp(path), tuple(items.tolist()))
+    from common.data.attributes import metadata_path
+
+    meta = metadata_path(str(cfg["dataset"]))  # its stamp is part of the cache key: an edited file is read again
     return _encoded(str(cfg["dataset"]), str(cfg.get("item-text-model") or DEFAULT_ENCODER), tuple(items.tolist()),
-                    bool(cfg.get("item-text-quantize", False)))
+                    bool(cfg.get("item-text-quantize", False)), _file_stamp(str(meta)) if meta else None)
 
 
 def _file_stamp(path: str) -> tuple[int, int] | None:
@@ -218,7 +237,9 @@ def _published(path: str, stamp: tuple[int, int] | None, items: tuple[str, ...])
 
 
 @functools.lru_cache(maxsize=4)
-def _encoded(dataset: str, model: str, items: tuple[str, ...], quantize: bool = False) -> tuple[np.ndarray, list[str]]:
+def _encoded(dataset: str, model: str, items: tuple[str, ...], quantize: bool = False,
+             stamp: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    del stamp  # only the cache key
     from common.data.attributes import metadata_path
     from common.data.loaders import load_item_titles
 

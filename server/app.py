@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
-from common.item_text import table_fingerprint, table_sketch
+from common.item_text import local_text_key, table_fingerprint, table_sketch
 from common.private_evaluation import refuse_unaffordable_evaluations
 from common.provenance import append_provenance
 from common.models.sasrec import tied_key_groups
@@ -81,8 +81,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # (encoded locally, texts may differ in the last bits between machines: only the published file is checked)
         text = table_fingerprint(model) if cfg["item-text-features"] else None
         same_inputs = {"catalogue-fingerprint": fingerprint, **({"item-text-fingerprint": text} if text else {})}
-        if not text and (sketch := table_sketch(model)) is not None:  # encoded here: compared within a tolerance
-            same_inputs["item-text-sketch"] = sketch
+        if not text and (sketch := table_sketch(model)) is not None:  # encoded here: texts exactly, vectors roughly
+            same_inputs.update({"item-text-key": local_text_key(cfg), "item-text-sketch": sketch})
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir

@@ -96,6 +96,9 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
     # is the run's only writer now, so none of them is anyone's work in progress
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    # the summary of the run so far: rewritten when the resumed run ends, so until then the run reads as
+    # unfinished (`fedrec-server report` said "complete" after a resume killed before its summary: a review)
+    (run_dir / "summary.md").unlink(missing_ok=True)
     _rewrite_metrics(run_dir, ckpt.rounds)
     left = max(total - ckpt.round, 0)
     if left == 0:

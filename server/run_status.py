@@ -48,18 +48,42 @@ def _rounds(path: Path) -> list[dict[str, Any]]:
     return rounds
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinite numbers as None (strict JSON; a hand-edited or damaged line)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _partner(p: dict[str, Any]) -> dict[str, Any]:
+    """One partner's line: epsilon only for a partner that trained with local DP-SGD (0.0 read as perfect privacy)."""
+    local = float(p.get("noise-multiplier") or 0) > 0 or float(p.get("epsilon") or 0) > 0
+    return {"epsilon": p.get("epsilon") if local else None, "delta": p.get("delta") if local else None,
+            "rounds-trained": p.get("rounds-trained", []),
+            "refused": [r.get("reason") for r in p.get("refused", [])],
+            "refused-evaluation": len(p.get("refused-evaluation", [])), "no-reply": p.get("no-reply", []),
+            "not-aggregated": [r.get("reason") for r in p.get("not-aggregated", [])]}
+
+
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything :func:`format_status` prints, as plain JSON-ready values."""
-    run_dir = Path(run_dir).expanduser()
+    run_dir = Path(run_dir).expanduser().resolve()  # (`report .` from inside the run had no name)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
     cfg = _json_file(run_dir / "config.json")
-    planned = int(cfg.get("num-server-rounds", 0)) if isinstance(cfg, dict) else 0
-    rounds = _rounds(run_dir / "metrics.jsonl")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    planned, k = int(cfg.get("num-server-rounds", 0)), int(cfg.get("top-k", 10))
+    rounds = [_finite(r) for r in _rounds(run_dir / "metrics.jsonl")]
     failed = [r["round"] for r in rounds if not r.get("num-partners")]
-    evaluated = [r for r in rounds if r.get("ndcg@10") is not None]
-    privacy = _json_file(run_dir / "privacy.json") if (run_dir / "privacy.json").is_file() else {}
-    partners = privacy.get("partners", {}) if isinstance(privacy, dict) else {}
+    evaluated = [r for r in rounds if r.get(f"ndcg@{k}") is not None]
+    has_privacy = (run_dir / "privacy.json").is_file()
+    privacy = _json_file(run_dir / "privacy.json") if has_privacy else {}
+    privacy = privacy if isinstance(privacy, dict) else {}
+    partners = privacy.get("partners", {}) if isinstance(privacy.get("partners"), dict) else {}
     finished = (run_dir / "summary.md").is_file() and (run_dir / "model.pt").is_file()
     if len(rounds) < planned or not finished:
         status = "incomplete"
@@ -68,17 +92,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     else:
         status = "complete"
     last = evaluated[-1] if evaluated else None
-    return {
+    return _finite({
         "run": run_dir.name, "path": str(run_dir), "status": status, "rounds-logged": len(rounds),
-        "rounds-planned": planned, "failed-rounds": failed,
-        "final": None if last is None else {k: last.get(k) for k in ("round", "hr@10", "ndcg@10", "eval-users")},
-        "guarantee": privacy.get("guarantee") if isinstance(privacy, dict) else None,
-        "partners": {label: {k: p.get(k) for k in ("epsilon", "delta", "rounds-trained")} | {
-            "refused": [r.get("reason") for r in p.get("refused", [])],
-            "refused-evaluation": len(p.get("refused-evaluation", [])),
-            "no-reply": p.get("no-reply", []), "not-aggregated": len(p.get("not-aggregated", []))}
-            for label, p in sorted(partners.items()) if isinstance(p, dict)},
-    }
+        "rounds-planned": planned, "failed-rounds": failed, "top-k": k,
+        "final": None if last is None else {key: last.get(key) for key in ("round", f"hr@{k}", f"ndcg@{k}", "eval-users")},
+        "guarantee": privacy.get("guarantee") if has_privacy else None, "privacy-json": has_privacy,
+        "partners": {label: _partner(p) for label, p in sorted(partners.items()) if isinstance(p, dict)},
+    })
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -94,18 +114,24 @@ def format_status(status: dict[str, Any]) -> str:
     if status["status"] == "incomplete":
         lines.append("  (running, stopped or crashed: resume with --run-config 'run-name=\"%s\" resume=true')"
                      % status["run"])
-    final = status["final"]
+    final, k = status["final"], status["top-k"]
     if final:
-        lines.append(f"  final evaluation (round {final['round']}): HR@10 {_number(final['hr@10'], 4)}, "
-                     f"NDCG@10 {_number(final['ndcg@10'], 4)}, {int(final.get('eval-users') or 0)} test users")
+        lines.append(f"  final evaluation (round {final['round']}): HR@{k} {_number(final[f'hr@{k}'], 4)}, "
+                     f"NDCG@{k} {_number(final[f'ndcg@{k}'], 4)}, {int(final.get('eval-users') or 0)} test users")
+    else:
+        lines.append("  no round was evaluated (fraction-evaluate = 0, or every evaluation failed)")
     if status["guarantee"]:
         lines.append(f"  {status['guarantee']}")
+    elif not status["privacy-json"]:
+        lines.append("  no privacy.json: no round has reported yet, or a run of an older version")
     for label, p in status["partners"].items():
         trained = ",".join(map(str, p.get("rounds-trained") or [])) or "none"
         extra = [f"refused {len(p['refused'])}x ({p['refused'][-1]})" if p["refused"] else "",
                  f"no reply in rounds {','.join(map(str, p['no-reply']))}" if p["no-reply"] else "",
-                 f"{p['not-aggregated']} update(s) not aggregated" if p["not-aggregated"] else "",
+                 f"{len(p['not-aggregated'])} update(s) not aggregated ({p['not-aggregated'][-1]})"
+                 if p["not-aggregated"] else "",
                  f"refused {p['refused-evaluation']} evaluation(s)" if p["refused-evaluation"] else ""]
-        lines.append(f"  {label}: epsilon {_number(p.get('epsilon'))} (delta {p.get('delta') or '-'}), "
-                     f"trained in rounds {trained}" + "".join(f"; {e}" for e in extra if e))
+        spent = ("no local DP" if p["epsilon"] is None
+                 else f"epsilon {_number(p['epsilon'])} (delta {p.get('delta') or '-'})")
+        lines.append(f"  {label}: {spent}, trained in rounds {trained}" + "".join(f"; {e}" for e in extra if e))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from simulations.run_claims import as_epsilon, metrics_lines, run_epsilon  # noqa: E402
 
-IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon"}
+IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", "commit"}  # commit: provenance
 
 
 def _rounds(run_dir: Path) -> list[dict]:

@@ -51,7 +51,7 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
         return "(no finished run)"
     if "target-epsilon" not in frame.columns:  # a sweep that does not vary or fix epsilon: one column
         frame = frame.assign(**{"target-epsilon": "(not set)"})
-    skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", *METRICS}
+    skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", "commit", *METRICS}  # (provenance)
     rows = [c for c in frame.columns if c not in skip and frame[c].nunique(dropna=False) > 1]
 
     def order(e: object) -> float:

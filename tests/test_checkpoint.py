@@ -113,8 +113,10 @@ def test_start_run_resumes_and_cuts_metrics_back_to_the_checkpoint(tmp_path):
     lines = [json.dumps({"round": r}) for r in (1, 2, 3)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / ".model.pt.4242.beef.tmp").write_bytes(b"half a model")  # the crash was mid-write
+    (run_dir / "summary.md").write_text("# Run r\n- rounds: 2\n")  # an earlier start's, ended at round 2
     start = start_run({**cfg, "resume": True}, CATALOGUE, model)
     assert not (run_dir / ".model.pt.4242.beef.tmp").exists()
+    assert not (run_dir / "summary.md").exists()  # until the resumed run ends, it is not finished
     assert (start.first_round, start.num_rounds) == (3, 2)
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert run_dir.stat().st_mode & 0o777 == 0o700  # the resumed run's files are the coordinator's only

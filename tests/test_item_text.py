@@ -366,7 +366,50 @@ def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypa
 
     monkeypatch.setattr(item_text, "table_sketch", second_partner_encodes_otherwise)
     run_dir = run_local({**cfg, "run-name": "other", "min-nodes": 1}, 2)
+    assert _refusals(run_dir) == ["the item text features encoded at this partner differ from the coordinator ones "
+                                  "by 0.05, beyond the tolerance 0.001: another encoder version; use the features "
+                                  "file the coordinator publishes, item-text-features"]
+    monkeypatch.undo()
+
+    # A partner whose metadata is outdated (the catalogue grew; its last item has no title there): the sketch of a
+    # few rows missed it (a review), the texts are compared exactly
+    keys = []
+    real_key = item_text.local_text_key
+
+    def second_partner_has_old_metadata(cfg):  # noqa: ANN001, ANN202
+        keys.append(real_key(cfg))
+        return keys[-1][::-1] if len(keys) == 3 else keys[-1]
+
+    monkeypatch.setattr(item_text, "local_text_key", second_partner_has_old_metadata)
+    run_dir = run_local({**cfg, "run-name": "old-metadata", "min-nodes": 1}, 2)
+    assert len(_refusals(run_dir)) == 1 and _refusals(run_dir)[0].startswith(
+        "the item texts or text encoder at this partner differ from the coordinator ones: another metadata file")
+
+
+def _refusals(run_dir) -> list[str]:  # noqa: ANN001
+    """Every refusal reason in the run's privacy.json (the third call is a training or an evaluation message's)."""
+    import json
+
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    reasons = [r["reason"] for p in privacy["partners"].values() for key in ("refused", "refused-evaluation")
-               for r in p.get(key, [])]  # (the third sketch is a training or an evaluation message's)
-    assert len(reasons) == 1 and reasons[0].startswith("the item text features encoded at this partner differ")
+    return [r["reason"] for p in privacy["partners"].values() for key in ("refused", "refused-evaluation")
+            for r in p.get(key, [])]
+
+
+def test_the_text_key_follows_the_texts_and_the_encoder_setting(tmp_path, monkeypatch):
+    from common.item_text import local_text_key
+
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("common.item_text.encode_texts", lambda texts, model, quantize=False: np.eye(len(texts), 4))
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u in range(1, 5) for t, i in enumerate((1, 2, 3, 5))) + "\n")
+    titles = "movieId,title,genres\n1,Alien (1979),Horror\n2,Aliens (1986),Action\n3,Emma (1996),Comedy\n"
+    (folder / "movies.csv").write_text(titles + "5,Heat (1995),Crime\n")
+    cfg = {"dataset": str(folder), "item-features": "text"}
+    key = local_text_key(resolve_config(None, cfg))
+    assert key == local_text_key(resolve_config(None, cfg))
+    assert key != local_text_key(resolve_config(None, {**cfg, "item-text-quantize": True}))
+    assert local_text_key(resolve_config(None, {**cfg, "item-features": "id"})) is None
+    (folder / "movies.csv").write_text(titles)  # outdated: item 5 has no title
+    assert key != local_text_key(resolve_config(None, cfg))

@@ -54,4 +54,30 @@ def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"num-server-rounds": 3}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "num-partners": 2, "ndcg@10": 0.1}) + "\n{\"rou")
     assert server_cli(["report", str(tmp_path)]) == 3  # a crash mid-line: the whole lines count
-    assert "incomplete, 1 of 3 rounds logged" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "incomplete, 1 of 3 rounds logged" in out and "no privacy.json" in out
+
+
+def test_the_report_reads_damaged_numbers_other_k_and_partners_without_dp(tmp_path, capsys, monkeypatch):
+    # A review: a NaN made --json a traceback, `report .` had no run name, top-k = 20 runs showed @10,
+    # and a partner without local DP read "epsilon 0.000", i.e. perfect privacy
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": 1, "top-k": 20}))
+    (run / "metrics.jsonl").write_text('{"round": 1, "num-partners": 2, "hr@20": NaN, "ndcg@20": 0.25, '
+                                       '"eval-users": NaN}\n')
+    (run / "privacy.json").write_text(json.dumps({"guarantee": "No differential privacy.", "partners": {
+        "p": {"epsilon": 0.0, "delta": 0.0, "noise-multiplier": 0.0, "rounds-trained": [1],
+              "not-aggregated": [{"round": 1, "reason": "update norm 12 above max-update-norm 5"}]}}}))
+    for name in ("summary.md", "model.pt"):
+        (run / name).write_text("x")
+    monkeypatch.chdir(run)
+    assert server_cli(["report", "."]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run r ({run}): complete") and "HR@20 -, NDCG@20 0.2500, 0 test users" in out
+    assert "p: no local DP, trained in rounds 1; 1 update(s) not aggregated (update norm 12" in out
+    assert server_cli(["report", ".", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert report["final"]["hr@20"] is None and report["partners"]["p"]["epsilon"] is None
+    (run / "metrics.jsonl").write_text('{"round": 1, "num-partners": 2}\n')  # fraction-evaluate = 0
+    assert server_cli(["report", "."]) == 0 and "no round was evaluated" in capsys.readouterr().out

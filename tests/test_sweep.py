@@ -170,9 +170,10 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
 
 def test_results_table_averages_seeds_per_epsilon(tmp_path):
     path = tmp_path / "r.csv"
-    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10\n"
-                    "a,ok,mf,1,8,0.1\nb,ok,mf,2,8,0.3\nc,ok,mf,1,inf,0.5\n"
-                    "d,failed (exit 1): x,mf,2,inf,\ne,ok,sasrec,1,1,0.2\n")
+    # (commit: rows measured before the column existed have none; it is provenance, never a row of the table)
+    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10,commit\n"
+                    "a,ok,mf,1,8,0.1,\nb,ok,mf,2,8,0.3,abc\nc,ok,mf,1,inf,0.5,abc\n"
+                    "d,failed (exit 1): x,mf,2,inf,,\ne,ok,sasrec,1,1,0.2,\n")
     table = sweep_table.results_table(path).splitlines()
     assert table[0] == "| model | eps=1 | eps=8 | eps=inf |"
     assert table[2] == "| mf | - | 0.2000 ± 0.1414 (n=2) | 0.5000 (n=1) |"  # sample std: sqrt(0.02 / 1)
@@ -392,6 +393,27 @@ def test_the_rounds_plot_leaves_out_rounds_without_evaluation(tmp_path, monkeypa
                         or real_plot(self, *a, **k))
     plot_sweep(path)
     assert [[2.0], [0.15]] in drawn and not any(0.0 in ys for _, ys in (d for d in drawn if len(d) == 2))
+
+
+def test_the_plots_do_not_split_seeds_by_commit(tmp_path, monkeypatch):
+    # A review: a resumed sweep's rows (with a commit) and its older rows (without) drew two lines,
+    # "commit=nan" and "commit=95e52f1cddf9", for one configuration
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from simulations import plots
+
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10,run-dir,commit\n"
+                    f"a,ok,mf,1,8,0.1,{tmp_path},\nb,ok,mf,2,8,0.3,{tmp_path},95e52f1cddf9\n"
+                    f"c,ok,sasrec,1,8,0.2,{tmp_path},95e52f1cddf9\n")
+    labels = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    plots.plot_sweep(path)
+    assert sorted(labels) == ["model=mf", "model=sasrec"]
 
 
 def test_a_run_with_damaged_files_fails_its_row_not_the_sweep(tmp_path, monkeypatch):
