@@ -369,7 +369,9 @@ def test_refusals_in_a_failed_round_reach_the_privacy_report(tmp_path):
     entries = {p["node-id"]: p for p in json.loads((tmp_path / "privacy.json").read_text())["partners"].values()}
     assert sorted(entries) == [101, 102]
     assert all(e["refused"] == [{"round": 1, "reason": "budget exhausted: epsilon 8.000 of 8"}] for e in entries.values())
-    assert all("epsilon" not in e for e in entries.values())  # a refusal released nothing
+    # A refusal released nothing new; the spend it states is the ledger's whole one (earlier rounds or runs, the
+    # report's unit): listed as the partner's epsilon, marked as taken from the refusal (eighteenth session)
+    assert all((e["epsilon"], e["epsilon-from"]) == (8.0, "refusal in round 1") for e in entries.values())
 
 
 def test_an_evaluation_reply_rejected_for_its_keys_is_passed_on():
