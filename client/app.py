@@ -105,7 +105,7 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
-        details = budget.details() if budget else {"partner": partner_label(context.node_config, data)}
+        details = budget.details() if budget else {"partner": partner_label(context.node_config, data, context)}
         if "num-partitions" in context.node_config:  # a simulation: how many ways its users were split
             details["num-partitions"] = str(int(context.node_config["num-partitions"]))
     finally:

@@ -10,8 +10,11 @@ refuses with ``budget exhausted: epsilon X of Y`` otherwise.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,40 @@ from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
 STATE_KEY = "privacy-ledger"  # context.state record: which ledger this client has written to
+LABEL_KEY = "partner-label-key"  # context.state record: this node's secret for its public label (one run)
 EPSILON_SLACK = 1e-9  # float noise between the calibration's and the ledger's accounting
 
 
-def partner_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
-    """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``."""
+def local_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
+    """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``: names the default
+    ledger file on this partner's disk, stable across runs; never sent (see :func:`partner_label`)."""
     if "partition-id" in node_config:
         return f"partner-{int(node_config['partition-id'])}"
     return f"partner-{data.fingerprint()}"
+
+
+def public_fingerprint(context: Context, data: SequenceData) -> str:
+    """What the coordinator learns of this partner's data identity. A log named by ``data-identity`` or an
+    event store is identified by its name or store id, not its content; a plain log's fingerprint hashes
+    its content, and sent as it was, it let a coordinator who knows every other user's history test
+    whether one more user is in it (no DP guarantee survives that). It is sent keyed with a secret this
+    node draws once per run (``context.state``), so it stays one label through the run and says nothing
+    about the content."""
+    if data.identity:
+        return data.fingerprint()
+    record = context.state.config_records.get(LABEL_KEY)
+    if record is None or not record.get("key"):
+        record = ConfigRecord({"key": secrets.token_hex(16)})
+        context.state.config_records[LABEL_KEY] = record
+    return hmac.new(str(record["key"]).encode(), data.fingerprint().encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context) -> str:
+    """The name the coordinator knows this partner by: ``partner-<partition-id>`` in simulation, else
+    ``partner-<public fingerprint>`` (:func:`public_fingerprint`)."""
+    if "partition-id" in node_config:
+        return f"partner-{int(node_config['partition-id'])}"
+    return f"partner-{public_fingerprint(context, data)}"
 
 
 def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str, label: str) -> Path:
@@ -78,12 +107,16 @@ def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant
 class PartnerBudget:
     """The DP state of one partner in one run; open it with :meth:`open` at the start of a round."""
 
-    def __init__(self, ledger: PrivacyLedger, calibration: Calibration, *, run: str, label: str, users: int) -> None:
+    def __init__(self, ledger: PrivacyLedger, calibration: Calibration, *, run: str, label: str, users: int,
+                 public_fingerprint: str = "", ledger_name_public: bool = True) -> None:
         self.ledger = ledger
         self.calibration = calibration
         self.run = run
         self.label = label
         self.users = users
+        self.public_fingerprint = public_fingerprint  # what replies carry (module function public_fingerprint)
+        # the partner named its ledger file (node config ledger-path), or a simulated partition's: no content hash
+        self.ledger_name_public = ledger_name_public
 
     @classmethod
     def open(cls, cfg: Mapping[str, Any], context: Context, data: SequenceData, run: str) -> PartnerBudget:
@@ -93,7 +126,7 @@ class PartnerBudget:
         for a ledger that is corrupt, foreign, or gone after this client (or, by its marker, anyone)
         wrote to it; node config ``ledger-reset`` = the marker's id acknowledges a deleted ledger.
         """
-        label = partner_label(context.node_config, data)
+        label = partner_label(context.node_config, data, context)
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
@@ -106,7 +139,7 @@ class PartnerBudget:
             raise PrivacyError(f"{label}: {exc}") from None
         steps_per_round = int(cfg["local-epochs"]) * steps
         evals = planned_evaluations(cfg)
-        path = ledger_path(cfg, context.node_config, run, label)
+        path = ledger_path(cfg, context.node_config, run, local_label(context.node_config, data))
 
         # A ledger this client already wrote to must still be there: never start afresh.
         state = context.state.config_records.get(STATE_KEY, ConfigRecord())
@@ -160,7 +193,9 @@ class PartnerBudget:
         except BaseException:
             ledger.close()
             raise
-        return cls(ledger, cal, run=run, label=label, users=users)
+        return cls(ledger, cal, run=run, label=label, users=users, public_fingerprint=public_fingerprint(context, data),
+                   ledger_name_public=bool(context.node_config.get("ledger-path"))
+                   or "partition-id" in context.node_config)
 
     @property
     def delta(self) -> float:
@@ -235,8 +270,10 @@ class PartnerBudget:
         return {
             "partner": self.label,
             "accountant": self.accountant,
-            "fingerprint": self.ledger.fingerprint,
-            "ledger-path": self.ledger.path.name,  # the file name: an absolute path names the partner's folders
+            "fingerprint": self.public_fingerprint,  # not the content hash (public_fingerprint)
+            # the file name the partner chose (an absolute path names its folders); a default one holds the
+            # data's content hash (local_label)
+            "ledger-path": self.ledger.path.name if self.ledger_name_public else "default (ledger-dir or the run directory)",
             "ledger-created": str(self.ledger.created).lower(),
             "run": self.run,
         }

@@ -33,6 +33,8 @@ MAX_REASON_CHARS = 300
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])~?(?:/[\w.@+=-]+)+/?")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PARENTHESISED = re.compile(r"\s\([^()]*\)")  # " (found a, b)" but not "column(s)"
+# A default ledger's file name holds the hash of the partner's data (client/privacy_budget.py local_label)
+_DEFAULT_LEDGER = re.compile(r"partner-[0-9a-f]{16}\.sqlite")
 
 
 def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str:
@@ -51,6 +53,7 @@ def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str
     text = _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
     text = _QUOTED.sub("<value>", text)
     text = _PARENTHESISED.sub("", text)
+    text = _DEFAULT_LEDGER.sub("<default ledger file>", text)
     if len(text) > MAX_REASON_CHARS:
         text = text[:MAX_REASON_CHARS] + "..."
     return text

@@ -20,6 +20,9 @@ SECRET_ROW = "alice-7731,matrix-reloaded,1600000123"
      "catalogue catalogue.txt: item id <value> appears", ["/srv", "matrix-reloaded"]),
     (PrivacyError("budget exhausted: epsilon 8.000 of 8.0 spent"), "budget exhausted: epsilon 8.000 of 8.0", []),
     (ConfigError("partition-id 7 is outside 0..1"), "partition-id 7 is outside 0..1", []),
+    # a default ledger's file name holds the hash of the partner's data (eighteenth session)
+    (PrivacyError("privacy ledger /srv/ledgers/partner-0123456789abcdef.sqlite is in use by another training"),
+     "privacy ledger <default ledger file> is in use", ["0123456789abcdef"]),
     (KeyError("alice-7731"), "KeyError: internal error at the partner", ["alice-7731"]),
     (ValueError(f"could not convert string to float: '{SECRET_ROW}'"), "ValueError: internal error", ["alice"]),
 ])

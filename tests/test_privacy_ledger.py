@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from flwr.app import Context, RecordDict
 
-from client.privacy_budget import PartnerBudget
+from client.privacy_budget import PartnerBudget, partner_label
 from client.privacy_ledger import PrivacyLedger
 from common.config import resolve_config
 from common.errors import PrivacyError
@@ -672,3 +672,40 @@ def _empty_ledger(path: Path, marker_id: str, fingerprint: str) -> Path:
                                                             ("rows-sha256", ledger_module._rows_digest(conn))])
     conn.close()
     return path
+
+
+def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
+    # A plain log's fingerprint hashes its content, and it reached the coordinator as the partner's label,
+    # its "fingerprint" and its default ledger file name: with every other user's history known, a coordinator
+    # could test whether one more user is in the log, which no DP guarantee survives. It is now keyed with a
+    # secret the node draws once per run: one label through the run, nothing about the content; the ledger
+    # file on the partner's disk keeps its content-derived name, so its spend still carries over between runs.
+    from common.task import partner_data
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2,
+                            "ledger-dir": str(tmp_path / "ledgers")})
+    node = {"data-path": str(log)}
+    data = partner_data(cfg, node)
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    budget = PartnerBudget.open(cfg, context, data, "run-1")
+    budget.record(context, 1, [budget.calibration.round_mechanism()])
+    details, label = budget.details(), budget.label
+    budget.close()
+    assert data.fingerprint() not in json.dumps(details) and data.fingerprint() not in label
+    assert details["ledger-path"].startswith("default") and details["fingerprint"] in label
+    assert budget.ledger.path.name == f"partner-{data.fingerprint()}.sqlite"  # local only
+    again = PartnerBudget.open(cfg, context, data, "run-1")  # the next round of the run: the same label
+    assert again.label == label
+    again.close()
+    other_run = Context(run_id=2, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    second = PartnerBudget.open(cfg, other_run, data, "run-2")  # another run: another label, the same ledger
+    assert second.label != label and second.ledger.rounds_trained() == 1
+    second.close()
+    named = {**node, "data-identity": "acme-log"}  # a name is not content: sent as before
+    named_data = partner_data(cfg, named)
+    assert partner_label(named, named_data, other_run) == f"partner-{named_data.fingerprint()}"
