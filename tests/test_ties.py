@@ -100,3 +100,31 @@ def test_time_gaps_inside_a_tie_do_not_move(small_data) -> None:  # noqa: ANN001
     before = training_pairs(tied, 20, time_features=True).tensors[0]
     after = training_pairs(shuffle_within_ties(tied, np.random.default_rng(1)), 20, time_features=True).tensors[0]
     assert torch.equal(before[..., 1], after[..., 1]) and not torch.equal(before[..., 0], after[..., 0])
+
+
+@pytest.mark.parametrize("noise_seed, secret", [(None, True), (0, False)], ids=["partner", "reproducible-simulation"])
+def test_a_partner_draws_its_tie_orders_from_a_secret_stream_under_dp(small_data, monkeypatch, noise_seed, secret):
+    # A review: the tie orders of every user came from one stream seeded by the run seed, which the coordinator
+    # knows; one more user shifted every later user's orders, so the clipped sum moved by 8.9x max-grad-norm
+    # instead of at most 1x. Under DP a partner's stream is now secret; without DP, or with the simulation's
+    # reproducible noise (the researcher knows everything anyway), the run seed still repeats a run.
+    drawn = []
+    real = ties.shuffle_within_ties
+
+    def spy(data, rng, runs=None):  # noqa: ANN001, ANN202
+        drawn.append(rng.bit_generator.state["state"]["state"])  # the stream's state as the epoch starts
+        return real(data, rng, runs)
+
+    monkeypatch.setattr("common.training.shuffle_within_ties", spy)
+    tied = _tied(small_data, 3)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="fused", noise_seed=noise_seed)
+    states = []
+    for _ in range(2):
+        drawn.clear()
+        _train(tied, True, dp)
+        states.append(list(drawn))
+    from_run_seed = np.random.default_rng(1).bit_generator.state["state"]["state"]  # _train's seed = 1
+    assert (states[0] != states[1]) == secret and (states[0][0] != from_run_seed) == secret
+    drawn.clear()
+    _train(tied, True, None)  # no DP: the run seed, as before
+    assert drawn[0] == from_run_seed

@@ -9,7 +9,9 @@ sees each tie as the unordered set it is ("Sequence or Pseudo-Sequence?", Woolri
 Only the training prefix moves (every item but the last two); the validation and test items, and
 so the leave-one-out split, never change. Timestamps stay as they are: inside a tie they are equal,
 so the time-gap features of each position are unchanged too. Each user's sequence is permuted on
-its own (one user stays one example), so user-level DP accounting is unaffected.
+its own (one user stays one example), but from one stream for all users: under DP that stream must
+be secret (common/training.py draws it from the OS's entropy then), since from a known seed one
+more user shifts every later user's orders, and then one user changes many examples.
 """
 
 from __future__ import annotations
