@@ -44,28 +44,32 @@ def local_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
     return f"partner-{data.fingerprint()}"
 
 
-def public_fingerprint(context: Context, data: SequenceData) -> str:
+def public_fingerprint(context: Context, data: SequenceData, *, key: str | None = None, run: str = "") -> str:
     """What the coordinator learns of this partner's data identity. A log named by ``data-identity`` or an
     event store is identified by its name or store id, not its content; a plain log's fingerprint hashes
     its content, and sent as it was, it let a coordinator who knows every other user's history test
-    whether one more user is in it (no DP guarantee survives that). It is sent keyed with a secret this
-    node draws once per run (``context.state``), so it stays one label through the run and says nothing
-    about the content."""
+    whether one more user is in it (no DP guarantee survives that). It is sent keyed with a secret: the
+    ledger's (``key``, kept on the partner's disk) with the ``run`` name, so a resumed run keeps its label
+    and other runs cannot be linked; without a ledger, one this node draws per run series (``context.state``)."""
     if data.identity:
         return data.fingerprint()
-    record = context.state.config_records.get(LABEL_KEY)
-    if record is None or not record.get("key"):
-        record = ConfigRecord({"key": secrets.token_hex(16)})
-        context.state.config_records[LABEL_KEY] = record
-    return hmac.new(str(record["key"]).encode(), data.fingerprint().encode(), hashlib.sha256).hexdigest()[:16]
+    if key is None:
+        record = context.state.config_records.get(LABEL_KEY)
+        if record is None or not record.get("key"):
+            record = ConfigRecord({"key": secrets.token_hex(16)})
+            context.state.config_records[LABEL_KEY] = record
+        key = str(record["key"])
+    message = f"{run}\x1f{data.fingerprint()}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:16]
 
 
-def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context) -> str:
+def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context, *, key: str | None = None,
+                  run: str = "") -> str:
     """The name the coordinator knows this partner by: ``partner-<partition-id>`` in simulation, else
     ``partner-<public fingerprint>`` (:func:`public_fingerprint`)."""
     if "partition-id" in node_config:
         return f"partner-{int(node_config['partition-id'])}"
-    return f"partner-{public_fingerprint(context, data)}"
+    return f"partner-{public_fingerprint(context, data, key=key, run=run)}"
 
 
 def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str, label: str) -> Path:
@@ -148,6 +152,11 @@ class PartnerBudget:
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
                                named=data.identity.startswith(NAMED))
+        try:  # the label keyed with the ledger's own secret: the same after a resume of this run
+            label = partner_label(context.node_config, data, context, key=ledger.label_key(), run=run)
+        except BaseException:
+            ledger.close()
+            raise
         if ledger.created:
             # a real partner's ledger in the run directory restarts at zero spend with every run; a simulated
             # partner's (partition-id) is meant to live with its run
@@ -193,7 +202,8 @@ class PartnerBudget:
         except BaseException:
             ledger.close()
             raise
-        return cls(ledger, cal, run=run, label=label, users=users, public_fingerprint=public_fingerprint(context, data),
+        return cls(ledger, cal, run=run, label=label, users=users,
+                   public_fingerprint=public_fingerprint(context, data, key=ledger.label_key(), run=run),
                    ledger_name_public=bool(context.node_config.get("ledger-path"))
                    or "partition-id" in context.node_config)
 

@@ -21,61 +21,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
-import json
 import os
+import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, create_ledger, finish_interrupted_creation,  # noqa: F401
+                                marker_path, read_marker, rows_digest, unwritable, upgrade)
 from common.errors import PrivacyError
-from common.files import ensure_private, write_private_bytes
+from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
 
-SCHEMA_VERSION = 3  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations; 3: meta rows-sha256
-MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
-ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (_rows_digest), updated with every write
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE calibrations (
-    run TEXT PRIMARY KEY,            -- one noise level per run, fixed before its first round
-    noise_multiplier REAL NOT NULL,
-    target_epsilon REAL NOT NULL,
-    target_delta REAL NOT NULL,
-    accountant TEXT NOT NULL,
-    sample_rate REAL NOT NULL,
-    steps_per_round INTEGER NOT NULL,
-    planned_rounds INTEGER NOT NULL,
-    recorded REAL NOT NULL,          -- unix time, seconds
-    evaluation_noise REAL NOT NULL DEFAULT 0,        -- 0: evaluation sums sent in clear
-    planned_evaluations INTEGER NOT NULL DEFAULT 0   -- noised evaluations the noise was calibrated for
-);
-CREATE TABLE batches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run TEXT NOT NULL,
-    server_round INTEGER NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL,
-    accountant TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    recorded REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply)
-);
-"""
-# A schema-1 ledger (before noised evaluation) gains the new columns when opened; its rows keep their meaning
-_MIGRATE_1_TO_2 = """
-ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';
-ALTER TABLE calibrations ADD COLUMN evaluation_noise REAL NOT NULL DEFAULT 0;
-ALTER TABLE calibrations ADD COLUMN planned_evaluations INTEGER NOT NULL DEFAULT 0;
-UPDATE meta SET value = '2' WHERE key = 'schema-version';
-"""
-
 
 @dataclass(frozen=True)
 class Calibration:
@@ -145,7 +105,8 @@ class PrivacyLedger:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
                                    "(a partner's spend is never reset)")
             earlier = read_marker(self.path)
-            if earlier is not None and self._finish_interrupted_creation(str(earlier.get("id"))):
+            if earlier is not None and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id"))):
+                self.created = True
                 self._conn = self._open_checked()
                 return
             if earlier is not None and (not reset or reset != earlier.get("id")):
@@ -154,14 +115,14 @@ class PrivacyLedger:
                     f"created at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(float(earlier.get('created', 0))))} "
                     f"UTC); restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" to "
                     "start a new one, which forgets the spend already released")
-            self._create()
+            create_ledger(self.path, self.fingerprint)
             self.created = True
         else:
             try:
                 ensure_private(self.path)
             except OSError as exc:  # a ledger created before it was made 0600 and not ours: leave it
                 if exc.errno not in (errno.EPERM, errno.EACCES):
-                    raise _unwritable(self.path, exc) from None
+                    raise unwritable(self.path, exc) from None
         self._conn = self._open_checked()
 
     # -- reading ---------------------------------------------------------------------------
@@ -216,6 +177,20 @@ class PrivacyLedger:
             return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate'")[0][0])
         return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate' AND run = ?", (run,))[0][0])
 
+    def label_key(self) -> str:
+        """A random secret of this ledger (kept in its ``meta``, made at first use), with which the partner
+        keys the fingerprint it sends (client/privacy_budget.py public_fingerprint): never sent itself."""
+        found = self._query("SELECT value FROM meta WHERE key = 'label-key'")
+        if found:
+            return str(found[0][0])
+        key = secrets.token_hex(16)
+        try:
+            with self._conn:
+                self._conn.execute("INSERT INTO meta VALUES ('label-key', ?)", (key,))
+        except sqlite3.DatabaseError as exc:
+            raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc})") from None
+        return key
+
     # -- writing ---------------------------------------------------------------------------
     def save_calibration(self, run: str, cal: Calibration) -> None:
         """Fix the noise of ``run``; a second, different calibration for the same run is refused."""
@@ -257,7 +232,7 @@ class PrivacyLedger:
         try:
             with self._conn:
                 self._conn.executemany(sql, rows)
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(self._conn)))
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, rows_digest(self._conn)))
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
@@ -288,7 +263,7 @@ class PrivacyLedger:
         try:
             fd = os.open(real.parent / f".{real.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise _unwritable(self.path, exc) from None
+            raise unwritable(self.path, exc) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -308,58 +283,6 @@ class PrivacyLedger:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
-
-    def _finish_interrupted_creation(self, marker_id: str) -> bool:
-        """A crash between writing the marker and linking the new ledger in (:meth:`_create`) left a
-        marker, no ledger and the made ledger under its temporary name: that ledger never held a row of
-        spend, so finishing the link loses nothing (it was refused as deleted, locking the partner out)."""
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            if not tmp.name[len(self.path.name) + 2:-4].isdigit():
-                continue  # .<name>.<pid>.tmp only (the marker's own temporary files are named otherwise)
-            try:
-                conn = sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)
-                try:
-                    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                    rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-                finally:
-                    conn.close()
-            except sqlite3.DatabaseError:
-                continue
-            if meta.get("marker-id") == marker_id and meta.get("fingerprint") == self.fingerprint and rows == 0:
-                os.link(tmp, self.path)
-                tmp.unlink(missing_ok=True)
-                self.created = True
-                return True
-        return False
-
-    def _create(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        marker = {"id": uuid.uuid4().hex[:12], "fingerprint": self.fingerprint, "created": time.time()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        ensure_private(tmp)  # 0600 before SQLite writes a byte (it keeps the mode; else the umask's 0644)
-        conn = sqlite3.connect(tmp)
-        try:
-            with conn:
-                conn.executescript(_SCHEMA)
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("schema-version", str(SCHEMA_VERSION)),
-                    ("fingerprint", self.fingerprint),
-                    ("created", str(marker["created"])),
-                    ("marker-id", marker["id"]),  # ties it to its marker (_finish_interrupted_creation)
-                    (ROWS_DIGEST, _rows_digest(conn)),
-                ])
-        finally:
-            conn.close()
-        # The marker first: a crash between the two steps leaves a marker without a ledger (refused as
-        # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
-        # first run and reset the budget). The lock keeps a second creator out meanwhile.
-        try:
-            write_private_bytes(marker_path(self.path), json.dumps(marker).encode())
-            # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
-            os.link(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _open_checked(self) -> sqlite3.Connection:
         try:
@@ -398,67 +321,16 @@ class PrivacyLedger:
                                "(data-path = events.sqlite) instead, or name the log with node config data-identity "
                                "from its first run on; a new ledger-path starts again from zero spend for them")
         if meta["schema-version"] in ("1", "2"):
-            self._upgrade(conn, meta["schema-version"])
-        elif meta.get(ROWS_DIGEST) != _rows_digest(conn):
+            upgrade(conn, meta["schema-version"], self.path)
+        elif meta.get(ROWS_DIGEST) != rows_digest(conn):
             conn.close()
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (its rows no longer match their digest: changed "
                                "outside the ledger, or damaged on disk); restore it from a backup (a partner's spend is "
                                "never reset)")
         return conn
 
-    def _upgrade(self, conn: sqlite3.Connection, version: str) -> None:
-        """Schema 1 (before noised evaluation) or 2 (before the rows' digest) to 3, in one transaction under
-        the ledger's lock, so a crash leaves the older schema whole. Its rows are taken as they are and
-        checked from then on; older code refuses schema 3 instead of writing rows the digest does not know."""
-        try:
-            conn.execute("BEGIN")
-            if version == "1":
-                for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
-                    conn.execute(statement)
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema-version'", (str(SCHEMA_VERSION),))
-            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, _rows_digest(conn)))
-            conn.commit()
-        except sqlite3.DatabaseError as exc:
-            conn.rollback()
-            conn.close()
-            raise PrivacyError(f"privacy ledger {self.path} could not be upgraded to schema {SCHEMA_VERSION} "
-                               f"({exc}); it is unchanged") from None
-
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} cannot be read ({exc})") from None
-
-
-def _rows_digest(conn: sqlite3.Connection) -> str:
-    """SHA-256 over every spend row in order: SQLite keeps no checksum of its own, so a flipped bit in a
-    noise multiplier (a crash review: 0.7 -> 1.4 read as epsilon 16.40 -> 4.15) passed every check."""
-    digest = hashlib.sha256()
-    for row in conn.execute("SELECT id, run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                            "fingerprint, recorded, kind FROM batches ORDER BY id"):
-        digest.update(repr(row).encode())
-    return digest.hexdigest()
-
-
-def _unwritable(path: Path, exc: OSError) -> Exception:
-    """A ledger whose folder or file cannot be written (permissions, a read-only file system): one line."""
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PrivacyError(f"privacy ledger {path}: its folder is not writable ({os.strerror(exc.errno)}; the ledger "
-                            "records every round's spend there); give a ledger-path in a writable folder")
-    return exc
-
-
-def marker_path(ledger: Path) -> Path:
-    """Where the marker of the ledger at ``ledger`` lives: beside it."""
-    return ledger.with_name(ledger.name + MARKER_SUFFIX)
-
-
-def read_marker(ledger: Path) -> dict | None:
-    """The marker of a ledger that was created at ``ledger`` (``None``: never created there)."""
-    try:
-        return json.loads(marker_path(ledger).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"id": "unreadable-marker", "created": 0}  # the ledger existed; its id is lost

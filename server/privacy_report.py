@@ -105,7 +105,7 @@ class PrivacyReport:
 
     def _round_labels(self, server_round: int, replies: list[Message]) -> dict[int, str]:
         """Each reply's label; one partner answers once per round, so two nodes with one label (the same
-        data-identity, or the same data) are two partners: the label's known node keeps it, the other is
+        data-identity or event store; a plain log's label is keyed per partner) are two partners: the label's known node keeps it, the other is
         listed as ``label@node-<id>``, so neither's epsilon overwrites the other's (a review)."""
         nodes: dict[str, list[int]] = {}
         out = {}
@@ -125,7 +125,7 @@ class PrivacyReport:
                 known = [n for n in clash if self.node_labels.get(n) == label]
                 keeper = owner if owner in clash else known[0] if known else nodes[label][0]
                 if node != keeper:
-                    log(WARNING, "round %d: nodes %s all report %s (the same data-identity or data); node %d is "
+                    log(WARNING, "round %d: nodes %s all report %s (the same data-identity); node %d is "
                         "listed apart as %s@node-%d: give each partner its own data-identity", server_round,
                         clash, label, node, label, node)
                     label = f"{label}@node-{node}"

@@ -115,7 +115,8 @@ def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy, privacy:
     recorder.restore(start.checkpoint.rounds)
     if privacy is not None:
         privacy.adopt_checkpoint_copy((start.checkpoint.privacy or {}).get("privacy.json"))
-        privacy.note_resumed(start.first_round - 1)
+        if start.num_rounds > 0:  # (a resume that only finishes the files of a finished run sends nothing)
+            privacy.note_resumed(start.first_round - 1)
     for level, saved in _by_level(start.checkpoint.strategy_state).items():
         chain = _chain(strategy)
         if level >= len(chain):

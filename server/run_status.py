@@ -14,49 +14,14 @@ ServerApp wrote (``config.json``, ``metrics.jsonl``, ``privacy.json``, ``summary
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from common.errors import DataError
+from common.run_files import finite_or_null, metrics_lines, read_json_object
 
 INCOMPLETE = 3  # the exit status of a run that is not complete (a user mistake is 2)
-
-
-def _json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
-    except ValueError:
-        raise DataError(f"{path}: not JSON (a run directory written by the ServerApp has it whole)") from None
-
-
-def _rounds(path: Path) -> list[dict[str, Any]]:
-    """The logged rounds; a half-written last line (a crash mid-write) is left out."""
-    if not path.is_file():
-        return []
-    rounds = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "round" in entry:
-            rounds.append(entry)
-    return rounds
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinite numbers as None (strict JSON; a hand-edited or damaged line)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _partner(p: dict[str, Any]) -> dict[str, Any]:
@@ -74,15 +39,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).expanduser().resolve()  # (`report .` from inside the run had no name)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
-    cfg = _json_file(run_dir / "config.json")
-    cfg = cfg if isinstance(cfg, dict) else {}
+    cfg = read_json_object(run_dir / "config.json")
     planned, k = int(cfg.get("num-server-rounds", 0)), int(cfg.get("top-k", 10))
-    rounds = [_finite(r) for r in _rounds(run_dir / "metrics.jsonl")]
+    rounds = [finite_or_null(r) for r in metrics_lines(run_dir / "metrics.jsonl") if "round" in r]
     failed = [r["round"] for r in rounds if not r.get("num-partners")]
     evaluated = [r for r in rounds if r.get(f"ndcg@{k}") is not None]
     has_privacy = (run_dir / "privacy.json").is_file()
-    privacy = _json_file(run_dir / "privacy.json") if has_privacy else {}
-    privacy = privacy if isinstance(privacy, dict) else {}
+    privacy = read_json_object(run_dir / "privacy.json") if has_privacy else {}
     partners = privacy.get("partners", {}) if isinstance(privacy.get("partners"), dict) else {}
     finished = (run_dir / "summary.md").is_file() and (run_dir / "model.pt").is_file()
     if len(rounds) < planned or not finished:
@@ -92,7 +55,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     else:
         status = "complete"
     last = evaluated[-1] if evaluated else None
-    return _finite({
+    return finite_or_null({
         "run": run_dir.name, "path": str(run_dir), "status": status, "rounds-logged": len(rounds),
         "rounds-planned": planned, "failed-rounds": failed, "top-k": k,
         "final": None if last is None else {key: last.get(key) for key in ("round", f"hr@{k}", f"ndcg@{k}", "eval-users")},

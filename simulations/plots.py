@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from simulations.run_claims import as_epsilon, metrics_lines, run_epsilon  # noqa: E402
+from simulations.sweep_table import METRICS, RUN_COLUMNS  # noqa: E402
 
-IGNORED = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", "commit"}  # commit: provenance
+IGNORED = {*RUN_COLUMNS, "seed", "target-epsilon"}
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -125,6 +126,4 @@ def plot_sweep(csv_path: Path) -> list[Path]:
 
 
 def _metric_columns(frame: pd.DataFrame) -> set[str]:
-    from simulations.sweep_table import METRICS
-
     return set(METRICS) & set(frame.columns)

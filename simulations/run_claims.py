@@ -3,15 +3,13 @@ it states (``privacy.json``), read the same way by the audit and the sweep's res
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataError
 from common.privacy import dp_mode, uses_central_dp, uses_local_dp
+from common.run_files import metrics_lines, read_json_object  # noqa: F401 (also read from here by the tools)
 
 
 def as_epsilon(value: object) -> float:
@@ -29,36 +27,6 @@ def run_epsilon(row: Mapping[str, Any]) -> float:
     if str(row.get("dp", True)).strip().lower() in ("false", "0"):
         local = False
     return target if math.isfinite(target) and local else as_epsilon(row.get("epsilon", "inf"))
-
-
-def read_json_object(path: Path) -> dict:
-    """A run file's JSON object; a corrupt or foreign file is one :class:`DataError` line."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return value
-
-
-def metrics_lines(path: Path) -> list[dict]:
-    """``metrics.jsonl``'s rounds; a line cut short (a server killed mid-write) is skipped with a
-    warning, as the claim comes from ``privacy.json`` and only the last NDCG@10 from here."""
-    if not path.exists():
-        return []
-    lines, bad = [], 0
-    for text in path.read_text().splitlines():
-        try:
-            line = json.loads(text) if text.strip() else None
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    if bad:
-        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
-    return lines
 
 
 def claimed_privacy(run_dir: Path, cfg: dict) -> dict:

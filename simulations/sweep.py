@@ -51,7 +51,7 @@ from common.provenance import code_version
 from simulations.run_stop import Stopped, sigterm_stops, signals_deferred, stop_run  # noqa: F401 (re-exported)
 from simulations.cli import user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
-from simulations.sweep_table import METRICS, results_table
+from simulations.sweep_table import METRICS, RUN_COLUMNS, results_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ONLY = ("num-partners", "seed")
@@ -261,7 +261,7 @@ def columns_of(spec: Mapping[str, Any]) -> list[str]:
     config_keys = sorted({*spec["fixed"], *spec["grid"], "seed", "num-partners"})
     # commit: the code a row was measured with (each run directory's provenance.json has it too, but the
     # run directories are not kept with the committed CSVs); "+dirty" with uncommitted changes to tracked files
-    return ["run-id", "status", *config_keys, *METRICS, "rounds", "seconds", "run-dir", "commit"]
+    return [*RUN_COLUMNS[:2], *config_keys, *METRICS, *RUN_COLUMNS[2:]]
 
 
 def commit_label() -> str:

@@ -9,6 +9,9 @@ from common.errors import DataError
 
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "coverage@10", "pop@10",
            "partner-ndcg@10-std", "partner-ndcg@10-min", "partner-ndcg@10-max", "epsilon", "delta", "train-loss")
+# Columns of a results row that describe the run, not its configuration (never a table row or plot line);
+# commit: the code it was measured with (eighteenth session)
+RUN_COLUMNS = ("run-id", "status", "rounds", "seconds", "run-dir", "commit")
 
 
 def _column(row) -> str:  # noqa: ANN001 -- a pandas row
@@ -51,7 +54,7 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
         return "(no finished run)"
     if "target-epsilon" not in frame.columns:  # a sweep that does not vary or fix epsilon: one column
         frame = frame.assign(**{"target-epsilon": "(not set)"})
-    skip = {"run-id", "status", "seed", "run-dir", "rounds", "seconds", "target-epsilon", "commit", *METRICS}  # (provenance)
+    skip = {*RUN_COLUMNS, "seed", "target-epsilon", *METRICS}
     rows = [c for c in frame.columns if c not in skip and frame[c].nunique(dropna=False) > 1]
 
     def order(e: object) -> float:

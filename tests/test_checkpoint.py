@@ -174,6 +174,15 @@ def test_a_resume_keeps_the_rounds_the_partners_noise_was_planned_for(tmp_path):
     assert local["planned-rounds"] == 3 and local["num-server-rounds"] == 5
     assert "calibrated for the 3 rounds first planned" in local["note"]
     assert "note" not in PrivacyReport(run_dir, cfg).as_dict()["local"]
+    # A resume that only finishes the files sends no round: its guarantee names none as possibly sent (it
+    # said "an update sent in round 4 before the stop" of a run that had ended; a review)
+    from server.resume import restore
+    from server.run_report import RunRecorder
+
+    start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    report = PrivacyReport(run_dir, {**cfg, "resume": True})
+    restore(start, RunRecorder(run_dir, cfg, CATALOGUE), build_strategy({**cfg, "aggregation": "fedadam"}), report)
+    assert report.resumed_after == [] and "resumed" not in report.guarantee()
 
 
 

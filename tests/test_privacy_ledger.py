@@ -465,7 +465,7 @@ def test_two_trainings_on_one_ledger_never_both_spend_the_same_budget(tmp_path, 
 def test_a_ledger_is_never_left_without_its_marker(tmp_path, monkeypatch):
     # A crash between placing the ledger and writing its marker left a ledger without one: deleting it
     # later read as a first run (budget reset). The marker is now written first.
-    import client.privacy_ledger as ledger_module
+    import client.ledger_file as ledger_module
 
     def crash(*args, **kwargs):
         raise OSError("killed")
@@ -662,14 +662,14 @@ def test_only_the_creation_its_marker_names_is_finished(tmp_path, leftover):
 
 def _empty_ledger(path: Path, marker_id: str, fingerprint: str) -> Path:
     """An empty ledger as _create makes it, tied to ``marker_id``."""
-    import client.privacy_ledger as ledger_module
+    import client.ledger_file as ledger_module
 
     conn = sqlite3.connect(path)
     with conn:
-        conn.executescript(ledger_module._SCHEMA)
+        conn.executescript(ledger_module.SCHEMA)
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema-version", "3"), ("fingerprint", fingerprint),
                                                             ("created", "0"), ("marker-id", marker_id),
-                                                            ("rows-sha256", ledger_module._rows_digest(conn))])
+                                                            ("rows-sha256", ledger_module.rows_digest(conn))])
     conn.close()
     return path
 
@@ -703,6 +703,9 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     assert again.label == label
     again.close()
     other_run = Context(run_id=2, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    resumed = PartnerBudget.open(cfg, other_run, data, "run-1")  # a resume: a new flwr run, fresh context.state
+    assert resumed.label == label  # (it was listed twice in privacy.json: a review)
+    resumed.close()
     second = PartnerBudget.open(cfg, other_run, data, "run-2")  # another run: another label, the same ledger
     assert second.label != label and second.ledger.rounds_trained() == 1
     second.close()

@@ -1,0 +1,168 @@
+"""The privacy ledger's file: its schema, its atomic creation beside a marker, its integrity.
+
+What :class:`client.privacy_ledger.PrivacyLedger` stands on, kept apart from its accounting: a new
+ledger is made under a temporary name and linked in after its marker is written (a crash never leaves
+a ledger without a marker); a creation cut short between the two is finished, not refused; the spend
+rows carry a SHA-256 digest (SQLite keeps no checksum), checked at every opening; older schemas are
+upgraded in one transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+from common.errors import PrivacyError
+from common.files import ensure_private, write_private_bytes
+
+SCHEMA_VERSION = 3  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations; 3: meta rows-sha256
+MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
+ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (rows_digest), updated with every write
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE calibrations (
+    run TEXT PRIMARY KEY,            -- one noise level per run, fixed before its first round
+    noise_multiplier REAL NOT NULL,
+    target_epsilon REAL NOT NULL,
+    target_delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps_per_round INTEGER NOT NULL,
+    planned_rounds INTEGER NOT NULL,
+    recorded REAL NOT NULL,          -- unix time, seconds
+    evaluation_noise REAL NOT NULL DEFAULT 0,        -- 0: evaluation sums sent in clear
+    planned_evaluations INTEGER NOT NULL DEFAULT 0   -- noised evaluations the noise was calibrated for
+);
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    accountant TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    recorded REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply)
+);
+"""
+# A schema-1 ledger (before noised evaluation) gains the new columns when opened; its rows keep their meaning
+MIGRATE_1_TO_2 = """
+ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';
+ALTER TABLE calibrations ADD COLUMN evaluation_noise REAL NOT NULL DEFAULT 0;
+ALTER TABLE calibrations ADD COLUMN planned_evaluations INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '2' WHERE key = 'schema-version';
+"""
+
+
+def finish_interrupted_creation(path: Path, fingerprint: str, marker_id: str) -> bool:
+    """A crash between writing the marker and linking the new ledger in (:func:`create_ledger`) left a
+    marker, no ledger and the made ledger under its temporary name: that ledger never held a row of
+    spend, so finishing the link loses nothing (it was refused as deleted, locking the partner out)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if not tmp.name[len(path.name) + 2:-4].isdigit():
+            continue  # .<name>.<pid>.tmp only (the marker's own temporary files are named otherwise)
+        try:
+            conn = sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError:
+            continue
+        if meta.get("marker-id") == marker_id and meta.get("fingerprint") == fingerprint and rows == 0:
+            os.link(tmp, path)
+            tmp.unlink(missing_ok=True)
+            return True
+    return False
+
+
+def create_ledger(path: Path, fingerprint: str) -> None:
+    """Make an empty ledger for data ``fingerprint`` at ``path`` beside its marker (the caller holds the lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marker = {"id": uuid.uuid4().hex[:12], "fingerprint": fingerprint, "created": time.time()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    ensure_private(tmp)  # 0600 before SQLite writes a byte (it keeps the mode; else the umask's 0644)
+    conn = sqlite3.connect(tmp)
+    try:
+        with conn:
+            conn.executescript(SCHEMA)
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema-version", str(SCHEMA_VERSION)),
+                ("fingerprint", fingerprint),
+                ("created", str(marker["created"])),
+                ("marker-id", marker["id"]),  # ties it to its marker (finish_interrupted_creation)
+                (ROWS_DIGEST, rows_digest(conn)),
+            ])
+    finally:
+        conn.close()
+    # The marker first: a crash between the two steps leaves a marker without a ledger (refused as
+    # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
+    # first run and reset the budget). The lock keeps a second creator out meanwhile.
+    try:
+        write_private_bytes(marker_path(path), json.dumps(marker).encode())
+        # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upgrade(conn: sqlite3.Connection, version: str, path: Path) -> None:
+    """Schema 1 (before noised evaluation) or 2 (before the rows' digest) to 3, in one transaction under
+    the ledger's lock, so a crash leaves the older schema whole. Its rows are taken as they are and
+    checked from then on; older code refuses schema 3 instead of writing rows the digest does not know."""
+    try:
+        conn.execute("BEGIN")
+        if version == "1":
+            for statement in filter(str.strip, MIGRATE_1_TO_2.split(";")):
+                conn.execute(statement)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema-version'", (str(SCHEMA_VERSION),))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, rows_digest(conn)))
+        conn.commit()
+    except sqlite3.DatabaseError as exc:
+        conn.rollback()
+        conn.close()
+        raise PrivacyError(f"privacy ledger {path} could not be upgraded to schema {SCHEMA_VERSION} "
+                           f"({exc}); it is unchanged") from None
+
+
+def rows_digest(conn: sqlite3.Connection) -> str:
+    """SHA-256 over every spend row in order: SQLite keeps no checksum of its own, so a flipped bit in a
+    noise multiplier (a crash review: 0.7 -> 1.4 read as epsilon 16.40 -> 4.15) passed every check."""
+    digest = hashlib.sha256()
+    for row in conn.execute("SELECT id, run, server_round, noise_multiplier, sample_rate, steps, accountant, "
+                            "fingerprint, recorded, kind FROM batches ORDER BY id"):
+        digest.update(repr(row).encode())
+    return digest.hexdigest()
+
+
+def unwritable(path: Path, exc: OSError) -> Exception:
+    """A ledger whose folder or file cannot be written (permissions, a read-only file system): one line."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PrivacyError(f"privacy ledger {path}: its folder is not writable ({os.strerror(exc.errno)}; the ledger "
+                            "records every round's spend there); give a ledger-path in a writable folder")
+    return exc
+
+
+def marker_path(ledger: Path) -> Path:
+    """Where the marker of the ledger at ``ledger`` lives: beside it."""
+    return ledger.with_name(ledger.name + MARKER_SUFFIX)
+
+
+def read_marker(ledger: Path) -> dict | None:
+    """The marker of a ledger that was created at ``ledger`` (``None``: never created there)."""
+    try:
+        return json.loads(marker_path(ledger).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"id": "unreadable-marker", "created": 0}  # the ledger existed; its id is lost
