@@ -130,7 +130,10 @@ class PartnerBudget:
         for a ledger that is corrupt, foreign, or gone after this client (or, by its marker, anyone)
         wrote to it; node config ``ledger-reset`` = the marker's id acknowledges a deleted ledger.
         """
-        label = partner_label(context.node_config, data, context)
+        # Until the ledger is open its key is unknown: a simulated partner names itself, a real one says
+        # "this partner" (a label keyed otherwise would name it differently from its replies; a review)
+        label = f"partner-{int(context.node_config['partition-id'])}" if "partition-id" in context.node_config \
+            else "this partner"
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))

@@ -188,7 +188,8 @@ class PrivacyLedger:
             with self._conn:
                 self._conn.execute("INSERT INTO meta VALUES ('label-key', ?)", (key,))
         except sqlite3.DatabaseError as exc:
-            raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc})") from None
+            raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
+                               "free space or make the ledger writable and try again") from None
         return key
 
     # -- writing ---------------------------------------------------------------------------

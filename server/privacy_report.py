@@ -45,6 +45,7 @@ class PrivacyReport:
         self.planned_rounds = int(cfg["num-server-rounds"])
         self.start_model: dict[str, Any] | None = None  # init-model (server/warm_start.py)
         self.resumed_after: list[int] = []  # rounds after which a stopped run was resumed
+        self.restored_labels: set[str] = set()  # labels listed before this process started (a resume)
         self._load_earlier()
 
     def _load_earlier(self) -> None:
@@ -74,6 +75,7 @@ class PrivacyReport:
     def _apply(self, earlier: dict[str, Any]) -> None:
         self.partners = dict(earlier.get("partners", {}))
         self.node_labels = {int(p["node-id"]): label for label, p in self.partners.items() if "node-id" in p}
+        self.restored_labels = set(self.partners)
         central = dict(earlier.get("central", {}))
         self.central_rounds = list(central.pop("rounds", []))
         self.central = central
@@ -133,9 +135,16 @@ class PrivacyReport:
         return out
 
     def _known_label(self, msg: Message) -> str:
-        """The label the reply's node is listed under: its reply's, or ``label@node-<id>`` once listed apart."""
+        """The label the reply's node is listed under: its reply's, ``label@node-<id>`` once listed apart, or
+        in a resumed run the one it had before the stop when its new label is unknown: a partner without a
+        ledger keys its label with a secret of its Flower run, which a resume renews (it was listed twice)."""
         label, node = self._label(msg), int(msg.metadata.src_node_id)
-        return self.node_labels[node] if self.node_labels.get(node) == f"{label}@node-{node}" else label
+        known = self.node_labels.get(node)
+        if known == f"{label}@node-{node}":
+            return known
+        if known and known != label and known in self.restored_labels and label not in self.partners:
+            return known
+        return label
 
     @staticmethod
     def _label(msg: Message) -> str:

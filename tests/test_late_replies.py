@@ -230,3 +230,30 @@ def test_a_refusal_at_the_default_delta_and_a_resume_without_local_dp_are_stated
         plain.partners = {"p": {"partner": "p", "node-id": 1, "epsilon": 0.0, "delta": 0.0}}  # no DP-SGD: 0
         plain.note_resumed(1)
         assert "resumed" not in plain.guarantee()
+
+
+def test_a_partner_without_a_ledger_keeps_its_entry_through_a_resume(tmp_path):
+    # A review: a partner without local DP keys its label with a secret of its Flower run, which a resume
+    # renews, so the resumed run listed it twice (and `fedrec-server report` showed two partners)
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from common.config import resolve_config
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    cfg = resolve_config(None, {"dp-mode": "central"})
+
+    def reply(label: str, node: int) -> Message:
+        msg = Message(RecordDict({"metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
+                                  "privacy": ConfigRecord({"partner": label})}), dst_node_id=node, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
+    before = PrivacyReport(tmp_path, cfg)
+    before.screen(1, [reply("partner-aaaa", 101), reply("partner-cccc", 102)])
+    before.write()
+    resumed = PrivacyReport(tmp_path, cfg)  # the resumed run's report continues the file
+    resumed.screen(2, [reply("partner-bbbb", 101), reply("partner-cccc", 102), reply("partner-dddd", 103)])
+    partners = resumed.as_dict()["partners"]
+    assert sorted(partners) == ["partner-aaaa", "partner-cccc", "partner-dddd"]  # a new node is a new partner
+    assert partners["partner-aaaa"]["rounds-trained"] == [1, 2]

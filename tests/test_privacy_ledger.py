@@ -678,8 +678,8 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     # A plain log's fingerprint hashes its content, and it reached the coordinator as the partner's label,
     # its "fingerprint" and its default ledger file name: with every other user's history known, a coordinator
     # could test whether one more user is in the log, which no DP guarantee survives. It is now keyed with a
-    # secret the node draws once per run: one label through the run, nothing about the content; the ledger
-    # file on the partner's disk keeps its content-derived name, so its spend still carries over between runs.
+    # secret kept in the ledger and the run name: one label through the run and its resumes, nothing about the
+    # content; the ledger file on the partner's disk keeps its content-derived name, so its spend carries over.
     from common.task import partner_data
 
     log = tmp_path / "log.csv"
@@ -709,6 +709,9 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     second = PartnerBudget.open(cfg, other_run, data, "run-2")  # another run: another label, the same ledger
     assert second.label != label and second.ledger.rounds_trained() == 1
     second.close()
+    # A refusal before the ledger is open cannot use its key: "this partner", not a label of another key
+    with pytest.raises(PrivacyError, match=r"^this partner: only \d+ users"):
+        PartnerBudget.open({**cfg, "batch-size": 500}, other_run, data, "run-3")
     named = {**node, "data-identity": "acme-log"}  # a name is not content: sent as before
     named_data = partner_data(cfg, named)
     assert partner_label(named, named_data, other_run) == f"partner-{named_data.fingerprint()}"
