@@ -141,6 +141,20 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
     # Partner 1's node config max-epsilon = 4 held against the run's target-epsilon = 8
     assert [_ledger_target(env.root / f"ledger-{i}.sqlite") for i in (1, 2, 3)] == [4.0, 8.0, 8.0]
 
+    # Eighteenth session: no reply carried a hash of a partner's data (its label and fingerprint are keyed), and
+    # the coordinator's report says where the run stands, as a script would read it after `flwr run --stream`
+    from common.task import partner_data
+    from server.cli import main as server_cli
+
+    cfg = resolve_config(None, {**TINY, "catalogue": str(env.catalogue)})
+    content = [partner_data(cfg, {"data-path": str(log)}).fingerprint() for log in env.logs]
+    for i in (1, 2, 3):  # the very hashes the partners computed (their ledgers are written for them)
+        with sqlite3.connect(env.root / f"ledger-{i}.sqlite") as conn:
+            assert conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()[0] == content[i - 1]
+    text = (run_dir / "privacy.json").read_text()
+    assert not any(fingerprint in text for fingerprint in content)
+    assert server_cli(["report", str(run_dir)]) == 0
+
 
 def test_superlink_restart_keeps_registered_nodes(federation):
     fed = federation.fed
