@@ -36,12 +36,15 @@ LABEL_KEY = "partner-label-key"  # context.state record: this node's secret for 
 EPSILON_SLACK = 1e-9  # float noise between the calibration's and the ledger's accounting
 
 
+def simulated_label(node_config: Mapping[str, Any]) -> str | None:
+    """``partner-<partition-id>`` for a simulated partner (its name is public), else None."""
+    return f"partner-{int(node_config['partition-id'])}" if "partition-id" in node_config else None
+
+
 def local_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
     """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``: names the default
     ledger file on this partner's disk, stable across runs; never sent (see :func:`partner_label`)."""
-    if "partition-id" in node_config:
-        return f"partner-{int(node_config['partition-id'])}"
-    return f"partner-{data.fingerprint()}"
+    return simulated_label(node_config) or f"partner-{data.fingerprint()}"
 
 
 def public_fingerprint(context: Context, data: SequenceData, *, key: str | None = None, run: str = "") -> str:
@@ -63,13 +66,11 @@ def public_fingerprint(context: Context, data: SequenceData, *, key: str | None 
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:16]
 
 
-def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context, *, key: str | None = None,
-                  run: str = "") -> str:
-    """The name the coordinator knows this partner by: ``partner-<partition-id>`` in simulation, else
-    ``partner-<public fingerprint>`` (:func:`public_fingerprint`)."""
-    if "partition-id" in node_config:
-        return f"partner-{int(node_config['partition-id'])}"
-    return f"partner-{public_fingerprint(context, data, key=key, run=run)}"
+def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context) -> str:
+    """The name the coordinator knows a partner without a ledger by (no local DP): ``partner-<partition-id>``
+    in simulation, else ``partner-<public fingerprint>`` keyed with this Flower run's secret; a partner
+    with a ledger keys it with the ledger's (:meth:`PartnerBudget.open`)."""
+    return simulated_label(node_config) or f"partner-{public_fingerprint(context, data)}"
 
 
 def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str, label: str) -> Path:
@@ -132,8 +133,7 @@ class PartnerBudget:
         """
         # Until the ledger is open its key is unknown: a simulated partner names itself, a real one says
         # "this partner" (a label keyed otherwise would name it differently from its replies; a review)
-        label = f"partner-{int(context.node_config['partition-id'])}" if "partition-id" in context.node_config \
-            else "this partner"
+        label = simulated_label(context.node_config) or "this partner"
         users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
@@ -155,8 +155,9 @@ class PartnerBudget:
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
                                named=data.identity.startswith(NAMED))
-        try:  # the label keyed with the ledger's own secret: the same after a resume of this run
-            label = partner_label(context.node_config, data, context, key=ledger.label_key(), run=run)
+        try:  # keyed with the ledger's own secret: the same label after a resume of this run
+            public = public_fingerprint(context, data, key=ledger.label_key(), run=run)
+            label = simulated_label(context.node_config) or f"partner-{public}"
         except BaseException:
             ledger.close()
             raise
@@ -206,7 +207,7 @@ class PartnerBudget:
             ledger.close()
             raise
         return cls(ledger, cal, run=run, label=label, users=users,
-                   public_fingerprint=public_fingerprint(context, data, key=ledger.label_key(), run=run),
+                   public_fingerprint=public,
                    ledger_name_public=bool(context.node_config.get("ledger-path"))
                    or "partition-id" in context.node_config)
 

@@ -41,6 +41,7 @@ from common.data.sequences import SequenceData
 from common.errors import DataError, FedRecError
 from common.files import atomic_write_text
 from common.metrics import pad_left
+from common.run_files import finite_or_null
 from common.task import federation_data, new_model
 from simulations.audit_bounds import epsilon_lower_bound, tpr_at_fpr
 from simulations.bench import write_results
@@ -225,7 +226,7 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         # at the claim's delta (the run's target-delta without DP: the bound then says what a claim would need)
         result[f"epsilon-lower-bound-{name}"] = epsilon_lower_bound(
             score[:m], score[m:], float(result["delta"] if dp else cfg["target-delta"]), seed=seed)
-    atomic_write_text(run_dir / "audit.json", json.dumps(result, indent=1, allow_nan=False))
+    atomic_write_text(run_dir / "audit.json", json.dumps(finite_or_null(result), indent=1, allow_nan=False))
     return result
 
 
