@@ -106,20 +106,24 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
         details = budget.details() if budget else {"partner": partner_label(context.node_config, data, context)}
+        noised_count = budget is not None and budget.count_is_noised
         if "num-partitions" in context.node_config:  # a simulation: how many ways its users were split
             details["num-partitions"] = str(int(context.node_config["num-partitions"]))
     finally:
         if budget is not None:
             budget.close()
 
-    # Reply
+    # Reply: with a noised user count (a deployed partner under local DP) the FedAvg weight is that count,
+    # and the training loss (a function of the users' data outside the DP-SGD noise) stays here
     metrics = MetricRecord({
-        "train-loss": result.loss,
-        "num-examples": result.num_examples,
+        **({} if noised_count else {"train-loss": result.loss}),
+        "num-examples": budget.users if budget is not None else result.num_examples,
         **privacy,
         "steps": result.steps,
         "seconds": result.seconds,
     })
+    if noised_count:
+        LOG.info("%s: round %d trained, loss %.4f (kept here: not sent)", budget.label, server_round, result.loss)
     # data-source: the coordinator's summary says what the model was trained on (the run config's
     # dataset is only read by simulated partners)
     source = "own log" if context.node_config.get("data-path") else "simulated partition"
@@ -176,6 +180,8 @@ def _noised_evaluation_reply(msg: Message, context: Context, cfg: dict, data, su
                                           seed=seed)
         privacy = budget.metrics(budget.record_evaluation(context, server_round))
         details = budget.details()
+        if budget.count_is_noised:  # the exact count of evaluated users stays here (common/private_count.py)
+            released["num-users"] = float(budget.users)
     finally:
         budget.close()
     if "partition-id" in sums:  # simulations: the per-partner NDCG spread

@@ -50,7 +50,7 @@ CREATE TABLE batches (
     accountant TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     recorded REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply)
+    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply) | count (a noised user count)
 );
 """
 # A schema-1 ledger (before noised evaluation) gains the new columns when opened; its rows keep their meaning

@@ -25,9 +25,11 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
-from common.privacy import Mechanism, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch
+from common.privacy import Mechanism, calibrate_noise_after, default_delta, dp_noise_seed, epsilon_of, steps_per_epoch
+from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
+from common.per_user_clipping import expected_batch
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
@@ -101,6 +103,52 @@ def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: 
                        "evaluate-every, or use a new ledger budget")
 
 
+def _plan_for(users: int, batch: int, label: str, *, noised: bool = False) -> tuple[float, int]:
+    """(sample rate, steps per epoch) for ``users`` at ``batch``; a partner too small is refused with its label.
+
+    A noised count (common/private_count.py) is never refused: a low draw (3 standard deviations below
+    38 users gave 8, a deployment test) would lock the partner out of the whole run, as its count stands
+    for the run. Its plan takes at least 2 steps an epoch (rate 1/2 at most), which any true count keeps
+    DP at (Poisson sampling needs no count), and only the partner's own log says the count was low."""
+    if noised:
+        steps = max(2, math.ceil(max(users, 1) / batch))
+        if users <= batch:
+            LOG.warning("%s: the noised user count %d is not more than batch-size %d: training at 2 steps an "
+                        "epoch (sample rate 1/2); a smaller batch-size suits a partner this small", label, users, batch)
+        return 1.0 / steps, steps
+    try:
+        return steps_per_epoch(users, batch)
+    except PrivacyError as exc:
+        raise PrivacyError(f"{label}: {exc}") from None
+
+
+def _public_users(ledger: PrivacyLedger, run: str, exact: int, cfg: Mapping[str, Any], context: Context,
+                  label: str) -> int:
+    """The user count this run's replies are computed from: the one released for ``run`` earlier (a
+    resumed run), else a new noised count recorded on the ledger now (before anything computed from it
+    leaves), else the exact count (a simulated partition, or a run calibrated before counts were noised).
+    A ledger with no room left for the count is refused before it is drawn."""
+    released = ledger.public_count(run)
+    if released is not None:
+        return released
+    noise = count_noise(cfg, context.node_config)
+    if not noise or ledger.calibration(run) is not None:
+        return exact
+    # Checked at the delta an exact count would give (the noised count is not drawn yet): a refusal here
+    # can depend on the exact count only through default_delta, for more than 10,000 users
+    delta = ledger.accounting_delta(float(cfg["target-delta"]) or default_delta(exact))
+    target = float(cfg["target-epsilon"])
+    after = ledger.epsilon(delta, str(cfg["accountant"]), extra=[count_mechanism(noise)])
+    if after >= target:
+        raise PrivacyError(f"budget exhausted: epsilon {ledger.epsilon(delta, str(cfg['accountant'])):.3f} of "
+                           f"{target:g} ({label}; its noised user count alone would reach {after:.3f} at "
+                           f"count-noise-multiplier {noise:g}, ledger {ledger.path})")
+    seed = dp_noise_seed(int(cfg["seed"]), 0, int(context.node_config.get("partition-id", context.node_id)), 2)
+    value = noised_count(exact, noise, seed=seed)
+    ledger.record_count(run=run, value=value, mechanism=count_mechanism(noise), accountant=str(cfg["accountant"]))
+    return value
+
+
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
     """(ledger's, requested) guarantee as text when target-epsilon, delta or accountant differ, else None."""
     if math.isclose(cal.target_epsilon, target) and math.isclose(cal.target_delta, delta) and cal.accountant == accountant:
@@ -134,19 +182,16 @@ class PartnerBudget:
         # Until the ledger is open its key is unknown: a simulated partner names itself, a real one says
         # "this partner" (a label keyed otherwise would name it differently from its replies; a review)
         label = simulated_label(context.node_config) or "this partner"
-        users = user_count_for_training(data)
+        exact_users = user_count_for_training(data)
         batch = int(cfg["batch-size"])
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
-        # Noised evaluation sums cover every user of the log, also those too short to train on
-        population = max(users, data.num_users) if planned_evaluations(cfg) else users
-        delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
-        try:
-            rate, steps = steps_per_epoch(users, batch)
-        except PrivacyError as exc:
-            raise PrivacyError(f"{label}: {exc}") from None
-        steps_per_round = int(cfg["local-epochs"]) * steps
         evals = planned_evaluations(cfg)
         path = ledger_path(cfg, context.node_config, run, local_label(context.node_config, data))
+        # Noised evaluation sums cover every user of the log, also those too short to train on
+        population = max(exact_users, data.num_users) if evals else exact_users
+        if not count_noise(cfg, context.node_config):  # an exact count: checked before any ledger is made
+            _plan_for(exact_users, batch, label)
+            partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
 
         # A ledger this client already wrote to must still be there: never start afresh.
         state = context.state.config_records.get(STATE_KEY, ConfigRecord())
@@ -171,6 +216,15 @@ class PartnerBudget:
                         "ledger-path to one file that every run uses" if per_run else "")
 
         try:  # the ledger is locked while open: close it on every way out but success
+            # Every number of the plan comes from the user count the replies may tell: the noised one
+            users = _public_users(ledger, run, exact_users, cfg, context, label)
+            noised = ledger.public_count(run) is not None
+            rate, steps = _plan_for(users, batch, label, noised=noised)
+            steps_per_round = int(cfg["local-epochs"]) * steps
+            if noised:
+                population = max(users, 1)  # the noised count stands in for the evaluated users too (README)
+            delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config,
+                                  population)
             cal = ledger.calibration(run)
             if cal is None:
                 planned = int(cfg["num-server-rounds"])
@@ -242,8 +296,12 @@ class PartnerBudget:
     def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:
         """This round's DP-SGD settings; ``noise_seed`` None = noise from OS entropy (see
         :func:`common.training.seed_dp_randomness`)."""
+        steps = self.calibration.steps_per_round // int(cfg["local-epochs"])
+        # Steps and the optimiser's expected batch from the public count (:meth:`open`): the update is
+        # divided by it, so the exact count would scale what leaves
         return DPSettings(self.calibration.noise_multiplier, float(cfg["max-grad-norm"]), self.accountant,
-                          str(cfg["grad-sample-mode"]), noise_seed)
+                          str(cfg["grad-sample-mode"]), noise_seed, steps_per_epoch=steps,
+                          expected_batch=expected_batch(self.users, steps))
 
     def record(self, context: Context, server_round: int, mechanisms: list[Mechanism]) -> float:
         """Write the round's spend to the ledger (before the reply leaves) and return the new epsilon."""
@@ -263,8 +321,15 @@ class PartnerBudget:
         context.state.config_records[STATE_KEY] = ConfigRecord(
             {"path": str(self.ledger.path), "steps": self.ledger.total_steps() + self.ledger.evaluations_recorded()})
 
+    @property
+    def count_is_noised(self) -> bool:
+        """This run's user count was released noised: the exact count must not leave in anything else
+        (the training loss is a function of it and of the users' data, so it stays here)."""
+        return self.ledger.public_count(self.run) is not None
+
     def metrics(self, epsilon: float) -> dict[str, float]:
-        """Numbers for the reply's MetricRecord (every partner sends the same keys)."""
+        """Numbers for the reply's MetricRecord (every partner sends the same keys); ``dp-users`` is the
+        public count (noised for a deployed partner: common/private_count.py)."""
         cal = self.calibration
         return {
             "epsilon": epsilon,

@@ -12,8 +12,9 @@ ledger (two runs, or a fine-tune during a round) cannot both pass the check on t
 Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-user clipping
 norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
 optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whole history.
-A row's ``kind`` is ``train`` (DP-SGD) or ``evaluate`` (a noised evaluation reply, one Gaussian
-mechanism at sample rate 1: common/private_evaluation.py); epsilon counts every row.
+A row's ``kind`` is ``train`` (DP-SGD), ``evaluate`` (a noised evaluation reply, one Gaussian
+mechanism at sample rate 1: common/private_evaluation.py) or ``count`` (a deployed partner's noised
+user count, once per run: common/private_count.py); epsilon counts every row.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
 
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
+COUNT_KEY = "public-users:"  # meta key + run: the noised user count released for that run (record_count)
 
 @dataclass(frozen=True)
 class Calibration:
@@ -192,7 +194,24 @@ class PrivacyLedger:
                                "free space or make the ledger writable and try again") from None
         return key
 
+    def public_count(self, run: str) -> int | None:
+        """The noised user count released for ``run`` (:meth:`record_count`); None when it has none
+        (no count noise, or a run calibrated before counts were noised: its exact count stands)."""
+        found = self._query("SELECT value FROM meta WHERE key = ?", (COUNT_KEY + run,))
+        return int(found[0][0]) if found else None
+
     # -- writing ---------------------------------------------------------------------------
+    def record_count(self, *, run: str, value: int, mechanism: Mechanism, accountant: str) -> None:
+        """Record the noised user count of ``run``: its spend row (kind ``count``) and its value, in one
+        transaction, before anything computed from it leaves. A run has one (a second is refused)."""
+        if self.public_count(run) is not None:
+            raise PrivacyError(f"privacy ledger {self.path}: run {run!r} already released its user count")
+        s, q, n = mechanism
+        row = (run, 0, float(s), float(q), int(n), accountant, self.fingerprint, time.time(), "count")
+        self._write("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
+                    "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [row],
+                    meta={COUNT_KEY + run: str(int(value))})
+
     def save_calibration(self, run: str, cal: Calibration) -> None:
         """Fix the noise of ``run``; a second, different calibration for the same run is refused."""
         old = self.calibration(run)
@@ -227,12 +246,15 @@ class PrivacyLedger:
         self._write("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
                     "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def _write(self, sql: str, rows: list[tuple]) -> None:
-        """One transaction, with the rows' new digest; a write SQLite refuses (disk full, a read-only file)
-        is one line, and the caller releases nothing (the spend is recorded before any reply leaves)."""
+    def _write(self, sql: str, rows: list[tuple], meta: dict[str, str] | None = None) -> None:
+        """One transaction (with ``meta`` entries and the rows' new digest); a write SQLite refuses (disk
+        full, a read-only file) is one line, and the caller releases nothing (the spend is recorded
+        before any reply leaves)."""
         try:
             with self._conn:
                 self._conn.executemany(sql, rows)
+                for key, value in (meta or {}).items():
+                    self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROWS_DIGEST, rows_digest(self._conn)))
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "

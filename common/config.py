@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "target-delta": 0.0,
     "max-grad-norm": 1.0,
     "accountant": "rdp",
+    # the user count a deployed partner's plan and replies are computed from (common/private_count.py)
+    "count-noise-multiplier": 10.0,
+    "simulated-count-noise": False,
     "grad-sample-mode": "auto",
     # Privacy mode, ledger, central DP (client/privacy_budget.py, server/central_dp.py)
     "dp-mode": "local",

@@ -25,7 +25,7 @@ NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
 # was accepted silently until someone switched the feature on
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
                    "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha",
-                   "central-clipping-norm")
+                   "central-clipping-norm", "count-noise-multiplier")
 # (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
 NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu",
                        "evaluation-noise-multiplier")

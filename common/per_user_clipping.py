@@ -238,6 +238,8 @@ def exact_poisson_steps(loader, steps: int) -> float:  # noqa: ANN001 (opacus DP
     partner refused its last planned round (the over-stated history went past the target).
     """
     loader.batch_sampler.steps = steps
+    loader.batch_sampler.sample_rate = 1.0 / steps  # the same unless the plan's steps are not len(loader)
+    loader.sample_rate = 1.0 / steps
     return 1.0 / steps
 
 
@@ -250,12 +252,14 @@ def expected_batch(users: int, steps: int) -> int:
 
 
 def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader: torch.utils.data.DataLoader,  # noqa: ANN001
-                       noise_multiplier: float, max_grad_norm: float):  # noqa: ANN201
+                       noise_multiplier: float, max_grad_norm: float, steps: int | None = None,
+                       batch: int | None = None):  # noqa: ANN201
     """Opacus' own Poisson loader, noise-adding optimizer and accountant hook, wired exactly as
     ``PrivacyEngine.make_private(poisson_sampling=True, grad_sample_mode="ghost")`` wires them
     (sample rate 1 / len(loader), expected batch = users // len(loader)), so the accountant's
     history is Opacus' own; only the per-user clipping is ours (:func:`fused_clipped_backward`),
-    and the step count is exact (:func:`exact_poisson_steps`).
+    and the step count is exact (:func:`exact_poisson_steps`). ``steps`` and ``batch`` (the plan's, from
+    a public user count: common/private_count.py) replace len(loader) and users // steps.
 
     Returns ``(optimizer, data_loader)``.
     """
@@ -265,10 +269,11 @@ def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader:
     if engine.dataset is None:
         engine.dataset = data_loader.dataset
     loader = DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng)
-    sample_rate = exact_poisson_steps(loader, len(data_loader))
+    steps = steps or len(data_loader)
+    sample_rate = exact_poisson_steps(loader, steps)
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch(len(loader.dataset), len(data_loader)), loss_reduction="mean",
+        expected_batch_size=batch or expected_batch(len(loader.dataset), steps), loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else None, secure_mode=engine.secure_mode,
     )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

@@ -57,6 +57,10 @@ class DPSettings:
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"  # auto | fused | hooks | ghost
     noise_seed: int | None = None  # None: noise from a CSPRNG (common/secure_noise.py); int: simulations only
+    # The plan's steps per epoch (sample rate 1/steps) and expected batch, from the partner's public user
+    # count (common/private_count.py); None: from the data, ceil(users / batch) and users // steps
+    steps_per_epoch: int | None = None
+    expected_batch: int | None = None
 
 
 def seed_dp_randomness(noise_seed: int | None) -> torch.Generator:
@@ -115,10 +119,10 @@ def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, crit
         )
     # Exactly len(loader) steps at rate 1/len(loader), as planned (Opacus' int(1/rate) loses one for
     # ~7% of step counts): the sampler, the optimiser's expected batch and the accountant's hook
-    steps = len(loader)
+    steps = dp.steps_per_epoch or len(loader)
     dp_optimizer, dp_loader = prepared[1], prepared[-1]
     rate = exact_poisson_steps(dp_loader, steps)
-    dp_optimizer.expected_batch_size = expected_batch(len(dp_loader.dataset), steps)
+    dp_optimizer.expected_batch_size = dp.expected_batch or expected_batch(len(dp_loader.dataset), steps)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=rate))
     if dp.noise_seed is None:
         draw_securely(dp_optimizer, dp_loader)
@@ -286,7 +290,8 @@ def train_local(
             engine = PrivacyEngine(accountant=dp.accountant)
         if mode == "fused":  # our clipping, Opacus' loader/noise/accountant (common/per_user_clipping.py)
             optimizer, loader = make_fused_private(engine, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
+                                                   noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                                   steps=dp.steps_per_epoch, batch=dp.expected_batch)
             if dp.noise_seed is None:
                 draw_securely(optimizer, loader)
         else:

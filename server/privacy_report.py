@@ -278,6 +278,11 @@ class PrivacyReport:
                 "max-grad-norm": cfg["max-grad-norm"], "batch-size": cfg["batch-size"],
                 "local-epochs": cfg["local-epochs"], "planned-rounds": self.planned_rounds,
                 "sampling": "poisson",
+                # every count a deployed partner's replies carry is computed from this (common/private_count.py)
+                "user-count": (f"deployed partners: released once per run plus Gaussian noise of std "
+                               f"{float(cfg.get('count-noise-multiplier', 10.0)):g} users, on their ledgers; simulated "
+                               "partitions: their size" + (" (noised too: simulated-count-noise)"
+                                                           if cfg.get("simulated-count-noise") else "")),
                 "evaluation-noise-multiplier": float(cfg.get("evaluation-noise-multiplier", 0.0)),
                 "evaluation-sums": self._evaluation_text(),
             }
@@ -308,7 +313,7 @@ class PrivacyReport:
             return "sent in clear, outside the guarantee (evaluation-noise-multiplier = 0)"
         return (f"HR@{k} and NDCG@{k} sums only, each plus Gaussian noise of std {noise:g} x sqrt 2 (one user moves "
                 f"the pair by at most sqrt 2), accounted on the partners' ledgers in the epsilon above; the count of "
-                "evaluated users travels in clear, like the training replies' counts")
+                "evaluated users is a deployed partner's noised user count (on its ledger), a simulated partition's size")
 
     def _local_bound(self, partners: list[dict[str, Any]]) -> str:
         """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""

@@ -80,11 +80,14 @@ class RunRecorder:
     def aggregate_train_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         """Example-weighted mean loss; the worst (largest) epsilon over partners; summed examples."""
         metrics = [next(iter(c.metric_records.values())) for c in contents if c.metric_records]
-        weights = np.array([float(m.get(weight_key, 0)) for m in metrics])
-        total = float(weights.sum())
-        losses = np.array([float(m.get("train-loss", 0.0)) for m in metrics])
+        # A deployed partner under local DP keeps its loss (client/app.py): the mean is over those who sent one,
+        # and a round where none did has no loss (null in metrics.jsonl, "n/a" in the log), not a made-up 0
+        sent = [m for m in metrics if "train-loss" in m]
+        sent_weight = sum(float(m.get(weight_key, 0)) for m in sent)
+        loss = (sum(float(m["train-loss"]) * float(m.get(weight_key, 0)) for m in sent) / sent_weight
+                if sent_weight else 0.0)
         out = {
-            "train-loss": float((losses * weights).sum() / total) if total else 0.0,
+            **({"train-loss": loss} if sent or not metrics else {}),
             "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),
             "delta": max((float(m.get("delta", 0.0)) for m in metrics), default=0.0),
             # NOTE: central DP weighs partners uniformly, so the weights are not always example counts

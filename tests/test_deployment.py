@@ -79,7 +79,8 @@ def _rounds(env, name: str, res) -> list[dict]:
 def _ledger_rounds(path) -> int:
     """Rounds with DP-SGD spend recorded in a partner's ledger file."""
     with sqlite3.connect(path) as conn:
-        return int(conn.execute("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches").fetchone()[0])
+        return int(conn.execute("SELECT COUNT(DISTINCT run || ':' || server_round) FROM batches "
+                                "WHERE kind = 'train'").fetchone()[0])
 
 
 def _ledger_target(path) -> float:
@@ -153,6 +154,17 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
             assert conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()[0] == content[i - 1]
     text = (run_dir / "privacy.json").read_text()
     assert not any(fingerprint in text for fingerprint in content)
+    # Nineteenth session: each partner released its user count once, noised, on its ledger, and every count the
+    # coordinator holds is that one; no partner sent its training loss
+    public = []
+    for i in (1, 2, 3):
+        with sqlite3.connect(env.root / f"ledger-{i}.sqlite") as conn:
+            assert conn.execute("SELECT noise_multiplier, sample_rate, steps FROM batches WHERE kind = 'count'"
+                                ).fetchall() == [(10.0, 1.0, 1)]
+            public.append(int(conn.execute("SELECT value FROM meta WHERE key LIKE 'public-users:%'").fetchone()[0]))
+    partners = json.loads(text)["partners"].values()
+    assert sorted(int(p["dp-users"]) for p in partners if "dp-users" in p) == sorted(public)
+    assert all(r["train-loss"] is None for r in rounds)
     assert server_cli(["report", str(run_dir)]) == 0
 
 

@@ -26,6 +26,7 @@ from client.privacy_ledger import PrivacyLedger
 from common.config import resolve_config
 from common.errors import PrivacyError
 from common.privacy import calibrate_noise_after, epsilon_of
+from common.private_count import count_mechanism
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -266,7 +267,7 @@ def test_a_named_csv_log_keeps_its_ledger_as_it_grows(tmp_path):
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     budget = PartnerBudget.open(cfg, context, partner_data(cfg, node), "run-1")
     budget.record(context, 1, [budget.calibration.round_mechanism()])
-    spent = budget.spent()
+    history = budget.ledger.history()
     budget.close()
     os.utime(log, ns=(1, 1))  # (a changed mtime makes the loader read the log again)
     with open(log, "a") as fh:  # the log grows: a new event for every user
@@ -275,7 +276,9 @@ def test_a_named_csv_log_keeps_its_ledger_as_it_grows(tmp_path):
     assert sum(len(s) for s in grown.sequences) == 60 * 7
     budget = PartnerBudget.open(cfg, Context(run_id=2, node_id=1, node_config=node, state=RecordDict(), run_config={}),
                                 grown, "run-2")
-    assert budget.spent() == pytest.approx(spent) and budget.ledger.rounds_trained() == 1
+    # the spend of run-1 is kept; run-2 adds only its noised user count (common/private_count.py)
+    assert budget.ledger.history() == history + [count_mechanism(cfg["count-noise-multiplier"])]
+    assert budget.ledger.rounds_trained() == 1
     budget.close()
     # Without the name the grown log is another data set to the same ledger (as before)
     unnamed = {**node, "data-identity": ""}
@@ -709,9 +712,11 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     second = PartnerBudget.open(cfg, other_run, data, "run-2")  # another run: another label, the same ledger
     assert second.label != label and second.ledger.rounds_trained() == 1
     second.close()
-    # A refusal before the ledger is open cannot use its key: "this partner", not a label of another key
-    with pytest.raises(PrivacyError, match=r"^this partner: only \d+ users"):
-        PartnerBudget.open({**cfg, "batch-size": 500}, other_run, data, "run-3")
+    # A batch size larger than the (noised) count is not refused: the plan takes 2 steps an epoch
+    # (tests/test_private_count.py)
+    small = PartnerBudget.open({**cfg, "batch-size": 500}, other_run, data, "run-3")
+    assert small.calibration.sample_rate == 0.5 and small.label.startswith("partner-")
+    small.close()
     named = {**node, "data-identity": "acme-log"}  # a name is not content: sent as before
     named_data = partner_data(cfg, named)
     assert partner_label(named, named_data, other_run) == f"partner-{named_data.fingerprint()}"

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
@@ -112,3 +113,21 @@ def test_summary_says_what_the_partners_trained_on(tmp_path):
     mixed = recorder.write_summary(data_sources=["own log", "simulated partition"]).read_text()
     assert "1 partner's own log and 1 simulated partition of synthetic" in mixed
     assert "- data: synthetic," in recorder.write_summary(data_sources=["simulated partition"] * 3).read_text()
+
+
+def test_a_mean_loss_is_over_the_partners_who_sent_one(tmp_path):
+    # A deployed partner under local DP keeps its training loss (client/app.py): counting it as 0 made
+    # the round's loss a weighted mean with zeros in it, and a round where nobody sent one read as loss 0
+    recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec"}, np.array(["a"] * 30))
+    mixed = recorder.aggregate_train_metrics([
+        RecordDict({"m": MetricRecord({"num-examples": 30, "train-loss": 3.0, "epsilon": 1.0, "delta": 1e-5})}),
+        RecordDict({"m": MetricRecord({"num-examples": 10, "train-loss": 1.0, "epsilon": 1.0, "delta": 1e-5})}),
+        RecordDict({"m": MetricRecord({"num-examples": 60, "epsilon": 2.0, "delta": 1e-5})}),
+    ], "num-examples")
+    assert mixed["train-loss"] == pytest.approx((3.0 * 30 + 1.0 * 10) / 40) and mixed["num-examples"] == 100
+    kept = recorder.aggregate_train_metrics([
+        RecordDict({"m": MetricRecord({"num-examples": 60, "epsilon": 2.0, "delta": 1e-5})})], "num-examples")
+    assert "train-loss" not in kept
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["train-loss"] is None and line["epsilon"] == 2.0

@@ -1,0 +1,226 @@
+"""A deployed partner's replies are computed from a noised user count (common/private_count.py).
+
+Before, the sample rate, steps, noise multiplier, ``dp-users`` and FedAvg weight of every reply were
+functions of the exact user count, and the training loss was sent as it was: a coordinator knowing every
+other user of a partner could tell from them whether one more user is in its log. Now the count is
+released once per run under the Gaussian mechanism and recorded on the ledger; everything else is
+computed from it. Epsilons are checked against Google's dp_accounting (an independent implementation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from client.app import make_client_app
+from client.privacy_budget import PartnerBudget
+from client.privacy_ledger import PrivacyLedger
+from common.config import resolve_config
+from common.errors import PrivacyError
+from common.private_count import count_mechanism, noised_count
+from common.task import new_model, partner_data
+from common.training import user_count_for_training
+from tests.conftest import flower_message
+
+TINY = {"max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1, "local-epochs": 1, "batch-size": 8,
+        "num-server-rounds": 2, "synthetic-users": 120, "synthetic-items": 30}
+
+
+def _deployed(tmp_path: Path, users: int = 100, **overrides) -> tuple[dict, dict]:
+    """(config, node config) of a partner with its own CSV log and ledger, as a SuperNode runs it."""
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k * 3) % 30},{1000 + k}" for u in range(users) for k in range(6)) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    overrides = {**TINY, "catalogue": str(catalogue), "run-dir": str(tmp_path / "runs"), **overrides}
+    return overrides, {"data-path": str(log), "ledger-path": str(tmp_path / "ledger.sqlite")}
+
+
+def _context(node: dict, run_id: int = 1) -> Context:
+    return Context(run_id=run_id, node_id=7, node_config=dict(node), state=RecordDict(), run_config={})
+
+
+def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """dp_accounting's RDP: a sample rate 1 row is a plain Gaussian mechanism there (no subsampling)."""
+    acc = rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        event = dp_event.GaussianDpEvent(sigma)
+        acc.compose(event if q == 1.0 else dp_event.PoissonSampledDpEvent(q, event), steps)
+    return acc.get_epsilon(delta)
+
+
+def test_noised_counts_are_gaussian_around_the_count():
+    seeded = np.array([noised_count(200, 10.0, seed=s) for s in range(3000)])
+    assert abs(seeded.mean() - 200) < 3 * 10 / math.sqrt(3000)
+    assert 9.5 < seeded.std() < 10.5
+    secure = np.array([noised_count(200, 10.0) for _ in range(600)])  # the CSPRNG a deployed partner uses
+    assert abs(secure.mean() - 200) < 4 * 10 / math.sqrt(600) and 8.8 < secure.std() < 11.2
+    assert len(set(secure.tolist())) > 20  # not one value drawn again and again
+    assert noised_count(0, 10.0, seed=3) >= 0  # never negative (post-processing)
+    with pytest.raises(ValueError):
+        noised_count(5, 0.0)
+
+
+def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path):
+    overrides, node = _deployed(tmp_path)
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    exact = user_count_for_training(data)
+    app = make_client_app(overrides)
+    context = _context(node)
+    arrays = ArrayRecord(new_model(cfg, data.num_items).state_dict())
+    replies = []
+    for server_round in (1, 2):
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round,
+                                                                       "run-name": "acme-run"})})
+        reply = app(flower_message(content, "train"), context)
+        assert not reply.has_error(), reply.error
+        replies.append(reply.content["metrics"])
+        arrays = reply.content["arrays"]
+    with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
+        public = ledger.public_count("acme-run")
+        history = ledger.history()
+    assert public is not None and abs(public - exact) < 60  # noise std 10
+    for metrics in replies:
+        assert "train-loss" not in metrics  # a function of the users' data outside the DP-SGD noise
+        assert metrics["dp-users"] == metrics["num-examples"] == public  # the FedAvg weight too
+        steps = math.ceil(public / 8)
+        assert metrics["sample-rate"] == pytest.approx(1 / steps)
+        assert metrics["steps"] == steps  # the plan's steps, from the public count
+    # The ledger holds one count, released before the first round; training at rate 1/steps follows it
+    assert history[0] == count_mechanism(10.0) and len(history) == 3
+    assert [h[1:] for h in history[1:]] == [(1 / math.ceil(public / 8), math.ceil(public / 8))] * 2
+    # The reported epsilon is the whole ledger's: checked against dp_accounting (RDP orders differ: 1%)
+    assert replies[-1]["epsilon"] == pytest.approx(_independent_epsilon(history, replies[-1]["delta"]), rel=0.01)
+    assert replies[-1]["epsilon"] <= 8.0 + 1e-6 and replies[-1]["epsilon"] > 7.5  # calibrated with the count in
+    assert replies[-1]["delta"] == pytest.approx(min(1e-5, 0.1 / public))  # the default delta from it too
+
+
+def test_a_resumed_run_reuses_its_count_and_a_new_run_draws_one(tmp_path):
+    overrides, node = _deployed(tmp_path)
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    first = PartnerBudget.open(cfg, _context(node), data, "run-1")
+    users = first.users
+    first.close()
+    resumed = PartnerBudget.open(cfg, _context(node, run_id=2), data, "run-1")  # a fresh process, same run
+    assert resumed.users == users and resumed.ledger.history() == [count_mechanism(10.0)]
+    resumed.close()
+    other = PartnerBudget.open(cfg, _context(node, run_id=3), data, "run-2")
+    assert other.ledger.history() == [count_mechanism(10.0)] * 2  # each run's count is spent
+    assert other.ledger.public_count("run-2") == other.users
+    other.close()
+
+
+def test_a_simulated_partition_uses_its_exact_size_unless_asked(tmp_path):
+    overrides = {**TINY, "run-dir": str(tmp_path)}
+    node = {"partition-id": 0, "num-partitions": 2}
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    exact = PartnerBudget.open(cfg, _context(node), data, "sim")
+    assert exact.users == user_count_for_training(data) and exact.ledger.history() == []
+    assert not exact.count_is_noised
+    exact.close()
+    cfg = resolve_config(None, {**overrides, "simulated-count-noise": True, "count-noise-multiplier": 5.0})
+    noised = PartnerBudget.open(cfg, _context(node), data, "sim-noised")
+    assert noised.count_is_noised and noised.ledger.history() == [count_mechanism(5.0)]
+    noised.close()
+
+
+def test_no_count_is_drawn_when_it_would_pass_the_budget(tmp_path):
+    # One Gaussian release at noise 10 alone is worth epsilon 0.375 at delta 1e-5: a target of 0.2
+    # cannot afford it, and the partner refuses before drawing (so nothing is released or recorded)
+    overrides, node = _deployed(tmp_path, **{"target-epsilon": 0.2})
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    delta = min(1e-5, 0.1 / user_count_for_training(data))
+    assert _independent_epsilon([count_mechanism(10.0)], delta) > 0.2
+    with pytest.raises(PrivacyError, match=r"^budget exhausted: epsilon 0\.000 of 0\.2 .*noised user count alone"):
+        PartnerBudget.open(cfg, _context(node), data, "run-1")
+    with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
+        assert ledger.history() == [] and ledger.public_count("run-1") is None
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks", "ghost"])
+def test_training_samples_at_the_plans_rate_not_the_datas(mode):
+    # The plan says 5 steps an epoch (rate 1/5) and expected batch 7 while the data alone would give
+    # ceil(100 / 8) = 13 steps: the sampler, the optimiser and the accountant all follow the plan
+    from common.data import build_sequences, generate_synthetic
+    from common.models import SASRec
+    from common.training import DPSettings, train_local
+
+    data = build_sequences(generate_synthetic(num_users=110, num_items=20, mean_length=7, seed=0))
+    users = user_count_for_training(data)
+    torch.manual_seed(0)
+    model = SASRec(data.num_items, max_len=6, dim=8, num_blocks=1, num_heads=2, dropout=0.0,
+                   tied_output=mode != "ghost")
+    result = train_local(model, data, epochs=4, batch_size=8, learning_rate=0.01, max_len=6,
+                         dp=DPSettings(1.0, 1.0, "rdp", mode, 1, steps_per_epoch=5, expected_batch=7))
+    assert math.ceil(users / 8) != 5
+    assert result.steps == 20
+    assert result.mechanisms == [(1.0, 0.2, 20)]
+
+
+def test_the_poisson_loader_and_optimiser_follow_the_plan():
+    # Without setting the sampler's own rate, 5 steps were run at the data's rate 1/13 while the ledger
+    # recorded 1/5: the accountant and the sampling disagreed
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.per_user_clipping import make_fused_private
+
+    dataset = TensorDataset(torch.arange(100))
+    model = torch.nn.Linear(2, 2)
+    engine = PrivacyEngine()
+    optimizer, loader = make_fused_private(engine, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                           data_loader=DataLoader(dataset, batch_size=8), noise_multiplier=1.0,
+                                           max_grad_norm=1.0, steps=5, batch=7)
+    assert optimizer.expected_batch_size == 7
+    torch.manual_seed(0)
+    sizes = [len(batch[0]) for _ in range(200) for batch in loader]
+    assert len(sizes) == 200 * 5
+    assert abs(np.mean(sizes) - 100 / 5) < 0.5  # rate 1/5: 20 users a step on average, not 100 / 13
+
+
+def test_the_count_costs_little_beside_dp_sgd():
+    # The README's numbers: the count alone, and what it adds at the noise calibrated without it
+    from common.privacy import calibrate_noise_after, epsilon_of, steps_per_epoch
+
+    alone = epsilon_of([count_mechanism(10.0)], 1e-5)
+    assert alone == pytest.approx(0.375, abs=5e-4)
+    assert alone == pytest.approx(_independent_epsilon([count_mechanism(10.0)], 1e-5), rel=0.01)
+    for users, batch, rounds, target, before, with_count, recalibrated in (
+            (200, 64, 5, 8.0, 1.0791, 8.015, 1.0806), (200, 8, 5, 1.0, 2.109, 1.076, 2.250)):
+        rate, steps = steps_per_epoch(users, batch)
+        plan = {"target_epsilon": target, "target_delta": 1e-5, "sample_rate": rate, "total_steps": rounds * steps,
+                "accountant": "rdp"}
+        sigma = calibrate_noise_after([], **plan)
+        assert sigma == pytest.approx(before, abs=6e-4)
+        assert epsilon_of([count_mechanism(10.0), (sigma, rate, rounds * steps)], 1e-5) == pytest.approx(with_count,
+                                                                                                         abs=6e-4)
+        assert calibrate_noise_after([count_mechanism(10.0)], **plan) == pytest.approx(recalibrated, abs=6e-4)
+
+
+def test_a_low_draw_trains_at_two_steps_instead_of_locking_the_partner_out(tmp_path, monkeypatch, caplog):
+    # A deployment test drew 8 for 38 users (3 standard deviations): "only 8 users ... not more than batch-size 8"
+    # refused every round of the run, since a run keeps its count. Any rate is DP; the plan takes 2 steps an epoch
+    import client.privacy_budget as privacy_budget
+
+    monkeypatch.setattr(privacy_budget, "noised_count", lambda count, noise, seed=None: 3)
+    overrides, node = _deployed(tmp_path)
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    with caplog.at_level("WARNING", logger="fedrec.client"):
+        budget = PartnerBudget.open(cfg, _context(node), data, "run-1")
+    assert budget.users == 3 and budget.calibration.sample_rate == 0.5 and budget.calibration.steps_per_round == 2
+    settings = budget.dp_settings(cfg)
+    assert (settings.steps_per_epoch, settings.expected_batch) == (2, 1)
+    budget.close()
+    assert "noised user count 3 is not more than batch-size 8" in caplog.text
