@@ -113,17 +113,18 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         if budget is not None:
             budget.close()
 
-    # Reply: with a noised user count (a deployed partner under local DP) the FedAvg weight is that count,
-    # and the training loss (a function of the users' data outside the DP-SGD noise) stays here
+    # Reply: with a noised user count (a deployed partner under local DP) the FedAvg weight is that count, and
+    # the training loss and time (functions of the users' data, or of their number, outside the DP-SGD noise)
+    # stay here (the server takes both as optional: server/validation.py OPTIONAL_TRAIN_METRICS)
     metrics = MetricRecord({
-        **({} if noised_count else {"train-loss": result.loss}),
+        **({} if noised_count else {"train-loss": result.loss, "seconds": result.seconds}),
         "num-examples": budget.users if budget is not None else result.num_examples,
         **privacy,
         "steps": result.steps,
-        "seconds": result.seconds,
     })
     if noised_count:
-        LOG.info("%s: round %d trained, loss %.4f (kept here: not sent)", budget.label, server_round, result.loss)
+        LOG.info("%s: round %d trained, loss %.4f in %.1f s (kept here: not sent)", budget.label, server_round,
+                 result.loss, result.seconds)
     # data-source: the coordinator's summary says what the model was trained on (the run config's
     # dataset is only read by simulated partners)
     source = "own log" if context.node_config.get("data-path") else "simulated partition"

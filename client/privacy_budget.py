@@ -122,29 +122,42 @@ def _plan_for(users: int, batch: int, label: str, *, noised: bool = False) -> tu
         raise PrivacyError(f"{label}: {exc}") from None
 
 
-def _public_users(ledger: PrivacyLedger, run: str, exact: int, cfg: Mapping[str, Any], context: Context,
-                  label: str) -> int:
+def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceData, cfg: Mapping[str, Any],
+                  context: Context, label: str) -> int:
     """The user count this run's replies are computed from: the one released for ``run`` earlier (a
-    resumed run), else a new noised count recorded on the ledger now (before anything computed from it
-    leaves), else the exact count (a simulated partition, or a run calibrated before counts were noised).
-    A ledger with no room left for the count is refused before it is drawn."""
+    resumed run), else a new noised count of the log's users recorded on the ledger now (before anything
+    computed from it leaves), else ``exact`` (a simulated partition, or a run calibrated before counts were
+    noised). A run this partner would refuse anyway (a meaningless delta, no room for the count and the
+    planned noised evaluations) is refused before the count is drawn, so it spends nothing."""
     released = ledger.public_count(run)
     if released is not None:
         return released
     noise = count_noise(cfg, context.node_config)
     if not noise or ledger.calibration(run) is not None:
         return exact
-    # Checked at the delta an exact count would give (the noised count is not drawn yet): a refusal here
-    # can depend on the exact count only through default_delta, for more than 10,000 users
-    delta = ledger.accounting_delta(float(cfg["target-delta"]) or default_delta(exact))
+    # The count covers every user of the log: training users and the evaluated ones (noised evaluation
+    # sums are divided by it). Checked at the delta the exact count gives, capped as the partner caps it;
+    # the plan's is the noised count's, the same below 10,000 users (default_delta is 1e-5 there)
+    population = data.num_users
+    try:
+        delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
+    except PrivacyError:  # its text names the exact count
+        raise PrivacyError(f"{label}: target-delta {float(cfg['target-delta']):g} is at least 1 / the number of users "
+                           "of this partner: such a guarantee allows releasing one user's data outright; use "
+                           "target-delta = 0 for the default") from None
+    delta = ledger.accounting_delta(delta)
+    refuse_unaffordable_evaluations(cfg, delta)
+    evals = planned_evaluations(cfg)
+    planned = [count_mechanism(noise)] + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals
     target = float(cfg["target-epsilon"])
-    after = ledger.epsilon(delta, str(cfg["accountant"]), extra=[count_mechanism(noise)])
+    after = ledger.epsilon(delta, str(cfg["accountant"]), extra=planned)
     if after >= target:
+        evaluations = f" and the {evals} planned noised evaluations" if evals else ""
         raise PrivacyError(f"budget exhausted: epsilon {ledger.epsilon(delta, str(cfg['accountant'])):.3f} of "
-                           f"{target:g} ({label}; its noised user count alone would reach {after:.3f} at "
-                           f"count-noise-multiplier {noise:g}, ledger {ledger.path})")
+                           f"{target:g} ({label}; its noised user count{evaluations} alone would reach {after:.3f} "
+                           f"at count-noise-multiplier {noise:g}, ledger {ledger.path})")
     seed = dp_noise_seed(int(cfg["seed"]), 0, int(context.node_config.get("partition-id", context.node_id)), 2)
-    value = noised_count(exact, noise, seed=seed)
+    value = noised_count(population, noise, seed=seed)
     ledger.record_count(run=run, value=value, mechanism=count_mechanism(noise), accountant=str(cfg["accountant"]))
     return value
 
@@ -217,7 +230,7 @@ class PartnerBudget:
 
         try:  # the ledger is locked while open: close it on every way out but success
             # Every number of the plan comes from the user count the replies may tell: the noised one
-            users = _public_users(ledger, run, exact_users, cfg, context, label)
+            users = _public_users(ledger, run, exact_users, data, cfg, context, label)
             noised = ledger.public_count(run) is not None
             rate, steps = _plan_for(users, batch, label, noised=noised)
             steps_per_round = int(cfg["local-epochs"]) * steps

@@ -18,6 +18,7 @@ from flwr.common.logger import log
 
 from common.evaluation import combine_partner_metrics
 from common.private_evaluation import SENSITIVITY, clamp_noised_sums
+from server.validation import OPTIONAL_METRICS_KEY
 from common.files import atomic_write_bytes, atomic_write_text
 from common.metrics import means_and_errors, means_from_sums
 
@@ -52,6 +53,14 @@ def created_run_dir(base: str | os.PathLike, name: str, before: set[Path]) -> Pa
     created = sorted(run_dirs_named(base, name) - before, key=lambda p: p.stat().st_mtime)
     return created[-1] if created else None
 
+def _optional(content: RecordDict, metrics: MetricRecord, key: str) -> float | None:
+    """An optional training metric of one reply: in its MetricRecord, or where update validation moved it."""
+    if key in metrics:
+        return float(metrics[key])
+    moved = content.config_records.get(OPTIONAL_METRICS_KEY)
+    return float(moved[key]) if moved is not None and key in moved else None
+
+
 class RunRecorder:
     """Collects each round's aggregated train and evaluation metrics and writes the run directory.
 
@@ -79,13 +88,15 @@ class RunRecorder:
     # -- plugged into the strategy ---------------------------------------------------------
     def aggregate_train_metrics(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         """Example-weighted mean loss; the worst (largest) epsilon over partners; summed examples."""
-        metrics = [next(iter(c.metric_records.values())) for c in contents if c.metric_records]
+        replies = [c for c in contents if c.metric_records]
+        metrics = [next(iter(c.metric_records.values())) for c in replies]
         # A deployed partner under local DP keeps its loss (client/app.py): the mean is over those who sent one,
-        # and a round where none did has no loss (null in metrics.jsonl, "n/a" in the log), not a made-up 0
-        sent = [m for m in metrics if "train-loss" in m]
-        sent_weight = sum(float(m.get(weight_key, 0)) for m in sent)
-        loss = (sum(float(m["train-loss"]) * float(m.get(weight_key, 0)) for m in sent) / sent_weight
-                if sent_weight else 0.0)
+        # and a round where none did has no loss (null in metrics.jsonl, "n/a" in the log), not a made-up 0.
+        # Update validation moved the losses beside the metrics (server/validation.py OPTIONAL_METRICS_KEY)
+        sent = [(float(m.get(weight_key, 0)), float(loss)) for c, m in zip(replies, metrics)
+                if (loss := _optional(c, m, "train-loss")) is not None and math.isfinite(float(loss))]
+        sent_weight = sum(w for w, _ in sent)
+        loss = sum(w * x for w, x in sent) / sent_weight if sent_weight else 0.0
         out = {
             **({"train-loss": loss} if sent or not metrics else {}),
             "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),

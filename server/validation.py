@@ -214,9 +214,20 @@ class ValidatingStrategy(Strategy):
 
     # -- internals ---------------------------------------------------------------------------
     def _consistent_metric_keys(self, server_round: int, replies: list[Message], *, updates: bool = False) -> list[Message]:
-        """Keep replies whose metric keys are the most common set (Flower refuses to mix key sets)."""
+        """Keep replies whose metric keys are the most common set (Flower refuses to mix key sets).
+
+        An update's optional metrics (:data:`OPTIONAL_TRAIN_METRICS`, which a deployed partner under local DP
+        keeps) do not count, and move to a ``ConfigRecord`` (:data:`OPTIONAL_METRICS_KEY`) where the run
+        report reads them: in a run where a partner's own ``max-epsilon`` forces DP-SGD on it and the others
+        train without, the other partners' updates were rejected for their extra loss."""
         if not replies:
             return replies
+        if updates:
+            for msg in replies:
+                record = next(iter(msg.content.metric_records.values()))
+                moved = {key: record.pop(key) for key in OPTIONAL_TRAIN_METRICS if key in record}
+                if moved:
+                    msg.content[OPTIONAL_METRICS_KEY] = ConfigRecord(moved)
         keysets = [frozenset(next(iter(m.content.metric_records.values())).keys()) for m in replies]
         common, _ = Counter(keysets).most_common(1)[0]
         kept = []
@@ -241,6 +252,9 @@ class ValidatingStrategy(Strategy):
             self.on_rejected_evaluation(server_round, msg)
 
 
+# Training metrics a partner may keep to itself (client/app.py: with a noised user count, its loss and time)
+OPTIONAL_TRAIN_METRICS = ("train-loss", "seconds")
+OPTIONAL_METRICS_KEY = "optional-metrics"  # where ValidatingStrategy puts them, for server/run_report.py
 SIMULATION_ONLY_METRICS = ("partition-id", "rec-items@")  # evaluation keys a deployed partner does not send
 
 

@@ -386,3 +386,21 @@ def test_an_evaluation_reply_rejected_for_its_keys_is_passed_on():
                reply(103, RecordDict({"metrics": MetricRecord({**common, "odd-key": 1.0})}))]
     strategy.aggregate_evaluate(4, replies)
     assert seen == [(4, 103)]
+
+
+def test_a_partner_that_keeps_its_loss_is_aggregated_beside_those_that_send_one(tmp_path):
+    # A deployed partner under local DP keeps its loss and time (client/app.py). In a run where one partner's own
+    # max-epsilon forces DP-SGD and the others train without, the key sets differed and the minority was rejected
+    from server.run_report import RunRecorder
+
+    cfg = resolve_config(None, {"min-nodes": 3})
+    recorder = RunRecorder(tmp_path, cfg, np.array(["a"] * 3))
+    strategy = build_strategy(cfg, train_metrics_aggr_fn=recorder.aggregate_train_metrics)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    replies = [reply(101 + i, content(a, n, seconds=2.0)) for i, (a, n) in enumerate(HONEST[:2])]
+    kept = content(HONEST[2][0], HONEST[2][1])
+    kept["metrics"].pop("train-loss")
+    replies.append(reply(103, kept))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["num-partners"] == 3  # none rejected for its keys
+    assert metrics["train-loss"] == pytest.approx(1.0)  # the two that sent one (content() sends 1.0)
