@@ -31,8 +31,9 @@ def count_mechanism(noise_multiplier: float) -> Mechanism:
 
 
 def noised_count(count: int, noise_multiplier: float, *, seed: int | None = None) -> int:
-    """``count`` + N(0, ``noise_multiplier``^2), rounded, at least 0 (rounding and the floor are
-    post-processing). The noise comes from the CSPRNG of ``common.secure_noise``; ``seed`` (a
+    """``count`` + N(0, ``noise_multiplier``^2), rounded, at least 1 (rounding and the floor are
+    post-processing; a count of 0 made every update of the run invalid, ``num-examples`` 0, and divided
+    the noised sum by one user). The noise comes from the CSPRNG of ``common.secure_noise``; ``seed`` (a
     simulation asking for reproducible noise) draws it from NumPy instead."""
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"count noise multiplier must be a positive number, got {noise_multiplier!r}")
@@ -44,7 +45,7 @@ def noised_count(count: int, noise_multiplier: float, *, seed: int | None = None
         draw = float(SecureGaussian().noise_like(torch.zeros(1, dtype=torch.float64), noise_multiplier)[0])
     else:
         draw = float(np.random.default_rng(seed).normal(0.0, noise_multiplier))
-    return max(0, round(count + draw))
+    return max(1, round(count + draw))
 
 
 def count_noise(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> float:

@@ -55,10 +55,10 @@ def created_run_dir(base: str | os.PathLike, name: str, before: set[Path]) -> Pa
 
 def _optional(content: RecordDict, metrics: MetricRecord, key: str) -> float | None:
     """An optional training metric of one reply: in its MetricRecord, or where update validation moved it."""
-    if key in metrics:
-        return float(metrics[key])
     moved = content.config_records.get(OPTIONAL_METRICS_KEY)
-    return float(moved[key]) if moved is not None and key in moved else None
+    value = metrics.get(key, moved.get(key) if moved is not None else None)
+    # (update validation checked a MetricRecord's values, not a record's: a number or nothing)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class RunRecorder:

@@ -224,6 +224,8 @@ class ValidatingStrategy(Strategy):
             return replies
         if updates:
             for msg in replies:
+                if OPTIONAL_METRICS_KEY in msg.content:  # only this strategy writes it: a partner's own is dropped
+                    del msg.content[OPTIONAL_METRICS_KEY]
                 record = next(iter(msg.content.metric_records.values()))
                 moved = {key: record.pop(key) for key in OPTIONAL_TRAIN_METRICS if key in record}
                 if moved:

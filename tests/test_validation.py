@@ -404,3 +404,29 @@ def test_a_partner_that_keeps_its_loss_is_aggregated_beside_those_that_send_one(
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["num-partners"] == 3  # none rejected for its keys
     assert metrics["train-loss"] == pytest.approx(1.0)  # the two that sent one (content() sends 1.0)
+
+
+def test_a_partners_own_optional_metrics_record_is_dropped(tmp_path):
+    # A review: a reply carrying its own "optional-metrics" record (train-loss "abc") crashed the server's
+    # aggregation, and 1e300 became the round's loss; only update validation writes that record
+    from server.run_report import RunRecorder
+    from server.validation import OPTIONAL_METRICS_KEY
+
+    cfg = resolve_config(None, {"min-nodes": 3})
+    recorder = RunRecorder(tmp_path, cfg, np.array(["a"] * 3))
+    strategy = build_strategy(cfg, train_metrics_aggr_fn=recorder.aggregate_train_metrics)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    replies = []
+    for i, (arrays, n) in enumerate(HONEST):
+        body = content(arrays, n)
+        if i == 2:
+            body["metrics"].pop("train-loss")
+            body[OPTIONAL_METRICS_KEY] = ConfigRecord({"train-loss": 1e300})
+        replies.append(reply(101 + i, body))
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-partners"] == 3 and metrics["train-loss"] == pytest.approx(1.0)
+    # and the run report reads a number or nothing from that record (a string crashed float())
+    from server.run_report import _optional
+
+    odd = RecordDict({"metrics": MetricRecord({"num-examples": 5}), OPTIONAL_METRICS_KEY: ConfigRecord({"train-loss": "abc"})})
+    assert _optional(odd, odd["metrics"], "train-loss") is None
