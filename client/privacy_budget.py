@@ -25,7 +25,8 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
-from common.privacy import Mechanism, calibrate_noise_after, default_delta, dp_noise_seed, epsilon_of, steps_per_epoch
+from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
+                            epsilon_of, steps_per_epoch)
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
@@ -151,7 +152,7 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     planned = [count_mechanism(noise)] + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals
     target = float(cfg["target-epsilon"])
     after = ledger.epsilon(delta, str(cfg["accountant"]), extra=planned)
-    if after >= target:
+    if after >= target - CALIBRATION_TOLERANCE:  # as the calibration refuses: no room left for DP-SGD (a review)
         evaluations = f" and the {evals} planned noised evaluations" if evals else ""
         raise PrivacyError(f"budget exhausted: epsilon {ledger.epsilon(delta, str(cfg['accountant'])):.3f} of "
                            f"{target:g} ({label}; its noised user count{evaluations} alone would reach {after:.3f} "

@@ -28,6 +28,8 @@ ACCOUNTANTS = ("rdp", "prv")
 DP_MODES = ("local", "central", "both", "off")
 # One step of a history: (noise_multiplier, sample_rate, num_steps), Opacus' own format.
 Mechanism = tuple[float, float, int]
+# A history within this of the target leaves no room for more steps (calibrate_noise_after refuses)
+CALIBRATION_TOLERANCE = 0.005
 
 
 def default_delta(num_users: int) -> float:
@@ -186,7 +188,7 @@ def calibrate_noise_after(
     sample_rate: float,
     total_steps: int,
     accountant: str = "rdp",
-    epsilon_tolerance: float = 0.005,
+    epsilon_tolerance: float = CALIBRATION_TOLERANCE,
 ) -> float:
     """Like :func:`calibrate_noise`, but the new steps come after an already spent ``history``.
 
