@@ -46,6 +46,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
             if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
                 cfg = apply_partner_policy(cfg, context.node_config)
+            else:
+                _warn_clear_evaluation_once(cfg, context)
             return _evaluate(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             return error_reply(msg, exc, context)
@@ -131,6 +133,26 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics,
                           "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg), "data-source": source})})
     return Message(content, reply_to=msg)
+
+
+CLEAR_EVALUATION_WARNED = "clear-evaluation-warned"  # context.state record: the warning below was given
+
+
+def _warn_clear_evaluation_once(cfg: dict, context: Context) -> None:
+    """Tell a deployed partner under local DP, once per run in its own log, that a clear evaluation reply
+    leaves its DP guarantee: exact sums and the exact number of evaluated users (its training replies
+    carry only its noised count: common/private_count.py)."""
+    if "partition-id" in context.node_config or CLEAR_EVALUATION_WARNED in context.state.config_records:
+        return
+    try:  # local DP as this partner trains (its own max-epsilon may force it on)
+        if not uses_local_dp(dp_mode(apply_partner_policy(cfg, context.node_config))):
+            return
+    except Exception:  # noqa: BLE001 -- its training refuses in one line; evaluation goes on as before
+        return
+    context.state.config_records[CLEAR_EVALUATION_WARNED] = ConfigRecord({"warned": True})
+    LOG.warning("this partner answers evaluation in clear (evaluation-noise-multiplier = 0): the reply carries exact "
+                "HR/NDCG sums and the exact number of evaluated users, outside its DP guarantee; node config "
+                "share-evaluation=\"noised\" (or false) keeps them here")
 
 
 def _run_name(msg: Message, cfg: dict, context: Context) -> str:

@@ -293,3 +293,19 @@ def test_opacus_wrapped_training_divides_by_the_plans_batch(mode):
     torch.manual_seed(0)
     sizes = [len(batch[0]) for _ in range(100) for batch in dp_loader]
     assert len(sizes) == 500 and abs(np.mean(sizes) - 20) < 0.7
+
+
+def test_a_deployed_partner_is_told_once_that_clear_evaluation_leaves_its_guarantee(tmp_path, caplog):
+    overrides, node = _deployed(tmp_path)
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    app = make_client_app(overrides)
+    context = _context(node)
+    content = RecordDict({"arrays": ArrayRecord(new_model(cfg, data.num_items).state_dict()),
+                          "config": ConfigRecord({"server-round": 1, "run-name": "acme-run"})})
+    with caplog.at_level("WARNING", logger="fedrec.client"):
+        for _ in range(2):
+            reply = app(flower_message(content, "evaluate"), context)
+            assert not reply.has_error(), reply.error
+    assert caplog.text.count("exact number of evaluated users, outside its DP guarantee") == 1
+    assert reply.content["metrics"]["num-users"] == data.num_users  # in clear, as the warning says
