@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from logging import INFO
 from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log as flwr_log
 
 from client.central_clipping import central_dp_clipping_mod
 from client.partner_policy import apply_partner_policy, check_node_config, refuse_evaluation_unless_shared
@@ -124,8 +126,8 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         **privacy,
         "steps": result.steps,
     })
-    if noised_count:
-        LOG.info("%s: round %d trained, loss %.4f in %.1f s (kept here: not sent)", budget.label, server_round,
+    if noised_count:  # Flower's logger: a flwr-clientapp process shows its INFO lines, not ours (a journey review)
+        flwr_log(INFO, "%s: round %d trained, loss %.4f in %.1f s (kept here: not sent)", budget.label, server_round,
                  result.loss, result.seconds)
     # data-source: the coordinator's summary says what the model was trained on (the run config's
     # dataset is only read by simulated partners)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from logging import INFO
 import math
 import secrets
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log as flwr_log
 
 from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
@@ -160,6 +162,9 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     seed = dp_noise_seed(int(cfg["seed"]), 0, int(context.node_config.get("partition-id", context.node_id)), 2)
     value = noised_count(population, noise, seed=seed)
     ledger.record_count(run=run, value=value, mechanism=count_mechanism(noise), accountant=str(cfg["accountant"]))
+    # Only here does the partner see both numbers (Flower's logger: shown by a flwr-clientapp process)
+    flwr_log(INFO, "%s: user count released for run %s: %d (%d users plus Gaussian noise of std %g, once per run; "
+             "the plan and every reply use it)", label, run, value, population, noise)
     return value
 
 

@@ -16,7 +16,7 @@ trimmed mean, Krum) and server-side central-DP clipping (clip on the clients ins
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -50,10 +50,14 @@ class SecureAggregation(Strategy):
         Partners send ``(new - global) * delta_scale``; the server divides it out again.
     """
 
-    def __init__(self, inner: Strategy, params: SecAggPlusParams, *, delta_scale: float) -> None:
+    def __init__(self, inner: Strategy, params: SecAggPlusParams, *, delta_scale: float,
+                 on_unaggregated: Callable[[int, Message, str], None] | None = None) -> None:
         if not delta_scale > 0:
             raise ConfigError(f"secagg-delta-scale = {delta_scale:g} must be > 0")
         self.inner = inner
+        # Told of every reply of a round whose unmasking failed (refusals, masked updates): the privacy
+        # report lists them (by default the inner ValidatingStrategy's hook)
+        self.on_unaggregated = on_unaggregated if on_unaggregated is not None else getattr(inner, "on_unaggregated", None)
         self.params = params
         self.delta_scale = float(delta_scale)
         self._round: SecAggPlusRound | None = None
@@ -94,6 +98,12 @@ class SecureAggregation(Strategy):
         mean = rnd.unmask(replies)
         if mean is None:
             log(WARNING, "round %d: global model kept (secure aggregation failed: %s)", server_round, rnd.failure)
+            # The replies never reach the inner strategy: their refusals and released (masked) updates would
+            # be missing from privacy.json and fedrec-server report (a partner journey review: every partner
+            # refused with "budget exhausted", and privacy.json had no partners at all)
+            if self.on_unaggregated is not None:
+                for msg in replies:
+                    self.on_unaggregated(server_round, msg, f"round failed: secure aggregation failed ({rnd.failure})")
             return None, None
         aggregate = self._apply(mean)
         peaks = [float(c[METRICS_KEY].get("secagg-peak", 0.0)) for _, c in self.last_received

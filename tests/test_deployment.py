@@ -138,6 +138,11 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
     # Each partner trained on its own file in both rounds and kept its privacy ledger where its node config said
     for i, proc in enumerate(env.nodes.values()):
         assert proc.output().count("Receiving: train message") == 2 * SECAGG_TRAIN_MESSAGES
+        # its own log says what it kept and released (a journey review: an INFO line of ours was never shown)
+        # (a flwr-clientapp process prints each of Flower's lines twice: through its console and its own handler)
+        log_text = proc.output()
+        assert all(f"round {r} trained, loss " in log_text for r in (1, 2)) and "(kept here: not sent)" in log_text
+        assert "user count released for run secagg: " in log_text
         assert _ledger_rounds(env.root / f"ledger-{i + 1}.sqlite") == 2
     # Partner 1's node config max-epsilon = 4 held against the run's target-epsilon = 8
     assert [_ledger_target(env.root / f"ledger-{i}.sqlite") for i in (1, 2, 3)] == [4.0, 8.0, 8.0]

@@ -69,7 +69,7 @@ def test_noised_counts_are_gaussian_around_the_count():
         noised_count(5, 0.0)
 
 
-def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path, monkeypatch):
+def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path, monkeypatch, caplog):
     from common.privacy import REPRODUCIBLE_NOISE_ENV
 
     monkeypatch.setenv(REPRODUCIBLE_NOISE_ENV, "1")  # a count that differs from the exact one, every time
@@ -81,6 +81,7 @@ def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path, monke
     context = _context(node)
     arrays = ArrayRecord(new_model(cfg, data.num_items).state_dict())
     replies = []
+    caplog.set_level("INFO", logger="flwr")
     for server_round in (1, 2):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round,
                                                                        "run-name": "acme-run"})})
@@ -92,6 +93,9 @@ def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path, monke
         public = ledger.public_count("acme-run")
         history = ledger.history()
     assert public is not None and public != exact and abs(public - exact) < 60  # noise std 10
+    # The partner's own log (Flower's logger, which a flwr-clientapp process shows) says what was kept and released
+    assert caplog.text.count("(kept here: not sent)") == 2
+    assert f"user count released for run acme-run: {public} ({data.num_users} users plus Gaussian noise" in caplog.text
     for metrics in replies:
         assert "train-loss" not in metrics  # a function of the users' data outside the DP-SGD noise
         assert "seconds" not in metrics  # the time grows with the true number of users sampled

@@ -315,3 +315,34 @@ def test_real_apps_secure_round_matches_plain_round(tmp_path):
         assert torch.max(torch.abs(models["secure"][key] - plain)).item() <= tol
         moved = max(moved, torch.max(torch.abs(plain - initial[key])).item())
     assert moved > 100 * tol  # the round changed the model far beyond the tolerance
+
+
+def test_a_failed_secure_round_still_tells_the_privacy_report_of_every_reply(caplog):
+    # A partner journey review: every partner refused ("budget exhausted") under SecAgg+, unmasking failed, and
+    # the replies never reached the inner strategy: privacy.json listed no partner and fedrec-server report no reason
+    partners, global_arrays = _federation(4, seed=8, spread=1.0, examples=[400, 400, 400, 400])  # all refuse
+    told: list[tuple[int, int, str]] = []
+    grid = InProcessGrid(partners)
+    inner = FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = SecureAggregation(
+        inner, SecAggPlusParams(num_shares=1.0, threshold=0.67, clipping_range=CLIP, max_weight=MAX_WEIGHT),
+        delta_scale=SCALE, on_unaggregated=lambda rnd, msg, reason: told.append((rnd, msg.metadata.src_node_id, reason)))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, global_arrays, ConfigRecord({}), grid)))
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert sorted(node for _, node, _ in told) == [101, 102, 103, 104]
+    assert all(rnd == 1 and reason.startswith("round failed: secure aggregation failed") for rnd, _, reason in told)
+
+
+def test_the_servers_secure_strategy_reports_to_the_privacy_hook():
+    from common.config import resolve_config
+    from server.strategy_factory import build_strategy
+
+    def hook(rnd, msg, reason):  # noqa: ANN001, ANN202
+        pass
+
+    from server.secure_aggregation import with_secure_aggregation
+
+    cfg = resolve_config(None, {"secure-aggregation": True})
+    strategy = build_strategy(cfg, on_unaggregated=hook)
+    strategy.inner = with_secure_aggregation(strategy.inner, cfg)  # as server/app.py wraps it
+    assert isinstance(strategy.inner, SecureAggregation) and strategy.inner.on_unaggregated is hook
