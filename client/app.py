@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from logging import INFO
 from collections.abc import Mapping
+from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict

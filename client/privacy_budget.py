@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from logging import INFO
 import math
 import secrets
 from collections.abc import Mapping
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
+from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
-from common.per_user_clipping import expected_batch
 from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")

@@ -18,9 +18,9 @@ from flwr.common.logger import log
 
 from common.evaluation import combine_partner_metrics
 from common.private_evaluation import SENSITIVITY, clamp_noised_sums
-from server.validation import OPTIONAL_METRICS_KEY
 from common.files import atomic_write_bytes, atomic_write_text
 from common.metrics import means_and_errors, means_from_sums
+from server.validation import OPTIONAL_METRICS_KEY
 
 
 def new_run_dir(base: str | os.PathLike, name: str = "") -> Path:
@@ -52,6 +52,7 @@ def created_run_dir(base: str | os.PathLike, name: str, before: set[Path]) -> Pa
     before a run): the one the run created, suffixed when the name was taken; None if none."""
     created = sorted(run_dirs_named(base, name) - before, key=lambda p: p.stat().st_mtime)
     return created[-1] if created else None
+
 
 def _optional(content: RecordDict, metrics: MetricRecord, key: str) -> float | None:
     """An optional training metric of one reply: in its MetricRecord, or where update validation moved it."""
@@ -93,12 +94,12 @@ class RunRecorder:
         # A deployed partner under local DP keeps its loss (client/app.py): the mean is over those who sent one,
         # and a round where none did has no loss (null in metrics.jsonl, "n/a" in the log), not a made-up 0.
         # Update validation moved the losses beside the metrics (server/validation.py OPTIONAL_METRICS_KEY)
-        sent = [(float(m.get(weight_key, 0)), float(loss)) for c, m in zip(replies, metrics)
-                if (loss := _optional(c, m, "train-loss")) is not None and math.isfinite(float(loss))]
-        sent_weight = sum(w for w, _ in sent)
-        loss = sum(w * x for w, x in sent) / sent_weight if sent_weight else 0.0
+        losses = [(float(m.get(weight_key, 0)), value) for c, m in zip(replies, metrics)
+                  if (value := _optional(c, m, "train-loss")) is not None and math.isfinite(value)]
+        weight = sum(w for w, _ in losses)
         out = {
-            **({"train-loss": loss} if sent or not metrics else {}),
+            **({"train-loss": sum(w * x for w, x in losses) / weight if weight else 0.0}
+               if losses or not metrics else {}),
             "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),
             "delta": max((float(m.get("delta", 0.0)) for m in metrics), default=0.0),
             # NOTE: central DP weighs partners uniformly, so the weights are not always example counts
