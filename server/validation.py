@@ -57,6 +57,8 @@ def check_update(content: RecordDict, global_arrays: dict[str, np.ndarray], boun
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} "
                 f"and {len(content.metric_records)}")
+    if next(iter(content.array_records)) != ARRAYS_RECORD:
+        return f"its ArrayRecord is not named {ARRAYS_RECORD!r}"
     arrays = next(iter(content.array_records.values()))
     missing = sorted(set(global_arrays) - set(arrays.keys()))
     extra = sorted(set(arrays.keys()) - set(global_arrays))
@@ -95,6 +97,10 @@ def metrics_problem(content: RecordDict) -> str | None:
     """Why a reply's metrics cannot be aggregated (not exactly one MetricRecord, a non-finite value), or None."""
     if len(content.metric_records) != 1:
         return f"expected one MetricRecord, got {len(content.metric_records)}"
+    if next(iter(content.metric_records)) != METRICS_RECORD:
+        # Flower compares replies' metrics under the first reply's record name: another name raised
+        # InconsistentMessageReplies out of the strategy, and the ServerApp stopped (a review)
+        return f"its MetricRecord is not named {METRICS_RECORD!r}"
     for key, value in next(iter(content.metric_records.values())).items():
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -225,6 +231,7 @@ class ValidatingStrategy(Strategy):
         if updates:
             for msg in replies:
                 if OPTIONAL_METRICS_KEY in msg.content:  # only this strategy writes it: a partner's own is dropped
+                    # (check_update let through one MetricRecord named "metrics": this one is another record)
                     del msg.content[OPTIONAL_METRICS_KEY]
                 record = next(iter(msg.content.metric_records.values()))
                 moved = {key: record.pop(key) for key in OPTIONAL_TRAIN_METRICS if key in record}
@@ -254,6 +261,7 @@ class ValidatingStrategy(Strategy):
             self.on_rejected_evaluation(server_round, msg)
 
 
+ARRAYS_RECORD, METRICS_RECORD = "arrays", "metrics"  # the record names of a reply (client/app.py)
 # Training metrics a partner may keep to itself (client/app.py: with a noised user count, its loss and time)
 OPTIONAL_TRAIN_METRICS = ("train-loss", "seconds")
 OPTIONAL_METRICS_KEY = "optional-metrics"  # where ValidatingStrategy puts them, for server/run_report.py

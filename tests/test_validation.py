@@ -430,3 +430,28 @@ def test_a_partners_own_optional_metrics_record_is_dropped(tmp_path):
 
     odd = RecordDict({"metrics": MetricRecord({"num-examples": 5}), OPTIONAL_METRICS_KEY: ConfigRecord({"train-loss": "abc"})})
     assert _optional(odd, odd["metrics"], "train-loss") is None
+
+
+@pytest.mark.parametrize("name", ["m", "optional-metrics"])
+def test_a_reply_with_other_record_names_is_rejected_not_a_crash(name):
+    # A review: a MetricRecord named otherwise passed validation and Flower raised InconsistentMessageReplies out
+    # of the strategy (the ServerApp stopped); named "optional-metrics" it was deleted and next() raised StopIteration
+    cfg = resolve_config(None, {"min-nodes": 2})
+    strategy = build_strategy(cfg)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    replies = honest_replies()
+    odd = replies[2].content
+    replies[2].content = RecordDict({"arrays": odd["arrays"], name: odd["metrics"]})
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = (HONEST[0][0]["b"] * 10 + HONEST[1][0]["b"] * 30) / 40  # the two others only
+    np.testing.assert_allclose(as_numpy(arrays)["b"], expected, rtol=1e-6)
+
+
+def test_an_evaluation_reply_with_another_record_name_is_dropped_not_a_crash():
+    strategy = validating()
+    good = [reply(101 + i, RecordDict({"metrics": MetricRecord({"hit-sum": float(i), "num-examples": 10})}))
+            for i in range(2)]
+    odd = reply(MALICIOUS_NODE, RecordDict({"m": MetricRecord({"hit-sum": 5.0, "num-examples": 10})}))
+    metrics = strategy.aggregate_evaluate(1, [odd] + good)  # first: Flower compared the others under its name
+    assert metrics["hit-sum"] == pytest.approx(0.5)
+    assert [r["node"] for r in strategy.rejections] == [MALICIOUS_NODE]
