@@ -122,8 +122,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"evaluation: top-{cfg['top-k']} hit and NDCG sums noised (evaluation-noise-multiplier {noise:g}), "
               f"{planned_evaluations(cfg)} evaluations planned into each partner's budget")
     elif float(cfg["fraction-evaluate"]) > 0:
-        print("evaluation: partners send their hit and NDCG sums in clear, outside the DP guarantee "
-              "(evaluation-noise-multiplier = 0)")
+        print("evaluation: partners send their hit and NDCG sums and their exact number of evaluated users in "
+              "clear, outside the DP guarantee (evaluation-noise-multiplier = 0)")
     relative = not Path(str(cfg["run-dir"])).expanduser().is_absolute()
     where = (f"run-dir = {str(cfg['run-dir'])!r} is relative: under flwr run the ServerApp resolves it in the "
              "SuperLink's working folder, not here; run check from that folder or give an absolute run-dir")

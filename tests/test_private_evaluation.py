@@ -376,7 +376,7 @@ def test_server_check_says_how_evaluation_sums_travel(tmp_path, capsys):
     assert server_main(["check", "--run-config", f"{base} evaluation-noise-multiplier=2.0 evaluate-every=2"]) == 0
     assert "noised (evaluation-noise-multiplier 2), 3 evaluations planned" in capsys.readouterr().out
     assert server_main(["check", "--run-config", base]) == 0
-    assert "sums in clear, outside the DP guarantee" in capsys.readouterr().out
+    assert "sums and their exact number of evaluated users in clear, outside the DP guarantee" in capsys.readouterr().out
     assert server_main(["check", "--run-config", f'{base} evaluation-noise-multiplier=2.0 dp-mode="central"']) == 2
     assert "needs dp-mode" in capsys.readouterr().err
 
