@@ -180,12 +180,15 @@ class PartnerBudget:
     """The DP state of one partner in one run; open it with :meth:`open` at the start of a round."""
 
     def __init__(self, ledger: PrivacyLedger, calibration: Calibration, *, run: str, label: str, users: int,
-                 public_fingerprint: str = "", ledger_name_public: bool = True) -> None:
+                 public_fingerprint: str = "", ledger_name_public: bool = True, count_is_noised: bool = False) -> None:
         self.ledger = ledger
         self.calibration = calibration
         self.run = run
         self.label = label
-        self.users = users
+        self.users = users  # the public count: noised when count_is_noised, else the exact one
+        # This run's user count was released noised (common/private_count.py): the exact count must not leave
+        # in anything else (the training loss and time are functions of it, so they stay here: client/app.py)
+        self.count_is_noised = count_is_noised
         self.public_fingerprint = public_fingerprint  # what replies carry (module function public_fingerprint)
         # the partner named its ledger file (node config ledger-path), or a simulated partition's: no content hash
         self.ledger_name_public = ledger_name_public
@@ -279,7 +282,7 @@ class PartnerBudget:
         except BaseException:
             ledger.close()
             raise
-        return cls(ledger, cal, run=run, label=label, users=users,
+        return cls(ledger, cal, run=run, label=label, users=users, count_is_noised=noised,
                    public_fingerprint=public,
                    ledger_name_public=bool(context.node_config.get("ledger-path"))
                    or "partition-id" in context.node_config)
@@ -339,12 +342,6 @@ class PartnerBudget:
         """Node state: this client has written to this ledger (so it must never be found missing)."""
         context.state.config_records[STATE_KEY] = ConfigRecord(
             {"path": str(self.ledger.path), "steps": self.ledger.total_steps() + self.ledger.evaluations_recorded()})
-
-    @property
-    def count_is_noised(self) -> bool:
-        """This run's user count was released noised: the exact count must not leave in anything else
-        (the training loss is a function of it and of the users' data, so it stays here)."""
-        return self.ledger.public_count(self.run) is not None
 
     def metrics(self, epsilon: float) -> dict[str, float]:
         """Numbers for the reply's MetricRecord (every partner sends the same keys); ``dp-users`` is the

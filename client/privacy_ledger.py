@@ -37,6 +37,8 @@ from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
 
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
+INSERT_ROW = ("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, fingerprint, "
+              "recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 COUNT_KEY = "public-users:"  # meta key + run: the noised user count released for that run (record_count)
 
 @dataclass(frozen=True)
@@ -208,9 +210,7 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path}: run {run!r} already released its user count")
         s, q, n = mechanism
         row = (run, 0, float(s), float(q), int(n), accountant, self.fingerprint, time.time(), "count")
-        self._write("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                    "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [row],
-                    meta={COUNT_KEY + run: str(int(value))})
+        self._write(INSERT_ROW, [row], meta={COUNT_KEY + run: str(int(value))})
 
     def save_calibration(self, run: str, cal: Calibration) -> None:
         """Fix the noise of ``run``; a second, different calibration for the same run is refused."""
@@ -243,8 +243,7 @@ class PrivacyLedger:
         for _, _, s, q, n, *_ in rows:
             if not (s > 0 and 0 < q <= 1 and n >= 0):
                 raise ValueError(f"not a DP mechanism: noise {s}, sample rate {q}, steps {n}")
-        self._write("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                    "fingerprint, recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._write(INSERT_ROW, rows)
 
     def _write(self, sql: str, rows: list[tuple], meta: dict[str, str] | None = None) -> None:
         """One transaction (with ``meta`` entries and the rows' new digest); a write SQLite refuses (disk
