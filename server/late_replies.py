@@ -96,7 +96,10 @@ class LateReplyGrid(Grid):
             self._round = _round_of(msg) or self._round
         ids = list(self._grid.push_messages(messages))
         for msg, msg_id in zip(messages, ids):
-            if msg_id and msg.metadata.message_type in self._tracked:
+            # Only messages that carry a round's work (FedAvg's config names the round); SecAgg+'s key set-up
+            # and unmasking messages carry none: a partner gone before unmasking was still aggregated (its
+            # self-mask is rebuilt from the others' shares), and listing it as silent would be false
+            if msg_id and msg.metadata.message_type in self._tracked and _round_of(msg) is not None:
                 training[msg_id] = (self._round, int(msg.metadata.dst_node_id), msg.metadata.message_type)
         waiting = {i for i in ids if i}
         end = time.monotonic() + (timeout or 0.0)

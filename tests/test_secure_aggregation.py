@@ -346,3 +346,75 @@ def test_the_servers_secure_strategy_reports_to_the_privacy_hook():
     strategy = build_strategy(cfg, on_unaggregated=hook)
     strategy.inner = with_secure_aggregation(strategy.inner, cfg)  # as server/app.py wraps it
     assert isinstance(strategy.inner, SecureAggregation) and strategy.inner.on_unaggregated is hook
+
+
+class PushPullGrid(InProcessGrid):
+    """The same delivery through push/pull (as a real grid), so LateReplyGrid can wrap it."""
+
+    pull_interval = 0.0
+
+    def __init__(self, partners, drop_after=None) -> None:  # noqa: ANN001
+        super().__init__(partners, drop_after)
+        self._replies: dict[str, Message] = {}
+        self._count = 0
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        ids = []
+        for msg in messages:
+            self._count += 1
+            msg_id = f"m{self._count}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            for reply in self.send_and_receive([msg]):
+                self._replies[msg_id] = reply
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, ids):  # noqa: ANN001, ANN201
+        out = []
+        for msg_id in list(ids):
+            if msg_id in self._replies:
+                reply = self._replies.pop(msg_id)
+                reply.metadata.__dict__["_reply_to_message_id"] = msg_id
+                out.append(reply)
+        return out
+
+
+def test_a_partner_gone_before_unmasking_is_aggregated_and_not_listed_as_silent():
+    # A partner that sent its masked update and went away before unmasking is in the aggregate (SecAgg+
+    # rebuilds its self-mask from the others' shares); the unanswered unmask message is no training
+    # message: before, the run's end listed the partner under no-reply ("never replied to its training
+    # message") for a round it was aggregated in
+    from server.late_replies import LateReplyGrid
+
+    partners, global_arrays = _federation(4, seed=9)
+    inner_grid = PushPullGrid(partners, drop_after={104: 3})  # setup, share keys, collect answered
+    late, unanswered = [], []
+    grid = LateReplyGrid(inner_grid, lambda r, m: late.append(r), lambda r, n: unanswered.append((r, n)))
+    strategy = SecureAggregation(
+        FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
+        SecAggPlusParams(num_shares=1.0, threshold=0.5, clipping_range=CLIP, max_weight=MAX_WEIGHT, timeout=0.0),
+        delta_scale=SCALE)
+    config = ConfigRecord({"server-round": 1})
+    replies = grid.send_and_receive(list(strategy.configure_train(1, global_arrays, config, grid)), timeout=0.0)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = _fedavg(partners, global_arrays)  # all four, 104 included
+    for k in SHAPES:
+        assert np.max(np.abs(arrays[k].numpy() - expected[k])) <= _tolerance(partners)
+    assert grid.finish() == [] and unanswered == [] and late == []
+
+
+def test_a_partner_gone_while_training_under_secagg_is_listed_as_silent():
+    # ... while the message that carried its training work, never answered, is still listed
+    from server.late_replies import LateReplyGrid
+
+    partners, global_arrays = _federation(4, seed=9)
+    unanswered = []
+    grid = LateReplyGrid(PushPullGrid(partners, drop_after={104: 2}), lambda r, m: None,
+                         lambda r, n: unanswered.append((r, n)))
+    strategy = SecureAggregation(
+        FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
+        SecAggPlusParams(num_shares=1.0, threshold=0.5, clipping_range=CLIP, max_weight=MAX_WEIGHT, timeout=0.0),
+        delta_scale=SCALE)
+    messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({"server-round": 1}), grid))
+    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=0.0))
+    assert arrays is not None and grid.finish() == [(1, 104)] and unanswered == [(1, 104)]
