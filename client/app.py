@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
+from time import monotonic, sleep
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -12,7 +13,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 
 from client.central_clipping import central_dp_clipping_mod
-from client.partner_policy import apply_partner_policy, check_node_config, refuse_evaluation_unless_shared
+from client.partner_policy import (apply_partner_policy, check_node_config, refuse_evaluation_unless_shared,
+                                   reply_after_seconds)
 from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
@@ -33,28 +35,55 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     # SecAgg+ outermost: central-DP clipping and DP-SGD happen before the update is masked
     @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
+        started = monotonic()
         try:
             # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
-            return _train(msg, context, apply_partner_policy(resolve_config(context.run_config, overrides),
-                                                             context.node_config))
+            reply = _train(msg, context, apply_partner_policy(resolve_config(context.run_config, overrides),
+                                                              context.node_config))
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            return error_reply(msg, exc, context)
+            reply = error_reply(msg, exc, context)
+        return _hold(reply, context, started, "training")
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        started = monotonic()
         try:
-            check_node_config(context.node_config)
-            cfg = resolve_config(context.run_config, overrides)
-            refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
-            if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
-                cfg = apply_partner_policy(cfg, context.node_config)
-            else:
-                _warn_clear_evaluation_once(cfg, context)
-            return _evaluate(msg, context, cfg)
+            reply = _evaluate_checked(msg, context, overrides)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            return error_reply(msg, exc, context)
+            reply = error_reply(msg, exc, context)
+        return _hold(reply, context, started, "evaluation")
 
     return app
+
+
+def _hold(reply: Message, context: Context, started: float, work: str) -> Message:
+    """``reply``, sent no earlier than node config ``reply-after-seconds`` after the message arrived: its
+    arrival time then no longer tells how long the work took (which grows with the number of users)."""
+    try:
+        hold = reply_after_seconds(context.node_config)
+    except Exception:  # noqa: BLE001 -- a malformed value: the reply already says so (check_node_config)
+        return reply
+    if hold is None:
+        return reply
+    took = monotonic() - started
+    if took < hold:
+        sleep(hold - took)
+    else:  # Flower's logger: a flwr-clientapp process shows it
+        flwr_log(WARNING, "%s took %.1f s, longer than node config reply-after-seconds = %g: the time of this reply "
+                 "tells how long it took; raise reply-after-seconds", work, took, hold)
+    return reply
+
+
+def _evaluate_checked(msg: Message, context: Context, overrides: dict | None) -> Message:
+    """Evaluate after the partner's node config checks: what it shares, and its cap when noised sums spend."""
+    check_node_config(context.node_config)
+    cfg = resolve_config(context.run_config, overrides)
+    refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
+    if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
+        cfg = apply_partner_policy(cfg, context.node_config)
+    else:
+        _warn_clear_evaluation_once(cfg, context)
+    return _evaluate(msg, context, cfg)
 
 
 def _train(msg: Message, context: Context, cfg: dict) -> Message:

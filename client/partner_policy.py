@@ -41,7 +41,8 @@ from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refu
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
 NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
-                    "partition-id", "num-partitions")
+                    "reply-after-seconds", "partition-id", "num-partitions")
+MAX_REPLY_HOLD = 86_400.0  # s: a day; Flower's messages expire long before
 
 
 # Words of a privacy setting: an unknown node config key made of one is a partner's floor that
@@ -99,6 +100,15 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)
+    reply_after_seconds(node_config)
+
+
+def reply_after_seconds(node_config: Mapping[str, Any]) -> float | None:
+    """Node config ``reply-after-seconds``: every training and evaluation reply of this partner leaves
+    that long after its message arrived (None: as soon as it is ready). How long a round takes grows
+    with the number of users; a reply held to a fixed time tells the coordinator nothing of it, as long
+    as the work finishes within the hold."""
+    return _cap(node_config, "reply-after-seconds", MAX_REPLY_HOLD)
 
 
 _SHARING = {"true": "any", "1": "any", "false": "none", "0": "none", "noised": "noised"}
