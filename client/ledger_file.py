@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -24,6 +25,8 @@ from common.files import ensure_private, write_private_bytes
 SCHEMA_VERSION = 3  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations; 3: meta rows-sha256
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
 ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (rows_digest), updated with every write
+UNREADABLE = "unreadable-marker"  # read_marker's id for a marker that exists but cannot be read
+LOG = logging.getLogger("fedrec.client")
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -135,14 +138,64 @@ def upgrade(conn: sqlite3.Connection, version: str, path: Path) -> None:
                            f"({exc}); it is unchanged") from None
 
 
-def rows_digest(conn: sqlite3.Connection) -> str:
-    """SHA-256 over every spend row in order: SQLite keeps no checksum of its own, so a flipped bit in a
-    noise multiplier (a crash review: 0.7 -> 1.4 read as epsilon 16.40 -> 4.15) passed every check."""
+def rows_digest(conn: sqlite3.Connection, limit: int = -1) -> str:
+    """SHA-256 over every spend row in order (the first ``limit`` only, when >= 0): SQLite keeps no checksum
+    of its own, so a flipped bit in a noise multiplier (a crash review: 0.7 -> 1.4 read as epsilon 16.40 ->
+    4.15) passed every check."""
     digest = hashlib.sha256()
     for row in conn.execute("SELECT id, run, server_round, noise_multiplier, sample_rate, steps, accountant, "
-                            "fingerprint, recorded, kind FROM batches ORDER BY id"):
+                            "fingerprint, recorded, kind FROM batches ORDER BY id LIMIT ?", (limit,)):
         digest.update(repr(row).encode())
     return digest.hexdigest()
+
+
+def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, str]) -> None:
+    """Refuse a ledger that is not the one its marker was written for, or that is behind what the marker
+    says was recorded in it (:func:`advance_marker`): a ledger restored from an older copy, or a fresh one put
+    in its place, forgot spend already released, and the partner trained past its budget on it (a crash
+    review: restored after round 1 of 3, four updates left at epsilon 8.85 while the replies said 7.997).
+    A marker restored with its ledger cannot be told from the real one: keep backups of the two apart."""
+    marker = read_marker(path.resolve())
+    if marker is None or marker.get("id") == UNREADABLE:
+        return
+    file_id, marker_id = meta.get("marker-id"), str(marker.get("id"))
+    reset = f'remove it and set node config ledger-reset="{marker_id}" to start a new one, which forgets the spend already released'
+    if file_id and file_id != marker_id:
+        raise PrivacyError(f"privacy ledger {path} is not the ledger created here (its id {file_id}, its marker "
+                           f"{marker_path(path).name} says {marker_id}): another ledger put in its place forgets the "
+                           f"spend recorded in this one; restore the ledger created here, or {reset}")
+    rows, digest = marker.get("rows"), marker.get(ROWS_DIGEST)
+    if isinstance(rows, int) and isinstance(digest, str):
+        have = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+        if have < rows or rows_digest(conn, rows) != digest:
+            raise PrivacyError(f"privacy ledger {path} is behind what was recorded in it: it holds {have} spend rows, "
+                               f"and its marker {marker_path(path).name} says the first {rows} were different or "
+                               "more (an older copy restored forgets spend already released); restore its newest "
+                               f"copy, or {reset}")
+
+
+def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) -> None:
+    """Write the ledger's row count and digest into its marker, after each committed write (and at opening:
+    a crash between the two leaves the marker behind, the safe side). A ledger whose marker is gone gets
+    it back from its own id. Nothing is written for a ledger without an id of its own (made before
+    markers had one) or an unreadable marker."""
+    real = path.resolve()
+    marker = read_marker(real)
+    if marker is None:
+        if not meta_id:
+            return
+        marker = {"id": meta_id, "fingerprint": "", "created": time.time()}
+    if marker.get("id") == UNREADABLE:
+        return
+    rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+    if marker.get("rows") == rows and marker.get(ROWS_DIGEST):
+        return
+    marker.update({"rows": rows, ROWS_DIGEST: rows_digest(conn)})
+    try:
+        write_private_bytes(marker_path(real), json.dumps(marker).encode())
+    except OSError as exc:  # the spend is on the ledger; only the check against a restored older copy waits
+        LOG.warning("privacy ledger %s: its marker %s could not be updated (%s); a restored older copy of the "
+                    "ledger would not be noticed until it is", path, marker_path(real).name, exc)
 
 
 def unwritable(path: Path, exc: OSError) -> Exception:
@@ -165,4 +218,4 @@ def read_marker(ledger: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"id": "unreadable-marker", "created": 0}  # the ledger existed; its id is lost
+        return {"id": UNREADABLE, "created": 0}  # the ledger existed; its id is lost

@@ -223,6 +223,11 @@ class PartnerBudget:
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
                                named=data.identity.startswith(NAMED))
         try:  # keyed with the ledger's own secret: the same label after a resume of this run
+            if used_before and (held := ledger.total_steps() + ledger.evaluations_recorded()) < int(state["steps"]):
+                # restored from an older copy together with its marker (client/ledger_file.py cannot tell then)
+                raise PrivacyError(f"privacy ledger {path} holds less spend than this client recorded in it ({held} "
+                                   f"steps and noised evaluations, {int(state['steps'])} recorded): an older copy "
+                                   "restored forgets spend already released; restore its newest copy")
             public = public_fingerprint(context, data, key=ledger.label_key(), run=run)
             label = simulated_label(context.node_config) or f"partner-{public}"
         except BaseException:

@@ -30,8 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, create_ledger, finish_interrupted_creation,  # noqa: F401
-                                marker_path, read_marker, rows_digest, unwritable, upgrade)
+from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, advance_marker, check_against_marker,  # noqa: F401
+                                create_ledger, finish_interrupted_creation, marker_path, read_marker, rows_digest,
+                                unwritable, upgrade)
 from common.errors import PrivacyError
 from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
@@ -86,6 +87,7 @@ class PrivacyLedger:
         self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
         self.created = False
         self._lock_fd: int | None = None
+        self._marker_id: str | None = None  # the file's own copy of its marker's id (advance_marker)
         # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
         # deleted ledger, and a folder given as the ledger was made 0700)
         if self.path.is_dir():
@@ -109,7 +111,9 @@ class PrivacyLedger:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
                                    "(a partner's spend is never reset)")
             earlier = read_marker(self.path)
-            if earlier is not None and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id"))):
+            # (a marker that counted rows belonged to a ledger that held spend: never replaced by an empty one)
+            if (earlier is not None and not earlier.get("rows")
+                    and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id")))):
                 self.created = True
                 self._conn = self._open_checked()
                 return
@@ -258,6 +262,7 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
+        advance_marker(self._conn, self.path, self._marker_id)  # a restored older copy is refused (ledger_file.py)
 
     def close(self) -> None:
         self._conn.close()
@@ -349,6 +354,13 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (its rows no longer match their digest: changed "
                                "outside the ledger, or damaged on disk); restore it from a backup (a partner's spend is "
                                "never reset)")
+        try:
+            check_against_marker(conn, self.path, meta)
+        except PrivacyError:
+            conn.close()
+            raise
+        self._marker_id = meta.get("marker-id")
+        advance_marker(conn, self.path, self._marker_id)
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
