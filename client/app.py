@@ -13,8 +13,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 
 from client.central_clipping import central_dp_clipping_mod
-from client.partner_policy import (apply_partner_policy, check_node_config, refuse_evaluation_unless_shared,
-                                   reply_after_seconds)
+from client.partner_policy import (apply_partner_policy, check_node_config, check_reply_hold,
+                                   refuse_evaluation_unless_shared, reply_after_seconds)
 from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
@@ -38,11 +38,12 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         started = monotonic()
         try:
             # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
-            reply = _train(msg, context, apply_partner_policy(resolve_config(context.run_config, overrides),
-                                                              context.node_config))
+            cfg = apply_partner_policy(resolve_config(context.run_config, overrides), context.node_config)
+            check_reply_hold(context.node_config, cfg)
+            reply = _train(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             reply = error_reply(msg, exc, context)
-        return _hold(reply, context, started, "training")
+        return _hold(msg, reply, context, started, "training")
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -51,14 +52,16 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             reply = _evaluate_checked(msg, context, overrides)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             reply = error_reply(msg, exc, context)
-        return _hold(reply, context, started, "evaluation")
+        return _hold(msg, reply, context, started, "evaluation")
 
     return app
 
 
-def _hold(reply: Message, context: Context, started: float, work: str) -> Message:
+def _hold(msg: Message, reply: Message, context: Context, started: float, work: str) -> Message:
     """``reply``, sent no earlier than node config ``reply-after-seconds`` after the message arrived: its
-    arrival time then no longer tells how long the work took (which grows with the number of users)."""
+    arrival time then no longer tells how long the work took (which grows with the number of users). It is
+    made again after the hold: a reply's metadata (``created_at``, ``ttl``) is stamped when it is made and
+    reaches the coordinator as it is, so the one made before the hold still told the time (a review)."""
     try:
         hold = reply_after_seconds(context.node_config)
     except Exception:  # noqa: BLE001 -- a malformed value: the reply already says so (check_node_config)
@@ -71,13 +74,14 @@ def _hold(reply: Message, context: Context, started: float, work: str) -> Messag
     else:  # Flower's logger: a flwr-clientapp process shows it
         flwr_log(WARNING, "%s took %.1f s, longer than node config reply-after-seconds = %g: the time of this reply "
                  "tells how long it took; raise reply-after-seconds", work, took, hold)
-    return reply
+    return Message(reply.error, reply_to=msg) if reply.has_error() else Message(reply.content, reply_to=msg)
 
 
 def _evaluate_checked(msg: Message, context: Context, overrides: dict | None) -> Message:
     """Evaluate after the partner's node config checks: what it shares, and its cap when noised sums spend."""
     check_node_config(context.node_config)
     cfg = resolve_config(context.run_config, overrides)
+    check_reply_hold(context.node_config, cfg)
     refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
     if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
         cfg = apply_partner_policy(cfg, context.node_config)

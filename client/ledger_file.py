@@ -155,38 +155,55 @@ def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, s
     in its place, forgot spend already released, and the partner trained past its budget on it (a crash
     review: restored after round 1 of 3, four updates left at epsilon 8.85 while the replies said 7.997).
     A marker restored with its ledger cannot be told from the real one: keep backups of the two apart."""
-    marker = read_marker(path.resolve())
+    real = path.resolve()
+    marker = read_marker(real)
     if marker is None or marker.get("id") == UNREADABLE:
         return
-    file_id, marker_id = meta.get("marker-id"), str(marker.get("id"))
+    file_id, marker_id, name = meta.get("marker-id"), str(marker.get("id")), marker_path(real).name
     reset = f'remove it and set node config ledger-reset="{marker_id}" to start a new one, which forgets the spend already released'
     if file_id and file_id != marker_id:
         raise PrivacyError(f"privacy ledger {path} is not the ledger created here (its id {file_id}, its marker "
-                           f"{marker_path(path).name} says {marker_id}): another ledger put in its place forgets the "
-                           f"spend recorded in this one; restore the ledger created here, or {reset}")
+                           f"{name} says {marker_id}): another ledger put in its place forgets the spend recorded in "
+                           f"this one; restore the ledger created here, or {reset}")
     rows, digest = marker.get("rows"), marker.get(ROWS_DIGEST)
     if isinstance(rows, int) and isinstance(digest, str):
         have = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
         if have < rows or rows_digest(conn, rows) != digest:
             raise PrivacyError(f"privacy ledger {path} is behind what was recorded in it: it holds {have} spend rows, "
-                               f"and its marker {marker_path(path).name} says the first {rows} were different or "
-                               "more (an older copy restored forgets spend already released); restore its newest "
-                               f"copy, or {reset}")
+                               f"and its marker {name} says the first {rows} were different or more (an older copy "
+                               f"restored forgets spend already released); restore its newest copy, or {reset}")
+
+
+def give_marker_id(conn: sqlite3.Connection, path: Path) -> str | None:
+    """The id of a ledger made before ledgers carried their marker's id: its marker's, or a new one (no marker
+    or an unreadable one), stored in its ``meta`` so that its marker can count its rows from now on (a review:
+    such a ledger never got a marker, and an older copy restored over it opened). None if it cannot be stored."""
+    marker = read_marker(path.resolve())
+    known = marker is not None and marker.get("id") != UNREADABLE
+    new_id = str(marker["id"]) if known else uuid.uuid4().hex[:12]
+    try:
+        with conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('marker-id', ?)", (new_id,))
+    except sqlite3.DatabaseError as exc:
+        LOG.warning("privacy ledger %s: no id could be stored for its marker (%s)", path, exc)
+        return None
+    return new_id
 
 
 def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) -> None:
     """Write the ledger's row count and digest into its marker, after each committed write (and at opening:
     a crash between the two leaves the marker behind, the safe side). A ledger whose marker is gone gets
-    it back from its own id. Nothing is written for a ledger without an id of its own (made before
-    markers had one) or an unreadable marker."""
+    it back from its own id, and so does one whose marker cannot be read. A ledger without an id of its own
+    (made before markers had one) is given one first (:func:`give_marker_id`)."""
     real = path.resolve()
     marker = read_marker(real)
-    if marker is None:
+    if marker is None or marker.get("id") == UNREADABLE:
         if not meta_id:
             return
+        if marker is not None:
+            LOG.warning("privacy ledger %s: its marker %s could not be read; written again from the ledger's id",
+                        path, marker_path(real).name)
         marker = {"id": meta_id, "fingerprint": "", "created": time.time()}
-    if marker.get("id") == UNREADABLE:
-        return
     rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
     if marker.get("rows") == rows and marker.get(ROWS_DIGEST):
         return
@@ -214,8 +231,10 @@ def marker_path(ledger: Path) -> Path:
 def read_marker(ledger: Path) -> dict | None:
     """The marker of a ledger that was created at ``ledger`` (``None``: never created there)."""
     try:
-        return json.loads(marker_path(ledger).read_text())
+        marker = json.loads(marker_path(ledger).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"id": UNREADABLE, "created": 0}  # the ledger existed; its id is lost
+        marker = None
+    # the ledger existed; its id is lost (valid JSON that is not an object raised on .get at every opening)
+    return marker if isinstance(marker, dict) else {"id": UNREADABLE, "created": 0}

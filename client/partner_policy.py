@@ -42,7 +42,7 @@ LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
 NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
                     "reply-after-seconds", "partition-id", "num-partitions")
-MAX_REPLY_HOLD = 86_400.0  # s: a day; Flower's messages expire long before
+MAX_REPLY_HOLD = 43_200.0  # s: Flower's default message time-to-live; a reply held longer arrives expired
 
 
 # Words of a privacy setting: an unknown node config key made of one is a partner's floor that
@@ -109,6 +109,15 @@ def reply_after_seconds(node_config: Mapping[str, Any]) -> float | None:
     with the number of users; a reply held to a fixed time tells the coordinator nothing of it, as long
     as the work finishes within the hold."""
     return _cap(node_config, "reply-after-seconds", MAX_REPLY_HOLD)
+
+
+def check_reply_hold(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """Refuse a hold the coordinator never waits for: each reply would come after the run's
+    ``round-timeout``, not aggregated, while the training's spend is recorded all the same."""
+    hold, timeout = reply_after_seconds(node_config), float(cfg.get("round-timeout", 0.0))
+    if hold is not None and timeout > 0 and hold >= timeout:
+        raise ConfigError(f"node config reply-after-seconds = {hold:g} is not below the round-timeout {timeout:g} of "
+                          "this run: every reply would come late and not be aggregated, while its spend is recorded")
 
 
 _SHARING = {"true": "any", "1": "any", "false": "none", "0": "none", "noised": "noised"}

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, advance_marker, check_against_marker,  # noqa: F401
-                                create_ledger, finish_interrupted_creation, marker_path, read_marker, rows_digest,
-                                unwritable, upgrade)
+                                create_ledger, finish_interrupted_creation, give_marker_id, marker_path, read_marker,
+                                rows_digest, unwritable, upgrade)
 from common.errors import PrivacyError
 from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
@@ -359,7 +359,7 @@ class PrivacyLedger:
         except PrivacyError:
             conn.close()
             raise
-        self._marker_id = meta.get("marker-id")
+        self._marker_id = meta.get("marker-id") or give_marker_id(conn, self.path)
         advance_marker(conn, self.path, self._marker_id)
         return conn
 

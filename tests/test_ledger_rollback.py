@@ -133,3 +133,40 @@ def test_a_partner_refuses_to_train_on_a_restored_ledger(tmp_path, with_marker):
     with PrivacyLedger(tmp_path / "check.sqlite", data.fingerprint()) as restored:  # a copy: no marker beside it
         assert len(restored.history()) == 2  # the count and round 1: round 2 was released and is missing there
     assert epsilons[1] > epsilons[0] > 0
+
+
+@pytest.mark.parametrize("broken", ["[]", "0", "true", "{not json"])
+def test_a_broken_marker_is_written_again_and_guards_from_then_on(tmp_path, broken, caplog):
+    # A review: a marker of valid JSON that is not an object raised AttributeError at every opening; an
+    # unreadable one turned the check off for good
+    path = tmp_path / "l.sqlite"
+    _ledger_with_rounds(path, 1)
+    marker = json.loads(ledger_file.marker_path(path).read_text())
+    shutil.copy(path, tmp_path / "backup")
+    ledger_file.marker_path(path).write_text(broken)
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(server_round=2, **ROW)
+    assert "could not be read; written again from the ledger's id" in caplog.text
+    assert json.loads(ledger_file.marker_path(path).read_text())["id"] == marker["id"]
+    shutil.copy(tmp_path / "backup", path)
+    with pytest.raises(PrivacyError, match="is behind what was recorded"):
+        PrivacyLedger(path, "fp")
+
+
+def test_a_ledger_made_before_marker_ids_gets_one_and_is_guarded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "l.sqlite"
+    _ledger_with_rounds(path, 1)
+    with sqlite3.connect(path) as conn:  # as older code made it: no id of its marker, and no marker
+        conn.execute("DELETE FROM meta WHERE key = 'marker-id'")
+    conn.close()
+    ledger_file.marker_path(path).unlink()
+    shutil.copy(path, tmp_path / "backup")
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(server_round=2, **ROW)
+    marker = json.loads(ledger_file.marker_path(path).read_text())
+    assert marker["rows"] == 2 and len(marker["id"]) == 12
+    shutil.copy(tmp_path / "backup", path)  # the older copy has no id: it is the marker's rows that tell
+    with pytest.raises(PrivacyError, match="is behind what was recorded"):
+        PrivacyLedger(path, "fp")

@@ -28,25 +28,46 @@ def slept(monkeypatch):
     return calls
 
 
-def _round(tmp_path, node_extra: dict, kind: str = "train", **overrides):
+def _round(tmp_path, node_extra: dict, kind: str = "train", *, sent: list | None = None, **overrides):
     overrides, node = _deployed(tmp_path, **overrides)
     node = {**node, **node_extra}
     cfg = resolve_config(None, overrides)
     arrays = ArrayRecord(new_model(cfg, partner_data(cfg, node).num_items).state_dict())
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "run-name": "hold"})})
-    return make_client_app(overrides)(flower_message(content, kind), _context(node))
+    msg = flower_message(content, kind)
+    if sent is not None:
+        sent.append(msg)
+    return make_client_app(overrides)(msg, _context(node))
+
+
+@pytest.mark.parametrize("kind, refused", [("train", False), ("evaluate", False), ("train", True)])
+def test_the_reply_is_stamped_after_the_hold(tmp_path, kind, refused):
+    # A review: the reply was made before the hold, and its created_at / ttl (stamped when a reply is made and
+    # passed on to the coordinator as they are) still told how long the work took
+    sent: list = []
+    reply = _round(tmp_path, {"reply-after-seconds": 1.0}, kind, sent=sent, **({"target-delta": 0.5} if refused else {}))
+    assert reply.has_error() == refused
+    stamped = reply.metadata.created_at - sent[0].metadata.created_at
+    assert stamped >= 1.0  # really slept here: the stamp is the time after the hold
+    assert sent[0].metadata.ttl - reply.metadata.ttl == pytest.approx(stamped, abs=0.05)
+
+
+def test_a_hold_past_the_round_timeout_is_refused_before_any_work(tmp_path, slept):
+    reply = _round(tmp_path, {"reply-after-seconds": 30.0}, "train", **{"round-timeout": 20.0})
+    assert reply.has_error() and "is not below the round-timeout 20 of this run" in reply.error.reason
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing trained, nothing spent
 
 
 @pytest.mark.parametrize("kind", ["train", "evaluate"])
 def test_a_reply_is_held_to_the_partners_time(tmp_path, slept, kind):
-    reply = _round(tmp_path, {"reply-after-seconds": 600.0}, kind)
+    reply = _round(tmp_path, {"reply-after-seconds": 300.0}, kind)
     assert not reply.has_error(), reply.error
-    assert len(slept) == 1 and 590.0 < slept[0] < 600.0  # the rest of the 600 s after the work
+    assert len(slept) == 1 and 290.0 < slept[0] < 300.0  # the rest of the 300 s after the work
 
 
 def test_a_refusal_is_held_too_and_no_hold_without_the_key(tmp_path, slept):
-    refused = _round(tmp_path, {"reply-after-seconds": 600.0}, "train", **{"target-delta": 0.5})
-    assert refused.has_error() and len(slept) == 1 and slept[0] > 590.0  # a refusal's time says nothing either
+    refused = _round(tmp_path, {"reply-after-seconds": 300.0}, "train", **{"target-delta": 0.5})
+    assert refused.has_error() and len(slept) == 1 and slept[0] > 290.0  # a refusal's time says nothing either
     (tmp_path / "plain").mkdir()
     assert not _round(tmp_path / "plain", {}, "train").has_error() and len(slept) == 1
 
@@ -58,7 +79,7 @@ def test_work_past_the_hold_is_said_in_the_partners_log(tmp_path, slept, caplog)
     assert "longer than node config reply-after-seconds = 1e-06" in caplog.text
 
 
-@pytest.mark.parametrize("value", [0, -5, "soon", 1e9, True])
+@pytest.mark.parametrize("value", [0, -5, "soon", 1e9, 43_200, True, float("nan"), float("inf")])
 def test_a_malformed_hold_is_refused_in_one_line(value):
     with pytest.raises(ConfigError, match="node config reply-after-seconds"):
         check_node_config({"reply-after-seconds": value})
