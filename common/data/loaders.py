@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,12 @@ def _read_frame(p: Path) -> pd.DataFrame:
     if is_event_store(p):  # a partner's SQLite event store (serving feedback), common/data/event_store.py
         return read_event_store(p)
     if name == "u.data":
-        return pd.read_csv(p, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
-                           dtype=str, keep_default_na=False)
+        frame = pd.read_csv(p, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+                            dtype=str, keep_default_na=False)
+        if not isinstance(frame.index, pd.RangeIndex):  # more fields than names: pandas made the first the index
+            raise DataError(f"{p}: its lines have {4 + frame.index.nlevels} tab-separated fields; u.data has 4 "
+                            "(user id, item id, rating, timestamp)")
+        return frame
     if name.endswith(".dat"):
         # NOTE: pandas' multi-character separators need the slow python engine; a tab
         # (absent from MovieLens fields) lets the C parser read ML-1M 10x faster.
@@ -130,6 +135,16 @@ def _read_frame(p: Path) -> pd.DataFrame:
     frame = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     # pandas renames a repeated header name (item_id, item_id.1) and the copy was dropped unseen: the header as written
     header = pd.read_csv(p, sep=sep, dtype=str, header=None, nrows=1, keep_default_na=False, skipinitialspace=True)
+    if not isinstance(frame.index, pd.RangeIndex):
+        # Rows with more fields than the header: pandas made the first field(s) the index and read every column
+        # shifted by one (a review: user = item id, item = timestamp, "ok"). Empty extra fields are a trailing
+        # separator on every row, a common export habit: read without them
+        extra, names = frame.index.nlevels, header.shape[1]
+        rows = pd.read_csv(p, sep=sep, dtype=str, header=None, skiprows=1, keep_default_na=False, skipinitialspace=True)
+        if not (rows.iloc[:, names:] == "").all().all():
+            raise DataError(f"{p}: its rows have {names + extra} fields and its header names {names}; give every "
+                            "column a name in the header, or remove the extra fields")
+        frame = rows.iloc[:, :names]
     frame.columns = [_canonical(c) for c in header.iloc[0].tolist()]
     return frame
 
@@ -162,11 +177,15 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
         raise DataError(f"{source}: no rows")
     dropped: dict[str, int] = {}
     # NOTE: NUL characters go too: numpy's fixed-width strings drop trailing NULs, so "\x00" would become "".
-    user = frame["user_id"].astype(str).str.replace("\x00", "", regex=False).str.strip()
-    item = frame["item_id"].astype(str).str.replace("\x00", "", regex=False).str.strip()
+    user, bad_user = _id_text(frame["user_id"])
+    item, bad_item = _id_text(frame["item_id"])
+    user = user.str.replace("\x00", "", regex=False).str.strip()
+    item = item.str.replace("\x00", "", regex=False).str.strip()
     ts = _parse_timestamps(frame["timestamp"])
+    bad_id = bad_user | bad_item
+    _count(dropped, "bad-id", int(bad_id.sum()))
     ok = (user != "") & (item != "") & (user.str.lower() != "nan") & (item.str.lower() != "nan")
-    _count(dropped, "missing-id", int((~ok).sum()))
+    _count(dropped, "missing-id", int((~ok & ~bad_id).sum()))
     bad_ts = ts.isna() & ok
     _count(dropped, "bad-timestamp", int(bad_ts.sum()))
     ok &= ~ts.isna()
@@ -204,8 +223,42 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     return data
 
 
+def _id_text(column: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(ids as text, mask of values that cannot be an id). A missing value (None, NaN) is "" and dropped as
+    missing; an integral float (a Parquet column with one null is stored as float) is its integer (28.0 read as
+    "28.0" matched no catalogue id); booleans, lists, fractional floats are no ids. (A review: with one null in a
+    Parquet id column, pandas kept NaN, numpy made the column 1 character wide, and every id became its first digit.)"""
+    if pd.api.types.is_bool_dtype(column):
+        return pd.Series("", index=column.index), pd.Series(True, index=column.index)
+    if pd.api.types.is_integer_dtype(column) or pd.api.types.infer_dtype(column, skipna=False) == "string":
+        # (pandas' own string type keeps a missing value as NaN through astype(str): filled first)
+        return column.astype(object).fillna("").astype(str), pd.Series(False, index=column.index)
+    text = column.astype(object).map(_one_id)
+    bad = text.isna()
+    return text.fillna(""), bad
+
+
+def _one_id(value: object) -> str | None:
+    """One id as text ("" when missing), None when the value cannot be an id."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if math.isfinite(value) and float(value).is_integer() else None
+    return None
+
+
 def _parse_timestamps(column: pd.Series) -> pd.Series:
     """Unix seconds as integers; ISO dates are accepted too. Unparseable values become NaN."""
+    if pd.api.types.is_bool_dtype(column):  # True / False is no time (CSV's "True" was refused already)
+        return pd.Series(np.nan, index=column.index)
+    if column.dtype == object:
+        column = column.map(lambda v: None if isinstance(v, (bool, np.bool_)) else v)
     numeric = pd.to_numeric(column, errors="coerce")
     as_float = numeric.astype(float)
     # Beyond +-2**62 it cannot be an int64 time (1e303 became INT64_MIN for every row: all tied)

@@ -106,7 +106,7 @@ def make_catalogue(items: np.ndarray) -> np.ndarray:
     try:
         order = np.argsort(uniq.astype(np.int64), kind="stable")
         return uniq[order]
-    except ValueError:
+    except (ValueError, OverflowError):  # not all integers, or one beyond int64 (a review: a traceback)
         return uniq
 
 
@@ -162,7 +162,7 @@ def build_sequences(
     # Numeric user order when possible so partitions are stable across id spellings.
     try:
         order_u = np.argsort(user_ids.astype(np.int64), kind="stable")
-    except ValueError:
+    except (ValueError, OverflowError):
         order_u = np.argsort(user_ids, kind="stable")
     return SequenceData(
         catalogue=catalogue,
