@@ -83,8 +83,14 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
     else ``<run-dir>/<run>/ledgers``, i.e. inside the run's directory."""
     if node_config.get("ledger-path"):
         return Path(str(node_config["ledger-path"]))
-    folder = Path(str(cfg["ledger-dir"])) if cfg.get("ledger-dir") else Path(str(cfg["run-dir"])) / run / "ledgers"
-    return folder / f"{label}.sqlite"
+    if cfg.get("ledger-dir"):
+        folder = Path(str(cfg["ledger-dir"]))
+        if file := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+            # (it read "ledger-path partner-1.sqlite: a folder on the way is a file", naming neither: a review)
+            raise PrivacyError(f"run config ledger-dir = {str(folder)!r}: {file} is a file, not a folder; give the "
+                               "folder the ledgers are kept in")
+        return folder / f"{label}.sqlite"
+    return Path(str(cfg["run-dir"])) / run / "ledgers" / f"{label}.sqlite"
 
 
 def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: list[Mechanism], evals: int,

@@ -16,6 +16,7 @@ import os
 import sys
 
 from common.cli_args import delta, port, positive_float, positive_int
+from common.cli_args import seed as seed_arg
 
 
 METADATA_KEY = "metadata-path"  # event store meta: the titles file its events were imported with
@@ -180,20 +181,24 @@ def _serve(args: argparse.Namespace) -> int:
     # torch's thread pool spins and a 5 ms request takes 100+ ms on a loaded machine.
     torch.set_num_threads(args.torch_threads)
     find_model_file(args.model)  # a wrong --model fails before the store is created or filled
+    # Every input is read before the store is made or filled: a bad --metadata after the import left a store
+    # that the next start skipped importing into, and a bad --import-log made an empty store (a review)
+    metadata = _metadata_for(args.import_log, args.metadata)
+    titles = load_titles(metadata) if metadata else None
+    new_store = not os.path.exists(args.store) or os.path.getsize(args.store) == 0
+    log = load_interactions(args.import_log) if args.import_log and new_store else None
     store = EventStore(args.store, create=True)
     if args.import_log:
         if store.count():
             print(f"{args.store}: already holds {store.count()} events; --import-log skipped", file=sys.stderr)
         else:
-            log = load_interactions(args.import_log)
+            log = log if log is not None else load_interactions(args.import_log)
             ratings = log.rating if log.rating is not None else [None] * len(log)
             n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
             print(f"imported {n} events from {log.source} into {args.store}")
-    metadata = _metadata_for(args.import_log, args.metadata)
-    titles = load_titles(metadata or _remembered_metadata(store))
+    if titles is None:
+        titles = load_titles(_remembered_metadata(store))
     if metadata:  # a restart without --import-log keeps the titles
-        import os
-
         store.set_meta(METADATA_KEY, os.path.abspath(metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
                      api_token=token)
@@ -286,5 +291,5 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--target-delta", type=delta, default=None, help="default (or 0): min(1e-5, 0.1 / users)")
     ft.add_argument("--max-grad-norm", type=positive_float, default=None, help="per-user clipping norm (default 1.0)")
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=seed_arg, default=0)
     ft.set_defaults(func=_finetune)

@@ -29,6 +29,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def seed(text: str) -> int:
+    """A seed: an integer in [0, 2**63) (torch.manual_seed takes a signed 64-bit one; larger raised a traceback)."""
+    value = _int_at_least(text, 0)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"{value} must be below 2**63")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         return float(text)

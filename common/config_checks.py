@@ -31,6 +31,7 @@ NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "
                        "evaluation-noise-multiplier")
 MAX_EPSILON = 100.0  # target-epsilon above this is refused (see check_values)
 MAX_SEQ_LEN = 10_000
+MAX_SYNTHETIC = 1_000_000  # synthetic-users / synthetic-items: 1e12 items asked numpy for 7 TiB (a review)
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
 CHOICES = {
     "accountant": ("rdp", "prv"),
@@ -79,6 +80,11 @@ def check_values(cfg: Mapping[str, Any]) -> None:
                   "the accountants break down; for no DP set dp = false")
     if cfg.get("max-seq-len", 1) > MAX_SEQ_LEN:
         raise bad("max-seq-len", f"must be at most {MAX_SEQ_LEN} (the model keeps a position row for each)")
+    if not str(cfg.get("dataset", "synthetic")).strip():  # it read as ".: no interaction log found" (a review)
+        raise bad("dataset", "is empty; use synthetic, ml-100k, ml-1m or a path to a log")
+    for key in ("synthetic-users", "synthetic-items"):
+        if cfg.get(key, 1) > MAX_SYNTHETIC:
+            raise bad(key, f"must be at most {MAX_SYNTHETIC:,} (the built-in generator holds them in memory)")
     if cfg.get("seed", 0) >= 2 ** 63:  # torch.manual_seed takes a 64-bit signed integer
         raise bad("seed", "must be below 2**63")
     if "trim-fraction" in cfg and not 0 <= cfg["trim-fraction"] < 0.5:

@@ -141,6 +141,10 @@ def _check(args: argparse.Namespace) -> int:
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"run-dir = {str(cfg['run-dir'])!r}: cannot create a run directory under {existing}")
         print(f"a new run directory under {base}")
+    if cfg.get("ledger-dir"):  # simulated partners keep their ledgers there (deployed ones where they run)
+        folder = Path(str(cfg["ledger-dir"])).absolute()
+        if file := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+            raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder")
     print("ok: the ServerApp will start with this run config")
     return 0
 

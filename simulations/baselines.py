@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from common.data import SequenceData, build_sequences, load_interactions
-from common.cli_args import non_negative_int, positive_int
+from common.cli_args import positive_int
+from common.cli_args import seed as seed_arg
 from common.config import DEFAULTS
 from common.errors import ConfigError, DataError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout-fraction", type=float, default=0.0,
                         help="leave out the users a simulation with this holdout-fraction and --seed holds out "
                              "(the sweeps' 0.2), so the baselines see the same users and split as its runs")
-    parser.add_argument("--seed", type=non_negative_int, default=int(DEFAULTS["seed"]), help="the run seed (with --holdout-fraction)")
+    parser.add_argument("--seed", type=seed_arg, default=int(DEFAULTS["seed"]), help="the run seed (with --holdout-fraction)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.holdout_fraction < 1.0:
         parser.error(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.cli_args import non_negative_int, open_fraction, parse_run_config, positive_float, positive_int
+from common.cli_args import open_fraction, parse_run_config, positive_float, positive_int
+from common.cli_args import seed as seed_arg
 from common.config import resolve_config
 from common.data.sequences import SequenceData
 from common.metrics import hit_values, pad_left, target_ranks
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=positive_float, default=None, help="central DP-SGD at this epsilon (default: no DP)")
     parser.add_argument("--run-config", default="", help='extra knobs, e.g. "embedding-dim=32 max-seq-len=50"; '
                         "its seed sets the model's initialisation")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed of the cold-item split, the batch order and the DP noise (default 0); repeat "
                              "with other seeds for the spread")
     args = parser.parse_args(argv)

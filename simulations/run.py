@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\nrun directory: {run_dir}")
     print((run_dir / "summary.md").read_text())
+    if not any(line.get("num-partners") for line in lines):  # every partner refused or was rejected: exit 0 read as done
+        print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model (the partners' "
+              f"refusals are in {run_dir / 'privacy.json'})", file=sys.stderr)
+        return 3  # as fedrec-server report: incomplete
     return 0
 
 

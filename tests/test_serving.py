@@ -1122,3 +1122,27 @@ def test_finetune_on_a_named_csv_log_uses_the_supernodes_ledger_as_the_log_grows
         finetune_partner(model=run, data_path=store, ledger_path=tmp_path / "s" / "ledger.sqlite", since=since,
                          data_identity="acme")
     assert not (tmp_path / "s" / "ledger.sqlite").exists()
+
+
+def test_a_bad_input_to_serve_leaves_no_store_behind(trained, log, tmp_path, monkeypatch, capsys):
+    # A bad-input review: a bad --metadata was found after the import had filled the store (the next start then
+    # skipped the import), and a bad --import-log turned the store file into an empty store
+    import client.serve
+    from client.cli import main
+
+    run, _ = trained
+    monkeypatch.setattr(client.serve, "serve", lambda app, **kw: None)
+    csv, garbage = tmp_path / "log.csv", tmp_path / "garbage.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
+    garbage.write_text("a,b\n1,2\n")
+    store = tmp_path / "events.sqlite"
+    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(_free_port())]
+    assert main([*base, "--import-log", str(csv), "--metadata", str(garbage)]) == 2
+    assert "garbage.csv" in capsys.readouterr().err and not store.exists()
+    assert main([*base, "--import-log", str(garbage)]) == 2
+    assert not store.exists()
+    store.write_bytes(b"")  # an empty file given as the store: left as it was
+    assert main([*base, "--import-log", str(garbage)]) == 2
+    assert store.read_bytes() == b""
+    assert main([*base, "--import-log", str(csv)]) == 0 and EventStore(store).count() > 0

@@ -33,6 +33,9 @@ def resolve_catalogue_path(path: str | os.PathLike) -> Path:
                     "or set the catalogue config key to where it is")
 
 
+HEADER_NAMES = ("itemid", "item", "movieid", "id")
+
+
 def load_catalogue(path: str | os.PathLike) -> np.ndarray:
     """Item ids (str) in file order; blank lines and ``#`` comments are ignored, duplicates are an error."""
     p = resolve_catalogue_path(path)
@@ -43,6 +46,9 @@ def load_catalogue(path: str | os.PathLike) -> np.ndarray:
     items = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not items:
         raise DataError(f"catalogue {p}: no item ids (expected one item id per line)")
+    if items[0].lower().replace("_", "") in HEADER_NAMES:  # a column name taken for an item (a review: "ok", 31 of 30)
+        raise DataError(f"catalogue {p}: its first line {items[0]!r} is a column name; a catalogue has one item id "
+                        "per line and no header (or make it a # comment)")
     seen: set[str] = set()
     for i in items:
         if i in seen:
