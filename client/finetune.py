@@ -63,7 +63,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     """
     out_path = Path(out) if out else Path(ledger_path).with_name("partner-finetuned.pt")
     _check_out_path(out_path, inputs=(model, data_path, ledger_path), force=force)
-    if not Path(ledger_path).parent.is_dir():  # a mistyped path made its folders and a zero-spend ledger (a review)
+    if dp and not Path(ledger_path).parent.is_dir():  # a mistyped path made its folders and a zero-spend ledger (a review)
         raise PrivacyError(f"--ledger-path {ledger_path}: the folder {Path(ledger_path).parent} does not exist; give the "
                            "ledger the SuperNode uses (its node config ledger-path)")
     gm = load_global_model(model)

@@ -20,7 +20,7 @@ from common.config import resolve_config  # noqa: E402
 from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
-from simulations.cli import user_errors_exit  # noqa: E402
+from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
 from simulations.run_claims import metrics_lines  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any(line.get("num-partners") for line in lines):  # every partner refused or was rejected: exit 0 read as done
         print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model (the partners' "
               f"refusals are in {run_dir / 'privacy.json'})", file=sys.stderr)
-        return 3  # as fedrec-server report: incomplete
+        return NOTHING_AGGREGATED
     return 0
 
 

@@ -49,7 +49,7 @@ from common.errors import ConfigError, FedRecError
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_central_dp, uses_local_dp
 from common.provenance import code_version
 from simulations.run_stop import Stopped, sigterm_stops, signals_deferred, stop_run  # noqa: F401 (re-exported)
-from simulations.cli import user_errors_exit
+from simulations.cli import NOTHING_AGGREGATED, user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
 from simulations.sweep_table import METRICS, RUN_COLUMNS, results_table
 
@@ -315,7 +315,8 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         if timed_out.is_set():
             last_error = f"timed out after {spec['timeout']:.0f} s"
     row: dict[str, Any] = {**run, "run-id": rid, "seconds": round(time.perf_counter() - start, 1)}
-    if run_dir is None or proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():
+    # (exit 3: the run ended but no round aggregated an update; its spend is still read below, a review)
+    if run_dir is None or proc.returncode not in (0, NOTHING_AGGREGATED) or not (run_dir / "metrics.jsonl").exists():
         row["status"] = f"failed (exit {proc.returncode}): {last_error or 'see ' + str(log_path)}"
         return row
     lines = metrics_lines(run_dir / "metrics.jsonl")
@@ -333,7 +334,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         row["status"] = f"failed: unreadable run files ({exc})"
         return row
     row["epsilon"], row["delta"] = ("inf", "") if claim["epsilon"] == math.inf else (claim["epsilon"], claim["delta"])
-    if not any(x.get("num-partners") is not None for x in lines):
+    if proc.returncode == NOTHING_AGGREGATED or not any(x.get("num-partners") is not None for x in lines):
         # Every round failed (e.g. every update rejected): the model is the untrained one
         row["status"] = f"failed: no round aggregated an update (see {log_path})"
     return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from common.config import resolve_config
@@ -84,3 +85,20 @@ def test_a_simulation_where_no_round_aggregated_exits_non_zero(tmp_path, monkeyp
     monkeypatch.setattr(run_module, "run_federation", lambda *a, **k: run_dir)
     assert run_module.main(["--num-partners", "2"]) == code
     assert ("no round aggregated an update" in capsys.readouterr().err) == bool(code)
+
+
+def test_a_catalogue_whose_first_item_is_named_item_is_written_and_read(tmp_path):
+    from common.data.catalogue import save_catalogue
+
+    items = np.array(["item", "item-1", "item-2"])
+    assert load_catalogue(save_catalogue(items, tmp_path / "c.txt")).tolist() == items.tolist()
+    with pytest.raises(DataError, match="reads as a column name"):
+        save_catalogue(np.array(["item_id", "x"]), tmp_path / "d.txt")
+
+
+def test_finetune_without_dp_never_checks_the_ledger_folder(tmp_path):
+    from client.finetune import finetune_partner
+
+    with pytest.raises(DataError, match="m.pt"):  # the missing model, not the ledger folder
+        finetune_partner(model=tmp_path / "m.pt", data_path=tmp_path / "log.csv", dp=False,
+                         ledger_path=tmp_path / "typo" / "ledger.sqlite", out=tmp_path / "out.pt")

@@ -82,3 +82,29 @@ def test_ids_beyond_int64_are_ordered_as_text(tmp_path):
     path.write_text("user_id,item_id,timestamp\n" + "".join(f"{big + u},{big + i},{t}\n" for u, i, t in ROWS))
     data = build_sequences(load_interactions(path))
     assert data.num_items == 13 and len(data.user_ids) == 12
+
+
+def test_decimal_and_binary_ids_are_read_as_text(tmp_path):
+    # A review of the first version: Spark / Oracle decimal(38, 0) and unmarked BINARY id columns became bad-id
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({
+        "user_id": pa.array([Decimal(u) for u, _, _ in ROWS], pa.decimal128(38, 0)),
+        "item_id": pa.array([str(i).encode() for _, i, _ in ROWS], pa.binary()),
+        "timestamp": [t for *_, t in ROWS]}), tmp_path / "log.parquet")
+    log = load_interactions(tmp_path / "log.parquet")
+    assert not log.dropped and log.user.tolist() == [str(u) for u, _, _ in ROWS]
+    assert log.item.tolist() == [str(i) for _, i, _ in ROWS]
+
+
+def test_a_first_column_of_row_names_is_read_as_before(tmp_path):
+    # R's write.table(sep="\t", quote=FALSE): a header of 3 names, rows led by their number (pandas aligned them)
+    path = tmp_path / "log.tsv"
+    path.write_text("user_id\titem_id\ttimestamp\n" + "".join(f"{n}\t{u}\t{i}\t{t}\n" for n, (u, i, t)
+                                                               in enumerate(ROWS, start=1)))
+    log = load_interactions(path)
+    assert not log.dropped and log.user.tolist() == [str(u) for u, _, _ in ROWS]
+    assert log.timestamp.tolist() == [t for *_, t in ROWS]

@@ -95,7 +95,7 @@ def test_the_runner_reports_a_run_whose_metrics_end_in_a_line_cut_short(tmp_path
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"round": 1, "ndcg@10": 0.1}\n{"round": 2, "ndc')
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "ndcg@10": 0.1, "num-partners": 2}\n{"round": 2, "ndc')
     (run_dir / "summary.md").write_text("# summary\n")
     monkeypatch.setattr(runner, "run_federation", lambda *a, **k: run_dir)
     assert runner.main(["--num-partners", "2"]) == 0

@@ -310,7 +310,7 @@ def test_sigterm_to_the_sweep_stops_its_running_simulation_too(tmp_path):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
-def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
+def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None, exit_status=0):
     """A fake `python -m simulations.run` that only prints the run directory it "wrote"."""
     import sys
 
@@ -320,7 +320,7 @@ def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None):
     (run_dir / "privacy.json").write_text(json.dumps(privacy))
     (run_dir / "config.json").write_text(json.dumps(config))
     fake = tmp_path / "fake-python"
-    fake.write_text(f"#!/bin/sh\necho 'run directory: {run_dir}'\n")
+    fake.write_text(f"#!/bin/sh\necho 'run directory: {run_dir}'\nexit {exit_status}\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
     spec = sweep.load_sweep(write_config(tmp_path))
@@ -339,9 +339,10 @@ def test_a_central_dp_run_records_the_coordinators_epsilon(tmp_path, monkeypatch
 
 def test_a_run_whose_every_round_failed_is_a_failed_row(tmp_path, monkeypatch):
     failed = {"epsilon": None, "train-loss": None, "num-partners": None, "ndcg@10": 0.144}
+    # simulations.run exits 3 then (twentieth session): still a finished run whose spend is read (a review)
     row = _finished_run(tmp_path, monkeypatch, lines=[{"round": 1, **failed}, {"round": 2, **failed}],
                         privacy={"partners": {"p0": {"epsilon": 7.998, "delta": 1e-5}}},
-                        config={"dp": True, "dp-mode": "local"})
+                        config={"dp": True, "dp-mode": "local"}, exit_status=3)
     assert row["status"].startswith("failed: no round aggregated an update")
     assert row["epsilon"] == 7.998  # the spend is still on record
 

@@ -33,7 +33,9 @@ def resolve_catalogue_path(path: str | os.PathLike) -> Path:
                     "or set the catalogue config key to where it is")
 
 
-HEADER_NAMES = ("itemid", "item", "movieid", "id")
+# Column names a header line would hold; "item" or "id" alone may be a real item id (a review: a catalogue
+# fedrec-server catalogue wrote, sorted with "item" first, was refused)
+HEADER_NAMES = ("itemid", "movieid")
 
 
 def load_catalogue(path: str | os.PathLike) -> np.ndarray:
@@ -60,6 +62,8 @@ def load_catalogue(path: str | os.PathLike) -> np.ndarray:
 def save_catalogue(items: np.ndarray, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``items`` one per line (refuses to overwrite unless ``force``); returns the path."""
     p = Path(path)
+    if len(items) and str(items[0]).lower().replace("_", "") in HEADER_NAMES:  # load_catalogue would refuse it
+        raise DataError(f"catalogue {p}: the first item id {str(items[0])!r} reads as a column name; rename that item")
     text = "\n".join(np.asarray(items, dtype=str).tolist()) + "\n"
     write_file(p, text.encode("utf-8"), mode=PUBLIC_MODE, force=force,
                hint="partners must run with the catalogue the global model was built on")

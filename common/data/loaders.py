@@ -7,6 +7,7 @@ and logged, never silently discarded.
 
 from __future__ import annotations
 
+import decimal
 import io
 import logging
 import math
@@ -135,7 +136,9 @@ def _read_frame(p: Path) -> pd.DataFrame:
     frame = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     # pandas renames a repeated header name (item_id, item_id.1) and the copy was dropped unseen: the header as written
     header = pd.read_csv(p, sep=sep, dtype=str, header=None, nrows=1, keep_default_na=False, skipinitialspace=True)
-    if not isinstance(frame.index, pd.RangeIndex):
+    if not isinstance(frame.index, pd.RangeIndex) and _row_names(frame.index):
+        frame = frame.reset_index(drop=True)  # R's write.table: a first unnamed column of row numbers, aligned
+    elif not isinstance(frame.index, pd.RangeIndex):
         # Rows with more fields than the header: pandas made the first field(s) the index and read every column
         # shifted by one (a review: user = item id, item = timestamp, "ok"). Empty extra fields are a trailing
         # separator on every row, a common export habit: read without them
@@ -147,6 +150,17 @@ def _read_frame(p: Path) -> pd.DataFrame:
         frame = rows.iloc[:, :names]
     frame.columns = [_canonical(c) for c in header.iloc[0].tolist()]
     return frame
+
+
+def _row_names(index: pd.Index) -> bool:
+    """The first field of every row counts the rows (1..n or 0..n-1): row names, not a shifted user id."""
+    if index.nlevels != 1:
+        return False
+    numbers = pd.to_numeric(pd.Series(index), errors="coerce")
+    if numbers.isna().any():
+        return False
+    start = int(numbers.iloc[0]) if len(numbers) else 0
+    return start in (0, 1) and (numbers.to_numpy() == np.arange(start, start + len(numbers))).all()
 
 
 def _canonical(column: object) -> str:
@@ -248,8 +262,14 @@ def _one_id(value: object) -> str | None:
         return value
     if isinstance(value, (int, np.integer)):
         return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return str(int(value)) if math.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, (float, np.floating, decimal.Decimal)):  # Decimal: Spark / Oracle decimal(38, 0) columns
+        finite = value.is_finite() if isinstance(value, decimal.Decimal) else math.isfinite(value)
+        return str(int(value)) if finite and value == int(value) else None
+    if isinstance(value, bytes):  # a BINARY column not marked as UTF-8 (pandas decoded it before)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     return None
 
 
