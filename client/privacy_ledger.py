@@ -87,6 +87,7 @@ class PrivacyLedger:
         self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
         self.created = False
         self._lock_fd: int | None = None
+        self._file_lock_fd: int | None = None  # the ledger file's own lock (hard links share it)
         self._marker_id: str | None = None  # the file's own copy of its marker's id (advance_marker)
         # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
         # deleted ledger, and a folder given as the ledger was made 0700)
@@ -292,11 +293,27 @@ class PrivacyLedger:
         except OSError as exc:
             raise unwritable(self.path, exc) from None
         deadline = time.monotonic() + wait
+        self._lock_fd = self._flock(fd, deadline, wait)
+        # ... and on the ledger file itself: a hard link (another name for the same file) has a lock file of its
+        # own name, and two trainings through the two names both spent (a review). flock, not SQLite's fcntl
+        # locks: closing this descriptor (after the connection, in close) releases nothing of SQLite's
+        try:
+            file_fd = os.open(real, os.O_RDONLY) if real.is_file() else None
+        except OSError:
+            file_fd = None
+        if file_fd is not None:
+            try:
+                self._file_lock_fd = self._flock(file_fd, deadline, wait)
+            except BaseException:
+                self._unlock()
+                raise
+
+    def _flock(self, fd: int, deadline: float, wait: float) -> int:
+        """``fd``, exclusively locked (waiting until ``deadline``); closed and refused past it."""
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._lock_fd = fd
-                return
+                return fd
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
@@ -307,9 +324,11 @@ class PrivacyLedger:
                 time.sleep(0.1)
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the lock
-            self._lock_fd = None
+        for name in ("_file_lock_fd", "_lock_fd"):  # closing a descriptor releases its lock
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def _open_checked(self) -> sqlite3.Connection:
         try:

@@ -536,6 +536,26 @@ def test_a_ledger_opened_through_a_symbolic_link_takes_the_same_lock(tmp_path, m
         assert len(second.history()) == 1
 
 
+def test_a_ledger_opened_through_a_hard_link_takes_the_same_lock(tmp_path, monkeypatch):
+    # Twentieth session (a review): a hard link is another name for the same file, with a lock file of its own
+    # name; both names opened at once, so two trainings could spend from one budget together
+    import client.privacy_ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "LOCK_WAIT_SECONDS", 0.2)
+    real, other = tmp_path / "a" / "l.sqlite", tmp_path / "b" / "l.sqlite"
+    other.parent.mkdir()
+    PrivacyLedger(real, "fp").close()
+    os.link(real, other)
+    with PrivacyLedger(real, "fp") as first:
+        with pytest.raises(PrivacyError, match="is in use by another training"):
+            PrivacyLedger(other, "fp")
+        first.record(run="r", server_round=1, mechanisms=[(1.0, 0.1, 10)], accountant="rdp")
+    with PrivacyLedger(other, "fp") as second:  # released: the other name opens the same ledger, spend and all
+        assert len(second.history()) == 1
+        with pytest.raises(PrivacyError, match="is in use by another training"):
+            PrivacyLedger(real, "fp")
+
+
 @pytest.mark.parametrize("code", [30, 13])  # EROFS (a read-only mount), EACCES
 def test_a_ledger_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, code):
     # Only PermissionError was caught: a read-only mount's OSError (errno 30) reached the partner as
