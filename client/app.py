@@ -35,26 +35,36 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     # SecAgg+ outermost: central-DP clipping and DP-SGD happen before the update is masked
     @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
-        started = monotonic()
+        started, hold = monotonic(), True
         try:
             # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
             cfg = apply_partner_policy(resolve_config(context.run_config, overrides), context.node_config)
+            hold = False  # the refusal of a hold the coordinator never waits for is sent at once (_HOLD_NOTE)
             check_reply_hold(context.node_config, cfg)
+            hold = True
             reply = _train(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "training")
+        return _hold(msg, reply, context, started, "training") if hold else reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        started = monotonic()
+        started, hold = monotonic(), True
         try:
-            reply = _evaluate_checked(msg, context, overrides)
+            check_node_config(context.node_config)
+            cfg = resolve_config(context.run_config, overrides)
+            hold = False  # (_HOLD_NOTE)
+            check_reply_hold(context.node_config, cfg)
+            hold = True
+            reply = _evaluate_checked(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "evaluation")
+        return _hold(msg, reply, context, started, "evaluation") if hold else reply
 
     return app
+
+
+# _HOLD_NOTE: held, that refusal arrived after round-timeout and the coordinator never saw it (a journey review)
 
 
 def _hold(msg: Message, reply: Message, context: Context, started: float, work: str) -> Message:
@@ -77,11 +87,8 @@ def _hold(msg: Message, reply: Message, context: Context, started: float, work: 
     return Message(reply.error, reply_to=msg) if reply.has_error() else Message(reply.content, reply_to=msg)
 
 
-def _evaluate_checked(msg: Message, context: Context, overrides: dict | None) -> Message:
+def _evaluate_checked(msg: Message, context: Context, cfg: dict) -> Message:
     """Evaluate after the partner's node config checks: what it shares, and its cap when noised sums spend."""
-    check_node_config(context.node_config)
-    cfg = resolve_config(context.run_config, overrides)
-    check_reply_hold(context.node_config, cfg)
     refuse_evaluation_unless_shared(context.node_config, float(cfg["evaluation-noise-multiplier"]))
     if float(cfg["evaluation-noise-multiplier"]) > 0:  # spends from the ledger: the same budget as training
         cfg = apply_partner_policy(cfg, context.node_config)

@@ -27,7 +27,7 @@ from common.errors import FedRecError
 LOG = logging.getLogger("fedrec.client")
 USER_ERROR = 400  # the partner can fix it (data, config, budget)
 INTERNAL_ERROR = 500  # a bug or an environment problem at the partner
-MAX_REASON_CHARS = 300
+MAX_REASON_CHARS = 400  # a ledger's rollback refusal, with its advice, is about 330
 
 # An absolute path (or ~/...): a "/" not preceded by a word character, then path segments.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])~?(?:/[\w.@+=-]+)+/?")
@@ -54,8 +54,9 @@ def safe_reason(exc: BaseException, private_paths: Iterable[object] = ()) -> str
     text = _QUOTED.sub("<value>", text)
     text = _PARENTHESISED.sub("", text)
     text = _DEFAULT_LEDGER.sub("<default ledger file>", text)
-    if len(text) > MAX_REASON_CHARS:
-        text = text[:MAX_REASON_CHARS] + "..."
+    if len(text) > MAX_REASON_CHARS:  # at a word's end where there is one ("the spen..." read as a typo: a journey)
+        cut = text[:MAX_REASON_CHARS]
+        text = (cut.rsplit(" ", 1)[0] if " " in cut[MAX_REASON_CHARS // 2:] else cut) + "..."
     return text
 
 

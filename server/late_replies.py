@@ -123,7 +123,11 @@ class LateReplyGrid(Grid):
         got = list(self._grid.pull_messages(late_ids))
         for reply in got:
             server_round, _, kind = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0, MessageType.TRAIN))
-            if reply.has_error():  # an error (node gone, message expired) released nothing
+            if reply.has_error():
+                # It released nothing, but it answered: a late refusal (e.g. a partner whose reply hold it refused
+                # itself) is reported as the refusal it is; dropped here, the partner was in no list at all (a journey)
+                if kind == MessageType.TRAIN:
+                    self._on_late(server_round, reply)
                 continue
             if kind == MessageType.EVALUATE:
                 log(WARNING, "round %d: node %d replied to its evaluation after round-timeout: its noised sums "

@@ -209,7 +209,11 @@ class PrivacyReport:
     def note_late(self, server_round: int, msg: Message) -> None:
         """A training reply that came after ``round-timeout`` (server/late_replies.py): not aggregated,
         but released, so its numbers count like a rejected reply's. SecAgg+'s key set-up and
-        unmasking replies carry no privacy numbers and are passed over."""
+        unmasking replies carry no privacy numbers and are passed over. A late error reply is a refusal."""
+        if msg.has_error():
+            self._refused(server_round, msg)
+            self.write()
+            return
         if "privacy" not in msg.content.config_records and not msg.content.metric_records:
             return
         node = int(msg.metadata.src_node_id)

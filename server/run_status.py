@@ -94,7 +94,9 @@ def format_status(status: dict[str, Any]) -> str:
                  f"{len(p['not-aggregated'])} update(s) not aggregated ({p['not-aggregated'][-1]})"
                  if p["not-aggregated"] else "",
                  f"refused {p['refused-evaluation']} evaluation(s)" if p["refused-evaluation"] else ""]
-        spent = ("no local DP" if p["epsilon"] is None
+        # A partner refused before any reply with its numbers may well run local DP (a journey review: "no local DP")
+        unknown = p["epsilon"] is None and not p.get("rounds-trained") and (p["refused"] or p["no-reply"])
+        spent = ("epsilon unknown (no reply with privacy numbers)" if unknown else "no local DP" if p["epsilon"] is None
                  else f"epsilon {_number(p['epsilon'])} (delta {p.get('delta') or '-'})")
         lines.append(f"  {label}: {spent}, trained in rounds {trained}" + "".join(f"; {e}" for e in extra if e))
     return "\n".join(lines)

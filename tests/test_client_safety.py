@@ -161,3 +161,5 @@ def test_path_cutting_units_and_the_length_cap(monkeypatch):
     assert "Acme" not in safe_reason(DataError("event store folder /data/Acme Corp is not writable"), [])
     long = safe_reason(ConfigError("x" * 1000))
     assert len(long) == MAX_REASON_CHARS + 3 and long.endswith("...")
+    words = safe_reason(ConfigError("spend " * 200))
+    assert len(words) <= MAX_REASON_CHARS + 3 and words.endswith("spend...")  # cut where a word ends

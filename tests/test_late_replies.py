@@ -257,3 +257,39 @@ def test_a_partner_without_a_ledger_keeps_its_entry_through_a_resume(tmp_path):
     partners = resumed.as_dict()["partners"]
     assert sorted(partners) == ["partner-aaaa", "partner-cccc", "partner-dddd"]  # a new node is a new partner
     assert partners["partner-aaaa"]["rounds-trained"] == [1, 2]
+
+
+def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path):
+    # A journey review: a refusal that came after round-timeout was dropped (an error "released nothing"), and the
+    # partner was in no list at all: not refused, not no-reply, absent from privacy.json and fedrec-server report
+    from flwr.app import ConfigRecord, Error, MessageType, RecordDict
+
+    from common.config import resolve_config
+    from server.late_replies import LateReplyGrid
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=5,
+                   message_type=MessageType.TRAIN)
+    late = Message(Error(code=400, reason="this partner holds its replies too long"), reply_to=sent)
+    late.metadata.__dict__["_src_node_id"] = 5
+    late.metadata.__dict__["_reply_to_message_id"] = "m0"
+
+    class Slow:
+        pull_interval = 0.0
+        pulls = 0
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            self.pulls += 1
+            return [late] if self.pulls > 1 and "m0" in set(ids) else []
+
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    unanswered = []
+    grid = LateReplyGrid(Slow(), report.note_late, lambda r, n: unanswered.append((r, n)))
+    assert grid.send_and_receive([sent], timeout=0.0) == []  # the round's timeout passed
+    assert grid.finish() == [] and unanswered == []  # the late refusal came in: answered, not silent
+    assert report.as_dict()["partners"]["node-5"]["refused"] == [
+        {"round": 1, "reason": "this partner holds its replies too long"}]

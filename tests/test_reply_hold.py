@@ -55,6 +55,9 @@ def test_the_reply_is_stamped_after_the_hold(tmp_path, kind, refused):
 def test_a_hold_past_the_round_timeout_is_refused_before_any_work(tmp_path, slept):
     reply = _round(tmp_path, {"reply-after-seconds": 30.0}, "train", **{"round-timeout": 20.0})
     assert reply.has_error() and "is not below the round-timeout 20 of this run" in reply.error.reason
+    assert slept == []  # sent at once: held, it came after round-timeout and the coordinator never saw it
+    evaluated = _round(tmp_path, {"reply-after-seconds": 30.0}, "evaluate", **{"round-timeout": 20.0})
+    assert evaluated.has_error() and "is not below the round-timeout" in evaluated.error.reason and slept == []
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing trained, nothing spent
 
 

@@ -81,3 +81,20 @@ def test_the_report_reads_damaged_numbers_other_k_and_partners_without_dp(tmp_pa
     assert report["final"]["hr@20"] is None and report["partners"]["p"]["epsilon"] is None
     (run / "metrics.jsonl").write_text('{"round": 1, "num-partners": 2}\n')  # fraction-evaluate = 0
     assert server_cli(["report", "."]) == 0 and "no round was evaluated" in capsys.readouterr().out
+
+
+def test_a_partner_refused_before_any_reply_is_not_said_to_run_without_dp(tmp_path, capsys):
+    # A journey review: a local-DP partner that refused in its first round read "no local DP" in the report
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": 1}))
+    (run / "metrics.jsonl").write_text('{"round": 1, "num-partners": 1}\n')
+    (run / "privacy.json").write_text(json.dumps({"guarantee": "g", "partners": {
+        "node-5": {"refused": [{"round": 1, "reason": "privacy ledger is behind what was recorded in it"}]},
+        "p": {"epsilon": 0.0, "rounds-trained": [1]}}}))
+    for name in ("summary.md", "model.pt"):
+        (run / name).write_text("x")
+    server_cli(["report", str(run)])
+    out = capsys.readouterr().out
+    assert "node-5: epsilon unknown (no reply with privacy numbers), trained in rounds none; refused 1x" in out
+    assert "p: no local DP, trained in rounds 1" in out
