@@ -116,6 +116,7 @@ class PrivacyLedger:
             if (earlier is not None and not earlier.get("rows")
                     and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id")))):
                 self.created = True
+                self._lock_file(time.monotonic(), 0.0)  # it exists now (a review: a hard link got in meanwhile)
                 self._conn = self._open_checked()
                 return
             if earlier is not None and (not reset or reset != earlier.get("id")):
@@ -126,6 +127,7 @@ class PrivacyLedger:
                     "start a new one, which forgets the spend already released")
             create_ledger(self.path, self.fingerprint)
             self.created = True
+            self._lock_file(time.monotonic(), 0.0)
         else:
             try:
                 ensure_private(self.path)
@@ -294,11 +296,15 @@ class PrivacyLedger:
             raise unwritable(self.path, exc) from None
         deadline = time.monotonic() + wait
         self._lock_fd = self._flock(fd, deadline, wait)
-        # ... and on the ledger file itself: a hard link (another name for the same file) has a lock file of its
-        # own name, and two trainings through the two names both spent (a review). flock, not SQLite's fcntl
-        # locks: closing this descriptor (after the connection, in close) releases nothing of SQLite's
+        self._lock_file(deadline, wait)
+
+    def _lock_file(self, deadline: float, wait: float) -> None:
+        """Lock the ledger file itself too, once it exists: a hard link (another name for the same file) has a
+        lock file of its own name, and two trainings through the two names both spent (a review). flock, not
+        SQLite's fcntl locks: closing this descriptor (after the connection, in close) releases nothing of SQLite's."""
+        real = self.path.resolve()
         try:
-            file_fd = os.open(real, os.O_RDONLY) if real.is_file() else None
+            file_fd = os.open(real, os.O_RDONLY) if self._file_lock_fd is None and real.is_file() else None
         except OSError:
             file_fd = None
         if file_fd is not None:

@@ -19,6 +19,7 @@ from logging import WARNING
 
 from flwr.app import Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -32,6 +33,14 @@ def _round_of(msg: Message) -> int | None:
     config = msg.content.config_records.get("config")
     value = config.get("server-round") if config is not None else None
     return int(value) if isinstance(value, int) else None
+
+
+def _from_its_node(reply: Message, node: int | None) -> None:
+    """An error the SuperLink made for a message it could not deliver or whose reply expired comes from the
+    SuperLink (node 1), not from the partner: named after the partner it was sent to, so the privacy report
+    lists that partner (a review: a phantom partner "node-1" refused, the real one was in no list)."""
+    if node and reply.has_error() and int(reply.metadata.src_node_id) == SUPERLINK_NODE_ID:
+        reply.metadata.__dict__["_src_node_id"] = node  # (Metadata has no setter for it)
 
 
 class LateReplyGrid(Grid):
@@ -95,6 +104,7 @@ class LateReplyGrid(Grid):
         for msg in messages:
             self._round = _round_of(msg) or self._round
         ids = list(self._grid.push_messages(messages))
+        destinations = {msg_id: int(msg.metadata.dst_node_id) for msg, msg_id in zip(messages, ids) if msg_id}
         for msg, msg_id in zip(messages, ids):
             # Only messages that carry a round's work (FedAvg's config names the round); SecAgg+'s key set-up
             # and unmasking messages carry none: a partner gone before unmasking was still aggregated (its
@@ -107,6 +117,8 @@ class LateReplyGrid(Grid):
         while True:
             self.collect_late()
             got = list(self._grid.pull_messages(waiting))
+            for reply in got:
+                _from_its_node(reply, destinations.get(reply.metadata.reply_to_message_id))
             replies.extend(got)
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or (timeout is not None and time.monotonic() >= end):
@@ -122,7 +134,8 @@ class LateReplyGrid(Grid):
             return 0
         got = list(self._grid.pull_messages(late_ids))
         for reply in got:
-            server_round, _, kind = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0, MessageType.TRAIN))
+            server_round, node, kind = self._pending.pop(reply.metadata.reply_to_message_id, (0, 0, MessageType.TRAIN))
+            _from_its_node(reply, node)
             if reply.has_error():
                 # It released nothing, but it answered: a late refusal (e.g. a partner whose reply hold it refused
                 # itself) is reported as the refusal it is; dropped here, the partner was in no list at all (a journey)

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from common.files import atomic_write_bytes
 from common.privacy import default_delta, dp_mode, uses_central_dp, uses_local_dp
 
 # A partner's budget refusal states its whole-ledger spend (client/privacy_budget.py, common/privacy.py)
+# Errors the SuperLink makes for a message it could not deliver, or whose reply expired: not a partner's refusal
+NOT_DELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 _REFUSED_SPEND = re.compile(r"budget exhausted: epsilon (\d+(?:\.\d+)?) of ")
 SPEND_KEYS = ("epsilon", "ledger-steps", "ledger-rounds", "ledger-evaluations")  # only grow (PrivacyReport._record)
 # Numbers a partner reports per round (client/privacy_budget.py PartnerBudget.metrics)
@@ -177,8 +180,15 @@ class PrivacyReport:
 
     def _refused(self, server_round: int, msg: Message) -> None:
         """An error reply (a refusal such as an exhausted budget, or a failure): logged and listed
-        under ``refused``; named ``node-<id>`` until the partner has sent a reply with its label."""
+        under ``refused``; named ``node-<id>`` until the partner has sent a reply with its label. An error
+        the SuperLink made (the partner unreachable, its reply expired) is no refusal: the partner may have
+        trained, so it is listed under ``no-reply``, its ledger the record."""
         node = int(msg.metadata.src_node_id)
+        if msg.error.code in NOT_DELIVERED:
+            log(WARNING, "round %d: %s did not answer (%s); if it trained, the spend is in its own ledger only",
+                server_round, self.node_labels.get(node, f"node-{node}"), msg.error.reason)
+            self.note_unanswered(server_round, node)
+            return
         label = self.node_labels.get(node, f"node-{node}")
         log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})

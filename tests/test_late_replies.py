@@ -293,3 +293,41 @@ def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path):
     assert grid.finish() == [] and unanswered == []  # the late refusal came in: answered, not silent
     assert report.as_dict()["partners"]["node-5"]["refused"] == [
         {"round": 1, "reason": "this partner holds its replies too long"}]
+
+
+@pytest.mark.parametrize("late", [True, False])
+def test_an_error_the_superlink_made_names_the_partner_and_is_no_refusal(tmp_path, late):
+    # A review: Flower's own error for an unreachable partner (or its expired reply) comes from the SuperLink,
+    # node 1: privacy.json gained a phantom partner "node-1" that "refused", and the real one was in no list
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from common.config import resolve_config
+    from server.late_replies import LateReplyGrid
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7777,
+                   message_type=MessageType.TRAIN)
+    sent.metadata.__dict__["_message_id"] = "m0"
+    error = create_message_error_unavailable_res_message(sent.metadata, "msg_unavail")
+
+    class Grid:
+        pull_interval = 0.0
+        pulls = 0
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            return ["m0"]
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            self.pulls += 1
+            return [error] if (self.pulls > 1 or not late) and "m0" in set(ids) else []
+
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    grid = LateReplyGrid(Grid(), report.note_late, report.note_unanswered)
+    replies = list(grid.send_and_receive([sent], timeout=0.0))
+    report.screen(1, replies)  # what the strategy does with the round's replies
+    grid.finish()
+    partners = report.as_dict()["partners"]
+    assert list(partners) == ["node-7777"] and partners["node-7777"]["no-reply"] == [1]
+    assert "refused" not in partners["node-7777"]

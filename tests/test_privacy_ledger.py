@@ -544,8 +544,11 @@ def test_a_ledger_opened_through_a_hard_link_takes_the_same_lock(tmp_path, monke
     monkeypatch.setattr(ledger_module, "LOCK_WAIT_SECONDS", 0.2)
     real, other = tmp_path / "a" / "l.sqlite", tmp_path / "b" / "l.sqlite"
     other.parent.mkdir()
-    PrivacyLedger(real, "fp").close()
-    os.link(real, other)
+    with PrivacyLedger(real, "fp") as created:  # the handle that created it holds the file's lock too (a review)
+        os.link(real, other)
+        with pytest.raises(PrivacyError, match="is in use by another training"):
+            PrivacyLedger(other, "fp")
+        assert created.created
     with PrivacyLedger(real, "fp") as first:
         with pytest.raises(PrivacyError, match="is in use by another training"):
             PrivacyLedger(other, "fp")
