@@ -203,7 +203,8 @@ def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) ->
         if marker is not None:
             LOG.warning("privacy ledger %s: its marker %s could not be read; written again from the ledger's id",
                         path, marker_path(real).name)
-        marker = {"id": meta_id, "fingerprint": "", "created": time.time()}
+        found = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        marker = {"id": meta_id, "fingerprint": found[0] if found else "", "created": time.time()}
     rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
     if marker.get("rows") == rows and marker.get(ROWS_DIGEST):
         return

@@ -92,7 +92,7 @@ def test_a_lost_marker_is_written_again_from_the_ledgers_own_id(tmp_path):
     ledger_file.marker_path(path).unlink()
     _ledger_with_rounds(path, 0)  # an opening, nothing recorded
     again = json.loads(ledger_file.marker_path(path).read_text())
-    assert again["id"] == marker["id"] and again["rows"] == 1
+    assert again["id"] == marker["id"] and again["rows"] == 1 and again["fingerprint"] == "fp"
     with PrivacyLedger(path, "fp") as ledger:
         ledger.record(server_round=2, **ROW)
     shutil.copy(tmp_path / "backup", path)
