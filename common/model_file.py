@@ -29,6 +29,7 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file
         hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
+        said = f"missing {first}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {first}"  # whose words
         raise DataError(f"model {file}: not a fedrec model file "
-                        f"(expected state_dict, catalogue, config; {first}){hint}") from None
+                        f"(expected state_dict, catalogue, config; {said}){hint}") from None
     return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}

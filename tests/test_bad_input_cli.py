@@ -102,3 +102,8 @@ def test_finetune_without_dp_never_checks_the_ledger_folder(tmp_path):
     with pytest.raises(DataError, match="m.pt"):  # the missing model, not the ledger folder
         finetune_partner(model=tmp_path / "m.pt", data_path=tmp_path / "log.csv", dp=False,
                          ledger_path=tmp_path / "typo" / "ledger.sqlite", out=tmp_path / "out.pt")
+
+
+def test_a_device_given_as_the_catalogue_is_not_called_missing():
+    with pytest.raises(DataError, match="/dev/null: not a regular file"):
+        load_catalogue("/dev/null")

@@ -29,6 +29,8 @@ def resolve_catalogue_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         raise DataError(f"catalogue {path}: a directory; give the catalogue file itself (one item id per line, "
                         "`fedrec-server catalogue` writes it)")
+    if p.exists():  # a device or a pipe (/dev/null read as "no such file": a review)
+        raise DataError(f"catalogue {path}: not a regular file; give the catalogue file itself (one item id per line)")
     raise DataError(f"catalogue {path}: no such file; copy the coordinator's published catalogue there "
                     "or set the catalogue config key to where it is")
 
