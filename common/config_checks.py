@@ -74,7 +74,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     if cfg["embedding-dim"] % cfg["num-heads"]:
         raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
     if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):
-        raise bad("target-epsilon", "must be a positive number (the privacy budget)")
+        raise bad("target-epsilon", "must be a finite positive number (the privacy budget); for no DP-SGD set "
+                  'dp-mode = "off" (a sweep\'s target-epsilon = "inf" does that)')
     if cfg["target-epsilon"] > MAX_EPSILON:  # PRV's grid hung (1000) or asked for 3 TiB (1e8): a review
         raise bad("target-epsilon", f"is above {MAX_EPSILON:g}, where a guarantee says nothing (e^{MAX_EPSILON:g}) and "
                   "the accountants break down; for no DP set dp = false")

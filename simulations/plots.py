@@ -61,6 +61,10 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     written = []
     stem = csv_path.with_suffix("")
 
+    if "target-epsilon" not in frame.columns:  # a sweep that does not vary it ran at the default (no plot was drawn)
+        from common.config import DEFAULTS
+
+        frame = frame.assign(**{"target-epsilon": DEFAULTS["target-epsilon"]})
     if "target-epsilon" in frame.columns:
         epsilons = frame.apply(run_epsilon, axis=1)
         finite = [e for e in epsilons if math.isfinite(e)]

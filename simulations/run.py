@@ -1,6 +1,6 @@
 """Run one federated simulation on Flower's simulation engine and print per-round metrics.
 
-    python -m simulations.run --num-partners 5 --run-config "num-server-rounds=3 dp-mode=off"
+    python -m simulations.run --num-partners 5 --run-config 'num-server-rounds=3 dp-mode="off"'
 
 Knobs are those of ``[tool.flwr.app.config]``; ``--run-config`` overrides them.
 """
@@ -84,7 +84,7 @@ def _auto_name(cfg: dict, num_partners: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-partners", type=positive_int, default=5, help="simulated partner organisations (default 5)")
-    parser.add_argument("--run-config", action="append", default=[], help='overrides, e.g. "dp-mode=central num-server-rounds=3"')
+    parser.add_argument("--run-config", action="append", default=[], help="""overrides, e.g. 'dp-mode="central" num-server-rounds=3' (text values in double quotes)""")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per simulated client (e.g. 0.2)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs (and torch threads) per simulated client (default 1)")
     args = parser.parse_args(argv)

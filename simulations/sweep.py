@@ -335,8 +335,10 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         return row
     row["epsilon"], row["delta"] = ("inf", "") if claim["epsilon"] == math.inf else (claim["epsilon"], claim["delta"])
     if proc.returncode == NOTHING_AGGREGATED or not any(x.get("num-partners") is not None for x in lines):
-        # Every round failed (e.g. every update rejected): the model is the untrained one
+        # Every round failed (e.g. every update rejected): the model is the untrained one, whose scores would be
+        # averaged with the others' by anyone reading the CSV (a researcher journey); its spend stays on record
         row["status"] = f"failed: no round aggregated an update (see {log_path})"
+        row.update({k: None for k in METRICS if k not in ("epsilon", "delta")})
     return row
 
 

@@ -107,3 +107,8 @@ def test_finetune_without_dp_never_checks_the_ledger_folder(tmp_path):
 def test_a_device_given_as_the_catalogue_is_not_called_missing():
     with pytest.raises(DataError, match="/dev/null: not a regular file"):
         load_catalogue("/dev/null")
+
+
+def test_an_infinite_target_epsilon_says_how_to_turn_dp_sgd_off():
+    with pytest.raises(ConfigError, match='for no DP-SGD set dp-mode = "off"'):
+        resolve_config(None, {"target-epsilon": float("inf")})

@@ -131,3 +131,15 @@ def test_a_mean_loss_is_over_the_partners_who_sent_one(tmp_path):
     recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["train-loss"] is None and line["epsilon"] == 2.0
+
+
+def test_summary_of_a_run_where_no_round_aggregated_says_so(tmp_path):
+    # A researcher journey: every partner refused, and summary.md gave the initial model's HR/NDCG as the result
+    recorder = RunRecorder(tmp_path, {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
+    recorder.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    assert "no round aggregated an update: the model is the initial one" in recorder.write_summary().read_text()
+    (tmp_path / "t").mkdir()
+    trained = RunRecorder(tmp_path / "t", {"dataset": "x", "model": "sasrec", "dp": False}, np.array(["a"] * 30))
+    trained.aggregate_train_metrics([RecordDict({"metrics": MetricRecord({"num-examples": 5})})], "num-examples")
+    trained.end_round(1, ArrayRecord({"w": torch.zeros(2)}))
+    assert "no round aggregated" not in trained.write_summary().read_text()

@@ -345,6 +345,7 @@ def test_a_run_whose_every_round_failed_is_a_failed_row(tmp_path, monkeypatch):
                         config={"dp": True, "dp-mode": "local"}, exit_status=3)
     assert row["status"].startswith("failed: no round aggregated an update")
     assert row["epsilon"] == 7.998  # the spend is still on record
+    assert row["ndcg@10"] is None  # the untrained model's score is no result (a researcher journey)
 
 
 def test_a_retried_run_replaces_its_failed_row(tmp_path):
@@ -678,3 +679,13 @@ def test_sigterm_stops_restores_the_previous_handler():
     with run_stop.sigterm_stops():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sweep_that_does_not_vary_the_target_still_plots_ndcg_against_epsilon(tmp_path):
+    # A researcher journey: with target-epsilon left at its default, the epsilon plot was skipped in silence
+    from simulations.plots import plot_sweep
+
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,dp-mode,batch-size,ndcg@10,epsilon,run-dir\n"
+                    "a,ok,local,8,0.1,7.9999,\nb,ok,central,8,0.2,16.513,\n")
+    assert "r_ndcg_vs_epsilon.png" in [p.name for p in plot_sweep(path)]
