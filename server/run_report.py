@@ -258,9 +258,10 @@ class RunRecorder:
             f"- data: {self._data_text(data_sources)}, model: {cfg.get('model')}, rounds: {len(self.rounds)}",
             self._final_metrics_text(),
             f"- wall time: {last.get('seconds', 0):.1f} s",
+            # (a researcher journey read the metrics above as the result of such a run)
             *([] if any(r.get("num-partners") for r in self.rounds) or not self.rounds else [
                 "- **no round aggregated an update: the model is the initial one** (the partners' refusals and the "
-                "rejected updates are in privacy.json; a researcher journey read the metrics above as a result)"]),
+                "rejected updates are in privacy.json)"]),
             "",
         ])
         return atomic_write_text(self.run_dir / "summary.md", text)
