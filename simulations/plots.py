@@ -65,30 +65,29 @@ def plot_sweep(csv_path: Path) -> list[Path]:
         from common.config import DEFAULTS
 
         frame = frame.assign(**{"target-epsilon": DEFAULTS["target-epsilon"]})
-    if "target-epsilon" in frame.columns:
-        epsilons = frame.apply(run_epsilon, axis=1)
-        finite = [e for e in epsilons if math.isfinite(e)]
-        fmax = max(finite) if finite else 1.0
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, g in groups:
-            xs = epsilons[g.index].map(lambda e: e if math.isfinite(e) else fmax * 2)
-            stats = g.assign(x=xs).groupby("x")["ndcg@10"].agg(["mean", "min", "max"]).sort_index()
-            line = ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
-                               marker="o", capsize=3, label=_label(g.iloc[0], varying))
-            ax.scatter(xs, g["ndcg@10"], s=10, alpha=0.5, color=line[0].get_color())
-        ticks = sorted({e if math.isfinite(e) else fmax * 2 for e in epsilons})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
-        stated = any(e != as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
-        ax.set_xlabel("target epsilon per partner (user-level)"
-                      + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
-        ax.set_ylabel("NDCG@10 (test, full ranking)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(f"{stem}_ndcg_vs_epsilon.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+    epsilons = frame.apply(run_epsilon, axis=1)
+    finite = [e for e in epsilons if math.isfinite(e)]
+    fmax = max(finite) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, g in groups:
+        xs = epsilons[g.index].map(lambda e: e if math.isfinite(e) else fmax * 2)
+        stats = g.assign(x=xs).groupby("x")["ndcg@10"].agg(["mean", "min", "max"]).sort_index()
+        line = ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                           marker="o", capsize=3, label=_label(g.iloc[0], varying))
+        ax.scatter(xs, g["ndcg@10"], s=10, alpha=0.5, color=line[0].get_color())
+    ticks = sorted({e if math.isfinite(e) else fmax * 2 for e in epsilons})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
+    stated = any(e != as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
+    ax.set_xlabel("target epsilon per partner (user-level)"
+                  + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
+    ax.set_ylabel("NDCG@10 (test, full ranking)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(f"{stem}_ndcg_vs_epsilon.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
 
     per_config = [c for c in frame.columns if c not in IGNORED and c not in _metric_columns(frame) and frame[c].nunique(dropna=False) > 1]
     config_keys = per_config + (["target-epsilon"] if "target-epsilon" in frame.columns else [])

@@ -33,6 +33,13 @@ def _ledger_with_rounds(path, rounds: int) -> None:
             ledger.record(server_round=server_round, **ROW)
 
 
+def _refused_after_restoring(backup, path) -> None:
+    """The older copy ``backup`` put back at ``path`` is refused at its next opening."""
+    shutil.copy(backup, path)
+    with pytest.raises(PrivacyError, match="is behind what was recorded"):
+        PrivacyLedger(path, "fp")
+
+
 def test_an_older_copy_is_refused_and_the_newest_opens(tmp_path):
     path = tmp_path / "l.sqlite"
     _ledger_with_rounds(path, 1)
@@ -79,9 +86,7 @@ def test_a_marker_left_behind_by_a_crash_catches_up(tmp_path, monkeypatch):
     with PrivacyLedger(path, "fp") as ledger:
         assert len(ledger.history()) == 2
     assert json.loads(ledger_file.marker_path(path).read_text())["rows"] == 2
-    shutil.copy(tmp_path / "backup", path)
-    with pytest.raises(PrivacyError, match="is behind what was recorded"):
-        PrivacyLedger(path, "fp")
+    _refused_after_restoring(tmp_path / "backup", path)
 
 
 def test_a_lost_marker_is_written_again_from_the_ledgers_own_id(tmp_path):
@@ -95,9 +100,7 @@ def test_a_lost_marker_is_written_again_from_the_ledgers_own_id(tmp_path):
     assert again["id"] == marker["id"] and again["rows"] == 1 and again["fingerprint"] == "fp"
     with PrivacyLedger(path, "fp") as ledger:
         ledger.record(server_round=2, **ROW)
-    shutil.copy(tmp_path / "backup", path)
-    with pytest.raises(PrivacyError, match="is behind what was recorded"):
-        PrivacyLedger(path, "fp")
+    _refused_after_restoring(tmp_path / "backup", path)
 
 
 @pytest.mark.parametrize("with_marker", [False, True])
@@ -148,9 +151,7 @@ def test_a_broken_marker_is_written_again_and_guards_from_then_on(tmp_path, brok
         ledger.record(server_round=2, **ROW)
     assert "could not be read; written again from the ledger's id" in caplog.text
     assert json.loads(ledger_file.marker_path(path).read_text())["id"] == marker["id"]
-    shutil.copy(tmp_path / "backup", path)
-    with pytest.raises(PrivacyError, match="is behind what was recorded"):
-        PrivacyLedger(path, "fp")
+    _refused_after_restoring(tmp_path / "backup", path)
 
 
 def test_a_ledger_made_before_marker_ids_gets_one_and_is_guarded(tmp_path):
