@@ -35,12 +35,7 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     record (None for fresh weights, and on resume, which starts from its checkpoint)."""
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
-    check_strategy_config(cfg)
-    if uses_central_dp(dp_mode(cfg)):
-        central_delta(cfg)  # a delta of 1 / partners or more is refused before the run starts
-    # noised evaluations that alone spend the budget: refused here (partners would refuse every round), at the
-    # largest delta a partner can default to, which gives the smallest epsilon
-    refuse_unaffordable_evaluations(cfg, float(cfg["target-delta"]) or default_delta(1))
+    check_run_config(cfg)
     start = None
     if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start
@@ -54,6 +49,17 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
                 "by this run's guarantee (privacy.json says so)", start["path"], start["dp-mode"],
                 "" if start["guarantee"] else ", no privacy.json beside it")
     return items, model, start
+
+
+def check_run_config(cfg: dict) -> None:
+    """Refuse (one line each) a run config the strategy cannot run; needs neither catalogue nor model, so a
+    simulation runs it before Ray starts (simulations/preflight.py)."""
+    check_strategy_config(cfg)
+    if uses_central_dp(dp_mode(cfg)):
+        central_delta(cfg)  # a delta of 1 / partners or more is refused before the run starts
+    # noised evaluations that alone spend the budget: refused here (partners would refuse every round), at the
+    # largest delta a partner can default to, which gives the smallest epsilon
+    refuse_unaffordable_evaluations(cfg, float(cfg["target-delta"]) or default_delta(1))
 
 
 def _dataset_text(dataset: str) -> str:

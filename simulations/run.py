@@ -39,6 +39,10 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
         from simulations.population import refuse_another_partner_count
 
         refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
+    from simulations.preflight import check_simulation, describe_unable
+
+    if unable := describe_unable(check_simulation(cfg, num_partners), num_partners):  # the ServerApp's checks too
+        print(unable, file=sys.stderr, flush=True)
 
     from flwr.simulation import run_simulation
 

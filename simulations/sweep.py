@@ -123,6 +123,9 @@ def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]
         raise ConfigError(f"num-partners = {partners!r} must be a whole number of partners, at least 1")
     cfg = resolve_config(None, run_config(run, spec, run_id(run)))
     refuse_many_examples_per_user(cfg)
+    from simulations.preflight import check_simulation  # data, torch and flwr: after the cheap checks
+
+    check_simulation(cfg, partners)  # data, partitions, min-nodes and the ServerApp's own refusals
     return cfg
 
 
@@ -286,18 +289,23 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
         # One math thread per process: Ray runs one client per core, and on a shared machine a second
         # OpenMP thread per process spins against the others (measured 60x slower MF steps).
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)  # its own process group: a timeout stops Ray with it
         timed_out = threading.Event()
+        proc: subprocess.Popen | None = None
+        timer: threading.Timer | None = None
 
         def expire() -> None:  # a timer, not a check per output line: a silent hang is stopped too
             timed_out.set()
             stop_run(proc)
 
-        timer = threading.Timer(spec["timeout"], expire)
-        timer.daemon = True
-        timer.start()
         try:
+            # A stop while the run starts waits until proc is known: between the child's start and the
+            # try, a SIGTERM ended the sweep alone and left the simulation running (a loaded test run)
+            with signals_deferred():
+                proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=env, start_new_session=True)  # its own group: Ray stops with it
+                timer = threading.Timer(spec["timeout"], expire)
+                timer.daemon = True
+                timer.start()
             for line in proc.stdout:
                 log.write(line)
                 if (m := ROUND_LINE.search(line)) and on_round:
@@ -308,10 +316,12 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=
                     last_error = line.strip()[-300:]
             proc.wait()
         except KeyboardInterrupt:
-            stop_run(proc)
+            if proc is not None:
+                stop_run(proc)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
         if timed_out.is_set():
             last_error = f"timed out after {spec['timeout']:.0f} s"
     row: dict[str, Any] = {**run, "run-id": rid, "seconds": round(time.perf_counter() - start, 1)}

@@ -689,3 +689,37 @@ def test_a_sweep_that_does_not_vary_the_target_still_plots_ndcg_against_epsilon(
     path.write_text("run-id,status,dp-mode,batch-size,ndcg@10,epsilon,run-dir\n"
                     "a,ok,local,8,0.1,7.9999,\nb,ok,central,8,0.2,16.513,\n")
     assert "r_ndcg_vs_epsilon.png" in [p.name for p in plot_sweep(path)]
+
+
+def test_a_stop_while_a_run_starts_stops_that_run_too(tmp_path, monkeypatch):
+    # A SIGTERM between the child's start and the try that stops it ended the sweep alone, and the
+    # simulation ran on (a loaded test run hit it); the stop now waits until the run is known
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    started = []
+    real_popen, real_start = subprocess.Popen, threading.Timer.start
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+
+    def start_then_sigterm(timer):
+        real_start(timer)
+        os.kill(os.getpid(), signal.SIGTERM)  # the user's `kill <sweep pid>`, at the worst moment
+
+    monkeypatch.setattr(threading.Timer, "start", start_then_sigterm)
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    try:
+        with sweep.sigterm_stops(), pytest.raises(sweep.Stopped):
+            sweep.execute(run, spec, sweep.run_id(run))
+        assert len(started) == 1 and started[0].poll() is not None and group_is_gone(started[0].pid)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

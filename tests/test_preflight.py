@@ -1,0 +1,100 @@
+"""A simulation's config is refused before Ray starts (simulations/preflight.py): the ServerApp's refusals,
+min-nodes above the partner count, and partitions too small to train; a sweep refuses them before its
+first run."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import resolve_config
+from common.errors import ConfigError, FedRecError
+from simulations import preflight, run, sweep
+
+SMALL = {"synthetic-users": 150, "synthetic-items": 40, "max-seq-len": 20, "embedding-dim": 16, "num-blocks": 1,
+         "num-server-rounds": 1, "batch-size": 8}
+
+
+def _no_ray(monkeypatch):
+    import flwr.simulation
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **_: pytest.fail("Ray was started"))
+
+
+def _argv(partners: int, **overrides) -> list[str]:
+    text = " ".join(f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in {**SMALL, **overrides}.items())
+    return ["--num-partners", str(partners), "--run-config", text]
+
+
+@pytest.mark.parametrize("partners, overrides, message", [
+    (3, {"min-nodes": 5}, "min-nodes = 5 but the simulation has 3 partners"),
+    # the ServerApp's own refusal, found about 14 s in, after partitioning and Ray's start
+    (5, {"dp-mode": "central", "target-delta": 0.5}, "target-delta = 0.5 is at least 1 / 2 partners"),
+    (5, {"aggregation": "krum", "min-nodes": 2}, "krum"),
+    # every partition below batch-size: every partner refused every round, and the run exited 3 at the end
+    (5, {"batch-size": 64}, r"5 of 5 simulated partners cannot train \(partner-0: only \d+ users with training data, "
+                            r"not more than batch-size 64.*fewer than min-nodes = 2"),
+])
+def test_a_run_the_coordinator_or_its_partners_would_refuse_is_one_line_before_ray(partners, overrides, message,
+                                                                                  monkeypatch, capsys):
+    _no_ray(monkeypatch)
+    assert run.main(_argv(partners, **overrides)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    import re
+
+    assert re.search(message, err[0]), err[0]
+
+
+def test_partners_too_small_for_the_batch_are_named_while_the_others_train(monkeypatch, capsys):
+    cfg = resolve_config(None, {**SMALL, "partitioning": "size-skew", "batch-size": 12})
+    unable = preflight.check_simulation(cfg, 5)
+    assert unable and len(unable) < 4, unable  # some, and at least min-nodes (2) left to train
+    assert all("not more than batch-size 12" in why for why in unable.values())
+    line = preflight.describe_unable(unable, 5)
+    assert line.startswith(f"warning: {len(unable)} of 5 simulated partners will refuse every round (partner-")
+
+    class Started(Exception):
+        pass
+
+    import flwr.simulation
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **_: (_ for _ in ()).throw(Started()))
+    with pytest.raises(Started):
+        run.run_federation({**SMALL, "partitioning": "size-skew", "batch-size": 12}, 5)
+    assert line in capsys.readouterr().err
+
+
+def test_what_partners_would_not_refuse_is_not_counted():
+    cfg = resolve_config(None, {**SMALL, "batch-size": 64})
+    assert len(preflight.partners_unable_to_train(cfg, 5)) == 5
+    # without local DP, and with a noised count (trained at 2 steps an epoch at least), nothing refuses a small partner
+    assert preflight.partners_unable_to_train(resolve_config(None, {**SMALL, "batch-size": 64, "dp": False}), 5) == {}
+    noised = resolve_config(None, {**SMALL, "batch-size": 64, "simulated-count-noise": True})
+    assert preflight.partners_unable_to_train(noised, 5) == {}
+    # a target-delta meaningless for a partner's users: its partner refuses it
+    loose = resolve_config(None, {**SMALL, "target-delta": 0.05})
+    assert all("target-delta = 0.05 is at least 1 / " in why for why in preflight.partners_unable_to_train(loose, 5).values())
+    assert len(preflight.partners_unable_to_train(loose, 5)) == 5
+
+
+def test_a_partitioning_that_cannot_split_the_users_this_way_is_refused():
+    cfg = resolve_config(None, {**SMALL, "partitioning": "cross-device"})
+    with pytest.raises(FedRecError, match="cross-device partitioning needs one partner per user"):
+        preflight.check_simulation(cfg, 5)
+
+
+def test_a_sweep_refuses_a_cell_whose_partners_cannot_train_before_any_run(tmp_path, monkeypatch):
+    # cross-device on synthetic data: another user count per seed, and every run failed on its own row
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run))
+    config = tmp_path / "s.toml"
+    config.write_text(f'[sweep]\noutput = "{tmp_path}/r.csv"\nseeds = [1]\n[fixed]\n'
+                      + "".join(f"{k} = {v}\n" for k, v in SMALL.items())
+                      + 'partitioning = "cross-device"\n[grid]\nnum-partners = [150]\n')
+    with pytest.raises(ConfigError, match="cross-device partitioning needs one partner per user"):
+        sweep.load_sweep(config)
+    config.write_text(config.read_text().replace('partitioning = "cross-device"\n', "").replace("[150]", "[2, 30]"))
+    with pytest.raises(ConfigError, match=r"30 of 30 simulated partners cannot train"):
+        sweep.load_sweep(config)
+    assert calls == []
