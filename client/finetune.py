@@ -30,6 +30,7 @@ from common.data.event_store import is_event_store, store_identity
 from common.config import DEFAULTS
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import build_sequences
+from common.item_text import table_record
 from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
@@ -155,8 +156,9 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         "ledger-created": bool(ledger is not None and ledger.created),
     }
     buf = io.BytesIO()
+    text = table_record(tuned)  # checked when the file is served (client/recommend.py)
     torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,
-                "finetune": report}, buf)
+                "finetune": report, **({"item-text": text} if text else {})}, buf)
     write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data; checked above
     return report
 

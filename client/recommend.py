@@ -21,6 +21,7 @@ import torch
 from client.explain import Explanation, explain_items, history_states
 from common.data.loaders import Interactions
 from common.errors import DataError
+from common.item_text import record_mismatch, table_record
 from common.model_file import read_model_file
 from common.models import build_model
 from common.models.context import model_inputs, time_gap_buckets
@@ -137,6 +138,9 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
         hint = (" (a text model: is item-text-features the file it was trained with?)"
                 if config.get("item-features", "id") != "id" else "")
         raise DataError(f"model {file}: weights do not match its config ({first}){hint}") from None
+    # the frozen text table is rebuilt from the features file or metadata the config names, not stored
+    if why := record_mismatch(blob.get("item-text"), table_record(model), config):
+        raise DataError(f"model {file}: {why}; serve it with the file it was trained with")
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise DataError(f"model {file}: weights contain NaN or infinite values (a diverged or corrupt model); "
                         "use an earlier round's model or train again")

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from common.data.catalogue import PROJECT_ROOT, catalogue_fingerprint
 from common.errors import ConfigError, DataError
 from common.text_encoder import (  # noqa: F401  (re-exported: the encoder used to live here)
     DEFAULT_ENCODER,
+    INT8_SUFFIX,
     TEXT_EXTRA_HINT,
     encode_texts,
     encoder_id,
@@ -46,16 +48,16 @@ ITEM_FEATURES = ("id", "text", "id+text")
 def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str]]]) -> list[str]:
     """One text per catalogue item, in catalogue order: ``"Title (year). Genres: A, B."``.
 
-    Items the metadata lacks get ``"Item <id>."`` (counted and logged, never silently).
+    Items the metadata lacks, or gives a blank title, get ``"Item <id>"`` as title (counted and logged,
+    never silently).
     """
     out, missing = [], 0
     for item in np.asarray(catalogue, dtype=str).tolist():
-        if item in metadata:
-            title, genres = metadata[item]
-            out.append(f"{title.strip()}. Genres: {', '.join(genres)}." if genres else f"{title.strip()}.")
-        else:
+        title, genres = metadata.get(item, ("", []))
+        if not title.strip():  # a blank title gave ". Genres: ..." (two blank-titled films at cosine 0.69: a review)
             missing += 1
-            out.append(f"Item {item}.")
+            title = f"Item {item}"
+        out.append(f"{title.strip()}. Genres: {', '.join(genres)}." if genres else f"{title.strip()}.")
     if out and missing == len(out):  # every text a placeholder: the metadata is another data set's
         raise DataError(f"item text: none of the {len(out)} catalogue items has a title in the metadata "
                         "(another data set's metadata, or other item ids?)")
@@ -99,13 +101,18 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
         if Path(path).expanduser().is_dir():
             raise DataError(f"item text features {path}: a directory; give the published .npz file itself "
                             "(`fedrec-server item-text` writes it)") from None
+        if Path(path).expanduser().exists():  # a device or a pipe (/dev/null read as "no such file": a review)
+            raise DataError(f"item text features {path}: not a regular file; give the published .npz file itself") from None
         raise DataError(f"item text features {path}: no such file; copy the coordinator's published file "
                         "there or set item-text-features to where it is") from None
     try:
         with np.load(p, allow_pickle=False) as z:
             ids, emb, texts = z["item_ids"].astype(str), z["embeddings"].astype(np.float32), z["texts"].astype(str)
     except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"item text features {p}: not a features file from `fedrec-server item-text` ({exc})") from None
+        # numpy's own words for a file that is no .npz ("contains pickled (object) data ... load it unsafely using
+        # allow_pickle=") would send a partner to loading untrusted code (a review): named here instead
+        what = f"no {exc}" if isinstance(exc, KeyError) else ("an .npz archive" if zipfile.is_zipfile(p) else "not an .npz archive")
+        raise DataError(f"item text features {p}: not a features file from `fedrec-server item-text` ({what})") from None
     if emb.ndim != 2 or len(emb) != len(ids) or not np.isfinite(emb).all() or emb.shape[1] == 0:
         raise DataError(f"item text features {p}: embeddings must be a finite (items, dim) matrix, got {emb.shape}")
     if not emb.any():  # every item would have the same text
@@ -156,6 +163,45 @@ def sketch_differs(mine: Sequence[float], theirs: Sequence[float], tolerance: fl
         return float("inf")
     gap = float(np.max(np.abs(np.asarray(mine) - np.asarray(theirs)))) if len(mine) else 0.0
     return gap if gap > tolerance else None
+
+
+def table_record(model: Any) -> dict[str, Any] | None:
+    """What a saved text model keeps of its frozen table (None without one): its fingerprint and sketch.
+    The table is a non-persistent buffer rebuilt from the features file or metadata whenever the model is
+    loaded, so a file republished at the same path changed a served model's scores unseen (a review)."""
+    fingerprint = table_fingerprint(model)
+    return None if fingerprint is None else {"fingerprint": fingerprint, "sketch": table_sketch(model)}
+
+
+def record_mismatch(trained: Any, now: Any, config: Mapping[str, Any]) -> str | None:
+    """Why the table rebuilt ``now`` (a :func:`table_record`) is not the one the model was ``trained`` with,
+    None when it is (a published file exactly; features encoded from the metadata up to machine noise,
+    :data:`SKETCH_TOLERANCE`) or when either side has no record (a model saved before records were kept)."""
+    if not isinstance(trained, Mapping) or not isinstance(now, Mapping) or trained.get("fingerprint") == now.get("fingerprint"):
+        return None
+    if config.get("item-text-features"):
+        return (f"item-text-features {config['item-text-features']} is not the file it was trained with (table "
+                f"fingerprint {now.get('fingerprint')}, trained with {trained.get('fingerprint')})")
+    tolerance = SKETCH_TOLERANCE[bool(config.get("item-text-quantize", False))]
+    gap = sketch_differs(list(now.get("sketch") or []), list(trained.get("sketch") or []), tolerance)
+    if gap is None:
+        return None
+    return (f"the item texts encoded from the metadata beside dataset {config.get('dataset')!r} are not those it was "
+            f"trained with (table sketch differs by {gap:.2g}; another metadata file, title or encoder)")
+
+
+def int8_encoded(config: Mapping[str, Any]) -> bool:
+    """Whether a model config's text table came from the int8 encoder: its published file's recorded encoder
+    setting, else ``item-text-quantize`` (False when the file cannot be read: its reader says why)."""
+    if not config.get("item-text-features"):
+        return bool(config.get("item-text-quantize", False))
+    from common.data.catalogue import resolve_catalogue_path
+
+    try:
+        with np.load(resolve_catalogue_path(str(config["item-text-features"])), allow_pickle=False) as z:
+            return str(z["model"]).endswith(INT8_SUFFIX)
+    except (OSError, ValueError, KeyError, DataError):
+        return False
 
 
 def local_text_key(cfg: Mapping[str, Any]) -> str | None:

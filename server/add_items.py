@@ -58,6 +58,7 @@ def grown_catalogue(old: np.ndarray, new: np.ndarray, catalogue_path: str | os.P
 def trained_text_table(blob: dict[str, Any], source: Path) -> np.ndarray:
     """The (items, dims) frozen text table a saved text model was trained with, rebuilt from its own
     config (its features file or metadata); one error line when that cannot be done here."""
+    from common.item_text import record_mismatch, table_record
     from common.models import build_model
 
     config, old = blob["config"], np.asarray(blob["catalogue"], dtype=str)
@@ -68,16 +69,29 @@ def trained_text_table(blob: dict[str, Any], source: Path) -> np.ndarray:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"model {source}: cannot be rebuilt with its own text features ({first}); "
                         "run this where the model can be served") from None
+    if why := record_mismatch(blob.get("item-text"), table_record(trained), config):
+        raise DataError(f"model {source}: {why}; the old items' rows must be those its weights were fitted to: "
+                        "restore that file (or metadata) first")
     return trained.item_text.table[1:].numpy()
 
 
-def check_old_text_rows(table: np.ndarray, embeddings: np.ndarray, old: np.ndarray, features: Any) -> None:
+def check_old_text_rows(table: np.ndarray, embeddings: np.ndarray, old: np.ndarray, features: Any,
+                        int8: bool = False) -> None:
     """Refuse ``embeddings`` (new catalogue order, old items first) unless the old items' rows are
-    ``table``'s, the ones the weights were fitted to (another encoder, precision or title is not)."""
+    ``table``'s, the ones the weights were fitted to (another encoder, precision or title is not).
+    ``int8``: the table came from the int8 encoder, which cannot give them again for a grown catalogue."""
     if table.shape[1] != embeddings.shape[1]:
         raise DataError(f"item text features {features}: {embeddings.shape[1]} dims, the model was trained "
                         f"with {table.shape[1]}; encode the new catalogue with the model's encoder")
     gap = np.abs(table - embeddings[: len(old)]).max(axis=1)
+    if float(gap.max()) > ROW_TOLERANCE and int8:
+        # Its activations are quantized per batch, and batches are drawn from the whole catalogue: an item's
+        # vector depends on the items encoded with it (0.047 apart for ML-100K grown by 82 items: a review)
+        raise DataError(f"item text features {features}: old items' embeddings differ from the model's (largest "
+                        f"difference {float(gap.max()):.2g}, item {str(old[int(gap.argmax())])!r}): the model's table "
+                        "came from the int8 encoder (item-text-quantize), whose vectors depend on the other items "
+                        "encoded with them, so a grown catalogue cannot reproduce them; a model meant to grow needs "
+                        "the float encoder (item-text-quantize = false, the default)")
     if float(gap.max()) > ROW_TOLERANCE:
         raise DataError(f"item text features {features}: old items' embeddings differ from the model's "
                         f"(largest difference {float(gap.max()):.2g}, item {str(old[int(gap.argmax())])!r}); "
@@ -88,7 +102,7 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
               out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Write ``out``: the model at ``model_path`` over the catalogue in ``catalogue_path`` (the model's
     own catalogue with items appended), text rows from ``features_path``. Returns a summary."""
-    from common.item_text import load_features
+    from common.item_text import int8_encoded, load_features, table_record
     from common.models import build_model
 
     source = model_file(model_path)
@@ -110,7 +124,7 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
     added = grown_catalogue(old, new, catalogue_path)
     embeddings, _ = load_features(features_path, new)  # every item, old and new, must be in the file
 
-    check_old_text_rows(trained_text_table(blob, source), embeddings, old, features_path)
+    check_old_text_rows(trained_text_table(blob, source), embeddings, old, features_path, int8_encoded(config))
 
     grown_config = {**config, "catalogue": str(catalogue_path), "item-text-features": str(features_path)}
     grown = build_model(grown_config, len(new), catalogue=new)
@@ -119,7 +133,7 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
                   "previous": blob.get("added-items", [])}
     buf = io.BytesIO()
     torch.save({"state_dict": grown.state_dict(), "catalogue": new.tolist(), "config": grown_config,
-                "added-items": [*provenance.pop("previous"), provenance]}, buf)
+                "added-items": [*provenance.pop("previous"), provenance], "item-text": table_record(grown)}, buf)
     write_file(out, buf.getvalue(), mode=PUBLIC_MODE, force=force, hint="partners serving it will reload the new file")
     return {"model": str(out), "items": len(new), "added": len(added), "first-added": str(added[0]),
             "fingerprint": catalogue_fingerprint(new), "item-features": features}

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
-from common.item_text import local_text_key, table_fingerprint, table_sketch
+from common.item_text import local_text_key, table_fingerprint, table_record, table_sketch
 from common.private_evaluation import refuse_unaffordable_evaluations
 from common.provenance import append_provenance
 from common.models.sasrec import tied_key_groups
@@ -92,7 +92,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
-        recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]))
+        recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model))
         # code, versions and command of this start (a resume appends its own): provenance.json
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
                                       "dataset (simulated partners)": _dataset_text(str(cfg["dataset"]))})

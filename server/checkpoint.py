@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.config import DEFAULTS
 from common.errors import CheckpointError
+from common.item_text import record_mismatch
 from common.files import write_private_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -56,10 +57,12 @@ class Checkpoint:
     rejections: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fingerprint(cfg: Mapping[str, Any], catalogue: np.ndarray, arrays: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """What must not change across a resume: array names/shapes/dtypes, catalogue, training config."""
+def fingerprint(cfg: Mapping[str, Any], catalogue: np.ndarray, arrays: Mapping[str, torch.Tensor],
+                text_table: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What must not change across a resume: array names/shapes/dtypes, catalogue, training config, and a text
+    model's frozen table (``text_table``, :func:`common.item_text.table_record`: not among the arrays)."""
     catalogue_sha = hashlib.sha256("\n".join(map(str, catalogue)).encode()).hexdigest()
-    return {
+    return {**({"item-text": dict(text_table)} if text_table else {}),
         "arrays": {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()},
         "catalogue-sha256": catalogue_sha,
         "catalogue-size": len(catalogue),
@@ -90,6 +93,9 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
             f"{path}: the checkpointed model has different arrays (first difference: {first!r} "
             f"{saved['arrays'].get(first)} vs now {current['arrays'].get(first)}); "
             "resume with the model config it was trained with")
+    if why := record_mismatch(saved.get("item-text"), current.get("item-text"), current["config"]):
+        raise CheckpointError(f"{path}: {why}; resume with the file it was trained with, or start a new run "
+                              "from its model with init-model")
     # A knob added by a newer version is compatible while it keeps its default (the old behaviour).
     keys = sorted(k for k in set(saved["config"]) | set(current["config"])
                   if saved["config"].get(k) != current["config"].get(k)

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.errors import CheckpointError, ConfigError
 from common.files import ensure_private, write_private_bytes
+from common.item_text import table_record
 from server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -85,7 +86,7 @@ def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple
 def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
     """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
     state = model.state_dict()
-    fp = fingerprint(cfg, catalogue, state)
+    fp = fingerprint(cfg, catalogue, state, table_record(model))
     total = int(cfg["num-server-rounds"])
     if not cfg["resume"]:
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])

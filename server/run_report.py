@@ -69,8 +69,10 @@ class RunRecorder:
     ``end_round`` plugs in as ``evaluate_fn`` (Flower calls it after every round).
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], catalogue: np.ndarray, top_k: int = 10) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], catalogue: np.ndarray, top_k: int = 10,
+                 text_table: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
+        self.text_table = text_table  # a text model's frozen table, recorded in model.pt (common/item_text.py)
         self.config = config
         self.catalogue = catalogue
         self.top_k = top_k
@@ -193,7 +195,7 @@ class RunRecorder:
 
         buf = io.BytesIO()
         torch.save({"state_dict": arrays.to_torch_state_dict(), "catalogue": self.catalogue.tolist(),
-                    "config": self.config}, buf)
+                    "config": self.config, **({"item-text": self.text_table} if self.text_table else {})}, buf)
         atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
 
     def _data_text(self, sources: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
     its run stated). One :class:`ConfigError` line for a model that cannot start this run."""
     from common.privacy import dp_mode
 
+    from common.item_text import int8_encoded
     from common.model_file import read_model_file
     from server.add_items import check_old_text_rows, grown_catalogue, model_file, trained_text_table
 
@@ -63,7 +64,7 @@ def warm_start(model: torch.nn.Module, catalogue: np.ndarray, cfg: dict[str, Any
     if str(cfg.get("item-features", "id")) != "id":
         try:  # the old items' text rows must be those the weights were fitted to
             check_old_text_rows(trained_text_table(blob, source), model.item_text.table[1:].numpy(), old,
-                                cfg.get("item-text-features") or "encoded from the metadata")
+                                cfg.get("item-text-features") or "encoded from the metadata", int8_encoded(saved))
         except DataError as exc:
             raise ConfigError(f"init-model: {exc}") from None
     try:

@@ -355,6 +355,11 @@ def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypa
            "num-blocks": 1, "batch-size": 2, "num-server-rounds": 1, "min-nodes": 2, "run-dir": str(tmp_path / "runs")}
     run_dir = run_local({**cfg, "run-name": "same"}, 2)
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["num-partners"] == 2
+    # model.pt records the table it was trained with; serving rebuilds and checks it (tests/test_text_table_record.py)
+    from client.recommend import load_global_model
+
+    recorded = torch.load(run_dir / "model.pt", weights_only=True)["item-text"]
+    assert recorded == item_text.table_record(load_global_model(run_dir).model)
 
     sketches = []
     real = item_text.table_sketch
@@ -362,7 +367,7 @@ def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypa
     def second_partner_encodes_otherwise(model, *args, **kwargs):
         sketch = real(model, *args, **kwargs)
         sketches.append(sketch)
-        return [x + 0.05 for x in sketch] if len(sketches) == 3 else sketch  # coordinator, partner 1, partner 2
+        return [x + 0.05 for x in sketch] if len(sketches) == 3 else sketch  # coordinator (round, model.pt), a partner
 
     monkeypatch.setattr(item_text, "table_sketch", second_partner_encodes_otherwise)
     run_dir = run_local({**cfg, "run-name": "other", "min-nodes": 1}, 2)
