@@ -6,10 +6,12 @@ ranked ``j``: for SASRec one forward over the history and the history without it
 then only the states each removal changes (``client/loo_forward.py``); for other models one
 batched forward pass over the history with each item removed in turn.
 A positive influence means the item raised ``j``'s score: the reason names the items with
-the largest positive influence. Nothing is invented: removing the first named item lowers
-``j``'s score by exactly the reported influence. (With ``time-features`` the other events keep
-their recorded time gaps, i.e. the removal asks "without this item, everything else as it
-happened"; re-deriving the gaps from the timestamps after the removal gives a slightly different drop.)
+the largest positive influence. An item the user had several times is listed once, with the
+influence of its most influential event (removing that one event, not all of them). Nothing is
+invented: removing the first named item's event lowers ``j``'s score by exactly the reported
+influence. (With ``time-features`` the other events keep their recorded time gaps, i.e. the removal
+asks "without this item, everything else as it happened"; re-deriving the gaps from the timestamps
+after the removal gives a slightly different drop.)
 
 Only the last ``max_len`` items are inputs of the model, so only they can have influence;
 removing one lets the next older item enter the window, as it would in the real history.
@@ -35,6 +37,7 @@ class Influence:
     index: int  # item index in the catalogue (1-based)
     name: str
     influence: float  # score units of the model (logits)
+    item_id: str | None = None  # the raw id: titles are not unique (ML-100K has ids sharing one)
 
 
 @dataclass
@@ -44,7 +47,8 @@ class Explanation:
 
     def to_dict(self) -> dict:
         return {"reason": self.reason,
-                "because": [{"item": b.name, "influence": round(b.influence, 6)} for b in self.because]}
+                "because": [{"item_id": b.item_id, "item": b.name, "influence": round(b.influence, 6)}
+                            for b in self.because]}
 
 
 def history_states(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None,
@@ -94,18 +98,23 @@ def _target_scores(model: SASRec, hidden: torch.Tensor, targets: list[int]) -> t
 
 
 def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
-                  max_len: int, *, name: Callable[[int], str], keep: int = 5,
-                  states: SharedStates | None = None) -> list[Explanation]:
-    """One :class:`Explanation` per target item index; ``name(index)`` labels a history item;
-    ``states``: :func:`history_states` of this history, if already computed."""
+                  max_len: int, *, name: Callable[[int], str], item_id: Callable[[int], str] | None = None,
+                  keep: int = 5, states: SharedStates | None = None) -> list[Explanation]:
+    """One :class:`Explanation` per target item index; ``name(index)`` labels a history item and
+    ``item_id(index)`` gives its raw id; ``states``: :func:`history_states` of this history, if already computed."""
     if not targets:
         return []
     positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states)
     out = []
     for col in range(len(targets)):
         order = np.argsort(-influence[:, col], kind="stable")
-        top = [Influence(int(history[positions[r]]), name(int(history[positions[r]])), float(influence[r, col]))
-               for r in order[:keep] if influence[r, col] > 0]
+        top: list[Influence] = []
+        for r in order:
+            item = int(history[positions[r]])
+            if influence[r, col] <= 0 or len(top) == keep:
+                break
+            if all(t.index != item for t in top):  # strongest first: a repeated item's first row is its largest
+                top.append(Influence(item, name(item), float(influence[r, col]), item_id(item) if item_id else None))
         reason = _reason(top)
         if hasattr(model, "item_text"):  # item-features text / id+text: say which watched item's text is closest
             from common.models.text_sasrec import closest_in_text
@@ -117,7 +126,7 @@ def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
 
 
 def _reason(top: list[Influence]) -> str:
-    names = list(dict.fromkeys(t.name for t in top))[:MAX_REASONS]  # an item seen twice is named once
+    names = list(dict.fromkeys(t.name for t in top))[:MAX_REASONS]  # two ids sharing a title: named once
     if not names:
         return "recommended from your history as a whole (no single item raises its score)"
     return "because you watched " + " and ".join(names)

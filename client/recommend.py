@@ -162,8 +162,9 @@ class RecommendationList:
     user_id: str
     items: list[Recommendation]
     cold_start: bool
-    strategy: str  # "model" or "popularity" (cold start)
+    strategy: str  # "model", or for cold start "popularity" ("catalogue-order" when this partner has no counts)
     history_length: int  # the user's events, all of them (including items outside the catalogue)
+    popular: int = 0  # cold start: how many items are ranked by popularity (the rest fill up in catalogue order)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -212,7 +213,7 @@ class Recommender:
         k = min(k, int(torch.isfinite(scores).sum()))
         top = torch.topk(scores, k).indices.tolist()
         explanations = explain_items(model, history, gaps, top, self.gm.max_len, name=lambda i: self._label(i),
-                                     states=states) if explain else [None] * len(top)
+                                     item_id=self._item, states=states) if explain else [None] * len(top)
         recs = [Recommendation(self._item(i), self.title(self._item(i)), float(scores[i]), e)
                 for i, e in zip(top, explanations)]
         return RecommendationList(str(user_id), recs, cold_start=False, strategy="model", history_length=len(items))
@@ -231,11 +232,15 @@ class Recommender:
                          if i in self.gm.index and i not in seen_set),
                         reverse=True)
         recs = [Recommendation(i, self.title(i), float(c)) for c, _, i in ranked[:k]]
+        popular = len(recs)
         if len(recs) < k:  # a partner with few events: fill up in catalogue order
             taken = seen_set | {r.item_id for r in recs}
             fill = [i for i in self.gm.catalogue.tolist() if i not in taken][: k - len(recs)]
             recs += [Recommendation(i, self.title(i), 0.0) for i in fill]
-        return RecommendationList(str(user_id), recs, cold_start=True, strategy="popularity", history_length=len(seen))
+        # no counts on catalogue items at this partner: "popularity" would misname a list in catalogue order
+        strategy = "popularity" if popular or not recs else "catalogue-order"
+        return RecommendationList(str(user_id), recs, cold_start=True, strategy=strategy, history_length=len(seen),
+                                  popular=popular)
 
 
 def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
@@ -256,12 +261,24 @@ def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
 
 def format_table(result: RecommendationList) -> str:
     """A readable table: rank, item, title, score and the one-line reason."""
-    head = f"user {result.user_id}: " + (
-        f"cold start (popularity at this partner; {result.history_length} known events)" if result.cold_start
-        else f"{len(result.items)} recommendations from {result.history_length} events")
+    warm = f"{len(result.items)} recommendations from {result.history_length} events"
+    head = f"user {result.user_id}: " + (_cold_start_head(result) if result.cold_start else warm)
     lines = [head, f"{'rank':>4}  {'item':>8}  {'score':>9}  title / reason"]
     for r, rec in enumerate(result.items, start=1):
         lines.append(f"{r:>4}  {rec.item_id:>8}  {rec.score:>9.3f}  {rec.title or '-'}")
         if rec.explanation is not None:
             lines.append(f"{'':>27}{rec.explanation.reason}")
     return "\n".join(lines)
+
+
+def _cold_start_head(result: RecommendationList) -> str:
+    """Why the user is cold and what the list is ordered by (cold start means no event on a catalogue item)."""
+    n = result.history_length
+    why = "no events" if n == 0 else f"{n} event{'s' if n != 1 else ''}, none on an item in the model's catalogue"
+    if result.popular >= len(result.items):
+        order = "popularity at this partner"
+    elif result.popular:
+        order = f"popularity at this partner, then catalogue order for the last {len(result.items) - result.popular}"
+    else:
+        order = "catalogue order: this partner has no events on the model's items to rank by popularity"
+    return f"cold start ({why}; {order})"

@@ -24,11 +24,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.recommend import GlobalModel, Recommender, find_model_file, load_global_model
@@ -42,26 +44,30 @@ FLOAT32_MAX = 3.4028234663852886e38  # ratings are stored as float32 by the trai
 NO_STORE = {"Cache-Control": "no-store"}  # users' recommendations: no gateway or browser keeps a copy
 
 
+def _trainable_id(v: str) -> str:
+    # 201 means the event trains: the log reader strips spaces and NULs and drops "nan" ids, so such an
+    # id would be dropped or merged with another user's (" a" and "a\0" become "a")
+    if v != v.strip() or "\x00" in v:
+        raise ValueError("must not start or end with spaces or contain NUL characters")
+    if v.lower() == "nan":
+        raise ValueError("'nan' reads as a missing id in the training log")
+    return v
+
+
+# An id as POST /events accepts it; GET checks the same, since no event can ever reach a user it refuses
+# (a silent cold-start list answered "42 " and "42%00")
+TrainableId = Annotated[str, AfterValidator(_trainable_id)]
+
+
 class EventIn(BaseModel):
     """One interaction a user just had (``timestamp``: unix seconds, default now)."""
 
-    user_id: str = Field(min_length=1, max_length=200)
-    item_id: str = Field(min_length=1, max_length=200)
+    user_id: TrainableId = Field(min_length=1, max_length=200)
+    item_id: TrainableId = Field(min_length=1, max_length=200)
     # The training log reader drops times from 2**62 on; a JSON true/false is not a time (pydantic would read 1/0)
     timestamp: int | None = Field(default=None, ge=0, lt=2**62)
     rating: float | None = None
     event: str = Field(default="interaction", min_length=1, max_length=50)
-
-    @field_validator("user_id", "item_id")
-    @classmethod
-    def _trainable_id(cls, v: str) -> str:
-        # 201 means the event trains: the log reader strips spaces and NULs and drops "nan" ids, so such an
-        # id would be dropped or merged with another user's (" a" and "a\0" become "a")
-        if v != v.strip() or "\x00" in v:
-            raise ValueError("must not start or end with spaces or contain NUL characters")
-        if v.lower() == "nan":
-            raise ValueError("'nan' reads as a missing id in the training log")
-        return v
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -242,7 +248,8 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
     # the response. The store read never waits for a writer on the loop: the store is in WAL mode (in the
     # rollback journal another process's commit froze every endpoint for up to 30 s).
     @app.get("/users/{user_id:path}/recommendations", response_model=None)  # :path: an id may hold "/"
-    async def recommendations(user_id: str, k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> JSONResponse:
+    async def recommendations(user_id: Annotated[TrainableId, PathParam(min_length=1, max_length=200)],
+                              k: int = Query(10, ge=1, le=MAX_K), explain: bool = True) -> JSONResponse:
         watcher.maybe_reload()
         recommender = watcher.recommender  # one model for the whole request, even if a reload lands meanwhile
         result = recommender.recommend(user_id, store, k, explain=explain)  # cold start: store.item_counts()

@@ -61,8 +61,13 @@ def _recommend(args: argparse.Namespace) -> int:
     elif args.data_path == "synthetic" and not os.path.exists(args.data_path):
         # the built-in log a simulation ran on (make run's quick start), rebuilt from the model's own config
         from common.data.synthetic import generate_synthetic
+        from common.errors import ConfigError
 
         cfg = model.config
+        if (dataset := str(cfg.get("dataset", "synthetic"))) != "synthetic":
+            # another model's catalogue over a made-up log: every history and list would be nonsense
+            raise ConfigError(f"model {model.path} was trained on {dataset}, not synthetic data; "
+                              "give this partner's own log with --data-path")
         source = LogHistory(generate_synthetic(num_users=int(cfg.get("synthetic-users", 1000)),
                                                num_items=int(cfg.get("synthetic-items", 300)), seed=int(cfg.get("seed", 42))))
     else:
@@ -166,7 +171,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.recommend import catalogue_mismatch, find_model_file, load_titles
+    from client.recommend import catalogue_mismatch, load_global_model, load_titles
     from client.serve import create_app, serve
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
@@ -180,7 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
     # NOTE: one request is a few small matrix products; with more threads than free cores
     # torch's thread pool spins and a 5 ms request takes 100+ ms on a loaded machine.
     torch.set_num_threads(args.torch_threads)
-    find_model_file(args.model)  # a wrong --model fails before the store is created or filled
+    # A wrong --model fails before the store is created or filled: loaded, not only found (a text file given as
+    # --model left an empty store behind); create_app loads it again, a small cost once per start
+    load_global_model(args.model)
     # Every input is read before the store is made or filled: a bad --metadata after the import left a store
     # that the next start skipped importing into, and a bad --import-log made an empty store (a review)
     metadata = _metadata_for(args.import_log, args.metadata)

@@ -27,9 +27,24 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"model {file}: no such file (give a run directory or its model.pt)") from None
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # one line, also for a text file
         hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
-        said = f"missing {first}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {first}"  # whose words
         raise DataError(f"model {file}: not a fedrec model file "
-                        f"(expected state_dict, catalogue, config; {said}){hint}") from None
+                        f"(expected state_dict, catalogue, config; {_why(file, exc)}){hint}") from None
     return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}
+
+
+def _why(file: Path, exc: Exception) -> str:
+    """Why ``torch.load`` refused ``file``, in one line."""
+    import pickle
+    import zipfile
+
+    if isinstance(exc, pickle.UnpicklingError):
+        # never torch's words: they advise weights_only=False, i.e. running whatever code the file names
+        if zipfile.is_zipfile(file):
+            return "a torch.save archive holding objects other than weights (refused: loading them could run code)"
+        return "not a torch.save archive of weights"
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line, also for a text file
+    first = first.split(". ")[0][:200]  # torch's first sentence; the rest is advice about its internals
+    return f"missing {first}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {first}"  # whose words

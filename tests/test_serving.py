@@ -18,6 +18,7 @@ from client.recommend import LogHistory, Recommender, find_model_file, load_glob
 from common.config import resolve_config
 from common.data import build_sequences, generate_synthetic, load_interactions
 from common.data.event_store import EventStore
+from common.data.loaders import Interactions
 from common.errors import ConfigError, DataError
 from common.metrics import pad_left
 from common.task import new_model
@@ -115,6 +116,37 @@ def test_removing_the_top_explaining_item_lowers_that_items_score(trained, log):
     assert multi >= 5  # the order is only checked where several reasons are listed
 
 
+def test_a_repeated_history_item_is_one_reason_with_its_item_id(trained):
+    # A journey review: "because" listed Star Wars twice (one entry per event) and without an id, though
+    # ML-100K has titles shared by two ids
+    run, data = trained
+    gm = load_global_model(run)
+    a, b, c = data.catalogue[:3].tolist()
+    log = load_interactions_from_rows([("bob", item, t) for t, item in enumerate([a, b, a, a, c], start=1)])
+    result = Recommender(gm).recommend("bob", LogHistory(log), 20)
+    history = np.array([gm.index[i] for i in (a, b, a, a, c)])
+    full = gm.model.score(pad_left([history], 20))[0]
+    repeated = 0
+    for rec in result.items:
+        because = rec.explanation.because
+        assert len({x.index for x in because}) == len(because)  # each item once
+        assert [x["item_id"] for x in rec.explanation.to_dict()["because"]] == [x.item_id for x in because]
+        for x in because:
+            assert x.item_id == str(gm.catalogue[x.index - 1])
+            # its influence: that of its most influential event (removing that one event drops the score by it)
+            drops = [float(full[gm.index[rec.item_id]] - gm.model.score(pad_left([np.delete(history, p)], 20))[0,
+                     gm.index[rec.item_id]]) for p in np.flatnonzero(history == x.index)]
+            assert x.influence == pytest.approx(max(drops), abs=1e-4)
+            repeated += x.item_id == a
+    assert repeated >= 3  # the check above saw the repeated item
+
+
+def load_interactions_from_rows(rows: list[tuple[str, str, int]]) -> Interactions:
+
+    user, item, ts = zip(*rows)
+    return Interactions(np.array(user), np.array(item), np.array(ts, dtype=np.int64), None, "test")
+
+
 def test_leave_one_out_matches_one_removal_at_a_time(trained):
     run, _ = trained
     gm = load_global_model(run)
@@ -136,11 +168,43 @@ def test_unknown_user_gets_labelled_popularity(trained, log):
     assert [r.item_id for r in result.items] == [i for _, _, i in order[:4]]
 
 
+def test_a_cold_start_header_says_why_and_what_the_list_is_ordered_by(trained, log, tmp_path, capsys):
+    # A journey review: every event outside the catalogue printed "popularity at this partner; 2 known events",
+    # though none is known and nothing at the partner ranks the list (catalogue order at score 0)
+    from client.cli import main
+
+    run, data = trained
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("user_id,item_id,timestamp\nbob,9999,100\nbob,abc,200\n")
+    args = ["recommend", "--model", str(run), "--data-path", str(unknown), "--user", "bob", "--k", "3"]
+    assert main(args) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head == ("user bob: cold start (2 events, none on an item in the model's catalogue; catalogue order: "
+                    "this partner has no events on the model's items to rank by popularity)")
+    assert main([*args, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "catalogue-order" and [i["item_id"] for i in out["items"]] == data.catalogue[:3].tolist()
+    # One catalogue item has an event (another user's): it ranks first, the rest fill up in catalogue order
+    one = tmp_path / "one.csv"
+    one.write_text(f"user_id,item_id,timestamp\nbob,9999,100\nann,{data.catalogue[5]},200\n")
+    assert main([*args[:4], str(one), *args[5:], "--no-explain"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("user bob: cold start (1 event, none on an item in the model's "
+                                                       "catalogue; popularity at this partner, then catalogue order "
+                                                       "for the last 2)")
+    assert main([*args[:4], str(one), "--user", "carol", "--k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "user carol: cold start (no events; popularity at this partner)"
+
+
 def test_bad_model_file_is_one_clear_error(tmp_path):
     from common.errors import DataError
 
     (tmp_path / "model.pt").write_bytes(b"not a model")
-    with pytest.raises(DataError, match=r"not a fedrec model file \(expected state_dict, catalogue, config; \w+Error: "):
+    with pytest.raises(DataError, match=r"not a fedrec model file \(expected state_dict, catalogue, config; "
+                                        r"not a torch.save archive of weights\)"):
+        load_global_model(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match=r"config; RuntimeError: PytorchStreamReader failed reading zip archive: "
+                                        r"not a ZIP archive\)$"):
         load_global_model(tmp_path)  # torch's own words say whose they are (a review: "...; pop from empty list)")
     import torch
 
@@ -173,6 +237,26 @@ def test_a_model_file_that_would_run_code_is_refused_without_running_it(trained,
     with pytest.raises(DataError, match="not a fedrec model file"):
         load_global_model(tmp_path / "model.pt")
     assert not marker.exists()
+
+
+def test_a_foreign_model_file_error_never_advises_an_unsafe_load(trained, tmp_path, capsys):
+    # A journey review: u.item given as --model quoted torch's "Re-running torch.load with weights_only set to
+    # False will likely succeed", advice that runs whatever code a tampered file names
+    from client.cli import main
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("x",))
+
+    text, tampered = tmp_path / "u.item", tmp_path / "tampered.pt"
+    text.write_text("1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|0|0|0\n")
+    blob = torch.load(trained[0] / "model.pt", weights_only=True)
+    torch.save({**blob, "config": {**blob["config"], "x": Payload()}}, tampered)
+    for file, says in ((text, "not a torch.save archive of weights"), (tampered, "loading them could run code")):
+        assert main(["recommend", "--model", str(file), "--data-path", str(text), "--user", "1"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "weights_only" not in err and "UnpicklingError" not in err
+        assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_a_model_file_from_an_older_version_says_so(trained, tmp_path):
@@ -371,6 +455,20 @@ def test_recommend_on_the_built_in_synthetic_log_of_a_quick_start_model(trained,
     assert out["history_length"] == by_hand.history_length > 0
 
 
+def test_recommend_on_synthetic_refuses_a_model_trained_on_another_dataset(trained, monkeypatch, tmp_path, capsys):
+    # A journey review: an ML-100K model over a rebuilt synthetic log printed nonsense with exit 0
+    from client.cli import main
+
+    run, _ = trained
+    monkeypatch.chdir(tmp_path)
+    blob = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**blob, "config": {**blob["config"], "dataset": "/data/ml-100k"}}, tmp_path / "model.pt")
+    assert main(["recommend", "--model", str(tmp_path / "model.pt"), "--data-path", "synthetic", "--user", "7"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err == (f"error: model {tmp_path / 'model.pt'} was trained on /data/ml-100k, not synthetic "
+                               "data; give this partner's own log with --data-path\n")
+
+
 # -- the HTTP API on a real uvicorn server ------------------------------------------------------
 
 
@@ -465,6 +563,10 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"json": {"user_id": " 1", "item_id": "1"}}), "user_id: Value error, must not start"),
     (("POST", "/events", {"json": {"user_id": "a\x00", "item_id": "1"}}), "user_id: Value error, must not"),
     (("POST", "/events", {"json": {"user_id": "NaN", "item_id": "1"}}), "reads as a missing id"),
+    # a journey review: GET answered ids POST refuses with a silent cold-start list
+    (("GET", "/users/42%20/recommendations", {}), "user_id: Value error, must not start or end with spaces"),
+    (("GET", "/users/42%00/recommendations", {}), "user_id: Value error, must not start or end with spaces"),
+    (("GET", "/users/nan/recommendations", {}), "user_id: Value error, 'nan' reads as a missing id"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 2**62}}), "timestamp"),
     # {"detail": ...} from Starlette before, not the documented {"error": ...}
     (("POST", "/events", {"content": b'{"user_id": "\xff", "item_id": "1"}',
@@ -1127,6 +1229,16 @@ def test_finetune_on_a_named_csv_log_uses_the_supernodes_ledger_as_the_log_grows
         finetune_partner(model=run, data_path=store, ledger_path=tmp_path / "s" / "ledger.sqlite", since=since,
                          data_identity="acme")
     assert not (tmp_path / "s" / "ledger.sqlite").exists()
+
+
+def test_serve_with_a_file_that_is_not_a_model_leaves_no_store_behind(tmp_path, capsys):
+    # A journey review: u.item as --model was found (it exists), the store was created, then the load failed
+    from client.cli import main
+
+    text, store = tmp_path / "u.item", tmp_path / "s2.sqlite"
+    text.write_text("1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|0|0|0\n")
+    assert main(["serve", "--model", str(text), "--store", str(store), "--port", str(_free_port())]) == 2
+    assert "not a fedrec model file" in capsys.readouterr().err and not store.exists()
 
 
 def test_a_bad_input_to_serve_leaves_no_store_behind(trained, log, tmp_path, monkeypatch, capsys):
