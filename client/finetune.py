@@ -156,7 +156,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
         "ledger-created": bool(ledger is not None and ledger.created),
     }
     buf = io.BytesIO()
-    text = table_record(tuned)  # checked when the file is served (client/recommend.py)
+    text = table_record(tuned, gm.config, gm.catalogue)  # checked when the file is served (client/recommend.py)
     torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,
                 "finetune": report, **({"item-text": text} if text else {})}, buf)
     write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data; checked above

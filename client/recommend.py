@@ -139,7 +139,7 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
                 if config.get("item-features", "id") != "id" else "")
         raise DataError(f"model {file}: weights do not match its config ({first}){hint}") from None
     # the frozen text table is rebuilt from the features file or metadata the config names, not stored
-    if why := record_mismatch(blob.get("item-text"), table_record(model), config):
+    if why := record_mismatch(blob.get("item-text"), table_record(model, config, catalogue), config):
         raise DataError(f"model {file}: {why}; serve it with the file it was trained with")
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise DataError(f"model {file}: weights contain NaN or infinite values (a diverged or corrupt model); "

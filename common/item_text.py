@@ -108,7 +108,7 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
     try:
         with np.load(p, allow_pickle=False) as z:
             ids, emb, texts = z["item_ids"].astype(str), z["embeddings"].astype(np.float32), z["texts"].astype(str)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # BadZipFile: a half-copied file (a review)
         # numpy's own words for a file that is no .npz ("contains pickled (object) data ... load it unsafely using
         # allow_pickle=") would send a partner to loading untrusted code (a review): named here instead
         what = f"no {exc}" if isinstance(exc, KeyError) else ("an .npz archive" if zipfile.is_zipfile(p) else "not an .npz archive")
@@ -165,12 +165,17 @@ def sketch_differs(mine: Sequence[float], theirs: Sequence[float], tolerance: fl
     return gap if gap > tolerance else None
 
 
-def table_record(model: Any) -> dict[str, Any] | None:
-    """What a saved text model keeps of its frozen table (None without one): its fingerprint and sketch.
-    The table is a non-persistent buffer rebuilt from the features file or metadata whenever the model is
-    loaded, so a file republished at the same path changed a served model's scores unseen (a review)."""
+def table_record(model: Any, cfg: Mapping[str, Any] | None = None, items: np.ndarray | None = None) -> dict[str, Any] | None:
+    """What a saved text model keeps of its frozen table (None without one): its fingerprint and sketch, and
+    for a table encoded from the metadata the exact key of its texts and encoder (:func:`local_text_key` of
+    ``cfg`` over ``items``, the model's catalogue). The table is a non-persistent buffer rebuilt from the
+    features file or metadata whenever the model is loaded, so a file republished at the same path changed a
+    served model's scores unseen (a review)."""
     fingerprint = table_fingerprint(model)
-    return None if fingerprint is None else {"fingerprint": fingerprint, "sketch": table_sketch(model)}
+    if fingerprint is None:
+        return None
+    key = local_text_key(cfg, items) if cfg is not None else None
+    return {"fingerprint": fingerprint, "sketch": table_sketch(model), **({"text-key": key} if key else {})}
 
 
 def record_mismatch(trained: Any, now: Any, config: Mapping[str, Any]) -> str | None:
@@ -182,12 +187,15 @@ def record_mismatch(trained: Any, now: Any, config: Mapping[str, Any]) -> str | 
     if config.get("item-text-features"):
         return (f"item-text-features {config['item-text-features']} is not the file it was trained with (table "
                 f"fingerprint {now.get('fingerprint')}, trained with {trained.get('fingerprint')})")
+    texts = f"the item texts encoded from the metadata beside dataset {config.get('dataset')!r}"
+    if trained.get("text-key") and now.get("text-key") and trained["text-key"] != now["text-key"]:
+        # one edited title moves one row by ~0.1-0.2, far inside the sketch's tolerance (a review: 60 of 60 unseen)
+        return f"{texts} are not those it was trained with (another title, metadata file or encoder)"
     tolerance = SKETCH_TOLERANCE[bool(config.get("item-text-quantize", False))]
     gap = sketch_differs(list(now.get("sketch") or []), list(trained.get("sketch") or []), tolerance)
     if gap is None:
         return None
-    return (f"the item texts encoded from the metadata beside dataset {config.get('dataset')!r} are not those it was "
-            f"trained with (table sketch differs by {gap:.2g}; another metadata file, title or encoder)")
+    return f"{texts} are not those it was trained with (table sketch differs by {gap:.2g}; another encoder version?)"
 
 
 def int8_encoded(config: Mapping[str, Any]) -> bool:
@@ -204,18 +212,20 @@ def int8_encoded(config: Mapping[str, Any]) -> bool:
         return False
 
 
-def local_text_key(cfg: Mapping[str, Any]) -> str | None:
+def local_text_key(cfg: Mapping[str, Any], items: np.ndarray | None = None) -> str | None:
     """The encoder setting, catalogue and every item text of features encoded from the metadata (None with a
     published file, or without text features): equal at the coordinator and a partner unless one of them
-    has other metadata (a partner's outdated file after the catalogue grew: a review) or another encoder."""
+    has other metadata (a partner's outdated file after the catalogue grew: a review) or another encoder.
+    ``items``: the catalogue (default the run's, :func:`common.task.catalogue`)."""
     if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):
         return None
     from common.task import catalogue  # lazy: common.task builds models, which need this module
     from common.text_encoder import encoder_id
 
-    _, texts = catalogue_text_features(cfg)  # cached: the table the model was built from
+    items = catalogue(cfg) if items is None else np.asarray(items, dtype=str)
+    _, texts = catalogue_text_features(cfg, items)  # cached: the table the model was built from
     model = encoder_id(str(cfg.get("item-text-model") or DEFAULT_ENCODER), bool(cfg.get("item-text-quantize", False)))
-    return features_key(catalogue(cfg), texts, model)
+    return features_key(items, texts, model)
 
 
 def cache_dir() -> Path:

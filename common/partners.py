@@ -53,6 +53,14 @@ def _partitions(key: tuple, num_partitions: int) -> tuple[SequenceData, list[np.
     return population, parts, attribute
 
 
+def clear_data_caches() -> None:
+    """Forget the data sets and partitions this process loaded (a long-lived process that only checked them)."""
+    from common import task
+
+    _partitions.cache_clear()
+    task.clear_data_caches()
+
+
 _KEYS = ("dataset", "synthetic-users", "synthetic-items", "seed", "catalogue", "holdout-fraction", "partitioning",
          "dirichlet-alpha", "size-skew-power")
 

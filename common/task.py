@@ -55,6 +55,13 @@ def _published_catalogue(path: str) -> np.ndarray:
     return load_catalogue(path)
 
 
+def clear_data_caches() -> None:
+    """Forget the data sets and catalogues this process loaded (:func:`common.partners.clear_data_caches`)."""
+    _federation_data.cache_clear()
+    _published_catalogue.cache_clear()
+    _partner_log.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _partner_log(path: str, version: tuple[int, int], catalogue_key: tuple[str, ...]) -> SequenceData:
     data = build_sequences(load_interactions(path), np.array(catalogue_key, dtype=str))

@@ -69,7 +69,7 @@ def trained_text_table(blob: dict[str, Any], source: Path) -> np.ndarray:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"model {source}: cannot be rebuilt with its own text features ({first}); "
                         "run this where the model can be served") from None
-    if why := record_mismatch(blob.get("item-text"), table_record(trained), config):
+    if why := record_mismatch(blob.get("item-text"), table_record(trained, config, old), config):
         raise DataError(f"model {source}: {why}; the old items' rows must be those its weights were fitted to: "
                         "restore that file (or metadata) first")
     return trained.item_text.table[1:].numpy()

@@ -92,7 +92,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
-        recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model))
+        recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
                                       "dataset (simulated partners)": _dataset_text(str(cfg["dataset"]))})

@@ -130,7 +130,7 @@ def _check(args: argparse.Namespace) -> int:
              "SuperLink's working folder, not here; run check from that folder or give an absolute run-dir")
     if cfg["resume"]:
         try:
-            run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict(), table_record(model)))
+            run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict(), table_record(model, cfg, items)))
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} ({where})" if relative and "no such run directory" in str(exc) else str(exc)) from None
         print(f"resumes {run_dir} after round {ckpt.round} of {cfg['num-server-rounds']}")

@@ -86,7 +86,7 @@ def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple
 def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
     """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
     state = model.state_dict()
-    fp = fingerprint(cfg, catalogue, state, table_record(model))
+    fp = fingerprint(cfg, catalogue, state, table_record(model, cfg, catalogue))
     total = int(cfg["num-server-rounds"])
     if not cfg["resume"]:
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])

@@ -10,25 +10,52 @@ failed and the run ended with the initial model. :func:`check_simulation` says s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError, DataError, FedRecError, PrivacyError
 from common.partners import simulated_partner
-from common.privacy import default_delta, dp_mode, refuse_meaningless_delta, steps_per_epoch, uses_local_dp
-from common.private_evaluation import planned_evaluations
+from common.privacy import (calibrate_noise_after, default_delta, dp_mode, refuse_meaningless_delta, steps_per_epoch,
+                            uses_local_dp)
+from common.private_evaluation import evaluation_mechanism, planned_evaluations
 from common.training import user_count_for_training
 
 
+def _unreachable(cfg: Mapping[str, Any], users: int, delta: float, evals: int, plans: dict) -> str | None:
+    """Why a partner of ``users`` exact users with a fresh ledger cannot calibrate its noise (the target
+    epsilon is out of reach at its sample rate and steps), None when it can; ``plans`` caches by plan."""
+    rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
+    per_round = int(cfg["local-epochs"]) * steps
+    key = (rate, per_round, delta)
+    if key not in plans:
+        noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
+        try:  # as client/privacy_budget.py plans it: the planned noised evaluations first, DP-SGD gets the rest
+            with warnings.catch_warnings():  # Opacus' "optimal order is the largest alpha" of the search's low noises
+                warnings.simplefilter("ignore", UserWarning)
+                calibrate_noise_after([evaluation_mechanism(noise)] * evals, target_epsilon=float(cfg["target-epsilon"]),
+                                      target_delta=delta, sample_rate=rate, total_steps=int(cfg["num-server-rounds"])
+                                      * per_round, accountant=str(cfg["accountant"]))
+            plans[key] = None
+        except PrivacyError as exc:
+            plans[key] = str(exc)
+    if plans[key] is None:
+        return None
+    return f"({users} users, batch-size {cfg['batch-size']}, {cfg['num-server-rounds']} rounds x {per_round} steps): {plans[key]}"
+
+
 def partners_unable_to_train(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str]:
-    """``{partition id: why}`` for each simulated partner that would refuse every round before training:
-    no users, no user with a training example, or (local DP with the partition's exact size, the
-    simulation's default) too few users for ``batch-size`` or a ``target-delta`` meaningless for them.
+    """``{partition id: why}`` for each simulated partner that would refuse every round before training: no
+    users, no user with a training example, or under local DP a ``target-delta`` meaningless for its users,
+    and with the partition's exact size (the simulation's default) too few users for ``batch-size`` or a
+    target epsilon its fresh ledger cannot reach (a ledger with earlier spend may refuse more: not read here).
     Raises :class:`FedRecError` for a data set or partitioning that cannot be split this way at all."""
     local = uses_local_dp(dp_mode(cfg))
-    exact = not bool(cfg.get("simulated-count-noise", False))  # a noised count is never refused (client/privacy_budget.py)
-    batch, delta = int(cfg["batch-size"]), float(cfg["target-delta"])
-    evaluated = planned_evaluations(cfg) > 0
+    # a noised count is not refused for its size and plans with the noised number (client/privacy_budget.py)
+    exact = not bool(cfg.get("simulated-count-noise", False))
+    delta = float(cfg["target-delta"])
+    evals = planned_evaluations(cfg)
+    plans: dict = {}
     unable: dict[int, str] = {}
     for pid in range(num_partners):
         try:
@@ -41,11 +68,16 @@ def partners_unable_to_train(cfg: Mapping[str, Any], num_partners: int) -> dict[
         users = user_count_for_training(data)
         if users == 0:
             unable[pid] = f"no user with a training example among its {data.num_users} users"
-        elif local and exact:
+        elif local:
             try:
-                steps_per_epoch(users, batch)
-                population = max(users, data.num_users) if evaluated else users
-                refuse_meaningless_delta(delta or default_delta(population), population)
+                if exact:
+                    steps_per_epoch(users, int(cfg["batch-size"]))
+                # the population a partner checks the delta against: before drawing a noised count, every user
+                # of its log; with the exact count, its training users (and evaluated ones when noised sums go out)
+                population = data.num_users if not exact else max(users, data.num_users) if evals else users
+                used = refuse_meaningless_delta(delta or default_delta(population), population)
+                if exact and (why := _unreachable(cfg, users, used, evals, plans)):
+                    raise PrivacyError(why)
             except PrivacyError as exc:
                 unable[pid] = str(exc)
     return unable

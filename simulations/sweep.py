@@ -26,6 +26,7 @@ so re-running the command resumes the sweep.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -60,8 +61,9 @@ ROUND_LINE = re.compile(r"round (\d+): HR@")
 ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # ours ("error: ...") and argparse's ("run.py: error: ...")
 
 
-def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a sweep config; every key must be a run-config key (or num-partners)."""
+def load_sweep(path: str | os.PathLike, *, check_data: bool = True) -> dict[str, Any]:
+    """Read and check a sweep config; every key must be a run-config key (or num-partners). ``check_data``:
+    also load each cell's data and partners as its run will (simulations/preflight.py); ``--table`` does not."""
     p = Path(path)
     try:
         spec = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -99,10 +101,15 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     try:
         unused: set[str] = set()
         for run in expand(spec):
-            unused |= unused_budget_keys(run, check_run(run, spec))
+            unused |= unused_budget_keys(run, check_run(run, spec, check_data=check_data))
         _refuse_a_grid_of_no_effect(grid, unused)
     except FedRecError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+    finally:
+        if check_data:
+            from common.partners import clear_data_caches
+
+            clear_data_caches()  # the runs load their own: the sweep process would hold every data set for hours
     return spec
 
 
@@ -114,7 +121,7 @@ def project_path(config: Path, key: str, value: object) -> Path:
     return PROJECT_ROOT / Path(value).expanduser()
 
 
-def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+def check_run(run: Mapping[str, Any], spec: Mapping[str, Any], *, check_data: bool = True) -> dict[str, Any]:
     """The run config one run's process will get, resolved and checked as ``simulations.run`` does, so
     a bad value is one line naming its key before the first run starts (it was a traceback from the
     progress bar, or a failed row per run); returns it."""
@@ -123,9 +130,12 @@ def check_run(run: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]
         raise ConfigError(f"num-partners = {partners!r} must be a whole number of partners, at least 1")
     cfg = resolve_config(None, run_config(run, spec, run_id(run)))
     refuse_many_examples_per_user(cfg)
-    from simulations.preflight import check_simulation  # data, torch and flwr: after the cheap checks
+    if check_data:
+        from simulations.preflight import check_simulation  # data, torch and flwr: after the cheap checks
 
-    check_simulation(cfg, partners)  # data, partitions, min-nodes and the ServerApp's own refusals
+        # in the repository root, where the run's process starts: a relative dataset is read from there (a review)
+        with contextlib.chdir(PROJECT_ROOT):
+            check_simulation(cfg, partners)  # data, partitions, min-nodes and the ServerApp's own refusals
     return cfg
 
 
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         try:
-            print(results_table(load_sweep(args.config)["output"], args.table))
+            print(results_table(load_sweep(args.config, check_data=False)["output"], args.table))
         except (FedRecError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

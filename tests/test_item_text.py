@@ -359,7 +359,8 @@ def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypa
     from client.recommend import load_global_model
 
     recorded = torch.load(run_dir / "model.pt", weights_only=True)["item-text"]
-    assert recorded == item_text.table_record(load_global_model(run_dir).model)
+    served = load_global_model(run_dir)
+    assert recorded == item_text.table_record(served.model, served.config, served.catalogue) and recorded["text-key"]
 
     sketches = []
     real = item_text.table_sketch
@@ -381,9 +382,9 @@ def test_locally_encoded_features_are_compared_in_every_round(tmp_path, monkeypa
     keys = []
     real_key = item_text.local_text_key
 
-    def second_partner_has_old_metadata(cfg):  # noqa: ANN001, ANN202
-        keys.append(real_key(cfg))
-        return keys[-1][::-1] if len(keys) == 3 else keys[-1]
+    def second_partner_has_old_metadata(cfg, *items):  # noqa: ANN001, ANN002, ANN202
+        keys.append(real_key(cfg, *items))
+        return keys[-1][::-1] if len(keys) == 3 else keys[-1]  # coordinator (round, model.pt), a partner
 
     monkeypatch.setattr(item_text, "local_text_key", second_partner_has_old_metadata)
     run_dir = run_local({**cfg, "run-name": "old-metadata", "min-nodes": 1}, 2)

@@ -98,3 +98,36 @@ def test_a_sweep_refuses_a_cell_whose_partners_cannot_train_before_any_run(tmp_p
     with pytest.raises(ConfigError, match=r"30 of 30 simulated partners cannot train"):
         sweep.load_sweep(config)
     assert calls == []
+
+
+def test_a_target_no_partner_can_reach_and_a_delta_checked_before_the_noised_count_are_found():
+    # A review: both passed the preflight while every partner refused every round (the run ended with exit 3)
+    unreachable = resolve_config(None, {**SMALL, "target-epsilon": 0.05, "num-server-rounds": 5})
+    unable = preflight.partners_unable_to_train(unreachable, 5)
+    assert len(unable) == 5 and all("cannot reach epsilon=0.05" in why for why in unable.values()), unable
+    assert preflight.partners_unable_to_train(resolve_config(None, {**SMALL, "num-server-rounds": 5}), 5) == {}
+    noised = resolve_config(None, {**SMALL, "target-delta": 0.05, "simulated-count-noise": True})
+    assert all("target-delta = 0.05 is at least 1 / " in why for why in preflight.partners_unable_to_train(noised, 5).values())
+    assert len(preflight.partners_unable_to_train(noised, 5)) == 5
+
+
+def test_a_sweep_reads_a_relative_dataset_under_the_repository_root_from_anywhere(tmp_path, monkeypatch):
+    # A review: the preflight read [fixed] dataset against the current directory, while every run starts in the
+    # repository root; every shipped config (dataset = "../shared/data/...") failed outside it, --table too
+    import os
+
+    from common.data.catalogue import PROJECT_ROOT
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [f"{u},{i},{t}" for u in range(1, 41) for t, i in enumerate(range(1 + u % 5, 9 + u % 5))]
+    (data / "log.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    relative = os.path.relpath(data / "log.csv", PROJECT_ROOT)
+    config = tmp_path / "s.toml"
+    config.write_text(f'[sweep]\noutput = "{tmp_path}/r.csv"\nseeds = [1]\n[fixed]\ndataset = "{relative}"\n'
+                      "batch-size = 4\nnum-server-rounds = 1\nmax-seq-len = 8\n[grid]\nnum-partners = [2]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sweep.load_sweep(config)["fixed"]["dataset"] == relative
+    assert os.getcwd() == str(elsewhere)

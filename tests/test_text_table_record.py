@@ -155,3 +155,45 @@ def test_blank_titles_and_unreadable_features_files_say_what_they_are(tmp_path):
     with pytest.raises(DataError, match=r"not a features file from `fedrec-server item-text` \(not an .npz archive\)") as exc:
         load_features(tmp_path / "u.item", np.array(OLD))
     assert "allow_pickle" not in str(exc.value) and "unsafe" not in str(exc.value)
+
+
+def test_an_edited_title_in_the_metadata_is_refused_when_the_model_is_served(tmp_path, monkeypatch):
+    # A review: one edited title moves its row by 0.1-0.2, far inside the sketch tolerance (60 of 60 unseen);
+    # the record keeps the exact key of the texts and encoder, as partners compare it every round
+    import time
+
+    from flwr.app import ArrayRecord
+
+    from common.models import build_model
+    from server.run_report import RunRecorder
+
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = [f"{u},{i},{t}" for u in range(1, 7) for t, i in enumerate((1, 2, 3, 5))]
+    (folder / "ratings.csv").write_text("userId,movieId,timestamp\n" + "\n".join(rows) + "\n")
+    movies = "movieId,title,genres\n1,Alien (1979),Horror|Sci-Fi\n2,Aliens (1986),Action|Sci-Fi\n3,Emma (1996),Comedy\n5,Heat (1995),Crime\n"
+    (folder / "movies.csv").write_text(movies)
+    cfg = resolve_config(None, {"dataset": str(folder), "item-features": "text", "embedding-dim": 8, "max-seq-len": 4})
+    items = np.array(["1", "2", "3", "5"])
+    model = build_model(cfg, len(items), catalogue=items)
+    (tmp_path / "run").mkdir()
+    recorder = RunRecorder(tmp_path / "run", dict(cfg), items, text_table=table_record(model, cfg, items))
+    recorder.save_model(ArrayRecord(model.state_dict()))
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["item-text"]["text-key"]
+    load_global_model(tmp_path / "run")
+    time.sleep(0.01)
+    (folder / "movies.csv").write_text(movies.replace("Emma (1996)", "Emma Returns (1996)"))
+    with pytest.raises(DataError, match=r"the item texts encoded from the metadata beside dataset .* are not those it "
+                                        r"was trained with \(another title, metadata file or encoder\)"):
+        load_global_model(tmp_path / "run")
+
+
+def test_a_half_copied_features_file_is_one_line(tmp_path):
+    from common.item_text import load_features
+
+    save_features(tmp_path / "t.npz", np.array(OLD), unit_rows(3, seed=1), model="enc", texts=OLD)
+    data = (tmp_path / "t.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"half.npz: not a features file from `fedrec-server item-text`"):
+        load_features(tmp_path / "half.npz", np.array(OLD))
