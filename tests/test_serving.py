@@ -1263,3 +1263,20 @@ def test_a_bad_input_to_serve_leaves_no_store_behind(trained, log, tmp_path, mon
     assert main([*base, "--import-log", str(garbage)]) == 2
     assert store.read_bytes() == b""
     assert main([*base, "--import-log", str(csv)]) == 0 and EventStore(store).count() > 0
+
+
+def test_get_serves_a_user_id_longer_than_post_accepts(trained, tmp_path):
+    # A review: GET took POST's 200-character limit, but an imported log has none: such a user got a 422
+    from fastapi.testclient import TestClient
+
+    from client.serve import create_app
+    from common.data.event_store import EventStore
+
+    run, data = trained
+    long_id = "u" * 250
+    store = EventStore(tmp_path / "events.sqlite", create=True)
+    store.add_many([(long_id, str(data.catalogue[3]), 1, None), (long_id, str(data.catalogue[5]), 2, None)])
+    with TestClient(create_app(model=run, store=store, titles={})) as client:
+        answer = client.get(f"/users/{long_id}/recommendations?k=2")
+    assert answer.status_code == 200 and answer.json()["user_id"] == long_id, answer.text
+    assert answer.json()["strategy"] == "model"
