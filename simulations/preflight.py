@@ -98,7 +98,7 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
     able = num_partners - len(unable)
     if able < min_nodes:
         pid, why = next(iter(unable.items()))
-        raise FedRecError(f"{len(unable)} of {num_partners} simulated partners cannot train ({'partner-' + str(pid)}: "
+        raise FedRecError(f"{len(unable)} of {num_partners} simulated partners cannot train (partner-{pid}: "
                           f"{why}), leaving {able}, fewer than min-nodes = {min_nodes}: every round would fail")
     return unable
 
