@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -13,7 +15,8 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
     """Wrap a command's ``main``: a :class:`FedRecError` (bad data, config, budget: something the
     user can fix), a ``--run-config`` string Flower cannot parse (its ``click`` error) or an output
     path that cannot be written prints one ``error: ...`` line on stderr and exits with status 2,
-    no traceback."""
+    no traceback. Ctrl-C is one ``stopped`` line and status 130 (143 for a SIGTERM raised as an
+    interrupt with ``signum``); output piped into a reader that left (``| head``) ends quietly."""
     from click import ClickException
 
     @functools.wraps(main)
@@ -29,5 +32,14 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
         except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
             print(f"error: cannot write or read {exc.filename!r}: {exc.strerror}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"stopped ({signal.Signals(signum).name})", file=sys.stderr)
+            return 128 + signum
+        except BrokenPipeError:
+            # As Python's documentation advises: stdout's reader is gone, and flushing it again at
+            # exit would print a second BrokenPipeError
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
     return wrapped

@@ -22,6 +22,7 @@ from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
 from simulations.run_claims import metrics_lines  # noqa: E402
+from simulations.run_stop import exit_interrupted, sigterm_stops, signals_deferred  # noqa: E402
 
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
@@ -61,19 +62,39 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     before = run_dirs_named(base, cfg["run-name"])
     backend = backend_config(cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)  # simulations/resources.py
     print(describe_partners(cfg, num_partners), flush=True)
-    run_simulation(
-        server_app=make_server_app(overrides),
-        client_app=client_app or make_client_app(overrides),
-        num_supernodes=num_partners,
-        backend_config=backend,
-    )
-    if cfg["resume"]:  # a resumed run continues in its own directory (server/resume.py)
-        return base / cfg["run-name"]
-    created = created_run_dir(base, cfg["run-name"], before)
+    try:
+        with sigterm_stops():  # ``kill`` stops the run as Ctrl-C does
+            run_simulation(
+                server_app=make_server_app(overrides),
+                client_app=client_app or make_client_app(overrides),
+                num_supernodes=num_partners,
+                backend_config=backend,
+            )
+    except KeyboardInterrupt as exc:
+        # Flower has stopped Ray; its ServerApp thread waits out the round's replies (round-timeout)
+        # and the interpreter would wait for it: end here, once the run's state is written
+        run_dir = base / cfg["run-name"] if cfg["resume"] else created_run_dir(base, cfg["run-name"], before)
+        with signals_deferred():  # a second Ctrl-C: the files a resume and the audit need come first
+            if run_dir is not None:
+                write_population(run_dir, cfg, num_partners)
+            exit_interrupted(exc, _interrupted_message(run_dir))
+    # a resumed run continues in its own directory (server/resume.py)
+    created = base / cfg["run-name"] if cfg["resume"] else created_run_dir(base, cfg["run-name"], before)
     if created is None:
         raise FedRecError("the simulation ended without writing a run directory; see the log above")
     write_population(created, cfg, num_partners)  # holdout.json (audit non-members), partitions.json
     return created  # the ServerApp drew rounds.png and partners.png (server/run_plots.py)
+
+
+def _interrupted_message(run_dir: Path | None) -> str:
+    from server.checkpoint import CHECKPOINT_NAME
+
+    if run_dir is None:
+        return "stopped before the run wrote its directory"
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        return f"stopped: {run_dir} is incomplete, before its first round ended (nothing to resume)"
+    return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with "
+            f"--run-config 'resume=true run-name=\"{run_dir.name}\"' and the same knobs")
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

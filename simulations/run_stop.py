@@ -12,14 +12,18 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 STOP_GRACE_S = 10.0  # seconds a stopped run gets to end on SIGTERM before its process group is killed
 
 
 class Stopped(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C's KeyboardInterrupt so that both stop a sweep the same way."""
+
+    signum = signal.SIGTERM  # common/cli_errors.py: exit status 128 + signum
 
 
 @contextlib.contextmanager
@@ -84,3 +88,15 @@ def stop_run(proc: subprocess.Popen) -> None:
         # Also after a clean exit: a Ray worker left in the group would hold the output pipe open
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def exit_interrupted(exc: KeyboardInterrupt, message: str) -> NoReturn:
+    """End the process after Ctrl-C (exit status 130) or SIGTERM as :class:`Stopped` (143), printing
+    ``message``. ``os._exit``: a simulation's ServerApp runs in a thread Flower does not stop, which
+    waits for replies up to its round-timeout (600 s by default) and so kept one Ctrl-C from ending
+    the process; its files are written atomically or line by line (a cut line is skipped on reading)."""
+    with signals_deferred():  # a second Ctrl-C must not cut the message or the flush short
+        print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + getattr(exc, "signum", signal.SIGINT))

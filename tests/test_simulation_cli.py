@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from simulations import audit, baselines, cold_start, deployment, epsilon_plan, fault_injection, local_grid, run, sweep
@@ -114,3 +116,30 @@ def test_impossible_numbers_are_refused_by_the_argument_parser(main, argv, capsy
         main(argv)
     assert stop.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+def test_an_interrupt_is_one_stopped_line_with_the_shell_exit_status(signum, capsys):
+    # Before: Ctrl-C in any command (a preflight, a data check) printed a KeyboardInterrupt traceback
+    from common.cli_errors import user_errors_exit
+    from simulations.run_stop import Stopped
+
+    @user_errors_exit
+    def main(argv: list[str] | None = None) -> int:
+        raise Stopped if signum == 15 else KeyboardInterrupt
+
+    assert main([]) == 128 + signum
+    assert capsys.readouterr().err == f"stopped ({'SIGTERM' if signum == 15 else 'SIGINT'})\n"
+
+
+def test_output_into_a_reader_that_left_ends_without_a_traceback():
+    # `fedrec-server report --json RUN | head` printed a BrokenPipeError traceback (twice: once more at exit)
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom common.cli_errors import user_errors_exit\n"
+              "@user_errors_exit\ndef main(argv=None):\n    for i in range(10**6):\n        print(i)\n    return 0\n"
+              "sys.exit(main())\n")
+    res = subprocess.run(f"{sys.executable} -c '{script}' | head -1", shell=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert res.stdout == "0\n" and res.stderr == ""

@@ -70,3 +70,42 @@ def test_bad_dataset_path_is_one_clear_line(tmp_path):
 def test_unknown_config_key_is_one_clear_line(tmp_path):
     res = run_main_job(["--run-config", "num-rounds=3"], timeout=120)
     assert res.returncode == 2 and "unknown config key 'num-rounds'" in res.stdout
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_a_simulation_and_its_ray_processes(tmp_path):
+    # Before: the ServerApp thread waited out round-timeout (600 s) after Ctrl-C, and the interpreter
+    # waited for it; the terminal sends SIGINT to the whole process group, Ray's processes included
+    import time
+
+    cfg = f"{TINY.replace('num-server-rounds=2', 'num-server-rounds=50')} run-dir='{tmp_path}' run-name='stop'"
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--num-partners", "3", "--run-config", cfg],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ})
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "round 1: HR@10" in line:
+                break
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=150)  # far below round-timeout
+        assert proc.returncode == 130, rest[-3000:]
+        assert "Traceback" not in rest, rest[-3000:]
+        assert f"stopped: {tmp_path / 'stop'} is incomplete" in rest and "resume=true run-name=\"stop\"" in rest
+        assert (tmp_path / "stop" / "partitions.json").is_file()  # what the audit and a resume's report read
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # Ray's actors end once their owner has gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("processes of the stopped simulation are still running")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
