@@ -75,14 +75,23 @@ def steady(rounds: list[float]) -> float | None:
 
 def _timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
     """(start, end) in ``time.time`` seconds and the output of ``cmd``; raises on failure."""
+    from simulations.run_stop import stop_run
+
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, **set_flower_env()})
+    # A session of its own: on Ctrl-C its whole group (the simulation's Ray processes) is stopped;
+    # subprocess.run killed the child alone and left Ray's agents running
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **set_flower_env()}, start_new_session=True)
+    try:
+        out, _ = proc.communicate()
+    except BaseException:
+        stop_run(proc)
+        raise
     end = time.time()
-    log.write_text(proc.stdout)
+    log.write_text(out)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); log: {log}")
-    return start, end, proc.stdout
+    return start, end, out
 
 
 ENGINES = ("ray", "local")  # Flower's simulation engine; simulations.local_grid (in process, partners in turn)
