@@ -111,6 +111,8 @@ def find_model_file(path: str | os.PathLike) -> Path:
         if candidates:
             return max(candidates, key=lambda c: c.stat().st_mtime)
         raise DataError(f"{p}: no model.pt in this folder or its run directories (train a run first)")
+    if p.exists():  # a device, a pipe: os.path.exists, not is_file
+        raise DataError(f"model {p}: not a regular file (give a run directory or its model.pt)")
     raise DataError(f"model {p}: no such file or directory")
 
 

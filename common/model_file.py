@@ -38,13 +38,15 @@ def _why(file: Path, exc: Exception) -> str:
     import pickle
     import zipfile
 
+    if isinstance(exc, EOFError) or file.stat().st_size == 0:
+        return "the file is empty or cut short"
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; a text file read as a legacy pickle said "missing 101"
+        return "not a torch.save archive: another format, or a copy cut short"
     if isinstance(exc, pickle.UnpicklingError):
         # never torch's words: they advise weights_only=False, i.e. running whatever code the file names
-        if zipfile.is_zipfile(file):
-            return "a torch.save archive holding objects other than weights (refused: loading them could run code)"
-        return "not a torch.save archive of weights"
-    if isinstance(exc, EOFError):
-        return "the file is empty or cut short"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line, also for a text file
+        return "a torch.save archive holding objects other than weights (refused: loading them could run code)"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
     first = first.split(". ")[0][:200]  # torch's first sentence; the rest is advice about its internals
-    return f"missing {first}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {first}"  # whose words
+    if isinstance(exc, KeyError):
+        return f"missing {first}"
+    return f"a damaged torch.save archive: {type(exc).__name__}: {first}"  # whose words: torch's

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -200,17 +201,22 @@ def test_bad_model_file_is_one_clear_error(tmp_path):
 
     (tmp_path / "model.pt").write_bytes(b"not a model")
     with pytest.raises(DataError, match=r"not a fedrec model file \(expected state_dict, catalogue, config; "
-                                        r"not a torch.save archive of weights\)"):
+                                        r"not a torch.save archive: another format, or a copy cut short\)"):
         load_global_model(tmp_path)
-    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04garbage")
-    with pytest.raises(DataError, match=r"config; RuntimeError: PytorchStreamReader failed reading zip archive: "
-                                        r"not a ZIP archive\)$"):
+    (tmp_path / "model.pt").write_text("hello\nworld\n")  # torch read it as a legacy pickle: "missing 101"
+    with pytest.raises(DataError, match=r"config; not a torch.save archive: another format, or a copy cut short\)$"):
+        load_global_model(tmp_path)
+    with zipfile.ZipFile(tmp_path / "model.pt", "w") as archive:  # a zip, not torch's
+        archive.writestr("x/data.pkl", b"\x80\x02garbage")
+    with pytest.raises(DataError, match=r"config; a damaged torch.save archive: RuntimeError: Expected "):
         load_global_model(tmp_path)  # torch's own words say whose they are (a review: "...; pop from empty list)")
     import torch
 
     torch.save({"state_dict": {}, "catalogue": []}, tmp_path / "model.pt")
     with pytest.raises(DataError, match=r"config; missing 'config'\)"):
         load_global_model(tmp_path)
+    with pytest.raises(DataError, match="model /dev/null: not a regular file"):  # it said "no such file"
+        load_global_model("/dev/null")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no model.pt"):
         load_global_model(tmp_path / "empty")
@@ -252,7 +258,7 @@ def test_a_foreign_model_file_error_never_advises_an_unsafe_load(trained, tmp_pa
     text.write_text("1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|0|0|0\n")
     blob = torch.load(trained[0] / "model.pt", weights_only=True)
     torch.save({**blob, "config": {**blob["config"], "x": Payload()}}, tampered)
-    for file, says in ((text, "not a torch.save archive of weights"), (tampered, "loading them could run code")):
+    for file, says in ((text, "not a torch.save archive"), (tampered, "loading them could run code")):
         assert main(["recommend", "--model", str(file), "--data-path", str(text), "--user", "1"]) == 2
         err = capsys.readouterr().err
         assert says in err and "weights_only" not in err and "UnpicklingError" not in err
