@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.supercore.differential_privacy import get_norm
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, get_norm
 
 from common.config import resolve_config
 from common.errors import FedRecError
@@ -56,16 +56,29 @@ def central_dp_clipping_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
         if not clip_here:
             return call_next(msg, context)
 
+        # Flower's mod wants exactly one ConfigRecord; under SecAgg+ the train message also holds the
+        # protocol's stage record (server/secagg_protocol.py), which refused every round of central DP
+        # with SecAgg+. It is set aside while Flower's mod checks the message, and back for the handler.
+        aside = {key: record for key, record in msg.content.config_records.items()
+                 if KEY_CLIPPING_NORM not in record} if len(msg.content.config_records) > 1 else {}
+
         def train_then_check(inner: Message, ctx: Context) -> Message:
+            for key, record in aside.items():
+                inner.content[key] = record
             reply = call_next(inner, ctx)
             if is_unchanged(inner, reply):
                 raise _Unchanged(reply)
             return reply
 
+        for key in aside:
+            del msg.content[key]
         # Flower's mod checks the message before training and clips the reply after it
         try:
             return fixedclipping_mod(msg, context, train_then_check)
         except _Unchanged as unchanged:
             return unchanged.reply
+        finally:
+            for key, record in aside.items():
+                msg.content[key] = record
 
     return mod

@@ -418,3 +418,26 @@ def test_a_partner_gone_while_training_under_secagg_is_listed_as_silent():
     messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({"server-round": 1}), grid))
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=0.0))
     assert arrays is not None and grid.finish() == [(1, 104)] and unanswered == [(1, 104)]
+
+
+@pytest.mark.parametrize("mode", ["central", "both"])
+def test_real_apps_central_dp_with_client_clipping_under_secagg_aggregates_every_partner(tmp_path, mode):
+    # A researcher journey: Flower's fixedclipping_mod wants one ConfigRecord, and the SecAgg+ train
+    # message holds two, so every partner refused every round and the run kept the initial model
+    import torch
+
+    from simulations.local_grid import run_local
+
+    tiny = {"num-server-rounds": 2, "synthetic-users": 90, "synthetic-items": 30, "max-seq-len": 10,
+            "embedding-dim": 8, "num-blocks": 1, "batch-size": 8, "local-epochs": 1, "run-dir": str(tmp_path),
+            "secure-aggregation": True, "dp-mode": mode, "central-clipping": "client", "run-name": mode}
+    run_dir = run_local(tiny, 3)
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num-partners"] for r in rounds] == [3, 3]
+    central = json.loads((run_dir / "privacy.json").read_text())["central"]
+    assert [(r["round"], r["partners"]) for r in central["rounds"]] == [(1, 3), (2, 3)]
+    assert 0 < central["rounds"][0]["epsilon"] < central["rounds"][1]["epsilon"] == central["epsilon"]
+    cfg = resolve_config(None, tiny)
+    initial = new_model(cfg, len(catalogue(cfg))).state_dict()
+    trained = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert max(torch.max(torch.abs(trained[k] - initial[k])).item() for k in initial) > 1e-3
