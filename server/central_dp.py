@@ -3,8 +3,8 @@
 ``dp-mode`` local/off: :class:`PrivacyReportingStrategy` records each partner's privacy numbers
 and logs partners that refuse to train (budget exhausted), then lets the inner strategy
 aggregate the others. central/both: Flower's ``DifferentialPrivacy{Server,Client}SideFixedClipping``
-(clip each partner's update to ``central-clipping-norm``, add Gaussian noise with std
-``central-noise-multiplier * clipping-norm / partners`` to the mean) with Flower's RDP accountant
+(clip each partner's update to ``central-clipping-norm``, sum, divide by the partners sampled,
+add Gaussian noise with std ``central-noise-multiplier * clipping-norm / partners sampled``) with Flower's RDP accountant
 when the inner strategy is plain FedAvg; refusals are screened out first, since Flower's
 wrapper would otherwise skip the whole round on any error reply. The noise itself comes from a
 CSPRNG (common/secure_noise.py), not numpy's global Mersenne Twister as in Flower's wrappers.
@@ -77,8 +77,9 @@ class PrivacyReportingStrategy(Strategy):
 
 
 class _CentralDP:
-    """What our central DP wrappers add to Flower's: refusal screening, a sample size that follows
-    the partners actually aggregated, a lazily sized accountant, and the per-round report."""
+    """What our central DP wrappers add to Flower's: refusal screening, a fixed denominator (the
+    partners sampled) so that a partner that refuses counts as zero rather than skipping the round,
+    a lazily sized accountant, and the per-round report."""
 
     report: PrivacyReport
     accountant: RdpAccountant | None
@@ -95,6 +96,8 @@ class _CentralDP:
         self._delta = delta
         self._side = side
         self._population = 0
+        self._sampled = self._averaged = 0  # partners sampled for / averaged in the round
+        self._current = ArrayRecord()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -105,12 +108,13 @@ class _CentralDP:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._population = max(self._population, len(list(grid.get_node_ids())))
+        self._current = arrays  # the global weights the updates are measured from
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _prepare_accounting(self, server_round: int, messages: Iterable[Message]) -> Iterable[Message]:
         messages = list(messages)
         if messages:
-            self.num_sampled_clients = len(messages)
+            self.num_sampled_clients = self._sampled = len(messages)
             too_small = self.accountant is not None and self.accountant.config.population_size < len(messages)
             if self._account and (self.accountant is None or too_small):
                 # NOTE: no amplification by sampling: partners are not a random sample of a
@@ -130,11 +134,21 @@ class _CentralDP:
         return super()._prepare_accounting(server_round, messages)  # type: ignore[misc]
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        """Flower's Gaussian mechanism on the mean, N(0, std^2) per weight with std = multiplier x
-        clip / partners averaged, but drawn from :class:`SecureGaussian` (a ChaCha20 stream keyed
-        from the OS, four draws per value against floating-point attacks). Flower draws it from
-        numpy's global Mersenne Twister: no secret key, and open to those attacks on the released model."""
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        """The Gaussian mechanism on the sum of clipped updates over a fixed denominator: global +
+        (sum of the m updates averaged) / n + N(0, std^2) per weight, std = multiplier x clip / n,
+        n the partners sampled for the round (the coordinator's choice, fixed before any reply), so a
+        sampled partner that refuses or drops out counts as a zero update. The sum's sensitivity to
+        one partner's update (present, or absent as zero) is clip, whatever m is; dividing by the
+        data-dependent m, as before, gave a mean whose sensitivity is up to 2 clip / m with a noise
+        that also moved with m, more than the accountant's add/remove-one Gaussian assumes (a
+        researcher review). McMahan et al. 2018's fixed-denominator estimator, Flower's own wrapper
+        at m = n (with accounting it skips a round with any missing reply). The noise is drawn from
+        :class:`SecureGaussian` (a ChaCha20 stream keyed from the OS, four draws per value against
+        floating-point attacks); Flower draws it from numpy's global Mersenne Twister: no secret key,
+        and open to those attacks on the released model."""
+        averaged = self._averaged
+        sampled = max(self._sampled, averaged, 1)
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
         source = SecureGaussian()
         noised = {}
         for key, array in aggregated_arrays.items():
@@ -142,6 +156,9 @@ class _CentralDP:
                 noised[key] = array
                 continue
             values = torch.from_numpy(np.array(array.numpy()))
+            if averaged < sampled:  # the mean of m updates -> their sum / n
+                current = torch.from_numpy(np.array(self._current[key].numpy())).to(values.dtype)
+                values = current + (values - current) * (averaged / sampled)
             noised[key] = Array((values + source.noise_like(values, std)).numpy())
         log(INFO, "aggregate_train: central DP noise with %.4f stdev added (CSPRNG)", std)
         return ArrayRecord(noised)
@@ -152,9 +169,9 @@ class _CentralDP:
         valid = self.report.screen(server_round, list(replies))
         for msg in valid:
             next(iter(msg.content.metric_records.values()))[UNIT_WEIGHT_KEY] = 1.0
-        # Noise std = multiplier * clip / (partners averaged): the mean of the m partners that
-        # replied has sensitivity clip / m, so the noise must follow m, not the sampled count.
-        self.num_sampled_clients = max(1, len(valid))
+        # Flower's reply check (strict under accounting) compares the replies with this count; the
+        # noise uses the sampled count (_add_noise_to_aggregated_arrays)
+        self._averaged = self.num_sampled_clients = max(1, len(valid))
         # Weigh partners equally for this mean only (evaluation keeps its own weights)
         weight_key = getattr(self.strategy, "weighted_by_key", None)
         if weight_key is not None:
@@ -168,7 +185,7 @@ class _CentralDP:
         if arrays is not None:
             self.report.note_central(
                 server_round, noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm,
-                clipping=self._side, partners=len(valid),
+                clipping=self._side, partners=len(valid), sampled=max(self._sampled, len(valid)),
                 epsilon=spent.epsilon if spent else None, delta=spent.delta if spent else None)
         self.report.write()
         return arrays, metrics

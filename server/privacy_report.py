@@ -267,13 +267,14 @@ class PrivacyReport:
         return entry
 
     def note_central(self, server_round: int, *, noise_multiplier: float, clipping_norm: float, clipping: str,
-                     partners: int, epsilon: float | None, delta: float | None) -> None:
-        """One round of central DP noise on the aggregate; ``epsilon`` from Flower's accountant when it applies."""
+                     partners: int, epsilon: float | None, delta: float | None, sampled: int | None = None) -> None:
+        """One round of central DP noise on the aggregate of ``partners`` updates over ``sampled``
+        (the fixed denominator, server/central_dp.py); ``epsilon`` from Flower's accountant when it applies."""
         self.central = {"noise-multiplier": noise_multiplier, "clipping-norm": clipping_norm, "clipping": clipping,
                         "accountant": "flower-rdp (no amplification)" if epsilon is not None else "none",
                         "epsilon": epsilon, "delta": delta}
-        self.central_rounds.append({"round": server_round, "partners": partners, "epsilon": epsilon,
-                                    "noise-multiplier": noise_multiplier})
+        self.central_rounds.append({"round": server_round, "partners": partners, "sampled": sampled or partners,
+                                    "epsilon": epsilon, "noise-multiplier": noise_multiplier})
         if epsilon is not None:
             log(INFO, "round %d: central DP, organisation-level epsilon %.3f (delta %.2g) after %d releases",
                 server_round, epsilon, delta, len(self.central_rounds))

@@ -102,24 +102,31 @@ def test_aggregate_noise_has_the_configured_std(tmp_path, side):
     assert abs(kurtosis - 3.0) < 0.1  # Gaussian tails (3 rounds x 20,000 draws: SE ~0.02)
 
 
-def test_refused_partners_are_skipped_and_noise_follows_the_partners_averaged(tmp_path):
-    # Prepare: 4 sampled, one refuses (budget): Flower's own wrapper would skip the round
-    n, sigma = 4, 2.0
-    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma})
-    update = np.full(DIM, 0.5 / math.sqrt(DIM), np.float32)  # norm 0.5 < C: unclipped
-    np.random.seed(1)
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_refusal_counts_as_a_zero_update_over_the_partners_sampled(tmp_path, side):
+    # Prepare: 4 sampled, one refuses (budget): Flower's own wrapper would skip the round. The
+    # release is (sum of the 3 clipped updates) / 4 + N(0, (sigma C / 4)^2): the sum's sensitivity to
+    # one partner is C whoever replies. Before, the mean of the 3 got noise sigma C / 3: a mean over a
+    # data-dependent count has sensitivity up to 2C / m (a researcher review)
+    n, sigma, clip = 4, 2.0, 1.0
+    strategy, report = _strategy(tmp_path, n, **{"dp-mode": "central", "central-noise-multiplier": sigma,
+                                                 "central-clipping": side})
+    rng = np.random.default_rng(3)
+    updates = [0.5 * v / np.linalg.norm(v) for v in rng.normal(size=(3, DIM)).astype(np.float32)]  # norm 0.5 < C
+    start = rng.normal(size=DIM).astype(np.float32)
 
     # Execute
-    out = _round(strategy, 1, n, np.zeros(DIM, np.float32), [update, None, update, update])
+    out = _round(strategy, 1, n, start, [updates[0], None, updates[1], updates[2]])
 
-    # Assert: aggregated over the 3 that trained, noise std sigma * C / 3, refusal recorded
+    # Assert: by hand, in float64
     assert out is not None
-    noise = (out - update).astype(np.float64)
-    expected = sigma * 1.0 / 3
-    assert abs(noise.std() - expected) < 5 * expected / math.sqrt(2 * DIM)
+    noise = out.astype(np.float64) - (start.astype(np.float64) + np.sum(updates, axis=0, dtype=np.float64) / n)
+    expected = sigma * clip / n
+    assert abs(noise.std() - expected) < 5 * expected / math.sqrt(2 * DIM), (noise.std(), expected)
+    assert abs(noise.mean()) < 5 * expected / math.sqrt(DIM)
     refused = [p for p in report.partners.values() if "refused" in p]
     assert len(refused) == 1 and refused[0]["refused"][0]["reason"].startswith("budget exhausted")
-    assert report.central_rounds[0]["partners"] == 3
+    assert (report.central_rounds[0]["partners"], report.central_rounds[0]["sampled"]) == (3, 4)
 
 
 def test_server_side_clipping_bounds_every_update_and_weighs_partners_equally(tmp_path):
