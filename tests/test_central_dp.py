@@ -493,3 +493,29 @@ def _one_label_replies(tmp_path):
         return r
 
     return report, reply, msgs
+
+
+@pytest.mark.parametrize("aggregation,accounted", [("fedavg", True), ("fedprox", True), ("fedadam", False),
+                                                   ("median", False), ("trimmed-mean", False)])
+def test_central_dp_states_an_epsilon_only_for_what_the_accountant_covers(tmp_path, aggregation, accounted):
+    # A test audit: with `account = noise > 0` (any aggregation) every test passed, and a median's or
+    # FedAdam's release would have been stated as (epsilon, delta)-DP by an accountant for the mean
+    from server.strategy_factory import aggregation_strategy
+
+    n = 4
+    cfg = resolve_config(None, {"min-nodes": n, "dp-mode": "central", "aggregation": aggregation})
+    report = PrivacyReport(tmp_path, cfg)
+    strategy = with_privacy(aggregation_strategy(cfg), cfg, report)
+    update = np.full(DIM, 0.5 / math.sqrt(DIM), np.float32)
+    assert _round(strategy, 1, n, np.zeros(DIM, np.float32), [update] * n) is not None
+    if accounted:  # one release at sigma = 1, no amplification: Opacus' RDP analysis, independently
+        from opacus.accountants.analysis import rdp as opacus_rdp
+
+        orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+        rdp = opacus_rdp.compute_rdp(q=1.0, noise_multiplier=1.0, steps=1, orders=orders)
+        expected, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=report.central["delta"])
+        assert report.central["epsilon"] == pytest.approx(expected, rel=0.02)
+        assert "noised but not accounted" not in report.guarantee()
+    else:
+        assert report.central["epsilon"] is None and report.central["accountant"] == "none"
+        assert "noised but not accounted" in report.guarantee()
