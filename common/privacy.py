@@ -113,7 +113,7 @@ def steps_per_epoch(num_users: int, batch_size: int) -> tuple[float, int]:
         fix = (f"set batch-size to at most {max(1, num_users // 4)} (a few steps per epoch) or join more users"
                if num_users >= 2 else "join more users (one user is sampled in every step whatever the batch size)")
         raise PrivacyError(
-            f"only {num_users} users with training data, not more than batch-size {batch_size}: every user would be "
+            f"only {num_users} user{'' if num_users == 1 else 's'} with training data, not more than batch-size {batch_size}: every user would be "
             f"in every DP-SGD step (sample rate 1, no privacy amplification); {fix}"
         )
     steps = max(1, math.ceil(num_users / max(batch_size, 1)))
