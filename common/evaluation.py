@@ -127,6 +127,9 @@ def combine_partner_metrics(records: Iterable[Mapping], num_items: int, top_k: i
     if len(values):
         out.update({
             f"partner-ndcg@{top_k}": values.round(6).tolist(),
+            # whose they are: simulated partners' partition ids (a real partner sends none: -1; a
+            # MetricRecord holds no null), so a plot of a sampled round names the partners evaluated
+            f"partner-ndcg@{top_k}-ids": [max(p, -1) for p in sorted(per_partner)],
             f"partner-ndcg@{top_k}-std": float(values.std()),
             f"partner-ndcg@{top_k}-min": float(values.min()),
             f"partner-ndcg@{top_k}-max": float(values.max()),

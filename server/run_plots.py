@@ -53,14 +53,29 @@ def plot_rounds(run_dir: Path, rounds: Sequence[dict[str, Any]], top_k: int = 10
     fig.savefig(run_dir / "rounds.png", dpi=110)
     plt.close(fig)
     out.append(run_dir / "rounds.png")
-    partners = evaluated[-1].get(f"partner-{ndcg}") or []
+    last = evaluated[-1]
+    partners, ticks, xlabel = partner_bars(last, ndcg)
     if partners:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.bar(range(len(partners)), partners)
-        ax.set_xlabel("partner (partition id)")
-        ax.set_ylabel(f"NDCG@{top_k} (round {evaluated[-1]['round']})")
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=8 if len(ticks) > 10 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"NDCG@{top_k} (round {last['round']})")
+        ax.set_ylim(0, max(max(partners) * 1.15, 0.01))  # all zeros drew a -0.04..0.04 axis
         fig.tight_layout()
         fig.savefig(run_dir / "partners.png", dpi=110)
         plt.close(fig)
         out.append(run_dir / "partners.png")
     return out
+
+
+def partner_bars(line: dict[str, Any], ndcg: str = "ndcg@10") -> tuple[list[float], list[str], str]:
+    """One round's per-partner NDCG as bars: (values, one tick label per bar or none past 25 bars,
+    x label). Simulated partners are named by their partition id, so a round that evaluated a sample
+    (``fraction-evaluate`` < 1) names the partners it evaluated; it drew 0..k-1 under "partition id"."""
+    values = [float(v) for v in line.get(f"partner-{ndcg}") or []]
+    ids = line.get(f"partner-{ndcg}-ids") or []
+    named = len(ids) == len(values) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ticks = [str(i) for i in ids] if named else [str(k + 1) for k in range(len(values))]
+    xlabel = f"partner ({'partition id' if named else 'in partition order'}; {len(values)} evaluated)"
+    return values, ticks if len(values) <= 25 else [], xlabel

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from simulations.run_claims import as_epsilon, metrics_lines, run_epsilon  # noqa: E402
@@ -107,6 +108,7 @@ def plot_sweep(csv_path: Path) -> list[Path]:
             rs = sorted(by_round)
             ax.plot(rs, [sum(by_round[r]) / len(by_round[r]) for r in rs], marker=".", label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers (it drew 1.2, 1.4)
         ax.set_ylabel("NDCG@10 (mean over seeds)")
         ax.legend(fontsize=6)
         fig.tight_layout()

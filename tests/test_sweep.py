@@ -724,3 +724,23 @@ def test_a_stop_while_a_run_starts_stops_that_run_too(tmp_path, monkeypatch):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_the_partner_plot_names_the_partners_a_sampled_round_evaluated():
+    # A researcher journey: with fraction-evaluate < 1 the bars sat at 0..k-1 under "partition id"
+    from flwr.app import MetricRecord
+
+    from common.evaluation import combine_partner_metrics
+    from server.run_plots import partner_bars
+
+    records = [{"num-users": 2.0, "ndcg@10-sum": 0.5, "partition-id": 31},
+               {"num-users": 4.0, "ndcg@10-sum": 0.4, "partition-id": 7}]
+    line = combine_partner_metrics(records, num_items=10)
+    assert line["partner-ndcg@10"] == [0.1, 0.25] and line["partner-ndcg@10-ids"] == [7, 31]
+    assert partner_bars(line) == ([0.1, 0.25], ["7", "31"], "partner (partition id; 2 evaluated)")
+    real = combine_partner_metrics([{"num-users": 2.0, "ndcg@10-sum": 0.5}], num_items=10)  # no partition id: -1
+    assert real["partner-ndcg@10-ids"] == [-1]
+    MetricRecord(real)  # what the ServerApp logs it in: no null in a list
+    assert partner_bars(real) == ([0.25], ["1"], "partner (in partition order; 1 evaluated)")
+    many = {"partner-ndcg@10": [0.1] * 30, "partner-ndcg@10-ids": list(range(30))}
+    assert partner_bars(many)[1] == []  # no 30 overlapping labels
