@@ -34,7 +34,8 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
     local (user-level, whole-ledger) epsilon from ``privacy.json`` and, under central DP, the
     coordinator's epsilon there (it covers a partner's whole update, so also any one user in it);
     the smaller one when both hold. Without ``privacy.json`` (older runs): the largest epsilon
-    ``metrics.jsonl`` recorded (a failed last round records none, which once read as "no DP")."""
+    ``metrics.jsonl`` recorded (a failed last round records none, which once read as "no DP"). A DP
+    run whose ``privacy.json`` records no spend released nothing trained: epsilon 0; no DP: inf."""
     lines = metrics_lines(run_dir / "metrics.jsonl")
     report = read_json_object(run_dir / "privacy.json") if (run_dir / "privacy.json").exists() else None
     claims = []
@@ -51,6 +52,10 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
         central = report.get("central") or {}
         if float(central.get("epsilon") or 0) > 0:
             claims.append((float(central["epsilon"]), float(central.get("delta") or 0.0)))
+    if not claims and mode != "off" and report is not None:
+        # DP on and nothing spent (every round failed: the model is the initial one, trained on nobody):
+        # epsilon 0, where "inf" read as a run without DP (a researcher journey, a failed central sweep row)
+        claims.append((0.0, 0.0))
     eps, delta = min(claims) if claims else (float("inf"), 0.0)
     evaluated = [x for x in lines if x.get("ndcg@10") is not None]
     return {"epsilon": eps, "delta": delta, "ndcg@10": evaluated[-1]["ndcg@10"] if evaluated else None}

@@ -115,6 +115,10 @@ def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expec
     claim = claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
     assert claim["epsilon"] == expected and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
     assert claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
+    if mode == "central":  # every round failed: nothing released, epsilon 0 (it was inf: "no DP")
+        (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": None}, "partners": {}}))
+        assert claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})["epsilon"] == 0.0
+        assert claimed_privacy(tmp_path, {"dp": True, "dp-mode": "off"})["epsilon"] == float("inf")
     if mode == "local" and local_eps:  # the worst epsilon at a smaller delta: the claim takes the largest delta
         partners["p0"]["delta"] = 1e-7
         (tmp_path / "privacy.json").write_text(json.dumps({"partners": partners}))
