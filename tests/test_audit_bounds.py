@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.optimize import brentq
 from scipy.stats import binom
 
 from common.errors import DataError
@@ -50,6 +51,73 @@ def test_a_dp_attack_stays_below_its_epsilon():
     nonmembers = (rng.random(4000) < 1 - p).astype(float)
     out = epsilon_lower_bound(members, nonmembers, 0.0, seed=2)
     assert 0.6 < out["epsilon-lower-bound"] < 1.0
+
+
+def upper_by_hand(errors: int, trials: int, alpha: float) -> float:
+    """The one-sided Clopper-Pearson limit by inverting the binomial tail: P(Bin(trials, p) <= errors) = alpha."""
+    if errors >= trials:
+        return 1.0
+    return brentq(lambda p: binom.cdf(errors, trials, p) - alpha, 0.0, 1.0, xtol=1e-15, rtol=1e-13)
+
+
+def held_out_halves(members: np.ndarray, nonmembers: np.ndarray, seed: int):
+    """The split epsilon_lower_bound draws: members then non-members permuted by one seeded generator, first
+    halves pick the threshold, second halves are evaluated."""
+    rng = np.random.default_rng(seed)
+    m, n = rng.permutation(members), rng.permutation(nonmembers)
+    return m[: len(m) // 2], m[len(m) // 2:], n[: len(n) // 2], n[len(n) // 2:]
+
+
+def test_a_low_threshold_attack_is_bounded_by_the_second_dp_inequality():
+    # Only the inequality 1 - fpr <= e^eps * fnr + delta sees an attack that flags every member and most
+    # non-members (no false negative, many false positives); an audit checking only 1 - fnr <= e^eps * fpr + delta
+    # reported a fraction of this bound
+    # Prepare: every member scores 1, 60 of 100 non-members score 1 too, the other 40 score 0
+    members, nonmembers, delta, seed = np.ones(100), np.r_[np.zeros(40), np.ones(60)], 1e-5, 3
+    _, test_m, _, test_n = held_out_halves(members, nonmembers, seed)
+    fp, fn = int((test_n >= 1.0).sum()), int((test_m < 1.0).sum())
+    fpr_up, fnr_up = upper_by_hand(fp, 50, 0.025), 1 - 0.025 ** (1 / 50)
+    low_threshold, high_threshold = math.log((1 - delta - fpr_up) / fnr_up), math.log((1 - delta - fnr_up) / fpr_up)
+    assert fn == 0 and 20 <= fp <= 40 and low_threshold > high_threshold + 0.5  # the asymmetry this test needs
+
+    # Execute
+    out = epsilon_lower_bound(members, nonmembers, delta, seed=seed)
+
+    # Assert
+    assert out["threshold"] == 1.0
+    assert out["fpr-upper"] == pytest.approx(fpr_up, rel=1e-9)
+    assert out["fnr-upper"] == pytest.approx(fnr_up, rel=1e-9)
+    assert out["epsilon-lower-bound"] == pytest.approx(low_threshold, rel=1e-9)
+
+
+def test_the_threshold_is_evaluated_on_the_held_out_halves_not_the_ones_that_chose_it():
+    # An attack that separates the picking halves perfectly and knows nothing on the others: evaluating the chosen
+    # threshold on the users that chose it would report the sample-size bound (about 2.6) for an attack worth 0
+    # Prepare: scores placed by the seeded split itself (members high / non-members low on the picking halves;
+    # the same 50 scores for both groups on the evaluated halves)
+    seed, delta = 5, 1e-5
+    rng = np.random.default_rng(seed)
+    order_m, order_n = rng.permutation(100), rng.permutation(100)
+    shared = 50.0 + 2 * np.arange(50)
+    members, nonmembers = np.empty(100), np.empty(100)
+    members[order_m[:50]], members[order_m[50:]] = 100.0 + np.arange(50), shared
+    nonmembers[order_n[:50]], nonmembers[order_n[50:]] = np.arange(50.0), shared
+    pick_m, test_m, pick_n, test_n = held_out_halves(members, nonmembers, seed)
+    assert pick_m.min() >= 100 and pick_n.max() < 50  # the picking halves do separate
+    assert sorted(test_m) == sorted(test_n) == sorted(shared)
+
+    # Execute
+    out = epsilon_lower_bound(members, nonmembers, delta, seed=seed)
+
+    # Assert: the only threshold with no error on the picking halves, and its rates on the evaluated halves
+    assert out["threshold"] == 100.0
+    fp, fn = int((test_n >= out["threshold"]).sum()), int((test_m < out["threshold"]).sum())
+    assert (fp, fn) == (25, 25)
+    fpr_up, fnr_up = upper_by_hand(fp, 50, 0.025), upper_by_hand(fn, 50, 0.025)
+    assert out["fpr-upper"] == pytest.approx(fpr_up, rel=1e-9)
+    assert out["fnr-upper"] == pytest.approx(fnr_up, rel=1e-9)
+    assert max(0.0, math.log((1 - delta - fnr_up) / fpr_up), math.log((1 - delta - fpr_up) / fnr_up)) == 0.0
+    assert out["epsilon-lower-bound"] == 0.0
 
 
 def test_tpr_at_fpr_by_hand():

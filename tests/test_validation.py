@@ -231,6 +231,32 @@ def test_a_trim_fraction_that_trims_nothing_says_so(caplog, monkeypatch):
                for r in caplog.records)
 
 
+def test_a_trimmed_mean_that_trims_leaves_the_outlier_out():
+    # Every other trimmed-mean test trimmed nothing (trim-fraction 0, or 3 updates): an aggregator that never
+    # trimmed read as a working one
+    # Prepare: the three honest partners, two more, and one outlier (well inside the norm bound) among six;
+    # int(0.2 x 6) = 1 update cut from each end of every coordinate
+    updates = [a for a, _ in HONEST] + [
+        {"w": GLOBAL["w"] + 0.2, "b": GLOBAL["b"] + 0.3},
+        {"w": GLOBAL["w"] - 0.1, "b": GLOBAL["b"] - 0.1},
+        {"w": GLOBAL["w"] + 20.0, "b": GLOBAL["b"] - 20.0},
+    ]
+    replies = [reply(101 + i, content(a, 10 * (i + 1))) for i, a in enumerate(updates)]
+    cfg = resolve_config(None, {"aggregation": "trimmed-mean", "min-nodes": 3, "trim-fraction": 0.2})
+    strategy = validating(aggregation_strategy(cfg), min_nodes=3)
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: per coordinate, sort the six values and average the middle four (unweighted)
+    got = as_numpy(arrays)
+    assert strategy.rejections == []
+    for key in GLOBAL:
+        stacked = np.sort(np.stack([a[key].astype(np.float64) for a in updates]), axis=0)
+        np.testing.assert_allclose(got[key], stacked[1:-1].mean(axis=0), rtol=1e-6)
+        assert not np.allclose(got[key], stacked.mean(axis=0), rtol=1e-3)  # not the plain mean
+
+
 def test_every_aggregation_option_builds_and_bad_ones_are_one_clear_line():
     for name in AGGREGATIONS:
         build_strategy(resolve_config(None, {"aggregation": name, "min-nodes": 3, "proximal-mu": 0.1}))
