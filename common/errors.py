@@ -18,6 +18,10 @@ class DataError(FedRecError):
     """An interaction log, catalogue or partition cannot be used; the message names the file and the problem."""
 
 
+class EmptyPartitionError(DataError):
+    """A partition of the users that holds none of them (a skewed split, more partners than users)."""
+
+
 class ConfigError(FedRecError):
     """A run-config or node-config value is invalid; the message names the key."""
 

@@ -17,7 +17,7 @@ import numpy as np
 from common.data.attributes import user_attribute
 from common.data.partition import partition_statistics, partition_users
 from common.data.sequences import SequenceData
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, EmptyPartitionError
 from common.task import federation_data
 
 
@@ -76,7 +76,7 @@ def simulated_partner(cfg: Mapping[str, Any], partition_id: int, num_partitions:
     population, parts, _ = _partitions(_key(cfg), num_partitions)
     users = parts[partition_id]
     if len(users) == 0:
-        raise DataError(f"partition {partition_id} of {num_partitions} ({cfg['partitioning']}) has no users")
+        raise EmptyPartitionError(f"partition {partition_id} of {num_partitions} ({cfg['partitioning']}) has no users")
     return population.subset(users, name=f"{population.name}[partition {partition_id}/{num_partitions}]")
 
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from common.errors import ConfigError, DataError, FedRecError, PrivacyError
+from common.errors import ConfigError, EmptyPartitionError, FedRecError, PrivacyError
 from common.partners import simulated_partner
 from common.privacy import (calibrate_noise_after, default_delta, dp_mode, refuse_meaningless_delta, steps_per_epoch,
                             uses_local_dp)
@@ -60,9 +60,7 @@ def partners_unable_to_train(cfg: Mapping[str, Any], num_partners: int) -> dict[
     for pid in range(num_partners):
         try:
             data = simulated_partner(cfg, pid, num_partners)
-        except DataError as exc:
-            if "has no users" not in str(exc):
-                raise
+        except EmptyPartitionError:
             unable[pid] = "no users"
             continue
         users = user_count_for_training(data)

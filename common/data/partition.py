@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from common.data.sequences import SequenceData
-from common.errors import DataError
+from common.errors import DataError, EmptyPartitionError
 
 SCHEMES = ("iid", "dirichlet", "size-skew", "cross-device")
 
@@ -162,5 +162,5 @@ def load_partition(data: SequenceData, partition_id: int, num_partitions: int, *
     parts = partition_users(data, num_partitions, scheme=scheme, seed=seed, **options)
     users = parts[partition_id]
     if len(users) == 0:
-        raise DataError(f"partition {partition_id} of {num_partitions} ({scheme}) has no users")
+        raise EmptyPartitionError(f"partition {partition_id} of {num_partitions} ({scheme}) has no users")
     return data.subset(users, name=f"{data.name}[partition {partition_id}/{num_partitions}]")
