@@ -131,3 +131,21 @@ def test_a_sweep_reads_a_relative_dataset_under_the_repository_root_from_anywher
     monkeypatch.chdir(elsewhere)
     assert sweep.load_sweep(config)["fixed"]["dataset"] == relative
     assert os.getcwd() == str(elsewhere)
+
+
+def test_an_empty_partition_is_named_and_another_data_error_is_raised(monkeypatch):
+    # The empty partition was recognised by its message's words ("has no users"): now by its type
+    from common.errors import DataError, EmptyPartitionError
+
+    real = preflight.simulated_partner
+
+    def partner(cfg, pid, n):
+        if pid == 1:
+            raise EmptyPartitionError("partition 1 of 3 (iid) is empty in other words")
+        return real(cfg, pid, n)
+
+    monkeypatch.setattr(preflight, "simulated_partner", partner)
+    assert preflight.partners_unable_to_train(resolve_config(None, SMALL), 3) == {1: "no users"}
+    monkeypatch.setattr(preflight, "simulated_partner", lambda cfg, pid, n: (_ for _ in ()).throw(DataError("has no users")))
+    with pytest.raises(DataError, match="has no users"):
+        preflight.partners_unable_to_train(resolve_config(None, SMALL), 3)
