@@ -136,8 +136,9 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     """The user count this run's replies are computed from: the one released for ``run`` earlier (a
     resumed run), else a new noised count of the log's users recorded on the ledger now (before anything
     computed from it leaves), else ``exact`` (a simulated partition, or a run calibrated before counts were
-    noised). A run this partner would refuse anyway (a meaningless delta, no room for the count and the
-    planned noised evaluations) is refused before the count is drawn, so it spends nothing."""
+    noised). A run with no room for the count and the planned noised evaluations at any user count is
+    refused before the count is drawn, so it spends nothing; what depends on the count (a meaningless delta)
+    is refused after the draw."""
     released = ledger.public_count(run)
     if released is not None:
         return released
@@ -145,16 +146,14 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     if not noise or ledger.calibration(run) is not None:
         return exact
     # The count covers every user of the log: training users and the evaluated ones (noised evaluation
-    # sums are divided by it). Checked at the delta the exact count gives, capped as the partner caps it;
-    # the plan's is the noised count's, the same below 10,000 users (default_delta is 1e-5 there)
+    # sums are divided by it). Nothing before the draw may depend on the exact count: a refusal that did
+    # would tell the coordinator about it with no noise and no record (a privacy review: target-delta =
+    # 1/100.5 refused 101 users and never 100). So this check takes the largest delta any count could give
+    # (default_delta(1) = 1e-5, capped as the partner caps it), which only makes it refuse less; a
+    # meaningless delta or a budget too small for DP-SGD is refused after the draw, on the noised count.
     population = data.num_users
-    try:
-        delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config, population)
-    except PrivacyError:  # its text names the exact count
-        raise PrivacyError(f"{label}: target-delta {float(cfg['target-delta']):g} is at least 1 / the number of users "
-                           "of this partner: such a guarantee allows releasing one user's data outright; use "
-                           "target-delta = 0 for the default") from None
-    delta = ledger.accounting_delta(delta)
+    delta = ledger.accounting_delta(partner_delta(float(cfg["target-delta"]) or default_delta(1),
+                                                  context.node_config, 1))
     refuse_unaffordable_evaluations(cfg, delta)
     evals = planned_evaluations(cfg)
     planned = [count_mechanism(noise)] + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals

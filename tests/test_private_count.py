@@ -313,3 +313,21 @@ def test_a_deployed_partner_is_told_once_that_clear_evaluation_leaves_its_guaran
             assert not reply.has_error(), reply.error
     assert caplog.text.count("exact number of evaluated users, outside its DP guarantee") == 1
     assert reply.content["metrics"]["num-users"] == data.num_users  # in clear, as the warning says
+
+
+@pytest.mark.parametrize("users", [100, 101])
+def test_nothing_before_the_draw_depends_on_the_exact_count(tmp_path, users):
+    # A privacy review: target-delta = 1/100.5 was checked against the exact count before the draw, so 101
+    # users were always refused, unrecorded, and 100 never: a coordinator knowing 100 users learned with
+    # certainty whether one more was there. Now both draw and record their count; the delta is refused (or
+    # not) on the noised count, a release the ledger holds
+    overrides, node = _deployed(tmp_path, users=users, **{"target-delta": 1 / 100.5})
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    assert data.num_users == users
+    try:
+        PartnerBudget.open(cfg, _context(node), data, "run-1").close()
+    except PrivacyError as exc:
+        assert "at least 1 /" in str(exc) and "the number of users of this partner" not in str(exc)
+    with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
+        assert ledger.history() == [count_mechanism(10.0)] and ledger.public_count("run-1") is not None
