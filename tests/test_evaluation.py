@@ -94,28 +94,51 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_data():
     assert 0.55 < large[0] < 0.75  # Phi(0.5 / sqrt 2) = 0.638
 
 
+def _gaussian_epsilon(sigma: float, releases: int, delta: float = 1e-5) -> float:
+    """Google's dp_accounting (independent of the code under test): Gaussian releases, RDP."""
+    from dp_accounting import dp_event, rdp
+
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), releases)
+    return acc.get_epsilon(delta)
+
+
+# Central DP's 2 releases at noise multiplier 1.5: for one partner (the sum moves by C) and for one user (a
+# user changes its partner's clipped update into another: the sum moves by up to 2C, multiplier 0.75)
+PARTNER_LEVEL, USER_LEVEL = _gaussian_epsilon(1.5, 2), _gaussian_epsilon(0.75, 2)
+
+
 @pytest.mark.parametrize("mode,local_eps,expected", [
     ("local", 7.5, 7.5),  # the partners' user-level epsilon (the worst partner's)
-    ("central", 0.0, 10.7),  # a partner's whole update is protected, so any one user in it
+    ("central", 0.0, USER_LEVEL),  # a privacy review: it took the partner-level epsilon, 2.2-2.4x too small
     ("both", 7.5, 7.5),  # both hold: the smaller
-    ("both", 12.0, 10.7),
+    ("both", 30.0, USER_LEVEL),
 ])
 def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expected):
     import json
 
     from simulations.run_claims import claimed_privacy
 
+    assert 4.4 < PARTNER_LEVEL < 4.5 and 2 * PARTNER_LEVEL < USER_LEVEL < 30  # the two units differ more than 2x
     # The last round failed (every partner refused: epsilon null) and its line was cut short by a crash
     (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"round": 1, "epsilon": local_eps - 1, "delta": 1e-5, "ndcg@10": 0.1}) + "\n"
+        json.dumps({"round": 1, "epsilon": local_eps - 1, "delta": 1e-5, "ndcg@10": 0.1, "num-partners": 3}) + "\n"
         + json.dumps({"round": 2, "epsilon": None, "delta": None, "ndcg@10": None}) + "\n" + '{"round": 3, "epsi')
     partners = {"p0": {"epsilon": local_eps, "delta": 1e-5}, "p1": {"epsilon": local_eps - 2, "delta": 1e-5}}
-    (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": 10.7, "delta": 1e-5},
-                                                       "partners": partners if local_eps else {}}))
+    central = {"epsilon": PARTNER_LEVEL, "delta": 1e-5, "rounds": [
+        {"round": r, "partners": 3, "epsilon": e, "noise-multiplier": 1.5}
+        for r, e in ((1, _gaussian_epsilon(1.5, 1)), (2, PARTNER_LEVEL))]}
+    (tmp_path / "privacy.json").write_text(json.dumps({"central": central, "partners": partners if local_eps else {}}))
     claim = claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
-    assert claim["epsilon"] == expected and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
+    assert claim["epsilon"] == pytest.approx(expected, rel=1e-3) and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
     assert claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
-    if mode == "central":  # every round failed: nothing released, epsilon 0 (it was inf: "no DP")
+    if mode == "central":
+        # a round aggregated with no accounted epsilon (central noise 0, FedAdam): no claim, not 0 (a commit review)
+        (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": None, "rounds": [
+            {"round": 1, "partners": 3, "epsilon": None, "noise-multiplier": 0.0}]}, "partners": {}}))
+        assert claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})["epsilon"] == float("inf")
+        # every round failed: only the initial model was released, epsilon 0 (a failed sweep row read inf: "no DP")
+        (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "epsilon": None, "ndcg@10": 0.01}) + "\n")
         (tmp_path / "privacy.json").write_text(json.dumps({"central": {"epsilon": None}, "partners": {}}))
         assert claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})["epsilon"] == 0.0
         assert claimed_privacy(tmp_path, {"dp": True, "dp-mode": "off"})["epsilon"] == float("inf")
