@@ -309,7 +309,11 @@ class PrivacyReport:
         if self.partners:  # every mode: refusals, and partners that forced their own DP-SGD
             out["partners"] = dict(sorted(self.partners.items()))
         if uses_central_dp(self.mode):
-            out["central"] = {**self.central, "rounds": self.central_rounds}
+            out["central"] = {**self.central, "rounds": self.central_rounds,
+                              # a privacy review: only local runs said what lies outside their guarantee
+                              "outside": "the global models only: metrics.jsonl, summary.md and the plots carry the "
+                                         "partners' evaluation results (per-partner NDCG, evaluated users) and their "
+                                         "training loss without central noise; keep them with the coordinator"}
         if self.start_model:
             out["init-model"] = self.start_model
         if self.resumed_after:

@@ -508,6 +508,8 @@ def test_central_dp_states_an_epsilon_only_for_what_the_accountant_covers(tmp_pa
     strategy = with_privacy(aggregation_strategy(cfg), cfg, report)
     update = np.full(DIM, 0.5 / math.sqrt(DIM), np.float32)
     assert _round(strategy, 1, n, np.zeros(DIM, np.float32), [update] * n) is not None
+    # what lies outside the guarantee, as local runs say it (a privacy review)
+    assert "evaluation results" in report.as_dict()["central"]["outside"]
     if accounted:  # one release at sigma = 1, no amplification: Opacus' RDP analysis, independently
         from opacus.accountants.analysis import rdp as opacus_rdp
 
