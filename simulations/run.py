@@ -22,7 +22,7 @@ from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
 from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
 from simulations.run_claims import metrics_lines  # noqa: E402
-from simulations.run_stop import exit_interrupted, sigterm_stops, signals_deferred  # noqa: E402
+from simulations.run_stop import exit_interrupted, signals_deferred, sigterm_stops_ray_too, stop_ray  # noqa: E402
 
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
@@ -56,6 +56,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     from simulations.population import describe_partners, write_population
     from simulations.resources import backend_config
 
+    given = overrides
     cfg["run-name"] = cfg["run-name"] or _auto_name(cfg, num_partners)
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])
@@ -63,7 +64,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     backend = backend_config(cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)  # simulations/resources.py
     print(describe_partners(cfg, num_partners), flush=True)
     try:
-        with sigterm_stops():  # ``kill`` stops the run as Ctrl-C does
+        with sigterm_stops_ray_too():  # ``kill`` stops the run as Ctrl-C does
             run_simulation(
                 server_app=make_server_app(overrides),
                 client_app=client_app or make_client_app(overrides),
@@ -75,9 +76,10 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
         # and the interpreter would wait for it: end here, once the run's state is written
         run_dir = base / cfg["run-name"] if cfg["resume"] else created_run_dir(base, cfg["run-name"], before)
         with signals_deferred():  # a second Ctrl-C: the files a resume and the audit need come first
+            stop_ray()
             if run_dir is not None:
                 write_population(run_dir, cfg, num_partners)
-            exit_interrupted(exc, _interrupted_message(run_dir))
+            exit_interrupted(exc, _interrupted_message(run_dir, named="run-name" in given))
     # a resumed run continues in its own directory (server/resume.py)
     created = base / cfg["run-name"] if cfg["resume"] else created_run_dir(base, cfg["run-name"], before)
     if created is None:
@@ -86,15 +88,17 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     return created  # the ServerApp drew rounds.png and partners.png (server/run_plots.py)
 
 
-def _interrupted_message(run_dir: Path | None) -> str:
+def _interrupted_message(run_dir: Path | None, *, named: bool) -> str:
+    """The stop line; ``named``: the command line gave run-name (repeating it is refused)."""
     from server.checkpoint import CHECKPOINT_NAME
 
     if run_dir is None:
         return "stopped before the run wrote its directory"
     if not (run_dir / CHECKPOINT_NAME).is_file():
         return f"stopped: {run_dir} is incomplete, before its first round ended (nothing to resume)"
-    return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with "
-            f"--run-config 'resume=true run-name=\"{run_dir.name}\"' and the same knobs")
+    add = "resume=true" if named else f'resume=true run-name="{run_dir.name}"'
+    return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with the "
+            f"same command and --run-config '{add}' added")
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

@@ -26,6 +26,10 @@ class Stopped(KeyboardInterrupt):
     signum = signal.SIGTERM  # common/cli_errors.py: exit status 128 + signum
 
 
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 @contextlib.contextmanager
 def sigterm_stops() -> Iterator[None]:
     """While the block runs, SIGTERM (``kill``) raises :class:`Stopped`: it ended the sweep alone,
@@ -34,14 +38,45 @@ def sigterm_stops() -> Iterator[None]:
         yield
         return
 
-    def stop(signum: int, frame: object) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_stops_ray_too() -> Iterator[None]:
+    """:func:`sigterm_stops` around a Flower simulation: ``ray.init`` installs Ray's own SIGTERM handlers
+    (a Python one calling ``sys.exit`` and a C++ one that aborts), so ``kill`` ended the run with SIGABRT,
+    no stop line and no files (a commit review). Ours is installed again once Ray has started."""
+    import ray
+
+    start = ray.init
+
+    def init(*args: object, **kwargs: object) -> object:
+        started = start(*args, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_stopped)
+        return started
+
+    ray.init = init
+    try:
+        with sigterm_stops():
+            yield
+    finally:
+        ray.init = start
+
+
+def stop_ray() -> None:
+    """Stop the Ray processes this process started, if any: ``os._exit`` skips Ray's own exit hook, and a
+    Ctrl-C during Ray's start or a second one during Flower's stop left its agents running (a commit review)."""
+    import sys as _sys
+
+    if "ray" not in _sys.modules:
+        return
+    with contextlib.suppress(Exception):
+        _sys.modules["ray"].shutdown()
 
 
 @contextlib.contextmanager

@@ -75,18 +75,20 @@ def steady(rounds: list[float]) -> float | None:
 
 def _timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
     """(start, end) in ``time.time`` seconds and the output of ``cmd``; raises on failure."""
-    from simulations.run_stop import stop_run
+    from simulations.run_stop import sigterm_stops, stop_run
 
     start = time.time()
-    # A session of its own: on Ctrl-C its whole group (the simulation's Ray processes) is stopped;
-    # subprocess.run killed the child alone and left Ray's agents running
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **set_flower_env()}, start_new_session=True)
-    try:
-        out, _ = proc.communicate()
-    except BaseException:
-        stop_run(proc)
-        raise
+    # A session of its own: on Ctrl-C or SIGTERM (``timeout``) its whole group (the simulation's Ray
+    # processes) is stopped; subprocess.run killed the child alone and left Ray's agents running, and
+    # without the SIGTERM handler a killed bench left its child running (a commit review)
+    with sigterm_stops():
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **set_flower_env()}, start_new_session=True)
+        try:
+            out, _ = proc.communicate()
+        except BaseException:
+            stop_run(proc)
+            raise
     end = time.time()
     log.write_text(out)
     if proc.returncode != 0:
