@@ -19,17 +19,31 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     import torch
 
     file = Path(path)
+    hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
     try:
         # weights_only: a model.pt comes from the coordinator, and a full unpickler would run whatever code a
         # tampered file names at the partner; tensors, lists, dicts and strings are all a model file holds
         blob = torch.load(file, map_location="cpu", weights_only=True)
-        state, catalogue, config = blob["state_dict"], list(blob["catalogue"]), dict(blob["config"])
     except FileNotFoundError:
         raise DataError(f"model {file}: no such file (give a run directory or its model.pt)") from None
+    except OSError as exc:  # permissions, a folder: the file was never read (a review: read as "another format")
+        raise DataError(f"model {file}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
-        hint = "; a checkpoint.pt? give the run directory or its model.pt" if file.name.startswith("checkpoint") else ""
         raise DataError(f"model {file}: not a fedrec model file "
                         f"(expected state_dict, catalogue, config; {_why(file, exc)}){hint}") from None
+    # What it holds, apart from how it was read: a torch file of something else is not "damaged"
+    if not isinstance(blob, dict):
+        raise DataError(f"model {file}: not a fedrec model file (expected state_dict, catalogue, config; it holds "
+                        f"a {type(blob).__name__}){hint}")
+    missing = [key for key in ("state_dict", "catalogue", "config") if key not in blob]
+    if missing:
+        raise DataError(f"model {file}: not a fedrec model file (expected state_dict, catalogue, config; "
+                        f"missing {', '.join(repr(k) for k in missing)}){hint}")
+    try:
+        state, catalogue, config = blob["state_dict"], list(blob["catalogue"]), dict(blob["config"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"model {file}: not a fedrec model file (its catalogue or config has the wrong form: "
+                        f"{exc}){hint}") from None
     return {**blob, "state_dict": state, "catalogue": catalogue, "config": config}
 
 
@@ -47,6 +61,4 @@ def _why(file: Path, exc: Exception) -> str:
         return "a torch.save archive holding objects other than weights (refused: loading them could run code)"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
     first = first.split(". ")[0][:200]  # torch's first sentence; the rest is advice about its internals
-    if isinstance(exc, KeyError):
-        return f"missing {first}"
     return f"a damaged torch.save archive: {type(exc).__name__}: {first}"  # whose words: torch's

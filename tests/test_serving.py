@@ -217,6 +217,18 @@ def test_bad_model_file_is_one_clear_error(tmp_path):
         load_global_model(tmp_path)
     with pytest.raises(DataError, match="model /dev/null: not a regular file"):  # it said "no such file"
         load_global_model("/dev/null")
+    # A commit review: what a readable torch file holds is not "damaged", and an unreadable one is not "another format"
+    from common.model_file import read_model_file
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(DataError, match=r"config; it holds a Tensor\)$"):  # it said "a damaged ...: IndexError"
+        read_model_file(tmp_path / "tensor.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(DataError, match=r"folder.pt: cannot read it \(Is a directory\)$"):
+        read_model_file(tmp_path / "folder.pt")
+    torch.save({"state_dict": {}, "catalogue": 5, "config": {}}, tmp_path / "odd.pt")
+    with pytest.raises(DataError, match="its catalogue or config has the wrong form"):
+        read_model_file(tmp_path / "odd.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no model.pt"):
         load_global_model(tmp_path / "empty")
