@@ -20,7 +20,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from common.files import atomic_write_bytes
-from common.privacy import default_delta, dp_mode, uses_central_dp, uses_local_dp
+from common.privacy import central_epsilon_per_user, default_delta, dp_mode, uses_central_dp, uses_local_dp
 
 # A partner's budget refusal states its whole-ledger spend (client/privacy_budget.py, common/privacy.py)
 # Errors the SuperLink makes for a message it could not deliver, or whose reply expired: not a partner's refusal
@@ -309,7 +309,9 @@ class PrivacyReport:
         if self.partners:  # every mode: refusals, and partners that forced their own DP-SGD
             out["partners"] = dict(sorted(self.partners.items()))
         if uses_central_dp(self.mode):
+            per_user = central_epsilon_per_user({**self.central, "rounds": self.central_rounds})
             out["central"] = {**self.central, "rounds": self.central_rounds,
+                              "epsilon-per-user": per_user[0] if per_user else None,
                               # a privacy review: only local runs said what lies outside their guarantee
                               "outside": "the global models only: metrics.jsonl, summary.md and the plots carry the "
                                          "partners' evaluation results (per-partner NDCG, evaluated users) and their "
@@ -365,6 +367,7 @@ class PrivacyReport:
                          "updates carry no local DP")
         if uses_central_dp(self.mode):
             eps = self.central.get("epsilon")
+            per_user = central_epsilon_per_user({**self.central, "rounds": self.central_rounds})
             if eps is not None:
                 bound = f"({eps:.3f}, {self.central.get('delta'):.2g})-DP"
             elif not self.central_rounds:
@@ -377,7 +380,10 @@ class PrivacyReport:
                          f"(central DP, clipping {self.central.get('clipping', self.cfg['central-clipping'])}-side "
                          f"at {self.cfg['central-clipping-norm']:g}, "
                          f"noise multiplier {self.cfg['central-noise-multiplier']:g}, "
-                         "trusting the coordinator to add the noise)")
+                         "trusting the coordinator to add the noise)"
+                         + (f", and ({per_user[0]:.3f}, {per_user[1]:.2g})-DP for any one user of a partner (a user "
+                            "can change its partner's whole clipped update: half the noise multiplier)"
+                            if per_user else ""))
         if not parts:
             text = "No differential privacy: the released model carries no formal guarantee (dp-mode = off)."
         else:

@@ -518,6 +518,11 @@ def test_central_dp_states_an_epsilon_only_for_what_the_accountant_covers(tmp_pa
         expected, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=report.central["delta"])
         assert report.central["epsilon"] == pytest.approx(expected, rel=0.02)
         assert "noised but not accounted" not in report.guarantee()
+        # for one user: the same release at half the noise multiplier (sensitivity 2C), also stated
+        rdp = opacus_rdp.compute_rdp(q=1.0, noise_multiplier=0.5, steps=1, orders=orders)
+        per_user, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=report.central["delta"])
+        assert report.as_dict()["central"]["epsilon-per-user"] == pytest.approx(per_user, rel=0.02)
+        assert f"({per_user:.3f}, 1e-05)-DP for any one user of a partner" in report.guarantee()
     else:
         assert report.central["epsilon"] is None and report.central["accountant"] == "none"
         assert "noised but not accounted" in report.guarantee()

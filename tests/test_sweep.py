@@ -332,10 +332,22 @@ def _finished_run(tmp_path, monkeypatch, *, lines, privacy, config, cell=None, e
 def test_a_central_dp_run_records_the_coordinators_epsilon(tmp_path, monkeypatch):
     # The last metrics line holds local DP only (0 under central DP); the guarantee is in privacy.json
     line = {"round": 1, "ndcg@10": 0.2, "hr@10": 0.4, "epsilon": 0.0, "delta": 0.0, "num-partners": 2.0}
+    # two releases at noise multiplier 1 (partner-level 7.0774); for one user at 0.5 (sensitivity 2C): the sweep's unit
+    rounds = [{"round": r, "partners": 2, "epsilon": e, "noise-multiplier": 1.0} for r, e in ((1, 4.7285), (2, 7.0774))]
     row = _finished_run(tmp_path, monkeypatch, lines=[line],
-                        privacy={"central": {"epsilon": 7.0774, "delta": 1e-5}},
+                        privacy={"central": {"epsilon": 7.0774, "delta": 1e-5, "rounds": rounds}},
                         config={"dp": True, "dp-mode": "central"})
-    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == (7.0774, 1e-5) and row["ndcg@10"] == 0.2
+    assert row["status"] == "ok" and row["delta"] == 1e-5 and row["ndcg@10"] == 0.2
+    assert row["epsilon"] == pytest.approx(_dp_accounting_gaussian(0.5, 2), rel=1e-3)
+
+
+def _dp_accounting_gaussian(sigma: float, releases: int, delta: float = 1e-5) -> float:
+    """Google's dp_accounting, independent of the code under test."""
+    from dp_accounting import dp_event, rdp
+
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), releases)
+    return acc.get_epsilon(delta)
 
 
 def test_a_run_whose_every_round_failed_is_a_failed_row(tmp_path, monkeypatch):
@@ -487,9 +499,11 @@ def test_a_failed_runs_row_gives_the_runners_argparse_error(tmp_path, monkeypatc
 def test_a_central_dp_run_without_a_local_budget_records_the_coordinators_epsilon(tmp_path, monkeypatch, mode):
     # target-epsilon = "inf" drops local DP only; the row said epsilon inf (no DP) beside a finite guarantee
     line = {"round": 1, "ndcg@10": 0.2, "epsilon": 0.0, "delta": 0.0, "num-partners": 2.0}
-    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={"central": {"epsilon": 4.729, "delta": 1e-5}},
+    central = {"epsilon": 4.729, "delta": 1e-5, "rounds": [{"round": 1, "epsilon": 4.729, "noise-multiplier": 1.0}]}
+    row = _finished_run(tmp_path, monkeypatch, lines=[line], privacy={"central": central},
                         config={"dp": True, "dp-mode": "central"}, cell={"target-epsilon": "inf", "dp-mode": mode})
-    assert row["status"] == "ok" and (row["epsilon"], row["delta"]) == (4.729, 1e-5)
+    assert row["status"] == "ok" and row["delta"] == 1e-5
+    assert row["epsilon"] == pytest.approx(_dp_accounting_gaussian(0.5, 1), rel=1e-3)  # for one user (10.73)
 
 
 def test_a_run_without_any_dp_records_epsilon_inf(tmp_path, monkeypatch):
