@@ -69,6 +69,10 @@ class Calibration:
 class PrivacyLedger:
     """One partner's privacy ledger file.
 
+    Accounts rows of Gaussian mechanisms (noise multiplier sigma, Poisson sample rate q per step, steps);
+    :meth:`epsilon` composes all rows at the :meth:`accounting_delta` (the smallest of the delta asked and
+    every calibrated run's target); the unit is one user's whole interaction history at this partner.
+
     Opening checks the file: a ledger that is not a SQLite ledger, has a bad schema or
     impossible rows is *corrupt*; one written for another data set is *foreign*. Both raise
     :class:`PrivacyError` naming the file, and the file is left untouched. A missing file is

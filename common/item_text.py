@@ -31,6 +31,7 @@ import numpy as np
 
 from common.data.catalogue import PROJECT_ROOT, catalogue_fingerprint
 from common.errors import ConfigError, DataError
+from common.files import atomic_write_bytes
 from common.text_encoder import (  # noqa: F401  (re-exported: the encoder used to live here)
     DEFAULT_ENCODER,
     INT8_SUFFIX,
@@ -84,10 +85,8 @@ def save_features(path: str | os.PathLike, catalogue: np.ndarray, embeddings: np
     buf = io.BytesIO()
     np.savez(buf, item_ids=np.asarray(catalogue, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32),
              texts=np.asarray(list(texts), dtype=str), model=np.asarray(model), fingerprint=np.asarray(catalogue_fingerprint(catalogue)))
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, p)  # readers in other processes see the old file or the whole new one
-    return p
+    # readers in other processes see the old file or the whole new one (the umask's mode, as before)
+    return atomic_write_bytes(p, buf.getvalue())
 
 
 def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.ndarray, list[str]]:

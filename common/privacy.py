@@ -8,7 +8,6 @@ unit of privacy is one user's whole interaction history at one partner (user-lev
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -265,14 +264,6 @@ def _merge(history: list[Mechanism]) -> list[Mechanism]:
         else:
             merged.append([s, q, n])
     return [(s, q, n) for s, q, n in merged]
-
-
-def history_to_json(history: Iterable[Mechanism]) -> str:
-    return json.dumps([[float(s), float(q), int(n)] for s, q, n in history])
-
-
-def history_from_json(text: str) -> list[Mechanism]:
-    return [(float(s), float(q), int(n)) for s, q, n in json.loads(text or "[]")]
 
 
 def _check_accountant(name: str) -> None:

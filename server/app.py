@@ -1,4 +1,6 @@
-"""ServerApp: FedAvg over partners' DP-SGD updates with federated full-ranking evaluation."""
+"""ServerApp: aggregates partners' (DP-SGD) updates with the configured strategy (``aggregation``:
+fedavg, fedprox, fedadam, median, trimmed-mean or krum; server/strategy_factory.py), with
+federated full-ranking evaluation."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from common.errors import ConfigError, DataError
 from common.metrics import pad_left
 from common.task import new_model
 from common.training import train_local
+from simulations.deployment import free_port
 
 CFG = {"embedding-dim": 16, "num-blocks": 1, "max-seq-len": 20, "dropout": 0.0, "seed": 5}
 
@@ -490,12 +491,6 @@ def test_recommend_on_synthetic_refuses_a_model_trained_on_another_dataset(train
 # -- the HTTP API on a real uvicorn server ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def api(trained, log, tmp_path):
     """uvicorn serving the API on 127.0.0.1 in a thread; stopped after the test."""
@@ -510,7 +505,7 @@ def api(trained, log, tmp_path):
     store = EventStore(tmp_path / "events.sqlite", create=True)
     store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), [None] * len(log)))
     app = create_app(model=tmp_path / "runs", store=store, reload_interval=0.0)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -902,7 +897,7 @@ def test_serve_command_runs_uvicorn_and_stops_on_sigterm(trained, log, tmp_path)
     csv = tmp_path / "log.csv"
     csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
         f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "client.cli", "serve", "--model", str(run), "--store", str(tmp_path / "e.sqlite"),
            "--import-log", str(csv), "--port", str(port)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -965,7 +960,7 @@ def test_a_restarted_serve_keeps_the_titles_it_was_filled_with(trained, log, tmp
         f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
     movies.write_text("movieId,title,genres\n" + "\n".join(f"{i},Film {i},Drama" for i in data.catalogue))
     store = tmp_path / "events.sqlite"
-    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(_free_port())]
+    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(free_port())]
     assert main([*base, "--import-log", str(csv), "--metadata", str(movies)]) == 0
     assert main(base) == 0  # the restart
     item = str(data.catalogue[0])
@@ -1255,7 +1250,7 @@ def test_serve_with_a_file_that_is_not_a_model_leaves_no_store_behind(tmp_path, 
 
     text, store = tmp_path / "u.item", tmp_path / "s2.sqlite"
     text.write_text("1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|0|0|0\n")
-    assert main(["serve", "--model", str(text), "--store", str(store), "--port", str(_free_port())]) == 2
+    assert main(["serve", "--model", str(text), "--store", str(store), "--port", str(free_port())]) == 2
     assert "not a fedrec model file" in capsys.readouterr().err and not store.exists()
 
 
@@ -1272,7 +1267,7 @@ def test_a_bad_input_to_serve_leaves_no_store_behind(trained, log, tmp_path, mon
         f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
     garbage.write_text("a,b\n1,2\n")
     store = tmp_path / "events.sqlite"
-    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(_free_port())]
+    base = ["serve", "--model", str(run), "--store", str(store), "--port", str(free_port())]
     assert main([*base, "--import-log", str(csv), "--metadata", str(garbage)]) == 2
     assert "garbage.csv" in capsys.readouterr().err and not store.exists()
     assert main([*base, "--import-log", str(garbage)]) == 2

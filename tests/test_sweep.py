@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from simulations import sweep, sweep_table
+from simulations import sweep, sweep_spec, sweep_table
 
 TINY = """
 [sweep]
@@ -59,6 +59,7 @@ def test_relative_sweep_paths_are_under_the_repository_root_from_any_directory(t
     calls = []
     monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: calls.append(run) or pytest.fail("nothing to run"))
     monkeypatch.setattr(sweep, "PROJECT_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(sweep_spec, "PROJECT_ROOT", tmp_path / "repo")  # where the config's paths are resolved
     (tmp_path / "repo").mkdir()
     config = write_config(tmp_path, TINY.replace("{out}/results.csv", "results/r.csv").replace("{out}/runs", "runs/x"))
     elsewhere = tmp_path / "elsewhere"

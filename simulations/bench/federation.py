@@ -44,6 +44,7 @@ from pathlib import Path
 from simulations.flower_env import set_flower_env
 from common.cli_args import non_negative_int, non_negative_ints, positive_int, positive_ints_or_none
 from common.cli_errors import user_errors_exit
+from common.run_files import metrics_lines
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +63,7 @@ def run_config_args(overrides: dict) -> list[str]:
 
 def round_marks(run_dir: Path) -> list[float]:
     """Seconds from the ServerApp's start to the end of each round (metrics.jsonl)."""
-    path = run_dir / "metrics.jsonl"
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    lines = metrics_lines(run_dir / "metrics.jsonl")  # [] before the first round; a cut-short line is skipped
     return [float(x["seconds"]) for x in lines if "seconds" in x]
 
 

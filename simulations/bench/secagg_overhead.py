@@ -17,7 +17,6 @@ loaded machine where the same work is 5-10% of a warm round.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,13 +25,14 @@ from pathlib import Path
 
 from simulations.flower_env import set_flower_env
 from common.cli_errors import user_errors_exit
+from common.run_files import metrics_lines
 
 set_flower_env()
 
 
 def round_seconds(run_dir: Path) -> list[float]:
     """Per-round wall time (s) from metrics.jsonl, whose 'seconds' are cumulative since the run began."""
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_lines(run_dir / "metrics.jsonl")  # a line cut short by a crash is skipped, not fatal
     cumulative = [float(x["seconds"]) for x in lines]
     return [b - a for a, b in zip([0.0] + cumulative[:-1], cumulative)]
 

@@ -24,7 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,14 +35,9 @@ import httpx
 import numpy as np
 
 from simulations.bench import write_results
+from simulations.deployment import free_port
 from common.cli_args import non_negative_int, positive_int
 from common.cli_errors import user_errors_exit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(folder: Path, data: str | None, model: str | None,
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = list(SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, store_path, users = prepare(Path(tmp), args.data, args.model, args.synthetic_users)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         server = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--model", str(model_path),
                                    "--store", str(store_path), "--port", str(port)], env=env,
