@@ -40,7 +40,9 @@ class DataReport:
 
     def lines(self) -> list[str]:
         """The report as printed, one fact per line."""
-        drops = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items())) or "none"
+        # every count is of rows but short-user's, which counts users (a partner journey: read as rows)
+        drops = ", ".join(f"{v} {k}" if k != "short-user" else f"{v} short-user (users, not rows)"
+                          for k, v in sorted(self.dropped.items())) or "none"
         return [
             f"log: {self.source}",
             f"rows read: {self.rows}; dropped: {drops}",

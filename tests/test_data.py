@@ -206,3 +206,58 @@ def test_simulated_partners_index_the_published_catalogue(tmp_path):
     plain = partner_data(base, {"partition-id": 0, "num-partitions": 2})
     assert [part.catalogue[s - 1].tolist() for s in part.sequences] == [plain.catalogue[s - 1].tolist()
                                                                         for s in plain.sequences]
+
+
+def test_a_datetime_column_is_read_in_seconds_whatever_its_unit(tmp_path):
+    # A partner journey: a Parquet datetime column was read as its epoch in microseconds (8.8e14 "seconds"),
+    # so feedback posted later sorted before the whole history; datetime64[ms] likewise in milliseconds
+    times = pd.to_datetime(["1997-12-04 15:55:49", "1997-12-04 15:56:49", "1997-12-04 16:00:00"])
+    expected = [881250949, 881251009, 881251200]  # by hand: seconds since 1970 (UTC)
+    for unit in ("ns", "us", "ms"):
+        path = tmp_path / f"log_{unit}.parquet"
+        pd.DataFrame({"user_id": ["1", "1", "1"], "item_id": ["a", "b", "c"],
+                      "timestamp": times.as_unit(unit)}).to_parquet(path)
+        assert load_interactions(path).timestamp.tolist() == expected, unit
+
+
+def test_a_log_in_milliseconds_is_refused_and_a_far_future_row_is_dropped(tmp_path):
+    path = tmp_path / "ms.csv"
+    path.write_text("user_id,item_id,timestamp\n1,a,881250949000\n1,b,881251009000\n1,c,881251200000\n")
+    with pytest.raises(DataError, match=r"ms.csv: timestamps look like milliseconds since 1970 \(e.g. 881250949000\)"):
+        load_interactions(path)
+    path.write_text("user_id,item_id,timestamp\n1,a,881250949\n1,b,881251009\n1,c,881251200000\n")
+    data = load_interactions(path)
+    assert data.timestamp.tolist() == [881250949, 881251009] and data.dropped == {"bad-timestamp": 1}
+
+
+def test_dates_are_iso_8601_only_and_never_guessed(tmp_path):
+    # 12/02/2023 is December or February: pandas' "mixed" format read 12/02 month-first and 13/02 day-first
+    path = tmp_path / "dates.csv"
+    path.write_text("user_id,item_id,timestamp\n1,a,2023-02-12T10:00:00Z\n1,b,2023-02-12 10:00:30\n"
+                    "1,c,2023-02-12T12:00:00+02:00\n1,d,12/02/2023 10:00:00\n1,e,13/02/2023 10:00:00\n")
+    data = load_interactions(path)
+    assert data.item.tolist() == ["a", "b", "c"]  # c at +02:00 is 10:00 UTC, a's second
+    assert data.timestamp.tolist() == [1676196000, 1676196030, 1676196000] and data.dropped == {"bad-timestamp": 2}
+
+
+def test_events_within_one_second_keep_their_sub_second_order(tmp_path):
+    # They followed the file's order: a log out of time order held out the wrong test item
+    path = tmp_path / "clicks.csv"
+    path.write_text("user_id,item_id,timestamp\n1,c,1700000001\n1,a,1700000000.4\n1,b,1700000000.2\n"
+                    "1,d,2023-11-14T22:13:20.100Z\n")
+    data = load_interactions(path)
+    assert data.item.tolist() == ["d", "b", "a", "c"]
+    assert data.timestamp.tolist() == [1700000000, 1700000000, 1700000000, 1700000001]
+    seqs = build_sequences(data)
+    cat = seqs.catalogue.tolist()
+    assert [cat[i - 1] for i in seqs.sequences[0]] == ["d", "b", "a", "c"]
+    hist, target = seqs.eval_cases("test")
+    assert cat[target[0] - 1] == "c" and [cat[i - 1] for i in hist[0]] == ["d", "b", "a"]
+
+
+def test_a_compressed_tsv_is_read_with_tabs(tmp_path):
+    import gzip
+
+    path = tmp_path / "log.tsv.gz"
+    path.write_bytes(gzip.compress(b"user_id\titem_id\ttimestamp\n1\ta\t10\n1\tb\t20\n"))
+    assert load_interactions(path).item.tolist() == ["a", "b"]  # it advised naming the file .tsv

@@ -172,6 +172,8 @@ def test_catalogue_export_and_data_check(tmp_path, partner_log, capsys, monkeypa
     assert f"{unknown} unknown-item" in out
     users = frame[frame["item_id"].astype(str).isin(set(kept))].groupby("user_id").size()
     assert f"users kept: {int((users >= 3).sum())} " in out
+    # the partial catalogue leaves some users short: a count of users among counts of rows says so (a partner journey)
+    assert int((users < 3).sum()) > 0 and f"{int((users < 3).sum())} short-user (users, not rows)" in out
     assert "ok: this log can join a run (see the warning above)" in out
     # ... and more than a fifth of the rows outside the catalogue is said to be a likely mistake
     assert unknown > 0.2 * len(frame)

@@ -132,7 +132,7 @@ def _read_frame(p: Path) -> pd.DataFrame:
         frame = frame.iloc[:, :4]
         frame.columns = ["user_id", "item_id", "rating", "timestamp"]
         return frame
-    sep = "\t" if name.endswith(".tsv") else ","
+    sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.xz", ".tsv.zst")) else ","  # pandas unpacks by suffix
     frame = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     # pandas renames a repeated header name (item_id, item_id.1) and the copy was dropped unseen: the header as written
     header = pd.read_csv(p, sep=sep, dtype=str, header=None, nrows=1, keep_default_na=False, skipinitialspace=True)
@@ -200,6 +200,7 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     _count(dropped, "bad-id", int(bad_id.sum()))
     ok = (user != "") & (item != "") & (user.str.lower() != "nan") & (item.str.lower() != "nan")
     _count(dropped, "missing-id", int((~ok & ~bad_id).sum()))
+    ts = ts.mask(_far_future(ts.where(ok), source))  # a few rows past the year 5000: bad timestamps
     bad_ts = ts.isna() & ok
     _count(dropped, "bad-timestamp", int(bad_ts.sum()))
     ok &= ~ts.isna()
@@ -217,18 +218,23 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     # The same event twice (a log exported or appended twice): kept, each user's test item would be a copy
     # of the validation item and every metric inflated (HR@10 0.07 -> 0.60 for EASE on a doubled log)
     kept = np.flatnonzero(ok.to_numpy())  # by position: among valid rows only, whatever the frame's index
-    events = pd.DataFrame({"u": user.to_numpy(), "i": item.to_numpy(), "t": ts.to_numpy()}).iloc[kept]
+    # duplicates in whole seconds, as the log keeps them: the same item twice within a second is one event
+    events = pd.DataFrame({"u": user.to_numpy(), "i": item.to_numpy(), "t": ts.round().to_numpy()}).iloc[kept]
     twin = np.zeros(len(frame), dtype=bool)
     twin[kept[events.duplicated().to_numpy()]] = True
     _count(dropped, "duplicate", int(twin.sum()))
     ok &= ~twin
     if rating is not None:
         rating = pd.to_numeric(frame["rating"], errors="coerce")[ok].to_numpy(dtype=np.float32)
+    precise = ts[ok].to_numpy(dtype=float)
+    # Whole seconds are kept; events within one second keep their sub-second order (they followed the file's
+    # order, and a log out of time order then held out the wrong test item: a partner journey)
+    order = np.argsort(precise, kind="stable") if (precise != np.round(precise)).any() else np.arange(len(precise))
     data = Interactions(
-        user=user[ok].to_numpy(dtype=str),
-        item=item[ok].to_numpy(dtype=str),
-        timestamp=ts[ok].to_numpy(dtype=np.int64),
-        rating=rating,
+        user=user[ok].to_numpy(dtype=str)[order],
+        item=item[ok].to_numpy(dtype=str)[order],
+        timestamp=np.round(precise).astype(np.int64)[order],
+        rating=None if rating is None else rating[order],
         source=source,
         dropped=dropped,
     )
@@ -273,22 +279,46 @@ def _one_id(value: object) -> str | None:
     return None
 
 
+EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+# Seconds since 1970 above this are past the year 5000: a log in milliseconds (1.7e12 today), microseconds
+# or nanoseconds, which were read as seconds (a partner journey: a Parquet datetime column became 8.8e14)
+MAX_SECONDS = 1e11
+
+
 def _parse_timestamps(column: pd.Series) -> pd.Series:
-    """Unix seconds as integers; ISO dates are accepted too. Unparseable values become NaN."""
+    """Seconds since 1970 as floats, sub-second parts kept (they order events within one second): Unix
+    seconds, ISO 8601 text (``2023-02-12T10:00:00Z``, ``2023-02-12 10:00``, offsets) or a datetime column
+    (Parquet, pandas; a zone-less one is UTC). Unparseable values become NaN. Other date texts are not
+    guessed: ``12/02/2023`` is December or February, and pandas' "mixed" format read each row its own
+    way (a partner journey: a third of a day-first log moved up to 323 days, reported as "ok")."""
     if pd.api.types.is_bool_dtype(column):  # True / False is no time (CSV's "True" was refused already)
         return pd.Series(np.nan, index=column.index)
+    if pd.api.types.is_datetime64_any_dtype(column):  # its own unit (ns, us, ms), not seconds
+        return (pd.to_datetime(column, utc=True) - EPOCH) / pd.Timedelta(seconds=1)
     if column.dtype == object:
         column = column.map(lambda v: None if isinstance(v, (bool, np.bool_)) else v)
     numeric = pd.to_numeric(column, errors="coerce")
     as_float = numeric.astype(float)
     # Beyond +-2**62 it cannot be an int64 time (1e303 became INT64_MIN for every row: all tied)
-    finite = numeric.where(np.isfinite(as_float) & (as_float.abs() < 2.0**62))
+    finite = numeric.where(np.isfinite(as_float) & (as_float.abs() < 2.0**62)).astype(float)
     if finite.notna().all():
-        return finite.round()
+        return finite
     as_text = column.astype(str).where(finite.isna())
-    dates = pd.to_datetime(as_text, errors="coerce", utc=True, format="mixed")
-    seconds = (dates - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
-    return finite.fillna(seconds.astype(float)).round()
+    dates = pd.to_datetime(as_text, errors="coerce", utc=True, format="ISO8601")
+    return finite.fillna((dates - EPOCH) / pd.Timedelta(seconds=1))
+
+
+def _far_future(ts: pd.Series, source: str) -> pd.Series:
+    """Rows whose time is past :data:`MAX_SECONDS`; :class:`DataError` when most rows are (the log's unit is
+    not seconds: no row is guessed into another unit)."""
+    far = ts > MAX_SECONDS
+    valid = int(ts.notna().sum())
+    if valid and int(far.sum()) * 2 > valid:
+        example = float(ts[far].iloc[0])
+        unit = "milliseconds" if example < 1e14 else "microseconds" if example < 1e17 else "nanoseconds"
+        raise DataError(f"{source}: timestamps look like {unit} since 1970 (e.g. {example:.0f}), not seconds: give Unix "
+                        "seconds or ISO 8601 dates")
+    return far
 
 
 def _count(dropped: dict[str, int], reason: str, n: int) -> None:
