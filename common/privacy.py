@@ -283,13 +283,14 @@ def central_epsilon_per_user(central: Mapping[str, Any]) -> tuple[float, float] 
     if central.get("epsilon") is None:
         return None
     rounds = [r for r in central.get("rounds") or [] if r.get("epsilon") is not None]
-    if not rounds:
+    # a run from before the rounds recorded their multiplier: the run's (a review: KeyError on old runs)
+    sigmas = [r.get("noise-multiplier", central.get("noise-multiplier")) for r in rounds]
+    if not rounds or any(s is None for s in sigmas):
         return None
     from opacus.accountants.analysis import rdp as opacus_rdp
 
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
-    total = sum(opacus_rdp.compute_rdp(q=1.0, noise_multiplier=float(r["noise-multiplier"]) / 2, steps=1, orders=orders)
-                for r in rounds)
+    total = sum(opacus_rdp.compute_rdp(q=1.0, noise_multiplier=float(s) / 2, steps=1, orders=orders) for s in sigmas)
     delta = float(central.get("delta") or 0.0)
     epsilon, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=total, delta=delta)
     return float(epsilon), delta

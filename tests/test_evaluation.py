@@ -239,3 +239,15 @@ def test_real_partners_without_partition_ids_stay_apart_in_the_spread():
     records = [{"num-users": 2.0, "ndcg@10-sum": 1.0}, {"num-users": 4.0, "ndcg@10-sum": 1.0}]
     out = combine_partner_metrics(records, num_items=10)
     assert sorted(out["partner-ndcg@10"]) == [0.25, 0.5]
+
+
+def test_one_users_central_epsilon_reads_runs_recorded_before_rounds_named_their_multiplier():
+    # A review: rounds without "noise-multiplier" (older runs) raised KeyError in the audit and the sweep
+    from common.privacy import central_epsilon_per_user
+
+    old = {"epsilon": PARTNER_LEVEL, "delta": 1e-5, "noise-multiplier": 1.5,
+           "rounds": [{"round": 1, "partners": 3, "epsilon": 2.0}, {"round": 2, "partners": 3, "epsilon": PARTNER_LEVEL}]}
+    epsilon, delta = central_epsilon_per_user(old)
+    assert epsilon == pytest.approx(USER_LEVEL, rel=1e-3) and delta == 1e-5
+    del old["noise-multiplier"]
+    assert central_epsilon_per_user(old) is None  # no multiplier anywhere: no claim rather than a guess

@@ -214,27 +214,25 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
         rating = r[ok].to_numpy(dtype=np.float32)
     if not ok.any():
         reasons = ", ".join(f"{v} {k}" for k, v in dropped.items())
-        raise DataError(f"{source}: no valid rows ({reasons})")
+        first_bad = frame["timestamp"][bad_ts].iloc[0] if bad_ts.any() else None
+        hint = (f"; timestamps are Unix seconds, ISO 8601 dates (2023-02-12T10:00:00Z) or a datetime column, "
+                f"not {str(first_bad)[:40]!r}" if first_bad is not None else "")
+        raise DataError(f"{source}: no valid rows ({reasons}){hint}")
     # The same event twice (a log exported or appended twice): kept, each user's test item would be a copy
     # of the validation item and every metric inflated (HR@10 0.07 -> 0.60 for EASE on a doubled log)
     kept = np.flatnonzero(ok.to_numpy())  # by position: among valid rows only, whatever the frame's index
-    # duplicates in whole seconds, as the log keeps them: the same item twice within a second is one event
-    events = pd.DataFrame({"u": user.to_numpy(), "i": item.to_numpy(), "t": ts.round().to_numpy()}).iloc[kept]
+    events = pd.DataFrame({"u": user.to_numpy(), "i": item.to_numpy(), "t": ts.to_numpy()}).iloc[kept]
     twin = np.zeros(len(frame), dtype=bool)
     twin[kept[events.duplicated().to_numpy()]] = True
     _count(dropped, "duplicate", int(twin.sum()))
     ok &= ~twin
     if rating is not None:
         rating = pd.to_numeric(frame["rating"], errors="coerce")[ok].to_numpy(dtype=np.float32)
-    precise = ts[ok].to_numpy(dtype=float)
-    # Whole seconds are kept; events within one second keep their sub-second order (they followed the file's
-    # order, and a log out of time order then held out the wrong test item: a partner journey)
-    order = np.argsort(precise, kind="stable") if (precise != np.round(precise)).any() else np.arange(len(precise))
     data = Interactions(
-        user=user[ok].to_numpy(dtype=str)[order],
-        item=item[ok].to_numpy(dtype=str)[order],
-        timestamp=np.round(precise).astype(np.int64)[order],
-        rating=None if rating is None else rating[order],
+        user=user[ok].to_numpy(dtype=str),
+        item=item[ok].to_numpy(dtype=str),
+        timestamp=ts[ok].to_numpy(dtype=np.int64),
+        rating=rating,
         source=source,
         dropped=dropped,
     )
@@ -286,15 +284,17 @@ MAX_SECONDS = 1e11
 
 
 def _parse_timestamps(column: pd.Series) -> pd.Series:
-    """Seconds since 1970 as floats, sub-second parts kept (they order events within one second): Unix
-    seconds, ISO 8601 text (``2023-02-12T10:00:00Z``, ``2023-02-12 10:00``, offsets) or a datetime column
-    (Parquet, pandas; a zone-less one is UTC). Unparseable values become NaN. Other date texts are not
-    guessed: ``12/02/2023`` is December or February, and pandas' "mixed" format read each row its own
-    way (a partner journey: a third of a day-first log moved up to 323 days, reported as "ok")."""
+    """Whole seconds since 1970 (as floats): Unix seconds (a fraction is rounded; events within one second
+    keep the file's order), dates as text in ISO 8601 (``2023-02-12T10:00:00Z``, ``2023-02-12 10:00``,
+    offsets, a comma decimal), with a trailing `` UTC``/`` GMT`` (BigQuery's CSV) or in RFC 2822
+    (``Sun, 12 Feb 2023 10:00:00 GMT``), or a datetime column (Parquet, pandas; a zone-less one is UTC).
+    Dates are floored to the second. Unparseable values become NaN. Other date texts are not guessed:
+    ``12/02/2023`` is December or February, and pandas' "mixed" format read each row its own way (a
+    partner journey: a third of a day-first log moved up to 323 days, reported as "ok")."""
     if pd.api.types.is_bool_dtype(column):  # True / False is no time (CSV's "True" was refused already)
         return pd.Series(np.nan, index=column.index)
     if pd.api.types.is_datetime64_any_dtype(column):  # its own unit (ns, us, ms), not seconds
-        return (pd.to_datetime(column, utc=True) - EPOCH) / pd.Timedelta(seconds=1)
+        return ((pd.to_datetime(column, utc=True) - EPOCH) // pd.Timedelta(seconds=1)).astype(float)
     if column.dtype == object:
         column = column.map(lambda v: None if isinstance(v, (bool, np.bool_)) else v)
     numeric = pd.to_numeric(column, errors="coerce")
@@ -302,10 +302,14 @@ def _parse_timestamps(column: pd.Series) -> pd.Series:
     # Beyond +-2**62 it cannot be an int64 time (1e303 became INT64_MIN for every row: all tied)
     finite = numeric.where(np.isfinite(as_float) & (as_float.abs() < 2.0**62)).astype(float)
     if finite.notna().all():
-        return finite
-    as_text = column.astype(str).where(finite.isna())
-    dates = pd.to_datetime(as_text, errors="coerce", utc=True, format="ISO8601")
-    return finite.fillna((dates - EPOCH) / pd.Timedelta(seconds=1))
+        return finite.round()
+    text = column.astype(str).where(finite.isna()).str.strip()
+    iso = (text.str.replace(r"\s+(?:UTC|GMT)$", "+00:00", regex=True)
+               .str.replace(r"(\d{2}:\d{2}:\d{2}),(\d+)", r"\1.\2", regex=True))
+    dates = pd.to_datetime(iso, errors="coerce", utc=True, format="ISO8601")
+    rfc = pd.to_datetime(text.where(dates.isna()), errors="coerce", utc=True, format="%a, %d %b %Y %H:%M:%S %Z")
+    seconds = (dates.fillna(rfc) - EPOCH) // pd.Timedelta(seconds=1)
+    return finite.round().fillna(seconds.astype(float))
 
 
 def _far_future(ts: pd.Series, source: str) -> pd.Series:
