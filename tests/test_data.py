@@ -258,3 +258,12 @@ def test_a_compressed_tsv_is_read_with_tabs(tmp_path):
     path = tmp_path / "log.tsv.gz"
     path.write_bytes(gzip.compress(b"user_id\titem_id\ttimestamp\n1\ta\t10\n1\tb\t20\n"))
     assert load_interactions(path).item.tolist() == ["a", "b"]  # it advised naming the file .tsv
+
+
+def test_a_blank_rating_is_an_unrated_event_kept_and_a_bad_one_dropped(tmp_path):
+    # A partner journey: a log mixing views (no rating) and ratings lost every view as "bad-rating"
+    path = tmp_path / "mixed.csv"
+    path.write_text("user_id,item_id,timestamp,rating\n1,a,10,4\n1,b,20,\n1,c,30, \n1,d,40,abc\n")
+    log = load_interactions(path)
+    assert log.item.tolist() == ["a", "b", "c"] and log.dropped == {"bad-rating": 1}
+    assert log.rating[0] == 4.0 and np.isnan(log.rating[1:]).all()

@@ -207,8 +207,12 @@ def _validate(frame: pd.DataFrame, source: str) -> Interactions:
     rating = None
     if "rating" in frame.columns:
         r = pd.to_numeric(frame["rating"], errors="coerce")
+        # A blank rating is an unrated event (a view beside rated ones): kept, its rating NaN. Nothing trains on
+        # ratings, and dropping them lost half of a mixed log's events (a partner journey); "abc" is still bad
+        blank = frame["rating"].isna() | (frame["rating"].astype(str).str.strip() == "")
         # NOTE: finite as float64 is not enough: ratings are stored as float32 (3.5e38 overflows to inf)
-        bad_r = r.isna() | ~np.isfinite(r.to_numpy(dtype=float, na_value=np.nan).astype(np.float32))
+        with np.errstate(over="ignore"):
+            bad_r = ~blank & (r.isna() | ~np.isfinite(r.to_numpy(dtype=float, na_value=np.nan).astype(np.float32)))
         _count(dropped, "bad-rating", int((bad_r & ok).sum()))
         ok &= ~bad_r
         rating = r[ok].to_numpy(dtype=np.float32)
