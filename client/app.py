@@ -101,18 +101,11 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.optimizer_state import load_optimizer_state, save_optimizer_state
     from client.private_factors import mf_trainer
     from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
-    from common.task import new_model, partner_data
     from common.privacy import dp_noise_seed
-    from common.training import pick_device, train_local
+    from common.training import train_local
     from common.objectives import epoch_learning_rates, objective_options
 
-    # Load this partner's data and the global weights
-    data = partner_data(cfg, context.node_config)
-    check_same_catalogue(msg, data)
-    device = pick_device(cfg["device"])
-    model = new_model(cfg, data.num_items)
-    check_same_item_text(msg, model, cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    data, model, device = _round_inputs(msg, context, cfg)  # this partner's data and the global weights
     server_round = int(msg.content["config"].get("server-round", 1))
 
     # Open this partner's privacy ledger; refuse to train if the round would pass the budget
@@ -197,6 +190,21 @@ def _warn_clear_evaluation_once(cfg: dict, context: Context) -> None:
                 "share-evaluation=\"noised\" (or false) keeps them here")
 
 
+def _round_inputs(msg: Message, context: Context, cfg: dict) -> tuple:
+    """(this partner's data, the model holding the message's global weights, the device) for a train or
+    evaluate message, after checking the message's catalogue and item-text table against this partner's."""
+    from common.task import new_model, partner_data
+    from common.training import pick_device
+
+    data = partner_data(cfg, context.node_config)
+    check_same_catalogue(msg, data)
+    device = pick_device(cfg["device"])
+    model = new_model(cfg, data.num_items)
+    check_same_item_text(msg, model, cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return data, model, device
+
+
 def _run_name(msg: Message, cfg: dict, context: Context) -> str:
     """The run's name in this partner's ledger: the coordinator's run directory (sent with training and
     evaluation messages), else the run config's, else Flower's run id."""
@@ -211,15 +219,9 @@ def _proximal(msg: Message) -> dict:
 
 def _evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     from client.private_factors import evaluate_partner
-    from common.task import new_model, partner_data
-    from common.training import pick_device
 
-    data = partner_data(cfg, context.node_config)
-    check_same_catalogue(msg, data)
-    device = pick_device(cfg["device"])
-    model = new_model(cfg, data.num_items).to(device)
-    check_same_item_text(msg, model, cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    data, model, device = _round_inputs(msg, context, cfg)
+    model.to(device)
     sums = evaluate_partner(model, data, context, cfg, device)  # HR/NDCG@5,10,20, coverage, popularity
     if float(cfg["evaluation-noise-multiplier"]) > 0:
         return _noised_evaluation_reply(msg, context, cfg, data, sums)
