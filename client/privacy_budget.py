@@ -254,7 +254,7 @@ class PartnerBudget:
             rate, steps = _plan_for(users, batch, label, noised=noised)
             steps_per_round = int(cfg["local-epochs"]) * steps
             if noised:
-                population = max(users, 1)  # the noised count stands in for the evaluated users too (README)
+                population = max(users, 1)  # the noised count stands in for the evaluated users too (docs/privacy.md)
             delta = partner_delta(float(cfg["target-delta"]) or default_delta(population), context.node_config,
                                   population)
             cal = ledger.calibration(run)

@@ -5,7 +5,7 @@ Same formulas, same series and same stopping rule as Opacus' ``accountants/analy
 Python loop per order and term. Opacus' scalar loops take 0.1-0.45 s per noise level at sample rates
 near 1/3 (its 150 default orders, tens of thousands of series terms), so its noise search
 (``get_noise_multiplier``, ~15 noise levels) took 2.7 s at rate 1/3 x 30 steps; on this curve 0.23 s
-(``common.privacy.calibrate_noise``, measured side by side; README "Performance").
+(``common.privacy.calibrate_noise``, measured side by side; docs/performance.md).
 
 Units: ``q`` is the Poisson sampling rate per step, ``sigma`` the noise multiplier (noise std
 over the clipping norm), the result is RDP per step at each order (multiply by the steps).

@@ -148,7 +148,7 @@ def _calibrated_noise(target_epsilon: float, target_delta: float, sample_rate: f
                       accountant: str) -> float:
     """Opacus' search, cached per process (the partners a simulation actor serves mostly share
     (rate, steps, delta), e.g. IID partitions). For RDP the same search runs on the vectorised
-    RDP of common/fast_rdp.py (a whole search at rate 1/3: 0.23 s against Opacus' 2.67 s, README)."""
+    RDP of common/fast_rdp.py (a whole search at rate 1/3: 0.23 s against Opacus' 2.67 s, docs/performance.md)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if accountant == "rdp":

@@ -9,7 +9,7 @@ one DP-SGD step at sample rate 1. Opacus' accountants take it as the mechanism `
 so a partner's ledger composes it with its training (client/privacy_budget.py).
 
 Released: ``hit@K-sum`` and ``ndcg@K-sum`` (noised) and ``num-users``, a count sent in clear like
-the training replies' example counts (README "Not protected"). Not released: the sums at other
+the training replies' example counts (docs/privacy.md "Not protected"). Not released: the sums at other
 K, the sums of squares, the popularity sum and the recommended items, which would each need
 noise of their own.
 """

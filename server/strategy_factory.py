@@ -5,7 +5,7 @@
 ``aggregation`` picks the inner strategy from ``flwr.serverapp.strategy``. Every option
 except ``fedavg``/``fedprox``/``fedadam`` needs the individual updates (median, trimmed
 mean and Krum compare partners), and so does update validation: none of this works on
-the single sum that secure aggregation reveals (see the README).
+the single sum that secure aggregation reveals (see docs/deployment.md).
 """
 
 from __future__ import annotations

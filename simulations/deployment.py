@@ -2,7 +2,7 @@
 
     python -m simulations.deployment --partners 3 --run-config "num-server-rounds=2"
 
-starts exactly what the README's deployment guide tells the coordinator and the partners to
+starts exactly what the deployment guide (docs/deployment.md) tells the coordinator and the partners to
 run (``fedrec-server certs``, ``fedrec-client keys``, ``flower-superlink --ssl-* --enable-supernode-auth
 --database``, ``flwr supernode register``, ``flower-supernode --root-certificates
 --auth-supernode-private-key --node-config``, ``flwr run . <connection>``), each partner on its own
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(None, overrides)
     if cfg["dataset"] != "synthetic":  # the partners' files are split from one synthetic log (write_partner_logs)
         raise ConfigError(f"dataset = {cfg['dataset']!r}: this demonstration gives its partners synthetic logs; "
-                          "for real data start the SuperLink and SuperNodes yourself (README: Secure deployment)")
+                          "for real data start the SuperLink and SuperNodes yourself (docs/deployment.md)")
     root = Path(tempfile.mkdtemp(prefix="fedrec-deploy-"))
     fed = LocalFederation(root)
     try:
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, log in enumerate(logs):
             private, public = fed.partner_keys(f"partner-{i + 1}")
             fed.register(public)
-            # each partner keeps its own privacy ledger, as the README's partner command sets it
+            # each partner keeps its own privacy ledger, as the deployment guide's partner command sets it
             ledger = root / "ledgers" / f"partner-{i + 1}.sqlite"
             fed.start_supernode(f"partner-{i + 1}", private, log, **{"ledger-path": ledger})
         run_config = {**overrides, "catalogue": str(cat), "run-dir": str(root / "runs"), "run-name": "deployment"}

@@ -11,7 +11,7 @@ A config (TOML) has three tables::
     [fixed]                        # run-config keys shared by all cells (any key of [tool.flwr.app.config])
     dataset = "../shared/data/ml-100k"
     [grid]                         # run-config keys -> lists of values; the cells are their product
-    target-epsilon = [1, 8, "inf"] # "inf" = no DP-SGD at the partners (README)
+    target-epsilon = [1, 8, "inf"] # "inf" = no DP-SGD at the partners (docs/research.md)
     model = ["sasrec", "mf"]
     num-partners = [5]             # not a run-config key: the number of simulated partners
 

@@ -1,4 +1,4 @@
-"""Short benchmarks (minutes on a laptop CPU); each prints the numbers the README quotes."""
+"""Short benchmarks (minutes on a laptop CPU); each prints the numbers the README and docs/ quote."""
 
 from __future__ import annotations
 
