@@ -244,8 +244,8 @@ def test_common_export_date_forms_are_read_and_an_unknown_one_is_named(tmp_path)
     # A review: ISO 8601 only refused BigQuery's "... UTC", a comma decimal and RFC 2822, with no hint
     path = tmp_path / "export.csv"
     path.write_text("user_id,item_id,timestamp\n1,a,2023-02-12 10:00:00 UTC\n1,b,\"2023-02-12T10:00:01,5\"\n"
-                    "1,c,\"Sun, 12 Feb 2023 10:00:02 GMT\"\n")
-    assert load_interactions(path).timestamp.tolist() == [1676196000, 1676196001, 1676196002]
+                    "1,c,\"Sun, 12 Feb 2023 10:00:02 GMT\"\n1,d,2023/02/12 10:00:03\n")
+    assert load_interactions(path).timestamp.tolist() == [1676196000, 1676196001, 1676196002, 1676196003]
     path.write_text("user_id,item_id,timestamp\n1,a,12/02/2023 10:00:00\n1,b,13/02/2023 10:00:00\n")
     with pytest.raises(DataError, match=r"no valid rows \(2 bad-timestamp\); timestamps are Unix seconds, ISO 8601 "
                                         r"dates \(2023-02-12T10:00:00Z\) or a datetime column, not '12/02/2023 10:00:00'"):

@@ -290,7 +290,7 @@ MAX_SECONDS = 1e11
 def _parse_timestamps(column: pd.Series) -> pd.Series:
     """Whole seconds since 1970 (as floats): Unix seconds (a fraction is rounded; events within one second
     keep the file's order), dates as text in ISO 8601 (``2023-02-12T10:00:00Z``, ``2023-02-12 10:00``,
-    offsets, a comma decimal), with a trailing `` UTC``/`` GMT`` (BigQuery's CSV) or in RFC 2822
+    offsets, a comma decimal, ``2023/02/12``), with a trailing `` UTC``/`` GMT`` (BigQuery's CSV) or in RFC 2822
     (``Sun, 12 Feb 2023 10:00:00 GMT``), or a datetime column (Parquet, pandas; a zone-less one is UTC).
     Dates are floored to the second. Unparseable values become NaN. Other date texts are not guessed:
     ``12/02/2023`` is December or February, and pandas' "mixed" format read each row its own way (a
@@ -309,7 +309,8 @@ def _parse_timestamps(column: pd.Series) -> pd.Series:
         return finite.round()
     text = column.astype(str).where(finite.isna()).str.strip()
     iso = (text.str.replace(r"\s+(?:UTC|GMT)$", "+00:00", regex=True)
-               .str.replace(r"(\d{2}:\d{2}:\d{2}),(\d+)", r"\1.\2", regex=True))
+               .str.replace(r"(\d{2}:\d{2}:\d{2}),(\d+)", r"\1.\2", regex=True)
+               .str.replace(r"^(\d{4})/(\d{1,2})/(\d{1,2})", r"\1-\2-\3", regex=True))  # year first: unambiguous
     dates = pd.to_datetime(iso, errors="coerce", utc=True, format="ISO8601")
     rfc = pd.to_datetime(text.where(dates.isna()), errors="coerce", utc=True, format="%a, %d %b %Y %H:%M:%S %Z")
     seconds = (dates.fillna(rfc) - EPOCH) // pd.Timedelta(seconds=1)
