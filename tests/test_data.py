@@ -267,3 +267,11 @@ def test_a_blank_rating_is_an_unrated_event_kept_and_a_bad_one_dropped(tmp_path)
     log = load_interactions(path)
     assert log.item.tolist() == ["a", "b", "c"] and log.dropped == {"bad-rating": 1}
     assert log.rating[0] == 4.0 and np.isnan(log.rating[1:]).all()
+
+
+def test_a_u_data_without_tabs_says_so(tmp_path):
+    # A partner journey: a space-separated u.data was "no valid rows (2 missing-id)", naming no cause
+    path = tmp_path / "u.data"
+    path.write_text("1 10 4 881250949\n2 20 3 881250950\n")
+    with pytest.raises(DataError, match=r"u.data: its lines have no tabs; u.data is tab-separated"):
+        load_interactions(path)

@@ -121,6 +121,10 @@ def _read_frame(p: Path) -> pd.DataFrame:
         if not isinstance(frame.index, pd.RangeIndex):  # more fields than names: pandas made the first the index
             raise DataError(f"{p}: its lines have {4 + frame.index.nlevels} tab-separated fields; u.data has 4 "
                             "(user id, item id, rating, timestamp)")
+        if len(frame) and (frame["item_id"] == "").all() and frame["user_id"].str.contains(r"\s").all():
+            # one field per line: another separator (a partner journey: "31468 missing-id" named no cause)
+            raise DataError(f"{p}: its lines have no tabs; u.data is tab-separated (user id, item id, rating, "
+                            "timestamp)")
         return frame
     if name.endswith(".dat"):
         # NOTE: pandas' multi-character separators need the slow python engine; a tab
