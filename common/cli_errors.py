@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 from common.errors import FedRecError
 
+USER_MISTAKE = 2  # the exit status of a user mistake (one error: line)
+RUN_NOT_COMPLETE = 3  # a run that ended without all its rounds (fedrec-server report; simulations that aggregated nothing)
+
 
 def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's ``main``: a :class:`FedRecError` (bad data, config, budget: something the
@@ -25,7 +28,7 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
             return main(argv)
         except FedRecError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return USER_MISTAKE
         except ClickException as exc:  # flwr.common.config.parse_config_args
             print(f"error: --run-config: {exc.format_message()}", file=sys.stderr)
             return 2

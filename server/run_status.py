@@ -18,10 +18,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from common.cli_errors import RUN_NOT_COMPLETE
 from common.errors import DataError
 from common.run_files import finite_or_null, metrics_lines, read_json_object
 
-INCOMPLETE = 3  # the exit status of a run that is not complete (a user mistake is 2)
+INCOMPLETE = RUN_NOT_COMPLETE  # the exit status of a run that is not complete (a user mistake is 2)
 
 
 def _partner(p: dict[str, Any]) -> dict[str, Any]:
