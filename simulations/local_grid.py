@@ -31,7 +31,8 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
-from simulations.cli import user_errors_exit  # noqa: E402
+from common.run_files import metrics_lines  # noqa: E402
+from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
 
 FIRST_NODE_ID = 1001  # node ids are arbitrary; fixed ones make logs comparable between runs
 
@@ -112,7 +113,12 @@ def run_local(overrides: dict, num_partners: int, *, client_apps: list[ClientApp
                                                             run_config={}))
     created = created_run_dir(base, cfg["run-name"], before)
     # A taken run-name gets a suffix (server/run_report.py: new_run_dir); a resumed run keeps its own
-    return created if created is not None and not cfg["resume"] else base / cfg["run-name"]
+    run_dir = created if created is not None and not cfg["resume"] else base / cfg["run-name"]
+    if run_dir.is_dir():  # holdout.json (the audit's non-members) and partitions.json, as simulations.run writes them
+        from simulations.population import write_population
+
+        write_population(run_dir, cfg, num_partners)
+    return run_dir
 
 
 @user_errors_exit
@@ -123,8 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                         help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)
     overrides = parse_run_config(args.run_config)
+    # simulations.run's checks before any work (a simulation-features journey: min-nodes above the partner
+    # count waited out node-wait-timeout, and a cross-device split of 3 partners ended with exit 0)
+    from simulations.preflight import check_simulation, describe_unable
+
+    cfg = resolve_config(None, overrides)
+    if unable := describe_unable(check_simulation(cfg, args.num_partners), args.num_partners):
+        print(unable, file=sys.stderr, flush=True)
     run_dir = run_local(overrides, args.num_partners)
     print(f"run directory: {run_dir}")
+    lines = metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    if not any(line.get("num-partners") for line in lines):
+        print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model", file=sys.stderr)
+        return NOTHING_AGGREGATED
     return 0
 
 

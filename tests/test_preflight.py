@@ -4,6 +4,8 @@ first run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from common.config import resolve_config
@@ -149,3 +151,16 @@ def test_an_empty_partition_is_named_and_another_data_error_is_raised(monkeypatc
     monkeypatch.setattr(preflight, "simulated_partner", lambda cfg, pid, n: (_ for _ in ()).throw(DataError("has no users")))
     with pytest.raises(DataError, match="has no users"):
         preflight.partners_unable_to_train(resolve_config(None, SMALL), 3)
+
+
+def test_the_in_process_runner_makes_the_same_checks_and_writes_the_population(tmp_path, capsys):
+    # A simulation-features journey: local_grid waited out node-wait-timeout for min-nodes above its partner
+    # count, ran a 3-partner cross-device split to exit 0, and wrote no holdout.json for the audit
+    from simulations import local_grid
+
+    assert local_grid.main(_argv(3, **{"min-nodes": 5, "run-dir": str(tmp_path)})) == 2
+    assert "min-nodes = 5 but the simulation has 3 partners" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any run directory
+    assert local_grid.main(_argv(3, **{"holdout-fraction": 0.2, "run-dir": str(tmp_path), "run-name": "h"})) == 0
+    held = json.loads((tmp_path / "h" / "holdout.json").read_text())
+    assert held["holdout-fraction"] == 0.2 and held["user-ids"] and (tmp_path / "h" / "partitions.json").is_file()
