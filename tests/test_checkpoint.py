@@ -345,3 +345,18 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_resume_warns_when_partners_state_starts_again(tmp_path, caplog):
+    # A simulation-features journey: MF's private user factors and kept Adam moments live in each partner's
+    # ClientApp, so a resumed run's rounds differ from an uninterrupted run's, and nothing said so
+    from server.resume import partner_state_lost_on_resume
+
+    assert partner_state_lost_on_resume({"model": "sasrec"}) == ""
+    assert "Adam moments" in partner_state_lost_on_resume({"model": "sasrec", "keep-optimizer-state": True})
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 4, "keep-optimizer-state": True})
+    (tmp_path / "r").mkdir()
+    save_checkpoint(tmp_path / "r", a_checkpoint(cfg, model, round_=2))
+    with caplog.at_level("WARNING"):
+        start_run({**cfg, "resume": True}, CATALOGUE, model)
+    assert "the partners' Adam moments (keep-optimizer-state) live in each partner's ClientApp" in caplog.text
