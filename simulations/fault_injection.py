@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from common.cli_args import parse_run_config, positive_float, positive_int  # noqa: E402
 
 from common.errors import ConfigError  # noqa: E402
+from common.config import resolve_config  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
 
 KINDS = ("nan", "shape", "scale", "examples", "sleep", "crash")
@@ -38,8 +39,10 @@ CRASH_TEXT = "user u-4711 watched item i-99 at 1600000000"  # must never reach t
 Plan = dict[int, dict[int, str]]  # partition id -> round -> fault kind
 
 
-def parse_faults(text: str) -> Plan:
-    """``"0:nan@1 0:shape@2"`` (spaces or commas) -> ``{0: {1: "nan", 2: "shape"}}``."""
+def parse_faults(text: str, *, num_partners: int | None = None, num_rounds: int | None = None) -> Plan:
+    """``"0:nan@1 0:shape@2"`` (spaces or commas) -> ``{0: {1: "nan", 2: "shape"}}``. With ``num_partners`` /
+    ``num_rounds``, a fault for a partition or round the run does not have, or a second fault for one partner
+    and round, is refused: it was dropped in silence and the run read as "the defence held" (a review)."""
     plan: Plan = {}
     for item in text.replace(",", " ").split():
         try:
@@ -50,6 +53,12 @@ def parse_faults(text: str) -> Plan:
             raise ConfigError(f"fault {item!r} is not PARTITION:KIND@ROUND, e.g. 0:nan@1") from None
         if kind not in KINDS:
             raise ConfigError(f"fault kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
+        if num_partners is not None and not 0 <= pid < num_partners:
+            raise ConfigError(f"fault {item!r}: partition {pid} is outside 0..{num_partners - 1} (--num-partners)")
+        if num_rounds is not None and not 1 <= server_round <= num_rounds:
+            raise ConfigError(f"fault {item!r}: round {server_round} is outside 1..{num_rounds} (num-server-rounds)")
+        if server_round in plan.get(pid, {}):
+            raise ConfigError(f"fault {item!r}: partition {pid} already has a fault in round {server_round}")
         plan.setdefault(pid, {})[server_round] = kind
     return plan
 
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[])
     args = parser.parse_args(argv)
     overrides = parse_run_config(args.run_config)
-    app = make_faulty_client_app(overrides, parse_faults(args.faults), sleep_seconds=args.sleep_seconds)
+    rounds = int(resolve_config(None, overrides)["num-server-rounds"])
+    plan = parse_faults(args.faults, num_partners=args.num_partners, num_rounds=rounds)
+    app = make_faulty_client_app(overrides, plan, sleep_seconds=args.sleep_seconds)
     if args.local:
         from simulations.local_grid import run_local
 

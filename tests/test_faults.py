@@ -103,3 +103,15 @@ def test_a_partner_crashing_under_secure_aggregation_is_a_dropout(tmp_path):
     run_dir = run_local(overrides, 4, client_apps=[app] * 4)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["num-partners"]) for r in rounds] == [(1, 3), (2, 4)]
+
+
+def test_a_fault_the_run_cannot_inject_is_refused():
+    # A simulation-features journey: "9:nan@1 0:scale@7" in a 3-partner, 1-round run injected nothing, and the
+    # clean run read as a defence that held
+    from common.errors import ConfigError
+
+    assert parse_faults("0:nan@1 2:scale@1", num_partners=3, num_rounds=1) == {0: {1: "nan"}, 2: {1: "scale"}}
+    for text, says in (("9:nan@1", "partition 9 is outside 0..2"), ("0:scale@7", "round 7 is outside 1..1"),
+                       ("0:nan@1 0:scale@1", "partition 0 already has a fault in round 1")):
+        with pytest.raises(ConfigError, match=says):
+            parse_faults(text, num_partners=3, num_rounds=1)
