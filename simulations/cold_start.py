@@ -32,6 +32,7 @@ from common.cli_args import open_fraction, parse_run_config, positive_float, pos
 from common.cli_args import seed as seed_arg
 from common.config import resolve_config
 from common.data.sequences import SequenceData
+from common.errors import ConfigError
 from common.metrics import hit_values, pad_left, target_ranks
 from simulations.cli import user_errors_exit
 
@@ -108,7 +109,8 @@ def run_cold_start(overrides: dict, *, fraction: float, epochs: int, epsilon: fl
     if epsilon is not None:
         users = user_count_for_training(split.train)
         rate, steps = steps_per_epoch(users, int(cfg["batch-size"]))
-        sigma = calibrate_noise(target_epsilon=epsilon, target_delta=default_delta(users), sample_rate=rate,
+        delta = float(cfg["target-delta"]) or default_delta(users)  # --run-config target-delta was ignored (a review)
+        sigma = calibrate_noise(target_epsilon=epsilon, target_delta=delta, sample_rate=rate,
                                 total_steps=epochs * steps, accountant=str(cfg["accountant"]))
         # A research run on the researcher's own data: reproducible noise (partners draw OS entropy)
         dp = DPSettings(noise_multiplier=sigma, max_grad_norm=float(cfg["max-grad-norm"]), noise_seed=seed)
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     extra = parse_run_config(args.run_config)
+    # DP here is --epsilon's (central DP-SGD on the researcher's data): the federation's switches would be
+    # dropped in silence (a simulation-features journey: dp=true trained without DP)
+    if ignored := sorted(set(extra) & {"dp", "dp-mode", "target-epsilon"}):
+        raise ConfigError(f"--run-config {', '.join(ignored)}: the cold-start probe's DP is --epsilon (central "
+                          "DP-SGD at that epsilon, target-delta from --run-config); drop these knobs")
     for features in args.item_features:
         row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
                              fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon, seed=args.seed)

@@ -14,6 +14,10 @@ from simulations.bench import centralised, context_features
     (baselines.main, ["--dataset", "/no/such/data"]),
     (audit.main, ["/no/such/run"]),
     (cold_start.main, ["--dataset", "/no/such/data", "--item-features", "id"]),
+    # DP there is --epsilon's: dp=true trained without DP in silence (a simulation-features journey)
+    (cold_start.main, ["--dataset", "synthetic", "--item-features", "id", "--run-config", "dp=true"]),
+    # a fault the run cannot inject (partition 9 of 4)
+    (fault_injection.main, ["--local", "--faults", "9:nan@1"]),
     (sweep.main, ["/no/such/sweep.toml"]),
     (run.main, ["--num-partners", "2", "--run-config", "dataset='/no/such/data'"]),
     (local_grid.main, ["--num-partners", "2", "--run-config", "dataset='/no/such/data'"]),
