@@ -32,7 +32,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from common.config import resolve_config  # noqa: E402
 from common.run_files import metrics_lines  # noqa: E402
-from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
+from simulations.cli import user_errors_exit  # noqa: E402
 
 FIRST_NODE_ID = 1001  # node ids are arbitrary; fixed ones make logs comparable between runs
 
@@ -131,18 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_run_config(args.run_config)
     # simulations.run's checks before any work (a simulation-features journey: min-nodes above the partner
     # count waited out node-wait-timeout, and a cross-device split of 3 partners ended with exit 0)
-    from simulations.preflight import check_simulation, describe_unable
+    from simulations.preflight import preflight
+    from simulations.run_claims import refuse_untrained
 
-    cfg = resolve_config(None, overrides)
-    if unable := describe_unable(check_simulation(cfg, args.num_partners), args.num_partners):
-        print(unable, file=sys.stderr, flush=True)
+    preflight(resolve_config(None, overrides), args.num_partners)
     run_dir = run_local(overrides, args.num_partners)
     print(f"run directory: {run_dir}")
-    lines = metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    if not any(line.get("num-partners") for line in lines):
-        print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model", file=sys.stderr)
-        return NOTHING_AGGREGATED
-    return 0
+    return refuse_untrained(run_dir, metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else [])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ failed and the run ended with the initial model. :func:`check_simulation` says s
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -99,6 +100,13 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         raise FedRecError(f"{len(unable)} of {num_partners} simulated partners cannot train (partner-{pid}: "
                           f"{why}), leaving {able}, fewer than min-nodes = {min_nodes}: every round would fail")
     return unable
+
+
+def preflight(cfg: Mapping[str, Any], num_partners: int) -> None:
+    """What simulations.run and simulations.local_grid check before any work: :func:`check_simulation`
+    (a :class:`FedRecError` line) and one warning line naming the partners that will refuse every round."""
+    if unable := describe_unable(check_simulation(cfg, num_partners), num_partners):
+        print(unable, file=sys.stderr, flush=True)
 
 
 def describe_unable(unable: Mapping[int, str], num_partners: int) -> str:

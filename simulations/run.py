@@ -20,8 +20,8 @@ from common.config import resolve_config  # noqa: E402
 from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
-from simulations.cli import NOTHING_AGGREGATED, user_errors_exit  # noqa: E402
-from simulations.run_claims import metrics_lines  # noqa: E402
+from simulations.cli import user_errors_exit  # noqa: E402
+from simulations.run_claims import metrics_lines, refuse_untrained  # noqa: E402
 from simulations.run_stop import exit_interrupted, signals_deferred, sigterm_stops_ray_too, stop_ray  # noqa: E402
 
 
@@ -40,10 +40,9 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
         from simulations.population import refuse_another_partner_count
 
         refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
-    from simulations.preflight import check_simulation, describe_unable
+    from simulations.preflight import preflight
 
-    if unable := describe_unable(check_simulation(cfg, num_partners), num_partners):  # the ServerApp's checks too
-        print(unable, file=sys.stderr, flush=True)
+    preflight(cfg, num_partners)  # the ServerApp's checks too
 
     from flwr.simulation import run_simulation
 
@@ -126,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\nrun directory: {run_dir}")
     print((run_dir / "summary.md").read_text())
-    if not any(line.get("num-partners") for line in lines):  # every partner refused or was rejected: exit 0 read as done
-        print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model (the partners' "
-              f"refusals are in {run_dir / 'privacy.json'})", file=sys.stderr)
-        return NOTHING_AGGREGATED
-    return 0
+    return refuse_untrained(run_dir, lines)
 
 
 if __name__ == "__main__":

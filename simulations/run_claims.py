@@ -4,6 +4,7 @@ it states (``privacy.json``), read the same way by the audit and the sweep's res
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,15 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
     evaluated = [x for x in lines if x.get("ndcg@10") is not None]
     return {"epsilon": eps, "delta": delta, "ndcg@10": evaluated[-1]["ndcg@10"] if evaluated else None}
 
+
+
+def refuse_untrained(run_dir: Path, lines: list[dict]) -> int:
+    """``NOTHING_AGGREGATED`` (3) after one ``error:`` line when no round of ``lines`` aggregated an update
+    (every partner refused or was rejected: the model is the initial one, and exit 0 read as done), else 0."""
+    from simulations.cli import NOTHING_AGGREGATED
+
+    if any(line.get("num-partners") for line in lines):
+        return 0
+    print(f"error: no round aggregated an update: {run_dir / 'model.pt'} is the initial model (the partners' "
+          f"refusals are in {run_dir / 'privacy.json'})", file=sys.stderr)
+    return NOTHING_AGGREGATED

@@ -71,12 +71,10 @@ def sigterm_stops_ray_too() -> Iterator[None]:
 def stop_ray() -> None:
     """Stop the Ray processes this process started, if any: ``os._exit`` skips Ray's own exit hook, and a
     Ctrl-C during Ray's start or a second one during Flower's stop left its agents running (a commit review)."""
-    import sys as _sys
-
-    if "ray" not in _sys.modules:
+    if "ray" not in sys.modules:  # never started here
         return
     with contextlib.suppress(Exception):
-        _sys.modules["ray"].shutdown()
+        sys.modules["ray"].shutdown()
 
 
 @contextlib.contextmanager
