@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     preflight(resolve_config(None, overrides), args.num_partners)
     run_dir = run_local(overrides, args.num_partners)
     print(f"run directory: {run_dir}")
-    return refuse_untrained(run_dir, metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else [])
+    return refuse_untrained(run_dir, metrics_lines(run_dir / "metrics.jsonl"))  # [] when no round was logged
 
 
 if __name__ == "__main__":
