@@ -142,6 +142,10 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         privacy = budget.metrics(budget.record(context, server_round, result.mechanisms)) if budget else NO_LOCAL_DP_METRICS
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
+        if keeps_private_state(cfg):  # for a resume in a new process (client/partner_state.py)
+            from client.partner_state import save_partner_state
+
+            save_partner_state(context, _state_file(msg, context, cfg), server_round)
         details = budget.details() if budget else {"partner": partner_label(context.node_config, data, context)}
         noised_count = budget is not None and budget.count_is_noised
         if "num-partitions" in context.node_config:  # a simulation: how many ways its users were split
@@ -202,7 +206,22 @@ def _round_inputs(msg: Message, context: Context, cfg: dict) -> tuple:
     model = new_model(cfg, data.num_items)
     check_same_item_text(msg, model, cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if keeps_private_state(cfg):  # a resumed run: MF's user factors / Adam's moments from this partner's file
+        from client.partner_state import restore_partner_state
+
+        restore_partner_state(context, _state_file(msg, context, cfg), int(msg.content["config"].get("server-round", 1)))
     return data, model, device
+
+
+def keeps_private_state(cfg: Mapping[str, Any]) -> bool:
+    """Whether this run's partners keep state between rounds (client/partner_state.py)."""
+    return cfg["model"] == "mf" or bool(cfg["keep-optimizer-state"])
+
+
+def _state_file(msg: Message, context: Context, cfg: dict):  # noqa: ANN202 -- a Path or None
+    from client.partner_state import state_file
+
+    return state_file(cfg, context.node_config, _run_name(msg, cfg, context))
 
 
 def _run_name(msg: Message, cfg: dict, context: Context) -> str:

@@ -106,20 +106,24 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
         log(WARNING, "%s already completed round %d of %d; nothing left to run", run_dir, ckpt.round, total)
     log(INFO, "resuming %s after round %d: %d round(s) left", run_dir, ckpt.round, left)
     if lost := partner_state_lost_on_resume(cfg):
-        log(WARNING, "%s; the rounds after the resume will differ from an uninterrupted run's", lost)
+        log(WARNING, "%s; such partners' rounds after the resume differ from an uninterrupted run's", lost)
     return RunStart(run_dir, ArrayRecord(ckpt.arrays), ckpt.round + 1, left, fp, ckpt)
 
 
 def partner_state_lost_on_resume(cfg: Mapping[str, Any]) -> str:
-    """What partners keep only in their ClientApp's ``context.state`` (never sent, so never checkpointed here)
-    and start again after a resume in a new process; "" when nothing (a simulation-features journey: MF's
-    round-3 loss went back to round 1's)."""
-    lost = []
+    """What partners keep between rounds (never sent, so never checkpointed here) and which of them start
+    it again after a resume in a new process; "" when nothing. Simulated partners and deployed partners
+    that name their ledger (node config ``ledger-path``) restore it from a file of their own
+    (client/partner_state.py); the coordinator cannot see which kind a deployed partner is."""
+    kept = []
     if cfg["model"] == "mf":
-        lost.append("MF's private user factors")
+        kept.append("MF's private user factors")
     if cfg.get("keep-optimizer-state"):
-        lost.append("the partners' Adam moments (keep-optimizer-state)")
-    return f"{' and '.join(lost)} live in each partner's ClientApp and start again" if lost else ""
+        kept.append("the partners' Adam moments (keep-optimizer-state)")
+    if not kept:
+        return ""
+    return (f"{' and '.join(kept)} start again at deployed partners without a ledger-path (simulated partners "
+            "and partners with one restore them from their state file)")
 
 
 def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy, privacy: PrivacyReport | None = None) -> None:

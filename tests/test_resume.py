@@ -43,10 +43,13 @@ def crash_and_resume(tmp_path: Path, module: str, extra: str, *args: str) -> tup
 
 
 @pytest.mark.slow
-def test_killed_server_resumes_to_the_same_model_in_process(tmp_path):
-    """FedAdam (server state that must survive) on the in-process LocalGrid: bit-identical results."""
-    crashed, straight = crash_and_resume(tmp_path, "simulations.local_grid", 'aggregation="fedadam"',
-                                         "--num-partners", "3")
+@pytest.mark.parametrize("extra", ['aggregation="fedadam"', 'model="mf"', "keep-optimizer-state=true"],
+                         ids=["fedadam", "mf-user-factors", "adam-moments"])
+def test_killed_server_resumes_to_the_same_model_in_process(tmp_path, extra):
+    """On the in-process LocalGrid, bit-identical results after a crash and a resume, with state that
+    must survive it: FedAdam's (the server's checkpoint), MF's private user factors and the partners'
+    Adam moments (each partner's state file, client/partner_state.py)."""
+    crashed, straight = crash_and_resume(tmp_path, "simulations.local_grid", extra, "--num-partners", "3")
     resumed, reference = rounds_of(crashed), rounds_of(straight)
     assert [r["round"] for r in resumed] == [1, 2, 3, 4]
     assert [r["train-loss"] for r in resumed] == [r["train-loss"] for r in reference]

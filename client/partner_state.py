@@ -1,0 +1,108 @@
+"""A partner's private round-to-round state on disk, so that a resumed run continues as an uninterrupted one.
+
+What a partner keeps between rounds lives in its ClientApp's ``context.state``: MF's user factors
+(``client/private_factors.py``) and, with ``keep-optimizer-state``, its Adam moments
+(``client/optimizer_state.py``). A resumed run is a new Flower run in a new process, so that memory is
+empty. After each training round (after its spend is on the ledger) the partner also writes these
+records to a file of its own, and a round that finds them missing from ``context.state`` takes them
+from the file. Nothing here is ever sent.
+
+Where the file lives (one per run name, the name the coordinator sends with every message):
+
+* a partner that names its ledger (node config ``ledger-path``): in ``<ledger-path>.state/``, mode
+  0700, the file named by a hash of the run name (a coordinator's name never becomes a path here);
+* a simulated partition: ``<run-dir>/<run>/partner-state/partner-<partition-id>.pt`` beside the run's
+  ledgers, removed with the run directory;
+* any other partner keeps the state in memory only, and it starts again after a resume (the
+  coordinator's log says so).
+
+The file holds the state after the last round this partner trained and the one before; a round
+takes the newest with a smaller round number, so a fresh run under a reused name (round 1) never
+inherits another run's state, and a round trained again after a crash starts from the state before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from client.optimizer_state import KEY as OPTIMIZER_KEY
+from client.private_factors import META_KEY, STATE_KEY
+from common.files import PRIVATE_DIR_MODE, ensure_private, write_private_bytes
+
+LOG = logging.getLogger("fedrec.client")
+RECORDS = (STATE_KEY, META_KEY, OPTIMIZER_KEY)  # the context.state records a resumed round needs
+
+
+def state_file(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str) -> Path | None:
+    """This partner's state file for run ``run``, or None where the state stays in memory only."""
+    if node_config.get("ledger-path"):
+        ledger = Path(str(node_config["ledger-path"]))
+        return ledger.with_name(ledger.name + ".state") / f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+    if "partition-id" in node_config:
+        return Path(str(cfg["run-dir"])) / run / "partner-state" / f"partner-{int(node_config['partition-id'])}.pt"
+    return None
+
+
+def _records(context: Context) -> dict[str, dict[str, Any]]:
+    """The private records as plain data: an ArrayRecord as tensors, a ConfigRecord as its values."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in RECORDS:
+        if (arrays := context.state.array_records.get(key)) is not None:
+            out[key] = {"arrays": arrays.to_torch_state_dict()}
+        elif (config := context.state.config_records.get(key)) is not None:
+            out[key] = {"config": dict(config)}
+    return out
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The saved entries, newest first; [] for a missing or unreadable file (warned: the state starts again)."""
+    import torch
+
+    if not path.is_file():
+        return []
+    try:
+        entries = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)["entries"]
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("round"), int)]
+    except Exception as err:  # noqa: BLE001 -- a damaged file costs the warm start, never the round
+        LOG.warning("partner state %s is unreadable (%s); the private state starts again", path, type(err).__name__)
+        return []
+
+
+def save_partner_state(context: Context, path: Path | None, server_round: int) -> None:
+    """Write this round's private records (and keep the previous round's entry) to ``path``."""
+    if path is None or not (records := _records(context)):
+        return
+    import torch
+
+    path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    ensure_private(path.parent)
+    older = [e for e in _read(path) if e["round"] < server_round][:1]
+    buffer = io.BytesIO()
+    torch.save({"entries": [{"round": server_round, "records": records}, *older]}, buffer)
+    write_private_bytes(path, buffer.getvalue())
+
+
+def restore_partner_state(context: Context, path: Path | None, server_round: int) -> bool:
+    """Put the newest saved state from before ``server_round`` into an empty ``context.state``;
+    True when something was restored. A context that already holds any record keeps its own."""
+    if path is None or any(k in context.state.array_records or k in context.state.config_records for k in RECORDS):
+        return False
+    entry = next((e for e in _read(path) if e["round"] < server_round), None)
+    if entry is None:
+        return False
+    for key, record in entry["records"].items():
+        if key not in RECORDS:
+            continue
+        if "arrays" in record:
+            context.state.array_records[key] = ArrayRecord(record["arrays"])
+        else:
+            context.state.config_records[key] = ConfigRecord(record["config"])
+    LOG.info("restored this partner's private state from round %d (%s)", entry["round"], path)
+    return True
