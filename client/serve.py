@@ -118,16 +118,24 @@ class ModelWatcher:
     current model keeps serving; the next check tries again.
     """
 
-    def __init__(self, model_path: str | os.PathLike, titles: dict[str, str], reload_interval: float) -> None:
+    def __init__(self, model_path: str | os.PathLike, titles: dict[str, str], reload_interval: float,
+                 loaded: tuple[tuple[int, int, int], GlobalModel] | None = None) -> None:
         self.model_path = Path(model_path)
         self.titles = titles
         self.reload_interval = reload_interval
-        self._loaded = _file_key(find_model_file(model_path))  # taken before loading: a file replaced meanwhile reloads
-        self.recommender = Recommender(load_global_model(model_path), titles)
+        self._loaded, model = loaded or self.load(model_path)
+        self.recommender = Recommender(model, titles)
         self.reloads = 0
         self.last_error: str | None = None
         self._checked = time.monotonic()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def load(model_path: str | os.PathLike) -> tuple[tuple[int, int, int], GlobalModel]:
+        """(the model file's identity, the model): the identity is taken before loading, so a file
+        replaced meanwhile is reloaded. Raises :class:`FedRecError` if the model cannot load."""
+        key = _file_key(find_model_file(model_path))
+        return key, load_global_model(model_path)
 
     @property
     def current(self) -> GlobalModel:
@@ -173,10 +181,12 @@ def _file_key(path: Path) -> tuple[int, int, int]:
 
 
 def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,
-               reload_interval: float = 2.0, api_token: str | None = None) -> FastAPI:
+               reload_interval: float = 2.0, api_token: str | None = None,
+               loaded: tuple[tuple[int, int, int], GlobalModel] | None = None) -> FastAPI:
     """The API over ``model`` (file or folder) and ``store``; raises :class:`FedRecError` if the model cannot load.
-    ``api_token``: required as a bearer token on every request (None: no authentication, loopback use)."""
-    watcher = ModelWatcher(model, titles or {}, reload_interval)
+    ``api_token``: required as a bearer token on every request (None: no authentication, loopback use).
+    ``loaded``: :meth:`ModelWatcher.load`'s result when the caller has loaded the model already."""
+    watcher = ModelWatcher(model, titles or {}, reload_interval, loaded)
     app = FastAPI(title="fedrec partner recommendations", version="1")
     app.state.watcher = watcher
     app.state.store = store

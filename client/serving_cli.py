@@ -171,8 +171,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.recommend import catalogue_mismatch, load_global_model, load_titles
-    from client.serve import create_app, serve
+    from client.recommend import catalogue_mismatch, load_titles
+    from client.serve import ModelWatcher, create_app, serve
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
 
@@ -186,8 +186,8 @@ def _serve(args: argparse.Namespace) -> int:
     # torch's thread pool spins and a 5 ms request takes 100+ ms on a loaded machine.
     torch.set_num_threads(args.torch_threads)
     # A wrong --model fails before the store is created or filled: loaded, not only found (a text file given as
-    # --model left an empty store behind); create_app loads it again, a small cost once per start
-    load_global_model(args.model)
+    # --model would leave an empty store behind); the API serves this same load
+    loaded = ModelWatcher.load(args.model)
     # Every input is read before the store is made or filled: a bad --metadata after the import left a store
     # that the next start skipped importing into, and a bad --import-log made an empty store (a review)
     metadata = _metadata_for(args.import_log, args.metadata)
@@ -208,7 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
     if metadata:  # a restart without --import-log keeps the titles
         store.set_meta(METADATA_KEY, os.path.abspath(metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
-                     api_token=token)
+                     api_token=token, loaded=loaded)
     if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
         print(warning, file=sys.stderr)
     if not token and not args.no_auth:  # loopback (anything else needs a token or --no-auth): still every account

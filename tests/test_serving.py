@@ -976,6 +976,28 @@ def test_a_restarted_serve_keeps_the_titles_it_was_filled_with(trained, log, tmp
     assert served[2] == {} and "are gone" in capsys.readouterr().err
 
 
+def test_serve_loads_the_model_once_and_refuses_a_store_in_a_missing_folder(trained, tmp_path, monkeypatch, capsys):
+    import client.recommend
+    import client.serve
+    from client.cli import main
+
+    run, _ = trained
+    loads, served = [], []
+    real = client.recommend.load_global_model
+    monkeypatch.setattr(client.serve, "load_global_model", lambda path: loads.append(path) or real(path))
+    monkeypatch.setattr(client.serve, "serve", lambda app, **kw: served.append(app))
+    store = tmp_path / "events.sqlite"
+    assert main(["serve", "--model", str(run), "--store", str(store), "--port", str(free_port())]) == 0
+    assert len(served) == 1 and len(loads) == 1  # the start's check and the API share one load
+    capsys.readouterr()
+    # a mistyped folder: one line, and nothing made
+    typo = tmp_path / "evnets" / "events.sqlite"
+    assert main(["serve", "--model", str(run), "--store", str(typo), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the folder {typo.parent} does not exist" in err and len(err.splitlines()) == 1, err
+    assert not typo.parent.exists() and len(served) == 1
+
+
 def test_api_token_guards_every_endpoint_and_the_store(trained, log, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -89,6 +89,9 @@ class EventStore:
             raise DataError(f"event store {self.path}: no such file "
                             "(create it with `fedrec-client serve --store PATH`)")
         if not self.path.exists():
+            if not self.path.parent.is_dir():  # a mistyped folder would be made in silence, the events kept there
+                raise DataError(f"event store {self.path}: the folder {self.path.parent} does not exist; create it "
+                                "or give a path in an existing folder")
             ensure_private(self.path)  # users' interactions: owner-only from the first byte (SQLite keeps the mode)
         # NOTE: two connections, each shared by the API's threads under its own lock: a write waiting for
         # another process's lock (SQLite waits up to 30 s) must not hold up reads, which SQLite allows meanwhile.
