@@ -27,6 +27,7 @@ from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
+from common.files import file_in_the_way
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
@@ -85,7 +86,7 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
         return Path(str(node_config["ledger-path"]))
     if cfg.get("ledger-dir"):
         folder = Path(str(cfg["ledger-dir"]))
-        if file := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+        if file := file_in_the_way(folder):
             # (it read "ledger-path partner-1.sqlite: a folder on the way is a file", naming neither: a review)
             raise PrivacyError(f"run config ledger-dir = {str(folder)!r}: {file} is a file, not a folder; give the "
                                "folder the ledgers are kept in")

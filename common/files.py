@@ -80,6 +80,12 @@ def ensure_private(path: str | os.PathLike) -> Path:
     return p
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that stands where ``folder`` or one of its parents should be a folder, else None."""
+    folder = Path(folder).absolute()
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def is_private(path: str | os.PathLike) -> bool:
     """True when neither the group nor others have any permission on ``path``."""
     return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0

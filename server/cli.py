@@ -101,6 +101,7 @@ def _check(args: argparse.Namespace) -> int:
     from common.config import ignored_knobs, resolve_config
     from common.data.catalogue import catalogue_fingerprint
     from common.errors import CheckpointError, ConfigError
+    from common.files import file_in_the_way
     from common.privacy import dp_mode
     from server.app import initial_model
     from common.item_text import table_record
@@ -143,8 +144,7 @@ def _check(args: argparse.Namespace) -> int:
             raise ConfigError(f"run-dir = {str(cfg['run-dir'])!r}: cannot create a run directory under {existing}")
         print(f"a new run directory under {base}")
     if cfg.get("ledger-dir"):  # simulated partners keep their ledgers there (deployed ones where they run)
-        folder = Path(str(cfg["ledger-dir"])).absolute()
-        if file := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+        if file := file_in_the_way(str(cfg["ledger-dir"])):
             raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder")
     print("ok: the ServerApp will start with this run config")
     return 0

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError, EmptyPartitionError, FedRecError, PrivacyError
+from common.files import file_in_the_way
 from common.partners import simulated_partner
 from common.privacy import (calibrate_noise_after, default_delta, dp_mode, refuse_meaningless_delta, steps_per_epoch,
                             uses_local_dp)
@@ -93,6 +94,10 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         raise ConfigError(f"min-nodes = {min_nodes} but the simulation has {num_partners} partners: every round would "
                           f"wait node-wait-timeout and fail; lower min-nodes or raise --num-partners")
     check_run_config(cfg)
+    if uses_local_dp(dp_mode(cfg)) and cfg.get("ledger-dir") and (file := file_in_the_way(str(cfg["ledger-dir"]))):
+        # every simulated partner would refuse every round opening its ledger there (client/privacy_budget.py)
+        raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder; give the folder "
+                          "the ledgers are kept in")
     unable = partners_unable_to_train(cfg, num_partners)
     able = num_partners - len(unable)
     if able < min_nodes:

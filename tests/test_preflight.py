@@ -36,6 +36,9 @@ def _argv(partners: int, **overrides) -> list[str]:
     # every partition below batch-size: every partner refused every round, and the run exited 3 at the end
     (5, {"batch-size": 64}, r"5 of 5 simulated partners cannot train \(partner-0: only \d+ users with training data, "
                             r"not more than batch-size 64.*fewer than min-nodes = 2"),
+    # every partner refused every round opening its ledger under a file, and the run exited 3 at the end
+    (3, {"ledger-dir": f"{__file__}/ledgers"}, r"ledger-dir = .*test_preflight.py/ledgers'?: .*test_preflight.py is a "
+                                               r"file, not a folder"),
 ])
 def test_a_run_the_coordinator_or_its_partners_would_refuse_is_one_line_before_ray(partners, overrides, message,
                                                                                   monkeypatch, capsys):
