@@ -7,11 +7,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import SequenceData
 from common.data.ties import shuffle_within_ties, training_tie_runs
@@ -24,6 +26,10 @@ from common.objectives import SequenceLoss, positions_only_loss, trim_padding
 from common.proximal import ProximalAnchor
 from common.secure_noise import draw_securely
 from common.training_pairs import training_pairs
+
+if TYPE_CHECKING:  # Opacus loads only when a call trains with DP
+    from opacus import PrivacyEngine
+    from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -262,41 +268,85 @@ def train_local(
         raise ValueError(f"learning_rates has {len(learning_rates)} entries for {epochs} epochs")
     refuse_many_examples_per_user({"history-windows": history_windows, "reverse-histories": reverse_histories},
                                   local_dp=dp is not None)
-    time_features = getattr(model, "time_features", False)
-    dataset = training_pairs(data, max_len, time_features=time_features, windows=history_windows,
-                             backwards=reverse_histories)
+    # How histories become examples: here and after every tie reshuffle
+    make_pairs = partial(training_pairs, max_len=max_len, time_features=getattr(model, "time_features", False),
+                         windows=history_windows, backwards=reverse_histories)
+    dataset = make_pairs(data)
     if len(dataset) == 0:
         raise PrivacyError(f"{data.name}: no user has two or more training interactions")
     model.to(device).train()
     proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
-    optimizer = adam = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    adam = _adam(model, learning_rate, optimizer_state)
+    steppers = _steppers(model, adam, dataset, SequenceLoss(label_smoothing=label_smoothing), dp,
+                         batch_size=batch_size, seed=seed)
+    batch_loss = _batch_loss(model, steppers, dp, device, exclude_seen=exclude_seen, label_smoothing=label_smoothing)
+    reorder_ties = _tie_reorderer(data, dataset, make_pairs, dp, seed, shuffle_ties=shuffle_ties)
+    set_epoch_rate = _epoch_rate_setter(learning_rates, adam, proximal, proximal_mu)
+
+    def before_epoch() -> None:
+        reorder_ties()
+        set_epoch_rate()
+
+    no_users = empty_batch_gradients(model, steppers.mode) if steppers.engine else lambda: None
+    loss, steps = run_epochs(steppers.loader, steppers.optimizer, batch_loss, epochs=epochs, hooks=steppers.hooks,
+                             after_step=proximal.step, before_epoch=before_epoch, before_empty_step=no_users)
+    model.eval()
+    return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(steppers.engine),
+                       seconds=time.perf_counter() - start, optimizer_state=adam.state_dict())
+
+
+def _adam(model: nn.Module, learning_rate: float, optimizer_state: dict | None) -> torch.optim.Adam:
+    """A fresh Adam, or one continuing from ``optimizer_state`` at this call's learning rate."""
+    adam = torch.optim.Adam(model.parameters(), lr=learning_rate)
     if optimizer_state:
         adam.load_state_dict(optimizer_state)
         for group in adam.param_groups:  # this call's learning rate, not the stored one
             group["lr"] = learning_rate
+    return adam
+
+
+@dataclass
+class _Steppers:
+    """What :func:`run_epochs` steps with: Adam, the loader and the loss as given, or their DP wrappers."""
+
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    criterion: nn.Module
+    engine: PrivacyEngine | None = None  # None: no DP
+    mode: str = ""  # the grad-sample mode under DP (resolve_grad_sample_mode)
+    hooks: AbstractGradSampleHooks | None = None  # Opacus' hooks (hooks, ghost modes), removed by run_epochs
+
+
+def _steppers(model: nn.Module, adam: torch.optim.Adam, dataset: TensorDataset, criterion: nn.Module,
+              dp: DPSettings | None, *, batch_size: int, seed: int) -> _Steppers:
+    """Adam, a shuffled loader of ``dataset`` and the loss; with ``dp``, Opacus' (or our fused) DP-SGD wrappers."""
     # Under DP the Poisson sampler (Opacus takes the loader's generator), noise and dropout draw
     # from a seed the coordinator cannot know (seed_dp_randomness); the run seed only without DP
     sampler = seed_dp_randomness(dp.noise_seed) if dp is not None else torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler)
-    criterion: nn.Module = SequenceLoss(label_smoothing=label_smoothing)
-    hooks = None
-    engine = None
-    if dp is not None:
-        from opacus import PrivacyEngine
+    if dp is None:
+        return _Steppers(adam, loader, criterion)
+    from opacus import PrivacyEngine
 
-        mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
-            engine = PrivacyEngine(accountant=dp.accountant)
-        if mode == "fused":  # our clipping, Opacus' loader/noise/accountant (common/per_user_clipping.py)
-            optimizer, loader = make_fused_private(engine, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                                   steps=dp.steps_per_epoch, batch=dp.expected_batch)
-            if dp.noise_seed is None:
-                draw_securely(optimizer, loader)
-        else:
-            hooks, optimizer, criterion, loader = opacus_private(engine, model, optimizer, loader, criterion, dp, mode)
-    fused = engine is not None and mode == "fused"
+    mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
+        engine = PrivacyEngine(accountant=dp.accountant)
+    if mode == "fused":  # our clipping, Opacus' loader/noise/accountant (common/per_user_clipping.py)
+        optimizer, loader = make_fused_private(engine, optimizer=adam, data_loader=loader,
+                                               noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                               steps=dp.steps_per_epoch, batch=dp.expected_batch)
+        if dp.noise_seed is None:
+            draw_securely(optimizer, loader)
+        return _Steppers(optimizer, loader, criterion, engine, mode)
+    hooks, optimizer, criterion, loader = opacus_private(engine, model, adam, loader, criterion, dp, mode)
+    return _Steppers(optimizer, loader, criterion, engine, mode, hooks)
+
+
+def _batch_loss(model: nn.Module, steppers: _Steppers, dp: DPSettings | None, device: torch.device | str, *,
+                exclude_seen: bool, label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``run_epochs``' ``batch_loss``: the batch's loss, its gradients left in ``p.grad``."""
+    fused = steppers.mode == "fused"  # "" without DP
 
     def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs, targets = trim_padding(inputs.to(device), targets.to(device))
@@ -308,40 +358,45 @@ def train_local(
                                        label_smoothing=label_smoothing)
         else:
             logits = model(inputs)
-            loss = criterion(drop_seen(logits, inputs, targets) if exclude_seen else logits, targets)
+            loss = steppers.criterion(drop_seen(logits, inputs, targets) if exclude_seen else logits, targets)
         loss.backward()
         return loss
 
+    return batch_loss
+
+
+def _tie_reorderer(data: SequenceData, dataset: TensorDataset, make_pairs: Callable[[SequenceData], TensorDataset],
+                   dp: DPSettings | None, seed: int, *, shuffle_ties: bool) -> Callable[[], None]:
+    """Before each epoch: ``dataset`` rebuilt with ``data``'s ties in a fresh order; a no-op without ties."""
     # Tie orders: the run seed, which the coordinator knows, only without DP or with reproducible simulation
     # noise. One stream serves every user, so from the run seed one more user shifts every later user's
     # orders: a coordinator knowing the seed and the other users' histories saw most examples change, and
     # the clipped sum move by 8.9x max-grad-norm (a review). A secret stream keeps them each uniformly random.
     tie_rng = np.random.default_rng(secrets.randbits(128) if dp is not None and dp.noise_seed is None else seed)
     ties = training_tie_runs(data) if shuffle_ties else []
+    if not any(ties):  # no ties: nothing to redraw
+        return lambda: None
 
     def reorder_ties() -> None:  # the loaders (Opacus' too) read dataset.tensors at every batch
-        fresh = training_pairs(shuffle_within_ties(data, tie_rng, ties), max_len, time_features=time_features,
-                               windows=history_windows, backwards=reverse_histories)
-        dataset.tensors = fresh.tensors
+        dataset.tensors = make_pairs(shuffle_within_ties(data, tie_rng, ties)).tensors
 
-    has_ties = any(ties)  # no ties: nothing to redraw
-    epoch_rates = iter(learning_rates or [])
+    return reorder_ties
 
-    def before_epoch() -> None:
-        if has_ties:
-            reorder_ties()
-        if learning_rates is not None:  # Adam itself steps under every wrapper (Opacus', fused)
-            rate = next(epoch_rates)
-            for group in adam.param_groups:
-                group["lr"] = rate
-            proximal.factor = rate * proximal_mu  # FedProx's pull follows the same rate
 
-    loss, steps = run_epochs(loader, optimizer, batch_loss, epochs=epochs, hooks=hooks, after_step=proximal.step,
-                             before_epoch=before_epoch,
-                             before_empty_step=empty_batch_gradients(model, mode) if engine else lambda: None)
-    model.eval()
-    return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(engine),
-                       seconds=time.perf_counter() - start, optimizer_state=adam.state_dict())
+def _epoch_rate_setter(learning_rates: list[float] | None, adam: torch.optim.Adam, proximal: ProximalAnchor,
+                       proximal_mu: float) -> Callable[[], None]:
+    """Before each epoch: the next of ``learning_rates``, for Adam and FedProx's pull; a no-op without them."""
+    if learning_rates is None:
+        return lambda: None
+    epoch_rates = iter(learning_rates)
+
+    def set_epoch_rate() -> None:  # Adam itself steps under every wrapper (Opacus', fused)
+        rate = next(epoch_rates)
+        for group in adam.param_groups:
+            group["lr"] = rate
+        proximal.factor = rate * proximal_mu  # FedProx's pull follows the same rate
+
+    return set_epoch_rate
 
 
 def user_count_for_training(data: SequenceData) -> int:
