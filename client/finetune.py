@@ -19,24 +19,26 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from client.privacy_ledger import Calibration, PrivacyLedger
-from client.recommend import load_global_model
+from client.recommend import GlobalModel, load_global_model
 from common.data.event_store import is_event_store, store_identity
 from common.config import DEFAULTS
 from common.data.loaders import load_interactions, resolve_data_path
-from common.data.sequences import build_sequences
+from common.data.sequences import SequenceData, build_sequences
 from common.item_text import table_record
 from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
-from common.privacy import default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
+from common.privacy import Mechanism, default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
 from common.files import PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, write_file
 from common.task import NAMED, with_data_identity
-from common.training import DPSettings, refuse_non_sequence_model, train_local, user_count_for_training
+from common.training import (DPSettings, TrainResult, refuse_non_sequence_model, train_local,
+                             user_count_for_training)
 from common.objectives import objective_options
 
 ACCOUNTANT = "rdp"
@@ -69,9 +71,58 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
                            "ledger the SuperNode uses (its node config ledger-path)")
     gm = load_global_model(model)
     refuse_non_sequence_model(gm.model, f"finetune {gm.path}")  # before the ledger is touched
-    objective = objective_options({**DEFAULTS, **gm.config})  # files older than a knob: its default
-    objective.update({k: v for k, v in (("exclude_seen", exclude_seen), ("shuffle_ties", shuffle_ties)) if v is not None})
+    objective = _objective(gm.config, exclude_seen=exclude_seen, shuffle_ties=shuffle_ties)
     since = int(gm.version) if since is None else int(since)
+    data, recent, recent_count = _recent_users_data(gm, data_path, since, data_identity)
+    orders = int(gm.config.get("tie-orders", DEFAULTS["tie-orders"]))  # scored as federated evaluation scores
+
+    # The global model's quality on these users, for the separate report
+    before = _hr_ndcg(gm.model, recent, gm.max_len, orders)
+    tuned = copy.deepcopy(gm.model)
+
+    users = user_count_for_training(recent)
+    delta = target_delta or default_delta(user_count_for_training(data))
+    spend = None
+    if dp:
+        refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
+        rate, steps = steps_per_epoch(users, batch_size)
+        spend = _check_budget(ledger_path, data, (noise_multiplier, rate, epochs * steps), delta=delta,
+                              target_epsilon=target_epsilon,
+                              what=f"{epochs} epoch(s), {users} users, noise {noise_multiplier:g}")
+    settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto") if dp else None
+    # Unique: two fine-tunes within one second shared a name and the second failed after training
+    run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    result = _train_and_record(tuned, recent, spend, run, epochs=epochs, batch_size=batch_size,
+                               learning_rate=learning_rate, max_len=gm.max_len, dp=settings, seed=seed, **objective)
+
+    report = {
+        "global-model": str(gm.path),
+        "finetuned-model": str(out_path),
+        "since": since,
+        "users": recent_count,
+        "train-users": users,
+        "epochs": epochs,
+        "steps": result.steps,
+        "train-loss": result.loss,
+        "global": before,
+        "finetuned": _hr_ndcg(tuned, recent, gm.max_len, orders),
+        **_privacy_fields(spend, result, noise_multiplier=noise_multiplier, ledger_path=ledger_path, run=run),
+    }
+    _save_finetuned(out_path, tuned, gm, report)
+    return report
+
+
+def _objective(config: dict[str, Any], *, exclude_seen: bool | None, shuffle_ties: bool | None) -> dict[str, Any]:
+    """The global model's own objective settings (its config's), but for those given here."""
+    objective = objective_options({**DEFAULTS, **config})  # files older than a knob: its default
+    given = (("exclude_seen", exclude_seen), ("shuffle_ties", shuffle_ties))
+    objective.update({k: v for k, v in given if v is not None})
+    return objective
+
+
+def _recent_users_data(gm: GlobalModel, data_path: str | os.PathLike, since: int,
+                       data_identity: str) -> tuple[SequenceData, SequenceData, int]:
+    """The partner's data set, its users with events at or after ``since``, and how many they are."""
     log = load_interactions(data_path)
     # The same data set (and fingerprint) as the partner's supernode builds for its ledger
     data = build_sequences(log, gm.catalogue)
@@ -82,85 +133,92 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     rows = [u for u, uid in enumerate(data.user_ids.tolist()) if uid in recent_users]
     if not rows:
         raise PrivacyError(f"{data_path}: no user has events at or after {since} (unix seconds); nothing to fine-tune")
-    recent = data.subset(rows, name=f"{data.name} (events since {since})")
-    max_len = gm.max_len
-    orders = int(gm.config.get("tie-orders", DEFAULTS["tie-orders"]))  # scored as federated evaluation scores
+    return data, data.subset(rows, name=f"{data.name} (events since {since})"), len(rows)
 
-    # The global model's quality on these users, for the separate report
-    before = means_from_sums(evaluate_ranking(gm.model, recent, split="test", max_len=max_len, tie_orders=orders))
-    tuned = copy.deepcopy(gm.model)
 
-    ledger = None
-    settings = None
-    users = user_count_for_training(recent)
-    delta = target_delta or default_delta(user_count_for_training(data))
-    if dp:
-        refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
-        rate, steps = steps_per_epoch(users, batch_size)
-        planned = (noise_multiplier, rate, epochs * steps)
-        ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED))
-        if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
-            print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
-                  "already trained, give the ledger its federated training uses", file=sys.stderr)
-        try:  # the ledger is locked while open: close it on every way out but training
-            if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
-                target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
-            delta = ledger.accounting_delta(delta)  # ... and at the smallest delta its runs promised
-            spent = ledger.epsilon(delta, ACCOUNTANT)
-            after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
-            if after > target_epsilon:
-                raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this "
-                                   f"fine-tune ({epochs} epoch(s), {users} users, noise {noise_multiplier:g}) "
-                                   f"would reach {after:.3f} "
-                                   f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
-        except BaseException:
-            ledger.close()
-            raise
-        settings = DPSettings(noise_multiplier, max_grad_norm, ACCOUNTANT, "auto")
-    # Unique: two fine-tunes within one second shared a name and the second failed after training
-    run = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+def _hr_ndcg(model: torch.nn.Module, recent: SequenceData, max_len: int, orders: int) -> dict[str, float]:
+    """HR@10 and NDCG@10 on ``recent``'s held-out last items."""
+    means = means_from_sums(evaluate_ranking(model, recent, split="test", max_len=max_len, tie_orders=orders))
+    return {"hr@10": means.get("hr@10", 0.0), "ndcg@10": means.get("ndcg@10", 0.0)}
+
+
+@dataclass
+class _LedgerSpend:
+    """A DP fine-tune's place on the partner's ledger, checked against its budget before training."""
+
+    ledger: PrivacyLedger  # open (locked) until the fine-tune is recorded
+    planned: Mechanism  # (noise multiplier, sample rate, steps)
+    target_epsilon: float
+    delta: float  # the smallest a run on the ledger promised
+    total: float | None = None  # the ledger's epsilon with the fine-tune recorded
+
+
+def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: Mechanism, *, delta: float,
+                  target_epsilon: float | None, what: str) -> _LedgerSpend:
+    """Open the partner's ledger and refuse a fine-tune (``what``, spending ``planned``) that would pass its budget."""
+    ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED))
+    if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
+        print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
+              "already trained, give the ledger its federated training uses", file=sys.stderr)
+    try:  # the ledger is locked while open: close it on every way out but training
+        if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
+            target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
+        delta = ledger.accounting_delta(delta)  # ... and at the smallest delta its runs promised
+        spent = ledger.epsilon(delta, ACCOUNTANT)
+        after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
+        if after > target_epsilon:
+            raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this "
+                               f"fine-tune ({what}) would reach {after:.3f} "
+                               f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
+    except BaseException:
+        ledger.close()
+        raise
+    return _LedgerSpend(ledger, planned, target_epsilon, delta)
+
+
+def _train_and_record(tuned: torch.nn.Module, recent: SequenceData, spend: _LedgerSpend | None, run: str,
+                      **train_options: Any) -> TrainResult:
+    """Train ``tuned`` in place; with DP record the spend as ledger run ``run`` and close the ledger."""
     try:
-        result = train_local(tuned, recent, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                             max_len=max_len, dp=settings, seed=seed, **objective)
-        if ledger is not None:
+        result = train_local(tuned, recent, **train_options)
+        if spend is not None:
+            noise_multiplier, rate, steps = spend.planned
             # Recorded before the model is written: every released fine-tuned model is on the ledger
-            ledger.save_calibration(run, Calibration(noise_multiplier, target_epsilon, delta, ACCOUNTANT,
-                                                     planned[1], planned[2], 1))
-            ledger.record(run=run, server_round=0, mechanisms=result.mechanisms, accountant=ACCOUNTANT)
-            total = ledger.epsilon(delta, ACCOUNTANT)
+            spend.ledger.save_calibration(run, Calibration(noise_multiplier, spend.target_epsilon, spend.delta,
+                                                           ACCOUNTANT, rate, steps, 1))
+            spend.ledger.record(run=run, server_round=0, mechanisms=result.mechanisms, accountant=ACCOUNTANT)
+            spend.total = spend.ledger.epsilon(spend.delta, ACCOUNTANT)
     finally:
-        if ledger is not None:
-            ledger.close()
+        if spend is not None:
+            spend.ledger.close()
+    return result
 
-    after_metrics = means_from_sums(evaluate_ranking(tuned, recent, split="test", max_len=max_len, tie_orders=orders))
-    report = {
-        "global-model": str(gm.path),
-        "finetuned-model": str(out_path),
-        "since": since,
-        "users": len(rows),
-        "train-users": users,
-        "epochs": epochs,
-        "steps": result.steps,
-        "train-loss": result.loss,
-        "global": {"hr@10": before.get("hr@10", 0.0), "ndcg@10": before.get("ndcg@10", 0.0)},
-        "finetuned": {"hr@10": after_metrics.get("hr@10", 0.0), "ndcg@10": after_metrics.get("ndcg@10", 0.0)},
+
+def _privacy_fields(spend: _LedgerSpend | None, result: TrainResult, *, noise_multiplier: float,
+                    ledger_path: str | os.PathLike, run: str) -> dict[str, Any]:
+    """The report's privacy part: what the fine-tune spent and where it is recorded."""
+    dp = spend is not None
+    return {
         "dp": dp,
         "noise-multiplier": noise_multiplier if dp else 0.0,
         # None (JSON null) without DP: no guarantee; Infinity is not JSON that strict parsers read
-        "epsilon-finetune": epsilon_of(result.mechanisms, delta, ACCOUNTANT) if dp else None,
-        "epsilon-ledger": total if dp else None,
-        "target-epsilon": target_epsilon if dp else None,
-        "delta": delta if dp else None,
+        "epsilon-finetune": epsilon_of(result.mechanisms, spend.delta, ACCOUNTANT) if dp else None,
+        "epsilon-ledger": spend.total if dp else None,
+        "target-epsilon": spend.target_epsilon if dp else None,
+        "delta": spend.delta if dp else None,
         "ledger": str(ledger_path) if dp else None,
         "ledger-run": run if dp else None,
-        "ledger-created": bool(ledger is not None and ledger.created),
+        "ledger-created": bool(dp and spend.ledger.created),
     }
+
+
+def _save_finetuned(out_path: Path, tuned: torch.nn.Module, gm: GlobalModel, report: dict[str, Any]) -> None:
+    """The fine-tuned model file, in the global model's format with the report beside the weights."""
     buf = io.BytesIO()
     text = table_record(tuned, gm.config, gm.catalogue)  # checked when the file is served (client/recommend.py)
     torch.save({"state_dict": tuned.state_dict(), "catalogue": gm.catalogue.tolist(), "config": gm.config,
                 "finetune": report, **({"item-text": text} if text else {})}, buf)
     write_file(out_path, buf.getvalue(), mode=PRIVATE_MODE, force=True)  # trained on private data; checked above
-    return report
 
 
 def _files_read(p: Path) -> set[Path]:
