@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from time import monotonic, sleep
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,6 +19,11 @@ from client.safe_errors import error_reply, sanitising_mod
 from client.secure_aggregation import make_secure_aggregation_mod
 from common.config import resolve_config
 from common.privacy import dp_mode, uses_local_dp
+
+if TYPE_CHECKING:  # for annotations only: importing this module loads neither (see below)
+    from torch import nn
+
+    from common.data.sequences import SequenceData
 
 # NOTE: torch, Opacus and pandas are imported inside the handlers. A SuperNode starts one
 # ClientApp process per message, and SecAgg+'s key set-up and unmasking messages (three of
@@ -277,7 +282,7 @@ def _noised_evaluation_reply(msg: Message, context: Context, cfg: dict, data, su
                    reply_to=msg)
 
 
-def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001
+def check_same_catalogue(msg: Message, data: SequenceData) -> None:
     """Refuse a round whose global model was built on another catalogue than this partner's: row i
     of the item table is item i of the catalogue, so a reordered file trains every row on the
     wrong item without any error, and a shorter one fails deep in torch. The coordinator sends
@@ -297,7 +302,7 @@ def check_same_catalogue(msg: Message, data) -> None:  # noqa: ANN001
                         "from the file the coordinator published; fetch it again")
 
 
-def check_same_item_text(msg: Message, model, cfg: Mapping[str, Any]) -> None:  # noqa: ANN001
+def check_same_item_text(msg: Message, model: nn.Module, cfg: Mapping[str, Any]) -> None:
     """Refuse a round whose global model reads other item text features than this partner's: the
     frozen text table is not sent (it is public and rebuilt from the published file), so a partner
     holding an outdated or differently encoded file of the same width would train on other inputs

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context
+
+if TYPE_CHECKING:  # torch loads when a state is read, not with this module
+    from torch import nn
 
 LOG = logging.getLogger("fedrec.client")
 KEY = "optimizer-state"
 
 
-def load_optimizer_state(context: Context, model) -> dict | None:  # noqa: ANN001 -- a torch nn.Module
+def load_optimizer_state(context: Context, model: nn.Module) -> dict | None:
     """The Adam state saved by this partner's previous round, or None (first round / mismatch)."""
     record = context.state.config_records.get(KEY)
     if record is None or "adam" not in record:

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,7 @@ def cache_dir() -> Path:
 
 
 def cached_features(catalogue: np.ndarray, texts: Sequence[str], model: str, *, quantize: bool = False,
-                    encode=None) -> np.ndarray:  # noqa: ANN001
+                    encode: Callable[[list[str], str], np.ndarray] | None = None) -> np.ndarray:
     """Embeddings of ``texts`` from the on-disk cache, encoding (and caching) them on a miss.
 
     ``quantize``: dynamic-int8 encoder, a different cache entry from the float one.

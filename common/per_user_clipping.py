@@ -34,12 +34,18 @@ per-user products and one (catalogue x dim) norm and add per user.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError
 from common.metrics import seen_items
+
+if TYPE_CHECKING:  # Opacus loads only when a call trains with DP
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
 
 CLIP_EPS = 1e-6  # Opacus' denominator guard in max_grad_norm / (norm + eps)
 
@@ -227,7 +233,7 @@ def fused_clipped_backward(model: nn.Module, inputs: torch.Tensor, targets: torc
     return ClippedBatch(loss=per_user.detach(), norms=norms, factors=factors)
 
 
-def exact_poisson_steps(loader, steps: int) -> float:  # noqa: ANN001 (opacus DPDataLoader)
+def exact_poisson_steps(loader: DPDataLoader, steps: int) -> float:
     """Make Opacus' Poisson ``loader`` run exactly ``steps`` batches per epoch at rate 1/``steps``;
     returns that rate.
 
@@ -251,9 +257,10 @@ def expected_batch(users: int, steps: int) -> int:
     return max(1, users // steps)
 
 
-def make_fused_private(engine, *, optimizer: torch.optim.Optimizer, data_loader: torch.utils.data.DataLoader,  # noqa: ANN001
-                       noise_multiplier: float, max_grad_norm: float, steps: int | None = None,
-                       batch: int | None = None):  # noqa: ANN201
+def make_fused_private(engine: PrivacyEngine, *, optimizer: torch.optim.Optimizer,
+                       data_loader: torch.utils.data.DataLoader, noise_multiplier: float, max_grad_norm: float,
+                       steps: int | None = None,
+                       batch: int | None = None) -> tuple[DPOptimizerFastGradientClipping, DPDataLoader]:
     """Opacus' own Poisson loader, noise-adding optimizer and accountant hook, wired exactly as
     ``PrivacyEngine.make_private(poisson_sampling=True, grad_sample_mode="ghost")`` wires them
     (sample rate 1 / len(loader), expected batch = users // len(loader)), so the accountant's

@@ -26,8 +26,13 @@ import functools
 import math
 import os
 import types
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the server imports this module for central DP and never loads Opacus
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _DRAWS = 4  # as Opacus' secure_mode: sum of 4 draws / 2 has the variance of one draw
@@ -81,7 +86,7 @@ class SecureGaussian:
         return noise.to(device=reference.device, dtype=reference.dtype)
 
 
-def draw_noise_securely(optimizer) -> None:  # noqa: ANN001
+def draw_noise_securely(optimizer: DPOptimizer) -> None:
     """Make an Opacus ``DPOptimizer`` add its Gaussian noise from :class:`SecureGaussian`.
 
     Replaces only the noise source of ``add_noise``; clipping, the noise scale
@@ -120,14 +125,14 @@ def secure_sampler_class() -> type:
     return SecurePoissonSampler
 
 
-def draw_securely(optimizer, loader) -> None:  # noqa: ANN001 (opacus DPOptimizer, DPDataLoader)
+def draw_securely(optimizer: DPOptimizer, loader: DPDataLoader) -> None:
     """A real partner's DP-SGD: noise (:func:`draw_noise_securely`) and Poisson batches
     (:func:`sample_securely`) from the CSPRNG; everything else stays Opacus'."""
     draw_noise_securely(optimizer)
     sample_securely(loader)
 
 
-def sample_securely(loader) -> None:  # noqa: ANN001 (opacus DPDataLoader)
+def sample_securely(loader: DPDataLoader) -> None:
     """Make an Opacus Poisson ``loader`` draw each step's users from a CSPRNG (not torch's
     Mersenne Twister). Rate, step count and batch semantics stay the sampler's own.
 

@@ -112,8 +112,8 @@ def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
     return "hooks" if getattr(model, "tied_output", False) else "ghost"
 
 
-def opacus_private(engine, model: nn.Module, optimizer, loader: DataLoader, criterion: nn.Module,  # noqa: ANN001
-                   dp: DPSettings, mode: str) -> tuple:
+def opacus_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                   criterion: nn.Module, dp: DPSettings, mode: str) -> tuple:
     """Opacus' ``make_private`` with Poisson sampling, unwrapped model and the run's noise:
     returns (hooks, optimizer, criterion, loader); the criterion is Opacus' wrapper in ghost mode."""
     with warnings.catch_warnings():
@@ -147,7 +147,7 @@ def run_epochs(
     before_epoch: Callable[[], None] = lambda: None,
     before_empty_step: Callable[[], None] = lambda: None,
     after_step: Callable[[], None] = lambda: None,
-    hooks=None,  # noqa: ANN001 -- Opacus' GradSampleModule hooks, removed at the end
+    hooks: AbstractGradSampleHooks | None = None,  # removed at the end
 ) -> tuple[float, int]:
     """The loop every local trainer shares: ``epochs`` passes over ``loader``, one optimiser step per batch.
 
@@ -197,7 +197,7 @@ def empty_batch_gradients(model: nn.Module, mode: str) -> Callable[[], None]:
     return fill
 
 
-def spent_mechanisms(engine) -> list[Mechanism]:  # noqa: ANN001 -- an Opacus PrivacyEngine or None
+def spent_mechanisms(engine: PrivacyEngine | None) -> list[Mechanism]:
     """What the engine's accountant recorded, as ledger rows (noise, sample rate, steps); [] without DP."""
     if engine is None:
         return []

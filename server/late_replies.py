@@ -16,12 +16,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from logging import WARNING
+from typing import TYPE_CHECKING
 
 from flwr.app import Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+
+if TYPE_CHECKING:
+    from flwr.proto.node_pb2 import NodeInfo
+    from flwr.supercore.run import Run
 
 LateCallback = Callable[[int, Message], None]
 UnansweredCallback = Callable[[int, int], None]
@@ -72,11 +77,11 @@ class LateReplyGrid(Grid):
         self.pull_interval = float(getattr(grid, "pull_interval", 1.0))
 
     # -- plain delegation ----------------------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001 (flwr.supercore.run.Run)
+    def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self) -> Run:
         return self._grid.run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
@@ -86,7 +91,7 @@ class LateReplyGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
 
-    def get_nodes(self) -> Iterable:  # noqa: ANN201 (flwr NodeInfo)
+    def get_nodes(self) -> Iterable[NodeInfo]:
         return self._grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -106,7 +106,8 @@ def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndar
     return np.log(scores / scores.sum(axis=1, keepdims=True) + 1e-12)
 
 
-def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories, targets, k: int = 10) -> np.ndarray:
+def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories: Sequence[np.ndarray], targets: np.ndarray,
+                  k: int = 10) -> np.ndarray:
     """Each user's NDCG@k (full ranking, history excluded; common.metrics' rank rule)."""
     return ndcg_gains(target_ranks(torch.as_tensor(scores), histories, targets), k)
 
@@ -125,7 +126,7 @@ def paired_ratio(model: np.ndarray, baseline: np.ndarray, *, resamples: int = 20
     return {"ratio": float(model.mean() / max(baseline.mean(), 1e-12)), "ratio-ci95": [float(lo), float(hi)]}
 
 
-def blend_with_model(data: SequenceData, model, *, max_len: int, ks: tuple[int, ...] = (10,),  # noqa: ANN001
+def blend_with_model(data: SequenceData, model: torch.nn.Module, *, max_len: int, ks: tuple[int, ...] = (10,),
                      tie_orders: int = 1,
                      chains: Sequence[tuple[int, float]] = ((5, 0.5), (10, 0.7), (20, 0.8)),
                      weights: Sequence[float] = (0.0, 0.25, 0.5, 0.8, 1.2, 1.6, 2.5)) -> dict[str, dict]:

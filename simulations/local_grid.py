@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from simulations.flower_env import set_simulation_env
@@ -33,6 +34,9 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from common.config import resolve_config  # noqa: E402
 from common.run_files import metrics_lines  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
 
 FIRST_NODE_ID = 1001  # node ids are arbitrary; fixed ones make logs comparable between runs
 
@@ -60,11 +64,11 @@ class LocalGrid(Grid):
         self._run = None
         self._replies: dict[str, Message] = {}
 
-    def set_run(self, run) -> None:  # noqa: ANN001 (flwr.supercore.run.Run)
+    def set_run(self, run: Run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self) -> Run | None:  # None until the ServerApp sets it
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simulations.flower_env import set_simulation_env
 
@@ -24,9 +25,12 @@ from simulations.cli import user_errors_exit  # noqa: E402
 from simulations.run_claims import metrics_lines, refuse_untrained  # noqa: E402
 from simulations.run_stop import exit_interrupted, signals_deferred, sigterm_stops_ray_too, stop_ray  # noqa: E402
 
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+
 
 def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
-                   client_app=None) -> Path:  # noqa: ANN001 (flwr ClientApp; simulations.fault_injection passes one)
+                   client_app: ClientApp | None = None) -> Path:  # simulations.fault_injection passes one
     """Run a simulation with ``num_partners`` virtual partners; returns the run directory."""
     import logging
 

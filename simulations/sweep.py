@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,8 @@ def commit_label() -> str:
     return f"{version['commit'][:12]}{'+dirty' if version.get('dirty') else ''}" if version.get("commit") else ""
 
 
-def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str, on_round=None) -> dict[str, Any]:
+def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
+            on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
     runs_dir = spec["runs-dir"]
     runs_dir.mkdir(parents=True, exist_ok=True)

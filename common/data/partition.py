@@ -16,6 +16,7 @@ Every scheme is deterministic in ``seed`` and puts every user in exactly one par
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,7 @@ def format_statistics(stats: dict, label: str = "") -> str:
 
 
 def load_partition(data: SequenceData, partition_id: int, num_partitions: int, *, scheme: str = "iid", seed: int = 0,
-                   **options) -> SequenceData:
+                   **options: Any) -> SequenceData:
     """The users of one partner; a clear error for an id out of range or an empty partition.
 
     ``options`` go to :func:`partition_users` (``alpha``, ``size_power``, ``attribute``).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
 from common.metrics import pad_left
+
+if TYPE_CHECKING:  # common.training imports the models
+    from common.training import DPSettings, TrainResult
 
 
 class MultinomialLoss(nn.Module):
@@ -119,11 +123,11 @@ def train_mf_local(
     batch_size: int,
     learning_rate: float,
     max_len: int,
-    dp=None,
+    dp: DPSettings | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
     proximal_mu: float = 0.0,
-):
+) -> tuple[TrainResult, torch.Tensor]:
     """Train item factors with (DP-)SGD and refit private user factors; returns (TrainResult, factors).
 
     Each epoch: refit all user factors with items fixed (local, never sent), then one pass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.config import resolve_config
-from common.data import build_sequences, load_interactions
+from common.data import SequenceData, build_sequences, load_interactions
 from common.data.attributes import metadata_path
 from common.metrics import evaluate_ranking, means_from_sums
 from common.models import build_model
@@ -38,7 +38,7 @@ VARIANTS = {
 }
 
 
-def run_variant(data, genres: torch.Tensor, overrides: dict, *, seed: int, epochs: int, eval_every: int,
+def run_variant(data: SequenceData, genres: torch.Tensor, overrides: dict, *, seed: int, epochs: int, eval_every: int,
                 cfg_base: dict) -> dict:
     cfg = resolve_config(None, {**cfg_base, **overrides, "seed": seed})
     torch.manual_seed(seed)

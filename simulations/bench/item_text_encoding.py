@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from common.cli_args import non_negative_int, output_file, positive_int
 from common.cli_errors import user_errors_exit
 
 
-def token_stats(encoder, texts: list[str], batch_size: int) -> dict:  # noqa: ANN001
+def token_stats(encoder: Any, texts: list[str], batch_size: int) -> dict:  # a SentenceTransformer
     """Real tokens per text and the padded totals of batches sorted by character length (what
     sentence-transformers' encode does) and by token count (what ``encode_with`` does)."""
     lengths = token_lengths(encoder, texts)
