@@ -12,6 +12,7 @@ restarts the SuperLink. Every process is stopped by the fixture, also when a tes
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -33,6 +34,7 @@ TINY = {
 # Explicit timeouts: a round waits at most ROUND_TIMEOUT s for replies, a run at most RUN_TIMEOUT s.
 ROUND_TIMEOUT = 240.0  # generous: a dead partner is detected by its missed heartbeats (<= 60 s) well before
 RUN_TIMEOUT = 900.0
+VICTIM_HEARTBEAT_S = 10  # flwr.common.constant.HEARTBEAT_MIN_INTERVAL: the SuperLink refuses less
 SECAGG_TRAIN_MESSAGES = 4  # per round: key set-up, key sharing, training (masked update), unmasking
 
 
@@ -57,9 +59,21 @@ def federation(tmp_path_factory):
             floor = {"max-epsilon": 4.0} if i == 0 else {}  # partner 1's own privacy floor (README)
             nodes[node_id] = fed.start_supernode(f"partner-{i + 1}", private, logs[i], **{"ledger-path": ledger}, **floor)
         # A fourth registered partner, to be killed mid-round (SIGKILL: no goodbye to the SuperLink)
+        # It sends heartbeats at Flower's shortest allowed interval (10 s, a sitecustomize on its PYTHONPATH sets
+        # HEARTBEAT_DEFAULT_INTERVAL before Flower reads it) instead of the default 30 s: the SuperLink declares it
+        # dead 20 s after its last heartbeat instead of 60 s, by the same code path; the run waited for that alone
         private, public = fed.partner_keys("victim")
         fed.register(public)
-        victim = fed.start_supernode("victim", private, logs[3])
+        fast = root / "fast-heartbeat"
+        fast.mkdir()
+        (fast / "sitecustomize.py").write_text(f"import flwr.common.constant as c\nc.HEARTBEAT_DEFAULT_INTERVAL = "
+                                               f"{VICTIM_HEARTBEAT_S}\n")
+        env = fed.env
+        fed.env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(fast), env.get("PYTHONPATH")]))}
+        try:
+            victim = fed.start_supernode("victim", private, logs[3])
+        finally:
+            fed.env = env
         yield SimpleNamespace(fed=fed, root=root, catalogue=cat, logs=logs, nodes=nodes, victim=victim)
     finally:
         fed.close()
