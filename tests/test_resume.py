@@ -27,18 +27,28 @@ def model_of(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
 
 
-def crash_and_resume(tmp_path: Path, module: str, extra: str, *args: str) -> tuple[Path, Path]:
-    """Run 'crashed' (killed after round 2, then resumed) and 'straight' (uninterrupted); return both dirs."""
+def crash_and_resume(tmp_path: Path, module: str, extra: str, *args: str,
+                     concurrent: bool = False) -> tuple[Path, Path]:
+    """Run 'crashed' (killed after round 2, then resumed) and 'straight' (uninterrupted); return both dirs.
+
+    ``concurrent``: 'straight' runs beside 'crashed' and its resume (separate processes, run directories and
+    seeds from the config: nothing shared; a busier CPU only slows rounds, which widens the kill's margin)."""
     base = f'{TINY} {extra} run-dir="{tmp_path}"'
     crashed = tmp_path / "crashed"
-    first = start(module, f'{base} run-name="crashed"', tmp_path / "first.log", *args)
-    kill_after_round(first, crashed / "metrics.jsonl", 2, tmp_path / "first.log")
-    killed_at = len(rounds_of(crashed))
-    assert killed_at >= 2 and killed_at < 4, "the kill came too late to test anything"
-    run_to_end(start(module, f'{base} run-name="crashed" resume=true', tmp_path / "resume.log", *args),
-               tmp_path / "resume.log")
     straight_log = tmp_path / "straight.log"
-    run_to_end(start(module, f'{base} run-name="straight"', straight_log, *args), straight_log)
+    straight = start(module, f'{base} run-name="straight"', straight_log, *args) if concurrent else None
+    try:
+        first = start(module, f'{base} run-name="crashed"', tmp_path / "first.log", *args)
+        kill_after_round(first, crashed / "metrics.jsonl", 2, tmp_path / "first.log")
+        killed_at = len(rounds_of(crashed))
+        assert killed_at >= 2 and killed_at < 4, "the kill came too late to test anything"
+        run_to_end(start(module, f'{base} run-name="crashed" resume=true', tmp_path / "resume.log", *args),
+                   tmp_path / "resume.log")
+    finally:
+        if straight is not None:
+            run_to_end(straight, straight_log)  # also when the crashed run failed: nothing may outlive the test
+    if straight is None:
+        run_to_end(start(module, f'{base} run-name="straight"', straight_log, *args), straight_log)
     return crashed, tmp_path / "straight"
 
 
@@ -49,7 +59,8 @@ def test_killed_server_resumes_to_the_same_model_in_process(tmp_path, extra):
     """On the in-process LocalGrid, bit-identical results after a crash and a resume, with state that
     must survive it: FedAdam's (the server's checkpoint), MF's private user factors and the partners'
     Adam moments (each partner's state file, client/partner_state.py)."""
-    crashed, straight = crash_and_resume(tmp_path, "simulations.local_grid", extra, "--num-partners", "3")
+    crashed, straight = crash_and_resume(tmp_path, "simulations.local_grid", extra, "--num-partners", "3",
+                                         concurrent=True)
     resumed, reference = rounds_of(crashed), rounds_of(straight)
     assert [r["round"] for r in resumed] == [1, 2, 3, 4]
     assert [r["train-loss"] for r in resumed] == [r["train-loss"] for r in reference]
