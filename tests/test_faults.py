@@ -59,8 +59,10 @@ def test_malicious_partner_has_no_effect_on_fedavg(tmp_path, caplog):
 def test_hung_crashing_and_poisoning_partners_do_not_stop_a_simulation(tmp_path):
     # Round 1 is a clean warm-up: it includes starting Ray's actors, which on a busy machine can
     # itself outlast the round timeout (the round then fails cleanly, which is fine here).
-    # Round 2: partner 0 sends NaN, partner 3 sleeps 35 s, past the 25 s round timeout (a tiny honest
-    # round takes a few seconds; the sleeper wakes before round 3 needs its Ray actor back).
+    # Round 2: partner 0 sends NaN, partner 3 sleeps 30 s, past the 25 s round timeout (a tiny honest
+    # round takes a few seconds; the sleeper wakes before round 3 needs its Ray actor back). Its reply can
+    # come no sooner than 30 s after round 2 sent it the message, whatever the load: it always misses the
+    # round; and the run ends only once the sleeper has woken, so each second of sleep is a second of test.
     # Round 3: partner 0 sends a wrong shape, partner 1 crashes with "user data" in the exception.
     # Round 4: partner 0 sends a 1000x-scaled update.
     faults = "0:nan@2 3:sleep@2 0:shape@3 1:crash@3 0:scale@4"
@@ -68,7 +70,7 @@ def test_hung_crashing_and_poisoning_partners_do_not_stop_a_simulation(tmp_path)
     config += f' round-timeout=25.0 run-dir="{tmp_path}" run-name="faulty"'
     log = tmp_path / "sim.log"
     run_to_end(start("simulations.fault_injection", config, log, "--num-partners", "4", "--faults", faults,
-                     "--sleep-seconds", "35"), log)
+                     "--sleep-seconds", "30"), log)
 
     lines = [json.loads(x) for x in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3, 4]
