@@ -71,6 +71,7 @@ def delimited(rows: list[list[str]], sep: str) -> str:
 @example(header=["user_id", "userId", "item_id", "timestamp"], rows=[["1", "2", "3", "4"]], garbage=None)  # aliases
 @example(header=["user_id", "item_id", "timestamp", "rating"], rows=[["1", "2", "3", "1e300"]], garbage=None)  # float32
 @example(header=["user_id", "item_id", "timestamp"], rows=[["\x00", "2", "3"], ["1", "\x00", "4"]], garbage=None)  # NUL
+@example(header=["user_id", "user_id"], rows=[["inf", "", ""]], garbage=None)  # "inf" as a row name: OverflowError
 def test_csv(header, rows, garbage):
     payload = garbage if garbage is not None else delimited([header] + rows, ",").encode("utf-8", "surrogatepass")
     in_temp("log.csv", payload)

@@ -161,7 +161,7 @@ def _row_names(index: pd.Index) -> bool:
     if index.nlevels != 1:
         return False
     numbers = pd.to_numeric(pd.Series(index), errors="coerce")
-    if numbers.isna().any():
+    if numbers.isna().any() or not np.isfinite(numbers.to_numpy(dtype=float)).all():  # "inf" counts nothing
         return False
     start = int(numbers.iloc[0]) if len(numbers) else 0
     return start in (0, 1) and (numbers.to_numpy() == np.arange(start, start + len(numbers))).all()
