@@ -55,6 +55,19 @@ def test_round_control_sends_no_evaluation_between_scheduled_rounds():
     assert metrics[1] is None and metrics[2] == {"ndcg@10": 0.1}
 
 
+def test_a_resume_at_an_odd_round_keeps_the_federations_evaluation_schedule():
+    """After a resume at an odd round, evaluate-every counts the federation's rounds, not this process'
+    (a mutation audit: the test above resumes at an even offset, where both schedules coincide)."""
+    inner = RecordingInner()
+    # This process' rounds 1..4 are the federation's rounds 2..5; evaluate every 2nd and the last (5)
+    control = RoundControl(inner, first_round=2, min_nodes=2, node_wait_timeout=5, evaluate_every=2, last_round=5)
+    sent = {r: list(control.configure_evaluate(r, None, None, TwoNodes())) for r in range(1, 5)}
+    metrics = {r: control.aggregate_evaluate(r, []) for r in range(1, 5)}
+    assert inner.configured == [2, 4, 5] and inner.aggregated == [2, 4, 5]
+    assert [r for r, m in sent.items() if m] == [1, 3, 4]
+    assert [r for r, m in metrics.items() if m is not None] == [1, 3, 4]
+
+
 def test_fraction_evaluate_and_evaluate_every_reach_the_strategy():
     strategy = build_strategy(resolve_config(None, {"fraction-evaluate": 0.25, "evaluate-every": 3, "num-server-rounds": 7}))
     assert unwrap(strategy).fraction_evaluate == 0.25

@@ -280,6 +280,48 @@ def test_node_wait_gives_up_with_a_clear_error():
     assert wait_for_nodes(NodesOnly(3), 2, timeout=0.05) == 3
 
 
+def test_node_wait_returns_as_soon_as_enough_partners_connect():
+    """A partner connecting after the first check starts the round at the next poll, not at the end of
+    node-wait-timeout (a mutation audit: sleeping the whole time left passed every test)."""
+    import time
+
+    class Arriving(NodesOnly):
+        def get_node_ids(self) -> list[int]:
+            ids = super().get_node_ids()
+            self.ids.append(self.ids[-1] + 1)  # one more partner at every look
+            return ids
+
+    started = time.monotonic()
+    assert wait_for_nodes(Arriving(1), 3, timeout=10.0, poll=0.01) == 3
+    assert time.monotonic() - started < 5.0
+
+
+def test_evaluation_waits_for_partners_at_most_node_wait_timeout():
+    """Partners gone between training and evaluation fail the run with the node-wait line; Flower's own
+    sampler would wait for them forever (a mutation audit: only training's wait was tested)."""
+    class Sends(FedAvg):  # stands in for the aggregation: sends at once, whoever is connected
+        def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN202
+            return ["message"]
+
+    strategy = RoundControl(Sends(), min_nodes=2, node_wait_timeout=0.05)
+    with pytest.raises(FederationError, match="only 1 of the 2 partners needed"):
+        list(strategy.configure_evaluate(1, global_record(), ConfigRecord(), NodesOnly(1)))
+
+
+def test_retie_merges_every_diverging_group_even_when_another_is_equal():
+    """Two tied Parameters, one with equal copies and one whose copies central noise moved apart: the
+    second still leaves the server as one table (a mutation audit: "any group equal" skipped it)."""
+    from server.rounds import retie
+
+    same = np.arange(3, dtype=np.float32)
+    arrays = ArrayRecord({"a": Array(same), "b": Array(same.copy()),
+                          "c": Array(np.zeros(3, np.float32)), "d": Array(np.full(3, 2.0, np.float32))})
+    out = retie(arrays, [("a", "b"), ("c", "d")])
+    assert np.array_equal(out["c"].numpy(), np.ones(3, np.float32))
+    assert np.array_equal(out["d"].numpy(), out["c"].numpy())
+    assert np.array_equal(out["a"].numpy(), same)
+
+
 def test_round_control_continues_round_numbers_after_a_resume():
     seen = []
 
