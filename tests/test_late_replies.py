@@ -331,3 +331,91 @@ def test_an_error_the_superlink_made_names_the_partner_and_is_no_refusal(tmp_pat
     partners = report.as_dict()["partners"]
     assert list(partners) == ["node-7777"] and partners["node-7777"]["no-reply"] == [1]
     assert "refused" not in partners["node-7777"]
+
+
+class Releasing:
+    """A grid whose reply to the first message ("m1") arrives only during the second exchange; later
+    messages are answered at once."""
+
+    pull_interval = 0.0
+
+    def __init__(self, reply_body) -> None:  # noqa: ANN001
+        self.sent: dict[str, Message] = {}
+        self.reply_body = reply_body
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        ids = []
+        for msg in messages:
+            ids.append(f"m{len(self.sent) + 1}")
+            self.sent[ids[-1]] = msg
+        return ids
+
+    def pull_messages(self, ids):  # noqa: ANN001, ANN201
+        out = []
+        for msg_id in set(ids):
+            if msg_id == "m1" and len(self.sent) < 2:
+                continue  # still out
+            reply = Message(self.reply_body(), reply_to=self.sent[msg_id])
+            reply.metadata.__dict__["_src_node_id"] = self.sent[msg_id].metadata.dst_node_id
+            reply.metadata.__dict__["_reply_to_message_id"] = msg_id
+            out.append(reply)
+        return out
+
+
+def _round_message(server_round: int, message_type: str, node: int = 5) -> Message:
+    from flwr.app import ConfigRecord, RecordDict
+
+    return Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}), dst_node_id=node,
+                   message_type=message_type)
+
+
+def test_a_late_reply_is_reported_during_the_next_round_not_only_at_the_end():
+    """A round-1 update arriving during round 2 reaches the privacy report then (so privacy.json and the next
+    checkpoint carry it if the coordinator stops later), not only when the run ends (a mutation audit: the
+    end-of-run collection alone passed the end-to-end test)."""
+    from flwr.app import MessageType, MetricRecord, RecordDict
+
+    from server.late_replies import LateReplyGrid
+
+    LocalGrid([])
+    late = []
+    grid = LateReplyGrid(Releasing(lambda: RecordDict({"metrics": MetricRecord({"epsilon": 1.0})})),
+                         lambda r, m: late.append((r, m.metadata.src_node_id)))
+    assert grid.send_and_receive([_round_message(1, MessageType.TRAIN)], timeout=0.0) == []
+    assert late == []
+    assert len(grid.send_and_receive([_round_message(2, MessageType.TRAIN, node=6)], timeout=0.0)) == 1
+    assert late == [(1, 5)]  # before finish()
+    assert grid.finish() == [] and late == [(1, 5)]
+
+
+def test_a_late_evaluation_reply_without_noised_evaluation_is_not_tracked_and_no_crash():
+    """Without noised evaluation (no on_late_evaluation) an evaluation reply spends nothing: one that arrives
+    after round-timeout is ignored, neither a crash of the ServerApp nor a training release (a mutation audit:
+    tracking every message type called the missing callback)."""
+    from flwr.app import MessageType, MetricRecord, RecordDict
+
+    from server.late_replies import LateReplyGrid
+
+    LocalGrid([])
+    late, unanswered = [], []
+    grid = LateReplyGrid(Releasing(lambda: RecordDict({"metrics": MetricRecord({"hit@10-sum": 1.0})})),
+                         lambda r, m: late.append(r), lambda r, n: unanswered.append((r, n)))
+    assert grid.send_and_receive([_round_message(1, MessageType.EVALUATE)], timeout=0.0) == []
+    grid.send_and_receive([_round_message(2, MessageType.TRAIN, node=6)], timeout=0.0)
+    assert grid.finish() == [] and late == [] and unanswered == []
+
+
+def test_a_late_evaluation_refusal_is_no_training_refusal():
+    """With noised evaluation, a partner's refusal to evaluate that arrives after round-timeout released nothing:
+    it is not reported as a training refusal nor as an evaluation spend (a mutation audit)."""
+    from flwr.app import Error, MessageType
+
+    from server.late_replies import LateReplyGrid
+
+    LocalGrid([])
+    late, late_evaluations = [], []
+    grid = LateReplyGrid(Releasing(lambda: Error(code=400, reason="budget exhausted")), lambda r, m: late.append(r),
+                         on_late_evaluation=lambda r, m: late_evaluations.append(r))
+    assert grid.send_and_receive([_round_message(1, MessageType.EVALUATE)], timeout=0.0) == []
+    grid.send_and_receive([_round_message(2, MessageType.EVALUATE, node=6)], timeout=0.0)
+    assert grid.finish() == [] and late == [] and late_evaluations == []
