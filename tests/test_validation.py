@@ -93,6 +93,8 @@ def bad_reply(kind: str) -> Message:
         return reply(MALICIOUS_NODE, content({**bad, "b": bad["b"].reshape(2, 1).copy()}, n))
     if kind == "one-too-many-examples":  # the bound itself is allowed, one more is not
         return reply(MALICIOUS_NODE, content(bad, 10_001))
+    if kind == "list-examples":  # a list where one number belongs (a mutation audit: it crashed the round)
+        return reply(MALICIOUS_NODE, content(bad, [5, 5]))
     if kind == "zero-examples":
         return reply(MALICIOUS_NODE, content(bad, 0))
     if kind == "fractional-examples":
@@ -109,7 +111,7 @@ def bad_reply(kind: str) -> Message:
 
 
 FAULTS = ["nan", "inf", "shape", "reshaped", "dtype", "scale", "examples", "one-too-many-examples", "missing-key",
-          "extra-key", "zero-examples",
+          "extra-key", "zero-examples", "list-examples",
           "fractional-examples", "nan-loss", "extra-metric", "two-array-records"]
 
 
@@ -130,6 +132,13 @@ def test_each_bad_update_is_rejected_and_fedavg_equals_the_run_without_it(kind):
     got, ref = as_numpy(arrays), as_numpy(reference)
     assert all(np.array_equal(got[k], ref[k]) for k in GLOBAL)
     assert dict(metrics) == dict(ref_metrics)
+
+
+def test_an_update_at_exactly_max_num_examples_is_accepted():
+    """max-num-examples is the largest accepted count, not the first refused one (a mutation audit: only one more
+    than the bound was tried)."""
+    arrays, _ = HONEST[0]
+    assert check_update(content(arrays, 10_000), GLOBAL, UpdateBounds(max_num_examples=10_000)) is None
 
 
 def test_fedavg_result_is_the_example_weighted_mean_computed_independently():
@@ -172,6 +181,21 @@ def test_norm_bound_uses_distance_to_the_global_model():
     reason = check_update(update, GLOBAL, UpdateBounds(max_update_norm=0.61))
     assert reason is not None and "0.6164" in reason
     assert check_update(update, GLOBAL, UpdateBounds(max_update_norm=0.0)) is None  # 0 = no bound
+
+
+def test_each_round_bounds_updates_by_the_global_model_it_sent():
+    """Round 2's updates are measured from round 2's global model, not round 1's: a model that moved far in
+    round 1 must not get every honest update of round 2 rejected (a mutation audit: all tests ran one round)."""
+    strategy = validating(max_norm=1.0)  # round 1 was configured with GLOBAL
+    moved = {k: v + 10.0 for k, v in GLOBAL.items()}
+    list(strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in moved.items()}), ConfigRecord(), NodesOnly(3)))
+    replies = [reply(101 + i, content({k: moved[k] + (a[k] - GLOBAL[k]) for k in GLOBAL}, n))
+               for i, (a, n) in enumerate(HONEST)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None and strategy.rejections == []
+    far = reply(MALICIOUS_NODE, content(HONEST[0][0], 10))  # near round 1's model: 10 per value from round 2's
+    strategy.aggregate_train(2, [far] + replies[:2])
+    assert [r["node"] for r in strategy.rejections] == [MALICIOUS_NODE]
 
 
 def test_too_few_valid_updates_fail_the_round_and_keep_the_model():
@@ -442,6 +466,47 @@ def test_refusals_in_a_failed_round_reach_the_privacy_report(tmp_path):
     assert all((e["epsilon"], e["epsilon-from"]) == (8.0, "refusal in round 1") for e in entries.values())
 
 
+def test_a_refusal_in_a_round_that_aggregates_reaches_the_privacy_report(tmp_path):
+    """A partner that refuses (budget exhausted) while the others' updates are aggregated is listed as refused in
+    privacy.json: validation passes error replies on to the privacy wrapper (a mutation audit: only a round in
+    which every partner refused was tested)."""
+    from server.central_dp import with_privacy
+    from server.privacy_report import PrivacyReport
+
+    cfg = resolve_config(None, {"min-nodes": 2})
+    report = PrivacyReport(tmp_path, cfg)
+    strategy = build_strategy(cfg, wrap_aggregation=lambda inner: with_privacy(inner, cfg, report),
+                              on_unaggregated=report.note_unaggregated)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    replies = honest_replies()[:2] + [reply(103, Error(code=400, reason="budget exhausted: epsilon 8.000 of 8"))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    entries = {p["node-id"]: p for p in report.partners.values()}
+    assert entries[103]["refused"] == [{"round": 1, "reason": "budget exhausted: epsilon 8.000 of 8"}]
+    assert entries[101]["rounds-trained"] == [1] and "refused" not in entries[101]
+
+
+def test_an_evaluation_refusal_reaches_the_privacy_report_and_no_evaluation_counts_as_an_update(tmp_path):
+    """A partner that refuses to evaluate is listed under refused-evaluation in privacy.json, and an evaluation
+    reply rejected for a NaN is never reported as an update that was not aggregated (a mutation audit)."""
+    from server.central_dp import with_privacy
+    from server.privacy_report import PrivacyReport
+
+    cfg = resolve_config(None, {"min-nodes": 2})
+    report = PrivacyReport(tmp_path, cfg)
+    unaggregated = []
+    strategy = build_strategy(cfg, wrap_aggregation=lambda inner: with_privacy(inner, cfg, report),
+                              on_unaggregated=lambda r, m, why: unaggregated.append(m.metadata.src_node_id))
+    good = [reply(101 + i, RecordDict({"metrics": MetricRecord({"hit-sum": 1.0, "num-examples": 10})}))
+            for i in range(2)]
+    nan = reply(103, RecordDict({"metrics": MetricRecord({"hit-sum": float("nan"), "num-examples": 10})}))
+    refusal = reply(104, Error(code=400, reason="budget exhausted"))
+    assert strategy.aggregate_evaluate(1, good + [nan, refusal])["hit-sum"] == pytest.approx(1.0)
+    entries = {p["node-id"]: p for p in report.partners.values()}
+    assert entries[104]["refused-evaluation"] == [{"round": 1, "reason": "budget exhausted"}]
+    assert unaggregated == [] and [r["node"] for r in strategy.inner.rejections] == [103]
+
+
 def test_an_evaluation_reply_rejected_for_its_keys_is_passed_on():
     # Mutation audit: a noised reply rejected for its key set spent budget; the privacy report must hear of it
     seen = []
@@ -513,6 +578,22 @@ def test_a_reply_with_other_record_names_is_rejected_not_a_crash(name):
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = (HONEST[0][0]["b"] * 10 + HONEST[1][0]["b"] * 30) / 40  # the two others only
     np.testing.assert_allclose(as_numpy(arrays)["b"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_reply_whose_array_record_has_another_name_is_rejected_not_a_crash(first):
+    """An update whose ArrayRecord is not named "arrays" is rejected with its node id; the round aggregates the
+    others (a mutation audit: only the MetricRecord's name was tested)."""
+    cfg = resolve_config(None, {"min-nodes": 2})
+    strategy = build_strategy(cfg)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    replies = honest_replies()
+    odd = replies[2].content
+    replies[2].content = RecordDict({"weights": odd["arrays"], "metrics": odd["metrics"]})
+    arrays, _ = strategy.aggregate_train(1, replies[::-1] if first else replies)
+    expected = (HONEST[0][0]["b"] * 10 + HONEST[1][0]["b"] * 30) / 40  # the two others only
+    np.testing.assert_allclose(as_numpy(arrays)["b"], expected, rtol=1e-6)
+    assert [r["node"] for r in strategy.inner.rejections] == [103]
 
 
 def test_an_evaluation_reply_with_another_record_name_is_dropped_not_a_crash():
