@@ -105,6 +105,18 @@ def test_a_model_that_cannot_start_this_run_is_one_line(tmp_path):
         with pytest.raises(ConfigError) as err:
             initial_model({**cfg, "init-model": str(run), **change})
         assert says in str(err.value) and "\n" not in str(err.value)
+    # The same items in another order: an id model's rows would score the wrong items (a mutation audit: only a
+    # catalogue of another size was tried)
+    (tmp_path / "reordered").mkdir()
+    torch.save({"state_dict": model.state_dict(), "catalogue": items[::-1].tolist(), "config": dict(cfg)},
+               tmp_path / "reordered" / "model.pt")
+    with pytest.raises(ConfigError, match=r"its catalogue \(20 items\) is not this run's \(20\)"):
+        initial_model({**cfg, "init-model": str(tmp_path / "reordered")})
+    # A model saved before a knob existed starts a run that keeps the knob's default (the weights decide)
+    (tmp_path / "older").mkdir()
+    torch.save({"state_dict": model.state_dict(), "catalogue": items.tolist(),
+                "config": {k: v for k, v in cfg.items() if k != "time-features"}}, tmp_path / "older" / "model.pt")
+    assert initial_model({**cfg, "init-model": str(tmp_path / "older")})[2]["items"] == len(items)
     (tmp_path / "nan").mkdir()
     broken = {k: v.clone() for k, v in model.state_dict().items()}
     next(t for t in broken.values() if t.is_floating_point()).fill_(float("nan"))
@@ -124,8 +136,9 @@ def test_a_text_model_starts_over_a_grown_catalogue(tmp_path):
     items, model, _ = initial_model(cfg)
     run = released(tmp_path, cfg, items, trained_like(model))
     grown_cfg = resolve_config(None, {**text, "catalogue": str(tmp_path / "v2.txt"), "init-model": str(run)})
-    items2, warm, _ = initial_model(grown_cfg)
+    items2, warm, record = initial_model(grown_cfg)
     assert items2.tolist() == new
+    assert (record["items"], record["added-items"]) == (3, 1)  # privacy.json: the start model's items, and the new
     torch.testing.assert_close(warm.item_emb.ids.weight[:4], model.item_emb.ids.weight)  # old rows kept
     assert not warm.item_emb.ids.weight[4].any()  # the new item's ID row starts at zero
     for key, value in model.state_dict().items():  # every other weight as released
