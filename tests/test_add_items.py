@@ -76,6 +76,20 @@ def test_new_items_are_scored_by_their_text_and_old_scores_are_unchanged(trained
     assert {r.item_id for r in recs.items}.isdisjoint({"10", "40"}) and len(recs.items) == 3
 
 
+def test_the_grown_model_records_what_was_added_after_earlier_additions(trained):
+    """model.pt keeps every add-items step (the earlier ones, then this one with its count): a run started from
+    it states how many items have untrained ID rows (a mutation audit)."""
+    from common.data.catalogue import catalogue_fingerprint
+
+    tmp_path, _, _ = trained
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save({**blob, "added-items": [{"from-catalogue": "x", "added": 5}]}, tmp_path / "model.pt")
+    assert grow(tmp_path) == 0
+    grown = torch.load(tmp_path / "model_v2.pt", weights_only=True)
+    assert grown["added-items"] == [{"from-catalogue": "x", "added": 5},
+                                    {"from-catalogue": catalogue_fingerprint(np.array(OLD)), "added": len(NEW)}]
+
+
 def test_refusals_name_the_problem_and_write_nothing(trained, capsys):
     tmp_path, _, emb = trained
 
@@ -89,6 +103,8 @@ def test_refusals_name_the_problem_and_write_nothing(trained, capsys):
     (tmp_path / "sorted.txt").write_text("10\n15\n20\n30\n")  # an id sorting between old ones moves rows
     assert "line 2 is '15' where the model's catalogue has '20'; keep the model's catalogue" in refused(catalogue="sorted.txt")
     assert "nothing to add" in refused(catalogue="catalogue_v1.txt", features="text_v1.npz")
+    (tmp_path / "fewer.txt").write_text("10\n20\n")  # the model's first items only (a mutation audit)
+    assert "2 items, fewer than the model's 3; items cannot be removed" in refused(catalogue="fewer.txt")
     assert "are missing" in refused(features="text_v1.npz")  # features lack the new items
     moved = emb.copy()
     moved[1] = -moved[1]  # item 20 re-encoded differently
@@ -99,6 +115,13 @@ def test_refusals_name_the_problem_and_write_nothing(trained, capsys):
     nudged[len(OLD) - 1] += 2e-5  # the last old item, just past the tolerance (a mutation audit: only a big move was tried)
     save_features(tmp_path / "nudged.npz", np.array(OLD + NEW), nudged, model="enc", texts=OLD + NEW)
     assert "item '30'" in refused(features="nudged.npz")
+    one = emb.copy()
+    one[len(OLD) - 1, 0] += 2e-5  # one value of one row: every value counts, not a row's average
+    save_features(tmp_path / "one.npz", np.array(OLD + NEW), one, model="enc", texts=OLD + NEW)
+    assert "item '30'" in refused(features="one.npz")
+    wide = np.concatenate([emb, emb[:, :2]], axis=1)  # another encoder's width: one line, not a traceback
+    save_features(tmp_path / "wide.npz", np.array(OLD + NEW), wide, model="enc", texts=OLD + NEW)
+    assert f"{DIM + 2} dims, the model was trained with {DIM}" in refused(features="wide.npz")
 
 
 def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):
@@ -112,6 +135,13 @@ def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):
     assert server_main(["add-items", "--model", str(tmp_path / "id.pt"), "--catalogue", str(tmp_path / "catalogue_v2.txt"),
                         "--item-text-features", str(tmp_path / "text_v2.npz"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "has no representation for items it was not trained on" in capsys.readouterr().err
+    # A genre table has no rows for the new items: refused before anything is built (a mutation audit)
+    torch.save({**blob, "config": {**blob["config"], "genre-features": True}}, tmp_path / "genres.pt")
+    assert server_main(["add-items", "--model", str(tmp_path / "genres.pt"), "--catalogue",
+                        str(tmp_path / "catalogue_v2.txt"), "--item-text-features", str(tmp_path / "text_v2.npz"),
+                        "--out", str(tmp_path / "x.pt")]) == 2
+    assert "genre-features = true; adding items would need the new items' genres" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
     # Never written over its own catalogue or features file, even with --force (only the model may be replaced)
     for target in ("catalogue_v2.txt", "text_v2.npz"):
         before = (tmp_path / target).read_bytes()
