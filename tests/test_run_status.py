@@ -98,3 +98,49 @@ def test_a_partner_refused_before_any_reply_is_not_said_to_run_without_dp(tmp_pa
     out = capsys.readouterr().out
     assert "node-5: epsilon unknown (no reply with privacy numbers), trained in rounds none; refused 1x" in out
     assert "p: no local DP, trained in rounds 1" in out
+
+
+def _finished_run(tmp_path, lines: list[str], partners: dict | None = None):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": len(lines)}))
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    (run / "privacy.json").write_text(json.dumps({"guarantee": "g", "partners": partners or {}}))
+    for name in ("summary.md", "model.pt"):
+        (run / name).write_text("x")
+    return run
+
+
+def test_the_status_needs_every_final_file_and_an_update_in_every_round(tmp_path, capsys):
+    """A script's exit status: 0 only with every round aggregated and summary.md and model.pt written; a round
+    that aggregated nothing (num-partners null) or a lost final file is exit 3 (a mutation audit: only the
+    end-to-end test, on a real run, pinned these)."""
+    run = _finished_run(tmp_path, ['{"round": 1, "num-partners": 2, "hr@10": 0.5, "ndcg@10": 0.25}',
+                                   '{"round": 2, "num-partners": 2, "hr@10": 0.75, "ndcg@10": 0.5}'])
+    assert server_cli(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "complete, 2 of 2" in out and "final evaluation (round 2): HR@10 0.7500, NDCG@10 0.5000" in out
+    for name in ("model.pt", "summary.md"):
+        (run / name).rename(run / f"{name}.away")
+        assert server_cli(["report", str(run)]) == 3, name
+        assert "incomplete, 2 of 2 rounds logged" in capsys.readouterr().out
+        (run / f"{name}.away").rename(run / name)
+    (run / "metrics.jsonl").write_text('{"round": 1, "num-partners": 2}\n{"round": 2, "num-partners": null}\n')
+    assert server_cli(["report", str(run)]) == 3
+    out = capsys.readouterr().out
+    assert "failed rounds, 2 of 2 rounds logged" in out and "rounds that aggregated no update: 2" in out
+
+
+def test_a_spend_stated_by_a_refusal_is_shown_as_the_partners_epsilon(tmp_path, capsys):
+    """privacy.json takes a refusing partner's epsilon from its refusal (no noise multiplier on record): the report
+    shows that epsilon, not "epsilon unknown" (a mutation audit)."""
+    run = _finished_run(tmp_path, ['{"round": 1, "num-partners": 1}'], {
+        "node-7": {"epsilon": 7.997, "delta": 1e-5, "epsilon-from": "refusal in round 1",
+                   "refused": [{"round": 1, "reason": "ledger busy"},
+                               {"round": 1, "reason": "budget exhausted: epsilon 7.997 of 8"}]},
+        "p": {"epsilon": 0.0, "rounds-trained": [1], "refused": [{"round": 1, "reason": "ledger busy"}]}})
+    server_cli(["report", str(run)])
+    out = capsys.readouterr().out
+    # the latest refusal is the one that says where the partner stands
+    assert "node-7: epsilon 7.997 (delta 1e-05), trained in rounds none; refused 2x (budget exhausted" in out
+    assert "p: no local DP, trained in rounds 1; refused 1x (ledger busy)" in out  # it replied: not "unknown"
