@@ -60,7 +60,7 @@ def test_roundtrip_keeps_everything_and_the_file_is_private(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temporary file left
 
 
-@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "header"])
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "header", "header-fields"])
 def test_a_corrupt_checkpoint_is_refused(tmp_path, damage):
     cfg, model = tiny()
     path = save_checkpoint(tmp_path, a_checkpoint(cfg, model))
@@ -69,11 +69,44 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path, damage):
         raw[len(raw) // 2] ^= 0x01
     elif damage == "truncate":
         raw = raw[: len(raw) - 100]
-    else:
+    elif damage == "header":
         raw[:6] = b"PICKLE"
+    else:  # the checksum field lost: one line, not an IndexError (a mutation audit)
+        raw = raw[:len(b"FEDREC-CHECKPOINT 1")] + raw[raw.index(b"\n"):]
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="checksum mismatch|not a fedrec checkpoint"):
         load_checkpoint(tmp_path)
+
+
+class _RunsCode:
+    """A pickle that creates a directory when loaded: what weights_only=True must refuse to run."""
+
+    def __init__(self, path) -> None:  # noqa: ANN001
+        self.path = str(path)
+
+    def __reduce__(self):  # noqa: ANN204
+        return os.mkdir, (self.path,)
+
+
+def test_a_checkpoint_of_another_format_or_holding_code_is_refused_without_running_it(tmp_path):
+    """A checkpoint whose checksum matches is still refused when it is another format version, or when its
+    payload would run code on load (a mutation audit: neither the version check nor weights_only was tested)."""
+    import hashlib
+    import io
+
+    cfg, model = tiny()
+    path = save_checkpoint(tmp_path, a_checkpoint(cfg, model))
+    header, _, body = path.read_bytes().partition(b"\n")
+    path.write_bytes(header.replace(b" 1 ", b" 2 ", 1) + b"\n" + body)
+    with pytest.raises(CheckpointError, match="checkpoint format 2 is not supported"):
+        load_checkpoint(tmp_path)
+    buf = io.BytesIO()
+    torch.save({"round": 1, "arrays": {}, "strategy": {}, "json": _RunsCode(tmp_path / "ran")}, buf)
+    body = buf.getvalue()
+    path.write_bytes(b"FEDREC-CHECKPOINT 1 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    with pytest.raises(CheckpointError, match="unreadable checkpoint payload"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_mismatched_model_catalogue_or_config_is_refused_with_what_differs(tmp_path):
