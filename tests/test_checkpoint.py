@@ -175,6 +175,57 @@ def test_a_resume_brings_rejections_json_up_to_the_checkpoint(tmp_path):
     assert is_private(run_dir / "rejections.json")
 
 
+def test_a_resume_with_privacy_json_lost_restores_the_checkpoints_copy(tmp_path):
+    """privacy.json lost in a crash (written after the checkpoint): the resumed run's privacy report continues
+    from the checkpoint's copy, so no partner's spend or central release before the crash is forgotten (a
+    mutation audit: restore's adoption of the copy was tested only by calling the report directly)."""
+    import dataclasses
+
+    from server.privacy_report import PrivacyReport
+    from server.resume import restore
+    from server.run_report import RunRecorder
+
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 3})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    copy = {"partners": {"p": {"partner": "p", "node-id": 7, "epsilon": 2.5, "delta": 1e-5, "rounds-trained": [1, 2]}}}
+    ckpt = a_checkpoint(cfg, model, round_=2)
+    save_checkpoint(run_dir, dataclasses.replace(ckpt, strategy_state={}, privacy={**ckpt.privacy, "privacy.json": copy}))
+    start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    report = PrivacyReport(run_dir, {**cfg, "resume": True})
+    restore(start, RunRecorder(run_dir, cfg, CATALOGUE), build_strategy(cfg, first_round=3), report)
+    assert report.as_dict()["partners"]["p"]["epsilon"] == 2.5
+    assert report.resumed_after == [2]
+
+
+def test_the_first_checkpoint_after_a_resume_carries_everything_forward(tmp_path):
+    """Resume after round 2, then checkpoint round 3: it is numbered 3, holds metrics for rounds 1..3, the
+    restored FedAdam moments, the rejections made before the crash and a copy of privacy.json; a crash right
+    after it loses nothing from before the first crash (a mutation audit: only the end-to-end resume pinned
+    this, and not the rejections or the privacy copy)."""
+    from server.privacy_report import PrivacyReport
+    from server.resume import RoundCheckpointer, restore
+    from server.run_report import RunRecorder
+
+    cfg, model = tiny(**{"run-dir": str(tmp_path), "run-name": "r", "num-server-rounds": 4, "aggregation": "fedadam"})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    save_checkpoint(run_dir, a_checkpoint(cfg, model, round_=2))  # moments "2.m_t", a rejection of node 7
+    start = start_run({**cfg, "resume": True}, CATALOGUE, model)
+    report = PrivacyReport(run_dir, {**cfg, "resume": True})
+    recorder = RunRecorder(run_dir, cfg, CATALOGUE)
+    strategy = build_strategy(cfg, first_round=start.first_round)
+    restore(start, recorder, strategy, report)
+    report.write()  # (the round's replies write it)
+    RoundCheckpointer(start, recorder, strategy, cfg)(1, start.arrays)  # this process' round 1
+    saved = load_checkpoint(run_dir)
+    assert saved.round == 3 and [r["round"] for r in saved.rounds] == [1, 2, 3]
+    assert list(saved.strategy_state) == ["2.m_t"]
+    assert np.array_equal(saved.strategy_state["2.m_t"]["w"], np.arange(4))
+    assert saved.rejections == [{"round": 1, "node": 7, "reason": "NaN"}]
+    assert saved.privacy["privacy.json"]["resumed-after"] == [2]
+
+
 def test_start_run_refuses_to_resume_nothing(tmp_path):
     with pytest.raises(ConfigError, match="resume = true needs run-name"):  # refused when the config is read
         tiny(**{"run-dir": str(tmp_path), "resume": True})
@@ -187,6 +238,15 @@ def test_start_run_refuses_to_resume_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         start_run({**cfg, "run-name": "empty"}, CATALOGUE, model)
+    # A checkpoint whose history lacks a round would resume with a metrics.jsonl missing it (a mutation audit)
+    import dataclasses
+
+    full, model = tiny(**{"run-dir": str(tmp_path), "run-name": "gap", "num-server-rounds": 3})
+    (tmp_path / "gap").mkdir()
+    ckpt = a_checkpoint(full, model, round_=2)
+    save_checkpoint(tmp_path / "gap", dataclasses.replace(ckpt, rounds=ckpt.rounds[1:]))
+    with pytest.raises(CheckpointError, match=r"metrics for rounds 1\.\.2 are incomplete"):
+        start_run({**full, "resume": True}, CATALOGUE, model)
 
 
 def test_a_resume_keeps_the_rounds_the_partners_noise_was_planned_for(tmp_path):
