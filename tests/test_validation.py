@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.config import resolve_config
 from common.errors import ConfigError, FederationError
 from server.rounds import RoundControl, wait_for_nodes
-from server.strategy_factory import AGGREGATIONS, aggregation_strategy, build_strategy
+from server.strategy_factory import AGGREGATIONS, aggregation_strategy, build_strategy, unwrap
 from server.validation import UpdateBounds, ValidatingStrategy, check_update
 from simulations.fault_injection import corrupt
 
@@ -290,6 +290,39 @@ def test_every_aggregation_option_builds_and_bad_ones_are_one_clear_line():
         build_strategy(resolve_config(None, {"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 3}))
     with pytest.raises(ConfigError, match="trim-fraction"):
         build_strategy(resolve_config(None, {"aggregation": "trimmed-mean", "trim-fraction": 0.5}))
+
+
+def test_fraction_train_samples_partners_but_never_fewer_than_min_nodes():
+    """fraction-train samples that share of the connected partners for training, and never fewer than min-nodes
+    (fewer would fail every round in validation); a mutation audit: neither reached a test."""
+    for knobs, sent in (({"fraction-train": 0.5, "min-nodes": 2}, 4), ({"fraction-train": 0.1, "min-nodes": 3}, 3)):
+        strategy = build_strategy(resolve_config(None, knobs))
+        assert len(list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(8)))) == sent, knobs
+    # Evaluation likewise: a small fraction-evaluate still asks min-nodes partners, and 0 asks none
+    for fraction, sent in ((0.1, 3), (0.0, 0)):
+        strategy = build_strategy(resolve_config(None, {"fraction-evaluate": fraction, "min-nodes": 3}))
+        assert len(list(strategy.configure_evaluate(1, global_record(), ConfigRecord(), NodesOnly(8)))) == sent
+
+
+def test_the_run_configs_max_num_examples_bounds_the_updates():
+    """max-num-examples from the run config reaches validation: a partner claiming more users is rejected (a
+    mutation audit: the suite only built bounds by hand)."""
+    strategy = build_strategy(resolve_config(None, {"max-num-examples": 40, "min-nodes": 2}))
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), NodesOnly(3)))
+    arrays, _ = strategy.aggregate_train(1, honest_replies())  # 10, 30 and 60 examples
+    assert arrays is not None and [r["node"] for r in strategy.inner.rejections] == [103]
+
+
+def test_each_aggregations_own_knobs_reach_it():
+    """server-learning-rate is FedAdam's step (learning-rate is the partners'), num-malicious-nodes is Krum's f
+    (a mutation audit: swapped or dropped, every test still passed)."""
+    adam = unwrap(build_strategy(resolve_config(None, {"aggregation": "fedadam", "server-learning-rate": 0.05,
+                                                      "learning-rate": 0.003})))
+    assert (adam.eta, adam.eta_l) == (0.05, 0.003)
+    krum = unwrap(build_strategy(resolve_config(None, {"aggregation": "krum", "num-malicious-nodes": 2, "min-nodes": 5})))
+    assert krum.num_malicious_nodes == 2
+    # and the model's tied weights reach round control, which makes their copies one table again
+    assert build_strategy(resolve_config(None, {}), tied=[("a", "b")]).tied == [("a", "b")]
 
 
 def test_fedprox_sends_proximal_mu_to_clients():
