@@ -148,9 +148,9 @@ def _train(msg: Message, context: Context, cfg: dict) -> Message:
         if keep_adam:
             save_optimizer_state(context, result.optimizer_state)
         if keeps_private_state(cfg):  # for a resume in a new process (client/partner_state.py)
-            from client.partner_state import save_partner_state
+            from client.partner_state import RunIdentity, save_partner_state
 
-            save_partner_state(context, _state_file(msg, context, cfg), server_round)
+            save_partner_state(context, _state_file(msg, context, cfg), server_round, RunIdentity.of(msg.content["config"]))
         details = budget.details() if budget else {"partner": partner_label(context.node_config, data, context)}
         noised_count = budget is not None and budget.count_is_noised
         if "num-partitions" in context.node_config:  # a simulation: how many ways its users were split
@@ -212,9 +212,10 @@ def _round_inputs(msg: Message, context: Context, cfg: dict) -> tuple:
     check_same_item_text(msg, model, cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     if keeps_private_state(cfg):  # a resumed run: MF's user factors / Adam's moments from this partner's file
-        from client.partner_state import restore_partner_state
+        from client.partner_state import RunIdentity, restore_partner_state
 
-        restore_partner_state(context, _state_file(msg, context, cfg), int(msg.content["config"].get("server-round", 1)))
+        restore_partner_state(context, _state_file(msg, context, cfg), int(msg.content["config"].get("server-round", 1)),
+                              RunIdentity.of(msg.content["config"]))
     return data, model, device
 
 

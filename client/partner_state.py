@@ -16,9 +16,14 @@ Where the file lives (one per run name, the name the coordinator sends with ever
 * any other partner keeps the state in memory only, and it starts again after a resume (the
   coordinator's log says so).
 
-The file holds the state after the last round this partner trained and the one before; a round
-takes the newest with a smaller round number, so a fresh run under a reused name (round 1) never
-inherits another run's state, and a round trained again after a crash starts from the state before it.
+Which saved state counts is decided by what the coordinator sends with every message (server/app.py
+``partner_state_keys``): the run's token (the same across its resumes, another for a fresh run under
+a reused name), its own start's token, and ``resumed-after``, the last round its checkpoint holds. An
+entry counts when it is of this run, from an earlier round, and either saved since this start of the
+coordinator or from a round its checkpoint holds: a round the coordinator lost in a crash (redone
+after the resume, perhaps with other partners sampled) never counts. The file keeps the newest entry
+and the one a restore would take before it. Without a run token (an older coordinator, a lost
+``provenance.json``, a ClientApp called directly) nothing is saved or restored.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,28 @@ from common.files import PRIVATE_DIR_MODE, ensure_private, write_private_bytes
 
 LOG = logging.getLogger("fedrec.client")
 RECORDS = (STATE_KEY, META_KEY, OPTIMIZER_KEY)  # the context.state records a resumed round needs
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What the coordinator sends for this: the run's token, its start's token, ``resumed-after``."""
+
+    run_token: str
+    server_start: str
+    resumed_after: int
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> RunIdentity | None:
+        """From a message's ConfigRecord; None without a run token."""
+        token = str(config.get("run-token", "") or "")
+        if not token:
+            return None
+        return cls(token, str(config.get("server-start", "")), int(config.get("resumed-after", 0)))
+
+    def counts(self, entry: Mapping[str, Any], server_round: int) -> bool:
+        """Whether a saved entry may serve ``server_round`` (module docstring)."""
+        return (entry.get("run") == self.run_token and entry["round"] < server_round
+                and (entry.get("start") == self.server_start or entry["round"] <= self.resumed_after))
 
 
 def state_file(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str) -> Path | None:
@@ -75,26 +103,37 @@ def _read(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def save_partner_state(context: Context, path: Path | None, server_round: int) -> None:
-    """Write this round's private records (and keep the previous round's entry) to ``path``."""
-    if path is None or not (records := _records(context)):
+def save_partner_state(context: Context, path: Path | None, server_round: int, run: RunIdentity | None) -> None:
+    """Write this round's private records to ``path``, with the entry a restore would take before them.
+    A failed write is a warning: the state stays in memory and only a later resume loses it (the round's
+    spend is on the ledger already, so failing the round would cost budget for nothing)."""
+    if path is None or run is None or not (records := _records(context)):
         return
     import torch
 
-    path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    ensure_private(path.parent)
-    older = [e for e in _read(path) if e["round"] < server_round][:1]
-    buffer = io.BytesIO()
-    torch.save({"entries": [{"round": server_round, "records": records}, *older]}, buffer)
-    write_private_bytes(path, buffer.getvalue())
+    try:
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        ensure_private(path.parent)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a crash (this file's only)
+            stale.unlink(missing_ok=True)
+        before = [e for e in _read(path) if run.counts(e, server_round)][:1]
+        entry = {"round": server_round, "run": run.run_token, "start": run.server_start, "records": records}
+        buffer = io.BytesIO()
+        torch.save({"entries": [entry, *before]}, buffer)
+        write_private_bytes(path, buffer.getvalue())
+    except OSError as err:
+        LOG.warning("could not save this partner's round-to-round state to %s (%s); it stays in memory, and a "
+                    "resume in a new process would start it again", path, err)
 
 
-def restore_partner_state(context: Context, path: Path | None, server_round: int) -> bool:
-    """Put the newest saved state from before ``server_round`` into an empty ``context.state``;
+def restore_partner_state(context: Context, path: Path | None, server_round: int, run: RunIdentity | None) -> bool:
+    """Put the newest saved state that counts for ``server_round`` into an empty ``context.state``;
     True when something was restored. A context that already holds any record keeps its own."""
-    if path is None or any(k in context.state.array_records or k in context.state.config_records for k in RECORDS):
+    if path is None or run is None:
         return False
-    entry = next((e for e in _read(path) if e["round"] < server_round), None)
+    if any(k in context.state.array_records or k in context.state.config_records for k in RECORDS):
+        return False
+    entry = next((e for e in _read(path) if run.counts(e, server_round)), None)
     if entry is None:
         return False
     for key, record in entry["records"].items():

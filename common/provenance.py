@@ -95,6 +95,17 @@ def provenance_entry(**extra: Any) -> dict[str, Any]:
     }
 
 
+def run_token(run_dir: Path) -> str | None:
+    """The random ``run-token`` of the run's first start (the same across its resumes, another for a fresh
+    run under a reused name), or None when ``provenance.json`` is gone or holds none."""
+    try:
+        starts = json.loads((Path(run_dir) / "provenance.json").read_text()).get("starts", [])
+        token = starts[0].get("run-token") if starts and isinstance(starts[0], dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) and token else None
+
+
 def append_provenance(run_dir: Path, **extra: Any) -> Path:
     """Add this start's entry to ``run_dir/provenance.json`` (``{"starts": [...]}``); an unreadable
     file is replaced rather than failing the run (it only documents the run)."""

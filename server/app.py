@@ -4,6 +4,7 @@ federated full-ranking evaluation."""
 
 from __future__ import annotations
 
+import secrets
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from common.config import ignored_knobs, resolve_config
 from common.data.catalogue import catalogue_fingerprint
 from common.item_text import local_text_key, table_fingerprint, table_record, table_sketch
 from common.private_evaluation import refuse_unaffordable_evaluations
-from common.provenance import append_provenance
+from common.provenance import append_provenance, run_token
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from common.privacy import default_delta, dp_mode, uses_central_dp
@@ -70,6 +71,13 @@ def _dataset_text(dataset: str) -> str:
     return str(path.resolve()) if dataset != "synthetic" and path.exists() else dataset
 
 
+def partner_state_keys(run_dir: Path, resumed_after: int) -> dict[str, str | int]:
+    """What partners take their saved round-to-round state by (client/partner_state.py): the run's token
+    (its first start's, "" when provenance.json lost it: nothing is restored then), this start's token (state
+    saved since this start counts), and the last round the resumed checkpoint holds (0: a fresh run)."""
+    return {"run-token": run_token(run_dir) or "", "server-start": secrets.token_hex(16), "resumed-after": resumed_after}
+
+
 def make_server_app(overrides: dict | None = None) -> ServerApp:
     """A ServerApp whose config is pyproject defaults + run config + ``overrides``."""
     app = ServerApp()
@@ -96,8 +104,11 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         run_dir = start.run_dir
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
+        # a fresh run's first entry carries the run-token partners key their round-to-round state by
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
-                                      "dataset (simulated partners)": _dataset_text(str(cfg["dataset"]))})
+                                      "dataset (simulated partners)": _dataset_text(str(cfg["dataset"])),
+                                      **({} if start.checkpoint else {"run-token": secrets.token_hex(16)})})
+        same_inputs.update(partner_state_keys(run_dir, start.first_round - 1))
         privacy = PrivacyReport(run_dir, cfg)
         if start_model is not None:
             privacy.note_start_model(start_model)

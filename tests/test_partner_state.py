@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.optimizer_state import KEY as OPTIMIZER_KEY
-from client.partner_state import restore_partner_state, save_partner_state, state_file
+from client.partner_state import RunIdentity, restore_partner_state, save_partner_state, state_file
 from client.private_factors import META_KEY, STATE_KEY
 
 
@@ -26,6 +26,10 @@ def with_state(factors: torch.Tensor, adam: bytes = b"moments") -> Context:
     context.state.config_records[META_KEY] = ConfigRecord({"users": "abc"})
     context.state.config_records[OPTIMIZER_KEY] = ConfigRecord({"adam": adam})
     return context
+
+
+RUN = RunIdentity("run-a", "start-1", 0)  # a fresh run's first start
+RESUMED = RunIdentity("run-a", "start-2", 2)  # the same run, resumed from its round-2 checkpoint
 
 
 def factors_in(context: Context) -> torch.Tensor:
@@ -49,33 +53,73 @@ def test_where_the_file_lives(tmp_path):
 def test_a_resumed_round_takes_the_saved_state_and_the_files_are_private(tmp_path):
     path = tmp_path / "ledger.sqlite.state" / "x.pt"
     factors = torch.randn(5, 3)
-    save_partner_state(with_state(factors), path, server_round=2)
+    save_partner_state(with_state(factors), path, 2, RUN)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
     resumed = a_context()
-    assert restore_partner_state(resumed, path, server_round=3)
+    assert restore_partner_state(resumed, path, 3, RESUMED)
     assert torch.equal(factors_in(resumed), factors)
     assert resumed.state.config_records[META_KEY]["users"] == "abc"
     assert resumed.state.config_records[OPTIMIZER_KEY]["adam"] == b"moments"
 
 
-def test_only_state_from_an_earlier_round_is_taken_and_never_over_a_live_one(tmp_path):
+def test_only_state_of_this_run_from_a_round_its_checkpoint_holds_counts(tmp_path):
     path = tmp_path / "s" / "x.pt"
-    first, second = torch.zeros(2, 2), torch.ones(2, 2)
-    save_partner_state(with_state(first), path, server_round=1)
-    save_partner_state(with_state(second), path, server_round=2)
-    # round 2 trained again after a crash: the state from before it, not its own
-    again = a_context()
-    assert restore_partner_state(again, path, server_round=2)
-    assert torch.equal(factors_in(again), first)
-    # a fresh run under a reused run name (round 1) inherits nothing
-    fresh = a_context()
-    assert not restore_partner_state(fresh, path, server_round=1)
-    assert STATE_KEY not in fresh.state.array_records
+    first, lost = torch.zeros(2, 2), torch.ones(2, 2)
+    save_partner_state(with_state(first), path, 2, RUN)
+    save_partner_state(with_state(lost), path, 3, RUN)  # round 3: the coordinator crashed before checkpointing it
+    # after the resume (checkpoint: round 2) round 3 is redone, or this partner is next sampled in round 5:
+    # the state of round 2, never the lost round 3's
+    for server_round in (3, 5):
+        again = a_context()
+        assert restore_partner_state(again, path, server_round, RESUMED)
+        assert torch.equal(factors_in(again), first)
+    # what this start saved counts from its next round on, and the file keeps round 2's entry behind it
+    save_partner_state(with_state(torch.full((2, 2), 4.0)), path, 4, RESUMED)
+    later = a_context()
+    assert restore_partner_state(later, path, 5, RESUMED) and torch.equal(factors_in(later), torch.full((2, 2), 4.0))
+    crashed_again = RunIdentity("run-a", "start-3", 3)  # a second crash before round 4 was checkpointed
+    assert restore_partner_state(a := a_context(), path, 4, crashed_again) and torch.equal(factors_in(a), first)
+    # a fresh run under the reused name (another run token) inherits nothing, in any round
+    fresh = RunIdentity("run-b", "start-9", 0)
+    for server_round in (1, 2, 7):
+        assert not restore_partner_state(a_context(), path, server_round, fresh)
+    # nor once that run is resumed, before this partner trained in it
+    assert not restore_partner_state(a_context(), path, 7, RunIdentity("run-b", "start-10", 6))
     # a partner that still holds its state in memory keeps it
     live = with_state(torch.full((2, 2), 7.0))
-    assert not restore_partner_state(live, path, server_round=3)
+    assert not restore_partner_state(live, path, 5, RESUMED)
     assert torch.equal(factors_in(live), torch.full((2, 2), 7.0))
+
+
+def test_without_a_run_token_nothing_is_saved_or_restored(tmp_path):
+    # an older coordinator, a lost provenance.json, or a ClientApp called directly (tests, tools)
+    assert RunIdentity.of({"run-name": "x", "server-round": 2}) is None
+    path = tmp_path / "x.pt"
+    save_partner_state(with_state(torch.ones(1, 1)), path, 1, None)
+    assert not path.exists()
+    save_partner_state(with_state(torch.ones(1, 1)), path, 1, RUN)
+    assert not restore_partner_state(a_context(), path, 2, None)
+    assert RunIdentity.of({"run-token": "t", "server-start": "s", "resumed-after": 3}) == RunIdentity("t", "s", 3)
+
+
+def test_a_failed_write_warns_and_the_round_goes_on(tmp_path, caplog):
+    # the round's spend is on the ledger before the save: failing the round then cost budget for nothing
+    ledger_state = tmp_path / "ledger.sqlite.state"
+    ledger_state.write_text("a file where the folder should be")
+    with caplog.at_level("WARNING"):
+        save_partner_state(with_state(torch.ones(1, 1)), ledger_state / "x.pt", 1, RUN)
+    assert "could not save this partner's round-to-round state" in caplog.text
+
+
+def test_a_write_cut_short_by_a_crash_is_cleaned_up_by_the_next_save(tmp_path):
+    folder = tmp_path / "partner-state"
+    folder.mkdir()
+    mine, other = folder / ".partner-0.pt.4242.9f3e.tmp", folder / ".partner-1.pt.4243.aaaa.tmp"
+    mine.write_bytes(b"half")
+    other.write_bytes(b"another partner's write in progress")
+    save_partner_state(with_state(torch.ones(1, 1)), folder / "partner-0.pt", 1, RUN)
+    assert not mine.exists() and other.exists()
 
 
 def test_a_damaged_state_file_costs_the_warm_start_not_the_round(tmp_path, caplog):
@@ -83,13 +127,13 @@ def test_a_damaged_state_file_costs_the_warm_start_not_the_round(tmp_path, caplo
     path.write_bytes(b"not a torch file")
     context = a_context()
     with caplog.at_level("WARNING"):
-        assert not restore_partner_state(context, path, server_round=3)
+        assert not restore_partner_state(context, path, 3, RUN)
     assert "unreadable" in caplog.text and "starts again" in caplog.text
-    save_partner_state(with_state(torch.ones(1, 1)), path, server_round=3)  # and the next save replaces it
-    assert restore_partner_state(a_context(), path, server_round=4)
+    save_partner_state(with_state(torch.ones(1, 1)), path, 3, RUN)  # and the next save replaces it
+    assert restore_partner_state(a_context(), path, 4, RUN)
 
 
 def test_nothing_to_keep_writes_nothing(tmp_path):
     path = tmp_path / "s" / "x.pt"
-    save_partner_state(a_context(), path, server_round=1)
+    save_partner_state(a_context(), path, 1, RUN)
     assert not path.exists() and not path.parent.exists()
