@@ -70,12 +70,14 @@ def test_killed_server_resumes_to_the_same_model_in_process(tmp_path, extra):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FEDREC_RAY_E2E"),
-                    reason="3 Ray simulations (~3 min on 2 cores); set FEDREC_RAY_E2E=1")
-def test_killed_simulation_resumes_on_flower_simulation_engine(tmp_path):
-    """The real thing: Flower's simulation engine (Ray) in a subprocess, SIGKILLed after round 2.
+                    reason="3 Ray simulations each (~1 min on 2 cores); set FEDREC_RAY_E2E=1")
+@pytest.mark.parametrize("extra", ["", 'model="mf"'], ids=["sasrec", "mf-user-factors"])
+def test_killed_simulation_resumes_on_flower_simulation_engine(tmp_path, extra):
+    """The real thing: Flower's simulation engine (Ray) in a subprocess, SIGKILLed after round 2; with MF,
+    the partners' state files are read back by Ray's actors.
 
     Opt-in because it starts Ray three times; the in-process test above runs in CI."""
-    crashed, straight = crash_and_resume(tmp_path, "simulations.run", "", "--num-partners", "3")
+    crashed, straight = crash_and_resume(tmp_path, "simulations.run", extra, "--num-partners", "3")
     resumed, reference = rounds_of(crashed), rounds_of(straight)
     assert [r["round"] for r in resumed] == [1, 2, 3, 4]
     # Bit-identical: same seeds, replies aggregated in a content-defined order, one thread per Ray actor
