@@ -103,6 +103,11 @@ def _read(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+def _counting(path: Path, run: RunIdentity, server_round: int) -> dict[str, Any] | None:
+    """The newest saved entry that may serve ``server_round``, or None."""
+    return next((e for e in _read(path) if run.counts(e, server_round)), None)
+
+
 def save_partner_state(context: Context, path: Path | None, server_round: int, run: RunIdentity | None) -> None:
     """Write this round's private records to ``path``, with the entry a restore would take before them.
     A failed write is a warning: the state stays in memory and only a later resume loses it (the round's
@@ -116,10 +121,10 @@ def save_partner_state(context: Context, path: Path | None, server_round: int, r
         ensure_private(path.parent)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a crash (this file's only)
             stale.unlink(missing_ok=True)
-        before = [e for e in _read(path) if run.counts(e, server_round)][:1]
+        before = _counting(path, run, server_round)
         entry = {"round": server_round, "run": run.run_token, "start": run.server_start, "records": records}
         buffer = io.BytesIO()
-        torch.save({"entries": [entry, *before]}, buffer)
+        torch.save({"entries": [entry, *([before] if before else [])]}, buffer)
         write_private_bytes(path, buffer.getvalue())
     except OSError as err:
         LOG.warning("could not save this partner's round-to-round state to %s (%s); it stays in memory, and a "
@@ -133,8 +138,7 @@ def restore_partner_state(context: Context, path: Path | None, server_round: int
         return False
     if any(k in context.state.array_records or k in context.state.config_records for k in RECORDS):
         return False
-    entry = next((e for e in _read(path) if run.counts(e, server_round)), None)
-    if entry is None:
+    if (entry := _counting(path, run, server_round)) is None:
         return False
     for key, record in entry["records"].items():
         if key not in RECORDS:

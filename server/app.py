@@ -71,11 +71,11 @@ def _dataset_text(dataset: str) -> str:
     return str(path.resolve()) if dataset != "synthetic" and path.exists() else dataset
 
 
-def partner_state_keys(run_dir: Path, resumed_after: int) -> dict[str, str | int]:
+def partner_state_keys(run_token: str | None, resumed_after: int) -> dict[str, str | int]:
     """What partners take their saved round-to-round state by (client/partner_state.py): the run's token
-    (its first start's, "" when provenance.json lost it: nothing is restored then), this start's token (state
+    (None when a resumed run's provenance.json lost it: nothing is restored then), this start's token (state
     saved since this start counts), and the last round the resumed checkpoint holds (0: a fresh run)."""
-    return {"run-token": run_token(run_dir) or "", "server-start": secrets.token_hex(16), "resumed-after": resumed_after}
+    return {"run-token": run_token or "", "server-start": secrets.token_hex(16), "resumed-after": resumed_after}
 
 
 def make_server_app(overrides: dict | None = None) -> ServerApp:
@@ -105,10 +105,11 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
         # a fresh run's first entry carries the run-token partners key their round-to-round state by
+        token = run_token(run_dir) if start.checkpoint else secrets.token_hex(16)
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
                                       "dataset (simulated partners)": _dataset_text(str(cfg["dataset"])),
-                                      **({} if start.checkpoint else {"run-token": secrets.token_hex(16)})})
-        same_inputs.update(partner_state_keys(run_dir, start.first_round - 1))
+                                      **({} if start.checkpoint else {"run-token": token})})
+        same_inputs.update(partner_state_keys(token, start.first_round - 1))
         privacy = PrivacyReport(run_dir, cfg)
         if start_model is not None:
             privacy.note_start_model(start_model)
