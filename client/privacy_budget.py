@@ -328,7 +328,7 @@ class PartnerBudget:
 
     def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:
         """This round's DP-SGD settings; ``noise_seed`` None = noise from OS entropy (see
-        :func:`common.training.seed_dp_randomness`)."""
+        :func:`common.dp_sgd.seed_dp_randomness`)."""
         steps = self.calibration.steps_per_round // int(cfg["local-epochs"])
         # Steps and the optimiser's expected batch from the public count (:meth:`open`): the update is
         # divided by it, so the exact count would scale what leaves

@@ -15,7 +15,8 @@ from common.data import build_sequences, generate_synthetic
 from common.errors import ConfigError
 from common.models import SASRec
 from common.per_user_clipping import fused_clipped_backward, make_fused_private
-from common.training import DPSettings, resolve_grad_sample_mode, train_local
+from common.dp_sgd import DPSettings, resolve_grad_sample_mode
+from common.training import train_local
 from common.objectives import SequenceLoss
 
 V, T, B, D = 30, 7, 5, 8

@@ -12,7 +12,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from common.models import SASRec
-from common.training import resolve_grad_sample_mode
+from common.dp_sgd import resolve_grad_sample_mode
 from common.objectives import SequenceLoss
 
 V, T, B = 20, 6, 4

@@ -283,7 +283,7 @@ def test_opacus_wrapped_training_divides_by_the_plans_batch(mode):
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.models import SASRec
-    from common.training import DPSettings, opacus_private
+    from common.dp_sgd import DPSettings, opacus_private
 
     model = SASRec(20, max_len=6, dim=8, num_blocks=1, num_heads=2, dropout=0.0, tied_output=mode == "hooks")
     loader = DataLoader(TensorDataset(torch.zeros(100, 6, dtype=torch.long), torch.zeros(100, 6, dtype=torch.long)),

@@ -11,7 +11,8 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from common.data.sequences import SequenceData
 from common.models import SASRec
 from common.models.text_sasrec import TextSASRec, item_text_table, trainable_parameters
-from common.training import resolve_grad_sample_mode, train_local
+from common.dp_sgd import resolve_grad_sample_mode
+from common.training import train_local
 from common.objectives import SequenceLoss
 from simulations.cold_start import cold_hit_rates, hold_out_items
 

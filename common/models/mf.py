@@ -28,7 +28,8 @@ from common.errors import PrivacyError
 from common.metrics import pad_left
 
 if TYPE_CHECKING:  # common.training imports the models
-    from common.training import DPSettings, TrainResult
+    from common.dp_sgd import DPSettings
+    from common.training import TrainResult
 
 
 class MultinomialLoss(nn.Module):
@@ -139,15 +140,9 @@ def train_mf_local(
     every step, as for SASRec (common/proximal.py).
     """
     from common.proximal import ProximalAnchor
-    from common.training import (  # lazy: training imports models
-        TrainResult,
-        empty_batch_gradients,
-        opacus_private,
-        resolve_grad_sample_mode,
-        run_epochs,
-        seed_dp_randomness,
-        spent_mechanisms,
-    )
+    from common.dp_sgd import (empty_batch_gradients, opacus_private, resolve_grad_sample_mode, seed_dp_randomness,
+                               spent_mechanisms)
+    from common.training import TrainResult, run_epochs  # lazy: training imports models
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -160,7 +155,7 @@ def train_mf_local(
     dataset = TensorDataset(torch.from_numpy(users), targets)
     proximal = ProximalAnchor(model, mu=proximal_mu, learning_rate=learning_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    # Poisson batches and noise nobody else can regenerate under DP (common/training.py)
+    # Poisson batches and noise nobody else can regenerate under DP (common/dp_sgd.py)
     sampler = seed_dp_randomness(dp.noise_seed) if dp is not None else torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler)
     criterion: nn.Module = MultinomialLoss()
