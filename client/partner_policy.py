@@ -13,6 +13,10 @@ its floor on its own SuperNode, e.g.
   run's, ``default_delta(users)``). ``max-delta`` alone has no budget to force DP-SGD at: a run
   without local DP-SGD is refused (the partner expects a guarantee it would not get).
 
+- ``state-dir``: the folder this partner keeps its round-to-round training state in (MF's user
+  factors, kept Adam moments: client/partner_state.py), so that a resumed run continues them;
+  without it, beside ``ledger-path`` (``<ledger-path>.state/``), else in memory only.
+
 - ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
   computed on its users without noise and are in no ledger); ``"noised"``: it answers only runs
   whose ``evaluation-noise-multiplier`` > 0 (sums under DP, on its ledger: common/private_evaluation.py).
@@ -35,13 +39,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
+from common.files import file_in_the_way
 from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refuse_meaningless_delta, uses_central_dp,
                             uses_local_dp)
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
 NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
-                    "reply-after-seconds", "partition-id", "num-partitions")
+                    "reply-after-seconds", "state-dir", "partition-id", "num-partitions")
 MAX_REPLY_HOLD = 43_200.0  # s: Flower's default message time-to-live; a reply held longer arrives expired
 
 
@@ -101,6 +106,10 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)
     reply_after_seconds(node_config)
+    if str(node_config.get("state-dir", "")).strip() and (file := file_in_the_way(str(node_config["state-dir"]))):
+        # else every round would warn that its state could not be saved, and a resume would start it again
+        raise ConfigError(f"node config state-dir = {str(node_config['state-dir'])!r}: {file} is a file, not a "
+                          "folder; give the folder this partner keeps its round-to-round state in")
 
 
 def reply_after_seconds(node_config: Mapping[str, Any]) -> float | None:

@@ -9,8 +9,10 @@ from the file. Nothing here is ever sent.
 
 Where the file lives (one per run name, the name the coordinator sends with every message):
 
-* a partner that names its ledger (node config ``ledger-path``): in ``<ledger-path>.state/``, mode
-  0700, the file named by a hash of the run name (a coordinator's name never becomes a path here);
+* a partner that names a folder for it (node config ``state-dir``): there, mode 0700, the file named
+  by a hash of the run name (a coordinator's name never becomes a path here);
+* else a partner that names its ledger (node config ``ledger-path``): in ``<ledger-path>.state/``,
+  named likewise;
 * a simulated partition: ``<run-dir>/<run>/partner-state/partner-<partition-id>.pt`` beside the run's
   ledgers, removed with the run directory;
 * any other partner keeps the state in memory only, and it starts again after a resume (the
@@ -70,9 +72,12 @@ class RunIdentity:
 
 def state_file(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str) -> Path | None:
     """This partner's state file for run ``run``, or None where the state stays in memory only."""
+    hashed = f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+    if str(node_config.get("state-dir", "")).strip():
+        return Path(str(node_config["state-dir"])) / hashed
     if node_config.get("ledger-path"):
         ledger = Path(str(node_config["ledger-path"]))
-        return ledger.with_name(ledger.name + ".state") / f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+        return ledger.with_name(ledger.name + ".state") / hashed
     if "partition-id" in node_config:
         return Path(str(cfg["run-dir"])) / run / "partner-state" / f"partner-{int(node_config['partition-id'])}.pt"
     return None

@@ -113,7 +113,7 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
 def partner_state_lost_on_resume(cfg: Mapping[str, Any]) -> str:
     """What partners keep between rounds (never sent, so never checkpointed here) and which of them start
     it again after a resume in a new process; "" when nothing. Simulated partners and deployed partners
-    that name their ledger (node config ``ledger-path``) restore it from a file of their own
+    that name a state folder or their ledger (node config ``state-dir``, ``ledger-path``) restore it from a file of their own
     (client/partner_state.py); the coordinator cannot see which kind a deployed partner is."""
     kept = []
     if cfg["model"] == "mf":
@@ -122,8 +122,8 @@ def partner_state_lost_on_resume(cfg: Mapping[str, Any]) -> str:
         kept.append("the partners' Adam moments (keep-optimizer-state)")
     if not kept:
         return ""
-    return (f"{' and '.join(kept)} start again at deployed partners without a ledger-path (simulated partners "
-            "and partners with one restore them from their state file)")
+    return (f"{' and '.join(kept)} start again at deployed partners that set neither state-dir nor ledger-path "
+            "(simulated partners and partners with either restore them from their state file)")
 
 
 def restore(start: RunStart, recorder: RunRecorder, strategy: Strategy, privacy: PrivacyReport | None = None) -> None:

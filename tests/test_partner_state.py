@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import stat
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
@@ -48,6 +49,11 @@ def test_where_the_file_lives(tmp_path):
     assert "evil" not in deployed.name and ".." not in deployed.name
     assert deployed != state_file(cfg, {"ledger-path": str(ledger)}, "other-run")
     assert state_file(cfg, {"data-path": "/data/log.csv"}, "myrun") is None  # memory only
+    # a folder the partner names for it comes first, the file again named by a hash
+    named = state_file(cfg, {"state-dir": str(tmp_path / "kept"), "ledger-path": str(ledger), "partition-id": 2},
+                       "../../etc/evil")
+    assert named.parent == tmp_path / "kept" and named.name == deployed.name
+    assert state_file(cfg, {"state-dir": " ", "data-path": "/data/log.csv"}, "myrun") is None
 
 
 def test_a_resumed_round_takes_the_saved_state_and_the_files_are_private(tmp_path):
@@ -137,3 +143,68 @@ def test_nothing_to_keep_writes_nothing(tmp_path):
     path = tmp_path / "s" / "x.pt"
     save_partner_state(a_context(), path, 1, RUN)
     assert not path.exists() and not path.parent.exists()
+
+
+def _deployed_mf(tmp_path, node: dict) -> tuple:
+    """A deployed MF partner (its own CSV log, no partition-id) and the messages of one run."""
+    from client.app import make_client_app
+    from common.config import resolve_config
+    from common.task import new_model, partner_data
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k * 3) % 30},{1000 + k}" for u in range(40) for k in range(6)) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    overrides = {"model": "mf", "dp": False, "embedding-dim": 8, "local-epochs": 1, "batch-size": 8, "max-seq-len": 10,
+                 "num-server-rounds": 3, "catalogue": str(catalogue), "run-dir": str(tmp_path / "runs")}
+    node = {"data-path": str(log), **node}
+    cfg = resolve_config(None, overrides)
+    model = new_model(cfg, partner_data(cfg, node).num_items)
+    return make_client_app(overrides), node, ArrayRecord(model.state_dict())
+
+
+def _train(app, node: dict, arrays: ArrayRecord, context: Context, server_round: int, run: RunIdentity):
+    from tests.conftest import flower_message
+
+    config = ConfigRecord({"server-round": server_round, "run-token": run.run_token, "server-start": run.server_start,
+                           "resumed-after": run.resumed_after})
+    return app(flower_message(RecordDict({"arrays": arrays, "config": config}), "train"), context)
+
+
+def test_a_deployed_partner_naming_a_state_dir_continues_its_factors_after_a_resume(tmp_path, caplog):
+    # Without ledger-path a deployed partner kept MF's user factors in memory only; node config
+    # state-dir gives it a private folder for them, so the round after a resume continues them
+    folder = tmp_path / "partner-state"
+    app, node, arrays = _deployed_mf(tmp_path, {"state-dir": str(folder)})
+    first = a_context(node)
+    reply = _train(app, node, arrays, first, 1, RUN)
+    assert not reply.has_error(), reply.error
+    saved = list(folder.iterdir())
+    assert len(saved) == 1 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(saved[0].stat().st_mode) == 0o600
+
+    resumed = a_context(node)  # a new process: context.state is empty
+    with caplog.at_level("INFO"):
+        after_resume = _train(app, node, reply.content["arrays"], resumed, 2, RunIdentity("run-a", "start-2", 1))
+    assert not after_resume.has_error(), after_resume.error
+    assert "restored this partner's private state from round 1" in caplog.text
+    # round 2 after the resume is round 2 of the uninterrupted partner, to the bit
+    uninterrupted = _train(app, node, reply.content["arrays"], first, 2, RUN)
+    assert torch.equal(factors_in(resumed), factors_in(first))
+    for key, array in uninterrupted.content["arrays"].items():
+        assert np.array_equal(array.numpy(), after_resume.content["arrays"][key].numpy())
+    # and without the folder (nor a ledger-path) nothing is written anywhere: memory only
+    (tmp_path / "plain").mkdir()
+    app, node, arrays = _deployed_mf(tmp_path / "plain", {})
+    assert not _train(app, node, arrays, a_context(node), 1, RUN).has_error()
+    assert not list((tmp_path / "plain").rglob("*.pt"))
+
+
+def test_a_state_dir_where_a_file_stands_is_one_line_before_training(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    app, node, arrays = _deployed_mf(tmp_path, {"state-dir": str(tmp_path / "taken" / "state")})
+    reply = _train(app, node, arrays, a_context(node), 1, RUN)
+    assert reply.has_error()
+    assert "node config state-dir" in reply.error.reason and "is a file, not a folder" in reply.error.reason
+    assert "\n" not in reply.error.reason.strip() and "Traceback" not in reply.error.reason
