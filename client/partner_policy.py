@@ -13,10 +13,6 @@ its floor on its own SuperNode, e.g.
   run's, ``default_delta(users)``). ``max-delta`` alone has no budget to force DP-SGD at: a run
   without local DP-SGD is refused (the partner expects a guarantee it would not get).
 
-- ``state-dir``: the folder this partner keeps its round-to-round training state in (MF's user
-  factors, kept Adam moments: client/partner_state.py), so that a resumed run continues them;
-  without it, beside ``ledger-path`` (``<ledger-path>.state/``), else in memory only.
-
 - ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
   computed on its users without noise and are in no ledger); ``"noised"``: it answers only runs
   whose ``evaluation-noise-multiplier`` > 0 (sums under DP, on its ledger: common/private_evaluation.py).
@@ -24,6 +20,11 @@ its floor on its own SuperNode, e.g.
 ``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
 simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
 and a new run could start from zero spend.
+
+Not a floor, but checked here with the other keys: ``partner-state-dir``, the folder this partner
+keeps its round-to-round training state in (MF's user factors, kept Adam moments:
+client/partner_state.py), so that a resumed run continues them; without it the state is kept beside
+``ledger-path`` (``<ledger-path>.state/``), else in memory only.
 
 The effective targets are what the ledger calibrates for and what each reply reports
 (``target-epsilon``, ``delta``), so the coordinator sees every partner's actual guarantee.
@@ -36,6 +37,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
@@ -45,8 +47,8 @@ from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refu
 
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
-NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta", "share-evaluation",
-                    "reply-after-seconds", "state-dir", "partition-id", "num-partitions")
+NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta",
+                    "share-evaluation", "reply-after-seconds", "partner-state-dir", "partition-id", "num-partitions")
 MAX_REPLY_HOLD = 43_200.0  # s: Flower's default message time-to-live; a reply held longer arrives expired
 
 
@@ -106,10 +108,24 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)
     reply_after_seconds(node_config)
-    if str(node_config.get("state-dir", "")).strip() and (file := file_in_the_way(str(node_config["state-dir"]))):
-        # else every round would warn that its state could not be saved, and a resume would start it again
-        raise ConfigError(f"node config state-dir = {str(node_config['state-dir'])!r}: {file} is a file, not a "
-                          "folder; give the folder this partner keeps its round-to-round state in")
+    partner_state_dir(node_config)
+
+
+def partner_state_dir(node_config: Mapping[str, Any]) -> Path | None:
+    """Node config ``partner-state-dir`` as a folder (``~`` expanded), None when unset; a value that is
+    no path (Flower parses ``true`` or ``0`` as a bool or int) or a folder a file stands in is a
+    :class:`ConfigError`, since every round would otherwise fail to save its state, warned only."""
+    value = node_config.get("partner-state-dir")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"node config partner-state-dir = {value!r} is not a folder; give a path in quotes, "
+                          "e.g. partner-state-dir=\"/data/fedrec-state\"")
+    folder = Path(value.strip()).expanduser()
+    if file := file_in_the_way(folder):
+        raise ConfigError(f"node config partner-state-dir = {value!r}: {file} is a file, not a folder; give the "
+                          "folder this partner keeps its round-to-round state in")
+    return folder
 
 
 def reply_after_seconds(node_config: Mapping[str, Any]) -> float | None:

@@ -9,10 +9,12 @@ from the file. Nothing here is ever sent.
 
 Where the file lives (one per run name, the name the coordinator sends with every message):
 
-* a partner that names a folder for it (node config ``state-dir``): there, mode 0700, the file named
-  by a hash of the run name (a coordinator's name never becomes a path here);
+* a partner that names a folder for it (node config ``partner-state-dir``): there, the file named by a
+  hash of the run name and the partner's ``data-path`` (a coordinator's name never becomes a path
+  here, and partners of one machine may share the folder); a folder made here is 0700, one that
+  exists keeps its mode;
 * else a partner that names its ledger (node config ``ledger-path``): in ``<ledger-path>.state/``,
-  named likewise;
+  mode 0700, the file named by a hash of the run name;
 * a simulated partition: ``<run-dir>/<run>/partner-state/partner-<partition-id>.pt`` beside the run's
   ledgers, removed with the run directory;
 * any other partner keeps the state in memory only, and it starts again after a resume (the
@@ -41,6 +43,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from client.optimizer_state import KEY as OPTIMIZER_KEY
+from client.partner_policy import partner_state_dir
 from client.private_factors import META_KEY, STATE_KEY
 from common.files import PRIVATE_DIR_MODE, ensure_private, write_private_bytes
 
@@ -72,15 +75,21 @@ class RunIdentity:
 
 def state_file(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str) -> Path | None:
     """This partner's state file for run ``run``, or None where the state stays in memory only."""
-    hashed = f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
-    if str(node_config.get("state-dir", "")).strip():
-        return Path(str(node_config["state-dir"])) / hashed
+    if (folder := partner_state_dir(node_config)) is not None:
+        # the folder may serve several partners (SuperNodes) of one machine: the file is this one's log and run
+        log = str(Path(str(node_config.get("data-path", ""))).expanduser().absolute())
+        owner = log if node_config.get("data-path") else f"partition-{node_config.get('partition-id', '')}"
+        return folder / f"{_hashed(run + chr(0) + owner)}.pt"
     if node_config.get("ledger-path"):
         ledger = Path(str(node_config["ledger-path"]))
-        return ledger.with_name(ledger.name + ".state") / hashed
+        return ledger.with_name(ledger.name + ".state") / f"{_hashed(run)}.pt"
     if "partition-id" in node_config:
         return Path(str(cfg["run-dir"])) / run / "partner-state" / f"partner-{int(node_config['partition-id'])}.pt"
     return None
+
+
+def _hashed(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _records(context: Context) -> dict[str, dict[str, Any]]:
@@ -122,8 +131,9 @@ def save_partner_state(context: Context, path: Path | None, server_round: int, r
     import torch
 
     try:
-        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-        ensure_private(path.parent)
+        if not path.parent.is_dir():  # a folder made here is private; one the partner named keeps its own mode
+            path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            ensure_private(path.parent)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a crash (this file's only)
             stale.unlink(missing_ok=True)
         before = _counting(path, run, server_round)

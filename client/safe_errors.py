@@ -83,11 +83,12 @@ def _without_private_paths(text: str, paths: Iterable[object], folders: Iterable
     return text
 
 
-PRIVATE_NODE_KEYS = ("data-path", "ledger-path")  # node config values that name the partner's folders
+PRIVATE_NODE_KEYS = ("data-path", "ledger-path", "partner-state-dir")  # node config values that name the partner's folders
 
 
 def private_paths(context: Context | None) -> list[object]:
-    """The partner's own paths (see :func:`safe_reason`): node config ``data-path`` / ``ledger-path``,
+    """The partner's own paths (see :func:`safe_reason`): node config ``data-path`` / ``ledger-path`` /
+    ``partner-state-dir``,
     and the data path as the loader resolves it under ``$FEDREC_DATA_DIR`` (:func:`private_folders`)."""
     import os
 

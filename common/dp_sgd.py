@@ -126,7 +126,8 @@ def spent_mechanisms(engine: PrivacyEngine | None) -> list[Mechanism]:
 
 @dataclass
 class Steppers:
-    """What :func:`common.training.run_epochs` steps with: Adam, the loader and the loss as given, or their DP wrappers."""
+    """What :func:`common.training.run_epochs` steps with: Adam, the loader and the loss as given, or their
+    DP wrappers."""
 
     optimizer: torch.optim.Optimizer
     loader: DataLoader

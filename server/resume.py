@@ -113,8 +113,9 @@ def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Mod
 def partner_state_lost_on_resume(cfg: Mapping[str, Any]) -> str:
     """What partners keep between rounds (never sent, so never checkpointed here) and which of them start
     it again after a resume in a new process; "" when nothing. Simulated partners and deployed partners
-    that name a state folder or their ledger (node config ``state-dir``, ``ledger-path``) restore it from a file of their own
-    (client/partner_state.py); the coordinator cannot see which kind a deployed partner is."""
+    that name a state folder or their ledger (node config ``partner-state-dir``, ``ledger-path``) restore
+    it from a file of their own (client/partner_state.py); the coordinator cannot see which kind a
+    deployed partner is."""
     kept = []
     if cfg["model"] == "mf":
         kept.append("MF's private user factors")
@@ -122,7 +123,7 @@ def partner_state_lost_on_resume(cfg: Mapping[str, Any]) -> str:
         kept.append("the partners' Adam moments (keep-optimizer-state)")
     if not kept:
         return ""
-    return (f"{' and '.join(kept)} start again at deployed partners that set neither state-dir nor ledger-path "
+    return (f"{' and '.join(kept)} start again at deployed partners that set neither partner-state-dir nor ledger-path "
             "(simulated partners and partners with either restore them from their state file)")
 
 

@@ -442,7 +442,7 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
 
 def test_a_resume_warns_when_partners_state_starts_again(tmp_path, caplog):
     # MF's private user factors and kept Adam moments live at each partner; a deployed partner without a
-    # state-dir or ledger-path has no state file (client/partner_state.py), so its rounds after a resume differ from an
+    # partner-state-dir or ledger-path has no state file (client/partner_state.py), so its rounds after a resume differ from an
     # uninterrupted run's: the coordinator's log says which partners restore the state and which do not
     from server.resume import partner_state_lost_on_resume
 
@@ -454,4 +454,4 @@ def test_a_resume_warns_when_partners_state_starts_again(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         start_run({**cfg, "resume": True}, CATALOGUE, model)
     assert ("the partners' Adam moments (keep-optimizer-state) start again at deployed partners that set "
-            "neither state-dir nor ledger-path") in caplog.text
+            "neither partner-state-dir nor ledger-path") in caplog.text

@@ -7,14 +7,18 @@ bit for bit) is tests/test_resume.py; these pin the rules around it.
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.optimizer_state import KEY as OPTIMIZER_KEY
 from client.partner_state import RunIdentity, restore_partner_state, save_partner_state, state_file
+from client.partner_policy import check_node_config
 from client.private_factors import META_KEY, STATE_KEY
+from common.errors import ConfigError
 
 
 def a_context(node_config: dict | None = None) -> Context:
@@ -49,11 +53,35 @@ def test_where_the_file_lives(tmp_path):
     assert "evil" not in deployed.name and ".." not in deployed.name
     assert deployed != state_file(cfg, {"ledger-path": str(ledger)}, "other-run")
     assert state_file(cfg, {"data-path": "/data/log.csv"}, "myrun") is None  # memory only
-    # a folder the partner names for it comes first, the file again named by a hash
-    named = state_file(cfg, {"state-dir": str(tmp_path / "kept"), "ledger-path": str(ledger), "partition-id": 2},
-                       "../../etc/evil")
-    assert named.parent == tmp_path / "kept" and named.name == deployed.name
-    assert state_file(cfg, {"state-dir": " ", "data-path": "/data/log.csv"}, "myrun") is None
+    # a folder the partner names for it comes first, the file named by a hash of the run and the partner's log:
+    # two SuperNodes of one machine may share the folder
+    kept = {"partner-state-dir": f" {tmp_path / 'kept'} ", "ledger-path": str(ledger), "data-path": "/data/a.csv"}
+    named = state_file(cfg, kept, "../../etc/evil")
+    assert named.parent == tmp_path / "kept" and "evil" not in named.name and ".." not in named.name
+    assert named != state_file(cfg, {**kept, "data-path": "/data/b.csv"}, "../../etc/evil")
+    assert named != state_file(cfg, kept, "other-run")
+    assert state_file(cfg, {"partner-state-dir": " ", "data-path": "/data/log.csv"}, "myrun") is None
+    assert state_file(cfg, {"partner-state-dir": "~/s", "data-path": "/d.csv"}, "r").parent == Path("~/s").expanduser()
+
+
+@pytest.mark.parametrize("value", [True, False, 0, 3.5])
+def test_a_partner_state_dir_that_is_no_path_is_refused(value):
+    # Flower's node config parser makes partner-state-dir=true a bool, =0 an int: no folder named "False"
+    with pytest.raises(ConfigError, match="partner-state-dir = .* is not a folder; give a path in quotes"):
+        check_node_config({"partner-state-dir": value})
+
+
+def test_a_folder_the_partner_names_keeps_its_mode(tmp_path):
+    # only a folder made here is made private: a shared or home folder named as partner-state-dir keeps its mode
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    save_partner_state(with_state(torch.ones(1, 1)), shared / "x.pt", 1, RUN)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "x.pt").stat().st_mode) == 0o600
+    made = tmp_path / "made" / "x.pt"
+    save_partner_state(with_state(torch.ones(1, 1)), made, 1, RUN)
+    assert stat.S_IMODE(made.parent.stat().st_mode) == 0o700
 
 
 def test_a_resumed_round_takes_the_saved_state_and_the_files_are_private(tmp_path):
@@ -174,9 +202,9 @@ def _train(app, node: dict, arrays: ArrayRecord, context: Context, server_round:
 
 def test_a_deployed_partner_naming_a_state_dir_continues_its_factors_after_a_resume(tmp_path, caplog):
     # Without ledger-path a deployed partner kept MF's user factors in memory only; node config
-    # state-dir gives it a private folder for them, so the round after a resume continues them
+    # partner-state-dir gives it a private folder for them, so the round after a resume continues them
     folder = tmp_path / "partner-state"
-    app, node, arrays = _deployed_mf(tmp_path, {"state-dir": str(folder)})
+    app, node, arrays = _deployed_mf(tmp_path, {"partner-state-dir": str(folder)})
     first = a_context(node)
     reply = _train(app, node, arrays, first, 1, RUN)
     assert not reply.has_error(), reply.error
@@ -202,9 +230,10 @@ def test_a_deployed_partner_naming_a_state_dir_continues_its_factors_after_a_res
 
 
 def test_a_state_dir_where_a_file_stands_is_one_line_before_training(tmp_path):
-    (tmp_path / "taken").write_text("a file")
-    app, node, arrays = _deployed_mf(tmp_path, {"state-dir": str(tmp_path / "taken" / "state")})
+    (tmp_path / "St Mary Hospital").write_text("a file")
+    app, node, arrays = _deployed_mf(tmp_path, {"partner-state-dir": str(tmp_path / "St Mary Hospital" / "state")})
     reply = _train(app, node, arrays, a_context(node), 1, RUN)
     assert reply.has_error()
-    assert "node config state-dir" in reply.error.reason and "is a file, not a folder" in reply.error.reason
+    assert "node config partner-state-dir" in reply.error.reason and "is a file, not a folder" in reply.error.reason
     assert "\n" not in reply.error.reason.strip() and "Traceback" not in reply.error.reason
+    assert "St Mary" not in reply.error.reason  # the coordinator's copy names none of the partner's folders
