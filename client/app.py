@@ -66,6 +66,19 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             reply = error_reply(msg, exc, context)
         return _hold(msg, reply, context, started, "evaluation") if hold else reply
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence" (client/item_counts.py)
+        started = monotonic()
+        try:
+            cfg = resolve_config(context.run_config, overrides)
+            check_node_config(context.node_config)  # its max-epsilon refuses the counts (client/item_counts.py)
+            from client.item_counts import item_counts_reply
+
+            reply = item_counts_reply(msg, context, cfg)
+        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
+            reply = error_reply(msg, exc, context)
+        return _hold(msg, reply, context, started, "item counting")
+
     return app
 
 

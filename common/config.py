@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "num-heads": 1,
     "dropout": 0.2,
     "tied-output": False,
+    "item-init": "random",  # random | cooccurrence (common/cooccurrence.py; dp-mode off only)
+    "item-init-window": 10,
     # Item understanding (common/item_text.py, common/models/text_sasrec.py)
     "item-features": "id",
     "item-text-model": "all-MiniLM-L6-v2",
@@ -146,7 +148,7 @@ def _coerce(key: str, value: Any) -> Any:
 _IGNORED_BY = {
     "mf": ("item-features", "time-features", "genre-features", "tied-output", "num-blocks", "num-heads", "dropout",
            "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties", "label-smoothing",
-           "lr-schedule", "tie-orders"),
+           "lr-schedule", "tie-orders", "item-init-window"),
     "sasrec": ("mf-fold-in-steps", "mf-l2"),
 }
 
@@ -174,4 +176,6 @@ def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
     # beside a published features file (its encoder is the one the coordinator used)
     if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):
         ignored += ["item-text-model", "item-text-quantize"]
+    if cfg.get("item-init", "random") != "cooccurrence":
+        ignored += ["item-init-window"]
     return [k for k in dict.fromkeys(ignored) if k in cfg and cfg[k] != DEFAULTS[k]]

@@ -19,7 +19,7 @@ from common.errors import ConfigError
 
 POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim", "num-blocks", "num-heads",
                  "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
-                 "synthetic-items", "mf-fold-in-steps", "tie-orders")
+                 "synthetic-items", "mf-fold-in-steps", "tie-orders", "item-init-window")
 NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
 # Checked whether or not their feature is on in this run (central DP, FedProx, trimmed mean): a bad value
 # was accepted silently until someone switched the feature on
@@ -37,6 +37,7 @@ CHOICES = {
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
     "central-clipping": ("server", "client"),
+    "item-init": ("random", "cooccurrence"),
     "partitioning": PARTITION_SCHEMES,  # (a bad one was refused by every partner, every round, run "completed")
 }
 
@@ -132,6 +133,25 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"evaluation-noise-multiplier = {cfg['evaluation-noise-multiplier']!r} needs dp-mode = "
                           f"\"local\" or \"both\" (this run: {dp_mode(cfg)}): partners account the noised "
                           "evaluation sums on their privacy ledgers")
+    if cfg.get("item-init") == "cooccurrence":
+        _check_cooccurrence_init(cfg, model, features)
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
+
+
+def _check_cooccurrence_init(cfg: Mapping[str, Any], model: str, features: str) -> None:
+    """``item-init = "cooccurrence"``: partners send item-pair counts outside any DP mechanism and in clear
+    (common/cooccurrence.py), so only runs that protect nothing; the counts set SASRec's id table."""
+    from common.privacy import dp_mode  # lazy, as above
+
+    if model != "sasrec" or features != "id":
+        raise ConfigError(f"item-init = \"cooccurrence\" sets SASRec's item id embeddings: it needs model = \"sasrec\" "
+                          f"with item-features = \"id\" (this run: {model}, {features})")
+    if dp_mode(cfg) != "off":
+        raise ConfigError(f"item-init = \"cooccurrence\" has partners send item-pair counts that no DP protects, "
+                          f"so it needs dp-mode = \"off\" (this run: {dp_mode(cfg)}); use item-init = \"random\" "
+                          "under DP")
+    if cfg.get("secure-aggregation"):
+        raise ConfigError("item-init = \"cooccurrence\" has partners send item-pair counts in clear, which "
+                          "secure-aggregation = true is meant to prevent; use item-init = \"random\" with SecAgg+")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,6 +23,7 @@ from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from common.privacy import default_delta, dp_mode, uses_central_dp
 from server.central_dp import central_delta, with_privacy
+from server.item_init import cooccurrence_start
 from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
@@ -102,12 +103,17 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
+        item_start = {}
+        if cfg["item-init"] == "cooccurrence" and start.checkpoint is None:  # a resume continues its checkpoint
+            item_start = cooccurrence_start(grid, cfg, model, {"run-name": run_dir.name, **same_inputs})
+            start.arrays = ArrayRecord(model.state_dict())
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
         # a fresh run's first entry carries the run-token partners key their round-to-round state by
         token = run_token(run_dir) if start.checkpoint else secrets.token_hex(16)
         append_provenance(run_dir, **{"first-round": start.first_round, "catalogue-fingerprint": fingerprint,
                                       "dataset (simulated partners)": _dataset_text(str(cfg["dataset"])),
+                                      **item_start,
                                       **({} if start.checkpoint else {"run-token": token})})
         same_inputs.update(partner_state_keys(token, start.first_round - 1))
         privacy = PrivacyReport(run_dir, cfg)

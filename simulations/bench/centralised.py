@@ -53,6 +53,11 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
     data, _ = split_population(cfg)
     model = new_model(cfg, data.num_items)
     refuse_non_sequence_model(model, "the centralised benchmark")
+    if cfg["item-init"] == "cooccurrence":  # as the coordinator does (server/item_init.py)
+        from common.cooccurrence import cooccurrence_counts, initialise_item_embeddings
+
+        counts = cooccurrence_counts(data, int(cfg["item-init-window"]))
+        initialise_item_embeddings(model, counts, seed=int(cfg["seed"]))
     out["data_s"] = time.perf_counter() - begin
     rounds, epochs, batch = int(cfg["num-server-rounds"]), int(cfg["local-epochs"]), int(cfg["batch-size"])
     dp = None

@@ -1,0 +1,71 @@
+"""``item-init = "cooccurrence"``: before round 1, the global model's item embeddings from the partners'
+summed item-pair counts (common/cooccurrence.py; partners answer in client/item_counts.py).
+
+A fresh run only: a resumed run continues from its checkpoint's weights. The counts travel in clear and
+outside any DP mechanism, so the config checks allow this only with ``dp-mode = "off"`` and no SecAgg+.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.cooccurrence import check_counts, initialise_item_embeddings
+from common.errors import DataError
+from server.rounds import wait_for_nodes
+
+QUERY = "item-cooccurrence"  # as client/item_counts.py (server and client never import each other)
+COUNTS_KEY = "item-counts"
+
+
+def cooccurrence_start(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Module,
+                       same_inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Ask every connected partner (after ``min-nodes`` have connected) for its item-pair counts, sum
+    the valid replies and set ``model``'s item embeddings from the sum. Returns what happened, for
+    provenance: partners that counted, partners refused or unanswered. With no valid reply the model
+    keeps its random start (warned)."""
+    wait_for_nodes(grid, int(cfg["min-nodes"]), float(cfg["node-wait-timeout"]))
+    nodes = sorted(grid.get_node_ids())
+    config = ConfigRecord({"query": QUERY, "server-round": 0, **same_inputs})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
+    num_items = model.item_emb.weight.shape[0] - 1
+    total, counted, refused = np.zeros((num_items + 1, num_items + 1), dtype=np.float64), [], []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            refused.append(f"partner {node}: {reply.error.reason}")
+            continue
+        try:
+            record = reply.content.array_records.get(COUNTS_KEY)
+            if record is None or len(record) != 1:
+                raise DataError(f"partner {node}: the reply holds no {COUNTS_KEY} array")
+            counts = record.to_numpy_ndarrays()[0]
+            check_counts(counts, num_items, f"partner {node}")
+        except DataError as err:
+            refused.append(str(err))
+            continue
+        total += counts
+        counted.append(node)
+    unanswered = len(nodes) - len(replies)
+    for reason in refused:
+        log(WARNING, "item-init: %s", reason)
+    if not counted:
+        log(WARNING, "item-init = cooccurrence: no partner sent item-pair counts (%d refused, %d unanswered); "
+            "the item embeddings keep their random start", len(refused), unanswered)
+        return {"item-init": "random (no partner sent counts)", "partners-counted": 0}
+    initialise_item_embeddings(model, total, seed=int(cfg["seed"]))
+    log(INFO, "item-init: item embeddings from the co-occurrence counts of %d partners (window %d; %d pairs "
+        "counted; %d refused, %d unanswered)", len(counted), int(cfg["item-init-window"]), int(total.sum() // 2),
+        len(refused), unanswered)
+    return {"item-init": "cooccurrence", "partners-counted": len(counted), "partners-refused": len(refused),
+            "partners-unanswered": unanswered}
