@@ -163,3 +163,8 @@ def test_path_cutting_units_and_the_length_cap(monkeypatch):
     assert len(long) == MAX_REASON_CHARS + 3 and long.endswith("...")
     words = safe_reason(ConfigError("spend " * 200))
     assert len(words) <= MAX_REASON_CHARS + 3 and words.endswith("spend...")  # cut where a word ends
+
+
+def test_a_reason_is_one_line_whatever_the_message_holds():
+    # our own errors may quote a multi-line value or a wrapped sentence: the server's log reads one line per refusal
+    assert safe_reason(ConfigError("batch-size too large:\n  set it  below 8")) == "batch-size too large: set it below 8"

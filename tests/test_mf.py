@@ -155,3 +155,16 @@ def test_ghost_clipping_norms_are_per_user_gradient_norms():
     gsm = GradSampleModuleFastGradientClipping(m, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
     MultinomialLoss("sum")(gsm(factors), targets).backward()
     torch.testing.assert_close(gsm.get_norm_sample(), torch.stack(reference), atol=1e-5, rtol=1e-4)
+
+
+def test_stored_factors_of_other_users_or_another_dimension_start_afresh(small_data):
+    # A changed log (same number of users, others among them) or embedding-dim: stored rows would be
+    # attached to the wrong users or fail the model, so they are not used
+    from client.private_factors import save_user_factors
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    mine, others = small_data.subset(list(range(100))), small_data.subset(list(range(100, 200)))
+    save_user_factors(context, mine, torch.ones(100, 16))
+    assert load_user_factors(context, mine, 16) is not None
+    assert load_user_factors(context, others, 16) is None
+    assert load_user_factors(context, mine, 8) is None

@@ -78,3 +78,24 @@ def test_dp_training_continues_from_a_carried_state(small_data) -> None:
     before = copy.deepcopy(first.optimizer_state["state"][0]["step"])
     second = train_local(model, small_data, epochs=1, seed=2, optimizer_state=first.optimizer_state, **kwargs)
     assert second.optimizer_state["state"][0]["step"].item() == before.item() + second.steps
+
+
+def test_a_state_for_a_model_with_fewer_parameters_is_dropped_not_a_crash() -> None:
+    # Same dimension, one block fewer: the first parameters fit, the state's later indices lie past the model's
+    # last parameter (an IndexError in the round before the index was checked)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    deeper = SASRec(30, max_len=12, dim=16, num_blocks=2, dropout=0.0)
+    moments = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(p.shape), "exp_avg_sq": torch.zeros(p.shape)}
+               for i, p in enumerate(deeper.parameters())}  # what Adam keeps after a step (its first step is slow)
+    save_optimizer_state(context, {"state": moments, "param_groups": []})
+    assert load_optimizer_state(context, _model(30)) is None
+
+
+def test_a_round_without_a_state_keeps_the_one_before() -> None:
+    # save_optimizer_state(None) stores nothing: a stored None made the next round's load fail
+    model = _model(30)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    adam = torch.optim.Adam(model.parameters())
+    save_optimizer_state(context, adam.state_dict())
+    save_optimizer_state(context, None)
+    assert load_optimizer_state(context, model) == adam.state_dict()

@@ -126,6 +126,16 @@ def test_only_state_of_this_run_from_a_round_its_checkpoint_holds_counts(tmp_pat
     assert torch.equal(factors_in(live), torch.full((2, 2), 7.0))
 
 
+def test_a_partner_holding_only_its_adam_moments_keeps_them(tmp_path):
+    # keep-optimizer-state without MF: context.state holds a ConfigRecord only, and it is newer than any file
+    path = tmp_path / "x.pt"
+    save_partner_state(with_state(torch.ones(1, 1), adam=b"saved"), path, 1, RUN)
+    live = a_context()
+    live.state.config_records[OPTIMIZER_KEY] = ConfigRecord({"adam": b"live"})
+    assert not restore_partner_state(live, path, 2, RUN)
+    assert live.state.config_records[OPTIMIZER_KEY]["adam"] == b"live" and STATE_KEY not in live.state.array_records
+
+
 def test_without_a_run_token_nothing_is_saved_or_restored(tmp_path):
     # an older coordinator, a lost provenance.json, or a ClientApp called directly (tests, tools)
     assert RunIdentity.of({"run-name": "x", "server-round": 2}) is None
@@ -165,6 +175,16 @@ def test_a_damaged_state_file_costs_the_warm_start_not_the_round(tmp_path, caplo
     assert "unreadable" in caplog.text and "starts again" in caplog.text
     save_partner_state(with_state(torch.ones(1, 1)), path, 3, RUN)  # and the next save replaces it
     assert restore_partner_state(a_context(), path, 4, RUN)
+
+
+def test_malformed_entries_in_a_readable_file_are_skipped_not_a_failed_round(tmp_path):
+    # a file torch reads but whose entries are not this module's (another version's, an edited one): the
+    # well-formed entry still serves, the others are passed over instead of failing the round
+    path = tmp_path / "x.pt"
+    save_partner_state(with_state(torch.ones(1, 1)), path, 1, RUN)
+    good = torch.load(path, weights_only=True)["entries"][0]
+    torch.save({"entries": ["junk", {"run": "run-a", "round": "1"}, good]}, path)
+    assert restore_partner_state(again := a_context(), path, 2, RUN) and torch.equal(factors_in(again), torch.ones(1, 1))
 
 
 def test_nothing_to_keep_writes_nothing(tmp_path):

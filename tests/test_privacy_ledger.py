@@ -178,7 +178,8 @@ def test_a_run_name_found_with_another_guarantee_is_refused(tmp_path, small_data
     budget = PartnerBudget.open(cfg, context, small_data, "exp")
     budget.record(context, 1, [budget.calibration.round_mechanism()])
     budget.close()
-    for change, said in (({"target-epsilon": 2.0}, "asks for 2 at delta"), ({"accountant": "prv"}, "(prv)")):
+    for change, said in (({"target-epsilon": 2.0}, "asks for 2 at delta"), ({"accountant": "prv"}, "(prv)"),
+                         ({"target-delta": 1e-6}, "asks for 8 at delta 1e-06")):  # a smaller delta: a stronger promise
         with pytest.raises(PrivacyError, match=r"run 'exp' in ledger .* was calibrated for target-epsilon 8 .*"
                                                + re.escape(said)):
             PartnerBudget.open({**cfg, **change}, _context(), small_data, "exp")

@@ -9,6 +9,7 @@ computed from it. Epsilons are checked against Google's dp_accounting (an indepe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -329,5 +330,18 @@ def test_nothing_before_the_draw_depends_on_the_exact_count(tmp_path, users):
         PartnerBudget.open(cfg, _context(node), data, "run-1").close()
     except PrivacyError as exc:
         assert "at least 1 /" in str(exc) and "the number of users of this partner" not in str(exc)
+    with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
+        assert ledger.history() == [count_mechanism(10.0)] and ledger.public_count("run-1") is not None
+
+
+def test_the_check_before_the_draw_takes_no_delta_from_the_exact_count_of_a_large_partner(tmp_path):
+    # With target-delta 0 (auto) the delta is default_delta(users), below 1e-5 past 10,000 users: the check before
+    # the draw must take default_delta(1) all the same, or a budget near the count's cost is refused unrecorded for
+    # 20,000 users (epsilon 0.392 at their delta) and drawn for 10,000 (0.375), telling the coordinator which it is
+    overrides, node = _deployed(tmp_path, users=20_000, **{"target-delta": 0.0, "target-epsilon": 0.39})
+    cfg = resolve_config(None, overrides)
+    data = partner_data(cfg, node)
+    with contextlib.suppress(PrivacyError):  # refused after the draw (little left for DP-SGD), or not: both fine
+        PartnerBudget.open(cfg, _context(node), data, "run-1").close()
     with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
         assert ledger.history() == [count_mechanism(10.0)] and ledger.public_count("run-1") is not None
