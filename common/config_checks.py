@@ -33,7 +33,11 @@ MAX_EPSILON = 100.0  # target-epsilon above this is refused (see check_values)
 MAX_SEQ_LEN = 10_000
 MAX_SYNTHETIC = 1_000_000  # synthetic-users / synthetic-items: 1e12 items asked numpy for 7 TiB (a review)
 FRACTIONS = ("fraction-train", "secagg-num-shares", "secagg-threshold")  # in (0, 1]
+MODELS = ("sasrec", "mf")  # common/models/__init__.py: new_model
+ITEM_FEATURES = ("id", "text", "id+text")  # common/item_text.py
 CHOICES = {
+    "model": MODELS,  # (a typo was found inside every simulated partner, after Ray's start: a journey review)
+    "item-features": ITEM_FEATURES,
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
     "central-clipping": ("server", "client"),

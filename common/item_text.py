@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from common.config_checks import ITEM_FEATURES  # one list for the config check and the models
 from common.data.catalogue import PROJECT_ROOT, catalogue_fingerprint
 from common.errors import ConfigError, DataError
 from common.files import atomic_write_bytes
@@ -43,7 +44,6 @@ from common.text_encoder import (  # noqa: F401  (re-exported: the encoder used 
 
 LOG = logging.getLogger("fedrec.item_text")
 CACHE_ENV = "FEDREC_CACHE_DIR"
-ITEM_FEATURES = ("id", "text", "id+text")
 
 
 def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str]]]) -> list[str]:

@@ -94,6 +94,12 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         raise ConfigError(f"min-nodes = {min_nodes} but the simulation has {num_partners} partners: every round would "
                           f"wait node-wait-timeout and fail; lower min-nodes or raise --num-partners")
     check_run_config(cfg)
+    if cfg.get("init-model") and not cfg.get("resume"):  # else every partner's start waits for Ray to find it missing
+        from server.add_items import model_file
+
+        if not (source := model_file(str(cfg["init-model"]))).is_file():
+            raise ConfigError(f"init-model = {str(cfg['init-model'])!r}: {source} does not exist; give a run "
+                              "directory or its model.pt")
     if uses_local_dp(dp_mode(cfg)) and cfg.get("ledger-dir") and (file := file_in_the_way(str(cfg["ledger-dir"]))):
         # every simulated partner would refuse every round opening its ledger there (client/privacy_budget.py)
         raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder; give the folder "

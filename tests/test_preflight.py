@@ -39,6 +39,11 @@ def _argv(partners: int, **overrides) -> list[str]:
     # every partner refused every round opening its ledger under a file, and the run exited 3 at the end
     (3, {"ledger-dir": f"{__file__}/ledgers"}, r"ledger-dir = .*test_preflight.py/ledgers'?: .*test_preflight.py is a "
                                                r"file, not a folder"),
+    # typos of a model or its item features, and a start model that is not there: found inside every partner
+    # after Ray's start (about 30 s each, every run of a sweep: a journey review)
+    (3, {"model": "sasrek"}, "model = 'sasrek' is unknown; use one of sasrec, mf"),
+    (3, {"item-features": "txt"}, "item-features = 'txt' is unknown; use one of id, text, id\\+text"),
+    (3, {"init-model": "runs/nope"}, r"init-model = 'runs/nope': runs/nope does not exist; give a run directory"),
 ])
 def test_a_run_the_coordinator_or_its_partners_would_refuse_is_one_line_before_ray(partners, overrides, message,
                                                                                   monkeypatch, capsys):
