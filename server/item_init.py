@@ -64,7 +64,7 @@ def cooccurrence_start(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Modul
             "the item embeddings keep their random start", len(refused), unanswered)
         return {"item-init": "random (no partner sent counts)", "partners-counted": 0}
     initialise_item_embeddings(model, total, seed=int(cfg["seed"]))
-    log(INFO, "item-init: item embeddings from the co-occurrence counts of %d partners (window %d; %d pairs "
+    log(INFO, "item-init: item embeddings from the co-occurrence counts of %d partner(s) (window %d; %d pairs "
         "counted; %d refused, %d unanswered)", len(counted), int(cfg["item-init-window"]), int(total.sum() // 2),
         len(refused), unanswered)
     return {"item-init": "cooccurrence", "partners-counted": len(counted), "partners-refused": len(refused),

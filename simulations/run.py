@@ -20,7 +20,8 @@ set_simulation_env()
 from common.config import resolve_config  # noqa: E402
 from common.cli_args import parse_run_config, positive_int  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
-from common.privacy import dp_mode, refuse_many_examples_per_user  # noqa: E402
+from common.privacy import dp_mode, refuse_many_examples_per_user, uses_local_dp  # noqa: E402
+from common.run_files import read_json_object  # noqa: E402
 from simulations.cli import user_errors_exit  # noqa: E402
 from simulations.run_claims import metrics_lines, refuse_untrained  # noqa: E402
 from simulations.run_stop import exit_interrupted, signals_deferred, sigterm_stops_ray_too, stop_ray  # noqa: E402
@@ -97,11 +98,25 @@ def _interrupted_message(run_dir: Path | None, *, named: bool) -> str:
 
     if run_dir is None:
         return "stopped before the run wrote its directory"
+    from server.run_status import run_status
+
     if not (run_dir / CHECKPOINT_NAME).is_file():
         return f"stopped: {run_dir} is incomplete, before its first round ended (nothing to resume)"
+    try:
+        status = run_status(run_dir)
+    except FedRecError:  # no config.json yet: incomplete
+        status = {"status": "incomplete"}
+    if status["status"] != "incomplete":  # stopped while Ray shut down: every round and file is there (a journey review)
+        return (f"stopped after the run ended: {run_dir} is {status['status']}, {status['rounds-logged']} of "
+                f"{status['rounds-planned']} rounds logged (nothing to resume)")
     add = "resume=true" if named else f'resume=true run-name="{run_dir.name}"'
+    dp_note = ""
+    if uses_local_dp(dp_mode(read_json_object(run_dir / "config.json"))):
+        # the round in progress was spent on the ledgers, and a resume trains it again (docs/privacy.md)
+        dp_note = ("; under local DP the round in progress is already on the partners' ledgers, so the resumed run "
+                   "may end a round short of its plan")
     return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with the "
-            f"same command and --run-config '{add}' added")
+            f"same command and --run-config '{add}' added{dp_note}")
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

@@ -144,3 +144,32 @@ def test_a_spend_stated_by_a_refusal_is_shown_as_the_partners_epsilon(tmp_path, 
     # the latest refusal is the one that says where the partner stands
     assert "node-7: epsilon 7.997 (delta 1e-05), trained in rounds none; refused 2x (budget exhausted" in out
     assert "p: no local DP, trained in rounds 1; refused 1x (ledger busy)" in out  # it replied: not "unknown"
+
+
+def _run_files(run_dir, *, rounds: int, planned: int, finished: bool, dp: bool) -> None:
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"num-server-rounds": planned, "dp": dp,
+                                                      "dp-mode": "local" if dp else "off"}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "num-partners": 2}) + "\n"
+                                                   for r in range(1, rounds + 1)))
+    (run_dir / "checkpoint.pt").write_bytes(b"x")
+    if finished:
+        (run_dir / "summary.md").write_text("done")
+        (run_dir / "model.pt").write_bytes(b"x")
+
+
+def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path):
+    # Ctrl-C while Ray shut down after the last round said "incomplete ... continue it with resume=true" (a journey
+    # review: the resume then ran 0 rounds); and under local DP a resume retrains the round in progress, whose
+    # spend is on the ledgers already, so it may end a round short
+    from simulations.run import _interrupted_message
+
+    _run_files(tmp_path / "done", rounds=2, planned=2, finished=True, dp=True)
+    line = _interrupted_message(tmp_path / "done", named=True)
+    assert line.startswith("stopped after the run ended:") and "complete, 2 of 2 rounds logged (nothing to resume)" in line
+    _run_files(tmp_path / "dp", rounds=1, planned=3, finished=False, dp=True)
+    line = _interrupted_message(tmp_path / "dp", named=True)
+    assert "is incomplete" in line and "--run-config 'resume=true' added" in line and "a round short" in line
+    _run_files(tmp_path / "plain", rounds=1, planned=3, finished=False, dp=False)
+    line = _interrupted_message(tmp_path / "plain", named=False)
+    assert "resume=true run-name=\"plain\"" in line and "ledgers" not in line
