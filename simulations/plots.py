@@ -80,8 +80,9 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, ["no DP" if t == fmax * 2 else f"{t:g}" for t in ticks])
     stated = any(e != as_epsilon(t) for e, t in zip(epsilons, frame["target-epsilon"]) if math.isfinite(e))
-    ax.set_xlabel("target epsilon per partner (user-level)"
-                  + ("; central DP alone: the coordinator's stated epsilon" if stated else ""))
+    # two lines: one did not fit the figure (a journey review); with central DP alone the x values are the coordinator's
+    ax.set_xlabel("epsilon per user: per partner (local DP),\nor the coordinator's stated one (central DP alone)"
+                  if stated else "target epsilon per partner (user-level)")
     ax.set_ylabel("NDCG@10 (test, full ranking)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -234,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
 
-        for path in plot_sweep(spec["output"]):
+        plots = plot_sweep(spec["output"])
+        for path in plots:
             print(f"plot: {path}")
+        if not plots:  # it drew nothing in silence (a journey review)
+            print(f"no plots: no run in {spec['output']} finished with status ok")
     print(f"results: {spec['output']}")
     return 0
 
@@ -249,8 +252,11 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
     done = finished_runs(spec["output"], retry_failed)
     commit = commit_label()
     todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
+    failed = 0 if retry_failed else len({rid for rid, _ in ((run_id(r), r) for r in runs)}
+                                        & (done - finished_runs(spec["output"], retry_failed=True)))
     print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
-          f"{len(runs) - len(todo)} already in {spec['output']}, {len(todo)} to run")
+          f"{len(runs) - len(todo)} already in {spec['output']}"
+          + (f" ({failed} of them failed: --retry-failed runs them again)" if failed else "") + f", {len(todo)} to run")
     if max_runs:
         todo = todo[:max_runs]
     with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:

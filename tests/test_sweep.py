@@ -79,6 +79,19 @@ def test_relative_sweep_paths_are_under_the_repository_root_from_any_directory(t
     assert f"2 already in {spec['output']}, 0 to run" in first  # the absolute results path, at the start
 
 
+def test_a_rerun_says_which_recorded_runs_failed_and_that_nothing_could_be_plotted(tmp_path, monkeypatch, capsys):
+    # A sweep whose runs had all failed printed "2 already in ..., 0 to run" and drew nothing in silence
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: pytest.fail("nothing to run"))
+    spec = sweep.load_sweep(config := write_config(tmp_path))
+    columns = sweep.columns_of(spec)
+    for run in sweep.expand(spec):
+        sweep.append_row(spec["output"], {**run, "run-id": sweep.run_id(run), "status": "failed: timed out"}, columns)
+    assert sweep.main([str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "2 already in" in out and "(2 of them failed: --retry-failed runs them again), 0 to run" in out
+    assert f"no plots: no run in {spec['output']} finished with status ok" in out
+
+
 def test_unknown_key_is_a_clear_error(tmp_path):
     from common.errors import ConfigError
 
