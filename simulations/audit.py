@@ -169,6 +169,8 @@ def _same_data(a: object, b: object) -> bool:
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():  # it read "no config.json (run with holdout-fraction > 0 ...)" (a journey review)
+        raise DataError(f"{run_dir}: no such run directory")
     for name in ("config.json", "model.pt", "holdout.json"):
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir}: {_missing(name)}")

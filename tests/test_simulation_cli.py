@@ -147,3 +147,9 @@ def test_output_into_a_reader_that_left_ends_without_a_traceback():
     res = subprocess.run(f"{sys.executable} -c '{script}' | head -1", shell=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert res.stdout == "0\n" and res.stderr == ""
+
+
+def test_an_audit_of_a_folder_that_is_not_there_says_so(capsys):
+    # it said "no config.json (run with holdout-fraction > 0 ...)" for a mistyped path (a journey review)
+    assert audit.main(["/no/such/run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: /no/such/run: no such run directory"
