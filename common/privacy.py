@@ -241,7 +241,8 @@ def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rd
         return float(eps)
     acc = create_accountant(accountant)
     acc.history = _merge(history)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = -inf for a sample rate of 1 (exact)
+        return float(acc.get_epsilon(delta=delta))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -59,3 +59,16 @@ def test_calibration_after_spend_stays_within_budget_by_opacus() -> None:
     assert 8.0 - 0.005 <= acc.get_epsilon(delta=1e-5) <= 8.0
     acc.history = spent + [(sigma * 0.98, 0.25, 24)]  # a little less noise would pass the budget
     assert acc.get_epsilon(delta=1e-5) > 8.0
+
+
+def test_prv_at_sample_rate_1_is_accounted_without_numpy_warnings():
+    # an evaluation's noised sums are a Gaussian mechanism at rate 1; Opacus' PRV took log(1 - 1) and numpy printed
+    # "divide by zero" twice under the epsilon planner's table (a journey review)
+    import warnings
+
+    from common.privacy import epsilon_of
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eps = epsilon_of([(5.0, 1.0, 1), (1.3, 0.25, 40)], 1e-5, "prv")
+    assert 0 < eps < epsilon_of([(5.0, 1.0, 1), (1.3, 0.25, 40)], 1e-5, "rdp") * 1.5
