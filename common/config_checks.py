@@ -156,6 +156,9 @@ def _check_cooccurrence_init(cfg: Mapping[str, Any], model: str, features: str) 
         raise ConfigError(f"item-init = \"cooccurrence\" has partners send item-pair counts that no DP protects, "
                           f"so it needs dp-mode = \"off\" (this run: {dp_mode(cfg)}); use item-init = \"random\" "
                           "under DP")
+    if cfg.get("init-model"):  # both would set the item table: the counts would overwrite the trained rows
+        raise ConfigError(f"item-init = \"cooccurrence\" starts the item embeddings from counts, init-model = "
+                          f"{str(cfg['init-model'])!r} from a trained model: set one of them")
     if cfg.get("secure-aggregation"):
         raise ConfigError("item-init = \"cooccurrence\" has partners send item-pair counts in clear, which "
                           "secure-aggregation = true is meant to prevent; use item-init = \"random\" with SecAgg+")

@@ -99,6 +99,7 @@ def test_items_never_counted_start_random_and_reproducibly():
     ({"secure-aggregation": True}, "send item-pair counts in clear, which secure-aggregation"),
     ({"model": "mf"}, "needs model = \"sasrec\" with item-features = \"id\""),
     ({"item-features": "text"}, "needs model = \"sasrec\" with item-features = \"id\""),
+    ({"init-model": "runs/r"}, "starts the item embeddings from counts, init-model = 'runs/r' from a trained model"),
     ({"item-init": "svd"}, "item-init = 'svd' is unknown"),
     ({"item-init-window": 0}, "item-init-window = 0 must be at least 1"),
 ])
