@@ -104,14 +104,14 @@ def _interrupted_message(run_dir: Path | None, *, named: bool) -> str:
         return f"stopped: {run_dir} is incomplete, before its first round ended (nothing to resume)"
     try:
         status = run_status(run_dir)
-    except FedRecError:  # no config.json yet: incomplete
+    except FedRecError:  # no readable config.json: incomplete, and nothing known of its DP
         status = {"status": "incomplete"}
     if status["status"] != "incomplete":  # stopped while Ray shut down: every round and file is there (a journey review)
         return (f"stopped after the run ended: {run_dir} is {status['status']}, {status['rounds-logged']} of "
                 f"{status['rounds-planned']} rounds logged (nothing to resume)")
     add = "resume=true" if named else f'resume=true run-name="{run_dir.name}"'
     dp_note = ""
-    if uses_local_dp(dp_mode(read_json_object(run_dir / "config.json"))):
+    if "rounds-planned" in status and uses_local_dp(dp_mode(read_json_object(run_dir / "config.json"))):
         # the round in progress was spent on the ledgers, and a resume trains it again (docs/privacy.md)
         dp_note = ("; under local DP the round in progress is already on the partners' ledgers, so the resumed run "
                    "may end a round short of its plan")

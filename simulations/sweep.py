@@ -252,8 +252,7 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
     done = finished_runs(spec["output"], retry_failed)
     commit = commit_label()
     todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
-    failed = 0 if retry_failed else len({rid for rid, _ in ((run_id(r), r) for r in runs)}
-                                        & (done - finished_runs(spec["output"], retry_failed=True)))
+    failed = 0 if retry_failed else len({run_id(r) for r in runs} & (done - finished_runs(spec["output"], True)))
     print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
           f"{len(runs) - len(todo)} already in {spec['output']}"
           + (f" ({failed} of them failed: --retry-failed runs them again)" if failed else "") + f", {len(todo)} to run")
