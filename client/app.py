@@ -68,16 +68,19 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence" (client/item_counts.py)
-        started = monotonic()
+        started, hold = monotonic(), True
         try:
             cfg = resolve_config(context.run_config, overrides)
-            check_node_config(context.node_config)  # its max-epsilon refuses the counts (client/item_counts.py)
+            check_node_config(context.node_config)  # its floors refuse the counts (client/item_counts.py)
+            hold = False  # (_HOLD_NOTE)
+            check_reply_hold(context.node_config, cfg)
+            hold = True
             from client.item_counts import item_counts_reply
 
             reply = item_counts_reply(msg, context, cfg)
         except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
             reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "item counting")
+        return _hold(msg, reply, context, started, "item counting") if hold else reply
 
     return app
 

@@ -3,7 +3,8 @@
 The coordinator sums every partner's counts and starts the global model's item embeddings from them
 (common/cooccurrence.py). The counts are statistics of this partner's users that no DP mechanism
 protects, so a partner sends them only for a run that protects nothing anyway (``dp-mode = "off"``,
-no SecAgg+), and never when its own node config asks for DP-SGD (``max-epsilon``).
+no SecAgg+), and never when its own node config asks for DP (``max-epsilon``, ``max-delta``) or
+keeps its evaluation sums (``share-evaluation`` false or noised).
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ def item_counts_reply(msg: Message, context: Context, cfg: dict) -> Message:
     asked = config.get("query") if config is not None else None
     if asked != QUERY:
         raise PrivacyError(f"this partner answers no query {asked!r}; it answers {QUERY!r} only")
-    if "max-epsilon" in context.node_config:
-        raise PrivacyError("this partner trains only with DP-SGD, its node config sets max-epsilon, and sends no "
-                           "item-pair counts, which no DP protects; the coordinator can use item-init = random")
+    from client.partner_policy import shares_evaluation
+
+    floor = [key for key in ("max-epsilon", "max-delta") if key in context.node_config]
+    if floor:  # either key promises DP for what this partner sends (client/partner_policy.py)
+        raise PrivacyError(f"this partner expects DP, its node config sets {floor[0]}, and sends no item-pair counts, "
+                           "which no DP protects; the coordinator can use item-init = random")
+    if shares_evaluation(context.node_config) != "any":  # it keeps even its clear hit sums: the counts say more
+        raise PrivacyError("this partner shares no clear evaluation sums, its node config sets share-evaluation, and "
+                           "sends no item-pair counts either; the coordinator can use item-init = random")
     if dp_mode(cfg) != "off" or cfg["secure-aggregation"] or cfg["item-init"] != "cooccurrence":
         raise PrivacyError(f"item-pair counts are sent only for item-init = cooccurrence with dp-mode off and no "
                            f"SecAgg+; this run has item-init {cfg['item-init']}, dp-mode {dp_mode(cfg)}, "

@@ -156,6 +156,11 @@ def _check_cooccurrence_init(cfg: Mapping[str, Any], model: str, features: str) 
         raise ConfigError(f"item-init = \"cooccurrence\" has partners send item-pair counts that no DP protects, "
                           f"so it needs dp-mode = \"off\" (this run: {dp_mode(cfg)}); use item-init = \"random\" "
                           "under DP")
+    robust = cfg.get("aggregation") in ("median", "trimmed-mean", "krum") or int(cfg.get("num-malicious-nodes", 0)) > 0
+    if robust:  # one partner's counts, however large, would set the start: the sum has no robust form here
+        raise ConfigError(f"item-init = \"cooccurrence\" sums the partners' counts as sent, so one partner sets the "
+                          f"start; aggregation = {cfg.get('aggregation')!r} expects malicious partners: use "
+                          "item-init = \"random\" with robust aggregation")
     if cfg.get("init-model"):  # both would set the item table: the counts would overwrite the trained rows
         raise ConfigError(f"item-init = \"cooccurrence\" starts the item embeddings from counts, init-model = "
                           f"{str(cfg['init-model'])!r} from a trained model: set one of them")

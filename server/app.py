@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,7 +23,7 @@ from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from common.privacy import default_delta, dp_mode, uses_central_dp
 from server.central_dp import central_delta, with_privacy
-from server.item_init import cooccurrence_start
+from server.item_init import check_catalogue_size, cooccurrence_start
 from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
@@ -40,6 +40,8 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     check_run_config(cfg)
+    if cfg["item-init"] == "cooccurrence":
+        check_catalogue_size(len(items))  # each partner's table grows with its square
     start = None
     if cfg["init-model"] and not cfg["resume"]:
         from server.warm_start import warm_start
@@ -101,12 +103,11 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
         if not text and (sketch := table_sketch(model)) is not None:  # encoded here: texts exactly, vectors roughly
             same_inputs.update({"item-text-key": local_text_key(cfg), "item-text-sketch": sketch})
         # A fresh run directory, or the last checkpoint of run-name when resume = true (server/resume.py)
+        item_start = {}
+        if cfg["item-init"] == "cooccurrence" and not cfg["resume"]:  # a resume continues its checkpoint's weights
+            item_start = cooccurrence_start(grid, cfg, model, same_inputs)  # before start_run takes the weights
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
-        item_start = {}
-        if cfg["item-init"] == "cooccurrence" and start.checkpoint is None:  # a resume continues its checkpoint
-            item_start = cooccurrence_start(grid, cfg, model, {"run-name": run_dir.name, **same_inputs})
-            start.arrays = ArrayRecord(model.state_dict())
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
         # a fresh run's first entry carries the run-token partners key their round-to-round state by

@@ -15,15 +15,26 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.cooccurrence import check_counts, initialise_item_embeddings
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from server.rounds import wait_for_nodes
 
 QUERY = "item-cooccurrence"  # as client/item_counts.py (server and client never import each other)
 COUNTS_KEY = "item-counts"
+MAX_ITEMS = 10_000  # a (V+1)^2 float32 table: 400 MB per partner at this size, held and decomposed here
+
+
+def check_catalogue_size(num_items: int) -> None:
+    """One line for a catalogue whose count tables would not fit: every partner sends (V+1)^2 numbers."""
+    if num_items > MAX_ITEMS:
+        gigabytes = 4 * (num_items + 1) ** 2 / 1e9
+        raise ConfigError(f"item-init = \"cooccurrence\" with {num_items} items: each partner would send a "
+                          f"{num_items + 1} x {num_items + 1} table ({gigabytes:.1f} GB); it takes at most "
+                          f"{MAX_ITEMS} items, use item-init = \"random\"")
 
 
 def cooccurrence_start(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Module,
@@ -42,8 +53,9 @@ def cooccurrence_start(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Modul
     total, counted, refused = np.zeros((num_items + 1, num_items + 1), dtype=np.float64), [], []
     for reply in replies:
         node = int(reply.metadata.src_node_id)
-        if reply.has_error():
-            refused.append(f"partner {node}: {reply.error.reason}")
+        if reply.has_error():  # one the SuperLink made (undeliverable, expired) names no partner (server/late_replies.py)
+            who = "the SuperLink" if node == SUPERLINK_NODE_ID else f"partner {node}"
+            refused.append(f"{who}: {reply.error.reason}")
             continue
         try:
             record = reply.content.array_records.get(COUNTS_KEY)

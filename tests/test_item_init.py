@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -100,6 +101,9 @@ def test_items_never_counted_start_random_and_reproducibly():
     ({"model": "mf"}, "needs model = \"sasrec\" with item-features = \"id\""),
     ({"item-features": "text"}, "needs model = \"sasrec\" with item-features = \"id\""),
     ({"init-model": "runs/r"}, "starts the item embeddings from counts, init-model = 'runs/r' from a trained model"),
+    # one partner's counts, however large, would set the start: no robust sum (a review)
+    ({"aggregation": "median"}, "so one partner sets the start; aggregation = 'median' expects malicious partners"),
+    ({"aggregation": "krum", "num-malicious-nodes": 1, "min-nodes": 4}, "aggregation = 'krum' expects malicious"),
     ({"item-init": "svd"}, "item-init = 'svd' is unknown"),
     ({"item-init-window": 0}, "item-init-window = 0 must be at least 1"),
 ])
@@ -110,7 +114,7 @@ def test_a_run_that_would_send_counts_it_should_not_is_refused_in_one_line(chang
 
 def _query(cfg_overrides: dict, node: dict, fingerprint: str | None = None) -> Message:
     app = make_client_app(cfg_overrides)
-    cfg = resolve_config(None, cfg_overrides)
+    cfg = resolve_config(None, {**cfg_overrides, "item-init": "random", "dp": False})  # (any valid config: data only)
     config = {"query": "item-cooccurrence", "server-round": 0,
               "catalogue-fingerprint": fingerprint or catalogue_fingerprint(partner_data(cfg, node).catalogue)}
     msg = flower_message(RecordDict({"config": ConfigRecord(config)}), MessageType.QUERY)
@@ -128,14 +132,55 @@ def test_a_partner_answers_the_query_with_its_own_counts(tmp_path):
     assert reply.content.metric_records["metrics"]["num-users"] == data.num_users
 
 
-def test_a_partner_with_a_dp_floor_or_another_catalogue_sends_no_counts(tmp_path):
+@pytest.mark.parametrize("floor, said", [
+    ({"max-epsilon": 4.0}, "sets max-epsilon, and sends no item-pair counts, which no DP protects"),
+    # max-delta alone also promises DP: this partner refuses to train in such a run, so it sends nothing (a review)
+    ({"max-delta": 1e-6}, "sets max-delta, and sends no item-pair counts"),
+    ({"share-evaluation": False}, "shares no clear evaluation sums"),
+    ({"share-evaluation": "noised"}, "shares no clear evaluation sums"),
+])
+def test_a_partner_with_a_floor_sends_no_counts(tmp_path, floor, said):
+    reply = _query({**TINY, "run-dir": str(tmp_path)}, {"partition-id": 0, "num-partitions": 2, **floor})
+    assert reply.has_error() and said in reply.error.reason and not reply.has_content()  # an error carries no counts
+    assert "\n" not in reply.error.reason.strip() and "Traceback" not in reply.error.reason
+
+
+@pytest.mark.parametrize("run, said", [
+    ({"item-init": "random"}, "sent only for item-init = cooccurrence"),  # a query the run never asked for
+    ({"dp": True}, "needs dp-mode"),  # the partner's own run config is checked, whatever the query says
+    ({"secure-aggregation": True}, "secure-aggregation = true is meant to prevent"),
+])
+def test_a_partner_answers_only_a_run_that_asks_for_counts_without_dp(tmp_path, run, said):
+    reply = _query({**TINY, "run-dir": str(tmp_path), **run}, {"partition-id": 0, "num-partitions": 2})
+    assert reply.has_error() and said in reply.error.reason
+
+
+def test_another_catalogue_or_a_hold_past_the_timeout_is_refused_at_once(tmp_path):
     overrides = {**TINY, "run-dir": str(tmp_path)}
-    floor = _query(overrides, {"partition-id": 0, "num-partitions": 2, "max-epsilon": 4.0})
-    assert floor.has_error() and "sends no item-pair counts, which no DP protects" in floor.error.reason
     other = _query(overrides, {"partition-id": 0, "num-partitions": 2}, fingerprint="0" * 16)
     assert other.has_error() and "is not the one of the coordinator" in other.error.reason
-    for reply in (floor, other):
-        assert "\n" not in reply.error.reason.strip() and "Traceback" not in reply.error.reason
+    # a hold the coordinator never waits for: refused at once, as for training (it came late, unexplained)
+    started = time.monotonic()
+    held = _query({**overrides, "round-timeout": 2.0}, {"partition-id": 0, "num-partitions": 2,
+                                                         "reply-after-seconds": 3.0})
+    assert held.has_error() and "reply-after-seconds = 3 is not below the round-timeout 2" in held.error.reason
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_window_reaches_the_partner(tmp_path):
+    overrides = {**TINY, "run-dir": str(tmp_path), "item-init-window": 2}
+    node = {"partition-id": 1, "num-partitions": 2}
+    sent = _query(overrides, node).content.array_records["item-counts"].to_numpy_ndarrays()[0]
+    data = partner_data(resolve_config(None, overrides), node)
+    assert np.array_equal(sent, cooccurrence_counts(data, 2)) and not np.array_equal(sent, cooccurrence_counts(data, 10))
+
+
+def test_too_large_a_catalogue_is_refused_before_anything_is_sent():
+    from server.item_init import check_catalogue_size
+
+    check_catalogue_size(3706)  # ML-1M: a 55 MB table per partner
+    with pytest.raises(ConfigError, match="with 20000 items: each partner would send a 20001 x 20001 table"):
+        check_catalogue_size(20_000)
 
 
 def test_the_coordinator_starts_from_the_spectral_rows_of_the_summed_counts(tmp_path, caplog):
@@ -181,11 +226,29 @@ def test_without_any_counts_the_model_keeps_its_random_start(tmp_path, caplog):
     assert "no partner sent item-pair counts" in caplog.text
 
 
-def test_a_simulated_run_starts_from_the_counts_and_says_so(tmp_path):
+def test_round_1_trains_from_the_counts_and_a_resume_asks_nothing(tmp_path):
     from simulations.local_grid import run_local
 
-    run_dir = run_local({**TINY, "run-dir": str(tmp_path), "run-name": "cooc"}, 2)
+    overrides = {**TINY, "run-dir": str(tmp_path), "run-name": "cooc"}
+    real, sent = make_client_app(overrides), []
+
+    def spy(msg: Message, context: Context) -> Message:  # records what each message carries, then answers
+        sent.append((msg.metadata.message_type, msg.content))
+        return real(msg, context)
+
+    run_dir = run_local(overrides, 2, client_apps=[spy, spy])
     start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
     assert start["item-init"] == "cooccurrence" and start["partners-counted"] == 2
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[-1]["num-partners"] == 2
+    # round 1's global model holds the spectral rows of both partners' counts (not the random start)
+    cfg = resolve_config(None, overrides)
+    counts = sum(cooccurrence_counts(partner_data(cfg, {"partition-id": i, "num-partitions": 2}), 10).astype(np.float64)
+                 for i in range(2))
+    first_train = next(content for kind, content in sent if kind == MessageType.TRAIN)
+    rows = first_train["arrays"].to_torch_state_dict()["item_emb.weight"]
+    assert torch.allclose(rows, torch.from_numpy(spectral_item_embeddings(counts, 8, seed=int(cfg["seed"]))), atol=1e-6)
+    # a resume continues the checkpoint's weights: no partner is asked again
+    sent.clear()
+    run_local({**overrides, "resume": True, "num-server-rounds": 2}, 2, client_apps=[spy, spy])
+    assert [kind for kind, _ in sent if kind == MessageType.QUERY] == [] and sent
+    resumed = json.loads((run_dir / "provenance.json").read_text())["starts"][1]
+    assert "item-init" not in resumed
