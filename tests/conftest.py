@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ from hypothesis import settings
 from simulations.flower_env import set_flower_env
 
 set_flower_env()
+
+# A suite started in the background of a non-interactive shell (`make test &`, some CI runners)
+# inherits SIGINT ignored, and an ignored signal stays ignored in every child: the tests that press
+# Ctrl-C, on themselves or on a run they start, would see nothing happen. Python's own handler, as
+# in a terminal (children then start with the default action).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Hypothesis: "ci" (default) keeps the property tests to 150 inputs each, the same ones every run
 # (derandomize: a suite run never turns red for a bug that no change brought in, as one random draw
