@@ -55,15 +55,16 @@ def recommendation_metrics(
     ks: Sequence[int] = KS,
     top_k: int = 10,
     batch_size: int = 256,
+    split: str = "test",
 ) -> dict[str, float | list[int]]:
-    """Test-split sums for ``data``: ranking sums at ``ks``, ``pop@K-sum`` and the distinct
+    """``split`` sums for ``data`` (``"test"``, or ``"valid"`` for choosing settings): ranking sums at ``ks``, ``pop@K-sum`` and the distinct
     recommended items ``rec-items@K`` (item indices), K = ``top_k``.
 
     ``score_batch(start, stop, histories)`` returns scores (rows, V+1) for users
-    ``start:stop`` of ``data`` (their test histories given).
+    ``start:stop`` of ``data`` (their ``split`` histories given).
     """
     ks = sorted(set(ks) | {top_k})
-    histories, targets = data.eval_cases("test")
+    histories, targets = data.eval_cases(split)
     popularity = item_popularity(data)
     ranks, pop_sum, items = [], 0.0, set()
     for start in range(0, len(targets), batch_size):
@@ -83,13 +84,13 @@ def recommendation_metrics(
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, top_k: int = 10,
                    device: str | torch.device = "cpu", user_factors: torch.Tensor | None = None,
-                   tie_orders: int = 1) -> dict:
+                   tie_orders: int = 1, split: str = "test") -> dict:
     """:func:`recommendation_metrics` of ``model.score`` (or of known private ``user_factors``,
     rows in ``data`` order, for a model with ``score_users``). ``tie_orders`` > 1: a history whose
     last items share a timestamp is scored as the mean over that many random orders of them
-    (``common.tie_scoring``; sequence models only)."""
+    (``common.tie_scoring``; sequence models only). ``split``: ``"test"`` or ``"valid"``."""
     model.eval()
-    histories = data.eval_cases("test")[0]
+    histories = data.eval_cases(split)[0]
     gaps = None
     if getattr(model, "time_features", False):  # time-gap input channel (common/models/context.py)
         from common.models.context import history_gaps
@@ -102,7 +103,7 @@ def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, 
             return model.score_users(user_factors[start:stop].to(device))
         return scores(history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start), start, h)
 
-    return recommendation_metrics(score_batch, data, top_k=top_k)
+    return recommendation_metrics(score_batch, data, top_k=top_k, split=split)
 
 
 def combine_partner_metrics(records: Iterable[Mapping], num_items: int, top_k: int = 10) -> dict[str, float | list[float]]:

@@ -20,8 +20,10 @@ def random_data(num_users: int, num_items: int, seed: int) -> SequenceData:
     return SequenceData(np.arange(1, num_items + 1).astype(str), np.arange(num_users).astype(str), seqs, seqs)
 
 
-def brute_force(scores: np.ndarray, data: SequenceData, k: int) -> dict:
-    """Sort each user's candidates explicitly (catalogue minus padding and history, target kept)."""
+def brute_force(scores: np.ndarray, data: SequenceData, k: int, split: str = "test") -> dict:
+    """Sort each user's candidates explicitly (catalogue minus padding and history, target kept);
+    ``split`` "valid": the second last item is the target, everything before it the history."""
+    cut = 1 if split == "test" else 2
     hits, ndcgs, pops, items = [], [], [], set()
     pop = np.zeros(data.num_items + 1)
     for s in data.sequences:
@@ -29,7 +31,7 @@ def brute_force(scores: np.ndarray, data: SequenceData, k: int) -> dict:
             pop[i] += 1
     pop /= data.num_users
     for u, seq in enumerate(data.sequences):
-        history, target = set(seq[:-1].tolist()), int(seq[-1])
+        history, target = set(seq[:-cut].tolist()), int(seq[-cut])
         candidates = [i for i in range(1, data.num_items + 1) if i not in history or i == target]
         ordered = sorted(candidates, key=lambda i: -scores[u, i])
         rank = sum(1 for i in candidates if scores[u, i] > scores[u, target])
@@ -41,18 +43,19 @@ def brute_force(scores: np.ndarray, data: SequenceData, k: int) -> dict:
     return {"hr": np.mean(hits), "ndcg": np.mean(ndcgs), "pop": np.mean(pops), "items": items}
 
 
+@pytest.mark.parametrize("split", ["test", "valid"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ranking_metrics_match_brute_force_at_every_k(seed):
+def test_ranking_metrics_match_brute_force_at_every_k(seed, split):
     data = random_data(40, 30, seed)
     scores = np.random.default_rng(seed + 10).normal(size=(data.num_users, data.num_items + 1))
-    got = recommendation_metrics(lambda a, b, h: torch.tensor(scores[a:b]), data, top_k=10, batch_size=7)
+    got = recommendation_metrics(lambda a, b, h: torch.tensor(scores[a:b]), data, top_k=10, batch_size=7, split=split)
     n = got["num-users"]
     assert n == data.num_users
     for k in (5, 10, 20):
-        want = brute_force(scores, data, k)
+        want = brute_force(scores, data, k, split)
         assert got[f"hit@{k}-sum"] / n == pytest.approx(want["hr"])
         assert got[f"ndcg@{k}-sum"] / n == pytest.approx(want["ndcg"])
-    want = brute_force(scores, data, 10)
+    want = brute_force(scores, data, 10, split)
     assert got["pop@10-sum"] / n == pytest.approx(want["pop"])
     assert set(got["rec-items@10"]) == want["items"]
 

@@ -139,10 +139,36 @@ def test_centralised_reference_calibrates_for_all_users_and_follows_the_schedule
     # rounds 2 and 3 evaluate, round 1 does not (evaluate-every 2, and always the last round)
     assert [point["round"] for point in out["quality_curve"]] == [2, 3] and len(out["eval_s"]) == 3
     assert 0.0 <= out["final_metrics"]["ndcg@10"] <= out["final_metrics"]["hr@10"] <= 1.0
+    assert not any(key.startswith("valid-") for key in out["quality_curve"][-1])  # only when asked
     # a knob DP cannot honour is refused, as the server refuses it, not silently dropped
     for knob in ("history-windows", "reverse-histories"):
         with pytest.raises(ConfigError, match=f"{knob} = true needs dp = false"):
             run({**over, knob: True}, threads=1)
+
+
+def test_centralised_reference_scores_the_validation_split_when_asked(monkeypatch):
+    """--validation: each evaluated round also reports the second-last item's HR/NDCG from the
+    same evaluation as the test split's (tests/test_evaluation.py checks the split by brute force)."""
+    import common.evaluation
+    from common.metrics import means_from_sums
+    from simulations.bench.centralised import run
+
+    real, calls = common.evaluation.evaluate_model, []
+
+    def recording(*args, **kwargs):
+        sums = real(*args, **kwargs)
+        calls.append((kwargs.get("split", "test"), means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})))
+        return sums
+
+    monkeypatch.setattr(common.evaluation, "evaluate_model", recording)
+    over = {"synthetic-users": 80, "synthetic-items": 30, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+            "num-server-rounds": 2, "local-epochs": 1, "dp": False}
+    curve = run(over, threads=1, validation=True)["quality_curve"]
+    assert [split for split, _ in calls] == ["test", "valid"] * 2
+    for point, (_, test), (_, valid) in zip(curve, calls[0::2], calls[1::2]):
+        assert point["ndcg@10"] == test["ndcg@10"] and point["hr@10"] == test["hr@10"]
+        assert point["valid-ndcg@10"] == valid["ndcg@10"] and point["valid-hr@10"] == valid["hr@10"]
+    assert [p["valid-ndcg@10"] for p in curve] != [p["ndcg@10"] for p in curve]  # another target, not a copy
 
 
 def test_simulation_evaluates_on_schedule_and_on_a_sample(tmp_path):

@@ -30,8 +30,10 @@ from common.cli_errors import user_errors_exit  # noqa: E402
 from simulations.bench import write_results  # noqa: E402
 
 
-def run(overrides: dict, *, threads: int = 0) -> dict:
-    """Train and evaluate as described in the module docstring; returns the phase times."""
+def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
+    """Train and evaluate as described in the module docstring; returns the phase times.
+    ``validation``: each evaluated round also scores the validation split (second last item), so
+    settings can be chosen without looking at the test split."""
     import torch
 
     from common.config import resolve_config
@@ -90,8 +92,14 @@ def run(overrides: dict, *, threads: int = 0) -> dict:
                                   tie_orders=int(cfg["tie-orders"]))
             metrics = means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
             # time to quality: cumulative training seconds at each evaluated round
-            curve.append({"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
-                          "hr@10": metrics.get("hr@10")})
+            point = {"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
+                     "hr@10": metrics.get("hr@10")}
+            if validation:
+                valid = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
+                                       tie_orders=int(cfg["tie-orders"]), split="valid")
+                point.update({f"valid-{k}": v for k, v in means_from_sums(
+                    {k: v for k, v in valid.items() if not k.startswith("rec-items")}).items() if k in ("ndcg@10", "hr@10")})
+            curve.append(point)
         eval_s.append(time.perf_counter() - begin)
     out.update(train_s=train_s, eval_s=eval_s, round_s=[t + e for t, e in zip(train_s, eval_s)],
                users=data.num_users, final_metrics=metrics, quality_curve=curve, inside_s=time.perf_counter() - _T0)
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", default="{}", help='run config overrides as JSON, e.g. {"local-epochs": 1}')
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch intra-op threads; 0 = torch's default (all cores)")
     parser.add_argument("--out", required=True, type=output_file, help="JSON file for the phase times")
+    parser.add_argument("--validation", action="store_true",
+                        help="also score the validation split each evaluated round (valid-ndcg@10, valid-hr@10 in quality_curve)")
     args = parser.parse_args(argv)
     from common.errors import ConfigError
 
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(overrides, dict):
         raise ConfigError('--overrides must be a JSON object, e.g. {"local-epochs": 1}')
     # NOTE: no Flower import here: the centralised run should not pay for it
-    result = run(overrides, threads=args.threads)
+    result = run(overrides, threads=args.threads, validation=args.validation)
     write_results(args.out, result)
     return 0
 
