@@ -99,11 +99,13 @@ class RunRecorder:
         losses = [(float(m.get(weight_key, 0)), value) for c, m in zip(replies, metrics)
                   if (value := _optional(c, m, "train-loss")) is not None and math.isfinite(value)]
         weight = sum(w for w, _ in losses)
+        epsilon = max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0)
         out = {
             **({"train-loss": sum(w * x for w, x in losses) / weight if weight else 0.0}
                if losses or not metrics else {}),
-            "epsilon": max((float(m.get("epsilon", 0.0)) for m in metrics), default=0.0),
-            "delta": max((float(m.get("delta", 0.0)) for m in metrics), default=0.0),
+            # Without local DP (off, or central: its epsilon is the server's, privacy.json) no epsilon at
+            # all: Flower's end-of-run log printed the partners' 'epsilon': 0.0, read as perfect privacy
+            **({"epsilon": epsilon, "delta": max(float(m.get("delta", 0.0)) for m in metrics)} if epsilon > 0 else {}),
             # NOTE: central DP weighs partners uniformly, so the weights are not always example counts
             "num-examples": float(sum(float(m.get("num-examples", 0)) for m in metrics)),
             "num-partners": float(len(metrics)),
