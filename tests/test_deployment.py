@@ -4,7 +4,7 @@ real flower-supernode processes each on its own log, real ``flwr run``.
 One federation (SuperLink + three registered partners + a fourth that will be killed) serves
 the module, and one SecAgg+ run covers TLS, node authentication, the partners' own logs and
 ledgers, and a partner dying mid-round (one run instead of two: each run costs a ServerApp start
-and a ClientApp process per partner and message). Tests run in file order and the last one
+and a ClientApp process per partner and message); a short run checks item-init's query message. Tests run in file order and the last one
 restarts the SuperLink. Every process is stopped by the fixture, also when a test fails
 (simulations/deployment.py kills whole process trees).
 """
@@ -185,6 +185,24 @@ def test_secure_run_over_tls_with_node_auth_survives_a_partner_killed_mid_round(
     assert sorted(int(p["dp-users"]) for p in partners if "dp-users" in p) == sorted(public)
     assert all(r["train-loss"] is None for r in rounds)
     assert server_cli(["report", str(run_dir)]) == 0
+
+
+def test_item_init_counts_reach_the_coordinator_and_a_partner_with_a_floor_refuses(federation):
+    # item-init = cooccurrence over real SuperNodes: the pre-round query message, each partner's counts
+    # over TLS, and partner 1's node config max-epsilon = 4 (it expects DP) refusing in one line
+    env, fed = federation, federation.fed
+    config = _run_config(env, "item-init", **{"num-server-rounds": 1, "min-nodes": 2, "dp": False,
+                                              "item-init": "cooccurrence"})
+    res = fed.run(config, timeout=RUN_TIMEOUT)
+    rounds = _rounds(env, "item-init", res)
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["ndcg@10"] is not None, res.stdout[-3000:]
+    start = json.loads((env.root / "runs" / "item-init" / "provenance.json").read_text())["starts"][0]
+    # partners 2 and 3 counted (the victim too, when this test runs without the one that kills it)
+    assert start["item-init"] == "cooccurrence" and start["partners-counted"] >= 2, res.stdout[-3000:]
+    assert start["partners-refused"] == 1
+    assert "expects DP, its node config sets max-epsilon" in res.stdout
+    for proc in list(env.nodes.values())[1:]:
+        assert "Sending: query message" in proc.output()
 
 
 def test_superlink_restart_keeps_registered_nodes(federation):
