@@ -100,6 +100,11 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         if not (source := model_file(str(cfg["init-model"]))).is_file():
             raise ConfigError(f"init-model = {str(cfg['init-model'])!r}: {source} does not exist; give a run "
                               "directory or its model.pt")
+    if cfg.get("item-init") == "cooccurrence" and not cfg.get("resume"):  # else refused inside the ServerApp
+        from common.task import catalogue
+        from server.item_init import check_catalogue_size
+
+        check_catalogue_size(len(catalogue(cfg)))
     if uses_local_dp(dp_mode(cfg)) and cfg.get("ledger-dir") and (file := file_in_the_way(str(cfg["ledger-dir"]))):
         # every simulated partner would refuse every round opening its ledger there (client/privacy_budget.py)
         raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder; give the folder "

@@ -56,6 +56,18 @@ def test_a_run_the_coordinator_or_its_partners_would_refuse_is_one_line_before_r
     assert re.search(message, err[0]), err[0]
 
 
+def test_item_init_with_too_large_a_catalogue_is_one_line_before_ray(monkeypatch, capsys):
+    # it was refused inside the ServerApp, after Ray's start and the partners' data
+    import server.item_init
+
+    _no_ray(monkeypatch)
+    monkeypatch.setattr(server.item_init, "MAX_ITEMS", 30)  # SMALL has 40 items
+    assert run.main(_argv(3, **{"dp": False, "item-init": "cooccurrence"})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: item-init = "cooccurrence" with 40 items: each partner would send a 41 x 41 table (0.0 GB); '
+                   'it takes at most 30 items, use item-init = "random"'], err
+
+
 def test_partners_too_small_for_the_batch_are_named_while_the_others_train(monkeypatch, capsys):
     cfg = resolve_config(None, {**SMALL, "partitioning": "size-skew", "batch-size": 12})
     unable = preflight.check_simulation(cfg, 5)
