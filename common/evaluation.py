@@ -57,8 +57,8 @@ def recommendation_metrics(
     batch_size: int = 256,
     split: str = "test",
 ) -> dict[str, float | list[int]]:
-    """``split`` sums for ``data`` (``"test"``, or ``"valid"`` for choosing settings): ranking sums at ``ks``, ``pop@K-sum`` and the distinct
-    recommended items ``rec-items@K`` (item indices), K = ``top_k``.
+    """``split`` sums for ``data`` (``"test"``, or ``"valid"`` for choosing settings): ranking sums at
+    ``ks``, ``pop@K-sum`` and the distinct recommended items ``rec-items@K`` (item indices), K = ``top_k``.
 
     ``score_batch(start, stop, histories)`` returns scores (rows, V+1) for users
     ``start:stop`` of ``data`` (their ``split`` histories given).

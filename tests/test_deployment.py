@@ -4,8 +4,8 @@ real flower-supernode processes each on its own log, real ``flwr run``.
 One federation (SuperLink + three registered partners + a fourth that will be killed) serves
 the module, and one SecAgg+ run covers TLS, node authentication, the partners' own logs and
 ledgers, and a partner dying mid-round (one run instead of two: each run costs a ServerApp start
-and a ClientApp process per partner and message); a short run checks item-init's query message. Tests run in file order and the last one
-restarts the SuperLink. Every process is stopped by the fixture, also when a test fails
+and a ClientApp process per partner and message); a short run checks item-init's query message.
+Tests run in file order and the last one restarts the SuperLink. Every process is stopped by the fixture, also when a test fails
 (simulations/deployment.py kills whole process trees).
 """
 

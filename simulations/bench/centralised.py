@@ -38,7 +38,6 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
 
     from common.config import resolve_config
     from common.evaluation import evaluate_model, evaluates_round
-    from common.metrics import means_from_sums
     from common.partners import split_population
     from common.privacy import (calibrate_noise, default_delta, dp_mode, refuse_many_examples_per_user,
                                 steps_per_epoch, uses_local_dp)
@@ -90,20 +89,26 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
         if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
             sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
                                   tie_orders=int(cfg["tie-orders"]))
-            metrics = means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
+            metrics = _means(sums)
             # time to quality: cumulative training seconds at each evaluated round
             point = {"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
                      "hr@10": metrics.get("hr@10")}
             if validation:
                 valid = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
                                        tie_orders=int(cfg["tie-orders"]), split="valid")
-                point.update({f"valid-{k}": v for k, v in means_from_sums(
-                    {k: v for k, v in valid.items() if not k.startswith("rec-items")}).items() if k in ("ndcg@10", "hr@10")})
+                point.update({f"valid-{k}": _means(valid).get(k) for k in ("ndcg@10", "hr@10")})
             curve.append(point)
         eval_s.append(time.perf_counter() - begin)
     out.update(train_s=train_s, eval_s=eval_s, round_s=[t + e for t, e in zip(train_s, eval_s)],
                users=data.num_users, final_metrics=metrics, quality_curve=curve, inside_s=time.perf_counter() - _T0)
     return out
+
+
+def _means(sums: dict) -> dict:
+    """HR@K/NDCG@K means of one evaluation's sums (its recommended-item list left out)."""
+    from common.metrics import means_from_sums
+
+    return means_from_sums({k: v for k, v in sums.items() if not k.startswith("rec-items")})
 
 
 @user_errors_exit
