@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from time import monotonic, sleep
 from typing import TYPE_CHECKING, Any
@@ -40,49 +40,47 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     # SecAgg+ outermost: central-DP clipping and DP-SGD happen before the update is masked
     @app.train(mods=[make_secure_aggregation_mod(overrides), central_dp_clipping_mod(overrides)])
     def train(msg: Message, context: Context) -> Message:
-        started, hold = monotonic(), True
-        try:
-            # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
-            cfg = apply_partner_policy(resolve_config(context.run_config, overrides), context.node_config)
-            hold = False  # the refusal of a hold the coordinator never waits for is sent at once (_HOLD_NOTE)
-            check_reply_hold(context.node_config, cfg)
-            hold = True
-            reply = _train(msg, context, cfg)
-        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "training") if hold else reply
+        # The partner's own privacy floor (node config max-epsilon/max-delta) over the coordinator's config
+        return _answer(msg, context, "training", _train, lambda: apply_partner_policy(
+            resolve_config(context.run_config, overrides), context.node_config))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        started, hold = monotonic(), True
-        try:
-            check_node_config(context.node_config)
-            cfg = resolve_config(context.run_config, overrides)
-            hold = False  # (_HOLD_NOTE)
-            check_reply_hold(context.node_config, cfg)
-            hold = True
-            reply = _evaluate_checked(msg, context, cfg)
-        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "evaluation") if hold else reply
+        return _answer(msg, context, "evaluation", _evaluate_checked, lambda: checked_config(context))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence" (client/item_counts.py)
-        started, hold = monotonic(), True
-        try:
-            cfg = resolve_config(context.run_config, overrides)
-            check_node_config(context.node_config)  # its floors refuse the counts (client/item_counts.py)
-            hold = False  # (_HOLD_NOTE)
-            check_reply_hold(context.node_config, cfg)
-            hold = True
-            from client.item_counts import item_counts_reply
+        # the node config's floors refuse the counts (client/item_counts.py)
+        return _answer(msg, context, "item counting", _item_counts, lambda: checked_config(context))
 
-            reply = item_counts_reply(msg, context, cfg)
-        except Exception as exc:  # noqa: BLE001 -- the server sees a sanitised reason only (client/safe_errors.py)
-            reply = error_reply(msg, exc, context)
-        return _hold(msg, reply, context, started, "item counting") if hold else reply
+    def checked_config(context: Context) -> dict:
+        check_node_config(context.node_config)
+        return resolve_config(context.run_config, overrides)
 
     return app
+
+
+def _answer(msg: Message, context: Context, what: str, handle: Callable[[Message, Context, dict], Message],
+            config: Callable[[], dict]) -> Message:
+    """``handle``'s reply to ``msg`` under ``config()``, or a sanitised error reply (the server sees
+    no exception text: client/safe_errors.py), held for the node's ``reply-after-seconds``; a
+    refusal of that hold itself is sent at once (_HOLD_NOTE)."""
+    started, hold = monotonic(), True
+    try:
+        cfg = config()
+        hold = False
+        check_reply_hold(context.node_config, cfg)
+        hold = True
+        reply = handle(msg, context, cfg)
+    except Exception as exc:  # noqa: BLE001 -- a partner's mistake is one line at the server, never a crash
+        reply = error_reply(msg, exc, context)
+    return _hold(msg, reply, context, started, what) if hold else reply
+
+
+def _item_counts(msg: Message, context: Context, cfg: dict) -> Message:
+    from client.item_counts import item_counts_reply  # imported for this message only
+
+    return item_counts_reply(msg, context, cfg)
 
 
 # _HOLD_NOTE: held, that refusal arrived after round-timeout and the coordinator never saw it (a journey review)
