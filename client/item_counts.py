@@ -22,6 +22,7 @@ def item_counts_reply(msg: Message, context: Context, cfg: dict) -> Message:
     """The reply to a ``QUERY`` message: this partner's counts over its training sequences (never a
     validation or test item) and its number of users, after the same catalogue check as a round."""
     from client.app import check_same_catalogue  # lazy: client.app registers this handler
+    from client.partner_policy import shares_evaluation
     from common.cooccurrence import cooccurrence_counts
     from common.task import partner_data
 
@@ -29,8 +30,6 @@ def item_counts_reply(msg: Message, context: Context, cfg: dict) -> Message:
     asked = config.get("query") if config is not None else None
     if asked != QUERY:
         raise PrivacyError(f"this partner answers no query {asked!r}; it answers {QUERY!r} only")
-    from client.partner_policy import shares_evaluation
-
     floor = [key for key in ("max-epsilon", "max-delta") if key in context.node_config]
     if floor:  # either key promises DP for what this partner sends (client/partner_policy.py)
         raise PrivacyError(f"this partner expects DP, its node config sets {floor[0]}, and sends no item-pair counts, "
