@@ -127,6 +127,14 @@ def commit_label() -> str:
     return f"{version['commit'][:12]}{'+dirty' if version.get('dirty') else ''}" if version.get("commit") else ""
 
 
+def stopped_run_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a stopped sweep's run left (its directory has one only after a round ended), else None."""
+    from server.checkpoint import CHECKPOINT_NAME  # (torch: imported when a sweep runs, not for --table)
+
+    path = run_dir / CHECKPOINT_NAME
+    return path if path.is_file() else None
+
+
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
             on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
@@ -134,13 +142,16 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = f"{spec['name']}-{rid}"
     overrides = run_config(run, spec, rid)
+    resuming = stopped_run_checkpoint(runs_dir / name) is not None
+    if resuming:  # a stopped sweep left this run part-done: continue it (its ledgers, its rounds) in its directory
+        overrides["resume"] = True
     cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(int(run["num-partners"]))]
     for key, value in overrides.items():
         cmd += ["--run-config", _config_arg(key, value)]
     log_path = runs_dir / f"{name}.log"
     start = time.perf_counter()
     run_dir, last_error = None, ""
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resuming else "w") as log:  # a resumed run's log goes on after its first part
         # One math thread per process: Ray runs one client per core, and on a shared machine a second
         # OpenMP thread per process spins against the others (measured 60x slower MF steps).
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(spec, args.retry_failed, args.max_runs)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
             print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
-                  "(run the command again to resume)", file=sys.stderr)
+                  "(run the command again to resume: that run continues after its last finished round, if any)", file=sys.stderr)
             return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
@@ -261,6 +272,9 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
     with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
         for rid, run in todo:
             rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
+            if (checkpoint := stopped_run_checkpoint(spec["runs-dir"] / f"{spec['name']}-{rid}")) is not None:
+                bar.write(f"resuming {checkpoint.parent.name} from {checkpoint} (a stopped sweep's run; its "
+                          "seconds column counts this part only)")
             with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "
                       f"eps={run.get('target-epsilon', '-')} seed={run['seed']}", unit="round", position=1,
                       leave=False) as rounds:

@@ -772,3 +772,25 @@ def test_the_partner_plot_names_the_partners_a_sampled_round_evaluated():
     assert partner_bars(real) == ([0.25], ["1"], "partner (in partition order; 1 evaluated)")
     many = {"partner-ndcg@10": [0.1] * 30, "partner-ndcg@10-ids": list(range(30))}
     assert partner_bars(many)[1] == []  # no 30 overlapping labels
+
+
+def test_a_stopped_run_with_a_checkpoint_is_resumed_in_its_own_directory(tmp_path, monkeypatch):
+    # A sweep stopped mid-run left runs/<name>/checkpoint.pt; the rerun started that run afresh as <name>-2
+    args = tmp_path / "args.txt"
+    fake_python(tmp_path, monkeypatch, f'for a in "$@"; do echo "$a" >> {args}; done\necho second part\n')
+    spec = sweep.load_sweep(write_config(tmp_path))
+    run = next(iter(sweep.expand(spec)))
+    rid = sweep.run_id(run)
+    name = f"{spec['name']}-{rid}"
+
+    sweep.execute(run, spec, rid)  # nothing left behind: a fresh run
+    assert "resume=true" not in args.read_text().splitlines()
+    args.unlink()
+
+    (spec["runs-dir"] / name).mkdir(parents=True)
+    (spec["runs-dir"] / name / "checkpoint.pt").write_bytes(b"round 1")
+    (spec["runs-dir"] / f"{name}.log").write_text("first part\n")
+    sweep.execute(run, spec, rid)
+    given = args.read_text().splitlines()
+    assert "resume=true" in given and f'run-name="{name}"' in given
+    assert (spec["runs-dir"] / f"{name}.log").read_text() == "first part\nsecond part\n"  # its log goes on
