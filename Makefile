@@ -5,6 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PARTNERS ?= 5
 RUN_CONFIG ?=
+# make test: pytest-xdist worker processes (0 = one process); each test file stays on one worker
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
@@ -27,7 +29,7 @@ run: install
 	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config "$$RUN_CONFIG")
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf runs .flwr .pytest_cache

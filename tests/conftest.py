@@ -20,6 +20,14 @@ set_flower_env()
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# Under pytest-xdist (`make test` runs TEST_WORKERS workers) each worker computes with one torch
+# thread: two workers of two threads each on a 2-core machine oversubscribe it, and small models
+# then run many times slower. Processes a test starts (Ray, SuperNodes) keep their own defaults.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 # Hypothesis: "ci" (default) keeps the property tests to 150 inputs each, the same ones every run
 # (derandomize: a suite run never turns red for a bug that no change brought in, as one random draw
 # did); the loader properties' known regressions are explicit @examples, run every time.
