@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(spec, args.retry_failed, args.max_runs)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
             print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
-                  "(run the command again to resume: that run continues after its last finished round, if any)", file=sys.stderr)
+                  "(run the command again to resume: that run continues after its last finished round, if any)",
+                  file=sys.stderr)
             return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
