@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 2,
     "history-windows": False,  # dp = false only: every max-seq-len window of a history is an example
     "reverse-histories": False,  # dp = false only: also train on every history read backwards
+    "train-on-validation": False,  # each user's validation item is training data too (common/data/sequences.py)
     "keep-optimizer-state": False,  # a partner continues its Adam moments from its previous round
     "exclude-seen": True,  # the training softmax leaves out each user's earlier items, as evaluation does
     "shuffle-ties": True,  # items with equal timestamps get a fresh random order every epoch (common/data/ties.py)

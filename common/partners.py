@@ -62,7 +62,7 @@ def clear_data_caches() -> None:
 
 
 _KEYS = ("dataset", "synthetic-users", "synthetic-items", "seed", "catalogue", "holdout-fraction", "partitioning",
-         "dirichlet-alpha", "size-skew-power")
+         "dirichlet-alpha", "size-skew-power", "train-on-validation")
 
 
 def _key(cfg: Mapping[str, Any]) -> tuple:

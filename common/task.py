@@ -38,8 +38,17 @@ def federation_data(cfg: Mapping[str, Any]) -> SequenceData:
     published ``catalogue`` when one is set (items outside it dropped and counted), as a deployed
     partner's log is: simulated partners once indexed the data set's own catalogue while the server
     built and released the model over the published one, so ``model.pt`` could name the wrong items."""
-    return _federation_data(str(cfg["dataset"]), int(cfg["synthetic-users"]), int(cfg["synthetic-items"]),
+    data = _federation_data(str(cfg["dataset"]), int(cfg["synthetic-users"]), int(cfg["synthetic-items"]),
                             int(cfg["seed"]), str(cfg.get("catalogue") or ""))
+    return training_view(cfg, data)
+
+
+def training_view(cfg: Mapping[str, Any], data: SequenceData) -> SequenceData:
+    """``data`` as the run trains on it: with ``train-on-validation`` each user's validation item is
+    training data too (the final fit, once settings were chosen on it); the test item never is."""
+    if cfg.get("train-on-validation") and data.validation_held_out:
+        return dataclasses.replace(data, validation_held_out=False)
+    return data
 
 
 def catalogue(cfg: Mapping[str, Any]) -> np.ndarray:
@@ -118,7 +127,7 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
             raise ConfigError("a partner's data-path needs the federation's published catalogue: run config "
                               "catalogue = \"<file>\" (written by `fedrec-server catalogue`)")
         data = _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
-        return with_data_identity(data, path, str(node_config.get("data-identity", "") or ""))
+        return training_view(cfg, with_data_identity(data, path, str(node_config.get("data-identity", "") or "")))
     try:
         pid = int(node_config["partition-id"])
         n = int(node_config["num-partitions"])

@@ -196,7 +196,9 @@ def _model_data(dataset: str, trained) -> SequenceData:  # noqa: ANN001 (client.
         raise DataError(f"--dataset {dataset}: {int((~known).sum())} of {len(log)} events are on items that "
                         f"--blend-model {trained.path} does not know (it was trained on "
                         f"{trained.config.get('dataset')!r}, {len(trained.catalogue)} items); give its data set")
-    return build_sequences(log, trained.catalogue)
+    from common.task import training_view
+
+    return training_view(trained.config, build_sequences(log, trained.catalogue))
 
 
 @user_errors_exit
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the users a simulation with this holdout-fraction and --seed holds out "
                              "(the sweeps' 0.2), so the baselines see the same users and split as its runs")
     parser.add_argument("--seed", type=seed_arg, default=int(DEFAULTS["seed"]), help="the run seed (with --holdout-fraction)")
+    parser.add_argument("--train-on-validation", action="store_true",
+                        help="the references also learn from each user's validation item, as a run with "
+                             "train-on-validation = true trains (score the test split)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.holdout_fraction < 1.0:
         parser.error(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} must be a positive number, got {value}")
     if args.markov_window < 1:
         parser.error(f"--markov-window must be at least 1, got {args.markov_window}")
+    if args.train_on_validation and (args.split == "valid" or args.blend_model):
+        parser.error("--train-on-validation scores the test split of the references (a --blend-model run's own "
+                     "config says what it trained on)")
     if args.blend_model:
         from client.recommend import load_global_model
 
@@ -239,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                                  tie_orders=orders)
         print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))
         return 0
+    from common.task import training_view
+
     if args.dataset == "synthetic":  # the built-in set of the default runs (its size and seed: the defaults)
         from common.task import federation_data
 
         data = federation_data({**DEFAULTS, "seed": args.seed})
     else:
         data = build_sequences(load_interactions(args.dataset))
+    data = training_view({"train-on-validation": args.train_on_validation}, data)
     if args.holdout_fraction:  # the members a simulation trains on: same holdout draw (common/partners.py)
         members = np.setdiff1d(np.arange(data.num_users), holdout_positions(data.num_users, args.holdout_fraction, args.seed))
         if len(members) == 0:

@@ -26,7 +26,9 @@ class SequenceData:
     """Users' item sequences over a shared catalogue.
 
     ``sequences[u]`` holds 1-based item indices in time order; the last item is the test
-    target, the second last the validation target, the rest the training history.
+    target, the second last the validation target, the rest the training history. With
+    ``validation_held_out`` false (run config ``train-on-validation``) the validation item is
+    training data too: the final fit once settings were chosen on it; the test item never is.
     """
 
     catalogue: np.ndarray  # raw item ids (str); item index i+1 <-> catalogue[i]
@@ -36,6 +38,7 @@ class SequenceData:
     dropped: dict[str, int] = field(default_factory=dict)
     name: str = "data"
     identity: str = ""  # a growing source's permanent id (event store); "" = identified by content
+    validation_held_out: bool = True
 
     @property
     def num_items(self) -> int:
@@ -55,16 +58,27 @@ class SequenceData:
             timestamps=[self.timestamps[i] for i in idx],
             dropped=dict(self.dropped),
             name=name or self.name,
+            validation_held_out=self.validation_held_out,
         )
 
+    @property
+    def held_out_items(self) -> int:
+        """Items at the end of each sequence that are not training data: validation and test, or test only."""
+        return 2 if self.validation_held_out else 1
+
     def train_sequences(self) -> list[np.ndarray]:
-        """Training histories: every item but the last two (validation, test)."""
-        return [s[:-2] for s in self.sequences]
+        """Training histories: every item but the last two (validation, test), or but the last one
+        when the validation item is training data (``validation_held_out`` false)."""
+        return [s[:-self.held_out_items] for s in self.sequences]
 
     def eval_cases(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         """(history, target) per user: ``valid`` predicts the second last item from the
         training history, ``test`` predicts the last item from everything before it."""
         if split == "valid":
+            if not self.validation_held_out:
+                raise DataError(f"{self.name}: the validation items are training data here (train-on-validation = "
+                                "true), so they cannot score a model; choose settings with train-on-validation = "
+                                "false, or score the test split")
             return [s[:-2] for s in self.sequences], np.array([s[-2] for s in self.sequences], dtype=np.int64)
         if split == "test":
             return [s[:-1] for s in self.sequences], np.array([s[-1] for s in self.sequences], dtype=np.int64)
@@ -90,7 +104,7 @@ class SequenceData:
         """Positions of the users that make a training example: two or more training items (an
         input and the item after it). They are the DP population: every trainer, the accountant's
         sample rate, the audit and a partner's data check count these users."""
-        return np.array([u for u, s in enumerate(self.sequences) if len(s) - 2 >= 2], dtype=np.int64)
+        return np.array([u for u, s in enumerate(self.sequences) if len(s) - self.held_out_items >= 2], dtype=np.int64)
 
     def item_counts(self) -> np.ndarray:
         """Interactions per item index in the training histories (index 0 = padding, always 0)."""

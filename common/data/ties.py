@@ -36,7 +36,9 @@ def tie_runs(timestamps: np.ndarray) -> list[tuple[int, int]]:
 
 def training_tie_runs(data: SequenceData) -> list[list[tuple[int, int]]]:
     """Per user, the tie runs of the training items (every item but the last two): the validation
-    and test items stay in place, so a tie reaching into them is cut at the split."""
+    and test items stay in place, so a tie reaching into them is cut at the split. (With
+    ``train-on-validation`` the validation item is a training target too, but it keeps its place:
+    the test item's history is the recorded one.)"""
     return [tie_runs(times[:len(seq) - 2]) if len(seq) > 3 else [] for seq, times in zip(data.sequences, data.timestamps)]
 
 

@@ -37,6 +37,7 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
     import torch
 
     from common.config import resolve_config
+    from common.errors import ConfigError
     from common.evaluation import evaluate_model, evaluates_round
     from common.partners import split_population
     from common.privacy import (calibrate_noise, default_delta, dp_mode, refuse_many_examples_per_user,
@@ -49,6 +50,9 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
         torch.set_num_threads(threads)
     out: dict = {"threads": torch.get_num_threads(), "imports_s": time.perf_counter() - _T0}
     cfg = resolve_config(None, overrides)
+    if validation and cfg["train-on-validation"]:
+        raise ConfigError("--validation scores the validation items, which train-on-validation = true trains on; "
+                          "drop one of the two")
     refuse_many_examples_per_user(cfg)  # as the server does: never train something else than asked
     begin = time.perf_counter()
     data, _ = split_population(cfg)
