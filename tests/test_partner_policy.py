@@ -71,6 +71,9 @@ def test_policy_unit_rules():
     cfg = resolve_config(None, {"target-epsilon": 8.0})
     assert apply_partner_policy(cfg, {}) == cfg
     assert apply_partner_policy(cfg, {**NODE, "max-epsilon": 3.0})["target-epsilon"] == 3.0
+    # a cap just below the run's target holds too (a mutation audit: "target > cap + 1" survived the 3-vs-8 case)
+    assert apply_partner_policy(cfg, {**NODE, "max-epsilon": 7.9})["target-epsilon"] == 7.9
+    assert apply_partner_policy(cfg, {**NODE, "max-epsilon": 8.0})["target-epsilon"] == 8.0
     assert partner_delta(1e-5, {}, 100) == 1e-5 and partner_delta(1e-5, {"max-delta": 1e-6}, 100) == 1e-6
     assert partner_delta(1e-7, {"max-delta": 1e-6}, 100) == 1e-7
     # max-epsilon alone: delta at most the default for the partner's users (min(1e-5, 0.1 / users))

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 import client.app as client_app
 from client.app import make_client_app
-from client.partner_policy import check_node_config
+from client.partner_policy import check_node_config, check_reply_hold
 from common.config import resolve_config
 from common.errors import ConfigError
 from common.task import new_model, partner_data
@@ -58,6 +58,10 @@ def test_a_hold_past_the_round_timeout_is_refused_before_any_work(tmp_path, slep
     assert slept == []  # sent at once: held, it came after round-timeout and the coordinator never saw it
     evaluated = _round(tmp_path, {"reply-after-seconds": 30.0}, "evaluate", **{"round-timeout": 20.0})
     assert evaluated.has_error() and "is not below the round-timeout" in evaluated.error.reason and slept == []
+    # a hold of exactly the timeout is late too (a mutation audit: "hold > timeout" survived)
+    with pytest.raises(ConfigError, match="is not below the round-timeout 20"):
+        check_reply_hold({"reply-after-seconds": 20.0}, {"round-timeout": 20.0})
+    check_reply_hold({"reply-after-seconds": 19.5}, {"round-timeout": 20.0})
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing trained, nothing spent
 
 
