@@ -30,6 +30,7 @@ from common.errors import ConfigError, DataError
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from common.partners import holdout_positions
+from common.task import training_view  # (common.partners imports common.task already)
 from simulations.cli import user_errors_exit
 
 
@@ -196,8 +197,6 @@ def _model_data(dataset: str, trained) -> SequenceData:  # noqa: ANN001 (client.
         raise DataError(f"--dataset {dataset}: {int((~known).sum())} of {len(log)} events are on items that "
                         f"--blend-model {trained.path} does not know (it was trained on "
                         f"{trained.config.get('dataset')!r}, {len(trained.catalogue)} items); give its data set")
-    from common.task import training_view
-
     return training_view(trained.config, build_sequences(log, trained.catalogue))
 
 
@@ -247,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
                                  tie_orders=orders)
         print(json.dumps({"model-file": str(trained.path), "tie-orders": orders, **blend}, indent=2))
         return 0
-    from common.task import training_view
-
     if args.dataset == "synthetic":  # the built-in set of the default runs (its size and seed: the defaults)
         from common.task import federation_data
 

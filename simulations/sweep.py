@@ -60,6 +60,7 @@ from simulations.sweep_spec import (  # noqa: F401 (re-exported: tests and calle
     project_path,
     run_config,
     run_id,
+    run_name,
     run_overrides,
     unused_budget_keys,
 )
@@ -140,7 +141,7 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
     """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
     runs_dir = spec["runs-dir"]
     runs_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{spec['name']}-{rid}"
+    name = run_name(spec, rid)
     overrides = run_config(run, spec, rid)
     resuming = stopped_run_checkpoint(runs_dir / name) is not None
     if resuming:  # a stopped sweep left this run part-done: continue it (its ledgers, its rounds) in its directory
@@ -273,7 +274,7 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> Non
     with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
         for rid, run in todo:
             rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
-            if (checkpoint := stopped_run_checkpoint(spec["runs-dir"] / f"{spec['name']}-{rid}")) is not None:
+            if (checkpoint := stopped_run_checkpoint(spec["runs-dir"] / run_name(spec, rid))) is not None:
                 bar.write(f"resuming {checkpoint.parent.name} from {checkpoint} (a stopped sweep's run; its "
                           "seconds column counts this part only)")
             with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "

@@ -185,6 +185,11 @@ def _refuse_a_grid_of_no_effect(grid: Mapping[str, Any], unused: set[str]) -> No
                           f"vary it in a sweep of runs with {instead} only")
 
 
+def run_name(spec: Mapping[str, Any], rid: str) -> str:
+    """The run directory's name (under ``runs-dir``) of the sweep's run ``rid``."""
+    return f"{spec['name']}-{rid}"
+
+
 def run_config(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str) -> dict[str, Any]:
     """One run's ``--run-config`` overrides: its cell's, plus the sweep's run directory and run name."""
-    return {**run_overrides(run), "run-dir": str(spec["runs-dir"]), "run-name": f"{spec['name']}-{rid}"}
+    return {**run_overrides(run), "run-dir": str(spec["runs-dir"]), "run-name": run_name(spec, rid)}

@@ -781,7 +781,7 @@ def test_a_stopped_run_with_a_checkpoint_is_resumed_in_its_own_directory(tmp_pat
     spec = sweep.load_sweep(write_config(tmp_path))
     run = next(iter(sweep.expand(spec)))
     rid = sweep.run_id(run)
-    name = f"{spec['name']}-{rid}"
+    name = sweep.run_name(spec, rid)
 
     sweep.execute(run, spec, rid)  # nothing left behind: a fresh run
     assert "resume=true" not in args.read_text().splitlines()
