@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "exclude-seen": True,  # the training softmax leaves out each user's earlier items, as evaluation does
     "shuffle-ties": True,  # items with equal timestamps get a fresh random order every epoch (common/data/ties.py)
     "label-smoothing": 0.0,  # SASRec: this share of each target's weight spread over the items it competes with
+    "ema-decay": 0.0,  # SASRec: a round's weights = the moving average of its iterates (common/weight_averaging.py)
     "batch-size": 64,
     "learning-rate": 0.002,
     "lr-schedule": "constant",  # constant | cosine (annealed over all rounds' epochs)
@@ -149,7 +150,7 @@ def _coerce(key: str, value: Any) -> Any:
 _IGNORED_BY = {
     "mf": ("item-features", "time-features", "genre-features", "tied-output", "num-blocks", "num-heads", "dropout",
            "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties", "label-smoothing",
-           "lr-schedule", "tie-orders", "item-init-window"),
+           "ema-decay", "lr-schedule", "tie-orders", "item-init-window"),
     "sasrec": ("mf-fold-in-steps", "mf-l2"),
 }
 

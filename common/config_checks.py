@@ -76,6 +76,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise bad("dropout", "must be in [0, 1)")
     if not 0 <= cfg["label-smoothing"] < 1:
         raise bad("label-smoothing", "must be in [0, 1) (the share of a target's weight spread over the other items)")
+    if not 0 <= cfg.get("ema-decay", 0.0) < 1:
+        raise bad("ema-decay", "must be in [0, 1) (the moving average's decay per step; 0 = no averaging)")
     if cfg["embedding-dim"] % cfg["num-heads"]:
         raise ConfigError(f"embedding-dim = {cfg['embedding-dim']} must be divisible by num-heads = {cfg['num-heads']}")
     if not (math.isfinite(cfg["target-epsilon"]) and cfg["target-epsilon"] > 0):

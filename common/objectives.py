@@ -16,9 +16,10 @@ from common.metrics import seen_items
 
 def objective_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``train_local``'s training-objective keywords from a run config (``exclude-seen``, ``shuffle-ties``,
-    ``label-smoothing``): one place, so every trainer (partners, fine-tune, benches) follows the same knobs."""
+    ``label-smoothing``, ``ema-decay``): one place, so every trainer (partners, fine-tune, benches) follows
+    the same knobs."""
     return {"exclude_seen": bool(cfg["exclude-seen"]), "shuffle_ties": bool(cfg["shuffle-ties"]),
-            "label_smoothing": float(cfg.get("label-smoothing", 0.0))}
+            "label_smoothing": float(cfg.get("label-smoothing", 0.0)), "ema_decay": float(cfg.get("ema-decay", 0.0))}
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:

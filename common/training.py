@@ -25,6 +25,7 @@ from common.privacy import Mechanism, refuse_many_examples_per_user
 from common.objectives import SequenceLoss, positions_only_loss, trim_padding
 from common.proximal import ProximalAnchor
 from common.training_pairs import training_pairs
+from common.weight_averaging import IterateAverage
 
 if TYPE_CHECKING:  # Opacus loads only when a call trains with DP
     from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
@@ -134,6 +135,7 @@ def train_local(
     exclude_seen: bool = False,
     shuffle_ties: bool = False,
     label_smoothing: float = 0.0,
+    ema_decay: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``'s users.
 
@@ -153,6 +155,9 @@ def train_local(
 
     ``shuffle_ties`` (``shuffle-ties``): before every epoch, items with equal timestamps are put in a
     fresh random order within their tie (common/data/ties.py); the split never changes.
+
+    ``ema_decay`` (``ema-decay``) > 0: the model ends at the bias-corrected exponential moving average
+    of this call's iterates instead of the last one (:class:`IterateAverage`; no privacy cost).
 
     ``learning_rates``: one per epoch (:func:`epoch_learning_rates`), in place of ``learning_rate``.
 
@@ -185,6 +190,11 @@ def train_local(
     batch_loss = _batch_loss(model, steppers, dp, device, exclude_seen=exclude_seen, label_smoothing=label_smoothing)
     reorder_ties = _tie_reorderer(data, dataset, make_pairs, dp, seed, shuffle_ties=shuffle_ties)
     set_epoch_rate = _epoch_rate_setter(learning_rates, adam, proximal, proximal_mu)
+    average = IterateAverage(model, ema_decay)
+
+    def after_step() -> None:
+        proximal.step()
+        average.update()
 
     def before_epoch() -> None:
         reorder_ties()
@@ -192,7 +202,8 @@ def train_local(
 
     no_users = empty_batch_gradients(model, steppers.mode) if steppers.engine else lambda: None
     loss, steps = run_epochs(steppers.loader, steppers.optimizer, batch_loss, epochs=epochs, hooks=steppers.hooks,
-                             after_step=proximal.step, before_epoch=before_epoch, before_empty_step=no_users)
+                             after_step=after_step, before_epoch=before_epoch, before_empty_step=no_users)
+    average.apply()
     model.eval()
     return TrainResult(loss=loss, steps=steps, num_examples=len(dataset), mechanisms=spent_mechanisms(steppers.engine),
                        seconds=time.perf_counter() - start, optimizer_state=adam.state_dict())
