@@ -77,7 +77,8 @@ def _item_text(args: argparse.Namespace) -> int:
     items = catalogue(cfg)
     embeddings, texts = catalogue_text_features(cfg)
     setting = encoder_id(cfg["item-text-model"], bool(cfg["item-text-quantize"]))
-    path = save_features(args.out, items, embeddings, model=setting, texts=texts)
+    # absolute: under flwr run a relative path resolves in each process's own folder (docs/deployment.md)
+    path = save_features(args.out, items, embeddings, model=setting, texts=texts).resolve()
     print(f"item text features: {embeddings.shape[0]} items x {embeddings.shape[1]} dims ({setting}) -> {path}")
     print(f'publish it with the catalogue and run with --run-config \'item-features="text" item-text-features="{path}"\'')
     return 0
@@ -110,7 +111,8 @@ def _check(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(None, parse_run_config(args.run_config))
     if ignored := ignored_knobs(cfg):
-        print(f"note: {', '.join(ignored)} change nothing with model = {cfg['model']}, item-features = "
+        verb = "changes" if len(ignored) == 1 else "change"
+        print(f"note: {', '.join(ignored)} {verb} nothing with model = {cfg['model']}, item-features = "
               f"{cfg['item-features']}, aggregation = {cfg['aggregation']}, partitioning = {cfg['partitioning']}")
     items, model, _ = initial_model(cfg)
     size = sum(p.numel() for p in model.state_dict().values())

@@ -112,6 +112,10 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
     unable = partners_unable_to_train(cfg, num_partners)
     able = num_partners - len(unable)
     if able < min_nodes:
+        if cfg.get("partitioning") == "cross-device" and uses_local_dp(dp_mode(cfg)):  # the fix, not one partner's symptom
+            raise ConfigError(f'partitioning = "cross-device" gives each partner one user, and local DP-SGD cannot '
+                              f'sample a batch of users from one (dp-mode = {dp_mode(cfg)!r}); use dp-mode = "off" or '
+                              f'"central" (partner-level DP on the aggregate)')
         pid, why = next(iter(unable.items()))
         raise FedRecError(f"{len(unable)} of {num_partners} simulated partners cannot train (partner-{pid}: "
                           f"{why}), leaving {able}, fewer than min-nodes = {min_nodes}: every round would fail")

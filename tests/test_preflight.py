@@ -106,6 +106,19 @@ def test_a_partitioning_that_cannot_split_the_users_this_way_is_refused():
         preflight.check_simulation(cfg, 5)
 
 
+def test_cross_device_with_local_dp_names_the_fix_not_one_partners_symptom():
+    # one user per partner: no DP-SGD batch to sample; the line said "partner-0: only 1 user ..." (a doc audit)
+    from common.partners import split_population
+
+    cfg = resolve_config(None, {**SMALL, "partitioning": "cross-device", "min-nodes": 1})
+    users = split_population(cfg)[0].num_users  # one partner each
+    with pytest.raises(ConfigError, match='cross-device.*local DP-SGD.*dp-mode = "off" or "central"'):
+        preflight.check_simulation(cfg, users)
+    for mode in ("off", "central"):  # what the line suggests passes the preflight
+        preflight.check_simulation(resolve_config(None, {**SMALL, "partitioning": "cross-device", "min-nodes": 1,
+                                                         "dp-mode": mode}), users)
+
+
 def test_a_sweep_refuses_a_cell_whose_partners_cannot_train_before_any_run(tmp_path, monkeypatch):
     # cross-device on synthetic data: another user count per seed, and every run failed on its own row
     calls = []
