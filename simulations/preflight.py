@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, EmptyPartitionError, FedRecError, PrivacyError
@@ -120,6 +121,20 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         raise FedRecError(f"{len(unable)} of {num_partners} simulated partners cannot train (partner-{pid}: "
                           f"{why}), leaving {able}, fewer than min-nodes = {min_nodes}: every round would fail")
     return unable
+
+
+def resumable(cfg: Mapping[str, Any]) -> Path:
+    """The run directory ``resume = true`` continues, after the ServerApp's own checks of its checkpoint (the
+    config, catalogue and model fingerprints, as ``fedrec-server check`` does): a changed knob is refused in
+    one line before Ray starts, not ~10 s later inside the ServerApp (a doc audit)."""
+    from common.item_text import table_record
+    from server.app import initial_model
+    from server.checkpoint import fingerprint
+    from server.resume import resumable_checkpoint
+
+    items, model, _ = initial_model(dict(cfg))
+    run_dir, _ = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict(), table_record(model, cfg, items)))
+    return run_dir
 
 
 def preflight(cfg: Mapping[str, Any], num_partners: int) -> None:

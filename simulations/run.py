@@ -41,10 +41,10 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     federation_data(cfg)
     if cfg["resume"]:
-        from server.resume import resumable_run_dir
         from simulations.population import refuse_another_partner_count
+        from simulations.preflight import resumable
 
-        refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
+        refuse_another_partner_count(resumable(cfg), num_partners)
     from simulations.preflight import preflight
 
     preflight(cfg, num_partners)  # the ServerApp's checks too

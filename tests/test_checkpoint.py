@@ -294,6 +294,28 @@ def test_simulation_refuses_to_resume_nothing_before_starting_ray(tmp_path, monk
         run_federation({**base, "run-name": "empty"}, 2)
 
 
+def test_simulation_refuses_a_changed_config_before_starting_ray(tmp_path, monkeypatch):
+    # A doc audit: the one-line refusal came after Ray had started (~10 s and its warnings first)
+    import flwr.simulation
+
+    from simulations.local_grid import run_local
+    from simulations.run import run_federation
+
+    cfg = {"synthetic-users": 60, "synthetic-items": 20, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+           "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "run-dir": str(tmp_path), "run-name": "r",
+           "dp": False, "min-nodes": 1}
+    run_local(cfg, 2)
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: pytest.fail("Ray was started"))
+    more = {**cfg, "num-server-rounds": 2, "resume": True}
+    with pytest.raises(CheckpointError, match=r"run config differs from the checkpointed run: learning-rate = 0\.002 "
+                                              r"\(now 0\.01\)"):
+        run_federation({**more, "learning-rate": 0.01}, 2)
+    started = []
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: started.append(kw))
+    run_federation(more, 2)  # the same config passes the check and reaches Ray
+    assert len(started) == 1
+
+
 class TwoNodes:
     def get_node_ids(self):
         return [11, 12]
