@@ -35,6 +35,9 @@ class IterateAverage:
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad] if decay else []
         self._average = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        # the total weight 1 - decay ** steps, kept with the same float32 decay as the average: a float64
+        # correction of a float32 recursion drifts once a call is longer than the window (a review)
+        self._weight = torch.zeros((), dtype=torch.float32)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -42,6 +45,7 @@ class IterateAverage:
         if not self._params:
             return
         self.steps += 1
+        self._weight.mul_(self.decay).add_(1.0 - self.decay)
         for param, average in zip(self._params, self._average):
             average.mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
 
@@ -50,6 +54,5 @@ class IterateAverage:
         """Set the model's trainable parameters to the average; a no-op before the first step or when off."""
         if not self.steps:
             return
-        correction = 1.0 - self.decay ** self.steps
         for param, average in zip(self._params, self._average):
-            param.copy_(average / correction)
+            param.copy_(average / self._weight)

@@ -41,13 +41,15 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
 
     federation_data(cfg)
     if cfg["resume"]:
+        from server.resume import resumable_run_dir
         from simulations.population import refuse_another_partner_count
-        from simulations.preflight import resumable
 
-        refuse_another_partner_count(resumable(cfg), num_partners)
-    from simulations.preflight import preflight
+        refuse_another_partner_count(resumable_run_dir(cfg), num_partners)
+    from simulations.preflight import preflight, resumable
 
     preflight(cfg, num_partners)  # the ServerApp's checks too
+    if cfg["resume"]:
+        resumable(cfg)  # its checkpoint fits this config, model and catalogue (the ServerApp checks it again)
 
     from flwr.simulation import run_simulation
 

@@ -114,6 +114,11 @@ def test_cross_device_with_local_dp_names_the_fix_not_one_partners_symptom():
     users = split_population(cfg)[0].num_users  # one partner each
     with pytest.raises(ConfigError, match='cross-device.*local DP-SGD.*dp-mode = "off" or "central"'):
         preflight.check_simulation(cfg, users)
+    # where empty partitions (not DP) leave too few, the line names them: dp-mode off would not help
+    crowded = resolve_config(None, {**SMALL, "partitioning": "cross-device", "min-nodes": users,
+                                    "simulated-count-noise": True})
+    with pytest.raises(FedRecError, match="no user with a training example"):
+        preflight.check_simulation(crowded, users)
     for mode in ("off", "central"):  # what the line suggests passes the preflight
         preflight.check_simulation(resolve_config(None, {**SMALL, "partitioning": "cross-device", "min-nodes": 1,
                                                          "dp-mode": mode}), users)

@@ -87,10 +87,11 @@ def sasrec(data) -> SASRec:
     return SASRec(data.num_items, max_len=10, dim=8, num_blocks=1, num_heads=1, dropout=0.1, tied_output=True)
 
 
-@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=7)],
-                         ids=["plain", "dp"])
-def test_train_local_ends_at_the_average_of_the_iterates_of_the_same_run(dp, small_data, monkeypatch):
-    decay, kwargs = 0.9, dict(epochs=2, batch_size=32, learning_rate=0.01, max_len=10, seed=3, dp=dp)
+@pytest.mark.parametrize(("dp", "mu"), [(None, 0.0), (DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=7), 0.0),
+                                        (None, 5.0)], ids=["plain", "dp", "fedprox"])
+def test_train_local_ends_at_the_average_of_the_iterates_of_the_same_run(dp, mu, small_data, monkeypatch):
+    decay = 0.9
+    kwargs = dict(epochs=2, batch_size=32, learning_rate=0.01, max_len=10, seed=3, dp=dp, proximal_mu=mu)
     monkeypatch.setattr(RecordingAverage, "runs", [])
     with monkeypatch.context() as patch:
         patch.setattr(training, "IterateAverage", RecordingAverage)
@@ -102,12 +103,15 @@ def test_train_local_ends_at_the_average_of_the_iterates_of_the_same_run(dp, sma
     assert len(iterates) == out.steps > 5
     assert out.loss == pytest.approx(recorded.loss)  # the same trajectory: averaging only sets the end point
     assert out.mechanisms == recorded.mechanisms  # and spends nothing more (post-processing)
+    last_params = [p for p in last.parameters() if p.requires_grad]
+    for recorded_value, trained in zip(iterates[-1], last_params):  # recorded after every step (FedProx's pull too)
+        np.testing.assert_array_equal(recorded_value, trained.detach().numpy())
     params = [p for p in averaged.parameters() if p.requires_grad]
     for i, param in enumerate(params):
         np.testing.assert_allclose(param.detach().numpy(), expected_average([step[i] for step in iterates], decay),
                                    rtol=1e-4, atol=1e-5)
     moved = max(float(np.abs(a.detach().numpy() - b.detach().numpy()).max())
-                for a, b in zip(params, last.parameters()))
+                for a, b in zip(params, last_params))
     assert moved > 1e-3  # the average is not the last iterate
 
 
