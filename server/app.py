@@ -89,8 +89,9 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(context.run_config, overrides)
         if ignored := ignored_knobs(cfg):
+            verb = "changes" if len(ignored) == 1 else "change"
             log(WARNING, "%s %s nothing in this run (model = %s, item-features = %s%s, aggregation = %s, "
-                "partitioning = %s)", ", ".join(ignored), "changes" if len(ignored) == 1 else "change", cfg["model"], cfg["item-features"],
+                "partitioning = %s)", ", ".join(ignored), verb, cfg["model"], cfg["item-features"],
                 ", published item-text-features" if cfg["item-text-features"] else "", cfg["aggregation"],
                 cfg["partitioning"])
 
