@@ -29,7 +29,7 @@ run: install
 	$(PY) -m simulations.run --num-partners $(PARTNERS) $(if $(RUN_CONFIG),--run-config "$$RUN_CONFIG")
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf runs .flwr .pytest_cache

@@ -87,11 +87,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files with slow end-to-end tests run first, each file's tests in their own order. Under
-    `make test`'s workers (xdist hands out whole files in this order, --no-loadscope-reorder) the
-    long files then start at once, instead of the longest starting last and running alone."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: every other order is kept
