@@ -32,7 +32,6 @@ class IterateAverage:
         if not 0 <= decay < 1:
             raise ConfigError(f"ema-decay = {decay!r} must be in [0, 1) (0 = no averaging)")
         self.decay = float(decay)
-        self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad] if decay else []
         self._average = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         # the total weight 1 - decay ** steps, kept with the same float32 decay as the average: a float64
@@ -44,7 +43,6 @@ class IterateAverage:
         """Fold the current weights into the average (call after every optimiser step)."""
         if not self._params:
             return
-        self.steps += 1
         self._weight.mul_(self.decay).add_(1.0 - self.decay)
         for param, average in zip(self._params, self._average):
             average.mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
@@ -52,7 +50,7 @@ class IterateAverage:
     @torch.no_grad()
     def apply(self) -> None:
         """Set the model's trainable parameters to the average; a no-op before the first step or when off."""
-        if not self.steps:
+        if not self._weight:  # off, or no step yet
             return
         for param, average in zip(self._params, self._average):
             param.copy_(average / self._weight)

@@ -105,9 +105,7 @@ def _check(args: argparse.Namespace) -> int:
     from common.files import file_in_the_way
     from common.privacy import dp_mode
     from server.app import initial_model
-    from common.item_text import table_record
-    from server.checkpoint import fingerprint
-    from server.resume import resumable_checkpoint
+    from server.resume import resumable_checkpoint, run_fingerprint
 
     cfg = resolve_config(None, parse_run_config(args.run_config))
     if ignored := ignored_knobs(cfg):
@@ -133,7 +131,7 @@ def _check(args: argparse.Namespace) -> int:
              "SuperLink's working folder, not here; run check from that folder or give an absolute run-dir")
     if cfg["resume"]:
         try:
-            run_dir, ckpt = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict(), table_record(model, cfg, items)))
+            run_dir, ckpt = resumable_checkpoint(cfg, run_fingerprint(cfg, items, model))
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} ({where})" if relative and "no such run directory" in str(exc) else str(exc)) from None
         print(f"resumes {run_dir} after round {ckpt.round} of {cfg['num-server-rounds']}")

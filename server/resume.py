@@ -67,6 +67,11 @@ def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
     return run_dir
 
 
+def run_fingerprint(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> dict[str, Any]:
+    """The fingerprint a checkpoint of this config, catalogue and initial model carries (and a resume must match)."""
+    return fingerprint(cfg, catalogue, model.state_dict(), table_record(model, cfg, catalogue))
+
+
 def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple[Path, Checkpoint]:
     """The run directory and verified checkpoint ``resume = true`` continues from, for a run whose
     model, catalogue and config have fingerprint ``fp``; one line naming what does not fit.
@@ -86,7 +91,7 @@ def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple
 def start_run(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> RunStart:
     """A fresh run, or the continuation of ``run-dir/run-name`` when ``resume`` is set."""
     state = model.state_dict()
-    fp = fingerprint(cfg, catalogue, state, table_record(model, cfg, catalogue))
+    fp = run_fingerprint(cfg, catalogue, model)
     total = int(cfg["num-server-rounds"])
     if not cfg["resume"]:
         run_dir = new_run_dir(cfg["run-dir"], cfg["run-name"])

@@ -130,14 +130,11 @@ def resumable(cfg: Mapping[str, Any]) -> Path:
     """The run directory ``resume = true`` continues, after the ServerApp's own checks of its checkpoint (the
     config, catalogue and model fingerprints, as ``fedrec-server check`` does): a changed knob is refused in
     one line before Ray starts, not ~10 s later inside the ServerApp (a doc audit)."""
-    from common.item_text import table_record
     from server.app import initial_model
-    from server.checkpoint import fingerprint
-    from server.resume import resumable_checkpoint
+    from server.resume import resumable_checkpoint, run_fingerprint
 
     items, model, _ = initial_model(dict(cfg))
-    run_dir, _ = resumable_checkpoint(cfg, fingerprint(cfg, items, model.state_dict(), table_record(model, cfg, items)))
-    return run_dir
+    return resumable_checkpoint(cfg, run_fingerprint(cfg, items, model))[0]
 
 
 def preflight(cfg: Mapping[str, Any], num_partners: int) -> None:
