@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "num-heads": 1,
     "dropout": 0.2,
     "tied-output": False,
-    "item-init": "random",  # random | cooccurrence (common/cooccurrence.py; dp-mode off only)
+    "item-init": "random",  # random | cooccurrence (common/cooccurrence.py; dp-mode off only) | text (common/text_init.py)
     "item-init-window": 10,
     # Item understanding (common/item_text.py, common/models/text_sasrec.py)
     "item-features": "id",
@@ -176,7 +176,8 @@ def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
         ignored += ["central-noise-multiplier", "central-clipping-norm", "central-clipping"]
     # The encoder knobs only matter where item texts get encoded: not for id-only items, and not
     # beside a published features file (its encoder is the one the coordinator used)
-    if cfg.get("item-features", "id") == "id" or cfg.get("item-text-features"):
+    texts = cfg.get("item-features", "id") != "id" or cfg.get("item-init") == "text"
+    if not texts or cfg.get("item-text-features"):
         ignored += ["item-text-model", "item-text-quantize"]
     if cfg.get("item-init", "random") != "cooccurrence":
         ignored += ["item-init-window"]

@@ -41,7 +41,7 @@ CHOICES = {
     "accountant": ("rdp", "prv"),
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
     "central-clipping": ("server", "client"),
-    "item-init": ("random", "cooccurrence"),
+    "item-init": ("random", "cooccurrence", "text"),
     "partitioning": PARTITION_SCHEMES,  # (a bad one was refused by every partner, every round, run "completed")
 }
 
@@ -141,9 +141,22 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
                           "evaluation sums on their privacy ledgers")
     if cfg.get("item-init") == "cooccurrence":
         _check_cooccurrence_init(cfg, model, features)
+    if cfg.get("item-init") == "text":
+        _check_text_init(cfg, model, features)
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
+
+
+def _check_text_init(cfg: Mapping[str, Any], model: str, features: str) -> None:
+    """``item-init = "text"``: SASRec's id table from public item texts (common/text_init.py); any DP mode."""
+    if model != "sasrec" or features != "id":
+        raise ConfigError(f"item-init = \"text\" sets SASRec's item id embeddings from the item texts: it needs "
+                          f"model = \"sasrec\" with item-features = \"id\" (this run: {model}, {features}; "
+                          "item-features = text already feeds the texts to the model)")
+    if cfg.get("init-model"):  # both would set the item table: the texts would overwrite the trained rows
+        raise ConfigError(f"item-init = \"text\" starts the item embeddings from the item texts, init-model = "
+                          f"{str(cfg['init-model'])!r} from a trained model: set one of them")
 
 
 def _check_cooccurrence_init(cfg: Mapping[str, Any], model: str, features: str) -> None:

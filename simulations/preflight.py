@@ -106,6 +106,12 @@ def check_simulation(cfg: Mapping[str, Any], num_partners: int) -> dict[int, str
         from server.item_init import check_catalogue_size
 
         check_catalogue_size(len(catalogue(cfg)))
+    if cfg.get("item-init") == "text" and not cfg.get("resume"):  # the texts, read (cached) before Ray starts
+        from common.task import catalogue, new_model
+        from common.text_init import initialise_from_text
+
+        items = catalogue(cfg)
+        initialise_from_text(new_model(cfg, len(items)), cfg, items)
     if uses_local_dp(dp_mode(cfg)) and cfg.get("ledger-dir") and (file := file_in_the_way(str(cfg["ledger-dir"]))):
         # every simulated partner would refuse every round opening its ledger there (client/privacy_budget.py)
         raise ConfigError(f"ledger-dir = {str(cfg['ledger-dir'])!r}: {file} is a file, not a folder; give the folder "

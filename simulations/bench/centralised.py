@@ -63,6 +63,10 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
 
         counts = cooccurrence_counts(data, int(cfg["item-init-window"]))
         initialise_item_embeddings(model, counts, seed=int(cfg["seed"]))
+    elif cfg["item-init"] == "text":  # as the coordinator does (server/app.py)
+        from common.text_init import initialise_from_text
+
+        initialise_from_text(model, cfg, data.catalogue)
     out["data_s"] = time.perf_counter() - begin
     rounds, epochs, batch = int(cfg["num-server-rounds"]), int(cfg["local-epochs"]), int(cfg["batch-size"])
     dp = None

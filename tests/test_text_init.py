@@ -1,0 +1,134 @@
+"""``item-init = "text"``: SASRec's id table starts from the PCA of the public item-text vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+
+from client.app import make_client_app
+from common.config import ignored_knobs, resolve_config
+from common.errors import ConfigError
+from common.item_text import save_features
+from common.task import catalogue, new_model
+from common.text_init import initialise_from_text, text_item_embeddings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = {"synthetic-users": 60, "synthetic-items": 25, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+        "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "tied-output": True, "item-init": "text"}
+
+
+def _principal_coordinates_by_eigh(features: np.ndarray, dim: int) -> np.ndarray:
+    """An independent computation: eigenvectors of the covariance (not the SVD), largest first."""
+    centred = features - features.mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    order = np.argsort(values)[::-1][:dim]
+    return centred @ vectors[:, order]
+
+
+def test_rows_are_the_principal_coordinates_scaled_to_sasrecs_row_size():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, 12)) @ np.diag(np.linspace(3.0, 0.1, 12))  # distinct variances
+    rows = text_item_embeddings(features, 5)
+    assert rows.shape == (31, 5) and rows.dtype == np.float32
+    assert not rows[0].any()  # padding
+    expected = _principal_coordinates_by_eigh(features, 5)
+    expected *= np.sqrt(30 / (expected ** 2).sum())  # mean squared row norm 1
+    signs = np.sign((rows[1:] * expected).sum(axis=0))  # a component's sign is arbitrary
+    np.testing.assert_allclose(rows[1:], expected * signs, atol=1e-5)
+    assert np.isclose((rows[1:].astype(np.float64) ** 2).sum(axis=1).mean(), 1.0, atol=1e-5)
+
+
+def test_fewer_components_than_dimensions_leave_the_other_columns_zero():
+    # 4 items spanning a plane of a 3-d space: 2 components, whatever dim asks for
+    features = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 2.0, 1.0], [1.0, 2.0, 1.0]])
+    rows = text_item_embeddings(features, 6)
+    assert np.abs(rows[1:, :2]).sum(axis=0).min() > 0.1
+    assert not rows[:, 2:].any()
+
+
+@pytest.mark.parametrize("bad", [np.full((3, 2), np.nan), np.zeros((0, 4)), np.zeros(5)])
+def test_features_that_are_not_a_finite_table_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match=r"^item-init = \"text\": the item text features must be a finite"):
+        text_item_embeddings(bad, 4)
+
+
+def _published(tmp_path, cfg: dict) -> dict:
+    """A published features file for the run's catalogue (as `fedrec-server item-text` writes one)."""
+    items = catalogue(resolve_config(None, cfg))
+    emb = np.random.default_rng(1).normal(size=(len(items), 16)).astype(np.float32)
+    save_features(tmp_path / "text.npz", items, emb, model="m", texts=[f"title {i}" for i in items])
+    return {**cfg, "item-text-features": str(tmp_path / "text.npz")}
+
+
+def test_the_id_table_and_its_tied_output_start_from_the_texts(tmp_path):
+    cfg = resolve_config(None, _published(tmp_path, TINY))
+    items = catalogue(cfg)
+    model = new_model(cfg, len(items))
+    record = initialise_from_text(model, cfg, items)
+    expected = text_item_embeddings(_features(tmp_path, items), 8)
+    torch.testing.assert_close(model.item_emb.weight.detach(), torch.from_numpy(expected))
+    assert model.output.weight is model.item_emb.weight
+    assert record == {"item-init": "text", "item-text-source": str(tmp_path / "text.npz"), "item-text-dims": 16}
+
+
+def _features(tmp_path, items: np.ndarray) -> np.ndarray:
+    from common.item_text import load_features
+
+    return load_features(tmp_path / "text.npz", items)[0]
+
+
+def test_allowed_under_every_dp_mode_and_refused_where_it_cannot_apply():
+    for mode in ("local", "central", "both", "off"):
+        resolve_config(None, {**TINY, "dp-mode": mode, "secure-aggregation": mode == "central"})
+    with pytest.raises(ConfigError, match=r"it needs model = \"sasrec\" with item-features = \"id\" \(this run: mf, id"):
+        resolve_config(None, {**TINY, "model": "mf"})
+    with pytest.raises(ConfigError, match=r"\(this run: sasrec, id\+text; item-features = text already feeds"):
+        resolve_config(None, {**TINY, "item-features": "id+text"})
+    with pytest.raises(ConfigError, match="init-model = 'runs/x' from a trained model: set one of them"):
+        resolve_config(None, {**TINY, "init-model": "runs/x"})
+    # the encoder knobs matter now, though the model itself has no text input
+    assert "item-text-model" not in ignored_knobs(resolve_config(None, {**TINY, "item-text-model": "other"}))
+    assert "item-text-model" in ignored_knobs(resolve_config(None, {**TINY, "item-init": "random",
+                                                                    "item-text-model": "other"}))
+
+
+def test_a_catalogue_without_texts_is_a_one_line_error():
+    cfg = resolve_config(None, TINY)  # synthetic: no titles beside it, no published file
+    items = catalogue(cfg)
+    with pytest.raises(ConfigError, match=r"^item-init = \"text\": item-features needs item titles"):
+        initialise_from_text(new_model(cfg, len(items)), cfg, items)
+
+
+def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_weights(tmp_path):
+    from simulations.local_grid import run_local
+
+    overrides = {**_published(tmp_path, TINY), "run-dir": str(tmp_path), "run-name": "text", "dp": True,
+                 "min-nodes": 2}
+    real, sent = make_client_app(overrides), []
+
+    def spy(msg: Message, context: Context) -> Message:  # records what each message carries, then answers
+        sent.append((msg.metadata.message_type, msg.content))
+        return real(msg, context)
+
+    run_dir = run_local(overrides, 2, client_apps=[spy, spy])
+    start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
+    assert start["item-init"] == "text" and start["item-text-dims"] == 16
+    assert [kind for kind, _ in sent if kind == MessageType.QUERY] == []  # public: no partner is asked
+    first_train = next(content for kind, content in sent if kind == MessageType.TRAIN)
+    rows = first_train["arrays"].to_torch_state_dict()["item_emb.weight"]
+    items = catalogue(resolve_config(None, overrides))
+    assert torch.allclose(rows, torch.from_numpy(text_item_embeddings(_features(tmp_path, items), 8)), atol=1e-6)
+    # DP-SGD ran on that start: the partners' replies carry a spent epsilon
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epsilon"] > 0
+    # a resume continues the checkpoint's weights: not reset to the text start
+    sent.clear()
+    run_local({**overrides, "resume": True, "num-server-rounds": 2}, 2, client_apps=[spy, spy])
+    resumed_rows = next(content for kind, content in sent if kind == MessageType.TRAIN)["arrays"]
+    assert not torch.allclose(resumed_rows.to_torch_state_dict()["item_emb.weight"], rows)
+    assert "item-init" not in json.loads((run_dir / "provenance.json").read_text())["starts"][1]
