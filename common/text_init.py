@@ -33,7 +33,9 @@ def text_item_embeddings(features: np.ndarray, dim: int) -> np.ndarray:
         raise ConfigError(f"item-init = \"text\": the item text features must be a finite (items x dims) table, "
                           f"got shape {feats.shape}")
     centred = feats - feats.mean(axis=0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    # torch's LAPACK, not NumPy's: NumPy's OpenBLAS SVD once spun for 13 minutes in the ServerApp's thread of a
+    # simulation (not reproduced alone); torch's runs in every partner's training already
+    _, s, vt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(centred), full_matrices=False))
     k = min(dim, int((s > s[0] * 1e-9).sum()) if s.size and s[0] > 0 else 0)  # components the items really span
     rows = np.zeros((len(feats) + 1, dim))
     rows[1:, :k] = centred @ vt[:k].T
