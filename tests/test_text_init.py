@@ -132,3 +132,21 @@ def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_wei
     resumed_rows = next(content for kind, content in sent if kind == MessageType.TRAIN)["arrays"]
     assert not torch.allclose(resumed_rows.to_torch_state_dict()["item_emb.weight"], rows)
     assert "item-init" not in json.loads((run_dir / "provenance.json").read_text())["starts"][1]
+
+
+def test_the_coordinators_check_reads_the_texts_and_refuses_a_catalogue_without_them(tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["check", "--run-config", 'item-init="text" synthetic-items=25']) == 2
+    assert 'item-init = "text": item-features needs item titles' in capsys.readouterr().err
+    published = _published(tmp_path, TINY)
+    assert main(["check", "--run-config", f'item-init="text" synthetic-users=60 synthetic-items=25 '
+                 f'embedding-dim=8 item-text-features="{published["item-text-features"]}"']) == 0
+    assert "item-init: item embeddings from the PCA of the item texts" in capsys.readouterr().out
+
+
+def test_a_simulation_without_texts_is_refused_before_ray_starts():
+    from simulations.preflight import preflight
+
+    with pytest.raises(ConfigError, match=r"^item-init = \"text\": item-features needs item titles"):
+        preflight(resolve_config(None, TINY), 2)
