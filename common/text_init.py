@@ -32,16 +32,18 @@ def text_item_embeddings(features: np.ndarray, dim: int) -> np.ndarray:
     if feats.ndim != 2 or not len(feats) or not np.isfinite(feats).all():
         raise ConfigError(f"item-init = \"text\": the item text features must be a finite (items x dims) table, "
                           f"got shape {feats.shape}")
-    centred = feats - feats.mean(axis=0)
-    # torch's LAPACK, not NumPy's: NumPy's OpenBLAS SVD once spun for 13 minutes in the ServerApp's thread of a
-    # simulation (not reproduced alone); torch's runs in every partner's training already
-    _, s, vt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(centred), full_matrices=False))
-    k = min(dim, int((s > s[0] * 1e-9).sum()) if s.size and s[0] > 0 else 0)  # components the items really span
-    rows = np.zeros((len(feats) + 1, dim))
+    # All in torch (LAPACK and BLAS): NumPy's OpenBLAS SVD once spun for 13 minutes in the ServerApp's thread of
+    # a simulation (not reproduced alone); torch's runs in every partner's training already
+    centred = torch.from_numpy(feats) - torch.from_numpy(feats).mean(dim=0)
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    k = min(dim, int((s > s[0] * 1e-9).sum()) if s.numel() and s[0] > 0 else 0)  # components the items span
+    if k == 0:  # identical vectors (or one item): every row would be 0, a start worse than random
+        raise ConfigError(f"item-init = \"text\": the {len(feats)} item text vectors are all the same, so they "
+                          "tell no item from another; use item-init = \"random\"")
+    rows = torch.zeros(len(feats) + 1, dim, dtype=torch.float64)
     rows[1:, :k] = centred @ vt[:k].T
-    if (energy := (rows[1:] ** 2).sum()) > 0:
-        rows[1:] *= np.sqrt(len(feats) / energy)
-    return rows.astype(np.float32)
+    rows[1:] *= torch.sqrt(len(feats) / (rows[1:] ** 2).sum())
+    return rows.numpy().astype(np.float32)
 
 
 def initialise_from_text(model: torch.nn.Module, cfg: Mapping[str, Any], items: np.ndarray) -> dict[str, Any]:
@@ -49,12 +51,14 @@ def initialise_from_text(model: torch.nn.Module, cfg: Mapping[str, Any], items: 
     ``items`` (the run's catalogue, in the model's order). Returns what was used, for provenance.
     One-line :class:`ConfigError` when the catalogue has no texts (no metadata beside ``dataset`` and
     no published ``item-text-features``)."""
+    from common.data.attributes import metadata_path
     from common.item_text import catalogue_text_features
 
-    try:
-        features, _ = catalogue_text_features(cfg, items)
-    except ConfigError as exc:
-        raise ConfigError(f"item-init = \"text\": {exc}") from None
+    if not cfg.get("item-text-features") and metadata_path(str(cfg["dataset"])) is None:
+        raise ConfigError(f"item-init = \"text\" needs item titles, but dataset {str(cfg['dataset'])!r} has no "
+                          "metadata beside it (u.item, movies.dat or movies.csv); publish features with "
+                          "`fedrec-server item-text` and set item-text-features, or use item-init = \"random\"")
+    features, _ = catalogue_text_features(cfg, items)
     weight = model.item_emb.weight
     if len(features) != weight.shape[0] - 1:
         raise ConfigError(f"item-init = \"text\": {len(features)} text vectors for a catalogue of "

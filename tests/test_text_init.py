@@ -51,6 +51,12 @@ def test_fewer_components_than_dimensions_leave_the_other_columns_zero():
     assert not rows[:, 2:].any()
 
 
+def test_vectors_that_tell_no_item_apart_are_refused_not_turned_into_zero_rows():
+    for same in (np.ones((4, 3)), np.ones((1, 3))):
+        with pytest.raises(ConfigError, match=r"item text vectors are all the same, so they tell no item"):
+            text_item_embeddings(same, 4)
+
+
 @pytest.mark.parametrize("bad", [np.full((3, 2), np.nan), np.zeros((0, 4)), np.zeros(5)])
 def test_features_that_are_not_a_finite_table_are_one_line_errors(bad):
     with pytest.raises(ConfigError, match=r"^item-init = \"text\": the item text features must be a finite"):
@@ -58,11 +64,19 @@ def test_features_that_are_not_a_finite_table_are_one_line_errors(bad):
 
 
 def _published(tmp_path, cfg: dict) -> dict:
-    """A published features file for the run's catalogue (as `fedrec-server item-text` writes one)."""
+    """A published features file for the run's catalogue (as `fedrec-server item-text` writes one), its items
+    in another order than the catalogue's; the vectors in catalogue order are kept beside it (vectors.npy)."""
     items = catalogue(resolve_config(None, cfg))
     emb = np.random.default_rng(1).normal(size=(len(items), 16)).astype(np.float32)
-    save_features(tmp_path / "text.npz", items, emb, model="m", texts=[f"title {i}" for i in items])
+    order = np.random.default_rng(2).permutation(len(items))
+    save_features(tmp_path / "text.npz", items[order], emb[order], model="m", texts=[f"title {i}" for i in items[order]])
+    np.save(tmp_path / "vectors.npy", emb)
     return {**cfg, "item-text-features": str(tmp_path / "text.npz")}
+
+
+def _features(tmp_path) -> np.ndarray:
+    """The vectors of _published in catalogue order (not read back through the features file)."""
+    return np.load(tmp_path / "vectors.npy")
 
 
 def test_the_id_table_and_its_tied_output_start_from_the_texts(tmp_path):
@@ -70,16 +84,10 @@ def test_the_id_table_and_its_tied_output_start_from_the_texts(tmp_path):
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     record = initialise_from_text(model, cfg, items)
-    expected = text_item_embeddings(_features(tmp_path, items), 8)
+    expected = text_item_embeddings(_features(tmp_path), 8)
     torch.testing.assert_close(model.item_emb.weight.detach(), torch.from_numpy(expected))
     assert model.output.weight is model.item_emb.weight
     assert record == {"item-init": "text", "item-text-source": str(tmp_path / "text.npz"), "item-text-dims": 16}
-
-
-def _features(tmp_path, items: np.ndarray) -> np.ndarray:
-    from common.item_text import load_features
-
-    return load_features(tmp_path / "text.npz", items)[0]
 
 
 def test_allowed_under_every_dp_mode_and_refused_where_it_cannot_apply():
@@ -100,11 +108,11 @@ def test_allowed_under_every_dp_mode_and_refused_where_it_cannot_apply():
 def test_a_catalogue_without_texts_is_a_one_line_error():
     cfg = resolve_config(None, TINY)  # synthetic: no titles beside it, no published file
     items = catalogue(cfg)
-    with pytest.raises(ConfigError, match=r"^item-init = \"text\": item-features needs item titles"):
+    with pytest.raises(ConfigError, match=r"^item-init = \"text\" needs item titles, but dataset 'synthetic' has no metadata"):
         initialise_from_text(new_model(cfg, len(items)), cfg, items)
 
 
-def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_weights(tmp_path):
+def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_weights(tmp_path, monkeypatch):
     from simulations.local_grid import run_local
 
     overrides = {**_published(tmp_path, TINY), "run-dir": str(tmp_path), "run-name": "text", "dp": True,
@@ -121,14 +129,17 @@ def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_wei
     assert [kind for kind, _ in sent if kind == MessageType.QUERY] == []  # public: no partner is asked
     first_train = next(content for kind, content in sent if kind == MessageType.TRAIN)
     rows = first_train["arrays"].to_torch_state_dict()["item_emb.weight"]
-    items = catalogue(resolve_config(None, overrides))
-    assert torch.allclose(rows, torch.from_numpy(text_item_embeddings(_features(tmp_path, items), 8)), atol=1e-6)
+    assert torch.allclose(rows, torch.from_numpy(text_item_embeddings(_features(tmp_path), 8)), atol=1e-6)
     # DP-SGD ran on that start: the partners' replies carry a spent epsilon
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["epsilon"] > 0
-    # a resume continues the checkpoint's weights: not reset to the text start
+    # a resume continues the checkpoint's weights: the text start is not computed again
     sent.clear()
-    run_local({**overrides, "resume": True, "num-server-rounds": 2}, 2, client_apps=[spy, spy])
+    with monkeypatch.context() as patch:
+        def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise AssertionError("a resume set the item table from the texts again")
+        patch.setattr("server.app.initialise_from_text", refuse)
+        run_local({**overrides, "resume": True, "num-server-rounds": 2}, 2, client_apps=[spy, spy])
     resumed_rows = next(content for kind, content in sent if kind == MessageType.TRAIN)["arrays"]
     assert not torch.allclose(resumed_rows.to_torch_state_dict()["item_emb.weight"], rows)
     assert "item-init" not in json.loads((run_dir / "provenance.json").read_text())["starts"][1]
@@ -138,7 +149,7 @@ def test_the_coordinators_check_reads_the_texts_and_refuses_a_catalogue_without_
     from server.cli import main
 
     assert main(["check", "--run-config", 'item-init="text" synthetic-items=25']) == 2
-    assert 'item-init = "text": item-features needs item titles' in capsys.readouterr().err
+    assert 'item-init = "text" needs item titles' in capsys.readouterr().err
     published = _published(tmp_path, TINY)
     assert main(["check", "--run-config", f'item-init="text" synthetic-users=60 synthetic-items=25 '
                  f'embedding-dim=8 item-text-features="{published["item-text-features"]}"']) == 0
@@ -148,5 +159,5 @@ def test_the_coordinators_check_reads_the_texts_and_refuses_a_catalogue_without_
 def test_a_simulation_without_texts_is_refused_before_ray_starts():
     from simulations.preflight import preflight
 
-    with pytest.raises(ConfigError, match=r"^item-init = \"text\": item-features needs item titles"):
+    with pytest.raises(ConfigError, match=r"^item-init = \"text\" needs item titles, but dataset 'synthetic' has no metadata"):
         preflight(resolve_config(None, TINY), 2)
