@@ -139,46 +139,41 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"evaluation-noise-multiplier = {cfg['evaluation-noise-multiplier']!r} needs dp-mode = "
                           f"\"local\" or \"both\" (this run: {dp_mode(cfg)}): partners account the noised "
                           "evaluation sums on their privacy ledgers")
-    if cfg.get("item-init") == "cooccurrence":
-        _check_cooccurrence_init(cfg, model, features)
-    if cfg.get("item-init") == "text":
-        _check_text_init(cfg, model, features)
+    if cfg.get("item-init", "random") != "random":
+        _check_item_start(cfg, model, features)
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
 
 
-def _check_text_init(cfg: Mapping[str, Any], model: str, features: str) -> None:
-    """``item-init = "text"``: SASRec's id table from public item texts (common/text_init.py); any DP mode."""
-    if model != "sasrec" or features != "id":
-        raise ConfigError(f"item-init = \"text\" sets SASRec's item id embeddings from the item texts: it needs "
-                          f"model = \"sasrec\" with item-features = \"id\" (this run: {model}, {features}; "
-                          "item-features = text already feeds the texts to the model)")
-    if cfg.get("init-model"):  # both would set the item table: the texts would overwrite the trained rows
-        raise ConfigError(f"item-init = \"text\" starts the item embeddings from the item texts, init-model = "
-                          f"{str(cfg['init-model'])!r} from a trained model: set one of them")
+# What each item-init other than random starts SASRec's id table from (common/cooccurrence.py, common/text_init.py)
+_ITEM_STARTS = {"cooccurrence": "counts", "text": "the item texts"}
 
 
-def _check_cooccurrence_init(cfg: Mapping[str, Any], model: str, features: str) -> None:
-    """``item-init = "cooccurrence"``: partners send item-pair counts outside any DP mechanism and in clear
-    (common/cooccurrence.py), so only runs that protect nothing; the counts set SASRec's id table."""
+def _check_item_start(cfg: Mapping[str, Any], model: str, features: str) -> None:
+    """An ``item-init`` that sets SASRec's id table before round 1: only that table exists to set, and only
+    once. ``cooccurrence`` also has partners send item-pair counts outside any DP mechanism and in clear, so
+    only runs that protect nothing; ``text`` reads public texts only, so any DP mode."""
     from common.privacy import dp_mode  # lazy, as above
 
+    init = str(cfg["item-init"])
     if model != "sasrec" or features != "id":
-        raise ConfigError(f"item-init = \"cooccurrence\" sets SASRec's item id embeddings: it needs model = \"sasrec\" "
+        raise ConfigError(f"item-init = \"{init}\" sets SASRec's item id embeddings: it needs model = \"sasrec\" "
                           f"with item-features = \"id\" (this run: {model}, {features})")
+    if cfg.get("init-model"):  # both would set the item table: the start would overwrite the trained rows
+        raise ConfigError(f"item-init = \"{init}\" starts the item embeddings from {_ITEM_STARTS[init]}, init-model = "
+                          f"{str(cfg['init-model'])!r} from a trained model: set one of them")
+    if init != "cooccurrence":
+        return
     if dp_mode(cfg) != "off":
         raise ConfigError(f"item-init = \"cooccurrence\" has partners send item-pair counts that no DP protects, "
-                          f"so it needs dp-mode = \"off\" (this run: {dp_mode(cfg)}); use item-init = \"random\" "
-                          "under DP")
+                          f"so it needs dp-mode = \"off\" (this run: {dp_mode(cfg)}); use item-init = \"text\" "
+                          "(public item texts) or \"random\" under DP")
     robust = cfg.get("aggregation") in ("median", "trimmed-mean", "krum") or int(cfg.get("num-malicious-nodes", 0)) > 0
     if robust:  # one partner's counts, however large, would set the start: the sum has no robust form here
         raise ConfigError(f"item-init = \"cooccurrence\" sums the partners' counts as sent, so one partner sets the "
                           f"start; aggregation = {cfg.get('aggregation')!r} expects malicious partners: use "
-                          "item-init = \"random\" with robust aggregation")
-    if cfg.get("init-model"):  # both would set the item table: the counts would overwrite the trained rows
-        raise ConfigError(f"item-init = \"cooccurrence\" starts the item embeddings from counts, init-model = "
-                          f"{str(cfg['init-model'])!r} from a trained model: set one of them")
+                          "item-init = \"text\" or \"random\" with robust aggregation")
     if cfg.get("secure-aggregation"):
         raise ConfigError("item-init = \"cooccurrence\" has partners send item-pair counts in clear, which "
-                          "secure-aggregation = true is meant to prevent; use item-init = \"random\" with SecAgg+")
+                          "secure-aggregation = true is meant to prevent; use item-init = \"text\" or \"random\" with SecAgg+")

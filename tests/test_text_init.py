@@ -95,7 +95,7 @@ def test_allowed_under_every_dp_mode_and_refused_where_it_cannot_apply():
         resolve_config(None, {**TINY, "dp-mode": mode, "secure-aggregation": mode == "central"})
     with pytest.raises(ConfigError, match=r"it needs model = \"sasrec\" with item-features = \"id\" \(this run: mf, id"):
         resolve_config(None, {**TINY, "model": "mf"})
-    with pytest.raises(ConfigError, match=r"\(this run: sasrec, id\+text; item-features = text already feeds"):
+    with pytest.raises(ConfigError, match=r"item-init = \"text\" sets SASRec's item id embeddings: .*\(this run: sasrec, id\+text\)"):
         resolve_config(None, {**TINY, "item-features": "id+text"})
     with pytest.raises(ConfigError, match="init-model = 'runs/x' from a trained model: set one of them"):
         resolve_config(None, {**TINY, "init-model": "runs/x"})
