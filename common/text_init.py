@@ -46,6 +46,14 @@ def text_item_embeddings(features: np.ndarray, dim: int) -> np.ndarray:
     return rows.numpy().astype(np.float32)
 
 
+def untied_output_note(cfg: Mapping[str, Any]) -> str | None:
+    """One line when ``item-init = "text"`` sets only the input rows (``tied-output = false``), else None."""
+    if cfg.get("item-init") != "text" or cfg.get("tied-output"):
+        return None
+    return ("item-init = \"text\" with tied-output = false starts only the input rows; the output layer stays "
+            "random (under DP on ML-100K this gained nothing measurable: docs/models.md); set tied-output = true")
+
+
 def initialise_from_text(model: torch.nn.Module, cfg: Mapping[str, Any], items: np.ndarray) -> dict[str, Any]:
     """Set ``model.item_emb`` (SASRec's id table; the tied output shares it) from the text features of
     ``items`` (the run's catalogue, in the model's order). Returns what was used, for provenance.

@@ -114,11 +114,13 @@ def _check(args: argparse.Namespace) -> int:
               f"{cfg['item-features']}, aggregation = {cfg['aggregation']}, partitioning = {cfg['partitioning']}")
     items, model, _ = initial_model(cfg)
     if cfg["item-init"] == "text" and not cfg["resume"]:  # the texts, read as the ServerApp will (one line if none)
-        from common.text_init import initialise_from_text
+        from common.text_init import initialise_from_text, untied_output_note
 
         start = initialise_from_text(model, cfg, items)
         print(f"item-init: item embeddings from the PCA of the item texts ({start['item-text-source']}, "
               f"{start['item-text-dims']} dims)")
+        if note := untied_output_note(cfg):
+            print(f"note: {note}")
     size = sum(p.numel() for p in model.state_dict().values())
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "

@@ -161,3 +161,14 @@ def test_a_simulation_without_texts_is_refused_before_ray_starts():
 
     with pytest.raises(ConfigError, match=r"^item-init = \"text\" needs item titles, but dataset 'synthetic' has no metadata"):
         preflight(resolve_config(None, TINY), 2)
+
+
+def test_an_untied_output_layer_is_named_once_by_check(tmp_path, capsys):
+    from server.cli import main
+
+    published = _published(tmp_path, TINY)["item-text-features"]
+    base = f'item-init="text" synthetic-users=60 synthetic-items=25 embedding-dim=8 item-text-features="{published}"'
+    assert main(["check", "--run-config", f"{base} tied-output=false"]) == 0
+    assert "note: item-init = \"text\" with tied-output = false starts only the input rows" in capsys.readouterr().out
+    assert main(["check", "--run-config", f"{base} tied-output=true"]) == 0
+    assert "tied-output = false" not in capsys.readouterr().out
