@@ -46,6 +46,12 @@ def text_item_embeddings(features: np.ndarray, dim: int) -> np.ndarray:
     return rows.numpy().astype(np.float32)
 
 
+def describe_text_start(start: Mapping[str, Any]) -> str:
+    """The line that reports a text start (``initialise_from_text``'s record): the ServerApp logs it, check prints it."""
+    return (f"item-init: item embeddings from the PCA of the item texts ({start['item-text-source']}, "
+            f"{start['item-text-dims']} dims)")
+
+
 def untied_output_note(cfg: Mapping[str, Any]) -> str | None:
     """One line when ``item-init = "text"`` sets only the input rows (``tied-output = false``), else None."""
     if cfg.get("item-init") != "text" or cfg.get("tied-output"):

@@ -22,7 +22,7 @@ from common.provenance import append_provenance, run_token
 from common.models.sasrec import tied_key_groups
 from common.task import catalogue, new_model
 from common.privacy import default_delta, dp_mode, uses_central_dp
-from common.text_init import initialise_from_text, untied_output_note
+from common.text_init import describe_text_start, initialise_from_text, untied_output_note
 from server.central_dp import central_delta, with_privacy
 from server.item_init import check_catalogue_size, cooccurrence_start
 from server.late_replies import LateReplyGrid
@@ -110,8 +110,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
             item_start = cooccurrence_start(grid, cfg, model, same_inputs)  # before start_run takes the weights
         elif cfg["item-init"] == "text" and not cfg["resume"]:  # public texts: no partner is asked
             item_start = initialise_from_text(model, cfg, items)
-            log(INFO, "item-init: item embeddings from the PCA of the item texts (%s, %d dims)",
-                item_start["item-text-source"], item_start["item-text-dims"])
+            log(INFO, "%s", describe_text_start(item_start))
             if note := untied_output_note(cfg):
                 log(WARNING, "%s", note)
         start = start_run(cfg, items, model)

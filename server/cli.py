@@ -114,11 +114,9 @@ def _check(args: argparse.Namespace) -> int:
               f"{cfg['item-features']}, aggregation = {cfg['aggregation']}, partitioning = {cfg['partitioning']}")
     items, model, _ = initial_model(cfg)
     if cfg["item-init"] == "text" and not cfg["resume"]:  # the texts, read as the ServerApp will (one line if none)
-        from common.text_init import initialise_from_text, untied_output_note
+        from common.text_init import describe_text_start, initialise_from_text, untied_output_note
 
-        start = initialise_from_text(model, cfg, items)
-        print(f"item-init: item embeddings from the PCA of the item texts ({start['item-text-source']}, "
-              f"{start['item-text-dims']} dims)")
+        print(describe_text_start(initialise_from_text(model, cfg, items)))
         if note := untied_output_note(cfg):
             print(f"note: {note}")
     size = sum(p.numel() for p in model.state_dict().values())

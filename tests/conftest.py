@@ -87,3 +87,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def recording_client_app(overrides: dict):
+    """(client app, sent): the project's ClientApp for ``overrides``, recording (message type, content) of
+    every message it answers into ``sent`` (what the coordinator sent in each round)."""
+    from client.app import make_client_app
+
+    real, sent = make_client_app(overrides), []
+
+    def spy(msg, context):  # noqa: ANN001, ANN202
+        sent.append((msg.metadata.message_type, msg.content))
+        return real(msg, context)
+
+    return spy, sent

@@ -20,7 +20,7 @@ from common.data import build_sequences, generate_synthetic
 from common.data.catalogue import catalogue_fingerprint
 from common.errors import ConfigError
 from common.task import federation_data, new_model, partner_data
-from tests.conftest import flower_message
+from tests.conftest import flower_message, recording_client_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"synthetic-users": 60, "synthetic-items": 25, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
@@ -230,11 +230,7 @@ def test_round_1_trains_from_the_counts_and_a_resume_asks_nothing(tmp_path):
     from simulations.local_grid import run_local
 
     overrides = {**TINY, "run-dir": str(tmp_path), "run-name": "cooc"}
-    real, sent = make_client_app(overrides), []
-
-    def spy(msg: Message, context: Context) -> Message:  # records what each message carries, then answers
-        sent.append((msg.metadata.message_type, msg.content))
-        return real(msg, context)
+    spy, sent = recording_client_app(overrides)
 
     run_dir = run_local(overrides, 2, client_apps=[spy, spy])
     start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]

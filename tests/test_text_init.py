@@ -7,15 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 
-from client.app import make_client_app
 from common.config import ignored_knobs, resolve_config
 from common.errors import ConfigError
 from common.item_text import save_features
 from common.task import catalogue, new_model
 from common.text_init import initialise_from_text, text_item_embeddings
+from tests.conftest import recording_client_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"synthetic-users": 60, "synthetic-items": 25, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
@@ -117,11 +116,7 @@ def test_round_1_trains_from_the_texts_under_local_dp_and_a_resume_keeps_its_wei
 
     overrides = {**_published(tmp_path, TINY), "run-dir": str(tmp_path), "run-name": "text", "dp": True,
                  "min-nodes": 2}
-    real, sent = make_client_app(overrides), []
-
-    def spy(msg: Message, context: Context) -> Message:  # records what each message carries, then answers
-        sent.append((msg.metadata.message_type, msg.content))
-        return real(msg, context)
+    spy, sent = recording_client_app(overrides)
 
     run_dir = run_local(overrides, 2, client_apps=[spy, spy])
     start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
