@@ -49,8 +49,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         return _answer(msg, context, "evaluation", _evaluate_checked, lambda: checked_config(context))
 
     @app.query()
-    def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence" (client/item_counts.py)
-        # the node config's floors refuse the counts (client/item_counts.py)
+    def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence", item-prior = "popularity"
+        # the node config's floors refuse the counts (client/item_counts.py) and cap the histogram's spend
         return _answer(msg, context, "item counting", _item_counts, lambda: checked_config(context))
 
     def checked_config(context: Context) -> dict:
@@ -78,7 +78,13 @@ def _answer(msg: Message, context: Context, what: str, handle: Callable[[Message
 
 
 def _item_counts(msg: Message, context: Context, cfg: dict) -> Message:
-    from client.item_counts import item_counts_reply  # imported for this message only
+    # imported for this message only
+    config = msg.content.config_records.get("config")
+    if config is not None and config.get("query") == "item-popularity":  # client/item_histogram.py QUERY
+        from client.item_histogram import item_histogram_reply
+
+        return item_histogram_reply(msg, context, cfg)
+    from client.item_counts import item_counts_reply
 
     return item_counts_reply(msg, context, cfg)
 

@@ -29,7 +29,7 @@ def item_counts_reply(msg: Message, context: Context, cfg: dict) -> Message:
     config = msg.content.config_records.get("config")
     asked = config.get("query") if config is not None else None
     if asked != QUERY:
-        raise PrivacyError(f"this partner answers no query {asked!r}; it answers {QUERY!r} only")
+        raise PrivacyError(f"this partner answers no query {asked!r}; it answers {QUERY!r} and 'item-popularity' only")
     floor = [key for key in ("max-epsilon", "max-delta") if key in context.node_config]
     if floor:  # either key promises DP for what this partner sends (client/partner_policy.py)
         raise PrivacyError(f"this partner expects DP, its node config sets {floor[0]}, and sends no item-pair counts, "

@@ -31,6 +31,7 @@ from common.files import file_in_the_way
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
+from common.item_prior import prior_mechanism
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
@@ -174,6 +175,14 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     return value
 
 
+def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str) -> list[Mechanism]:
+    """[the item histogram's mechanism] when this run uses item-prior = "popularity" and has not released
+    it yet (then it is on the ledger's history already), else []."""
+    if cfg.get("item-prior", "none") != "popularity" or ledger.releases(run, "item-prior"):
+        return []
+    return [prior_mechanism(float(cfg["item-prior-noise-multiplier"]))]
+
+
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
     """(ledger's, requested) guarantee as text when target-epsilon, delta or accountant differ, else None."""
     if math.isclose(cal.target_epsilon, target) and math.isclose(cal.target_delta, delta) and cal.accountant == accountant:
@@ -263,8 +272,10 @@ class PartnerBudget:
                 planned = int(cfg["num-server-rounds"])
                 target = float(cfg["target-epsilon"])
                 refuse_unaffordable_evaluations(cfg, ledger.accounting_delta(delta))
-                # The planned noised evaluations are spent as if already on the ledger: DP-SGD gets the rest
-                spent_or_planned = ledger.history() + [evaluation_mechanism(eval_noise)] * evals
+                # The planned noised evaluations (and the item histogram of item-prior = "popularity", if this run
+                # has not released it yet) are spent as if already on the ledger: DP-SGD gets the rest
+                spent_or_planned = (ledger.history() + _planned_prior(cfg, ledger, run)
+                                    + [evaluation_mechanism(eval_noise)] * evals)
                 _refuse_no_room_beside_evaluations(ledger, spent_or_planned, evals, eval_noise, target,
                                                    ledger.accounting_delta(delta), str(cfg["accountant"]), label)
                 try:  # planned at the delta the ledger will be accounted at (delta below)
@@ -339,6 +350,19 @@ class PartnerBudget:
     def record(self, context: Context, server_round: int, mechanisms: list[Mechanism]) -> float:
         """Write the round's spend to the ledger (before the reply leaves) and return the new epsilon."""
         self.ledger.record(run=self.run, server_round=server_round, mechanisms=mechanisms, accountant=self.accountant)
+        self._remember(context)
+        return self.spent()
+
+    def record_item_prior(self, context: Context, noise_multiplier: float) -> float:
+        """Write the run's one noised item histogram (common/item_prior.py) to the ledger, before it leaves;
+        the new epsilon. A second for the same run, or one the target has no room for, is refused."""
+        if self.ledger.releases(self.run, "item-prior"):
+            raise PrivacyError(f"{self.label}: run {self.run!r} already released its item histogram (ledger "
+                               f"{self.ledger.path}); it is sent once per run")
+        mechanism = prior_mechanism(noise_multiplier)
+        self._check_next(mechanism, "item histogram")
+        self.ledger.record(run=self.run, server_round=0, mechanisms=[mechanism], accountant=self.accountant,
+                           kind="item-prior")
         self._remember(context)
         return self.spent()
 

@@ -13,8 +13,9 @@ Units: ``noise_multiplier`` is the Gaussian noise std as a multiple of the per-u
 norm; ``sample_rate`` the Poisson probability of one user per step; ``steps`` counts noisy
 optimizer steps; epsilon and delta as in (epsilon, delta)-DP for one user's whole history.
 A row's ``kind`` is ``train`` (DP-SGD), ``evaluate`` (a noised evaluation reply, one Gaussian
-mechanism at sample rate 1: common/private_evaluation.py) or ``count`` (a deployed partner's noised
-user count, once per run: common/private_count.py); epsilon counts every row.
+mechanism at sample rate 1: common/private_evaluation.py), ``count`` (a deployed partner's noised
+user count, once per run: common/private_count.py) or ``item-prior`` (a noised item histogram, once per
+run: common/item_prior.py); epsilon counts every row.
 """
 
 from __future__ import annotations
@@ -192,6 +193,10 @@ class PrivacyLedger:
             return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate'")[0][0])
         return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate' AND run = ?", (run,))[0][0])
 
+    def releases(self, run: str, kind: str) -> int:
+        """Rows of ``kind`` recorded for ``run`` (e.g. whether its item histogram was released)."""
+        return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = ? AND run = ?", (kind, run))[0][0])
+
     def label_key(self) -> str:
         """A random secret of this ledger (kept in its ``meta``, made at first use), with which the partner
         keys the fingerprint it sends (client/privacy_budget.py public_fingerprint): never sent itself."""
@@ -241,12 +246,12 @@ class PrivacyLedger:
 
     def record(self, *, run: str, server_round: int, mechanisms: Iterable[Mechanism], accountant: str,
                kind: str = "train") -> None:
-        """Append what one round's training (``kind`` train) or one noised evaluation reply
-        (``evaluate``) spent, in one transaction (all rows or none).
+        """Append what one round's training (``kind`` train), one noised evaluation reply (``evaluate``)
+        or one noised item histogram (``item-prior``) spent, in one transaction (all rows or none).
 
         Called before the reply leaves the client, so every released update or sum is on the ledger.
         """
-        if kind not in ("train", "evaluate"):
+        if kind not in ("train", "evaluate", "item-prior"):
             raise ValueError(f"unknown ledger row kind {kind!r}")
         now = time.time()  # one time for the round's rows: rounds_trained counts (run, round, time)
         rows = [(run, int(server_round), float(s), float(q), int(n), accountant, self.fingerprint, now, kind)

@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "tied-output": False,
     "item-init": "random",  # random | cooccurrence (common/cooccurrence.py; dp-mode off only) | text (common/text_init.py)
     "item-init-window": 10,
+    "item-prior": "none",  # none | popularity (common/item_prior.py; dp-mode local only)
+    "item-prior-noise-multiplier": 2.0,  # the noised item histogram's std, in units of one user (L2 norm 1)
     # Item understanding (common/item_text.py, common/models/text_sasrec.py)
     "item-features": "id",
     "item-text-model": "all-MiniLM-L6-v2",
@@ -181,4 +183,6 @@ def ignored_knobs(cfg: Mapping[str, Any]) -> list[str]:
         ignored += ["item-text-model", "item-text-quantize"]
     if cfg.get("item-init", "random") != "cooccurrence":
         ignored += ["item-init-window"]
+    if cfg.get("item-prior", "none") != "popularity":
+        ignored += ["item-prior-noise-multiplier"]
     return [k for k in dict.fromkeys(ignored) if k in cfg and cfg[k] != DEFAULTS[k]]

@@ -25,7 +25,7 @@ NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
 # was accepted silently until someone switched the feature on
 POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait-timeout", "secagg-clipping-range",
                    "secagg-max-weight", "secagg-delta-scale", "server-learning-rate", "dirichlet-alpha",
-                   "central-clipping-norm", "count-noise-multiplier")
+                   "central-clipping-norm", "count-noise-multiplier", "item-prior-noise-multiplier")
 # (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
 NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu",
                        "evaluation-noise-multiplier")
@@ -42,6 +42,7 @@ CHOICES = {
     "grad-sample-mode": ("auto", "fused", "hooks", "ghost"),
     "central-clipping": ("server", "client"),
     "item-init": ("random", "cooccurrence", "text"),
+    "item-prior": ("none", "popularity"),
     "partitioning": PARTITION_SCHEMES,  # (a bad one was refused by every partner, every round, run "completed")
 }
 
@@ -141,6 +142,8 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
                           "evaluation sums on their privacy ledgers")
     if cfg.get("item-init", "random") != "random":
         _check_item_start(cfg, model, features)
+    if cfg.get("item-prior", "none") != "none":
+        _check_item_prior(cfg, model, features)
     if not cfg.get("dp", True) and cfg.get("dp-mode") in ("central", "both"):
         raise ConfigError(f"dp = false turns all DP off, but dp-mode = {cfg['dp-mode']!r} asks for it; "
                           "set dp-mode = \"off\" (dp = false is its older name) or drop dp = false")
@@ -177,3 +180,28 @@ def _check_item_start(cfg: Mapping[str, Any], model: str, features: str) -> None
     if cfg.get("secure-aggregation"):
         raise ConfigError("item-init = \"cooccurrence\" has partners send item-pair counts in clear, which "
                           "secure-aggregation = true is meant to prevent; use item-init = \"text\" or \"random\" with SecAgg+")
+
+
+def _check_item_prior(cfg: Mapping[str, Any], model: str, features: str) -> None:
+    """``item-prior = "popularity"`` (common/item_prior.py): each partner releases one noised item histogram,
+    accounted on its own ledger, so local DP only; sent in clear and summed as sent, so no SecAgg+ and no
+    robust aggregation; it sets SASRec's frozen output bias, which central DP's noise would move."""
+    from common.privacy import dp_mode  # lazy, as above
+
+    if model != "sasrec" or features != "id":
+        raise ConfigError(f"item-prior = \"popularity\" offsets the scores of SASRec's output layer: it needs "
+                          f"model = \"sasrec\" with item-features = \"id\" (this run: {model}, {features})")
+    if dp_mode(cfg) != "local":
+        raise ConfigError(f"item-prior = \"popularity\" has each partner release a noised item histogram accounted "
+                          f"on its own privacy ledger, which needs dp-mode = \"local\" (this run: {dp_mode(cfg)})")
+    if cfg.get("init-model"):
+        raise ConfigError(f"item-prior = \"popularity\" sets the output bias before round 1; init-model = "
+                          f"{str(cfg['init-model'])!r} starts from a trained model without one: set one of them")
+    robust = cfg.get("aggregation") in ("median", "trimmed-mean", "krum") or int(cfg.get("num-malicious-nodes", 0)) > 0
+    if robust:
+        raise ConfigError(f"item-prior = \"popularity\" sums the partners' histograms as sent, so one partner could "
+                          f"set every item's offset; aggregation = {cfg.get('aggregation')!r} expects malicious "
+                          "partners: use item-prior = \"none\" with robust aggregation")
+    if cfg.get("secure-aggregation"):
+        raise ConfigError("item-prior = \"popularity\" has partners send their noised item histograms in clear, "
+                          "which secure-aggregation = true is meant to prevent; use item-prior = \"none\" with SecAgg+")

@@ -4,13 +4,14 @@ federated full-ranking evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,6 +26,7 @@ from common.privacy import default_delta, dp_mode, uses_central_dp
 from common.text_init import describe_text_start, initialise_from_text, untied_output_note
 from server.central_dp import central_delta, with_privacy
 from server.item_init import check_catalogue_size, cooccurrence_start
+from server.item_prior import popularity_prior
 from server.late_replies import LateReplyGrid
 from server.privacy_report import PrivacyReport
 from server.resume import RoundCheckpointer, restore, start_run
@@ -115,6 +117,10 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                 log(WARNING, "%s", note)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
+        if cfg["item-prior"] == "popularity" and start.checkpoint is None:  # a resume keeps its checkpoint's offsets
+            # asked under the run directory's name: partners record its spend under the run their rounds use
+            item_start.update(popularity_prior(grid, cfg, model, run_dir.name, same_inputs))
+            start = dataclasses.replace(start, arrays=ArrayRecord(model.state_dict()))
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
         # a fresh run's first entry carries the run-token partners key their round-to-round state by

@@ -37,6 +37,7 @@ def build_model(config: dict, num_items: int, item_genres: torch.Tensor | None =
             tied_output=bool(config["tied-output"]),
             time_features=bool(config.get("time-features", False)),
             item_genres=item_genres if config.get("genre-features", False) else None,
+            item_prior=config.get("item-prior", "none") == "popularity",
         )
     if name == "mf":
         from common.models.mf import MatrixFactorization

@@ -81,6 +81,7 @@ class SASRec(nn.Module):
         tied_output: bool = True,
         time_features: bool = False,
         item_genres: torch.Tensor | None = None,
+        item_prior: bool = False,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -90,7 +91,12 @@ class SASRec(nn.Module):
         self.emb_dropout = FastDropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(dim)
-        self.output = nn.Linear(dim, num_items + 1, bias=False)
+        # item-prior: a per-item score offset set by the coordinator (common/item_prior.py), frozen, so no
+        # partner trains, clips or noises it; it travels with the weights and adds to every score
+        self.output = nn.Linear(dim, num_items + 1, bias=item_prior)
+        if item_prior:
+            nn.init.zeros_(self.output.bias)
+            self.output.bias.requires_grad_(False)
         self.tied_output = tied_output
         # Context inputs (common/models/context.py), off by default: gap buckets and item genres
         self.time_features = time_features

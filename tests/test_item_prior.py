@@ -1,0 +1,162 @@
+"""``item-prior = "popularity"``: a frozen per-item score offset from the partners' noised item histograms.
+
+The release's sensitivity is checked by removing users, its noise by its spread, the offsets against a
+sum computed here from the partners' actual replies, and every partner's whole-ledger epsilon (histogram
+plus DP-SGD) against Google's dp_accounting, an independent accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from flwr.app.message_type import MessageType
+
+from common.config import ignored_knobs, resolve_config
+from common.errors import ConfigError, DataError
+from common.item_prior import (check_histogram, noised_histogram, prior_mechanism, prior_offsets, set_item_prior,
+                               unit_histogram)
+from common.models.sasrec import SASRec
+from common.training import train_local
+from common.task import new_model, federation_data
+from tests.conftest import recording_client_app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = {"synthetic-users": 60, "synthetic-items": 25, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+        "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "tied-output": True, "item-prior": "popularity",
+        "item-prior-noise-multiplier": 2.0}
+
+
+def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """dp_accounting's RDP: a sample rate 1 row is a plain Gaussian mechanism there (no subsampling)."""
+    acc = rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        event = dp_event.GaussianDpEvent(sigma)
+        acc.compose(event if q == 1.0 else dp_event.PoissonSampledDpEvent(q, event), steps)
+    return acc.get_epsilon(delta)
+
+
+def test_one_user_moves_the_histogram_by_exactly_one_in_l2():
+    rng = np.random.default_rng(0)
+    users = [rng.integers(0, 21, size=rng.integers(1, 15)) for _ in range(30)]  # 0 is padding, repeats count once
+    full = unit_histogram(users, 20)
+    for k in range(len(users)):
+        without = unit_histogram(users[:k] + users[k + 1:], 20)
+        assert np.linalg.norm(full - without) == pytest.approx(1.0 if (users[k] > 0).any() else 0.0)
+    # each cell: the users holding the item, each weighted 1 / sqrt(its distinct items)
+    sets = [set(u[u > 0].tolist()) for u in users]
+    expected = [sum(1 / np.sqrt(len(s)) for s in sets if i in s) for i in range(21)]
+    assert np.allclose(full, expected) and full[0] == 0
+
+
+def test_the_noise_has_the_configured_spread_and_a_seed_repeats_it():
+    zero = np.zeros(20_000)
+    drawn = noised_histogram(zero, 3.0, seed=1)
+    assert drawn.dtype == np.float32 and abs(drawn.std() - 3.0) < 0.1 and abs(drawn.mean()) < 0.1
+    assert np.array_equal(drawn, noised_histogram(zero, 3.0, seed=1))
+    secure = noised_histogram(zero, 3.0)  # the CSPRNG of common.secure_noise
+    assert abs(secure.std() - 3.0) < 0.1 and not np.array_equal(secure, drawn)
+    with pytest.raises(ValueError, match="positive"):
+        noised_histogram(zero, 0.0)
+
+
+def test_offsets_are_the_log_of_the_clipped_sum_and_bad_replies_are_refused():
+    a, b = np.array([5.0, 3.0, -4.0, 0.5]), np.array([1.0, 1.0, 1.0, -2.0])
+    assert np.allclose(prior_offsets([a, b]), [0.0, np.log(5.0), 0.0, 0.0])
+    with pytest.raises(DataError, match=r"^partner 3: item histogram of shape \(3,\), expected \(4,\)"):
+        check_histogram(np.zeros(3), 3, "partner 3")
+    with pytest.raises(DataError, match="NaN"):
+        check_histogram(np.array([0.0, np.nan, 1.0, 1.0]), 3, "partner 3")
+
+
+def test_the_offset_is_frozen_adds_to_every_score_and_dp_sgd_leaves_it_alone():
+    torch.manual_seed(0)
+    model = SASRec(20, max_len=6, dim=8, num_blocks=1, item_prior=True)
+    offsets = np.linspace(0.0, 3.0, 21).astype(np.float32)
+    set_item_prior(model, offsets)
+    assert all(p is not model.output.bias for p in model.parameters() if p.requires_grad)
+    model.eval()
+    seq = torch.tensor([[0, 3, 5, 7, 2, 9]])
+    plain = model.output.weight @ model.hidden(seq)[0, -1]
+    assert torch.allclose(model(seq)[0, -1], plain + torch.from_numpy(offsets), atol=1e-5)
+    with pytest.raises(DataError, match="item-prior needs a SASRec model built with"):
+        set_item_prior(SASRec(20, max_len=6, dim=8, num_blocks=1), offsets)
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks"])
+def test_dp_sgd_trains_the_rest_and_never_moves_the_offset(mode):
+    from common.training import DPSettings
+
+    cfg = resolve_config(None, {**TINY, "dp": True})
+    data = federation_data(cfg)
+    model = new_model(cfg, data.num_items)
+    set_item_prior(model, np.arange(data.num_items + 1, dtype=np.float32) / 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_local(model, data, epochs=1, batch_size=8, learning_rate=0.01, max_len=10, seed=0,
+                dp=DPSettings(1.0, 1.0, "rdp", mode, 0))
+    after = model.state_dict()
+    assert torch.equal(after["output.bias"], before["output.bias"])
+    assert not torch.equal(after["item_emb.weight"], before["item_emb.weight"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"model": "mf"}, r"needs model = \"sasrec\" with item-features = \"id\" \(this run: mf, id\)"),
+    ({"dp": False, "dp-mode": "off"}, r"needs dp-mode = \"local\" \(this run: off\)"),
+    ({"dp-mode": "central"}, r"needs dp-mode = \"local\" \(this run: central\)"),
+    ({"secure-aggregation": True}, "which secure-aggregation = true is meant to prevent"),
+    ({"aggregation": "median"}, "one partner could set every item's offset"),
+    ({"init-model": "runs/x/model.pt"}, "init-model = 'runs/x/model.pt' starts from a trained model"),
+])
+def test_refused_where_it_cannot_apply_in_one_line(change, message):
+    with pytest.raises(ConfigError, match=r"^item-prior = \"popularity\" .*" + message):
+        resolve_config(None, {**TINY, **change})
+    assert "item-prior-noise-multiplier" in ignored_knobs(resolve_config(None, {"item-prior-noise-multiplier": 3.0}))
+    with pytest.raises(ConfigError, match="item-prior-noise-multiplier"):
+        resolve_config(None, {**TINY, "item-prior-noise-multiplier": 0.0})
+
+
+def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(tmp_path, monkeypatch):
+    """A 2-partner local-DP run: one query per partner under the run's ledger name, the round-1 model's
+    offsets are the log of the sum of what the partners actually sent, each ledger holds one histogram row,
+    and each partner's whole-ledger epsilon (histogram + DP-SGD) is dp_accounting's and within the target."""
+    from client.item_histogram import HISTOGRAM_KEY
+    from simulations.local_grid import run_local
+
+    monkeypatch.setenv("FEDREC_REPRODUCIBLE_DP_NOISE", "1")
+    overrides = {**TINY, "run-dir": str(tmp_path), "run-name": "prior", "dp": True, "min-nodes": 2,
+                 "target-epsilon": 4.0}
+    spy, sent = recording_client_app(overrides)
+    released = []
+
+    def keep_replies(msg, context):  # noqa: ANN001, ANN202
+        reply = spy(msg, context)
+        if msg.metadata.message_type == MessageType.QUERY:
+            released.append(reply.content.array_records[HISTOGRAM_KEY].to_numpy_ndarrays()[0])
+        return reply
+
+    run_dir = run_local(overrides, 2, client_apps=[keep_replies, keep_replies])
+    queries = [content["config"] for kind, content in sent if kind == MessageType.QUERY]
+    assert [(q["query"], q["run-name"]) for q in queries] == [("item-popularity", run_dir.name)] * 2
+    first_train = next(content for kind, content in sent if kind == MessageType.TRAIN)
+    bias = first_train["arrays"].to_torch_state_dict()["output.bias"]
+    assert len(released) == 2 and torch.allclose(bias, torch.from_numpy(prior_offsets(released)))
+    assert not np.allclose(released[0], released[1])  # each partner its own users and noise
+    start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
+    assert start["item-prior"] == "popularity" and start["partners-in-prior"] == 2
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epsilons = []
+    for path in sorted((run_dir / "ledgers").glob("*.sqlite")):
+        with sqlite3.connect(path) as db:
+            rows = db.execute("SELECT noise_multiplier, sample_rate, steps, kind, run FROM batches ORDER BY id").fetchall()
+        assert [(kind, run) for *_, kind, run in rows if kind == "item-prior"] == [("item-prior", run_dir.name)]
+        assert tuple(rows[0][:3]) == prior_mechanism(2.0) and rows[0][3] == "item-prior"  # before any DP-SGD step
+        epsilons.append(_independent_epsilon([tuple(r[:3]) for r in rows], metrics[-1]["delta"]))
+    assert len(epsilons) == 2
+    assert metrics[-1]["epsilon"] == pytest.approx(max(epsilons), rel=0.01)
+    # DP-SGD was calibrated on what the target left after the histogram: the whole ledger ends at the target
+    assert 3.9 < max(epsilons) <= 4.0 + 1e-6
