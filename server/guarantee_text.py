@@ -53,9 +53,14 @@ class GuaranteeText:
         trained = [p for p in self.partners.values() if "epsilon" in p]
         if uses_local_dp(self.mode):
             if trained:
-                noised = float(self.cfg.get("evaluation-noise-multiplier", 0.0)) > 0
-                parts.append(("each partner's training and noised evaluation sums are " if noised
-                              else "each partner's training is ") + self._local_bound(trained))
+                released = ["training"]
+                if self.cfg.get("item-prior", "none") == "popularity":  # common/item_prior.py, on the same ledger
+                    released.append("item histogram")
+                if float(self.cfg.get("evaluation-noise-multiplier", 0.0)) > 0:
+                    released.append("noised evaluation sums")
+                what = released[0] if len(released) == 1 else ", ".join(released[:-1]) + " and " + released[-1]
+                parts.append(f"each partner's {what} {'is' if len(released) == 1 else 'are'} "
+                             + self._local_bound(trained))
             else:
                 parts.append("no partner completed a DP-SGD round")
         elif floored := [p for p in trained if float(p["epsilon"]) > 0]:

@@ -304,6 +304,11 @@ class PrivacyReport(GuaranteeText):
                 "evaluation-noise-multiplier": float(cfg.get("evaluation-noise-multiplier", 0.0)),
                 "evaluation-sums": self._evaluation_text(),
             }
+            if cfg.get("item-prior", "none") == "popularity":  # common/item_prior.py: on the same ledgers
+                out["local"]["item-histogram"] = (
+                    f"released once per run before round 1 (item-prior = popularity): each user's distinct training "
+                    f"items at L2 norm 1 plus Gaussian noise of std {float(cfg['item-prior-noise-multiplier']):g}, "
+                    "recorded on each partner's ledger and inside its epsilon")
             if int(cfg["num-server-rounds"]) != self.planned_rounds:  # a resume asked for another count
                 out["local"]["num-server-rounds"] = cfg["num-server-rounds"]
                 out["local"]["note"] = (f"resumed with num-server-rounds {cfg['num-server-rounds']}; the partners' noise "

@@ -160,3 +160,52 @@ def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(t
     assert metrics[-1]["epsilon"] == pytest.approx(max(epsilons), rel=0.01)
     # DP-SGD was calibrated on what the target left after the histogram: the whole ledger ends at the target
     assert 3.9 < max(epsilons) <= 4.0 + 1e-6
+    # the run's stated guarantee names the histogram as inside it
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert privacy["guarantee"].startswith("Each partner's training and item histogram are (epsilon, delta)-DP")
+    assert "std 2" in privacy["local"]["item-histogram"]
+
+
+def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(tmp_path):
+    """A SuperNode's partner (own log, own ledger, noised user count): the query's reply is recorded on the
+    ledger before it leaves, a second query for the same run is refused, and the first round's reply states
+    the whole ledger's epsilon (count + histogram + DP-SGD) as dp_accounting computes it, within the target."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from client.app import make_client_app
+    from client.item_histogram import HISTOGRAM_KEY
+    from common.private_count import count_mechanism
+    from tests.conftest import flower_message
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k * 3) % 30},{1000 + k}" for u in range(100) for k in range(6)) + "\n")
+    (tmp_path / "catalogue.txt").write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    overrides = {**TINY, "num-server-rounds": 2, "dp": True, "catalogue": str(tmp_path / "catalogue.txt"),
+                 "run-dir": str(tmp_path / "runs")}
+    node = {"data-path": str(log), "ledger-path": str(tmp_path / "ledger.sqlite")}
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    app = make_client_app(overrides)
+    query = RecordDict({"config": ConfigRecord({"query": "item-popularity", "server-round": 0, "run-name": "acme"})})
+    reply = app(flower_message(query, "query"), context)
+    assert not reply.has_error(), reply.error
+    histogram = reply.content.array_records[HISTOGRAM_KEY].to_numpy_ndarrays()[0]
+    assert histogram.shape == (31,) and histogram.dtype == np.float32
+    again = app(flower_message(query, "query"), context)
+    assert again.has_error() and "already released its item histogram" in again.error.reason
+
+    cfg = resolve_config(None, overrides)
+    arrays = ArrayRecord(new_model(cfg, 30).state_dict())
+    train = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "run-name": "acme"})})
+    trained = app(flower_message(train, "train"), context)
+    assert not trained.has_error(), trained.error
+    with sqlite3.connect(node["ledger-path"]) as db:
+        rows = db.execute("SELECT noise_multiplier, sample_rate, steps, kind FROM batches ORDER BY id").fetchall()
+    assert [r[3] for r in rows] == ["count", "item-prior", "train"]
+    assert tuple(rows[0][:3]) == count_mechanism(10.0) and tuple(rows[1][:3]) == prior_mechanism(2.0)
+    metrics = trained.content["metrics"]
+    history = [tuple(r[:3]) for r in rows]
+    assert metrics["epsilon"] == pytest.approx(_independent_epsilon(history, metrics["delta"]), rel=0.01)
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(_independent_epsilon(history[:2], metrics["delta"]),
+                                                                rel=0.01)
+    assert metrics["epsilon"] < 8.0  # one of two planned rounds: below the target the plan reaches at round 2
