@@ -183,6 +183,21 @@ def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str) -> l
     return [prior_mechanism(float(cfg["item-prior-noise-multiplier"]))]
 
 
+def _refuse_no_room_beside_prior(ledger: PrivacyLedger, prior: list[Mechanism], target: float, delta: float,
+                                 accountant: str, label: str) -> None:
+    """A target the planned item histogram alone would use up is refused naming the histogram's noise (the
+    calibration's refusal said "epsilon X already spent" with the unreleased histogram counted in)."""
+    if not prior:
+        return
+    with_prior = ledger.epsilon(delta, accountant, extra=prior)
+    if with_prior < target - CALIBRATION_TOLERANCE:
+        return
+    raise PrivacyError(f"{label}: the item histogram of item-prior = popularity at item-prior-noise-multiplier "
+                       f"{prior[0][0]:g} would bring epsilon to {with_prior:.3f} of target {target:g} before any training "
+                       f"(spent so far {ledger.epsilon(delta, accountant):.3f}); raise item-prior-noise-multiplier "
+                       "or target-epsilon, or use item-prior = none")
+
+
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
     """(ledger's, requested) guarantee as text when target-epsilon, delta or accountant differ, else None."""
     if math.isclose(cal.target_epsilon, target) and math.isclose(cal.target_delta, delta) and cal.accountant == accountant:
@@ -278,6 +293,8 @@ class PartnerBudget:
                                     + [evaluation_mechanism(eval_noise)] * evals)
                 _refuse_no_room_beside_evaluations(ledger, spent_or_planned, evals, eval_noise, target,
                                                    ledger.accounting_delta(delta), str(cfg["accountant"]), label)
+                _refuse_no_room_beside_prior(ledger, _planned_prior(cfg, ledger, run), target,
+                                             ledger.accounting_delta(delta), str(cfg["accountant"]), label)
                 try:  # planned at the delta the ledger will be accounted at (delta below)
                     noise = calibrate_noise_after(
                         spent_or_planned, target_epsilon=target, target_delta=ledger.accounting_delta(delta),

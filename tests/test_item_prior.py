@@ -166,32 +166,59 @@ def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(t
     assert "std 2" in privacy["local"]["item-histogram"]
 
 
-def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(tmp_path):
-    """A SuperNode's partner (own log, own ledger, noised user count): the query's reply is recorded on the
-    ledger before it leaves, a second query for the same run is refused, and the first round's reply states
-    the whole ledger's epsilon (count + histogram + DP-SGD) as dp_accounting computes it, within the target."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+def _deployed_partner(tmp_path, **overrides):
+    """(client app, context, config overrides) of a SuperNode's partner with its own log (100 users) and ledger."""
+    from flwr.app import Context, RecordDict
 
     from client.app import make_client_app
-    from client.item_histogram import HISTOGRAM_KEY
-    from common.private_count import count_mechanism
-    from tests.conftest import flower_message
 
     log = tmp_path / "log.csv"
     log.write_text("user_id,item_id,timestamp\n" + "\n".join(
         f"u{u},i{(u * 7 + k * 3) % 30},{1000 + k}" for u in range(100) for k in range(6)) + "\n")
     (tmp_path / "catalogue.txt").write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
     overrides = {**TINY, "num-server-rounds": 2, "dp": True, "catalogue": str(tmp_path / "catalogue.txt"),
-                 "run-dir": str(tmp_path / "runs")}
+                 "run-dir": str(tmp_path / "runs"), **overrides}
     node = {"data-path": str(log), "ledger-path": str(tmp_path / "ledger.sqlite")}
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
-    app = make_client_app(overrides)
+    return make_client_app(overrides), context, overrides
+
+
+def _ask_for_histogram(app, context):  # noqa: ANN001, ANN202
+    from flwr.app import ConfigRecord, RecordDict
+
+    from tests.conftest import flower_message
+
     query = RecordDict({"config": ConfigRecord({"query": "item-popularity", "server-round": 0, "run-name": "acme"})})
-    reply = app(flower_message(query, "query"), context)
+    return app(flower_message(query, "query"), context)
+
+
+def test_a_target_the_histogram_alone_would_use_up_is_refused_naming_its_noise(tmp_path):
+    app, context, _ = _deployed_partner(tmp_path, **{"target-epsilon": 2.0})  # sigma 2 alone: epsilon 2.2 here
+    reply = _ask_for_histogram(app, context)
+    assert reply.has_error()
+    assert "item-prior-noise-multiplier 2 would bring epsilon to 2.2" in reply.error.reason
+    assert "raise item-prior-noise-multiplier or target-epsilon" in reply.error.reason
+    with sqlite3.connect(context.node_config["ledger-path"]) as db:  # nothing released, nothing recorded
+        assert db.execute("SELECT COUNT(*) FROM batches WHERE kind = 'item-prior'").fetchone()[0] == 0
+
+
+def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(tmp_path):
+    """A SuperNode's partner (own log, own ledger, noised user count): the query's reply is recorded on the
+    ledger before it leaves, a second query for the same run is refused, and the first round's reply states
+    the whole ledger's epsilon (count + histogram + DP-SGD) as dp_accounting computes it, within the target."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from client.item_histogram import HISTOGRAM_KEY
+    from common.private_count import count_mechanism
+    from tests.conftest import flower_message
+
+    app, context, overrides = _deployed_partner(tmp_path)
+    node = context.node_config
+    reply = _ask_for_histogram(app, context)
     assert not reply.has_error(), reply.error
     histogram = reply.content.array_records[HISTOGRAM_KEY].to_numpy_ndarrays()[0]
     assert histogram.shape == (31,) and histogram.dtype == np.float32
-    again = app(flower_message(query, "query"), context)
+    again = _ask_for_histogram(app, context)
     assert again.has_error() and "already released its item histogram" in again.error.reason
 
     cfg = resolve_config(None, overrides)
