@@ -31,7 +31,7 @@ from common.files import file_in_the_way
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
-from common.item_prior import prior_mechanism
+from common.item_prior import planned_prior, prior_mechanism
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
@@ -178,9 +178,7 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
 def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str) -> list[Mechanism]:
     """[the item histogram's mechanism] when this run uses item-prior = "popularity" and has not released
     it yet (then it is on the ledger's history already), else []."""
-    if cfg.get("item-prior", "none") != "popularity" or ledger.releases(run, "item-prior"):
-        return []
-    return [prior_mechanism(float(cfg["item-prior-noise-multiplier"]))]
+    return [] if ledger.releases(run, "item-prior") else planned_prior(cfg)
 
 
 def _refuse_no_room_beside_prior(ledger: PrivacyLedger, prior: list[Mechanism], target: float, delta: float,

@@ -20,7 +20,8 @@ so training learns what popularity does not explain. The bias is post-processing
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,32 @@ from common.privacy import Mechanism
 def prior_mechanism(noise_multiplier: float) -> Mechanism:
     """What one noised histogram spends: the Gaussian mechanism at L2 sensitivity 1 (one user), no sampling."""
     return (float(noise_multiplier), 1.0, 1)
+
+
+def planned_prior(cfg: Mapping[str, Any]) -> list[Mechanism]:
+    """[the item histogram's mechanism] for a run with ``item-prior = "popularity"``, else []: what a partner's
+    DP-SGD plan counts as spent before round 1 (client/privacy_budget.py, the simulation preflight, epsilon_plan)."""
+    if cfg.get("item-prior", "none") != "popularity":
+        return []
+    return [prior_mechanism(float(cfg["item-prior-noise-multiplier"]))]
+
+
+def refuse_unaffordable_prior(cfg: Mapping[str, Any], delta: float) -> None:
+    """:class:`PrivacyError` when the planned item histogram alone would reach ``target-epsilon`` at ``delta`` on
+    a fresh ledger (the calibration then said "epsilon X already spent" of a histogram not yet released)."""
+    from common.errors import PrivacyError
+    from common.privacy import CALIBRATION_TOLERANCE, epsilon_of
+
+    prior = planned_prior(cfg)
+    if not prior:
+        return
+    alone = epsilon_of(prior, delta, str(cfg["accountant"]))
+    target = float(cfg["target-epsilon"])
+    if alone >= target - CALIBRATION_TOLERANCE:
+        raise PrivacyError(f"the item histogram of item-prior = popularity at item-prior-noise-multiplier "
+                           f"{prior[0][0]:g} alone is epsilon {alone:.3f} at delta {delta:.2g}, which leaves nothing of "
+                           f"target-epsilon {target:g} for training; raise item-prior-noise-multiplier or target-epsilon, "
+                           "or use item-prior = none")
 
 
 def unit_histogram(sequences: Iterable[np.ndarray], num_items: int) -> np.ndarray:

@@ -164,6 +164,7 @@ def blend_with_model(data: SequenceData, model: torch.nn.Module, *, max_len: int
     popularity = ndcg_per_user(np.broadcast_to(counts, (len(targets), width)).copy(), histories, targets)
     return {
         "model": {**_metrics(model_scores, histories, targets, ks),
+                  "valid-ndcg@10": _metrics(*valid, (10,))["ndcg@10"],  # the model alone on the validation split
                   "ndcg@10-vs-popularity": paired_ratio(ndcg_per_user(model_scores, histories, targets), popularity)},
         "cooccurrence": {"window": window, "decay": decay, **_metrics(chain, histories, targets, ks)},
         "blend": {"weight": w, "valid-ndcg@10": best, **_metrics(model_scores + w * chain, histories, targets, ks),

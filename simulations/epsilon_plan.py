@@ -24,6 +24,7 @@ from common.cli_args import parse_run_config, positive_int, positive_ints  # noq
 from common.config import resolve_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import ACCOUNTANTS, calibrate_noise_after, default_delta, epsilon_of, steps_per_epoch  # noqa: E402
+from common.item_prior import planned_prior, refuse_unaffordable_prior  # noqa: E402
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations  # noqa: E402
 from common.task import partner_data  # noqa: E402
 from common.training import user_count_for_training  # noqa: E402
@@ -48,7 +49,9 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
         per_round = int(cfg["local-epochs"]) * steps
         evaluation = evaluation_mechanism(float(cfg["evaluation-noise-multiplier"]))
         refuse_unaffordable_evaluations(cfg, delta)
-        noise = calibrate_noise_after([evaluation] * planned_evaluations(cfg), target_epsilon=float(cfg["target-epsilon"]),
+        refuse_unaffordable_prior(cfg, delta)
+        noise = calibrate_noise_after(planned_prior(cfg) + [evaluation] * planned_evaluations(cfg),
+                                      target_epsilon=float(cfg["target-epsilon"]),
                                       target_delta=delta, sample_rate=rate,
                                       total_steps=int(cfg["num-server-rounds"]) * per_round,
                                       accountant=str(cfg["accountant"]))
@@ -58,7 +61,7 @@ def plan(cfg: dict, num_partners: int, rounds: list[int]) -> list[dict]:
             row["evaluations"] = planned_evaluations(cfg)
         for acc in ACCOUNTANTS:
             for r in rounds:
-                spent = [(noise, rate, r * per_round)] + [evaluation] * planned_evaluations(cfg, through=r)
+                spent = planned_prior(cfg) + [(noise, rate, r * per_round)] + [evaluation] * planned_evaluations(cfg, through=r)
                 row[f"eps-{acc}@{r}"] = epsilon_of(spent, delta, acc)
         rows.append(row)
     return rows

@@ -21,6 +21,7 @@ from common.files import file_in_the_way
 from common.partners import simulated_partner
 from common.privacy import (calibrate_noise_after, default_delta, dp_mode, refuse_meaningless_delta, steps_per_epoch,
                             uses_local_dp)
+from common.item_prior import planned_prior, refuse_unaffordable_prior
 from common.private_evaluation import evaluation_mechanism, planned_evaluations
 from common.training import user_count_for_training
 
@@ -33,10 +34,13 @@ def _unreachable(cfg: Mapping[str, Any], users: int, delta: float, evals: int, p
     key = (rate, per_round, delta)
     if key not in plans:
         noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
-        try:  # as client/privacy_budget.py plans it: the planned noised evaluations first, DP-SGD gets the rest
+        try:  # as client/privacy_budget.py plans it: the item histogram and planned noised evaluations first,
+            # DP-SGD gets the rest
             with warnings.catch_warnings():  # Opacus' "optimal order is the largest alpha" of the search's low noises
                 warnings.simplefilter("ignore", UserWarning)
-                calibrate_noise_after([evaluation_mechanism(noise)] * evals, target_epsilon=float(cfg["target-epsilon"]),
+                refuse_unaffordable_prior(cfg, delta)
+                calibrate_noise_after(planned_prior(cfg) + [evaluation_mechanism(noise)] * evals,
+                                      target_epsilon=float(cfg["target-epsilon"]),
                                       target_delta=delta, sample_rate=rate, total_steps=int(cfg["num-server-rounds"])
                                       * per_round, accountant=str(cfg["accountant"]))
             plans[key] = None

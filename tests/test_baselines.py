@@ -142,6 +142,8 @@ def test_blend_is_chosen_on_validation_and_scored_on_test(small_data) -> None:  
     out = baselines.blend_with_model(small_data, model, max_len=10, chains=chains, weights=weights)
     assert out["model"]["ndcg@10"] == pytest.approx(
         means_from_sums(evaluate_ranking(model, small_data, split="test", max_len=10))["ndcg@10"])
+    assert out["model"]["valid-ndcg@10"] == pytest.approx(  # the model alone on the validation split
+        means_from_sums(evaluate_ranking(model, small_data, split="valid", max_len=10))["ndcg@10"])
     width = small_data.num_items + 1
     counts = small_data.item_counts().astype(float)
     tie = 1e-6 * counts / counts.max()

@@ -236,3 +236,23 @@ def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(t
     assert reply.content["metrics"]["epsilon"] == pytest.approx(_independent_epsilon(history[:2], metrics["delta"]),
                                                                 rel=0.01)
     assert metrics["epsilon"] < 8.0  # one of two planned rounds: below the target the plan reaches at round 2
+
+
+def test_the_simulation_preflight_and_epsilon_plan_count_the_histogram_as_partners_do():
+    """Both plan DP-SGD as client/privacy_budget.py does: after the histogram. The plan's epsilon after the
+    last round is dp_accounting's over [histogram, DP-SGD]; a target the histogram alone uses up is refused
+    before Ray starts, naming item-prior-noise-multiplier."""
+    from simulations import preflight
+    from simulations.epsilon_plan import plan
+
+    cfg = resolve_config(None, {**TINY, "dp": True, "num-server-rounds": 3, "target-epsilon": 6.0})
+    with_prior, without = plan(cfg, 2, [3])[0], plan({**cfg, "item-prior": "none"}, 2, [3])[0]
+    assert with_prior["noise-multiplier"] > without["noise-multiplier"]  # the histogram's share is not DP-SGD's
+    history = [prior_mechanism(2.0), (with_prior["noise-multiplier"], with_prior["sample-rate"],
+                                      3 * with_prior["steps-per-round"])]
+    assert with_prior["eps-rdp@3"] == pytest.approx(_independent_epsilon(history, with_prior["delta"]), rel=0.01)
+    assert with_prior["eps-rdp@3"] == pytest.approx(6.0, abs=0.01)
+    refused = preflight.partners_unable_to_train({**cfg, "target-epsilon": 2.0}, 2)
+    assert len(refused) == 2 and all("item-prior-noise-multiplier 2 alone is epsilon 2.1" in why
+                                     for why in refused.values())
+    assert preflight.partners_unable_to_train({**cfg, "target-epsilon": 2.0, "item-prior-noise-multiplier": 4.0}, 2) == {}
