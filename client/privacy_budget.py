@@ -3,7 +3,8 @@
 Policy on top of :class:`client.privacy_ledger.PrivacyLedger`: the noise multiplier is
 calibrated once per run for the partner's target (epsilon, delta) over all planned rounds x
 local epochs (and, with ``evaluation-noise-multiplier`` > 0, every planned noised evaluation
-reply), taking earlier runs' spend in the same ledger into account; before each round and each
+reply; with ``item-prior = "popularity"``, the run's one noised item histogram), taking
+earlier runs' spend in the same ledger into account; before each round and each
 noised evaluation the partner checks that it keeps its whole-ledger epsilon within the target and
 refuses with ``budget exhausted: epsilon X of Y`` otherwise.
 """
@@ -31,7 +32,7 @@ from common.files import file_in_the_way
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
-from common.item_prior import planned_prior, prior_mechanism
+from common.item_prior import planned_prior, prior_mechanism, refuse_unaffordable_prior
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
 from common.task import NAMED
@@ -158,14 +159,19 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
                                                   context.node_config, 1))
     refuse_unaffordable_evaluations(cfg, delta)
     evals = planned_evaluations(cfg)
-    planned = [count_mechanism(noise)] + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals
+    prior = _planned_prior(cfg, ledger, run)  # an item histogram (item-prior) is planned before the count is drawn too
+    planned = ([count_mechanism(noise)] + prior
+               + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals)
     target = float(cfg["target-epsilon"])
     after = ledger.epsilon(delta, str(cfg["accountant"]), extra=planned)
     if after >= target - CALIBRATION_TOLERANCE:  # as the calibration refuses: no room left for DP-SGD (a review)
         evaluations = f" and the {evals} planned noised evaluations" if evals else ""
+        histogram = " and item histogram" if prior else ""
+        hint = (f"; the item histogram's share: raise item-prior-noise-multiplier ({prior[0][0]:g} now) or "
+                "target-epsilon, or use item-prior = none" if prior else "")
         raise PrivacyError(f"budget exhausted: epsilon {ledger.epsilon(delta, str(cfg['accountant'])):.3f} of "
-                           f"{target:g} ({label}; its noised user count{evaluations} alone would reach {after:.3f} "
-                           f"at count-noise-multiplier {noise:g}, ledger {ledger.path})")
+                           f"{target:g} ({label}; its noised user count{histogram}{evaluations} alone would reach "
+                           f"{after:.3f} at count-noise-multiplier {noise:g}, ledger {ledger.path}){hint}")
     seed = dp_noise_seed(int(cfg["seed"]), 0, int(context.node_config.get("partition-id", context.node_id)), 2)
     value = noised_count(population, noise, seed=seed)
     ledger.record_count(run=run, value=value, mechanism=count_mechanism(noise), accountant=str(cfg["accountant"]))
@@ -179,21 +185,6 @@ def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str) -> l
     """[the item histogram's mechanism] when this run uses item-prior = "popularity" and has not released
     it yet (then it is on the ledger's history already), else []."""
     return [] if ledger.releases(run, "item-prior") else planned_prior(cfg)
-
-
-def _refuse_no_room_beside_prior(ledger: PrivacyLedger, prior: list[Mechanism], target: float, delta: float,
-                                 accountant: str, label: str) -> None:
-    """A target the planned item histogram alone would use up is refused naming the histogram's noise (the
-    calibration's refusal said "epsilon X already spent" with the unreleased histogram counted in)."""
-    if not prior:
-        return
-    with_prior = ledger.epsilon(delta, accountant, extra=prior)
-    if with_prior < target - CALIBRATION_TOLERANCE:
-        return
-    raise PrivacyError(f"{label}: the item histogram of item-prior = popularity at item-prior-noise-multiplier "
-                       f"{prior[0][0]:g} would bring epsilon to {with_prior:.3f} of target {target:g} before any training "
-                       f"(spent so far {ledger.epsilon(delta, accountant):.3f}); raise item-prior-noise-multiplier "
-                       "or target-epsilon, or use item-prior = none")
 
 
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
@@ -251,10 +242,10 @@ class PartnerBudget:
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
                                named=data.identity.startswith(NAMED))
         try:  # keyed with the ledger's own secret: the same label after a resume of this run
-            if used_before and (held := ledger.total_steps() + ledger.evaluations_recorded()) < int(state["steps"]):
+            if used_before and (held := ledger.spend_marks()) < int(state["steps"]):
                 # restored from an older copy together with its marker (client/ledger_file.py cannot tell then)
                 raise PrivacyError(f"privacy ledger {path} holds less spend than this client recorded in it ({held} "
-                                   f"steps and noised evaluations, {int(state['steps'])} recorded): an older copy "
+                                   f"steps and other releases, {int(state['steps'])} recorded): an older copy "
                                    "restored forgets spend already released; restore its newest copy")
             public = public_fingerprint(context, data, key=ledger.label_key(), run=run)
             label = simulated_label(context.node_config) or f"partner-{public}"
@@ -289,10 +280,10 @@ class PartnerBudget:
                 # has not released it yet) are spent as if already on the ledger: DP-SGD gets the rest
                 spent_or_planned = (ledger.history() + _planned_prior(cfg, ledger, run)
                                     + [evaluation_mechanism(eval_noise)] * evals)
+                if not ledger.releases(run, "item-prior"):  # released: on the history, checked as spent
+                    refuse_unaffordable_prior(cfg, ledger.accounting_delta(delta), spent=ledger.history(), label=label)
                 _refuse_no_room_beside_evaluations(ledger, spent_or_planned, evals, eval_noise, target,
                                                    ledger.accounting_delta(delta), str(cfg["accountant"]), label)
-                _refuse_no_room_beside_prior(ledger, _planned_prior(cfg, ledger, run), target,
-                                             ledger.accounting_delta(delta), str(cfg["accountant"]), label)
                 try:  # planned at the delta the ledger will be accounted at (delta below)
                     noise = calibrate_noise_after(
                         spent_or_planned, target_epsilon=target, target_delta=ledger.accounting_delta(delta),
@@ -391,7 +382,7 @@ class PartnerBudget:
     def _remember(self, context: Context) -> None:
         """Node state: this client has written to this ledger (so it must never be found missing)."""
         context.state.config_records[STATE_KEY] = ConfigRecord(
-            {"path": str(self.ledger.path), "steps": self.ledger.total_steps() + self.ledger.evaluations_recorded()})
+            {"path": str(self.ledger.path), "steps": self.ledger.spend_marks()})
 
     def metrics(self, epsilon: float) -> dict[str, float]:
         """Numbers for the reply's MetricRecord (every partner sends the same keys); ``dp-users`` is the

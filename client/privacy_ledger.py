@@ -193,6 +193,12 @@ class PrivacyLedger:
             return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate'")[0][0])
         return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = 'evaluate' AND run = ?", (run,))[0][0])
 
+    def spend_marks(self) -> int:
+        """DP-SGD steps plus one per other recorded release (noised evaluation, user count, item histogram):
+        grows with every record, so a client that remembers it can tell an older copy of the ledger."""
+        return int(self._query("SELECT COALESCE(SUM(CASE WHEN kind = 'train' THEN steps ELSE 1 END), 0) "
+                               "FROM batches")[0][0])
+
     def releases(self, run: str, kind: str) -> int:
         """Rows of ``kind`` recorded for ``run`` (e.g. whether its item histogram was released)."""
         return int(self._query("SELECT COUNT(*) FROM batches WHERE kind = ? AND run = ?", (kind, run))[0][0])

@@ -43,22 +43,29 @@ def planned_prior(cfg: Mapping[str, Any]) -> list[Mechanism]:
     return [prior_mechanism(float(cfg["item-prior-noise-multiplier"]))]
 
 
-def refuse_unaffordable_prior(cfg: Mapping[str, Any], delta: float) -> None:
-    """:class:`PrivacyError` when the planned item histogram alone would reach ``target-epsilon`` at ``delta`` on
-    a fresh ledger (the calibration then said "epsilon X already spent" of a histogram not yet released)."""
+def refuse_unaffordable_prior(cfg: Mapping[str, Any], delta: float, *, spent: Sequence[Mechanism] = (),
+                              label: str = "") -> None:
+    """:class:`PrivacyError` when the planned item histogram, after ``spent`` (a ledger's history; a fresh
+    ledger: nothing), would reach ``target-epsilon`` at ``delta`` and leave nothing for DP-SGD. The message
+    starts "budget exhausted: epsilon S of T" (the coordinator's privacy report reads the spend from it) and
+    names the knob; the calibration alone said "epsilon X already spent" of a histogram not yet released."""
     from common.errors import PrivacyError
     from common.privacy import CALIBRATION_TOLERANCE, epsilon_of
 
     prior = planned_prior(cfg)
     if not prior:
         return
-    alone = epsilon_of(prior, delta, str(cfg["accountant"]))
-    target = float(cfg["target-epsilon"])
-    if alone >= target - CALIBRATION_TOLERANCE:
-        raise PrivacyError(f"the item histogram of item-prior = popularity at item-prior-noise-multiplier "
-                           f"{prior[0][0]:g} alone is epsilon {alone:.3f} at delta {delta:.2g}, which leaves nothing of "
-                           f"target-epsilon {target:g} for training; raise item-prior-noise-multiplier or target-epsilon, "
-                           "or use item-prior = none")
+    accountant, target = str(cfg["accountant"]), float(cfg["target-epsilon"])
+    with_prior = epsilon_of(list(spent) + prior, delta, accountant)
+    if with_prior < target - CALIBRATION_TOLERANCE:
+        return
+    already = epsilon_of(list(spent), delta, accountant) if spent else 0.0
+    if already >= target:  # spent before this run: said without the histogram, which is not spent
+        raise PrivacyError(f"budget exhausted: epsilon {already:.3f} of {target:g} already spent")
+    raise PrivacyError(f"{label + ': ' if label else ''}budget exhausted: epsilon {already:.3f} of {target:g} spent, "
+                       f"and the item histogram of item-prior = popularity at item-prior-noise-multiplier "
+                       f"{prior[0][0]:g} would bring it to {with_prior:.3f} at delta {delta:.2g} before any training; "
+                       "raise item-prior-noise-multiplier or target-epsilon, or use item-prior = none")
 
 
 def unit_histogram(sequences: Iterable[np.ndarray], num_items: int) -> np.ndarray:

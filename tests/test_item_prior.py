@@ -193,13 +193,27 @@ def _ask_for_histogram(app, context):  # noqa: ANN001, ANN202
 
 
 def test_a_target_the_histogram_alone_would_use_up_is_refused_naming_its_noise(tmp_path):
-    app, context, _ = _deployed_partner(tmp_path, **{"target-epsilon": 2.0})  # sigma 2 alone: epsilon 2.2 here
+    """Refused before anything is drawn or recorded (not even the deployed partner's noised count), with the
+    spend first ("budget exhausted: epsilon S of T": the coordinator's report reads it) and the knob to turn."""
+    from flwr.app import Context, RecordDict
+
+    from client.privacy_budget import PartnerBudget
+    from common.errors import PrivacyError
+    from common.task import partner_data
+
+    app, context, overrides = _deployed_partner(tmp_path, **{"target-epsilon": 2.0})  # noise 2 alone: epsilon 2.2
     reply = _ask_for_histogram(app, context)
-    assert reply.has_error()
-    assert "item-prior-noise-multiplier 2 would bring epsilon to 2.2" in reply.error.reason
+    assert reply.has_error() and reply.error.reason.startswith("budget exhausted: epsilon 0.000 of 2")
     assert "raise item-prior-noise-multiplier or target-epsilon" in reply.error.reason
     with sqlite3.connect(context.node_config["ledger-path"]) as db:  # nothing released, nothing recorded
-        assert db.execute("SELECT COUNT(*) FROM batches WHERE kind = 'item-prior'").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+    # a simulated partner (exact count): the calibration's refusal names the histogram, not "already spent"
+    cfg = resolve_config(None, {**TINY, "dp": True, "target-epsilon": 2.0, "run-dir": str(tmp_path / "sim")})
+    simulated = {"partition-id": 0, "num-partitions": 1}
+    sim_context = Context(run_id=1, node_id=3, node_config=simulated, state=RecordDict(), run_config={})
+    with pytest.raises(PrivacyError, match=r"^partner-0: budget exhausted: epsilon 0\.000 of 2 spent, and the item "
+                                           r"histogram .* at item-prior-noise-multiplier 2 would bring it to 2\.1"):
+        PartnerBudget.open(cfg, sim_context, partner_data(cfg, simulated), "sim-run")
 
 
 def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(tmp_path):
@@ -218,6 +232,8 @@ def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(t
     assert not reply.has_error(), reply.error
     histogram = reply.content.array_records[HISTOGRAM_KEY].to_numpy_ndarrays()[0]
     assert histogram.shape == (31,) and histogram.dtype == np.float32
+    # the client remembers the ledger's releases (count + histogram): an older copy restored is refused later
+    assert context.state.config_records["privacy-ledger"]["steps"] == 2
     again = _ask_for_histogram(app, context)
     assert again.has_error() and "already released its item histogram" in again.error.reason
 
@@ -253,6 +269,7 @@ def test_the_simulation_preflight_and_epsilon_plan_count_the_histogram_as_partne
     assert with_prior["eps-rdp@3"] == pytest.approx(_independent_epsilon(history, with_prior["delta"]), rel=0.01)
     assert with_prior["eps-rdp@3"] == pytest.approx(6.0, abs=0.01)
     refused = preflight.partners_unable_to_train({**cfg, "target-epsilon": 2.0}, 2)
-    assert len(refused) == 2 and all("item-prior-noise-multiplier 2 alone is epsilon 2.1" in why
+    assert len(refused) == 2 and all("budget exhausted: epsilon 0.000 of 2 spent, and the item histogram" in why
+                                     and "item-prior-noise-multiplier 2 would bring it to 2.1" in why
                                      for why in refused.values())
     assert preflight.partners_unable_to_train({**cfg, "target-epsilon": 2.0, "item-prior-noise-multiplier": 4.0}, 2) == {}
