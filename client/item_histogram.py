@@ -9,7 +9,7 @@ target leaves after it (client/privacy_budget.py). Local DP only: the histogram 
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from common.errors import PrivacyError
 from common.privacy import dp_mode, uses_local_dp
@@ -41,8 +41,9 @@ def item_histogram_reply(msg: Message, context: Context, cfg: dict) -> Message:
     budget = PartnerBudget.open(cfg, context, data, _run_name(msg, cfg, context))
     try:
         epsilon = budget.record_item_prior(context, noise)  # on the ledger before the histogram leaves
-        metrics = {"epsilon": epsilon, "delta": budget.delta}
+        metrics, details = budget.metrics(epsilon), budget.details()  # as a training reply: the coordinator's report
     finally:
         budget.close()
-    content = RecordDict({HISTOGRAM_KEY: ArrayRecord(numpy_ndarrays=[histogram]), "metrics": MetricRecord(metrics)})
+    content = RecordDict({HISTOGRAM_KEY: ArrayRecord(numpy_ndarrays=[histogram]), "metrics": MetricRecord(metrics),
+                          "privacy": ConfigRecord({**details, "dp-mode": dp_mode(cfg)})})
     return Message(content, reply_to=msg)

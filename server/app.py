@@ -117,9 +117,10 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                 log(WARNING, "%s", note)
         start = start_run(cfg, items, model)
         run_dir = start.run_dir
+        privacy = PrivacyReport(run_dir, cfg)
         if cfg["item-prior"] == "popularity" and start.checkpoint is None:  # a resume keeps its checkpoint's offsets
             # asked under the run directory's name: partners record its spend under the run their rounds use
-            item_start.update(popularity_prior(grid, cfg, model, run_dir.name, same_inputs))
+            item_start.update(popularity_prior(grid, cfg, model, run_dir.name, same_inputs, privacy))
             start = dataclasses.replace(start, arrays=ArrayRecord(model.state_dict()))
         recorder = RunRecorder(run_dir, cfg, items, top_k=int(cfg["top-k"]), text_table=table_record(model, cfg, items))
         # code, versions and command of this start (a resume appends its own): provenance.json
@@ -130,7 +131,6 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
                                       **item_start,
                                       **({} if start.checkpoint else {"run-token": token})})
         same_inputs.update(partner_state_keys(token, start.first_round - 1))
-        privacy = PrivacyReport(run_dir, cfg)
         if start_model is not None:
             privacy.note_start_model(start_model)
         log(INFO, "run directory: %s", run_dir)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from common.errors import DataError
 from common.item_prior import check_histogram, prior_offsets, set_item_prior
+from server.privacy_report import PrivacyReport
 from server.rounds import wait_for_nodes
 
 QUERY = "item-popularity"  # as client/item_histogram.py (server and client never import each other)
@@ -29,11 +30,11 @@ HISTOGRAM_KEY = "item-histogram"
 
 
 def popularity_prior(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Module, run_name: str,
-                     same_inputs: Mapping[str, Any]) -> dict[str, Any]:
+                     same_inputs: Mapping[str, Any], privacy: PrivacyReport) -> dict[str, Any]:
     """Ask every connected partner (after ``min-nodes`` have connected) for its noised item histogram under
     run ``run_name`` (the ledger run its spend is recorded under), sum the valid replies and set ``model``'s
-    output offsets from the sum. Returns what happened, for provenance. With no valid reply the offsets stay
-    0 (warned): the model is then plain SASRec."""
+    output offsets from the sum; ``privacy`` lists every partner's release or refusal (privacy.json). Returns
+    what happened, for provenance. With no valid reply the offsets stay 0 (warned): the model is then plain SASRec."""
     wait_for_nodes(grid, int(cfg["min-nodes"]), float(cfg["node-wait-timeout"]))
     nodes = sorted(grid.get_node_ids())
     config = ConfigRecord({"query": QUERY, "server-round": 0, "run-name": run_name, **same_inputs})
@@ -58,6 +59,8 @@ def popularity_prior(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Module,
             refused.append(str(err))
             continue
         histograms.append(histogram)
+    answered = {int(reply.metadata.src_node_id) for reply in replies}
+    privacy.note_item_histograms(replies, [node for node in nodes if node not in answered])
     unanswered = len(nodes) - len(replies)
     for reason in refused:
         log(WARNING, "item-prior: %s", reason)

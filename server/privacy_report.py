@@ -181,7 +181,21 @@ class PrivacyReport(GuaranteeText):
         if noted:
             self.write()
 
-    def _refused(self, server_round: int, msg: Message) -> None:
+    def note_item_histograms(self, replies: list[Message], unanswered: list[int]) -> None:
+        """The partners' answers to the ``item-prior = "popularity"`` query (server/item_prior.py), round 0: a
+        histogram is a DP release on the partner's ledger, so its numbers count even if the partner never
+        trains; a refusal is listed (its stated spend read as a training refusal's); a partner that did not
+        answer may have released one (its ledger is the record)."""
+        for msg in replies:
+            if msg.has_error():
+                self._refused(0, msg, "send its item histogram")
+            else:
+                self._record(msg)["item-histogram"] = "released before round 1"
+        for node in unanswered:
+            self.note_unanswered(0, node)
+        self.write()
+
+    def _refused(self, server_round: int, msg: Message, what: str = "train") -> None:
         """An error reply (a refusal such as an exhausted budget, or a failure): logged and listed
         under ``refused``; named ``node-<id>`` until the partner has sent a reply with its label. An error
         the SuperLink made (the partner unreachable, its reply expired) is no refusal: the partner may have
@@ -193,7 +207,7 @@ class PrivacyReport(GuaranteeText):
             self.note_unanswered(server_round, node)
             return
         label = self.node_labels.get(node, f"node-{node}")
-        log(WARNING, "round %d: %s refused to train: %s", server_round, label, msg.error.reason)
+        log(WARNING, "round %d: %s refused to %s: %s", server_round, label, what, msg.error.reason)
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
         entry.setdefault("refused", []).append({"round": server_round, "reason": msg.error.reason})
         # An exhausted budget states the ledger's whole spend, which may include updates this report never

@@ -164,6 +164,23 @@ def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(t
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert privacy["guarantee"].startswith("Each partner's training and item histogram are (epsilon, delta)-DP")
     assert "std 2" in privacy["local"]["item-histogram"]
+    assert sorted(p.get("item-histogram") for p in privacy["partners"].values()) == ["released before round 1"] * 2
+
+
+def test_a_partner_that_refuses_the_histogram_is_listed_in_the_privacy_report(tmp_path):
+    from simulations.local_grid import run_local
+
+    overrides = {**TINY, "run-dir": str(tmp_path), "run-name": "refused", "dp": True, "min-nodes": 2,
+                 "target-epsilon": 2.0}  # noise 2 alone is epsilon 2.2: every partner refuses
+    run_dir = run_local(overrides, 2)
+    partners = json.loads((run_dir / "privacy.json").read_text())["partners"]
+    assert len(partners) == 2
+    for entry in partners.values():
+        assert "item-histogram" not in entry
+        first = entry["refused"][0]
+        assert first["round"] == 0 and "budget exhausted: epsilon 0.000 of 2" in first["reason"]
+    start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
+    assert start["item-prior"] == "none (no partner sent a histogram)"
 
 
 def _deployed_partner(tmp_path, **overrides):
