@@ -51,7 +51,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:  # item-init = "cooccurrence", item-prior = "popularity"
         # the node config's floors refuse the counts (client/item_counts.py) and cap the histogram's spend
-        return _answer(msg, context, "item counting", _item_counts, lambda: checked_config(context))
+        return _answer(msg, context, "item query", _item_query, lambda: checked_config(context))
 
     def checked_config(context: Context) -> dict:
         check_node_config(context.node_config)
@@ -77,7 +77,7 @@ def _answer(msg: Message, context: Context, what: str, handle: Callable[[Message
     return _hold(msg, reply, context, started, what) if hold else reply
 
 
-def _item_counts(msg: Message, context: Context, cfg: dict) -> Message:
+def _item_query(msg: Message, context: Context, cfg: dict) -> Message:
     # imported for this message only
     config = msg.content.config_records.get("config")
     if config is not None and config.get("query") == "item-popularity":  # client/item_histogram.py QUERY

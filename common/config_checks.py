@@ -197,11 +197,13 @@ def _check_item_prior(cfg: Mapping[str, Any], model: str, features: str) -> None
     if cfg.get("init-model"):
         raise ConfigError(f"item-prior = \"popularity\" sets the output bias before round 1; init-model = "
                           f"{str(cfg['init-model'])!r} starts from a trained model without one: set one of them")
-    robust = cfg.get("aggregation") in ("median", "trimmed-mean", "krum") or int(cfg.get("num-malicious-nodes", 0)) > 0
-    if robust:
+    robust = cfg.get("aggregation") in ("median", "trimmed-mean", "krum")
+    if robust or int(cfg.get("num-malicious-nodes", 0)) > 0:
+        expects = (f"aggregation = {cfg.get('aggregation')!r}" if robust
+                   else f"num-malicious-nodes = {cfg['num-malicious-nodes']!r}")
         raise ConfigError(f"item-prior = \"popularity\" sums the partners' histograms as sent, so one partner could "
-                          f"set every item's offset; aggregation = {cfg.get('aggregation')!r} expects malicious "
-                          "partners: use item-prior = \"none\" with robust aggregation")
+                          f"set every item's offset; {expects} expects malicious partners: use item-prior = \"none\" "
+                          "with robust aggregation")
     if cfg.get("secure-aggregation"):
         raise ConfigError("item-prior = \"popularity\" has partners send their noised item histograms in clear, "
                           "which secure-aggregation = true is meant to prevent; use item-prior = \"none\" with SecAgg+")

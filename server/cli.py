@@ -123,6 +123,14 @@ def _check(args: argparse.Namespace) -> int:
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "
           f"dp-mode {dp_mode(cfg)}, secure aggregation {'on' if cfg['secure-aggregation'] else 'off'}")
+    if cfg["item-prior"] == "popularity":  # a target the histogram alone uses up: every partner would refuse
+        from common.item_prior import refuse_unaffordable_prior
+        from common.privacy import default_delta
+
+        delta = float(cfg["target-delta"]) or default_delta(1)  # the largest delta a partner accounts at
+        refuse_unaffordable_prior(cfg, delta)
+        print(f"item-prior: each partner releases one item histogram, Gaussian noise of std "
+              f"{float(cfg['item-prior-noise-multiplier']):g} users, inside its target-epsilon {float(cfg['target-epsilon']):g}")
     noise = float(cfg["evaluation-noise-multiplier"])
     if noise > 0:
         from common.private_evaluation import planned_evaluations

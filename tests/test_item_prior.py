@@ -87,11 +87,11 @@ def test_the_offset_is_frozen_adds_to_every_score_and_dp_sgd_leaves_it_alone():
         set_item_prior(SASRec(20, max_len=6, dim=8, num_blocks=1), offsets)
 
 
-@pytest.mark.parametrize("mode", ["fused", "hooks"])
+@pytest.mark.parametrize("mode", ["fused", "hooks", "ghost"])
 def test_dp_sgd_trains_the_rest_and_never_moves_the_offset(mode):
     from common.training import DPSettings
 
-    cfg = resolve_config(None, {**TINY, "dp": True})
+    cfg = resolve_config(None, {**TINY, "dp": True, "tied-output": mode != "ghost"})  # ghost refuses a tied weight
     data = federation_data(cfg)
     model = new_model(cfg, data.num_items)
     set_item_prior(model, np.arange(data.num_items + 1, dtype=np.float32) / 10)
@@ -108,15 +108,29 @@ def test_dp_sgd_trains_the_rest_and_never_moves_the_offset(mode):
     ({"dp": False, "dp-mode": "off"}, r"needs dp-mode = \"local\" \(this run: off\)"),
     ({"dp-mode": "central"}, r"needs dp-mode = \"local\" \(this run: central\)"),
     ({"secure-aggregation": True}, "which secure-aggregation = true is meant to prevent"),
-    ({"aggregation": "median"}, "one partner could set every item's offset"),
+    ({"aggregation": "median"}, "one partner could set every item's offset; aggregation = 'median' expects"),
+    ({"aggregation": "krum", "num-malicious-nodes": 1}, "aggregation = 'krum' expects malicious partners"),
+    ({"num-malicious-nodes": 1}, "num-malicious-nodes = 1 expects malicious partners"),
+    ({"dp-mode": "both"}, r"needs dp-mode = \"local\" \(this run: both\)"),
     ({"init-model": "runs/x/model.pt"}, "init-model = 'runs/x/model.pt' starts from a trained model"),
 ])
 def test_refused_where_it_cannot_apply_in_one_line(change, message):
     with pytest.raises(ConfigError, match=r"^item-prior = \"popularity\" .*" + message):
         resolve_config(None, {**TINY, **change})
+
+
+def test_its_noise_knob_is_checked_and_noted_as_ignored_without_it(tmp_path, capsys):
+    from server.cli import main
+
     assert "item-prior-noise-multiplier" in ignored_knobs(resolve_config(None, {"item-prior-noise-multiplier": 3.0}))
     with pytest.raises(ConfigError, match="item-prior-noise-multiplier"):
         resolve_config(None, {**TINY, "item-prior-noise-multiplier": 0.0})
+    # the coordinator's check refuses a target the histogram alone uses up, and states the release otherwise
+    base = f"dp=true tied-output=true item-prior='popularity' run-dir='{tmp_path}'"
+    assert main(["check", "--run-config", base + " target-epsilon=2.0"]) != 0
+    assert "item-prior-noise-multiplier 2 would bring it to 2.1" in capsys.readouterr().err
+    assert main(["check", "--run-config", base]) == 0
+    assert "item-prior: each partner releases one item histogram, Gaussian noise of std 2" in capsys.readouterr().out
 
 
 def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(tmp_path, monkeypatch):
@@ -165,6 +179,16 @@ def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(t
     assert privacy["guarantee"].startswith("Each partner's training and item histogram are (epsilon, delta)-DP")
     assert "std 2" in privacy["local"]["item-histogram"]
     assert sorted(p.get("item-histogram") for p in privacy["partners"].values()) == ["released before round 1"] * 2
+
+    # a resume asks nothing (no second release) and trains on from the checkpoint's offsets; FedAvg's float32
+    # mean of the partners' identical offsets may move them in the last bits only
+    sent.clear()
+    released.clear()
+    run_local({**overrides, "resume": True, "num-server-rounds": 2}, 2, client_apps=[keep_replies, keep_replies])
+    assert [kind for kind, _ in sent if kind == MessageType.QUERY] == [] and released == []
+    resumed = next(content for kind, content in sent if kind == MessageType.TRAIN)["arrays"].to_torch_state_dict()
+    assert torch.allclose(resumed["output.bias"], bias, atol=1e-5)
+    assert "item-prior" not in json.loads((run_dir / "provenance.json").read_text())["starts"][1]
 
 
 def test_a_partner_that_refuses_the_histogram_is_listed_in_the_privacy_report(tmp_path):
