@@ -53,7 +53,7 @@ CREATE TABLE batches (
     accountant TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     recorded REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply) | count (a noised user count)
+    kind TEXT NOT NULL DEFAULT 'train'  -- train (DP-SGD steps) | evaluate (a noised evaluation reply) | count (a noised user count) | item-prior (a noised item histogram)
 );
 """
 # A schema-1 ledger (before noised evaluation) gains the new columns when opened; its rows keep their meaning
