@@ -13,15 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.cooccurrence import check_counts, initialise_item_embeddings
-from common.errors import ConfigError, DataError
-from server.rounds import wait_for_nodes
+from common.errors import ConfigError
+from server.partner_query import ask_partners
 
 QUERY = "item-cooccurrence"  # as client/item_counts.py (server and client never import each other)
 COUNTS_KEY = "item-counts"
@@ -43,41 +40,18 @@ def cooccurrence_start(grid: Grid, cfg: Mapping[str, Any], model: torch.nn.Modul
     the valid replies and set ``model``'s item embeddings from the sum. Returns what happened, for
     provenance: partners that counted, partners refused or unanswered. With no valid reply the model
     keeps its random start (warned)."""
-    wait_for_nodes(grid, int(cfg["min-nodes"]), float(cfg["node-wait-timeout"]))
-    nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({"query": QUERY, "server-round": 0, **same_inputs})
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])))
     num_items = model.item_emb.weight.shape[0] - 1
-    total, counted, refused = np.zeros((num_items + 1, num_items + 1), dtype=np.float64), [], []
-    for reply in replies:
-        node = int(reply.metadata.src_node_id)
-        if reply.has_error():  # one the SuperLink made (undeliverable, expired) names no partner (server/late_replies.py)
-            who = "the SuperLink" if node == SUPERLINK_NODE_ID else f"partner {node}"
-            refused.append(f"{who}: {reply.error.reason}")
-            continue
-        try:
-            record = reply.content.array_records.get(COUNTS_KEY)
-            if record is None or len(record) != 1:
-                raise DataError(f"partner {node}: the reply holds no {COUNTS_KEY} array")
-            counts = record.to_numpy_ndarrays()[0]
-            check_counts(counts, num_items, f"partner {node}")
-        except DataError as err:
-            refused.append(str(err))
-            continue
-        total += counts
-        counted.append(node)
-    unanswered = len(nodes) - len(replies)
-    for reason in refused:
-        log(WARNING, "item-init: %s", reason)
-    if not counted:
+    answers = ask_partners(grid, cfg, {"query": QUERY, "server-round": 0, **same_inputs}, COUNTS_KEY,
+                           lambda counts, who: check_counts(counts, num_items, who), "item-init")
+    refused, unanswered = len(answers.refused), len(answers.unanswered)
+    if not answers.arrays:
         log(WARNING, "item-init = cooccurrence: no partner sent item-pair counts (%d refused, %d unanswered); "
-            "the item embeddings keep their random start", len(refused), unanswered)
+            "the item embeddings keep their random start", refused, unanswered)
         return {"item-init": "random (no partner sent counts)", "partners-counted": 0}
+    total = np.sum([counts.astype(np.float64) for counts in answers.arrays], axis=0)
     initialise_item_embeddings(model, total, seed=int(cfg["seed"]))
     log(INFO, "item-init: item embeddings from the co-occurrence counts of %d partner(s) (window %d; %d pairs "
-        "counted; %d refused, %d unanswered)", len(counted), int(cfg["item-init-window"]), int(total.sum() // 2),
-        len(refused), unanswered)
-    return {"item-init": "cooccurrence", "partners-counted": len(counted), "partners-refused": len(refused),
+        "counted; %d refused, %d unanswered)", len(answers.arrays), int(cfg["item-init-window"]), int(total.sum() // 2),
+        refused, unanswered)
+    return {"item-init": "cooccurrence", "partners-counted": len(answers.arrays), "partners-refused": refused,
             "partners-unanswered": unanswered}
