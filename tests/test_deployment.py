@@ -209,18 +209,22 @@ def test_item_prior_histograms_are_released_once_on_each_partners_ledger(federat
     # item-prior = popularity over real SuperNodes under local DP: each partner's noised histogram over TLS,
     # recorded on its own ledger (beside its noised user count) before it leaves, and listed by the coordinator
     env, fed = federation, federation.fed
-    config = _run_config(env, "item-prior", **{"num-server-rounds": 1, "min-nodes": 2, "item-prior": "popularity"})
+    # target 30: partners 2 and 3 keep their ledgers across this module's runs, and the SecAgg+ run (when it ran
+    # first) spent their target 8; partner 1's own max-epsilon = 4 then leaves it nothing, so it refuses
+    config = _run_config(env, "item-prior", **{"num-server-rounds": 1, "min-nodes": 2, "item-prior": "popularity",
+                                               "target-epsilon": 30.0})
     res = fed.run(config, timeout=RUN_TIMEOUT)
     rounds = _rounds(env, "item-prior", res)
-    assert [r["round"] for r in rounds] == [1] and rounds[0]["epsilon"] <= 8.0, res.stdout[-3000:]
+    assert [r["round"] for r in rounds] == [1] and 0 < rounds[0]["epsilon"] <= 30.0, res.stdout[-3000:]
     run_dir = env.root / "runs" / "item-prior"
     start = json.loads((run_dir / "provenance.json").read_text())["starts"][0]
-    # partners 1-3 (the victim too, when this test runs without the one that kills it)
-    assert start["item-prior"] == "popularity" and start["partners-in-prior"] >= 3, res.stdout[-3000:]
-    for i in (1, 2, 3):  # their own ledgers (node config ledger-path): one histogram, once, for this run
+    assert start["item-prior"] == "popularity" and start["partners-in-prior"] >= 2, res.stdout[-3000:]
+    released = {}
+    for i in (1, 2, 3):  # their own ledgers (node config ledger-path): one histogram at most, for this run
         with sqlite3.connect(env.root / f"ledger-{i}.sqlite") as conn:
-            assert conn.execute("SELECT noise_multiplier, sample_rate, steps FROM batches WHERE kind = 'item-prior' "
-                                "AND run = 'item-prior'").fetchall() == [(2.0, 1.0, 1)]
+            released[i] = conn.execute("SELECT noise_multiplier, sample_rate, steps FROM batches WHERE kind = "
+                                       "'item-prior' AND run = 'item-prior'").fetchall()
+    assert released[2] == released[3] == [(2.0, 1.0, 1)] and released[1] in ([], [(2.0, 1.0, 1)])
     partners = json.loads((run_dir / "privacy.json").read_text())["partners"].values()
     listed = sum(p.get("item-histogram") == "released before round 1" for p in partners)
     assert listed == start["partners-in-prior"]
