@@ -101,3 +101,15 @@ def recording_client_app(overrides: dict):
         return real(msg, context)
 
     return spy, sent
+
+
+def dp_accounting_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Google dp_accounting's RDP epsilon of ledger rows (noise, sample rate, steps): an accountant independent
+    of Opacus; a sample rate 1 row is a plain Gaussian mechanism there (no subsampling)."""
+    from dp_accounting import dp_event, rdp
+
+    acc = rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        event = dp_event.GaussianDpEvent(sigma)
+        acc.compose(event if q == 1.0 else dp_event.PoissonSampledDpEvent(q, event), steps)
+    return acc.get_epsilon(delta)

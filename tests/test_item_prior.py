@@ -13,7 +13,6 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
-from dp_accounting import dp_event, rdp
 from flwr.app.message_type import MessageType
 
 from common.config import ignored_knobs, resolve_config
@@ -23,21 +22,12 @@ from common.item_prior import (check_histogram, noised_histogram, prior_mechanis
 from common.models.sasrec import SASRec
 from common.training import train_local
 from common.task import new_model, federation_data
-from tests.conftest import recording_client_app
+from tests.conftest import dp_accounting_epsilon, recording_client_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"synthetic-users": 60, "synthetic-items": 25, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
         "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "tied-output": True, "item-prior": "popularity",
         "item-prior-noise-multiplier": 2.0}
-
-
-def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """dp_accounting's RDP: a sample rate 1 row is a plain Gaussian mechanism there (no subsampling)."""
-    acc = rdp.RdpAccountant()
-    for sigma, q, steps in history:
-        event = dp_event.GaussianDpEvent(sigma)
-        acc.compose(event if q == 1.0 else dp_event.PoissonSampledDpEvent(q, event), steps)
-    return acc.get_epsilon(delta)
 
 
 def test_one_user_moves_the_histogram_by_exactly_one_in_l2():
@@ -169,7 +159,7 @@ def test_partners_release_one_noised_histogram_each_and_the_ledgers_account_it(t
             rows = db.execute("SELECT noise_multiplier, sample_rate, steps, kind, run FROM batches ORDER BY id").fetchall()
         assert [(kind, run) for *_, kind, run in rows if kind == "item-prior"] == [("item-prior", run_dir.name)]
         assert tuple(rows[0][:3]) == prior_mechanism(2.0) and rows[0][3] == "item-prior"  # before any DP-SGD step
-        epsilons.append(_independent_epsilon([tuple(r[:3]) for r in rows], metrics[-1]["delta"]))
+        epsilons.append(dp_accounting_epsilon([tuple(r[:3]) for r in rows], metrics[-1]["delta"]))
     assert len(epsilons) == 2
     assert metrics[-1]["epsilon"] == pytest.approx(max(epsilons), rel=0.01)
     # DP-SGD was calibrated on what the target left after the histogram: the whole ledger ends at the target
@@ -289,8 +279,8 @@ def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(t
     assert tuple(rows[0][:3]) == count_mechanism(10.0) and tuple(rows[1][:3]) == prior_mechanism(2.0)
     metrics = trained.content["metrics"]
     history = [tuple(r[:3]) for r in rows]
-    assert metrics["epsilon"] == pytest.approx(_independent_epsilon(history, metrics["delta"]), rel=0.01)
-    assert reply.content["metrics"]["epsilon"] == pytest.approx(_independent_epsilon(history[:2], metrics["delta"]),
+    assert metrics["epsilon"] == pytest.approx(dp_accounting_epsilon(history, metrics["delta"]), rel=0.01)
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(dp_accounting_epsilon(history[:2], metrics["delta"]),
                                                                 rel=0.01)
     assert metrics["epsilon"] < 8.0  # one of two planned rounds: below the target the plan reaches at round 2
 
@@ -307,7 +297,7 @@ def test_the_simulation_preflight_and_epsilon_plan_count_the_histogram_as_partne
     assert with_prior["noise-multiplier"] > without["noise-multiplier"]  # the histogram's share is not DP-SGD's
     history = [prior_mechanism(2.0), (with_prior["noise-multiplier"], with_prior["sample-rate"],
                                       3 * with_prior["steps-per-round"])]
-    assert with_prior["eps-rdp@3"] == pytest.approx(_independent_epsilon(history, with_prior["delta"]), rel=0.01)
+    assert with_prior["eps-rdp@3"] == pytest.approx(dp_accounting_epsilon(history, with_prior["delta"]), rel=0.01)
     assert with_prior["eps-rdp@3"] == pytest.approx(6.0, abs=0.01)
     refused = preflight.partners_unable_to_train({**cfg, "target-epsilon": 2.0}, 2)
     assert len(refused) == 2 and all("budget exhausted: epsilon 0.000 of 2 spent, and the item histogram" in why

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dp_accounting import dp_event, rdp
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
@@ -27,7 +26,7 @@ from common.errors import PrivacyError
 from common.private_count import count_mechanism, noised_count
 from common.task import new_model, partner_data
 from common.training import user_count_for_training
-from tests.conftest import flower_message
+from tests.conftest import dp_accounting_epsilon, flower_message
 
 TINY = {"max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1, "local-epochs": 1, "batch-size": 8,
         "num-server-rounds": 2, "synthetic-users": 120, "synthetic-items": 30}
@@ -46,15 +45,6 @@ def _deployed(tmp_path: Path, users: int = 100, **overrides) -> tuple[dict, dict
 
 def _context(node: dict, run_id: int = 1) -> Context:
     return Context(run_id=run_id, node_id=7, node_config=dict(node), state=RecordDict(), run_config={})
-
-
-def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """dp_accounting's RDP: a sample rate 1 row is a plain Gaussian mechanism there (no subsampling)."""
-    acc = rdp.RdpAccountant()
-    for sigma, q, steps in history:
-        event = dp_event.GaussianDpEvent(sigma)
-        acc.compose(event if q == 1.0 else dp_event.PoissonSampledDpEvent(q, event), steps)
-    return acc.get_epsilon(delta)
 
 
 def test_noised_counts_are_gaussian_around_the_count():
@@ -108,7 +98,7 @@ def test_a_deployed_reply_is_computed_from_the_noised_count_only(tmp_path, monke
     assert history[0] == count_mechanism(10.0) and len(history) == 3
     assert [h[1:] for h in history[1:]] == [(1 / math.ceil(public / 8), math.ceil(public / 8))] * 2
     # The reported epsilon is the whole ledger's: checked against dp_accounting (RDP orders differ: 1%)
-    assert replies[-1]["epsilon"] == pytest.approx(_independent_epsilon(history, replies[-1]["delta"]), rel=0.01)
+    assert replies[-1]["epsilon"] == pytest.approx(dp_accounting_epsilon(history, replies[-1]["delta"]), rel=0.01)
     assert replies[-1]["epsilon"] <= 8.0 + 1e-6 and replies[-1]["epsilon"] > 7.5  # calibrated with the count in
     assert replies[-1]["delta"] == pytest.approx(min(1e-5, 0.1 / public))  # the default delta from it too
 
@@ -153,7 +143,7 @@ def test_no_count_is_drawn_when_it_would_pass_the_budget(tmp_path, target):
     cfg = resolve_config(None, overrides)
     data = partner_data(cfg, node)
     delta = min(1e-5, 0.1 / user_count_for_training(data))
-    assert _independent_epsilon([count_mechanism(10.0)], delta) > 0.2
+    assert dp_accounting_epsilon([count_mechanism(10.0)], delta) > 0.2
     with pytest.raises(PrivacyError, match=rf"^budget exhausted: epsilon 0\.000 of {target:g} .*noised user count alone"):
         PartnerBudget.open(cfg, _context(node), data, "run-1")
     with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
@@ -207,7 +197,7 @@ def test_the_count_costs_little_beside_dp_sgd():
 
     alone = epsilon_of([count_mechanism(10.0)], 1e-5)
     assert alone == pytest.approx(0.375, abs=5e-4)
-    assert alone == pytest.approx(_independent_epsilon([count_mechanism(10.0)], 1e-5), rel=0.01)
+    assert alone == pytest.approx(dp_accounting_epsilon([count_mechanism(10.0)], 1e-5), rel=0.01)
     for users, batch, rounds, target, before, with_count, recalibrated in (
             (200, 64, 5, 8.0, 1.0791, 8.015, 1.0806), (200, 8, 5, 1.0, 2.109, 1.076, 2.250)):
         rate, steps = steps_per_epoch(users, batch)
@@ -248,7 +238,7 @@ def test_no_count_is_drawn_past_the_partners_own_cap_at_a_larger_run_delta(tmp_p
     node["max-epsilon"] = 0.36
     cfg = apply_partner_policy(resolve_config(None, overrides), node)
     data = partner_data(cfg, node)
-    assert _independent_epsilon([count_mechanism(10.0)], 1e-3) < 0.36 < _independent_epsilon([count_mechanism(10.0)], 1e-5)
+    assert dp_accounting_epsilon([count_mechanism(10.0)], 1e-3) < 0.36 < dp_accounting_epsilon([count_mechanism(10.0)], 1e-5)
     with pytest.raises(PrivacyError, match="budget exhausted: epsilon 0.000 of 0.36"):
         PartnerBudget.open(cfg, _context(node), data, "run-1")
     with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
