@@ -278,9 +278,9 @@ class PartnerBudget:
                 refuse_unaffordable_evaluations(cfg, ledger.accounting_delta(delta))
                 # The planned noised evaluations (and the item histogram of item-prior = "popularity", if this run
                 # has not released it yet) are spent as if already on the ledger: DP-SGD gets the rest
-                spent_or_planned = (ledger.history() + _planned_prior(cfg, ledger, run)
-                                    + [evaluation_mechanism(eval_noise)] * evals)
-                if not ledger.releases(run, "item-prior"):  # released: on the history, checked as spent
+                prior = _planned_prior(cfg, ledger, run)  # [] once released: then on the history, checked as spent
+                spent_or_planned = ledger.history() + prior + [evaluation_mechanism(eval_noise)] * evals
+                if prior:
                     refuse_unaffordable_prior(cfg, ledger.accounting_delta(delta), spent=ledger.history(), label=label)
                 _refuse_no_room_beside_evaluations(ledger, spent_or_planned, evals, eval_noise, target,
                                                    ledger.accounting_delta(delta), str(cfg["accountant"]), label)
