@@ -125,7 +125,8 @@ def _evaluate_checked(msg: Message, context: Context, cfg: dict) -> Message:
 def _train(msg: Message, context: Context, cfg: dict) -> Message:
     from client.optimizer_state import load_optimizer_state, save_optimizer_state
     from client.private_factors import mf_trainer
-    from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget, partner_label
+    from client.partner_identity import partner_label
+    from client.privacy_budget import NO_LOCAL_DP_METRICS, PartnerBudget
     from common.privacy import dp_noise_seed
     from common.training import train_local
     from common.objectives import epoch_learning_rates, objective_options

@@ -11,24 +11,20 @@ refuses with ``budget exhausted: epsilon X of Y`` otherwise.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
-import secrets
 from collections.abc import Mapping
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 
+from client.partner_identity import ledger_path, local_label, public_fingerprint, simulated_label
 from client.partner_policy import partner_delta
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
-from common.files import file_in_the_way
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
                             epsilon_of, steps_per_epoch)
@@ -40,60 +36,7 @@ from common.training import DPSettings, user_count_for_training
 
 LOG = logging.getLogger("fedrec.client")
 STATE_KEY = "privacy-ledger"  # context.state record: which ledger this client has written to
-LABEL_KEY = "partner-label-key"  # context.state record: this node's secret for its public label (one run)
 EPSILON_SLACK = 1e-9  # float noise between the calibration's and the ledger's accounting
-
-
-def simulated_label(node_config: Mapping[str, Any]) -> str | None:
-    """``partner-<partition-id>`` for a simulated partner (its name is public), else None."""
-    return f"partner-{int(node_config['partition-id'])}" if "partition-id" in node_config else None
-
-
-def local_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
-    """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``: names the default
-    ledger file on this partner's disk, stable across runs; never sent (see :func:`partner_label`)."""
-    return simulated_label(node_config) or f"partner-{data.fingerprint()}"
-
-
-def public_fingerprint(context: Context, data: SequenceData, *, key: str | None = None, run: str = "") -> str:
-    """What the coordinator learns of this partner's data identity. A log named by ``data-identity`` or an
-    event store is identified by its name or store id, not its content; a plain log's fingerprint hashes
-    its content, and sent as it was, it let a coordinator who knows every other user's history test
-    whether one more user is in it (no DP guarantee survives that). It is sent keyed with a secret: the
-    ledger's (``key``, kept on the partner's disk) with the ``run`` name, so a resumed run keeps its label
-    and other runs cannot be linked; without a ledger, one this node draws per run series (``context.state``)."""
-    if data.identity:
-        return data.fingerprint()
-    if key is None:
-        record = context.state.config_records.get(LABEL_KEY)
-        if record is None or not record.get("key"):
-            record = ConfigRecord({"key": secrets.token_hex(16)})
-            context.state.config_records[LABEL_KEY] = record
-        key = str(record["key"])
-    message = f"{run}\x1f{data.fingerprint()}".encode()
-    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:16]
-
-
-def partner_label(node_config: Mapping[str, Any], data: SequenceData, context: Context) -> str:
-    """The name the coordinator knows a partner without a ledger by (no local DP): ``partner-<partition-id>``
-    in simulation, else ``partner-<public fingerprint>`` keyed with this Flower run's secret; a partner
-    with a ledger keys it with the ledger's (:meth:`PartnerBudget.open`)."""
-    return simulated_label(node_config) or f"partner-{public_fingerprint(context, data)}"
-
-
-def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str, label: str) -> Path:
-    """Node config ``ledger-path`` when the partner set it; else ``ledger-dir`` (run config);
-    else ``<run-dir>/<run>/ledgers``, i.e. inside the run's directory."""
-    if node_config.get("ledger-path"):
-        return Path(str(node_config["ledger-path"]))
-    if cfg.get("ledger-dir"):
-        folder = Path(str(cfg["ledger-dir"]))
-        if file := file_in_the_way(folder):
-            # (it read "ledger-path partner-1.sqlite: a folder on the way is a file", naming neither: a review)
-            raise PrivacyError(f"run config ledger-dir = {str(folder)!r}: {file} is a file, not a folder; give the "
-                               "folder the ledgers are kept in")
-        return folder / f"{label}.sqlite"
-    return Path(str(cfg["run-dir"])) / run / "ledgers" / f"{label}.sqlite"
 
 
 def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: list[Mechanism], evals: int,

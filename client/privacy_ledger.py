@@ -205,7 +205,7 @@ class PrivacyLedger:
 
     def label_key(self) -> str:
         """A random secret of this ledger (kept in its ``meta``, made at first use), with which the partner
-        keys the fingerprint it sends (client/privacy_budget.py public_fingerprint): never sent itself."""
+        keys the fingerprint it sends (client/partner_identity.py public_fingerprint): never sent itself."""
         found = self._query("SELECT value FROM meta WHERE key = 'label-key'")
         if found:
             return str(found[0][0])

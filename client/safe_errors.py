@@ -33,7 +33,7 @@ MAX_REASON_CHARS = 400  # a ledger's rollback refusal, with its advice, is about
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])~?(?:/[\w.@+=-]+)+/?")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PARENTHESISED = re.compile(r"\s\([^()]*\)")  # " (found a, b)" but not "column(s)"
-# A default ledger's file name holds the hash of the partner's data (client/privacy_budget.py local_label)
+# A default ledger's file name holds the hash of the partner's data (client/partner_identity.py local_label)
 _DEFAULT_LEDGER = re.compile(r"partner-[0-9a-f]{16}\.sqlite")
 
 

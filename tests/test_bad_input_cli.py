@@ -21,7 +21,7 @@ def test_knobs_that_cannot_work_are_one_line(knob, value, says):
 
 
 def test_a_ledger_dir_that_is_a_file_names_the_knob(tmp_path, capsys):
-    from client.privacy_budget import ledger_path
+    from client.partner_identity import ledger_path
     from common.errors import PrivacyError
     from server.cli import main
 

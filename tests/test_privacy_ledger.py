@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from flwr.app import Context, RecordDict
 
-from client.privacy_budget import PartnerBudget, partner_label
+from client.partner_identity import partner_label
+from client.privacy_budget import PartnerBudget
 from client.privacy_ledger import PrivacyLedger
 from common.config import resolve_config
 from common.errors import PrivacyError
