@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import sqlite3
@@ -34,6 +33,7 @@ from pathlib import Path
 from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, advance_marker, check_against_marker,  # noqa: F401
                                 create_ledger, finish_interrupted_creation, give_marker_id, marker_path, read_marker,
                                 rows_digest, unwritable, upgrade)
+from client.ledger_lock import LedgerLock
 from common.errors import PrivacyError
 from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
@@ -91,8 +91,7 @@ class PrivacyLedger:
         self.fingerprint = fingerprint
         self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
         self.created = False
-        self._lock_fd: int | None = None
-        self._file_lock_fd: int | None = None  # the ledger file's own lock (hard links share it)
+        self._lock = LedgerLock(self.path)
         self._marker_id: str | None = None  # the file's own copy of its marker's id (advance_marker)
         # A folder, or a path under a file, is a mistake in ledger-path: say so (it read as a corrupt or
         # deleted ledger, and a folder given as the ledger was made 0700)
@@ -104,11 +103,11 @@ class PrivacyLedger:
         if self.path.is_symlink() and not self.path.exists():  # its marker is beside the target, never read here
             raise PrivacyError(f"ledger-path {self.path} is a symbolic link to {os.readlink(self.path)}, which does not "
                                "exist; restore the ledger there, or give the ledger file itself as ledger-path")
-        self._lock(LOCK_WAIT_SECONDS if lock_wait is None else lock_wait, create)
+        self._lock.acquire(LOCK_WAIT_SECONDS if lock_wait is None else lock_wait, create)
         try:
             self._open(create, reset)
         except BaseException:
-            self._unlock()
+            self._lock.release()
             raise
 
     def _open(self, create: bool, reset: str) -> None:
@@ -121,7 +120,7 @@ class PrivacyLedger:
             if (earlier is not None and not earlier.get("rows")
                     and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id")))):
                 self.created = True
-                self._lock_file(time.monotonic(), 0.0)  # it exists now (a review: a hard link got in meanwhile)
+                self._lock.lock_file()  # it exists now (a review: a hard link got in meanwhile)
                 self._conn = self._open_checked()
                 return
             if earlier is not None and (not reset or reset != earlier.get("id")):
@@ -132,7 +131,7 @@ class PrivacyLedger:
                     "start a new one, which forgets the spend already released")
             create_ledger(self.path, self.fingerprint)
             self.created = True
-            self._lock_file(time.monotonic(), 0.0)
+            self._lock.lock_file()
         else:
             try:
                 ensure_private(self.path)
@@ -284,11 +283,11 @@ class PrivacyLedger:
 
     def close(self) -> None:
         self._conn.close()
-        self._unlock()
+        self._lock.release()
 
     def __del__(self) -> None:  # a handle dropped without close() must not keep the ledger locked
         with contextlib.suppress(Exception):
-            self._unlock()
+            self._lock.release()
 
     def __enter__(self) -> PrivacyLedger:
         return self
@@ -297,60 +296,6 @@ class PrivacyLedger:
         self.close()
 
     # -- internals -------------------------------------------------------------------------
-    def _lock(self, wait: float, create: bool) -> None:
-        if not self.path.parent.is_dir():
-            if not create:
-                return  # nothing to guard: opening reports the missing ledger
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The lock sits beside the real file: a ledger opened through a symbolic link (a fine-tune's
-        # --ledger-path linking to the supernode's ledger) takes the same lock (a review overspent that way)
-        real = self.path.resolve()
-        try:
-            fd = os.open(real.parent / f".{real.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise unwritable(self.path, exc) from None
-        deadline = time.monotonic() + wait
-        self._lock_fd = self._flock(fd, deadline, wait)
-        self._lock_file(deadline, wait)
-
-    def _lock_file(self, deadline: float, wait: float) -> None:
-        """Lock the ledger file itself too, once it exists: a hard link (another name for the same file) has a
-        lock file of its own name, and two trainings through the two names both spent (a review). flock, not
-        SQLite's fcntl locks: closing this descriptor (after the connection, in close) releases nothing of SQLite's."""
-        real = self.path.resolve()
-        try:
-            file_fd = os.open(real, os.O_RDONLY) if self._file_lock_fd is None and real.is_file() else None
-        except OSError:
-            file_fd = None
-        if file_fd is not None:
-            try:
-                self._file_lock_fd = self._flock(file_fd, deadline, wait)
-            except BaseException:
-                self._unlock()
-                raise
-
-    def _flock(self, fd: int, deadline: float, wait: float) -> int:
-        """``fd``, exclusively locked (waiting until ``deadline``); closed and refused past it."""
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise PrivacyError(
-                        f"privacy ledger {self.path} is in use by another training (another run or a fine-tune "
-                        f"on this ledger) and stayed locked for {wait:g} s; two trainings at once would both "
-                        "spend from the same budget, so this one does not start: try again when it has finished") from None
-                time.sleep(0.1)
-
-    def _unlock(self) -> None:
-        for name in ("_file_lock_fd", "_lock_fd"):  # closing a descriptor releases its lock
-            fd = getattr(self, name, None)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-
     def _open_checked(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=30)
