@@ -22,7 +22,7 @@ def item_histogram_reply(msg: Message, context: Context, cfg: dict) -> Message:
     """The reply to a ``QUERY`` message: the noised histogram of this partner's training sequences (never
     a validation or test item) and its whole-ledger epsilon after it, after the catalogue check of a round."""
     from client.app import _run_name, check_same_catalogue  # lazy: client.app registers this handler
-    from client.partner_policy import apply_partner_policy
+    from client.partner_policy import apply_partner_policy, shares_item_histogram
     from client.privacy_budget import PartnerBudget
     from common.item_prior import noised_histogram, unit_histogram
     from common.privacy import dp_noise_seed
@@ -32,6 +32,9 @@ def item_histogram_reply(msg: Message, context: Context, cfg: dict) -> Message:
     if cfg["item-prior"] != "popularity" or not uses_local_dp(dp_mode(cfg)):
         raise PrivacyError(f"a noised item histogram is sent only for item-prior = popularity under local DP; this "
                            f"run has item-prior {cfg['item-prior']}, dp-mode {dp_mode(cfg)}")
+    if not shares_item_histogram(context.node_config):  # before anything is drawn: nothing spent
+        raise PrivacyError("this partner's node config share-item-histogram = false: it sends no item histogram "
+                           "(nothing drawn, nothing spent); the prior is built from the other partners")
     data = partner_data(cfg, context.node_config)
     check_same_catalogue(msg, data)
     noise = float(cfg["item-prior-noise-multiplier"])

@@ -16,6 +16,9 @@ its floor on its own SuperNode, e.g.
 - ``share-evaluation = false``: the partner answers no evaluation round (its hit and NDCG sums are
   computed on its users without noise and are in no ledger); ``"noised"``: it answers only runs
   whose ``evaluation-noise-multiplier`` > 0 (sums under DP, on its ledger: common/private_evaluation.py).
+- ``share-item-histogram = false``: the partner sends no noised item histogram for a run with
+  ``item-prior = "popularity"`` (common/item_prior.py): it refuses the query before drawing anything,
+  and its DP-SGD is calibrated without the histogram, so it keeps that share of its budget.
 
 ``max-epsilon`` caps the partner's ledger, so a real partner (no ``partition-id``: not a
 simulation) must also set ``ledger-path``: otherwise the ledger lives where the run config says,
@@ -48,7 +51,8 @@ from common.privacy import (ONE_USER_MANY_EXAMPLES, default_delta, dp_mode, refu
 LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
 NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta",
-                    "share-evaluation", "reply-after-seconds", "partner-state-dir", "partition-id", "num-partitions")
+                    "share-evaluation", "share-item-histogram", "reply-after-seconds", "partner-state-dir",
+                    "partition-id", "num-partitions")
 MAX_REPLY_HOLD = 43_200.0  # s: Flower's default message time-to-live; a reply held longer arrives expired
 
 
@@ -107,6 +111,7 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)
+    shares_item_histogram(node_config)
     reply_after_seconds(node_config)
     partner_state_dir(node_config)
 
@@ -157,6 +162,16 @@ def shares_evaluation(node_config: Mapping[str, Any]) -> str:
     if text not in _SHARING:
         raise ConfigError(f"node config share-evaluation = {raw!r} must be true, false or noised")
     return _SHARING[text]
+
+
+def shares_item_histogram(node_config: Mapping[str, Any]) -> bool:
+    """Node config ``share-item-histogram`` (default true): whether this partner answers an ``item-prior``
+    query with its noised item histogram (a DP release on its ledger, inside its target)."""
+    raw = node_config.get("share-item-histogram", True)
+    text = str(raw).strip().lower()
+    if text not in ("true", "1", "false", "0"):
+        raise ConfigError(f"node config share-item-histogram = {raw!r} must be true or false")
+    return text in ("true", "1")
 
 
 def refuse_evaluation_unless_shared(node_config: Mapping[str, Any], evaluation_noise: float = 0.0) -> None:

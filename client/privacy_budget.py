@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 
 from client.partner_identity import ledger_path, local_label, public_fingerprint, simulated_label
-from client.partner_policy import partner_delta
+from client.partner_policy import partner_delta, shares_item_histogram
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
@@ -102,7 +102,8 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
                                                   context.node_config, 1))
     refuse_unaffordable_evaluations(cfg, delta)
     evals = planned_evaluations(cfg)
-    prior = _planned_prior(cfg, ledger, run)  # an item histogram (item-prior) is planned before the count is drawn too
+    # an item histogram (item-prior) is planned before the count is drawn too
+    prior = _planned_prior(cfg, ledger, run, context.node_config)
     planned = ([count_mechanism(noise)] + prior
                + [evaluation_mechanism(float(cfg.get("evaluation-noise-multiplier", 0.0)))] * evals)
     target = float(cfg["target-epsilon"])
@@ -124,10 +125,14 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     return value
 
 
-def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str) -> list[Mechanism]:
-    """[the item histogram's mechanism] when this run uses item-prior = "popularity" and has not released
-    it yet (then it is on the ledger's history already), else []."""
-    return [] if ledger.releases(run, "item-prior") else planned_prior(cfg)
+def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str,
+                   node_config: Mapping[str, Any]) -> list[Mechanism]:
+    """[the item histogram's mechanism] when this run uses item-prior = "popularity", this partner shares
+    it (node config ``share-item-histogram``) and has not released it yet (then it is on the ledger's
+    history already), else []."""
+    if ledger.releases(run, "item-prior") or not shares_item_histogram(node_config):
+        return []
+    return planned_prior(cfg)
 
 
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
@@ -221,7 +226,8 @@ class PartnerBudget:
                 refuse_unaffordable_evaluations(cfg, ledger.accounting_delta(delta))
                 # The planned noised evaluations (and the item histogram of item-prior = "popularity", if this run
                 # has not released it yet) are spent as if already on the ledger: DP-SGD gets the rest
-                prior = _planned_prior(cfg, ledger, run)  # [] once released: then on the history, checked as spent
+                # [] once released (then on the history, checked as spent) or declined by the partner
+                prior = _planned_prior(cfg, ledger, run, context.node_config)
                 spent_or_planned = ledger.history() + prior + [evaluation_mechanism(eval_noise)] * evals
                 if prior:
                     refuse_unaffordable_prior(cfg, ledger.accounting_delta(delta), spent=ledger.history(), label=label)

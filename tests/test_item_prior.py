@@ -285,6 +285,41 @@ def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(t
     assert metrics["epsilon"] < 8.0  # one of two planned rounds: below the target the plan reaches at round 2
 
 
+def test_a_partner_that_declines_the_histogram_refuses_the_query_and_keeps_its_share_for_training(tmp_path):
+    """Node config share-item-histogram = false: the query is refused in one line before anything is drawn
+    (the ledger stays empty, not even the noised count), and DP-SGD is calibrated without the histogram, so
+    the two planned rounds reach the target (a histogram planned but never sent would leave its share unspent).
+    A malformed value is refused as node config."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from client.partner_policy import check_node_config
+    from tests.conftest import flower_message
+
+    app, context, overrides = _deployed_partner(tmp_path)
+    context.node_config["share-item-histogram"] = False
+    reply = _ask_for_histogram(app, context)
+    assert reply.has_error() and "share-item-histogram = false: it sends no item histogram" in reply.error.reason
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing drawn, nothing recorded: no ledger opened
+
+    cfg = resolve_config(None, overrides)
+    arrays = ArrayRecord(new_model(cfg, 30).state_dict())
+    for server_round in (1, 2):
+        train = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round,
+                                                                      "run-name": "acme"})})
+        trained = app(flower_message(train, "train"), context)
+        assert not trained.has_error(), trained.error
+        arrays = trained.content["arrays"]
+    with sqlite3.connect(context.node_config["ledger-path"]) as db:
+        rows = db.execute("SELECT noise_multiplier, sample_rate, steps, kind FROM batches ORDER BY id").fetchall()
+    assert [r[3] for r in rows] == ["count", "train", "train"]
+    metrics = trained.content["metrics"]
+    assert metrics["epsilon"] == pytest.approx(dp_accounting_epsilon([tuple(r[:3]) for r in rows], metrics["delta"]),
+                                               rel=0.01)
+    assert 7.9 < metrics["epsilon"] <= 8.0 + 1e-6
+    with pytest.raises(ConfigError, match="share-item-histogram = 'maybe' must be true or false"):
+        check_node_config({"share-item-histogram": "maybe"})
+
+
 def test_the_simulation_preflight_and_epsilon_plan_count_the_histogram_as_partners_do():
     """Both plan DP-SGD as client/privacy_budget.py does: after the histogram. The plan's epsilon after the
     last round is dp_accounting's over [histogram, DP-SGD]; a target the histogram alone uses up is refused
