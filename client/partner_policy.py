@@ -65,7 +65,9 @@ PRIVACY_WORDS = frozenset({"eps", "epsilon", "delta", "dp", "privacy", "private"
 _LONG_PRIVACY_WORDS = tuple(w for w in PRIVACY_WORDS if len(w) >= 5)
 _MODIFIERS = ("max", "min", "cap", "limit", "target")
 # Run config keys that set privacy (the coordinator's; a partner caps them with max-epsilon / max-delta)
-_PRIVACY_RUN_KEYS = frozenset({"max-grad-norm", "accountant", "secure-aggregation"})
+_PRIVACY_RUN_KEYS = frozenset({"max-grad-norm", "accountant", "secure-aggregation", "item-prior"})
+# What a partner shares: an unknown share-* key is a partner declining something, to be refused, never ignored
+_SHARING_KEYS = tuple(k for k in NODE_CONFIG_KEYS if k.startswith("share-"))
 
 
 def _words(key: str) -> list[str]:
@@ -101,6 +103,9 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
         near = near or difflib.get_close_matches(plain, NODE_CONFIG_KEYS, n=1, cutoff=0.8)
         if near:
             raise ConfigError(f"node config key {_shown(key)} is unknown; did you mean {near[0]}?")
+        if len(words) > 1 and words[0] == "share":  # share-item-prior=false would still send the histogram (a review)
+            raise ConfigError(f"node config key {_shown(key)} is unknown; what a partner shares is set by "
+                              f"{' and '.join(_SHARING_KEYS)}")
         privacy = _names_privacy(words)
         if plain in DEFAULTS and (privacy or plain in _PRIVACY_RUN_KEYS):
             raise ConfigError(f"node config key {_shown(key)} is a run config key, set by the coordinator's run config; "

@@ -220,6 +220,21 @@ class PrivacyReport(GuaranteeText):
             entry.setdefault("delta", float(self.cfg["target-delta"]) or default_delta(1))
             entry["epsilon-from"] = f"refusal in round {server_round}"
 
+    def _adopt_provisional(self, node: int, label: str) -> dict[str, Any]:
+        """``label``'s entry, holding what was listed under ``node-<id>`` before the node's first labelled reply
+        (a refusal of the round-0 query, a missing answer): one partner, one entry (it was listed twice)."""
+        entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        provisional = self.partners.get(f"node-{node}")
+        if provisional is None or label == f"node-{node}" or provisional.get("node-id") != node:
+            return entry
+        del self.partners[f"node-{node}"]
+        for key in ("refused", "no-reply", "refused-evaluation"):
+            if key in provisional:
+                entry[key] = provisional[key] + entry.get(key, [])
+        if float(provisional.get("epsilon", -1.0)) > float(entry.get("epsilon", -1.0)):  # a refusal's stated spend
+            entry.update({k: provisional[k] for k in ("epsilon", "delta", "epsilon-from") if k in provisional})
+        return entry
+
     def note_unaggregated(self, server_round: int, msg: Message, reason: str) -> None:
         """A reply that reached the coordinator but will not be aggregated (rejected by update
         validation, or its round failed): its update was still released to the coordinator, so its
@@ -264,7 +279,7 @@ class PrivacyReport(GuaranteeText):
         details = msg.content.config_records.get("privacy")
         label = label or self._known_label(msg)  # a node listed apart (_round_labels) stays apart
         self.node_labels[node] = label
-        entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
+        entry = self._adopt_provisional(node, label)
         # Spend never goes down under one label: a rejected or late (older) reply, or two nodes reporting one
         # label in different rounds (the same data-identity), keep the largest; the guarantee stays an upper bound
         spent = {k: entry[k] for k in SPEND_KEYS if k in entry}
@@ -322,7 +337,8 @@ class PrivacyReport(GuaranteeText):
                 out["local"]["item-histogram"] = (
                     f"released once per run before round 1 (item-prior = popularity): each user's distinct training "
                     f"items at L2 norm 1 plus Gaussian noise of std {float(cfg['item-prior-noise-multiplier']):g}, "
-                    "recorded on each partner's ledger and inside its epsilon")
+                    "recorded on the ledger of each partner that sent one and inside its epsilon (a partner "
+                    "that declined or could not afford it is listed as refusing in round 0)")
             if int(cfg["num-server-rounds"]) != self.planned_rounds:  # a resume asked for another count
                 out["local"]["num-server-rounds"] = cfg["num-server-rounds"]
                 out["local"]["note"] = (f"resumed with num-server-rounds {cfg['num-server-rounds']}; the partners' noise "

@@ -197,6 +197,38 @@ def test_a_partner_that_refuses_the_histogram_is_listed_in_the_privacy_report(tm
     assert start["item-prior"] == "none (no partner sent a histogram)"
 
 
+def test_a_partner_that_refused_the_histogram_and_then_trains_is_listed_once(tmp_path):
+    """Its round-0 refusal carries no label (node-<id>); its first training reply names it: privacy.json then
+    holds one entry with both (a review found the partner listed twice), and the text says who released one."""
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from server.privacy_report import PrivacyReport
+    from simulations.local_grid import LocalGrid
+
+    LocalGrid([])  # the task identity Flower's Message needs outside its runtimes
+    cfg = resolve_config(None, {**TINY, "dp": True})
+    report = PrivacyReport(tmp_path, cfg)
+    refusal = Message(Error(code=0, reason="this partner's node config share-item-histogram = false: it sends no "
+                                           "item histogram"),
+                      reply_to=Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY))
+    refusal.metadata.__dict__["_src_node_id"] = 7
+    report.note_item_histograms([refusal], [])
+    assert list(report.partners) == ["node-7"]
+    reply = Message(RecordDict({"metrics": MetricRecord({"epsilon": 3.2, "delta": 1e-5}),
+                                "privacy": ConfigRecord({"partner": "partner-acme"})}), dst_node_id=7,
+                    message_type=MessageType.TRAIN)
+    reply.metadata.__dict__["_src_node_id"] = 7
+    report.screen(1, [reply])
+    report.write()
+    partners = json.loads((tmp_path / "privacy.json").read_text())["partners"]
+    assert list(partners) == ["partner-acme"]
+    assert partners["partner-acme"]["epsilon"] == 3.2 and partners["partner-acme"]["node-id"] == 7
+    assert [r["round"] for r in partners["partner-acme"]["refused"]] == [0]
+    assert "share-item-histogram = false" in partners["partner-acme"]["refused"][0]["reason"]
+    local = json.loads((tmp_path / "privacy.json").read_text())["local"]
+    assert "each partner that sent one" in local["item-histogram"]
+
+
 def _deployed_partner(tmp_path, **overrides):
     """(client app, context, config overrides) of a SuperNode's partner with its own log (100 users) and ledger."""
     from flwr.app import Context, RecordDict
@@ -285,7 +317,8 @@ def test_a_deployed_partner_records_its_histogram_once_beside_its_noised_count(t
     assert metrics["epsilon"] < 8.0  # one of two planned rounds: below the target the plan reaches at round 2
 
 
-def test_a_partner_that_declines_the_histogram_refuses_the_query_and_keeps_its_share_for_training(tmp_path):
+def test_a_partner_that_declines_the_histogram_refuses_the_query_and_keeps_its_share_for_training(tmp_path,
+                                                                                                    monkeypatch):
     """Node config share-item-histogram = false: the query is refused in one line before anything is drawn
     (the ledger stays empty, not even the noised count), and DP-SGD is calibrated without the histogram, so
     the two planned rounds reach the target (a histogram planned but never sent would leave its share unspent).
@@ -295,9 +328,14 @@ def test_a_partner_that_declines_the_histogram_refuses_the_query_and_keeps_its_s
     from client.partner_policy import check_node_config
     from tests.conftest import flower_message
 
+    import common.item_prior
+
     app, context, overrides = _deployed_partner(tmp_path)
     context.node_config["share-item-histogram"] = False
-    reply = _ask_for_histogram(app, context)
+    with monkeypatch.context() as patched:  # refused before any histogram is computed or noised
+        for name in ("unit_histogram", "noised_histogram"):
+            patched.setattr(common.item_prior, name, lambda *a, **k: pytest.fail("a histogram was computed"))
+        reply = _ask_for_histogram(app, context)
     assert reply.has_error() and "share-item-histogram = false: it sends no item histogram" in reply.error.reason
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing drawn, nothing recorded: no ledger opened
 
@@ -318,6 +356,17 @@ def test_a_partner_that_declines_the_histogram_refuses_the_query_and_keeps_its_s
     assert 7.9 < metrics["epsilon"] <= 8.0 + 1e-6
     with pytest.raises(ConfigError, match="share-item-histogram = 'maybe' must be true or false"):
         check_node_config({"share-item-histogram": "maybe"})
+
+    # A target the histogram alone would use up (noise 2: epsilon 2.17) still trains a partner that declines it:
+    # the check before its noised user count is drawn plans no histogram either (a review)
+    (tmp_path / "small").mkdir()
+    app, context, _ = _deployed_partner(tmp_path / "small", **{"target-epsilon": 2.0})
+    context.node_config["share-item-histogram"] = False
+    train = RecordDict({"arrays": ArrayRecord(new_model(cfg, 30).state_dict()),
+                        "config": ConfigRecord({"server-round": 1, "run-name": "acme"})})
+    trained = app(flower_message(train, "train"), context)
+    assert not trained.has_error(), trained.error
+    assert 0 < trained.content["metrics"]["epsilon"] < 2.0
 
 
 def test_the_simulation_preflight_and_epsilon_plan_count_the_histogram_as_partners_do():

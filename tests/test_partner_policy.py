@@ -114,6 +114,15 @@ def test_run_together_or_dotted_privacy_keys_are_refused_too(key):
         check_node_config({key: 1.0})
 
 
+@pytest.mark.parametrize(("key", "says"), [("share-item-prior", "share-evaluation and share-item-histogram"),
+                                          ("share_popularity", "what a partner shares"), ("shareEval", "did you mean"),
+                                          ("item-prior", "run config key")])
+def test_an_unknown_sharing_key_is_refused_naming_the_sharing_keys(key, says):
+    # A review: share-item-prior=false passed in silence and the partner sent its histogram all the same
+    with pytest.raises(ConfigError, match=says):
+        check_node_config({key: False})
+
+
 @pytest.mark.parametrize("key", ["data", "max", "share", "seed", "device", "steps", "deps-dir"])
 def test_other_apps_plain_keys_pass(key):
     # ... and the rules do not catch another app's ordinary keys: a lone word, or a run config key that is not privacy
