@@ -60,8 +60,9 @@ class LateReplyGrid(Grid):
     on_unanswered : callable(server_round, node_id), optional
         Called by :meth:`finish` for each training message still without a reply.
     on_late_evaluation : callable(server_round, reply), optional
-        Called once per late, non-error evaluation reply; evaluation messages are tracked only
-        when it is given (noised evaluation, whose replies spend budget).
+        Called once per late evaluation reply, a refusal included (PrivacyReport.note_evaluation lists it
+        as a refusal to evaluate, no spend); evaluation messages are tracked only when it is given (noised
+        evaluation, whose replies spend budget).
     """
 
     def __init__(self, grid: Grid, on_late: LateCallback, on_unanswered: UnansweredCallback | None = None,
@@ -143,9 +144,9 @@ class LateReplyGrid(Grid):
             _from_its_node(reply, node)
             if reply.has_error():
                 # It released nothing, but it answered: a late refusal (e.g. a partner whose reply hold it refused
-                # itself) is reported as the refusal it is; dropped here, the partner was in no list at all (a journey)
-                if kind == MessageType.TRAIN:
-                    self._on_late(server_round, reply)
+                # itself) is reported as the refusal it is; dropped here, the partner was in no list at all (a journey).
+                # A late refusal to evaluate likewise (evaluations are tracked only with on_late_evaluation)
+                (self._on_late if kind == MessageType.TRAIN else self._on_late_evaluation)(server_round, reply)
                 continue
             if kind == MessageType.EVALUATE:
                 log(WARNING, "round %d: node %d replied to its evaluation after round-timeout: its noised sums "

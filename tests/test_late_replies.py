@@ -259,9 +259,11 @@ def test_a_partner_without_a_ledger_keeps_its_entry_through_a_resume(tmp_path):
     assert partners["partner-aaaa"]["rounds-trained"] == [1, 2]
 
 
-def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path):
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path, kind):
     # A journey review: a refusal that came after round-timeout was dropped (an error "released nothing"), and the
-    # partner was in no list at all: not refused, not no-reply, absent from privacy.json and fedrec-server report
+    # partner was in no list at all: not refused, not no-reply, absent from privacy.json and fedrec-server report.
+    # The same held for a late refusal to evaluate (noised evaluation tracks late evaluation replies).
     from flwr.app import ConfigRecord, Error, MessageType, RecordDict
 
     from common.config import resolve_config
@@ -270,7 +272,7 @@ def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path):
 
     LocalGrid([])
     sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=5,
-                   message_type=MessageType.TRAIN)
+                   message_type=MessageType.TRAIN if kind == "train" else MessageType.EVALUATE)
     late = Message(Error(code=400, reason="this partner holds its replies too long"), reply_to=sent)
     late.metadata.__dict__["_src_node_id"] = 5
     late.metadata.__dict__["_reply_to_message_id"] = "m0"
@@ -288,10 +290,12 @@ def test_a_late_refusal_is_reported_as_the_refusal_it_is(tmp_path):
 
     report = PrivacyReport(tmp_path, resolve_config(None, {}))
     unanswered = []
-    grid = LateReplyGrid(Slow(), report.note_late, lambda r, n: unanswered.append((r, n)))
+    grid = LateReplyGrid(Slow(), report.note_late, lambda r, n: unanswered.append((r, n)),
+                         on_late_evaluation=lambda r, m: report.note_evaluation(r, [m]))
     assert grid.send_and_receive([sent], timeout=0.0) == []  # the round's timeout passed
     assert grid.finish() == [] and unanswered == []  # the late refusal came in: answered, not silent
-    assert report.as_dict()["partners"]["node-5"]["refused"] == [
+    listed = "refused" if kind == "train" else "refused-evaluation"
+    assert report.as_dict()["partners"]["node-5"][listed] == [
         {"round": 1, "reason": "this partner holds its replies too long"}]
 
 
@@ -405,17 +409,29 @@ def test_a_late_evaluation_reply_without_noised_evaluation_is_not_tracked_and_no
     assert grid.finish() == [] and late == [] and unanswered == []
 
 
-def test_a_late_evaluation_refusal_is_no_training_refusal():
+def test_a_late_evaluation_refusal_is_no_training_refusal(tmp_path):
     """With noised evaluation, a partner's refusal to evaluate that arrives after round-timeout released nothing:
-    it is not reported as a training refusal nor as an evaluation spend (a mutation audit)."""
+    it is not reported as a training refusal nor as an evaluation spend (a mutation audit), but as the refusal
+    to evaluate it is (it was dropped, and the partner in no list)."""
     from flwr.app import Error, MessageType
 
+    from common.config import resolve_config
     from server.late_replies import LateReplyGrid
+    from server.privacy_report import PrivacyReport
 
     LocalGrid([])
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
     late, late_evaluations = [], []
+
+    def on_late_evaluation(server_round, msg):  # noqa: ANN001, ANN202
+        late_evaluations.append(server_round)
+        report.note_evaluation(server_round, [msg])
+
     grid = LateReplyGrid(Releasing(lambda: Error(code=400, reason="budget exhausted")), lambda r, m: late.append(r),
-                         on_late_evaluation=lambda r, m: late_evaluations.append(r))
+                         on_late_evaluation=on_late_evaluation)
     assert grid.send_and_receive([_round_message(1, MessageType.EVALUATE)], timeout=0.0) == []
     grid.send_and_receive([_round_message(2, MessageType.EVALUATE, node=6)], timeout=0.0)
-    assert grid.finish() == [] and late == [] and late_evaluations == []
+    assert grid.finish() == [] and late == [] and late_evaluations == [1]
+    (entry,) = report.as_dict()["partners"].values()
+    assert entry["refused-evaluation"] == [{"round": 1, "reason": "budget exhausted"}]
+    assert "epsilon" not in entry and "rounds-evaluated" not in entry
