@@ -165,6 +165,10 @@ class PrivacyReport(GuaranteeText):
             if msg.has_error():  # a refusal (share-evaluation, budget): as visible as a training refusal
                 node = int(msg.metadata.src_node_id)
                 label = self.node_labels.get(node, f"node-{node}")
+                if msg.error.code in NOT_DELIVERED:  # the SuperLink's error (unreachable, expired): no refusal
+                    log(WARNING, "round %d: %s did not answer its evaluation (%s); if it sent noised sums, the "
+                        "spend is in its own ledger only", server_round, label, msg.error.reason)
+                    continue
                 log(WARNING, "round %d: %s refused to evaluate: %s", server_round, label, msg.error.reason)
                 entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
                 entry.setdefault("refused-evaluation", []).append({"round": server_round, "reason": msg.error.reason})

@@ -435,3 +435,24 @@ def test_a_late_evaluation_refusal_is_no_training_refusal(tmp_path):
     (entry,) = report.as_dict()["partners"].values()
     assert entry["refused-evaluation"] == [{"round": 1, "reason": "budget exhausted"}]
     assert "epsilon" not in entry and "rounds-evaluated" not in entry
+
+
+def test_an_evaluation_error_the_superlink_made_is_no_refusal_to_evaluate(tmp_path):
+    # A late evaluation error now reaches note_evaluation (it was dropped): the SuperLink's own error for an
+    # unreachable partner or an expired reply is no refusal, so the partner is not listed as refusing
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from common.config import resolve_config
+    from server.late_replies import _from_its_node
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
+                   message_type=MessageType.EVALUATE)
+    sent.metadata.__dict__["_message_id"] = "m0"
+    error = create_message_error_unavailable_res_message(sent.metadata, "msg_unavail")
+    _from_its_node(error, 7)  # as the grid wrapper names it
+    report = PrivacyReport(tmp_path, resolve_config(None, {}))
+    report.note_evaluation(1, [error])
+    assert "refused-evaluation" not in report.partners.get("node-7", {})
