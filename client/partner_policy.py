@@ -173,10 +173,10 @@ def shares_item_histogram(node_config: Mapping[str, Any]) -> bool:
     """Node config ``share-item-histogram`` (default true): whether this partner answers an ``item-prior``
     query with its noised item histogram (a DP release on its ledger, inside its target)."""
     raw = node_config.get("share-item-histogram", True)
-    text = str(raw).strip().lower()
-    if text not in ("true", "1", "false", "0"):
+    sharing = _SHARING.get(str(raw).strip().lower())  # share-evaluation's words, less "noised"
+    if sharing not in ("any", "none"):
         raise ConfigError(f"node config share-item-histogram = {raw!r} must be true or false")
-    return text in ("true", "1")
+    return sharing == "any"
 
 
 def refuse_evaluation_unless_shared(node_config: Mapping[str, Any], evaluation_noise: float = 0.0) -> None:

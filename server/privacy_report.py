@@ -229,7 +229,7 @@ class PrivacyReport(GuaranteeText):
         (a refusal of the round-0 query, a missing answer): one partner, one entry (it was listed twice)."""
         entry = self.partners.setdefault(label, {"partner": label, "node-id": node})
         provisional = self.partners.get(f"node-{node}")
-        if provisional is None or label == f"node-{node}" or provisional.get("node-id") != node:
+        if provisional is None or label == f"node-{node}":
             return entry
         del self.partners[f"node-{node}"]
         for key in ("refused", "no-reply", "refused-evaluation"):
