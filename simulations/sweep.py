@@ -136,13 +136,31 @@ def stopped_run_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def set_aside(runs_dir: Path, name: str) -> Path:
+    """Rename a failed run's directory (and its log) to the first free ``<name>-failed[-N]``, so the run can
+    start again from round 1 under its own name while what it left stays readable; returns the new directory."""
+    stem = f"{name}-failed"
+    n, aside = 1, runs_dir / stem
+    while aside.exists() or aside.with_suffix(".log").exists():
+        n += 1
+        aside = runs_dir / f"{stem}-{n}"
+    (runs_dir / name).rename(aside)
+    if (log := runs_dir / f"{name}.log").exists():
+        log.rename(runs_dir / f"{aside.name}.log")
+    return aside
+
+
 def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
-            on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure)."""
+            on_round: Callable[[int], None] | None = None, from_round_one: bool = False) -> dict[str, Any]:
+    """Run one simulation in a subprocess; returns its CSV row (``status`` ok or the failure). A run a stopped
+    sweep left with a checkpoint continues from it, unless ``from_round_one`` (``--restart-failed``), which
+    sets that directory aside first."""
     runs_dir = spec["runs-dir"]
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = run_name(spec, rid)
     overrides = run_config(run, spec, rid)
+    if from_round_one and stopped_run_checkpoint(runs_dir / name) is not None:
+        set_aside(runs_dir, name)
     resuming = stopped_run_checkpoint(runs_dir / name) is not None
     if resuming:  # a stopped sweep left this run part-done: continue it (its ledgers, its rounds) in its directory
         overrides["resume"] = True
@@ -223,7 +241,13 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="sweep config (TOML), e.g. simulations/configs/privacy_utility_ml100k.toml")
-    parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    retry = parser.add_mutually_exclusive_group()
+    retry.add_argument("--retry-failed", action="store_true",
+                       help="run again the runs recorded as failed (one that left a checkpoint continues after its "
+                            "last finished round)")
+    retry.add_argument("--restart-failed", action="store_true",
+                       help="run again the runs recorded as failed, each from round 1 (a directory one left is "
+                            "renamed <name>-failed, its log beside it)")
     parser.add_argument("--max-runs", type=non_negative_int, default=0, help="stop after this many new runs (0 = all)")
     parser.add_argument("--no-plots", action="store_true", help="skip the sweep's PNG plots (each run directory has its own, drawn by the ServerApp)")
     parser.add_argument("--table", metavar="METRIC", help="only print a markdown table of METRIC (e.g. ndcg@10) from the CSV")
@@ -238,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_sweep(args.config)
     with sigterm_stops():
         try:
-            run_sweep(spec, args.retry_failed, args.max_runs)
+            run_sweep(spec, args.retry_failed or args.restart_failed, args.max_runs, restart=args.restart_failed)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
             print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
                   "(run the command again to resume: that run continues after its last finished round, if any)",
@@ -256,31 +280,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int) -> None:
-    """Every run of ``spec`` not yet in its results file (at most ``max_runs`` if set), one row each."""
+def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restart: bool = False) -> None:
+    """Every run of ``spec`` not yet in its results file (at most ``max_runs`` if set), one row each;
+    ``restart``: a failed run starts again from round 1 rather than from a checkpoint it left."""
     from tqdm import tqdm
 
     runs = list(expand(spec))
     columns = columns_of(spec)
-    done = finished_runs(spec["output"], retry_failed)
+    recorded = finished_runs(spec["output"])
+    failed_ids = recorded - finished_runs(spec["output"], retry_failed=True)
+    done = recorded - failed_ids if retry_failed else recorded
     commit = commit_label()
     todo = [(run_id(r), r) for r in runs if run_id(r) not in done]
-    failed = 0 if retry_failed else len({run_id(r) for r in runs} & (done - finished_runs(spec["output"], True)))
+    failed = 0 if retry_failed else len({run_id(r) for r in runs} & failed_ids)
     print(f"{spec['name']}: {len(runs)} runs ({len(runs) // len(spec['seeds'])} cells x {len(spec['seeds'])} seeds), "
           f"{len(runs) - len(todo)} already in {spec['output']}"
-          + (f" ({failed} of them failed: --retry-failed runs them again)" if failed else "") + f", {len(todo)} to run")
+          + (f" ({failed} of them failed: --retry-failed runs them again after their last finished round, "
+             "--restart-failed from round 1)" if failed else "") + f", {len(todo)} to run")
     if max_runs:
         todo = todo[:max_runs]
     with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
         for rid, run in todo:
             rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))
-            if (checkpoint := stopped_run_checkpoint(spec["runs-dir"] / run_name(spec, rid))) is not None:
+            from_round_one = restart and rid in failed_ids
+            checkpoint = stopped_run_checkpoint(spec["runs-dir"] / run_name(spec, rid))
+            if checkpoint is not None and from_round_one:
+                bar.write(f"restarting {checkpoint.parent.name} from round 1 (the directory and log it left are "
+                          f"renamed {checkpoint.parent.name}-failed, or -failed-2, ... where that is taken)")
+            elif checkpoint is not None:
                 bar.write(f"resuming {checkpoint.parent.name} from {checkpoint} (a stopped sweep's run; its "
                           "seconds column counts this part only)")
             with tqdm(total=rounds_total, desc=f"  {run.get('model', DEFAULTS['model'])} "
                       f"eps={run.get('target-epsilon', '-')} seed={run['seed']}", unit="round", position=1,
                       leave=False) as rounds:
-                row = {**execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n)), "commit": commit}
+                row = {**execute(run, spec, rid, on_round=lambda r: rounds.update(r - rounds.n),
+                                 from_round_one=from_round_one), "commit": commit}
             with signals_deferred():  # a stop now lands after the row, not inside it
                 append_row(spec["output"], row, columns)
             bar.set_postfix_str(f"last: {row['status'][:40]} ndcg@10={row.get('ndcg@10')}")

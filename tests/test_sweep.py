@@ -88,7 +88,8 @@ def test_a_rerun_says_which_recorded_runs_failed_and_that_nothing_could_be_plott
         sweep.append_row(spec["output"], {**run, "run-id": sweep.run_id(run), "status": "failed: timed out"}, columns)
     assert sweep.main([str(config)]) == 0
     out = capsys.readouterr().out
-    assert "2 already in" in out and "(2 of them failed: --retry-failed runs them again), 0 to run" in out
+    assert "2 already in" in out and ("(2 of them failed: --retry-failed runs them again after their last finished "
+                                      "round, --restart-failed from round 1), 0 to run") in out
     assert f"no plots: no run in {spec['output']} finished with status ok" in out
 
 
@@ -794,3 +795,32 @@ def test_a_stopped_run_with_a_checkpoint_is_resumed_in_its_own_directory(tmp_pat
     given = args.read_text().splitlines()
     assert "resume=true" in given and f'run-name="{name}"' in given
     assert (spec["runs-dir"] / f"{name}.log").read_text() == "first part\nsecond part\n"  # its log goes on
+
+
+def test_restart_failed_starts_a_failed_run_from_round_one_and_keeps_what_it_left(tmp_path, monkeypatch):
+    # --retry-failed continued a failed run from its checkpoint, so a run that failed the same way each time
+    # (a bad round, a bug since fixed) could only start afresh once its directory was deleted by hand
+    args = tmp_path / "args.txt"
+    fake_python(tmp_path, monkeypatch, f'for a in "$@"; do echo "$a" >> {args}; done\necho new part\n')
+    spec = sweep.load_sweep(write_config(tmp_path))
+    first, second = list(sweep.expand(spec))
+    columns = sweep.columns_of(spec)
+    for run in (first, second):  # both left a checkpoint; only the first is recorded, as failed
+        name = sweep.run_name(spec, sweep.run_id(run))
+        (spec["runs-dir"] / name).mkdir(parents=True)
+        (spec["runs-dir"] / name / "checkpoint.pt").write_bytes(b"round 2")
+        (spec["runs-dir"] / f"{name}.log").write_text("old part\n")
+    sweep.append_row(spec["output"], {**first, "run-id": sweep.run_id(first), "status": "failed (exit 1): x"}, columns)
+    (spec["runs-dir"] / f"{sweep.run_name(spec, sweep.run_id(first))}-failed").mkdir()  # an earlier restart's
+
+    assert sweep.main([str(spec["output"].parent / "tiny.toml"), "--restart-failed", "--no-plots"]) == 0
+    given = args.read_text().split("--num-partners")[1:]  # one command per run, in sweep order
+    name = sweep.run_name(spec, sweep.run_id(first))
+    assert "resume=true" not in given[0] and f'run-name="{name}"' in given[0]  # from round 1, under its own name
+    assert "resume=true" in given[1]  # a stopped run nobody recorded as failed still continues
+    aside = spec["runs-dir"] / f"{name}-failed-2"  # -failed was taken
+    assert (aside / "checkpoint.pt").read_bytes() == b"round 2"
+    assert (spec["runs-dir"] / f"{name}-failed-2.log").read_text() == "old part\n"
+    assert (spec["runs-dir"] / f"{name}.log").read_text() == "new part\n"
+    with pytest.raises(SystemExit):  # one or the other
+        sweep.main([str(spec["output"].parent / "tiny.toml"), "--restart-failed", "--retry-failed"])
