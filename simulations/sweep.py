@@ -129,17 +129,26 @@ def commit_label() -> str:
 
 
 def stopped_run_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a stopped sweep's run left (its directory has one only after a round ended), else None."""
+    """The checkpoint a stopped sweep's run left, else None: its directory has one only after a round ended,
+    and a run that ended (every planned round logged, its summary written) is finished, not stopped (a CSV
+    moved away to measure the code at hand "resumed" every finished run: no round left, old numbers, new
+    commit; a researcher review)."""
     from server.checkpoint import CHECKPOINT_NAME  # (torch: imported when a sweep runs, not for --table)
+    from server.run_status import run_status
 
     path = run_dir / CHECKPOINT_NAME
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path if run_status(run_dir)["status"] == "incomplete" else None
+    except (FedRecError, ValueError, OSError):  # damaged files: its resume says what is wrong, in its row
+        return path
 
 
-def set_aside(runs_dir: Path, name: str) -> Path:
-    """Rename a failed run's directory (and its log) to the first free ``<name>-failed[-N]``, so the run can
-    start again from round 1 under its own name while what it left stays readable; returns the new directory."""
-    stem = f"{name}-failed"
+def set_aside(runs_dir: Path, name: str, label: str = "failed") -> Path:
+    """Rename a run's directory (and its log) to the first free ``<name>-<label>[-N]``, so the run can start
+    again from round 1 under its own name while what it left stays readable; returns the new directory."""
+    stem = f"{name}-{label}"
     n, aside = 1, runs_dir / stem
     while aside.exists() or aside.with_suffix(".log").exists():
         n += 1
@@ -159,9 +168,14 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = run_name(spec, rid)
     overrides = run_config(run, spec, rid)
-    if from_round_one and stopped_run_checkpoint(runs_dir / name) is not None:
-        set_aside(runs_dir, name)
     resuming = stopped_run_checkpoint(runs_dir / name) is not None
+    if resuming and from_round_one:
+        set_aside(runs_dir, name, "failed")
+        resuming = False
+    elif not resuming and (runs_dir / name).exists():
+        # a run that ended but is in no CSV (the CSV was moved away), or one stopped before its first round
+        # ended: it starts afresh under its own name (it went on as <name>-2, its log after the old one's)
+        set_aside(runs_dir, name, "earlier")
     if resuming:  # a stopped sweep left this run part-done: continue it (its ledgers, its rounds) in its directory
         overrides["resume"] = True
     cmd = [sys.executable, "-m", "simulations.run", "--num-partners", str(int(run["num-partners"]))]
@@ -217,7 +231,10 @@ def execute(run: Mapping[str, Any], spec: Mapping[str, Any], rid: str,
     lines = metrics_lines(run_dir / "metrics.jsonl")
     last = lines[-1] if lines else {}
     row.update({k: last.get(k) for k in METRICS})
-    row.update({"status": "ok", "rounds": len(lines), "run-dir": str(run_dir)})
+    # rounds: those that aggregated an update (a resumed DP run can lose its last round to the budget the
+    # interrupted round spent: "ok" with rounds 3 hid that the model had 2 rounds of training; a review)
+    aggregated = sum(x.get("num-partners") is not None for x in lines)
+    row.update({"status": "ok", "rounds": aggregated, "run-dir": str(run_dir)})
     # The run's stated guarantee (privacy.json, as the audit reads it): the last metrics line has
     # local DP only, so a central-DP run read as epsilon 0. target-epsilon = "inf" only drops the local
     # budget: a central-DP run keeps the coordinator's epsilon (it read "inf", i.e. no DP)
@@ -265,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(spec, args.retry_failed or args.restart_failed, args.max_runs, restart=args.restart_failed)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
             print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
-                  "(run the command again to resume: that run continues after its last finished round, if any)",
-                  file=sys.stderr)
+                  "(run the command again to resume: that run continues after its last finished round, if any; "
+                  "under local DP the round in progress is already on its partners' ledgers, so it may end a round "
+                  "short of its plan: its rounds column counts the rounds that aggregated)", file=sys.stderr)
             return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep

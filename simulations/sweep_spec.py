@@ -66,9 +66,14 @@ def load_sweep(path: str | os.PathLike, *, check_data: bool = True) -> dict[str,
             "fixed": fixed, "grid": grid, "timeout": float(timeout)}
     try:
         unused: set[str] = set()
+        resolved = []
         for run in expand(spec):
-            unused |= unused_budget_keys(run, check_run(run, spec, check_data=check_data))
-        _refuse_a_grid_of_no_effect(grid, unused)
+            resolved.append((run, check_run(run, spec, check_data=check_data)))
+            unused |= unused_budget_keys(run, resolved[-1][1])
+        _refuse_a_grid_of_no_effect(grid, unused)  # first: it names the knob that makes runs alike
+        seen: dict[str, dict[str, Any]] = {}
+        for run, cfg in resolved:
+            _refuse_a_repeated_run(run, cfg, seen)
     except FedRecError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     finally:
@@ -117,6 +122,21 @@ def _refuse_keys_the_sweep_sets(p: Path, sweep: Mapping[str, Any], fixed: Mappin
         if key in fixed or key in grid:
             raise ConfigError(f"{p}: {key} is set by the sweep (run directories go under [sweep] runs-dir, "
                               f"named <name>-<run-id>); remove {key} from [{'fixed' if key in fixed else 'grid'}]")
+
+
+def _refuse_a_repeated_run(run: Mapping[str, Any], cfg: Mapping[str, Any], seen: dict[str, dict[str, Any]]) -> None:
+    """:class:`ConfigError` for a run that repeats an earlier one of the sweep: ``seeds = [1, 1]`` or
+    ``[8, 8.0]`` in a grid were two rows under two run ids, the second "resuming" the first's finished run."""
+    same = {k: v for k, v in cfg.items() if k not in ("run-name", "run-dir")}
+    key = json.dumps([run["num-partners"], same], sort_keys=True, default=str)
+    if (earlier := seen.get(key)) is None:
+        seen[key] = dict(run)
+        return
+    if differ := {k: v for k, v in run.items() if earlier.get(k) != v}:
+        raise ConfigError(f"{ {k: earlier.get(k) for k in differ} } and {differ} give the same run at seed "
+                          f"{run['seed']}; list each grid value once")
+    raise ConfigError(f"the run at seed {run['seed']} is listed twice (a seed or grid value repeated); "
+                      "list each seed and grid value once")
 
 
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:

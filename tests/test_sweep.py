@@ -171,7 +171,7 @@ def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     # Resume: only the missing seed runs (recorded here instead of simulated)
     calls = []
 
-    def fake_execute(run, spec, rid, on_round=None):
+    def fake_execute(run, spec, rid, on_round=None, from_round_one=False):
         calls.append(run["seed"])
         return {**run, "run-id": rid, "status": "ok"}
 
@@ -824,3 +824,66 @@ def test_restart_failed_starts_a_failed_run_from_round_one_and_keeps_what_it_lef
     assert (spec["runs-dir"] / f"{name}.log").read_text() == "new part\n"
     with pytest.raises(SystemExit):  # one or the other
         sweep.main([str(spec["output"].parent / "tiny.toml"), "--restart-failed", "--retry-failed"])
+
+
+def test_rounds_counts_the_rounds_that_aggregated(tmp_path, monkeypatch):
+    # A DP run resumed after a stop can lose its last round to the budget the interrupted round spent:
+    # its row said ok with rounds 3 while round 3 aggregated nothing (a researcher review)
+    ok = {"epsilon": 3.9, "train-loss": 1.0, "num-partners": 2.0, "ndcg@10": 0.2}
+    refused = {**ok, "num-partners": None, "train-loss": None}
+    row = _finished_run(tmp_path, monkeypatch, lines=[{"round": 1, **ok}, {"round": 2, **ok}, {"round": 3, **refused}],
+                        privacy={"partners": {"p0": {"epsilon": 3.997, "delta": 1e-5}}},
+                        config={"dp": True, "dp-mode": "local"})
+    assert row["status"] == "ok" and row["rounds"] == 2
+
+
+def _ended_run(run_dir, rounds: int = 2, logged: int = 2) -> None:
+    """A run directory as the ServerApp leaves it: config, ``logged`` of ``rounds`` rounds, checkpoint, and
+    the summary and model it writes when the run ends."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"num-server-rounds": rounds}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "num-partners": 2}) + "\n"
+                                                   for r in range(1, logged + 1)))
+    (run_dir / "checkpoint.pt").write_bytes(b"round %d" % logged)
+    if logged == rounds:
+        (run_dir / "summary.md").write_text("done\n")
+        (run_dir / "model.pt").write_bytes(b"model")
+
+
+def test_a_finished_or_never_started_run_outside_the_csv_starts_afresh(tmp_path, monkeypatch):
+    # The docs say to move the CSV away to measure the code at hand: every finished run was then "resumed"
+    # (no round left, the old numbers under the new commit); a run stopped in its first round left a
+    # directory, so the rerun trained as <name>-2 with its log after the old one's (a researcher review)
+    args = tmp_path / "args.txt"
+    fake_python(tmp_path, monkeypatch, f'for a in "$@"; do echo "$a" >> {args}; done\necho new part\n')
+    spec = sweep.load_sweep(write_config(tmp_path))
+    first, second = list(sweep.expand(spec))
+    names = [sweep.run_name(spec, sweep.run_id(r)) for r in (first, second)]
+    _ended_run(spec["runs-dir"] / names[0])
+    (spec["runs-dir"] / names[1]).mkdir()  # stopped before its first round ended: no checkpoint
+    (spec["runs-dir"] / names[1] / "config.json").write_text("{}")
+    for name in names:
+        (spec["runs-dir"] / f"{name}.log").write_text("old part\n")
+    assert sweep.stopped_run_checkpoint(spec["runs-dir"] / names[0]) is None  # finished, not stopped
+
+    for run in (first, second):
+        sweep.execute(run, spec, sweep.run_id(run))
+    given = args.read_text()
+    assert "resume=true" not in given and all(f'run-name="{n}"' in given for n in names)
+    assert (spec["runs-dir"] / f"{names[0]}-earlier" / "summary.md").is_file()  # what it left stays readable
+    assert (spec["runs-dir"] / f"{names[1]}-earlier" / "config.json").is_file()
+    for name in names:
+        assert (spec["runs-dir"] / f"{name}.log").read_text() == "new part\n"
+        assert (spec["runs-dir"] / f"{name}-earlier.log").read_text() == "old part\n"
+    _ended_run(tmp_path / "stopped", rounds=3, logged=2)  # a round left: that one is resumed
+    assert sweep.stopped_run_checkpoint(tmp_path / "stopped") == tmp_path / "stopped" / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("change", [("seeds = [1, 2]", "seeds = [1, 1]"),
+                                    ('target-epsilon = ["inf"]', "target-epsilon = [8, 8.0]")])
+def test_a_run_listed_twice_is_refused(tmp_path, change):
+    # It was two rows under two run ids, the second "resuming" the first's finished run (a researcher review)
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the run at seed 1 is listed twice"):
+        sweep.load_sweep(write_config(tmp_path, TINY.replace(*change)), check_data=False)
