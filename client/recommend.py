@@ -10,6 +10,7 @@ popular items, labelled ``cold_start``.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from common.item_text import record_mismatch, table_record
 from common.model_file import read_model_file
 from common.models import build_model
 from common.models.context import model_inputs, time_gap_buckets
+
+
+LOG = logging.getLogger("fedrec.recommend")
 
 
 class HistorySource(Protocol):
@@ -98,18 +102,50 @@ class GlobalModel:
         return int(self.config.get("max-seq-len", 50))
 
 
+_AGGREGATED: dict[tuple[str, int, int], int | None] = {}  # (file, mtime, size) -> rounds-aggregated
+_PASSED_OVER: set[tuple[str, int, int]] = set()  # untrained files already warned about (serve checks every few s)
+
+
+def _file_id(file: Path) -> tuple[str, int, int]:
+    st = file.stat()
+    return str(file), st.st_mtime_ns, st.st_size
+
+
+def rounds_aggregated(file: Path) -> int | None:
+    """How many rounds of its run had aggregated an update when ``file`` was written (0: the run's initial
+    model, every round failed); None for a file that does not say (written before it did, or unreadable:
+    loading it says what is wrong)."""
+    key = _file_id(file)
+    if key not in _AGGREGATED:
+        try:
+            value = read_model_file(file).get("rounds-aggregated")
+        except DataError:
+            value = None
+        _AGGREGATED[key] = int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    return _AGGREGATED[key]
+
+
 def find_model_file(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is a file; in a folder its ``model.pt``, else the newest ``*/model.pt``
-    (a folder of run directories: the latest run's model)."""
+    """``path`` itself when it is a file; in a folder its ``model.pt``, else the newest ``*/model.pt`` of a run
+    that aggregated an update (a folder of run directories: the latest trained model; a run whose every
+    round failed left its initial model there, which was served as the newest)."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
         if (p / "model.pt").is_file():
             return p / "model.pt"
-        candidates = [c for c in p.glob("*/model.pt") if c.is_file()]
+        candidates = sorted((c for c in p.glob("*/model.pt") if c.is_file()), key=lambda c: c.stat().st_mtime,
+                            reverse=True)
+        for file in candidates:
+            if rounds_aggregated(file) != 0:
+                return file
+            if (key := _file_id(file)) not in _PASSED_OVER:
+                _PASSED_OVER.add(key)
+                LOG.warning("passing over %s: no round of its run aggregated an update (it is the initial model)", file)
         if candidates:
-            return max(candidates, key=lambda c: c.stat().st_mtime)
+            raise DataError(f"{p}: no trained model: every model.pt under it is from a run in which no round "
+                            f"aggregated an update (newest: {candidates[0]})")
         raise DataError(f"{p}: no model.pt in this folder or its run directories (train a run first)")
     if p.exists():  # a device, a pipe: os.path.exists, not is_file
         raise DataError(f"model {p}: not a regular file (give a run directory or its model.pt)")
@@ -121,6 +157,9 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     file = find_model_file(path)
     version = file.stat().st_mtime
     blob = read_model_file(file)  # a foreign or corrupt file: one DataError line
+    if blob.get("rounds-aggregated") == 0:  # asked for by name (a folder scan passes over it)
+        LOG.warning("model %s: no round of its run aggregated an update, so it is the run's initial (untrained) "
+                    "model", file)
     state, catalogue, config = blob["state_dict"], np.asarray(blob["catalogue"], dtype=str), blob["config"]
     missing = [k for k in ("model", "max-seq-len", "embedding-dim") if k not in config]
     if config.get("model", "sasrec") == "sasrec":

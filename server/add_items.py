@@ -133,7 +133,8 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
                   "previous": blob.get("added-items", [])}
     buf = io.BytesIO()
     torch.save({"state_dict": grown.state_dict(), "catalogue": new.tolist(), "config": grown_config,
-                "added-items": [*provenance.pop("previous"), provenance], "item-text": table_record(grown)}, buf)
+                "added-items": [*provenance.pop("previous"), provenance], "item-text": table_record(grown),
+                **({"rounds-aggregated": blob["rounds-aggregated"]} if "rounds-aggregated" in blob else {})}, buf)
     write_file(out, buf.getvalue(), mode=PUBLIC_MODE, force=force, hint="partners serving it will reload the new file")
     return {"model": str(out), "items": len(new), "added": len(added), "first-added": str(added[0]),
             "fingerprint": catalogue_fingerprint(new), "item-features": features}

@@ -196,8 +196,12 @@ class RunRecorder:
         import io
 
         buf = io.BytesIO()
+        # rounds-aggregated: 0 marks the initial model of a run whose every round failed, which partners'
+        # `recommend` / `serve --model runs` then pass over (they served it as the newest model; a review)
+        aggregated = {"rounds-aggregated": sum(1 for r in self.rounds if r.get("num-partners"))} if self.rounds else {}
         torch.save({"state_dict": arrays.to_torch_state_dict(), "catalogue": self.catalogue.tolist(),
-                    "config": self.config, **({"item-text": self.text_table} if self.text_table else {})}, buf)
+                    "config": self.config, **aggregated,
+                    **({"item-text": self.text_table} if self.text_table else {})}, buf)
         atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
 
     def _data_text(self, sources: Sequence[str]) -> str:

@@ -83,9 +83,11 @@ def test_the_grown_model_records_what_was_added_after_earlier_additions(trained)
 
     tmp_path, _, _ = trained
     blob = torch.load(tmp_path / "model.pt", weights_only=True)
-    torch.save({**blob, "added-items": [{"from-catalogue": "x", "added": 5}]}, tmp_path / "model.pt")
+    torch.save({**blob, "added-items": [{"from-catalogue": "x", "added": 5}], "rounds-aggregated": 4},
+               tmp_path / "model.pt")
     assert grow(tmp_path) == 0
     grown = torch.load(tmp_path / "model_v2.pt", weights_only=True)
+    assert grown["rounds-aggregated"] == 4  # still a trained model to `serve --model runs`
     assert grown["added-items"] == [{"from-catalogue": "x", "added": 5},
                                     {"from-catalogue": catalogue_fingerprint(np.array(OLD)), "added": len(NEW)}]
 

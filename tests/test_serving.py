@@ -1315,3 +1315,34 @@ def test_get_serves_a_user_id_longer_than_post_accepts(trained, tmp_path):
         answer = client.get(f"/users/{long_id}/recommendations?k=2")
     assert answer.status_code == 200 and answer.json()["user_id"] == long_id, answer.text
     assert answer.json()["strategy"] == "model"
+
+
+def test_a_run_whose_every_round_failed_is_passed_over_by_name_and_folder(trained, tmp_path, caplog):
+    # `recommend` / `serve --model runs` took the newest model.pt, and a run in which no round aggregated an
+    # update leaves its initial (random) model there: a serving partner switched to it (a partner review)
+    from flwr.app import ArrayRecord
+
+    from server.run_report import RunRecorder
+
+    run, data = trained
+    cfg = resolve_config(None, CFG)
+    good = tmp_path / "runs" / "r1"
+    good.mkdir(parents=True)
+    (good / "model.pt").write_bytes((run / "model.pt").read_bytes())
+    for name, partners in (("r2", [1.0, None]), ("r3", [None, None])):
+        time.sleep(0.02)
+        (tmp_path / "runs" / name).mkdir()
+        recorder = RunRecorder(tmp_path / "runs" / name, cfg, data.catalogue)
+        recorder.rounds = [{"round": r + 1, "num-partners": n} for r, n in enumerate(partners)]
+        recorder.save_model(ArrayRecord(new_model({**cfg, "seed": 99}, data.num_items).state_dict()))
+    with caplog.at_level("WARNING", logger="fedrec.recommend"):
+        assert find_model_file(tmp_path / "runs") == tmp_path / "runs" / "r2" / "model.pt"  # one round aggregated
+        (tmp_path / "runs" / "r2" / "model.pt").unlink()
+        assert find_model_file(tmp_path / "runs") == good / "model.pt"  # the newest trained model
+        load_global_model(tmp_path / "runs" / "r3")  # asked for by name: loaded, with a warning
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("passing over" in m and "r3" in m for m in warned)
+    assert any("initial (untrained) model" in m and "r3" in m for m in warned)
+    (good / "model.pt").unlink()
+    with pytest.raises(DataError, match="no trained model: every model.pt under it is from a run in which no round"):
+        find_model_file(tmp_path / "runs")
