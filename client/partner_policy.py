@@ -207,7 +207,10 @@ def _cap(node_config: Mapping[str, Any], key: str, upper: float) -> float | None
     except (TypeError, ValueError):
         value = math.nan
     if not 0 < value < upper:
-        raise ConfigError(f"node config {key} = {raw!r} must be a number in (0, {upper:g})")
+        # in words, not "(0, inf)": the reply sanitiser drops parenthesised text, and the coordinator read
+        # "must be a number in" (a review)
+        below = "" if math.isinf(upper) else f" and below {upper:g}"
+        raise ConfigError(f"node config {key} = {raw!r} must be a number above 0{below}")
     return value
 
 

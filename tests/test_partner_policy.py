@@ -63,8 +63,13 @@ def test_forced_dp_refuses_several_examples_per_user_in_one_line(tmp_path):
 @pytest.mark.parametrize("node", [{"max-epsilon": "lots"}, {"max-epsilon": 0.0}, {"max-epsilon": -1.0},
                                   {"max-epsilon": True}, {"max-delta": 1.0}, {"max-delta": "nan"}])
 def test_malformed_caps_are_one_config_error(node):
-    with pytest.raises(ConfigError, match="node config max-"):
+    from client.safe_errors import safe_reason
+
+    with pytest.raises(ConfigError, match="node config max-") as refused:
         apply_partner_policy(resolve_config(None, {}), node)
+    # what the coordinator reads ends with the range, in words: "(0, inf)" was cut as a parenthesis (a review)
+    below = " and below 1" if "max-delta" in node else ""
+    assert safe_reason(refused.value).endswith(f" must be a number above 0{below}")
 
 
 def test_policy_unit_rules():
