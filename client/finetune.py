@@ -156,7 +156,8 @@ class _LedgerSpend:
 def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: Mechanism, *, delta: float,
                   target_epsilon: float | None, what: str) -> _LedgerSpend:
     """Open the partner's ledger and refuse a fine-tune (``what``, spending ``planned``) that would pass its budget."""
-    ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED))
+    ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED),
+                           adopt=data.content_fingerprint() if data.identity else "")
     if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
         print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
               "already trained, give the ledger its federated training uses", file=sys.stderr)

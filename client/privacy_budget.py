@@ -188,7 +188,8 @@ class PartnerBudget:
         # A ledger deleted while no client remembered it: its marker refuses a silent new start
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
-                               named=data.identity.startswith(NAMED))
+                               named=data.identity.startswith(NAMED),
+                               adopt=data.content_fingerprint() if data.identity else "")  # named or a store
         try:  # keyed with the ledger's own secret: the same label after a resume of this run
             if used_before and (held := ledger.spend_marks()) < int(state["steps"]):
                 # restored from an older copy together with its marker (client/ledger_file.py cannot tell then)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import sqlite3
@@ -37,6 +38,8 @@ from client.ledger_lock import LedgerLock
 from common.errors import PrivacyError
 from common.files import ensure_private
 from common.privacy import Mechanism, epsilon_of
+
+LOG = logging.getLogger("fedrec.ledger")
 
 LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's lock before refusing
 INSERT_ROW = ("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, fingerprint, "
@@ -86,10 +89,16 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "",
-                 lock_wait: float | None = None, named: bool = False) -> None:
+                 lock_wait: float | None = None, named: bool = False, adopt: str = "") -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
+        # adopt: the content fingerprint of the data at hand when it has an identity of its own (a data-identity,
+        # an event store). A ledger written under exactly that content is this data's, before it had the name:
+        # it is rebound to the name and keeps its spend (a partner naming its log, or moving it into an event
+        # store, started again from zero spend under a new ledger; a review)
+        self.adopt = adopt if adopt != fingerprint else ""
+        self.adopted_from = ""
         self.created = False
         self._lock = LedgerLock(self.path)
         self._marker_id: str | None = None  # the file's own copy of its marker's id (advance_marker)
@@ -316,7 +325,9 @@ class PrivacyLedger:
             conn.close()
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (schema {meta.get('schema-version')!r}, "
                                f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
-        if meta["fingerprint"] != self.fingerprint:
+        if meta["fingerprint"] != self.fingerprint and self.adopt and meta["fingerprint"] == self.adopt:
+            self.adopted_from = meta["fingerprint"]  # rebound once the checks below pass (_rebind)
+        elif meta["fingerprint"] != self.fingerprint:
             conn.close()
             # A CSV/Parquet log is identified by its content, so a log that gained events is "another data set":
             # a new ledger would forget the spend recorded for the same users (an event store keeps one identity)
@@ -330,8 +341,9 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path} belongs to another data set (fingerprint "
                                f"{meta['fingerprint']}, the data of this partner is {self.fingerprint}); if this is a "
                                "log that gained events, keep the spend of its users: feed new events to an event store "
-                               "(data-path = events.sqlite) instead, or name the log with node config data-identity "
-                               "from its first run on; a new ledger-path starts again from zero spend for them")
+                               "(data-path = events.sqlite) instead, or name the log with node config data-identity; "
+                               "either takes this ledger over in its first round while the events are those the "
+                               "ledger was written for; a new ledger-path starts again from zero spend for them")
         if meta["schema-version"] in ("1", "2"):
             upgrade(conn, meta["schema-version"], self.path)
         elif meta.get(ROWS_DIGEST) != rows_digest(conn):
@@ -346,6 +358,13 @@ class PrivacyLedger:
             raise
         self._marker_id = meta.get("marker-id") or give_marker_id(conn, self.path)
         advance_marker(conn, self.path, self._marker_id)
+        if self.adopted_from:
+            self._conn = conn
+            self._write(INSERT_ROW, [], meta={"fingerprint": self.fingerprint,
+                                              f"adopted-{int(time.time())}": self.adopted_from})
+            LOG.warning("privacy ledger %s: written for this data before it had its own identity (content "
+                        "fingerprint %s); it now belongs to %s and keeps its spend", self.path, self.adopted_from,
+                        self.fingerprint)
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:

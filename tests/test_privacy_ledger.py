@@ -752,3 +752,53 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     named = {**node, "data-identity": "acme-log"}  # a name is not content: sent as before
     named_data = partner_data(cfg, named)
     assert partner_label(named, named_data, other_run) == f"partner-{named_data.fingerprint()}"
+
+
+def test_a_ledger_written_under_a_logs_content_follows_it_into_a_name_or_an_event_store(tmp_path, caplog):
+    # A partner that trained on a plain CSV log (ledger keyed by its content) and then named it, or moved it
+    # into an event store as the serving guide says, was refused by its ledger ("another data set"), and the
+    # only way on was a new ledger: the same users' spend started again from zero (a partner review)
+    from common.data.event_store import EventStore
+    from common.task import partner_data
+
+    log = tmp_path / "log.csv"
+    rows = [(f"u{u}", f"i{(u * 7 + k) % 30}", 1000 + k) for u in range(60) for k in range(6)]
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(f"{u},{i},{t}" for u, i, t in rows) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2})
+    node = {"data-path": str(log), "ledger-path": str(tmp_path / "ledger.sqlite")}
+
+    def spend(node_config: dict, run: str) -> list:
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        budget = PartnerBudget.open(cfg, context, partner_data(cfg, node_config), run)
+        try:
+            budget.record(context, 1, [budget.calibration.round_mechanism()])
+            return budget.ledger.history()
+        finally:
+            budget.close()
+
+    first = spend(node, "run-1")  # unnamed: the ledger is the content's
+    store = EventStore(tmp_path / "events.sqlite", create=True)
+    store.add_many((u, i, t, None) for u, i, t in rows)  # the same events, nothing new yet
+    store.close()
+    moved = {**node, "data-path": str(tmp_path / "events.sqlite")}
+    with caplog.at_level("WARNING", logger="fedrec.ledger"):
+        second = spend(moved, "run-2")
+    assert second[:len(first)] == first and len(second) > len(first)  # run-1's spend kept, run-2's added
+    assert any("keeps its spend" in r.getMessage() for r in caplog.records)
+    # the store now owns the ledger: it grows and keeps it; the old log is another data set to it now
+    store = EventStore(tmp_path / "events.sqlite")
+    store.add_many((f"u{u}", "i3", 3000 + u, None) for u in range(60))
+    store.close()
+    assert spend(moved, "run-3")[:len(second)] == second
+    with pytest.raises(PrivacyError, match="belongs to another data set"):
+        spend(node, "run-4")
+    # a log named for the first time after it grew is not the content the ledger was written for: refused
+    other = {**node, "ledger-path": str(tmp_path / "other.sqlite")}
+    spend(other, "run-5")
+    os.utime(log, ns=(1, 1))
+    with open(log, "a") as fh:
+        fh.write("\n".join(f"u{u},i{(u + 3) % 30},{2000 + u}" for u in range(60)) + "\n")
+    with pytest.raises(PrivacyError, match="before it was named"):
+        spend({**other, "data-identity": "acme-log"}, "run-6")

@@ -90,10 +90,15 @@ class SequenceData:
         A growing event store is one data set for its whole life (its ledger keeps counting
         as events arrive), so its fingerprint hashes the store's id, not the content.
         """
-        h = hashlib.sha256()
         if self.identity:
-            h.update(f"identity:{self.identity}".encode())
-            return h.hexdigest()[:16]
+            return hashlib.sha256(f"identity:{self.identity}".encode()).hexdigest()[:16]
+        return self.content_fingerprint()
+
+    def content_fingerprint(self) -> str:
+        """The hash of catalogue and sequences whatever the identity: what a plain log's ledger was written
+        under, so a partner who names its log (or moves it into an event store) can show that a ledger is
+        that data's (client/privacy_ledger.py, ``adopt``)."""
+        h = hashlib.sha256()
         h.update("\x1f".join(self.catalogue.tolist()).encode())
         for uid, seq in zip(self.user_ids.tolist(), self.sequences):
             h.update(str(uid).encode())
