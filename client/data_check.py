@@ -37,6 +37,7 @@ class DataReport:
     users: int  # users kept (>= MIN_INTERACTIONS interactions with catalogue items): each has 1 validation + 1 test item
     train_users: int  # users with a training example: two training items or more (the DP population)
     train_interactions: int
+    own_catalogue: bool = False  # no catalogue given: the log's own items stood for it
 
     def lines(self) -> list[str]:
         """The report as printed, one fact per line."""
@@ -59,6 +60,9 @@ class DataReport:
 
     def warnings(self) -> list[str]:
         """Things that do not stop the log from joining but are probably a mistake."""
+        if self.own_catalogue:  # "ok" read as ready to join, unchecked against the federation's items (a review)
+            return ["warning: no --catalogue, so the log's own items were taken as the catalogue: which of them the "
+                    "federation knows is not checked; give the coordinator's published catalogue"]
         unknown = self.dropped.get("unknown-item", 0)
         if self.rows and unknown > MISMATCH_WARNING * self.rows:
             return [f"warning: {100.0 * unknown / self.rows:.0f}% of the rows ({unknown}) are items outside the "
@@ -91,4 +95,5 @@ def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.Pat
         users=data.num_users,
         train_users=len(data.trainable_users()),  # users with a training example (two training items or more)
         train_interactions=int(sum(len(s) for s in train)),
+        own_catalogue=items is None,
     )

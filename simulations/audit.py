@@ -199,6 +199,9 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     subsampled = len(members) > max_members
     if subsampled:
         members = np.sort(rng.choice(members, max_members, replace=False))
+    if len(members) < 2 or len(nonmembers) < 2:  # the epsilon lower bound splits each group in halves
+        raise DataError(f"{run_dir}: the audit needs at least two members and two non-members, and has "
+                        f"{len(members)} and {len(nonmembers)}; raise --max-members, or the run's holdout-fraction")
     subset = data.subset(np.concatenate([members, nonmembers]))
     m = len(members)
     objective = {"exclude_seen": bool(cfg["exclude-seen"]), "label_smoothing": float(cfg.get("label-smoothing", 0.0))}

@@ -8,6 +8,7 @@ Knobs are those of ``[tool.flwr.app.config]``; ``--run-config`` overrides them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,8 +118,13 @@ def _interrupted_message(run_dir: Path | None, *, named: bool) -> str:
         # the round in progress was spent on the ledgers, and a resume trains it again (docs/privacy.md)
         dp_note = ("; under local DP the round in progress is already on the partners' ledgers, so the resumed run "
                    "may end a round short of its plan")
-    return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with the "
-            f"same command and --run-config '{add}' added{dp_note}")
+    if os.environ.get("MAKELEVEL"):  # started by `make run`, which takes no --run-config (a researcher review)
+        given = os.environ.get("RUN_CONFIG", "").strip()
+        how = f"make run RUN_CONFIG='{given + ' ' if given else ''}{add}'"
+    else:
+        how = f"the same command and --run-config '{add}' added"
+    return (f"stopped: {run_dir} is incomplete (fedrec-server report says where it stands); continue it with "
+            f"{how}{dp_note}")
 
 
 def _auto_name(cfg: dict, num_partners: int) -> str:

@@ -52,6 +52,12 @@ def results_table(csv_path: Path, metric: str = "ndcg@10") -> str:
     frame = frame[frame["status"] == "ok"]
     if frame.empty:
         return "(no finished run)"
+    values = pd.to_numeric(frame[metric], errors="coerce")
+    if len(bad := frame[values.isna() & frame[metric].notna()]):  # a hand-edited or damaged cell: pandas' traceback
+        row = bad.iloc[0]
+        raise DataError(f"{csv_path}: run {row.get('run-id', '?')} has {metric} = {str(row[metric])[:40]!r}, not a "
+                        "number; mend or remove that row")
+    frame = frame.assign(**{metric: values})
     if "target-epsilon" not in frame.columns:  # a sweep that does not vary or fix epsilon: one column
         frame = frame.assign(**{"target-epsilon": "(not set)"})
     skip = {*RUN_COLUMNS, "seed", "target-epsilon", *METRICS}

@@ -226,7 +226,11 @@ def test_data_check_counts_the_users_training_counts(tmp_path, partner_log, caps
     path = partner_log[0]
     assert client_main(["data", "check", "--data-path", str(path)]) == 0
     dp_users = user_count_for_training(build_sequences(load_interactions(path)))
-    assert f"train {dp_users} users with a training example" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"train {dp_users} users with a training example" in out
+    # without --catalogue its "ok" was read as ready to join, unchecked against the federation's items (a review)
+    assert "no --catalogue, so the log's own items were taken as the catalogue" in err
+    assert out.rstrip().endswith("ok: this log can join a run (see the warning above)")
     assert dp_users < build_sequences(load_interactions(path)).num_users  # the partner log has 3-event users too
 
 

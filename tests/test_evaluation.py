@@ -233,6 +233,11 @@ def test_audit_tells_memorised_members_from_held_out_users(tmp_path, one_torch_t
     assert (saved["dp"], saved["epsilon"], saved["delta"]) == (False, None, None)
     assert saved["epsilon-lower-bound-loss"]["epsilon-lower-bound"] > 1.0
     assert [x["fpr-target"] for x in saved["tpr-loss"]] == [0.01, 0.1] and saved["tpr-loss"][1]["tpr"] > 0.3
+    # One member cannot be split in halves for the bound: one line naming the fix (a ValueError traceback; a review)
+    from common.errors import DataError
+
+    with pytest.raises(DataError, match="at least two members and two non-members, and has 1 and"):
+        run_audit(tmp_path, rounds=20, seed=3, max_members=1)
 
 
 def test_real_partners_without_partition_ids_stay_apart_in_the_spread():

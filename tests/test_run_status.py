@@ -158,12 +158,13 @@ def _run_files(run_dir, *, rounds: int, planned: int, finished: bool, dp: bool) 
         (run_dir / "model.pt").write_bytes(b"x")
 
 
-def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path):
+def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path, monkeypatch):
     # Ctrl-C while Ray shut down after the last round said "incomplete ... continue it with resume=true" (a journey
     # review: the resume then ran 0 rounds); and under local DP a resume retrains the round in progress, whose
     # spend is on the ledgers already, so it may end a round short
     from simulations.run import _interrupted_message
 
+    monkeypatch.delenv("MAKELEVEL", raising=False)  # (make test sets it)
     _run_files(tmp_path / "done", rounds=2, planned=2, finished=True, dp=True)
     line = _interrupted_message(tmp_path / "done", named=True)
     assert line.startswith("stopped after the run ended:") and "complete, 2 of 2 rounds logged (nothing to resume)" in line
@@ -173,3 +174,8 @@ def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path):
     _run_files(tmp_path / "plain", rounds=1, planned=3, finished=False, dp=False)
     line = _interrupted_message(tmp_path / "plain", named=False)
     assert "resume=true run-name=\"plain\"" in line and "ledgers" not in line
+    # started by `make run`, which takes no --run-config: the hint is its RUN_CONFIG (a researcher review)
+    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("RUN_CONFIG", "num-server-rounds=3")
+    line = _interrupted_message(tmp_path / "plain", named=False)
+    assert "continue it with make run RUN_CONFIG='num-server-rounds=3 resume=true run-name=\"plain\"'" in line

@@ -227,6 +227,8 @@ def test_results_table_of_a_sweep_without_epsilon_has_one_column(tmp_path):
     (bytes(range(256)) * 4, "is not a sweep results CSV"),
     (b"run-id,model,ndcg@10\na,mf,0.1\n", "no 'status' column"),
     (b"run-id,status,model,seed\na,ok,mf,1\n", "no 'ndcg@10' column"),
+    # a hand-edited cell was a pandas ValueError traceback (a researcher review)
+    (b"run-id,status,model,seed,ndcg@10\na,ok,mf,1,0.1\nb,ok,mf,2,abc\n", "run b has ndcg@10 = 'abc', not a number"),
 ])
 def test_table_of_a_damaged_results_csv_is_one_error_line_naming_it(tmp_path, capsys, content, problem):
     # Was: pandas EmptyDataError / UnicodeDecodeError tracebacks, or only "error: 'status'"
