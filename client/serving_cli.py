@@ -68,6 +68,11 @@ def _recommend(args: argparse.Namespace) -> int:
             # another model's catalogue over a made-up log: every history and list would be nonsense
             raise ConfigError(f"model {model.path} was trained on {dataset}, not synthetic data; "
                               "give this partner's own log with --data-path")
+        if published := str(cfg.get("catalogue") or ""):
+            # a deployed run: partners' own logs over a published catalogue; its config keeps the default
+            # dataset = "synthetic", which only simulated partners read (a partner review)
+            raise ConfigError(f"model {model.path} was trained over the published catalogue {published} (partners' "
+                              "own logs), not the built-in synthetic data; give this partner's own log with --data-path")
         source = LogHistory(generate_synthetic(num_users=int(cfg.get("synthetic-users", 1000)),
                                                num_items=int(cfg.get("synthetic-items", 300)), seed=int(cfg.get("seed", 42))))
     else:

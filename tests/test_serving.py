@@ -486,6 +486,11 @@ def test_recommend_on_synthetic_refuses_a_model_trained_on_another_dataset(train
     out, err = capsys.readouterr()
     assert not out and err == (f"error: model {tmp_path / 'model.pt'} was trained on /data/ml-100k, not synthetic "
                                "data; give this partner's own log with --data-path\n")
+    # a deployed run's model keeps dataset = "synthetic" (only simulated partners read it) beside its published
+    # catalogue, and was taken for the built-in data (a partner review)
+    torch.save({**blob, "config": {**blob["config"], "catalogue": "/srv/catalogue.txt"}}, tmp_path / "model.pt")
+    assert main(["recommend", "--model", str(tmp_path / "model.pt"), "--data-path", "synthetic", "--user", "7"]) == 2
+    assert "trained over the published catalogue /srv/catalogue.txt" in capsys.readouterr().err
 
 
 # -- the HTTP API on a real uvicorn server ------------------------------------------------------
