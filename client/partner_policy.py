@@ -68,6 +68,7 @@ _MODIFIERS = ("max", "min", "cap", "limit", "target")
 _PRIVACY_RUN_KEYS = frozenset({"max-grad-norm", "accountant", "secure-aggregation", "item-prior"})
 # What a partner shares: an unknown share-* key is a partner declining something, to be refused, never ignored
 _SHARING_KEYS = tuple(k for k in NODE_CONFIG_KEYS if k.startswith("share-"))
+_IGNORED_WARNED: set[str] = set()  # unknown keys already warned about (the check runs every round)
 
 
 def _words(key: str) -> list[str]:
@@ -113,6 +114,10 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
         if privacy:
             raise ConfigError(f"node config key {_shown(key)} names a privacy setting this app does not read; "
                               f"the node config keys are {', '.join(NODE_CONFIG_KEYS)}")
+        if key not in _IGNORED_WARNED:  # another app's, or a typo (data=, identity=) the partner should see
+            _IGNORED_WARNED.add(key)
+            LOG.warning("node config key %s is not one this app reads, so it is ignored (another app's? this app "
+                        "reads %s)", _shown(key), ", ".join(NODE_CONFIG_KEYS))
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)

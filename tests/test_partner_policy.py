@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
-from client.partner_policy import apply_partner_policy, check_node_config, partner_delta
+from client.partner_policy import NODE_CONFIG_KEYS, apply_partner_policy, check_node_config, partner_delta
 from common.config import resolve_config
 from common.errors import ConfigError, PrivacyError
 from common.task import new_model, partner_data
@@ -129,9 +129,18 @@ def test_an_unknown_sharing_key_is_refused_naming_the_sharing_keys(key, says):
 
 
 @pytest.mark.parametrize("key", ["data", "max", "share", "seed", "device", "steps", "deps-dir"])
-def test_other_apps_plain_keys_pass(key):
+def test_other_apps_plain_keys_pass(key, caplog, monkeypatch):
     # ... and the rules do not catch another app's ordinary keys: a lone word, or a run config key that is not privacy
-    check_node_config({key: 1})
+    from client import partner_policy
+
+    monkeypatch.setattr(partner_policy, "_IGNORED_WARNED", set())  # (another test may have warned already)
+    with caplog.at_level("WARNING", logger="fedrec.client"):
+        check_node_config({key: 1})
+        check_node_config({key: 1})  # every round: said once
+    # but the partner's log says it is ignored: data= or identity= for data-path / data-identity passed unseen
+    said = [r.getMessage() for r in caplog.records if "is not one this app reads" in r.getMessage()]
+    assert said == [f"node config key {key} is not one this app reads, so it is ignored (another app's? this app "
+                    f"reads {', '.join(NODE_CONFIG_KEYS)})"]
 
 
 def test_a_real_partner_with_a_floor_needs_its_own_ledger_path(tmp_path):
