@@ -44,7 +44,7 @@ class GuaranteeText:
         targets = sorted({float(p.get("target-epsilon") or self.cfg["target-epsilon"]) for p in partners})
         return (f"(epsilon, delta)-DP for any one of its users' whole interaction history (user-level DP-SGD, "
                 f"{self.cfg['accountant']} accountant, whole ledger), at most ({float(worst['epsilon']):.3f}, "
-                f"{delta:.2g}) over {len(partners)} partners (worst: {worst['partner']}; "
+                f"{delta:.2g}) over {len(partners)} partner{'s' if len(partners) != 1 else ''} (worst: {worst['partner']}; "
                 f"targets {', '.join(f'{t:g}' for t in targets)})")
 
     def guarantee(self) -> str:

@@ -38,6 +38,8 @@ def _partner(p: dict[str, Any]) -> dict[str, Any]:
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything :func:`format_status` prints, as plain JSON-ready values."""
     run_dir = Path(run_dir).expanduser().resolve()  # (`report .` from inside the run had no name)
+    if not run_dir.exists():  # it read "not a run directory (no config.json ...)" (a review)
+        raise DataError(f"{run_dir}: no such directory")
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
     cfg = read_json_object(run_dir / "config.json")

@@ -83,9 +83,14 @@ def test_all_rows_bad_is_an_error(tmp_path):
         load_interactions(p)
 
 
-def test_nonexistent_path_and_empty_file(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+def test_nonexistent_path_and_empty_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDREC_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="no such file") as missing:
         load_interactions(tmp_path / "nope.csv")
+    # an absolute path is never looked up under $FEDREC_DATA_DIR: no hint to set it (a partner review)
+    assert str(missing.value) == f"{tmp_path / 'nope.csv'}: no such file or directory"
+    with pytest.raises(DataError, match=r"nope.csv: no such file or directory \(set \$FEDREC_DATA_DIR"):
+        load_interactions("nope.csv")
     with pytest.raises(DataError, match="empty"):
         load_interactions(write(tmp_path, "e.csv", ""))
 

@@ -215,7 +215,7 @@ def test_a_refusal_at_the_default_delta_and_a_resume_without_local_dp_are_stated
                       reply_to=Message(RecordDict(), dst_node_id=7, message_type="train"))
     refusal.metadata.__dict__["_src_node_id"] = 7
     report.screen(2, [refusal])
-    assert "at most (7.900, 1e-05) over 1 partners" in report.guarantee()
+    assert "at most (7.900, 1e-05) over 1 partner (" in report.guarantee()
     assert report.partners["node-7"]["epsilon-from"] == "refusal in round 2"
     reply = Message(RecordDict({"metrics": MetricRecord({"epsilon": 7.98, "delta": 1e-5}),
                                 "privacy": ConfigRecord({"partner": "node-7"})}), dst_node_id=7, message_type="train")

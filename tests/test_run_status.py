@@ -45,6 +45,8 @@ def test_the_report_tells_a_complete_run_from_one_with_rounds_nobody_trained_and
 
 
 def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    assert server_cli(["report", str(tmp_path / "missing")]) == 2  # a typo said "not a run directory" (a review)
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: no such directory"
     assert server_cli(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run directory (no config.json; the ServerApp " \
                                               "writes one when a run starts)"

@@ -59,7 +59,9 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     base = os.environ.get(DATA_DIR_ENV)
     if base and (Path(base) / p).exists():
         return Path(base) / p
-    hint = f" (also looked in ${DATA_DIR_ENV}={base})" if base else f" (set ${DATA_DIR_ENV} to a folder of data sets)"
+    # an absolute path is never looked up under $FEDREC_DATA_DIR: the hint would send a partner astray (a review)
+    hint = ("" if p.is_absolute() else f" (also looked in ${DATA_DIR_ENV}={base})" if base
+            else f" (set ${DATA_DIR_ENV} to a folder of data sets)")
     raise DataError(f"{path}: no such file or directory{hint}")
 
 
