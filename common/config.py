@@ -118,7 +118,11 @@ def resolve_config(run_config: Mapping[str, Any] | None = None, overrides: Mappi
     for source in (run_config or {}), (overrides or {}):
         for key, value in source.items():
             if key not in DEFAULTS:
-                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
+                import difflib  # a typo gets its key first, not a list of 100 to search (a review)
+
+                near = difflib.get_close_matches(str(key), list(DEFAULTS), n=1, cutoff=0.8)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ConfigError(f"unknown config key {key!r}; {hint}known keys: {', '.join(sorted(DEFAULTS))}")
             cfg[key] = _coerce(key, value)
     from common.config_checks import check_values  # range checks live beside, to keep this module the table
 

@@ -118,7 +118,9 @@ def _interrupted_message(run_dir: Path | None, *, named: bool) -> str:
         # the round in progress was spent on the ledgers, and a resume trains it again (docs/privacy.md)
         dp_note = ("; under local DP the round in progress is already on the partners' ledgers, so the resumed run "
                    "may end a round short of its plan")
-    if os.environ.get("MAKELEVEL"):  # started by `make run`, which takes no --run-config (a researcher review)
+    # started by `make run` (the Makefile sets it), which takes no --run-config (a researcher review); not
+    # MAKELEVEL: any make sets that, `make test` too, whose simulations take --run-config
+    if os.environ.get("FEDREC_MAKE_RUN"):
         given = os.environ.get("RUN_CONFIG", "").strip()
         how = f"make run RUN_CONFIG='{given + ' ' if given else ''}{add}'"
     else:

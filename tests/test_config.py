@@ -27,8 +27,11 @@ def test_components_point_at_server_and_client():
 def test_overrides_are_typed_and_unknown_keys_rejected():
     cfg = resolve_config({"num-server-rounds": "7", "dp": "false"}, {"learning-rate": 1})
     assert cfg["num-server-rounds"] == 7 and cfg["dp"] is False and cfg["learning-rate"] == 1.0
-    with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
+    with pytest.raises(ConfigError, match="unknown config key 'epochs'; known keys: ") as far:
         resolve_config({"epochs": 3})
+    assert "did you mean" not in str(far.value)
+    with pytest.raises(ConfigError, match="unknown config key 'num-server-rouds'; did you mean 'num-server-rounds'"):
+        resolve_config({"num-server-rouds": 3})
     with pytest.raises(ConfigError, match="num-server-rounds = 'many' is not a valid int"):
         resolve_config({"num-server-rounds": "many"})
 

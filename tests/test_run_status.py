@@ -166,7 +166,7 @@ def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path, mon
     # spend is on the ledgers already, so it may end a round short
     from simulations.run import _interrupted_message
 
-    monkeypatch.delenv("MAKELEVEL", raising=False)  # (make test sets it)
+    monkeypatch.delenv("FEDREC_MAKE_RUN", raising=False)
     _run_files(tmp_path / "done", rounds=2, planned=2, finished=True, dp=True)
     line = _interrupted_message(tmp_path / "done", named=True)
     assert line.startswith("stopped after the run ended:") and "complete, 2 of 2 rounds logged (nothing to resume)" in line
@@ -177,7 +177,7 @@ def test_the_stop_line_of_a_simulation_says_what_a_resume_would_do(tmp_path, mon
     line = _interrupted_message(tmp_path / "plain", named=False)
     assert "resume=true run-name=\"plain\"" in line and "ledgers" not in line
     # started by `make run`, which takes no --run-config: the hint is its RUN_CONFIG (a researcher review)
-    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("FEDREC_MAKE_RUN", "1")  # the Makefile's run target sets it
     monkeypatch.setenv("RUN_CONFIG", "num-server-rounds=3")
     line = _interrupted_message(tmp_path / "plain", named=False)
     assert "continue it with make run RUN_CONFIG='num-server-rounds=3 resume=true run-name=\"plain\"'" in line
