@@ -326,7 +326,7 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path} is corrupt (schema {meta.get('schema-version')!r}, "
                                f"{bad} impossible rows); restore it from a backup (a partner's spend is never reset)")
         if meta["fingerprint"] != self.fingerprint and self.adopt and meta["fingerprint"] == self.adopt:
-            self.adopted_from = meta["fingerprint"]  # rebound once the checks below pass (_rebind)
+            self.adopted_from = meta["fingerprint"]  # rebound at the end, once the checks below pass
         elif meta["fingerprint"] != self.fingerprint:
             conn.close()
             # A CSV/Parquet log is identified by its content, so a log that gained events is "another data set":
