@@ -802,3 +802,34 @@ def test_a_ledger_written_under_a_logs_content_follows_it_into_a_name_or_an_even
         fh.write("\n".join(f"u{u},i{(u + 3) % 30},{2000 + u}" for u in range(60)) + "\n")
     with pytest.raises(PrivacyError, match="before it was named"):
         spend({**other, "data-identity": "acme-log"}, "run-6")
+
+
+def test_a_default_ledger_left_behind_by_naming_the_log_is_named_not_replaced(tmp_path):
+    # With no ledger-path the ledger file is named after the data's identity; naming the log (data-identity)
+    # changed that name, so a fresh ledger started the same users' spend from zero beside the old one
+    from common.task import partner_data
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2})
+    node = {"data-path": str(log)}  # a deployed partner (no partition-id) on the default ledger file
+
+    def open_budget(node_config: dict) -> PartnerBudget:
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        return PartnerBudget.open(cfg, context, partner_data(cfg, node_config), "run-1")
+
+    budget = open_budget(node)
+    budget.record(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), 1,
+                  [budget.calibration.round_mechanism()])
+    written, history = budget.ledger.path, budget.ledger.history()
+    budget.close()
+    named = {**node, "data-identity": "acme-log"}
+    with pytest.raises(PrivacyError, match=re.escape(f'ledger-path="{written}"')):
+        open_budget(named)
+    assert sorted(p.name for p in written.parent.glob("*.sqlite")) == [written.name]  # no new ledger was made
+    budget = open_budget({**named, "ledger-path": str(written)})  # as the message says: the spend is kept
+    assert budget.ledger.history()[:len(history)] == history
+    budget.close()
