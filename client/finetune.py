@@ -151,6 +151,7 @@ class _LedgerSpend:
     target_epsilon: float
     delta: float  # the smallest a run on the ledger promised
     total: float | None = None  # the ledger's epsilon with the fine-tune recorded
+    fresh: bool = False  # the ledger held no spend before this fine-tune (new, or left empty by a refusal)
 
 
 def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: Mechanism, *, delta: float,
@@ -158,12 +159,22 @@ def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: M
     """Open the partner's ledger and refuse a fine-tune (``what``, spending ``planned``) that would pass its budget."""
     ledger = PrivacyLedger(ledger_path, data.fingerprint(), create=True, named=data.identity.startswith(NAMED),
                            adopt=data.content_fingerprint() if data.identity else "")
-    if ledger.created:  # a mistyped --ledger-path would otherwise check an empty budget in silence
-        print(f"warning: new privacy ledger {ledger_path} (no spend recorded before); if this partner "
-              "already trained, give the ledger its federated training uses", file=sys.stderr)
+    # A mistyped --ledger-path would otherwise check an empty budget in silence; also when a refused attempt
+    # made the ledger and a retry finds it there, empty (a review)
+    fresh = ledger.created or ledger.spend_marks() == 0
+    if fresh:
+        print(f"warning: {'new privacy ledger' if ledger.created else 'privacy ledger'} {ledger_path} holds no "
+              "spend yet; if this partner already trained, give the ledger its federated training uses",
+              file=sys.stderr)
     try:  # the ledger is locked while open: close it on every way out but training
+        cap = ledger.max_epsilon()  # the SuperNode's node config max-epsilon caps every spend on its ledger
+        if target_epsilon is not None and cap is not None and target_epsilon > cap:
+            raise PrivacyError(f"--target-epsilon {target_epsilon:g} is above this partner's max-epsilon {cap:g} "
+                               f"(its SuperNode's node config, recorded in ledger {ledger_path}): a fine-tune spends "
+                               "from the same budget; give at most that")
         if target_epsilon is None:  # a partner budgeted at 2 by its runs could fine-tune on to 8 before
-            target_epsilon = min(ledger.target_epsilons(), default=DEFAULT_TARGET_EPSILON)
+            target_epsilon = min([*ledger.target_epsilons(), *([cap] if cap is not None else [])],
+                                 default=DEFAULT_TARGET_EPSILON)
         delta = ledger.accounting_delta(delta)  # ... and at the smallest delta its runs promised
         spent = ledger.epsilon(delta, ACCOUNTANT)
         after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
@@ -174,7 +185,7 @@ def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: M
     except BaseException:
         ledger.close()
         raise
-    return _LedgerSpend(ledger, planned, target_epsilon, delta)
+    return _LedgerSpend(ledger, planned, target_epsilon, delta, fresh=fresh)
 
 
 def _train_and_record(tuned: torch.nn.Module, recent: SequenceData, spend: _LedgerSpend | None, run: str,
@@ -209,7 +220,7 @@ def _privacy_fields(spend: _LedgerSpend | None, result: TrainResult, *, noise_mu
         "delta": spend.delta if dp else None,
         "ledger": str(ledger_path) if dp else None,
         "ledger-run": run if dp else None,
-        "ledger-created": bool(dp and spend.ledger.created),
+        "ledger-created": bool(dp and spend.fresh),  # no spend before this fine-tune
     }
 
 

@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 
 from client.partner_identity import ledger_path, local_label, public_fingerprint, simulated_label
-from client.partner_policy import partner_delta, shares_item_histogram
+from client.partner_policy import max_epsilon, partner_delta, shares_item_histogram
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
 from common.errors import PrivacyError
@@ -211,6 +211,7 @@ class PartnerBudget:
                 raise PrivacyError(f"privacy ledger {path} holds less spend than this client recorded in it ({held} "
                                    f"steps and other releases, {int(state['steps'])} recorded): an older copy "
                                    "restored forgets spend already released; restore its newest copy")
+            ledger.record_max_epsilon(max_epsilon(context.node_config))  # a fine-tune, which never sees it, keeps to it
             public = public_fingerprint(context, data, key=ledger.label_key(), run=run)
             label = simulated_label(context.node_config) or f"partner-{public}"
         except BaseException:

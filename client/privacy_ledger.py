@@ -45,6 +45,7 @@ LOCK_WAIT_SECONDS = 60.0  # how long an opening waits for another training's loc
 INSERT_ROW = ("INSERT INTO batches (run, server_round, noise_multiplier, sample_rate, steps, accountant, fingerprint, "
               "recorded, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 COUNT_KEY = "public-users:"  # meta key + run: the noised user count released for that run (record_count)
+MAX_EPSILON_KEY = "max-epsilon"  # meta key: the partner's node config max-epsilon, '' for none (record_max_epsilon)
 
 @dataclass(frozen=True)
 class Calibration:
@@ -225,6 +226,20 @@ class PrivacyLedger:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
         return key
+
+    def max_epsilon(self) -> float | None:
+        """The partner's ``max-epsilon`` as its SuperNode last recorded it (:meth:`record_max_epsilon`); None
+        when no SuperNode with a cap opened this ledger. A fine-tune spends from the same ledger and stays under it."""
+        found = self._query("SELECT value FROM meta WHERE key = ?", (MAX_EPSILON_KEY,))
+        return float(found[0][0]) if found and found[0][0] else None
+
+    def record_max_epsilon(self, cap: float | None) -> None:
+        """Keep the SuperNode's node config ``max-epsilon`` (None: no cap now) with the ledger it caps, so
+        ``fedrec-client finetune``, which never sees the node config, keeps to it too."""
+        value = "" if cap is None else repr(float(cap))
+        found = self._query("SELECT value FROM meta WHERE key = ?", (MAX_EPSILON_KEY,))
+        if (found[0][0] if found else "") != value:
+            self._write(INSERT_ROW, [], meta={MAX_EPSILON_KEY: value})
 
     def public_count(self, run: str) -> int | None:
         """The noised user count released for ``run`` (:meth:`record_count`); None when it has none

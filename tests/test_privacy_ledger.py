@@ -833,3 +833,16 @@ def test_a_default_ledger_left_behind_by_naming_the_log_is_named_not_replaced(tm
     budget = open_budget({**named, "ledger-path": str(written)})  # as the message says: the spend is kept
     assert budget.ledger.history()[:len(history)] == history
     budget.close()
+
+
+def test_the_supernodes_max_epsilon_is_kept_with_its_ledger(tmp_path, small_data):
+    # fedrec-client finetune never sees the node config; the cap travels with the ledger it caps
+    cfg = _cfg(tmp_path)
+    capped = _context(**{"max-epsilon": 3.0, "ledger-path": str(tmp_path / "l.sqlite")})
+    PartnerBudget.open(cfg, capped, small_data, "run-1").close()
+    with PrivacyLedger(tmp_path / "l.sqlite", small_data.fingerprint()) as ledger:
+        assert ledger.max_epsilon() == 3.0
+    uncapped = _context(**{"ledger-path": str(tmp_path / "l.sqlite")})
+    PartnerBudget.open(cfg, uncapped, small_data, "run-1").close()  # the partner lifted its cap
+    with PrivacyLedger(tmp_path / "l.sqlite", small_data.fingerprint()) as ledger:
+        assert ledger.max_epsilon() is None

@@ -818,6 +818,36 @@ def test_finetune_spends_on_the_same_ledger_and_refuses_past_the_budget(trained,
     assert strict["delta"] == 1e-9
 
 
+def test_finetune_keeps_to_the_supernodes_max_epsilon_and_warns_of_an_empty_ledger_on_retry(trained, log, tmp_path,
+                                                                                           capsys):
+    # The node config max-epsilon capped federated rounds only: `finetune --target-epsilon 20` spent the same
+    # ledger past it. And a refused first fine-tune made the ledger, so a retry no longer said it was new (a review)
+    from client.finetune import finetune_partner
+    from client.privacy_ledger import PrivacyLedger
+    from common.errors import PrivacyError
+
+    run, data = trained
+    store_path, since = store_with_new_events(tmp_path, log, data)
+    ledger = tmp_path / "ledger.sqlite"
+    options = dict(model=run, data_path=store_path, ledger_path=ledger, since=since, epochs=1, batch_size=8, force=True)
+    with pytest.raises(PrivacyError, match="budget exhausted"):  # a first attempt, refused: it leaves the ledger
+        finetune_partner(**options, noise_multiplier=0.5, target_epsilon=0.01)
+    assert ledger.exists()
+    capsys.readouterr()
+    report = finetune_partner(**options, noise_multiplier=5.0, target_epsilon=20.0)
+    assert report["ledger-created"] and f"privacy ledger {ledger} holds no spend yet" in capsys.readouterr().err
+    spent = report["epsilon-ledger"]
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        opened.record_max_epsilon(spent + 1.0)  # what the partner's SuperNode records (tests/test_privacy_ledger.py)
+        history = opened.history()
+    with pytest.raises(PrivacyError, match=rf"--target-epsilon 20 is above this partner's max-epsilon {spent + 1:g}"):
+        finetune_partner(**options, noise_multiplier=5.0, target_epsilon=20.0)
+    again = finetune_partner(**options, noise_multiplier=5.0)  # no target: the cap is the budget
+    assert again["target-epsilon"] == pytest.approx(spent + 1.0) and not again["ledger-created"]
+    with PrivacyLedger(ledger, report_fingerprint(store_path, run)) as opened:
+        assert len(opened.history()) == len(history) + 1  # the refusal spent nothing, the second one is recorded
+
+
 def store_with_new_events(tmp_path: Path, log, data) -> tuple[Path, int]:  # noqa: ANN001
     """The partner's event store: its log, then one new event for each of 40 users after the model
     was published. Returns (store path, the first new event's timestamp)."""
