@@ -267,6 +267,7 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
 
     @app.post("/events", status_code=201, response_model=None)
     def post_event(event: EventIn) -> JSONResponse | dict:
+        watcher.maybe_reload()  # an item added since (add-items) is known at once, as for a GET (a review)
         gm = watcher.current
         if event.item_id not in gm.index:
             return JSONResponse(status_code=422, content={

@@ -144,13 +144,23 @@ def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:
             raise ConfigError(f"{p} already exists; pass --force to overwrite it" + (f" ({hint})" if hint else ""))
 
 
+# Files SQLite and fedrec keep beside a file (its write-ahead log and shared memory, a rollback journal, a
+# ledger's marker): written over, an event store loses events not yet merged, a ledger its marker
+SIDECARS = ("-wal", "-shm", "-journal", ".created")
+
+
 def refuse_overwriting_inputs(out: str | os.PathLike, inputs: list[Path], *, flag: str = "--out") -> None:
-    """One line when ``out`` is one of the command's own ``inputs``: never overwritten, not even
-    with --force (a catalogue written over the log it was read from leaves no log)."""
+    """One line when ``out`` is one of the command's own ``inputs`` or a file kept beside one (:data:`SIDECARS`,
+    a ledger's ``.<name>.lock``): never overwritten, not even with --force (a catalogue written over the log
+    it was read from leaves no log)."""
     target = Path(out).expanduser().resolve()
     for given in inputs:
-        if Path(given).resolve() == target:
+        real = Path(given).resolve()
+        beside = {real.with_name(real.name + s) for s in SIDECARS} | {real.with_name(f".{real.name}.lock")}
+        if real == target:
             raise ConfigError(f"{flag} {out} is this command's input ({given}); choose another file")
+        if target in beside:
+            raise ConfigError(f"{flag} {out} is a file kept beside this command's input {given}; choose another file")
 
 
 def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "") -> None:

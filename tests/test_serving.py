@@ -667,6 +667,19 @@ def test_api_hot_reloads_a_newer_model(api, trained):
     assert served["model_version"] == after["version"]
 
 
+def test_an_event_for_an_item_of_a_newer_model_is_taken_without_a_get_first(api, trained):
+    # POST /events checked the item against the model loaded at the last GET: after add-items an event for a
+    # new item got a 422 until some GET reloaded (a review)
+    client, store, tmp_path = api
+    run, data = trained
+    cfg = resolve_config(None, CFG)
+    catalogue = np.append(data.catalogue, "published-today")  # the newer model knows one more item
+    time.sleep(0.02)
+    save_model(tmp_path / "runs" / "r2", new_model(cfg, data.num_items + 1), catalogue, cfg)
+    posted = client.post("/events", json={"user_id": str(data.user_ids[0]), "item_id": "published-today"})
+    assert posted.status_code == 201, posted.text
+    assert client.get("/health").json()["model"]["path"].endswith("r2/model.pt")
+
 
 def test_a_rollback_to_an_older_model_file_is_served(trained, tmp_path):
     # A serving review: a backup restored with its old time (mv, cp -p, rsync -a) was never loaded
@@ -1200,6 +1213,13 @@ def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(tra
     for inputs, out in (({"data_path": folder}, folder / "u.data"), ({"model": run.parent}, run / "model.pt")):
         with pytest.raises(ConfigError, match="is this command's input"):
             finetune_partner(**{**args, **inputs}, out=out, force=True)
+    # Files kept beside an input: a store's write-ahead log, a ledger's marker and lock (a review: --force wrote a
+    # model over an event store's -wal, losing events not yet merged, and over a ledger's marker)
+    for out in (csv.with_name(csv.name + "-wal"), ledger.with_name(ledger.name + ".created"),
+                tmp_path / f".{ledger.name}.lock"):
+        with pytest.raises(ConfigError, match="is a file kept beside this command's input"):
+            finetune_partner(**args, out=out, force=True)
+        assert not out.exists()
     # Nothing was trained, spent or written
     assert not ledger.exists() and csv.read_bytes() == log_bytes and (run / "model.pt").read_bytes() == model_bytes
     assert kept.read_bytes() == b"an earlier model" and (folder / "u.data").read_text().startswith(str(log.user[0]))
