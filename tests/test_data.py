@@ -280,3 +280,13 @@ def test_a_u_data_without_tabs_says_so(tmp_path):
     path.write_text("1 10 4 881250949\n2 20 3 881250950\n")
     with pytest.raises(DataError, match=r"u.data: its lines have no tabs; u.data is tab-separated"):
         load_interactions(path)
+
+
+def test_a_folder_without_a_known_log_name_lists_every_name_it_looks_for(tmp_path):
+    # The message named five of the seven names a folder is searched for (not events.csv, nor the partial ML-1M file)
+    from common.data.loaders import LOG_FILE_NAMES
+
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
+    with pytest.raises(DataError, match="no interaction log found") as caught:
+        load_interactions(tmp_path)
+    assert all(name in str(caught.value) for name in LOG_FILE_NAMES) and "give the log file itself" in str(caught.value)

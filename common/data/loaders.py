@@ -98,15 +98,16 @@ def log_files(dataset: str | os.PathLike) -> list[Path]:
     return [_log_file_in_folder(p) if p.is_dir() else p, *([meta] if meta else [])]
 
 
+LOG_FILE_NAMES = ("u.data", "ratings.dat", "ratings.users_1-2999.dat", "ratings.csv", "interactions.csv",
+                  "interactions.parquet", "events.csv")  # what a folder given as a log is searched for, in order
+
+
 def _log_file_in_folder(folder: Path) -> Path:
-    for name in ("u.data", "ratings.dat", "ratings.users_1-2999.dat", "ratings.csv",
-                 "interactions.csv", "interactions.parquet", "events.csv"):
+    for name in LOG_FILE_NAMES:
         if (folder / name).is_file():
             return folder / name
-    raise DataError(
-        f"{folder}: no interaction log found (expected u.data, ratings.dat, ratings.csv, "
-        "interactions.csv or interactions.parquet)"
-    )
+    raise DataError(f"{folder}: no interaction log found (expected one of {', '.join(LOG_FILE_NAMES)}; "
+                    "or give the log file itself)")
 
 
 def _read_frame(p: Path) -> pd.DataFrame:
