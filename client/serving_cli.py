@@ -298,8 +298,9 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--noise-multiplier", type=positive_float, default=None,
                     help="DP-SGD noise std / clipping norm (default 1.0)")
     ft.add_argument("--target-epsilon", type=positive_float, default=None,
-                    help="the partner's whole-ledger budget (refused beyond it); default: the strictest target "
-                         "of the runs on the ledger (8 for a new one)")
+                    help="the partner's whole-ledger budget (refused beyond it, and refused above the max-epsilon "
+                         "its SuperNode recorded in the ledger); default: the strictest of the runs' targets and that "
+                         "max-epsilon (8 for a new ledger)")
     ft.add_argument("--target-delta", type=delta, default=None, help="default (or 0): min(1e-5, 0.1 / users)")
     ft.add_argument("--max-grad-norm", type=positive_float, default=None, help="per-user clipping norm (default 1.0)")
     ft.add_argument("--no-dp", action="store_true", help="no DP (the fine-tuned model then has no guarantee)")
