@@ -209,10 +209,11 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     calibrated = loss - popularity_losses(subset, data.item_counts(), max_len)
     # Control: the same attacks on the initial global model (same seed, trained on nobody) should give
     # AUC ~0.5; a gap from 0.5 there would be a bias of the attack or of the member/non-member split.
-    initial = new_model(cfg, data.num_items)
+    initial = new_model(cfg, data.num_items)  # the run's start unless item-init or init-model set it (control_model)
     control = user_losses(initial, subset, max_len, **objective)
     control_calibrated = control - popularity_losses(subset, data.item_counts(), max_len)
     result = {"run": run_dir.name, "model": cfg["model"], "members": m, "non-members": len(nonmembers),
+              "control": control_model(saved_cfg),
               # what a rerun needs to repeat these numbers (a reproducibility review)
               "options": {"bootstrap-rounds": rounds, "max-members": max_members, "seed": seed,
                           "members-subsampled": bool(subsampled)}}
@@ -235,6 +236,17 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     return result
 
 
+def control_model(saved_cfg: dict) -> str:
+    """What the control's model is. A run that started from ``item-init`` rows (co-occurrence counts of the
+    partners' users, or the item texts) or from an ``init-model`` did not start from the seed's random model,
+    and the audit does not rebuild that start: its control is a fresh random model, and says so."""
+    starts = [f"item-init = {saved_cfg['item-init']}"] if saved_cfg.get("item-init", "random") != "random" else []
+    starts += ["init-model"] if saved_cfg.get("init-model") else []
+    if not starts:
+        return "initial model, trained on nobody"
+    return f"a fresh random model, not the run's start ({', '.join(starts)}), which the audit does not rebuild"
+
+
 def format_result(r: dict) -> str:
     eps = "none (no DP)" if not r["dp"] else f"{r['epsilon']:.2f} (delta {r['delta']:.1g})"
     bounds = "  ".join(f"{name} {r[f'epsilon-lower-bound-{name}']['epsilon-lower-bound']:.2f}"
@@ -245,7 +257,7 @@ def format_result(r: dict) -> str:
             f"  loss attack        AUC {r['auc-loss']:.3f}  95% CI [{r['auc-loss-ci'][0]:.3f}, {r['auc-loss-ci'][1]:.3f}]\n"
             f"  calibrated attack  AUC {r['auc-calibrated']:.3f}  95% CI [{r['auc-calibrated-ci'][0]:.3f}, "
             f"{r['auc-calibrated-ci'][1]:.3f}]\n"
-            f"  control (initial model, trained on nobody): loss AUC {r['auc-control-loss']:.3f}, "
+            f"  control ({r.get('control', 'initial model, trained on nobody')}): loss AUC {r['auc-control-loss']:.3f}, "
             f"calibrated AUC {r['auc-control-calibrated']:.3f}\n"
             f"  TPR at low FPR: {tpr}\n"
             f"  epsilon lower bound (95%, threshold chosen on half the users): {bounds}")

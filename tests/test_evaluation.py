@@ -229,6 +229,7 @@ def test_audit_tells_memorised_members_from_held_out_users(tmp_path, one_torch_t
     text = (tmp_path / "audit.json").read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"audit.json is not strict JSON: {c}"))
     assert saved["options"] == {"bootstrap-rounds": 200, "max-members": 2000, "seed": 3, "members-subsampled": False}
+    assert saved["control"] == "initial model, trained on nobody"  # a random start: the control is the run's start
     # No DP: no epsilon (it was a bare Infinity), and an attack this strong needs a large epsilon to explain it
     assert (saved["dp"], saved["epsilon"], saved["delta"]) == (False, None, None)
     assert saved["epsilon-lower-bound-loss"]["epsilon-lower-bound"] > 1.0
@@ -259,3 +260,19 @@ def test_one_users_central_epsilon_reads_runs_recorded_before_rounds_named_their
     assert epsilon == pytest.approx(USER_LEVEL, rel=1e-3) and delta == 1e-5
     del old["noise-multiplier"]
     assert central_epsilon_per_user(old) is None  # no multiplier anywhere: no claim rather than a guess
+
+
+def test_the_audits_control_says_when_it_is_not_the_runs_start():
+    # A run started from item-init rows (the partners' co-occurrence counts) or an init-model: a fresh random
+    # model was reported as "the initial model, trained on nobody" (a review)
+    from simulations.audit import control_model, format_result
+
+    assert control_model({"item-init": "random"}) == "initial model, trained on nobody"
+    note = control_model({"item-init": "cooccurrence", "init-model": "runs/a/model.pt"})
+    assert note.startswith("a fresh random model, not the run's start (item-init = cooccurrence, init-model)")
+    row = {"run": "r", "model": "sasrec", "dp": False, "members": 2, "non-members": 2, "control": note,
+           **{f"auc-{k}": 0.5 for k in ("loss", "calibrated", "control-loss", "control-calibrated")},
+           **{f"auc-{k}-ci": [0.4, 0.6] for k in ("loss", "calibrated")},
+           **{f"epsilon-lower-bound-{k}": {"epsilon-lower-bound": 0.0} for k in ("loss", "calibrated")},
+           **{f"tpr-{k}": [{"tpr": 0.01, "fpr": 0.01}] for k in ("loss", "calibrated")}}
+    assert f"control ({note})" in format_result(row)
