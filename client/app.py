@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from time import monotonic, sleep
@@ -104,11 +105,14 @@ def _hold(msg: Message, reply: Message, context: Context, started: float, work: 
     if hold is None:
         return reply
     took = monotonic() - started
-    if took < hold:
-        sleep(hold - took)
-    else:  # Flower's logger: a flwr-clientapp process shows it
-        flwr_log(WARNING, "%s took %.1f s, longer than node config reply-after-seconds = %g: the time of this reply "
-                 "tells how long it took; raise reply-after-seconds", work, took, hold)
+    # Work longer than the hold (the coordinator sets its size: model, epochs) waits for the next whole multiple
+    # of it, so the reply tells only that multiple, not the time itself (a red-team review)
+    until = hold * max(1, math.ceil(took / hold))
+    if took >= hold:  # Flower's logger: a flwr-clientapp process shows it
+        flwr_log(WARNING, "%s took %.1f s, longer than node config reply-after-seconds = %g: the reply waits until "
+                 "%g s, which tells the coordinator the work took over %g s; raise reply-after-seconds", work, took,
+                 hold, until, until - hold)
+    sleep(max(0.0, until - took))
     return Message(reply.error, reply_to=msg) if reply.has_error() else Message(reply.content, reply_to=msg)
 
 

@@ -47,7 +47,8 @@ class DataReport:
         return [
             f"log: {self.source}",
             f"rows read: {self.rows}; dropped: {drops}",
-            f"catalogue: {self.catalogue_items} items (fingerprint {self.catalogue_fingerprint})",
+            f"catalogue: {self.catalogue_items} items (fingerprint {self.catalogue_fingerprint}; node config "
+            f"catalogue-fingerprint=\"{self.catalogue_fingerprint}\" pins it for every run)",
             f"items in the log: {self.log_items}, of which in the catalogue: {self.known_items}"
             f" ({self.log_items - self.known_items} unknown, their interactions are dropped)",
             f"catalogue coverage: {self.covered_items} of {self.catalogue_items} items"

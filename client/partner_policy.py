@@ -52,7 +52,7 @@ LOG = logging.getLogger("fedrec.client")
 # Every node config key this app reads (Flower's simulation sets the partition ones)
 NODE_CONFIG_KEYS = ("data-path", "data-identity", "ledger-path", "ledger-reset", "max-epsilon", "max-delta",
                     "share-evaluation", "share-item-histogram", "reply-after-seconds", "partner-state-dir",
-                    "partition-id", "num-partitions")
+                    "catalogue-fingerprint", "partition-id", "num-partitions")
 MAX_REPLY_HOLD = 43_200.0  # s: Flower's default message time-to-live; a reply held longer arrives expired
 
 

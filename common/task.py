@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data.catalogue import load_catalogue
+from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.data.event_store import is_event_store, store_identity
 from common.data.loaders import load_interactions, resolve_data_path
 from common.data.sequences import SequenceData, build_sequences
@@ -118,6 +118,17 @@ def _file_version(path: str) -> tuple[int, ...]:
     return (st.st_mtime_ns, st.st_size, *extra)
 
 
+def _refuse_another_catalogue(items: np.ndarray, node_config: Mapping[str, Any]) -> None:
+    """Node config ``catalogue-fingerprint`` pins the item list a partner agreed to (``fedrec-client data check``
+    prints it). The coordinator chooses the run's catalogue, and how a log fits a chosen one (which items are
+    in it, whether any user has enough of them) tells about the log outside any DP mechanism."""
+    pinned = str(node_config.get("catalogue-fingerprint", "") or "").strip()
+    if pinned and catalogue_fingerprint(items) != pinned:
+        raise ConfigError(f"node config catalogue-fingerprint = {pinned}: the run's catalogue has fingerprint "
+                          f"{catalogue_fingerprint(items)}, another item list than this partner agreed to; nothing "
+                          "was read from its log")
+
+
 def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> SequenceData:
     """One partner's users: its own log (``data-path`` in node config) or a simulated partition."""
     if node_config.get("data-path"):
@@ -126,7 +137,9 @@ def partner_data(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Sequ
             # else a real log was numbered by the built-in demo catalogue (its other items dropped as unknown)
             raise ConfigError("a partner's data-path needs the federation's published catalogue: run config "
                               "catalogue = \"<file>\" (written by `fedrec-server catalogue`)")
-        data = _partner_log(path, _file_version(path), tuple(catalogue(cfg).tolist()))
+        items = catalogue(cfg)
+        _refuse_another_catalogue(items, node_config)  # before the log is read: its fit would tell about it
+        data = _partner_log(path, _file_version(path), tuple(items.tolist()))
         return training_view(cfg, with_data_identity(data, path, str(node_config.get("data-identity", "") or "")))
     try:
         pid = int(node_config["partition-id"])

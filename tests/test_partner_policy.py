@@ -216,3 +216,28 @@ def test_a_simulated_partner_is_not_told_to_set_a_ledger_path(tmp_path, caplog):
     # advice for a real partner; a simulated partner's ledger is meant to live with its run
     assert not _send_once(tmp_path, {}, {}).has_error()
     assert "new privacy ledger" in caplog.text and "set node config ledger-path" not in caplog.text
+
+
+def test_a_pinned_catalogue_fingerprint_refuses_another_catalogue_before_the_log_is_read(tmp_path):
+    # The coordinator chooses the run's catalogue; a log's fit to a chosen one told the coordinator which item ids
+    # the partner's users have (one-item catalogues), outside any DP mechanism (a red-team review)
+    from client.safe_errors import safe_reason
+    from common.data.catalogue import catalogue_fingerprint
+    from common.errors import DataError
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},i{(u + k) % 30},{k}\n" for u in range(40)
+                                                          for k in range(5)))
+    agreed, probe = tmp_path / "agreed.txt", tmp_path / "probe.txt"
+    agreed.write_text("".join(f"i{i}\n" for i in range(30)))
+    probe.write_text("x1\nx2\n")
+    pin = catalogue_fingerprint(__import__("numpy").array([f"i{i}" for i in range(30)]))
+    node = {"data-path": str(log), "catalogue-fingerprint": pin}
+    cfg = resolve_config(None, {"catalogue": str(probe)})
+    with pytest.raises(ConfigError, match=f"catalogue-fingerprint = {pin}: the run's catalogue has fingerprint"):
+        partner_data(cfg, {**node, "data-path": str(tmp_path / "absent.csv")})  # refused before the log is read
+    assert partner_data(resolve_config(None, {"catalogue": str(agreed)}), node).num_users == 40
+    # Without the pin the log is read against the probe; the reply keeps the advice but not the log's item count
+    with pytest.raises(DataError, match=r"none of its item ids \(30 distinct\)") as caught:
+        partner_data(cfg, {"data-path": str(log)})
+    assert "30" not in safe_reason(caught.value) and "published catalogue" in safe_reason(caught.value)

@@ -79,11 +79,16 @@ def test_a_refusal_is_held_too_and_no_hold_without_the_key(tmp_path, slept):
     assert not _round(tmp_path / "plain", {}, "train").has_error() and len(slept) == 1
 
 
-def test_work_past_the_hold_is_said_in_the_partners_log(tmp_path, slept, caplog):
+def test_work_past_the_hold_waits_for_its_next_multiple_and_is_said_in_the_partners_log(tmp_path, slept, caplog,
+                                                                                       monkeypatch):
+    # Work longer than the hold was sent the moment it ended, so a coordinator that made the work long (a large
+    # model) read the partner's work time, which grows with its users, from the reply (a red-team review)
+    clock = iter([100.0, 125.0])  # the message arrives at 100 s, the work ends at 125 s: 25 s against a 10 s hold
+    monkeypatch.setattr(client_app, "monotonic", lambda: next(clock))
     caplog.set_level("WARNING", logger="flwr")
-    reply = _round(tmp_path, {"reply-after-seconds": 1e-6}, "train")
-    assert not reply.has_error() and slept == []
-    assert "longer than node config reply-after-seconds = 1e-06" in caplog.text
+    reply = _round(tmp_path, {"reply-after-seconds": 10.0}, "train")
+    assert not reply.has_error() and slept == [pytest.approx(5.0)]  # sent at 30 s, the next multiple of 10
+    assert "longer than node config reply-after-seconds = 10: the reply waits until 30 s" in caplog.text
 
 
 @pytest.mark.parametrize("value", [0, -5, "soon", 1e9, 43_200, True, float("nan"), float("inf")])

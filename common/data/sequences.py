@@ -169,7 +169,9 @@ def build_sequences(
         dropped["short-user"] = short
     label = name or log.source
     if len(log) and not known.any():  # blame the catalogue, not the log's users
-        raise DataError(f"{label}: none of its {len(np.unique(log.item))} item ids is in the catalogue "
+        # counts in parentheses: a partner's error reply drops them (client/safe_errors.py), as a coordinator
+        # that chose the catalogue learnt the partner's distinct items from them (a red-team review)
+        raise DataError(f"{label}: none of its item ids ({len(np.unique(log.item))} distinct) is in the catalogue "
                         f"({len(catalogue)} ids, the first {str(catalogue[0])[:40]!r}): is that the federation's "
                         "published catalogue (one item id per line), and are these the same item ids?")
     if not seqs:
