@@ -78,6 +78,9 @@ def _plan_for(users: int, batch: int, label: str, *, noised: bool = False) -> tu
         raise PrivacyError(f"{label}: {exc}") from None
 
 
+LARGEST_PLANNED_POPULATION = 10**8  # users: the count's room is checked at default_delta of this many (1e-9)
+
+
 def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceData, cfg: Mapping[str, Any],
                   context: Context, label: str) -> int:
     """The user count this run's replies are computed from: the one released for ``run`` earlier (a
@@ -98,9 +101,19 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
     # 1/100.5 refused 101 users and never 100). So this check takes the largest delta any count could give
     # (default_delta(1) = 1e-5, capped as the partner caps it), which only makes it refuse less; a
     # meaningless delta or a budget too small for DP-SGD is refused after the draw, on the noised count.
+    # A delta that follows the population (the default, or max-epsilon's cap) is 0.1 / users above 10^4 users:
+    # on a ledger no run calibrated yet (nothing spent), the count checked at 1e-5 could take it past the target
+    # at the partner's real delta (1.118 of max-epsilon 1 at 100,000 users: a red-team review), so there the
+    # room is checked at the smallest delta the run may end at. A ledger with runs is accounted at the
+    # smallest delta they calibrated at (accounting_delta), which already follows their noised counts.
     population = data.num_users
-    delta = ledger.accounting_delta(partner_delta(float(cfg["target-delta"]) or default_delta(1),
-                                                  context.node_config, 1))
+    run_delta = float(cfg["target-delta"])
+    delta = partner_delta(run_delta or default_delta(1), context.node_config, 1)
+    follows_users = not run_delta or (max_epsilon(context.node_config) is not None
+                                      and "max-delta" not in context.node_config)
+    if follows_users and not ledger.target_epsilons():
+        delta = min(delta, default_delta(LARGEST_PLANNED_POPULATION))
+    delta = ledger.accounting_delta(delta)
     refuse_unaffordable_evaluations(cfg, delta)
     evals = planned_evaluations(cfg)
     # an item histogram (item-prior) is planned before the count is drawn too

@@ -328,10 +328,40 @@ def test_the_check_before_the_draw_takes_no_delta_from_the_exact_count_of_a_larg
     # With target-delta 0 (auto) the delta is default_delta(users), below 1e-5 past 10,000 users: the check before
     # the draw must take default_delta(1) all the same, or a budget near the count's cost is refused unrecorded for
     # 20,000 users (epsilon 0.392 at their delta) and drawn for 10,000 (0.375), telling the coordinator which it is
-    overrides, node = _deployed(tmp_path, users=20_000, **{"target-delta": 0.0, "target-epsilon": 0.39})
+    # (a fresh ledger's room is now checked at the smallest delta a run may end at, default_delta(10^8): both
+    # sizes are refused before the draw, the same decision, which is what this test is about)
+    histories = []
+    for users in (20_000, 10_000):
+        (tmp_path / str(users)).mkdir()
+        overrides, node = _deployed(tmp_path / str(users), users=users,
+                                    **{"target-delta": 0.0, "target-epsilon": 0.39})
+        cfg = resolve_config(None, overrides)
+        data = partner_data(cfg, node)
+        with contextlib.suppress(PrivacyError):  # refused before or after the draw, or not: the same for both
+            PartnerBudget.open(cfg, _context(node), data, "run-1").close()
+        with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
+            histories.append(ledger.history())
+    assert histories[0] == histories[1]
+
+
+def test_the_counts_room_is_checked_at_the_smallest_delta_the_run_may_end_at(tmp_path):
+    # Above 10^4 users the default delta (and max-epsilon's cap) is 0.1 / users, below the 1e-5 the room for the
+    # count was checked at: the count was drawn, recorded, and the ledger ended past max-epsilon (a red-team review)
+    from client.privacy_budget import PartnerBudget
+    from common.privacy import default_delta, epsilon_of
+    from common.task import partner_data
+
+    users = 20_000
+    lo, hi = 0.5, 50.0  # the count's noise for which it alone costs 0.99 at 1e-5 (the old check passed it)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if epsilon_of([(mid, 1.0, 1)], 1e-5, "rdp") > 0.99 else (lo, mid)
+    sigma = hi
+    assert epsilon_of([(sigma, 1.0, 1)], default_delta(users), "rdp") > 1.0  # at the partner's delta: past the cap
+    overrides, node = _deployed(tmp_path, users=users, **{"count-noise-multiplier": sigma, "target-epsilon": 1.0})
+    node = {**node, "max-epsilon": 1.0}
     cfg = resolve_config(None, overrides)
-    data = partner_data(cfg, node)
-    with contextlib.suppress(PrivacyError):  # refused after the draw (little left for DP-SGD), or not: both fine
-        PartnerBudget.open(cfg, _context(node), data, "run-1").close()
-    with PrivacyLedger(node["ledger-path"], data.fingerprint()) as ledger:
-        assert ledger.history() == [count_mechanism(10.0)] and ledger.public_count("run-1") is not None
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        PartnerBudget.open(cfg, _context(node), partner_data(cfg, node), "run-1")
+    with PrivacyLedger(Path(node["ledger-path"]), partner_data(cfg, node).fingerprint()) as ledger:
+        assert ledger.history() == [] and ledger.epsilon(default_delta(users)) <= 1.0  # refused before the draw
