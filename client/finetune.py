@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import secrets
 import sys
@@ -81,7 +82,7 @@ def finetune_partner(*, model: str | os.PathLike, data_path: str | os.PathLike, 
     tuned = copy.deepcopy(gm.model)
 
     users = user_count_for_training(recent)
-    delta = target_delta or default_delta(user_count_for_training(data))
+    delta = target_delta or finetune_default_delta(user_count_for_training(data))
     spend = None
     if dp:
         refuse_meaningless_delta(delta, user_count_for_training(data))  # it would re-account the whole ledger
@@ -140,6 +141,14 @@ def _hr_ndcg(model: torch.nn.Module, recent: SequenceData, max_len: int, orders:
     """HR@10 and NDCG@10 on ``recent``'s held-out last items."""
     means = means_from_sums(evaluate_ranking(model, recent, split="test", max_len=max_len, tie_orders=orders))
     return {"hr@10": means.get("hr@10", 0.0), "ndcg@10": means.get("ndcg@10", 0.0)}
+
+
+def finetune_default_delta(users: int) -> float:
+    """``default_delta(users)`` rounded down to a power of ten. It becomes a calibration row, and a SuperNode's
+    later replies state the ledger's smallest delta: 0.1 / users from the exact count told the coordinator that
+    count (a red-team review); a power of ten says only its order of magnitude, which the noised count says
+    anyway, and a smaller delta is only stricter."""
+    return 10.0 ** math.floor(math.log10(default_delta(users)) + 1e-9)
 
 
 @dataclass

@@ -1401,3 +1401,13 @@ def test_a_run_whose_every_round_failed_is_passed_over_by_name_and_folder(traine
     (good / "model.pt").unlink()
     with pytest.raises(DataError, match="no trained model: every model.pt under it is from a run in which no round"):
         find_model_file(tmp_path / "runs")
+
+
+def test_a_finetunes_default_delta_tells_only_the_order_of_magnitude_of_the_users():
+    # It is saved as a calibration, and a SuperNode's later replies state the ledger's smallest delta: 0.1 / users
+    # of the exact count told the coordinator that count, which the noised count hides (a red-team review)
+    from client.finetune import finetune_default_delta
+
+    assert [finetune_default_delta(n) for n in (3, 10_000, 12_345, 19_992, 20_000, 100_000)] == [
+        1e-5, 1e-5, 1e-6, 1e-6, 1e-6, 1e-6]
+    assert all(finetune_default_delta(n) <= min(1e-5, 0.1 / n) for n in range(1, 300_000, 977))  # never looser
