@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from common.errors import CheckpointError, ConfigError
 from common.files import ensure_private, write_private_bytes
 from common.item_text import table_record
+from common.privacy import dp_mode, uses_local_dp
 from server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -67,6 +68,24 @@ def resumable_run_dir(cfg: Mapping[str, Any]) -> Path:
     return run_dir
 
 
+def _refuse_moving_default_ledgers(cfg: Mapping[str, Any], run_dir: Path) -> None:
+    """A deployed partner without node config ``ledger-path`` keeps its ledger at ``<run-dir>/<run>/ledgers/`` on
+    its own machine (``ledger-dir`` unset). ``run-dir`` may change on resume (it says where, not what), but
+    under another one such a partner found no ledger and spent this run's whole budget again (9.32 against a
+    target of 8, by Opacus over both ledgers: a red-team review)."""
+    if cfg.get("ledger-dir") or not uses_local_dp(dp_mode(cfg)):
+        return
+    try:
+        started = json.loads((run_dir / "config.json").read_text()).get("run-dir")
+    except (OSError, ValueError, AttributeError):
+        return  # no record of where it started: the checkpoint alone is checked
+    if started is not None and str(started) != str(cfg["run-dir"]):
+        raise ConfigError(f"run-dir = {str(cfg['run-dir'])!r}: {run_dir.name} started with run-dir = {str(started)!r}, "
+                          "and a deployed partner without node config ledger-path keeps its privacy ledger under "
+                          "run-dir on its own machine: under another one it would spend this run's budget again from "
+                          f"zero; resume with run-dir = {str(started)!r} (a symbolic link can stand for a moved folder)")
+
+
 def run_fingerprint(cfg: Mapping[str, Any], catalogue: np.ndarray, model: torch.nn.Module) -> dict[str, Any]:
     """The fingerprint a checkpoint of this config, catalogue and initial model carries (and a resume must match)."""
     return fingerprint(cfg, catalogue, model.state_dict(), table_record(model, cfg, catalogue))
@@ -79,6 +98,7 @@ def resumable_checkpoint(cfg: Mapping[str, Any], fp: Mapping[str, Any]) -> tuple
     run_dir = resumable_run_dir(cfg)
     ckpt = load_checkpoint(run_dir)
     check_compatible(ckpt.fingerprint, fp, run_dir / CHECKPOINT_NAME)
+    _refuse_moving_default_ledgers(cfg, run_dir)
     if [line.get("round") for line in ckpt.rounds] != list(range(1, ckpt.round + 1)):
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: metrics for rounds 1..{ckpt.round} are incomplete")
     if int(cfg["num-server-rounds"]) < ckpt.round:  # equal: finishes the write-up of a run that ended mid-way

@@ -316,6 +316,31 @@ def test_simulation_refuses_a_changed_config_before_starting_ray(tmp_path, monke
     assert len(started) == 1
 
 
+def test_a_resume_under_another_run_dir_is_refused_when_partners_keep_default_ledgers_there(tmp_path, monkeypatch):
+    # A deployed partner without ledger-path keeps its ledger at <run-dir>/<run>/ledgers on its machine: a resume
+    # under another run-dir made it start this run's budget again from zero (9.32 of 8: a red-team review)
+    import shutil
+
+    import flwr.simulation
+
+    from simulations.local_grid import run_local
+    from simulations.run import run_federation
+
+    cfg = {"synthetic-users": 60, "synthetic-items": 20, "max-seq-len": 10, "embedding-dim": 8, "num-blocks": 1,
+           "local-epochs": 1, "batch-size": 8, "num-server-rounds": 1, "run-dir": str(tmp_path / "a"),
+           "run-name": "r", "min-nodes": 1, "target-epsilon": 8.0}
+    run_local(cfg, 2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the coordinator moved its run folder
+    started = []
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: started.append(kw))
+    more = {**cfg, "num-server-rounds": 2, "resume": True}
+    with pytest.raises(ConfigError, match=r"started with run-dir = '.*/a'.*resume with run-dir = '.*/a'"):
+        run_federation({**more, "run-dir": str(tmp_path / "b")}, 2)
+    assert not started
+    run_federation(more, 2)  # the run-dir it started with passes the check and reaches Ray
+    assert len(started) == 1
+
+
 class TwoNodes:
     def get_node_ids(self):
         return [11, 12]
