@@ -25,6 +25,7 @@ from common.files import ensure_private, write_private_bytes
 SCHEMA_VERSION = 3  # 2: batches.kind, calibrations.evaluation_noise/planned_evaluations; 3: meta rows-sha256
 MARKER_SUFFIX = ".created"  # <ledger>.created: this ledger existed (id, fingerprint, unix time)
 ROWS_DIGEST = "rows-sha256"  # meta key: the digest of the batches rows (rows_digest), updated with every write
+STATE_DIR_ENV = "FEDREC_STATE_DIR"  # where copies of ledger markers live (mirror_path)
 UNREADABLE = "unreadable-marker"  # read_marker's id for a marker that exists but cannot be read
 LOG = logging.getLogger("fedrec.client")
 
@@ -112,7 +113,7 @@ def create_ledger(path: Path, fingerprint: str) -> None:
     # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
     # first run and reset the budget). The lock keeps a second creator out meanwhile.
     try:
-        write_private_bytes(marker_path(path), json.dumps(marker).encode())
+        write_marker(path, marker)
         # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
         os.link(tmp, path)
     finally:
@@ -154,7 +155,8 @@ def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, s
     says was recorded in it (:func:`advance_marker`): a ledger restored from an older copy, or a fresh one put
     in its place, forgot spend already released, and the partner trained past its budget on it (a crash
     review: restored after round 1 of 3, four updates left at epsilon 8.85 while the replies said 7.997).
-    A marker restored with its ledger cannot be told from the real one: keep backups of the two apart."""
+    A marker restored with its ledger is told by its copy outside the folder (:func:`read_marker` takes the
+    one that says more was recorded)."""
     real = path.resolve()
     marker = read_marker(real)
     if marker is None or marker.get("id") == UNREADABLE:
@@ -206,11 +208,12 @@ def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) ->
         found = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         marker = {"id": meta_id, "fingerprint": found[0] if found else "", "created": time.time()}
     rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-    if marker.get("rows") == rows and marker.get(ROWS_DIGEST):
-        return
+    if (marker.get("rows") == rows and marker.get(ROWS_DIGEST)
+            and _read_one(marker_path(real)) == marker == _read_one(mirror_path(real))):
+        return  # both copies up to date (a ledger made before the mirror gets its copy here)
     marker.update({"rows": rows, ROWS_DIGEST: rows_digest(conn)})
     try:
-        write_private_bytes(marker_path(real), json.dumps(marker).encode())
+        write_marker(real, marker)
     except OSError as exc:  # the spend is on the ledger; only the check against a restored older copy waits
         LOG.warning("privacy ledger %s: its marker %s could not be updated (%s); a restored older copy of the "
                     "ledger would not be noticed until it is", path, marker_path(real).name, exc)
@@ -229,13 +232,51 @@ def marker_path(ledger: Path) -> Path:
     return ledger.with_name(ledger.name + MARKER_SUFFIX)
 
 
-def read_marker(ledger: Path) -> dict | None:
-    """The marker of a ledger that was created at ``ledger`` (``None``: never created there)."""
+def mirror_path(ledger: Path) -> Path:
+    """A copy of the marker outside the ledger's folder, keyed by the ledger's real path: a backup of the whole
+    folder restored (ledger and marker together), or the folder deleted, forgot spend already released, and only
+    the node state of one Flower run noticed (a red-team review). ``$FEDREC_STATE_DIR``, else
+    ``$XDG_STATE_HOME/fedrec``, else ``~/.local/state/fedrec``."""
+    base = os.environ.get(STATE_DIR_ENV) or str(
+        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedrec")
+    key = hashlib.sha256(str(ledger.resolve()).encode()).hexdigest()[:24]
+    return Path(base).expanduser() / "ledger-markers" / f"{key}{MARKER_SUFFIX}"
+
+
+def _read_one(path: Path) -> dict | None:
     try:
-        marker = json.loads(marker_path(ledger).read_text())
+        marker = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         marker = None
     # the ledger existed; its id is lost (valid JSON that is not an object raised on .get at every opening)
     return marker if isinstance(marker, dict) else {"id": UNREADABLE, "created": 0}
+
+
+def read_marker(ledger: Path) -> dict | None:
+    """The marker of a ledger that was created at ``ledger`` (``None``: never created there): the one beside it
+    or its mirror (:func:`mirror_path`), whichever says more was recorded (for the same ledger id)."""
+    beside, mirror = _read_one(marker_path(ledger)), _read_one(mirror_path(ledger))
+    if mirror is None or mirror.get("id") == UNREADABLE:
+        return beside
+    if beside is None or beside.get("id") == UNREADABLE:
+        return mirror
+    if beside.get("id") != mirror.get("id"):
+        return beside  # another ledger made here since (ledger-reset): its own marker says what it holds
+    rows = [m.get("rows") if isinstance(m.get("rows"), int) else -1 for m in (beside, mirror)]
+    return mirror if rows[1] > rows[0] else beside
+
+
+def write_marker(ledger: Path, marker: dict) -> None:
+    """Write ``marker`` beside the ledger (an OSError is the caller's) and to its mirror (a warning if not)."""
+    data = json.dumps(marker).encode()
+    write_private_bytes(marker_path(ledger), data)
+    mirror = mirror_path(ledger)
+    try:
+        mirror.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_bytes(mirror, data)
+    except OSError as exc:
+        LOG.warning("privacy ledger %s: the copy of its marker at %s could not be written (%s); a backup of the "
+                    "ledger's whole folder restored would not be noticed (set %s to a writable folder)", ledger,
+                    mirror, exc, STATE_DIR_ENV)

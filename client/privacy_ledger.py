@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, advance_marker, check_against_marker,  # noqa: F401
-                                create_ledger, finish_interrupted_creation, give_marker_id, marker_path, read_marker,
-                                rows_digest, unwritable, upgrade)
+                                create_ledger, finish_interrupted_creation, give_marker_id, marker_path, mirror_path,
+                                read_marker, rows_digest, unwritable, upgrade)
 from client.ledger_lock import LedgerLock
 from common.errors import PrivacyError
 from common.files import ensure_private

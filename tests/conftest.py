@@ -13,6 +13,13 @@ from simulations.flower_env import set_flower_env
 
 set_flower_env()
 
+# Copies of ledger markers (client/ledger_file.py mirror_path) go to a folder of this run, not the user's
+# ~/.local/state: every test's ledger is its own, and none is left behind in the home folder
+if "FEDREC_STATE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FEDREC_STATE_DIR"] = tempfile.mkdtemp(prefix="fedrec-test-state-")
+
 # A suite started in the background of a non-interactive shell (`make test &`, some CI runners)
 # inherits SIGINT ignored, and an ignored signal stays ignored in every child: the tests that press
 # Ctrl-C, on themselves or on a run they start, would see nothing happen. Python's own handler, as

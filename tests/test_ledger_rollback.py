@@ -130,8 +130,9 @@ def test_a_partner_refuses_to_train_on_a_restored_ledger(tmp_path, with_marker):
             epsilons.append(reply.content["metrics"]["epsilon"])
             continue
         assert reply.has_error()  # nothing trained, nothing sent
-        assert ("holds less spend than this client recorded" if with_marker else "is behind what was recorded") \
-            in reply.error.reason
+        # with its marker restored too, the marker's copy outside the folder still knows what was recorded
+        # (client/ledger_file.py mirror_path; before it, only this run's node state did)
+        assert "is behind what was recorded" in reply.error.reason
     shutil.copy(tmp_path / "backup", tmp_path / "check.sqlite")
     with PrivacyLedger(tmp_path / "check.sqlite", data.fingerprint()) as restored:  # a copy: no marker beside it
         assert len(restored.history()) == 2  # the count and round 1: round 2 was released and is missing there
@@ -147,10 +148,12 @@ def test_a_broken_marker_is_written_again_and_guards_from_then_on(tmp_path, brok
     marker = json.loads(ledger_file.marker_path(path).read_text())
     shutil.copy(path, tmp_path / "backup")
     ledger_file.marker_path(path).write_text(broken)
+    ledger_file.mirror_path(path).write_text(broken)  # its copy too (either alone is read from the other)
     with PrivacyLedger(path, "fp") as ledger:
         ledger.record(server_round=2, **ROW)
     assert "could not be read; written again from the ledger's id" in caplog.text
     assert json.loads(ledger_file.marker_path(path).read_text())["id"] == marker["id"]
+    assert json.loads(ledger_file.mirror_path(path).read_text())["id"] == marker["id"]
     _refused_after_restoring(tmp_path / "backup", path)
 
 
@@ -171,3 +174,23 @@ def test_a_ledger_made_before_marker_ids_gets_one_and_is_guarded(tmp_path):
     shutil.copy(tmp_path / "backup", path)  # the older copy has no id: it is the marker's rows that tell
     with pytest.raises(PrivacyError, match="is behind what was recorded"):
         PrivacyLedger(path, "fp")
+
+
+def test_a_restored_or_deleted_ledger_folder_is_refused_by_the_markers_copy_outside_it(tmp_path):
+    # A backup of the whole folder (ledger and marker together) restored, or the folder deleted, forgot spend
+    # already released: a new Flower run (fresh node state) trained on from the older spend (9.64 against a
+    # target of 8, by Opacus over the released rows) or from zero (a red-team review)
+    folder = tmp_path / "ledgers"
+    path = folder / "l.sqlite"
+    _ledger_with_rounds(path, 1)
+    shutil.copytree(folder, tmp_path / "backup")  # the nightly backup of the folder
+    with PrivacyLedger(path, "fp") as ledger:
+        ledger.record(server_round=2, **ROW)
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "backup", folder)  # restored, marker and all
+    with pytest.raises(PrivacyError, match="is behind what was recorded"):
+        PrivacyLedger(path, "fp")
+    shutil.rmtree(folder)  # or gone altogether
+    with pytest.raises(PrivacyError, match="was deleted"):
+        PrivacyLedger(path, "fp")
+    assert not path.exists()
