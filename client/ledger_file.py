@@ -89,7 +89,7 @@ def finish_interrupted_creation(path: Path, fingerprint: str, marker_id: str) ->
     return False
 
 
-def create_ledger(path: Path, fingerprint: str) -> None:
+def create_ledger(path: Path, fingerprint: str, *, mirror: bool = True) -> None:
     """Make an empty ledger for data ``fingerprint`` at ``path`` beside its marker (the caller holds the lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     marker = {"id": uuid.uuid4().hex[:12], "fingerprint": fingerprint, "created": time.time()}
@@ -113,7 +113,7 @@ def create_ledger(path: Path, fingerprint: str) -> None:
     # deleted: the safe side), never a ledger without a marker (whose later deletion would read as a
     # first run and reset the budget). The lock keeps a second creator out meanwhile.
     try:
-        write_marker(path, marker)
+        write_marker(path, marker, mirror=mirror)
         # NOTE: link-then-unlink, not replace: never overwrite a ledger some process already uses.
         os.link(tmp, path)
     finally:
@@ -150,7 +150,7 @@ def rows_digest(conn: sqlite3.Connection, limit: int = -1) -> str:
     return digest.hexdigest()
 
 
-def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, str]) -> None:
+def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, str], *, mirror: bool = True) -> None:
     """Refuse a ledger that is not the one its marker was written for, or that is behind what the marker
     says was recorded in it (:func:`advance_marker`): a ledger restored from an older copy, or a fresh one put
     in its place, forgot spend already released, and the partner trained past its budget on it (a crash
@@ -158,7 +158,7 @@ def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, s
     A marker restored with its ledger is told by its copy outside the folder (:func:`read_marker` takes the
     one that says more was recorded)."""
     real = path.resolve()
-    marker = read_marker(real)
+    marker = read_marker(real, mirror=mirror)
     if marker is None or marker.get("id") == UNREADABLE:
         return
     file_id, marker_id, name = meta.get("marker-id"), str(marker.get("id")), marker_path(real).name
@@ -176,11 +176,11 @@ def check_against_marker(conn: sqlite3.Connection, path: Path, meta: dict[str, s
                                f"restored forgets spend already released); restore its newest copy, or {reset}")
 
 
-def give_marker_id(conn: sqlite3.Connection, path: Path) -> str | None:
+def give_marker_id(conn: sqlite3.Connection, path: Path, *, mirror: bool = True) -> str | None:
     """The id of a ledger made before ledgers carried their marker's id: its marker's, or a new one (no marker
     or an unreadable one), stored in its ``meta`` so that its marker can count its rows from now on (a review:
     such a ledger never got a marker, and an older copy restored over it opened). None if it cannot be stored."""
-    marker = read_marker(path.resolve())
+    marker = read_marker(path.resolve(), mirror=mirror)
     known = marker is not None and marker.get("id") != UNREADABLE
     new_id = str(marker["id"]) if known else uuid.uuid4().hex[:12]
     try:
@@ -192,13 +192,13 @@ def give_marker_id(conn: sqlite3.Connection, path: Path) -> str | None:
     return new_id
 
 
-def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) -> None:
+def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None, *, mirror: bool = True) -> None:
     """Write the ledger's row count and digest into its marker, after each committed write (and at opening:
     a crash between the two leaves the marker behind, the safe side). A ledger whose marker is gone gets
     it back from its own id, and so does one whose marker cannot be read. A ledger without an id of its own
     (made before markers had one) is given one first (:func:`give_marker_id`)."""
     real = path.resolve()
-    marker = read_marker(real)
+    marker = read_marker(real, mirror=mirror)
     if marker is None or marker.get("id") == UNREADABLE:
         if not meta_id:
             return
@@ -209,11 +209,11 @@ def advance_marker(conn: sqlite3.Connection, path: Path, meta_id: str | None) ->
         marker = {"id": meta_id, "fingerprint": found[0] if found else "", "created": time.time()}
     rows = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
     if (marker.get("rows") == rows and marker.get(ROWS_DIGEST)
-            and _read_one(marker_path(real)) == marker == _read_one(mirror_path(real))):
+            and _read_one(marker_path(real)) == marker and (not mirror or marker == _read_one(mirror_path(real)))):
         return  # both copies up to date (a ledger made before the mirror gets its copy here)
     marker.update({"rows": rows, ROWS_DIGEST: rows_digest(conn)})
     try:
-        write_marker(real, marker)
+        write_marker(real, marker, mirror=mirror)
     except OSError as exc:  # the spend is on the ledger; only the check against a restored older copy waits
         LOG.warning("privacy ledger %s: its marker %s could not be updated (%s); a restored older copy of the "
                     "ledger would not be noticed until it is", path, marker_path(real).name, exc)
@@ -254,29 +254,31 @@ def _read_one(path: Path) -> dict | None:
     return marker if isinstance(marker, dict) else {"id": UNREADABLE, "created": 0}
 
 
-def read_marker(ledger: Path) -> dict | None:
+def read_marker(ledger: Path, *, mirror: bool = True) -> dict | None:
     """The marker of a ledger that was created at ``ledger`` (``None``: never created there): the one beside it
     or its mirror (:func:`mirror_path`), whichever says more was recorded (for the same ledger id)."""
-    beside, mirror = _read_one(marker_path(ledger)), _read_one(mirror_path(ledger))
-    if mirror is None or mirror.get("id") == UNREADABLE:
+    beside, copy = _read_one(marker_path(ledger)), _read_one(mirror_path(ledger)) if mirror else None
+    if copy is None or copy.get("id") == UNREADABLE:
         return beside
     if beside is None or beside.get("id") == UNREADABLE:
-        return mirror
-    if beside.get("id") != mirror.get("id"):
+        return copy
+    if beside.get("id") != copy.get("id"):
         return beside  # another ledger made here since (ledger-reset): its own marker says what it holds
-    rows = [m.get("rows") if isinstance(m.get("rows"), int) else -1 for m in (beside, mirror)]
-    return mirror if rows[1] > rows[0] else beside
+    rows = [m.get("rows") if isinstance(m.get("rows"), int) else -1 for m in (beside, copy)]
+    return copy if rows[1] > rows[0] else beside
 
 
-def write_marker(ledger: Path, marker: dict) -> None:
+def write_marker(ledger: Path, marker: dict, *, mirror: bool = True) -> None:
     """Write ``marker`` beside the ledger (an OSError is the caller's) and to its mirror (a warning if not)."""
     data = json.dumps(marker).encode()
     write_private_bytes(marker_path(ledger), data)
-    mirror = mirror_path(ledger)
+    if not mirror:
+        return
+    copy = mirror_path(ledger)
     try:
-        mirror.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_private_bytes(mirror, data)
+        copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_bytes(copy, data)
     except OSError as exc:
         LOG.warning("privacy ledger %s: the copy of its marker at %s could not be written (%s); a backup of the "
                     "ledger's whole folder restored would not be noticed (set %s to a writable folder)", ledger,
-                    mirror, exc, STATE_DIR_ENV)
+                    copy, exc, STATE_DIR_ENV)

@@ -217,7 +217,8 @@ class PartnerBudget:
         reset = str(context.node_config.get("ledger-reset", ""))
         ledger = PrivacyLedger(path, data.fingerprint(), create=not used_before, reset=reset,
                                named=data.identity.startswith(NAMED),
-                               adopt=data.content_fingerprint() if data.identity else "")  # named or a store
+                               adopt=data.content_fingerprint() if data.identity else "",  # named or a store
+                               mirror=simulated_label(context.node_config) is None)  # see PrivacyLedger.mirror
         try:  # keyed with the ledger's own secret: the same label after a resume of this run
             if used_before and (held := ledger.spend_marks()) < int(state["steps"]):
                 # restored from an older copy together with its marker (client/ledger_file.py cannot tell then)

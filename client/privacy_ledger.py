@@ -90,7 +90,7 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, *, create: bool = True, reset: str = "",
-                 lock_wait: float | None = None, named: bool = False, adopt: str = "") -> None:
+                 lock_wait: float | None = None, named: bool = False, adopt: str = "", mirror: bool = True) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.named = named  # the data set is named by the partner (data-identity): a mismatch is another name
@@ -100,6 +100,9 @@ class PrivacyLedger:
         # store, started again from zero spend under a new ledger; a review)
         self.adopt = adopt if adopt != fingerprint else ""
         self.adopted_from = ""
+        # a copy of its marker outside the folder (client/ledger_file.py mirror_path); a simulated partner's ledger
+        # lives and goes with its run directory, so none
+        self.mirror = mirror
         self.created = False
         self._lock = LedgerLock(self.path)
         self._marker_id: str | None = None  # the file's own copy of its marker's id (advance_marker)
@@ -125,7 +128,7 @@ class PrivacyLedger:
             if not create:
                 raise PrivacyError(f"privacy ledger {self.path} is missing; restore it from a backup "
                                    "(a partner's spend is never reset)")
-            earlier = read_marker(self.path)
+            earlier = read_marker(self.path, mirror=self.mirror)
             # (a marker that counted rows belonged to a ledger that held spend: never replaced by an empty one)
             if (earlier is not None and not earlier.get("rows")
                     and finish_interrupted_creation(self.path, self.fingerprint, str(earlier.get("id")))):
@@ -139,7 +142,7 @@ class PrivacyLedger:
                     f"created at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(float(earlier.get('created', 0))))} "
                     f"UTC); restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" to "
                     "start a new one, which forgets the spend already released")
-            create_ledger(self.path, self.fingerprint)
+            create_ledger(self.path, self.fingerprint, mirror=self.mirror)
             self.created = True
             self._lock.lock_file()
         else:
@@ -303,7 +306,7 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
-        advance_marker(self._conn, self.path, self._marker_id)  # a restored older copy is refused (ledger_file.py)
+        advance_marker(self._conn, self.path, self._marker_id, mirror=self.mirror)  # a restored older copy is refused (ledger_file.py)
 
     def close(self) -> None:
         self._conn.close()
@@ -367,12 +370,12 @@ class PrivacyLedger:
                                "outside the ledger, or damaged on disk); restore it from a backup (a partner's spend is "
                                "never reset)")
         try:
-            check_against_marker(conn, self.path, meta)
+            check_against_marker(conn, self.path, meta, mirror=self.mirror)
         except PrivacyError:
             conn.close()
             raise
-        self._marker_id = meta.get("marker-id") or give_marker_id(conn, self.path)
-        advance_marker(conn, self.path, self._marker_id)
+        self._marker_id = meta.get("marker-id") or give_marker_id(conn, self.path, mirror=self.mirror)
+        advance_marker(conn, self.path, self._marker_id, mirror=self.mirror)
         if self.adopted_from:
             self._conn = conn
             self._write(INSERT_ROW, [], meta={"fingerprint": self.fingerprint,

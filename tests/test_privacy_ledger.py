@@ -847,3 +847,19 @@ def test_the_supernodes_max_epsilon_is_kept_with_its_ledger(tmp_path, small_data
     PartnerBudget.open(cfg, uncapped, small_data, "run-1").close()  # the partner lifted its cap
     with PrivacyLedger(tmp_path / "l.sqlite", small_data.fingerprint()) as ledger:
         assert ledger.max_epsilon() is None
+
+
+def test_a_deployed_partners_ledger_has_a_marker_copy_outside_its_folder_and_a_simulated_ones_not(tmp_path,
+                                                                                                small_data):
+    # A simulated partner's ledger lives and goes with its run directory (a sweep sets a failed run aside and
+    # runs it again under its name): a copy of its marker elsewhere would refuse that rerun as a deleted ledger
+    from client.ledger_file import mirror_path
+
+    cfg = _cfg(tmp_path)
+    simulated = _context(**{"ledger-path": str(tmp_path / "sim.sqlite")})
+    PartnerBudget.open(cfg, simulated, small_data, "run-1").close()
+    assert (tmp_path / "sim.sqlite.created").exists() and not mirror_path(tmp_path / "sim.sqlite").exists()
+    deployed = Context(run_id=1, node_id=1, node_config={"ledger-path": str(tmp_path / "dep.sqlite")},
+                       state=RecordDict(), run_config={})
+    PartnerBudget.open({**cfg, "count-noise-multiplier": 10.0}, deployed, small_data, "run-1").close()
+    assert mirror_path(tmp_path / "dep.sqlite").exists()
