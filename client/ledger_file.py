@@ -232,18 +232,23 @@ def marker_path(ledger: Path) -> Path:
     return ledger.with_name(ledger.name + MARKER_SUFFIX)
 
 
-def mirror_path(ledger: Path) -> Path:
+def mirror_path(ledger: Path) -> Path | None:
     """A copy of the marker outside the ledger's folder, keyed by the ledger's real path: a backup of the whole
     folder restored (ledger and marker together), or the folder deleted, forgot spend already released, and only
     the node state of one Flower run noticed (a red-team review). ``$FEDREC_STATE_DIR``, else
-    ``$XDG_STATE_HOME/fedrec``, else ``~/.local/state/fedrec``."""
-    base = os.environ.get(STATE_DIR_ENV) or str(
-        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedrec")
+    ``$XDG_STATE_HOME/fedrec``, else ``~/.local/state/fedrec``; None where there is no home folder to tell."""
+    try:
+        base = os.environ.get(STATE_DIR_ENV) or str(
+            Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedrec")
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (an arbitrary container user)
+        return None
     key = hashlib.sha256(str(ledger.resolve()).encode()).hexdigest()[:24]
     return Path(base).expanduser() / "ledger-markers" / f"{key}{MARKER_SUFFIX}"
 
 
-def _read_one(path: Path) -> dict | None:
+def _read_one(path: Path | None) -> dict | None:
+    if path is None:
+        return None
     try:
         marker = json.loads(path.read_text())
     except FileNotFoundError:
@@ -276,6 +281,8 @@ def write_marker(ledger: Path, marker: dict, *, mirror: bool = True) -> None:
         return
     copy = mirror_path(ledger)
     try:
+        if copy is None:
+            raise OSError("no home folder; set " + STATE_DIR_ENV)
         copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private_bytes(copy, data)
     except OSError as exc:
