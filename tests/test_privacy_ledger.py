@@ -70,6 +70,16 @@ def _cfg(tmp_path: Path, **overrides) -> dict:
                                  "num-server-rounds": 4, "local-epochs": 1, **overrides})
 
 
+def _partner_log(tmp_path: Path) -> tuple[Path, Path]:
+    """(log, catalogue) of a deployed partner: 60 users of 6 interactions over 30 items."""
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)) + "\n")
+    catalogue = tmp_path / "catalogue.txt"
+    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    return log, catalogue
+
+
 @pytest.mark.parametrize("history", HISTORIES)
 def test_ledger_epsilon_matches_dp_accounting_rdp(tmp_path, history):
     _ledger_with(tmp_path / "l.sqlite", history)
@@ -718,11 +728,7 @@ def test_a_deployed_partner_never_sends_the_hash_of_its_data(tmp_path):
     # content; the ledger file on the partner's disk keeps its content-derived name, so its spend carries over.
     from common.task import partner_data
 
-    log = tmp_path / "log.csv"
-    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
-        f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)) + "\n")
-    catalogue = tmp_path / "catalogue.txt"
-    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    log, catalogue = _partner_log(tmp_path)
     cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2,
                             "ledger-dir": str(tmp_path / "ledgers")})
     node = {"data-path": str(log)}
@@ -810,11 +816,7 @@ def test_a_default_ledger_left_behind_by_naming_the_log_is_named_not_replaced(tm
     # changed that name, so a fresh ledger started the same users' spend from zero beside the old one
     from common.task import partner_data
 
-    log = tmp_path / "log.csv"
-    log.write_text("user_id,item_id,timestamp\n" + "\n".join(
-        f"u{u},i{(u * 7 + k) % 30},{1000 + k}" for u in range(60) for k in range(6)) + "\n")
-    catalogue = tmp_path / "catalogue.txt"
-    catalogue.write_text("\n".join(f"i{i}" for i in range(30)) + "\n")
+    log, catalogue = _partner_log(tmp_path)
     cfg = _cfg(tmp_path, **{"catalogue": str(catalogue), "batch-size": 8, "num-server-rounds": 2})
     node = {"data-path": str(log)}  # a deployed partner (no partition-id) on the default ledger file
 
