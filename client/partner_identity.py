@@ -70,3 +70,16 @@ def ledger_path(cfg: Mapping[str, Any], node_config: Mapping[str, Any], run: str
                                "folder the ledgers are kept in")
         return folder / f"{label}.sqlite"
     return Path(str(cfg["run-dir"])) / run / "ledgers" / f"{label}.sqlite"
+
+
+def refuse_a_default_ledger_left_behind(path: Path, node_config: Mapping[str, Any], data: SequenceData) -> None:
+    """A deployed partner on the default ledger file whose log is now named (``data-identity``) or an event
+    store gets a new default file name (it follows the identity), so a fresh ledger would start the same
+    users' spend from zero while the one written under the log's content sits beside it: refuse, naming it."""
+    if node_config.get("ledger-path") or not data.identity or simulated_label(node_config) or path.exists():
+        return
+    left = path.with_name(f"partner-{data.content_fingerprint()}{path.suffix}")
+    if left.exists():
+        raise PrivacyError(f"privacy ledger {left} was written for this data before it was named (data-identity) or "
+                           f"moved into an event store, and the default ledger file now is {path.name}; set node "
+                           f"config ledger-path=\"{left}\" to keep its spend (a new ledger would start from zero)")

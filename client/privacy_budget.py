@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from logging import INFO
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 
-from client.partner_identity import ledger_path, local_label, public_fingerprint, simulated_label
+from client.partner_identity import (ledger_path, local_label, public_fingerprint,
+                                     refuse_a_default_ledger_left_behind, simulated_label)
 from client.partner_policy import max_epsilon, partner_delta, shares_item_histogram
 from client.privacy_ledger import Calibration, PrivacyLedger
 from common.data.sequences import SequenceData
@@ -149,19 +149,6 @@ def _planned_prior(cfg: Mapping[str, Any], ledger: PrivacyLedger, run: str,
     return planned_prior(cfg)
 
 
-def _refuse_a_default_ledger_left_behind(path: Path, node_config: Mapping[str, Any], data: SequenceData) -> None:
-    """A deployed partner on the default ledger file whose log is now named (``data-identity``) or an event
-    store gets a new default file name (it follows the identity), so a fresh ledger would start the same
-    users' spend from zero while the one written under the log's content sits beside it: refuse, naming it."""
-    if node_config.get("ledger-path") or not data.identity or simulated_label(node_config) or path.exists():
-        return
-    left = path.with_name(f"partner-{data.content_fingerprint()}{path.suffix}")
-    if left.exists():
-        raise PrivacyError(f"privacy ledger {left} was written for this data before it was named (data-identity) or "
-                           f"moved into an event store, and the default ledger file now is {path.name}; set node "
-                           f"config ledger-path=\"{left}\" to keep its spend (a new ledger would start from zero)")
-
-
 def _guarantee_changes(cal: Calibration, target: float, delta: float, accountant: str) -> tuple[str, str] | None:
     """(ledger's, requested) guarantee as text when target-epsilon, delta or accountant differ, else None."""
     if math.isclose(cal.target_epsilon, target) and math.isclose(cal.target_delta, delta) and cal.accountant == accountant:
@@ -203,7 +190,7 @@ class PartnerBudget:
         eval_noise = float(cfg.get("evaluation-noise-multiplier", 0.0))
         evals = planned_evaluations(cfg)
         path = ledger_path(cfg, context.node_config, run, local_label(context.node_config, data))
-        _refuse_a_default_ledger_left_behind(path, context.node_config, data)
+        refuse_a_default_ledger_left_behind(path, context.node_config, data)
         # Noised evaluation sums cover every user of the log, also those too short to train on
         population = max(exact_users, data.num_users) if evals else exact_users
         if not count_noise(cfg, context.node_config):  # an exact count: checked before any ledger is made
