@@ -16,9 +16,12 @@ set_flower_env()
 # Copies of ledger markers (client/ledger_file.py mirror_path) go to a folder of this run, not the user's
 # ~/.local/state: every test's ledger is its own, and none is left behind in the home folder
 if "FEDREC_STATE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["FEDREC_STATE_DIR"] = tempfile.mkdtemp(prefix="fedrec-test-state-")
+    atexit.register(shutil.rmtree, os.environ["FEDREC_STATE_DIR"], ignore_errors=True)
 
 # A suite started in the background of a non-interactive shell (`make test &`, some CI runners)
 # inherits SIGINT ignored, and an ignored signal stays ignored in every child: the tests that press
