@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"dataset = {cfg['dataset']!r}: this demonstration gives its partners synthetic logs; "
                           "for real data start the SuperLink and SuperNodes yourself (docs/deployment.md)")
     root = Path(tempfile.mkdtemp(prefix="fedrec-deploy-"))
+    # the demonstration's ledgers live in this folder: so do their markers' copies (client/ledger_file.py), which
+    # the SuperNodes started below inherit, rather than the user's ~/.local/state
+    os.environ.setdefault("FEDREC_STATE_DIR", str(root / "state"))
     fed = LocalFederation(root)
     try:
         items = catalogue({**cfg, "catalogue": ""})
