@@ -28,7 +28,12 @@ def simulated_label(node_config: Mapping[str, Any]) -> str | None:
 def local_label(node_config: Mapping[str, Any], data: SequenceData) -> str:
     """``partner-<partition-id>`` in simulation, else ``partner-<data fingerprint>``: names the default
     ledger file on this partner's disk, stable across runs; never sent (see :func:`partner_label`)."""
-    return simulated_label(node_config) or f"partner-{data.fingerprint()}"
+    return simulated_label(node_config) or _data_label(data.fingerprint())
+
+
+def _data_label(fingerprint: str) -> str:
+    """A deployed partner's local label: the data fingerprint its default ledger file is named by."""
+    return f"partner-{fingerprint}"
 
 
 def public_fingerprint(context: Context, data: SequenceData, *, key: str | None = None, run: str = "") -> str:
@@ -78,7 +83,7 @@ def refuse_a_default_ledger_left_behind(path: Path, node_config: Mapping[str, An
     users' spend from zero while the one written under the log's content sits beside it: refuse, naming it."""
     if node_config.get("ledger-path") or not data.identity or simulated_label(node_config) or path.exists():
         return
-    left = path.with_name(f"partner-{data.content_fingerprint()}{path.suffix}")
+    left = path.with_name(f"{_data_label(data.content_fingerprint())}{path.suffix}")
     if left.exists():
         raise PrivacyError(f"privacy ledger {left} was written for this data before it was named (data-identity) or "
                            f"moved into an event store, and the default ledger file now is {path.name}; set node "

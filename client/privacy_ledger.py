@@ -306,7 +306,8 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise PrivacyError(f"privacy ledger {self.path} could not be written ({exc}); nothing was released, "
                                "free space or make the ledger writable and try again") from None
-        advance_marker(self._conn, self.path, self._marker_id, mirror=self.mirror)  # a restored older copy is refused (ledger_file.py)
+        # a restored older copy is refused (client/ledger_file.py)
+        advance_marker(self._conn, self.path, self._marker_id, mirror=self.mirror)
 
     def close(self) -> None:
         self._conn.close()
