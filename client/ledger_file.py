@@ -227,6 +227,33 @@ def unwritable(path: Path, exc: OSError) -> Exception:
     return exc
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def refuse_what_is_not_a_ledger(path: Path) -> None:
+    """Refuse an existing ``path`` this process cannot use as a ledger, before anything touches it: a file
+    that is no SQLite database (the log or the model given as ledger-path: calling it a corrupt ledger "to
+    restore from a backup", after making it 0600 and locking it, misled; a review), one it may not read, or
+    one it may not write (the refusal came only after a whole fine-tune had trained)."""
+    if not path.is_file():
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except PermissionError:
+        raise PrivacyError(f"privacy ledger {path} cannot be read by this user (permission denied); run as the "
+                           "user who owns it, or give its ledger-path") from None
+    if not head:
+        raise PrivacyError(f"privacy ledger {path} is an empty file (0 bytes), not a ledger: if it was this partner's "
+                           "ledger, restore it from a backup; else check ledger-path / --ledger-path") from None
+    if head != SQLITE_HEADER:
+        raise PrivacyError(f"{path} is not a privacy ledger (not an SQLite database): check ledger-path / "
+                           "--ledger-path, which names the ledger's own file (never the log or a model)")
+    if not os.access(path, os.W_OK):
+        raise PrivacyError(f"privacy ledger {path} is read-only for this user; every spend is recorded there, so "
+                           "make it writable or run as the user who owns it")
+
+
 def marker_path(ledger: Path) -> Path:
     """Where the marker of the ledger at ``ledger`` lives: beside it."""
     return ledger.with_name(ledger.name + MARKER_SUFFIX)
@@ -256,7 +283,18 @@ def _read_one(path: Path | None) -> dict | None:
     except (OSError, ValueError):
         marker = None
     # the ledger existed; its id is lost (valid JSON that is not an object raised on .get at every opening)
-    return marker if isinstance(marker, dict) else {"id": UNREADABLE, "created": 0}
+    return marker if isinstance(marker, dict) else {"id": UNREADABLE}
+
+
+def deleted_ledger_marker(ledger: Path, marker: dict) -> str:
+    """What ``marker`` (:func:`read_marker`'s, of a ledger that is gone) says, for the refusal: when it was made."""
+    if marker.get("id") == UNREADABLE:
+        return f"its marker {marker_path(ledger).name} is there but cannot be read, so its id is lost"
+    made = marker.get("created")
+    if not isinstance(made, (int, float)) or isinstance(made, bool) or not 0 <= made < 2**40:  # hand-edited
+        return f"its marker {marker_path(ledger).name} does not say when it was created"
+    return f"its marker {marker_path(ledger).name} says it was created at " \
+           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(made))} UTC"
 
 
 def read_marker(ledger: Path, *, mirror: bool = True) -> dict | None:

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_file import (ROWS_DIGEST, SCHEMA_VERSION, advance_marker, check_against_marker,  # noqa: F401
-                                create_ledger, finish_interrupted_creation, give_marker_id, marker_path, mirror_path,
-                                read_marker, rows_digest, unwritable, upgrade)
+                                create_ledger, deleted_ledger_marker, finish_interrupted_creation, give_marker_id,
+                                marker_path, mirror_path, read_marker, refuse_what_is_not_a_ledger, rows_digest,
+                                unwritable, upgrade)
 from client.ledger_lock import LedgerLock
 from common.errors import PrivacyError
 from common.files import ensure_private
@@ -116,6 +117,7 @@ class PrivacyLedger:
         if self.path.is_symlink() and not self.path.exists():  # its marker is beside the target, never read here
             raise PrivacyError(f"ledger-path {self.path} is a symbolic link to {os.readlink(self.path)}, which does not "
                                "exist; restore the ledger there, or give the ledger file itself as ledger-path")
+        refuse_what_is_not_a_ledger(self.path)
         self._lock.acquire(LOCK_WAIT_SECONDS if lock_wait is None else lock_wait, create)
         try:
             self._open(create, reset)
@@ -137,11 +139,10 @@ class PrivacyLedger:
                 self._conn = self._open_checked()
                 return
             if earlier is not None and (not reset or reset != earlier.get("id")):
-                raise PrivacyError(
-                    f"privacy ledger {self.path} was deleted (its marker {marker_path(self.path).name} says it was "
-                    f"created at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(float(earlier.get('created', 0))))} "
-                    f"UTC); restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" to "
-                    "start a new one, which forgets the spend already released")
+                raise PrivacyError(f"privacy ledger {self.path} was deleted ({deleted_ledger_marker(self.path, earlier)}); "
+                                   f"restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" "
+                                   "to start a new one, which forgets the spend already released"
+                                   + (f" (ledger-reset is {reset!r} now)" if reset else ""))
             create_ledger(self.path, self.fingerprint, mirror=self.mirror)
             self.created = True
             self._lock.lock_file()

@@ -210,6 +210,31 @@ def test_a_ledger_path_that_is_a_folder_or_under_a_file_says_so(tmp_path):
         PrivacyLedger(tmp_path / "afile" / "l.sqlite", "fp")
 
 
+def test_a_file_that_is_no_ledger_is_named_so_and_left_untouched(tmp_path, monkeypatch):
+    # The log or a model given as ledger-path read as "corrupt: restore it from a backup", after the file
+    # was made 0600 and a lock file left beside it (a review); a 0-byte file alike
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n1,2,3\n")
+    log.chmod(0o644)
+    with pytest.raises(PrivacyError, match=f"^{re.escape(str(log))} is not a privacy ledger \\(not an SQLite"):
+        PrivacyLedger(log, "fp")
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(PrivacyError, match="is an empty file \\(0 bytes\\), not a ledger"):
+        PrivacyLedger(empty, "fp")
+    assert log.stat().st_mode & 0o777 == 0o644 and log.read_text().endswith("1,2,3\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite", "log.csv"]  # no lock, no marker
+    # a real ledger this user may not write is refused before anything trains (the tests run as root,
+    # for whom every file is writable: the permission is what os.access says)
+    ledger = tmp_path / "l.sqlite"
+    PrivacyLedger(ledger, "fp").close()
+    import client.ledger_file as ledger_file
+
+    monkeypatch.setattr(ledger_file.os, "access", lambda path, mode: not (mode & os.W_OK and str(path) == str(ledger)))
+    with pytest.raises(PrivacyError, match="l.sqlite is read-only for this user"):
+        PrivacyLedger(ledger, "fp")
+
+
 def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a ledger at all" * 100)
@@ -219,7 +244,7 @@ def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path):
     _ledger_with(bad_rows, [(1.0, 0.1, 10)])
     with sqlite3.connect(bad_rows) as conn:
         conn.execute("UPDATE batches SET noise_multiplier = -1")
-    for path in (garbage, empty_db, bad_rows):
+    for path in (empty_db, bad_rows):
         before = path.read_bytes()
         with pytest.raises(PrivacyError, match=f"privacy ledger {re.escape(str(path))} is corrupt"):
             PrivacyLedger(path, "fp")
@@ -337,7 +362,7 @@ def test_ledger_deleted_between_client_restarts_is_refused_unless_acknowledged(t
     assert "\n" not in text and str(path) in text and "was deleted" in text
     assert f'ledger-reset="{marker["id"]}"' in text
     assert not path.exists()
-    with pytest.raises(PrivacyError, match="was deleted"):  # a wrong id is no acknowledgement
+    with pytest.raises(PrivacyError, match=r"was deleted.*\(ledger-reset is 'yes' now\)$"):  # no acknowledgement
         PartnerBudget.open(cfg, _context(**{"ledger-reset": "yes"}), small_data, "run-1")
 
     # The operator acknowledges this deletion: a new, empty ledger with a new marker
@@ -351,6 +376,21 @@ def test_ledger_deleted_between_client_restarts_is_refused_unless_acknowledged(t
     path.unlink()
     with pytest.raises(PrivacyError, match="was deleted"):
         PartnerBudget.open(cfg, _context(**{"ledger-reset": marker["id"]}), small_data, "run-1")
+
+
+@pytest.mark.parametrize(("marker", "said"), [
+    ('{"id": "abc123", "created": "abc"}', r'its marker l.sqlite.created does not say when it was created\); .*ledger-reset="abc123"'),
+    ('{"id": "abc1', r'its marker l.sqlite.created is there but cannot be read, so its id is lost\); .*"unreadable-marker"'),
+    ("[1, 2]", "its marker l.sqlite.created is there but cannot be read"),
+])
+def test_a_deleted_ledger_with_a_damaged_marker_is_refused_in_one_line(tmp_path, marker, said):
+    # A hand-edited time was a ValueError traceback (a 500 through the ClientApp); an unreadable marker
+    # was "created at 1970" (a review)
+    path = tmp_path / "l.sqlite"
+    path.with_name("l.sqlite.created").write_text(marker)
+    with pytest.raises(PrivacyError, match=f"^privacy ledger .*l.sqlite was deleted \\({said}"):
+        PrivacyLedger(path, "fp", mirror=False)
+    assert not path.exists()
 
 
 def test_node_config_ledger_path_wins(tmp_path, small_data):
