@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,13 @@ def _check_out_path(out: Path, *, inputs: tuple, force: bool) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'partner-finetuned.pt'}")
     parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: cannot write to {parent}")
+    # Made and tried now: a folder that could not be made, or written, failed only after the spend was recorded,
+    # losing the model the budget paid for (a review: --out /proc/x/out.pt)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc}); nothing was trained or "
+                          "spent") from None
     refuse_existing([out], force=force, hint="an earlier fine-tuned model")

@@ -1199,7 +1199,10 @@ def test_finetune_never_overwrites_its_inputs_and_checks_out_before_spending(tra
     args = dict(model=run, data_path=csv, ledger_path=ledger, since=0, epochs=1, batch_size=8)
     for out, message in ((csv, "is this command's input"), (run / "model.pt", "is this command's input"),
                          (run, "is this command's input"), (tmp_path, "is a directory"),
-                         (kept, "already exists; pass --force")):
+                         (kept, "already exists; pass --force"),
+                         # a folder that cannot be made (under a file; in /proc) failed after the spend was recorded
+                         (kept / "sub" / "out.pt", "cannot write in .*nothing was trained or spent"),
+                         (Path("/proc/fedrec-no-such-folder/out.pt"), "cannot write in /proc/fedrec-no-such-folder")):
         with pytest.raises(ConfigError, match=message):
             finetune_partner(**args, out=out, force=out != kept)  # --force never makes an input writable
     with pytest.raises(ConfigError, match="is this command's input"):
