@@ -118,12 +118,46 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
             _IGNORED_WARNED.add(key)
             LOG.warning("node config key %s is not one this app reads, so it is ignored (another app's? this app "
                         "reads %s)", _shown(key), ", ".join(NODE_CONFIG_KEYS))
+    for key, example in _TEXT_KEYS.items():
+        _text(node_config, key, example)
+    catalogue_pin(node_config)
     max_epsilon(node_config)
     _cap(node_config, "max-delta", 1.0)
     shares_evaluation(node_config)
     shares_item_histogram(node_config)
     reply_after_seconds(node_config)
     partner_state_dir(node_config)
+
+
+# Keys whose value is text (a path, a name): Flower reads an unquoted 5 or true as a number or a bool
+_TEXT_KEYS = {"data-path": '"/data/log.csv"', "data-identity": '"shop-events"', "ledger-path": '"/data/ledger.sqlite"',
+              "ledger-reset": '"<the id its refusal names>"', "catalogue-fingerprint": '"<what data check prints>"'}
+_PIN = re.compile(r"[0-9a-f]{16}")  # common/data/catalogue.py catalogue_fingerprint: 16 hex digits
+
+
+def _text(node_config: Mapping[str, Any], key: str, example: str) -> str | None:
+    """Node config ``key`` as text, None when unset; a number or bool (``ledger-path=5`` made a ledger named 5
+    in the working folder; a review) is a :class:`ConfigError`."""
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"node config {key} = {value!r} is not text; give it in quotes, e.g. {key}={example}")
+    return value
+
+
+def catalogue_pin(node_config: Mapping[str, Any]) -> str | None:
+    """Node config ``catalogue-fingerprint`` (lower case), None when unset. Set but empty (an unset shell
+    variable) or not 16 hex digits (a typo) is refused: either pinned nothing, in silence, or failed at the
+    first round as "another item list"."""
+    value = _text(node_config, "catalogue-fingerprint", _TEXT_KEYS["catalogue-fingerprint"])
+    if value is None:
+        return None
+    pin = value.strip().lower()
+    if not _PIN.fullmatch(pin):
+        raise ConfigError(f"node config catalogue-fingerprint = {value!r} is not a catalogue fingerprint (16 hex "
+                          "digits, as `fedrec-client data check` prints); copy it again, or leave the key out")
+    return pin
 
 
 def partner_state_dir(node_config: Mapping[str, Any]) -> Path | None:

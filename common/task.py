@@ -122,7 +122,7 @@ def _refuse_another_catalogue(items: np.ndarray, node_config: Mapping[str, Any])
     """Node config ``catalogue-fingerprint`` pins the item list a partner agreed to (``fedrec-client data check``
     prints it). The coordinator chooses the run's catalogue, and how a log fits a chosen one (which items are
     in it, whether any user has enough of them) tells about the log outside any DP mechanism."""
-    pinned = str(node_config.get("catalogue-fingerprint", "") or "").strip()
+    pinned = str(node_config.get("catalogue-fingerprint", "") or "").strip().lower()  # its form: client.partner_policy
     if pinned and catalogue_fingerprint(items) != pinned:
         raise ConfigError(f"node config catalogue-fingerprint = {pinned}: the run's catalogue has fingerprint "
                           f"{catalogue_fingerprint(items)}, another item list than this partner agreed to; nothing "

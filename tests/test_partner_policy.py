@@ -241,3 +241,31 @@ def test_a_pinned_catalogue_fingerprint_refuses_another_catalogue_before_the_log
     with pytest.raises(DataError, match=r"none of its item ids \(30 distinct\)") as caught:
         partner_data(cfg, {"data-path": str(log)})
     assert "30" not in safe_reason(caught.value) and "published catalogue" in safe_reason(caught.value)
+
+
+@pytest.mark.parametrize(("node", "said"), [
+    ({"ledger-path": 5}, r"ledger-path = 5 is not text; give it in quotes, e\.g\. ledger-path=\"/data/ledger"),
+    ({"data-identity": True}, "data-identity = True is not text"),
+    ({"catalogue-fingerprint": ""}, "catalogue-fingerprint = '' is not a catalogue fingerprint"),
+    ({"catalogue-fingerprint": "3f2a9c"}, "16 hex digits, as `fedrec-client data check` prints"),
+    ({"catalogue-fingerprint": 4}, "catalogue-fingerprint = 4 is not text"),
+])
+def test_node_config_values_that_are_no_path_or_no_fingerprint_are_refused(node, said):
+    # ledger-path=5 (unquoted) made a ledger named "5" in the working folder; an empty fingerprint (an unset
+    # shell variable) pinned nothing in silence; a short one failed only at the first round (a review)
+    with pytest.raises(ConfigError, match=said):
+        check_node_config(node)
+
+
+def test_a_catalogue_fingerprint_in_capitals_is_the_same_pin(tmp_path):
+    from common.data.catalogue import catalogue_fingerprint
+
+    items = [f"i{i}" for i in range(30)]
+    (tmp_path / "agreed.txt").write_text("".join(f"{i}\n" for i in items))
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},i{(u + k) % 30},{k}\n" for u in range(40)
+                                                          for k in range(5)))
+    pin = catalogue_fingerprint(__import__("numpy").array(items)).upper()
+    node = {"data-path": str(log), "catalogue-fingerprint": f" {pin} "}
+    check_node_config(node)
+    assert partner_data(resolve_config(None, {"catalogue": str(tmp_path / "agreed.txt")}), node).num_users == 40
