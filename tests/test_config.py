@@ -96,6 +96,9 @@ def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
     for twice in (["embedding-dim=16 embedding-dim=32"], ["embedding-dim=16", "dp=false embedding-dim=32"]):
         with pytest.raises(ConfigError, match="--run-config: embedding-dim is given more than once"):
             parse_run_config(twice)
+    # Unquoted text: Flower's "invalid format" named no key (a bad-input review)
+    with pytest.raises(ConfigError, match=r'--run-config: catalogue=/tmp/x.txt is not a number.*catalogue="/tmp/x.txt"'):
+        parse_run_config(["dp=false catalogue=/tmp/x.txt"])
 
 
 def test_knobs_the_model_ignores_are_named():
