@@ -267,6 +267,8 @@ def mirror_path(ledger: Path) -> Path | None:
     try:
         base = os.environ.get(STATE_DIR_ENV) or str(
             Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedrec")
+        if not (os.environ.get(STATE_DIR_ENV) or os.environ.get("XDG_STATE_HOME") or Path.home().is_dir()):
+            return None  # a HOME that does not exist (a service user): never made up, as a review found
     except (RuntimeError, KeyError):  # no HOME and no passwd entry (an arbitrary container user)
         return None
     key = hashlib.sha256(str(ledger.resolve()).encode()).hexdigest()[:24]

@@ -194,3 +194,17 @@ def test_a_restored_or_deleted_ledger_folder_is_refused_by_the_markers_copy_outs
     with pytest.raises(PrivacyError, match="was deleted"):
         PrivacyLedger(path, "fp")
     assert not path.exists()
+
+
+def test_the_markers_copy_is_never_made_under_a_home_folder_that_does_not_exist(tmp_path, monkeypatch, caplog):
+    # HOME=/nonexistent (a service user) made that folder, with .local/state under it (a review)
+    home = tmp_path / "no-such-home"
+    monkeypatch.delenv(ledger_file.STATE_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    assert ledger_file.mirror_path(tmp_path / "l.sqlite") is None
+    with caplog.at_level("WARNING"), PrivacyLedger(tmp_path / "l.sqlite", "fp"):
+        pass
+    assert not home.exists() and "could not be written" in caplog.text
+    home.mkdir()  # a home that exists gets the copy
+    assert str(ledger_file.mirror_path(tmp_path / "l.sqlite")).startswith(str(home / ".local" / "state" / "fedrec"))
