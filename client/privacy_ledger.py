@@ -139,9 +139,10 @@ class PrivacyLedger:
                 self._conn = self._open_checked()
                 return
             if earlier is not None and (not reset or reset != earlier.get("id")):
-                raise PrivacyError(f"privacy ledger {self.path} was deleted ({deleted_ledger_marker(self.path, earlier)}); "
-                                   f"restore it from a backup, or set node config ledger-reset=\"{earlier.get('id')}\" "
-                                   "to start a new one, which forgets the spend already released"
+                said = deleted_ledger_marker(self.path, earlier)
+                raise PrivacyError(f"privacy ledger {self.path} was deleted ({said}); restore it from a backup, or set "
+                                   f"node config ledger-reset=\"{earlier.get('id')}\" to start a new one, which forgets "
+                                   "the spend already released"
                                    + (f" (ledger-reset is {reset!r} now)" if reset else ""))
             create_ledger(self.path, self.fingerprint, mirror=self.mirror)
             self.created = True
