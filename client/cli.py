@@ -2,6 +2,7 @@
 
     fedrec-client keys --out keys --name partner-1         # SuperNode authentication key pair
     fedrec-client data check --data-path log.csv --catalogue catalogue.txt
+    fedrec-client data check --catalogue catalogue.txt --node-config 'data-path="log.csv" ledger-path="l.sqlite"'
     fedrec-client recommend --model runs/RUN --data-path log.csv --user 42   # top-K with reasons
     fedrec-client serve --model runs --store events.sqlite                    # HTTP API on 127.0.0.1
 
@@ -26,10 +27,18 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from client.data_check import check_partner_log
+    from client.data_check import check_node_config_text, check_partner_log
     from common.data.sequences import MIN_INTERACTIONS
+    from common.errors import ConfigError
 
-    report = check_partner_log(args.data_path, args.catalogue)
+    node = check_node_config_text(args.node_config) if args.node_config is not None else {}
+    data_path = args.data_path or node.get("data-path")
+    if not data_path:
+        raise ConfigError("give --data-path, or a --node-config with data-path")
+    if args.data_path and node.get("data-path") and str(args.data_path) != str(node["data-path"]):
+        raise ConfigError(f"--data-path {args.data_path} is not the node config's data-path {node['data-path']}; "
+                          "give one of the two (the SuperNode reads its node config's)")
+    report = check_partner_log(data_path, args.catalogue, node)
     print("\n".join(report.lines()))
     if report.train_users == 0:
         print(f"error: no user has a training example (two training items, so {MIN_INTERACTIONS + 1} interactions with "
@@ -55,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect this partner's interaction log")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="validate a log: columns, catalogue coverage, users per split")
-    check.add_argument("--data-path", required=True, help="the log (CSV/Parquet/MovieLens), as in --node-config data-path")
+    check.add_argument("--data-path", default=None,
+                       help="the log (CSV/Parquet/MovieLens), as in --node-config data-path")
     check.add_argument("--catalogue", default=None, help="the coordinator's published catalogue (one item id per line)")
+    check.add_argument("--node-config", default=None,
+                       help="the SuperNode's --node-config string, checked as the ClientApp will at the first message "
+                            "(keys, values, catalogue-fingerprint against --catalogue, ledger-path); nothing is written")
     check.set_defaults(func=_data_check)
 
     from client.serving_cli import add_serving_commands  # recommend, serve, finetune

@@ -8,13 +8,18 @@ land in each leave-one-out split. Nothing leaves the machine.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from client.partner_policy import catalogue_pin, max_epsilon
 from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.data.loaders import load_interactions
 from common.data.sequences import MIN_INTERACTIONS, build_sequences
+from common.errors import ConfigError
 
 
 # Share of a log's rows outside the catalogue (data check) or the served model's (recommend, serve)
@@ -72,13 +77,46 @@ class DataReport:
         return []
 
 
-def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.PathLike | None = None) -> DataReport:
+def check_node_config_text(text: str) -> dict[str, Any]:
+    """A SuperNode's ``--node-config`` string parsed by Flower's parser and checked as the ClientApp checks it at
+    its first message (client/partner_policy.py), plus its ledger-path: a file that is no usable ledger, or a
+    folder that does not exist, is refused here instead of at the first round. Reads only; raises one line."""
+    from flwr.common.config import parse_config_args
+
+    from client.ledger_file import refuse_what_is_not_a_ledger
+    from client.partner_policy import check_node_config
+
+    try:
+        node = dict(parse_config_args([text])) if text.strip() else {}
+    except Exception:  # noqa: BLE001 -- Flower's ClickException: a multi-line traceback from flower-supernode
+        raise ConfigError(f"--node-config {text!r} is not key=value pairs Flower can read; put text values in double "
+                          "quotes inside single quotes, e.g. 'data-path=\"/data/log.csv\" max-epsilon=4.0'") from None
+    check_node_config(node)
+    if max_epsilon(node) is not None and not str(node.get("ledger-path", "")).strip():
+        raise ConfigError(f"node config max-epsilon = {max_epsilon(node):g} caps this partner's privacy ledger, so it "
+                          "needs node config ledger-path = the one ledger file every run uses")
+    if ledger := str(node.get("ledger-path", "")).strip():
+        path = Path(ledger).expanduser()
+        if not path.parent.is_dir():
+            raise ConfigError(f"node config ledger-path = {ledger}: the folder {path.parent} does not exist")
+        refuse_what_is_not_a_ledger(path)
+        if not path.exists() and not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"node config ledger-path = {ledger}: cannot create the ledger in {path.parent}")
+    return node
+
+
+def check_partner_log(data_path: str | os.PathLike, catalogue_path: str | os.PathLike | None = None,
+                      node_config: Mapping[str, Any] | None = None) -> DataReport:
     """Validate a partner's log; raises :class:`~common.errors.DataError` (one line) when unusable.
 
-    Without ``catalogue_path`` the log's own items are the catalogue (coverage is then 100%).
+    Without ``catalogue_path`` the log's own items are the catalogue (coverage is then 100%). With
+    ``node_config`` (:func:`check_node_config_text`), its ``catalogue-fingerprint`` must be the catalogue's.
     """
-    log = load_interactions(data_path)
     items = load_catalogue(catalogue_path) if catalogue_path else None
+    if items is not None and (pin := catalogue_pin(node_config or {})) and pin != catalogue_fingerprint(items):
+        raise ConfigError(f"node config catalogue-fingerprint = {pin}: {catalogue_path} has fingerprint "
+                          f"{catalogue_fingerprint(items)}; this SuperNode would refuse runs on that catalogue")
+    log = load_interactions(data_path)
     data = build_sequences(log, items, name=log.source)
     catalogue = data.catalogue
     log_items = set(np.unique(log.item).tolist())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
@@ -245,3 +246,37 @@ def test_item_text_refuses_to_overwrite_a_published_file_before_encoding(tmp_pat
     assert server_main(["item-text", "--out", str(tmp_path / "new.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no item titles beside it" in err[0] and "fedrec-server item-text" not in err[0]
+
+
+def test_data_check_checks_the_supernodes_node_config_before_it_starts(tmp_path, partner_log, capsys):
+    # A partner had no way to check its --node-config before the first round: an unquoted value was a Flower
+    # traceback, a bad max-epsilon or a log given as ledger-path failed only then (a bad-input review)
+    from common.data.catalogue import catalogue_fingerprint
+
+    path, _ = partner_log
+    cat = tmp_path / "catalogue.txt"
+    assert server_main(["catalogue", "--out", str(cat), "--run-config", "synthetic-users=60 synthetic-items=30 seed=5"]) == 0
+    pin = catalogue_fingerprint(load_catalogue(cat))
+    ledger = tmp_path / "ledger.sqlite"
+    capsys.readouterr()
+    good = f'data-path="{path}" ledger-path="{ledger}" max-epsilon=4.0 catalogue-fingerprint="{pin.upper()}"'
+    assert client_main(["data", "check", "--catalogue", str(cat), "--node-config", good]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("ok: this log can join a run")
+    assert not ledger.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["catalogue.txt", "log.csv"]
+    for node, said in (
+        ("max-epsilon=abc", "is not key=value pairs Flower can read; put text values in double quotes"),
+        (f'data-path="{path}" max-epsilon=4.0', "max-epsilon = 4 caps this partner's privacy ledger, so it needs"),
+        (f'data-path="{path}" max-epsilon=-1', "max-epsilon"),
+        (f'data-path="{path}" max-epsilion=4.0', "did you mean max-epsilon"),
+        (f'data-path="{path}" ledger-path="{path}"', r"is not a privacy ledger \(not an SQLite database\)"),
+        (f'data-path="{path}" ledger-path="{tmp_path / "no" / "l.sqlite"}"', "the folder .*no does not exist"),
+        (f'data-path="{path}" catalogue-fingerprint="{"0" * 16}"', f"has fingerprint {pin}; this SuperNode would refuse"),
+        ("max-delta=1e-6", "give --data-path, or a --node-config with data-path"),
+    ):
+        assert client_main(["data", "check", "--catalogue", str(cat), "--node-config", node]) == 2, node
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(said, err[0]), (node, err)
+    assert client_main(["data", "check", "--data-path", str(tmp_path / "other.csv"), "--node-config",
+                        f'data-path="{path}"']) == 2
+    assert "is not the node config's data-path" in capsys.readouterr().err
+    assert path.read_text().startswith("user_id,item_id,timestamp")  # the log named as ledger was left as it was
