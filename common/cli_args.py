@@ -123,7 +123,15 @@ def parse_run_config(values: str | list[str] | None) -> dict:
             except Exception:  # noqa: BLE001 -- click.ClickException, or a TOML error from older Flower
                 raise ConfigError(f"--run-config: {key}={value} is not a number, true / false or quoted text; "
                                   f"put text in double quotes: {key}=\"{value}\"") from None
-    return parse_config_args(values)
+        return parse_config_args(values)
+    try:
+        return parse_config_args(values)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a TOML syntax error, or a table / list Flower cannot flatten
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--run-config {values[0]}: not a flat TOML file of run config keys ({reason}); a sweep "
+                          "file goes to `python -m simulations.sweep`") from None
 
 
 def output_file(text: str) -> Path:

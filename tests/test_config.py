@@ -96,6 +96,12 @@ def test_run_config_text_flower_would_skip_is_one_error_line(tmp_path):
     for twice in (["embedding-dim=16 embedding-dim=32"], ["embedding-dim=16", "dp=false embedding-dim=32"]):
         with pytest.raises(ConfigError, match="--run-config: embedding-dim is given more than once"):
             parse_run_config(twice)
+    # A TOML file Flower cannot read or flatten (a syntax error, a sweep file's lists): its traceback (a review)
+    (tmp_path / "bad.toml").write_text("model = \n")
+    (tmp_path / "sweep.toml").write_text("[grid]\nseed = [1, 2]\n")
+    for name in ("bad.toml", "sweep.toml"):
+        with pytest.raises(ConfigError, match=f"--run-config .*{name}: not a flat TOML file of run config keys"):
+            parse_run_config([str(tmp_path / name)])
     # Unquoted text: Flower's "invalid format" named no key (a bad-input review)
     with pytest.raises(ConfigError, match=r'--run-config: catalogue=/tmp/x.txt is not a number.*catalogue="/tmp/x.txt"'):
         parse_run_config(["dp=false catalogue=/tmp/x.txt"])
