@@ -35,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -89,17 +90,41 @@ def finished_runs(csv_path: Path, retry_failed: bool = False) -> set[str]:
         return {r["run-id"] for r in reader if not (retry_failed and r.get("status") != "ok")}
 
 
+def _recorded_rows(csv_path: Path, columns: list[str]) -> tuple[list[list[str]], bool]:
+    """The rows of an existing results file and whether it predates the commit column; a file with other
+    columns (another sweep's) is a :class:`ConfigError`."""
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header = rows[0] if rows else []
+    older = header == [c for c in columns if c != "commit"]  # written before the commit column: gains it, empty
+    if header != columns and not older:
+        raise ConfigError(f"{csv_path}: its columns differ from this sweep's; use another output file")
+    return rows, older
+
+
+def check_results_file(csv_path: Path, columns: list[str]) -> None:
+    """Before the first run: the results file is this sweep's (or new) and can be written, so a mistake in
+    ``output`` does not surface after a run's minutes, its row lost (a research-CLI review)."""
+    if csv_path.exists():
+        _recorded_rows(csv_path, columns)
+        if not os.access(csv_path, os.W_OK):
+            raise ConfigError(f"output {csv_path}: not allowed to write it")
+        return
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=csv_path.parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output {csv_path}: cannot write in {csv_path.parent} ({exc.strerror or exc})") from None
+
+
 def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
     """Append one row (header first if the file is new); a changed column set is an error. A row
     for a run id already in the file as failed (``--retry-failed``) replaces that row."""
     new = not csv_path.exists()
     if not new:
-        with open(csv_path, newline="") as fh:
-            rows = list(csv.reader(fh))
+        rows, older = _recorded_rows(csv_path, columns)
         header = rows[0] if rows else []
-        older = header == [c for c in columns if c != "commit"]  # written before the commit column: gains it, empty
-        if header != columns and not older:
-            raise ConfigError(f"{csv_path}: its columns differ from this sweep's; use another output file")
         kept = [r for r in rows[1:] if not (r and r[0] == row["run-id"])]
         if older:
             header, kept = columns, [[*r, ""] for r in kept]
@@ -272,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         try:
             print(results_table(load_sweep(args.config, check_data=False)["output"], args.table))
-        except (FedRecError, OSError, KeyError) as exc:
+        except (FedRecError, OSError, KeyError, ValueError) as exc:  # ValueError: a damaged cell (a review)
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
@@ -289,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots and spec["output"].exists():
         from simulations.plots import plot_sweep
 
-        plots = plot_sweep(spec["output"])
+        try:
+            plots = plot_sweep(spec["output"])
+        except (ValueError, TypeError, KeyError) as exc:  # a cell or a run's files edited or damaged (a review)
+            print(f"error: no plots: {spec['output']} or a run directory it names has a damaged value "
+                  f"({type(exc).__name__}: {exc}); the results are kept", file=sys.stderr)
+            return 2
         for path in plots:
             print(f"plot: {path}")
         if not plots:  # it drew nothing in silence (a journey review)
@@ -305,6 +335,7 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restar
 
     runs = list(expand(spec))
     columns = columns_of(spec)
+    check_results_file(spec["output"], columns)
     recorded = finished_runs(spec["output"])
     failed_ids = recorded - finished_runs(spec["output"], retry_failed=True)
     done = recorded - failed_ids if retry_failed else recorded

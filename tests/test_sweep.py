@@ -889,3 +889,33 @@ def test_a_run_listed_twice_is_refused(tmp_path, change):
 
     with pytest.raises(ConfigError, match="the run at seed 1 is listed twice"):
         sweep.load_sweep(write_config(tmp_path, TINY.replace(*change)), check_data=False)
+
+
+def test_a_results_file_that_is_not_this_sweeps_is_refused_before_the_first_run(tmp_path, monkeypatch, capsys):
+    # Another sweep's CSV, or a folder that cannot be made, failed only when the first run's row was written,
+    # after its minutes and losing it (a research-CLI review)
+    from common.errors import ConfigError
+
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: pytest.fail("nothing may run"))
+    spec = sweep.load_sweep(config := write_config(tmp_path))
+    spec["output"].write_text("run-id,status,hr@10\na,ok,0.1\n")
+    assert sweep.main([str(config), "--no-plots"]) == 2
+    assert "its columns differ from this sweep's" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write in"):
+        sweep.check_results_file(blocker / "r.csv", sweep.columns_of(spec))
+
+
+def test_a_damaged_results_cell_is_one_line_for_the_plots_and_the_table(tmp_path, monkeypatch, capsys):
+    spec = sweep.load_sweep(config := write_config(tmp_path))
+    columns = sweep.columns_of(spec)
+    for run in sweep.expand(spec):
+        sweep.append_row(spec["output"], {**run, "run-id": sweep.run_id(run), "status": "ok", "ndcg@10": "x",
+                                          "epsilon": "abc"}, columns)
+    monkeypatch.setattr(sweep, "execute", lambda run, *a, **k: pytest.fail("nothing to run"))
+    assert sweep.main([str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("runs:")]  # tqdm's bar
+    assert len(err) == 1 and err[0].startswith("error: no plots:") and "the results are kept" in err[0]
+    assert sweep.main([str(config), "--table", "ndcg@10"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
