@@ -43,7 +43,12 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
     cfg = read_json_object(run_dir / "config.json")
-    planned, k = int(cfg.get("num-server-rounds", 0)), int(cfg.get("top-k", 10))
+    try:
+        planned, k = int(cfg.get("num-server-rounds", 0)), int(cfg.get("top-k", 10))
+    except (TypeError, ValueError):  # a traceback (a research-CLI review)
+        raise DataError(f"{run_dir / 'config.json'}: num-server-rounds or top-k is not a whole number "
+                        f"({cfg.get('num-server-rounds')!r}, {cfg.get('top-k')!r}); the file was edited or "
+                        "damaged") from None
     rounds = [finite_or_null(r) for r in metrics_lines(run_dir / "metrics.jsonl") if "round" in r]
     failed = [r["round"] for r in rounds if not r.get("num-partners")]
     evaluated = [r for r in rounds if r.get(f"ndcg@{k}") is not None]

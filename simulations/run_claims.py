@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.errors import DataError
 from common.privacy import central_epsilon_per_user, dp_mode, uses_central_dp, uses_local_dp
 from common.run_files import metrics_lines, read_json_object  # noqa: F401 (also read from here by the tools)
 
@@ -42,11 +43,18 @@ def claimed_privacy(run_dir: Path, cfg: dict) -> dict:
     claims = []
     mode = dp_mode(cfg)  # dp = false: off
     if uses_local_dp(mode):
-        if report is not None:
-            spent = [(float(p["epsilon"]), float(p.get("delta") or 0.0)) for p in (report.get("partners") or {}).values()
-                     if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
-        else:
-            spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines if float(x.get("epsilon") or 0) > 0]
+        source = "privacy.json" if report is not None else "metrics.jsonl"
+        try:  # a value that is no number was a traceback that stopped an audit of several runs (a review)
+            if report is not None:
+                partners = (report.get("partners") or {}).values()
+                spent = [(float(p["epsilon"]), float(p.get("delta") or 0.0)) for p in partners
+                         if isinstance(p, dict) and float(p.get("epsilon") or 0) > 0]
+            else:
+                spent = [(float(x["epsilon"]), float(x.get("delta") or 0.0)) for x in lines
+                         if float(x.get("epsilon") or 0) > 0]
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{run_dir / source}: an epsilon or delta is not a number ({exc}); the file was edited "
+                            "or damaged") from None
         if spent:  # the largest epsilon and the largest delta: partners may account at different deltas
             claims.append((max(e for e, _ in spent), max(d for _, d in spent)))
     if uses_central_dp(mode) and report is not None:

@@ -134,6 +134,14 @@ def test_audit_reads_the_runs_own_privacy_claim(tmp_path, mode, local_eps, expec
     (tmp_path / "privacy.json").write_text(json.dumps({"central": central, "partners": partners if local_eps else {}}))
     claim = claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
     assert claim["epsilon"] == pytest.approx(expected, rel=1e-3) and claim["delta"] == 1e-5 and claim["ndcg@10"] == 0.1
+    if local_eps:  # an epsilon edited into text: one line naming the file, not a traceback (a review)
+        from common.errors import DataError
+
+        (tmp_path / "privacy.json").write_text(json.dumps({"central": central, "partners": {"p0": {"epsilon": "abc"}}}))
+        if mode != "central":
+            with pytest.raises(DataError, match=r"privacy.json: an epsilon or delta is not a number"):
+                claimed_privacy(tmp_path, {"dp": True, "dp-mode": mode})
+        (tmp_path / "privacy.json").write_text(json.dumps({"central": central, "partners": partners}))
     assert claimed_privacy(tmp_path, {"dp": False, "dp-mode": "local"})["epsilon"] == float("inf")
     if mode == "central":
         # a round aggregated with no accounted epsilon (central noise 0, FedAdam): no claim, not 0 (a commit review)

@@ -53,6 +53,9 @@ def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{half")
     assert server_cli(["report", str(tmp_path)]) == 2
     assert "not readable JSON" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"num-server-rounds": "five"}))  # a traceback (a review)
+    assert server_cli(["report", str(tmp_path)]) == 2
+    assert "config.json: num-server-rounds or top-k is not a whole number ('five', None)" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"num-server-rounds": 3}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "num-partners": 2, "ndcg@10": 0.1}) + "\n{\"rou")
     assert server_cli(["report", str(tmp_path)]) == 3  # a crash mid-line: the whole lines count
