@@ -295,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # small batches: a second thread only spins on a shared machine
     results = audit_all([Path(d) for d in args.run_dirs], max_members=args.max_members, rounds=args.bootstrap)
     if args.out:
+        skipped = len(args.run_dirs) - len(results)
+        if skipped and args.out.exists():  # it replaced a whole table with the runs left (a research-CLI review)
+            raise DataError(f"--out {args.out} exists and was not replaced: {skipped} of the {len(args.run_dirs)} "
+                            "run directories were skipped (warnings above), so it would lose their earlier results; "
+                            "give another file")
         write_results(args.out, results)
     return 0
 

@@ -632,6 +632,10 @@ def test_the_audit_of_a_sweeps_run_directories_skips_the_unusable_ones(tmp_path,
                                                   "> 0 through simulations.run/sweep)"]
     assert captured.out.startswith("good: model mf") and json.loads(out.read_text()) == [result]
     assert captured.out.count("good: model mf") == 1  # its header line was printed twice
+    # An existing --out is not replaced by the runs left after skips: it lost a whole table (a research-CLI review)
+    assert audit.main([str(late), str(good), "--out", str(out)]) == 2
+    assert "exists and was not replaced: 1 of the 2 run directories were skipped" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == [result]
     out.unlink()
     assert audit.main([str(late), str(empty), "--out", str(out)]) == 2  # none left: an error, no --out
     err = capsys.readouterr().err.strip().splitlines()

@@ -12,8 +12,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def write_results(path: str | Path, result: dict | list) -> Path:
     """Write a benchmark's results as indented JSON (creating the folder) and say where."""
+    from common.files import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_or_null(result), indent=2, allow_nan=False) + "\n")
+    # atomically: a failed write (a full disk) keeps the earlier results whole
+    atomic_write_text(path, json.dumps(finite_or_null(result), indent=2, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return path
