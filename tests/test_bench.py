@@ -78,3 +78,28 @@ def test_a_bad_count_is_one_argparse_error_before_any_work(module, flag, value, 
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert f": error: argument {flag}: " in err[-1], err  # argparse's usage line, then this one
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--run-config", "{bad", "is not JSON"), ("--run-config", "[1]", "give a JSON object"),
+    ("--engines", "ray,bogus", "unknown engine 'bogus'"), ("--dp", "off,bogus", "unknown dp-mode 'bogus'"),
+])
+def test_the_federation_benchmark_checks_its_settings_before_any_run(flag, value, said, monkeypatch, capsys):
+    # A bad engine or dp-mode failed after the centralised runs (minutes), bad JSON was a traceback, and each left a
+    # /tmp/fedbench-* folder (a research-CLI review)
+    from simulations.bench import federation
+
+    for name in _WORK["federation"]:
+        monkeypatch.setattr(federation, name, lambda *a, _n=name, **k: pytest.fail(f"federation.{_n} started"))
+    monkeypatch.setattr(federation.tempfile, "mkdtemp", lambda **k: pytest.fail("a work folder was made"))
+    assert federation.main([f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag}") and said in err[0]
+
+
+def test_the_serving_benchmark_reads_its_model_before_starting_a_server(tmp_path, capsys):
+    # A missing model was a RuntimeError traceback ("server did not start") after the store's import (a review)
+    from simulations.bench import serve_latency
+
+    assert serve_latency.main(["--model", str(tmp_path / "none.pt"), "--out", ""]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model {tmp_path / 'none.pt'}: no such file or directory"

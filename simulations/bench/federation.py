@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from simulations.flower_env import set_flower_env
-from common.cli_args import non_negative_int, non_negative_ints, positive_int, positive_ints_or_none
+from common.cli_args import non_negative_int, non_negative_ints, output_file, positive_int, positive_ints_or_none
 from common.cli_errors import user_errors_exit
 from common.run_files import metrics_lines
 
@@ -191,6 +191,26 @@ def compare(central: dict, fed: dict, mode: str, partners: int, engine: str = "r
             "run_dir": fed["run_dir"], "load_average": os.getloadavg()}
 
 
+def _check_arguments(args: argparse.Namespace) -> dict:
+    """The ``--run-config`` overrides; a malformed one, an unknown engine or dp-mode is a ConfigError."""
+    from common.errors import ConfigError
+    from common.privacy import DP_MODES
+
+    try:
+        extra = json.loads(args.run_config)
+    except ValueError as exc:
+        raise ConfigError(f"--run-config {args.run_config!r} is not JSON ({exc})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--run-config {args.run_config!r}: give a JSON object, e.g. '{{\"embedding-dim\": 32}}'")
+    for engine in args.engines.split(","):
+        if engine not in ENGINES:
+            raise ConfigError(f"--engines: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    for mode in (m for m in args.dp.split(",") if m):
+        if mode not in DP_MODES:
+            raise ConfigError(f"--dp: unknown dp-mode {mode!r}; use one of {', '.join(DP_MODES)}")
+    return extra
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-device", default="", help="interaction log for the cross-device measurement (e.g. ML-100K)")
     parser.add_argument("--clients-per-round", type=positive_int, default=40)
     parser.add_argument("--cross-device-rounds", type=positive_int, default=4)
-    parser.add_argument("--out", default="", help="results file (default simulations/bench/results/federation[-cross-device].json)")
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="results file (default simulations/bench/results/federation[-cross-device].json)")
     args = parser.parse_args(argv)
+    extra = _check_arguments(args)  # before any work or folder: a typo failed after the centralised runs (a review)
     workdir = Path(tempfile.mkdtemp(prefix="fedbench-"))
     base = {"dataset": args.dataset, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
             "batch-size": args.batch_size, "evaluate-every": args.evaluate_every or args.rounds,
-            "run-dir": str(workdir / "runs"), **json.loads(args.run_config)}
+            "run-dir": str(workdir / "runs"), **extra}
     meta = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "command": " ".join(sys.argv), **base}
     rows, centrals = [], []
     for mode in [m for m in args.dp.split(",") if m and args.partners]:

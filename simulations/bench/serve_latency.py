@@ -51,6 +51,10 @@ def prepare(folder: Path, data: str | None, model: str | None,
     from common.task import new_model
     from server.run_report import RunRecorder
 
+    if model:  # read now: a bad one was "server did not start", a traceback after the store's import (a review)
+        from client.recommend import load_global_model
+
+        load_global_model(model)
     if data:
         log = load_interactions(data)
     else:
