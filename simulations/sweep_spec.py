@@ -118,6 +118,9 @@ def _refuse_keys_the_sweep_sets(p: Path, sweep: Mapping[str, Any], fixed: Mappin
         table = "grid" if "seed" in grid else "fixed"
         raise ConfigError(f"{p}: [{table}] seed would be replaced by the sweep's seeds; "
                           "list them under [sweep] as seeds = [1, 2, 3]")
+    if both := sorted(set(fixed) & set(grid)):  # [fixed]'s value was dropped in silence (a research-CLI review)
+        raise ConfigError(f"{p}: {both[0]} is in both [fixed] and [grid], and the grid's values would replace the "
+                          "fixed one in every run; keep it in one table")
     for key in ("run-dir", "run-name"):
         if key in fixed or key in grid:
             raise ConfigError(f"{p}: {key} is set by the sweep (run directories go under [sweep] runs-dir, "

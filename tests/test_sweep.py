@@ -465,6 +465,8 @@ def test_a_run_with_damaged_files_fails_its_row_not_the_sweep(tmp_path, monkeypa
     (TINY.replace("[fixed]", '[fixed]\nrun-dir = "elsewhere"'), r"run-dir is set by the sweep .*remove run-dir from \[fixed\]"),
     (TINY.replace("[fixed]", '[fixed]\nrun-name = "mine"'), r"run-name is set by the sweep"),
     (TINY.replace('model = ["mf"]', 'model = ["mf"]\nrun-name = ["a", "b"]'), r"remove run-name from \[grid\]"),
+    # [fixed]'s value was dropped in silence (a research-CLI review)
+    (TINY.replace("[fixed]", '[fixed]\nmodel = "sasrec"'), r"model is in both \[fixed\] and \[grid\]"),
 ])
 def test_keys_the_sweep_overwrites_are_refused(tmp_path, text, message):
     # They were overwritten in every run: a [grid] seed gave identical runs under one run id
