@@ -166,6 +166,20 @@ def _same_data(a: object, b: object) -> bool:
     return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
+# What a run's model.pt must share with its config.json to be that run's model (and its epsilon the model's)
+_MODEL_KEYS = ("model", "embedding-dim", "num-blocks", "max-seq-len", "dp", "dp-mode", "target-epsilon", "seed")
+
+
+def _refuse_another_runs_model(run_dir: Path, model_cfg: dict, saved_cfg: dict) -> None:
+    """A model.pt copied from another run was audited under this run's model name and epsilon (an MF model
+    without DP reported as SASRec at epsilon 8; a research-CLI review)."""
+    differ = [k for k in _MODEL_KEYS if k in model_cfg and k in saved_cfg and model_cfg[k] != saved_cfg[k]]
+    if differ:
+        k = differ[0]
+        raise DataError(f"{run_dir}: model.pt is not this run's model: its {k} is {model_cfg[k]!r}, config.json's "
+                        f"{saved_cfg[k]!r}; audit the run directory it came from")
+
+
 def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, seed: int = 0) -> dict:
     """Both attacks on ``run_dir``'s model; writes and returns ``audit.json``."""
     run_dir = Path(run_dir)
@@ -175,7 +189,10 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir}: {_missing(name)}")
     saved_cfg = read_json_object(run_dir / "config.json")
-    cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})  # keys of older versions dropped
+    try:  # keys of older versions dropped; an error names the file it came from (a research-CLI review)
+        cfg = resolve_config(None, {k: v for k, v in saved_cfg.items() if k in DEFAULTS})
+    except FedRecError as exc:
+        raise DataError(f"{run_dir / 'config.json'}: {exc}") from None
     holdout = read_json_object(run_dir / "holdout.json")
     if not isinstance(holdout.get("user-ids"), list):
         raise DataError(f"{run_dir / 'holdout.json'}: no user-ids list (written by simulations.run with holdout-fraction > 0)")
@@ -186,7 +203,11 @@ def run_audit(run_dir: Path, *, max_members: int = 2000, rounds: int = 1000, see
     from client.recommend import load_global_model
 
     trained = load_global_model(run_dir / "model.pt")  # a corrupt, foreign or NaN file: one DataError line
-    data = federation_data(cfg)
+    _refuse_another_runs_model(run_dir, trained.config, saved_cfg)
+    try:
+        data = federation_data(cfg)
+    except FedRecError as exc:  # e.g. a sweep run's relative dataset path, audited from another folder
+        raise DataError(f"{run_dir / 'config.json'}: {exc}") from None
     if trained.catalogue.tolist() != data.catalogue.tolist():
         raise DataError(f"{run_dir}: the model's catalogue differs from the data set's; was the data changed?")
     model = trained.model

@@ -335,8 +335,8 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restar
 
     runs = list(expand(spec))
     columns = columns_of(spec)
+    recorded = finished_runs(spec["output"])  # (a file with no run-id column is said to be no sweep's first)
     check_results_file(spec["output"], columns)
-    recorded = finished_runs(spec["output"])
     failed_ids = recorded - finished_runs(spec["output"], retry_failed=True)
     done = recorded - failed_ids if retry_failed else recorded
     commit = commit_label()

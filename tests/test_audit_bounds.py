@@ -165,3 +165,17 @@ def test_the_start_model_check_follows_chains_and_paths(tmp_path, monkeypatch):
         start_model_check(runs["c"], this, {1, 2, 3})
     with pytest.raises(DataError, match="2 of its 2 held-out users"):  # the same file by another path
         start_model_check(runs["c"], {"dataset": str(tmp_path / "ml.csv"), "init-model": str(runs["a0"])}, {1, 2})
+
+
+def test_the_audit_refuses_a_model_copied_from_another_run():
+    # An MF model without DP copied into a SASRec run's folder was audited as SASRec at epsilon 8 (a review)
+    from pathlib import Path
+
+    from common.errors import DataError
+    from simulations.audit import _refuse_another_runs_model
+
+    run = {"model": "sasrec", "dp": True, "target-epsilon": 8.0, "seed": 1, "num-server-rounds": 5}
+    _refuse_another_runs_model(Path("r"), dict(run), run)  # its own model
+    _refuse_another_runs_model(Path("r"), {"model": "sasrec"}, run)  # a key the file does not record: no claim
+    with pytest.raises(DataError, match=r"model.pt is not this run's model: its model is 'mf', config.json's 'sasrec'"):
+        _refuse_another_runs_model(Path("r"), {**run, "model": "mf", "dp": False}, run)
