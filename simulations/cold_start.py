@@ -142,6 +142,24 @@ def _catalogue_rows(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
             if name in ("item_emb.weight", "output.weight", "item_emb.ids.weight", "output.ids.weight")}
 
 
+def _check_titles(dataset: str, variants: list[str], extra: dict) -> None:
+    """Before any training: the text variants need the item titles beside ``dataset`` (or a published features
+    file); without them the ``id`` variant trained in full and the first text one failed (a research-CLI review)."""
+    from common.config_checks import ITEM_FEATURES
+    from common.data.attributes import metadata_path
+    from common.data.loaders import load_item_titles
+
+    if unknown := [f for f in variants if f not in ITEM_FEATURES]:
+        raise ConfigError(f"--item-features {unknown[0]}: use {', '.join(ITEM_FEATURES)}")
+    text = [f for f in variants if f != "id"]
+    if not text or extra.get("item-text-features"):
+        return
+    meta = metadata_path(dataset)
+    if meta is None or not load_item_titles(meta):
+        raise ConfigError(f"--dataset {dataset}: no item titles beside it (u.item, movies.dat or movies.csv), which "
+                          f"--item-features {text[0]} needs; give a MovieLens folder, or only --item-features id")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if ignored := sorted(set(extra) & {"dp", "dp-mode", "target-epsilon"}):
         raise ConfigError(f"--run-config {', '.join(ignored)}: the cold-start probe's DP is --epsilon (central "
                           "DP-SGD at that epsilon, target-delta from --run-config); drop these knobs")
+    _check_titles(args.dataset, args.item_features, extra)
     for features in args.item_features:
         row = run_cold_start({**extra, "dataset": args.dataset, "item-features": features},
                              fraction=args.cold_fraction, epochs=args.epochs, epsilon=args.epsilon, seed=args.seed)

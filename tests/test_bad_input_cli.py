@@ -112,3 +112,14 @@ def test_a_device_given_as_the_catalogue_is_not_called_missing():
 def test_an_infinite_target_epsilon_says_how_to_turn_dp_sgd_off():
     with pytest.raises(ConfigError, match='for no DP-SGD set dp-mode = "off"'):
         resolve_config(None, {"target-epsilon": float("inf")})
+
+
+def test_the_cold_start_probe_checks_titles_and_variants_before_training(capsys, monkeypatch):
+    # Without titles the id variant trained in full and the first text one failed (a research-CLI review)
+    from simulations import cold_start
+
+    monkeypatch.setattr(cold_start, "run_cold_start", lambda *a, **k: pytest.fail("it trained"))
+    assert cold_start.main(["--dataset", "synthetic", "--epochs", "1"]) == 2
+    assert "--dataset synthetic: no item titles beside it" in capsys.readouterr().err
+    assert cold_start.main(["--dataset", "synthetic", "--item-features", "id", "idd", "--epochs", "1"]) == 2
+    assert "--item-features idd: use id, text, id+text" in capsys.readouterr().err

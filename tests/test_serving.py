@@ -1245,7 +1245,7 @@ def test_tools_that_train_sequence_models_refuse_mf_in_one_line_before_writing(t
     assert not ledger.exists()  # refused before the ledger was created
     with pytest.raises(ConfigError, match='training: model = "mf" is not supported here'):
         train_local(new_model(cfg, data.num_items), data, epochs=1, batch_size=8, learning_rate=0.01, max_len=20)
-    assert cold_start_main(["--dataset", "synthetic", "--epochs", "1", "--run-config",
+    assert cold_start_main(["--dataset", "synthetic", "--item-features", "id", "--epochs", "1", "--run-config",
                             'synthetic-users=60 synthetic-items=20 batch-size=8 model="mf"']) == 2
 
 
