@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from client.partner_policy import catalogue_pin, max_epsilon
+from client.partner_policy import catalogue_pin
 from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.data.loaders import load_interactions
 from common.data.sequences import MIN_INTERACTIONS, build_sequences
@@ -84,7 +84,7 @@ def check_node_config_text(text: str) -> dict[str, Any]:
     from flwr.common.config import parse_config_args
 
     from client.ledger_file import refuse_what_is_not_a_ledger
-    from client.partner_policy import check_node_config
+    from client.partner_policy import check_node_config, refuse_a_cap_without_ledger
 
     try:
         node = dict(parse_config_args([text])) if text.strip() else {}
@@ -92,9 +92,7 @@ def check_node_config_text(text: str) -> dict[str, Any]:
         raise ConfigError(f"--node-config {text!r} is not key=value pairs Flower can read; put text values in double "
                           "quotes inside single quotes, e.g. 'data-path=\"/data/log.csv\" max-epsilon=4.0'") from None
     check_node_config(node)
-    if max_epsilon(node) is not None and not str(node.get("ledger-path", "")).strip():
-        raise ConfigError(f"node config max-epsilon = {max_epsilon(node):g} caps this partner's privacy ledger, so it "
-                          "needs node config ledger-path = the one ledger file every run uses")
+    refuse_a_cap_without_ledger(node)
     if ledger := str(node.get("ledger-path", "")).strip():
         path = Path(ledger).expanduser()
         if not path.parent.is_dir():

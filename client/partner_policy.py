@@ -270,6 +270,15 @@ def partner_delta(delta: float, node_config: Mapping[str, Any], users: int) -> f
     return refuse_meaningless_delta(delta if cap is None else min(delta, cap), users)
 
 
+def refuse_a_cap_without_ledger(node_config: Mapping[str, Any]) -> None:
+    """A deployed partner's ``max-epsilon`` needs ``ledger-path``: else the ledger would live where the run
+    config says (run-dir, ledger-dir), the coordinator's choice, so every new run could start from zero spend."""
+    cap = max_epsilon(node_config)
+    if cap is not None and not str(node_config.get("ledger-path", "")).strip() and "partition-id" not in node_config:
+        raise ConfigError(f"node config max-epsilon = {cap:g} caps this partner's privacy ledger, so it needs "
+                          "node config ledger-path = the one ledger file every run uses")
+
+
 def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` as this partner will train it: local DP-SGD forced on and the epsilon target capped
     by node config ``max-epsilon`` (unchanged without it). ``max-delta`` is checked here and applied
@@ -285,11 +294,7 @@ def apply_partner_policy(cfg: Mapping[str, Any], node_config: Mapping[str, Any])
                                f"local DP-SGD, dp-mode {dp_mode(cfg)}: set max-epsilon too to have DP-SGD forced "
                                "at that budget, or remove max-delta to train as the run asks")
         return out
-    if not str(node_config.get("ledger-path", "")).strip() and "partition-id" not in node_config:
-        # The ledger would live where the run config says (run-dir, ledger-dir): the coordinator's
-        # choice, so every new run could start from zero spend
-        raise ConfigError(f"node config max-epsilon = {cap:g} caps this partner's privacy ledger, so it needs "
-                          "node config ledger-path = the one ledger file every run uses")
+    refuse_a_cap_without_ledger(node_config)
     mode = dp_mode(cfg)
     if not uses_local_dp(mode):
         out.update({"dp": True, "dp-mode": "both" if uses_central_dp(mode) else "local", "target-epsilon": cap})
