@@ -19,7 +19,6 @@ import math
 import os
 import secrets
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from common.item_text import table_record
 from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
 from common.privacy import Mechanism, default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
-from common.files import PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, write_file
+from common.files import (PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, refuse_unwritable_folder,
+                          write_file)
 from common.task import NAMED, with_data_identity
 from common.training import (DPSettings, TrainResult, refuse_non_sequence_model, train_local,
                              user_count_for_training)
@@ -268,11 +268,5 @@ def _check_out_path(out: Path, *, inputs: tuple, force: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     # Made and tried now: a folder that could not be made, or written, failed only after the spend was recorded,
     # losing the model the budget paid for (a review: --out /proc/x/out.pt)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc}); nothing was trained or "
-                          "spent") from None
+    refuse_unwritable_folder(parent, f"--out {out}", "nothing was trained or spent")
     refuse_existing([out], force=force, hint="an earlier fine-tuned model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from common.errors import ConfigError
@@ -133,6 +134,18 @@ def refuse_unwritable(path: Path) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"{path}: {parent} is a file, not a folder; give a file path in a folder")
             return
+
+
+def refuse_unwritable_folder(folder: Path, what: str, note: str = "") -> None:
+    """Make ``folder`` (and its parents) and write a temporary file in it, before long work whose result goes
+    there; one clear line naming ``what`` (e.g. ``--out x.pt``), then ``note``, where it cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write in {folder} ({exc.strerror or exc})" + (f"; {note}" if note else "")) \
+            from None
 
 
 def refuse_existing(paths: list[Path], *, force: bool, hint: str = "") -> None:

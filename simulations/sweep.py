@@ -35,7 +35,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -45,7 +44,7 @@ from typing import Any
 from common.cli_args import non_negative_int
 from common.config import DEFAULTS
 from common.errors import ConfigError, FedRecError
-from common.files import atomic_write_text
+from common.files import atomic_write_text, refuse_unwritable_folder
 from common.provenance import code_version
 from simulations.cli import NOTHING_AGGREGATED, user_errors_exit
 from simulations.run_claims import claimed_privacy, metrics_lines
@@ -110,12 +109,7 @@ def check_results_file(csv_path: Path, columns: list[str]) -> None:
         if not os.access(csv_path, os.W_OK):
             raise ConfigError(f"output {csv_path}: not allowed to write it")
         return
-    try:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=csv_path.parent):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"output {csv_path}: cannot write in {csv_path.parent} ({exc.strerror or exc})") from None
+    refuse_unwritable_folder(csv_path.parent, f"output {csv_path}")
 
 
 def append_row(csv_path: Path, row: dict[str, Any], columns: list[str]) -> None:
