@@ -243,6 +243,13 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
         return JSONResponse(status_code=503, headers={"Retry-After": "5"},
                             content={"error": f"event store {store.path.name} is busy or unavailable ({exc}); retry"})
 
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def _store_damaged(request: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
+        # (OperationalError, a subclass, is handled above.) A damaged file answered a plain-text 500 (a review)
+        LOG.error("event store %s: %s; restore it from a backup", store.path, exc)
+        return JSONResponse(status_code=503, content={
+            "error": f"event store {store.path.name} is damaged ({exc}); the partner must restore it from a backup"})
+
     @app.get("/health", response_model=None)
     def health() -> JSONResponse:
         watcher.maybe_reload()

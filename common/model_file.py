@@ -27,6 +27,10 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"model {file}: no such file (give a run directory or its model.pt)") from None
     except OSError as exc:  # permissions, a folder: the file was never read (a review: read as "another format")
+        if exc.filename is None and file.is_file() and os.access(file, os.R_OK):
+            # torch's own read of a cut file: OSError(22) "Invalid argument" read as a permission problem (a review)
+            raise DataError(f"model {file}: cut short or damaged ({exc.strerror or exc}); copy it again from "
+                            "the run directory") from None
         raise DataError(f"model {file}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # noqa: BLE001 -- torch.load raises pickle, zip, EOF, runtime errors for foreign files
         raise DataError(f"model {file}: not a fedrec model file "

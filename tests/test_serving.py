@@ -1414,3 +1414,50 @@ def test_a_finetunes_default_delta_tells_only_the_order_of_magnitude_of_the_user
     assert [finetune_default_delta(n) for n in (3, 10_000, 12_345, 19_992, 20_000, 100_000)] == [
         1e-5, 1e-5, 1e-6, 1e-6, 1e-6, 1e-6]
     assert all(finetune_default_delta(n) <= min(1e-5, 0.1 / n) for n in range(1, 300_000, 977))  # never looser
+
+
+def test_a_damaged_event_store_is_a_json_503_not_a_plain_500(api, monkeypatch):
+    # A store overwritten in its middle answered "500 Internal Server Error" in plain text, /health too (a review)
+    import sqlite3
+
+    client, store, _ = api
+    assert client.get("/users/1/recommendations").status_code == 200
+
+    def damaged(*a, **k):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(store, "history", damaged)
+    store._cache.clear()
+    reply = client.get("/users/1/recommendations")
+    assert reply.status_code == 503 and "is damaged (database disk image is malformed)" in reply.json()["error"]
+
+
+def test_an_empty_file_is_made_a_private_store_only_where_a_store_is_asked_for(tmp_path):
+    # A touched file was filled with users' events at its 0644; a reader (recommend) made it a store (a review)
+    import stat
+
+    from common.errors import DataError
+
+    empty = tmp_path / "events.sqlite"
+    empty.touch()
+    empty.chmod(0o644)
+    with pytest.raises(DataError, match="an empty file, not an event store"):
+        EventStore(empty)
+    assert empty.stat().st_size == 0
+    with EventStore(empty, create=True) as store:
+        store.add("u", "i", timestamp=1)
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o600
+
+
+def test_a_model_file_cut_short_is_said_to_be_so(trained, tmp_path):
+    # torch's OSError(22) on a cut file read "cannot read it (Invalid argument)", as if a permission problem (a review)
+    from client.recommend import load_global_model
+    from common.errors import DataError
+
+    run, _ = trained
+    whole = (run / "model.pt").read_bytes()
+    cut = tmp_path / "model.pt"
+    for size in (len(whole) // 4, len(whole) // 2, len(whole) - 100):
+        cut.write_bytes(whole[:size])
+        with pytest.raises(DataError, match=r"model .*model.pt: (cut short or damaged|not a fedrec model file .*cut short)"):
+            load_global_model(cut)

@@ -93,6 +93,13 @@ class EventStore:
                 raise DataError(f"event store {self.path}: the folder {self.path.parent} does not exist; create it "
                                 "or give a path in an existing folder")
             ensure_private(self.path)  # users' interactions: owner-only from the first byte (SQLite keeps the mode)
+        elif self.path.is_file() and self.path.stat().st_size == 0:
+            # An empty file (touched beforehand) was filled with events at its 0644, and a reader (recommend) made
+            # it a store (a serving review): a new store only where one is asked for, and owner-only
+            if not create:
+                raise DataError(f"event store {self.path}: an empty file, not an event store; give the store "
+                                "`fedrec-client serve --store` keeps")
+            ensure_private(self.path)
         # NOTE: two connections, each shared by the API's threads under its own lock: a write waiting for
         # another process's lock (SQLite waits up to 30 s) must not hold up reads, which SQLite allows meanwhile.
         self._lock = threading.Lock()  # the write connection
