@@ -58,6 +58,9 @@ def _trainable_id(v: str) -> str:
 TrainableId = Annotated[str, AfterValidator(_trainable_id)]
 
 
+FUTURE_SLACK_S = 86_400  # an event's time may run this far ahead of the server's clock (clocks differ)
+
+
 class EventIn(BaseModel):
     """One interaction a user just had (``timestamp``: unix seconds, default now)."""
 
@@ -73,6 +76,15 @@ class EventIn(BaseModel):
     def _not_a_boolean(cls, v: object) -> object:
         if isinstance(v, bool):
             raise ValueError("timestamp must be unix seconds, not true/false")
+        return v
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, v: int | None) -> int | None:
+        # A time in milliseconds (or years ahead) was stored and stayed the user's "last" event for good (a review)
+        if v is not None and v > time.time() + FUTURE_SLACK_S:
+            hint = " (milliseconds? give unix seconds)" if v > 1e11 else ""
+            raise ValueError(f"timestamp {v} is more than a day in the future{hint}")
         return v
 
     @field_validator("rating")
@@ -280,8 +292,14 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
             return JSONResponse(status_code=422, content={
                 "error": f"item_id: {event.item_id!r} is not in the model's catalogue ({len(gm.catalogue)} items)"})
         ts = int(time.time()) if event.timestamp is None else event.timestamp
-        event_id = store.add(event.user_id, event.item_id, timestamp=ts, rating=event.rating, event=event.event)
-        return {"id": event_id, "user_id": event.user_id, "item_id": event.item_id, "timestamp": ts}
+        event_id, new = store.add_once(event.user_id, event.item_id, timestamp=ts, rating=event.rating,
+                                       event=event.event)
+        body = {"id": event_id, "user_id": event.user_id, "item_id": event.item_id, "timestamp": ts}
+        if not new:  # a 201 read as stored while a second rating or kind in the same second was dropped (a review)
+            return JSONResponse(status_code=200, content={**body, "duplicate": True, "note": (
+                "an event of this user and item at this timestamp is already stored (a retried POST?); it is kept "
+                "as it was, and this one's rating and event are not stored")})
+        return body
 
     return app
 

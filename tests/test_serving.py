@@ -539,12 +539,16 @@ def test_api_round_trip_feedback_is_stored_and_excluded(api, trained):
     assert all(item["explanation"]["reason"] for item in body["items"])
     top = body["items"][0]["item_id"]
 
-    posted = client.post("/events", json={"user_id": user, "item_id": top, "timestamp": 2_000_000_000})
+    now = int(time.time())  # (later than the log; a day ahead of the server's clock is refused)
+    posted = client.post("/events", json={"user_id": user, "item_id": top, "timestamp": now})
     assert posted.status_code == 201
 
     with EventStore(tmp_path / "events.sqlite") as reader:  # a second connection: the row is committed
         items, times = reader.history(user)
-    assert items[-1] == top and times[-1] == 2_000_000_000
+    assert items[-1] == top and times[-1] == now
+    # The same user, item and second again with another rating: said to be a duplicate, not "201 stored" (a review)
+    again = client.post("/events", json={"user_id": user, "item_id": top, "timestamp": now, "rating": 5})
+    assert again.status_code == 200 and again.json()["duplicate"] is True and again.json()["id"] == posted.json()["id"]
 
     again = client.get(f"/users/{user}/recommendations", params={"k": 5, "explain": "false"}).json()
     assert top not in [item["item_id"] for item in again["items"]]
@@ -586,6 +590,11 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("GET", "/users/42%00/recommendations", {}), "user_id: Value error, must not start or end with spaces"),
     (("GET", "/users/nan/recommendations", {}), "user_id: Value error, 'nan' reads as a missing id"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 2**62}}), "timestamp"),
+    # a serving review: a time in milliseconds was stored, and stayed the user's last event for good
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": int(time.time() * 1000)}}),
+     "more than a day in the future (milliseconds? give unix seconds)"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": int(time.time()) + 10**8}}),
+     "more than a day in the future"),
     # {"detail": ...} from Starlette before, not the documented {"error": ...}
     (("POST", "/events", {"content": b'{"user_id": "\xff", "item_id": "1"}',
                           "headers": {"content-type": "application/json"}}), "not valid UTF-8 JSON"),

@@ -143,17 +143,23 @@ class EventStore:
             event: str = "interaction") -> int:
         """Append one event (``timestamp`` defaults to now); returns its id. The same event again (user,
         item and timestamp: a retried POST) is not stored twice, as a log's loader drops it: its first id."""
+        return self.add_once(user_id, item_id, timestamp=timestamp, rating=rating, event=event)[0]
+
+    def add_once(self, user_id: str, item_id: str, *, timestamp: int | None = None, rating: float | None = None,
+                 event: str = "interaction") -> tuple[int, bool]:
+        """:meth:`add`, and whether the event is new (False: the first event of that user, item and time is kept,
+        with its own rating and kind, so the caller can say this one was not stored)."""
         now = time.time()
         with self._lock, self._conn:
             same = self._conn.execute(
                 "SELECT id FROM events WHERE user_id = ? AND timestamp = ? AND item_id = ? ORDER BY id LIMIT 1",
                 (str(user_id), int(now if timestamp is None else timestamp), str(item_id))).fetchone()
             if same is not None:
-                return int(same[0])
+                return int(same[0]), False
             cur = self._conn.execute(
                 "INSERT INTO events (user_id, item_id, timestamp, rating, event, recorded) VALUES (?, ?, ?, ?, ?, ?)",
                 (str(user_id), str(item_id), int(now if timestamp is None else timestamp), rating, event, now))
-            return int(cur.lastrowid)  # the read connection sees the commit in data_version: caches drop
+            return int(cur.lastrowid), True  # the read connection sees the commit in data_version: caches drop
 
     def add_many(self, rows: Iterable[tuple[str, str, int, float | None]]) -> int:
         """Append (user, item, timestamp, rating) rows in one transaction; returns how many were new
