@@ -139,6 +139,7 @@ class ModelWatcher:
         self.recommender = Recommender(model, titles)
         self.reloads = 0
         self.last_error: str | None = None
+        self._failed: tuple[Path, tuple[int, int, int]] | None = None  # the file that failed to load, as it was
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -167,14 +168,18 @@ class ModelWatcher:
                 # with the same time (cp -p, coarse timestamps): the inode and size tell them apart
                 key = _file_key(file)
                 if file == self.current.path and key == self._loaded:
+                    self.last_error = None  # the newest file is the one served: an error about another is over
                     return
+                if (file, key) == self._failed:  # the same bad file: said once, not at every interval (a review)
+                    return
+                self._failed = (file, key)  # until it loads
                 loaded = load_global_model(file)
                 missing = len(set(self.current.index) - set(loaded.index))
                 if missing:  # another federation's model: the store's events and titles would not match it
                     raise FedRecError(f"{file}: its catalogue lacks {missing} of the {len(self.current.catalogue)} "
                                       "items of the model being served; not switching to it")
                 self.recommender = Recommender(loaded, self.titles)
-                self._loaded = key
+                self._loaded, self._failed = key, None
                 self.reloads += 1
                 self.last_error = None
                 LOG.info("loaded model %s (version %.3f)", file, self.current.version)

@@ -780,6 +780,12 @@ def test_api_keeps_serving_when_a_new_file_has_the_right_keys_but_no_weights(api
     assert response.status_code == 200 and response.json()["model_version"] == before["version"]
     health = client.get("/health").json()["model"]
     assert health["version"] == before["version"] and "not a mapping of weights" in health["last_error"]
+    # The bad file removed: the error is over (it stayed in /health while the good model served; a review)
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "broken")
+    health = client.get("/health").json()["model"]
+    assert health["version"] == before["version"] and health["last_error"] is None
 
 
 # -- incremental update: DP fine-tune on the newest events, on the partner's ledger --------------
