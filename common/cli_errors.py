@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 
@@ -32,6 +33,14 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
         except ClickException as exc:  # flwr.common.config.parse_config_args
             print(f"error: --run-config: {exc.format_message()}", file=sys.stderr)
             return 2
+        except sqlite3.OperationalError as exc:  # locked past SQLite's wait, a full disk: not damage
+            print(f"error: an SQLite file this command uses is busy or unavailable ({exc}); try again",
+                  file=sys.stderr)
+            return USER_MISTAKE
+        except sqlite3.DatabaseError as exc:  # an event store damaged after it opened (a serving review: traceback)
+            print(f"error: an SQLite file this command reads (event store or ledger) is damaged ({exc}); restore it "
+                  "from a backup", file=sys.stderr)
+            return USER_MISTAKE
         except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
             print(f"error: cannot write or read {exc.filename!r}: {exc.strerror}", file=sys.stderr)
             return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,23 @@ def test_an_interrupt_is_one_stopped_line_with_the_shell_exit_status(signum, cap
 
     assert main([]) == 128 + signum
     assert capsys.readouterr().err == f"stopped ({'SIGTERM' if signum == 15 else 'SIGINT'})\n"
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (sqlite3.DatabaseError("database disk image is malformed"), "is damaged (database disk image is malformed); rest"),
+    (sqlite3.OperationalError("database is locked"), "is busy or unavailable (database is locked); try again"),
+])
+def test_a_damaged_or_busy_sqlite_file_is_one_line(error, said, capsys):
+    # An event store damaged after it opened was a traceback and exit 1 from recommend and serve (a serving review)
+    from common.cli_errors import user_errors_exit
+
+    @user_errors_exit
+    def main(argv: list[str] | None = None) -> int:
+        raise error
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and said in err[0]
 
 
 def test_output_into_a_reader_that_left_ends_without_a_traceback():
