@@ -86,6 +86,18 @@ def catalogue_mismatch(gm: "GlobalModel", counts: dict[str, int]) -> str | None:
             "federation's model?")
 
 
+def titles_mismatch(gm: "GlobalModel", titles: dict[str, str], source: object) -> str | None:
+    """A warning line when ``titles`` (from ``source``) name fewer than half of the model's items: another
+    catalogue's metadata, or a cut file; every other title prints as "-" without a word (a serving review)."""
+    if not titles:
+        return None
+    named = sum(1 for item in gm.catalogue.tolist() if item in titles)
+    if named >= 0.5 * len(gm.catalogue):
+        return None
+    return (f"warning: metadata {source} has titles for {named} of the {len(gm.catalogue)} items of {gm.path}: "
+            "is it this catalogue's item metadata? the others print without a title")
+
+
 @dataclass
 class GlobalModel:
     """A loaded global model: the network, its catalogue and where it came from."""

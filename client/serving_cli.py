@@ -51,7 +51,8 @@ def _remembered_metadata(store) -> str | None:  # noqa: ANN001 -- an EventStore
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from client.recommend import LogHistory, Recommender, catalogue_mismatch, format_table, load_global_model, load_titles
+    from client.recommend import (LogHistory, Recommender, catalogue_mismatch, format_table, load_global_model,
+                                  load_titles, titles_mismatch)
     from common.data.event_store import EventStore, is_event_store
     from common.data.loaders import load_interactions
 
@@ -79,7 +80,10 @@ def _recommend(args: argparse.Namespace) -> int:
         source = LogHistory(load_interactions(args.data_path))
     if warning := catalogue_mismatch(model, source.item_counts()):
         print(warning, file=sys.stderr)
-    recommender = Recommender(model, load_titles(_metadata_for(args.data_path, args.metadata)))
+    metadata = _metadata_for(args.data_path, args.metadata)
+    recommender = Recommender(model, titles := load_titles(metadata))
+    if warning := titles_mismatch(model, titles, metadata):
+        print(warning, file=sys.stderr)
     if isinstance(source, LogHistory) and (hint := source.unknown_user_hint(args.user)):
         print(hint, file=sys.stderr)  # a fixed log: a missing user is most likely a typo, not a new user
     result = recommender.recommend(args.user, source, args.k, explain=not args.no_explain)
@@ -176,7 +180,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.recommend import catalogue_mismatch, load_titles
+    from client.recommend import catalogue_mismatch, load_titles, titles_mismatch
     from client.serve import ModelWatcher, create_app, serve
     from common.data.event_store import EventStore
     from common.data.loaders import load_interactions
@@ -208,13 +212,16 @@ def _serve(args: argparse.Namespace) -> int:
             ratings = log.rating if log.rating is not None else [None] * len(log)
             n = store.add_many(zip(log.user.tolist(), log.item.tolist(), log.timestamp.tolist(), list(ratings)))
             print(f"imported {n} events from {log.source} into {args.store}")
+    source = metadata
     if titles is None:
-        titles = load_titles(_remembered_metadata(store))
+        titles = load_titles(source := _remembered_metadata(store))
     if metadata:  # a restart without --import-log keeps the titles
         store.set_meta(METADATA_KEY, os.path.abspath(metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
                      api_token=token, loaded=loaded)
     if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
+        print(warning, file=sys.stderr)
+    if warning := titles_mismatch(app.state.watcher.current, titles, source):
         print(warning, file=sys.stderr)
     if not token and not args.no_auth:  # loopback (anything else needs a token or --no-auth): still every account
         print(f"warning: no API token: every account on this machine can read users' recommendations and post "

@@ -453,6 +453,16 @@ def test_recommend_cli_json_and_table(trained, log, tmp_path, capsys):
     empty.mkdir()
     assert main([*args, "--k", "2", "--metadata", str(empty)]) == 2
     assert "no item titles found" in capsys.readouterr().err
+    # Titles of another catalogue: every title printed "-" without a word (a serving review); the model's own: quiet
+    other, own = tmp_path / "other" / "u.item", tmp_path / "own" / "u.item"
+    for path, ids in ((other, ["9001", "9002"]), (own, data.catalogue.tolist())):
+        path.parent.mkdir()
+        path.write_text("".join(f"{i}|Film {i} (1999)|01-Jan-1999||http://x|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+                                for i in ids), encoding="latin-1")
+    assert main([*args, "--k", "2", "--metadata", str(other)]) == 0
+    assert f"has titles for 0 of the {len(data.catalogue)} items" in capsys.readouterr().err
+    assert main([*args, "--k", "2", "--metadata", str(own)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_recommend_on_the_built_in_synthetic_log_of_a_quick_start_model(trained, monkeypatch, tmp_path, capsys):
