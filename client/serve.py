@@ -50,6 +50,10 @@ def _trainable_id(v: str) -> str:
         raise ValueError("must not start or end with spaces or contain NUL characters")
     if v.lower() == "nan":
         raise ValueError("'nan' reads as a missing id in the training log")
+    if not v:  # GET /users//recommendations answered a cold-start list (a serving review)
+        raise ValueError("must not be empty")
+    if "\ufffd" in v:  # what bytes that are not UTF-8 in the URL decode to: no POST can store that id
+        raise ValueError("must be UTF-8 text (it holds bytes that are not)")
     return v
 
 

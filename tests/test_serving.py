@@ -599,6 +599,9 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("GET", "/users/42%20/recommendations", {}), "user_id: Value error, must not start or end with spaces"),
     (("GET", "/users/42%00/recommendations", {}), "user_id: Value error, must not start or end with spaces"),
     (("GET", "/users/nan/recommendations", {}), "user_id: Value error, 'nan' reads as a missing id"),
+    # a serving review: an empty id and bytes that are not UTF-8 answered a cold-start list
+    (("GET", "/users//recommendations", {}), "user_id: Value error, must not be empty"),
+    (("GET", "/users/%FF%FE/recommendations", {}), "user_id: Value error, must be UTF-8 text"),
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": 2**62}}), "timestamp"),
     # a serving review: a time in milliseconds was stored, and stayed the user's last event for good
     (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "timestamp": int(time.time() * 1000)}}),
