@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def plot_sweep(csv_path: Path) -> list[Path]:
     config_keys = per_config + (["target-epsilon"] if "target-epsilon" in frame.columns else [])
     curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     partners: dict[str, list[float]] = defaultdict(list)
+    gone = [str(row["run-dir"]) for _, row in frame.iterrows() if not Path(str(row["run-dir"])).is_dir()]
+    if gone:  # their rounds were left out of the curves in silence (a research-CLI review)
+        print(f"warning: {len(gone)} of the {len(frame)} runs' directories are gone (e.g. {gone[0]}): the round "
+              "curves and per-partner plots leave them out", file=sys.stderr)
     for _, row in frame.iterrows():
         label = _label(row, config_keys)
         lines = _rounds(Path(str(row["run-dir"])))

@@ -925,3 +925,22 @@ def test_a_damaged_results_cell_is_one_line_for_the_plots_and_the_table(tmp_path
     assert len(err) == 1 and err[0].startswith("error: no plots:") and "the results are kept" in err[0]
     assert sweep.main([str(config), "--table", "ndcg@10"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_plots_say_when_runs_directories_are_gone(tmp_path, capsys):
+    # Their rounds were left out of the curves in silence (a research-CLI review)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from simulations.plots import plot_sweep
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "ndcg@10": 0.15}) + "\n")
+    path = tmp_path / "r.csv"
+    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10,run-dir\n"
+                    f"a,ok,mf,1,8,0.15,{run_dir}\nb,ok,mf,2,8,0.12,{tmp_path / 'deleted'}\n")
+    assert plot_sweep(path)
+    assert f"1 of the 2 runs' directories are gone (e.g. {tmp_path / 'deleted'})" in capsys.readouterr().err
+    path.write_text("run-id,status,model,seed,target-epsilon,ndcg@10,run-dir\n" f"a,ok,mf,1,8,0.15,{run_dir}\n")
+    assert plot_sweep(path) and "gone" not in capsys.readouterr().err
