@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from client.partner_policy import catalogue_pin
+from client.ledger_file import refuse_what_is_not_a_ledger
+from client.partner_policy import catalogue_pin, check_node_config, refuse_a_cap_without_ledger
 from common.data.catalogue import catalogue_fingerprint, load_catalogue
 from common.data.loaders import load_interactions
 from common.data.sequences import MIN_INTERACTIONS, build_sequences
@@ -81,10 +82,7 @@ def check_node_config_text(text: str) -> dict[str, Any]:
     """A SuperNode's ``--node-config`` string parsed by Flower's parser and checked as the ClientApp checks it at
     its first message (client/partner_policy.py), plus its ledger-path: a file that is no usable ledger, or a
     folder that does not exist, is refused here instead of at the first round. Reads only; raises one line."""
-    from flwr.common.config import parse_config_args
-
-    from client.ledger_file import refuse_what_is_not_a_ledger
-    from client.partner_policy import check_node_config, refuse_a_cap_without_ledger
+    from flwr.common.config import parse_config_args  # lazy: data check without it stays light
 
     try:
         node = dict(parse_config_args([text])) if text.strip() else {}

@@ -117,13 +117,17 @@ def parse_run_config(values: str | list[str] | None) -> dict:
         keys = [key for value in values for key, _ in _PAIR.findall(value)]
         if repeated := sorted({k for k in keys if keys.count(k) > 1}):  # Flower: "invalid format" only
             raise ConfigError(f"--run-config: {repeated[0]} is given more than once; give each key once")
-        for key, value in (pair for v in values for pair in _PAIR.findall(v)):
-            try:  # Flower's error names no key: find the value it cannot read (unquoted text, e.g. a path)
-                parse_config_args([f"{key}={value}"])
-            except Exception:  # noqa: BLE001 -- click.ClickException, or a TOML error from older Flower
-                raise ConfigError(f"--run-config: {key}={value} is not a number, true / false or quoted text; "
-                                  f"put text in double quotes: {key}=\"{value}\"") from None
-        return parse_config_args(values)
+        try:
+            return parse_config_args(values)
+        except Exception:  # noqa: BLE001 -- click.ClickException, or a TOML error from older Flower
+            # Flower's error names no key: find the value it cannot read (unquoted text, e.g. a path)
+            for key, value in (pair for v in values for pair in _PAIR.findall(v)):
+                try:
+                    parse_config_args([f"{key}={value}"])
+                except Exception:  # noqa: BLE001 -- as above
+                    raise ConfigError(f"--run-config: {key}={value} is not a number, true / false or quoted text; "
+                                      f"put text in double quotes: {key}=\"{value}\"") from None
+            raise
     try:
         return parse_config_args(values)
     except OSError:
