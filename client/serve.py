@@ -29,7 +29,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.recommend import GlobalModel, Recommender, find_model_file, load_global_model
@@ -68,6 +68,8 @@ FUTURE_SLACK_S = 86_400  # an event's time may run this far ahead of the server'
 class EventIn(BaseModel):
     """One interaction a user just had (``timestamp``: unix seconds, default now)."""
 
+    # A misspelt field ("ratng", "time") was dropped in silence with a 201: the rating lost, the time "now"
+    model_config = ConfigDict(extra="forbid")
     user_id: TrainableId = Field(min_length=1, max_length=200)
     item_id: TrainableId = Field(min_length=1, max_length=200)
     # The training log reader drops times from 2**62 on; a JSON true/false is not a time (pydantic would read 1/0)
@@ -239,6 +241,10 @@ def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str,
         for err in exc.errors():
             if err.get("type") == "json_invalid":
                 problems.append(f"body: not valid JSON ({err.get('ctx', {}).get('error', 'cannot be parsed')})")
+                continue
+            if err.get("type") == "extra_forbidden":
+                problems.append(f"{'.'.join(str(p) for p in err['loc'][1:])}: not a field of an event "
+                                f"({', '.join(EventIn.model_fields)})")
                 continue
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")) or "request"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")

@@ -620,6 +620,10 @@ def test_api_cold_start_user_is_labelled_and_learns_from_events(api, trained):
     (("POST", "/events", {"content": iter([b'{"user_id": "1", "item_id": "1", "pad": "', b"x" * 70_000, b'"}']),
                           "headers": {"content-type": "application/json"}}), "body: over 65536 bytes"),
     (("DELETE", "/events", {}), "Method Not Allowed"),
+    # a misspelt field was dropped in silence: the rating lost, or the event stored at "now"
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "ratng": 4}}),
+     "ratng: not a field of an event (user_id, item_id, timestamp, rating, event)"),
+    (("POST", "/events", {"json": {"user_id": "1", "item_id": "1", "time": 881250949}}), "time: not a field"),
     # a bad-input review: curl -d sends a form type, and the answer was "Input should be a valid dictionary"
     (("POST", "/events", {"content": b'{"user_id": "1", "item_id": "1"}',
                           "headers": {"content-type": "application/x-www-form-urlencoded"}}),
