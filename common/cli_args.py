@@ -125,8 +125,7 @@ def parse_run_config(values: str | list[str] | None) -> dict:
                 try:
                     parse_config_args([f"{key}={value}"])
                 except Exception:  # noqa: BLE001 -- as above
-                    raise ConfigError(f"--run-config: {key}={value} is not a number, true / false or quoted text; "
-                                      f"put text in double quotes: {key}=\"{value}\"") from None
+                    raise ConfigError(_unreadable_value(key, value)) from None
             raise
     try:
         return parse_config_args(values)
@@ -136,6 +135,65 @@ def parse_run_config(values: str | list[str] | None) -> dict:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"--run-config {values[0]}: not a flat TOML file of run config keys ({reason}); a sweep "
                           "file goes to `python -m simulations.sweep`") from None
+
+
+def _unreadable_value(key: str, value: str) -> str:
+    """Why Flower cannot read ``key=value``, and what to write instead."""
+    if re.search(r",\s*[\w.-]+=", value):  # "quote it" was wrong advice for pairs joined by commas (a review)
+        return f"--run-config: {key}={value}: separate key=value pairs with spaces, not commas"
+    if re.fullmatch(r"[+-]?\d+,\d+", value):
+        return f"--run-config: {key}={value} is not a number; write decimals with a point: {key}={value.replace(',', '.')}"
+    return (f"--run-config: {key}={value} is not a number, true / false or quoted text; "
+            f"put text in double quotes: {key}=\"{value}\"")
+
+
+def app_run_config(project: str | os.PathLike) -> dict:
+    """The ``[tool.flwr.app.config]`` table of the Flower app in folder ``project``, flattened as
+    ``flwr run`` reads it: what a run config starts from before ``--run-config``. ``{}`` where the
+    folder has no ``pyproject.toml`` or its file is not a Flower app's; a file TOML cannot read is a
+    :class:`ConfigError` line (``flwr run`` would refuse it too)."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from common.errors import ConfigError
+
+    path = Path(project) / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a TOML file flwr run can read ({exc})") from None
+    app = table.get("tool", {}).get("flwr", {}).get("app")
+    if not isinstance(app, dict):
+        return {}
+    config = app.get("config", {})
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: [tool.flwr.app] config is not a table of run config keys")
+    return flatten_dict(config)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder of pyproject.toml, where `flwr run .` runs
+
+
+def with_app_config(overrides: dict) -> dict:
+    """``overrides`` on top of this project's own ``[tool.flwr.app.config]``, as ``flwr run .`` reads
+    them (Flower's ``run_simulation`` hands apps no run config, so an edit of the file was ignored by
+    the simulations); prints the keys where the file differs from the built-in defaults."""
+    app = app_run_config(PROJECT_ROOT)
+    if edited := edited_keys(app):
+        print(f"config: {PROJECT_ROOT / 'pyproject.toml'} [tool.flwr.app.config] (edited: {', '.join(edited)}), "
+              "then --run-config", flush=True)
+    return {**app, **overrides}
+
+
+def edited_keys(app_config: dict) -> list[str]:
+    """The keys of an app's ``[tool.flwr.app.config]`` whose value differs from the built-in defaults."""
+    from common.config import DEFAULTS
+
+    return sorted(k for k, v in app_config.items() if k not in DEFAULTS or v != DEFAULTS[k]
+                  or isinstance(v, bool) != isinstance(DEFAULTS[k], bool))
 
 
 def output_file(text: str) -> Path:

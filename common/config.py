@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,6 +125,11 @@ def resolve_config(run_config: Mapping[str, Any] | None = None, overrides: Mappi
                 hint = f"did you mean {near[0]!r}? " if near else ""
                 raise ConfigError(f"unknown config key {key!r}; {hint}known keys: {', '.join(sorted(DEFAULTS))}")
             cfg[key] = _coerce(key, value)
+    for key in ("run-dir", "ledger-dir"):  # "~/runs" made a folder named "~" in the working folder (a review)
+        if str(cfg[key]).startswith("~"):
+            cfg[key] = os.path.expanduser(str(cfg[key]))
+            if cfg[key].startswith("~"):
+                raise ConfigError(f"{key} = {cfg[key]!r}: no such home folder here; give the full path")
     from common.config_checks import check_values  # range checks live beside, to keep this module the table
 
     check_values(cfg)

@@ -98,16 +98,26 @@ def _add_items(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import os
 
-    from common.cli_args import parse_run_config
+    from common.cli_args import app_run_config, edited_keys, parse_run_config
     from common.config import ignored_knobs, resolve_config
     from common.data.catalogue import catalogue_fingerprint
     from common.errors import CheckpointError, ConfigError
     from common.files import file_in_the_way
     from common.privacy import dp_mode
     from server.app import initial_model
+    from server.checkpoint import CHECKPOINT_NAME
     from server.resume import resumable_checkpoint, run_fingerprint
 
-    cfg = resolve_config(None, parse_run_config(args.run_config))
+    # flwr run starts from the app's pyproject.toml: an edit there was checked against the defaults (a review)
+    app = app_run_config(args.app)
+    if app:
+        edited = edited_keys(app)
+        print(f"config: {Path(args.app) / 'pyproject.toml'} [tool.flwr.app.config] "
+              f"({'edited: ' + ', '.join(edited) if edited else 'the built-in defaults'}), then --run-config")
+    else:
+        print(f"note: {args.app} holds no Flower app's pyproject.toml: checked against the built-in defaults; "
+              "give --app the folder flwr run is given")
+    cfg = resolve_config(app, parse_run_config(args.run_config))
     if ignored := ignored_knobs(cfg):
         verb = "changes" if len(ignored) == 1 else "change"
         print(f"note: {', '.join(ignored)} {verb} nothing with model = {cfg['model']}, item-features = "
@@ -156,6 +166,10 @@ def _check(args: argparse.Namespace) -> int:
         existing = next(p for p in (base, *base.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"run-dir = {str(cfg['run-dir'])!r}: cannot create a run directory under {existing}")
+        named = base / str(cfg["run-name"]) if cfg["run-name"] else None
+        if named is not None and (named / CHECKPOINT_NAME).is_file():  # forgot resume=true: budget spent again
+            print(f"note: {named} holds a run with a checkpoint; without resume=true this run starts afresh in a "
+                  "new directory beside it (partners train and spend budget again): add resume=true to continue it")
         print(f"a new run directory under {base}")
     if cfg.get("ledger-dir"):  # simulated partners keep their ledgers there (deployed ones where they run)
         if file := file_in_the_way(str(cfg["ledger-dir"])):
@@ -215,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--run-config", action="append", default=[],
                        help="the same --run-config flwr run gets (relative paths resolve from this folder; "
                             "give absolute ones, as the SuperLink's folder differs)")
+    check.add_argument("--app", default=".", help="the Flower app's folder, as given to flwr run (default .): "
+                       "its pyproject.toml [tool.flwr.app.config] is what --run-config overrides")
     check.set_defaults(func=_check)
 
     report = sub.add_parser("report", help="where a run stands, from its run directory (exit 0 complete, 3 not)")

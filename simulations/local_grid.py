@@ -26,7 +26,7 @@ set_simulation_env()
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from common.cli_args import parse_run_config, positive_int  # noqa: E402
+from common.cli_args import parse_run_config, positive_int, with_app_config  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, e.g. "dp=false num-server-rounds=3"')
     args = parser.parse_args(argv)
-    overrides = parse_run_config(args.run_config)
+    overrides = with_app_config(parse_run_config(args.run_config))  # pyproject.toml's table, then the overrides
     # simulations.run's checks before any work (a simulation-features journey: min-nodes above the partner
     # count waited out node-wait-timeout, and a cross-device split of 3 partners ended with exit 0)
     from simulations.preflight import preflight

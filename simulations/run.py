@@ -19,7 +19,7 @@ set_simulation_env()
 
 
 from common.config import resolve_config  # noqa: E402
-from common.cli_args import parse_run_config, positive_int  # noqa: E402
+from common.cli_args import parse_run_config, positive_int, with_app_config  # noqa: E402
 from common.errors import FedRecError  # noqa: E402
 from common.privacy import dp_mode, refuse_many_examples_per_user, uses_local_dp  # noqa: E402
 from common.run_files import read_json_object  # noqa: E402
@@ -36,6 +36,7 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     """Run a simulation with ``num_partners`` virtual partners; returns the run directory."""
     import logging
 
+    given, overrides = overrides, with_app_config(overrides)  # pyproject.toml's table, then the overrides
     cfg = resolve_config(None, overrides)  # fail fast on bad keys and data, before torch, Ray and the apps load
     refuse_many_examples_per_user(cfg)
     from common.task import federation_data
@@ -63,7 +64,6 @@ def run_federation(overrides: dict, num_partners: int, *, cpus_per_client: float
     from simulations.population import describe_partners, write_population
     from simulations.resources import backend_config
 
-    given = overrides
     cfg["run-name"] = cfg["run-name"] or _auto_name(cfg, num_partners)
     overrides = {**overrides, "run-name": cfg["run-name"]}
     base = Path(cfg["run-dir"])
