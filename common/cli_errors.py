@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 from common.errors import FedRecError
 
+# Storage the user can fix: no space or quota left, a read-only file system, a name or file too long
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG})
 USER_MISTAKE = 2  # the exit status of a user mistake (one error: line)
 RUN_NOT_COMPLETE = 3  # a run that ended without all its rounds (fedrec-server report; simulations that aggregated nothing)
 
@@ -53,5 +56,12 @@ def user_errors_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[
             # exit would print a second BrokenPipeError
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
+        except OSError as exc:  # a full disk, a read-only mount, a name too long: a traceback before (a review)
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            where = f" {exc.filename!r}" if exc.filename else ""
+            print(f"error: cannot write{where}: {exc.strerror or exc}; free space or choose another folder, "
+                  "then run the command again", file=sys.stderr)
+            return USER_MISTAKE
 
     return wrapped

@@ -42,6 +42,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def _write_then_rename(target: Path, data: bytes, mode: int | None) -> Path:
     """``data`` into a fresh temporary file beside ``target`` (``mode`` exactly, else the umask's),
     synced, then renamed over ``target``; the folder is synced so the rename survives a crash."""
+    tmp = _staged(target, data, mode)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(target.parent)
+    return target
+
+
+def _staged(target: Path, data: bytes, mode: int | None) -> Path:
+    """A fresh, synced temporary file beside ``target`` holding ``data`` (removed if writing fails)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
@@ -51,12 +63,10 @@ def _write_then_rename(target: Path, data: bytes, mode: int | None) -> Path:
             os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)  # the umask may have removed bits, never added: make it exact
-        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_folder(target.parent)
-    return target
+    return tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -183,3 +193,23 @@ def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL + mode: a private key is never readable by others, not even for an instant.
     _write_then_rename(path, data, mode)
+
+
+def write_files(files: list[tuple[Path, bytes, int]], *, force: bool, hint: str = "") -> None:
+    """:func:`write_file` for a set that only works together (a CA and the certificate it signed):
+    every file is written beside its target before any is renamed into place, so a full disk leaves
+    the folder as it was, not half a set that a rerun would call existing credentials."""
+    refuse_existing([path for path, _, _ in files], force=force, hint=hint)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((_staged(path, data, mode), path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:  # renames in one folder need no space
+        os.replace(tmp, path)
+    for folder in {path.parent for _, path in staged}:
+        _sync_folder(folder)

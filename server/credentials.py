@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_file
+from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_files
 
 @dataclass(frozen=True)
 class ServerCredentials:
@@ -39,6 +39,14 @@ def _san(host: str) -> x509.GeneralName:
     except ValueError:
         pass
     # A DNS name (RFC 1123 labels; "*." for a wildcard): a typo here makes every partner's TLS check fail
+    if host.rsplit(".", 1)[-1].isdigit():  # no top-level label is all digits: 10.0.0.256 is a mistyped IP (a review)
+        raise ConfigError(f"--host {host!r} is not an IP address (four numbers 0-255, or IPv6) nor a DNS name")
+    if not host.isascii():
+        try:
+            ascii_form = f": {host.encode('idna').decode('ascii')}"
+        except UnicodeError:
+            ascii_form = ""
+        raise ConfigError(f"--host {host!r}: give a name with accents in its ASCII (punycode) form{ascii_form}")
     if not re.fullmatch(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
                         host) or len(host) > 253:
         raise ConfigError(f"--host {host!r} is neither an IP address nor a DNS name")
@@ -103,8 +111,9 @@ def create_server_credentials(
         .sign(ca_key, hashes.SHA256())
     )
 
-    write_file(paths.ca_key, _pem_key(ca_key), mode=PRIVATE_MODE, force=force)
-    write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC_MODE, force=force)
-    write_file(paths.server_key, _pem_key(server_key), mode=PRIVATE_MODE, force=force)
-    write_file(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC_MODE, force=force)
+    write_files([(paths.ca_key, _pem_key(ca_key), PRIVATE_MODE),
+                 (paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE),
+                 (paths.server_key, _pem_key(server_key), PRIVATE_MODE),
+                 (paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)],
+                force=force, hint=CREDENTIALS_HINT)
     return paths

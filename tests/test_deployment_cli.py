@@ -86,12 +86,40 @@ def test_certs_refuse_to_overwrite_unless_forced(tmp_path, capsys):
     (["--host", ""], "neither an IP address nor a DNS name"),
     (["--host", "bad host name!!"], "neither an IP address nor a DNS name"),
     (["--host", "localhost", "--days", "99999999"], "between 1 and 36500"),
+    # a coordinator review: a mistyped IP became the DNS name "10.0.0.256", which no partner's TLS check accepts
+    (["--host", "10.0.0.256"], "'10.0.0.256' is not an IP address (four numbers 0-255, or IPv6) nor a DNS name"),
+    (["--host", "ünïcode.example"], "in its ASCII (punycode) form: xn--ncode-cta3g.example"),
 ])
 def test_impossible_certificate_settings_are_one_line_and_write_nothing(tmp_path, capsys, args, says):
     assert server_main(["certs", "--out", str(tmp_path / "certs"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0]
     assert not (tmp_path / "certs").exists()
+
+
+def test_certs_on_a_full_disk_leave_no_half_set_behind(tmp_path, capsys, monkeypatch):
+    # a coordinator review: a full disk left ca.crt and ca.key, and the rerun called them existing credentials
+    import errno
+
+    import common.files as files
+
+    staged = files._staged
+    calls = []
+
+    def third_fails(target, data, mode):  # noqa: ANN001, ANN202
+        calls.append(target)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return staged(target, data, mode)
+
+    monkeypatch.setattr(files, "_staged", third_fails)
+    out = tmp_path / "certs"
+    assert server_main(["certs", "--out", str(out), "--host", "localhost"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither the first two files nor their temporary copies
+    monkeypatch.setattr(files, "_staged", staged)
+    assert server_main(["certs", "--out", str(out), "--host", "localhost"]) == 0  # no --force needed
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
 
 
 def test_node_keys_are_what_flower_expects(tmp_path, capsys):

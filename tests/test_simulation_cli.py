@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
@@ -152,6 +153,35 @@ def test_a_damaged_or_busy_sqlite_file_is_one_line(error, said, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and said in err[0]
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (OSError(errno.ENOSPC, "No space left on device"), "error: cannot write: No space left on device; free space"),
+    (OSError(errno.EROFS, "Read-only file system", "runs/r1"), "error: cannot write 'runs/r1': Read-only file system"),
+    (OSError(errno.ENAMETOOLONG, "File name too long", "a" * 300), "File name too long"),
+])
+def test_a_full_disk_or_read_only_folder_is_one_line(error, said, capsys):
+    # fedrec-server certs on a full disk, catalogue on a read-only mount: OSError tracebacks (a coordinator review)
+    from common.cli_errors import user_errors_exit
+
+    @user_errors_exit
+    def main(argv: list[str] | None = None) -> int:
+        raise error
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0]
+
+
+def test_an_os_error_that_is_no_user_mistake_still_surfaces():
+    from common.cli_errors import user_errors_exit
+
+    @user_errors_exit
+    def main(argv: list[str] | None = None) -> int:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):
+        main([])
 
 
 def test_output_into_a_reader_that_left_ends_without_a_traceback():
