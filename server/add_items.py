@@ -126,7 +126,10 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
 
     check_old_text_rows(trained_text_table(blob, source), embeddings, old, features_path, int8_encoded(config))
 
-    grown_config = {**config, "catalogue": str(catalogue_path), "item-text-features": str(features_path)}
+    # absolute: the files are read wherever the model is served or grown again (a relative path held only
+    # in the folder this command ran in: a coordinator review)
+    grown_config = {**config, "catalogue": str(Path(catalogue_path).resolve()),
+                    "item-text-features": str(Path(features_path).resolve())}
     grown = build_model(grown_config, len(new), catalogue=new)
     grown.load_state_dict(blob["state_dict"])  # TextSASRec pads the new items' ID rows with zeros
     provenance = {"from-catalogue": catalogue_fingerprint(old), "added": len(added),
@@ -137,4 +140,5 @@ def add_items(model_path: str | os.PathLike, catalogue_path: str | os.PathLike, 
                 **({"rounds-aggregated": blob["rounds-aggregated"]} if "rounds-aggregated" in blob else {})}, buf)
     write_file(out, buf.getvalue(), mode=PUBLIC_MODE, force=force, hint="partners serving it will reload the new file")
     return {"model": str(out), "items": len(new), "added": len(added), "first-added": str(added[0]),
-            "fingerprint": catalogue_fingerprint(new), "item-features": features}
+            "fingerprint": catalogue_fingerprint(new), "item-features": features,
+            "catalogue": grown_config["catalogue"], "item-text-features": grown_config["item-text-features"]}

@@ -91,7 +91,7 @@ def _add_items(args: argparse.Namespace) -> int:
     print(f"added {done['added']} items (first {done['first-added']!r}) to the {done['item-features']} model: "
           f"{done['items']} items (fingerprint {done['fingerprint']}) -> {done['model']}")
     print("serve it as any model.pt (`fedrec-client serve --model` reloads a replaced file); partners need "
-          f"{args.catalogue} and {args.item_text_features} at those paths")
+          f"{done['catalogue']} and {done['item-text-features']} at those paths")
     return 0
 
 

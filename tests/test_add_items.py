@@ -76,6 +76,19 @@ def test_new_items_are_scored_by_their_text_and_old_scores_are_unchanged(trained
     assert {r.item_id for r in recs.items}.isdisjoint({"10", "40"}) and len(recs.items) == 3
 
 
+def test_the_grown_model_names_its_files_by_absolute_path(trained, monkeypatch, capsys):
+    # a coordinator review: run from the files' folder with relative names, the model was unservable elsewhere
+    tmp_path, _, _ = trained
+    monkeypatch.chdir(tmp_path)
+    assert server_main(["add-items", "--model", ".", "--catalogue", "catalogue_v2.txt", "--item-text-features",
+                        "text_v2.npz", "--out", "model_v2.pt"]) == 0
+    assert f"partners need {tmp_path / 'catalogue_v2.txt'} and {tmp_path / 'text_v2.npz'}" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path.parent)
+    served = load_global_model(tmp_path / "model_v2.pt")
+    assert served.config["catalogue"] == str(tmp_path / "catalogue_v2.txt")
+    assert served.config["item-text-features"] == str(tmp_path / "text_v2.npz")
+
+
 def test_the_grown_model_records_what_was_added_after_earlier_additions(trained):
     """model.pt keeps every add-items step (the earlier ones, then this one with its count): a run started from
     it states how many items have untrained ID rows (a mutation audit)."""
