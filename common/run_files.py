@@ -30,10 +30,10 @@ def metrics_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
     lines, bad = [], 0
-    for text in path.read_text().splitlines():
+    for text in path.read_bytes().splitlines():  # bytes: a line that is not UTF-8 is one unreadable line (a review)
         try:
             line = json.loads(text) if text.strip() else None
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError included
             bad += 1
             continue
         if isinstance(line, dict):

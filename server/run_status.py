@@ -43,6 +43,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json; the ServerApp writes one when a run starts)")
     cfg = read_json_object(run_dir / "config.json")
+    if "num-server-rounds" not in cfg:  # `{}` read "complete, 2 of 0 rounds logged" (a coordinator review)
+        raise DataError(f"{run_dir / 'config.json'}: no num-server-rounds; not a run's config (edited or damaged)")
     try:
         planned, k = int(cfg.get("num-server-rounds", 0)), int(cfg.get("top-k", 10))
     except (TypeError, ValueError):  # a traceback (a research-CLI review)
@@ -95,6 +97,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  {status['guarantee']}")
     elif not status["privacy-json"]:
         lines.append("  no privacy.json: no round has reported yet, or a run of an older version")
+    else:  # the ServerApp always states one, "no DP" included
+        lines.append("  privacy.json states no guarantee: the file was edited or damaged")
     for label, p in status["partners"].items():
         trained = ",".join(map(str, p.get("rounds-trained") or [])) or "none"
         extra = [f"refused {len(p['refused'])}x ({p['refused'][-1]})" if p["refused"] else "",

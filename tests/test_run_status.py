@@ -61,6 +61,17 @@ def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert server_cli(["report", str(tmp_path)]) == 3  # a crash mid-line: the whole lines count
     out = capsys.readouterr().out
     assert "incomplete, 1 of 3 rounds logged" in out and "no privacy.json" in out
+    # a coordinator review: bytes that are not UTF-8 were a UnicodeDecodeError traceback; {} read "2 of 0 rounds"
+    with (tmp_path / "metrics.jsonl").open("ab") as fh:
+        fh.write(b"\n\xff\xfe{}\n")
+    (tmp_path / "privacy.json").write_text(json.dumps({"a": 1}))
+    assert server_cli(["report", str(tmp_path)]) == 3
+    captured = capsys.readouterr()
+    assert "incomplete, 1 of 3 rounds logged" in captured.out and "skipped 2 unreadable line(s)" in captured.err
+    assert "privacy.json states no guarantee: the file was edited or damaged" in captured.out
+    (tmp_path / "config.json").write_text("{}")
+    assert server_cli(["report", str(tmp_path)]) == 2
+    assert "config.json: no num-server-rounds; not a run's config" in capsys.readouterr().err
 
 
 def test_the_report_reads_damaged_numbers_other_k_and_partners_without_dp(tmp_path, capsys, monkeypatch):
