@@ -123,6 +123,10 @@ def resolve_config(run_config: Mapping[str, Any] | None = None, overrides: Mappi
 
                 near = difflib.get_close_matches(str(key), list(DEFAULTS), n=1, cutoff=0.8)
                 hint = f"did you mean {near[0]!r}? " if near else ""
+                table, _, bare = str(key).rpartition(".")
+                if table and bare in DEFAULTS:  # a TOML file written with its pyproject header (a review)
+                    raise ConfigError(f"unknown config key {key!r}: a run config file is flat; write {bare!r} "
+                                      f"without the [{table}] table header")
                 raise ConfigError(f"unknown config key {key!r}; {hint}known keys: {', '.join(sorted(DEFAULTS))}")
             cfg[key] = _coerce(key, value)
     for key in ("run-dir", "ledger-dir"):  # "~/runs" made a folder named "~" in the working folder (a review)

@@ -104,3 +104,13 @@ def test_an_unreadable_value_gets_the_advice_that_fits_it(text, says):
     with pytest.raises(ConfigError, match=None) as exc:
         parse_run_config(text)
     assert says in str(exc.value)
+
+
+def test_a_run_config_file_with_the_pyproject_header_says_to_drop_it(tmp_path):
+    # a coordinator review: "unknown config key 'tool.flwr.app.config.num-server-rounds'" and 90 key names
+    toml = tmp_path / "run.toml"
+    toml.write_text("[tool.flwr.app.config]\nnum-server-rounds = 3\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(None, parse_run_config(str(toml)))
+    assert str(exc.value) == ("unknown config key 'tool.flwr.app.config.num-server-rounds': a run config file is "
+                              "flat; write 'num-server-rounds' without the [tool.flwr.app.config] table header")
