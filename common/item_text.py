@@ -106,6 +106,10 @@ def load_features(path: str | os.PathLike, catalogue: np.ndarray) -> tuple[np.nd
                         "there or set item-text-features to where it is") from None
     try:
         with np.load(p, allow_pickle=False) as z:
+            if missing := [name for name in ("item_ids", "embeddings", "texts") if name not in z.files]:
+                # numpy's KeyError read "(no 'texts is not a file in the archive')" (a review)
+                raise DataError(f"item text features {p}: not a features file from `fedrec-server item-text` "
+                                f"(no {', '.join(missing)} array in the archive)")
             ids, emb, texts = z["item_ids"].astype(str), z["embeddings"].astype(np.float32), z["texts"].astype(str)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # BadZipFile: a half-copied file (a review)
         # numpy's own words for a file that is no .npz ("contains pickled (object) data ... load it unsafely using

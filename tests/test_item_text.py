@@ -72,6 +72,10 @@ def test_published_file_reorders_and_rejects_missing_items(tmp_path):
         load_features(tmp_path / "bad.npz", CATALOGUE)
     with pytest.raises(DataError, match="no such file"):
         load_features(tmp_path / "absent.npz", CATALOGUE)
+    np.savez(tmp_path / "part.npz", item_ids=CATALOGUE, embeddings=emb)  # read "(no 'texts is not a file ...')"
+    with pytest.raises(DataError, match=r"part.npz: not a features file from `fedrec-server item-text` \(no texts array "
+                                        r"in the archive\)$"):
+        load_features(tmp_path / "part.npz", CATALOGUE)
     with pytest.raises(DataError, match="a directory; give the published .npz file itself"):
         load_features(tmp_path, CATALOGUE)
 
