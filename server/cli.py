@@ -158,6 +158,9 @@ def _check(args: argparse.Namespace) -> int:
             run_dir, ckpt = resumable_checkpoint(cfg, run_fingerprint(cfg, items, model))
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} ({where})" if relative and "no such run directory" in str(exc) else str(exc)) from None
+        if not os.access(run_dir, os.W_OK | os.X_OK):  # said "ok", then the run died on its first write (a review)
+            raise ConfigError(f"{run_dir}: this user cannot write in the run directory, where the resumed run "
+                              "writes its checkpoint, metrics and model")
         print(f"resumes {run_dir} after round {ckpt.round} of {cfg['num-server-rounds']}")
     else:
         if relative:

@@ -468,6 +468,13 @@ def test_fedrec_server_check_refuses_what_the_serverapp_would_before_flwr_run(tm
     assert server_main(["check", "--run-config", f'{base} run-name="r" resume=true']) == 0
     assert f"resumes {tmp_path / 'r'} after round 2 of 5" in capsys.readouterr().out
     assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755  # check changes nothing, not even the mode
+    # a run directory this user cannot write (another owner, a read-only mount; root passes os.access, so faked):
+    # check said "ok" and the resumed run died on its first write (a coordinator review)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "r") else real_access(p, mode))
+    assert server_main(["check", "--run-config", f'{base} run-name="r" resume=true']) == 2
+    assert "cannot write in the run directory" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", real_access)
     wider = base.replace("embedding-dim=8", "embedding-dim=16")  # another model than the checkpointed one
     # A relative run-dir is resolved in the SuperLink's folder under flwr run: check says so (a deployment review)
     monkeypatch.chdir(tmp_path.parent)
