@@ -12,6 +12,8 @@ from typing import Any
 from common.errors import DataError
 
 
+CHECKPOINT_NAME = "checkpoint.pt"  # in a run directory: what resume=true continues (server/checkpoint.py)
+
 def read_json_object(path: Path) -> dict:
     """A run file's JSON object; a corrupt or foreign file is one :class:`DataError` line."""
     try:

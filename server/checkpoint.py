@@ -31,8 +31,8 @@ from common.config import DEFAULTS
 from common.errors import CheckpointError
 from common.item_text import record_mismatch
 from common.files import write_private_bytes
+from common.run_files import CHECKPOINT_NAME  # noqa: F401 -- its home is light: `report` needs no torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
 MAGIC = b"FEDREC-CHECKPOINT"
 VERSION = 1
 # Config keys that may change between a run and its resumption (how, not what, is trained).

@@ -20,7 +20,7 @@ from typing import Any
 
 from common.cli_errors import RUN_NOT_COMPLETE
 from common.errors import DataError
-from common.run_files import finite_or_null, metrics_lines, read_json_object
+from common.run_files import CHECKPOINT_NAME, finite_or_null, metrics_lines, read_json_object
 
 INCOMPLETE = RUN_NOT_COMPLETE  # the exit status of a run that is not complete (a user mistake is 2)
 
@@ -70,6 +70,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "rounds-planned": planned, "failed-rounds": failed, "top-k": k,
         "final": None if last is None else {key: last.get(key) for key in ("round", f"hr@{k}", f"ndcg@{k}", "eval-users")},
         "guarantee": privacy.get("guarantee") if has_privacy else None, "privacy-json": has_privacy,
+        "checkpoint": (run_dir / CHECKPOINT_NAME).is_file(),
         "partners": {label: _partner(p) for label, p in sorted(partners.items()) if isinstance(p, dict)},
     })
 
@@ -84,9 +85,11 @@ def format_status(status: dict[str, Any]) -> str:
              f"{status['rounds-planned']} rounds logged"]
     if status["failed-rounds"]:
         lines.append(f"  rounds that aggregated no update: {', '.join(map(str, status['failed-rounds']))}")
-    if status["status"] == "incomplete":
+    if status["status"] == "incomplete" and status.get("checkpoint", True):
         lines.append("  (running, stopped or crashed: resume with --run-config 'run-name=\"%s\" resume=true')"
                      % status["run"])
+    elif status["status"] == "incomplete":  # resume refuses a run without one (a coordinator review)
+        lines.append("  (running, or stopped before its first checkpoint: no checkpoint to resume from; start it again)")
     final, k = status["final"], status["top-k"]
     if final:
         lines.append(f"  final evaluation (round {final['round']}): HR@{k} {_number(final[f'hr@{k}'], 4)}, "

@@ -61,6 +61,11 @@ def test_the_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert server_cli(["report", str(tmp_path)]) == 3  # a crash mid-line: the whole lines count
     out = capsys.readouterr().out
     assert "incomplete, 1 of 3 rounds logged" in out and "no privacy.json" in out
+    # no checkpoint: resume=true would be refused, so the report does not advise it (a coordinator review)
+    assert "no checkpoint to resume from; start it again" in out and "resume=true" not in out
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert server_cli(["report", str(tmp_path)]) == 3
+    assert "resume with --run-config 'run-name=" in capsys.readouterr().out
     # a coordinator review: bytes that are not UTF-8 were a UnicodeDecodeError traceback; {} read "2 of 0 rounds"
     with (tmp_path / "metrics.jsonl").open("ab") as fh:
         fh.write(b"\n\xff\xfe{}\n")
