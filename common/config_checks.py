@@ -114,6 +114,9 @@ def _check_run_name(name: str) -> None:
     if name and (name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name)):
         raise ConfigError(f"run-name = {name!r} must be one directory name under run-dir (no '/', '\\', '..' "
                           "or control characters); set run-dir for the folder")
+    # new_run_dir may add "-NN", and file systems take 255 bytes a name: "File name too long" mid-run (a review)
+    if len(name.encode("utf-8")) > 200:
+        raise ConfigError(f"run-name is {len(name.encode('utf-8'))} bytes long; give at most 200")
 
 
 def _check_combinations(cfg: Mapping[str, Any]) -> None:

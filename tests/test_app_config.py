@@ -114,3 +114,10 @@ def test_a_run_config_file_with_the_pyproject_header_says_to_drop_it(tmp_path):
         resolve_config(None, parse_run_config(str(toml)))
     assert str(exc.value) == ("unknown config key 'tool.flwr.app.config.num-server-rounds': a run config file is "
                               "flat; write 'num-server-rounds' without the [tool.flwr.app.config] table header")
+
+
+def test_a_run_name_too_long_for_a_folder_is_refused_before_the_run():
+    # check said "ok", and the ServerApp failed with "File name too long" (a coordinator review)
+    with pytest.raises(ConfigError, match="run-name is 300 bytes long; give at most 200"):
+        resolve_config(None, {"run-name": "a" * 300})
+    assert resolve_config(None, {"run-name": "a" * 200})["run-name"] == "a" * 200
