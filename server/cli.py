@@ -104,8 +104,8 @@ def _check(args: argparse.Namespace) -> int:
     from common.errors import CheckpointError, ConfigError
     from common.files import file_in_the_way
     from common.privacy import dp_mode
+    from common.run_files import CHECKPOINT_NAME
     from server.app import initial_model
-    from server.checkpoint import CHECKPOINT_NAME
     from server.resume import resumable_checkpoint, run_fingerprint
 
     # flwr run starts from the app's pyproject.toml: an edit there was checked against the defaults (a review)
