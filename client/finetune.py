@@ -35,7 +35,8 @@ from common.data.sequences import SequenceData, build_sequences
 from common.item_text import table_record
 from common.errors import ConfigError, FedRecError, PrivacyError
 from common.metrics import evaluate_ranking, means_from_sums
-from common.privacy import Mechanism, default_delta, epsilon_of, refuse_meaningless_delta, steps_per_epoch
+from common.privacy import (Mechanism, default_delta, epsilon_of, refuse_meaningless_delta, stated_epsilon,
+                            steps_per_epoch)
 from common.files import (PRIVATE_MODE, refuse_existing, refuse_overwriting_inputs, refuse_unwritable_folder,
                           write_file)
 from common.task import NAMED, with_data_identity
@@ -189,7 +190,7 @@ def _check_budget(ledger_path: str | os.PathLike, data: SequenceData, planned: M
         spent = ledger.epsilon(delta, ACCOUNTANT)
         after = ledger.epsilon(delta, ACCOUNTANT, extra=[planned])
         if after > target_epsilon:
-            raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} spent; this "
+            raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(spent)} of {target_epsilon:g} spent; this "
                                f"fine-tune ({what}) would reach {after:.3f} "
                                f"(ledger {ledger_path}); raise --noise-multiplier or wait for a new budget")
     except BaseException:

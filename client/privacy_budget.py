@@ -28,7 +28,7 @@ from common.data.sequences import SequenceData
 from common.errors import PrivacyError
 from common.per_user_clipping import expected_batch
 from common.privacy import (CALIBRATION_TOLERANCE, Mechanism, calibrate_noise_after, default_delta, dp_noise_seed,
-                            epsilon_of, steps_per_epoch)
+                            epsilon_of, stated_epsilon, steps_per_epoch)
 from common.item_prior import planned_prior, prior_mechanism, refuse_unaffordable_prior
 from common.private_count import count_mechanism, count_noise, noised_count
 from common.private_evaluation import evaluation_mechanism, planned_evaluations, refuse_unaffordable_evaluations
@@ -52,8 +52,8 @@ def _refuse_no_room_beside_evaluations(ledger: PrivacyLedger, spent_or_planned: 
     spent = ledger.epsilon(delta, accountant)
     if spent >= target:  # spent before this run: said without the planned evaluations, which are not spent
         # (the calibration's refusal counted them in, and the coordinator's report takes this number as the spend)
-        raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target:g} already spent")
-    raise PrivacyError(f"{label}: budget exhausted: epsilon {spent:.3f} of {target:g} already spent, and the {evals} "
+        raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(spent)} of {target:g} already spent")
+    raise PrivacyError(f"{label}: budget exhausted: epsilon {stated_epsilon(spent)} of {target:g} already spent, and the {evals} "
                        f"noised evaluations this run plans at evaluation-noise-multiplier {noise:g} would bring it to "
                        f"{with_evaluations:.3f}, leaving nothing for training; raise evaluation-noise-multiplier or "
                        "evaluate-every, or use a new ledger budget")
@@ -127,7 +127,7 @@ def _public_users(ledger: PrivacyLedger, run: str, exact: int, data: SequenceDat
         histogram = " and item histogram" if prior else ""
         hint = (f"; the item histogram's share: raise item-prior-noise-multiplier ({prior[0][0]:g} now) or "
                 "target-epsilon, or use item-prior = none" if prior else "")
-        raise PrivacyError(f"budget exhausted: epsilon {ledger.epsilon(delta, str(cfg['accountant'])):.3f} of "
+        raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(ledger.epsilon(delta, str(cfg['accountant'])))} of "
                            f"{target:g} ({label}; its noised user count{histogram}{evaluations} alone would reach "
                            f"{after:.3f} at count-noise-multiplier {noise:g}, ledger {ledger.path}){hint}")
     seed = dp_noise_seed(int(cfg["seed"]), 0, int(context.node_config.get("partition-id", context.node_id)), 2)
@@ -307,7 +307,7 @@ class PartnerBudget:
         target = self.calibration.target_epsilon
         after = self.ledger.epsilon(self.delta, self.accountant, extra=[mechanism])
         if after > target + EPSILON_SLACK:
-            raise PrivacyError(f"budget exhausted: epsilon {self.spent():.3f} of {target:g} "
+            raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(self.spent())} of {target:g} "
                                f"({self.label}; one more {what} would reach {after:.3f}, ledger {self.ledger.path})")
 
     def dp_settings(self, cfg: Mapping[str, Any], noise_seed: int | None = None) -> DPSettings:

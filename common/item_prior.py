@@ -50,7 +50,7 @@ def refuse_unaffordable_prior(cfg: Mapping[str, Any], delta: float, *, spent: Se
     starts "budget exhausted: epsilon S of T" (the coordinator's privacy report reads the spend from it) and
     names the knob; the calibration alone said "epsilon X already spent" of a histogram not yet released."""
     from common.errors import PrivacyError
-    from common.privacy import CALIBRATION_TOLERANCE, epsilon_of
+    from common.privacy import CALIBRATION_TOLERANCE, epsilon_of, stated_epsilon
 
     prior = planned_prior(cfg)
     if not prior:
@@ -61,8 +61,8 @@ def refuse_unaffordable_prior(cfg: Mapping[str, Any], delta: float, *, spent: Se
         return
     already = epsilon_of(list(spent), delta, accountant) if spent else 0.0
     if already >= target:  # spent before this run: said without the histogram, which is not spent
-        raise PrivacyError(f"budget exhausted: epsilon {already:.3f} of {target:g} already spent")
-    raise PrivacyError(f"{label + ': ' if label else ''}budget exhausted: epsilon {already:.3f} of {target:g} spent, "
+        raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(already)} of {target:g} already spent")
+    raise PrivacyError(f"{label + ': ' if label else ''}budget exhausted: epsilon {stated_epsilon(already)} of {target:g} spent, "
                        f"and the item histogram of item-prior = popularity at item-prior-noise-multiplier "
                        f"{prior[0][0]:g} would bring it to {with_prior:.3f} at delta {delta:.2g} before any training; "
                        "raise item-prior-noise-multiplier or target-epsilon, or use item-prior = none")

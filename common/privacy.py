@@ -201,7 +201,7 @@ def calibrate_noise_after(
                                sample_rate=sample_rate, total_steps=total_steps, accountant=accountant)
     spent = epsilon_of(history, target_delta, accountant)
     if spent >= target_epsilon - epsilon_tolerance:
-        raise PrivacyError(f"budget exhausted: epsilon {spent:.3f} of {target_epsilon:g} already spent")
+        raise PrivacyError(f"budget exhausted: epsilon {stated_epsilon(spent)} of {target_epsilon:g} already spent")
 
     def eps(sigma: float) -> float:
         return epsilon_of(history + [(sigma, sample_rate, total_steps)], target_delta, accountant)
@@ -222,6 +222,13 @@ def calibrate_noise_after(
             if e >= target_epsilon - epsilon_tolerance:
                 break
     return hi
+
+
+def stated_epsilon(epsilon: float) -> str:
+    """``epsilon`` as a stated spend or bound: 3 decimals rounded *up* (7.99746 is "7.998", not "7.997"), so
+    a figure read back from the text, as the coordinator's report reads a refusal's, is never below the
+    accountant's (a privacy review)."""
+    return f"{math.ceil(round(float(epsilon) * 1000, 6)) / 1000:.3f}"
 
 
 def epsilon_of(history: Iterable[Mechanism], delta: float, accountant: str = "rdp") -> float:

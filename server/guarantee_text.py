@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.privacy import central_epsilon_per_user, uses_central_dp, uses_local_dp
+from common.privacy import central_epsilon_per_user, stated_epsilon, uses_central_dp, uses_local_dp
 
 
 class GuaranteeText:
@@ -34,18 +34,40 @@ class GuaranteeText:
                 f"the pair by at most sqrt 2), accounted on the partners' ledgers in the epsilon above; the count of "
                 "evaluated users is a deployed partner's noised user count (on its ledger), a simulated partition's size")
 
+    def _spend_bound(self, p: dict[str, Any]) -> float:
+        """A partner's stated epsilon, or its target where a training message of this run went unanswered:
+        it may have trained then, and the spend its reply would have stated never reached the coordinator (a
+        privacy review: a reply after the run ended left the report at 6.97 and the ledger at 8.00). A partner
+        never trains past its target, so the target bounds that round."""
+        eps = float(p["epsilon"])
+        if p.get("no-reply"):
+            eps = max(eps, float(p.get("target-epsilon") or self.cfg["target-epsilon"]))
+        return eps
+
     def _local_bound(self, partners: list[dict[str, Any]]) -> str:
         """'(epsilon, delta)-DP ... at most (e, d) over N partners (worst: ...; targets ...)'."""
-        worst = max(partners, key=lambda p: float(p["epsilon"]))
+        worst = max(partners, key=self._spend_bound)
         # the largest delta, not the worst-epsilon partner's: partners account at their own (max-delta, an
         # earlier run's smaller promise), and "at most (e, d)" must hold for every one of them
         delta = max(float(p["delta"]) for p in partners)
         # each partner's own target: a node config max-epsilon may have lowered it below the run's
         targets = sorted({float(p.get("target-epsilon") or self.cfg["target-epsilon"]) for p in partners})
+        bound = self._spend_bound(worst)
+        why = (f", which did not answer round {', '.join(map(str, worst['no-reply']))}: it may have trained then, "
+               "up to its target" if bound > float(worst["epsilon"]) else "")
         return (f"(epsilon, delta)-DP for any one of its users' whole interaction history (user-level DP-SGD, "
-                f"{self.cfg['accountant']} accountant, whole ledger), at most ({float(worst['epsilon']):.3f}, "
-                f"{delta:.2g}) over {len(partners)} partner{'s' if len(partners) != 1 else ''} (worst: {worst['partner']}; "
-                f"targets {', '.join(f'{t:g}' for t in targets)})")
+                f"{self.cfg['accountant']} accountant, whole ledger), at most ({stated_epsilon(bound)}, "
+                f"{delta:.2g}) over {len(partners)} partner{'s' if len(partners) != 1 else ''} (worst: {worst['partner']}"
+                f"{why}; targets {', '.join(f'{t:g}' for t in targets)})")
+
+    def _silent_text(self) -> str:
+        """Partners that answered no training message at all: their spend is on their ledgers only."""
+        silent = sorted(p["partner"] for p in self.partners.values() if "epsilon" not in p and p.get("no-reply"))
+        if not silent or not uses_local_dp(self.mode):
+            return ""
+        return (f" {len(silent)} partner{'s' if len(silent) != 1 else ''} ({', '.join(silent)}) answered no training "
+                "message: any round they trained is on their ledgers, within their target-epsilon, not in this "
+                "report.")
 
     def guarantee(self) -> str:
         """One sentence stating what the run guarantees, with its numbers."""
@@ -92,7 +114,7 @@ class GuaranteeText:
         else:
             text = "; and ".join(parts)
             text = text[0].upper() + text[1:] + "."
-        return text + self._resumed_text() + self._start_model_text()
+        return text + self._silent_text() + self._resumed_text() + self._start_model_text()
 
     def _resumed_text(self) -> str:
         """A resumed run: a partner's update sent just before the stop reached no report, only its ledger."""

@@ -20,6 +20,7 @@ from common.evaluation import combine_partner_metrics
 from common.private_evaluation import SENSITIVITY, clamp_noised_sums
 from common.files import atomic_write_bytes, atomic_write_text
 from common.metrics import means_and_errors, means_from_sums
+from common.privacy import stated_epsilon
 from server.validation import OPTIONAL_METRICS_KEY
 
 
@@ -184,7 +185,7 @@ class RunRecorder:
         def shown(value: float | None, spec: str) -> str:
             return "n/a" if value is None else format(value, spec)
 
-        privacy = (f"epsilon {line['epsilon']:.3f} (delta {shown(line['delta'], '.2g')})" if line["epsilon"]
+        privacy = (f"epsilon {stated_epsilon(line['epsilon'])} (delta {shown(line['delta'], '.2g')})" if line["epsilon"]
                    else "no local DP" if line["train-loss"] is not None else "epsilon n/a")
         log(INFO, "round %d: HR@%d %s  NDCG@%d %s%s  %s  loss %s", server_round, k, shown(line[f"hr@{k}"], ".4f"),
             k, shown(line[f"ndcg@{k}"], ".4f"), interval, privacy, shown(line["train-loss"], ".4f"))
@@ -254,7 +255,7 @@ class RunRecorder:
         if guarantee:
             pass
         elif cfg.get("dp"):
-            guarantee = (f"Each partner's training is ({last.get('epsilon') or 0:.3f}, {last.get('delta') or 0:.2g})-DP "
+            guarantee = (f"Each partner's training is ({stated_epsilon(last.get('epsilon') or 0)}, {last.get('delta') or 0:.2g})-DP "
                          "for any one of its users' whole interaction history (user-level DP-SGD; worst partner shown).")
         else:
             guarantee = "No differential privacy: the released model carries no formal guarantee (dp = false)."

@@ -456,3 +456,44 @@ def test_an_evaluation_error_the_superlink_made_is_no_refusal_to_evaluate(tmp_pa
     report = PrivacyReport(tmp_path, resolve_config(None, {}))
     report.note_evaluation(1, [error])
     assert "refused-evaluation" not in report.partners.get("node-7", {})
+
+
+def test_a_stated_epsilon_is_rounded_up_never_below_the_accountants():
+    # A privacy review: 7.99746 was stated "7.997", and a refusal's text is the report's only record of a spend
+    import random
+
+    from common.privacy import stated_epsilon
+
+    assert (stated_epsilon(7.99746), stated_epsilon(7.997), stated_epsilon(8.0), stated_epsilon(0.0)) == \
+        ("7.998", "7.997", "8.000", "0.000")
+    rng = random.Random(0)
+    for eps in [rng.uniform(0, 20) for _ in range(2000)]:
+        assert eps <= float(stated_epsilon(eps)) < eps + 0.001
+
+
+def test_a_training_message_never_answered_raises_the_bound_to_the_partners_target(tmp_path, capsys):
+    # A privacy review: a reply that came after the run ended left privacy.json at 6.972 for a partner whose
+    # ledger held 7.9997; the partner may have trained in any round it did not answer, up to its target
+    from common.config import resolve_config
+    from server.cli import main as server_cli
+    from server.privacy_report import PrivacyReport
+
+    LocalGrid([])
+    report = PrivacyReport(tmp_path, resolve_config(None, {"num-server-rounds": 3}))
+    report.partners = {"a": {"partner": "a", "node-id": 7, "epsilon": 6.9723, "delta": 1e-5, "target-epsilon": 8.0},
+                       "b": {"partner": "b", "node-id": 8, "epsilon": 7.9, "delta": 1e-5, "target-epsilon": 8.0}}
+    report.node_labels = {7: "a", 8: "b"}
+    assert "at most (7.900, 1e-05) over 2 partners (worst: b; targets 8)" in report.guarantee()
+    report.note_unanswered(1, 7)
+    assert ("at most (8.000, 1e-05) over 2 partners (worst: a, which did not answer round 1: it may have trained "
+            "then, up to its target; targets 8)") in report.guarantee()
+    assert report.partners["a"]["epsilon"] == 6.9723  # the reported figure is kept as reported
+    report.note_unanswered(2, 9)  # a partner that answered nothing at all
+    assert "1 partner (node-9) answered no training message: any round they trained is on their ledgers" in \
+        report.guarantee()
+    # the coordinator's report says the same per partner
+    (tmp_path / "config.json").write_text(json.dumps({"num-server-rounds": 3}))
+    report.write()
+    server_cli(["report", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "a: epsilon 6.973 (delta 1e-05), up to its target 8 if it trained in a round it did not answer" in out

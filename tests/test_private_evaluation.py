@@ -404,6 +404,8 @@ def test_evaluations_that_alone_spend_the_budget_are_refused_in_one_line(tmp_pat
 def test_a_spent_ledger_is_told_its_real_spend_and_what_the_evaluations_add(tmp_path):
     # A deployment review: "budget exhausted: epsilon 8.311 of 8 already spent" while the ledger held 7.998
     # (the new run's planned evaluations were counted as spent)
+    from common.privacy import stated_epsilon
+
     cfg, context, budget = _budget(tmp_path, {"num-server-rounds": 2, "evaluation-noise-multiplier": 3.0})
     for r in (1, 2):
         budget.record(context, r, [budget.calibration.round_mechanism()])
@@ -412,7 +414,7 @@ def test_a_spent_ledger_is_told_its_real_spend_and_what_the_evaluations_add(tmp_
     budget.close()
     cfg2 = resolve_config(None, {**TINY, "run-dir": str(tmp_path), "num-server-rounds": 2,
                                  "evaluation-noise-multiplier": 3.0, "ledger-dir": str(tmp_path / "r" / "ledgers")})
-    with pytest.raises(PrivacyError, match=f"epsilon {spent:.3f} of 8 already spent, and the 2 noised evaluations"):
+    with pytest.raises(PrivacyError, match=f"epsilon {stated_epsilon(spent)} of 8 already spent, and the 2 noised evaluations"):
         PartnerBudget.open(cfg2, context, partner_data(cfg2, NODE), "second-run")
 
 
