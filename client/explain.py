@@ -9,9 +9,10 @@ A positive influence means the item raised ``j``'s score: the reason names the i
 the largest positive influence. An item the user had several times is listed once, with the
 influence of its most influential event (removing that one event, not all of them). Nothing is
 invented: removing the first named item's event lowers ``j``'s score by exactly the reported
-influence. (With ``time-features`` the other events keep their recorded time gaps, i.e. the removal
-asks "without this item, everything else as it happened"; re-deriving the gaps from the timestamps
-after the removal gives a slightly different drop.)
+influence. With ``time-features`` and the events' timestamps given, a removal is the event never
+having happened: the next event's time gap is re-derived from the timestamps (its gap to the event
+before the removed one), and each variant runs through the model (the shared-prefix path keeps every
+recorded gap, a counterfactual that differed in sign for a few percent of named reasons: a review).
 
 Only the last ``max_len`` items are inputs of the model, so only they can have influence;
 removing one lets the next older item enter the window, as it would in the real history.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from client.loo_forward import SharedStates, loo_hidden, shared_states, supported
-from common.models.context import model_inputs
+from common.models.context import model_inputs, time_gap_buckets
 from common.models.sasrec import SASRec
 
 MAX_REASONS = 2  # items named in the one-line reason
@@ -67,21 +68,26 @@ def history_states(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray
 
 @torch.inference_mode()
 def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
-                  max_len: int, *, states: SharedStates | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  max_len: int, *, states: SharedStates | None = None,
+                  times: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions, influence): the history positions that are model inputs (the last ``max_len``)
     and a (positions, targets) matrix of ``score(history) - score(history without that position)``.
 
-    ``states``: :func:`history_states` of this same history, if already computed."""
+    ``states``: :func:`history_states` of this same history, if already computed. ``times``: the
+    events' timestamps; a ``time-features`` model then re-derives a variant's gaps from them."""
     history = np.asarray(history, dtype=np.int64)
     gaps = np.zeros_like(history) if gaps is None else np.asarray(gaps, dtype=np.int64)
     positions = np.arange(max(0, len(history) - max_len), len(history))
-    states = states if states is not None else history_states(model, history, gaps, max_len)
-    if states is not None:  # the variants share prefixes: each state computed once (client/loo_forward.py)
+    rederive = times is not None and bool(getattr(model, "time_features", False))
+    if not rederive:
+        states = states if states is not None else history_states(model, history, gaps, max_len)
+    if states is not None and not rederive:  # the variants share prefixes: each state computed once (loo_forward)
         hidden = loo_hidden(model, states, (max_len - len(history) + positions).tolist())
         scores = _target_scores(model, hidden, targets)
         return positions, (scores[:1] - scores[1:]).cpu().numpy()
     variants = [history] + [np.delete(history, p) for p in positions]
-    variant_gaps = [gaps] + [np.delete(gaps, p) for p in positions]
+    variant_gaps = [gaps] + ([time_gap_buckets(np.delete(np.asarray(times, dtype=np.int64), p)) for p in positions]
+                             if rederive else [np.delete(gaps, p) for p in positions])
     inputs = model_inputs(model, variants, max_len, variant_gaps)
     if isinstance(model, SASRec):
         scores = _target_scores(model, model.hidden(inputs, last_only=True)[:, -1], targets)
@@ -99,12 +105,13 @@ def _target_scores(model: SASRec, hidden: torch.Tensor, targets: list[int]) -> t
 
 def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
                   max_len: int, *, name: Callable[[int], str], item_id: Callable[[int], str] | None = None,
-                  keep: int = 5, states: SharedStates | None = None) -> list[Explanation]:
+                  keep: int = 5, states: SharedStates | None = None, times: np.ndarray | None = None) -> list[Explanation]:
     """One :class:`Explanation` per target item index; ``name(index)`` labels a history item and
-    ``item_id(index)`` gives its raw id; ``states``: :func:`history_states` of this history, if already computed."""
+    ``item_id(index)`` gives its raw id; ``states``: :func:`history_states` of this history, if already computed;
+    ``times``: the events' timestamps (see :func:`leave_one_out`)."""
     if not targets:
         return []
-    positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states)
+    positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states, times=times)
     out = []
     for col in range(len(targets)):
         order = np.argsort(-influence[:, col], kind="stable")
@@ -128,5 +135,6 @@ def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
 def _reason(top: list[Influence]) -> str:
     names = list(dict.fromkeys(t.name for t in top))[:MAX_REASONS]  # two ids sharing a title: named once
     if not names:
-        return "recommended from your history as a whole (no single item raises its score)"
+        # "from your history as a whole" was often untrue: an empty history scored such items higher (a review)
+        return "no single item you watched raises its score (removing any one of them would not lower it)"
     return "because you watched " + " and ".join(names)

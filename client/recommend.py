@@ -253,7 +253,8 @@ class Recommender:
         if not known:
             return self._cold_start(user_id, items, k, popularity if popularity is not None else source.item_counts())
         history = np.array([i for i, _ in known], dtype=np.int64)
-        gaps = time_gap_buckets(np.array([t for _, t in known], dtype=np.int64))
+        known_times = np.array([t for _, t in known], dtype=np.int64)
+        gaps = time_gap_buckets(known_times)
         model = self.gm.model
         # With explanations, one forward serves both the scores and the leave-one-out variants (client/explain.py)
         states = history_states(model, history, gaps, self.gm.max_len) if explain else None
@@ -266,7 +267,7 @@ class Recommender:
         k = min(k, int(torch.isfinite(scores).sum()))
         top = torch.topk(scores, k).indices.tolist()
         explanations = explain_items(model, history, gaps, top, self.gm.max_len, name=lambda i: self._label(i),
-                                     item_id=self._item, states=states) if explain else [None] * len(top)
+                                     item_id=self._item, states=states, times=known_times) if explain else [None] * len(top)
         recs = [Recommendation(self._item(i), self.title(self._item(i)), float(scores[i]), e)
                 for i, e in zip(top, explanations)]
         return RecommendationList(str(user_id), recs, cold_start=False, strategy="model", history_length=len(items))
