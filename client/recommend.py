@@ -21,7 +21,7 @@ import torch
 
 from client.explain import Explanation, explain_items, history_states
 from common.data.loaders import Interactions
-from common.errors import DataError
+from common.errors import DataError, FedRecError
 from common.item_text import record_mismatch, table_record
 from common.model_file import read_model_file
 from common.models import build_model
@@ -92,10 +92,20 @@ def titles_mismatch(gm: "GlobalModel", titles: dict[str, str], source: object) -
     if not titles:
         return None
     named = sum(1 for item in gm.catalogue.tolist() if item in titles)
-    if named >= 0.5 * len(gm.catalogue):
-        return None
-    return (f"warning: metadata {source} has titles for {named} of the {len(gm.catalogue)} items of {gm.path}: "
-            "is it this catalogue's item metadata? the others print without a title")
+    if named < 0.5 * len(gm.catalogue):
+        return (f"warning: metadata {source} has titles for {named} of the {len(gm.catalogue)} items of {gm.path}: "
+                "is it this catalogue's item metadata? the others print without a title")
+    if str(gm.config.get("item-features", "id")) in ("text", "id+text"):  # the model knows its items' texts
+        from common.item_text import catalogue_text_features, texts_name_other_items
+
+        try:
+            _, texts = catalogue_text_features(gm.config, gm.catalogue)  # read when the model loaded: cached
+        except FedRecError:
+            return None
+        if found := texts_name_other_items(gm.catalogue, texts, titles):
+            # another data set's metadata named every reason wrongly, without a word (an explanations review)
+            return f"warning: metadata {source}: {found}, the texts {gm.path} was built on: is it this catalogue's?"
+    return None
 
 
 @dataclass

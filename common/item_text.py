@@ -67,6 +67,37 @@ def item_texts(catalogue: np.ndarray, metadata: Mapping[str, tuple[str, list[str
     return out
 
 
+def texts_name_other_items(items: np.ndarray, texts: Sequence[str], titles: Mapping[str, str]) -> str | None:
+    """How item texts disagree with ``titles`` (item id -> title), when for most items both name the text
+    does not begin with the title: texts encoded from another data set's titles (item 2 is Jumanji in
+    ML-1M, GoldenEye in ML-100K), which trained and explained in silence (a review); None if they agree."""
+    pairs = [(i, t, titles[i].strip()) for i, t in zip(np.asarray(items, dtype=str).tolist(), texts)
+             if str(titles.get(i, "")).strip()]
+    differ = [(i, t, title) for i, t, title in pairs if not t.startswith(title)]
+    if not pairs or len(differ) <= len(pairs) / 2:
+        return None
+    i, t, title = differ[0]
+    return (f"for {len(differ)} of the {len(pairs)} items with a title there the item text does not begin with it "
+            f"(item {i}: {t[:60]!r} against {title!r})")
+
+
+def published_texts_mismatch(cfg: Mapping[str, Any], items: np.ndarray) -> str | None:
+    """A warning line when the published ``item-text-features`` name other items than the metadata beside
+    ``dataset`` (None when either is absent or they agree)."""
+    if not cfg.get("item-text-features") or str(cfg.get("dataset")) == "synthetic":
+        return None
+    from common.data.attributes import metadata_path
+    from common.data.loaders import load_item_titles
+
+    meta = metadata_path(str(cfg["dataset"]))
+    if meta is None:
+        return None
+    _, texts = catalogue_text_features(cfg, items)
+    found = texts_name_other_items(items, texts, {i: title for i, (title, _) in load_item_titles(meta).items()})
+    return None if found is None else (f"item-text-features {cfg['item-text-features']}: {found}, in the metadata "
+                                       f"{meta}: encoded from another data set's titles?")
+
+
 def features_key(catalogue: np.ndarray, texts: Sequence[str], model: str) -> str:
     """Cache key: changes when the encoder setting ``model`` (an :func:`encoder_id`), the catalogue
     (ids or order) or any item text changes."""

@@ -43,6 +43,11 @@ def initial_model(cfg: dict) -> tuple[np.ndarray, torch.nn.Module, dict | None]:
     items = catalogue(cfg)
     model = new_model(cfg, len(items))
     check_run_config(cfg)
+    if cfg["item-features"] in ("text", "id+text") or cfg["item-init"] == "text":
+        from common.item_text import published_texts_mismatch
+
+        if warning := published_texts_mismatch(cfg, items):
+            log(WARNING, "%s", warning)
     if cfg["item-init"] == "cooccurrence":
         check_catalogue_size(len(items))  # each partner's table grows with its square
     start = None

@@ -169,3 +169,52 @@ def test_an_id_model_is_refused_and_an_existing_file_is_kept(trained, capsys):
     assert (tmp_path / "model_v2.pt").read_bytes() == b"served"
     assert grow(tmp_path, "--force") == 0
     assert load_global_model(tmp_path / "model_v2.pt").catalogue.tolist() == OLD + NEW
+
+
+def test_titles_of_another_data_set_are_warned_about_for_a_text_model(trained):
+    # An explanations review: ML-1M titles beside an ML-100K text model named every reason wrongly, in silence
+    from client.recommend import titles_mismatch
+
+    tmp_path, _, _ = trained
+    gm = load_global_model(tmp_path / "model.pt")  # its item texts are "10", "20", "30"
+    assert titles_mismatch(gm, {"10": "10", "20": "20", "30": "30"}, "meta") is None
+    assert titles_mismatch(gm, {"10": "10", "20": "Jumanji (1995)", "30": "30"}, "meta") is None  # one of three
+    warning = titles_mismatch(gm, {"10": "Jumanji (1995)", "20": "Heat (1995)", "30": "30"}, "meta")
+    assert warning == (f"warning: metadata meta: for 2 of the 3 items with a title there the item text does not begin "
+                       f"with it (item 10: '10' against 'Jumanji (1995)'), the texts {gm.path} was built on: is it "
+                       "this catalogue's?")
+
+
+def test_published_texts_of_another_data_set_are_named_when_a_run_starts(tmp_path):
+    from common.item_text import published_texts_mismatch
+
+    data = tmp_path / "ml"
+    data.mkdir()
+    (data / "u.data").write_text("".join(f"{u}\t{i}\t4\t{100 + i}\n" for u in (1, 2, 3) for i in (1, 2, 3)))
+    (data / "u.item").write_text("1|GoldenEye (1995)|01-Jan-1995||x|" + "|".join("0" * 19) + "\n"
+                                 "2|Four Rooms (1995)|01-Jan-1995||x|" + "|".join("0" * 19) + "\n"
+                                 "3|Get Shorty (1995)|01-Jan-1995||x|" + "|".join("0" * 19) + "\n")
+    items, emb = np.array(["1", "2", "3"]), unit_rows(3, seed=1)
+    cfg = {"dataset": str(data), "item-text-features": str(tmp_path / "f.npz")}
+    save_features(tmp_path / "f.npz", items, emb, model="enc",
+                  texts=["Toy Story (1995).", "Jumanji (1995).", "Get Shorty (1995). Genres: Comedy."])
+    assert "2 of the 3 items with a title there the item text does not begin with it (item 1: 'Toy Story (1995).' " \
+           "against 'GoldenEye (1995)')" in published_texts_mismatch(cfg, items)
+    save_features(tmp_path / "g.npz", items, emb, model="enc",
+                  texts=["GoldenEye (1995).", "Four Rooms (1995).", "Get Shorty (1995). Genres: Comedy."])
+    assert published_texts_mismatch({**cfg, "item-text-features": str(tmp_path / "g.npz")}, items) is None
+    # the ServerApp's start (and fedrec-server check) says so
+    import logging
+
+    from server.app import initial_model
+
+    flwr_log = logging.getLogger("flwr")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    flwr_log.addHandler(handler)
+    try:
+        initial_model(resolve_config(None, {**cfg, "item-features": "text", "embedding-dim": 8, "max-seq-len": 5}))
+    finally:
+        flwr_log.removeHandler(handler)
+    assert any("encoded from another data set's titles?" in line for line in seen)
