@@ -326,8 +326,12 @@ def load_titles(metadata: str | os.PathLike | None) -> dict[str, str]:
 def format_table(result: RecommendationList) -> str:
     """A readable table: rank, item, title, score and the one-line reason."""
     warm = f"{len(result.items)} recommendations from {result.history_length} events"
+    if not result.items and not result.cold_start:  # "0 recommendations" and no word why (a review)
+        warm += " (the user has had every item of the catalogue: none is left to recommend)"
     head = f"user {result.user_id}: " + (_cold_start_head(result) if result.cold_start else warm)
-    lines = [head, f"{'rank':>4}  {'item':>8}  {'score':>9}  title / reason"]
+    # a cold-start list's score is the item's event count at this partner, not a model score (a review)
+    score = "events" if result.cold_start else "score"
+    lines = [head, f"{'rank':>4}  {'item':>8}  {score:>9}  title / reason"]
     for r, rec in enumerate(result.items, start=1):
         lines.append(f"{r:>4}  {rec.item_id:>8}  {rec.score:>9.3f}  {rec.title or '-'}")
         if rec.explanation is not None:

@@ -1519,3 +1519,17 @@ def test_a_time_features_models_influence_is_the_event_never_having_happened():
         assert influence[row].tolist() == pytest.approx((base[targets] - rederived[targets]).tolist(), abs=1e-5)
         moved += not torch.allclose(rederived[targets], kept[targets], atol=1e-4)
     assert moved  # the two counterfactuals differ here, so the test tells them apart
+
+
+def test_a_table_says_why_it_is_empty_and_what_a_cold_start_score_counts():
+    # An explanations review: "user a: 0 recommendations from 40 events" with no reason, and a cold-start
+    # "score" column of event counts (583.0, 509.0) that said nothing of what it held
+    from client.recommend import Recommendation, RecommendationList, format_table
+
+    empty = format_table(RecommendationList("a", [], cold_start=False, strategy="model", history_length=40))
+    assert empty.splitlines()[0] == ("user a: 0 recommendations from 40 events (the user has had every item of "
+                                     "the catalogue: none is left to recommend)")
+    cold = format_table(RecommendationList("b", [Recommendation("7", "Heat", 583.0)], cold_start=True,
+                                           strategy="popularity", history_length=0, popular=1))
+    assert cold.splitlines()[1].split() == ["rank", "item", "events", "title", "/", "reason"]
+    assert "583.000" in cold
