@@ -185,7 +185,7 @@ class RunRecorder:
         def shown(value: float | None, spec: str) -> str:
             return "n/a" if value is None else format(value, spec)
 
-        privacy = (f"epsilon {stated_epsilon(line['epsilon'])} (delta {shown(line['delta'], '.2g')})" if line["epsilon"]
+        privacy = (f"epsilon {line['epsilon']:.3f} (delta {shown(line['delta'], '.2g')})" if line["epsilon"]
                    else "no local DP" if line["train-loss"] is not None else "epsilon n/a")
         log(INFO, "round %d: HR@%d %s  NDCG@%d %s%s  %s  loss %s", server_round, k, shown(line[f"hr@{k}"], ".4f"),
             k, shown(line[f"ndcg@{k}"], ".4f"), interval, privacy, shown(line["train-loss"], ".4f"))

@@ -20,7 +20,6 @@ from typing import Any
 
 from common.cli_errors import RUN_NOT_COMPLETE
 from common.errors import DataError
-from common.privacy import stated_epsilon
 from common.run_files import CHECKPOINT_NAME, finite_or_null, metrics_lines, read_json_object
 
 INCOMPLETE = RUN_NOT_COMPLETE  # the exit status of a run that is not complete (a user mistake is 2)
@@ -114,7 +113,7 @@ def format_status(status: dict[str, Any]) -> str:
         # A partner refused before any reply with its numbers may well run local DP (a journey review: "no local DP")
         unknown = p["epsilon"] is None and not p.get("rounds-trained") and (p["refused"] or p["no-reply"])
         spent = ("epsilon unknown (no reply with privacy numbers)" if unknown else "no local DP" if p["epsilon"] is None
-                 else f"epsilon {stated_epsilon(p['epsilon'])} (delta {p.get('delta') or '-'})"
+                 else f"epsilon {_number(p['epsilon'])} (delta {p.get('delta') or '-'})"
                  + (f", up to its target {p['target-epsilon']:g} if it trained in a round it did not answer"
                     if p["no-reply"] and p.get("target-epsilon") else ""))
         lines.append(f"  {label}: {spent}, trained in rounds {trained}" + "".join(f"; {e}" for e in extra if e))

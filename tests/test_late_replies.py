@@ -496,4 +496,4 @@ def test_a_training_message_never_answered_raises_the_bound_to_the_partners_targ
     report.write()
     server_cli(["report", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "a: epsilon 6.973 (delta 1e-05), up to its target 8 if it trained in a round it did not answer" in out
+    assert "a: epsilon 6.972 (delta 1e-05), up to its target 8 if it trained in a round it did not answer" in out
