@@ -95,6 +95,20 @@ def test_nonexistent_path_and_empty_file(tmp_path, monkeypatch):
         load_interactions(write(tmp_path, "e.csv", ""))
 
 
+def test_a_relative_path_is_found_under_the_data_folder_by_its_trailing_parts(tmp_path, monkeypatch):
+    # a docs review: the shipped sweep configs say "../shared/data/ml-100k", and setting $FEDREC_DATA_DIR (as
+    # the error advised) to where the data sets are kept did not make them find it
+    from common.data.loaders import resolve_data_path
+
+    (tmp_path / "sets" / "ml-100k").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDREC_DATA_DIR", str(tmp_path / "sets"))
+    assert resolve_data_path("../shared/data/ml-100k") == tmp_path / "sets" / "ml-100k"
+    assert resolve_data_path("ml-100k") == tmp_path / "sets" / "ml-100k"
+    with pytest.raises(DataError, match=r"also looked in \$FEDREC_DATA_DIR"):
+        resolve_data_path("../shared/data/ml-1m")
+
+
 def test_unknown_items_and_short_users_are_counted(tmp_path):
     p = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n" + "".join(
         f"{u},{i},{t}\n" for u, i, t in [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 99, 4), (2, 1, 1), (2, 2, 2)]))

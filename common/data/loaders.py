@@ -57,8 +57,12 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     if p.exists():
         return p
     base = os.environ.get(DATA_DIR_ENV)
-    if base and (Path(base) / p).exists():
-        return Path(base) / p
+    if base and not p.is_absolute():
+        # then its trailing parts: the shipped configs' "../shared/data/ml-100k" is "ml-100k" under a data
+        # folder kept elsewhere, and the hint to set $FEDREC_DATA_DIR did not make them run (a docs review)
+        for tail in (Path(*p.parts[i:]) for i in range(len(p.parts)) if i == 0 or ".." not in p.parts[i:]):
+            if (Path(base) / tail).exists():
+                return Path(base) / tail
     # an absolute path is never looked up under $FEDREC_DATA_DIR: the hint would send a partner astray (a review)
     hint = ("" if p.is_absolute() else f" (also looked in ${DATA_DIR_ENV}={base})" if base
             else f" (set ${DATA_DIR_ENV} to a folder of data sets)")
