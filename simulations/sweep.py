@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="run again the runs recorded as failed, each from round 1 (a directory one left is "
                             "renamed <name>-failed, its log beside it)")
     parser.add_argument("--max-runs", type=non_negative_int, default=0, help="stop after this many new runs (0 = all)")
+    parser.add_argument("--check", action="store_true",
+                        help="check every run's config and the results file, print the plan, and run nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the sweep's PNG plots (each run directory has its own, drawn by the ServerApp)")
     parser.add_argument("--table", metavar="METRIC", help="only print a markdown table of METRIC (e.g. ndcg@10) from the CSV")
     args = parser.parse_args(argv)
@@ -298,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_sweep(args.config)
     with sigterm_stops():
         try:
-            run_sweep(spec, args.retry_failed or args.restart_failed, args.max_runs, restart=args.restart_failed)
+            run_sweep(spec, args.retry_failed or args.restart_failed, args.max_runs, restart=args.restart_failed,
+                      check_only=args.check)
+            if args.check:  # a dry run a researcher can trust before hours of runs (a docs review: none existed)
+                print(f"check: every run's config and {spec['output']} are fine; nothing was run")
+                return 0
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Stopped: the run in progress is already stopped
             print(f"stopped: the run in progress is not recorded; {spec['output']} keeps the finished ones "
                   "(run the command again to resume: that run continues after its last finished round, if any; "
@@ -322,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restart: bool = False) -> None:
+def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restart: bool = False, *,
+              check_only: bool = False) -> None:
     """Every run of ``spec`` not yet in its results file (at most ``max_runs`` if set), one row each;
-    ``restart``: a failed run starts again from round 1 rather than from a checkpoint it left."""
+    ``restart``: a failed run starts again from round 1 rather than from a checkpoint it left;
+    ``check_only``: print the plan and run nothing."""
     from tqdm import tqdm
 
     runs = list(expand(spec))
@@ -342,6 +350,8 @@ def run_sweep(spec: Mapping[str, Any], retry_failed: bool, max_runs: int, restar
              "--restart-failed from round 1)" if failed else "") + f", {len(todo)} to run")
     if max_runs:
         todo = todo[:max_runs]
+    if check_only:
+        return
     with tqdm(total=len(todo), desc="runs", unit="run", position=0) as bar:
         for rid, run in todo:
             rounds_total = int(run.get("num-server-rounds", DEFAULTS["num-server-rounds"]))

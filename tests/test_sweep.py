@@ -136,6 +136,20 @@ def test_undecodable_sweep_file_and_foreign_output_are_one_line(tmp_path, capsys
         sweep.main([str(config), "--max-runs", "-1"])  # it dropped the last run instead
 
 
+def test_check_prints_the_plan_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    # a docs review: no dry run existed, and --max-runs 0 (which looks like one) runs the whole grid
+    calls = []
+    monkeypatch.setattr(sweep, "execute", lambda *a, **k: calls.append(a) or {})
+    config = write_config(tmp_path)
+    assert sweep.main([str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "0 already in" in out and "to run" in out and "check: every run's config and" in out
+    assert calls == [] and not (tmp_path / "results.csv").exists()
+    bad = write_config(tmp_path, TINY.replace("num-server-rounds = 1", 'num-server-rounds = "two"'))
+    assert sweep.main([str(bad), "--check"]) == 2  # a bad value is found without running
+    assert "num-server-rounds" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_sweep_runs_records_and_resumes(tmp_path, monkeypatch):
     config = write_config(tmp_path)
