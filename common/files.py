@@ -189,10 +189,8 @@ def refuse_overwriting_inputs(out: str | os.PathLike, inputs: list[Path], *, fla
 def write_file(path: Path, data: bytes, *, mode: int, force: bool, hint: str = "") -> None:
     """Create ``path`` with permissions ``mode``; refuse to overwrite unless ``force`` (``hint``:
     see :func:`refuse_existing`)."""
-    refuse_existing([path], force=force, hint=hint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL + mode: a private key is never readable by others, not even for an instant.
-    _write_then_rename(path, data, mode)
+    # O_EXCL + mode (in _staged): a private key is never readable by others, not even for an instant.
+    write_files([(path, data, mode)], force=force, hint=hint)
 
 
 def write_files(files: list[tuple[Path, bytes, int]], *, force: bool, hint: str = "") -> None:
