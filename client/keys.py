@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import ConfigError
-from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_file
+from common.files import CREDENTIALS_HINT, PRIVATE_MODE, PUBLIC_MODE, refuse_existing, refuse_folder, write_files
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -41,6 +41,7 @@ def create_node_keys(out: str | os.PathLike, *, name: str, force: bool = False) 
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    write_file(keys.private_key, private, mode=PRIVATE_MODE, force=force)
-    write_file(keys.public_key, public + f" {name}\n".encode(), mode=PUBLIC_MODE, force=force)
+    # a pair: written as a set, so a full disk cannot leave a private key without its public half
+    write_files([(keys.private_key, private, PRIVATE_MODE), (keys.public_key, public + f" {name}\n".encode(), PUBLIC_MODE)],
+                force=force, hint=CREDENTIALS_HINT)
     return keys
