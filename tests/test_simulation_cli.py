@@ -139,11 +139,15 @@ def test_an_interrupt_is_one_stopped_line_with_the_shell_exit_status(signum, cap
 
 
 @pytest.mark.parametrize(("error", "said"), [
+    # An event store damaged after it opened was a traceback and exit 1 from recommend and serve (a serving review)
     (sqlite3.DatabaseError("database disk image is malformed"), "is damaged (database disk image is malformed); rest"),
     (sqlite3.OperationalError("database is locked"), "is busy or unavailable (database is locked); try again"),
+    # fedrec-server certs on a full disk, catalogue on a read-only mount: OSError tracebacks (a coordinator review)
+    (OSError(errno.ENOSPC, "No space left on device"), "error: cannot write: No space left on device; free space"),
+    (OSError(errno.EROFS, "Read-only file system", "runs/r1"), "error: cannot write 'runs/r1': Read-only file system"),
+    (OSError(errno.ENAMETOOLONG, "File name too long", "a" * 300), "File name too long"),
 ])
-def test_a_damaged_or_busy_sqlite_file_is_one_line(error, said, capsys):
-    # An event store damaged after it opened was a traceback and exit 1 from recommend and serve (a serving review)
+def test_a_damaged_sqlite_file_or_a_full_disk_is_one_line(error, said, capsys):
     from common.cli_errors import user_errors_exit
 
     @user_errors_exit
@@ -153,24 +157,6 @@ def test_a_damaged_or_busy_sqlite_file_is_one_line(error, said, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and said in err[0]
-
-
-@pytest.mark.parametrize(("error", "said"), [
-    (OSError(errno.ENOSPC, "No space left on device"), "error: cannot write: No space left on device; free space"),
-    (OSError(errno.EROFS, "Read-only file system", "runs/r1"), "error: cannot write 'runs/r1': Read-only file system"),
-    (OSError(errno.ENAMETOOLONG, "File name too long", "a" * 300), "File name too long"),
-])
-def test_a_full_disk_or_read_only_folder_is_one_line(error, said, capsys):
-    # fedrec-server certs on a full disk, catalogue on a read-only mount: OSError tracebacks (a coordinator review)
-    from common.cli_errors import user_errors_exit
-
-    @user_errors_exit
-    def main(argv: list[str] | None = None) -> int:
-        raise error
-
-    assert main([]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and said in err[0]
 
 
 def test_an_os_error_that_is_no_user_mistake_still_surfaces():
