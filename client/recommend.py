@@ -192,7 +192,15 @@ def load_global_model(path: str | os.PathLike) -> GlobalModel:
     try:
         if not isinstance(state, dict):
             raise TypeError(f"state_dict is a {type(state).__name__}, not a mapping of weights")
-        model = build_model(config, len(catalogue), item_genres=state.get("item_genres"), catalogue=catalogue)
+        try:
+            model = build_model(config, len(catalogue), item_genres=state.get("item_genres"), catalogue=catalogue)
+        except DataError as exc:
+            if not config.get("item-text-features"):
+                raise
+            # "set item-text-features" is run-config advice: serving reads the path stored in model.pt (a review)
+            raise DataError(f"model {file}: a text model, whose item texts are read from item-text-features = "
+                            f"{config['item-text-features']!r} in its config: put the coordinator's published file "
+                            f"at that path ({exc})") from None
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]

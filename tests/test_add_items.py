@@ -218,3 +218,17 @@ def test_published_texts_of_another_data_set_are_named_when_a_run_starts(tmp_pat
     finally:
         flwr_log.removeHandler(handler)
     assert any("encoded from another data set's titles?" in line for line in seen)
+
+
+def test_a_served_text_models_missing_features_file_names_the_path_in_its_config(trained):
+    # An explanations review: serving said "... or set item-text-features to where it is", which recommend and
+    # serve cannot: the path is stored in model.pt
+    from common.errors import DataError
+
+    tmp_path, _, _ = trained
+    (tmp_path / "text_v1.npz").unlink()
+    with pytest.raises(DataError) as exc:
+        load_global_model(tmp_path / "model.pt")
+    assert str(exc.value).startswith(f"model {tmp_path / 'model.pt'}: a text model, whose item texts are read from "
+                                     f"item-text-features = '{tmp_path / 'text_v1.npz'}' in its config: put the "
+                                     "coordinator's published file at that path (")
