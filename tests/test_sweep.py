@@ -51,6 +51,8 @@ def test_grid_expands_to_cells_times_seeds_with_stable_ids(tmp_path):
     assert sweep.run_overrides({"target-epsilon": "inf", "dp-mode": "both"}) == {"dp-mode": "central"}
     assert sweep.run_overrides({"target-epsilon": "inf", "dp-mode": "central"}) == {"dp-mode": "central"}
     assert sweep.run_overrides({"target-epsilon": "inf"}) == {"dp": False, "dp-mode": "off"}
+    # "infinity" was refused and the message said to write "inf" (a docs review)
+    assert sweep.run_overrides({"target-epsilon": "Infinity"}) == {"dp": False, "dp-mode": "off"}
 
 
 def test_relative_sweep_paths_are_under_the_repository_root_from_any_directory(tmp_path, monkeypatch, capsys):
