@@ -133,6 +133,9 @@ def _check(args: argparse.Namespace) -> int:
     print(f"catalogue: {len(items)} items (fingerprint {catalogue_fingerprint(items)})")
     print(f"model: {cfg['model']}, {size:,} weights; aggregation {cfg['aggregation']}, {cfg['num-server-rounds']} rounds, "
           f"dp-mode {dp_mode(cfg)}, secure aggregation {'on' if cfg['secure-aggregation'] else 'off'}")
+    if cfg["secure-aggregation"] and int(cfg["min-nodes"]) < 2:  # SecAgg+ hides an update among others (a review)
+        print(f"note: secure-aggregation needs at least 2 partners in a round; with min-nodes = {cfg['min-nodes']} a "
+              "round that samples one partner fails (its update is not aggregated): set min-nodes = 2 or more")
     if cfg["item-prior"] == "popularity":  # a target the histogram alone uses up: every partner would refuse
         from common.item_prior import refuse_unaffordable_prior
         from common.privacy import default_delta

@@ -121,3 +121,11 @@ def test_a_run_name_too_long_for_a_folder_is_refused_before_the_run():
     with pytest.raises(ConfigError, match="run-name is 300 bytes long; give at most 200"):
         resolve_config(None, {"run-name": "a" * 300})
     assert resolve_config(None, {"run-name": "a" * 200})["run-name"] == "a" * 200
+
+
+def test_check_notes_secure_aggregation_with_a_single_partner_round(tmp_path, capsys):
+    # a coordinator review: check said "ok", and any round with one partner then failed in the SecAgg+ protocol
+    assert server_main(["check", "--run-config", f"{SMALL} secure-aggregation=true min-nodes=1"]) == 0
+    assert "secure-aggregation needs at least 2 partners in a round; with min-nodes = 1" in capsys.readouterr().out
+    assert server_main(["check", "--run-config", f"{SMALL} secure-aggregation=true min-nodes=2"]) == 0
+    assert "needs at least 2 partners" not in capsys.readouterr().out
