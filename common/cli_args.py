@@ -177,14 +177,20 @@ def app_run_config(project: str | os.PathLike) -> dict:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder of pyproject.toml, where `flwr run .` runs
 
 
-def with_app_config(overrides: dict) -> dict:
-    """``overrides`` on top of this project's own ``[tool.flwr.app.config]``, as ``flwr run .`` reads
-    them (Flower's ``run_simulation`` hands apps no run config, so an edit of the file was ignored by
-    the simulations); prints the keys where the file differs from the built-in defaults."""
-    app = app_run_config(PROJECT_ROOT)
-    if edited := edited_keys(app):
-        print(f"config: {PROJECT_ROOT / 'pyproject.toml'} [tool.flwr.app.config] (edited: {', '.join(edited)}), "
-              "then --run-config", flush=True)
+def with_app_config(overrides: dict, project: str | os.PathLike | None = None, *, always_say: bool = False) -> dict:
+    """``overrides`` on top of the ``[tool.flwr.app.config]`` of the app in ``project`` (default this
+    project), as ``flwr run`` reads them (Flower's ``run_simulation`` hands apps no run config, so an
+    edit of the file was ignored by the simulations). Prints the keys where the file differs from the
+    built-in defaults; ``always_say`` (``fedrec-server check``): also an unedited file, or no app there."""
+    project = PROJECT_ROOT if project is None else project
+    app = app_run_config(project)
+    edited = edited_keys(app)
+    if app and (edited or always_say):
+        print(f"config: {Path(project) / 'pyproject.toml'} [tool.flwr.app.config] "
+              f"({'edited: ' + ', '.join(edited) if edited else 'the built-in defaults'}), then --run-config", flush=True)
+    elif always_say:
+        print(f"note: {project} holds no Flower app's pyproject.toml: checked against the built-in defaults; "
+              "give --app the folder flwr run is given")
     return {**app, **overrides}
 
 

@@ -98,7 +98,7 @@ def _add_items(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import os
 
-    from common.cli_args import app_run_config, edited_keys, parse_run_config
+    from common.cli_args import parse_run_config, with_app_config
     from common.config import ignored_knobs, resolve_config
     from common.data.catalogue import catalogue_fingerprint
     from common.errors import CheckpointError, ConfigError
@@ -109,15 +109,7 @@ def _check(args: argparse.Namespace) -> int:
     from server.resume import resumable_checkpoint, run_fingerprint
 
     # flwr run starts from the app's pyproject.toml: an edit there was checked against the defaults (a review)
-    app = app_run_config(args.app)
-    if app:
-        edited = edited_keys(app)
-        print(f"config: {Path(args.app) / 'pyproject.toml'} [tool.flwr.app.config] "
-              f"({'edited: ' + ', '.join(edited) if edited else 'the built-in defaults'}), then --run-config")
-    else:
-        print(f"note: {args.app} holds no Flower app's pyproject.toml: checked against the built-in defaults; "
-              "give --app the folder flwr run is given")
-    cfg = resolve_config(app, parse_run_config(args.run_config))
+    cfg = resolve_config(None, with_app_config(parse_run_config(args.run_config), args.app, always_say=True))
     if ignored := ignored_knobs(cfg):
         verb = "changes" if len(ignored) == 1 else "change"
         print(f"note: {', '.join(ignored)} {verb} nothing with model = {cfg['model']}, item-features = "

@@ -86,7 +86,7 @@ def format_status(status: dict[str, Any]) -> str:
              f"{status['rounds-planned']} rounds logged"]
     if status["failed-rounds"]:
         lines.append(f"  rounds that aggregated no update: {', '.join(map(str, status['failed-rounds']))}")
-    if status["status"] == "incomplete" and status.get("checkpoint", True):
+    if status["status"] == "incomplete" and status["checkpoint"]:
         lines.append("  (running, stopped or crashed: resume with --run-config 'run-name=\"%s\" resume=true')"
                      % status["run"])
     elif status["status"] == "incomplete":  # resume refuses a run without one (a coordinator review)
