@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from client.loo_forward import SharedStates, loo_hidden, shared_states, supported
+from common.item_chain import ItemChain
 from common.models.context import model_inputs, time_gap_buckets
 from common.models.sasrec import SASRec
 
@@ -37,7 +38,7 @@ MAX_REASONS = 2  # items named in the one-line reason
 class Influence:
     index: int  # item index in the catalogue (1-based)
     name: str
-    influence: float  # score units of the model (logits)
+    influence: float  # score units of the ranking (logits; with an item chain, the blend's log-probabilities)
     item_id: str | None = None  # the raw id: titles are not unique (ML-100K has ids sharing one)
 
 
@@ -69,12 +70,14 @@ def history_states(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray
 @torch.inference_mode()
 def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
                   max_len: int, *, states: SharedStates | None = None,
-                  times: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  times: np.ndarray | None = None, chain: ItemChain | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions, influence): the history positions that are model inputs (the last ``max_len``)
     and a (positions, targets) matrix of ``score(history) - score(history without that position)``.
 
     ``states``: :func:`history_states` of this same history, if already computed. ``times``: the
-    events' timestamps; a ``time-features`` model then re-derives a variant's gaps from them."""
+    events' timestamps; a ``time-features`` model then re-derives a variant's gaps from them. ``chain``: the
+    partner's item chain the ranking blends in (common/item_chain.py): scores are then the blend's, so a
+    removal also changes what the chain reads from the user's recent items."""
     history = np.asarray(history, dtype=np.int64)
     gaps = np.zeros_like(history) if gaps is None else np.asarray(gaps, dtype=np.int64)
     positions = np.arange(max(0, len(history) - max_len), len(history))
@@ -83,17 +86,31 @@ def leave_one_out(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray 
         states = states if states is not None else history_states(model, history, gaps, max_len)
     if states is not None and not rederive:  # the variants share prefixes: each state computed once (loo_forward)
         hidden = loo_hidden(model, states, (max_len - len(history) + positions).tolist())
-        scores = _target_scores(model, hidden, targets)
+        scores = (_target_scores(model, hidden, targets) if chain is None
+                  else _blended(model.output(hidden), _variants(history, positions), targets, chain))
         return positions, (scores[:1] - scores[1:]).cpu().numpy()
-    variants = [history] + [np.delete(history, p) for p in positions]
+    variants = _variants(history, positions)
     variant_gaps = [gaps] + ([time_gap_buckets(np.delete(np.asarray(times, dtype=np.int64), p)) for p in positions]
                              if rederive else [np.delete(gaps, p) for p in positions])
     inputs = model_inputs(model, variants, max_len, variant_gaps)
-    if isinstance(model, SASRec):
+    if chain is not None:
+        full = model.output(model.hidden(inputs, last_only=True)[:, -1]) if isinstance(model, SASRec) else model.score(inputs)
+        scores = _blended(full, variants, targets, chain)
+    elif isinstance(model, SASRec):
         scores = _target_scores(model, model.hidden(inputs, last_only=True)[:, -1], targets)
     else:
         scores = model.score(inputs)[:, targets]
     return positions, (scores[:1] - scores[1:]).cpu().numpy()
+
+
+def _variants(history: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+    """The history, then the history without each of ``positions`` in turn."""
+    return [history] + [np.delete(history, p) for p in positions]
+
+
+def _blended(full: torch.Tensor, variants: list[np.ndarray], targets: list[int], chain: ItemChain) -> torch.Tensor:
+    """(rows, targets) of :meth:`ItemChain.blend` for each variant's full-catalogue model scores ``full``."""
+    return chain.blend(full, variants)[:, targets]
 
 
 def _target_scores(model: SASRec, hidden: torch.Tensor, targets: list[int]) -> torch.Tensor:
@@ -105,13 +122,14 @@ def _target_scores(model: SASRec, hidden: torch.Tensor, targets: list[int]) -> t
 
 def explain_items(model: torch.nn.Module, history: np.ndarray, gaps: np.ndarray | None, targets: list[int],
                   max_len: int, *, name: Callable[[int], str], item_id: Callable[[int], str] | None = None,
-                  keep: int = 5, states: SharedStates | None = None, times: np.ndarray | None = None) -> list[Explanation]:
+                  keep: int = 5, states: SharedStates | None = None, times: np.ndarray | None = None,
+                  chain: ItemChain | None = None) -> list[Explanation]:
     """One :class:`Explanation` per target item index; ``name(index)`` labels a history item and
     ``item_id(index)`` gives its raw id; ``states``: :func:`history_states` of this history, if already computed;
-    ``times``: the events' timestamps (see :func:`leave_one_out`)."""
+    ``times``: the events' timestamps and ``chain`` the partner's item chain (see :func:`leave_one_out`)."""
     if not targets:
         return []
-    positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states, times=times)
+    positions, influence = leave_one_out(model, history, gaps, targets, max_len, states=states, times=times, chain=chain)
     out = []
     for col in range(len(targets)):
         order = np.argsort(-influence[:, col], kind="stable")

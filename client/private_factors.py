@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from common.data.sequences import SequenceData
 from common.evaluation import evaluate_model
+from common.item_chain import chain_from_config
 from common.models.mf import MatrixFactorization, train_mf_local
 
 STATE_KEY = "mf-user-factors"
@@ -65,8 +66,10 @@ def evaluate_partner(model: torch.nn.Module, data: SequenceData, context: Contex
         stored = load_user_factors(context, data, model.dim)
         factors = model.fit_users(pad_left(data.train_sequences(), model.max_len).to(device),
                                   init=None if stored is None else stored.to(device)).cpu()
+    # the partner's own item chain (never sent): SASRec only, like the other sequence-scoring knobs
+    chain = None if factors is not None else chain_from_config(cfg, data.train_sequences(), data.num_items + 1)
     sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]), device=device,
-                          user_factors=factors, tie_orders=int(cfg["tie-orders"]))
+                          user_factors=factors, tie_orders=int(cfg["tie-orders"]), chain=chain)
     pid = context.node_config.get("partition-id")
     if pid is not None:
         sums["partition-id"] = int(pid)

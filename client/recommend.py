@@ -22,6 +22,7 @@ import torch
 from client.explain import Explanation, explain_items, history_states
 from common.data.loaders import Interactions
 from common.errors import DataError, FedRecError
+from common.item_chain import ItemChain, chain_from_config
 from common.item_text import record_mismatch, table_record
 from common.model_file import read_model_file
 from common.models import build_model
@@ -38,6 +39,8 @@ class HistorySource(Protocol):
 
     def item_counts(self) -> dict[str, int]: ...
 
+    def all_histories(self) -> list[list[str]]: ...
+
 
 class LogHistory:
     """Histories from an interaction log already in memory (the ``recommend`` CLI on a CSV/MovieLens log)."""
@@ -52,6 +55,9 @@ class LogHistory:
     def history(self, user_id: str) -> tuple[list[str], np.ndarray]:
         lo, hi = self._start.get(str(user_id), (0, 0))
         return self._items[lo:hi].tolist(), self._times[lo:hi]
+
+    def all_histories(self) -> list[list[str]]:
+        return [self._items[lo:hi].tolist() for lo, hi in self._start.values()]
 
     def item_counts(self) -> dict[str, int]:
         items, counts = np.unique(self._items, return_counts=True)
@@ -257,9 +263,23 @@ class Recommender:
     def __init__(self, model: GlobalModel, titles: dict[str, str] | None = None) -> None:
         self.gm = model
         self.titles = titles or {}
+        self._chain: tuple[tuple, ItemChain | None] | None = None  # (source and its event count, the chain)
 
     def title(self, item_id: str) -> str | None:
         return self.titles.get(item_id)
+
+    def chain(self, source: HistorySource) -> ItemChain | None:
+        """The partner's item chain over every history in ``source`` when the model's run config blends one
+        in (``chain-weight`` > 0; common/item_chain.py), as its evaluation did; rebuilt when ``source`` has
+        new events. Serving has no held-out items: every event counts."""
+        if float(self.gm.config.get("chain-weight", 0.0)) <= 0:
+            return None
+        key = (id(source), source.count() if hasattr(source, "count") else None)
+        if self._chain is None or self._chain[0] != key:
+            index = self.gm.index
+            histories = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in source.all_histories()]
+            self._chain = (key, chain_from_config(self.gm.config, histories, len(self.gm.catalogue) + 1))
+        return self._chain[1]
 
     @torch.inference_mode()
     def recommend(self, user_id: str, source: HistorySource, k: int = 10, *, explain: bool = True,
@@ -280,12 +300,15 @@ class Recommender:
             scores = model.output(states.final[:1])[0].clone()
         else:
             scores = model.score(model_inputs(model, [history], self.gm.max_len, [gaps]))[0].clone()
+        if (chain := self.chain(source)) is not None:  # ranked as evaluated: model and the partner's own chain
+            scores = chain.blend(scores.unsqueeze(0), [history])[0]
         scores[0] = float("-inf")
         scores[torch.as_tensor(history)] = float("-inf")  # exclude everything seen, not only the last max-len
         k = min(k, int(torch.isfinite(scores).sum()))
         top = torch.topk(scores, k).indices.tolist()
         explanations = explain_items(model, history, gaps, top, self.gm.max_len, name=lambda i: self._label(i),
-                                     item_id=self._item, states=states, times=known_times) if explain else [None] * len(top)
+                                     item_id=self._item, states=states, times=known_times,
+                                     chain=chain) if explain else [None] * len(top)
         recs = [Recommendation(self._item(i), self.title(self._item(i)), float(scores[i]), e)
                 for i, e in zip(top, explanations)]
         return RecommendationList(str(user_id), recs, cold_start=False, strategy="model", history_length=len(items))

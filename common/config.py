@@ -92,6 +92,10 @@ DEFAULTS: dict[str, Any] = {
     # evaluation: a history whose last items share a timestamp is scored as the mean over N random
     # orders of them (1 = file order; common/tie_scoring.py)
     "tie-orders": 16,
+    # > 0: a partner ranks by the model's log-probabilities plus this x its own item chain's (common/item_chain.py)
+    "chain-weight": 0.0,
+    "chain-window": 20,  # the chain looks at a user's last N items ...
+    "chain-decay": 0.8,  # ... each step back weighted this much less
     "fraction-evaluate": 1.0,  # share of partners evaluating in a round (cross-device: a sample)
     "evaluate-every": 1,  # federated evaluation every N rounds (the last round always)
     # > 0: partners add Gaussian noise to their evaluation sums and account it (common/private_evaluation.py)
@@ -166,7 +170,7 @@ def _coerce(key: str, value: Any) -> Any:
 _IGNORED_BY = {
     "mf": ("item-features", "time-features", "genre-features", "tied-output", "num-blocks", "num-heads", "dropout",
            "keep-optimizer-state", "history-windows", "reverse-histories", "exclude-seen", "shuffle-ties", "label-smoothing",
-           "ema-decay", "lr-schedule", "tie-orders", "item-init-window"),
+           "ema-decay", "lr-schedule", "tie-orders", "item-init-window", "chain-weight", "chain-window", "chain-decay"),
     "sasrec": ("mf-fold-in-steps", "mf-l2"),
 }
 

@@ -19,7 +19,7 @@ from common.errors import ConfigError
 
 POSITIVE_INTS = ("num-server-rounds", "min-nodes", "max-seq-len", "embedding-dim", "num-blocks", "num-heads",
                  "local-epochs", "batch-size", "top-k", "evaluate-every", "max-num-examples", "synthetic-users",
-                 "synthetic-items", "mf-fold-in-steps", "tie-orders", "item-init-window")
+                 "synthetic-items", "mf-fold-in-steps", "tie-orders", "item-init-window", "chain-window")
 NON_NEGATIVE_INTS = ("num-malicious-nodes", "seed")
 # Checked whether or not their feature is on in this run (central DP, FedProx, trimmed mean): a bad value
 # was accepted silently until someone switched the feature on
@@ -28,7 +28,7 @@ POSITIVE_FLOATS = ("round-timeout", "learning-rate", "max-grad-norm", "node-wait
                    "central-clipping-norm", "count-noise-multiplier", "item-prior-noise-multiplier")
 # (fraction-evaluate, 0 = no evaluation, is checked where the server builds its strategy)
 NON_NEGATIVE_FLOATS = ("max-update-norm", "mf-l2", "central-noise-multiplier", "size-skew-power", "proximal-mu",
-                       "evaluation-noise-multiplier")
+                       "evaluation-noise-multiplier", "chain-weight")
 MAX_EPSILON = 100.0  # target-epsilon above this is refused (see check_values)
 MAX_SEQ_LEN = 10_000
 MAX_SYNTHETIC = 1_000_000  # synthetic-users / synthetic-items: 1e12 items asked numpy for 7 TiB (a review)
@@ -77,6 +77,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         raise bad("dropout", "must be in [0, 1)")
     if not 0 <= cfg["label-smoothing"] < 1:
         raise bad("label-smoothing", "must be in [0, 1) (the share of a target's weight spread over the other items)")
+    if not 0 < cfg["chain-decay"] <= 1:
+        raise bad("chain-decay", "must be in (0, 1] (the weight of each older item in the chain's sum)")
     if not 0 <= cfg.get("ema-decay", 0.0) < 1:
         raise bad("ema-decay", "must be in [0, 1) (the moving average's decay per step; 0 = no averaging)")
     if cfg["embedding-dim"] % cfg["num-heads"]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.data.sequences import SequenceData
+from common.item_chain import ItemChain
 from common.metrics import history_scorer, ranking_sums, target_ranks
 from common.tie_scoring import batch_scorer
 
@@ -84,11 +85,12 @@ def recommendation_metrics(
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, top_k: int = 10,
                    device: str | torch.device = "cpu", user_factors: torch.Tensor | None = None,
-                   tie_orders: int = 1, split: str = "test") -> dict:
+                   tie_orders: int = 1, split: str = "test", chain: ItemChain | None = None) -> dict:
     """:func:`recommendation_metrics` of ``model.score`` (or of known private ``user_factors``,
     rows in ``data`` order, for a model with ``score_users``). ``tie_orders`` > 1: a history whose
     last items share a timestamp is scored as the mean over that many random orders of them
-    (``common.tie_scoring``; sequence models only). ``split``: ``"test"`` or ``"valid"``."""
+    (``common.tie_scoring``; sequence models only). ``split``: ``"test"`` or ``"valid"``.
+    ``chain``: the scores blended with this item chain's (:meth:`ItemChain.blend`; common/item_chain.py)."""
     model.eval()
     histories = data.eval_cases(split)[0]
     gaps = None
@@ -101,7 +103,8 @@ def evaluate_model(model: torch.nn.Module, data: SequenceData, *, max_len: int, 
     def score_batch(start: int, stop: int, h: list[np.ndarray]) -> torch.Tensor:
         if user_factors is not None:
             return model.score_users(user_factors[start:stop].to(device))
-        return scores(history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start), start, h)
+        out = scores(history_scorer(model, max_len=max_len, device=device, gaps=gaps, offset=start), start, h)
+        return out if chain is None else chain.blend(out, h)
 
     return recommendation_metrics(score_batch, data, top_k=top_k, split=split)
 

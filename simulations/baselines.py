@@ -27,6 +27,7 @@ from common.cli_args import positive_int
 from common.cli_args import seed as seed_arg
 from common.config import DEFAULTS
 from common.errors import ConfigError, DataError
+from common.item_chain import item_chain
 from common.metrics import evaluate_ranking, means_and_errors, ndcg_gains, ranking_sums, split_scores, target_ranks
 from common.models import Popularity
 from common.partners import holdout_positions
@@ -99,14 +100,6 @@ def reference_metrics(data: SequenceData, *, split: str = "test", ks: tuple[int,
     }
 
 
-def cooccurrence_log_probs(histories: Sequence[np.ndarray], transitions: np.ndarray, *, window: int, decay: float,
-                           tie_break: np.ndarray) -> np.ndarray:
-    """log P(item | recent items) of the decayed chain over *symmetric* transitions (a -> b and b -> a
-    both count: inside a timestamp tie the order is arbitrary), each user's row normalised to 1."""
-    scores = markov_scores(histories, transitions + transitions.T, window=window, decay=decay, tie_break=tie_break)
-    return np.log(scores / scores.sum(axis=1, keepdims=True) + 1e-12)
-
-
 def ndcg_per_user(scores: np.ndarray | torch.Tensor, histories: Sequence[np.ndarray], targets: np.ndarray,
                   k: int = 10) -> np.ndarray:
     """Each user's NDCG@k (full ranking, history excluded; common.metrics' rank rule)."""
@@ -139,9 +132,10 @@ def blend_with_model(data: SequenceData, model: torch.nn.Module, *, max_len: int
     counts are plain (not DP) and centralised here.
     """
     width = data.num_items + 1
-    transitions = markov_transitions(data.train_sequences(), width)
     counts = data.item_counts().astype(np.float64)
-    tie = 1e-6 * counts / max(counts.max(), 1.0)
+    # the chain a partner holding every user blends in with chain-weight > 0 (common/item_chain.py)
+    chains_of = {(window, decay): item_chain(data.train_sequences(), width, window=window, decay=decay, weight=1.0)
+                 for window, decay in chains}
 
     def parts(split: str):
         batches = list(split_scores(model, data, split=split, max_len=max_len, tie_orders=tie_orders))
@@ -153,14 +147,14 @@ def blend_with_model(data: SequenceData, model: torch.nn.Module, *, max_len: int
     chosen, best = None, -1.0
     valid = parts("valid")
     for window, decay in chains:
-        chain = cooccurrence_log_probs(valid[1], transitions, window=window, decay=decay, tie_break=tie)
+        chain = chains_of[window, decay].log_probs(valid[1])
         for w in weights:
             score = _metrics(valid[0] + w * chain, valid[1], valid[2], (10,))["ndcg@10"]
             if score > best:
                 chosen, best = (window, decay, w), score
     window, decay, w = chosen
     model_scores, histories, targets = parts("test")
-    chain = cooccurrence_log_probs(histories, transitions, window=window, decay=decay, tie_break=tie)
+    chain = chains_of[window, decay].log_probs(histories)
     popularity = ndcg_per_user(np.broadcast_to(counts, (len(targets), width)).copy(), histories, targets)
     return {
         "model": {**_metrics(model_scores, histories, targets, ks),

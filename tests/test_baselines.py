@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.data import SequenceData
+from common.item_chain import item_chain
 from simulations import baselines
 
 
@@ -154,8 +155,10 @@ def test_blend_is_chosen_on_validation_and_scored_on_test(small_data) -> None:  
         with torch.no_grad():
             logp = torch.log_softmax(model.score(pad_left(histories, 10)).double(), dim=1).numpy()
         chain = baselines.markov_scores(histories, m + m.T, window=window, decay=decay, tie_break=tie)
-        probs = np.exp(baselines.cooccurrence_log_probs(histories, m, window=window, decay=decay, tie_break=tie))
-        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+        # the partner-side chain (common/item_chain.py, sparse) is this dense computation
+        probs = np.exp(item_chain(small_data.train_sequences(), width, window=window, decay=decay, weight=w)
+                       .log_probs(histories))
+        np.testing.assert_allclose(probs, chain / chain.sum(axis=1, keepdims=True), rtol=1e-9, atol=2e-12)  # (+ the log floor)
         return _brute_ndcg(logp + w * np.log(chain / chain.sum(axis=1, keepdims=True) + 1e-12), histories, targets)
 
     grid = {(c[0], c[1], w): blended("valid", *c, w) for c in chains for w in weights}

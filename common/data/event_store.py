@@ -210,6 +210,16 @@ class EventStore:
                 self._cache.move_to_end(user_id)
         return list(hit[0]), hit[1]
 
+    def all_histories(self) -> list[list[str]]:
+        """Every user's item ids in time order (ties: arrival order), one event once, as :meth:`history` gives each."""
+        with self._read_lock:
+            rows = self._read.execute("SELECT user_id, item_id FROM events GROUP BY user_id, timestamp, item_id "
+                                      "ORDER BY user_id, timestamp, MIN(id)").fetchall()
+        out: dict[str, list[str]] = {}
+        for user, item in rows:
+            out.setdefault(user, []).append(item)
+        return list(out.values())
+
     def item_counts(self) -> dict[str, int]:
         """Events per item id over all users (the popularity used for cold start), as of now."""
         with self._read_lock:

@@ -80,6 +80,9 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
         # A benchmark on the researcher's own data: reproducible noise (partners draw OS entropy)
         dp = DPSettings(noise, float(cfg["max-grad-norm"]), str(cfg["accountant"]), str(cfg["grad-sample-mode"]))
         out.update(calibration_s=time.perf_counter() - begin, noise_multiplier=noise, sample_rate=rate)
+    from common.item_chain import chain_from_config
+
+    chain = chain_from_config(cfg, data.train_sequences(), data.num_items + 1)  # as the one partner holding everyone
     train_s, eval_s, metrics, curve = [], [], {}, []
     adam = None  # keep-optimizer-state: Adam's moments go on from round to round, as a partner's do
     for rnd in range(1, rounds + 1):
@@ -96,14 +99,14 @@ def run(overrides: dict, *, threads: int = 0, validation: bool = False) -> dict:
         begin = time.perf_counter()
         if evaluates_round(rnd, int(cfg["evaluate-every"]), rounds):
             sums = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
-                                  tie_orders=int(cfg["tie-orders"]))
+                                  tie_orders=int(cfg["tie-orders"]), chain=chain)
             metrics = _means(sums)
             # time to quality: cumulative training seconds at each evaluated round
             point = {"round": rnd, "train_s_cumulative": sum(train_s), "ndcg@10": metrics.get("ndcg@10"),
                      "hr@10": metrics.get("hr@10")}
             if validation:
                 valid = evaluate_model(model, data, max_len=int(cfg["max-seq-len"]), top_k=int(cfg["top-k"]),
-                                       tie_orders=int(cfg["tie-orders"]), split="valid")
+                                       tie_orders=int(cfg["tie-orders"]), split="valid", chain=chain)
                 point.update({f"valid-{k}": _means(valid).get(k) for k in ("ndcg@10", "hr@10")})
             curve.append(point)
         eval_s.append(time.perf_counter() - begin)
