@@ -123,6 +123,14 @@ def test_bad_chain_knobs_are_refused(override: dict, key: str) -> None:
         resolve_config(override)
 
 
+def test_noised_evaluation_refuses_the_chain() -> None:
+    # the noised sums' sensitivity (common/private_evaluation.py) holds only if a user moves their own sums
+    cfg = {"dp-mode": "local", "evaluation-noise-multiplier": 5.0}
+    assert resolve_config(cfg)["evaluation-noise-multiplier"] == 5.0
+    with pytest.raises(ConfigError, match="chain-weight > 0 with evaluation-noise-multiplier"):
+        resolve_config({**cfg, "chain-weight": 0.5})
+
+
 # -- serving: `recommend` / `serve` rank as the partner evaluated, and explain the blend --------------------
 
 @pytest.fixture(scope="module")
