@@ -272,8 +272,8 @@ class Recommender:
         """The partner's item chain over every history in ``source`` when the model's run config blends one
         in (``chain-weight`` > 0; common/item_chain.py), as its evaluation did; rebuilt when ``source`` has
         new events. Serving has no held-out items: every event counts."""
-        if float(self.gm.config.get("chain-weight", 0.0)) <= 0:
-            return None
+        if float(self.gm.config.get("chain-weight", 0.0)) <= 0 or self.gm.config.get("model", "sasrec") != "sasrec":
+            return None  # (MF ignores the chain knobs, as its evaluation does)
         key = (id(source), source.count() if hasattr(source, "count") else None)
         if self._chain is None or self._chain[0] != key:
             index = self.gm.index

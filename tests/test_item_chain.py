@@ -212,5 +212,8 @@ def test_a_model_without_the_chain_serves_the_model_alone(chain_model) -> None: 
 
     run, log = chain_model
     gm = load_global_model(run)
+    assert Recommender(gm).chain(LogHistory(log)) is not None
     gm.config = {**gm.config, "chain-weight": 0.0}
+    assert Recommender(gm).chain(LogHistory(log)) is None
+    gm.config = {**gm.config, "chain-weight": 0.8, "model": "mf"}  # MF ignores the knobs, served as evaluated
     assert Recommender(gm).chain(LogHistory(log)) is None
