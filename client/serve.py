@@ -37,6 +37,9 @@ from common.data.event_store import EventStore
 from common.errors import FedRecError
 
 LOG = logging.getLogger("fedrec.serve")
+# new events enter the partner's item chain (chain-weight) at most this often: a rebuild reads the whole store
+# (about 0.3 s at 100,000 events) on the event loop, which every new event made the next request pay (a review)
+CHAIN_REFRESH_S = 60.0
 MAX_K = 200  # larger lists are a batch job, not a request
 MAX_BODY_BYTES = 64 * 1024  # an event is well under 1 KB; a 200 MB body was read whole into memory
 FLOAT32_MAX = 3.4028234663852886e38  # ratings are stored as float32 by the training log reader
@@ -137,12 +140,13 @@ class ModelWatcher:
     """
 
     def __init__(self, model_path: str | os.PathLike, titles: dict[str, str], reload_interval: float,
-                 loaded: tuple[tuple[int, int, int], GlobalModel] | None = None) -> None:
+                 loaded: tuple[tuple[int, int, int], GlobalModel] | None = None, *, use_chain: bool = True) -> None:
         self.model_path = Path(model_path)
         self.titles = titles
         self.reload_interval = reload_interval
         self._loaded, model = loaded or self.load(model_path)
-        self.recommender = Recommender(model, titles)
+        self.use_chain = use_chain
+        self.recommender = self._recommender(model)
         self.reloads = 0
         self.last_error: str | None = None
         self._failed: tuple[Path, tuple[int, int, int]] | None = None  # the file that failed to load, as it was
@@ -155,6 +159,9 @@ class ModelWatcher:
         replaced meanwhile is reloaded. Raises :class:`FedRecError` if the model cannot load."""
         key = _file_key(find_model_file(model_path))
         return key, load_global_model(model_path)
+
+    def _recommender(self, model: GlobalModel) -> Recommender:
+        return Recommender(model, self.titles, use_chain=self.use_chain, chain_refresh_s=CHAIN_REFRESH_S)
 
     @property
     def current(self) -> GlobalModel:
@@ -184,7 +191,7 @@ class ModelWatcher:
                 if missing:  # another federation's model: the store's events and titles would not match it
                     raise FedRecError(f"{file}: its catalogue lacks {missing} of the {len(self.current.catalogue)} "
                                       "items of the model being served; not switching to it")
-                self.recommender = Recommender(loaded, self.titles)
+                self.recommender = self._recommender(loaded)
                 self._loaded, self._failed = key, None
                 self.reloads += 1
                 self.last_error = None
@@ -205,11 +212,12 @@ def _file_key(path: Path) -> tuple[int, int, int]:
 
 def create_app(*, model: str | os.PathLike, store: EventStore, titles: dict[str, str] | None = None,
                reload_interval: float = 2.0, api_token: str | None = None,
-               loaded: tuple[tuple[int, int, int], GlobalModel] | None = None) -> FastAPI:
+               loaded: tuple[tuple[int, int, int], GlobalModel] | None = None, use_chain: bool = True) -> FastAPI:
     """The API over ``model`` (file or folder) and ``store``; raises :class:`FedRecError` if the model cannot load.
     ``api_token``: required as a bearer token on every request (None: no authentication, loopback use).
-    ``loaded``: :meth:`ModelWatcher.load`'s result when the caller has loaded the model already."""
-    watcher = ModelWatcher(model, titles or {}, reload_interval, loaded)
+    ``loaded``: :meth:`ModelWatcher.load`'s result when the caller has loaded the model already.
+    ``use_chain`` false: rank by the model alone though its config blends in the partner's item chain."""
+    watcher = ModelWatcher(model, titles or {}, reload_interval, loaded, use_chain=use_chain)
     app = FastAPI(title="fedrec partner recommendations", version="1")
     app.state.watcher = watcher
     app.state.store = store

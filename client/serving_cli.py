@@ -81,7 +81,7 @@ def _recommend(args: argparse.Namespace) -> int:
     if warning := catalogue_mismatch(model, source.item_counts()):
         print(warning, file=sys.stderr)
     metadata = _metadata_for(args.data_path, args.metadata)
-    recommender = Recommender(model, titles := load_titles(metadata))
+    recommender = Recommender(model, titles := load_titles(metadata), use_chain=not args.no_chain)
     if warning := titles_mismatch(model, titles, metadata):
         print(warning, file=sys.stderr)
     if isinstance(source, LogHistory) and (hint := source.unknown_user_hint(args.user)):
@@ -94,6 +94,8 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_CHAIN_HELP = ("rank by the model alone, without this partner's item chain, even where the model's run config "
+                 "blends it in (chain-weight): the chain ranks from the partner's other users' item pairs without DP")
 TOKEN_ENV = "FEDREC_API_TOKEN"
 MIN_TOKEN_CHARS = 16
 
@@ -218,7 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
     if metadata:  # a restart without --import-log keeps the titles
         store.set_meta(METADATA_KEY, os.path.abspath(metadata))
     app = create_app(model=args.model, store=store, titles=titles, reload_interval=args.reload_interval,
-                     api_token=token, loaded=loaded)
+                     api_token=token, loaded=loaded, use_chain=not args.no_chain)
     if warning := catalogue_mismatch(app.state.watcher.current, store.item_counts()):
         print(warning, file=sys.stderr)
     if warning := titles_mismatch(app.state.watcher.current, titles, source):
@@ -263,6 +265,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--user", required=True, help="the user id as it appears in the log")
     rec.add_argument("--k", type=positive_int, default=10, help="how many items (default 10)")
     rec.add_argument("--no-explain", action="store_true", help="skip the leave-one-out reasons")
+    rec.add_argument("--no-chain", action="store_true", help=NO_CHAIN_HELP)
     rec.add_argument("--format", choices=("table", "json"), default="table")
     rec.add_argument("--metadata", default=None, help="item titles (u.item/movies.dat); default: beside the log")
     rec.set_defaults(func=_recommend)
@@ -283,6 +286,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--tls-certfile", default=None, help="PEM certificate: serve HTTPS (with --tls-keyfile)")
     srv.add_argument("--tls-keyfile", default=None, help="PEM private key of --tls-certfile")
     srv.add_argument("--port", type=port, default=8000)
+    srv.add_argument("--no-chain", action="store_true", help=NO_CHAIN_HELP)
     srv.add_argument("--reload-interval", type=positive_float, default=2.0, help="seconds between checks for a newer model")
     srv.add_argument("--torch-threads", type=positive_int, default=1,
                      help="torch threads per process (default 1: lowest latency)")

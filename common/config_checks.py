@@ -145,7 +145,8 @@ def _check_combinations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"evaluation-noise-multiplier = {cfg['evaluation-noise-multiplier']!r} needs dp-mode = "
                           f"\"local\" or \"both\" (this run: {dp_mode(cfg)}): partners account the noised "
                           "evaluation sums on their privacy ledgers")
-    if float(cfg.get("evaluation-noise-multiplier", 0.0)) > 0 and float(cfg.get("chain-weight", 0.0)) > 0:
+    if float(cfg.get("evaluation-noise-multiplier", 0.0)) > 0 and float(cfg.get("chain-weight", 0.0)) > 0 \
+            and model == "sasrec":  # (MF ignores the chain)
         # noised sums assume a user moves only their own hit and NDCG; the chain's counts move everyone's scores
         raise ConfigError("chain-weight > 0 with evaluation-noise-multiplier > 0: a user's item pairs change the "
                           "chain other users are scored with, so one user could move many noised sums; set one to 0")

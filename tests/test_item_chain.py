@@ -129,6 +129,7 @@ def test_noised_evaluation_refuses_the_chain() -> None:
     assert resolve_config(cfg)["evaluation-noise-multiplier"] == 5.0
     with pytest.raises(ConfigError, match="chain-weight > 0 with evaluation-noise-multiplier"):
         resolve_config({**cfg, "chain-weight": 0.5})
+    assert resolve_config({**cfg, "chain-weight": 0.5, "model": "mf"})["model"] == "mf"  # MF ignores the chain
 
 
 # -- serving: `recommend` / `serve` rank as the partner evaluated, and explain the blend --------------------
@@ -205,6 +206,34 @@ def test_served_chain_follows_new_events_in_the_store(chain_model, tmp_path) -> 
         logp = after.log_probs([np.array([gm.index[a]])])[0]
         assert logp[gm.index[c]] > np.log(0.3) and before.log_probs([np.array([gm.index[a]])])[0][gm.index[c]] < np.log(1e-5)
         assert store.all_histories() == [[a, b], [a, c]]
+        # serve's refresh: a rebuild reads the whole store, so new events enter at most every chain_refresh_s
+        slow = Recommender(gm, chain_refresh_s=60.0)
+        first = slow.chain(store)
+        store.add_many([("u3", b, 5, None), ("u3", c, 6, None)])
+        assert slow.chain(store) is first
+        assert Recommender(gm, use_chain=False).chain(store) is None  # the partner's opt-out (--no-chain)
+
+
+def test_recommend_cli_no_chain_ranks_by_the_model_alone(chain_model, tmp_path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from client.cli import main
+    from client.recommend import LogHistory, Recommender, load_global_model
+
+    run, log = chain_model
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(log.user, log.item, log.timestamp)))
+    user = str(log.user[0])
+    args = ["recommend", "--model", str(run), "--data-path", str(csv), "--user", user, "--k", "5", "--format", "json"]
+    gm = load_global_model(run)
+    by_hand = {flag: [r.score for r in Recommender(gm, use_chain=flag).recommend(user, LogHistory(log), 5).items]
+               for flag in (True, False)}
+    assert by_hand[True] != by_hand[False]
+    for extra, flag in (([], True), (["--no-chain"], False)):
+        assert main([*args, *extra]) == 0
+        scores = [item["score"] for item in json.loads(capsys.readouterr().out)["items"]]
+        assert scores == pytest.approx(by_hand[flag], abs=1e-6)
 
 
 def test_a_model_without_the_chain_serves_the_model_alone(chain_model) -> None:  # noqa: ANN001
