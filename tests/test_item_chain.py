@@ -3,6 +3,8 @@ against a brute-force NDCG, a partner scoring with its own users' counts only, a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,11 @@ def test_the_chain_never_sees_validation_or_test_items() -> None:
     logp = chain.log_probs([np.array([2])])[0]
     assert logp[1] > np.log(0.99)
     assert max(logp[3], logp[4], logp[5], logp[6]) < np.log(1e-5)
+    # train-on-validation: the validation item (3) is training data, so 2-3 counts; the test item never does
+    final_fit = dataclasses.replace(data, validation_held_out=False)
+    logp = chain_from_config(resolve_config({"chain-weight": 1.0}), final_fit.train_sequences(), 7).log_probs(
+        [np.array([3])])[0]
+    assert logp[2] > np.log(0.99) and logp[4] < np.log(1e-5)
 
 
 @pytest.mark.parametrize("override, key", [({"chain-weight": -0.5}, "chain-weight"), ({"chain-window": 0}, "chain-window"),
