@@ -10,21 +10,12 @@ import pytest
 import torch
 
 from common.config import resolve_config
-from common.data import SequenceData
 from common.errors import ConfigError
 from common.evaluation import evaluate_model
 from common.item_chain import chain_from_config, item_chain
 from common.metrics import means_from_sums, pad_left
 from common.models import SASRec
-
-
-def _data(sequences: list[list[int]], num_items: int) -> SequenceData:
-    return SequenceData(
-        catalogue=np.array([str(i) for i in range(1, num_items + 1)]),
-        user_ids=np.array([str(u) for u in range(len(sequences))]),
-        sequences=[np.array(s, dtype=np.int64) for s in sequences],
-        timestamps=[np.arange(len(s)) for s in sequences],
-    )
+from tests.test_baselines import _brute_ndcg, _data  # (ties in a ranking at their expected value)
 
 
 def test_chain_probabilities_by_hand() -> None:
@@ -47,15 +38,6 @@ def test_window_limits_the_items_looked_at() -> None:
     # only the latest item (3) counts: 4 is its neighbour, 2 (neighbour of the older 1) gets nothing
     logp = chain.log_probs([np.array([1, 3])])[0]
     assert logp[4] > np.log(0.99) and logp[2] < np.log(1e-5)
-
-
-def _brute_ndcg(scores: np.ndarray, histories, targets, k: int = 10) -> float:
-    total = 0.0
-    for row, (h, t) in enumerate(zip(histories, targets)):
-        others = [i for i in range(1, scores.shape[1]) if i != t and i not in set(h.tolist())]
-        rank = sum(scores[row, i] > scores[row, t] for i in others)
-        total += 1.0 / np.log2(rank + 2) if rank < k else 0.0
-    return total / len(targets)
 
 
 def test_evaluation_ranks_by_model_plus_weighted_chain(small_data) -> None:  # noqa: ANN001
