@@ -29,10 +29,8 @@ import torch
 
 # Users with no counted neighbour still get a ranking: a popularity term far below any count
 TIE_BREAK_SCALE = 1e-6
-# An item no training history at the partner holds has probability 0 (no count, no popularity): its log is
-# this floor, log(1e-12) = -27.6, far below a counted item without a neighbour (about -18 on ML-100K), so
-# the blend all but never recommends items new to the partner (docs/models.md)
-LOG_FLOOR = 1e-12
+UNSEEN_POPULARITY = 0.5  # the popularity, in events, of an item no training history at the partner holds
+LOG_FLOOR = 1e-12  # keeps the log finite (the padding column has probability 0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +80,9 @@ def item_chain(train: Sequence[np.ndarray], width: int, *, window: int, decay: f
     indptr = np.searchsorted(pairs // width, np.arange(width + 1))
     popularity = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train] or [np.zeros(0, np.int64)]),
                              minlength=width)[:width].astype(np.float64)
+    # an item no training history holds counts as half an event: just below the least popular counted item
+    # without a neighbour, not at the log floor, where the blend would never recommend an item new to the partner
+    popularity = np.maximum(popularity, UNSEEN_POPULARITY)
     popularity[0] = 0.0  # padding
     return ItemChain(indptr=indptr, indices=pairs % width, counts=counts.astype(np.float64),
                      tie_break=TIE_BREAK_SCALE * popularity / max(popularity.max(), 1.0),

@@ -23,8 +23,9 @@ def test_chain_probabilities_by_hand() -> None:
     chain = item_chain([np.array([1, 2, 3]), np.array([2, 3])], 5, window=2, decay=0.5, weight=1.0)
     probs = np.exp(chain.log_probs([np.array([1, 3]), np.array([], dtype=np.int64)]))
     # history [1, 3]: latest 3 (weight 1) has neighbour 2 (count 2); 1 (weight 0.5) has neighbour 2 (count 1)
-    # -> item 2 scores 2 + 0.5 = 2.5; the tie break (1e-6 x popularity / max) is all the rest
-    popularity = np.array([0, 1, 2, 2, 0]) / 2 * 1e-6
+    # -> item 2 scores 2 + 0.5 = 2.5; the tie break (1e-6 x popularity / max) is all the rest, where item 4,
+    # in no history, counts as half an event (not probability 0: the blend could never recommend a new item)
+    popularity = np.array([0, 1, 2, 2, 0.5]) / 2 * 1e-6
     expected = popularity.copy()
     expected[2] += 2.5
     np.testing.assert_allclose(probs[0], expected / expected.sum() + 1e-12, rtol=1e-9)
