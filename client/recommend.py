@@ -271,7 +271,7 @@ class Recommender:
         self.titles = titles or {}
         self.use_chain = use_chain
         self.chain_refresh_s = chain_refresh_s
-        # (source and its event count, when built, the chain)
+        # (source and its event count, when last checked, the chain)
         self._chain: tuple[tuple, float, ItemChain | None] | None = None
 
     def title(self, item_id: str) -> str | None:
@@ -284,12 +284,16 @@ class Recommender:
         if (not self.use_chain or float(self.gm.config.get("chain-weight", 0.0)) <= 0
                 or self.gm.config.get("model", "sasrec") != "sasrec"):
             return None  # (MF ignores the chain knobs, as its evaluation does)
-        key = (id(source), source.count() if hasattr(source, "count") else None)
         now = time.monotonic()
-        if self._chain is None or (self._chain[0] != key and now - self._chain[1] >= self.chain_refresh_s):
+        if self._chain is not None and self._chain[0][0] == id(source) and now - self._chain[1] < self.chain_refresh_s:
+            return self._chain[2]  # checked within the refresh window: no store query on the request's path
+        key = (id(source), source.count() if hasattr(source, "count") else None)
+        if self._chain is None or self._chain[0] != key:
             index = self.gm.index
             histories = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in source.all_histories()]
             self._chain = (key, now, chain_from_config(self.gm.config, histories, len(self.gm.catalogue) + 1))
+        else:
+            self._chain = (key, now, self._chain[2])  # unchanged: the next check one window from now
         return self._chain[2]
 
     @torch.inference_mode()

@@ -46,10 +46,6 @@ class ItemChain:
     decay: float
     weight: float
 
-    @property
-    def width(self) -> int:
-        return len(self.tie_break)
-
     def log_probs(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """(rows, width) float64: log P_chain(item | each history's last ``window`` items)."""
         out = np.tile(self.tie_break, (len(histories), 1))
